@@ -1,0 +1,25 @@
+"""corelm: large language models from first principles to fast execution.
+
+The public API is small and asserted by ``tests/test_api.py``::
+
+    import corelm
+    llm = corelm.load("smollm2-135m-instruct")
+    llm.generate("hello", max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+
+
+def load(name_or_path: str, **kwargs):  # noqa: ANN201 - returns LLM or Encoder
+    """Load a model by preset/embedded name or path (HF dir, safetensors dir, .gguf). See :func:`corelm.api.load`."""
+    from corelm.api import load as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+__all__ = ["CorelmError", "ModelConfig", "__version__", "load"]

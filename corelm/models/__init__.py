@@ -1,0 +1,1 @@
+"""Transformer families written from first principles: one self-contained file each."""
