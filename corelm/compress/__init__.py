@@ -1,0 +1,1 @@
+"""Compression and fast inference: weight-only quantization, pruning, distillation, speculative decoding."""

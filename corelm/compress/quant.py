@@ -1,0 +1,487 @@
+"""Weight-only quantization as a model transform: int8 per-channel and int4 group-wise.
+
+``quantize_model(model, "int8" | "int4")`` swaps every ``nn.Linear`` child for a module that keeps
+its weight packed in memory and multiplies with the packed-weight kernels PyTorch ships:
+
+- int8: ``torch.ops.aten._weight_int8pack_mm`` (symmetric, one scale per output channel).
+- int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (asymmetric, one scale and zero per group of
+  32/64/128 input columns) on CPU, ``_weight_int4pack_mm`` on CUDA.
+
+Both CPU kernels are vectorized only for **bf16 activations** (an fp32 input takes a scalar loop,
+~10-20x slower, measured on AVX-512 and AVX2), so the modules cast their input to bf16 and the output
+back. The int4 packed layout depends on the instruction set of the running CPU, so packed bytes are
+never saved: a checkpoint holds portable nibbles, scales and zeros, and the module repacks at load.
+
+The kernels dequantize int4 as ``w = (q - 8) * scale + zero`` with ``q`` in 0..15. GGUF blocks map
+onto this without dequantizing the weights: Q4_1 (``w = q*d + m``) is ``scale = d, zero = m + 8d``;
+Q4_0 (``w = (q - 8)*d``) is ``scale = d, zero = 0``. The model file never knows any of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corelm.errors import CorelmError
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Activations are cast to this dtype for the packed kernels: their vectorized path (see module doc).
+ACT_DTYPE = torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# int8, per output channel
+# --------------------------------------------------------------------------------------------------
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``weight ~= q * scale[:, None]``.
+
+    Args:
+        weight: (N, K) float.
+
+    Returns:
+        ``q`` (N, K) int8 in [-127, 127] and ``scale`` (N,) bf16 (the dtype the kernel reads; the
+        rounding is applied before ``q`` is computed, so ``q * scale`` is the best fit to that scale).
+    """
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale)^T + b`` with the weight kept as int8.
+
+    Buffers: ``weight`` (N, K) int8, ``scales`` (N,) bf16, optional ``bias`` (N,) float.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        mod.weight, mod.scales = quantize_int8_per_channel(linear.weight)
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().float().clone()
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        """The float (N, K) weight this layer multiplies with."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
+        if x2.is_cuda:
+            y = F.linear(x2, self.weight.to(ACT_DTYPE)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 with one scale per token (row).
+
+    With tied embeddings the LM head's :class:`Int8Linear` and this module share one int8 matrix.
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(self.out_dtype)  # (..., d)
+        return rows * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# int4, group-wise asymmetric
+# --------------------------------------------------------------------------------------------------
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """Asymmetric group-wise int4 in the kernels' convention ``w ~= (q - 8) * scale + zero``.
+
+    Args:
+        weight: (N, K) float, ``K % group_size == 0``.
+        group_size: input columns sharing one scale and zero.
+
+    Returns:
+        ``q`` (N, K) uint8 in 0..15, ``scales`` and ``zeros`` (N, K // group_size) bf16.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+    # Round scale and zero to bf16 first, then choose q against the rounded values.
+    zeros = (lo + 8.0 * scales.float()).to(torch.bfloat16)
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    q = torch.round((w - z) / s + 8.0).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scales, zeros
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, even column in the high nibble (portable layout)."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (N, K/2) uint8 -> (N, K) uint8."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _inner_k_tiles(k: int) -> int:
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    raise CorelmError(f"int4 on CUDA needs the layer width {k} to be a multiple of 32")
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W^T + b`` with W stored as 4-bit groups packed for the running device.
+
+    In memory: ``packed`` (layout of the running CPU's instruction set, or the CUDA tile layout) and
+    ``scale_zeros`` (K/G, N, 2) bf16. In a state dict: ``qweight`` (N, K/2) uint8 portable nibbles,
+    ``scales`` and ``zeros`` (N, K/G) bf16 — repacked when loaded, so a file is portable across CPUs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        check_group_size(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
+        self.register_buffer("scale_zeros", torch.empty(in_features // group_size, out_features, 2,
+                                                        dtype=torch.bfloat16, device=device), persistent=False)
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        mod = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None,
+                  linear.weight.device)
+        mod.set_quantized(*quantize_int4_groupwise(linear.weight, group_size))
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().float().clone()
+        return mod
+
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Pack ``q`` (N, K) 0..15 with ``scales``/``zeros`` (N, K/G) for the device this module is on."""
+        n, k = self.out_features, self.in_features
+        if tuple(q.shape) != (n, k) or tuple(scales.shape) != (n, k // self.group_size):
+            raise CorelmError(f"int4 weight of shape {tuple(q.shape)} does not fit a {k}->{n} layer "
+                              f"with group size {self.group_size}")
+        device = self.scale_zeros.device
+        q = q.to(device)
+        pad = (-n) % 16  # the CPU packing works on tiles of 16 output rows: pad with zero rows
+        if pad:
+            q = F.pad(q, (0, 0, 0, pad))
+            scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+        if device.type == "cuda":
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q).contiguous(),
+                                                                     _inner_k_tiles(k))
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # (K/G, N, 2): the kernels read scale and zero interleaved, groups outermost.
+        self.scale_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(device, torch.bfloat16).contiguous()
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.is_cuda:
+            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scale_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zeros)
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Recover ``(q (N, K) uint8, scales, zeros)`` from the packed layout.
+
+        The packed layout is private to the kernel, so the kernel itself unpacks it: multiplying the
+        identity with scale 1 and zero 8 yields ``(q - 8) * 1 + 8 = q`` exactly (0..15 is exact in bf16).
+        """
+        k, g = self.in_features, self.group_size
+        unit = torch.zeros_like(self.scale_zeros)
+        unit[..., 0], unit[..., 1] = 1.0, 8.0
+        saved, self.scale_zeros = self.scale_zeros, unit
+        try:
+            eye = torch.eye(k, dtype=ACT_DTYPE, device=unit.device)
+            q = self._matmul(eye).t().round().to(torch.uint8)  # (N + pad, K)
+        finally:
+            self.scale_zeros = saved
+        n = self.out_features
+        q, saved = q[:n], saved[:, :n]
+        scales, zeros = saved[..., 0].t().contiguous(), saved[..., 1].t().contiguous()
+        assert scales.shape[1] * g == k
+        return q, scales, zeros
+
+    def dequantize(self) -> torch.Tensor:
+        """The float (N, K) weight this layer multiplies with."""
+        q, scales, zeros = self.quantized()
+        g = self.group_size
+        w = (q.float().reshape(self.out_features, -1, g) - 8.0) * scales.float()[..., None] + zeros.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
+        y = self._matmul(x2)[:, : self.out_features].to(x.dtype)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch hook signature
+        q, scales, zeros = self.quantized()
+        destination[prefix + "qweight"] = pack_nibbles(q).cpu()
+        destination[prefix + "scales"] = scales.cpu()
+        destination[prefix + "zeros"] = zeros.cpu()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs):
+        keys = [prefix + name for name in ("qweight", "scales", "zeros")]
+        if self.bias is not None:
+            keys.append(prefix + "bias")
+        absent = [key for key in keys if key not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        self.set_quantized(unpack_nibbles(state_dict[keys[0]]), state_dict[keys[1]], state_dict[keys[2]])
+        if self.bias is not None:
+            self.bias = state_dict[keys[3]].to(self.scale_zeros.device, torch.float32).clone()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group_size={self.group_size}")
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise CorelmError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if in_features % group_size:
+        raise CorelmError(f"int4 group size {group_size} does not divide the layer width {in_features}")
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF blocks -> packed layouts, without dequantizing the weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _gguf_rows(raw: np.ndarray | torch.Tensor, n: int, block_bytes: int) -> torch.Tensor:
+    data = torch.as_tensor(np.ascontiguousarray(raw)).view(torch.uint8)
+    return data.reshape(n, -1, block_bytes)  # (N, K/32, block bytes)
+
+
+def _gguf_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4 ``qs`` (N, B, 16) -> (N, B*32) values 0..15: low nibbles are elements 0..15."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(qs.shape[0], -1)
+
+
+def _half(raw: torch.Tensor) -> torch.Tensor:
+    return raw.contiguous().view(torch.float16).squeeze(-1).float()  # (N, B)
+
+
+def int4_from_gguf(raw: np.ndarray | torch.Tensor, kind: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Map GGUF Q4_1 / Q4_0 blocks (group 32) to ``(q, scales, zeros)`` for :class:`Int4Linear`.
+
+    Q4_1 block: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; ``w = q*d + m`` -> ``scale = d``,
+    ``zero = m + 8d``. Q4_0 block: fp16 ``d``, 16 bytes; ``w = (q-8)*d`` -> ``scale = d, zero = 0``.
+    The 4-bit values are copied as they are; only ``d`` and ``m + 8d`` are rounded to bf16.
+
+    Args:
+        raw: the tensor's bytes as stored, (N, K/32 * block bytes) or flat.
+        kind: ``"Q4_1"`` or ``"Q4_0"``.
+        shape: (N, K) of the weight (output, input).
+    """
+    n, k = shape
+    if kind == "Q4_1":
+        blocks = _gguf_rows(raw, n, 20)
+        d, m, qs = _half(blocks[..., 0:2]), _half(blocks[..., 2:4]), blocks[..., 4:]
+        zero = m + 8.0 * d
+    elif kind == "Q4_0":
+        blocks = _gguf_rows(raw, n, 18)
+        d, qs = _half(blocks[..., 0:2]), blocks[..., 2:]
+        zero = torch.zeros_like(d)
+    else:
+        raise CorelmError(f"GGUF {kind} blocks do not map onto int4 groups (Q4_0 and Q4_1 do)")
+    q = _gguf_nibbles(qs)
+    assert q.shape == (n, k), (q.shape, shape)
+    return q, d.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
+def int4_linear_from_gguf(raw: np.ndarray | torch.Tensor, kind: str, shape: tuple[int, int]) -> Int4Linear:
+    """An :class:`Int4Linear` (group 32) holding a GGUF Q4_0/Q4_1 tensor."""
+    mod = Int4Linear(shape[1], shape[0], group_size=32)
+    mod.set_quantized(*int4_from_gguf(raw, kind, shape))
+    return mod
+
+
+def dequantize_gguf_q8_0(raw: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """GGUF Q8_0 blocks (fp16 ``d``, 32 int8) -> (N, K) fp32 ``q * d``."""
+    blocks = _gguf_rows(raw, shape[0], 34)
+    d, qs = _half(blocks[..., 0:2]), blocks[..., 2:].contiguous().view(torch.int8).float()
+    return (qs * d[..., None]).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The transform
+# --------------------------------------------------------------------------------------------------
+
+
+def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    skip = tuple(skip)
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(full == s or full.startswith(s + ".") for s in skip):
+                found.append((module, child_name, child))
+    return found
+
+
+def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | None:
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        return None
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Embedding) and child.weight is head.weight:
+                return module, child_name, child
+    return None
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
+                   skip: Iterable[str] = ()) -> nn.Module:
+    """Swap the ``nn.Linear`` children of ``model`` for packed int8/int4 layers, in place.
+
+    Args:
+        model: any corelm model (decoder or encoder), on CPU or CUDA.
+        method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise asymmetric).
+        group_size: int4 group width (32, 64 or 128); must divide every quantized layer's width.
+        head: method for ``lm_head``; default int8 for both methods (the output head is the largest
+            matrix of a small model and its int4 error shows up directly in the logits, which is why
+            llama.cpp's Q4 files keep it at 8 bits too).
+        skip: qualified module names to leave in floating point.
+
+    Returns:
+        The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
+        that shares the head's int8 matrix. ``model.corelm_quantization`` records the spec.
+
+    Raises:
+        CorelmError: unknown method, or a group size that does not divide a layer width (checked for
+        every layer before anything is changed).
+    """
+    if method not in METHODS:
+        raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
+    if getattr(model, "corelm_quantization", None):
+        raise CorelmError("the model is already quantized")
+    head = head or "int8"
+    if head not in METHODS:
+        raise CorelmError(f"unknown head quantization method {head!r}; expected one of {', '.join(METHODS)}")
+    targets = _linears(model, skip)
+    if method == "int4" or head == "int4":
+        for parent, name, linear in targets:
+            if method == "int4" or name == "lm_head":
+                check_group_size(linear.in_features, group_size)
+    tied = _tied_embedding(model)
+    for parent, name, linear in targets:
+        kind = head if parent is model and name == "lm_head" else method
+        if kind == "int8":
+            new = Int8Linear.from_float(linear)
+        else:
+            new = Int4Linear.from_float(linear, group_size)
+        setattr(parent, name, new)
+    if tied is not None and isinstance(model.lm_head, Int8Linear):
+        parent, name, emb = tied
+        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, emb.weight.dtype))
+    model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
+                                 "skip": list(skip), "tied_embedding": tied is not None}
+    return model
+
+
+def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
+    """Give a float model (real or on ``meta``) the module structure of a quantized one, without
+    quantizing anything, so that a quantized state dict (:func:`quantize_model` + ``state_dict()``)
+    loads into it with ``load_state_dict``. Int4 layers repack for this machine while loading.
+    """
+    method, group_size, head = spec["method"], int(spec["group_size"]), spec.get("head", "int8")
+    tied = _tied_embedding(model)
+    for parent, name, linear in _linears(model, spec.get("skip", ())):
+        kind = head if parent is model and name == "lm_head" else method
+        device = "cpu" if linear.weight.is_meta else linear.weight.device
+        bias = linear.bias is not None
+        if kind == "int8":
+            new = Int8Linear(linear.in_features, linear.out_features, bias, device)
+        else:
+            new = Int4Linear(linear.in_features, linear.out_features, group_size, bias, device)
+        setattr(parent, name, new)
+    if tied is not None and isinstance(model.lm_head, Int8Linear):
+        parent, name, emb = tied
+        dtype = emb.weight.dtype
+        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, dtype))
+    model.corelm_quantization = dict(spec)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "corelm_quantization", None)) or any(
+        isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as held in memory (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: int4 layers as portable nibbles, scales and zeros; a tied
+    :class:`Int8Embedding` is left out (it is the head's matrix, re-tied at load)."""
+    state = model.state_dict()
+    tied = [name for name, m in model.named_modules() if isinstance(m, Int8Embedding)
+            and isinstance(getattr(model, "lm_head", None), Int8Linear) and m.weight is model.lm_head.weight]
+    for name in tied:
+        state.pop(f"{name}.weight", None)
+        state.pop(f"{name}.scales", None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def load_quantized_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load :func:`quantized_state_dict` output into a model prepared by :func:`quantized_structure`
+    (works on ``meta`` models: tensors are assigned, int4 layers repack for this machine)."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {name for name, m in model.named_modules() if isinstance(m, Int8Embedding)}
+    allowed = {f"{name}.{b}" for name in tied for b in ("weight", "scales")}
+    bad = [k for k in missing if k not in allowed]
+    if bad or unexpected:
+        raise CorelmError(f"quantized checkpoint does not match the model: missing {bad[:3]}, "
+                          f"unexpected {list(unexpected)[:3]}")
+    head = getattr(model, "lm_head", None)
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Embedding) and f"{name}.weight" in missing and isinstance(head, Int8Linear):
+            m.weight, m.scales = head.weight, head.scales
+    return model
