@@ -1,1 +1,30 @@
 """Transformer families written from first principles: one self-contained file each."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from corelm.config import ModelConfig
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build the model of ``config.family`` (on the current default device, e.g. inside ``torch.device("meta")``).
+
+    Returns:
+        :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama` or
+        :class:`~corelm.models.bert.Bert`.
+    """
+    if config.family == "gpt2":
+        from corelm.models.gpt2 import GPT2
+
+        return GPT2(config)
+    if config.family == "llama":
+        from corelm.models.llama import Llama
+
+        return Llama(config)
+    from corelm.models.bert import Bert
+
+    return Bert(config)
+
+
+__all__ = ["build_model"]

@@ -1,0 +1,147 @@
+"""GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head.
+
+Parameter names are those of Hugging Face ``GPT2LMHeadModel``; corelm uses ``nn.Linear`` where HF
+uses its transposed ``Conv1D``, and :mod:`corelm.io.hf` transposes on import/export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from corelm.config import ModelConfig
+from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
+from corelm.ops.kv_cache import KVCache
+from corelm.ops.tied import TiedLMHead
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al. 2016) computed in fp32: mean and variance in bf16 lose the residual's small parts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with one fused query/key/value projection (``c_attn``)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        inner = config.n_head * config.head_dim
+        self.c_attn = nn.Linear(config.d_model, 3 * inner, bias=config.bias)
+        self.c_proj = nn.Linear(inner, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=-1)  # 3 x (B, T, n_head * hd)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        y = cached_attention(q, k, v, ctx, self.layer_idx)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """``c_proj(gelu(c_fc(x)))`` with the tanh approximation of GELU GPT-2 was trained with."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), ctx)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """HF's ``transformer.*`` namespace: token and position embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class GPT2(nn.Module):
+    """Decoder-only GPT-2; ``forward`` returns next-token logits ``(B, T, vocab)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        if config.tie_embeddings:
+            self.lm_head: nn.Module = TiedLMHead(self.transformer.wte)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(_init_weights)
+        # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(number of residual layers).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
+        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(ctx.input_pos)  # (B, T, d)
+        for block in self.transformer.h:
+            x = block(x, ctx)
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            input_pos: ``(B, T)`` (or ``(T,)``) positions; default ``0..T-1``.
+            kv_cache: a :class:`KVCache` to write this step's keys/values into and read from.
+            attention_mask: ``(B, T)`` 1 = token, 0 = padding (only without a cache).
+        Returns:
+            logits ``(B, T, vocab_size)``.
+        """
+        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
+                                               attention_mask=attention_mask))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -1,0 +1,152 @@
+"""The Llama family (Touvron et al. 2023): pre-RMSNorm blocks, RoPE, SwiGLU MLP, grouped-query attention.
+
+SmolLM2, Mistral (without sliding windows) and Llama 2/3 are this architecture with different
+shapes. Parameter names are those of Hugging Face ``LlamaForCausalLM`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from corelm.config import ModelConfig
+from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
+from corelm.ops.kv_cache import KVCache
+from corelm.ops.rope import RopeTable, apply_rope
+from corelm.ops.tied import TiedLMHead
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32: the mean of squares over thousands of channels overflows/underflows in half precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE on queries and keys and ``n_kv_head`` shared key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.k_proj = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.v_proj = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        cos, sin = ctx.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = cached_attention(q, k, v, ctx, self.layer_idx)  # (B, n_head, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class LlamaBody(nn.Module):
+    """Embeddings, blocks and final norm: HF's ``model.*`` namespace."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama; ``forward`` returns next-token logits ``(B, T, vocab)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        if config.tie_embeddings:
+            self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.apply(_init_weights)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
+        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask)
+        max_pos = ctx.n_keys - 1 if kv_cache is not None else None
+        ctx.rope = self.rope(ctx.input_pos, max_pos)  # (B, 1, T, head_dim) each, shared by all layers
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        for block in self.model.layers:
+            x = block(x, ctx)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            input_pos: ``(B, T)`` (or ``(T,)``) positions; default ``0..T-1``.
+            kv_cache: a :class:`KVCache` to write this step's keys/values into and read from.
+            attention_mask: ``(B, T)`` 1 = token, 0 = padding (only without a cache).
+        Returns:
+            logits ``(B, T, vocab_size)``.
+        """
+        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
+                                               attention_mask=attention_mask))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Normal(0, 0.02) weights and zero biases, the GPT-2/Llama initialisation."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
