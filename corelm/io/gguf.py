@@ -1,0 +1,423 @@
+"""Read GGUF checkpoints (llama.cpp's format): metadata, tensors, dequantization, HF name mapping.
+
+GGUF is a little-endian container: a header, typed key/value metadata, a table of tensor infos,
+then the tensor data, aligned (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
+
+corelm parses the header itself and memory-maps the data; the ``gguf`` package supplies the
+type tables (``GGMLQuantizationType``, ``GGML_QUANT_SIZES``) and, for quant types corelm does not
+vectorize, its reference ``gguf.quants.dequantize``. ``gguf.GGUFReader`` builds one numpy view per
+token string and takes ~2 s on the embedded SmolLM2 file before any tensor is read; this reader takes
+tens of milliseconds, which is what lets the model load in well under the 3 s budget.
+
+Dequantization is vectorized in torch over the memory-mapped blocks. The packed blocks themselves
+stay available through :func:`quant_blocks` for packed int4/int8 inference.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+SUPPORTED_ARCHS = ("llama",)
+
+# Value type ids of the GGUF spec -> struct format (scalars) ; 8 = string, 9 = array.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                   10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+                 6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+Q = GGMLQuantizationType
+# Types dequantized here with vectorized torch code; others fall back to gguf.quants.dequantize.
+FAST_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor entry: ``shape`` is PyTorch order (rows first), the reverse of GGUF's ``dims``."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: ``metadata`` (key -> Python value) and ``tensors`` (name -> info).
+
+    Args:
+        path: Path to a ``.gguf`` file.
+
+    Raises:
+        CorelmError: the file is missing, is not GGUF, or is truncated.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CorelmError(f"GGUF file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise CorelmError(f"{self.path} is not a GGUF file (it does not start with the 'GGUF' magic)")
+            try:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:
+                raise CorelmError(f"{self.path} is empty") from None
+        try:
+            self._parse()
+        except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
+            raise CorelmError(f"{self.path} is a truncated or corrupt GGUF file ({exc})") from None
+
+    # ---- parsing -------------------------------------------------------------------------------
+    def _parse(self) -> None:
+        mm = self._mm
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if version not in (2, 3):
+            raise CorelmError(f"{self.path}: unsupported GGUF version {version} (corelm reads versions 2 and 3)")
+        self.version = version
+        pos = 24
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = self._string(pos)
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            value, pos = self._value(vtype, pos + 4)
+            self.metadata[key] = value
+        infos = []
+        for _ in range(n_tensors):
+            name, pos = self._string(pos)
+            (n_dims,) = struct.unpack_from("<I", mm, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+            qtype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            infos.append((name, dims, qtype, offset))
+        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = (pos + align - 1) // align * align
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, dims, qtype_id, offset in infos:
+            try:
+                qtype = GGMLQuantizationType(qtype_id)
+            except ValueError:
+                raise CorelmError(f"tensor {name!r} in {self.path} has unknown GGML type id {qtype_id}") from None
+            block, block_bytes = GGML_QUANT_SIZES[qtype]
+            numel = int(np.prod(dims)) if dims else 1
+            nbytes = numel // block * block_bytes
+            start = data_start + offset
+            if start + nbytes > len(mm):
+                raise CorelmError(f"{self.path} is truncated: tensor {name!r} runs past the end of the file")
+            self.tensors[name] = GGUFTensor(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes)
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self._mm, pos)
+        end = pos + 8 + n
+        if end > len(self._mm):
+            raise ValueError("string runs past the end of the file")
+        return self._mm[pos + 8:end].decode("utf-8", errors="replace"), end
+
+    def _value(self, vtype: int, pos: int) -> tuple[Any, int]:
+        if vtype in _SCALAR_FORMATS:
+            fmt = _SCALAR_FORMATS[vtype]
+            return struct.unpack_from(fmt, self._mm, pos)[0], pos + struct.calcsize(fmt)
+        if vtype == _STRING:
+            return self._string(pos)
+        if vtype == _ARRAY:
+            item_type, count = struct.unpack_from("<IQ", self._mm, pos)
+            pos += 12
+            if item_type in _NUMPY_DTYPES:  # numeric arrays in one read
+                dtype = np.dtype(_NUMPY_DTYPES[item_type])
+                arr = np.frombuffer(self._mm, dtype=dtype, count=count, offset=pos).tolist()
+                return arr, pos + count * dtype.itemsize
+            items = []
+            for _ in range(count):
+                item, pos = self._value(item_type, pos)
+                items.append(item)
+            return items, pos
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, a read-only ``uint8`` view of the memory map."""
+        t = self._info(name)
+        return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize one tensor to ``dtype``, in PyTorch shape order (no Q/K un-permutation)."""
+        t = self._info(name)
+        return dequantize(self.raw(name), t.qtype, t.shape).to(dtype)
+
+    def _info(self, name: str) -> GGUFTensor:
+        if name not in self.tensors:
+            raise CorelmError(f"tensor {name!r} is not in {self.path}")
+        return self.tensors[name]
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Open and parse a GGUF file (memory-mapped; tensors are read on demand)."""
+    return GGUFFile(path)
+
+
+# ---- dequantization ----------------------------------------------------------------------------
+def _as_torch(buf: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # the mmap is read-only; the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(buf)
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Column ``start:start+2`` of a (n_blocks, block_bytes) uint8 tensor as fp32 of shape (n_blocks, 1)."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) packed bytes -> (n, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def dequantize(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dequantize raw GGUF bytes to an fp32 (or the stored float dtype) tensor of ``shape``.
+
+    Block layouts (ggml-common.h): Q8_0 = fp16 scale + 32 int8; Q4_0 = fp16 scale + 16 bytes of
+    nibbles, value = (q - 8) * d; Q4_1 = fp16 scale d + fp16 min m + 16 bytes, value = q * d + m.
+    """
+    raw = _as_torch(buf)
+    if qtype == Q.F32:
+        return raw.view(torch.float32).reshape(shape)
+    if qtype == Q.F16:
+        return raw.view(torch.float16).reshape(shape)
+    if qtype == Q.BF16:
+        return raw.view(torch.bfloat16).reshape(shape)
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        block_bytes = GGML_QUANT_SIZES[qtype][1]
+        blocks = raw.view(-1, block_bytes)
+        if qtype == Q.Q8_0:
+            q = blocks[:, 2:].contiguous().view(torch.int8).float()
+            out = q * _f16(blocks, 0)
+        elif qtype == Q.Q4_0:
+            q = _nibbles(blocks[:, 2:]).float()
+            out = (q - 8.0) * _f16(blocks, 0)
+        else:
+            q = _nibbles(blocks[:, 4:]).float()
+            out = torch.addcmul(_f16(blocks, 2), q, _f16(blocks, 0))
+        return out.reshape(shape)
+    return _dequantize_reference(buf, qtype, shape)
+
+
+def _dequantize_reference(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Other types through the ``gguf`` package's numpy reference (slower, but correct)."""
+    from gguf import quants
+
+    try:
+        arr = quants.dequantize(buf, qtype)
+    except NotImplementedError:
+        raise CorelmError(f"unsupported GGUF tensor type {qtype.name}; corelm reads F32, F16, BF16, Q8_0, "
+                          "Q4_0, Q4_1 and the types gguf.quants can dequantize") from None
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+
+
+@dataclass
+class QuantBlocks:
+    """The packed blocks of a Q4_0/Q4_1/Q8_0 tensor, split into their parts (no dequantization).
+
+    A weight of shape ``(rows, cols)`` is ``rows * cols / 32`` blocks of 32 consecutive values along a row.
+
+    Attributes:
+        qtype: ``Q4_0``, ``Q4_1`` or ``Q8_0``.
+        shape: ``(rows, cols)`` of the dequantized weight (PyTorch order).
+        qs: Q8_0: int8 ``(rows, cols)``; Q4_*: uint8 ``(rows, cols // 2)`` with element ``j`` of a block
+            in the low nibble of byte ``j`` and element ``j + 16`` in its high nibble (ggml's packing).
+        scales: fp16 ``(rows, cols // 32)``.
+        mins: Q4_1 only: fp16 ``(rows, cols // 32)`` added after scaling; ``None`` otherwise.
+    """
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    qs: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+
+def quant_blocks(gguf: GGUFFile, name: str, unpermute_heads: int | None = None) -> QuantBlocks:
+    """Return the packed blocks of one quantized tensor.
+
+    Args:
+        gguf: An open GGUF file.
+        name: GGUF tensor name, e.g. ``blk.0.attn_q.weight``.
+        unpermute_heads: For Q/K projections, the number of heads whose rows llama.cpp permuted;
+            rows are reordered (whole rows of blocks move, so packing stays valid) to HF order.
+    """
+    t = gguf._info(name)
+    if t.qtype not in (Q.Q8_0, Q.Q4_0, Q.Q4_1) or len(t.shape) != 2:
+        raise CorelmError(f"tensor {name!r} is {t.qtype.name} with shape {t.shape}; packed blocks exist only "
+                          "for 2-D Q8_0/Q4_0/Q4_1 tensors")
+    rows, cols = t.shape
+    block_bytes = GGML_QUANT_SIZES[t.qtype][1]
+    blocks = _as_torch(gguf.raw(name)).view(rows, cols // 32, block_bytes)
+    if unpermute_heads:
+        blocks = unpermute_rows(blocks, unpermute_heads)
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)
+    if t.qtype == Q.Q8_0:
+        qs = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
+        return QuantBlocks(t.qtype, t.shape, qs, scales, None)
+    first = 4 if t.qtype == Q.Q4_1 else 2
+    mins = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if t.qtype == Q.Q4_1 else None
+    qs = blocks[..., first:].contiguous().reshape(rows, cols // 2)
+    return QuantBlocks(t.qtype, t.shape, qs, scales, mins)
+
+
+# ---- llama architecture: config and HF names ----------------------------------------------------
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py ``LlamaModel.permute``).
+
+    HF stores each head's rotary pairs as two halves (rotate_half); llama.cpp interleaves them.
+    The converter reshapes rows to ``(n_head, 2, head_dim/2)`` and swaps the last two axes; this is
+    the inverse: ``(n_head, head_dim/2, 2)`` -> swap -> ``(n_head, 2, head_dim/2)``.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's Q/K row permutation (HF order -> GGUF order), the inverse of :func:`unpermute_rows`."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _arch(gguf: GGUFFile) -> str:
+    arch = gguf.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise CorelmError(f"unsupported GGUF architecture {arch!r} in {gguf.path.name}; corelm reads "
+                          f"{', '.join(SUPPORTED_ARCHS)}")
+    return arch
+
+
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    """Build a :class:`ModelConfig` from the ``llama.*`` metadata keys."""
+    arch = _arch(gguf)
+    md = gguf.metadata
+
+    def key(name: str, default: Any = None) -> Any:
+        value = md.get(f"{arch}.{name}", default)
+        if value is None:
+            raise CorelmError(f"{gguf.path.name}: GGUF metadata lacks {arch}.{name}")
+        return value
+
+    n_head = int(key("attention.head_count"))
+    d_model = int(key("embedding_length"))
+    vocab = md.get(f"{arch}.vocab_size")
+    if vocab is None:  # older files: the vocabulary length, else the embedding rows
+        tokens = md.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[0]
+    head_dim = md.get(f"{arch}.attention.key_length") or md.get(f"{arch}.rope.dimension_count")
+    rope_scaling = None
+    scaling_type = md.get(f"{arch}.rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        rope_scaling = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor"))}
+        orig = md.get(f"{arch}.rope.scaling.original_context_length")
+        if orig:
+            rope_scaling["original_max_position_embeddings"] = int(orig)
+    return ModelConfig(
+        family="llama",
+        name=str(md.get("general.name", gguf.path.stem)),
+        vocab_size=int(vocab),
+        n_layer=int(key("block_count")),
+        n_head=n_head,
+        n_kv_head=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
+        d_model=d_model,
+        d_ff=int(key("feed_forward_length")),
+        head_dim=int(head_dim) if head_dim else None,
+        max_seq_len=int(key("context_length")),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_embeddings="output.weight" not in gguf.tensors,
+        bias=False,
+    )
+
+
+# GGUF block tensor -> HF llama name (per layer), and the globals.
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+# Tensors llama.cpp stores that HF checkpoints do not have (precomputed RoPE frequencies).
+_IGNORED = ("rope_freqs.weight",)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Map a GGUF llama tensor name to its HF name (``None`` for tensors HF does not keep)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in _IGNORED:
+        return None
+    parts = gguf_name.split(".")  # blk.N.attn_q.weight
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise CorelmError(f"unexpected tensor {gguf_name!r} in a llama GGUF file")
+
+
+def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
+                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor to ``dtype`` under HF llama names, Q/K rows un-permuted.
+
+    Shapes are checked against ``config`` so a mismatched file fails with the tensor's name.
+    """
+    _arch(gguf)
+    hd, d = config.head_dim, config.d_model
+    expected = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,),
+                "lm_head.weight": (config.vocab_size, d)}
+    per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+                 "self_attn.q_proj.weight": (config.n_head * hd, d),
+                 "self_attn.k_proj.weight": (config.n_kv_head * hd, d),
+                 "self_attn.v_proj.weight": (config.n_kv_head * hd, d),
+                 "self_attn.o_proj.weight": (d, config.n_head * hd),
+                 "mlp.gate_proj.weight": (config.d_ff, d), "mlp.up_proj.weight": (config.d_ff, d),
+                 "mlp.down_proj.weight": (d, config.d_ff)}
+    for i in range(config.n_layer):
+        expected.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    state: dict[str, torch.Tensor] = {}
+    for name, info in gguf.tensors.items():
+        target = hf_name(name)
+        if target is None:
+            continue
+        w = dequantize(gguf.raw(name), info.qtype, info.shape)
+        if target.endswith("q_proj.weight"):
+            w = unpermute_rows(w, config.n_head)
+        elif target.endswith("k_proj.weight"):
+            w = unpermute_rows(w, config.n_kv_head)
+        want = expected.get(target)
+        if want is None or tuple(w.shape) != want:
+            raise CorelmError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
+        state[target] = w.to(dtype)
+    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing:
+        raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    return state
