@@ -1,0 +1,413 @@
+"""The OpenAI-compatible HTTP adapter (FastAPI): parse, authenticate, submit, format. No model logic.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE
+``data: ...`` chunks ending in ``data: [DONE]``), ``POST /v1/embeddings``, ``GET /health`` (public),
+``GET /metrics`` (Prometheus text) and ``GET /`` (the web chat page, public: it holds no secret).
+
+Every error is OpenAI-shaped (:mod:`corelm.serve.errors`). An error after a stream has started is
+sent as an SSE ``{"error": ...}`` event followed by ``[DONE]``. A client that disconnects, streaming
+or not, has its request cancelled, which frees its batch row before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corelm.serve import errors, protocol
+from corelm.serve.errors import APIError
+from corelm.serve.metrics import Metrics
+from corelm.serve.service import EmbeddingModel, TextModel, TextStream
+
+log = logging.getLogger("corelm.serve")
+
+# The chat page loads nothing from elsewhere and runs only its own inline script (hash-pinned below).
+_CSP = ("default-src 'none'; script-src {script}; style-src {style}; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "X-Frame-Options": "DENY"}
+
+
+def _chat_page() -> tuple[str, str]:
+    """The page's HTML and its CSP, which allows exactly its inline script and style by SHA-256 hash."""
+    import hashlib
+    import re
+
+    html = resources.files("corelm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+    def pins(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        hashes = ["'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
+        return " ".join(hashes) or "'none'"
+
+    return html, _CSP.format(script=pins("script"), style=pins("style"))
+
+
+class ServerConfig:
+    """Limits of one server (set from ``corelm serve`` options).
+
+    Args:
+        api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
+        max_body_bytes: larger request bodies get 413.
+        request_timeout: seconds from arrival after which a request is ended (504 / SSE error).
+    """
+
+    def __init__(self, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+                 request_timeout: float = 600.0) -> None:
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.request_timeout = request_timeout
+
+
+def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
+    """Build the ASGI app serving ``models`` (the first is the default when a request names none)."""
+    config = config or ServerConfig()
+    metrics = metrics or Metrics()
+    by_name = {m.name: m for m in models}
+    page, page_csp = _chat_page()
+    app = FastAPI(title="corelm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_CountRequests, metrics=metrics)
+    app.state.metrics = metrics
+    app.state.models = by_name
+
+    for m in models:
+        if isinstance(m, TextModel):
+            b = m.batcher
+            metrics.gauge("corelm_running_requests", "Requests holding a batch row.", lambda b=b: b.running)
+            metrics.gauge("corelm_queue_depth", "Requests waiting for a batch row.", lambda b=b: b.waiting)
+            metrics.gauge("corelm_batch_rows", "Rows in the running batch (max concurrent requests).",
+                          lambda b=b: b.max_batch)
+            metrics.gauge("corelm_decode_steps_total", "Batched decode steps run.", lambda b=b: b.steps)
+
+    # ---- errors: always OpenAI-shaped, never a path or a traceback ----
+
+    def error_response(exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(APIError(exc.status_code, message.get(exc.status_code, "request failed"), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(errors.bad_request("invalid request"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return error_response(errors.internal_error())
+
+    # ---- helpers ----
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        # compare_digest: the time taken does not reveal how many leading characters matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
+            raise errors.unauthorized()
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes",
+                           code="body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return protocol.parse_json(b"".join(chunks))
+
+    def pick(name: str | None, kind: str) -> Any:
+        if name is None:
+            candidates = [m for m in models if m.kind == kind]
+            if not candidates:
+                raise errors.model_not_found("(default)", list(by_name))
+            return candidates[0]
+        model = by_name.get(name)
+        if model is None:
+            raise errors.model_not_found(name, list(by_name))
+        if model.kind != kind:
+            endpoint = "/v1/embeddings" if model.kind == "embed" else "/v1/completions or /v1/chat/completions"
+            raise errors.bad_request(f"model {name!r} cannot serve this endpoint; use {endpoint}", "model",
+                                     code="wrong_endpoint")
+        return model
+
+    async def until_disconnect(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    def observe(arrival: float, streams: list[TextStream]) -> None:
+        metrics.count_tokens(sum(s.n_prompt for s in streams), sum(s.n_generated for s in streams))
+        metrics.observe(metrics.latency, time.monotonic() - arrival)
+        for s in streams:
+            if s.handle.admitted:
+                metrics.observe(metrics.queue_wait, s.handle.admitted - s.handle.arrival)
+            if s.first_token_at is not None:
+                metrics.observe(metrics.ttft, s.first_token_at - s.handle.arrival)
+                if s.n_generated > 1:
+                    metrics.observe(metrics.tpot, (s.last_token_at - s.first_token_at) / (s.n_generated - 1))
+
+    def usage(streams: list[TextStream]) -> dict[str, int]:
+        prompt = streams[0].n_prompt
+        completion = sum(s.n_generated for s in streams)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ---- generation (shared by /v1/completions and /v1/chat/completions) ----
+
+    async def generate(request: Request, endpoint: str, chat: bool) -> Response:
+        arrival = time.monotonic()
+        authorize(request)
+        body = await read_body(request)
+        common, payload = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
+        model: TextModel = pick(common.model, "generate")
+        prompt_param = "messages" if chat else "prompt"
+        try:
+            prompt_ids = model.encode_chat(payload) if chat else model.encode_prompt(payload)
+        except Exception as exc:  # a template that raises on these messages (e.g. role order)
+            raise errors.bad_request(f"the chat template rejected the messages: {exc}", prompt_param) from None
+        max_tokens = model.budget(len(prompt_ids), common.options.max_tokens, prompt_param)
+        deadline = arrival + config.request_timeout
+        streams: list[TextStream] = []
+        try:
+            for i in range(common.n):
+                options = common.options
+                if options.seed is not None and i:  # n > 1: distinct, reproducible samples
+                    options = protocol.TextOptions(**{**options.__dict__, "seed": options.seed + i})
+                streams.append(model.start(prompt_ids, options, max_tokens, deadline))
+        except APIError:
+            for s in streams:
+                s.cancel()
+            raise
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        if common.stream:
+            events = _merge(streams)
+            return StreamingResponse(
+                _sse(events, streams, rid, created, model.name, chat, common.include_usage,
+                     lambda: observe(arrival, streams), usage, metrics),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def collect() -> list[tuple[str, str | None]]:
+            out = []
+            for s in streams:
+                text = []
+                async for piece in s.pieces():
+                    text.append(piece.text)
+                out.append(("".join(text), s.finish_reason))
+            return out
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # client went away: free the rows now
+                work.cancel()
+                for s in streams:
+                    s.cancel()
+                metrics.count_disconnect()
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)
+        results = work.result()  # re-raises an APIError (deadline, shutdown)
+        observe(arrival, streams)
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                        "logprobs": None} for i, (text, reason) in enumerate(results)]
+        else:
+            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                       for i, (text, reason) in enumerate(results)]
+        return JSONResponse({"id": rid, "object": kind, "created": created, "model": model.name,
+                             "choices": choices, "usage": usage(streams)})
+
+    # ---- routes ----
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": page_csp, **SECURITY_HEADERS})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(by_name)}
+
+    @app.get("/metrics")
+    async def metrics_route(request: Request) -> PlainTextResponse:
+        authorize(request)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "corelm",
+                 "context_window": m.context_window, "kind": m.kind} for m in models]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        arrival = time.monotonic()
+        authorize(request)
+        name, texts, encoding = protocol.parse_embeddings(await read_body(request))
+        model: EmbeddingModel = pick(name, "embed")
+        counts = model.count_tokens(texts)
+        for i, n in enumerate(counts):
+            if n > model.context_window:
+                raise errors.context_exceeded(
+                    f"input[{i}] has {n} tokens but the model accepts at most {model.context_window}", "input")
+        vectors = await model.embed(texts)
+        data = []
+        for i, vec in enumerate(vectors):
+            value: Any = vec
+            if encoding == "base64":  # little-endian float32, as the OpenAI client decodes it
+                value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        metrics.count_tokens(sum(counts), 0)
+        metrics.observe(metrics.latency, time.monotonic() - arrival)
+        return JSONResponse({"object": "list", "data": data, "model": model.name,
+                             "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}})
+
+    return app
+
+
+class _CountRequests:
+    """Pure ASGI middleware counting ``/v1/*`` responses by status (BaseHTTPMiddleware would get in
+    the way of streaming and disconnect detection)."""
+
+    ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
+            self.metrics.count_request(endpoint, status)
+
+
+async def _merge(streams: list[TextStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave the pieces of ``n`` streams as ``(index, piece | APIError)``."""
+    if len(streams) == 1:
+        try:
+            async for piece in streams[0].pieces():
+                yield 0, piece
+        except APIError as exc:
+            yield 0, exc
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: TextStream) -> None:
+        try:
+            async for piece in s.pieces():
+                await queue.put((i, piece))
+        except APIError as exc:
+            await queue.put((i, exc))
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream], rid: str, created: int,
+               model: str, chat: bool, include_usage: bool, on_end, usage, metrics: Metrics) -> AsyncIterator[str]:
+    """Format pieces as OpenAI SSE chunks; cancels the generations if the client goes away."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def choice(i: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+        return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+
+    finished = False
+    try:
+        if chat:
+            yield chunk([choice(i, None, None, first=True) for i in range(len(streams))])
+        open_streams = len(streams)
+        async for i, item in events:
+            if isinstance(item, APIError):
+                # Headers are already sent: report the error in-band, then end the stream.
+                yield f"data: {json.dumps(item.body())}\n\n"
+                for s in streams:
+                    s.cancel()
+                break
+            if item.finish_reason is None:
+                yield chunk([choice(i, item.text, None)])
+                continue
+            open_streams -= 1
+            extra = {"usage": usage(streams)} if open_streams == 0 else {}
+            yield chunk([choice(i, item.text, item.finish_reason)], **extra)
+        else:
+            if include_usage:
+                yield chunk([], usage=usage(streams))
+        yield "data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished:  # the client disconnected (the task was cancelled): free the rows now
+            for s in streams:
+                s.cancel()
+            metrics.count_disconnect()
+        on_end()

@@ -1,0 +1,316 @@
+"""Continuous batching: requests join and leave the running batch at every decode step.
+
+One worker thread owns the model and a preallocated :class:`~corelm.ops.kv_cache.KVCache` with
+``max_batch`` rows; each running request holds one row (its per-request KV cache). Every loop:
+
+1. drop requests whose client went away or whose deadline passed (their rows are free at once);
+2. admit waiting requests into free rows: each prompt is prefilled *alone* into its row through
+   ``cache.rows(slice(r, r + 1))`` while the other rows keep their state;
+3. one decode step for all running rows together: row ``r`` feeds its last token at its own
+   position (per-row ``input_pos``), so rows of different lengths share one forward pass.
+
+The batcher speaks token ids only (tokenizer, chat template and stop strings live in
+:mod:`corelm.serve.service`); sampling is the engine's (:func:`corelm.generate.engine.sample_next`
+when present). Each request samples with its own ``torch.Generator``, so its tokens do not depend
+on what else is in the batch. The HTTP layer talks to it through :meth:`Batcher.submit`, which
+returns a :class:`Handle` to iterate asynchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from corelm.ops.kv_cache import KVCache
+from corelm.serve import errors
+
+log = logging.getLogger("corelm.serve")
+
+
+@dataclass
+class GenerationSpec:
+    """What to generate for one request (token-level; validated by the caller).
+
+    Attributes:
+        max_new_tokens: stop after this many generated tokens.
+        temperature: 0 = greedy; otherwise softmax temperature.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        repetition_penalty: CTRL-style penalty on tokens already in prompt or output (1.0 = off).
+        seed: seeds this request's own generator; ``None`` draws a random seed.
+        stop_token_ids: generated ids that end the request (EOS, end-of-turn); not emitted.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Event:
+    """One item of a request's stream: a token, the end, or an error."""
+
+    kind: str                      # "token" | "done" | "error"
+    token: int = -1
+    finish_reason: str | None = None   # "stop" | "length" on "done"
+    error: errors.APIError | None = None
+    time: float = 0.0
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    spec: GenerationSpec
+    deadline: float | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.monotonic)
+    id: int = 0
+    row: int = -1
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    cancelled: bool = False
+    finished: bool = False
+    generator: torch.Generator | None = None
+    admitted: float = 0.0
+
+    def emit(self, event: Event) -> None:
+        event.time = time.monotonic()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class Handle:
+    """The caller's end of one request: async-iterate :class:`Event` s; :meth:`cancel` frees its row."""
+
+    def __init__(self, request: _Request, batcher: Batcher) -> None:
+        self._request = request
+        self._batcher = batcher
+
+    @property
+    def arrival(self) -> float:
+        return self._request.arrival
+
+    @property
+    def admitted(self) -> float:
+        return self._request.admitted
+
+    def cancel(self) -> None:
+        """Abandon the request (client gone, stop string seen): its row is freed before the next step."""
+        self._batcher._cancel(self._request)
+
+    def __aiter__(self) -> Handle:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._request.finished and self._request.queue.empty():
+            raise StopAsyncIteration
+        event = await self._request.queue.get()
+        if event.kind != "token":
+            self._request.finished = True
+        return event
+
+
+def _sample_fn():
+    """The engine's sampler: ``sample(logits (1, V), spec, generator, history) -> int``."""
+    from corelm.generate import engine
+
+    return engine.sample_next
+
+
+class Batcher:
+    """Continuous batching over a decoder model and a per-row KV cache.
+
+    Args:
+        model: a corelm decoder (``model(ids, input_pos=, kv_cache=)``, ``hidden_states``, ``lm_head``).
+        max_batch: rows of the KV cache = requests decoded together.
+        max_seq_len: slots per row; a request's prompt + max_new_tokens must fit.
+        max_queue: requests that may wait for a row; beyond that :meth:`submit` refuses at once.
+        sample: sampler ``(logits (1, V), spec, generator, history) -> token id``; default: the engine's.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 2048,
+                 max_queue: int = 64, sample: Any = None) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self._sample = sample or _sample_fn()
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache.for_model(model.config, max_batch, max_seq_len, param.dtype, param.device)
+        self._rows: list[_Request | None] = [None] * max_batch
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        # Preallocated decode inputs: no per-step tensor allocation for the batch layout.
+        self._step_tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self._step_pos = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self.steps = 0
+        self.on_finish = None  # optional callback(request_stats: dict) from the worker thread
+
+    # ---- public API (event-loop thread) ----
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="corelm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, prompt: list[int], spec: GenerationSpec, deadline: float | None = None) -> Handle:
+        """Queue a request; must be called from the running event loop.
+
+        Raises:
+            APIError: 503 with Retry-After when every row is busy and the waiting queue is full.
+        """
+        if len(prompt) + spec.max_new_tokens > self.max_seq_len:  # the caller validates; this guards
+            raise errors.context_exceeded(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({spec.max_new_tokens}) exceeds the "
+                f"server's per-request limit of {self.max_seq_len} tokens", "max_tokens")
+        loop = asyncio.get_running_loop()
+        request = _Request(list(prompt), spec, deadline, loop, asyncio.Queue(), id=next(self._ids))
+        with self._cond:
+            free_rows = self.max_batch - self.running
+            if len(self._waiting) >= self.max_queue + max(free_rows, 0):
+                raise errors.overloaded()
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return Handle(request, self)
+
+    def _cancel(self, request: _Request) -> None:
+        with self._cond:
+            request.cancelled = True
+            if request in self._waiting:  # never started: leave the queue at once
+                self._waiting.remove(request)
+                request.finished = True
+            self._cond.notify_all()
+
+    # ---- worker thread ----
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and self.running == 0:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                try:
+                    self._step()
+                except Exception:  # a bug, not bad input: fail the running requests, keep serving
+                    log.exception("batcher step failed")
+                    for row, request in enumerate(self._rows):
+                        if request is not None:
+                            self._finish(row, error=errors.internal_error())
+        for row, request in enumerate(self._rows):
+            if request is not None:
+                self._finish(row, error=errors.APIError(503, "server is shutting down",
+                                                        type="server_error", code="shutdown"))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for row, request in enumerate(self._rows):
+            if request is None:
+                continue
+            if request.cancelled:
+                self._free(row)
+            elif request.deadline is not None and now > request.deadline:
+                self._finish(row, error=errors.deadline_exceeded(request.deadline - request.arrival))
+        self._admit(now)
+        active = [row for row, r in enumerate(self._rows) if r is not None]
+        if active:
+            self._decode(active)
+
+    def _admit(self, now: float) -> None:
+        while True:
+            with self._cond:
+                if not self._waiting or self.running == self.max_batch:
+                    return
+                request = self._waiting.popleft()
+                if request.deadline is not None and now > request.deadline:
+                    request.emit(Event("error", error=errors.deadline_exceeded(request.deadline - request.arrival)))
+                    continue
+                row = self._rows.index(None)  # lowest free row keeps the decoded prefix short
+                self._rows[row] = request
+            request.row = row
+            request.admitted = time.monotonic()
+            seed = request.spec.seed if request.spec.seed is not None else torch.seed()
+            request.generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._prefill(row, request)
+
+    def _prefill(self, row: int, request: _Request) -> None:
+        """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
+        ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]  # (1, T)
+        hidden = self.model.hidden_states(ids, input_pos=pos, kv_cache=self.cache.rows(slice(row, row + 1)))
+        logits = self.model.lm_head(hidden[:, -1:])  # (1, 1, V): only the last position is needed
+        self._accept(row, request, logits[:, -1])
+
+    def _decode(self, active: list[int]) -> None:
+        hi = active[-1] + 1  # rows 0..hi-1; free rows inside feed a dummy token at slot 0
+        tokens, pos = self._step_tokens[:hi], self._step_pos[:hi]
+        tokens.zero_()
+        pos.zero_()
+        for row in active:
+            request = self._rows[row]
+            tokens[row, 0] = request.tokens[-1]
+            pos[row, 0] = len(request.prompt) + len(request.tokens) - 1
+        cache = self.cache if hi == self.max_batch else self.cache.rows(slice(0, hi))
+        logits = self.model(tokens, input_pos=pos, kv_cache=cache)[:, -1]  # (hi, V)
+        self.steps += 1
+        for row in active:
+            self._accept(row, self._rows[row], logits[row:row + 1])
+
+    def _accept(self, row: int, request: _Request, logits: torch.Tensor) -> None:
+        """Sample the next token of ``request`` from ``logits`` (1, V) and stream or finish it."""
+        if request.cancelled:
+            self._free(row)
+            return
+        history = request.prompt + request.tokens
+        token = int(self._sample(logits, request.spec, request.generator, history))
+        if token in request.spec.stop_token_ids:
+            self._finish(row, reason="stop")
+            return
+        request.tokens.append(token)
+        request.emit(Event("token", token=token))
+        full = len(request.prompt) + len(request.tokens) >= self.max_seq_len
+        if len(request.tokens) >= request.spec.max_new_tokens or full:
+            self._finish(row, reason="length")
+
+    def _finish(self, row: int, *, reason: str | None = None, error: errors.APIError | None = None) -> None:
+        request = self._rows[row]
+        if error is not None:
+            request.emit(Event("error", error=error))
+        else:
+            request.emit(Event("done", finish_reason=reason))
+        self._free(row)
+
+    def _free(self, row: int) -> None:
+        with self._cond:
+            self._rows[row] = None

@@ -1,0 +1,217 @@
+"""Parse and validate OpenAI request bodies into plain values, with 400s that name the parameter.
+
+Written by hand rather than with pydantic models so each mistake gets OpenAI's error shape and a
+sentence a user understands (FastAPI's default is a 422 listing pydantic internals). Parameters
+corelm does not implement (``logprobs``, ``presence_penalty``/``frequency_penalty`` other than 0,
+``logit_bias``, ``tools``) are rejected with a 400 instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from corelm.serve.errors import bad_request
+from corelm.serve.service import TextOptions
+
+MAX_N = 8
+MAX_STOP = 4
+ROLES = ("system", "user", "assistant")
+# Parameters corelm does not implement -> the values that mean "off" and are accepted.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none",), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "response_format": ({"type": "text"},),
+}
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad_request("request body is not UTF-8 JSON", code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                          code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _field(body: dict[str, Any], name: str, kind: str, default: Any = None) -> Any:
+    """Read ``body[name]`` checking its JSON type (``null`` means the default)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if kind == "number" and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        want = {"int": "an integer", "number": "a number", "str": "a string", "bool": "a boolean",
+                "list": "an array", "dict": "an object"}[kind]
+        raise bad_request(f"'{name}' must be {want}, got {_type_name(value)}", name, code="invalid_type")
+    return value
+
+
+def _range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    below = value <= lo if lo_open else value < lo
+    if below or value > hi:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise bad_request(f"'{name}' must be in {interval}, got {value:g}", name)
+
+
+@dataclass
+class Common:
+    model: str | None
+    stream: bool
+    include_usage: bool
+    n: int
+    options: TextOptions
+
+
+def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
+    model = _field(body, "model", "str")
+    stream = _field(body, "stream", "bool", False)
+    stream_options = _field(body, "stream_options", "dict", {})
+    include_usage = bool(stream_options.get("include_usage", False))
+    n = _field(body, "n", "int", 1)
+    _range("n", n, 1, MAX_N)
+
+    max_tokens = None
+    for name in max_tokens_names:
+        value = _field(body, name, "int")
+        if value is not None:
+            if value < 1:
+                raise bad_request(f"'{name}' must be at least 1, got {value}", name)
+            max_tokens = value
+    temperature = float(_field(body, "temperature", "number", 1.0))
+    _range("temperature", temperature, 0.0, 2.0)
+    top_p = float(_field(body, "top_p", "number", 1.0))
+    _range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    top_k = _field(body, "top_k", "int", 0)  # extension (vLLM, llama.cpp): 0 = off
+    if top_k < 0:
+        raise bad_request(f"'top_k' must be >= 0, got {top_k}", "top_k")
+    repetition_penalty = float(_field(body, "repetition_penalty", "number", 1.0))  # extension
+    _range("repetition_penalty", repetition_penalty, 0.0, 10.0, lo_open=True)
+    seed = _field(body, "seed", "int")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise bad_request(f"'seed' must be in [0, 2^63), got {seed}", "seed")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise bad_request("'stop' must be a string or an array of strings", "stop", code="invalid_type")
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} strings, got {len(stops)}", "stop")
+    if any(s == "" for s in stops):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    ignore_eos = _field(body, "ignore_eos", "bool", False)  # extension, for benchmarks
+
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _field(body, name, "number", 0.0)
+        _range(name, value, -2.0, 2.0)
+        if value != 0.0:
+            raise bad_request(f"'{name}' is not supported by corelm (only 0); use 'repetition_penalty' "
+                              "(1.0 = off, e.g. 1.1)", name, code="unsupported_parameter")
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value not in harmless:
+            raise bad_request(f"'{name}' is not supported by corelm", name, code="unsupported_parameter")
+    options = TextOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=stops,
+                          ignore_eos=ignore_eos)
+    return Common(model, stream, include_usage, n, options)
+
+
+def parse_completion(body: dict[str, Any]) -> tuple[Common, str]:
+    """``POST /v1/completions``: returns the common options and the prompt text."""
+    common = _common(body, ("max_tokens",))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise bad_request("'prompt' is required", "prompt", code="missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise bad_request(f"'prompt' must be a string (one prompt per request), got {_type_name(prompt)}",
+                          "prompt", code="invalid_type")
+    if not prompt:
+        raise bad_request("'prompt' must not be empty", "prompt")
+    return common, prompt
+
+
+def parse_chat(body: dict[str, Any]) -> tuple[Common, list[dict[str, str]]]:
+    """``POST /v1/chat/completions``: returns the common options and the messages (text only)."""
+    common = _common(body, ("max_tokens", "max_completion_tokens"))
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required", "messages", code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise bad_request(f"'messages' must be an array, got {_type_name(messages)}", "messages",
+                          code="invalid_type")
+    if not messages:
+        raise bad_request("'messages' must not be empty", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"'{where}' must be an object", where, code="invalid_type")
+        role = message.get("role")
+        if role == "developer":  # newer OpenAI name for the system role
+            role = "system"
+        if role not in ROLES:
+            raise bad_request(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}",
+                              f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise bad_request(f"'{where}.content' parts must be text parts", f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise bad_request(f"'{where}.content' must be a string", f"{where}.content", code="invalid_type")
+        out.append({"role": role, "content": content})
+    if not any(m["content"] for m in out):
+        raise bad_request("'messages' must contain some text", "messages")
+    return common, out
+
+
+def parse_embeddings(body: dict[str, Any]) -> tuple[str | None, list[str], str]:
+    """``POST /v1/embeddings``: returns (model, texts, encoding_format)."""
+    model = _field(body, "model", "str")
+    data = body.get("input")
+    if data is None:
+        raise bad_request("'input' is required", "input", code="missing_required_parameter")
+    texts = [data] if isinstance(data, str) else data
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise bad_request("'input' must be a string or an array of strings (token arrays are not supported)",
+                          "input", code="invalid_type")
+    if not texts or any(t == "" for t in texts):
+        raise bad_request("'input' must not be empty (and no input string may be empty)", "input")
+    if len(texts) > 256:
+        raise bad_request(f"'input' may hold at most 256 strings, got {len(texts)}", "input")
+    encoding = _field(body, "encoding_format", "str", "float")
+    if encoding not in ("float", "base64"):
+        raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    if _field(body, "dimensions", "int") is not None:
+        raise bad_request("'dimensions' is not supported by corelm", "dimensions", code="unsupported_parameter")
+    return model, texts, encoding

@@ -1,0 +1,165 @@
+"""Assemble and run a server: load models, start their batchers, run uvicorn (blocking or in a thread).
+
+``corelm serve`` calls :func:`build` then :func:`run`; tests and ``benchmarks/serve.py`` use
+:class:`ServerThread` to run the same app on a free loopback port inside their own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corelm.errors import CorelmError
+from corelm.serve.app import ServerConfig, create_app
+from corelm.serve.batcher import Batcher
+from corelm.serve.service import EmbeddingModel, TextModel
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``corelm serve`` can set (its ``--help`` documents each field).
+
+    Attributes:
+        max_batch: requests decoded together (rows of the KV cache).
+        max_seq_len: tokens per request (prompt + output); caps the model's context window so the
+            KV cache (``max_batch x max_seq_len`` slots per layer) fits in memory.
+        max_queue: requests that may wait for a row; beyond that new requests get 503 at once.
+        request_timeout: seconds after which a request is ended (queued or running).
+        max_body_bytes: request bodies above this get 413.
+        default_max_tokens: output limit when a request gives no ``max_tokens``.
+    """
+
+    max_batch: int = 8
+    max_seq_len: int = 2048
+    max_queue: int = 64
+    request_timeout: float = 600.0
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 512
+
+
+def served_name(spec: str) -> str:
+    """The id clients use for a model: the preset/embedded name, or the directory/file stem (never a path)."""
+    path = Path(spec)
+    if path.exists():
+        return path.stem if path.is_file() else path.resolve().name
+    return spec
+
+
+def wrap(name: str, loaded: Any, options: ServeOptions) -> TextModel | EmbeddingModel:
+    """Put a ``corelm.load`` result behind the server: a batcher for decoders, ``embed`` for encoders."""
+    if hasattr(loaded, "embed"):
+        return EmbeddingModel(name, loaded)
+    max_seq_len = min(options.max_seq_len, int(loaded.config.max_seq_len))
+    batcher = Batcher(loaded.model, max_batch=options.max_batch, max_seq_len=max_seq_len,
+                      max_queue=options.max_queue)
+    return TextModel(name, loaded, batcher, default_max_tokens=options.default_max_tokens)
+
+
+def build(model_specs: list[str], options: ServeOptions, api_key: str | None = None,
+          dtype: str | None = None, names: list[str] | None = None) -> tuple[Any, list[Any]]:
+    """Load every model, start the batchers, and return ``(app, served models)``."""
+    import corelm
+
+    served = []
+    for i, spec in enumerate(model_specs):
+        name = names[i] if names and i < len(names) else served_name(spec)
+        kwargs = {"dtype": dtype} if dtype else {}
+        served.append(wrap(name, corelm.load(spec, **kwargs), options))
+    if len({m.name for m in served}) != len(served):
+        raise CorelmError("two served models have the same name; pick distinct ones with --name")
+    config = ServerConfig(api_key=api_key, max_body_bytes=options.max_body_bytes,
+                          request_timeout=options.request_timeout)
+    app = create_app(served, config)
+    start(served)
+    return app, served
+
+
+def start(served: list[Any]) -> None:
+    for m in served:
+        if isinstance(m, TextModel):
+            m.batcher.start()
+
+
+def stop(served: list[Any]) -> None:
+    for m in served:
+        if isinstance(m, TextModel):
+            m.batcher.stop()
+
+
+def read_api_key(path: str | None) -> str | None:
+    """The key from ``--api-key-file`` (first line) or ``$CORELM_API_KEY``; ``None`` = no auth."""
+    if path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+        except OSError as exc:
+            raise CorelmError(f"cannot read the API key file {path}: {exc.strerror}") from None
+        if not key or not key[0].strip():
+            raise CorelmError(f"the API key file {path} is empty")
+        return key[0].strip()
+    return os.environ.get("CORELM_API_KEY") or None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one clear line before loading anything when the address is taken."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise CorelmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread (tests, benchmarks).
+
+    Usage::
+
+        with ServerThread(app) as server:
+            client = OpenAI(base_url=server.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=2, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="corelm-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > 30:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def run(app: Any, host: str, port: int) -> None:
+    """Serve until Ctrl-C (blocking)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)

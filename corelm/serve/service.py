@@ -1,0 +1,194 @@
+"""The text layer between the HTTP adapter and the token-level batcher.
+
+:class:`TextModel` turns a prompt or a chat conversation into token ids with the model's own
+tokenizer and chat template (the same path as ``corelm.load(...).chat``), checks them against the
+context window, and turns the batcher's token stream back into text pieces: the tokenizer's
+incremental detokenizer (never splits a UTF-8 character), and stop strings that are never emitted.
+:class:`EmbeddingModel` wraps an encoder's ``embed``. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from corelm.serve import errors
+from corelm.serve.batcher import Batcher, GenerationSpec, Handle
+
+
+@dataclass
+class Piece:
+    """A piece of generated text; ``finish_reason`` is set on the last one (``stop`` | ``length``)."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; reports when one completes."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        cut = len(self.pending) - self.hold
+        if cut <= 0:
+            return "", False
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TextStream:
+    """One running generation: async-iterate :class:`Piece` s; counts tokens and times for usage/metrics."""
+
+    def __init__(self, handle: Handle, tokenizer: Any, n_prompt: int, stops: list[str]) -> None:
+        self.handle = handle
+        self.n_prompt = n_prompt
+        self.n_generated = 0
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self._detok = tokenizer.stream_decoder(skip_special_tokens=True)
+        self._stops = StopMatcher(stops)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Yields text pieces; the last one carries ``finish_reason``. Raises APIError on failure."""
+        async for event in self.handle:
+            if event.kind == "error":
+                raise event.error
+            if event.kind == "done":
+                tail, _ = self._stops.feed(self._detok.flush())
+                self.finish_reason = event.finish_reason
+                yield Piece(tail + self._stops.flush(), event.finish_reason)
+                return
+            self.n_generated += 1
+            self.first_token_at = self.first_token_at or event.time
+            self.last_token_at = event.time
+            text, stopped = self._stops.feed(self._detok.push(event.token))
+            if stopped:
+                self.handle.cancel()  # free the row now; tokens already queued are dropped
+                self.finish_reason = "stop"
+                yield Piece(text, "stop")
+                return
+            if text:
+                yield Piece(text)
+
+
+@dataclass
+class TextOptions:
+    """Validated sampling options of one request (see :mod:`corelm.serve.protocol`)."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class TextModel:
+    """A decoder served through a :class:`Batcher`.
+
+    Args:
+        name: the model id clients send.
+        llm: a ``corelm.load`` LLM (``.tokenizer``, ``.config``).
+        batcher: the running batcher over ``llm.model``.
+        default_max_tokens: used when a request gives none (capped by the room left in the window).
+    """
+
+    kind = "generate"
+
+    def __init__(self, name: str, llm: Any, batcher: Batcher, default_max_tokens: int = 512) -> None:
+        self.name = name
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.batcher = batcher
+        self.context_window = min(int(llm.config.max_seq_len), batcher.max_seq_len)
+        self.default_max_tokens = default_max_tokens
+        eos = [getattr(self.tokenizer, "eos_token_id", None)]
+        eos += list(getattr(llm, "stop_token_ids", None) or [])
+        self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text))
+
+    def budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
+        """Resolve max_tokens against the context window, or raise a 400 naming the counts."""
+        window = self.context_window
+        if n_prompt >= window:
+            raise errors.context_exceeded(
+                f"the prompt has {n_prompt} tokens but the context window is {window} tokens "
+                f"(at least one token must be generated)", prompt_param)
+        if max_tokens is None:
+            return min(self.default_max_tokens, window - n_prompt)
+        if n_prompt + max_tokens > window:
+            raise errors.context_exceeded(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
+                f"exceeds the context window of {window} tokens", "max_tokens")
+        return max_tokens
+
+    def start(self, prompt_ids: list[int], options: TextOptions, max_tokens: int,
+              deadline: float | None) -> TextStream:
+        """Submit a generation (raises the batcher's 503 when full)."""
+        spec = GenerationSpec(
+            max_new_tokens=max_tokens, temperature=options.temperature, top_p=options.top_p,
+            top_k=options.top_k, repetition_penalty=options.repetition_penalty, seed=options.seed,
+            stop_token_ids=() if options.ignore_eos else self.stop_token_ids)
+        handle = self.batcher.submit(prompt_ids, spec, deadline)
+        return TextStream(handle, self.tokenizer, len(prompt_ids), list(options.stop))
+
+
+class EmbeddingModel:
+    """An encoder served for ``/v1/embeddings`` (``enc.embed(list[str]) -> (N, d)``)."""
+
+    kind = "embed"
+
+    def __init__(self, name: str, encoder: Any) -> None:
+        self.name = name
+        self.encoder = encoder
+        self.tokenizer = encoder.tokenizer
+        self.context_window = int(encoder.config.max_seq_len)
+        self._lock = asyncio.Lock()  # one forward at a time: the CPU is shared with the batcher
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        # +2 for [CLS] and [SEP], which embed() adds around every input.
+        return [len(self.tokenizer.encode(t)) + 2 for t in texts]
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        async with self._lock:
+            vectors = await asyncio.to_thread(self._embed, texts)
+        return vectors
+
+    def _embed(self, texts: list[str]) -> list[list[float]]:
+        import torch
+
+        with torch.inference_mode():
+            return self.encoder.embed(texts).float().tolist()
+
+
+def now() -> float:
+    return time.monotonic()
