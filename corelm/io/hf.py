@@ -1,0 +1,485 @@
+"""Hugging Face checkpoints: config mapping, state-dict mapping tables, memory-mapped load, atomic save.
+
+corelm parameter names already follow the HF checkpoints (docs/DESIGN.md), so the mapping is a
+small table per family: HF name, corelm name, and whether the tensor is transposed (GPT-2's
+``Conv1D`` stores ``(in, out)`` where ``nn.Linear`` stores ``(out, in)``). Every tensor's shape is
+checked against the model the config describes.
+
+Weights are read memory-mapped (``safetensors.safe_open``, ``torch.load(mmap=True,
+weights_only=True)``) and the model is built on the ``meta`` device and then given the tensors
+with ``load_state_dict(assign=True)``, so loading makes no second full copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+
+# --------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# --------------------------------------------------------------------------------------------
+
+# HF field names per family: (ModelConfig field, HF field, default or _REQUIRED).
+_REQUIRED = object()
+_HF_FIELDS: dict[str, list[tuple[str, str, Any]]] = {
+    "gpt2": [
+        ("vocab_size", "vocab_size", _REQUIRED),
+        ("d_model", "n_embd", _REQUIRED),
+        ("n_layer", "n_layer", _REQUIRED),
+        ("n_head", "n_head", _REQUIRED),
+        ("max_seq_len", "n_positions", 1024),
+        ("d_ff", "n_inner", None),
+        ("norm_eps", "layer_norm_epsilon", 1e-5),
+        ("tie_embeddings", "tie_word_embeddings", True),
+    ],
+    "llama": [
+        ("vocab_size", "vocab_size", _REQUIRED),
+        ("d_model", "hidden_size", _REQUIRED),
+        ("n_layer", "num_hidden_layers", _REQUIRED),
+        ("n_head", "num_attention_heads", _REQUIRED),
+        ("d_ff", "intermediate_size", _REQUIRED),
+        ("n_kv_head", "num_key_value_heads", None),
+        ("head_dim", "head_dim", None),
+        ("max_seq_len", "max_position_embeddings", 2048),
+        ("norm_eps", "rms_norm_eps", 1e-6),
+        ("tie_embeddings", "tie_word_embeddings", False),
+    ],
+    "bert": [
+        ("vocab_size", "vocab_size", _REQUIRED),
+        ("d_model", "hidden_size", _REQUIRED),
+        ("n_layer", "num_hidden_layers", _REQUIRED),
+        ("n_head", "num_attention_heads", _REQUIRED),
+        ("d_ff", "intermediate_size", _REQUIRED),
+        ("max_seq_len", "max_position_embeddings", 512),
+        ("norm_eps", "layer_norm_eps", 1e-12),
+        ("type_vocab_size", "type_vocab_size", 2),
+        ("pad_token_id", "pad_token_id", 0),
+    ],
+}
+_FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bert": "bert"}
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
+                "swish": "silu", "relu": "relu"}
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining"}
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+    """Translate an HF ``config.json`` dict (gpt2, llama, mistral, bert) into a :class:`ModelConfig`.
+
+    A ``"corelm"`` key (written by :func:`save_hf_dir`) is taken as the exact config.
+
+    Raises:
+        CorelmError: unknown ``model_type``, a required field is missing, or a feature corelm does
+            not implement (attention biases, relative positions, ...).
+    """
+    if isinstance(hf_config.get("corelm"), dict):
+        return ModelConfig.from_dict(hf_config["corelm"])
+    model_type = hf_config.get("model_type")
+    if model_type is None:
+        raise CorelmError("config.json is missing required field 'model_type'")
+    family = _FAMILY_OF.get(model_type)
+    if family is None:
+        raise CorelmError(f"unsupported model_type {model_type!r}; corelm reads {', '.join(_FAMILY_OF)}")
+    kwargs: dict[str, Any] = {"family": family, "name": str(hf_config.get("_name_or_path", "") or "")}
+    for field, hf_name, default in _HF_FIELDS[family]:
+        value = hf_config.get(hf_name, default)
+        if value is _REQUIRED:
+            raise CorelmError(f"config.json ({model_type}) is missing required field {hf_name!r}")
+        kwargs[field] = value
+    act_key = "activation_function" if family == "gpt2" else "hidden_act"
+    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu"}[family])
+    if act not in _ACTIVATIONS:
+        raise CorelmError(f"unsupported activation {act!r} in config.json")
+    kwargs["activation"] = _ACTIVATIONS[act]
+    if family == "llama":
+        if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
+            raise CorelmError("llama configs with attention_bias/mlp_bias are not supported by corelm")
+        kwargs["bias"] = False
+        # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`
+        rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+        kwargs["rope_theta"] = float(rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0)))
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        kwargs["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if family == "bert" and hf_config.get("position_embedding_type", "absolute") != "absolute":
+        raise CorelmError("BERT with relative position embeddings is not supported by corelm")
+    extra = {k: hf_config[k] for k in _TOKEN_FIELDS if hf_config.get(k) is not None}
+    extra["model_type"] = model_type
+    return ModelConfig(**kwargs, extra=extra)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
+    family = config.family
+    out: dict[str, Any] = {"architectures": [_ARCHITECTURES[family]],
+                           "model_type": config.extra.get("model_type", family) if family == "llama" else family}
+    for field, hf_name, _ in _HF_FIELDS[family]:
+        out[hf_name] = getattr(config, field)
+    inverse = {"gelu_tanh": "gelu_new" if family == "gpt2" else "gelu_pytorch_tanh"}
+    act_key = "activation_function" if family == "gpt2" else "hidden_act"
+    out[act_key] = inverse.get(config.activation, config.activation)
+    if family == "gpt2":
+        out["n_ctx"] = config.max_seq_len
+        if config.head_dim * config.n_head != config.d_model:
+            raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
+    if family == "llama":
+        out.update(attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta,
+                   rope_scaling=config.rope_scaling)
+    if family == "bert":
+        out["position_embedding_type"] = "absolute"
+        out["tie_word_embeddings"] = True
+    for key in _TOKEN_FIELDS:
+        if key in config.extra:
+            out[key] = config.extra[key]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# state-dict mapping tables
+# --------------------------------------------------------------------------------------------
+
+# (HF name, corelm name, transposed). "{i}" is the block index. Names that are the same on both
+# sides are still listed: the table is the checklist of what a checkpoint must contain.
+_GPT2_TABLE = [
+    ("transformer.wte.weight", "transformer.wte.weight", False),
+    ("transformer.wpe.weight", "transformer.wpe.weight", False),
+    ("transformer.h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", False),
+    ("transformer.h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", False),
+    ("transformer.h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", True),
+    ("transformer.h.{i}.attn.c_attn.bias", "transformer.h.{i}.attn.c_attn.bias", False),
+    ("transformer.h.{i}.attn.c_proj.weight", "transformer.h.{i}.attn.c_proj.weight", True),
+    ("transformer.h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", False),
+    ("transformer.h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", False),
+    ("transformer.h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", False),
+    ("transformer.h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", True),
+    ("transformer.h.{i}.mlp.c_fc.bias", "transformer.h.{i}.mlp.c_fc.bias", False),
+    ("transformer.h.{i}.mlp.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight", True),
+    ("transformer.h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", False),
+    ("transformer.ln_f.weight", "transformer.ln_f.weight", False),
+    ("transformer.ln_f.bias", "transformer.ln_f.bias", False),
+    ("lm_head.weight", "lm_head.weight", False),  # only when not tied
+]
+_LLAMA_TABLE = [
+    ("model.embed_tokens.weight", "model.embed_tokens.weight", False),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight", False)
+      for p in "qkvo"],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight", False)
+      for p in ("gate", "up", "down")],
+    ("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", False),
+    ("model.norm.weight", "model.norm.weight", False),
+    ("lm_head.weight", "lm_head.weight", False),  # only when not tied
+]
+_BERT_LAYER = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"]
+_BERT_TABLE = [
+    *[(f"bert.embeddings.{n}.weight", f"embeddings.{n}.weight", False)
+      for n in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")],
+    ("bert.embeddings.LayerNorm.bias", "embeddings.LayerNorm.bias", False),
+    *[(f"bert.encoder.layer.{{i}}.{n}.{w}", f"encoder.layer.{{i}}.{n}.{w}", False)
+      for n in _BERT_LAYER for w in ("weight", "bias")],
+    ("bert.pooler.dense.weight", "pooler.dense.weight", False),
+    ("bert.pooler.dense.bias", "pooler.dense.bias", False),
+    ("cls.predictions.bias", "cls.predictions.bias", False),
+    *[(f"cls.predictions.transform.{n}.{w}", f"cls.predictions.transform.{n}.{w}", False)
+      for n in ("dense", "LayerNorm") for w in ("weight", "bias")],
+    ("cls.seq_relationship.weight", "cls.seq_relationship.weight", False),
+    ("cls.seq_relationship.bias", "cls.seq_relationship.bias", False),
+]
+_TABLES = {"gpt2": _GPT2_TABLE, "llama": _LLAMA_TABLE, "bert": _BERT_TABLE}
+
+# Checkpoint entries that carry no parameter of corelm (buffers, tied copies).
+_IGNORED = re.compile(
+    r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids|"
+    r"embeddings\.token_type_ids|cls\.predictions\.decoder\.(weight|bias))$")
+# BERT parts a bare `BertModel` checkpoint (e.g. all-MiniLM) does not have; corelm initialises them.
+OPTIONAL_PREFIXES = {"bert": ("pooler.", "cls.")}
+# HF prefixes some checkpoints omit (the original GPT-2 files, `BertModel` saves).
+_HF_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": ""}
+
+
+def _expand(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    rows = []
+    for hf_name, name, transposed in _TABLES[config.family]:
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        layers = range(config.n_layer) if "{i}" in name else [None]
+        rows += [(hf_name.format(i=i), name.format(i=i), transposed) for i in layers]
+    return rows
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Parameter shapes of the corelm model for ``config`` (built on ``meta``: no memory)."""
+    from corelm.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an HF checkpoint's tensors to corelm names, transposing GPT-2's Conv1D weights.
+
+    Raises:
+        CorelmError: a tensor is missing, has the wrong shape, or is not understood.
+    """
+    prefix = _HF_PREFIX[config.family]
+    hf = {(k if k.startswith(prefix) or k.startswith(("cls.", "lm_head.")) else prefix + k): k for k in hf_state}
+    shapes = expected_shapes(config)
+    optional = OPTIONAL_PREFIXES.get(config.family, ())
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, name, transposed in _expand(config):
+        if hf_name not in hf:
+            if name.startswith(optional):
+                continue
+            raise CorelmError(f"checkpoint is missing tensor {hf_name!r} for a {config.family} model")
+        tensor = hf_state[hf.pop(hf_name)]
+        if transposed:
+            tensor = tensor.t().contiguous()
+        if tensor.shape != shapes[name]:
+            raise CorelmError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(shapes[name])} from config.json")
+        out[name] = tensor
+    unknown = [k for k in hf if not _IGNORED.search(k) and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if unknown:
+        raise CorelmError(f"checkpoint has {len(unknown)} tensor(s) corelm does not know, e.g. {unknown[:3]}")
+    return out
+
+
+def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`state_dict_from_hf`: HF names, Conv1D layout, contiguous tensors."""
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
+    shapes = expected_shapes(config)
+    out = {}
+    for hf_name, name, transposed in _expand(config):
+        if name not in state:
+            raise CorelmError(f"model state is missing {name!r}")
+        tensor = state[name]
+        if tensor.shape != shapes[name]:
+            raise CorelmError(f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
+        out[hf_name] = (tensor.t() if transposed else tensor).contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reading weight files
+# --------------------------------------------------------------------------------------------
+
+def _read_safetensors(path: Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    _check_safetensors_size(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names if names is not None else f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorelmError(f"cannot read {path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """Compare the header's data offsets with the file size: a truncated download fails here, clearly."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CorelmError(f"cannot read {path}: not a valid safetensors file ({exc})") from None
+    if 8 + n + end > size:
+        raise CorelmError(f"cannot read {path}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: never unpickle arbitrary objects from a checkpoint.
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # noqa: BLE001 - any unpickling error means a bad or unsafe file
+        raise CorelmError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CorelmError(f"{path} does not hold a state dict")
+    return state
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory or file, memory-mapped where the format allows.
+
+    Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
+    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``; or reads ``path`` itself if it is a file.
+    """
+    path = Path(path)
+    if path.is_file():
+        return dict(_read_safetensors(path)) if path.suffix == ".safetensors" else _read_torch(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_weights(path / name)
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / name
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CorelmError(f"cannot read shard index {index}: {exc}") from None
+            by_file: dict[str, list[str]] = {}
+            for tensor, file in weight_map.items():
+                by_file.setdefault(file, []).append(tensor)
+            state: dict[str, torch.Tensor] = {}
+            for file, names in by_file.items():
+                shard = path / file
+                if not shard.is_file():
+                    raise CorelmError(f"shard {shard} listed in {index.name} is missing")
+                if shard.suffix == ".safetensors":
+                    state.update(_read_safetensors(shard, names))
+                else:
+                    state.update({k: v for k, v in _read_torch(shard).items() if k in set(names)})
+            return state
+    raise CorelmError(f"no weights in {path}: expected model.safetensors, a shard index or pytorch_model.bin")
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF-layout directory into a corelm config and a corelm-named state dict.
+
+    Args:
+        path: directory with ``config.json`` and weights.
+        dtype: cast floating tensors to this dtype; None keeps the checkpoint's dtype (no copy).
+        device: where the tensors go.
+    Returns:
+        ``(config, state_dict)``; load with ``model.load_state_dict(state_dict, assign=True)``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorelmError(f"no such file or directory: {path}")
+    if not path.is_dir():
+        raise CorelmError(f"{path} is not a directory (expected config.json + model.safetensors)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CorelmError(f"{path} has no config.json")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise CorelmError(f"cannot parse {config_file}: {exc}") from None
+    config = config_from_hf(hf_config)
+    state = state_dict_from_hf(config, read_weights(path))
+    for name, tensor in state.items():
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+    return config, state
+
+
+def model_from_state_dict(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build the model on ``meta`` and adopt ``state``'s tensors (no copy); missing optional heads
+    (BERT's pooler/MLM/NSP in a bare encoder checkpoint) are initialised freshly."""
+    from corelm.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    optional = OPTIONAL_PREFIXES.get(config.family, ())
+    bad = [k for k in result.missing_keys if not k.startswith(optional)]
+    if bad or result.unexpected_keys:
+        raise CorelmError(f"state dict does not fit the {config.family} model: missing {bad[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]}")
+    if result.missing_keys:
+        ref = next(iter(state.values()))
+        _materialize_missing(model, result.missing_keys, ref.dtype, ref.device)
+    return model.eval()
+
+
+def _materialize_missing(model: nn.Module, names: list[str], dtype: torch.dtype, device: torch.device) -> None:
+    """Give freshly initialised tensors to the parameters a checkpoint did not carry."""
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        if attr == "bias" or old.dim() == 1 and "LayerNorm" not in module_name:
+            new = torch.zeros(old.shape, dtype=dtype, device=device)
+        elif "LayerNorm" in module_name:
+            new = torch.ones(old.shape, dtype=dtype, device=device)
+        else:
+            new = torch.empty(old.shape, dtype=dtype, device=device).normal_(0.0, 0.02)
+        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> tuple[ModelConfig, nn.Module]:
+    """:func:`load_hf_dir` then :func:`model_from_state_dict`: a ready model in eval mode."""
+    config, state = load_hf_dir(path, dtype, device)
+    return config, model_from_state_dict(config, state)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)  # atomic on POSIX: readers see the old file or the whole new one
+
+
+def save_hf_dir(model: nn.Module, config: ModelConfig, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write an HF-layout checkpoint that ``transformers`` and :func:`load_hf_dir` both read.
+
+    ``model.safetensors`` is written first and ``config.json`` last, each under a temporary name
+    renamed into place, so a directory with a ``config.json`` is always complete.
+
+    Args:
+        model: a corelm model (a ``torch.compile`` wrapper is unwrapped).
+        config: its config (saved as HF fields plus ``"corelm": {fields}``).
+        out_dir: created if needed.
+        tokenizer: a corelm ``Tokenizer`` (``.save(dir)``) or a ``tokenizers.Tokenizer``; optional.
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)
+    state = state_dict_to_hf(config, model.state_dict())
+    state = {k: v.detach().to("cpu") for k, v in state.items()}
+    tmp = out / f".model.safetensors.tmp{os.getpid()}"
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        _replace_atomically(tmp, out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    if tokenizer is not None:
+        try:
+            from tokenizers import Tokenizer as RawTokenizer
+        except ImportError:  # pragma: no cover - tokenizers is a dependency
+            RawTokenizer = ()  # noqa: N806
+        if isinstance(tokenizer, RawTokenizer):
+            tmp_tok = out / f".tokenizer.json.tmp{os.getpid()}"
+            tokenizer.save(str(tmp_tok))
+            _replace_atomically(tmp_tok, out / "tokenizer.json")
+        else:
+            tokenizer.save(out)
+    hf_config = config_to_hf(config)
+    dtypes = {v.dtype for v in state.values()}
+    hf_config["torch_dtype"] = str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
+    hf_config["corelm"] = config.to_dict()
+    tmp_cfg = out / f".config.json.tmp{os.getpid()}"
+    tmp_cfg.write_text(json.dumps(hf_config, indent=2, default=str) + "\n")
+    _replace_atomically(tmp_cfg, out / "config.json")
+    return out
