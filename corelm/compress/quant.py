@@ -342,6 +342,41 @@ def dequantize_gguf_q8_0(raw: np.ndarray | torch.Tensor, shape: tuple[int, int])
     return (qs * d[..., None]).reshape(shape)
 
 
+class _GGUFBlocks:
+    """Finds the GGUF Q4_0/Q4_1 blocks behind each ``nn.Linear`` of a llama model loaded from a file."""
+
+    def __init__(self, source: object, model: nn.Module) -> None:
+        from corelm.io import gguf as gguf_io
+
+        self.io = gguf_io
+        self.file = source if isinstance(source, gguf_io.GGUFFile) else gguf_io.read_gguf(source)
+        self.by_module = {id(m): n for n, m in model.named_modules()}
+        self.gguf_names = {}
+        for name in self.file.tensors:
+            hf = gguf_io.hf_name(name)
+            if hf is not None:
+                self.gguf_names[hf.removesuffix(".weight")] = name
+        config = getattr(model, "config", None)
+        self.heads = {"q_proj": getattr(config, "n_head", None), "k_proj": getattr(config, "n_kv_head", None)}
+
+    def int4(self, linear: nn.Linear) -> tuple[torch.Tensor, ...] | None:
+        name = self.gguf_names.get(self.by_module.get(id(linear), ""))
+        if name is None or self.file.tensors[name].qtype.name not in ("Q4_0", "Q4_1"):
+            return None
+        heads = self.heads.get(name_suffix := self.by_module[id(linear)].rsplit(".", 1)[-1])
+        qb = self.io.quant_blocks(self.file, name, unpermute_heads=heads if name_suffix in self.heads else None)
+        return int4_from_blocks(qb)
+
+
+def int4_from_blocks(qb: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`corelm.io.gguf.QuantBlocks` of a Q4_0/Q4_1 tensor -> ``(q, scales, zeros)`` (group 32)."""
+    rows, cols = qb.shape
+    q = _gguf_nibbles(qb.qs.reshape(rows, cols // 32, 16))
+    d = qb.scales.float()
+    zero = qb.mins.float() + 8.0 * d if qb.mins is not None else torch.zeros_like(d)
+    return q, d.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
 # --------------------------------------------------------------------------------------------------
 # The transform
 # --------------------------------------------------------------------------------------------------
@@ -359,18 +394,27 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str
 
 
 def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | None:
+    """The embedding whose matrix ``model.lm_head`` reuses (an ``nn.Linear`` sharing the parameter, or
+    a parameter-free tied head such as :class:`corelm.ops.tied.TiedLMHead`), with its parent."""
     head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Linear):
+    weight = getattr(head, "weight", None)
+    if weight is None:
         return None
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            if isinstance(child, nn.Embedding) and child.weight is head.weight:
+            if isinstance(child, nn.Embedding) and child.weight is weight:
                 return module, child_name, child
     return None
 
 
+def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] | None) -> None:
+    if tied is not None and isinstance(model.lm_head, Int8Linear):
+        parent, name, emb = tied
+        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, emb.weight.dtype))
+
+
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
-                   skip: Iterable[str] = ()) -> nn.Module:
+                   skip: Iterable[str] = (), from_gguf: object | None = None) -> nn.Module:
     """Swap the ``nn.Linear`` children of ``model`` for packed int8/int4 layers, in place.
 
     Args:
@@ -381,6 +425,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             matrix of a small model and its int4 error shows up directly in the logits, which is why
             llama.cpp's Q4 files keep it at 8 bits too).
         skip: qualified module names to leave in floating point.
+        from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
+            from: with int4 and group 32, its Q4_0/Q4_1 tensors become int4 layers directly from
+            their blocks (no requantization of dequantized values).
 
     Returns:
         The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
@@ -392,6 +439,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
     """
     if method not in METHODS:
         raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
+    skip = tuple(skip)
     if getattr(model, "corelm_quantization", None):
         raise CorelmError("the model is already quantized")
     head = head or "int8"
@@ -403,16 +451,24 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             if method == "int4" or name == "lm_head":
                 check_group_size(linear.in_features, group_size)
     tied = _tied_embedding(model)
+    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in skip:
+        # a parameter-free tied head: quantize the embedding matrix as the head
+        weight = tied[2].weight
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = weight
+        targets.append((model, "lm_head", linear))
+    blocks = _GGUFBlocks(from_gguf, model) if from_gguf is not None else None
     for parent, name, linear in targets:
         kind = head if parent is model and name == "lm_head" else method
         if kind == "int8":
             new = Int8Linear.from_float(linear)
+        elif blocks is not None and group_size == 32 and (qb := blocks.int4(linear)) is not None:
+            new = Int4Linear(linear.in_features, linear.out_features, 32, False, linear.weight.device)
+            new.set_quantized(*qb)
         else:
             new = Int4Linear.from_float(linear, group_size)
         setattr(parent, name, new)
-    if tied is not None and isinstance(model.lm_head, Int8Linear):
-        parent, name, emb = tied
-        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, emb.weight.dtype))
+    _tie_quantized(model, tied)
     model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
                                  "skip": list(skip), "tied_embedding": tied is not None}
     return model
@@ -425,7 +481,11 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
     """
     method, group_size, head = spec["method"], int(spec["group_size"]), spec.get("head", "int8")
     tied = _tied_embedding(model)
-    for parent, name, linear in _linears(model, spec.get("skip", ())):
+    targets = _linears(model, spec.get("skip", ()))
+    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in spec.get("skip", ()):
+        weight = tied[2].weight
+        targets.append((model, "lm_head", nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")))
+    for parent, name, linear in targets:
         kind = head if parent is model and name == "lm_head" else method
         device = "cpu" if linear.weight.is_meta else linear.weight.device
         bias = linear.bias is not None
@@ -434,10 +494,7 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
         else:
             new = Int4Linear(linear.in_features, linear.out_features, group_size, bias, device)
         setattr(parent, name, new)
-    if tied is not None and isinstance(model.lm_head, Int8Linear):
-        parent, name, emb = tied
-        dtype = emb.weight.dtype
-        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, dtype))
+    _tie_quantized(model, tied)
     model.corelm_quantization = dict(spec)
     return model
 
