@@ -1,0 +1,177 @@
+"""What a run shows and leaves behind: progress bar, ``metrics.jsonl``, TensorBoard, a loss-curve PNG.
+
+Also the throughput arithmetic: training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B:
+``6 N + 12 L d T``) and model FLOPs utilisation against the *measured* matmul peak of this device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def train_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: ``6 N`` for the weights plus ``12 L d T`` for attention
+    scores and values (PaLM appendix B; ``N`` = non-embedding parameters)."""
+    return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
+                        device: str = "cpu") -> float:
+    """Achieved FLOP/s of a square matmul on this device: the peak MFU is measured against."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+class Tracker:
+    """Logs metrics of one run (rank 0 only; other ranks get a silent tracker).
+
+    Args:
+        run_dir: where ``metrics.jsonl``, ``tensorboard/`` and ``loss.png`` go (``None``: print only).
+        total_steps: for the progress bar's ETA.
+        start_step: the step a resumed run starts from; ``metrics.jsonl`` lines beyond it (written
+            after the checkpoint that is being resumed) are dropped so the curve has no duplicates.
+        enabled: False on non-zero ranks.
+        progress: show a live progress bar.
+        tensorboard: write TensorBoard event files.
+    """
+
+    def __init__(self, run_dir: str | Path | None, total_steps: int, *, start_step: int = 0, enabled: bool = True,
+                 progress: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir else None
+        self._bar = self._tb = self._jsonl = None
+        if not enabled:
+            return
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / "metrics.jsonl"
+            kept = []
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:
+                        continue
+            path.write_text("".join(k + "\n" for k in kept))
+            self._jsonl = open(path, "a", buffering=1)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+                except ImportError:  # tensorboard is a declared dependency, but stay usable without it
+                    self._tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             desc="train")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record one step's metrics (``step`` and ``loss`` at least for training steps)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k.replace("val_", "val/") if k.startswith("val_") else f"train/{k}", v, step)
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: _short(v) for k, v in postfix.items()}, refresh=False)
+            self._bar.refresh()
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb:
+            self._tb.close()
+        if self._jsonl:
+            self._jsonl.close()
+        if self.run_dir:
+            plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def plot_loss(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """Plot training (and validation) loss from ``metrics.jsonl`` into a PNG; ``None`` if nothing to plot."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    train, val = [], []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r.get("loss"), (int, float)):
+            train.append((r["step"], r["loss"]))
+        if isinstance(r.get("val_loss"), (int, float)):
+            val.append((r["step"], r["val_loss"]))
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(out_png).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return Path(out_png)
