@@ -123,9 +123,29 @@ class Handle:
 
 def _sample_fn():
     """The engine's sampler: ``sample(logits (1, V), spec, generator, history) -> int``."""
-    from corelm.generate import engine
-
+    try:
+        from corelm.generate import engine
+    except ImportError:  # INTERIM until corelm/generate/engine.py lands; then this branch goes
+        return _interim_sample
     return engine.sample_next
+
+
+def _interim_sample(logits: torch.Tensor, spec: GenerationSpec, generator: torch.Generator,
+                    history: list[int]) -> int:
+    """Greedy / temperature / top-k / top-p with the request's generator (interim, see _sample_fn)."""
+    logits = logits[0].float()
+    if spec.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / spec.temperature
+    if spec.top_k:
+        kth = logits.topk(min(spec.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if spec.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > spec.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Batcher:

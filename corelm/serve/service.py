@@ -32,8 +32,11 @@ class StopMatcher:
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
+
+    def _partial(self) -> int:
+        """Length of the longest suffix of the pending text that is a proper prefix of a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was reached)."""
@@ -42,9 +45,7 @@ class StopMatcher:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        cut = len(self.pending) - self.hold
-        if cut <= 0:
-            return "", False
+        cut = len(self.pending) - self._partial()
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
 

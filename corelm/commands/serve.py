@@ -1,0 +1,94 @@
+"""``corelm serve``: an OpenAI-compatible HTTP server with continuous batching and a web chat page."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from corelm.errors import CorelmError
+from corelm.presets import DEFAULT_MODEL
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="corelm serve",
+        description="Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                    "/v1/chat/completions, /v1/embeddings, /health, /metrics) with a web chat page at /. "
+                    "Decoders run under continuous batching; encoders serve /v1/embeddings.",
+        epilog="example: corelm serve --model runs/sft-merged --port 9000 --api-key-file key.txt --max-batch 16")
+    p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
+                   help=f"model to serve: an embedded or preset name, an HF directory or a .gguf file; repeat to "
+                        f"serve several (e.g. a chat model and minilm-l6 for embeddings); default {DEFAULT_MODEL}")
+    p.add_argument("--name", action="append", metavar="ID",
+                   help="id clients send as 'model' for the --model at the same position "
+                        "(default: the model name, or the directory/file name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the "
+                        "network, so set an API key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require 'Authorization: Bearer <key>' on /v1/* and /metrics, with the key on the file's "
+                        "first line (or set $CORELM_API_KEY); /health and the chat page stay public")
+    p.add_argument("--max-batch", type=_positive(int), default=8,
+                   help="requests decoded together in the running batch (KV-cache rows; default 8)")
+    p.add_argument("--max-seq-len", type=_positive(int), default=2048,
+                   help="tokens per request, prompt + output (caps the context window so the KV cache of "
+                        "max-batch rows fits in memory; default 2048)")
+    p.add_argument("--max-queue", type=_positive(int), default=64,
+                   help="requests allowed to wait for a batch row; more get 503 with Retry-After at once (default 64)")
+    p.add_argument("--request-timeout", type=_positive(float), default=600.0,
+                   help="seconds after which a queued or running request is ended with an error (default 600)")
+    p.add_argument("--max-body-kb", type=_positive(int), default=1024,
+                   help="largest accepted request body in KiB; larger bodies get 413 (default 1024)")
+    p.add_argument("--default-max-tokens", type=_positive(int), default=512,
+                   help="output limit for requests that give no max_tokens (default 512)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights/compute dtype (default: what corelm.load picks for this machine)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from corelm.serve import server
+
+    try:
+        ipaddress.ip_address(args.host)
+    except ValueError:
+        if args.host != "localhost":
+            raise CorelmError(f"--host must be an IP address (e.g. 127.0.0.1 or 0.0.0.0), got {args.host!r}") from None
+    if not 0 < args.port < 65536:
+        raise CorelmError(f"--port must be in 1..65535, got {args.port}")
+    api_key = server.read_api_key(args.api_key_file)
+    server.check_port(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    options = server.ServeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+                                  request_timeout=args.request_timeout, max_body_bytes=args.max_body_kb * 1024,
+                                  default_max_tokens=args.default_max_tokens)
+    specs = args.model or [DEFAULT_MODEL]
+    print(f"loading {', '.join(specs)} ...", file=sys.stderr)
+    app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name)
+    for m in served:
+        endpoint = "/v1/embeddings" if m.kind == "embed" else "/v1/completions, /v1/chat/completions"
+        print(f"serving {m.name!r} ({endpoint}; context {m.context_window} tokens)", file=sys.stderr)
+    print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
+          + ("   (API key required)" if api_key else ""), file=sys.stderr)
+    try:
+        server.run(app, args.host, args.port)
+    finally:
+        server.stop(served)
+    return 0
