@@ -188,16 +188,16 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, 16) packed bytes -> (n, 32) values: low nibbles are elements 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
-
-
 def dequantize(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
     """Dequantize raw GGUF bytes to an fp32 (or the stored float dtype) tensor of ``shape``.
 
     Block layouts (ggml-common.h): Q8_0 = fp16 scale + 32 int8; Q4_0 = fp16 scale + 16 bytes of
     nibbles, value = (q - 8) * d; Q4_1 = fp16 scale d + fp16 min m + 16 bytes, value = q * d + m.
+    In a 4-bit block, byte j holds element j in its low nibble and element j + 16 in its high one.
+
+    The fp32 output is the only large allocation: integer codes are written straight into it and
+    scaled in place. (Fresh memory costs a page fault per 4 KiB; a chain of full-size temporaries
+    made loading several times slower.)
     """
     raw = _as_torch(buf)
     if qtype == Q.F32:
@@ -207,17 +207,19 @@ def dequantize(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     if qtype == Q.BF16:
         return raw.view(torch.bfloat16).reshape(shape)
     if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
-        block_bytes = GGML_QUANT_SIZES[qtype][1]
-        blocks = raw.view(-1, block_bytes)
+        blocks = raw.view(-1, GGML_QUANT_SIZES[qtype][1])  # (n_blocks, block_bytes)
+        out = torch.empty(blocks.shape[0], 32, dtype=torch.float32)  # (n_blocks, 32)
         if qtype == Q.Q8_0:
-            q = blocks[:, 2:].contiguous().view(torch.int8).float()
-            out = q * _f16(blocks, 0)
-        elif qtype == Q.Q4_0:
-            q = _nibbles(blocks[:, 2:]).float()
-            out = (q - 8.0) * _f16(blocks, 0)
+            out.copy_(blocks[:, 2:].contiguous().view(torch.int8))
+            out.mul_(_f16(blocks, 0))
         else:
-            q = _nibbles(blocks[:, 4:]).float()
-            out = torch.addcmul(_f16(blocks, 2), q, _f16(blocks, 0))
+            qs = blocks[:, 4:] if qtype == Q.Q4_1 else blocks[:, 2:]  # (n_blocks, 16) packed nibbles
+            out[:, :16].copy_(qs & 0x0F)
+            out[:, 16:].copy_(qs >> 4)
+            if qtype == Q.Q4_0:
+                out.sub_(8.0).mul_(_f16(blocks, 0))
+            else:
+                out.mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
         return out.reshape(shape)
     return _dequantize_reference(buf, qtype, shape)
 
@@ -404,20 +406,33 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
     for i in range(config.n_layer):
         expected.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
     state: dict[str, torch.Tensor] = {}
-    for name, info in gguf.tensors.items():
-        target = hf_name(name)
-        if target is None:
-            continue
-        w = dequantize(gguf.raw(name), info.qtype, info.shape)
-        if target.endswith("q_proj.weight"):
-            w = unpermute_rows(w, config.n_head)
-        elif target.endswith("k_proj.weight"):
-            w = unpermute_rows(w, config.n_kv_head)
-        want = expected.get(target)
-        if want is None or tuple(w.shape) != want:
-            raise CorelmError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
-        state[target] = w.to(dtype)
+    # One thread: these element-wise passes are memory-bound, and on a shared 2-core machine a second
+    # intra-op thread mostly adds synchronisation stalls (measured: 2x the wall time under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, info in gguf.tensors.items():
+            _load_one(gguf, name, info, config, expected, dtype, state)
+    finally:
+        torch.set_num_threads(threads)
     missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)]
     if missing:
         raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     return state
+
+
+def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, config: ModelConfig,
+              expected: dict[str, tuple[int, ...]], dtype: torch.dtype, state: dict[str, torch.Tensor]) -> None:
+    target = hf_name(name)
+    if target is None:
+        return
+    w = dequantize(gguf.raw(name), info.qtype, info.shape)
+    if target.endswith("q_proj.weight"):
+        w = unpermute_rows(w, config.n_head)
+    elif target.endswith("k_proj.weight"):
+        w = unpermute_rows(w, config.n_kv_head)
+    want = expected.get(target)
+    if want is None or tuple(w.shape) != want:
+        raise CorelmError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
+    # F32 tensors are still views of the read-only map: copy them so the model owns its memory.
+    state[target] = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
