@@ -1,0 +1,402 @@
+"""The generation engine: prefill, decode, sampling, batching, streaming and beam search over token ids.
+
+The structure follows gpt-fast's ``generate.py`` (Hugging Face / PyTorch Labs, 2023): a KV cache
+preallocated once, ``prefill`` (the whole prompt in one forward) and ``decode_one`` (one token per
+row) as separate functions, and a decode step that allocates nothing it can precompute, so it can be
+``torch.compile``d. Tokenizers and chat templates live above this module (``corelm/api.py``); it
+speaks token ids only.
+
+Batching follows docs/DESIGN.md: prompts of different lengths are prefilled right-padded, each row
+keeps its own positions in the cache, and decoding continues every row from its own length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from corelm.errors import CorelmError
+from corelm.ops.kv_cache import KVCache
+from corelm.ops.sampling import apply_repetition_penalty, sample_from_logits
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    Attributes:
+        max_new_tokens: tokens to generate at most (>= 0).
+        temperature: 0 = greedy; otherwise softmax temperature (> 0).
+        top_k: sample among the k most likely tokens (0 = no limit).
+        top_p: sample from the smallest set with this much probability (0 < top_p <= 1).
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (1 = off).
+        seed: seeds this request's own ``torch.Generator``: same seed, same tokens, whatever the batch.
+        stop_token_ids: generation ends (without emitting it) when one of these is produced.
+        ignore_eos: never stop early on EOS or ``stop_token_ids``: always ``max_new_tokens`` (benchmarks).
+        num_beams: beams for :func:`beam_search` (1 = no beam search).
+        length_penalty: beam scores are ``sum(logprobs) / length ** length_penalty``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> CorelmError:
+            return CorelmError(f"invalid sampling parameter {name}={getattr(self, name)!r}: must be {rule}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "an integer >= 0")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise bad("num_beams", "an integer >= 1")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an integer or None")
+        self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """This request's random stream (None for greedy decoding)."""
+        if self.temperature == 0:
+            return None
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+# --------------------------------------------------------------------------------------------
+# The two forward passes
+# --------------------------------------------------------------------------------------------
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations (and so the KV cache) have: that of the first floating-point parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def new_cache(model: nn.Module, batch: int, max_seq_len: int) -> KVCache:
+    """A KV cache for ``model`` with ``batch`` rows of ``max_seq_len`` slots, in the model's dtype."""
+    return KVCache.for_model(model.config, batch, max_seq_len, model_dtype(model), model_device(model))
+
+
+def check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse requests the context window cannot hold, with the counts in the message."""
+    ctx = model.config.max_seq_len
+    if prompt_len == 0:
+        raise CorelmError("the prompt is empty: give at least one token")
+    if prompt_len + max_new_tokens > ctx:
+        raise CorelmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                          f"{prompt_len + max_new_tokens} exceeds the context window of {ctx} tokens")
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Run every prompt through the model at once, filling the cache, and return next-token logits.
+
+    Prompts are right-padded to the longest; padding writes cache slots no query ever reads
+    before decoding overwrites them (docs/DESIGN.md). The LM head runs only on each prompt's
+    last position: ``T x vocab`` logits would cost more than the prompt's whole forward.
+
+    Args:
+        model: a corelm decoder.
+        cache: a cache (or :meth:`KVCache.rows` view) with ``len(prompts)`` rows.
+        prompts: token ids per row.
+    Returns:
+        ``(B, V)`` fp32 logits for the token after each prompt.
+    """
+    device = cache.k[0].device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lens.max())
+    ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # (B, T) right-padded
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    pos = torch.arange(T, device=device)[None].expand(len(prompts), T)  # (B, T)
+    hidden = model.hidden_states(ids, input_pos=pos, kv_cache=cache)  # (B, T, d)
+    last = hidden[torch.arange(len(prompts), device=device), lens - 1]  # (B, d)
+    return model.lm_head(last).float()
+
+
+def decode_one(model: nn.Module, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One decoding step for every row: ``tokens (B,)`` at ``input_pos (B,)`` -> logits ``(B, V)`` fp32.
+
+    Call it under ``torch.inference_mode()``; this is the function ``compile=True`` compiles.
+    """
+    logits = model(tokens[:, None], input_pos=input_pos[:, None], kv_cache=cache)  # (B, 1, V)
+    return logits[:, 0].float()
+
+
+# --------------------------------------------------------------------------------------------
+# Batched generation
+# --------------------------------------------------------------------------------------------
+
+class _Rows:
+    """Per-row state of a batch being generated: sampling settings, seen tokens, stop conditions."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], vocab: int,
+                 eos_token_id: int | Sequence[int] | None, device: torch.device) -> None:
+        self.params = params
+        self.generators = [p.generator(device) for p in params]
+        eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
+        self.stops = [set() if p.ignore_eos else set(p.stop_token_ids) | set(eos) for p in params]
+        self.remaining = [p.max_new_tokens for p in params]
+        self.done = [n == 0 for n in self.remaining]
+        first = params[0]
+        self.uniform = all((p.temperature, p.top_k, p.top_p, p.repetition_penalty)
+                           == (first.temperature, first.top_k, first.top_p, first.repetition_penalty) for p in params)
+        self.penalized = any(p.repetition_penalty != 1.0 for p in params)
+        self.seen = None
+        self.penalties = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]  # (B, 1)
+        if self.penalized:  # (B, V) bool, preallocated once and updated in place
+            self.seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+            for b, p in enumerate(prompts):
+                self.seen[b, torch.as_tensor(list(p), dtype=torch.long, device=device)] = True
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` logits -> ``(B,)`` next tokens, each row with its own settings and generator."""
+        if self.penalized:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalties)
+        if self.uniform:
+            p = self.params[0]
+            tokens = sample_from_logits(logits, p.temperature, p.top_k, p.top_p, self.generators)
+        else:
+            tokens = torch.cat([sample_from_logits(logits[b : b + 1], p.temperature, p.top_k, p.top_p,
+                                                   self.generators[b]) for b, p in enumerate(self.params)])
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def accept(self, tokens: list[int]) -> list[int | None]:
+        """Apply stop conditions: the token each live row emits, None for rows that are done."""
+        out: list[int | None] = []
+        for b, t in enumerate(tokens):
+            if self.done[b] or t in self.stops[b]:
+                self.done[b] = True
+                out.append(None)
+                continue
+            self.remaining[b] -= 1
+            self.done[b] = self.remaining[b] == 0
+            out.append(t)
+        return out
+
+
+def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
+                    params: SamplingParams | Sequence[SamplingParams], *,
+                    eos_token_id: int | Sequence[int] | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts, yielding one step at a time.
+
+    Args:
+        model: a corelm decoder (GPT-2 or Llama family).
+        prompts: token ids per row; lengths may differ.
+        params: one :class:`SamplingParams` for all rows or one per row.
+        eos_token_id: end-of-sequence id(s); default ``model.config.extra["eos_token_id"]`` if present.
+        compile: ``torch.compile`` the decode step (static shapes: attends all cache slots).
+    Yields:
+        per step, a list with each row's new token id, or None where the row has finished. Stop
+        iterating (``close()``, ``break``) to end early, e.g. when a stop string appears.
+    Raises:
+        CorelmError: a prompt plus ``max_new_tokens`` does not fit the context window.
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise CorelmError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+    if not prompts:
+        return
+    for p, sp in zip(prompts, params):
+        check_length(model, len(p), sp.max_new_tokens)
+    if eos_token_id is None:
+        eos_token_id = model.config.extra.get("eos_token_id")
+    device = model_device(model)
+    max_new = max(sp.max_new_tokens for sp in params)
+    cache = new_cache(model, len(prompts), max(len(p) for p in prompts) + max_new)
+    rows = _Rows(prompts, params, model.config.vocab_size, eos_token_id, device)
+    if all(rows.done):
+        return
+    step = _decode_step(model, cache, compile)
+    logits = prefill(model, cache, prompts)
+    pos = torch.tensor([len(p) for p in prompts], device=device)  # (B,) next slot of each row
+    while True:
+        with torch.inference_mode():
+            tokens = rows.choose(logits)
+        emitted = rows.accept(tokens.tolist())
+        yield emitted
+        if all(rows.done):
+            return
+        with torch.inference_mode():
+            logits = step(tokens, pos)
+            pos += 1
+
+
+def _decode_step(model: nn.Module, cache: KVCache, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if not compile:
+        return lambda tokens, pos: decode_one(model, cache, tokens, pos)
+    cache.full_window = True  # every step sees the same shapes: one compiled graph
+    compiled = torch.compile(decode_one, dynamic=False, fullgraph=False)
+    return lambda tokens, pos: compiled(model, cache, tokens.clone(), pos.clone())
+
+
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+             *, eos_token_id: int | Sequence[int] | None = None, compile: bool = False,
+             should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Generate for a batch of prompts and return each row's new tokens (stop tokens excluded).
+
+    Args:
+        should_stop: optional hook ``(row, tokens_so_far) -> bool`` called after each new token;
+            True ends that row (used for text-level stop strings above the engine).
+        Other arguments as in :func:`generate_stream`.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    stream = generate_stream(model, prompts, params, eos_token_id=eos_token_id, compile=compile)
+    for step in stream:
+        for b, t in enumerate(step):
+            if t is not None and not stopped[b]:
+                out[b].append(t)
+                if should_stop is not None and should_stop(b, out[b]):
+                    stopped[b] = True
+        if all(stopped):
+            stream.close()
+            break
+    return out
+
+
+def stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
+           eos_token_id: int | Sequence[int] | None = None, compile: bool = False) -> Iterator[int]:
+    """Stream one prompt's new token ids as they are produced (stop tokens are not yielded)."""
+    for step in generate_stream(model, [prompt_ids], params, eos_token_id=eos_token_id, compile=compile):
+        if step[0] is None:
+            return
+        yield step[0]
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                history: Sequence[int] = ()) -> int:
+    """Pick one token for one row, for callers that run their own decode loop (the serving batcher).
+
+    Args:
+        logits: ``(1, V)`` or ``(V,)``.
+        params: anything with ``temperature``, ``top_k``, ``top_p`` (and optionally ``repetition_penalty``).
+        generator: the request's generator (needed when ``temperature > 0`` for reproducibility).
+        history: the prompt and tokens so far (for the repetition penalty).
+    """
+    logits = logits.reshape(1, -1).float()
+    penalty = getattr(params, "repetition_penalty", 1.0)
+    if penalty != 1.0 and len(history):
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[0, torch.as_tensor(list(history), dtype=torch.long, device=logits.device)] = True
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    return int(sample_from_logits(logits, params.temperature, params.top_k, params.top_p, generator)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
+                num_beams: int | None = None, length_penalty: float | None = None,
+                eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """Beam search (deterministic): keep the ``num_beams`` most likely continuations at each step.
+
+    A beam that produces a stop token is finished with score ``sum(logprobs) / length **
+    length_penalty``; search ends when ``num_beams`` beams are finished and no running beam can
+    beat them, or at ``max_new_tokens``. ``num_beams=1`` is greedy decoding.
+
+    Returns:
+        the best continuation's token ids (stop token excluded).
+    """
+    nb = num_beams or params.num_beams
+    lp = params.length_penalty if length_penalty is None else length_penalty
+    if not isinstance(nb, int) or nb < 1:
+        raise CorelmError(f"num_beams must be an integer >= 1, got {nb!r}")
+    check_length(model, len(prompt_ids), params.max_new_tokens)
+    if params.max_new_tokens == 0:
+        return []
+    if eos_token_id is None:
+        eos_token_id = model.config.extra.get("eos_token_id")
+    eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    stops = set() if params.ignore_eos else set(params.stop_token_ids) | set(eos)
+    device = model_device(model)
+    n = len(prompt_ids)
+    cache = new_cache(model, nb, n + params.max_new_tokens)
+    logits = prefill(model, cache.rows(slice(0, 1)), [prompt_ids])  # (1, V)
+    for layer in range(cache.n_layer):  # every beam starts from the prompt's keys/values
+        cache.k[layer][1:, :, :n] = cache.k[layer][:1, :, :n]
+        cache.v[layer][1:, :, :n] = cache.v[layer][:1, :, :n]
+    logprobs = torch.log_softmax(logits, dim=-1).expand(nb, -1)  # (nb, V)
+    beam_scores = torch.full((nb,), -1e9, device=device)
+    beam_scores[0] = 0.0  # the first step expands beam 0 only: the others are copies of it
+    beams: list[list[int]] = [[] for _ in range(nb)]
+    finished: list[tuple[float, list[int]]] = []
+    vocab = logprobs.shape[-1]
+    done = False
+    for step in range(params.max_new_tokens):
+        scores = (beam_scores[:, None] + logprobs).reshape(-1)  # (nb * V,)
+        top_scores, top_idx = scores.topk(min(2 * nb, scores.numel()))
+        next_beams: list[tuple[int, int, float]] = []  # (origin beam, token, score)
+        for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+            origin, token = divmod(idx, vocab)
+            if token in stops:
+                if rank < nb and score > -1e8:  # length counts the stop token
+                    finished.append((score / (step + 1) ** lp, beams[origin]))
+                continue
+            next_beams.append((origin, token, score))
+            if len(next_beams) == nb:
+                break
+        finished = sorted(finished, key=lambda x: -x[0])[:nb]
+        if not next_beams or (len(finished) == nb and finished[-1][0] >= next_beams[0][2] / (step + 1) ** lp):
+            done = True  # no running beam can overtake the finished ones
+            break
+        origins = torch.tensor([o for o, _, _ in next_beams], device=device)
+        beams = [beams[o] + [t] for o, t, _ in next_beams]
+        beam_scores = torch.tensor([s for _, _, s in next_beams], device=device)
+        if len(next_beams) < nb:  # fewer candidates than beams (tiny vocabularies): pad with dead beams
+            pad = nb - len(next_beams)
+            origins = torch.cat([origins, origins[:1].expand(pad)])
+            beams += [beams[0]] * pad
+            beam_scores = torch.cat([beam_scores, torch.full((pad,), -1e9, device=device)])
+        if not torch.equal(origins, torch.arange(nb, device=device)):
+            for layer in range(cache.n_layer):  # each beam continues from its origin's keys/values
+                cache.k[layer].copy_(cache.k[layer].index_select(0, origins))
+                cache.v[layer].copy_(cache.v[layer].index_select(0, origins))
+        if step + 1 == params.max_new_tokens:
+            break
+        tokens = torch.tensor([b[-1] for b in beams], device=device)
+        pos = torch.full((nb,), n + step, device=device)
+        logprobs = torch.log_softmax(decode_one(model, cache, tokens, pos), dim=-1)
+    if not done:  # max_new_tokens reached: running beams compete with the finished ones
+        for b in range(nb):
+            if beams[b] and float(beam_scores[b]) > -1e8:
+                finished.append((float(beam_scores[b]) / len(beams[b]) ** lp, beams[b]))
+    if not finished:
+        return []
+    return max(finished, key=lambda x: x[0])[1]
