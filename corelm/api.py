@@ -141,7 +141,7 @@ class LLM:
                top_k: int = 0, repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
                seed: int | None = None, ignore_eos: bool = False, num_beams: int = 1) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as tokens are produced."""
-        ids = self._encode_prompt(prompt)
+        ids = self.encode_prompt(prompt)
         return self.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
                                ignore_eos=ignore_eos, num_beams=num_beams)
@@ -190,7 +190,8 @@ class LLM:
                               "directory with tokenizer.json")
         return self.tokenizer
 
-    def _encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a raw prompt (BOS added when the model expects it; BOS alone for "")."""
         if not isinstance(prompt, str):
             raise CorelmError(f"prompt must be a string, got {type(prompt).__name__}")
         tok = self._need_tokenizer()
@@ -509,11 +510,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> LL
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> LLM | Encoder:
-    from corelm.io.hf import load_hf_dir
+    from corelm.io.hf import load_hf_dir, model_from_state_dict
 
-    config, state = load_hf_dir(path, dtype=dtype)
+    config, state = load_hf_dir(path, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-    model = _materialize(config, state, device)
+    with _skip_init():
+        model = model_from_state_dict(config, state)
     if config.is_encoder:
         pooling, normalize, max_length = _sentence_pooling(path)
         return Encoder(model, tokenizer, config, pooling=pooling, normalize=normalize, max_length=max_length,
