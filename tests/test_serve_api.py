@@ -56,11 +56,8 @@ def llm():
 @pytest.fixture(scope="module")
 def server(llm):
     batcher = Batcher(llm.model, max_batch=16, max_seq_len=WINDOW, max_queue=64)
-    models = [TextModel("tiny", llm, batcher, default_max_tokens=16)]
-    try:  # TEMP while corelm.load("minilm-l6") is being fixed
-        models.append(EmbeddingModel("minilm-l6", corelm.load("minilm-l6")))
-    except Exception as exc:
-        print("TEMP: no encoder:", exc)
+    models = [TextModel("tiny", llm, batcher, default_max_tokens=16),
+              EmbeddingModel("minilm-l6", corelm.load("minilm-l6"))]
     app = create_app(models, ServerConfig(max_body_bytes=64 * 1024))
     batcher.start()
     with ServerThread(app) as srv:

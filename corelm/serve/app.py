@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from corelm.errors import CorelmError
 from corelm.serve import errors, protocol
 from corelm.serve.errors import APIError
 from corelm.serve.metrics import Metrics
@@ -107,6 +108,10 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return error_response(APIError(exc.status_code, message.get(exc.status_code, "request failed"), code=code))
+
+    @app.exception_handler(CorelmError)
+    async def _corelm_error(request: Request, exc: CorelmError) -> JSONResponse:
+        return error_response(errors.bad_request(str(exc)))  # user-fixable by contract (corelm.errors)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

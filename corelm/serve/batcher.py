@@ -10,9 +10,10 @@ One worker thread owns the model and a preallocated :class:`~corelm.ops.kv_cache
    position (per-row ``input_pos``), so rows of different lengths share one forward pass.
 
 The batcher speaks token ids only (tokenizer, chat template and stop strings live in
-:mod:`corelm.serve.service`); sampling is the engine's (:func:`corelm.generate.engine.sample_next`
-when present). Each request samples with its own ``torch.Generator``, so its tokens do not depend
-on what else is in the batch. The HTTP layer talks to it through :meth:`Batcher.submit`, which
+:mod:`corelm.serve.service`). The forward passes and sampling are the engine's
+(:func:`~corelm.generate.engine.prefill`, :func:`~corelm.generate.engine.decode_one`,
+:func:`~corelm.generate.engine.sample_next`); this module only schedules. Each request samples with
+its own ``torch.Generator``, so its tokens do not depend on what else is in the batch. The HTTP layer talks to it through :meth:`Batcher.submit`, which
 returns a :class:`Handle` to iterate asynchronously.
 """
 
@@ -29,33 +30,11 @@ from typing import Any
 
 import torch
 
-from corelm.ops.kv_cache import KVCache
+from corelm.generate import engine
+from corelm.generate.engine import SamplingParams
 from corelm.serve import errors
 
 log = logging.getLogger("corelm.serve")
-
-
-@dataclass
-class GenerationSpec:
-    """What to generate for one request (token-level; validated by the caller).
-
-    Attributes:
-        max_new_tokens: stop after this many generated tokens.
-        temperature: 0 = greedy; otherwise softmax temperature.
-        top_p: nucleus sampling mass (1.0 = off).
-        top_k: keep the k most likely tokens (0 = off).
-        repetition_penalty: CTRL-style penalty on tokens already in prompt or output (1.0 = off).
-        seed: seeds this request's own generator; ``None`` draws a random seed.
-        stop_token_ids: generated ids that end the request (EOS, end-of-turn); not emitted.
-    """
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -72,7 +51,7 @@ class Event:
 @dataclass(eq=False)
 class _Request:
     prompt: list[int]
-    spec: GenerationSpec
+    spec: SamplingParams
     deadline: float | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
@@ -121,33 +100,6 @@ class Handle:
         return event
 
 
-def _sample_fn():
-    """The engine's sampler: ``sample(logits (1, V), spec, generator, history) -> int``."""
-    try:
-        from corelm.generate import engine
-    except ImportError:  # INTERIM until corelm/generate/engine.py lands; then this branch goes
-        return _interim_sample
-    return engine.sample_next
-
-
-def _interim_sample(logits: torch.Tensor, spec: GenerationSpec, generator: torch.Generator,
-                    history: list[int]) -> int:
-    """Greedy / temperature / top-k / top-p with the request's generator (interim, see _sample_fn)."""
-    logits = logits[0].float()
-    if spec.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / spec.temperature
-    if spec.top_k:
-        kth = logits.topk(min(spec.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    if spec.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > spec.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 class Batcher:
     """Continuous batching over a decoder model and a per-row KV cache.
 
@@ -156,7 +108,8 @@ class Batcher:
         max_batch: rows of the KV cache = requests decoded together.
         max_seq_len: slots per row; a request's prompt + max_new_tokens must fit.
         max_queue: requests that may wait for a row; beyond that :meth:`submit` refuses at once.
-        sample: sampler ``(logits (1, V), spec, generator, history) -> token id``; default: the engine's.
+        sample: sampler ``(logits (1, V), spec, generator, history) -> token id``; default: the engine's
+            :func:`~corelm.generate.engine.sample_next`.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 2048,
@@ -165,10 +118,9 @@ class Batcher:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
-        self._sample = sample or _sample_fn()
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = KVCache.for_model(model.config, max_batch, max_seq_len, param.dtype, param.device)
+        self._sample = sample or engine.sample_next
+        self.device = engine.model_device(model)
+        self.cache = engine.new_cache(model, max_batch, max_seq_len)
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -176,8 +128,8 @@ class Batcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         # Preallocated decode inputs: no per-step tensor allocation for the batch layout.
-        self._step_tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
-        self._step_pos = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self._step_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._step_pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.steps = 0
         self.on_finish = None  # optional callback(request_stats: dict) from the worker thread
 
@@ -202,7 +154,7 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def submit(self, prompt: list[int], spec: GenerationSpec, deadline: float | None = None) -> Handle:
+    def submit(self, prompt: list[int], spec: SamplingParams, deadline: float | None = None) -> Handle:
         """Queue a request; must be called from the running event loop.
 
         Raises:
@@ -280,17 +232,13 @@ class Batcher:
                 self._rows[row] = request
             request.row = row
             request.admitted = time.monotonic()
-            seed = request.spec.seed if request.spec.seed is not None else torch.seed()
-            request.generator = torch.Generator(device=self.device).manual_seed(seed)
+            request.generator = request.spec.generator(self.device)  # None when greedy
             self._prefill(row, request)
 
     def _prefill(self, row: int, request: _Request) -> None:
         """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
-        ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        pos = torch.arange(ids.shape[1], device=self.device)[None]  # (1, T)
-        hidden = self.model.hidden_states(ids, input_pos=pos, kv_cache=self.cache.rows(slice(row, row + 1)))
-        logits = self.model.lm_head(hidden[:, -1:])  # (1, 1, V): only the last position is needed
-        self._accept(row, request, logits[:, -1])
+        logits = engine.prefill(self.model, self.cache.rows(slice(row, row + 1)), [request.prompt])  # (1, V)
+        self._accept(row, request, logits)
 
     def _decode(self, active: list[int]) -> None:
         hi = active[-1] + 1  # rows 0..hi-1; free rows inside feed a dummy token at slot 0
@@ -299,10 +247,10 @@ class Batcher:
         pos.zero_()
         for row in active:
             request = self._rows[row]
-            tokens[row, 0] = request.tokens[-1]
-            pos[row, 0] = len(request.prompt) + len(request.tokens) - 1
+            tokens[row] = request.tokens[-1]
+            pos[row] = len(request.prompt) + len(request.tokens) - 1
         cache = self.cache if hi == self.max_batch else self.cache.rows(slice(0, hi))
-        logits = self.model(tokens, input_pos=pos, kv_cache=cache)[:, -1]  # (hi, V)
+        logits = engine.decode_one(self.model, cache, tokens, pos)  # (hi, V) fp32
         self.steps += 1
         for row in active:
             self._accept(row, self._rows[row], logits[row:row + 1])
@@ -314,7 +262,7 @@ class Batcher:
             return
         history = request.prompt + request.tokens
         token = int(self._sample(logits, request.spec, request.generator, history))
-        if token in request.spec.stop_token_ids:
+        if token in request.spec.stop_token_ids and not request.spec.ignore_eos:
             self._finish(row, reason="stop")
             return
         request.tokens.append(token)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from corelm.serve import errors
-from corelm.serve.batcher import Batcher, GenerationSpec, Handle
+from corelm.generate.engine import SamplingParams
+from corelm.serve.batcher import Batcher, Handle
 
 
 @dataclass
@@ -155,10 +156,10 @@ class TextModel:
     def start(self, prompt_ids: list[int], options: TextOptions, max_tokens: int,
               deadline: float | None) -> TextStream:
         """Submit a generation (raises the batcher's 503 when full)."""
-        spec = GenerationSpec(
+        spec = SamplingParams(
             max_new_tokens=max_tokens, temperature=options.temperature, top_p=options.top_p,
             top_k=options.top_k, repetition_penalty=options.repetition_penalty, seed=options.seed,
-            stop_token_ids=() if options.ignore_eos else self.stop_token_ids)
+            stop_token_ids=self.stop_token_ids, ignore_eos=options.ignore_eos)
         handle = self.batcher.submit(prompt_ids, spec, deadline)
         return TextStream(handle, self.tokenizer, len(prompt_ids), list(options.stop))
 
