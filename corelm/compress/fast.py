@@ -1,0 +1,255 @@
+"""The fast decode path for llama-family models: static cache, fused projections, one compiled step.
+
+Decoding one token of a 135M model reads every weight once and does little arithmetic, so it is
+bound by memory bandwidth and, at this size, by per-operator overhead (30 layers x ~15 ops).
+:class:`FastDecoder` removes both (the recipe of gpt-fast's ``generate.py``):
+
+- weights stay packed (int8/int4 from :mod:`corelm.compress.quant`); q/k/v and gate/up are fused
+  into one matrix each, so a layer runs 4 matmuls instead of 7;
+- a preallocated KV cache ``(n_kv_head, S, head_dim)`` per layer, written at the position, with a
+  hand-written grouped-query attention over a fixed window, so every step has the same shapes;
+- the whole single-token step is one ``torch.compile`` graph (inductor with ``freezing`` to fold
+  the packed weights in as constants, ``cpp_wrapper`` to drop the Python launcher).
+
+Compilation costs 1-2 minutes on 2 cores the first time. Inductor's on-disk caches make the next
+run take seconds; corelm keeps one cache per instruction set (the int4 packing and the generated
+C++ differ between AVX2 and AVX-512), under ``~/.cache/corelm/inductor/<capability>``. With
+``compile="auto"`` a decoder compiles only when that cache is already warm and otherwise runs eager
+(still fused and static, about half the compiled speed); ``corelm quantize`` warms the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corelm.compress.quant import Int4Linear, Int8Embedding, Int8Linear
+from corelm.errors import CorelmError
+
+WINDOW = 256  # the cache grows in windows of this many slots: one compiled graph per window count
+
+
+def cpu_capability() -> str:
+    """The instruction set ATen dispatches to on this CPU (``AVX512``, ``AVX2``, ``DEFAULT``)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled decode steps live across runs: one directory per instruction set."""
+    root = Path(os.environ.get("CORELM_CACHE", Path.home() / ".cache" / "corelm"))
+    return root / "inductor" / cpu_capability().lower()
+
+
+def _fuse(mods: list[nn.Module]) -> nn.Module:
+    """Concatenate linear layers that read the same input along their outputs (q|k|v, gate|up)."""
+    if all(isinstance(m, Int4Linear) for m in mods):
+        parts = [m.quantized() for m in mods]
+        fused = Int4Linear(mods[0].in_features, sum(m.out_features for m in mods), mods[0].group_size,
+                           device=mods[0].scale_zeros.device)
+        fused.set_quantized(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+        return fused
+    if all(isinstance(m, Int8Linear) for m in mods):
+        fused = Int8Linear(mods[0].in_features, sum(m.out_features for m in mods), device=mods[0].weight.device)
+        fused.weight = torch.cat([m.weight for m in mods])
+        fused.scales = torch.cat([m.scales for m in mods])
+        return fused
+    if all(type(m) is nn.Linear for m in mods):
+        weight = torch.cat([m.weight.detach() for m in mods])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        return fused
+    raise CorelmError("cannot fuse projections of mixed kinds (some quantized, some not)")
+
+
+class _Layer(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = block.self_attn, block.mlp
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            if getattr(proj, "bias", None) is not None:
+                raise CorelmError("the fast decode path supports llama models without biases")
+        self.n_q, self.n_kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
+        self.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.wo = attn.o_proj
+        self.w13 = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.w2 = mlp.down_proj
+        self.d_ff = mlp.gate_proj.out_features
+        self.norm1, self.eps1 = block.input_layernorm.weight.detach().float(), block.input_layernorm.eps
+        self.norm2, self.eps2 = block.post_attention_layernorm.weight.detach().float(), block.post_attention_layernorm.eps
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # fp32 throughout: activations of the fast path are fp32, only the matmul inputs are bf16
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF layout) on ``(T, H, hd)`` with ``cos``/``sin`` of shape ``(T, 1, hd)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class FastDecoder(nn.Module):
+    """Batch-1 generation for a llama-family model (float, int8 or int4), with a static cache.
+
+    Args:
+        model: a :class:`corelm.models.llama.Llama` (optionally transformed by ``quantize_model``).
+            The decoder shares its (packed) weights; the fused q/k/v and gate/up matrices are new.
+        max_seq_len: largest prompt + generation length; defaults to the model's context.
+        compile: ``True`` compiles the decode step, ``False`` stays eager, ``"auto"`` compiles when
+            this machine's compile cache already holds it (see module doc).
+    """
+
+    def __init__(self, model: nn.Module, max_seq_len: int | None = None, compile: bool | str = "auto") -> None:
+        super().__init__()
+        config = model.config
+        if config.family != "llama":
+            raise CorelmError(f"the fast decode path is for llama-family models, not {config.family}")
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
+        self.embed = model.model.embed_tokens
+        self.layers = nn.ModuleList(_Layer(block) for block in model.model.layers)
+        self.norm, self.eps = model.model.norm.weight.detach().float(), model.model.norm.eps
+        self.head = model.lm_head
+        device = self.norm.device
+        inv_freq = model.rope.inv_freq.to(device)
+        angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None]
+        angles = torch.cat([angles, angles], dim=-1)  # (S, hd): rotate-half layout
+        self.cos, self.sin = angles.cos(), angles.sin()
+        shape = (config.n_layer, config.n_kv_head, self.max_seq_len, config.head_dim)
+        self.k_cache = torch.zeros(shape, device=device)
+        self.v_cache = torch.zeros(shape, device=device)
+        self.compile_mode = compile
+        self._compiled = None
+        self.compile_seconds: float | None = None
+
+    # ---- the math: T new tokens at positions start..start+T-1, attending a window of W slots ----
+    def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """Logits ``(T, V)`` for ``tokens`` (T,) at positions ``pos`` (T,), writing the cache.
+
+        Attention reads cache slots ``0..window-1`` (``window`` fixed per compiled graph); a slot is
+        visible to a query when its index is at most the query's position.
+        """
+        T, H, KV, hd = tokens.shape[0], self.n_head, self.n_kv_head, self.head_dim
+        x = self.embed(tokens).float()  # (T, d)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (T, 1, hd)
+        slots = torch.arange(window, device=tokens.device)
+        mask = slots[None, :] <= pos[:, None]  # (T, W)
+        for i, layer in enumerate(self.layers):
+            h = _rms(x, layer.norm1, layer.eps1)
+            q, k, v = layer.wqkv(h).split([layer.n_q, layer.n_kv, layer.n_kv], dim=-1)
+            q = _rope(q.view(T, H, hd), cos, sin)  # (T, H, hd)
+            k = _rope(k.view(T, KV, hd), cos, sin)  # (T, KV, hd)
+            self.k_cache[i].index_copy_(1, pos, k.transpose(0, 1))  # slots pos of (KV, S, hd)
+            self.v_cache[i].index_copy_(1, pos, v.view(T, KV, hd).transpose(0, 1))
+            keys, values = self.k_cache[i, :, :window], self.v_cache[i, :, :window]  # (KV, W, hd)
+            q = q.view(T, KV, H // KV, hd).permute(1, 2, 0, 3)  # (KV, group, T, hd)
+            scores = q @ keys.unsqueeze(1).transpose(-1, -2) * hd**-0.5  # (KV, group, T, W)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            att = torch.softmax(scores, dim=-1) @ values.unsqueeze(1)  # (KV, group, T, hd)
+            x = x + layer.wo(att.permute(2, 0, 1, 3).reshape(T, H * hd))
+            h = _rms(x, layer.norm2, layer.eps2)
+            gate, up = layer.w13(h).split([layer.d_ff, layer.d_ff], dim=-1)
+            x = x + layer.w2(F.silu(gate) * up)
+        return self.head(_rms(x, self.norm, self.eps)).float()  # (T, V)
+
+    def _window(self, n: int) -> int:
+        return min(self.max_seq_len, -(-n // WINDOW) * WINDOW)
+
+    def _step_fn(self):  # noqa: ANN202 - returns the (compiled or eager) step
+        if self._compiled is None:
+            use = self.compile_mode
+            if use == "auto":
+                use = (compile_cache_dir() / "warm").exists()
+            if use:
+                self._compiled = compile_step(self.forward_tokens)
+            else:
+                self._compiled = self.forward_tokens
+        return self._compiled
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
+                     temperature: float = 0.0, top_k: int | None = None,
+                     generator: torch.Generator | None = None) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` token ids after ``prompt`` (greedy when ``temperature == 0``)."""
+        if not prompt:
+            raise CorelmError("the prompt is empty")
+        total = len(prompt) + max_new_tokens
+        if total > self.max_seq_len:
+            raise CorelmError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"decoder's {self.max_seq_len} positions")
+        device = self.norm.device
+        tokens = torch.tensor(prompt, device=device)
+        logits = self.forward_tokens(tokens, torch.arange(len(prompt), device=device), self._window(len(prompt)))
+        step = self._step_fn()
+        pos = torch.tensor([len(prompt)], device=device)
+        window = self._window(total)  # one window for the whole generation: one compiled graph
+        next_logits = logits[-1]
+        for _ in range(max_new_tokens):
+            token = _pick(next_logits, temperature, top_k, generator)
+            yield token
+            if token == eos_token_id:
+                return
+            if pos.item() >= total:
+                return
+            next_logits = step(torch.tensor([token], device=device), pos, window)[-1]
+            pos += 1
+
+    @torch.inference_mode()
+    def warm_up(self, window: int | None = None) -> float:
+        """Compile (or load from the cache) the decode step for ``window`` slots; returns seconds."""
+        device = self.norm.device
+        window = window or self._window(min(self.max_seq_len, WINDOW))
+        start = time.perf_counter()
+        self._step_fn()(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
+        self.compile_seconds = time.perf_counter() - start
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        return self.compile_seconds
+
+    def weight_bytes(self) -> int:
+        """Bytes read per decoded token for weights (the tied embedding row read is negligible)."""
+        total = 0
+        for t in list(self.layers.buffers()) + list(self.layers.parameters()) + list(self.head.buffers()) + \
+                list(self.head.parameters()):
+            total += t.numel() * t.element_size()
+        if not list(self.head.buffers()) and not list(self.head.parameters()):  # parameter-free tied head
+            total += self.head.weight.numel() * self.head.weight.element_size()
+        return total
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+def compile_step(fn):  # noqa: ANN001, ANN201 - wraps any step function
+    """``torch.compile`` the decode step with a per-instruction-set cache that persists across runs."""
+    cache = compile_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    inductor_config.freezing = True  # packed weights become constants of the generated code
+    inductor_config.cpp_wrapper = True  # the graph is called from C++, not a Python launcher
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def step(*args):  # noqa: ANN002, ANN202
+        out = compiled(*args)
+        (cache / "warm").touch()
+        return out
+
+    return step

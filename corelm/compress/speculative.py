@@ -1,0 +1,222 @@
+"""Speculative decoding (Leviathan et al. 2023) and prompt-lookup decoding (Saxena 2023).
+
+A cheap proposer guesses ``k`` tokens; the target model scores all of them in one forward pass and
+keeps the longest prefix it agrees with, plus one token of its own. The proposer is either a small
+draft model with the same tokenizer, or the prompt itself: prompt lookup finds the last ``n``
+tokens earlier in the context and proposes what followed them there (cheap and effective when the
+output copies from the input: code edits, summaries, extraction).
+
+Correctness does not depend on the proposer:
+
+- greedy: a drafted token is kept only if it is the target's argmax, so the output is token for
+  token the plain greedy output;
+- sampling: draft token ``x`` with draft probability ``q(x)`` is kept with probability
+  ``min(1, p(x)/q(x))``; on rejection the token is drawn from ``norm(max(0, p - q))``. The result is
+  distributed exactly as sampling from ``p`` (Leviathan et al. 2023, appendix A.1). A lookup draft
+  is a deterministic proposal (``q`` one-hot).
+
+Both models keep a static :class:`corelm.ops.kv_cache.KVCache`; rejected tokens need no cache
+rollback because the cache is written at positions and a query never sees a slot past its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from corelm.errors import CorelmError
+from corelm.ops.kv_cache import KVCache
+
+
+@dataclass
+class SpecStats:
+    """What a speculative run did: drafted and accepted tokens, target forward passes."""
+
+    drafted: int = 0
+    accepted: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    emitted: int = 0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.emitted / self.target_calls if self.target_calls else 0.0
+
+
+class _Cached:
+    """A decoder with its own KV cache and the number of positions already in it."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        config = model.config
+        dtype = next(iter(model.parameters())).dtype if any(True for _ in model.parameters()) else torch.float32
+        device = model.model.norm.weight.device if hasattr(model, "model") else "cpu"
+        self.model = model
+        self.cache = KVCache.for_model(config, 1, max_len, dtype if dtype.is_floating_point else torch.float32,
+                                       device)
+        self.length = 0
+        self.device = device
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        """Run ``tokens`` at the next positions; returns logits ``(len(tokens), V)`` in fp32."""
+        ids = torch.tensor([tokens], device=self.device)
+        pos = torch.arange(self.length, self.length + len(tokens), device=self.device)[None]
+        logits = self.model(ids, input_pos=pos, kv_cache=self.cache)[0].float()
+        self.length += len(tokens)
+        return logits
+
+    def rewind(self, length: int) -> None:
+        self.length = length  # slots past `length` are overwritten before any query can see them
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+def rejection_step(p: torch.Tensor, q: torch.Tensor | None, x: int,
+                   generator: torch.Generator | None = None) -> tuple[bool, int | None]:
+    """Keep draft token ``x`` with probability ``min(1, p(x)/q(x))``, else draw from ``norm(max(0, p - q))``.
+
+    Args:
+        p: target probabilities (V,).
+        q: draft probabilities (V,), or ``None`` for a deterministic proposal (prompt lookup).
+        x: the drafted token.
+    Returns:
+        ``(True, None)`` when kept, ``(False, replacement)`` otherwise.
+    """
+    q_x = q[x] if q is not None else p.new_tensor(1.0)
+    if torch.rand((), generator=generator) < torch.clamp(p[x] / q_x, max=1.0):
+        return True, None
+    residual = (p - q).clamp(min=0) if q is not None else p.index_fill(0, torch.tensor(x), 0.0)
+    return False, _sample(residual / residual.sum(), generator)
+
+
+def lookup_draft(tokens: list[int], ngram: int, k: int) -> list[int]:
+    """Prompt-lookup proposal: find the most recent earlier occurrence of the last ``n`` tokens
+    (``n = ngram .. 1``) and return up to ``k`` tokens that followed it."""
+    for n in range(min(ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                follow = tokens[start + n:start + n + k]
+                if follow:
+                    return follow
+    return []
+
+
+def check_draft(target: nn.Module, draft: nn.Module) -> None:
+    """A draft must speak the target's vocabulary (same tokenizer)."""
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise CorelmError(f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv}); "
+                          "speculative decoding needs the same tokenizer")
+
+
+@torch.inference_mode()
+def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: int, *,
+                         draft: nn.Module | None = None, lookup: int | None = None, k: int = 4,
+                         temperature: float = 0.0, eos_token_id: int | None = None,
+                         generator: torch.Generator | None = None) -> tuple[list[int], SpecStats]:
+    """Generate with a draft model (``draft=``) or prompt lookup (``lookup=n``), batch 1.
+
+    Args:
+        target: the model whose distribution the output follows.
+        prompt: token ids.
+        max_new_tokens: tokens to generate (fewer if ``eos_token_id`` appears).
+        draft: a smaller decoder with the same vocabulary.
+        lookup: n-gram length for prompt-lookup proposals (used when ``draft`` is None).
+        k: tokens proposed per round.
+        temperature: 0 for greedy (output identical to plain greedy), > 0 for sampling.
+    Returns:
+        ``(new_tokens, stats)``.
+    """
+    if (draft is None) == (lookup is None):
+        raise CorelmError("speculative decoding needs exactly one proposer: a draft model or --lookup N")
+    if k < 1:
+        raise CorelmError(f"draft length k must be at least 1, got {k}")
+    if draft is not None:
+        check_draft(target, draft)
+    if not prompt:
+        raise CorelmError("the prompt is empty")
+    max_len = len(prompt) + max_new_tokens + k + 1
+    if max_len > target.config.max_seq_len:
+        raise CorelmError(f"prompt + max_new_tokens exceeds the model's {target.config.max_seq_len} positions")
+    greedy = temperature <= 0
+    tgt = _Cached(target, max_len)
+    drf = _Cached(draft, max_len) if draft is not None else None
+    tokens, stats = list(prompt), SpecStats()
+    # The target has seen all but the last token: every round feeds it [unseen..., drafts...].
+    if len(tokens) > 1:
+        tgt.feed(tokens[:-1])
+        if drf is not None:
+            drf.feed(tokens[:-1])
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        budget = max_new_tokens - len(out)
+        # ---- propose ----
+        drafts: list[int] = []
+        q_rows: list[torch.Tensor] = []
+        if drf is not None:
+            logits = drf.feed(tokens[drf.length:])[-1]
+            stats.draft_calls += 1
+            for i in range(min(k, budget)):
+                if greedy:
+                    x = int(logits.argmax())
+                else:
+                    q = _probs(logits, temperature)
+                    x = _sample(q, generator)
+                    q_rows.append(q)
+                drafts.append(x)
+                if i + 1 < min(k, budget):
+                    logits = drf.feed([x])[-1]
+                    stats.draft_calls += 1
+        else:
+            drafts = lookup_draft(tokens, lookup, min(k, budget))
+        # ---- verify: one target pass over the unseen tokens and the drafts ----
+        seen = tgt.length
+        logits = tgt.feed(tokens[seen:] + drafts)[len(tokens) - 1 - seen:]  # (len(drafts) + 1, V)
+        stats.target_calls += 1
+        accepted, extra = 0, None
+        for i, x in enumerate(drafts):
+            if greedy:
+                best = int(logits[i].argmax())
+                if best != x:
+                    extra = best
+                    break
+            else:
+                keep, replacement = rejection_step(_probs(logits[i], temperature), q_rows[i] if q_rows else None,
+                                                   x, generator)
+                if not keep:
+                    extra = replacement
+                    break
+            accepted += 1
+        if extra is None:  # every draft kept: the target's own next token comes free
+            last = logits[len(drafts)]
+            extra = int(last.argmax()) if greedy else _sample(_probs(last, temperature), generator)
+        stats.drafted += len(drafts)
+        stats.accepted += accepted
+        stats.accepted_per_round.append(accepted)
+        new = drafts[:accepted] + [extra]
+        # keep only cache positions of tokens that are now part of the sequence
+        tokens_before = len(tokens)
+        tgt.rewind(tokens_before + accepted)
+        if drf is not None:
+            drf.rewind(min(drf.length, tokens_before + accepted))
+        for t in new[:budget]:
+            tokens.append(t)
+            out.append(t)
+            if t == eos_token_id:
+                stats.emitted = len(out)
+                return out, stats
+    stats.emitted = len(out)
+    return out, stats
