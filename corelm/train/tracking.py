@@ -1,7 +1,7 @@
 """What a run shows and leaves behind: progress bar, ``metrics.jsonl``, TensorBoard, a loss-curve PNG.
 
-Also the throughput arithmetic: training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B:
-``6 N + 12 L d T``) and model FLOPs utilisation against the *measured* matmul peak of this device.
+MFU (model FLOPs utilisation) is achieved FLOP/s over the *measured* matmul peak of this device;
+FLOPs per token come from ``corelm.plan.formulas.train_flops_per_token`` (PaLM appendix B).
 """
 
 from __future__ import annotations
@@ -13,12 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def train_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
-    """Forward + backward FLOPs per token: ``6 N`` for the weights plus ``12 L d T`` for attention
-    scores and values (PaLM appendix B; ``N`` = non-embedding parameters)."""
-    return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,

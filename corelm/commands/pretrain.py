@@ -1,0 +1,245 @@
+"""``corelm pretrain``: train a model from scratch on prepared token shards (causal LM or masked LM).
+
+Examples::
+
+    corelm pretrain --model gpt2-tiny --data data/pydocs --max-steps 500 --seed 7 --save-every 100 --out runs/a
+    corelm pretrain --model bert-tiny --objective mlm --nsp --data data/pydocs --out runs/b
+    corelm pretrain --model gpt2-tiny --data data/pydocs --max-steps 500 --out runs/a --resume runs/a
+    torchrun --nproc-per-node 2 -m corelm pretrain --model gpt2-tiny --data data/pydocs --out runs/d --parallel ddp
+
+The run directory is a normal corelm model directory (``corelm generate --model runs/a``) holding
+the newest checkpoint, plus ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from corelm.errors import CorelmError
+from corelm.train.loop import TrainConfig
+from corelm.train.precision import POLICIES
+
+OBJECTIVES = ("clm", "mlm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="corelm pretrain",
+        description="Pretrain a Transformer on data written by `corelm prepare` with the shared training loop: "
+                    "AdamW (no decay on norms/biases/embeddings), warmup + cosine, clipping, accumulation, "
+                    "precision policies, exact resume, DDP/FSDP under torchrun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="preset (gpt2-tiny, bert-tiny, llama-tiny, ... see `corelm models`), a config file "
+                         "(YAML/JSON of ModelConfig fields) or a model directory to continue pretraining")
+    ap.add_argument("--data", required=True, help="directory written by `corelm prepare` (tokenizer and vocabulary "
+                                                  "come from its manifest)")
+    ap.add_argument("--out", default=None, help="run directory (required unless --resume names it)")
+    ap.add_argument("--resume", default=None, help="continue the run in this directory from its newest complete "
+                                                   "checkpoint (use the same --out and options)")
+    ap.add_argument("--objective", choices=OBJECTIVES, default=None,
+                    help="clm = next-token prediction (decoders), mlm = BERT masked LM; default from the family")
+    ap.add_argument("--nsp", action="store_true", help="mlm: add next-sentence prediction (BERT's second task)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per training sequence "
+                                                              "(default min(256, context) for clm, 128 for mlm)")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
+    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    ap.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
+                    help="attention kernel: fused scaled_dot_product_attention or the readable reference")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("out", "resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = _field_help(f.name)
+        if f.type in ("bool", bool):
+            if f.default:
+                ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=helptext)
+            else:
+                ap.add_argument(flag, action="store_true", help=helptext)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            choices = {"precision": POLICIES, "parallel": ("none", "ddp", "fsdp")}.get(f.name)
+            ap.add_argument(flag, type=kind, default=f.default, choices=choices, help=helptext)
+    # Pretraining defaults that differ from the loop's (small models from scratch like a higher lr).
+    ap.set_defaults(warmup_steps=None, eval_every=None, max_steps=500, lr=1e-3)
+    return ap
+
+
+def _field_help(name: str) -> str:
+    """The comment on a TrainConfig field is its help text (config is data, documented once)."""
+    import inspect
+
+    from corelm.train import loop
+
+    for line in inspect.getsource(loop.TrainConfig).splitlines():
+        stripped = line.strip()
+        if stripped.startswith(f"{name}:") and "#" in stripped:
+            text = stripped.split("#", 1)[1].strip()
+            if name == "warmup_steps":
+                text += " (default: 5%% of --max-steps)"
+            if name == "eval_every":
+                text += " (default: 10 times per run)"
+            return text.replace("%", "%%").replace("%%%%", "%%")
+    return name
+
+
+def resolve_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | None]:
+    """A model config (vocabulary from the data) and, for a model directory, its weights."""
+    from corelm.config import ModelConfig
+    from corelm.presets import PRESETS, preset
+
+    path = Path(spec)
+    if spec in PRESETS:
+        config = preset(spec)
+    elif path.is_dir():
+        from corelm.io.hf import load_hf_model
+
+        config, model = load_hf_model(path, dtype=torch.float32)
+        if config.vocab_size != vocab_size:
+            raise CorelmError(f"{spec} has a vocabulary of {config.vocab_size}, the data {vocab_size}: "
+                              "prepare the data with that model's tokenizer (--tokenizer {spec})")
+        return config, model
+    elif path.is_file():
+        config = ModelConfig.load(path)
+    else:
+        from corelm.errors import close_names
+
+        raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; give a preset, config or directory")
+    return dataclasses.replace(config, vocab_size=vocab_size), None
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from corelm.train.distributed import init_distributed, shutdown_distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = init_distributed()
+    try:
+        return run(args, info)
+    finally:
+        shutdown_distributed()
+
+
+def run(args: argparse.Namespace, info: Any) -> int:
+    from corelm.data.prepare import read_manifest
+    from corelm.data.shards import TokenWindows
+    from corelm.models import build_model
+    from corelm.objectives import MaskingSpec, MLMCollate, causal_lm_loss, mlm_loss
+    from corelm.ops.attention import set_attention_impl
+    from corelm.plan.formulas import train_flops_per_token
+    from corelm.tokenizer import Tokenizer
+    from corelm.train.checkpoint import checkpoint_dirs
+    from corelm.train.loader import ResumableLoader
+    from corelm.train.loop import evaluate_loss, train
+
+    out = args.out or args.resume
+    if not out:
+        raise CorelmError("give --out RUN_DIR (or --resume RUN_DIR to continue a run)")
+    if args.resume and not Path(args.resume).exists():
+        raise CorelmError(f"--resume {args.resume}: no such run directory")
+    if not args.resume and checkpoint_dirs(Path(out)):
+        raise CorelmError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
+    manifest = read_manifest(args.data)
+    tokenizer = Tokenizer.from_dir(args.data)
+    config, loaded = resolve_model(args.model, manifest["vocab_size"])
+    objective = args.objective or ("mlm" if config.is_encoder else "clm")
+    if objective == "clm" and config.is_encoder:
+        raise CorelmError(f"{args.model} is an encoder: use --objective mlm")
+    if objective == "mlm" and not config.is_encoder:
+        raise CorelmError(f"{args.model} is a decoder: masked LM needs an encoder (e.g. bert-tiny)")
+    seq_len = args.seq_len or min(config.max_seq_len, 128 if objective == "mlm" else 256)
+    if seq_len > config.max_seq_len:
+        raise CorelmError(f"--seq-len {seq_len} exceeds the model's context of {config.max_seq_len}")
+    set_attention_impl(args.attention)
+
+    specials = manifest.get("special_token_ids", {})
+    if config.is_encoder and specials.get("pad_token") is not None:
+        config = dataclasses.replace(config, pad_token_id=specials["pad_token"])
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP does not broadcast)
+    model = loaded if loaded is not None else build_model(config)
+
+    if objective == "clm":
+        train_set = TokenWindows(args.data, "train", seq_len + 1, seq_len)
+        val_set = TokenWindows(args.data, "val", seq_len + 1, seq_len)
+        loss_fn, collate, with_idx = causal_lm_loss, None, False
+        make_collate = lambda ds, seed=0: None  # noqa: E731
+    else:
+        missing = [k for k in ("mask_token", "cls_token", "sep_token") if specials.get(k) is None]
+        if missing:
+            raise CorelmError(f"the tokenizer of {args.data} has no {', '.join(missing)}: masked LM needs them "
+                              "(prepare without --tokenizer to train one that has)")
+        body = seq_len - (3 if args.nsp else 2)
+        train_set = TokenWindows(args.data, "train", body, body)
+        val_set = TokenWindows(args.data, "val", body, body)
+        spec = MaskingSpec(mask_id=specials["mask_token"], vocab_size=config.vocab_size,
+                           special_ids=tuple(sorted({v for v in specials.values() if v is not None})))
+        loss_fn, with_idx = mlm_loss, True
+
+        def make_collate(ds: Any, seed: int = args.seed) -> MLMCollate:
+            return MLMCollate(ds, spec, specials["cls_token"], specials["sep_token"], seed=seed, nsp=args.nsp)
+
+    batches = ResumableLoader(train_set, args.batch_size, make_collate(train_set), seed=args.seed,
+                              rank=info.rank, world_size=info.world_size, collate_with_indices=with_idx)
+    global_batch = args.batch_size * info.world_size
+    n_eval = min(args.eval_batches, len(val_set) // global_batch)
+    eval_fn = None
+    if n_eval > 0:
+        def make_val() -> ResumableLoader:
+            return ResumableLoader(val_set, args.batch_size, make_collate(val_set, seed=args.seed + 1), shuffle=False,
+                                   rank=info.rank, world_size=info.world_size, collate_with_indices=with_idx)
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate_loss(m, loss_fn, make_val, n_eval, info)
+    elif info.is_main:
+        print(f"note: the val split ({len(val_set)} sequences) is smaller than one batch; no evaluation",
+              file=sys.stderr)
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                         if f.name not in ("out", "resume")}, out=out, resume=args.resume)
+    if args.warmup_steps is None:
+        cfg.warmup_steps = max(1, cfg.max_steps // 20)
+    if args.eval_every is None:
+        cfg.eval_every = max(1, cfg.max_steps // 10)
+    run_config = {"model": args.model, "model_config": config.to_dict(), "objective": objective, "nsp": args.nsp,
+                  "data": str(args.data), "seq_len": seq_len, "batch_size": args.batch_size,
+                  "global_batch": global_batch * cfg.grad_accum, "world_size": info.world_size,
+                  "attention": args.attention, "tokenizer": manifest["tokenizer_source"],
+                  "train": dataclasses.asdict(cfg)}
+    if info.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"pretrain {args.model} ({n_params / 1e6:.2f}M params, vocab {config.vocab_size}) on {args.data}: "
+              f"{objective}, {len(train_set):,} sequences of {seq_len}, global batch "
+              f"{global_batch * cfg.grad_accum} x {info.world_size} process(es)")
+        print("config: " + json.dumps({k: v for k, v in run_config.items() if k != "model_config"}), flush=True)
+
+    def export(state: dict[str, torch.Tensor], out_dir: Path) -> None:
+        from corelm.io.hf import save_hf_dir
+
+        save_hf_dir(SimpleNamespace(state_dict=lambda: state), config, out_dir, tokenizer=tokenizer)
+        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+
+    flops = train_flops_per_token(config, seq_len)
+    result = train(model, loss_fn, batches, cfg, eval_fn=eval_fn, export_fn=export, flops_per_token=flops,
+                   dist=info, run_config=run_config)
+    if info.is_main:
+        m = result.last_metrics
+        parts = [f"step {result.step}", f"loss {m.get('loss', float('nan')):.4f}"]
+        if "val_loss" in m:
+            parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
+        if result.skipped_steps:
+            parts.append(f"{result.skipped_steps} skipped steps")
+        print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts))
+        if result.checkpoint:
+            print(f"checkpoint {result.checkpoint}; the run directory {out} is a model: "
+                  f"corelm generate --model {out} \"...\"")
+    return 0
