@@ -402,6 +402,36 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = N
     return loaded
 
 
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model, without loading its weights (same sources as :func:`load`)."""
+    name = os.fspath(name_or_path)
+    if name in EMBEDDED:
+        path = embedded_path(name)
+    elif name in PRESETS:
+        tok = _preset_tokenizer(preset(name))
+        if tok is None:
+            raise CorelmError(f"preset {name!r} has no tokenizer shipped with corelm")
+        return tok
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            if os.sep in name or Path(name).suffix:
+                raise CorelmError(f"path not found: {name}")
+            raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}")
+    if path.is_file():
+        if path.name == "tokenizer.json":
+            return Tokenizer.from_file(path)
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
+            return gguf_tokenizer(str(path))
+        raise CorelmError(f"{path} is neither a .gguf file nor a tokenizer.json")
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return gguf_tokenizer(str(ggufs[0]))
+    raise CorelmError(f"{path} has no tokenizer.json")
+
+
 def _quantize(model: nn.Module, method: str) -> nn.Module:
     try:
         from corelm.compress.quant import quantize_model

@@ -1,0 +1,80 @@
+"""``corelm models``: the presets and embedded models, with parameter counts computed from each config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from corelm.config import ModelConfig
+from corelm.presets import EMBEDDED, PRESETS, preset
+
+
+def count_params(config: ModelConfig) -> int:
+    """Parameters of ``config`` (tied embeddings once), from the planner's formulas when present,
+    else by building the model on the meta device (exact, allocates nothing)."""
+    try:
+        from corelm.plan.formulas import param_count
+    except ImportError:
+        param_count = None
+    if param_count is not None:
+        return int(param_count(config))
+    import torch
+
+    from corelm.api import _skip_init
+    from corelm.models import build_model
+
+    with torch.device("meta"), _skip_init():
+        model = build_model(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def rows() -> list[dict]:
+    embedded_of = {p: name for name, (_, _, p) in EMBEDDED.items()}
+    out = []
+    for name in EMBEDDED:
+        cfg = preset(EMBEDDED[name][2])
+        out.append(dict(name=name, kind="embedded", family=cfg.family, params=count_params(cfg),
+                        layers=cfg.n_layer, d_model=cfg.d_model, context=cfg.max_seq_len,
+                        weights=f"{EMBEDDED[name][0]} (pip)"))
+    for name in PRESETS:
+        if name in EMBEDDED:
+            continue
+        cfg = preset(name)
+        weights = f"config only (weights: {embedded_of[name]})" if name in embedded_of else "config only"
+        out.append(dict(name=name, kind="preset", family=cfg.family, params=count_params(cfg),
+                        layers=cfg.n_layer, d_model=cfg.d_model, context=cfg.max_seq_len, weights=weights))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="corelm models",
+        description="List embedded models (weights installed with a pip package) and presets (architectures; "
+                    "loading one gives random weights). Parameter counts are computed from each config.")
+    ap.add_argument("--family", choices=["gpt2", "llama", "bert"], default=None, help="only this family")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    table = [r for r in rows() if args.family in (None, r["family"])]
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    header = ("name", "kind", "family", "params", "layers", "d_model", "context", "weights")
+    cells = [[str(r["name"]), r["kind"], r["family"], human(r["params"]), str(r["layers"]), str(r["d_model"]),
+              str(r["context"]), r["weights"]] for r in table]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for c in cells:
+        print("  ".join(v.ljust(w) if i not in (3, 4, 5, 6) else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(c, widths))).rstrip())
+    return 0
