@@ -156,7 +156,7 @@ def test_32_concurrent_streaming_clients_get_their_lone_text(server, client):
 
 
 def test_seeded_sampling_is_independent_of_the_batch(client):
-    kwargs = dict(model="tiny", prompt="hello", max_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    kwargs = {"model": "tiny", "prompt": "hello", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 1234}
     alone = client.completions.create(**kwargs).choices[0].text
     other = client.completions.create(**{**kwargs, "seed": 99}).choices[0].text
     assert other != alone  # the seed matters ...
@@ -275,11 +275,10 @@ def test_disconnect_mid_stream_frees_the_row(server):
     assert metric(server, "corelm_running_requests") == 0
     before = metric(server, "corelm_client_disconnects_total")
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", server.url + "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))
-            assert metric(server, "corelm_running_requests") == 1
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert metric(server, "corelm_running_requests") == 1
     t0 = time.monotonic()
     while metric(server, "corelm_running_requests") != 0:
         assert time.monotonic() - t0 < 1.0, "the disconnected stream still holds its row after 1 s"
@@ -304,12 +303,6 @@ def small_server(llm, *, max_batch=1, max_queue=1, **config):
     app = create_app([TextModel("tiny", llm, batcher)], ServerConfig(**config))
     batcher.start()
     return batcher, ServerThread(app)
-
-
-async def _stream_first_line(http: httpx.AsyncClient, url: str, body: dict) -> tuple[httpx.Response, list]:
-    request = http.build_request("POST", url, json=body)
-    response = await http.send(request, stream=True)
-    return response, []
 
 
 def test_admission_limit_answers_503_at_once(llm):

@@ -11,6 +11,7 @@ page is seen mid-stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -78,10 +79,8 @@ class CDP:
                 return answer["result"]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.call("Browser.close", timeout=5)
-        except Exception:
-            pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

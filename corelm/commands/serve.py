@@ -55,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted request body in KiB; larger bodies get 413 (default 1024)")
     p.add_argument("--default-max-tokens", type=_positive(int), default=512,
                    help="output limit for requests that give no max_tokens (default 512)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights/compute dtype (default: what corelm.load picks for this machine)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="weights/compute dtype (default: the fastest this machine measures, see corelm bench)")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder(s) at load time")
+    p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     return p
 
 
@@ -81,14 +85,15 @@ def main(argv: list[str]) -> int:
                                   default_max_tokens=args.default_max_tokens)
     specs = args.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
-    app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name)
+    app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name,
+                               device=args.device, quantize=args.quantize)
     for m in served:
         endpoint = "/v1/embeddings" if m.kind == "embed" else "/v1/completions, /v1/chat/completions"
         print(f"serving {m.name!r} ({endpoint}; context {m.context_window} tokens)", file=sys.stderr)
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
-        server.run(app, args.host, args.port)
+        server.run(app, args.host, args.port, access_log=args.access_log)
     finally:
         server.stop(served)
     return 0

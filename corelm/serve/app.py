@@ -50,7 +50,7 @@ def _chat_page() -> tuple[str, str]:
 
     html = resources.files("corelm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
     def pins(tag: str) -> str:
-        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
         hashes = ["'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
         return " ".join(hashes) or "'none'"
 
@@ -193,7 +193,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         prompt_param = "messages" if chat else "prompt"
         try:
             prompt_ids = model.encode_chat(payload) if chat else model.encode_prompt(payload)
-        except Exception as exc:  # a template that raises on these messages (e.g. role order)
+        except CorelmError as exc:  # a template that raises on these messages (e.g. role order)
             raise errors.bad_request(f"the chat template rejected the messages: {exc}", prompt_param) from None
         max_tokens = model.budget(len(prompt_ids), common.options.max_tokens, prompt_param)
         deadline = arrival + config.request_timeout

@@ -62,15 +62,18 @@ def wrap(name: str, loaded: Any, options: ServeOptions) -> TextModel | Embedding
 
 
 def build(model_specs: list[str], options: ServeOptions, api_key: str | None = None,
-          dtype: str | None = None, names: list[str] | None = None) -> tuple[Any, list[Any]]:
+          dtype: str | None = None, names: list[str] | None = None, device: str = "cpu",
+          quantize: str | None = None) -> tuple[Any, list[Any]]:
     """Load every model, start the batchers, and return ``(app, served models)``."""
     import corelm
+    from corelm.presets import EMBEDDED, PRESETS
 
     served = []
     for i, spec in enumerate(model_specs):
         name = names[i] if names and i < len(names) else served_name(spec)
-        kwargs = {"dtype": dtype} if dtype else {}
-        served.append(wrap(name, corelm.load(spec, **kwargs), options))
+        family = PRESETS.get(EMBEDDED[spec][2] if spec in EMBEDDED else spec, {}).get("family")
+        quant = None if family == "bert" else quantize  # encoders are served as they are
+        served.append(wrap(name, corelm.load(spec, dtype=dtype, device=device, quantize=quant), options))
     if len({m.name for m in served}) != len(served):
         raise CorelmError("two served models have the same name; pick distinct ones with --name")
     config = ServerConfig(api_key=api_key, max_body_bytes=options.max_body_bytes,
@@ -152,14 +155,14 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
 
-def run(app: Any, host: str, port: int) -> None:
+def run(app: Any, host: str, port: int, access_log: bool = False) -> None:
     """Serve until Ctrl-C (blocking)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=3)

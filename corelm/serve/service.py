@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from corelm.serve import errors
 from corelm.generate.engine import SamplingParams
+from corelm.serve import errors
 from corelm.serve.batcher import Batcher, Handle
 
 
