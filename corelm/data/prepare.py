@@ -162,8 +162,9 @@ def train_default_tokenizer(texts: Iterable[str], vocab_size: int, work_dir: Pat
 
 
 def _is_val(index: int, val_fraction: float) -> bool:
-    # Knuth's multiplicative hash: a fixed, well-spread pseudo-random split of document indices.
-    return ((index * 2654435761) % 2**32) / 2**32 < val_fraction
+    # Knuth's multiplicative hash (offset so document 0 is not always held out): a fixed, well-spread
+    # pseudo-random split of document indices.
+    return (((index + 1) * 2654435761) % 2**32) / 2**32 < val_fraction
 
 
 class _ShardWriter:
@@ -306,6 +307,8 @@ def prepare(
         for w in writers.values():
             w.close()
         if writers["train"].tokens == 0:
+            if writers["val"].tokens:
+                raise CorelmError("every document went to the validation split; lower --val-fraction")
             raise CorelmError("the corpus is empty: no non-blank document was found in the inputs")
         specials = {k: tok.token_to_id(v) for k, v in tok.special_tokens_map.items()}
         manifest = {
