@@ -22,6 +22,7 @@ while individual matrices end up with more or fewer. The allocator hooks onto th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -198,6 +199,22 @@ class RankAllocator:
             m.lora_E.masked_fill_(~pattern[name], 0.0)
             start += m.rank
         return pattern
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state (step, importance averages, final pattern) for exact resume."""
+        return {"step_count": self.step_count,
+                "ipt": {k: v.tolist() for k, v in self.ipt.items()},
+                "unc": {k: v.tolist() for k, v in self.unc.items()},
+                "final_pattern": None if self.final_pattern is None else
+                {k: v.tolist() for k, v in self.final_pattern.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step_count"]
+        self.ipt = {k: torch.tensor(v) for k, v in state["ipt"].items()}
+        self.unc = {k: torch.tensor(v) for k, v in state["unc"].items()}
+        pattern = state.get("final_pattern")
+        self.final_pattern = None if pattern is None else {k: torch.tensor(v, dtype=torch.bool)
+                                                           for k, v in pattern.items()}
 
     def ranks(self) -> dict[str, int]:
         """Current rank (nonzero ``lambda``) of every matrix."""

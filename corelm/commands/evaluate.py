@@ -1,0 +1,224 @@
+"""``corelm evaluate``: perplexity, classification, NER and summarization reports (tables + JSON).
+
+Examples::
+
+    corelm evaluate --model runs/ner --task ner --data test.conll            # entity-level report
+    corelm evaluate --model runs/cls --task classify --data test.csv         # accuracy, P/R/F1, confusion
+    corelm evaluate --model smollm2-135m-instruct --task perplexity --data some.txt --json
+    corelm evaluate --model smollm2-135m-instruct --task summarize --data pairs.jsonl --limit 20
+
+``--task perplexity --json`` prints one JSON object with at least ``perplexity`` and ``tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from corelm.errors import CorelmError
+
+TASKS = ("classify", "ner", "perplexity", "summarize")
+SUMMARIZE_PROMPT = "Summarize the following text in one sentence.\n\n{text}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="corelm evaluate", description=__doc__.split("\n\n")[0].strip("`"),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="a fine-tuning run directory (classify/ner; sft runs for perplexity/summarize), or any "
+                         "model name/path corelm.load accepts (perplexity/summarize)")
+    ap.add_argument("--task", required=True, choices=TASKS, help="which evaluation to run")
+    ap.add_argument("--data", required=True,
+                    help="classify: CSV/JSONL; ner: CoNLL; perplexity: a UTF-8 text file; summarize: JSONL pairs. "
+                         "demo:<set>[:<split>] names the built-in data (e.g. demo:packages:test)")
+    ap.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
+    ap.add_argument("--out", default=None, help="also save the JSON report to this file")
+    ap.add_argument("--strict", action="store_true",
+                    help="ner: strict IOB2 entity matching (a stray I- tag starts no entity); default is the "
+                         "lenient conlleval/seqeval reading")
+    ap.add_argument("--window", type=int, default=None,
+                    help="perplexity: tokens per forward pass (default: min(1024, context))")
+    ap.add_argument("--stride", type=int, default=None,
+                    help="perplexity: distance between window starts (default: window/2; = window for disjoint chunks)")
+    ap.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                    help="load the model with weight-only quantization (corelm.load(..., quantize=...))")
+    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto (measured on this machine)")
+    ap.add_argument("--max-len", type=int, default=None, help="classify/ner: tokens per example (default: the run's)")
+    ap.add_argument("--batch-size", type=int, default=32, help="classify/ner: examples per forward pass")
+    ap.add_argument("--text-field", default=None, help="classify: text column (default: the run's); summarize: "
+                                                       "source field (default: text)")
+    ap.add_argument("--label-field", default=None, help="classify: label column (default: the run's); summarize: "
+                                                        "reference field (default: summary)")
+    ap.add_argument("--scheme", choices=("iob2", "iob1"), default="iob2", help="ner: tagging scheme of the file")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="summarize: tokens generated per summary")
+    ap.add_argument("--skip-bad", action="store_true", help="skip malformed rows (reporting how many) instead of stopping")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from corelm.data.demo import resolve
+
+    args.data = resolve(args.data)
+    start = time.perf_counter()
+    if args.task in ("classify", "ner"):
+        report = _labelled(args)
+    elif args.task == "perplexity":
+        report = _perplexity(args)
+    else:
+        report = _summarize(args)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(report.pop("_table"))
+        if args.out:
+            print(f"report saved to {args.out}")
+    report.pop("_table", None)
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _limit(items: list, n: int | None) -> list:
+    return items[:n] if n else items
+
+
+def _labelled(args: argparse.Namespace) -> dict[str, Any]:
+    """classify / ner: run a fine-tuned model over a labelled file and score it."""
+    from corelm.data import tasks
+    from corelm.eval.metrics import classification_report, format_table
+    from corelm.eval.ner import entity_report
+    from corelm.finetune.run import encode_examples, forward_items, is_run, load_run, tags_from_logits
+
+    if not is_run(args.model):
+        raise CorelmError(f"--task {args.task} needs a fine-tuning run directory (corelm finetune --out DIR); "
+                          f"{args.model} is not one")
+    run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
+    if run.task["task"] != args.task:
+        raise CorelmError(f"{args.model} was fine-tuned for {run.task['task']}, not {args.task}")
+    max_len = args.max_len or run.task["max_len"]
+    if args.task == "classify":
+        fields = run.task.get("fields") or {}
+        rows = tasks.read_classification(args.data, args.text_field or fields.get("text", "text"),
+                                         args.label_field or fields.get("label", "label"), args.skip_bad)
+    else:
+        rows = tasks.read_conll(args.data, scheme=args.scheme, skip_bad=args.skip_bad)
+    if rows.skipped:
+        _say(rows.note())
+    items = _limit(rows.items, args.limit)
+    if args.task == "classify":
+        unknown = sorted({label for _, label in items} - set(run.labels))
+        if unknown:
+            raise CorelmError(f"{args.data}: label(s) {', '.join(map(repr, unknown))} are not among the model's "
+                              f"labels ({', '.join(run.labels)})")
+    encoded = encode_examples(args.task, items, run.tokenizer, run.labels, max_len, args.data) \
+        if args.task == "classify" else [tasks.encode_words(run.tokenizer, w, max_len) for w, _ in items]
+    logits = forward_items(run.model, encoded, run.pad_id, args.batch_size, args.progress)
+    if args.task == "classify":
+        pred = [run.labels[int(x.argmax())] for x in logits]
+        report = classification_report([label for _, label in items], pred, labels=run.labels)
+        table = format_table(report, "label")
+    else:
+        pred = tags_from_logits(logits, encoded, [len(w) for w, _ in items], run.labels)
+        report = entity_report([t for _, t in items], pred, strict=args.strict)
+        table = format_table(report, "entity") + (f"\n\ntoken accuracy {report['token_accuracy']:.4f}; "
+                                                  f"entity matching: {report['mode']}; {len(items)} sentences")
+    report.update({"task": args.task, "model": str(args.model), "data": args.data, "n": len(items),
+                   "method": run.task["method"], "quantize": args.quantize})
+    report["_table"] = table
+    return report
+
+
+def _load_lm(args: argparse.Namespace) -> Any:
+    """An LLM from a name/path or an sft run directory."""
+    import corelm
+    from corelm.finetune.run import is_run, load_run
+
+    if is_run(args.model):
+        run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
+        if run.task["task"] != "sft":
+            raise CorelmError(f"{args.model} is a {run.task['task']} run; --task {args.task} needs a language model")
+        return run.llm()
+    llm = corelm.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    if llm.config.is_encoder:
+        raise CorelmError(f"{args.model} is an encoder; --task {args.task} needs a decoder (causal LM)")
+    return llm
+
+
+def _perplexity(args: argparse.Namespace) -> dict[str, Any]:
+    from corelm.data.tasks import read_text
+    from corelm.eval.perplexity import perplexity
+
+    text = read_text(args.data)
+    llm = _load_lm(args)
+    ids = llm.tokenizer.encode(text)
+    if args.limit:
+        ids = ids[:args.limit]
+    if len(ids) < 2:
+        raise CorelmError(f"{args.data} has fewer than 2 tokens")
+    window = args.window or min(1024, llm.config.max_seq_len)
+    if window > llm.config.max_seq_len:
+        raise CorelmError(f"--window {window} exceeds the model's context of {llm.config.max_seq_len} tokens")
+    stride = args.stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise CorelmError(f"--stride must be between 1 and --window ({window}), got {stride}")
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", file=sys.stderr, leave=False)
+    llm.model.eval()
+    result = perplexity(llm.model, ids, window, stride, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    result.update({"model": str(args.model), "data": args.data, "quantize": args.quantize,
+                   "dtype": str(next(llm.model.parameters()).dtype).removeprefix("torch.")})
+    result["_table"] = (f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.4f} nats) over "
+                        f"{result['tokens']} tokens, window {window}, stride {stride}")
+    return result
+
+
+def _summarize(args: argparse.Namespace) -> dict[str, Any]:
+    from corelm.data.tasks import read_pairs
+    from corelm.eval.bleu_rouge import format_generation_report, generation_report
+
+    rows = read_pairs(args.data, args.text_field or "text", args.label_field or "summary", args.skip_bad)
+    if rows.skipped:
+        _say(rows.note())
+    pairs = _limit(rows.items, args.limit)
+    llm = _load_lm(args)
+    hyps = []
+    iterator = pairs
+    if args.progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(pairs, unit="doc", desc="summarize", file=sys.stderr, leave=False)
+    for source, _ in iterator:
+        messages = [{"role": "user", "content": SUMMARIZE_PROMPT.format(text=source)}]
+        out = llm.chat(messages, max_new_tokens=args.max_new_tokens, temperature=0.0)
+        hyps.append(out.strip().split("\n")[0].strip())
+    report = generation_report(hyps, [ref for _, ref in pairs])
+    report.update({"task": "summarize", "model": str(args.model), "data": args.data,
+                   "prompt": SUMMARIZE_PROMPT, "examples": [{"reference": r, "generated": h}
+                                                            for (_, r), h in list(zip(pairs, hyps))[:3]]})
+    table = format_generation_report(report)
+    for ex in report["examples"]:
+        table += f"\n\nreference: {ex['reference']}\ngenerated: {ex['generated']}"
+    report["_table"] = table
+    return report

@@ -1,0 +1,83 @@
+"""``corelm merge``: fold a LoRA/AdaLoRA run's low-rank updates into the base weights.
+
+Example::
+
+    corelm merge runs/sft --out runs/sft-merged     # then: corelm generate --model runs/sft-merged
+
+The output is a normal model directory (config.json, model.safetensors, tokenizer) and, for classify/ner
+runs, still a run (head.safetensors + corelm_task.json with method ``full``). Before saving, the merged
+model's outputs are compared with the unmerged ones on a probe input and the difference is printed.
+Bottleneck adapters are nonlinear and cannot be folded; they are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from corelm.errors import CorelmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="corelm merge", description=__doc__.split("\n\n")[0].strip("`"),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory written by corelm finetune (method lora, adalora or head)")
+    ap.add_argument("--out", required=True, help="directory for the merged model (must not exist or be empty)")
+    ap.add_argument("--dtype", default="fp32", help="dtype of the saved weights: fp32, bf16 or fp16")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from corelm.finetune.lora import merge_lora
+    from corelm.finetune.run import HEAD_FILE, TASK_FILE, backbone_of, is_run, load_run
+    from corelm.io.hf import save_hf_dir
+
+    if not is_run(args.run):
+        raise CorelmError(f"{args.run} is not a fine-tuning run directory (no {TASK_FILE})")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CorelmError(f"{out} exists and is not empty")
+    run = load_run(args.run)
+    method = run.task["method"]
+    if method == "adapter":
+        raise CorelmError("bottleneck adapters are nonlinear (h + up(gelu(down(h)))) and cannot be folded into the "
+                          "base weights; use the run directory as it is")
+    if method == "full":
+        raise CorelmError(f"{args.run} is a full fine-tune: it already is a complete model directory")
+    backbone = backbone_of(run.model)
+    probe = torch.randint(0, run.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = run.model(probe).float()
+        merge_lora(backbone)
+        after = run.model(probe).float()
+    diff = float((before - after).abs().max())
+    scale = float(before.abs().max())
+    print(f"merged {method}: max |output difference| on a probe input = {diff:.3g} (outputs up to {scale:.3g})")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    if dtype is None:
+        raise CorelmError(f"unknown --dtype {args.dtype!r}; use fp32, bf16 or fp16")
+    run.model.to(dtype)
+    # write next to the target and rename at the end: an interrupted merge leaves nothing half-written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_hf_dir(backbone, run.config, tmp, run.tokenizer)
+        if backbone is not run.model:
+            shutil.copy2(Path(args.run) / HEAD_FILE, tmp / HEAD_FILE)
+            task = {**run.task, "method": "full", "base": ".", "merged_from": str(Path(args.run).resolve()),
+                    "merged_method": method}
+            (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out}")
+    return 0
