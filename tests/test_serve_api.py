@@ -155,6 +155,37 @@ def test_32_concurrent_streaming_clients_get_their_lone_text(server, client):
     assert server.batcher.steps - steps_before < sum(n for _, n in jobs) / 3
 
 
+def test_batching_noise_is_far_below_every_greedy_margin(llm):
+    """Why the 32-client equality is not luck: batched matmuls differ from a lone request's only in
+    float rounding (~1e-5 here), while every greedy choice in those generations wins by far more."""
+    from corelm.generate import engine
+
+    tok = llm.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS]
+    margins = []
+    with torch.inference_mode():  # the greedy trajectories of every test prompt, 22 tokens each
+        cache = engine.new_cache(llm.model, len(prompts), 64)
+        logits = torch.cat([engine.prefill(llm.model, cache.rows(slice(r, r + 1)), [p]) for r, p in enumerate(prompts)])
+        pos = torch.tensor([len(p) for p in prompts])
+        for _ in range(22):
+            top2 = logits.topk(2)
+            margins += (top2.values[:, 0] - top2.values[:, 1]).tolist()
+            logits = engine.decode_one(llm.model, cache, top2.indices[:, 0], pos)
+            pos += 1
+    with torch.inference_mode():
+        prompts = prompts[:4]
+        alone = engine.new_cache(llm.model, 1, 64)
+        engine.prefill(llm.model, alone, prompts[:1])
+        together = engine.new_cache(llm.model, 4, 64)
+        for row, p in enumerate(prompts):
+            engine.prefill(llm.model, together.rows(slice(row, row + 1)), [p])
+        a = engine.decode_one(llm.model, alone, torch.tensor([7]), torch.tensor([len(prompts[0])]))
+        b = engine.decode_one(llm.model, together, torch.tensor([7, 8, 9, 10]), torch.tensor([len(p) for p in prompts]))
+        noise = float((a[0] - b[0]).abs().max())
+    print(f"smallest greedy margin {min(margins):.3g}, batching noise {noise:.3g}")
+    assert min(margins) > 20 * max(noise, 1e-7), (min(margins), noise)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(client):
     kwargs = {"model": "tiny", "prompt": "hello", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 1234}
     alone = client.completions.create(**kwargs).choices[0].text
@@ -328,7 +359,7 @@ def test_admission_limit_answers_503_at_once(llm):
         asyncio.run(scenario())
         t0 = time.monotonic()
         while batcher.running or batcher.waiting:  # both clients left: row and queue are free again
-            assert time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 < 1.0, "a disconnected client still holds its row or queue place"
             time.sleep(0.02)
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
