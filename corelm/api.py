@@ -534,8 +534,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> LL
 
     gguf = read_gguf(path)
     config = config_from_gguf(gguf)
-    tokenizer = Tokenizer.from_gguf(gguf)
     state = load_gguf_state_dict(gguf, config, dtype)
+    # A GGUF may carry no vocabulary (e.g. weights-only exports): the model still loads.
+    tokenizer = Tokenizer.from_gguf(gguf) if "tokenizer.ggml.tokens" in gguf.metadata else None
     return LLM(_materialize(config, state, device), tokenizer, config, source=str(path))
 
 

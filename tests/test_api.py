@@ -1,0 +1,147 @@
+"""The public Python API: names, load() sources and errors, stop strings, dtype choice, quantize hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import corelm
+from corelm.api import LLM, Encoder, _apply_stops, _partial_stop, default_dtype, load_tokenizer, resolve_dtype
+from corelm.errors import CorelmError
+
+from tests.test_gguf import write_tiny_gguf
+
+
+def test_public_api() -> None:
+    assert set(corelm.__all__) >= {"load", "CorelmError", "ModelConfig", "__version__"}
+    for name in corelm.__all__:
+        assert hasattr(corelm, name), name
+    for method in ("generate", "stream", "chat", "stream_chat"):
+        assert callable(getattr(LLM, method))
+    assert callable(Encoder.embed)
+
+
+def test_unknown_name_suggests_close_names() -> None:
+    with pytest.raises(CorelmError, match=r"unknown model 'smollm2-135m-instrct'.*did you mean: smollm2-135m-instruct"):
+        corelm.load("smollm2-135m-instrct")
+
+
+def test_missing_path() -> None:
+    with pytest.raises(CorelmError, match="path not found: /no/such/model.gguf"):
+        corelm.load("/no/such/model.gguf")
+    with pytest.raises(CorelmError, match="path not found"):
+        corelm.load("./nowhere")
+
+
+def test_directory_without_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CorelmError, match="no config.json"):
+        corelm.load(tmp_path)
+
+
+def test_not_gguf_file(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\x00" * 64)
+    with pytest.raises(CorelmError, match="not a GGUF file"):
+        corelm.load(f)
+
+
+def test_preset_random_init_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    llm = corelm.load("llama-tiny", dtype="fp32")
+    assert isinstance(llm, LLM) and llm.source == "random init"
+    assert "random initialization" in capsys.readouterr().err
+    assert llm.tokenizer is not None and llm.tokenizer.vocab_size == llm.config.vocab_size  # SmolLM2's vocabulary
+    logits = llm.model(torch.tensor([llm.tokenizer.encode("hello")]))
+    assert logits.shape == (1, 1, llm.config.vocab_size)
+    enc = corelm.load("bert-tiny", dtype="fp32")
+    assert isinstance(enc, Encoder)
+
+
+def test_gguf_path_loads_and_generates(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    llm = corelm.load(str(path), dtype="fp32")
+    ids = llm.tokenizer.encode("the quick brown fox")
+    new = llm.generate_ids(ids, max_new_tokens=5, ignore_eos=True)
+    assert len(new) == 5
+    # greedy generation equals argmax of a full forward, step by step
+    seq = list(ids)
+    for token in new:
+        with torch.inference_mode():
+            assert int(llm.model(torch.tensor([seq]))[0, -1].argmax()) == token
+        seq.append(token)
+    assert llm.generate("the quick", max_new_tokens=5, ignore_eos=True) == \
+        "".join(llm.stream("the quick", max_new_tokens=5, ignore_eos=True))
+    with pytest.raises(CorelmError, match="context window"):
+        llm.generate("fox " * 300, max_new_tokens=4)
+    with pytest.raises(CorelmError, match="top_p"):
+        llm.generate("the", top_p=0.0)
+    with pytest.raises(CorelmError, match="temperature"):
+        llm.generate("the", temperature=-1.0)
+    assert load_tokenizer(str(path)).encode("fox") == llm.tokenizer.encode("fox")
+
+
+class _CharTokenizer:
+    """Each id is a character; enough of the Tokenizer interface for the stop-string logic."""
+
+    def stream_decoder(self, skip_special_tokens: bool = True):  # noqa: ANN201
+        class Dec:
+            def push(self, i: int) -> str:
+                return chr(i)
+
+            def flush(self) -> str:
+                return ""
+
+        return Dec()
+
+
+def _run(text: str, stops: list[str]) -> tuple[str, list[str], int]:
+    consumed = 0
+
+    def gen():  # noqa: ANN202
+        nonlocal consumed
+        for ch in text:
+            consumed += 1
+            yield ord(ch)
+
+    pieces = list(_apply_stops(_CharTokenizer(), gen(), stops))  # type: ignore[arg-type]
+    return "".join(pieces), pieces, consumed
+
+
+def test_stop_strings() -> None:
+    out, pieces, consumed = _run("Hello world. More text", ["."])
+    assert out == "Hello world" and consumed == len("Hello world.")  # generation stops at the stop string
+    out, pieces, _ = _run("abc<|end|>def", ["<|end|>", "zzz"])
+    assert out == "abc" and all("<" not in p for p in pieces)  # a partial stop string is never streamed
+    out, _, _ = _run("ab<x", ["<|end|>"])  # held back text comes out at the end when it was no stop
+    assert out == "ab<x"
+    out, _, _ = _run("no stops here", [])
+    assert out == "no stops here"
+    assert _partial_stop("abc<|e", ["<|end|>"]) == 3 and _partial_stop("abc", ["<|end|>"]) == 0
+
+
+def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float32) is torch.float32
+    with pytest.raises(CorelmError, match="unknown dtype"):
+        resolve_dtype("int3")
+    assert default_dtype("cpu") in (torch.float32, torch.bfloat16)
+    monkeypatch.setenv("CORELM_DTYPE", "bf16")
+    default_dtype.cache_clear()
+    try:
+        assert resolve_dtype(None) is torch.bfloat16
+    finally:
+        monkeypatch.delenv("CORELM_DTYPE")
+        default_dtype.cache_clear()
+
+
+def test_quantize_hook() -> None:
+    plain = corelm.load("llama-tiny", dtype="fp32")
+    q = corelm.load("llama-tiny", dtype="fp32", quantize="int8")
+    assert any("Int8" in type(m).__name__ for m in q.model.modules())
+    ids = torch.tensor([q.tokenizer.encode("hello world")])
+    with torch.inference_mode():
+        a, b = plain.model(ids), q.model(ids)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()  # close, not equal: weights are int8
+    with pytest.raises(CorelmError):
+        corelm.load("llama-tiny", quantize="int3")
