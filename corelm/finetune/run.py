@@ -311,16 +311,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         raise CorelmError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
     torch.manual_seed(args.seed)
 
-    loaded = corelm.load(args.model, dtype="fp32")
-    config, tokenizer = loaded.config, loaded.tokenizer
-    if tokenizer is None:
-        raise CorelmError(f"{args.model} has no tokenizer; fine-tuning needs one")
-    if args.task == "sft" and config.is_encoder:
-        raise CorelmError("--task sft needs a decoder (e.g. smollm2-135m-instruct), not an encoder")
-    max_len = min(args.max_len, config.max_seq_len)
-    pad_id = _pad_id(tokenizer)
-
-    # data: labels come from the training set; without --val, 10% of it is held out (seeded)
+    # data first (bad files fail fast): labels come from the training set; without --val, 10% is held out
     train_rows = read_examples(args.task, args.data, args)
     items = list(train_rows.items)
     if args.val:
@@ -332,6 +323,15 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         val_items = [items[i] for i in order[:n_val]]
         items = [items[i] for i in order[n_val:]]
         val_source = f"{n_val} examples held out of {args.data}"
+
+    loaded = corelm.load(args.model, dtype="fp32")
+    config, tokenizer = loaded.config, loaded.tokenizer
+    if tokenizer is None:
+        raise CorelmError(f"{args.model} has no tokenizer; fine-tuning needs one")
+    if args.task == "sft" and config.is_encoder:
+        raise CorelmError("--task sft needs a decoder (e.g. smollm2-135m-instruct), not an encoder")
+    max_len = min(args.max_len, config.max_seq_len)
+    pad_id = _pad_id(tokenizer)
     if args.task == "classify":
         labels = sorted({label for _, label in items})
     elif args.task == "ner":
@@ -379,6 +379,8 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         return opt
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
+        if not val_set:
+            return {}
         return evaluate_items(args.task, m, val_set, val_items, labels, pad_id)
 
     task_info = {
