@@ -239,7 +239,7 @@ def compile_step(fn):  # noqa: ANN001, ANN201 - wraps any step function
     """``torch.compile`` the decode step with a per-instruction-set cache that persists across runs."""
     cache = compile_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # inductor reads it at every cache lookup
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

@@ -1,0 +1,234 @@
+"""Decode speed of corelm int8/int4 against transformers bf16 and llama.cpp, side by side in one run.
+
+Same weights (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same prompt, greedy, N new tokens
+(EOS ignored), T threads, variants alternating round by round (A B C A B C ...), median reported.
+corelm runs its fast decode path (:class:`corelm.compress.fast.FastDecoder`: packed weights, static
+cache, compiled step when ``--compile`` allows). llama.cpp runs through ``llama-cpp-python`` in a
+separate virtualenv (``--llama-python``; a benchmark-only dependency, never installed by the tests),
+as a worker process fed one command per round.
+
+Also checks that a GGUF exported by corelm (F32) gives llama.cpp the same 32-token greedy
+continuation as corelm, when llama.cpp is available.
+
+    python benchmarks/decode_quant.py                      # corelm int4/int8 vs transformers bf16
+    python benchmarks/decode_quant.py --llama-python /work/bench-venv/bin/python
+    ATEN_CPU_CAPABILITY=avx2 python benchmarks/decode_quant.py ...   # AVX2 kernels on an AVX-512 CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "Explain how a CPU cache works."
+
+LLAMA_WORKER = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.perf_counter()
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+load_s = time.perf_counter() - t0
+print(json.dumps({"load_s": load_s}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd.get("model") and cmd["model"] != path:
+        path = cmd["model"]
+        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    prompt = llm.tokenize(cmd["prompt"].encode(), add_bos=cmd.get("bos", False), special=True)
+    if cmd.get("ids"):
+        prompt = cmd["ids"]
+    want = cmd.get("n", n)
+    llm.reset()
+    out, t_first = [], None
+    t0 = time.perf_counter()
+    for tok in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.append(int(tok))
+        if len(out) == want:
+            break
+    end = time.perf_counter()
+    print(json.dumps({"ids": out, "ttft_s": t_first - t0, "decode_s": end - t_first, "n": len(out)}), flush=True)
+"""
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class CorelmRunner:
+    def __init__(self, method: str, compile_mode: str, max_len: int) -> None:
+        import corelm
+        from corelm.commands.quantize import gguf_source
+        from corelm.compress.fast import FastDecoder
+        from corelm.compress.quant import quantize_model
+
+        t0 = time.perf_counter()
+        llm = corelm.load("smollm2-135m-instruct", dtype="fp32")
+        if method != "fp32":
+            quantize_model(llm.model, method, from_gguf=gguf_source("smollm2-135m-instruct"))
+        self.llm, self.name = llm, f"corelm {method}"
+        mode = {"auto": "auto", "yes": True, "no": False}[compile_mode]
+        self.decoder = FastDecoder(llm.model, max_seq_len=max_len, compile=mode)
+        self.load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.decoder.warm_up(self.decoder._window(max_len))
+        self.warm_s = time.perf_counter() - t0
+        self.compiled = self.decoder._compiled is not self.decoder.forward_tokens
+        self.bytes = self.decoder.weight_bytes()
+
+    def run(self, ids: list[int], n: int) -> dict:
+        t0 = time.perf_counter()
+        out, t_first = [], None
+        for tok in self.decoder.generate_ids(ids, n):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(tok)
+        end = time.perf_counter()
+        return {"ids": out, "ttft_s": t_first - t0, "decode_s": end - t_first, "n": len(out)}
+
+
+class HFRunner:
+    def __init__(self, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from corelm.presets import embedded_path
+
+        path = embedded_path("smollm2-135m-instruct")
+        t0 = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        self.load_s = time.perf_counter() - t0
+        self.name = f"transformers {str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
+        self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.compiled, self.warm_s = False, 0.0
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], n: int) -> dict:
+        from transformers import TextStreamer  # noqa: F401 - imported for parity of import cost
+
+        x = torch.tensor([ids])
+        times = []
+
+        class Clock:
+            def put(self, value):  # noqa: ANN001, ANN202
+                times.append(time.perf_counter())
+
+            def end(self):  # noqa: ANN202
+                pass
+
+        t0 = time.perf_counter()
+        out = self.model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=Clock())
+        end = time.perf_counter()
+        t_first = times[1] if len(times) > 1 else end  # put() #0 is the prompt
+        return {"ids": out[0, len(ids):].tolist(), "ttft_s": t_first - t0, "decode_s": end - t_first,
+                "n": out.shape[1] - len(ids)}
+
+
+class LlamaCppRunner:
+    def __init__(self, python: str, gguf: Path, threads: int, n: int) -> None:
+        self.proc = subprocess.Popen([python, "-c", LLAMA_WORKER, str(gguf), str(threads), str(n)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.load_s = json.loads(self.proc.stdout.readline())["load_s"]
+        self.name, self.bytes, self.compiled, self.warm_s = "llama.cpp", gguf.stat().st_size, False, 0.0
+
+    def run(self, ids: list[int], n: int, model: Path | None = None) -> dict:
+        self.proc.stdin.write(json.dumps({"prompt": "", "ids": ids, "n": n,
+                                          "model": str(model) if model else None}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per run (EOS ignored)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every variant")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    ap.add_argument("--variants", default="int4,int8,hf-bf16",
+                    help="comma list of int4, int8, fp32 (corelm), hf-bf16, hf-fp32 (transformers)")
+    ap.add_argument("--compile", default="yes", choices=["yes", "no", "auto"],
+                    help="compile corelm's decode step (yes), stay eager (no), or compile only with a warm cache")
+    ap.add_argument("--llama-python", default=None,
+                    help="python of a virtualenv with llama-cpp-python (adds the llama.cpp peer)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import corelm
+    from corelm.compress.fast import cpu_capability
+    from corelm.presets import embedded_path
+
+    tok = corelm.load("smollm2-135m-instruct", dtype="fp32").tokenizer
+    ids = tok.encode(PROMPT)
+    max_len = len(ids) + args.tokens + 8
+    runners = []
+    for v in args.variants.split(","):
+        v = v.strip()
+        print(f"loading {v} ...", file=sys.stderr, flush=True)
+        if v in ("int4", "int8", "fp32"):
+            runners.append(CorelmRunner(v, args.compile, max_len))
+        elif v in ("hf-bf16", "hf-fp32"):
+            runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32))
+        else:
+            raise SystemExit(f"unknown variant {v}")
+    gguf = embedded_path("smollm2-135m-instruct")
+    if args.llama_python:
+        runners.append(LlamaCppRunner(args.llama_python, gguf, args.threads, args.tokens))
+    for r in runners:  # warm-up run each
+        r.run(ids, 8)
+    results: dict[str, list[dict]] = {r.name: [] for r in runners}
+    for i in range(args.rounds):
+        for r in runners:
+            results[r.name].append(r.run(ids, args.tokens))
+        print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    cap = cpu_capability()
+    print(f"\nSmolLM2-135M-Instruct, prompt {len(ids)} tokens, {args.tokens} new tokens, {args.threads} threads, "
+          f"median of {args.rounds} alternating rounds; ATen CPU capability {cap}; torch {torch.__version__}")
+    print(f"{'variant':<20} {'load s':>7} {'compile s':>9} {'TTFT ms':>8} {'decode tok/s':>12} "
+          f"{'weights MB':>10} {'GB/s':>6}")
+    rates = {}
+    for r in runners:
+        rs = results[r.name]
+        rate = _median([(x["n"] - 1) / x["decode_s"] for x in rs])
+        rates[r.name] = rate
+        ttft = _median([x["ttft_s"] for x in rs]) * 1e3
+        comp = f"{r.warm_s:.1f}" if getattr(r, "compiled", False) else "eager"
+        print(f"{r.name:<20} {r.load_s:>7.1f} {comp:>9} {ttft:>8.0f} {rate:>12.1f} {r.bytes / 1e6:>10.0f} "
+              f"{r.bytes * rate / 1e9:>6.1f}")
+    base = [n for n in rates if n.startswith("transformers")]
+    for name, rate in rates.items():
+        for b in base + (["llama.cpp"] if "llama.cpp" in rates else []):
+            if name != b:
+                print(f"  {name} / {b}: {rate / rates[b]:.2f}x")
+
+    if args.llama_python:
+        from corelm.compress.quant import is_quantized
+        from corelm.io.gguf_export import export_gguf
+
+        llm = corelm.load("smollm2-135m-instruct", dtype="fp32")
+        assert not is_quantized(llm.model)
+        with torch.inference_mode():
+            ref = llm.generate_ids(ids, 32, ignore_eos=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_gguf(llm.model, Path(tmp) / "smollm2-f32.gguf", "F32", tokenizer=llm.tokenizer)
+            got = runners[-1].run(ids, 32, model=path)["ids"]
+        same = sum(a == b for a, b in zip(ref, got))
+        print(f"\nGGUF export (F32) -> llama.cpp, 32 greedy tokens: {'identical' if got == ref else 'DIFFERENT'} "
+              f"({same}/32 positions equal)")
+        runners[-1].close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

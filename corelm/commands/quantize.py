@@ -1,0 +1,96 @@
+"""``corelm quantize``: weight-only int8 / int4 quantization of a model into a checkpoint directory.
+
+The directory holds portable quantized values (int8 weights, int4 nibbles), scales and zeros in
+``model.safetensors``; int4 weights are repacked for the running CPU when loaded. From a GGUF
+source (the embedded SmolLM2 is Q4_1), int4 group 32 takes the file's 4-bit blocks as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from corelm.errors import CorelmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="corelm quantize",
+        description="Quantize a model's linear layers to int8 (per output channel) or int4 (group-wise, "
+                    "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("source", help="embedded model name, .gguf file or HF checkpoint directory")
+    ap.add_argument("out_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
+    ap.add_argument("--method", default="int8", choices=["int8", "int4"],
+                    help="int8: one scale per output channel; int4: one scale and zero per group of columns")
+    ap.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                    help="int4 only: input columns sharing a scale and zero (smaller = more accurate, larger file)")
+    ap.add_argument("--head", default="int8", choices=["int8", "int4"],
+                    help="quantization of the output head (shared with the token embedding when tied)")
+    ap.add_argument("--requantize", action="store_true",
+                    help="from a GGUF source, quantize the dequantized weights again instead of reusing "
+                         "the file's Q4_0/Q4_1 blocks")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
+    return ap
+
+
+def gguf_source(source: str) -> Path | None:
+    """The GGUF file behind ``source`` (an embedded GGUF model or a .gguf path), else None."""
+    from corelm.presets import EMBEDDED, embedded_path
+
+    if source in EMBEDDED and EMBEDDED[source][1].endswith(".gguf"):
+        return embedded_path(source)
+    path = Path(source)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size: int = 32, head: str = "int8",
+             requantize: bool = False, overwrite: bool = False) -> Path:
+    """Load ``source``, quantize it, write ``out_dir`` atomically (temporary sibling, then rename)."""
+    import corelm
+    from corelm.compress.quant import check_group_size, quantize_model, save_quantized_dir
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
+    if method == "int4" or head == "int4":
+        check_group_size(group_size * 2, group_size)  # validates the value before loading anything
+    loaded = corelm.load(source, dtype="fp32")
+    if loaded.config.is_encoder:
+        raise CorelmError("corelm quantize writes decoders; encoders quantize in memory with "
+                          "corelm.load(..., quantize=...)")
+    gguf = None if requantize else gguf_source(source)
+    from tqdm import tqdm
+
+    def bar(layers):  # noqa: ANN001, ANN202
+        return tqdm(layers, desc=f"quantizing to {method}", unit="layer", file=sys.stderr, leave=False)
+
+    quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_quantized_dir(loaded.model, loaded.config, tmp, loaded.tokenizer)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+        out.chmod(0o755)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    out = quantize(args.source, args.out_dir, args.method, args.group_size, args.head, args.requantize,
+                   args.overwrite)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    weights = (out / "model.safetensors").stat().st_size / 1e6
+    print(f"wrote {out}/ ({args.method}{f', group {args.group_size}' if args.method == 'int4' else ''}; "
+          f"weights {weights:.0f} MB, {size:.0f} MB in all) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
