@@ -68,15 +68,21 @@ class KVCache:
             layer: layer index.
             input_pos: ``(B, T)`` positions of the new tokens.
             k_new, v_new: ``(B, n_kv_head, T, head_dim)``.
-            n_keys: slots to return (``max(input_pos) + 1`` or ``S_max``).
+            n_keys: slots to return: ``max(input_pos) + 1``, or ``S_max`` when ``full_window``.
         Returns:
             keys and values ``(B, n_kv_head, n_keys, head_dim)``.
         """
         k, v = self.k[layer], self.v[layer]
-        rows = self._rows[: input_pos.shape[0]]
-        # Advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, n_kv_head, head_dim).
-        k[rows, :, input_pos] = k_new.transpose(1, 2).to(k.dtype)
-        v[rows, :, input_pos] = v_new.transpose(1, 2).to(v.dtype)
+        B, _, T, _ = k_new.shape
+        if B == 1 and T == 1 and not self.full_window:
+            # one token of one row at the last slot read (n_keys - 1): a plain copy, no scatter
+            k[:, :, n_keys - 1 : n_keys].copy_(k_new)
+            v[:, :, n_keys - 1 : n_keys].copy_(v_new)
+        else:
+            rows = self._rows[:B]
+            # Advanced indices on dims 0 and 2 around a slice: the indexed view is (B, T, n_kv_head, head_dim).
+            k[rows, :, input_pos] = k_new.transpose(1, 2).to(k.dtype)
+            v[rows, :, input_pos] = v_new.transpose(1, 2).to(v.dtype)
         return k[:, :, :n_keys], v[:, :, :n_keys]
 
     def reset(self) -> None:
