@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     ap.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
                     help="attention kernel: fused scaled_dot_product_attention or the readable reference")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to train: auto = cuda when a GPU is visible (NCCL under torchrun), else cpu (gloo)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("out", "resume"):
@@ -123,7 +125,7 @@ def main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = init_distributed()
+    info = init_distributed(None if args.device == "auto" else args.device)
     try:
         return run(args, info)
     finally:

@@ -46,6 +46,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if world <= 1:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local >= torch.cuda.device_count():
+        from corelm.errors import CorelmError
+
+        raise CorelmError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible): start at most "
+                          "one process per GPU (--nproc-per-node), or train on CPU with --device cpu")
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
