@@ -166,6 +166,8 @@ class Precision:
         compute_copy: bytes per parameter of the low-precision copy the matmuls read under mixed
             precision (autocast's weight cache, FSDP's unsharded bf16 params); 0 when weights are used as is.
         optimizer_scale: optimizer state bytes relative to fp32 states (0.5 when states follow bf16 params).
+        master: bytes per parameter of an fp32 master copy kept *by the optimizer* (DeepSpeed/Megatron
+            style, so ZeRO shards it with the optimizer states).
     """
 
     weights: float
@@ -173,6 +175,7 @@ class Precision:
     activations: float
     compute_copy: float
     optimizer_scale: float
+    master: float = 0.0
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -183,6 +186,9 @@ PRECISIONS: dict[str, Precision] = {
     "fp16-mixed": Precision(4, 4, 2, 2, 1.0),
     # Pure bf16: params, grads and (torch) optimizer states all in bf16.
     "bf16-true": Precision(2, 2, 2, 0, 0.5),
+    # [ZeRO §3.1] accounting (DeepSpeed, Megatron): 16-bit params and grads (2 + 2), and K = 12 bytes
+    # of optimizer state = fp32 master weights + Adam moments, which ZeRO-1 shards together.
+    "bf16-mixed-master": Precision(2, 2, 2, 0, 1.0, master=4),
 }
 
 # Optimizer state bytes per trainable parameter with fp32 states.
@@ -212,7 +218,7 @@ def bytes_per_param_training(precision: str = "bf16-mixed", optimizer: str = "ad
     Mixed precision with AdamW gives 4 + 4 + 8 = 16 bytes, the same total as ZeRO's 2 + 2 + 12 [ZeRO §3.1].
     """
     p = check_precision(precision)
-    return p.weights + p.grads + check_optimizer(optimizer) * p.optimizer_scale
+    return p.weights + p.grads + check_optimizer(optimizer) * p.optimizer_scale + p.master
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str = "bf16") -> float:
@@ -358,7 +364,7 @@ def sharded_state_bytes(n_params: float, trainable: float, *, precision: str, op
     if zero not in (0, 1, 2, 3):
         raise CorelmError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero}")
     p = check_precision(precision)
-    opt = check_optimizer(optimizer) * p.optimizer_scale
+    opt = check_optimizer(optimizer) * p.optimizer_scale + p.master
     out = {
         "weights": trainable * p.weights / tp,
         "frozen": (n_params - trainable) * DTYPE_BYTES[frozen_dtype] / tp,

@@ -262,7 +262,7 @@ def train_memory(cfg: ModelConfig, w: Workload, layout: Layout, *, seq_len: int)
     backward = {**states, "grads": grads_at_backward, "activations": activations,
                 "logits": F.logits_bytes(cfg, seq_len, layout.micro_batch) / layout.tp, "optimizer_temp": 0.0}
     opt_temp = 0.0
-    if w.optimizer.startswith("adamw"):
+    if w.optimizer.startswith("adamw") and w.optimizer != "adamw-8bit":
         opt_temp = trainable * 4 * F.PRECISIONS[layout.precision].optimizer_scale / layout.tp
         opt_temp /= layout.dp if layout.zero >= 1 else 1
     step = {**states, "compute_copy": 0.0, "activations": 0.0, "logits": 0.0, "optimizer_temp": opt_temp}
@@ -291,7 +291,8 @@ def _precisions(hw: Hardware, w: Workload) -> list[str]:
 
 
 def _compute_dtype(precision: str) -> str:
-    return {"fp32": "fp32", "bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-true": "bf16"}[precision]
+    return {"fp32": "fp32", "bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-true": "bf16",
+            "bf16-mixed-master": "bf16"}[precision]
 
 
 def train_time(cfg: ModelConfig, w: Workload, hw: Hardware, layout: Layout, *, seq_len: int,
@@ -372,16 +373,20 @@ def plan_training(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> De
         if total > hw.usable_bytes:
             continue
         t = train_time(cfg, w, hw, layout, seq_len=seq, batch=batch, count=count)
-        key = (t["step"], total)
-        if best is None or key < (best[0], best[1]):
-            best = (t["step"], total, layout, mem, t)
+        # Fastest first; among equally fast (communication-bound) layouts, the one that computes
+        # least (no needless recomputation), then the one with the most memory headroom.
+        rc_cost = F.RECOMPUTE_MODES.index(layout.recompute)
+        key = (round(t["step"], 12), rc_cost, layout.tp, total)
+        if best is None or key < best[0]:
+            best = (key, total, layout, mem, t)
     if best is None:
         total, layout, mem = smallest
         return DevicePlan(hw.id, hw.name, count, False,
                           f"needs {total / GiB:.1f} GiB per device even with {layout.describe()}; "
                           f"{hw.id} has {hw.usable_bytes / GiB:.1f} GiB usable",
                           mem, hw.memory_bytes, layout)
-    step, total, layout, mem, t = best
+    _, total, layout, mem, t = best
+    step = t["step"]
     tokens_step = batch * seq
     tps = tokens_step / step
     seconds = tokens / tps
@@ -493,6 +498,9 @@ def plan_inference(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> D
 def plan_one(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> DevicePlan:
     if count < 1:
         raise CorelmError(f"device count must be >= 1, got {count}")
+    if count > 1 and not (hw.interconnect_gbs or hw.scale_out_gbs):
+        return DevicePlan(hw.id, hw.name, count, False, f"{hw.id} has no interconnect in the catalog; "
+                          "plan it as a single device", {}, hw.memory_bytes, usable_bytes=hw.usable_bytes)
     out = plan_inference(cfg, w, hw, count) if w.task == "infer" else plan_training(cfg, w, hw, count)
     out.usable_bytes = hw.usable_bytes
     return out
@@ -510,6 +518,8 @@ def min_devices(cfg: ModelConfig, w: Workload, hw: Hardware, limit: int = 4096) 
         last = plan_one(cfg, w, hw, count)
         if last.fits:
             return last
+        if not (hw.interconnect_gbs or hw.scale_out_gbs):
+            break
         count *= 2
     return last
 
@@ -532,11 +542,13 @@ def plan(cfg: ModelConfig, w: Workload, hardware: list[Hardware], count: int | N
     )
 
 
-def plan_budget(cfg: ModelConfig, w: Workload, hardware: list[Hardware], budget_usd: float) -> Plan:
+def plan_budget(cfg: ModelConfig, w: Workload, hardware: list[Hardware], budget_usd: float,
+                min_scaling_efficiency: float = 0.8) -> Plan:
     """What to rent: per hardware row, the device count that finishes soonest within ``budget_usd``.
 
-    Starts at the fewest devices that fit and doubles while the run still costs at most the budget
-    and gets faster (ideal scaling keeps the cost flat; communication makes it grow).
+    Starts at the fewest devices that fit and doubles while the run still costs at most the budget,
+    gets faster, and keeps at least ``min_scaling_efficiency`` of ideal scaling (ideal scaling keeps
+    the cost flat; communication makes it grow: past that point money buys little time).
     """
     if budget_usd <= 0:
         raise CorelmError(f"budget must be positive, got {budget_usd:g} USD")
@@ -548,7 +560,8 @@ def plan_budget(cfg: ModelConfig, w: Workload, hardware: list[Hardware], budget_
             count = first.count * 2
             while count <= 4096:
                 nxt = plan_one(cfg, w, hw, count)
-                if not nxt.fits or nxt.cost_usd > budget_usd or nxt.total_time_s >= best.total_time_s:
+                if (not nxt.fits or nxt.cost_usd > budget_usd or nxt.total_time_s >= best.total_time_s
+                        or nxt.cost_usd > first.cost_usd / min_scaling_efficiency):
                     break
                 best, count = nxt, count * 2
         chosen.append(best)
