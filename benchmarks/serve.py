@@ -76,6 +76,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--max-batch", str(max(args.levels)), "--max-seq-len", str(args.max_seq_len)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.device:
+        cmd += ["--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -106,6 +108,7 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     p.add_argument("--dtype", help="server --dtype (default: corelm's choice for this machine)")
+    p.add_argument("--device", help="server --device (default cpu)")
     args = p.parse_args()
 
     port = free_port()
@@ -113,8 +116,11 @@ def main() -> int:
     proc = start_server(args, port)
     try:
         model = wait_ready(proc, url)
-        print(f"corelm serve {model}: CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-              f"{os.cpu_count()} cores, {args.threads} torch threads, {args.max_tokens} tokens/request", flush=True)
+        where = (torch.cuda.get_device_name() if args.device and args.device.startswith("cuda") else
+                 f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
+                 f"{args.threads} torch threads")
+        print(f"corelm serve {model} ({args.dtype or 'default dtype'}): {where}, {args.max_tokens} tokens/request",
+              flush=True)
         asyncio.run(level(url, model, 1, 1, 4))  # warm-up
         runs: dict[int, list[dict]] = {n: [] for n in args.levels}
         for r in range(args.rounds):

@@ -85,14 +85,14 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
     app.state.metrics = metrics
     app.state.models = by_name
 
-    for m in models:
-        if isinstance(m, TextModel):
-            b = m.batcher
-            metrics.gauge("corelm_running_requests", "Requests holding a batch row.", lambda b=b: b.running)
-            metrics.gauge("corelm_queue_depth", "Requests waiting for a batch row.", lambda b=b: b.waiting)
-            metrics.gauge("corelm_batch_rows", "Rows in the running batch (max concurrent requests).",
-                          lambda b=b: b.max_batch)
-            metrics.gauge("corelm_decode_steps_total", "Batched decode steps run.", lambda b=b: b.steps)
+    batchers = [m.batcher for m in models if isinstance(m, TextModel)]
+    for name, help, read in (
+        ("corelm_running_requests", "Requests holding a batch row.", lambda b: b.running),
+        ("corelm_queue_depth", "Requests waiting for a batch row.", lambda b: b.waiting),
+        ("corelm_batch_rows", "Rows in the running batch (max concurrent requests).", lambda b: b.max_batch),
+        ("corelm_decode_steps", "Batched decode steps run since start.", lambda b: b.steps),
+    ):
+        metrics.gauge(name, help, lambda read=read: sum(read(b) for b in batchers))
 
     # ---- errors: always OpenAI-shaped, never a path or a traceback ----
 
@@ -184,7 +184,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
 
     # ---- generation (shared by /v1/completions and /v1/chat/completions) ----
 
-    async def generate(request: Request, endpoint: str, chat: bool) -> Response:
+    async def generate(request: Request, chat: bool) -> Response:
         arrival = time.monotonic()
         authorize(request)
         body = await read_body(request)
@@ -276,11 +276,11 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, "/v1/completions", chat=False)
+        return await generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, "/v1/chat/completions", chat=True)
+        return await generate(request, chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
