@@ -209,6 +209,14 @@ def test_n_choices(client):
     out = client.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0.8, seed=3, n=3)
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert out.usage.completion_tokens == 15
+    texts, finished = ["", ""], set()
+    for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                                max_tokens=4, temperature=0, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and texts[0] == texts[1] != ""  # greedy: both choices agree
 
 
 def test_embeddings_match_encoder(client):

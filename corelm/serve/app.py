@@ -151,7 +151,9 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         if name is None:
             candidates = [m for m in models if m.kind == kind]
             if not candidates:
-                raise errors.model_not_found("(default)", list(by_name))
+                what = "embedding" if kind == "embed" else "text generation"
+                raise APIError(404, f"no {what} model is served here; available: {', '.join(by_name)}",
+                               param="model", code="model_not_found")
             return candidates[0]
         model = by_name.get(name)
         if model is None:
