@@ -88,8 +88,8 @@ def test_quantize_model_swaps_linears_and_ties_embedding(method):
     ids = torch.randint(0, 50, (2, 6))
     ref = model(ids)
     quant.quantize_model(model, method, group_size=32)
-    assert isinstance(model.lm_head, quant.Int8Linear)
-    assert isinstance(model.embed, quant.Int8Embedding) and model.embed.weight is model.lm_head.weight
+    assert isinstance(model.lm_head, quant.Q8Linear)
+    assert isinstance(model.embed, quant.Int8Embedding) and model.embed.weight is model.lm_head.qweight
     cls = quant.Int8Linear if method == "int8" else quant.Int4Linear
     assert all(isinstance(m, cls) for m in (model.body[0], model.body[2]))
     out = model(ids)
@@ -152,3 +152,80 @@ def test_q8_0_blocks_dequantize():
     w = quant.dequantize_gguf_q8_0(raw, (4, 64))
     ref = q.reshape(4, 2, 32).astype(np.float32) * d[..., None].astype(np.float32)
     torch.testing.assert_close(w, torch.from_numpy(ref.reshape(4, 64)))
+
+
+HELD_OUT = (
+    "The Industrial Revolution began in Britain in the late eighteenth century, when new machines for "
+    "spinning and weaving cotton were powered first by water and then by steam. Factories grew around coal "
+    "fields, canals and later railways connected cities, and millions of people moved from farms into towns. "
+    "Historians still debate why it started there: cheap coal, expensive labour, secure property rights and "
+    "a culture of tinkering all played a part. def mean(xs):\n    return sum(xs) / len(xs)\n"
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of "
+    "plant cells, and almost every food chain on Earth depends on it. A hash table stores keys in an array "
+    "of buckets chosen by a hash function; when two keys land in the same bucket, the table either chains "
+    "them in a list or probes for the next free slot, and it grows when the load factor passes a threshold "
+    "so that lookups stay constant time on average. The Treaty of Westphalia in 1648 ended the Thirty "
+    "Years' War and is often said to mark the beginning of the modern system of sovereign states."
+)
+
+
+@pytest.mark.slow
+def test_embedded_int4_from_q4_1_agrees_with_dequantized_model():
+    from corelm.io import gguf as gguf_io
+    from corelm.models import build_model
+    from corelm.presets import embedded_path
+    from corelm.tokenizer import Tokenizer
+
+    path = embedded_path("smollm2-135m-instruct")
+    f = gguf_io.read_gguf(path)
+    config = gguf_io.config_from_gguf(f)
+    ids = torch.tensor([Tokenizer.from_gguf(f).encode(HELD_OUT)])
+    assert ids.shape[1] > 200
+
+    def fresh():
+        with torch.device("meta"):
+            model = build_model(config)
+        model.load_state_dict(gguf_io.load_gguf_state_dict(f, config), assign=True, strict=False)
+        return model.eval()
+
+    with torch.no_grad():
+        ref = fresh()(ids).float()
+        model = quant.quantize_model(fresh(), "int4", from_gguf=f)
+        layer = model.model.layers[3].mlp.up_proj
+        assert isinstance(layer, quant.Int4Linear)
+        # the 4-bit values are the file's; scale/zero differ from d and m + 8d only by bf16 rounding
+        qb = gguf_io.quant_blocks(f, "blk.3.ffn_up.weight")
+        q, scales, zeros = layer.quantized()
+        assert torch.equal(q, quant._gguf_nibbles(qb.qs.reshape(q.shape[0], -1, 16)))
+        torch.testing.assert_close(scales.float(), qb.scales.float(), rtol=2**-8, atol=0)
+        out = model(ids).float()
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    print(f"int4 (from Q4_1) vs dequantized fp32: top-1 agreement {agree:.4f}, mean KL {kl:.5f} nats")
+    assert agree >= 0.98
+    assert kl < 0.01
+
+
+def test_q8_linear_splits_int8_into_two_exact_int4_halves():
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 32, bias=False)
+    q8 = quant.Q8Linear.from_float(lin)
+    qv, scales = q8.qweight, q8.scales
+    # the int4 pair dequantizes to exactly q * d (hi*16d + lo*d, both exact in fp32)
+    pair = q8.pair.dequantize()
+    torch.testing.assert_close(pair[:, :64] + pair[:, 64:], q8.dequantize(), rtol=0, atol=1e-6)
+    assert (q8.dequantize() - lin.weight).abs().max() <= scales.float().max() / 2 + 1e-6
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(q8(x), _reference(x, q8.dequantize()), rtol=2e-2, atol=2e-2)
+    # as a head it refines the top outputs in fp32: those equal x @ W^T in fp32
+    q8.refine = 4
+    y = q8(x)
+    exact = x @ q8.dequantize().t()
+    top = y.topk(4, dim=-1).indices
+    torch.testing.assert_close(y.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-5)
+    fresh = quant.Q8Linear(64, 32)
+    fresh.load_state_dict(q8.state_dict())
+    fresh.refine = 4
+    assert set(q8.state_dict()) == {"qweight", "scales"}
+    assert torch.equal(fresh(x), y)

@@ -115,9 +115,10 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding stored as int8 with one scale per token (row).
+    """Token embedding stored as int8 with one scale per token (``scales`` (V,)) or per group of 32
+    columns (``scales`` (V, d/32), GGUF Q8_0's layout).
 
-    With tied embeddings the LM head's :class:`Int8Linear` and this module share one int8 matrix.
+    With tied embeddings the LM head and this module share one int8 matrix and its scales.
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -127,9 +128,17 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
+    def dequantize(self) -> torch.Tensor:
+        """The float (V, d) embedding matrix."""
+        return self(torch.arange(self.num_embeddings, device=self.weight.device)).float()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight).to(self.out_dtype)  # (..., d)
-        return rows * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
+        scales = self.scales[ids].to(self.out_dtype)  # (...,) or (..., d/G)
+        if scales.dim() == rows.dim():  # group-wise
+            group = self.embedding_dim // scales.shape[-1]
+            return (rows.unflatten(-1, (-1, group)) * scales.unsqueeze(-1)).flatten(-2)
+        return rows * scales.unsqueeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +199,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.derived = False  # True inside a Q8Linear: the parent saves and loads the portable form
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
         self.register_buffer("scale_zeros", torch.empty(in_features // group_size, out_features, 2,
                                                         dtype=torch.bfloat16, device=device), persistent=False)
@@ -266,6 +276,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch hook signature
+        if self.derived:
+            return
         q, scales, zeros = self.quantized()
         destination[prefix + "qweight"] = pack_nibbles(q).cpu()
         destination[prefix + "scales"] = scales.cpu()
@@ -275,6 +287,8 @@ class Int4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
                               unexpected_keys, error_msgs):
+        if self.derived:
+            return
         keys = [prefix + name for name in ("qweight", "scales", "zeros")]
         if self.bias is not None:
             keys.append(prefix + "bias")
@@ -289,6 +303,101 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group_size={self.group_size}")
+
+
+def quantize_int8_groupwise(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per group of ``group_size`` columns (GGUF Q8_0's scheme).
+
+    Returns:
+        ``q`` (N, K) int8 in [-127, 127] and ``scales`` (N, K/G) bf16.
+    """
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    scales = (w.abs().amax(-1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, scales
+
+
+class Q8Linear(nn.Module):
+    """Group-wise int8 (one scale per 32 columns, like GGUF Q8_0), multiplied by the int4 kernel.
+
+    ``_weight_int8pack_mm`` takes one scale per output channel only, and re-quantizing a Q8_0 head
+    per channel cost 3-4 points of top-1 agreement on SmolLM2. Instead each int8 value is split into
+    two 4-bit halves, ``q = 16*hi + lo`` with ``hi`` in -8..7 and ``lo`` in 0..15, and both halves are
+    laid side by side along the input dimension of one int4 matrix of width 2K:
+
+        W x = (16 d * hi) x + (d * lo) x = [W_hi | W_lo] [x ; x]
+
+    which the int4 kernel's ``(q4 - 8) * scale + zero`` expresses exactly (``hi``: q4 = hi + 8,
+    scale 16d, zero 0; ``lo``: q4 = lo, scale d, zero 8d). Same bytes as int8 plus the group scales;
+    exact for Q8_0 blocks (``d`` rounded to bf16). Keeps the portable ``qweight`` (N, K) int8 and
+    ``scales`` (N, K/32) as well: they are what is saved, and a tied embedding reads them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        check_group_size(in_features, group_size)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.bfloat16,
+                                                   device=device))
+        self.pair = Int4Linear(2 * in_features, out_features, group_size, device=device)
+        self.pair.derived = True
+        self.bias = None
+        self.refine = 0  # > 0: recompute this many top outputs in fp32 (set for the LM head)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Q8Linear:
+        if linear.bias is not None:
+            raise CorelmError("group-wise int8 layers carry no bias; use int8 for biased heads")
+        mod = cls(linear.in_features, linear.out_features, group_size, linear.weight.device)
+        mod.set_quantized(*quantize_int8_groupwise(linear.weight, group_size))
+        return mod
+
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        self.qweight, self.scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
+        q16 = self.qweight.to(torch.int16)
+        hi, lo = q16 >> 4, q16 & 0xF  # arithmetic shift: hi in -8..7, lo in 0..15, q = 16*hi + lo
+        d = self.scales.float()
+        self.pair.set_quantized(torch.cat([hi + 8, lo], dim=1).to(torch.uint8),
+                                torch.cat([16.0 * d, d], dim=1), torch.cat([torch.zeros_like(d), 8.0 * d], dim=1))
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        w = self.qweight.float().reshape(self.out_features, -1, g) * self.scales.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pair(torch.cat([x, x], dim=-1))  # (..., N), computed from bf16 inputs and outputs
+        if not self.refine:
+            return y
+        # The kernel's output is bf16: logits near 20 are rounded to steps of 0.06-0.125, which ties
+        # and reorders close candidates (measured: fp32 logits rounded to bf16 alone move the argmax on
+        # 3% of SmolLM2's positions). Recompute the top candidates exactly in fp32 from the int8 rows.
+        lead = y.shape[:-1]
+        y2, x2 = y.reshape(-1, self.out_features).float(), x.reshape(-1, self.in_features).float()
+        top = y2.topk(self.refine, dim=-1).indices  # (M, k)
+        rows = self.qweight[top].float().unflatten(-1, (-1, self.group_size))  # (M, k, K/G, G)
+        rows = (rows * self.scales[top].float().unsqueeze(-1)).flatten(-2)  # (M, k, K)
+        exact = torch.einsum("mk,mjk->mj", x2, rows)  # (M, k)
+        return y2.scatter(1, top, exact).reshape(*lead, self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch hook signature
+        destination[prefix + "qweight"] = self.qweight
+        destination[prefix + "scales"] = self.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs):
+        keys = [prefix + "qweight", prefix + "scales"]
+        if any(k not in state_dict for k in keys):
+            missing_keys.extend(k for k in keys if k not in state_dict)
+            return
+        self.set_quantized(state_dict[keys[0]], state_dict[keys[1]])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8 group_size={self.group_size} (as two int4 halves)")
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -384,6 +493,21 @@ class _GGUFBlocks:
         qb = self.io.quant_blocks(self.file, name, unpermute_heads=heads if name_suffix in self.heads else None)
         return int4_from_blocks(qb)
 
+    def q8(self, model: nn.Module, name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Q8_0 blocks of the output head (``output.weight``, or ``token_embd.weight`` when tied)."""
+        if name != "lm_head":
+            return None
+        gguf_name = "output.weight" if "output.weight" in self.file.tensors else "token_embd.weight"
+        info = self.file.tensors.get(gguf_name)
+        if info is None or info.qtype.name != "Q8_0" or tuple(info.shape) != tuple(linear.weight.shape):
+            return None
+        return q8_from_blocks(self.io.quant_blocks(self.file, gguf_name))
+
+
+def q8_from_blocks(qb: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`corelm.io.gguf.QuantBlocks` of a Q8_0 tensor -> ``(q (N, K) int8, scales (N, K/32) bf16)``."""
+    return qb.qs, qb.scales.to(torch.bfloat16)
+
 
 def int4_from_blocks(qb: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`corelm.io.gguf.QuantBlocks` of a Q4_0/Q4_1 tensor -> ``(q, scales, zeros)`` (group 32)."""
@@ -424,10 +548,47 @@ def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | N
     return None
 
 
-def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] | None) -> None:
-    if tied is not None and isinstance(model.lm_head, Int8Linear):
+def _head_matrix(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 matrix and scales a tied embedding can share with a quantized head."""
+    if isinstance(head, Int8Linear):
+        return head.weight, head.scales
+    if isinstance(head, Q8Linear):
+        return head.qweight, head.scales
+    return None
+
+
+def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] | None,
+                   out_dtype: torch.dtype | None = None) -> None:
+    shared = _head_matrix(getattr(model, "lm_head", None))
+    if tied is not None and shared is not None:
         parent, name, emb = tied
-        setattr(parent, name, Int8Embedding(model.lm_head.weight, model.lm_head.scales, emb.weight.dtype))
+        setattr(parent, name, Int8Embedding(*shared, out_dtype or emb.weight.dtype))
+
+
+HEAD_METHODS = ("q8", "int8", "int4")
+HEAD_REFINE = 8  # top logits of a q8 head recomputed in fp32 (see Q8Linear.forward)
+
+
+def _new_layer(kind: str, linear: nn.Linear, group_size: int, device: torch.device | str) -> nn.Module:
+    """An empty quantized layer of ``kind`` shaped like ``linear``."""
+    bias = linear.bias is not None
+    if kind == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, bias, device)
+    if kind == "q8":
+        return Q8Linear(linear.in_features, linear.out_features, 32, device)
+    return Int4Linear(linear.in_features, linear.out_features, group_size, bias, device)
+
+
+def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | None]:
+    tied = _tied_embedding(model)
+    targets = _linears(model, skip)
+    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in skip:
+        # a parameter-free tied head (TiedLMHead): the embedding matrix is quantized as the head
+        weight = tied[2].weight
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = weight
+        targets.append((model, "lm_head", linear))
+    return targets, tied
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
@@ -439,13 +600,14 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         model: any corelm model (decoder or encoder), on CPU or CUDA.
         method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise asymmetric).
         group_size: int4 group width (32, 64 or 128); must divide every quantized layer's width.
-        head: method for ``lm_head``; default int8 for both methods (the output head is the largest
-            matrix of a small model and its int4 error shows up directly in the logits, which is why
-            llama.cpp's Q4 files keep it at 8 bits too).
+        head: method for ``lm_head``: ``q8`` (default: int8 with a scale per 32 columns, see
+            :class:`Q8Linear`), ``int8`` (per channel) or ``int4``. The output head is the largest
+            matrix of a small model and its error lands directly in the logits, which is why
+            llama.cpp's Q4 files keep it at 8 bits too.
         skip: qualified module names to leave in floating point.
         from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
-            from: with int4 and group 32, its Q4_0/Q4_1 tensors become int4 layers directly from
-            their blocks (no requantization of dequantized values).
+            from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
+            :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
         progress: optional wrapper for the list of layers (e.g. ``tqdm``), to show progress.
 
     Returns:
@@ -461,35 +623,43 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
     skip = tuple(skip)
     if getattr(model, "corelm_quantization", None):
         raise CorelmError("the model is already quantized")
-    head = head or "int8"
-    if head not in METHODS:
-        raise CorelmError(f"unknown head quantization method {head!r}; expected one of {', '.join(METHODS)}")
-    targets = _linears(model, skip)
-    if method == "int4" or head == "int4":
-        for parent, name, linear in targets:
-            if method == "int4" or name == "lm_head":
-                check_group_size(linear.in_features, group_size)
-    tied = _tied_embedding(model)
-    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in skip:
-        # a parameter-free tied head: quantize the embedding matrix as the head
-        weight = tied[2].weight
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        linear.weight = weight
-        targets.append((model, "lm_head", linear))
+    head = head or "q8"
+    if head not in HEAD_METHODS:
+        raise CorelmError(f"unknown head quantization method {head!r}; expected one of {', '.join(HEAD_METHODS)}")
+    targets, tied = _targets(model, skip)
+    for parent, name, linear in targets:
+        kind = head if parent is model and name == "lm_head" else method
+        if kind == "int4":
+            check_group_size(linear.in_features, group_size)
+        elif kind == "q8":
+            check_group_size(linear.in_features, 32)
+    out_dtype = tied[2].weight.dtype if tied is not None else None
     blocks = _GGUFBlocks(from_gguf, model) if from_gguf is not None else None
     for parent, name, linear in (progress(targets) if progress else targets):
         kind = head if parent is model and name == "lm_head" else method
-        if kind == "int8":
-            new = Int8Linear.from_float(linear)
-        elif blocks is not None and group_size == 32 and (qb := blocks.int4(linear)) is not None:
-            new = Int4Linear(linear.in_features, linear.out_features, 32, False, linear.weight.device)
+        device = linear.weight.device
+        new = None
+        if blocks is not None and kind == "int4" and group_size == 32:
+            if (qb := blocks.int4(linear)) is not None:
+                new = _new_layer(kind, linear, 32, device)
+                new.set_quantized(*qb)
+        elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
+            new = _new_layer(kind, linear, 32, device)
             new.set_quantized(*qb)
-        else:
-            new = Int4Linear.from_float(linear, group_size)
+        if new is None:
+            if kind == "int8":
+                new = Int8Linear.from_float(linear)
+            elif kind == "q8":
+                new = Q8Linear.from_float(linear)
+            else:
+                new = Int4Linear.from_float(linear, group_size)
+        if kind == "q8" and name == "lm_head":
+            new.refine = HEAD_REFINE
         setattr(parent, name, new)
-    _tie_quantized(model, tied)
+    _tie_quantized(model, tied, out_dtype)
     model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
-                                 "skip": list(skip), "tied_embedding": tied is not None}
+                                 "skip": list(skip), "tied_embedding": tied is not None,
+                                 "embedding_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None}
     return model
 
 
@@ -498,22 +668,17 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
     quantizing anything, so that a quantized state dict (:func:`quantize_model` + ``state_dict()``)
     loads into it with ``load_state_dict``. Int4 layers repack for this machine while loading.
     """
-    method, group_size, head = spec["method"], int(spec["group_size"]), spec.get("head", "int8")
-    tied = _tied_embedding(model)
-    targets = _linears(model, spec.get("skip", ()))
-    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in spec.get("skip", ()):
-        weight = tied[2].weight
-        targets.append((model, "lm_head", nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")))
+    method, group_size, head = spec["method"], int(spec["group_size"]), spec.get("head", "q8")
+    targets, tied = _targets(model, tuple(spec.get("skip", ())))
     for parent, name, linear in targets:
         kind = head if parent is model and name == "lm_head" else method
         device = "cpu" if linear.weight.is_meta else linear.weight.device
-        bias = linear.bias is not None
-        if kind == "int8":
-            new = Int8Linear(linear.in_features, linear.out_features, bias, device)
-        else:
-            new = Int4Linear(linear.in_features, linear.out_features, group_size, bias, device)
+        new = _new_layer(kind, linear, group_size, device)
+        if kind == "q8" and name == "lm_head":
+            new.refine = HEAD_REFINE
         setattr(parent, name, new)
-    _tie_quantized(model, tied)
+    dtype = getattr(torch, spec["embedding_dtype"]) if spec.get("embedding_dtype") else None
+    _tie_quantized(model, tied, dtype)
     model.corelm_quantization = dict(spec)
     return model
 
@@ -534,13 +699,17 @@ def quantized_bytes(model: nn.Module) -> int:
     return total
 
 
+def _tied_names(model: nn.Module) -> list[str]:
+    shared = _head_matrix(getattr(model, "lm_head", None))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, Int8Embedding) and shared is not None and m.weight is shared[0]]
+
+
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict to save: int4 layers as portable nibbles, scales and zeros; a tied
     :class:`Int8Embedding` is left out (it is the head's matrix, re-tied at load)."""
     state = model.state_dict()
-    tied = [name for name, m in model.named_modules() if isinstance(m, Int8Embedding)
-            and isinstance(getattr(model, "lm_head", None), Int8Linear) and m.weight is model.lm_head.weight]
-    for name in tied:
+    for name in _tied_names(model):
         state.pop(f"{name}.weight", None)
         state.pop(f"{name}.scales", None)
     return {k: v.contiguous() for k, v in state.items()}
@@ -556,10 +725,10 @@ def load_quantized_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
     if bad or unexpected:
         raise CorelmError(f"quantized checkpoint does not match the model: missing {bad[:3]}, "
                           f"unexpected {list(unexpected)[:3]}")
-    head = getattr(model, "lm_head", None)
+    shared = _head_matrix(getattr(model, "lm_head", None))
     for name, m in model.named_modules():
-        if isinstance(m, Int8Embedding) and f"{name}.weight" in missing and isinstance(head, Int8Linear):
-            m.weight, m.scales = head.weight, head.scales
+        if isinstance(m, Int8Embedding) and f"{name}.weight" in missing and shared is not None:
+            m.weight, m.scales = shared
     return model
 
 

@@ -37,8 +37,6 @@ def _float_weight(module: nn.Module) -> torch.Tensor:
     """The float (N, K) weight of a Linear / Int8Linear / Int4Linear / tied head / embedding."""
     if hasattr(module, "dequantize"):
         return module.dequantize().float()
-    if hasattr(module, "scales") and module.weight.dtype == torch.int8:  # Int8Embedding
-        return module.weight.float() * module.scales.float()[:, None]
     return module.weight.detach().float()
 
 
