@@ -45,12 +45,16 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (1: CPU time is pure work; several threads spin-wait "
+                         "at barriers when a shared machine deschedules one of them)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {B.machine_name()}, torch {torch.__version__}", flush=True)
     rows, efficiency = [], None
     for cfg in sizes(args.quick):
-        m = B.measure_train(cfg, batch=args.batch, seq_len=args.seq_len, steps=args.steps)
+        m = B.measure_train(cfg, batch=args.batch, seq_len=args.seq_len, steps=args.steps, threads=args.threads)
         peak = statistics.median(m["probe_cpu_flops"])
         step = statistics.median(m["cpu_step_times"][1:])
         hw_flops = F.train_flops_per_token(cfg, args.seq_len) * args.batch * args.seq_len

@@ -168,6 +168,9 @@ class Precision:
         optimizer_scale: optimizer state bytes relative to fp32 states (0.5 when states follow bf16 params).
         master: bytes per parameter of an fp32 master copy kept *by the optimizer* (DeepSpeed/Megatron
             style, so ZeRO shards it with the optimizer states).
+        residual: bytes per element of the residual stream, which the norms save. Under torch autocast
+            the weights stay fp32, so the residual stream and the norms stay fp32 (4) while matmul inputs
+            are saved as their bf16 copies (2).
     """
 
     weights: float
@@ -176,14 +179,15 @@ class Precision:
     compute_copy: float
     optimizer_scale: float
     master: float = 0.0
+    residual: float | None = None  # bytes of the residual stream (norm inputs); default = activations
 
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision(4, 4, 4, 0, 1.0),
     # [ZeRO §3.1]: mixed precision keeps fp32 master weights; with torch autocast the fp32 weights
     # *are* the master copy, gradients are fp32, and a bf16/fp16 copy of each weight lives during the step.
-    "bf16-mixed": Precision(4, 4, 2, 2, 1.0),
-    "fp16-mixed": Precision(4, 4, 2, 2, 1.0),
+    "bf16-mixed": Precision(4, 4, 2, 2, 1.0, residual=4),
+    "fp16-mixed": Precision(4, 4, 2, 2, 1.0, residual=4),
     # Pure bf16: params, grads and (torch) optimizer states all in bf16.
     "bf16-true": Precision(2, 2, 2, 0, 0.5),
     # [ZeRO §3.1] accounting (DeepSpeed, Megatron): 16-bit params and grads (2 + 2), and K = 12 bytes
@@ -291,7 +295,8 @@ def activation_elements_per_layer(cfg: ModelConfig, seq_len: int, batch: int, *,
 
 def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, batch: int, *, act_bytes: float = 2,
                                recompute: str = "none", fused_attention: bool = True, dropout: bool = False,
-                               tp: int = 1, sequence_parallel: bool = True, fused_norms: bool = True) -> float:
+                               tp: int = 1, sequence_parallel: bool = True, fused_norms: bool = True,
+                               residual_bytes: float | None = None) -> float:
     """Activation bytes one block holds between its forward and backward pass.
 
     Args:
@@ -300,18 +305,20 @@ def activation_bytes_per_layer(cfg: ModelConfig, seq_len: int, batch: int, *, ac
             ``full`` keeps only the block input, 2·sbh bytes in 16-bit, and re-runs the block [Korth §5].
         tp: tensor-parallel degree; with sequence parallelism every term shards by ``tp``, without it
             the norm and dropout terms (10·sbh in GPT) stay replicated [Korth eq. 3-4].
+        residual_bytes: bytes per element of the norm inputs (the residual stream); default ``act_bytes``.
     """
+    res_bytes = act_bytes if residual_bytes is None else residual_bytes
     if recompute not in RECOMPUTE_MODES:
         raise CorelmError(f"unknown recompute mode {recompute!r}; expected {', '.join(RECOMPUTE_MODES)}")
     if recompute == "full":
-        return seq_len * batch * cfg.d_model * act_bytes / (tp if sequence_parallel else 1)
+        return seq_len * batch * cfg.d_model * res_bytes / (tp if sequence_parallel else 1)
     fused = fused_attention or recompute == "selective"
     e = activation_elements_per_layer(cfg, seq_len, batch, fused_attention=fused, dropout=dropout,
                                       fused_norms=fused_norms)
     sbh = seq_len * batch * cfg.d_model
     # Without sequence parallelism the norm inputs, the two block inputs to the column-parallel
     # matmuls and the sbh dropout masks stay whole on every TP rank: Korthikanti's "10sbh" [Korth eq. 3].
-    replicated = (e["norm_inputs"] + 2 * sbh) * act_bytes + (2 * sbh if dropout else 0.0)
+    replicated = e["norm_inputs"] * res_bytes + 2 * sbh * act_bytes + (2 * sbh if dropout else 0.0)
     sharded = (e["attention"] + e["mlp"] + e["dropout_output"] - 2 * sbh) * act_bytes
     sharded += e["dropout_mask_bytes"] - (2 * sbh if dropout else 0.0)
     return sharded / tp + replicated / (tp if sequence_parallel else 1)

@@ -245,7 +245,7 @@ def train_memory(cfg: ModelConfig, w: Workload, layout: Layout, *, seq_len: int)
                                        zero=layout.zero, dp=layout.dp, tp=layout.tp)
     prec = F.PRECISIONS[layout.precision]
     act_kw = dict(act_bytes=prec.activations, fused_attention=w.fused_attention, tp=layout.tp,
-                  fused_norms=w.fused_norms)
+                  fused_norms=w.fused_norms, residual_bytes=prec.residual)
     activations = cfg.n_layer * F.activation_bytes_per_layer(cfg, seq_len, layout.micro_batch,
                                                              recompute=layout.recompute, **act_kw)
     if layout.recompute == "full":  # the block being recomputed holds its full activations once
@@ -424,7 +424,8 @@ def _why(cfg: ModelConfig, w: Workload, hw: Hardware, plan: DevicePlan, seq: int
         no_rc = F.activation_bytes_per_layer(cfg, seq, lay.micro_batch,
                                              act_bytes=F.PRECISIONS[lay.precision].activations,
                                              fused_attention=w.fused_attention, tp=lay.tp,
-                                             fused_norms=w.fused_norms) * cfg.n_layer
+                                             fused_norms=w.fused_norms,
+                                             residual_bytes=F.PRECISIONS[lay.precision].residual) * cfg.n_layer
         reasons.append(f"{lay.recompute} checkpointing because activations without it would need "
                        f"{no_rc / GiB:.1f} GiB")
     else:
