@@ -123,9 +123,10 @@ class FastDecoder(nn.Module):
         angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None]
         angles = torch.cat([angles, angles], dim=-1)  # (S, hd): rotate-half layout
         self.cos, self.sin = angles.cos(), angles.sin()
-        shape = (config.n_layer, config.n_kv_head, self.max_seq_len, config.head_dim)
-        self.k_cache = torch.zeros(shape, device=device)
-        self.v_cache = torch.zeros(shape, device=device)
+        shape = (config.n_kv_head, self.max_seq_len, config.head_dim)
+        for layer in self.layers:  # one buffer per layer: index_put_ on it stays in place when compiled
+            layer.register_buffer("k_cache", torch.zeros(shape, device=device), persistent=False)
+            layer.register_buffer("v_cache", torch.zeros(shape, device=device), persistent=False)
         self.compile_mode = compile
         self._compiled = None
         self.compile_seconds: float | None = None
@@ -142,14 +143,14 @@ class FastDecoder(nn.Module):
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (T, 1, hd)
         slots = torch.arange(window, device=tokens.device)
         mask = slots[None, :] <= pos[:, None]  # (T, W)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             h = _rms(x, layer.norm1, layer.eps1)
             q, k, v = layer.wqkv(h).split([layer.n_q, layer.n_kv, layer.n_kv], dim=-1)
             q = _rope(q.view(T, H, hd), cos, sin)  # (T, H, hd)
             k = _rope(k.view(T, KV, hd), cos, sin)  # (T, KV, hd)
-            self.k_cache[i].index_copy_(1, pos, k.transpose(0, 1))  # slots pos of (KV, S, hd)
-            self.v_cache[i].index_copy_(1, pos, v.view(T, KV, hd).transpose(0, 1))
-            keys, values = self.k_cache[i, :, :window], self.v_cache[i, :, :window]  # (KV, W, hd)
+            layer.k_cache[:, pos] = k.transpose(0, 1)  # slots pos of (KV, S, hd)
+            layer.v_cache[:, pos] = v.view(T, KV, hd).transpose(0, 1)
+            keys, values = layer.k_cache[:, :window], layer.v_cache[:, :window]  # (KV, W, hd)
             q = q.view(T, KV, H // KV, hd).permute(1, 2, 0, 3)  # (KV, group, T, hd)
             scores = q @ keys.unsqueeze(1).transpose(-1, -2) * hd**-0.5  # (KV, group, T, W)
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -210,8 +211,9 @@ class FastDecoder(nn.Module):
         start = time.perf_counter()
         self._step_fn()(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
         self.compile_seconds = time.perf_counter() - start
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        for layer in self.layers:
+            layer.k_cache.zero_()
+            layer.v_cache.zero_()
         return self.compile_seconds
 
     def weight_bytes(self) -> int:
