@@ -151,3 +151,28 @@ def test_activation_checkpointing_changes_memory_not_math(tmp_path):
     torch.testing.assert_close(torch.tensor([v for _, v in r2.losses]), torch.tensor([v for _, v in r1.losses]),
                                rtol=1e-6, atol=1e-6)
     assert ac.state_dict().keys() == plain.state_dict().keys()  # wrapped on the instance: names unchanged
+
+
+def test_one_non_finite_step_is_skipped_and_counted(tmp_path):
+    def loss_with_one_nan(model, batch, calls=[0]):  # noqa: B006 - a counter shared across calls
+        calls[0] += 1
+        loss, info = causal_lm_loss(model, batch)
+        return (loss * float("nan") if calls[0] == 2 else loss), info
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    seen = []
+    cfg = TrainConfig(max_steps=4, lr=3e-3, out=str(tmp_path), progress=False, tensorboard=False, measure_mfu=False)
+
+    class Spy(ResumableLoader):  # records the weights before each step's batch
+        def __next__(self):
+            seen.append(model.transformer.wte.weight.detach().clone())
+            return super().__next__()
+
+    res = train(model, loss_with_one_nan, Spy(_data(), batch_size=4), cfg)
+    assert res.skipped_steps == 1 and res.step == 4
+    assert torch.equal(seen[1], seen[2])  # step 2 changed nothing
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[2], seen[3])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", 0) for r in rows if "loss" in r] == [0, 1, 0, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
