@@ -65,25 +65,41 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def random_smollm2(device: str) -> torch.nn.Module:
+    """SmolLM2-135M's shapes with random weights (for machines without the embedded model)."""
+    from corelm.models import build_model
+    from corelm.presets import preset
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_model(preset("smollm2-135m")).eval()
+
+
 class CorelmRunner:
-    def __init__(self, method: str, compile_mode: str, max_len: int) -> None:
-        import corelm
-        from corelm.commands.quantize import gguf_source
+    def __init__(self, method: str, compile_mode: str, max_len: int, random: bool = False,
+                 device: str = "cpu") -> None:
         from corelm.compress.fast import FastDecoder
         from corelm.compress.quant import quantize_model
 
         t0 = time.perf_counter()
-        llm = corelm.load("smollm2-135m-instruct", dtype="fp32")
+        if random:
+            model, gguf = random_smollm2(device), None
+        else:
+            import corelm
+            from corelm.commands.quantize import gguf_source
+
+            model, gguf = corelm.load("smollm2-135m-instruct", dtype="fp32").model, gguf_source("smollm2-135m-instruct")
         if method != "fp32":
-            quantize_model(llm.model, method, from_gguf=gguf_source("smollm2-135m-instruct"))
-        self.llm, self.name = llm, f"corelm {method}"
+            quantize_model(model, method, from_gguf=gguf)
+        compiled = compile_mode == "yes" or compile_mode == "auto"
+        self.name = f"corelm {method}{'' if compiled else ' eager'}"
         mode = {"auto": "auto", "yes": True, "no": False}[compile_mode]
-        self.decoder = FastDecoder(llm.model, max_seq_len=max_len, compile=mode)
+        self.decoder = FastDecoder(model, max_seq_len=max_len, compile=mode)
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.decoder.warm_up(self.decoder._window(max_len))
         self.warm_s = time.perf_counter() - t0
-        self.compiled = self.decoder._compiled is not self.decoder.forward_tokens
+        self.compiled = self.decoder._compiled != self.decoder.forward_tokens
         self.bytes = self.decoder.weight_bytes()
 
     def run(self, ids: list[int], n: int) -> dict:
@@ -98,14 +114,23 @@ class CorelmRunner:
 
 
 class HFRunner:
-    def __init__(self, dtype: torch.dtype) -> None:
-        from transformers import AutoModelForCausalLM
+    def __init__(self, dtype: torch.dtype, random: bool = False, device: str = "cpu") -> None:
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-        from corelm.presets import embedded_path
-
-        path = embedded_path("smollm2-135m-instruct")
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        if random:
+            cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                              rope_theta=100000.0, tie_word_embeddings=True)
+            torch.manual_seed(0)
+            self.model = LlamaForCausalLM(cfg).to(device, dtype).eval()
+        else:
+            from corelm.presets import embedded_path
+
+            path = embedded_path("smollm2-135m-instruct")
+            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=dtype).eval()
+        self.device = device
         self.load_s = time.perf_counter() - t0
         self.name = f"transformers {str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -115,7 +140,7 @@ class HFRunner:
     def run(self, ids: list[int], n: int) -> dict:
         from transformers import TextStreamer  # noqa: F401 - imported for parity of import cost
 
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.device)
         times = []
 
         class Clock:
@@ -160,30 +185,39 @@ def main() -> int:
                     help="comma list of int4, int8, fp32 (corelm), hf-bf16, hf-fp32 (transformers)")
     ap.add_argument("--compile", default="yes", choices=["yes", "no", "auto"],
                     help="compile corelm's decode step (yes), stay eager (no), or compile only with a warm cache")
+    ap.add_argument("--random", action="store_true",
+                    help="SmolLM2-135M shapes with random weights (no embedded model needed; speed only)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--llama-python", default=None,
                     help="python of a virtualenv with llama-cpp-python (adds the llama.cpp peer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import corelm
     from corelm.compress.fast import cpu_capability
-    from corelm.presets import embedded_path
 
-    tok = corelm.load("smollm2-135m-instruct", dtype="fp32").tokenizer
-    ids = tok.encode(PROMPT)
+    if args.random:
+        ids = list(range(1000, 1008))  # 8 prompt tokens, like the chat prompt's length
+    else:
+        import corelm
+
+        ids = corelm.load("smollm2-135m-instruct", dtype="fp32").tokenizer.encode(PROMPT)
     max_len = len(ids) + args.tokens + 8
     runners = []
     for v in args.variants.split(","):
         v = v.strip()
         print(f"loading {v} ...", file=sys.stderr, flush=True)
-        if v in ("int4", "int8", "fp32"):
-            runners.append(CorelmRunner(v, args.compile, max_len))
+        if v.removesuffix("-eager") in ("int4", "int8", "fp32"):
+            mode = "no" if v.endswith("-eager") else args.compile
+            runners.append(CorelmRunner(v.removesuffix("-eager"), mode, max_len, args.random, args.device))
         elif v in ("hf-bf16", "hf-fp32"):
-            runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32))
+            runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32, args.random,
+                                    args.device))
         else:
             raise SystemExit(f"unknown variant {v}")
-    gguf = embedded_path("smollm2-135m-instruct")
     if args.llama_python:
-        runners.append(LlamaCppRunner(args.llama_python, gguf, args.threads, args.tokens))
+        from corelm.presets import embedded_path
+
+        runners.append(LlamaCppRunner(args.llama_python, embedded_path("smollm2-135m-instruct"), args.threads,
+                                      args.tokens))
     for r in runners:  # warm-up run each
         r.run(ids, 8)
     results: dict[str, list[dict]] = {r.name: [] for r in runners}
@@ -192,9 +226,10 @@ def main() -> int:
             results[r.name].append(r.run(ids, args.tokens))
         print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-    cap = cpu_capability()
-    print(f"\nSmolLM2-135M-Instruct, prompt {len(ids)} tokens, {args.tokens} new tokens, {args.threads} threads, "
-          f"median of {args.rounds} alternating rounds; ATen CPU capability {cap}; torch {torch.__version__}")
+    cap = cpu_capability() if args.device == "cpu" else torch.cuda.get_device_name()
+    weights = "random weights of SmolLM2-135M's shapes" if args.random else "SmolLM2-135M-Instruct"
+    print(f"\n{weights}, prompt {len(ids)} tokens, {args.tokens} new tokens, {args.threads} threads, "
+          f"median of {args.rounds} alternating rounds; device {args.device} ({cap}); torch {torch.__version__}")
     print(f"{'variant':<20} {'load s':>7} {'compile s':>9} {'TTFT ms':>8} {'decode tok/s':>12} "
           f"{'weights MB':>10} {'GB/s':>6}")
     rates = {}
@@ -213,6 +248,7 @@ def main() -> int:
                 print(f"  {name} / {b}: {rate / rates[b]:.2f}x")
 
     if args.llama_python:
+        import corelm
         from corelm.compress.quant import is_quantized
         from corelm.io.gguf_export import export_gguf
 

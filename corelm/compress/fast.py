@@ -170,7 +170,7 @@ class FastDecoder(nn.Module):
             if use == "auto":
                 use = (compile_cache_dir() / "warm").exists()
             if use:
-                self._compiled = compile_step(self.forward_tokens)
+                self._compiled = compile_step(self.forward_tokens, cuda=self.norm.is_cuda)
             else:
                 self._compiled = self.forward_tokens
         return self._compiled
@@ -217,14 +217,26 @@ class FastDecoder(nn.Module):
         return self.compile_seconds
 
     def weight_bytes(self) -> int:
-        """Bytes read per decoded token for weights (the tied embedding row read is negligible)."""
-        total = 0
-        for t in list(self.layers.buffers()) + list(self.layers.parameters()) + list(self.head.buffers()) + \
-                list(self.head.parameters()):
-            total += t.numel() * t.element_size()
-        if not list(self.head.buffers()) and not list(self.head.parameters()):  # parameter-free tied head
-            total += self.head.weight.numel() * self.head.weight.element_size()
-        return total
+        """Bytes of weights read per decoded token: every layer's matrices and the output head (the
+        embedding row and the head's few refined rows are negligible)."""
+        return sum(_read_bytes(m) for m in [*self.layers.modules(), self.head])
+
+
+def _read_bytes(module: nn.Module) -> int:
+    from corelm.compress.quant import Q8Linear
+
+    if isinstance(module, Q8Linear):
+        return _read_bytes(module.pair)
+    if isinstance(module, Int4Linear):
+        return module.packed.numel() + module.scale_zeros.numel() * 2
+    if isinstance(module, Int8Linear):
+        return module.weight.numel() + module.scales.numel() * 2
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and (isinstance(module, nn.Linear) or not list(module.children())):
+        return weight.numel() * weight.element_size()
+    if isinstance(module, _Layer):
+        return sum(t.numel() * 4 for t in (module.norm1, module.norm2))
+    return 0
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -237,17 +249,24 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
 
-def compile_step(fn):  # noqa: ANN001, ANN201 - wraps any step function
-    """``torch.compile`` the decode step with a per-instruction-set cache that persists across runs."""
-    cache = compile_cache_dir()
+def compile_step(fn, cuda: bool = False):  # noqa: ANN001, ANN201 - wraps any step function
+    """``torch.compile`` the decode step with a per-instruction-set cache that persists across runs.
+
+    CPU: inductor with ``freezing`` and ``cpp_wrapper``. CUDA: ``reduce-overhead`` (CUDA graphs: the
+    whole step is replayed as one launch; the static cache buffers make that legal).
+    """
+    cache = compile_cache_dir() if not cuda else compile_cache_dir().parent / "cuda"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # inductor reads it at every cache lookup
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
-    inductor_config.freezing = True  # packed weights become constants of the generated code
-    inductor_config.cpp_wrapper = True  # the graph is called from C++, not a Python launcher
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    if cuda:
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    else:
+        inductor_config.freezing = True  # packed weights become constants of the generated code
+        inductor_config.cpp_wrapper = True  # the graph is called from C++, not a Python launcher
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
 
     def step(*args):  # noqa: ANN002, ANN202
         out = compiled(*args)
