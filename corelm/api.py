@@ -53,13 +53,13 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     """The inference dtype this machine runs fastest, measured, not assumed.
 
     Decoding reads every weight once per token, so bf16 halves the bytes and can double tokens/s --
-    but only where the CPU has native bf16 kernels (AVX512_BF16/AMX) *and* PyTorch routes the
-    decode-shaped matmul to them. Elsewhere bf16 is emulated and ~400x slower than fp32
-    (BENCHMARKS.md: 0.3 vs 136 GFLOP/s on Zen 3); even on a Zen 4 with AVX512_BF16, torch 2.13 runs
-    ``F.linear`` on a ``(1, 1, d)`` bf16 input ~400x slower than fp32 (measured here: 20 ms vs
-    0.05 ms for 576x1536), while the 2-D ``(1, d)`` call is fast. So we time exactly what a decode step
-    does -- ``F.linear`` on a ``(batch=1, T=1, d)`` activation -- in both dtypes (a few ms) and take
-    bf16 only when it wins clearly. ``CORELM_DTYPE`` overrides the probe; on CUDA bf16 is used when
+    but only where the CPU has native bf16 kernels (AVX512_BF16/AMX). Elsewhere PyTorch emulates bf16
+    and it is ~400x slower than fp32 (BENCHMARKS.md: 0.3 vs 136 GFLOP/s on Zen 3). So we time what a
+    decode step does -- ``F.linear`` of a ``(1, 1, d)`` activation with a weight bigger than the L2
+    cache -- in both dtypes (~20 ms) and take bf16 only when it is clearly faster (measured on the
+    Zen 4 here: 0.29 ms bf16 vs 0.82 ms fp32 for 2048x2048). The probe runs on one thread: on a
+    shared machine, multi-threaded kernels stall waiting for a busy core and the timing would measure
+    the neighbours, not the kernel. ``CORELM_DTYPE`` overrides the probe; on CUDA bf16 is used when
     the device supports it.
     """
     env = os.environ.get("CORELM_DTYPE")
@@ -70,21 +70,26 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type != "cpu":
         return torch.float32
-    x32, w32 = torch.randn(1, 1, 1024), torch.randn(1024, 1024)
+    x32, w32 = torch.randn(1, 1, 2048), torch.randn(2048, 2048)
     times = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x, w = x32.to(dt), w32.to(dt)
-        torch.nn.functional.linear(x, w)  # warm-up: first call picks kernels
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(4):
-                torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t0)
-            if best > 0.05:  # an emulated kernel: no need to time it further
-                break
-        times[dt] = best
-    return torch.bfloat16 if times[torch.bfloat16] < 0.8 * times[torch.float32] else torch.float32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            x, w = x32.to(dt), w32.to(dt)
+            torch.nn.functional.linear(x, w)  # warm-up: first call picks kernels
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    torch.nn.functional.linear(x, w)
+                best = min(best, time.perf_counter() - t0)
+                if best > 0.1:  # an emulated kernel: no need to time it further
+                    break
+            times[dt] = best
+    finally:
+        torch.set_num_threads(threads)
+    return torch.bfloat16 if times[torch.bfloat16] < 0.7 * times[torch.float32] else torch.float32
 
 
 # ---- the two kinds of loaded model ---------------------------------------------------------------

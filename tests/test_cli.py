@@ -182,7 +182,7 @@ def test_bad_inputs(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     nofields.mkdir()
     (nofields / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
     (nofields / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes())
-    cases.append((gen + [str(nofields), "hi"], ["config"]))
+    cases.append((gen + [str(nofields), "hi"], ["missing required field"]))
     cases.append((["convert", "/no/such.gguf", str(tmp_path / "o")], ["path not found"]))
     cases.append((["tokenizer", "encode", "--model", "nope-model", "x"], ["unknown model"]))
     for argv, needles in cases:
