@@ -1,0 +1,111 @@
+"""``corelm distill``: train a small student on a teacher's next-token distributions.
+
+Knowledge distillation (Hinton et al. 2015) through corelm's one training loop: the data comes from
+``corelm prepare`` (tokenized with the teacher's tokenizer), the loss is
+:func:`corelm.compress.distill.distill_loss_fn`, and everything else -- schedule, precision,
+checkpoints, ``--resume`` -- is :func:`corelm.train.loop.train`. The run directory is a model
+(``corelm generate --model RUN``, ``corelm generate --draft RUN`` as a speculative draft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from corelm.errors import CorelmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="corelm distill",
+        description="Distill a teacher model into a smaller student with the same tokenizer: loss = "
+                    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher: embedded model name, .gguf or checkpoint directory")
+    ap.add_argument("--student", default="llama-tiny",
+                    help="student: a preset (random init, e.g. llama-tiny with SmolLM2's vocabulary) or a directory")
+    ap.add_argument("--data", required=True, help="directory written by `corelm prepare` with the teacher's tokenizer")
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics); resumed if it holds a run")
+    ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of both distributions")
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: hard labels)")
+    ap.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16-true"],
+                    help="precision policy of the training loop")
+    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    ap.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import corelm
+    from corelm.commands.pretrain import resolve_model
+    from corelm.compress.distill import check_pair, distill_loss_fn
+    from corelm.data.prepare import read_manifest
+    from corelm.data.shards import TokenWindows
+    from corelm.models import build_model
+    from corelm.objectives import causal_lm_loss
+    from corelm.tokenizer import Tokenizer
+    from corelm.train.checkpoint import checkpoint_dirs
+    from corelm.train.loader import ResumableLoader
+    from corelm.train.loop import TrainConfig, evaluate_loss, train
+
+    manifest = read_manifest(args.data)
+    teacher = corelm.load(args.teacher, dtype="fp32")
+    if teacher.config.is_encoder:
+        raise CorelmError(f"{args.teacher} is an encoder; distillation here is for decoders")
+    if manifest["vocab_size"] != teacher.config.vocab_size:
+        raise CorelmError(f"{args.data} was tokenized with a vocabulary of {manifest['vocab_size']}, the teacher has "
+                          f"{teacher.config.vocab_size}: run `corelm prepare --tokenizer {args.teacher}`")
+    config, loaded = resolve_model(args.student, manifest["vocab_size"])
+    torch.manual_seed(args.seed)
+    student = loaded if loaded is not None else build_model(config)
+    check_pair(teacher.model, student)
+    if args.seq_len > config.max_seq_len:
+        raise CorelmError(f"--seq-len {args.seq_len} exceeds the student's context of {config.max_seq_len}")
+    tokenizer = Tokenizer.from_dir(args.data)
+    train_set = TokenWindows(args.data, "train", args.seq_len + 1, args.seq_len)
+    val_set = TokenWindows(args.data, "val", args.seq_len + 1, args.seq_len)
+    batches = ResumableLoader(train_set, args.batch_size, seed=args.seed)
+    n_eval = min(args.eval_batches, len(val_set) // args.batch_size)
+
+    def make_val() -> ResumableLoader:
+        return ResumableLoader(val_set, args.batch_size, shuffle=False)
+
+    eval_fn = (lambda m: evaluate_loss(m, causal_lm_loss, make_val, n_eval)) if n_eval > 0 else None
+    resume = args.out if checkpoint_dirs(Path(args.out)) else None
+    cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=max(1, args.max_steps // 20),
+                      precision=args.precision, eval_every=max(1, args.max_steps // 10), seed=args.seed,
+                      out=args.out, resume=resume, progress=args.progress)
+    run_config = {"teacher": args.teacher, "student": args.student, "model_config": config.to_dict(),
+                  "data": str(args.data), "temperature": args.temperature, "alpha": args.alpha,
+                  "seq_len": args.seq_len, "batch_size": args.batch_size, "train": dataclasses.asdict(cfg)}
+    n_student = sum(p.numel() for p in student.parameters()) / 1e6
+    n_teacher = sum(p.numel() for p in teacher.model.parameters()) / 1e6
+    print(f"distill {args.teacher} ({n_teacher:.1f}M) -> {args.student} ({n_student:.2f}M) on {args.data}: "
+          f"{len(train_set):,} sequences of {args.seq_len}, T={args.temperature}, alpha={args.alpha}", flush=True)
+
+    def export(state: dict[str, torch.Tensor], out_dir: Path) -> None:
+        from corelm.io.hf import save_hf_dir
+
+        save_hf_dir(SimpleNamespace(state_dict=lambda: state), config, out_dir, tokenizer=tokenizer)
+        (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+
+    result = train(student, distill_loss_fn(teacher.model, args.temperature, args.alpha), batches, cfg,
+                   eval_fn=eval_fn, export_fn=export, run_config=run_config)
+    m = result.last_metrics
+    parts = [f"step {result.step}", f"loss {m.get('loss', float('nan')):.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
+    print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts), file=sys.stderr)
+    return 0
