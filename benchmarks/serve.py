@@ -78,8 +78,9 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         cmd += ["--dtype", args.dtype]
     if args.device:
         cmd += ["--device", args.device]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> str:
@@ -106,7 +107,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2, help="requests each client sends per round at level 1 "
                                                            "(higher levels send 1 per client)")
     p.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    p.add_argument("--threads", type=int, help="server --threads (default: the server's, all cores but one)")
     p.add_argument("--dtype", help="server --dtype (default: corelm's choice for this machine)")
     p.add_argument("--device", help="server --device (default cpu)")
     args = p.parse_args()
@@ -118,7 +119,7 @@ def main() -> int:
         model = wait_ready(proc, url)
         where = (torch.cuda.get_device_name() if args.device and args.device.startswith("cuda") else
                  f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
-                 f"{args.threads} torch threads")
+                 f"{args.threads or max(1, (os.cpu_count() or 2) - 1)} torch threads")
         print(f"corelm serve {model} ({args.dtype or 'default dtype'}): {where}, {args.max_tokens} tokens/request",
               flush=True)
         asyncio.run(level(url, model, 1, 1, 4))  # warm-up

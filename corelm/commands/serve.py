@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 
 from corelm.errors import CorelmError
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only quantization of the decoder(s) at load time")
+    p.add_argument("--threads", type=_positive(int), default=None,
+                   help="torch CPU threads for the model (default: all cores but one, at least 1: the HTTP side "
+                        "needs a core too, and threads that wait on a busy core stall every matmul)")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     return p
 
@@ -83,13 +87,18 @@ def main(argv: list[str]) -> int:
     options = server.ServeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                                   request_timeout=args.request_timeout, max_body_bytes=args.max_body_kb * 1024,
                                   default_max_tokens=args.default_max_tokens)
+    import torch
+
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
     specs = args.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
     app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name,
                                device=args.device, quantize=args.quantize)
     for m in served:
         endpoint = "/v1/embeddings" if m.kind == "embed" else "/v1/completions, /v1/chat/completions"
-        print(f"serving {m.name!r} ({endpoint}; context {m.context_window} tokens)", file=sys.stderr)
+        print(f"serving {m.name!r} ({endpoint}; context {m.context_window} tokens; {threads} torch threads)",
+              file=sys.stderr)
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:

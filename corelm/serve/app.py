@@ -223,11 +223,14 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
 
         async def collect() -> list[tuple[str, str | None]]:
             out = []
-            for s in streams:
-                text = []
-                async for piece in s.pieces():
-                    text.append(piece.text)
-                out.append(("".join(text), s.finish_reason))
+            try:
+                for s in streams:
+                    text = [piece.text async for piece in s.pieces()]
+                    out.append(("".join(text), s.finish_reason))
+            except APIError:
+                for s in streams:  # n > 1: one failed, free the others' rows too
+                    s.cancel()
+                raise
             return out
 
         work = asyncio.ensure_future(collect())

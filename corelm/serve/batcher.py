@@ -13,8 +13,9 @@ The batcher speaks token ids only (tokenizer, chat template and stop strings liv
 :mod:`corelm.serve.service`). The forward passes and sampling are the engine's
 (:func:`~corelm.generate.engine.prefill`, :func:`~corelm.generate.engine.decode_one`,
 :func:`~corelm.generate.engine.sample_next`); this module only schedules. Each request samples with
-its own ``torch.Generator``, so its tokens do not depend on what else is in the batch. The HTTP layer talks to it through :meth:`Batcher.submit`, which
-returns a :class:`Handle` to iterate asynchronously.
+its own ``torch.Generator``, so its tokens do not depend on what else is in the batch. The HTTP
+layer talks to it through :meth:`Batcher.submit`, which returns a :class:`Handle` to iterate
+asynchronously.
 """
 
 from __future__ import annotations
@@ -130,8 +131,7 @@ class Batcher:
         # Preallocated decode inputs: no per-step tensor allocation for the batch layout.
         self._step_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._step_pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.steps = 0
-        self.on_finish = None  # optional callback(request_stats: dict) from the worker thread
+        self.steps = 0  # decode steps run (a metric)
 
     # ---- public API (event-loop thread) ----
 
