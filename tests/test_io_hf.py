@@ -11,22 +11,28 @@ from safetensors.torch import save_file
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
-from corelm.io.hf import (config_from_hf, config_to_hf, load_hf_dir, load_hf_model, save_hf_dir,
-                          state_dict_to_hf)
+from corelm.io.hf import (
+    config_from_hf,
+    config_to_hf,
+    load_hf_dir,
+    load_hf_model,
+    save_hf_dir,
+    state_dict_to_hf,
+)
 from corelm.models import build_model
 
 transformers.logging.set_verbosity_error()
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 CONFIGS = {
-    "llama": dict(family="llama", vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48,
-                  max_seq_len=64, tie_embeddings=False,
-                  rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "llama-tied": dict(family="llama", vocab_size=97, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=48,
-                       max_seq_len=64, tie_embeddings=True),
-    "gpt2": dict(family="gpt2", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64),
-    "bert": dict(family="bert", vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq_len=64,
-                 norm_eps=1e-12, pad_token_id=0),
+    "llama": {"family": "llama", "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
+                  "max_seq_len": 64, "tie_embeddings": False,
+                  "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "llama-tied": {"family": "llama", "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "d_model": 32, "d_ff": 48,
+                       "max_seq_len": 64, "tie_embeddings": True},
+    "gpt2": {"family": "gpt2", "vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "max_seq_len": 64},
+    "bert": {"family": "bert", "vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 64, "max_seq_len": 64,
+                 "norm_eps": 1e-12, "pad_token_id": 0},
 }
 
 

@@ -12,7 +12,7 @@ from corelm.models import build_model
 from corelm.ops.attention import set_attention_impl
 
 transformers.logging.set_verbosity_error()
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> None:

@@ -12,11 +12,12 @@ keeps its own positions in the cache, and decoding continues every row from its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from corelm.errors import CorelmError
 from corelm.ops.kv_cache import KVCache
@@ -84,7 +85,7 @@ class SamplingParams:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 # --------------------------------------------------------------------------------------------

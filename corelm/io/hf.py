@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
@@ -234,7 +234,7 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
         CorelmError: a tensor is missing, has the wrong shape, or is not understood.
     """
     prefix = _HF_PREFIX[config.family]
-    hf = {(k if k.startswith(prefix) or k.startswith(("cls.", "lm_head.")) else prefix + k): k for k in hf_state}
+    hf = {(k if k.startswith((prefix, "cls.", "lm_head.")) else prefix + k): k for k in hf_state}
     shapes = expected_shapes(config)
     optional = OPTIONAL_PREFIXES.get(config.family, ())
     out: dict[str, torch.Tensor] = {}
@@ -468,7 +468,7 @@ def save_hf_dir(model: nn.Module, config: ModelConfig, out_dir: str | Path, toke
         try:
             from tokenizers import Tokenizer as RawTokenizer
         except ImportError:  # pragma: no cover - tokenizers is a dependency
-            RawTokenizer = ()  # noqa: N806
+            RawTokenizer = ()
         if isinstance(tokenizer, RawTokenizer):
             tmp_tok = out / f".tokenizer.json.tmp{os.getpid()}"
             tokenizer.save(str(tmp_tok))

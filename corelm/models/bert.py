@@ -8,8 +8,8 @@ Parameter names are those of Hugging Face ``BertForPreTraining`` without the ``b
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.ops.attention import attention

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context

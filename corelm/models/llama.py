@@ -7,8 +7,8 @@ shapes. Parameter names are those of Hugging Face ``LlamaForCausalLM`` checkpoin
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
