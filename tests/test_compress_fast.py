@@ -55,3 +55,18 @@ def test_fast_decoder_limits():
     with pytest.raises(CorelmError, match="empty"):
         list(dec.generate_ids([], 2))
     assert dec.weight_bytes() > 0
+
+
+def test_fast_stream_follows_the_engine_contract():
+    from corelm.compress.fast import fast_stream
+    from corelm.generate.engine import SamplingParams, stream
+
+    model = quant.quantize_model(_tiny(1), "int8")
+    prompt = [3, 1, 4, 1, 5]
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert list(fast_stream(model, prompt, greedy)) == list(stream(model, prompt, greedy))
+    first = list(fast_stream(model, prompt, greedy))[0]
+    stopped = SamplingParams(max_new_tokens=12, stop_token_ids=[first])
+    assert list(fast_stream(model, prompt, stopped)) == []
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=7)
+    assert list(fast_stream(model, prompt, sampled)) == list(fast_stream(model, prompt, sampled))

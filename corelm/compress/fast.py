@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -128,6 +128,7 @@ class FastDecoder(nn.Module):
             layer.register_buffer("k_cache", torch.zeros(shape, device=device), persistent=False)
             layer.register_buffer("v_cache", torch.zeros(shape, device=device), persistent=False)
         self.compile_mode = compile
+        self.quantization = getattr(model, "corelm_quantization", None)
         self._compiled = None
         self.compile_seconds: float | None = None
 
@@ -164,22 +165,44 @@ class FastDecoder(nn.Module):
     def _window(self, n: int) -> int:
         return min(self.max_seq_len, -(-n // WINDOW) * WINDOW)
 
-    def _step_fn(self):  # noqa: ANN202 - returns the (compiled or eager) step
+    def signature(self, window: int) -> str:
+        """Key of the compiled step: model shapes, quantization, window, torch version, device."""
+        import hashlib
+        import json
+
+        spec = getattr(self, "quantization", None)
+        key = json.dumps([self.config.to_dict(), spec, window, self.max_seq_len, torch.__version__,
+                          str(self.norm.device.type)], sort_keys=True, default=str)
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def _step_fn(self, window: int):  # noqa: ANN202 - returns the (compiled or eager) step
+        use = self.compile_mode
+        marker = compile_cache_dir() / f"warm-{self.signature(window)}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        if use == "auto":
+            use = marker.exists()
+        if not use:
+            return self.forward_tokens
         if self._compiled is None:
-            use = self.compile_mode
-            if use == "auto":
-                use = (compile_cache_dir() / "warm").exists()
-            if use:
-                self._compiled = compile_step(self.forward_tokens, cuda=self.norm.is_cuda)
-            else:
-                self._compiled = self.forward_tokens
-        return self._compiled
+            self._compiled = compile_step(self.forward_tokens, cuda=self.norm.is_cuda)
+
+        def step(*args):  # noqa: ANN002, ANN202
+            out = self._compiled(*args)
+            marker.touch()  # the next run's "auto" compiles: the cache holds this graph now
+            return out
+
+        return step
 
     @torch.inference_mode()
     def generate_ids(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
                      temperature: float = 0.0, top_k: int | None = None,
-                     generator: torch.Generator | None = None) -> Iterator[int]:
-        """Yield up to ``max_new_tokens`` token ids after ``prompt`` (greedy when ``temperature == 0``)."""
+                     generator: torch.Generator | None = None,
+                     pick: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` token ids after ``prompt`` (greedy when ``temperature == 0``).
+
+        ``pick(logits (V,)) -> token`` replaces the built-in greedy/top-k choice (the engine's sampler
+        plugs in here). The next step is computed only when the caller asks for the next token.
+        """
         if not prompt:
             raise CorelmError("the prompt is empty")
         total = len(prompt) + max_new_tokens
@@ -189,12 +212,12 @@ class FastDecoder(nn.Module):
         device = self.norm.device
         tokens = torch.tensor(prompt, device=device)
         logits = self.forward_tokens(tokens, torch.arange(len(prompt), device=device), self._window(len(prompt)))
-        step = self._step_fn()
         pos = torch.tensor([len(prompt)], device=device)
         window = self._window(total)  # one window for the whole generation: one compiled graph
+        step = self._step_fn(window)
         next_logits = logits[-1]
         for _ in range(max_new_tokens):
-            token = _pick(next_logits, temperature, top_k, generator)
+            token = pick(next_logits) if pick else _pick(next_logits, temperature, top_k, generator)
             yield token
             if token == eos_token_id:
                 return
@@ -209,7 +232,7 @@ class FastDecoder(nn.Module):
         device = self.norm.device
         window = window or self._window(min(self.max_seq_len, WINDOW))
         start = time.perf_counter()
-        self._step_fn()(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
+        self._step_fn(window)(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
         self.compile_seconds = time.perf_counter() - start
         for layer in self.layers:
             layer.k_cache.zero_()
@@ -237,6 +260,36 @@ def _read_bytes(module: nn.Module) -> int:
     if isinstance(module, _Layer):
         return sum(t.numel() * 4 for t in (module.norm1, module.norm2))
     return 0
+
+
+def fast_stream(model: nn.Module, prompt_ids: list[int], params: object, *,
+                eos_token_id: int | list[int] | None = None) -> Iterator[int]:
+    """:func:`corelm.generate.engine.stream` on the fast path: same arguments, same tokens for greedy.
+
+    The decoder (fused weights, static cache, compiled step) is built once per model and kept on it;
+    its cache is sized in steps of 1024 positions. Stop tokens end the stream without being yielded.
+    """
+    from corelm.generate.engine import sample_next
+
+    need = len(prompt_ids) + params.max_new_tokens
+    dec = model.__dict__.get("_corelm_fast")  # kept outside the module tree: not a submodule
+    if dec is None or dec.max_seq_len < need:
+        size = min(model.config.max_seq_len, max(1024, -(-need // 1024) * 1024))
+        dec = FastDecoder(model, max_seq_len=size, compile="auto")
+        model.__dict__["_corelm_fast"] = dec
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    stops = set(params.stop_token_ids) | set(eos)
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    history = list(prompt_ids)
+
+    def pick(logits: torch.Tensor) -> int:
+        return sample_next(logits, params, generator, history)
+
+    for token in dec.generate_ids(list(prompt_ids), params.max_new_tokens, pick=pick):
+        if token in stops and not params.ignore_eos:
+            return
+        history.append(token)
+        yield token
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
@@ -267,10 +320,4 @@ def compile_step(fn, cuda: bool = False):  # noqa: ANN001, ANN201 - wraps any st
         inductor_config.freezing = True  # packed weights become constants of the generated code
         inductor_config.cpp_wrapper = True  # the graph is called from C++, not a Python launcher
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-
-    def step(*args):  # noqa: ANN002, ANN202
-        out = compiled(*args)
-        (cache / "warm").touch()
-        return out
-
-    return step
+    return compiled

@@ -1,0 +1,120 @@
+"""``corelm compare``: size on disk, memory, held-out perplexity and decode speed of model variants.
+
+Each variant (an embedded name, a checkpoint directory -- float, pruned, distilled or
+``corelm quantize`` output -- or a .gguf) is loaded in turn and measured the same way: weights
+held in memory, bytes read per decoded token, perplexity over the first ``--tokens`` tokens of
+``--data`` (sliding window), and greedy decode tokens/s on the fast path (eager unless the compile
+cache is warm), all with the same thread count. Timings on a shared machine are noisy: compare
+variants within one table, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from corelm.errors import CorelmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="corelm compare", description=__doc__.splitlines()[0].strip("`"),
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="models to compare: embedded names, directories or .gguf files")
+    ap.add_argument("--data", required=True, help="held-out text file for perplexity")
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens of --data scored for perplexity")
+    ap.add_argument("--window", type=int, default=512, help="perplexity window (stride = window / 2)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed per variant (0: skip)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object per variant instead of a table")
+    return ap
+
+
+def _disk_bytes(source: str) -> int:
+    from corelm.presets import EMBEDDED, embedded_path
+
+    path = embedded_path(source) if source in EMBEDDED else Path(source)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin",
+                                                                                              ".gguf"))
+    return path.stat().st_size
+
+
+def load_variant(source: str):  # noqa: ANN201 - (config, model, tokenizer)
+    from corelm.compress.quant import is_quantized_dir, load_quantized_dir
+
+    if is_quantized_dir(source):
+        from corelm.api import load_tokenizer
+
+        config, model = load_quantized_dir(source)
+        return config, model, load_tokenizer(source)
+    import corelm
+
+    llm = corelm.load(source, dtype="fp32")
+    return llm.config, llm.model, llm.tokenizer
+
+
+def measure(source: str, text: str, args: argparse.Namespace) -> dict:
+    from corelm.compress.fast import FastDecoder
+    from corelm.compress.quant import quantized_bytes
+    from corelm.compress.prune import sparsity_of
+    from corelm.eval.perplexity import perplexity
+
+    t0 = time.perf_counter()
+    config, model, tokenizer = load_variant(source)
+    load_s = time.perf_counter() - t0
+    if config.is_encoder:
+        raise CorelmError(f"{source} is an encoder; compare measures decoders")
+    ids = tokenizer.encode(text)[: args.tokens]
+    if len(ids) < 16:
+        raise CorelmError(f"{args.data} has too little text ({len(ids)} tokens)")
+    with torch.inference_mode():
+        ppl = perplexity(model, ids, window=min(args.window, config.max_seq_len))
+    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
+    row = {"variant": source, "disk_MB": _disk_bytes(source) / 1e6, "memory_MB": quantized_bytes(model) / 1e6,
+           "perplexity": ppl["perplexity"], "tokens": ppl["tokens"], "load_s": load_s,
+           "sparsity": sum(sparsity_of(w) * w.numel() for w in linears) / max(1, sum(w.numel() for w in linears)),
+           "quantization": getattr(model, "corelm_quantization", {}).get("method", "")}
+    if args.decode_tokens and config.family == "llama":
+        dec = FastDecoder(model, max_seq_len=len(ids[:32]) + args.decode_tokens + 8, compile="auto")
+        prompt = ids[:32]
+        list(dec.generate_ids(prompt, 4))  # warm-up
+        start = time.perf_counter()
+        n = len(list(dec.generate_ids(prompt, args.decode_tokens)))
+        rate = n / (time.perf_counter() - start)
+        row.update(tok_s=rate, read_MB=dec.weight_bytes() / 1e6, GB_s=dec.weight_bytes() * rate / 1e9)
+    return row
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not data.is_file():
+        raise CorelmError(f"--data file not found: {data}")
+    text = data.read_text(errors="replace")
+    rows = []
+    for i, source in enumerate(args.variants, 1):
+        print(f"[{i}/{len(args.variants)}] measuring {source} ...", file=sys.stderr, flush=True)
+        rows.append(measure(source, text, args))
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        return 0
+    from corelm.compress.fast import cpu_capability
+
+    print(f"{rows[0]['tokens']} held-out tokens of {data.name}; decode {args.decode_tokens} greedy tokens, "
+          f"{torch.get_num_threads()} threads, CPU capability {cpu_capability()}")
+    name_w = max(len(r["variant"]) for r in rows)
+    print(f"{'variant':<{name_w}}  {'quant':>5} {'sparsity':>8} {'disk MB':>8} {'RAM MB':>7} {'perplexity':>10} "
+          f"{'tok/s':>6} {'GB/s':>5}")
+    for r in rows:
+        print(f"{r['variant']:<{name_w}}  {r['quantization'] or '-':>5} {r['sparsity']:>8.1%} {r['disk_MB']:>8.0f} "
+              f"{r['memory_MB']:>7.0f} {r['perplexity']:>10.3f} {r.get('tok_s', float('nan')):>6.1f} "
+              f"{r.get('GB_s', float('nan')):>5.2f}")
+    return 0
