@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(summary))
         return 0
     print(f"run written to {args.out} ({summary['steps']} steps)")
-    for key in ("train_loss", "val_loss_before", "val_loss", "val_acc", "val_f1", "total_rank"):
+    for key in ("train_loss", "val_loss_before", "val_loss", "val_acc_before", "val_acc", "val_f1_before", "val_f1",
+                "total_rank"):
         if summary.get(key) is not None:
             print(f"  {key:<16} {summary[key]:.4f}" if isinstance(summary[key], float) else
                   f"  {key:<16} {summary[key]}")

@@ -400,9 +400,9 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                       precision=args.precision, seed=args.seed, out=args.out, save_every=args.save_every,
                       resume=args.out if args.resume else None, progress=args.progress, tensorboard=False,
                       measure_mfu=False, keep_last=1)
-    before = eval_fn(model) if args.task == "sft" else {}
+    before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:
-        say(f"before training: assistant-token loss {before['val_loss']:.4f} on the validation set")
+        say("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
     batches = ResumableLoader(train_items, min(args.batch_size, len(train_items)),
                               lambda b: tasks.collate(b, pad_id) if "input_ids" in b[0] else _stack_features(b),
                               seed=args.seed)
@@ -410,8 +410,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                    extra_state=_Extra(allocator), optimizer_fn=optimizer_fn, run_config=task_info)
     summary = {"steps": result.step, "stopped": result.stopped, "train_loss": result.losses[-1][1] if result.losses
                else None, **{k: v for k, v in result.last_metrics.items() if k.startswith("val")}}
-    if before:
-        summary["val_loss_before"] = before["val_loss"]
+    summary.update({f"{k}_before": v for k, v in before.items()})
     if allocator is not None:
         summary["ranks"] = allocator.ranks()
         summary["total_rank"] = sum(summary["ranks"].values())
