@@ -310,19 +310,22 @@ def test_openai_client_raises_typed_errors(client):
     assert client.completions.create(model="tiny", prompt="hello", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_disconnect_mid_stream_frees_the_row(server):
-    assert metric(server, "corelm_running_requests") == 0
-    before = metric(server, "corelm_client_disconnects_total")
+def test_disconnect_mid_stream_frees_the_row(llm):
+    batcher, srv = small_server(llm, max_batch=2, seconds_per_token=0.01)  # 200 tokens take 2 s
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        assert metric(server, "corelm_running_requests") == 1
-    t0 = time.monotonic()
-    while metric(server, "corelm_running_requests") != 0:
-        assert time.monotonic() - t0 < 1.0, "the disconnected stream still holds its row after 1 s"
-        time.sleep(0.02)
-    assert metric(server, "corelm_client_disconnects_total") == before + 1
+    with srv:
+        assert metric(srv, "corelm_running_requests") == 0
+        with httpx.Client(timeout=30) as http, http.stream("POST", srv.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            assert metric(srv, "corelm_running_requests") == 1
+        t0 = time.monotonic()
+        while metric(srv, "corelm_running_requests") != 0:
+            assert time.monotonic() - t0 < 1.0, "the disconnected stream still holds its row after 1 s"
+            time.sleep(0.02)
+        assert metric(srv, "corelm_client_disconnects_total") == 1
+        assert metric(srv, "corelm_generation_tokens_total") < 200  # it did not run to the end
+    batcher.stop()
 
 
 def test_metrics_count_requests_and_tokens(server, client):
@@ -337,15 +340,24 @@ def test_metrics_count_requests_and_tokens(server, client):
 # ---- limits: admission, deadlines, auth, errors after the stream started ----
 
 
-def small_server(llm, *, max_batch=1, max_queue=1, **config):
-    batcher = Batcher(llm.model, max_batch=max_batch, max_seq_len=WINDOW, max_queue=max_queue)
+def small_server(llm, *, max_batch=1, max_queue=1, seconds_per_token=0.0, **config):
+    """A separate server; ``seconds_per_token`` slows sampling (test only) so a long request is
+    still running when the test acts on it, however fast the machine."""
+    from corelm.generate.engine import sample_next
+
+    def slowed(*args):
+        time.sleep(seconds_per_token)
+        return sample_next(*args)
+
+    batcher = Batcher(llm.model, max_batch=max_batch, max_seq_len=WINDOW, max_queue=max_queue,
+                      sample=slowed if seconds_per_token else None)
     app = create_app([TextModel("tiny", llm, batcher)], ServerConfig(**config))
     batcher.start()
     return batcher, ServerThread(app)
 
 
 def test_admission_limit_answers_503_at_once(llm):
-    batcher, srv = small_server(llm, max_batch=1, max_queue=1)
+    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.01)
     long = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
 
     async def scenario() -> None:
@@ -375,14 +387,7 @@ def test_admission_limit_answers_503_at_once(llm):
 
 
 def test_deadline_mid_stream_is_an_sse_error_then_done(llm):
-    batcher, srv = small_server(llm, request_timeout=0.3)
-    slow = batcher._sample
-
-    def slow_sample(*args):  # ~20 ms per token: 200 tokens cannot finish in 0.3 s
-        time.sleep(0.02)
-        return slow(*args)
-
-    batcher._sample = slow_sample
+    batcher, srv = small_server(llm, request_timeout=1.0, seconds_per_token=0.02)  # 200 tokens take 4 s
     with srv:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
