@@ -95,7 +95,9 @@ def main(argv: list[str]) -> int:
             return 0
         print(f"{len(ids)} tokens")
         print("ids:    ", " ".join(map(str, ids)))
-        print("tokens: ", " ".join(repr(tok.decode([i])) for i in ids))
+        # a token that is part of a multi-byte character decodes to U+FFFD: show its raw spelling instead
+        shown = [tok.decode([i]) if "\ufffd" not in tok.decode([i]) else f"<{tok.id_to_token(i)}>" for i in ids]
+        print("tokens: ", " ".join(repr(t) for t in shown))
         return 0
     try:
         ids = [int(i) for i in args.ids]
