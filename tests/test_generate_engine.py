@@ -67,6 +67,16 @@ def test_batched_greedy_equals_alone_equals_full_forward(family):
     assert len(set(map(tuple, batch))) == 3 and len(set(batch[0])) > 2  # the outputs are not degenerate
 
 
+def test_batch_mixing_long_prompt_and_long_generation_stays_in_each_rows_window():
+    """Row 0 fills its window with the prompt, row 1 with generation: neither runs past 64 positions."""
+    model = _tiny("gpt2")  # learned positions: a position >= 64 would be an index error
+    long_prompt = [int(t) for t in torch.randint(0, 97, (54,), generator=torch.Generator().manual_seed(1))]
+    params = [SamplingParams(max_new_tokens=10), SamplingParams(max_new_tokens=40)]
+    batch = generate(model, [long_prompt, PROMPTS[0]], params)
+    assert batch == [generate(model, [long_prompt], params[0])[0], generate(model, [PROMPTS[0]], params[1])[0]]
+    assert [len(row) for row in batch] == [10, 40]
+
+
 def test_greedy_matches_transformers_generate(llama, llama_hf):
     prompt = PROMPTS[2]
     ref = llama_hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,

@@ -237,24 +237,31 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
     if eos_token_id is None:
         eos_token_id = model.config.extra.get("eos_token_id")
     device = model_device(model)
-    max_new = max(sp.max_new_tokens for sp in params)
-    cache = new_cache(model, len(prompts), max(len(p) for p in prompts) + max_new)
+    cache = new_cache(model, len(prompts), max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     rows = _Rows(prompts, params, model.config.vocab_size, eos_token_id, device)
     if all(rows.done):
         return
     step = _decode_step(model, cache, compile)
     logits = prefill(model, cache, prompts)
     pos = torch.tensor([len(p) for p in prompts], device=device)  # (B,) next slot of each row
+    # 1 for rows still generating, 0 for finished ones: a finished row stays on its last slot
+    # (its outputs are ignored) so it never runs past its own context window.
+    advance = torch.ones_like(pos)
+    frozen = [False] * len(prompts)
     while True:
         with torch.inference_mode():
             tokens = rows.choose(logits)
         emitted = rows.accept(tokens.tolist())
+        for b, finished in enumerate(rows.done):
+            if finished and not frozen[b]:
+                frozen[b] = True
+                advance[b] = 0
         yield emitted
         if all(rows.done):
             return
         with torch.inference_mode():
             logits = step(tokens, pos)
-            pos += 1
+            pos += advance
 
 
 def _decode_step(model: nn.Module, cache: KVCache, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
