@@ -96,9 +96,13 @@ def main(argv: list[str]) -> int:
     app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name,
                                device=args.device, quantize=args.quantize)
     for m in served:
-        endpoint = "/v1/embeddings" if m.kind == "embed" else "/v1/completions, /v1/chat/completions"
-        print(f"serving {m.name!r} ({endpoint}; context {m.context_window} tokens; {threads} torch threads)",
-              file=sys.stderr)
+        if m.kind == "embed":
+            print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)
+            continue
+        cache = m.batcher.cache
+        gib = sum(t.numel() * t.element_size() for t in cache.k + cache.v) / 2**30
+        print(f"serving {m.name!r} (/v1/completions, /v1/chat/completions; context {m.context_window} tokens; "
+              f"KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; {threads} torch thread{'s' * (threads > 1)})", file=sys.stderr)
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
