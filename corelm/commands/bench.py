@@ -195,7 +195,8 @@ def main(argv: list[str]) -> int:
         return 0
     print(render(out))
     if args.save:
-        print(f"\nprofile saved to {args.save} (use: corelm plan --profile {args.save} --hardware cpu ...)")
+        hw = out.get("machine", {}).get("hardware", "cpu")
+        print(f"\nprofile saved to {args.save} (use: corelm plan --profile {args.save} --hardware {hw} ...)")
     return 0
 
 

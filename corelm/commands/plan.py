@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--price-usd", type=float, default=None, help="override the price per device-hour")
     ap.add_argument("--budget-usd", type=float, default=None,
                     help="what to rent: per device kind, the count that finishes soonest within this budget")
+    ap.add_argument("--max-count", type=int, default=64,
+                    help="--budget-usd: the most devices of one kind you can rent at once")
     ap.add_argument("--profile", default=None,
                     help="a profile saved by `corelm bench --save` (replaces the cpu row, or the row it names)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -214,7 +216,9 @@ def main(argv: list[str]) -> int:
     if args.budget_usd is not None:
         if args.task == "infer":
             raise CorelmError("--budget-usd plans training runs; for serving compare $/1M tokens with --hardware all")
-        p = P.plan_budget(cfg, w, rows, args.budget_usd)
+        if args.max_count < 1:
+            raise CorelmError(f"max-count must be >= 1, got {args.max_count}")
+        p = P.plan_budget(cfg, w, rows, args.budget_usd, max_count=args.max_count)
     else:
         p = P.plan(cfg, w, rows, args.count)
     if args.plot:

@@ -248,12 +248,14 @@ class _Probe:
     """Matmul and streaming-read throughput measured *between* training steps, so a prediction uses what
     the machine delivers at that moment (a shared CPU's share changes minute to minute)."""
 
-    def __init__(self, dtype: str, device: str, n: int = 1024, mbytes: int = 128) -> None:
-        self.a = torch.randn(n, n, device=device).to(DTYPES[dtype])
-        self.b = torch.randn(n, n, device=device).to(DTYPES[dtype])
-        self.c = torch.empty(n, n, device=device, dtype=DTYPES[dtype])
+    def __init__(self, dtype: str, device: str, n: int = 1024, mbytes: int = 128,
+                 shape: tuple[int, int, int] | None = None) -> None:
+        m, k, n_ = shape or (n, n, n)  # (M, K) @ (K, N): a model's own GEMM shape, or square
+        self.a = torch.randn(m, k, device=device).to(DTYPES[dtype])
+        self.b = torch.randn(k, n_, device=device).to(DTYPES[dtype])
+        self.c = torch.empty(m, n_, device=device, dtype=DTYPES[dtype])
         self.x = torch.ones(mbytes * 2**20 // 4, device=device)
-        self.device, self.n = device, n
+        self.device, self.flops_per_mm = device, 2 * m * k * n_
         self.flops: list[float] = []
         self.bandwidth: list[float] = []
         self.cpu_flops: list[float] = []  # per CPU-second of this process ÷ threads (contention-free view)
@@ -266,8 +268,8 @@ class _Probe:
             torch.mm(self.a, self.b, out=self.c)
             count += 1
         _sync(self.device)
-        self.flops.append(2 * self.n**3 * count / (time.perf_counter() - t0))
-        self.cpu_flops.append(2 * self.n**3 * count / ((time.process_time() - c0) / torch.get_num_threads()))
+        self.flops.append(self.flops_per_mm * count / (time.perf_counter() - t0))
+        self.cpu_flops.append(self.flops_per_mm * count / ((time.process_time() - c0) / torch.get_num_threads()))
         count, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds / 2 or count < 2:
             self.x.sum()
@@ -286,7 +288,9 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = ModelConfig(**spec["config"])
     batch, seq, precision = spec["batch"], spec["seq_len"], spec["precision"]
     compute = "fp32" if precision == "fp32" else P._compute_dtype(precision)
-    probe = _Probe(compute, device)
+    # The matmul rate is probed at the model's own MLP shape (tokens × d_model × d_ff): achievable FLOP/s
+    # depends on the shape, and that GEMM carries most of a block's FLOPs.
+    probe = _Probe(compute, device, shape=(batch * seq, cfg.d_model, cfg.d_ff))
 
     # Warm up the kernels the step uses on a tiny model so their one-off buffers are in the baseline.
     tiny = ModelConfig(**{**spec["config"], "n_layer": 1, "vocab_size": 64})

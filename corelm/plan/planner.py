@@ -373,10 +373,11 @@ def plan_training(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> De
         if total > hw.usable_bytes:
             continue
         t = train_time(cfg, w, hw, layout, seq_len=seq, batch=batch, count=count)
-        # Fastest first; among equally fast (communication-bound) layouts, the one that computes
-        # least (no needless recomputation), then the one with the most memory headroom.
+        # Fastest first; among equally fast layouts, the one that computes least (no needless
+        # recomputation), the least tensor parallelism, the fewest accumulation micro-steps (each
+        # pays fixed per-step overheads the FLOP model does not see), then the most memory headroom.
         rc_cost = F.RECOMPUTE_MODES.index(layout.recompute)
-        key = (round(t["step"], 12), rc_cost, layout.tp, total)
+        key = (round(t["step"], 12), rc_cost, layout.tp, layout.grad_accum, total)
         if best is None or key < best[0]:
             best = (key, total, layout, mem, t)
     if best is None:
@@ -544,12 +545,13 @@ def plan(cfg: ModelConfig, w: Workload, hardware: list[Hardware], count: int | N
 
 
 def plan_budget(cfg: ModelConfig, w: Workload, hardware: list[Hardware], budget_usd: float,
-                min_scaling_efficiency: float = 0.8) -> Plan:
+                min_scaling_efficiency: float = 0.8, max_count: int = 64) -> Plan:
     """What to rent: per hardware row, the device count that finishes soonest within ``budget_usd``.
 
     Starts at the fewest devices that fit and doubles while the run still costs at most the budget,
     gets faster, and keeps at least ``min_scaling_efficiency`` of ideal scaling (ideal scaling keeps
-    the cost flat; communication makes it grow: past that point money buys little time).
+    the cost flat; communication makes it grow: past that point money buys little time), up to
+    ``max_count`` devices (the largest allocation the user can get).
     """
     if budget_usd <= 0:
         raise CorelmError(f"budget must be positive, got {budget_usd:g} USD")
@@ -559,7 +561,7 @@ def plan_budget(cfg: ModelConfig, w: Workload, hardware: list[Hardware], budget_
         best = first
         if first is not None and first.fits and w.task != "infer":
             count = first.count * 2
-            while count <= 4096:
+            while count <= max_count:
                 nxt = plan_one(cfg, w, hw, count)
                 if (not nxt.fits or nxt.cost_usd > budget_usd or nxt.total_time_s >= best.total_time_s
                         or nxt.cost_usd > first.cost_usd / min_scaling_efficiency):
