@@ -166,3 +166,19 @@ def test_wrong_tensor_shape_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_json))
     with pytest.raises(CorelmError, match=r"mlp\.gate_proj\.weight.*shape"):
         load_hf_dir(tmp_path)
+
+
+def test_original_gpt2_names_and_buffers_map():
+    """The original GPT-2 files name tensors without `transformer.` and carry attention-mask buffers."""
+    from corelm.io.hf import state_dict_from_hf
+
+    config, model = _model("gpt2")
+    hf_state = state_dict_to_hf(config, model.state_dict())
+    bare = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    bare["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # the causal-mask buffer old checkpoints saved
+    ours = state_dict_from_hf(config, bare)
+    assert ours.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0)
+    with pytest.raises(CorelmError, match="does not know"):
+        state_dict_from_hf(config, {**bare, "h.0.attn.rotary.weight": torch.zeros(1)})
