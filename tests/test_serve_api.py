@@ -357,20 +357,21 @@ def small_server(llm, *, max_batch=1, max_queue=1, seconds_per_token=0.0, **conf
 
 
 def test_admission_limit_answers_503_at_once(llm):
-    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.01)
+    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.02)  # 200 tokens: >= 4 s
     long = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
             running = await http.send(http.build_request("POST", "/v1/completions", json=long), stream=True)
             queued = asyncio.ensure_future(http.post("/v1/completions", json={**long, "stream": False}))
-            for _ in range(100):
-                if batcher.waiting == 1:
-                    break
+            t0 = time.monotonic()
+            while not (batcher.running == 1 and batcher.waiting == 1):
+                assert time.monotonic() - t0 < 10, "the first two requests never filled the row and the queue"
                 await asyncio.sleep(0.01)
             t0 = time.monotonic()
             r = await http.post("/v1/completions", json=long)
-            assert r.status_code == 503 and time.monotonic() - t0 < 1.0
+            assert r.status_code == 503, r.text
+            assert time.monotonic() - t0 < 1.5  # at once, not after the running request's 4 s
             assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
             await running.aclose()
             queued.cancel()
