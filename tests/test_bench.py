@@ -40,7 +40,7 @@ def test_aten_op_count_grows_with_depth():
         cfg = ModelConfig(family="gpt2", vocab_size=64, n_layer=n_layer, n_head=2, d_model=32, max_seq_len=16)
         model = build_model(cfg)
         ids = torch.zeros(1, 4, dtype=torch.long)
-        counts.append(B.aten_ops_per_step(model, lambda m=model: m(ids)))
+        counts.append(B.aten_ops_per_step(model, lambda m=model, x=ids: m(x)))
     assert counts[1] > counts[0] > 10
 
 

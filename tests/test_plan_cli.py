@@ -56,7 +56,7 @@ def test_config_file_and_budget(capsys, tmp_path):
     (["--model", "gpt2", "--profile", "/nonexistent.json"], "profile not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, match):
-    code, out, err = run(capsys, *argv)
+    code, _out, err = run(capsys, *argv)
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 

@@ -102,7 +102,7 @@ def test_activations_reproduce_korthikanti_per_layer():
     and no sequence parallelism sbh(10 + 24/t + 5as/(ht)); with it everything / t; full recompute 2sbh."""
     cfg = ModelConfig(family="gpt2", vocab_size=50257, n_layer=24, n_head=16, d_model=1024)
     s, b, h, a = 2048, 4, 1024, 16
-    kw = dict(act_bytes=2, dropout=True, fused_attention=False)
+    kw = {"act_bytes": 2, "dropout": True, "fused_attention": False}
     assert F.activation_bytes_per_layer(cfg, s, b, **kw) == s * b * h * (34 + 5 * a * s / h)
     for t in (2, 4, 8):
         no_sp = F.activation_bytes_per_layer(cfg, s, b, tp=t, sequence_parallel=False, **kw)

@@ -83,8 +83,8 @@ def test_every_catalog_row_has_a_source_and_the_required_ids():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(batch=0), "batch"), (dict(tokens=-1.0), "tokens"), (dict(tp=3), "does not divide"),
-    (dict(seq_len=100_000), "context"), (dict(mfu=1.5), "mfu"), (dict(precision="fp8-mixed"), "precision"),
+    ({"batch": 0}, "batch"), ({"tokens": -1.0}, "tokens"), ({"tp": 3}, "does not divide"),
+    ({"seq_len": 100_000}, "context"), ({"mfu": 1.5}, "mfu"), ({"precision": "fp8-mixed"}, "precision"),
 ])
 def test_impossible_settings_are_refused(kwargs, match):
     with pytest.raises(CorelmError, match=match):

@@ -211,28 +211,28 @@ def render(out: dict) -> str:
     if "train" in out:
         t = out["train"]
         pb, st = t["peak_bytes"], t["step_s"]
-        lines += ["", f"train {t['model']} ({t['params'] / 1e6:.1f}M params), batch {t['batch']} × {t['seq_len']}, "
-                      f"{t['precision']}, {t['device']}",
+        lines += ["", (f"train {t['model']} ({t['params'] / 1e6:.1f}M params), batch {t['batch']} × {t['seq_len']}, "
+                      f"{t['precision']}, {t['device']}"),
                   f"  {'':<22}{'predicted':>12}{'measured':>12}{'error':>9}",
-                  f"  {'peak memory':<22}{_bytes(pb['predicted']):>12}{_bytes(pb['measured']):>12}"
+                  (f"  {'peak memory':<22}{_bytes(pb['predicted']):>12}{_bytes(pb['measured']):>12}"
                   f"{_err(pb['predicted'], pb['measured']):>9}   (live tensor bytes; RSS high-water "
-                  f"{_bytes(pb['rss_measured'])})",
-                  f"  {'step time':<22}{st['predicted']:>11.3f}s{st['measured']:>11.3f}s"
-                  f"{_err(st['predicted'], st['measured']):>9}   ({st['timing']}; wall {st['wall_measured']:.3f} s)",
-                  f"  matmul peak measured between steps: {t['matmul_peak_measured'] / 1e9:,.1f} GFLOP/s; "
+                  f"{_bytes(pb['rss_measured'])})"),
+                  (f"  {'step time':<22}{st['predicted']:>11.3f}s{st['measured']:>11.3f}s"
+                  f"{_err(st['predicted'], st['measured']):>9}   ({st['timing']}; wall {st['wall_measured']:.3f} s)"),
+                  (f"  matmul peak measured between steps: {t['matmul_peak_measured'] / 1e9:,.1f} GFLOP/s; "
                   f"efficiency used {t['train_efficiency_used']:.2f}, measured {t['train_efficiency_measured']:.2f}; "
-                  f"MFU {t['mfu']:.0%}"]
+                  f"MFU {t['mfu']:.0%}")]
     if "decode" in out:
         d = out["decode"]
         tk, pr = d["tokens_per_s"], d["prediction"]
-        lines += ["", f"decode {d['model']} ({d['dtype']}, {d['device']}, {d['threads']} threads): "
-                      f"{d['bytes_per_token'] / 1e6:,.1f} MB read per token",
+        lines += ["", (f"decode {d['model']} ({d['dtype']}, {d['device']}, {d['threads']} threads): "
+                      f"{d['bytes_per_token'] / 1e6:,.1f} MB read per token"),
                   f"  {'':<22}{'predicted':>12}{'measured':>12}{'error':>9}",
-                  f"  {'tokens/s':<22}{tk['predicted']:>12,.1f}{tk['measured']:>12,.1f}"
-                  f"{_err(tk['predicted'], tk['measured']):>9}   ({tk['timing']}; wall {tk['wall_measured']:.1f} tok/s)",
-                  f"  model per token: weights {pr['weights_s'] * 1e3:.1f} ms at the measured GEMV bandwidth "
+                  (f"  {'tokens/s':<22}{tk['predicted']:>12,.1f}{tk['measured']:>12,.1f}"
+                  f"{_err(tk['predicted'], tk['measured']):>9}   ({tk['timing']}; wall {tk['wall_measured']:.1f} tok/s)"),
+                  (f"  model per token: weights {pr['weights_s'] * 1e3:.1f} ms at the measured GEMV bandwidth "
                   f"{pr['gemv_bandwidth'] / 1e9:.1f} GB/s + KV {pr['kv_s'] * 1e3:.2f} ms + {pr['aten_ops']} ATen ops × "
-                  f"{pr['op_overhead_s'] * 1e6:.1f} µs = {pr['overhead_s'] * 1e3:.1f} ms",
-                  f"  pure bandwidth bound (read {pr['read_bandwidth'] / 1e9:.1f} GB/s): "
-                  f"{tk['bandwidth_bound']:,.1f} tok/s; achieved by decode {d['achieved_bandwidth'] / 1e9:.1f} GB/s"]
+                  f"{pr['op_overhead_s'] * 1e6:.1f} µs = {pr['overhead_s'] * 1e3:.1f} ms"),
+                  (f"  pure bandwidth bound (read {pr['read_bandwidth'] / 1e9:.1f} GB/s): "
+                  f"{tk['bandwidth_bound']:,.1f} tok/s; achieved by decode {d['achieved_bandwidth'] / 1e9:.1f} GB/s")]
     return "\n".join(lines)

@@ -136,7 +136,8 @@ def render(p: P.Plan, budget: float | None = None) -> str:
         rows = []
         for d in p.devices:
             m = d.memory_bytes
-            per_m = (d.cost_usd / (batch * w.new_tokens) * 1e6) if d.cost_usd is not None else None
+            made = batch * (ctx if d.decode_tokens_per_s is None else w.new_tokens)  # encoded or generated
+            per_m = (d.cost_usd / made * 1e6) if d.cost_usd is not None else None
             rows.append([d.hardware, str(d.count), "yes" if d.fits else "NO", _gib(m.get("weights")),
                          _gib(m.get("kv_cache")), _gib(m.get("activations")), _gib(m.get("logits")),
                          f"{d.memory_total / GiB:.1f}/{d.usable_bytes / GiB:.1f}",
@@ -160,7 +161,7 @@ def render(p: P.Plan, budget: float | None = None) -> str:
                          "-" if d.mfu is None else f"{d.mfu:.0%}", _dur(d.total_time_s),
                          _num(d.cost_usd), _num(d.energy_kwh)])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(v.rjust(wd) if i else v.ljust(wd) for i, (v, wd) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(v.rjust(wd) if i else v.ljust(wd) for i, (v, wd) in enumerate(zip(r, widths)))
     lines += ["", fmt(cols), fmt(["-" * wd for wd in widths])] + [fmt(r) for r in rows] + [""]
     fitting = [d for d in p.devices if d.fits]
     if budget is not None:
@@ -182,7 +183,7 @@ def render(p: P.Plan, budget: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, writer) -> None:  # noqa: ANN001 - writer(path) fills a temp file
+def _write_atomic(path: Path, writer) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from typing_extensions import Self
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
-from corelm.plan import formulas as F
 from corelm.plan import planner as P
 from corelm.plan.hardware import Hardware, cpu_row, get_hardware
 
@@ -234,11 +234,11 @@ class _PeakSampler:
             self.peak = max(self.peak, self.read())
             time.sleep(self.interval)
 
-    def __enter__(self) -> _PeakSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop = True
         self._thread.join()
         self.peak = max(self.peak, self.read())
@@ -370,7 +370,7 @@ def measure_train(cfg: ModelConfig, *, batch: int, seq_len: int, steps: int = 4,
     spec = {"config": cfg.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
             "precision": precision, "device": device, "threads": threads or torch.get_num_threads()}
     proc = subprocess.run([sys.executable, "-m", "corelm.plan.bench", "train-worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise CorelmError(f"training-step worker failed: {tail[0]}")
@@ -403,10 +403,10 @@ def _matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     out, seen = [], set()
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) or module is getattr(model, "lm_head", None):
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.data_ptr() not in seen:
-                seen.add(w.data_ptr())
-                out.append(w)
+        is_matmul = isinstance(module, torch.nn.Linear) or module is getattr(model, "lm_head", None)
+        if is_matmul and isinstance(w, torch.Tensor) and w.dim() == 2 and w.data_ptr() not in seen:
+            seen.add(w.data_ptr())
+            out.append(w)
     head = getattr(model, "lm_head", None)
     if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
         for name, p in model.named_parameters():  # a tied head holding the embedding by reference
@@ -443,7 +443,7 @@ def aten_ops_per_step(model: torch.nn.Module, step: Callable[[], Any]) -> int:
     class Count(TorchDispatchMode):
         n = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.n += 1
             return func(*args, **(kwargs or {}))
 

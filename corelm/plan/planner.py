@@ -244,8 +244,8 @@ def train_memory(cfg: ModelConfig, w: Workload, layout: Layout, *, seq_len: int)
         states = F.sharded_state_bytes(n, n, precision=layout.precision, optimizer=w.optimizer,
                                        zero=layout.zero, dp=layout.dp, tp=layout.tp)
     prec = F.PRECISIONS[layout.precision]
-    act_kw = dict(act_bytes=prec.activations, fused_attention=w.fused_attention, tp=layout.tp,
-                  fused_norms=w.fused_norms, residual_bytes=prec.residual)
+    act_kw = {"act_bytes": prec.activations, "fused_attention": w.fused_attention, "tp": layout.tp,
+                  "fused_norms": w.fused_norms, "residual_bytes": prec.residual}
     activations = cfg.n_layer * F.activation_bytes_per_layer(cfg, seq_len, layout.micro_batch,
                                                              recompute=layout.recompute, **act_kw)
     if layout.recompute == "full":  # the block being recomputed holds its full activations once
@@ -480,6 +480,15 @@ def plan_inference(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> D
                       prefill_time_s=prefill, decode_tokens_per_s=batch / step,
                       decode_bound="memory bandwidth" if t_mem >= t_flops else "compute",
                       timing={"decode_step_memory_s": t_mem, "decode_step_compute_s": t_flops})
+    if cfg.is_encoder:  # an encoder only runs the forward ("prefill") over its inputs: no decode
+        plan.decode_tokens_per_s, plan.decode_bound, plan.timing = None, "encoder: forward only", {}
+        plan.tokens_per_s = batch * context / prefill
+        plan.tokens_per_s_per_device = plan.tokens_per_s / count
+        plan.total_time_s = prefill
+        plan.cost_usd = prefill / 3600 * count * hw.usd_per_hour
+        plan.energy_kwh = prefill / 3600 * count * hw.power_w / 1000 if hw.power_w else None
+        plan.recommendation = f"{dtype} weights; {plan.tokens_per_s:,.0f} tokens/s encoded at batch {batch}"
+        return plan
     plan.tokens_per_s = batch / step
     plan.tokens_per_s_per_device = plan.tokens_per_s / count
     seconds = prefill + w.new_tokens * step
