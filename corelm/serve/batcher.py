@@ -44,7 +44,7 @@ class Event:
 
     kind: str                      # "token" | "done" | "error"
     token: int = -1
-    finish_reason: str | None = None   # "stop" | "length" on "done"
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" on "done"
     error: errors.APIError | None = None
     time: float = 0.0
 
@@ -179,7 +179,7 @@ class Batcher:
             request.cancelled = True
             if request in self._waiting:  # never started: leave the queue at once
                 self._waiting.remove(request)
-                request.finished = True
+                request.emit(Event("done", finish_reason="cancelled"))
             self._cond.notify_all()
 
     # ---- worker thread ----
@@ -211,7 +211,7 @@ class Batcher:
             if request is None:
                 continue
             if request.cancelled:
-                self._free(row)
+                self._finish(row, reason="cancelled")
             elif request.deadline is not None and now > request.deadline:
                 self._finish(row, error=errors.deadline_exceeded(request.deadline - request.arrival))
         self._admit(now)
@@ -258,7 +258,7 @@ class Batcher:
     def _accept(self, row: int, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of ``request`` from ``logits`` (1, V) and stream or finish it."""
         if request.cancelled:
-            self._free(row)
+            self._finish(row, reason="cancelled")
             return
         history = request.prompt + request.tokens
         token = int(self._sample(logits, request.spec, request.generator, history))

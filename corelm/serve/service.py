@@ -77,6 +77,8 @@ class TextStream:
             if event.kind == "error":
                 raise event.error
             if event.kind == "done":
+                if event.finish_reason == "cancelled":  # the caller gave up on this stream
+                    return
                 tail, _ = self._stops.feed(self._detok.flush())
                 self.finish_reason = event.finish_reason
                 yield Piece(tail + self._stops.flush(), event.finish_reason)
