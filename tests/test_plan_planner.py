@@ -105,3 +105,18 @@ def test_plan_json_has_the_contract_fields():
     dev = out["devices"][0]
     assert dev["fits"] is True and set(dev["memory_bytes"]) >= {"weights", "grads", "optimizer", "activations"}
     assert dev["memory_total_bytes"] == pytest.approx(sum(dev["memory_bytes"].values()))
+
+
+def test_profile_bandwidth_efficiency_scales_decode():
+    prof = {"matmul_flops": {"fp32": 100e9, "bf16": 300e9}, "bandwidth_bytes_s": 30e9, "hardware": "cpu"}
+    w = P.Workload(task="infer", context=512, batch=1, dtype="bf16")
+    full = P.plan(preset("smollm2-135m"), w, [get_hardware("cpu", prof)], count=1).devices[0]
+    half = P.plan(preset("smollm2-135m"), w, [get_hardware("cpu", {**prof, "bandwidth_efficiency": 0.5})],
+                  count=1).devices[0]
+    assert half.decode_tokens_per_s == pytest.approx(full.decode_tokens_per_s / 2)
+    # Bandwidth-bound: bytes of the matmul weights (bf16) + the KV cache per token ÷ 30 GB/s.
+    from corelm.plan import formulas as F
+
+    cfg = preset("smollm2-135m")
+    read = F.matmul_params(cfg) * 2 + F.kv_cache_bytes(cfg, 512, 1, "bf16")
+    assert full.decode_tokens_per_s == pytest.approx(30e9 / read)

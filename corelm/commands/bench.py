@@ -189,6 +189,9 @@ def main(argv: list[str]) -> int:
         if "train" in out:
             prof["train_efficiency"] = out["train"]["train_efficiency_measured"]
             prof["train_efficiency_model"] = out["train"]["model"]
+        if "decode" in out:  # what a decode step's GEMVs stream, as a fraction of the read bandwidth
+            pr = out["decode"]["prediction"]
+            prof["bandwidth_efficiency"] = min(1.0, pr["gemv_bandwidth"] / prof["bandwidth_bytes_s"])
         B.save_profile(prof, args.save)
     if args.json:
         print(json.dumps(out, indent=2, default=str))

@@ -198,7 +198,8 @@ def apply_profile(row: Hardware, profile: dict[str, Any]) -> Hardware:
         if profile.get("memory_bytes"):
             row.memory_gb = profile["memory_bytes"] / 1e9
         row.matmul_efficiency = 1.0
-        row.bandwidth_efficiency = 1.0
+        # Streaming reads reach the measured bandwidth; one-token GEMVs reach a measured fraction of it.
+        row.bandwidth_efficiency = float(profile.get("bandwidth_efficiency", 1.0))
         if profile.get("train_efficiency"):
             row.train_efficiency = float(profile["train_efficiency"])
         if profile.get("name"):
