@@ -17,7 +17,7 @@ from corelm.train.checkpoint import checkpoint_dirs, latest_checkpoint, load_che
 from corelm.train.optim import lr_factor, param_groups
 
 
-def TinyLM(vocab: int = 64) -> nn.Module:  # noqa: N802 - reads like the class it builds
+def TinyLM(vocab: int = 64) -> nn.Module:
     """The real GPT-2 family at test size (2 blocks, width 32)."""
     return build_model(ModelConfig(family="gpt2", vocab_size=vocab, n_layer=2, n_head=2, d_model=32, max_seq_len=32))
 
@@ -60,8 +60,8 @@ def test_sigint_checkpoints_and_resumes_exactly(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, during step 5
         return causal_lm_loss(model, batch)
 
-    kw = dict(max_steps=8, lr=3e-3, warmup_steps=2, out=str(tmp_path / "b"), progress=False, tensorboard=False,
-              measure_mfu=False)
+    kw = {"max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "out": str(tmp_path / "b"), "progress": False, "tensorboard": False,
+              "measure_mfu": False}
     torch.manual_seed(0)
     cut = train(TinyLM(), interrupting_loss, ResumableLoader(_data(), batch_size=4, seed=3), TrainConfig(**kw))
     assert cut.stopped == "interrupted" and cut.step == 5
@@ -131,7 +131,7 @@ def test_grad_accum_matches_big_batch(tmp_path):
     m1 = TinyLM()
     m2 = TinyLM()
     m2.load_state_dict(m1.state_dict())
-    kw = dict(max_steps=3, lr=1e-3, progress=False, tensorboard=False, measure_mfu=False)
+    kw = {"max_steps": 3, "lr": 1e-3, "progress": False, "tensorboard": False, "measure_mfu": False}
     r1 = train(m1, causal_lm_loss, ResumableLoader(_data(), batch_size=8, seed=1), TrainConfig(**kw))
     r2 = train(m2, causal_lm_loss, ResumableLoader(_data(), batch_size=4, seed=1), TrainConfig(grad_accum=2, **kw))
     # batch_size=4 x 2 micro-batches draws the same 8 examples per step only when the order matches:
@@ -141,7 +141,7 @@ def test_grad_accum_matches_big_batch(tmp_path):
 
 
 def test_activation_checkpointing_changes_memory_not_math(tmp_path):
-    kw = dict(max_steps=3, lr=3e-3, progress=False, tensorboard=False, measure_mfu=False)
+    kw = {"max_steps": 3, "lr": 3e-3, "progress": False, "tensorboard": False, "measure_mfu": False}
     torch.manual_seed(0)
     plain, ac = TinyLM(), TinyLM()
     ac.load_state_dict(plain.state_dict())

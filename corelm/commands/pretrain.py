@@ -173,8 +173,10 @@ def run(args: argparse.Namespace, info: Any) -> int:
     if objective == "clm":
         train_set = TokenWindows(args.data, "train", seq_len + 1, seq_len)
         val_set = TokenWindows(args.data, "val", seq_len + 1, seq_len)
-        loss_fn, collate, with_idx = causal_lm_loss, None, False
-        make_collate = lambda ds, seed=0: None  # noqa: E731
+        loss_fn, with_idx = causal_lm_loss, False
+
+        def make_collate(ds: Any, seed: int = 0) -> None:
+            return None  # packed windows stack as they are
     else:
         missing = [k for k in ("mask_token", "cls_token", "sep_token") if specials.get(k) is None]
         if missing:

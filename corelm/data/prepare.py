@@ -186,7 +186,7 @@ class _ShardWriter:
     def _open(self) -> None:
         self.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._f = open(self.out / name, "wb")
+        self._f = open(self.out / name, "wb")  # noqa: SIM115 - stays open across add() calls
         self._n = 0
         self.shards.append({"file": name, "tokens": 0})
 

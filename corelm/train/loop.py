@@ -168,7 +168,7 @@ class _StopFlag:
         self.raised = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> _StopFlag:  # noqa: PYI034
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -179,7 +179,7 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.raised = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 

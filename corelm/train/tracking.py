@@ -64,7 +64,7 @@ class Tracker:
                     except json.JSONDecodeError:
                         continue
             path.write_text("".join(k + "\n" for k in kept))
-            self._jsonl = open(path, "a", buffering=1)
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
