@@ -222,8 +222,8 @@ def run(args: argparse.Namespace, info: Any) -> int:
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretrain {args.model} ({n_params / 1e6:.2f}M params, vocab {config.vocab_size}) on {args.data}: "
-              f"{objective}, {len(train_set):,} sequences of {seq_len}, global batch "
-              f"{global_batch * cfg.grad_accum} x {info.world_size} process(es)")
+              f"{objective}, {len(train_set):,} sequences of {seq_len}, global batch {global_batch * cfg.grad_accum} "
+              f"({args.batch_size} per process x {info.world_size} process(es) x {cfg.grad_accum} accumulation)")
         print("config: " + json.dumps({k: v for k, v in run_config.items() if k != "model_config"}), flush=True)
 
     def export(state: dict[str, torch.Tensor], out_dir: Path) -> None:
