@@ -182,3 +182,13 @@ def test_original_gpt2_names_and_buffers_map():
         torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0)
     with pytest.raises(CorelmError, match="does not know"):
         state_dict_from_hf(config, {**bare, "h.0.attn.rotary.weight": torch.zeros(1)})
+
+
+def test_save_writes_the_tokenizer_next_to_the_weights(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    config, model = _model("llama-tied")
+    tokenizer = Tokenizer(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    save_hf_dir(model, config, tmp_path, tokenizer=tokenizer)
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id("hello") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
