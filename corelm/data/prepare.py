@@ -303,6 +303,8 @@ def prepare(
                 flush()
         if batch:
             flush()
+        if total_bytes:  # JSONL/Parquet bytes include keys and markup that are not document text
+            bar.update(max(0, total_bytes - bar.n))
         bar.close()
         for w in writers.values():
             w.close()
