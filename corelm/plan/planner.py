@@ -46,7 +46,8 @@ class Workload:
         context: tokens held in the KV cache per sequence at inference (prompt + generated).
         new_tokens: tokens generated per sequence at inference (for timing).
         precision: training policy (``fp32``, ``bf16-mixed``, ``fp16-mixed``, ``bf16-true``) or None = choose.
-        dtype: inference weight/KV dtype (``bf16``, ``fp16``, ``fp8``, ``int8``, ``int4``, ``fp32``) or None = choose.
+        dtype: inference weight/KV dtype (``bf16``, ``fp16``, ``fp8``, ``int8``, ``int4``, ``fp32``)
+            or None = choose.
         optimizer: ``adamw``, ``adamw-8bit``, ``sgd``, ``sgd-nomomentum``.
         zero: ZeRO stage 0-3 or None = choose. tp: tensor-parallel degree or None = choose.
         recompute: activation checkpointing ``none``/``selective``/``full`` or None = choose.
@@ -126,7 +127,8 @@ class Layout:
     def describe(self) -> str:
         par = []
         if self.dp > 1:
-            par.append(f"{'FSDP' if self.zero == 3 else 'DDP'}×{self.dp}" + (f" ZeRO-{self.zero}" if self.zero in (1, 2) else ""))
+            stage = f" ZeRO-{self.zero}" if self.zero in (1, 2) else ""
+            par.append(f"{'FSDP' if self.zero == 3 else 'DDP'}×{self.dp}{stage}")
         if self.tp > 1:
             par.append(f"TP×{self.tp}")
         return (f"{self.precision}, {' + '.join(par) or 'single device'}, micro-batch {self.micro_batch}"
