@@ -188,6 +188,16 @@ def test_reader_agrees_with_gguf_reader(tiny_gguf: Path) -> None:
         assert ours.metadata[key] == reader.fields[key].contents()
 
 
+def test_tokenizer_from_gguf_reader(tiny_gguf: Path) -> None:
+    """``Tokenizer.from_gguf`` also takes the gguf package's own reader."""
+    from corelm.tokenizer import Tokenizer
+
+    ours = Tokenizer.from_gguf(read_gguf(tiny_gguf))
+    theirs = Tokenizer.from_gguf(gguf.GGUFReader(str(tiny_gguf)))
+    text = "the quick brown fox: def f(x): return 1"
+    assert ours.encode(text) == theirs.encode(text) and theirs.chat_template == CHAT_TEMPLATE
+
+
 def test_dequantize_equals_gguf_reference_every_type(tiny_gguf: Path) -> None:
     """Each tensor type, in the embedded model (Q4_1, Q8_0, F32) and the tiny file (Q4_0, BF16, F16, ...),
     dequantizes exactly as ``gguf.quants.dequantize``."""
