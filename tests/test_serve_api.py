@@ -277,13 +277,18 @@ BAD = [
     ("/v1/embeddings", {"model": "minilm-l6", "input": "x", "encoding_format": "hex"}, 400, "encoding_format", None),
     ("/v1/completions", {"model": "tiny", "prompt": "x" * (70 * 1024)}, 413, None, "body_too_large"),
     ("/v1/nothing", {}, 404, None, "not_found"),
+    ("/v1/completions", ("text/plain", b'{"model": "tiny", "prompt": "x"}'), 415, None, "unsupported_media_type"),
 ]
 
 
 @pytest.mark.parametrize("path,body,status,param,code", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_request_shape(server, path, body, status, param, code):
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
-        else {"json": body}
+    if isinstance(body, tuple):  # (content type, raw body)
+        kwargs = {"content": body[1], "headers": {"content-type": body[0]}}
+    elif isinstance(body, bytes):
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}}
+    else:
+        kwargs = {"json": body}
     r = httpx.post(server.url + path, timeout=30, **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -412,6 +417,18 @@ def test_internal_error_reveals_nothing(llm):
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 3})
         assert r.status_code == 500 and r.json()["error"]["message"] == "internal server error"
         assert "secret" not in r.text and "Traceback" not in r.text
+    batcher.stop()
+
+
+def test_loopback_only_refuses_other_host_names(llm):
+    """A page on another site that rebinds its DNS name to 127.0.0.1 still sends its own Host."""
+    batcher, srv = small_server(llm, max_batch=2, loopback_only=True)
+    with srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for host in ("evil.example", f"evil.example:{srv.port}", "127.0.0.1.evil.example"):
+            r = httpx.get(srv.url + "/v1/models", headers={"Host": host})
+            assert r.status_code == 421 and r.json()["error"]["code"] == "misdirected_request"
+        assert httpx.get(f"http://localhost:{srv.port}/v1/models").status_code == 200
     batcher.stop()
 
 

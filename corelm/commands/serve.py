@@ -94,7 +94,8 @@ def main(argv: list[str]) -> int:
     specs = args.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
     app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name,
-                               device=args.device, quantize=args.quantize)
+                               device=args.device, quantize=args.quantize,
+                               loopback_only=args.host in ("127.0.0.1", "localhost", "::1"))
     for m in served:
         if m.kind == "embed":
             print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)

@@ -64,13 +64,16 @@ class ServerConfig:
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
         max_body_bytes: larger request bodies get 413.
         request_timeout: seconds from arrival after which a request is ended (504 / SSE error).
+        loopback_only: answer only requests whose ``Host`` is a loopback name (set when bound to
+            127.0.0.1): a web page on another site cannot reach the server through DNS rebinding.
     """
 
     def __init__(self, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0, loopback_only: bool = False) -> None:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
+        self.loopback_only = loopback_only
 
 
 def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | None = None,
@@ -82,6 +85,8 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
     page, page_csp = _chat_page()
     app = FastAPI(title="corelm", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CountRequests, metrics=metrics)
+    if config.loopback_only:
+        app.add_middleware(_LoopbackHostOnly)
     app.state.metrics = metrics
     app.state.models = by_name
 
@@ -134,6 +139,12 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
             raise errors.unauthorized()
 
     async def read_body(request: Request) -> dict[str, Any]:
+        # Only JSON: the form/text types a web page may POST cross-site without a CORS preflight are
+        # refused, so another site cannot make a key-less local server generate.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            raise APIError(415, f"request body must be JSON: send 'Content-Type: application/json' (got {kind})",
+                           code="unsupported_media_type")
         declared = request.headers.get("content-length")
         too_big = APIError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes",
                            code="body_too_large")
@@ -311,6 +322,29 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                              "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}})
 
     return app
+
+
+class _LoopbackHostOnly:
+    """Pure ASGI middleware: 421 unless the ``Host`` header names this machine (DNS-rebinding guard)."""
+
+    NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            if host.startswith("["):  # [::1]:8000
+                name = host[: host.find("]") + 1]
+            else:  # 127.0.0.1:8000, localhost
+                name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+            if name not in self.NAMES:
+                error = APIError(421, "this server only answers requests addressed to 127.0.0.1 or localhost",
+                                 code="misdirected_request")
+                await JSONResponse(error.body(), status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _CountRequests:

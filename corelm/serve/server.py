@@ -63,7 +63,7 @@ def wrap(name: str, loaded: Any, options: ServeOptions) -> TextModel | Embedding
 
 def build(model_specs: list[str], options: ServeOptions, api_key: str | None = None,
           dtype: str | None = None, names: list[str] | None = None, device: str = "cpu",
-          quantize: str | None = None) -> tuple[Any, list[Any]]:
+          quantize: str | None = None, loopback_only: bool = False) -> tuple[Any, list[Any]]:
     """Load every model, start the batchers, and return ``(app, served models)``."""
     import corelm
     from corelm.presets import EMBEDDED, PRESETS
@@ -77,7 +77,7 @@ def build(model_specs: list[str], options: ServeOptions, api_key: str | None = N
     if len({m.name for m in served}) != len(served):
         raise CorelmError("two served models have the same name; pick distinct ones with --name")
     config = ServerConfig(api_key=api_key, max_body_bytes=options.max_body_bytes,
-                          request_timeout=options.request_timeout)
+                          request_timeout=options.request_timeout, loopback_only=loopback_only)
     app = create_app(served, config)
     start(served)
     return app, served
