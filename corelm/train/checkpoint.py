@@ -207,8 +207,8 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".step-*.tmp"):  # left by a writer that crashed mid-checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     (tmp / STATE_DIR).mkdir(parents=True)
     try:
         (export_fn or default_export)(full, tmp)
