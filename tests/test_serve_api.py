@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 import time
-import types
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ import torch
 from openai import OpenAI
 
 import corelm
+from corelm.api import LLM
 from corelm.config import ModelConfig
 from corelm.models import build_model
 from corelm.presets import embedded_path
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow  # spawns a server
 WINDOW = 256
 
 
-def tiny_llm() -> types.SimpleNamespace:
+def tiny_llm() -> LLM:
     tok = Tokenizer.from_gguf(str(embedded_path("smollm2-135m-instruct")))
     config = ModelConfig(family="llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
                          d_ff=128, max_seq_len=WINDOW, tie_embeddings=True, name="tiny")
@@ -45,7 +45,7 @@ def tiny_llm() -> types.SimpleNamespace:
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.5 if "embed" in name else 0.2)
-    return types.SimpleNamespace(model=model, tokenizer=tok, config=config)
+    return LLM(model, tok, config, source="random init")
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +92,12 @@ PROMPTS = ["The cat sat", "Once upon a time", "1 2 3", "hello", "In 1905, Einste
            "Paris is the capital of", "東京は"]
 
 
-def test_completion_matches_full_forward_greedy(client, llm):
+def test_completion_matches_full_forward_greedy_and_the_api(client, llm):
     for prompt in PROMPTS[:3]:
         out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
-        ids = llm.tokenizer.encode(prompt)
+        ids = llm.encode_prompt(prompt)
         want = llm.tokenizer.decode(greedy_reference(llm, ids, 12), skip_special_tokens=True)
-        assert out.choices[0].text == want
+        assert out.choices[0].text == want == llm.generate(prompt, max_new_tokens=12, temperature=0)  # = the CLI/API
         assert out.choices[0].finish_reason == "length"
         assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 12
 
@@ -115,7 +115,7 @@ def test_chat_stream_and_non_stream_agree(client, llm):
             finish = choice.finish_reason or finish
     ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     want = llm.tokenizer.decode(greedy_reference(llm, ids, 10), skip_special_tokens=True)
-    assert full.choices[0].message.content == want == "".join(pieces)
+    assert full.choices[0].message.content == want == "".join(pieces) == llm.chat(messages, max_new_tokens=10)
     assert full.choices[0].message.role == "assistant" and finish == "length"
     assert usage.prompt_tokens == len(ids) == full.usage.prompt_tokens and usage.completion_tokens == 10
 
@@ -161,7 +161,7 @@ def test_batching_noise_is_far_below_every_greedy_margin(llm):
     from corelm.generate import engine
 
     tok = llm.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS]
+    prompts = [llm.encode_prompt(p) for p in PROMPTS]
     margins = []
     with torch.inference_mode():  # the greedy trajectories of every test prompt, 22 tokens each
         cache = engine.new_cache(llm.model, len(prompts), 64)

@@ -134,7 +134,8 @@ class TextModel:
         self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self.tokenizer.encode(prompt))
+        """A raw prompt's ids exactly as ``corelm generate`` makes them (BOS when the model wants one)."""
+        return list(self.llm.encode_prompt(prompt))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
