@@ -160,7 +160,6 @@ def test_batching_noise_is_far_below_every_greedy_margin(llm):
     float rounding (~1e-5 here), while every greedy choice in those generations wins by far more."""
     from corelm.generate import engine
 
-    tok = llm.tokenizer
     prompts = [llm.encode_prompt(p) for p in PROMPTS]
     margins = []
     with torch.inference_mode():  # the greedy trajectories of every test prompt, 22 tokens each

@@ -146,7 +146,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> ServerThread:  # noqa: PYI034 (py3.10: no typing.Self)
         self.thread.start()
         t0 = time.monotonic()
         while not self.server.started:
