@@ -48,7 +48,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run_corelm(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:  # noqa: ANN001
+def run_corelm(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 steps) with corelm's engine."""
     from corelm.generate.engine import SamplingParams, stream
 
@@ -84,7 +84,7 @@ class _Clock:
 
 
 @torch.inference_mode()
-def run_hf(model, ids: list[int], new_tokens: int) -> tuple[float, float]:  # noqa: ANN001
+def run_hf(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     clock = _Clock()
     x = torch.tensor([ids])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -144,9 +144,9 @@ def main() -> None:
             prefill = statistics.median(len(ids) / r[0] for r in runs)
             decode = [(args.new_tokens - 1) / r[1] for r in runs]
             decode_cpu = statistics.median((args.new_tokens - 1) / r[3] for r in runs)
-            rows.append(dict(side=name, dtype=dtype_name, load=load_s, prefill=prefill,
-                             decode=statistics.median(decode), spread=(min(decode), max(decode)),
-                             decode_cpu=decode_cpu, gbps=weight_bytes(model) * statistics.median(decode) / 1e9))
+            rows.append({"side": name, "dtype": dtype_name, "load": load_s, "prefill": prefill,
+                         "decode": statistics.median(decode), "spread": (min(decode), max(decode)),
+                         "decode_cpu": decode_cpu, "gbps": weight_bytes(model) * statistics.median(decode) / 1e9})
         del hf, llm
     print(f"prompt: {len(ids)} tokens\n")
     header = f"{'dtype':<5} {'side':<13} {'load s':>7} {'prefill tok/s':>14} {'decode tok/s':>13} " \

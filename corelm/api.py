@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError, close_names
@@ -240,7 +240,7 @@ class LLM:
             if num_beams > 1:
                 ids = engine.beam_search(self.model, prompt_ids, params, num_beams=num_beams)
                 first = time.perf_counter()
-                for n, token in enumerate(ids, 1):  # noqa: B007 - n is the count for stats
+                for n, token in enumerate(ids, 1):
                     yield token
             else:
                 for token in engine.stream(self.model, prompt_ids, params):

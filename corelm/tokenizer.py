@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
@@ -79,9 +79,9 @@ class Tokenizer:
         """Encode text to ids. ``add_special_tokens`` adds what the model expects around one input
         (``[CLS] ... [SEP]`` for BERT, BOS when ``add_bos_token``)."""
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids = [self.bos_token_id, *ids]
+        bos = self.bos_token_id if add_special_tokens and self.add_bos_token else None
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
         return ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
@@ -349,7 +349,7 @@ def _compile_template(source: str) -> Any:
     class _Generation(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` (assistant-mask markers): render the body as-is."""
 
-        tags = {"generation"}
+        tags: ClassVar[set[str]] = {"generation"}
 
         def parse(self, parser: Any) -> Any:
             lineno = next(parser.stream).lineno

@@ -10,7 +10,6 @@ import torch
 import corelm
 from corelm.api import LLM, Encoder, _apply_stops, _partial_stop, default_dtype, load_tokenizer, resolve_dtype
 from corelm.errors import CorelmError
-
 from tests.test_gguf import write_tiny_gguf
 
 
@@ -85,7 +84,7 @@ def test_gguf_path_loads_and_generates(tmp_path: Path) -> None:
 class _CharTokenizer:
     """Each id is a character; enough of the Tokenizer interface for the stop-string logic."""
 
-    def stream_decoder(self, skip_special_tokens: bool = True):  # noqa: ANN201
+    def stream_decoder(self, skip_special_tokens: bool = True):
         class Dec:
             def push(self, i: int) -> str:
                 return chr(i)
@@ -99,7 +98,7 @@ class _CharTokenizer:
 def _run(text: str, stops: list[str]) -> tuple[str, list[str], int]:
     consumed = 0
 
-    def gen():  # noqa: ANN202
+    def gen():
         nonlocal consumed
         for ch in text:
             consumed += 1

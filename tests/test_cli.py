@@ -65,11 +65,11 @@ def test_generate_and_chat_on_gguf(tiny: Path, capsys: pytest.CaptureFixture[str
                           "--ignore-eos", "the quick brown"], capsys)
     assert code == 0 and out.strip()
     assert "6 tokens" in err and "tok/s" in err
-    code, out2, _ = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "6", "--ignore-eos",
+    code, _out2, _ = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "6", "--ignore-eos",
                          "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "1", "the quick brown"],
                         capsys)
     assert code == 0
-    code, out3, err = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--beams", "2",
+    code, _out3, err = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--beams", "2",
                            "--stop", "zzz", "the quick brown"], capsys)
     assert code == 0 and "tokens" in err
     code, out, err = run(["chat", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--ignore-eos",
@@ -79,7 +79,7 @@ def test_generate_and_chat_on_gguf(tiny: Path, capsys: pytest.CaptureFixture[str
 
 def test_chat_interactive(tiny: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\n/bogus\nthe fox\n"))  # then EOF
-    code, out, err = run(["chat", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "3", "--ignore-eos"],
+    code, _out, err = run(["chat", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "3", "--ignore-eos"],
                          capsys)
     assert code == 0
     assert err.count("3 tokens") == 2 and "[conversation cleared]" in err and "unknown command /bogus" in err
@@ -196,6 +196,6 @@ def test_bad_inputs(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_subprocess_error_is_one_line(tmp_path: Path) -> None:
     """The installed console script: exit status 2, a single stderr line, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "corelm.cli", "generate", "--model", str(tmp_path / "x.gguf"), "hi"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "path not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -30,7 +30,7 @@ LONG_TEXT = (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
+def one_thread():
     """One intra-op thread: on the shared 2-core machine a second thread mostly waits (and 2x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -51,7 +51,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ref(exported: Path):  # noqa: ANN201 - a transformers LlamaForCausalLM
+def ref(exported: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
@@ -67,13 +67,13 @@ def test_export_layout_and_tokenizer(exported: Path, llm: LLM) -> None:
     assert tok.encode(text, add_special_tokens=False) == llm.tokenizer.encode(text)
 
 
-def test_logits_match_transformers(llm: LLM, ref) -> None:  # noqa: ANN001
+def test_logits_match_transformers(llm: LLM, ref) -> None:
     ids = torch.tensor([llm.tokenizer.encode(PROMPT)])
     with torch.inference_mode():
         torch.testing.assert_close(llm.model(ids), ref(ids).logits, atol=1e-3, rtol=1e-3)
 
 
-def test_long_context_logits_match_transformers(llm: LLM, ref) -> None:  # noqa: ANN001
+def test_long_context_logits_match_transformers(llm: LLM, ref) -> None:
     ids = llm.tokenizer.encode(LONG_TEXT * 40)[:1500]
     assert len(ids) == 1500
     x = torch.tensor([ids])
@@ -84,7 +84,7 @@ def test_long_context_logits_match_transformers(llm: LLM, ref) -> None:  # noqa:
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
 
 
-def test_greedy_64_tokens_identical(llm: LLM, ref) -> None:  # noqa: ANN001
+def test_greedy_64_tokens_identical(llm: LLM, ref) -> None:
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Explain self-attention."}])
     ids = llm.tokenizer.encode(prompt)
     ours = llm.generate_ids(ids, max_new_tokens=64, ignore_eos=True)
@@ -121,7 +121,7 @@ def minilm() -> Encoder:
 
 
 @pytest.fixture(scope="module")
-def bert_ref():  # noqa: ANN201
+def bert_ref():
     from transformers import BertModel
 
     return BertModel.from_pretrained(str(embedded_path("minilm-l6"))).eval()
@@ -131,7 +131,7 @@ SENTENCES = ["A man is eating food.", "Un homme mange.", "机器学习很有趣 
              "A much longer sentence about transformers, attention and padding masks, to force padding."]
 
 
-def test_minilm_hidden_states_with_padding(minilm: Encoder, bert_ref) -> None:  # noqa: ANN001
+def test_minilm_hidden_states_with_padding(minilm: Encoder, bert_ref) -> None:
     ids, mask = minilm.encode_batch(SENTENCES)
     assert (mask == 0).any()  # the batch really is padded
     with torch.inference_mode():
@@ -141,7 +141,7 @@ def test_minilm_hidden_states_with_padding(minilm: Encoder, bert_ref) -> None:  
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 
-def test_minilm_embed_is_mean_pool_then_normalize(minilm: Encoder, bert_ref) -> None:  # noqa: ANN001
+def test_minilm_embed_is_mean_pool_then_normalize(minilm: Encoder, bert_ref) -> None:
     vecs = minilm.embed(SENTENCES)
     assert vecs.shape == (len(SENTENCES), 384)
     ids, mask = minilm.encode_batch(SENTENCES)

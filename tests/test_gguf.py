@@ -22,9 +22,9 @@ from corelm.errors import CorelmError
 from corelm.io.gguf import config_from_gguf, dequantize, permute_rows, quant_blocks, read_gguf, unpermute_rows
 from corelm.presets import embedded_path
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
-            tie_word_embeddings=False)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False}
 # One tensor type per matrix, so every supported type is exercised by the logits check.
 LAYER_TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "attn_output": Q.BF16,
                "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_1, "ffn_down": Q.F16}

@@ -31,7 +31,7 @@ def smol() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smol_ref():  # noqa: ANN201 - a transformers tokenizer
+def smol_ref():
     from transformers import AutoTokenizer
 
     path = embedded_path("smollm2-135m-instruct")
@@ -43,13 +43,13 @@ def minilm() -> Tokenizer:
     return Tokenizer.from_dir(embedded_path("minilm-l6"))
 
 
-def test_smollm2_ids_equal_transformers(smol: Tokenizer, smol_ref) -> None:  # noqa: ANN001
+def test_smollm2_ids_equal_transformers(smol: Tokenizer, smol_ref) -> None:
     for text in (MIXED, *MIXED.splitlines(), " leading space", "", "12345678"):
         assert smol.encode(text) == smol_ref.encode(text, add_special_tokens=False), text
     assert smol.decode(smol.encode(MIXED)) == MIXED
 
 
-def test_smollm2_special_tokens(smol: Tokenizer, smol_ref) -> None:  # noqa: ANN001
+def test_smollm2_special_tokens(smol: Tokenizer, smol_ref) -> None:
     assert smol.eos_token_id == smol_ref.eos_token_id == smol.token_to_id("<|im_end|>")
     assert smol.bos_token_id == smol_ref.bos_token_id
     assert smol.vocab_size == len(smol_ref) == 49152
@@ -74,7 +74,7 @@ def test_minilm_ids_equal_transformers(minilm: Tokenizer) -> None:
     assert minilm.pad_token_id == ref.pad_token_id == 0
 
 
-def test_chat_template_byte_identical(smol: Tokenizer, smol_ref) -> None:  # noqa: ANN001
+def test_chat_template_byte_identical(smol: Tokenizer, smol_ref) -> None:
     for messages in CONVERSATIONS:
         for gen in (True, False):
             ours = smol.apply_chat_template(messages, add_generation_prompt=gen)
@@ -112,7 +112,7 @@ def test_stream_decoder_never_emits_broken_utf8(smol: Tokenizer, minilm: Tokeniz
     assert [dec.push(i) for i in emoji_ids] == [""] * (len(emoji_ids) - 1) + ["🤗"]
 
 
-def test_save_loads_in_transformers(smol: Tokenizer, smol_ref, tmp_path: Path) -> None:  # noqa: ANN001
+def test_save_loads_in_transformers(smol: Tokenizer, smol_ref, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     smol.save(tmp_path)

@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corelm.commands.generate import add_model_args, add_sampling_args, load_llm, print_stream, sampling_kwargs
+from corelm.commands.generate import (
+    add_model_args,
+    add_sampling_args,
+    load_llm,
+    print_stream,
+    sampling_kwargs,
+)
 from corelm.errors import CorelmError
 
 HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D works too)"

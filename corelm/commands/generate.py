@@ -57,9 +57,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise CorelmError(f"--top-k must be >= 0, got {args.top_k}")
     if args.repetition_penalty <= 0:
         raise CorelmError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                ignore_eos=args.ignore_eos)
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+            "stop": args.stop, "ignore_eos": args.ignore_eos}
 
 
 def load_llm(args: argparse.Namespace) -> Any:

@@ -40,16 +40,16 @@ def rows() -> list[dict]:
     out = []
     for name in EMBEDDED:
         cfg = preset(EMBEDDED[name][2])
-        out.append(dict(name=name, kind="embedded", family=cfg.family, params=count_params(cfg),
-                        layers=cfg.n_layer, d_model=cfg.d_model, context=cfg.max_seq_len,
-                        weights=f"{EMBEDDED[name][0]} (pip)"))
+        out.append({"name": name, "kind": "embedded", "family": cfg.family, "params": count_params(cfg),
+                    "layers": cfg.n_layer, "d_model": cfg.d_model, "context": cfg.max_seq_len,
+                    "weights": f"{EMBEDDED[name][0]} (pip)"})
     for name in PRESETS:
         if name in EMBEDDED:
             continue
         cfg = preset(name)
         weights = f"config only (weights: {embedded_of[name]})" if name in embedded_of else "config only"
-        out.append(dict(name=name, kind="preset", family=cfg.family, params=count_params(cfg),
-                        layers=cfg.n_layer, d_model=cfg.d_model, context=cfg.max_seq_len, weights=weights))
+        out.append({"name": name, "kind": "preset", "family": cfg.family, "params": count_params(cfg),
+                    "layers": cfg.n_layer, "d_model": cfg.d_model, "context": cfg.max_seq_len, "weights": weights})
     return out
 
 
