@@ -167,3 +167,12 @@ def test_blocks_live_in_module_lists(family):
     blocks = model.get_submodule(path)
     assert isinstance(blocks, torch.nn.ModuleList) and len(blocks) == 3
     assert model.layers is blocks
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_input_longer_than_learned_positions_is_a_clear_error(family):
+    from corelm.errors import CorelmError
+
+    model = build_model(ModelConfig(family=family, vocab_size=64, n_layer=1, n_head=2, d_model=16, max_seq_len=8))
+    with pytest.raises(CorelmError, match="9 tokens"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
+from corelm.errors import CorelmError
 from corelm.ops.attention import attention
 from corelm.ops.tied import TiedLMHead
 
@@ -42,6 +43,9 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
+        if T > self.position_embeddings.num_embeddings:
+            raise CorelmError(f"input of {T} tokens is longer than the {self.position_embeddings.num_embeddings} "
+                              "positions this encoder has")
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
              + self.token_type_embeddings(token_type_ids))  # (B, T, d)

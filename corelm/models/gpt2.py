@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
+from corelm.errors import CorelmError
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.tied import TiedLMHead
@@ -116,6 +117,9 @@ class GPT2(nn.Module):
                       kv_cache: KVCache | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
+        if input_pos is None and kv_cache is None and input_ids.shape[1] > self.config.max_seq_len:
+            raise CorelmError(f"input of {input_ids.shape[1]} tokens is longer than GPT-2's "
+                              f"{self.config.max_seq_len} learned positions")
         ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(ctx.input_pos)  # (B, T, d)
         for block in self.transformer.h:
