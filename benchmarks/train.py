@@ -33,7 +33,8 @@ def build_pair(vocab: int, n_layer: int, d: int, n_head: int, ctx: int) -> tuple
     torch.manual_seed(0)
     ours = build_model(cfg)
     hf_cfg = GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=d, n_layer=n_layer, n_head=n_head,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0)
     hf_cfg._attn_implementation = "sdpa"
     theirs = GPT2LMHeadModel(hf_cfg)
     return ours, theirs, cfg
@@ -56,7 +57,7 @@ def make_step(model: torch.nn.Module, forward, precision: str):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
