@@ -542,7 +542,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> LL
     state = load_gguf_state_dict(gguf, config, dtype)
     # A GGUF may carry no vocabulary (e.g. weights-only exports): the model still loads.
     tokenizer = Tokenizer.from_gguf(gguf) if "tokenizer.ggml.tokens" in gguf.metadata else None
-    return LLM(_materialize(config, state, device), tokenizer, config, source=str(path))
+    model = _materialize(config, state, device)
+    del state
+    try:  # every tensor was copied out of the map; release it now rather than at garbage collection
+        gguf.close()
+    except BufferError:  # a view is still alive somewhere: the map closes when it goes
+        pass
+    return LLM(model, tokenizer, config, source=str(path))
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> LLM | Encoder:
