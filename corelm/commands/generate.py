@@ -95,8 +95,8 @@ def format_stats(stats: dict[str, float]) -> str:
     # the first new token comes out of the prefill; the rest are decode steps
     rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
     prefill_rate = prompt / prefill_s if prefill_s > 0 else 0.0
-    return (f"[{n} tokens; prompt {prompt} tokens at {prefill_rate:.0f} tok/s; "
-            f"decode {rate:.1f} tok/s]")
+    return (f"[{n} tokens; prompt {prompt} tokens at {prefill_rate:.3g} tok/s; "
+            f"decode {rate:.3g} tok/s]")
 
 
 def build_parser() -> argparse.ArgumentParser:
