@@ -76,6 +76,7 @@ def test_profile_round_trip_feeds_plan(tmp_path, capsys):
     (["--train", "--model", "gpt2-tiny", "--seq-len", "100000"], "context"),
     (["--profile", "/nonexistent.json"], "not found"),
     (["--device", "tpu"], "device"),
+    (["--train", "--model", "gpt2-tiny", "--batch", "100000"], "planner predicts"),  # refused before step 1
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, match):
     assert main(["bench", *argv]) == 2

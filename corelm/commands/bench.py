@@ -84,10 +84,16 @@ def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> di
         raise CorelmError(f"--seq-len {args.seq_len} exceeds {cfg.name}'s context of {cfg.max_seq_len}")
     precision = args.precision or ("fp32" if device == "cpu" else "bf16-mixed")
     F.check_precision(precision)
+    # Refuse before step 1 what the planner says cannot fit (a shared machine must not be pushed into swap/OOM).
+    need = B.predict_train(cfg, cpu_row(), batch=args.batch, seq_len=args.seq_len, precision=precision)["peak_bytes"]
+    have = B.available_memory_bytes(device)
+    if need > 0.8 * have:
+        raise CorelmError(f"the planner predicts {need / GiB:.1f} GiB for this step but only {have / GiB:.1f} GiB "
+                          f"is available on {device}; lower --batch or --seq-len")
     _say(f"training {cfg.name}: {args.steps} steps of batch {args.batch} × {args.seq_len} ({precision}) "
          f"in a fresh process")
     m = B.measure_train(cfg, batch=args.batch, seq_len=args.seq_len, steps=args.steps, precision=precision,
-                        device=device)
+                        device=device, progress=_say)
     cpu = device == "cpu"
     # The machine as measured between the steps: matmul rate (CPU-time based on CPU) and bandwidth.
     peak = statistics.median(m["probe_cpu_flops"] if cpu else m["probe_flops"])

@@ -191,6 +191,20 @@ def predict_train(cfg: ModelConfig, hw: Hardware, *, batch: int, seq_len: int,
             "memory": mem}
 
 
+def available_memory_bytes(device: str = "cpu") -> float:
+    """Memory a new process can use now: MemAvailable on Linux, free memory on a CUDA device."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return float(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -308,7 +322,8 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         pass
     with _PeakSampler(in_use) as sampler:
         model = build_model(cfg)
-        times = _steps(model, cfg.vocab_size, batch, seq, spec["steps"], precision, device, probe=probe)
+        times = _steps(model, cfg.vocab_size, batch, seq, spec["steps"], precision, device, probe=probe,
+                       report=True)
     live = (torch.cuda.max_memory_allocated() if cuda else sampler.peak) - base_live
     return {"peak_bytes": live, "rss_peak_bytes": _status_kib("VmHWM") * 1024 - base_rss,
             "step_times": times, "params": sum(p.numel() for p in model.parameters()),
@@ -317,7 +332,7 @@ def _train_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _steps(model: torch.nn.Module, vocab: int, batch: int, seq: int, steps: int, precision: str,
-           device: str, probe: _Probe | None = None) -> list[float]:
+           device: str, probe: _Probe | None = None, report: bool = False) -> list[float]:
     """Run ``steps`` optimizer steps through THE training loop; return the seconds of each step.
 
     The loop asks for one batch per step (no accumulation), so the time between two requests is one
@@ -339,6 +354,8 @@ def _steps(model: torch.nn.Module, vocab: int, batch: int, seq: int, steps: int,
             if last[0]:
                 spans.append(now - last[0])
                 cpu_spans.append((cpu - last[1]) / torch.get_num_threads())
+            if report:
+                print(f"step {len(spans) + 1}/{steps}", file=sys.stderr, flush=True)
             if probe is not None:
                 probe()
             last[0], last[1] = time.perf_counter(), time.process_time()
@@ -362,19 +379,34 @@ def _steps(model: torch.nn.Module, vocab: int, batch: int, seq: int, steps: int,
 
 
 def measure_train(cfg: ModelConfig, *, batch: int, seq_len: int, steps: int = 4, precision: str = "fp32",
-                  device: str = "cpu", threads: int | None = None, timeout: float = 900) -> dict[str, Any]:
+                  device: str = "cpu", threads: int | None = None, timeout: float = 900,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run real training steps of ``cfg`` in a fresh subprocess; peak bytes and median step seconds.
 
     The first step (lazy optimizer-state allocation, allocator warm-up) is excluded from the median.
+    ``progress`` receives the worker's "step k/n" lines as they happen.
     """
     spec = {"config": cfg.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
             "precision": precision, "device": device, "threads": threads or torch.get_num_threads()}
-    proc = subprocess.run([sys.executable, "-m", "corelm.plan.bench", "train-worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise CorelmError(f"training-step worker failed: {tail[0]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "corelm.plan.bench", "train-worker", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:  # the worker writes "step k/n" here; anything else is kept for errors
+        if line.startswith("step ") and progress:
+            progress(line.strip())
+        else:
+            err_lines.append(line.rstrip())
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise CorelmError(f"training-step worker ran past {timeout:.0f} s; try fewer --steps or a smaller model")
+    stdout = proc.stdout.read()
+    code = proc.wait()
+    if code != 0:
+        tail = [ln for ln in err_lines if ln.strip()][-1:]
+        why = tail[0] if tail else (f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit {code}")
+        raise CorelmError(f"training-step worker failed: {why}")
+    out = json.loads(stdout.strip().splitlines()[-1])
     times = out["step_times"]
     out["step_s"] = statistics.median(times[1:] if len(times) > 1 else times)
     return out
