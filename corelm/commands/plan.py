@@ -161,7 +161,10 @@ def render(p: P.Plan, budget: float | None = None) -> str:
                          "-" if d.mfu is None else f"{d.mfu:.0%}", _dur(d.total_time_s),
                          _num(d.cost_usd), _num(d.energy_kwh)])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(v.rjust(wd) if i else v.ljust(wd) for i, (v, wd) in enumerate(zip(r, widths)))
+
+    def fmt(r: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(v.rjust(wd) if i else v.ljust(wd) for i, (v, wd) in enumerate(zip(r, widths)))
+
     lines += ["", fmt(cols), fmt(["-" * wd for wd in widths])] + [fmt(r) for r in rows] + [""]
     fitting = [d for d in p.devices if d.fits]
     if budget is not None:

@@ -104,8 +104,6 @@ class Workload:
             raise CorelmError(f"unknown recompute {self.recompute!r}; expected {', '.join(F.RECOMPUTE_MODES)}")
         if self.zero is not None and self.zero not in (0, 1, 2, 3):
             raise CorelmError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.zero}")
-        if self.task == "infer" and cfg.is_encoder and self.new_tokens:
-            pass  # encoders have no decode; timing reports the forward only
         if self.seq_len is not None and self.seq_len > cfg.max_seq_len and self.task != "infer":
             raise CorelmError(f"seq-len {self.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
         if self.context is not None and self.context > cfg.max_seq_len:
