@@ -23,6 +23,7 @@ gradients, optimizer state and logits). Tokens/s is B*T over the median step tim
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -31,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -56,7 +56,7 @@ class PeakRSS:
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, self._rss())
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034
         self.start = self.peak = self._rss()
         self._thread.start()
         return self
@@ -106,7 +106,7 @@ def run_corelm(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]])
     with PeakRSS() as mem:
         train(model, sft_loss, timed(), cfg)
         stamps.append(time.perf_counter())
-    return {"step_s": [b - a for a, b in zip(stamps, stamps[1:])], "peak_bytes": mem.peak - mem.start}
+    return {"step_s": [b - a for a, b in itertools.pairwise(stamps)], "peak_bytes": mem.peak - mem.start}
 
 
 def run_peft(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]], hf_dir: str) -> dict:
@@ -169,7 +169,7 @@ def main() -> None:
             for side in ("corelm", "peft"):
                 cmd = [sys.executable, __file__, "--side", side, "--hf-dir", hf_dir, "--batch", str(args.batch),
                        "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode or line is None:
                     sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")

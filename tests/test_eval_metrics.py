@@ -141,7 +141,7 @@ def test_perplexity_sliding_window_matches_explicit_contexts() -> None:
     assert one["tokens"] == 29 and one["nll"] == pytest.approx(float(full), rel=1e-5)
     # window 8, stride 4: each token t is scored with the context the window schedule gives it
     spans = windows(30, 8, 4)
-    assert [f for _, f, _ in spans][0] == 1 and spans[-1][2] == 30
+    assert spans[0][1] == 1 and spans[-1][2] == 30
     assert sum(end - first for _, first, end in spans) == 29  # every token after the first, once
     total = 0.0
     with torch.no_grad():

@@ -31,18 +31,22 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path: Path, capsys: py
     assert "bad.csv:3" in capsys.readouterr().err
     assert not out.exists()
     assert cli(["evaluate", "--model", str(tmp_path), "--task", "ner", "--data", "demo:ner:test"]) == 2
-    assert "not a fine-tuning run" in capsys.readouterr().err
+    assert "needs a fine-tuning run directory" in capsys.readouterr().err
 
 
 def test_tiny_sft_lora_run_merge_and_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """llama-tiny (random weights, SmolLM2 vocabulary): finetune -> merge -> merged logits == adapter logits."""
     import corelm
+    from corelm.data import tasks
+    from corelm.data.demo import resolve
     from corelm.finetune.run import load_run
 
     run_dir, merged_dir = tmp_path / "sft", tmp_path / "merged"
-    assert cli(["finetune", "--model", "llama-tiny", "--task", "sft", "--data", "demo:chat", "--method", "lora",
-                "--steps", "2", "--batch-size", "4", "--max-len", "64", "--lr", "1e-2", "--out", str(run_dir),
-                "--no-progress", "--json"]) == 0
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(m) + "\n" for m in tasks.read_chat(resolve("demo:chat:val")).items[:4]))
+    assert cli(["finetune", "--model", "llama-tiny", "--task", "sft", "--data", "demo:chat", "--val", str(val),
+                "--method", "lora", "--steps", "2", "--batch-size", "4", "--max-len", "64", "--lr", "1e-2",
+                "--out", str(run_dir), "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and "val_loss_before" in summary
     task = json.loads((run_dir / "corelm_task.json").read_text())
@@ -58,7 +62,7 @@ def test_tiny_sft_lora_run_merge_and_perplexity(tmp_path: Path, capsys: pytest.C
         torch.testing.assert_close(merged(x), adapted(x), rtol=1e-4, atol=1e-4)
 
     text = tmp_path / "t.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
     assert cli(["evaluate", "--model", str(run_dir), "--task", "perplexity", "--data", str(text), "--window", "64",
                 "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -105,8 +105,10 @@ def test_collate_pads_right_and_ignores_padding() -> None:
 def test_demo_sets_are_real_and_splits_disjoint() -> None:
     from corelm.data.demo import CLASSIFY_PACKAGES, resolve
 
-    splits = {s: list(csv.DictReader(open(resolve(f"demo:packages:{s}"), encoding="utf-8")))
-              for s in ("train", "val", "test")}
+    splits = {}
+    for s in ("train", "val", "test"):
+        with open(resolve(f"demo:packages:{s}"), encoding="utf-8") as f:
+            splits[s] = list(csv.DictReader(f))
     texts = {s: {r["text"] for r in rows} for s, rows in splits.items()}
     assert not texts["train"] & texts["test"] and not texts["train"] & texts["val"]
     assert {r["label"] for r in splits["test"]} == set(CLASSIFY_PACKAGES)

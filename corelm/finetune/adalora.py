@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.errors import CorelmError
 from corelm.finetune.lora import SharedLinear, find_linears, freeze, replace_module
@@ -178,14 +178,15 @@ class RankAllocator:
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """``S_i`` (eq. 11) of every triplet, one ``(r,)`` vector per matrix."""
         scores = {}
-        for name, m in self.modules.items():
-            def s(p: str) -> torch.Tensor:
-                key = f"{name}.{p}"
-                return self.ipt[key] * self.unc[key] if key in self.ipt else torch.zeros(1)
-            score_a, score_b = s("A"), s("B")
-            scores[name] = s("E") + (score_a.mean(dim=1) if score_a.dim() == 2 else 0) \
-                + (score_b.mean(dim=0) if score_b.dim() == 2 else 0)
+        for name in self.modules:
+            s = {p: self._score(f"{name}.{p}") for p in ("A", "E", "B")}
+            scores[name] = s["E"] + (s["A"].mean(dim=1) if s["A"].dim() == 2 else 0) \
+                + (s["B"].mean(dim=0) if s["B"].dim() == 2 else 0)
         return scores
+
+    def _score(self, key: str) -> torch.Tensor:
+        """``s = I_bar * U_bar`` of one parameter tensor (zero before its first gradient)."""
+        return self.ipt[key] * self.unc[key] if key in self.ipt else torch.zeros(1)
 
     def _mask_to(self, budget: int) -> dict[str, torch.Tensor]:
         """Keep the ``budget`` best triplets over all matrices, zero the others' ``lambda``."""

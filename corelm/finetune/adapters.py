@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.errors import CorelmError
 from corelm.finetune.lora import SUBLAYER_OUTPUTS, SharedLinear, find_linears, freeze, replace_module

@@ -16,7 +16,7 @@ Labels travel with the head (``labels`` list) and are saved next to its weights 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 POOLINGS = ("cls", "pooled", "mean", "last")
 

@@ -17,8 +17,8 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.errors import CorelmError
 

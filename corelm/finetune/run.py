@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from corelm.data import tasks
 from corelm.errors import CorelmError
@@ -531,9 +531,9 @@ def is_run(path: str | Path) -> bool:
 
 def load_run(path: str | Path, dtype: str = "fp32", quantize: str | None = None) -> Run:
     """Load a fine-tuning run directory: base model + method transform + saved adapter and head weights."""
-    import corelm
     from safetensors.torch import load_file
 
+    import corelm
     from corelm.tokenizer import Tokenizer
 
     path = Path(path)
