@@ -144,10 +144,10 @@ class HFRunner:
         times = []
 
         class Clock:
-            def put(self, value):  # noqa: ANN001, ANN202
+            def put(self, value):
                 times.append(time.perf_counter())
 
-            def end(self):  # noqa: ANN202
+            def end(self):
                 pass
 
         t0 = time.perf_counter()

@@ -65,7 +65,7 @@ def test_fast_stream_follows_the_engine_contract():
     prompt = [3, 1, 4, 1, 5]
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     assert list(fast_stream(model, prompt, greedy)) == list(stream(model, prompt, greedy))
-    first = list(fast_stream(model, prompt, greedy))[0]
+    first = next(iter(fast_stream(model, prompt, greedy)))
     stopped = SamplingParams(max_new_tokens=12, stop_token_ids=[first])
     assert list(fast_stream(model, prompt, stopped)) == []
     sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=7)

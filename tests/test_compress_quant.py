@@ -133,6 +133,8 @@ def test_q4_1_blocks_map_to_int4_without_dequantizing():
     raw = _q4_1_blocks(q, d, m)
     qt, scales, zeros = quant.int4_from_gguf(raw, "Q4_1", (n, k))
     assert torch.equal(qt, torch.from_numpy(q)), "the 4-bit values are copied as they are"
+    d32, m32 = torch.from_numpy(d.astype(np.float32)), torch.from_numpy(m.astype(np.float32))
+    assert torch.equal(scales, d32.to(torch.bfloat16)) and torch.equal(zeros, (m32 + 8 * d32).to(torch.bfloat16))
     mod = quant.int4_linear_from_gguf(raw, "Q4_1", (n, k))
     file_w = (q.reshape(n, -1, 32) * d[..., None].astype(np.float32) + m[..., None].astype(np.float32))
     file_w = torch.from_numpy(file_w.reshape(n, k))
@@ -198,6 +200,8 @@ def test_embedded_int4_from_q4_1_agrees_with_dequantized_model():
         q, scales, zeros = layer.quantized()
         assert torch.equal(q, quant._gguf_nibbles(qb.qs.reshape(q.shape[0], -1, 16)))
         torch.testing.assert_close(scales.float(), qb.scales.float(), rtol=2**-8, atol=0)
+        want_zeros = qb.mins.float() + 8 * qb.scales.float()
+        torch.testing.assert_close(zeros.float(), want_zeros, rtol=2**-8, atol=1e-6)
         out = model(ids).float()
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
@@ -211,7 +215,7 @@ def test_q8_linear_splits_int8_into_two_exact_int4_halves():
     torch.manual_seed(4)
     lin = nn.Linear(64, 32, bias=False)
     q8 = quant.Q8Linear.from_float(lin)
-    qv, scales = q8.qweight, q8.scales
+    scales = q8.scales
     # the int4 pair dequantizes to exactly q * d (hi*16d + lo*d, both exact in fp32)
     pair = q8.pair.dequantize()
     torch.testing.assert_close(pair[:, :64] + pair[:, 64:], q8.dequantize(), rtol=0, atol=1e-6)

@@ -78,7 +78,7 @@ def test_rejection_step_keeps_target_distribution():
 def test_speculative_sampling_runs_and_vocab_mismatch_is_refused():
     target, draft = _tiny(0), _tiny(1, n_layer=1)
     g = torch.Generator().manual_seed(0)
-    out, stats = speculative_generate(target, [1, 2, 3], 10, draft=draft, temperature=1.0, generator=g)
+    out, _ = speculative_generate(target, [1, 2, 3], 10, draft=draft, temperature=1.0, generator=g)
     assert len(out) == 10 and all(0 <= t < 64 for t in out)
     with pytest.raises(CorelmError, match="vocabulary"):
         speculative_generate(target, [1, 2], 4, draft=_tiny(3, vocab=80))

@@ -44,7 +44,7 @@ def _disk_bytes(source: str) -> int:
     return path.stat().st_size
 
 
-def load_variant(source: str):  # noqa: ANN201 - (config, model, tokenizer)
+def load_variant(source: str):
     from corelm.compress.quant import is_quantized_dir, load_quantized_dir
 
     if is_quantized_dir(source):
@@ -60,8 +60,8 @@ def load_variant(source: str):  # noqa: ANN201 - (config, model, tokenizer)
 
 def measure(source: str, text: str, args: argparse.Namespace) -> dict:
     from corelm.compress.fast import FastDecoder
-    from corelm.compress.quant import quantized_bytes
     from corelm.compress.prune import sparsity_of
+    from corelm.compress.quant import quantized_bytes
     from corelm.eval.perplexity import perplexity
 
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def calibration_batches(tokenizer, path: str | Path, n_tokens: int, seq_len: int = 256) -> list[torch.Tensor]:  # noqa: ANN001
+def calibration_batches(tokenizer, path: str | Path, n_tokens: int, seq_len: int = 256) -> list[torch.Tensor]:
     """``(1, seq_len)`` id windows from the first ``n_tokens`` tokens of a text file."""
     path = Path(path)
     if not path.is_file():

@@ -66,7 +66,7 @@ def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size:
     gguf = None if requantize else gguf_source(source)
     from tqdm import tqdm
 
-    def bar(layers):  # noqa: ANN001, ANN202
+    def bar(layers):
         return tqdm(layers, desc=f"quantizing to {method}", unit="layer", file=sys.stderr, leave=False)
 
     quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar)

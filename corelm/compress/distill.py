@@ -50,7 +50,7 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
                           "the same tokenizer (llama-tiny uses SmolLM2's)")
 
 
-def distill_loss_fn(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5):  # noqa: ANN201
+def distill_loss_fn(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5):
     """A ``loss_fn(model, batch)`` for :func:`corelm.train.loop.train` that distills ``teacher``.
 
     ``batch`` is what :func:`corelm.objectives.causal_lm_loss` takes: packed windows ``(B, T+1)`` or

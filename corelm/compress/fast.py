@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corelm.compress.quant import Int4Linear, Int8Embedding, Int8Linear
+from corelm.compress.quant import Int4Linear, Int8Linear
 from corelm.errors import CorelmError
 
 WINDOW = 256  # the cache grows in windows of this many slots: one compiled graph per window count
@@ -175,7 +175,7 @@ class FastDecoder(nn.Module):
                           str(self.norm.device.type)], sort_keys=True, default=str)
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
-    def _step_fn(self, window: int):  # noqa: ANN202 - returns the (compiled or eager) step
+    def _step_fn(self, window: int):
         use = self.compile_mode
         marker = compile_cache_dir() / f"warm-{self.signature(window)}"
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ class FastDecoder(nn.Module):
         if self._compiled is None:
             self._compiled = compile_step(self.forward_tokens, cuda=self.norm.is_cuda)
 
-        def step(*args):  # noqa: ANN002, ANN202
+        def step(*args):
             out = self._compiled(*args)
             marker.touch()  # the next run's "auto" compiles: the cache holds this graph now
             return out
@@ -302,7 +302,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
     return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
 
 
-def compile_step(fn, cuda: bool = False):  # noqa: ANN001, ANN201 - wraps any step function
+def compile_step(fn, cuda: bool = False):
     """``torch.compile`` the decode step with a per-instruction-set cache that persists across runs.
 
     CPU: inductor with ``freezing`` and ``cpp_wrapper``. CUDA: ``reduce-overhead`` (CUDA graphs: the

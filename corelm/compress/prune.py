@@ -68,7 +68,7 @@ def input_norms(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterabl
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in layers.items()}
     hooks = []
     for name, module in layers.items():
-        def hook(mod, args, out, name=name):  # noqa: ANN001, ANN202
+        def hook(mod, args, out, name=name):
             x = args[0].detach().reshape(-1, mod.in_features).double()
             sums[name] += x.pow(2).sum(0).cpu()
         hooks.append(module.register_forward_hook(hook))

@@ -275,7 +275,7 @@ class Int4Linear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch hook signature
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.derived:
             return
         q, scales, zeros = self.quantized()
@@ -285,7 +285,7 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         if self.derived:
             return
@@ -383,11 +383,11 @@ class Q8Linear(nn.Module):
         exact = torch.einsum("mk,mjk->mj", x2, rows)  # (M, k)
         return y2.scatter(1, top, exact).reshape(*lead, self.out_features).to(x.dtype)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - torch hook signature
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "qweight"] = self.qweight
         destination[prefix + "scales"] = self.scales
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = [prefix + "qweight", prefix + "scales"]
         if any(k not in state_dict for k in keys):
