@@ -215,7 +215,9 @@ def render(out: dict) -> str:
         m = out["machine"]
         lines.append(f"machine: {m['name']}, torch {m['torch']}")
         for dt, f in m["matmul_flops"].items():
-            lines.append(f"  matmul {dt:<5} {m['matmul_size']}×{m['matmul_size']}   {f / 1e9:10,.1f} GFLOP/s")
+            n = m.get("matmul_sizes", {}).get(dt, m["matmul_size"])
+            note = "   (no fast kernel: measured small)" if n != m["matmul_size"] else ""
+            lines.append(f"  matmul {dt:<5} {n:>4}×{n:<4}   {f / 1e9:10,.1f} GFLOP/s{note}")
         lines.append(f"  read bandwidth          {m['bandwidth_bytes_s'] / 1e9:10,.1f} GB/s")
     if "train" in out:
         t = out["train"]

@@ -69,7 +69,15 @@ def _clock(device: str) -> Callable[[], float]:
 
 
 def measure_matmul(dtype: str, n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> float:
-    """Best achieved FLOP/s of an ``n×n @ n×n`` matmul in ``dtype`` over ~``seconds`` (2n³ FLOPs each)."""
+    """Best achieved FLOP/s of an ``n×n @ n×n`` matmul in ``dtype`` over ~``seconds`` (2n³ FLOPs each).
+
+    A dtype without a fast kernel (fp16 on most CPUs: ~0.5 GFLOP/s) is measured at 256³ only, since
+    one full-size product would take minutes.
+    """
+    if n > 256:
+        small = measure_matmul(dtype, 256, 0.0, device)
+        if small < 5e9 and not device.startswith("cuda"):
+            return small
     a = torch.randn(n, n, device=device).to(DTYPES[dtype])
     b = torch.randn(n, n, device=device).to(DTYPES[dtype])
     c = torch.empty(n, n, device=device, dtype=DTYPES[dtype])
@@ -78,7 +86,7 @@ def measure_matmul(dtype: str, n: int = 2048, seconds: float = 1.0, device: str 
     _sync(device)
     clock = _clock(device)
     best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while best == 0.0 or time.perf_counter() < deadline:
         t0 = clock()
         torch.mm(a, b, out=c)
         _sync(device)
@@ -109,18 +117,19 @@ def measure_profile(device: str = "cpu", quick: bool = False, dtypes: tuple[str,
     """Matmul peak per dtype and bandwidth of this machine, as a profile ``corelm plan --profile`` reads."""
     seconds = 0.3 if quick else 1.0
     n = 1024 if quick else (8192 if device.startswith("cuda") else 2048)
-    flops = {}
+    flops, sizes = {}, {}
     for dt in dtypes:
         if progress:
             progress(f"matmul {dt} {n}×{n}")
         flops[dt] = measure_matmul(dt, n, seconds, device)
+        sizes[dt] = 256 if (flops[dt] < 5e9 and n > 256 and not device.startswith("cuda")) else n
     if progress:
         progress("memory bandwidth")
     bw = measure_bandwidth(device, 128 if quick else (4096 if device.startswith("cuda") else 512), seconds)
     mem = (torch.cuda.get_device_properties(0).total_memory if device.startswith("cuda")
            else cpu_row().memory_bytes)
     return {"hardware": "cpu" if device == "cpu" else _gpu_id(), "device": device, "name": machine_name(device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_size": n,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "matmul_size": n, "matmul_sizes": sizes,
             "timing": "wall" if device.startswith("cuda") else "cpu-seconds per thread",
             "matmul_flops": flops, "bandwidth_bytes_s": bw, "memory_bytes": mem,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
