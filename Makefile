@@ -8,7 +8,7 @@ PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.corelm-setup
 PROMPT  ?= The three laws of thermodynamics are
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +24,7 @@ demo: setup
 	.venv/bin/corelm chat --once "Explain self-attention in two sentences."
 
 test: setup
+	bash scripts/setup_browser.sh
 	$(PY) -m pytest -q tests
 
 clean:
