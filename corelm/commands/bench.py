@@ -99,7 +99,7 @@ def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> di
     peak = statistics.median(m["probe_cpu_flops"] if cpu else m["probe_flops"])
     hw = cpu_row() if cpu else get_hardware(B._gpu_id()) if B._gpu_id() != "cpu" else cpu_row()
     compute = "fp32" if precision == "fp32" else {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-true": "bf16"}[precision]
-    hw.peak_tflops = {**hw.peak_tflops, compute: peak / 1e12, "fp32": hw.peak_tflops.get("fp32", 0)}
+    hw.peak_tflops = {**hw.peak_tflops, compute: peak / 1e12}
     if profile and profile.get("train_efficiency"):
         hw.train_efficiency = float(profile["train_efficiency"])
     pred = B.predict_train(cfg, hw, batch=args.batch, seq_len=args.seq_len, precision=precision)
