@@ -530,4 +530,10 @@ def predict_decode(model: torch.nn.Module, cfg: ModelConfig, context: int, step:
 
 if __name__ == "__main__":  # the subprocess side of measure_train
     if len(sys.argv) == 3 and sys.argv[1] == "train-worker":
+        try:  # Linux: die with the parent (an interrupted bench must not leave a training process behind)
+            import signal
+
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
         print(json.dumps(_train_worker(json.loads(sys.argv[2]))))
