@@ -75,6 +75,7 @@ def main(argv: list[str]) -> int:
     else:
         report = _summarize(args)
     report["seconds"] = round(time.perf_counter() - start, 2)
+    table = report.pop("_table")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +85,9 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
-        print(report.pop("_table"))
+        print(table)
         if args.out:
             print(f"report saved to {args.out}")
-    report.pop("_table", None)
     return 0
 
 
