@@ -94,19 +94,20 @@ def run_corelm(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]])
 
     model = corelm.load(MODEL, dtype="fp32").model
     apply_lora(model, TARGETS, rank=8, alpha=16)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     def timed():
         for b in batches:
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
             yield b
 
     cfg = TrainConfig(max_steps=len(batches), lr=2e-4, warmup_steps=0, weight_decay=0.0, beta2=0.999,
                       progress=False, tensorboard=False, measure_mfu=False)
     with PeakRSS() as mem:
         train(model, sft_loss, timed(), cfg)
-        stamps.append(time.perf_counter())
-    return {"step_s": [b - a for a, b in itertools.pairwise(stamps)], "peak_bytes": mem.peak - mem.start}
+        stamps.append((time.perf_counter(), time.process_time()))
+    return {"step_s": [b[0] - a[0] for a, b in itertools.pairwise(stamps)],
+            "cpu_s": [b[1] - a[1] for a, b in itertools.pairwise(stamps)], "peak_bytes": mem.peak - mem.start}
 
 
 def run_peft(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]], hf_dir: str) -> dict:
@@ -118,17 +119,18 @@ def run_peft(args: argparse.Namespace, batches: list[dict[str, torch.Tensor]], h
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, foreach=True)
-    times = []
+    times, cpu = [], []
     with PeakRSS() as mem:
         for b in batches:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-    return {"step_s": times, "peak_bytes": mem.peak - mem.start}
+            cpu.append(time.process_time() - c0)
+    return {"step_s": times, "cpu_s": cpu, "peak_bytes": mem.peak - mem.start}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -182,15 +184,19 @@ def main() -> None:
     for side, runs in results.items():
         steps = [s for run in runs for s in run["step_s"][1:]]  # drop each run's warm-up step
         med = statistics.median(steps)
+        cpu = [s for run in runs for s in run["cpu_s"][1:]]
         rows[side] = {"tok_s": tokens / med, "spread": (tokens / max(steps), tokens / min(steps)),
+                      "cpu_s": statistics.median(cpu),
                       "peak_mib": statistics.median(run["peak_bytes"] for run in runs) / 2**20}
     print()
-    print(f"{'':<20} {'tokens/s (median)':>18} {'min..max':>16} {'peak training memory':>22}")
+    print(f"{'':<20} {'tokens/s (median)':>18} {'min..max':>16} {'CPU s/step':>11} {'peak training memory':>22}")
     for side, name in (("corelm", "corelm"), ("peft", "transformers+peft")):
         row = rows[side]
         print(f"{name:<20} {row['tok_s']:>18.1f} {row['spread'][0]:>7.1f}..{row['spread'][1]:<8.1f} "
-              f"{row['peak_mib']:>18.0f} MiB")
+              f"{row['cpu_s']:>11.1f} {row['peak_mib']:>18.0f} MiB")
     speed = rows["corelm"]["tok_s"] / rows["peft"]["tok_s"]
+    print(f"CPU time per step, peft / corelm: {rows['peft']['cpu_s'] / rows['corelm']['cpu_s']:.2f}x "
+          "(less sensitive to other jobs on a shared machine than wall time)")
     memory = rows["corelm"]["peak_mib"] / max(rows["peft"]["peak_mib"], 1e-9)
     print(f"\ncorelm / peft: speed {speed:.2f}x (bar >= 1.0), peak memory {memory:.2f}x (bar <= 1.0)")
 
