@@ -399,7 +399,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                       else max(1, steps * 6 // 100), weight_decay=args.weight_decay, beta2=0.999,
                       precision=args.precision, seed=args.seed, out=args.out, save_every=args.save_every,
                       resume=args.out if args.resume else None, progress=args.progress, tensorboard=False,
-                      measure_mfu=False, keep_last=1)
+                      measure_mfu=False, keep_last=2)
     before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:
         say("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
