@@ -142,8 +142,16 @@ class RankAllocator:
         return self.orth_weight * total / (2 * len(self.modules))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Run :meth:`step` after each ``optimizer.step()`` (gradients are still there)."""
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        """Run :meth:`step` after each ``optimizer.step()`` (gradients are still there).
+
+        Steps without any gradient are not training steps and are ignored: restoring a checkpoint through
+        ``torch.distributed.checkpoint`` initializes the optimizer state with one step on zero gradients.
+        """
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if any(m.lora_E.grad is not None and bool(m.lora_E.grad.any()) for m in self.modules.values()):
+                self.step()
+
+        optimizer.register_step_post_hook(hook)
 
     @torch.no_grad()
     def step(self) -> int:
