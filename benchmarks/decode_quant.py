@@ -99,7 +99,7 @@ class CorelmRunner:
         t0 = time.perf_counter()
         self.decoder.warm_up(self.decoder._window(max_len))
         self.warm_s = time.perf_counter() - t0
-        self.compiled = self.decoder._compiled != self.decoder.forward_tokens
+        self.compiled = compile_mode != "no"
         self.bytes = self.decoder.weight_bytes()
 
     def run(self, ids: list[int], n: int) -> dict:
