@@ -523,10 +523,24 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
                           "checkpoint directory")
     if (path / "config.json").is_file():
         return _load_hf_dir(path, dtype, device)
+    if (path / "corelm_task.json").is_file():  # a LoRA/AdaLoRA/adapter fine-tuning run: base + its weights
+        return _load_finetune_run(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _load_gguf(ggufs[0], dtype, device)
     raise CorelmError(f"{path} has no config.json (an HF checkpoint directory) and no single .gguf file")
+
+
+def _load_finetune_run(path: Path, dtype: torch.dtype) -> LLM:
+    """An instruction-tuning run directory loads as the base model with its adapters applied."""
+    from corelm.finetune.run import load_run
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    run = load_run(path, dtype=name)
+    if run.task.get("task") != "sft":
+        raise CorelmError(f"{path} is a fine-tuned {run.task.get('task')} model, not a language model: "
+                          f"use `corelm predict --model {path}` or `corelm evaluate`")
+    return run.llm()
 
 
 def _has_gguf_magic(path: Path) -> bool:

@@ -60,6 +60,8 @@ def test_tiny_sft_lora_run_merge_and_perplexity(tmp_path: Path, capsys: pytest.C
     x = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), adapted(x), rtol=1e-4, atol=1e-4)
+        # the run directory itself loads as a language model (base + adapters), as `corelm generate --model` uses it
+        torch.testing.assert_close(corelm.load(str(run_dir), dtype="fp32").model(x), adapted(x))
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
