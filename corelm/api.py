@@ -243,7 +243,14 @@ class LLM:
                 for n, token in enumerate(ids, 1):
                     yield token
             else:
-                for token in engine.stream(self.model, prompt_ids, params):
+                # A quantized llama decodes batch-1 on the fused static-cache path (same greedy tokens).
+                fast = (getattr(self.model, "corelm_quantization", None) and self.config.family == "llama")
+                if fast:
+                    from corelm.compress.fast import fast_stream
+                    tokens = fast_stream(self.model, prompt_ids, params)
+                else:
+                    tokens = engine.stream(self.model, prompt_ids, params)
+                for token in tokens:
                     if first is None:
                         first = time.perf_counter()
                     n += 1
@@ -403,8 +410,16 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = N
         raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}; give an embedded or preset "
                           "name (corelm models) or a path")
     if quantize is not None:
-        loaded.model = _quantize(loaded.model, quantize)
+        loaded.model = _quantize(loaded.model, quantize, from_gguf=_gguf_file(loaded))
     return loaded
+
+
+def _gguf_file(loaded: LLM | Encoder) -> Path | None:
+    """The GGUF file a model was loaded from (embedded SmolLM2 or a .gguf path), else None."""
+    source = Path(loaded.source) if loaded.source and loaded.source != "random init" else None
+    if source is not None and source.is_file() and (source.suffix == ".gguf" or _has_gguf_magic(source)):
+        return source
+    return None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
@@ -437,12 +452,13 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     raise CorelmError(f"{path} has no tokenizer.json")
 
 
-def _quantize(model: nn.Module, method: str) -> nn.Module:
+def _quantize(model: nn.Module, method: str, from_gguf: Path | None = None) -> nn.Module:
+    """Quantize in place; from a GGUF file, int4 reuses its Q4 blocks instead of re-quantizing."""
     try:
         from corelm.compress.quant import quantize_model
     except ImportError:
         raise CorelmError(f"quantize={method!r} needs corelm.compress.quant, which is not available") from None
-    result = quantize_model(model, method)
+    result = quantize_model(model, method, from_gguf=from_gguf)
     return model if result is None else result
 
 
@@ -522,6 +538,10 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
         raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
                           "checkpoint directory")
     if (path / "config.json").is_file():
+        from corelm.compress.quant import is_quantized_dir
+
+        if is_quantized_dir(path):  # written by `corelm quantize`: packed weights, stored dtypes
+            return _load_quantized_dir(path, device)
         return _load_hf_dir(path, dtype, device)
     if (path / "corelm_task.json").is_file():  # a LoRA/AdaLoRA/adapter fine-tuning run: base + its weights
         return _load_finetune_run(path, dtype)
@@ -562,6 +582,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> LL
         gguf.close()
     except BufferError:  # a view is still alive somewhere: the map closes when it goes
         pass
+    return LLM(model, tokenizer, config, source=str(path))
+
+
+def _load_quantized_dir(path: Path, device: str | torch.device) -> LLM | Encoder:
+    from corelm.compress.quant import load_quantized_dir
+
+    config, model = load_quantized_dir(path, device=device)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    if config.is_encoder:
+        return Encoder(model, tokenizer, config, source=str(path))
     return LLM(model, tokenizer, config, source=str(path))
 
 
