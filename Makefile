@@ -8,7 +8,7 @@ PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.corelm-setup
 PROMPT  ?= The three laws of thermodynamics are
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean bench bench-llamacpp readme
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -23,9 +23,29 @@ demo: setup
 	.venv/bin/corelm generate --max-new-tokens 48 "$(PROMPT)"
 	.venv/bin/corelm chat --once "Explain self-attention in two sentences."
 
+# One intra-op thread per test process: tests spawn servers and torchrun ranks beside pytest, and a
+# 2-thread OpenMP kernel whose partner core is taken stalls (measured: up to 500x slower per op).
 test: setup
 	bash scripts/setup_browser.sh
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# Benchmarks: corelm next to its peer in one run, ratios printed (never part of `make test`).
+bench: setup
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/decode_quant.py --compile no
+
+# llama.cpp peer for benchmarks/decode_quant.py: builds llama-cpp-python from source (~10 min) in its own venv.
+bench-llamacpp: setup
+	test -x .bench-venv/bin/python || python3 -m venv .bench-venv
+	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install -q llama-cpp-python
+	$(PY) benchmarks/decode_quant.py --compile no --llama-python .bench-venv/bin/python
+
+# README.md is stitched from docs/readme/*.md (one section per area).
+readme:
+	for f in docs/readme/*.md; do cat $$f; echo; done > README.md
 
 clean:
 	rm -rf .venv build *.egg-info
