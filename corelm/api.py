@@ -55,9 +55,11 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     Decoding reads every weight once per token, so bf16 halves the bytes and can double tokens/s --
     but only where the CPU has native bf16 kernels (AVX512_BF16/AMX). Elsewhere PyTorch emulates bf16
     and it is ~400x slower than fp32 (BENCHMARKS.md: 0.3 vs 136 GFLOP/s on Zen 3). So we time what a
-    decode step does -- ``F.linear`` of a ``(1, 1, d)`` activation with a weight bigger than the L2
-    cache -- in both dtypes (~20 ms) and take bf16 only when it is clearly faster (measured on the
-    Zen 4 here: 0.29 ms bf16 vs 0.82 ms fp32 for 2048x2048). The probe runs on one thread: on a
+    decode step does -- ``F.linear`` of a ``(1, 1, d)`` activation over weights that together exceed
+    the last-level cache (6 x 2048x2048, 96 MB in fp32), so the probe streams weights from memory as
+    decoding does -- in both dtypes (~0.1 s) and take bf16 only when it is clearly faster (measured
+    on the Zen 4 here: 2.8-3.1 ms bf16 vs 4.9-5.4 ms fp32 per pass; a single 2048x2048 weight stays
+    in L3 and made both dtypes look equal, so fp32 was wrongly chosen). The probe runs on one thread: on a
     shared machine, multi-threaded kernels stall waiting for a busy core and the timing would measure
     the neighbours, not the kernel. ``CORELM_DTYPE`` overrides the probe; on CUDA bf16 is used when
     the device supports it.
@@ -70,18 +72,19 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type != "cpu":
         return torch.float32
-    x32, w32 = torch.randn(1, 1, 2048), torch.randn(2048, 2048)
+    x32 = torch.randn(1, 1, 2048)
+    w32 = [torch.full((2048, 2048), 0.01) for _ in range(6)]  # 96 MB: more than any L3 slice holds
     times = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for dt in (torch.float32, torch.bfloat16):
-            x, w = x32.to(dt), w32.to(dt)
-            torch.nn.functional.linear(x, w)  # warm-up: first call picks kernels
+            x, ws = x32.to(dt), [w.to(dt) for w in w32]
+            torch.nn.functional.linear(x, ws[0])  # warm-up: first call picks kernels
             best = float("inf")
-            for _ in range(5):
+            for _ in range(3):
                 t0 = time.perf_counter()
-                for _ in range(4):
+                for w in ws:
                     torch.nn.functional.linear(x, w)
                 best = min(best, time.perf_counter() - t0)
                 if best > 0.1:  # an emulated kernel: no need to time it further
