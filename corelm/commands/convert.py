@@ -8,14 +8,12 @@ are dequantized (to ``--dtype``) and their Q/K rows un-permuted back to HF order
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,21 +43,8 @@ def convert(source: str, out_dir: str | Path, dtype: str = "fp32", overwrite: bo
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
     loaded = corelm.load(source, dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         save_hf_dir(loaded.model, loaded.config, tmp, tokenizer=loaded.tokenizer)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(out, 0o777 & ~mask)  # mkdtemp makes 0700
-        for f in out.iterdir():
-            os.chmod(f, 0o666 & ~mask)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,15 +9,14 @@ kernels are CUDA-only); pruning here is about size after compression and about q
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,17 +72,8 @@ def main(argv: list[str]) -> int:
           f"{f' on {sum(b.shape[1] for b in calib)} calibration tokens' if calib else ''} ...", file=sys.stderr)
     with torch.inference_mode(False):
         report = prune_model(llm.model, args.method, args.sparsity, args.pattern, calibration=calib)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         save_hf_dir(llm.model, llm.config, tmp, tokenizer=llm.tokenizer)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-        out.chmod(0o755)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out}/: {report['layers']} layers, {report['zeros'] / report['weights']:.1%} of their weights "
           f"zero ({report['zeros'] / 1e6:.1f}M of {report['weights'] / 1e6:.1f}M) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)

@@ -8,13 +8,12 @@ source (the embedded SmolLM2 is Q4_1), int4 group 32 takes the file's 4-bit bloc
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,17 +69,8 @@ def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size:
         return tqdm(layers, desc=f"quantizing to {method}", unit="layer", file=sys.stderr, leave=False)
 
     quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         save_quantized_dir(loaded.model, loaded.config, tmp, loaded.tokenizer)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-        out.chmod(0o755)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
