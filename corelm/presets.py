@@ -47,10 +47,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt3-125m": _gpt2(12, 12, 768, ctx=2048),
     "gpt3-350m": _gpt2(24, 16, 1024, ctx=2048),
     "gpt3-760m": _gpt2(24, 16, 1536, ctx=2048),
-    "gpt3-1.3b": _gpt2(24, 24, 2048, ctx=2048, head_dim=128),
+    # Table 2.1 lists 24 heads of 128 for 1.3B and d_model 5140 for 13B, which do not multiply out
+    # to d_model; these use 16 x 128 and 5120 = 40 x 128 (as Megatron-style reproductions do), giving
+    # the published 1.3B / 13B parameter counts.
+    "gpt3-1.3b": _gpt2(24, 16, 2048, ctx=2048),
     "gpt3-2.7b": _gpt2(32, 32, 2560, ctx=2048),
     "gpt3-6.7b": _gpt2(32, 32, 4096, ctx=2048),
-    "gpt3-13b": _gpt2(40, 40, 5140, ctx=2048, head_dim=128),
+    "gpt3-13b": _gpt2(40, 40, 5120, ctx=2048),
     "gpt3-175b": _gpt2(96, 96, 12288, ctx=2048),
     # Llama 2 (Touvron et al. 2023), meta-llama/Llama-2-*-hf config.json.
     "llama-2-7b": _llama(32, 32, 4096, 11008),
