@@ -59,18 +59,6 @@ class SVDLinear(SharedLinear):
             return y
         return y + F.linear(F.linear(x, self.lora_A) * self.lora_E, self.lora_B) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
-
 
 def apply_adalora(model: nn.Module, targets: Iterable[str] | str, init_rank: int = 12,
                   alpha: float = 16.0) -> list[str]:

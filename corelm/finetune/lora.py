@@ -91,6 +91,24 @@ class SharedLinear(nn.Linear):
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
+    merged = False  # subclasses that add a low-rank update define delta_weight() and can fold it in
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(out, in)`` in fp32 that :meth:`merge` adds to the weight."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
 
 class LoRALinear(SharedLinear):
     """``y = W x + b + (alpha / r) * B (A dropout(x))`` with ``A: (r, in)``, ``B: (out, r)``."""
@@ -117,18 +135,6 @@ class LoRALinear(SharedLinear):
         if self.merged:
             return y
         return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
