@@ -9,6 +9,7 @@ from corelm.compress.fast import FastDecoder
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.models import build_model
+from tests.helpers import greedy_by_full_forward
 
 
 def _tiny(seed=0):
@@ -23,13 +24,6 @@ def _tiny(seed=0):
     return model
 
 
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
 
 @pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_fast_decoder_matches_model(method):
@@ -38,7 +32,7 @@ def test_fast_decoder_matches_model(method):
         quant.quantize_model(model, method, group_size=32)
     prompt = [5, 17, 3, 88, 41, 9]
     dec = FastDecoder(model, max_seq_len=64, compile=False)
-    assert list(dec.generate_ids(prompt, 20)) == _greedy(model, prompt, 20)
+    assert list(dec.generate_ids(prompt, 20)) == greedy_by_full_forward(model, prompt, 20)
     # logits of a prefill + a decode step equal the full forward's
     with torch.inference_mode():
         ids = torch.tensor(prompt + [7])

@@ -7,6 +7,7 @@ from corelm.compress.speculative import lookup_draft, rejection_step, speculativ
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.models import build_model
+from tests.helpers import greedy_by_full_forward
 
 
 def _tiny(seed: int, vocab: int = 64, n_layer: int = 2, d: int = 32) -> torch.nn.Module:
@@ -21,18 +22,11 @@ def _tiny(seed: int, vocab: int = 64, n_layer: int = 2, d: int = 32) -> torch.nn
     return model
 
 
-@torch.no_grad()
-def _greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
 
 def test_speculative_greedy_is_token_identical():
     target, draft = _tiny(0), _tiny(1, n_layer=1)
     prompt = [3, 17, 5, 9, 22]
-    ref = _greedy(target, prompt, 24)
+    ref = greedy_by_full_forward(target, prompt, 24)
     for k in (1, 3, 5):
         out, stats = speculative_generate(target, prompt, 24, draft=draft, k=k)
         assert out == ref, k
@@ -45,7 +39,7 @@ def test_speculative_greedy_is_token_identical():
 def test_prompt_lookup_greedy_is_token_identical():
     target = _tiny(2)
     prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15, 16, 23, 42, 4, 8]
-    ref = _greedy(target, prompt, 20)
+    ref = greedy_by_full_forward(target, prompt, 20)
     out, stats = speculative_generate(target, prompt, 20, lookup=3, k=4)
     assert out == ref
     assert stats.drafted > 0

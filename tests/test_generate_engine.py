@@ -12,6 +12,7 @@ from corelm.generate.engine import SamplingParams, beam_search, generate, genera
 from corelm.io.hf import config_to_hf, state_dict_to_hf
 from corelm.models import build_model
 from corelm.ops.sampling import filter_top_k, filter_top_p
+from tests.helpers import greedy_by_full_forward
 
 transformers.logging.set_verbosity_error()
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [27, 18], [5, 8, 13, 21, 34, 55, 89, 44, 33, 12, 7]]
@@ -48,13 +49,6 @@ def llama_hf(llama):
     return _hf_twin(llama)
 
 
-def _greedy_by_full_forward(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batched_greedy_equals_alone_equals_full_forward(family):
@@ -63,7 +57,7 @@ def test_batched_greedy_equals_alone_equals_full_forward(family):
     batch = generate(model, PROMPTS, params)
     alone = [generate(model, [p], params)[0] for p in PROMPTS]
     assert batch == alone
-    assert alone[0] == _greedy_by_full_forward(model, PROMPTS[0], 10)
+    assert alone[0] == greedy_by_full_forward(model, PROMPTS[0], 10)
     assert len(set(map(tuple, batch))) == 3 and len(set(batch[0])) > 2  # the outputs are not degenerate
 
 

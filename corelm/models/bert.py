@@ -14,6 +14,7 @@ from torch import nn
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.ops.attention import attention
+from corelm.ops.init import init_normal_
 from corelm.ops.tied import TiedLMHead
 
 
@@ -183,7 +184,7 @@ class Bert(nn.Module):
         self.encoder = Encoder(config)
         self.pooler = Pooler(config)
         self.cls = PreTrainingHeads(config, self.embeddings.word_embeddings)
-        self.apply(_init_weights)
+        self.apply(init_normal_)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -219,16 +220,3 @@ class Bert(nn.Module):
     def nsp_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """``(B, d) -> (B, 2)``: is-next / not-next logits."""
         return self.cls.seq_relationship(pooled)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """BERT's initialisation: Normal(0, 0.02) weights, zero biases, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()

@@ -15,6 +15,7 @@ from torch import nn
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
+from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.tied import TiedLMHead
 
@@ -103,7 +104,7 @@ class GPT2(nn.Module):
             self.lm_head: nn.Module = TiedLMHead(self.transformer.wte)
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_normal_)
         # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(number of residual layers).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -140,12 +141,3 @@ class GPT2(nn.Module):
         """
         return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
                                                attention_mask=attention_mask))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -12,6 +12,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
+from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.rope import RopeTable, apply_rope
 from corelm.ops.tied import TiedLMHead
@@ -108,7 +109,7 @@ class Llama(nn.Module):
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.apply(_init_weights)
+        self.apply(init_normal_)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -140,13 +141,3 @@ class Llama(nn.Module):
         """
         return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
                                                attention_mask=attention_mask))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Normal(0, 0.02) weights and zero biases, the GPT-2/Llama initialisation."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
