@@ -67,19 +67,65 @@ def _fuse(mods: list[nn.Module]) -> nn.Module:
     raise CorelmError("cannot fuse projections of mixed kinds (some quantized, some not)")
 
 
+def _has_blocks(m: nn.Module) -> bool:
+    """Whether the C++ kernels can run layer ``m``: int4, group-wise int8 or int8, without bias."""
+    from corelm.compress.quant import Q8Linear
+
+    return isinstance(m, Q8Linear) or (isinstance(m, (Int4Linear, Int8Linear)) and m.bias is None)
+
+
+def _blocks(mods: list[nn.Module]) -> torch.Tensor:
+    """GGUF-layout blocks (Q4_1 / Q8_0) of quantized layers for the C++ kernels, fused along the
+    outputs (q|k|v, gate|up)."""
+    from corelm import kernels
+    from corelm.compress.quant import Q8Linear
+
+    parts = []
+    for m in mods:
+        if isinstance(m, Int4Linear):
+            q, scales, zeros = m.quantized()
+            parts.append(kernels.blocks_q4(q, scales, zeros, m.group_size))
+        elif isinstance(m, Q8Linear):
+            parts.append(kernels.blocks_q8(m.qweight, m.scales))
+        else:
+            parts.append(kernels.blocks_q8(m.weight, m.scales))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class BlockLinear(nn.Module):
+    """``y = x @ W^T`` on block weights through ``torch.ops.corelm.qlinear`` (int8 activations)."""
+
+    def __init__(self, blocks: torch.Tensor, in_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.corelm.qlinear(x.reshape(-1, self.in_features).float(), self.blocks)
+        return y.reshape(*lead, self.out_features)
+
+
 class _Layer(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, kernel: bool = False) -> None:
         super().__init__()
         attn, mlp = block.self_attn, block.mlp
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             if getattr(proj, "bias", None) is not None:
                 raise CorelmError("the fast decode path supports llama models without biases")
         self.n_q, self.n_kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
-        self.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.wo = attn.o_proj
-        self.w13 = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.w2 = mlp.down_proj
         self.d_ff = mlp.gate_proj.out_features
+        if kernel:  # block weights for the C++ step (and its prefill): no PyTorch-packed copies
+            d = attn.q_proj.in_features
+            self.wqkv = BlockLinear(_blocks([attn.q_proj, attn.k_proj, attn.v_proj]), d)
+            self.wo = BlockLinear(_blocks([attn.o_proj]), self.n_q)
+            self.w13 = BlockLinear(_blocks([mlp.gate_proj, mlp.up_proj]), d)
+            self.w2 = BlockLinear(_blocks([mlp.down_proj]), self.d_ff)
+        else:
+            self.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            self.wo = attn.o_proj
+            self.w13 = _fuse([mlp.gate_proj, mlp.up_proj])
+            self.w2 = mlp.down_proj
         self.norm1, self.eps1 = block.input_layernorm.weight.detach().float(), block.input_layernorm.eps
         self.norm2, self.eps2 = block.post_attention_layernorm.weight.detach().float(), block.post_attention_layernorm.eps
 
@@ -104,9 +150,12 @@ class FastDecoder(nn.Module):
         max_seq_len: largest prompt + generation length; defaults to the model's context.
         compile: ``True`` compiles the decode step, ``False`` stays eager, ``"auto"`` compiles when
             this machine's compile cache already holds it (see module doc).
+        kernels: ``"auto"`` runs an int4/int8 model on CPU through corelm's C++ step
+            (:mod:`corelm.kernels`) when it builds or is built; ``False`` keeps PyTorch's kernels.
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int | None = None, compile: bool | str = "auto") -> None:
+    def __init__(self, model: nn.Module, max_seq_len: int | None = None, compile: bool | str = "auto",
+                 kernels: bool | str = "auto") -> None:
         super().__init__()
         config = model.config
         if config.family != "llama":
@@ -115,10 +164,11 @@ class FastDecoder(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.embed = model.model.embed_tokens
-        self.layers = nn.ModuleList(_Layer(block) for block in model.model.layers)
         self.norm, self.eps = model.model.norm.weight.detach().float(), model.model.norm.eps
-        self.head = model.lm_head
         device = self.norm.device
+        self.kernel = bool(kernels) and self._kernel_ready(model, device)
+        self.layers = nn.ModuleList(_Layer(block, self.kernel) for block in model.model.layers)
+        self.head = BlockLinear(_blocks([model.lm_head]), config.d_model) if self.kernel else model.lm_head
         inv_freq = model.rope.inv_freq.to(device)
         angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None]
         angles = torch.cat([angles, angles], dim=-1)  # (S, hd): rotate-half layout
@@ -128,9 +178,38 @@ class FastDecoder(nn.Module):
             layer.register_buffer("k_cache", torch.zeros(shape, device=device), persistent=False)
             layer.register_buffer("v_cache", torch.zeros(shape, device=device), persistent=False)
         self.compile_mode = compile
+        self._args: tuple | None = None  # the C++ step's argument lists, built once
         self.quantization = getattr(model, "corelm_quantization", None)
         self._compiled = None
         self.compile_seconds: float | None = None
+
+    @staticmethod
+    def _kernel_ready(model: nn.Module, device: torch.device) -> bool:
+        from corelm import kernels
+
+        if device.type != "cpu" or not getattr(model, "corelm_quantization", None):
+            return False
+        linears = [model.lm_head]
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                        mlp.down_proj]
+        if not all(_has_blocks(m) for m in linears):
+            return False
+        norms = {model.model.norm.eps, *(b.input_layernorm.eps for b in model.model.layers),
+                 *(b.post_attention_layernorm.eps for b in model.model.layers)}
+        return len(norms) == 1 and kernels.load()
+
+    def _kernel_step(self, token: int, pos: int) -> torch.Tensor:
+        """One decode step in one C++ call: logits (V,) for ``token`` at ``pos``."""
+        if self._args is None:
+            layers = self.layers
+            self._args = ([l.norm1 for l in layers], [l.wqkv.blocks for l in layers], [l.wo.blocks for l in layers],
+                          [l.norm2 for l in layers], [l.w13.blocks for l in layers], [l.w2.blocks for l in layers],
+                          [l.k_cache for l in layers], [l.v_cache for l in layers], self.cos, self.sin, self.norm,
+                          self.head.blocks, self.n_head, self.n_kv_head, self.eps)
+        x = self.embed(torch.tensor([token]))[0].float()
+        return torch.ops.corelm.llama_step(x, pos, *self._args)
 
     # ---- the math: T new tokens at positions start..start+T-1, attending a window of W slots ----
     def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -214,7 +293,7 @@ class FastDecoder(nn.Module):
         logits = self.forward_tokens(tokens, torch.arange(len(prompt), device=device), self._window(len(prompt)))
         pos = torch.tensor([len(prompt)], device=device)
         window = self._window(total)  # one window for the whole generation: one compiled graph
-        step = self._step_fn(window)
+        step = None if self.kernel else self._step_fn(window)
         next_logits = logits[-1]
         for _ in range(max_new_tokens):
             token = pick(next_logits) if pick else _pick(next_logits, temperature, top_k, generator)
@@ -223,7 +302,10 @@ class FastDecoder(nn.Module):
                 return
             if pos.item() >= total:
                 return
-            next_logits = step(torch.tensor([token], device=device), pos, window)[-1]
+            if self.kernel:
+                next_logits = self._kernel_step(token, int(pos))
+            else:
+                next_logits = step(torch.tensor([token], device=device), pos, window)[-1]
             pos += 1
 
     @torch.inference_mode()
@@ -232,7 +314,10 @@ class FastDecoder(nn.Module):
         device = self.norm.device
         window = window or self._window(min(self.max_seq_len, WINDOW))
         start = time.perf_counter()
-        self._step_fn(window)(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
+        if self.kernel:
+            self._kernel_step(0, 0)
+        else:
+            self._step_fn(window)(torch.tensor([0], device=device), torch.tensor([0], device=device), window)
         self.compile_seconds = time.perf_counter() - start
         for layer in self.layers:
             layer.k_cache.zero_()
@@ -248,6 +333,8 @@ class FastDecoder(nn.Module):
 def _read_bytes(module: nn.Module) -> int:
     from corelm.compress.quant import Q8Linear
 
+    if isinstance(module, BlockLinear):
+        return module.blocks.numel()
     if isinstance(module, Q8Linear):
         return _read_bytes(module.pair)
     if isinstance(module, Int4Linear):

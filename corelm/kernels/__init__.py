@@ -1,0 +1,252 @@
+"""corelm's C++ CPU kernels: quantized matmuls with int8 activations, and a fused llama decode step.
+
+PyTorch's packed-weight CPU kernels take bf16 activations and dequantize each weight group to floats;
+llama.cpp instead quantizes the activation row to int8 once and multiplies integers (VPDPBUSD on
+AVX-512 VNNI, VPMADDUBSW on AVX2). ``quant_kernels.cpp`` does the same on GGUF's own block layouts
+(Q4_1: 20 bytes per 32 weights, Q8_0: 34 bytes), and registers two operators with ``torch.library``:
+
+- ``torch.ops.corelm.qlinear(x (T, K) f32, w (N, K/32*B) u8) -> (T, N) f32``
+- ``torch.ops.corelm.llama_step(...)``: a whole single-token decode step, one call per token, so a
+  step costs no Python or dispatcher work per layer (see :mod:`corelm.compress.fast`).
+
+The library is compiled with the system C++ compiler once per instruction set and source version,
+into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root); ``make`` set-up
+builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. The
+instruction set follows what ATen dispatches to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2
+build on an AVX-512 machine) and what the CPU reports. Without a compiler, :func:`load` returns
+False and callers use :func:`reference_qlinear` / PyTorch's kernels. ``CORELM_KERNELS=0`` disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+QK = 32  # values per block
+Q4_BYTES, Q8_BYTES = 20, 34  # GGUF Q4_1 and Q8_0 block sizes
+
+FLAGS = {
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+
+_state: dict[str, object] = {"loaded": None, "error": None, "build_seconds": None, "path": None}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The kernel build for this process: ``avx512vnni``, ``avx2`` or ``generic``.
+
+    ATen's capability caps it (``ATEN_CPU_CAPABILITY=avx2`` gives the AVX2 build on an AVX-512 CPU);
+    the CPU's flags confirm the extensions the build uses.
+    """
+    forced = os.environ.get("CORELM_KERNELS_ISA")
+    if forced in FLAGS:
+        return forced
+    if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "AMD64"):
+        return "generic"
+    cap, flags = torch.backends.cpu.get_cpu_capability(), _cpu_flags()
+    if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"} <= flags:
+        return "avx512vnni"
+    if cap in ("AVX512", "AVX2") and {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "generic"
+
+
+def cache_dir(level: str | None = None) -> Path:
+    """Build directory for one instruction set and one version of the source, torch and compiler."""
+    level = level or isa()
+    key = hashlib.sha1()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join([torch.__version__, _compiler() or "", *FLAGS[level]]).encode())
+    root = Path(os.environ.get("CORELM_CACHE", Path.home() / ".cache" / "corelm"))
+    return root / "kernels" / f"{level}-{key.hexdigest()[:12]}"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def build(level: str | None = None, force: bool = False) -> Path:
+    """Compile the kernels for ``level`` (default: this process's :func:`isa`); returns the library.
+
+    Idempotent: a library already in the cache is returned as is. The compile goes to a temporary
+    name first and is renamed into place, so concurrent builds never load half a file.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the compile failed (the compiler's message is included).
+    """
+    from torch.utils import cpp_extension
+
+    level = level or isa()
+    out = cache_dir(level) / "corelm_kernels.so"
+    if out.exists() and not force:
+        return out
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *FLAGS[level], *includes, str(SOURCE), "-o", tmp, f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+           f"-Wl,-rpath,{torch_lib}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        Path(tmp).unlink(missing_ok=True)
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()[-2000:]}")
+    os.replace(tmp, out)
+    _state["build_seconds"] = time.perf_counter() - start
+    return out
+
+
+def load(build_if_missing: bool = True) -> bool:
+    """Make ``torch.ops.corelm`` available; False (with :func:`load_error`) when it cannot be.
+
+    Args:
+        build_if_missing: compile the library when this machine's cache has none (20-40 s once).
+    """
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
+    if os.environ.get("CORELM_KERNELS", "1") == "0":
+        _state["loaded"], _state["error"] = False, "disabled by CORELM_KERNELS=0"
+        return False
+    try:
+        path = cache_dir() / "corelm_kernels.so"
+        if not path.exists():
+            if not build_if_missing:
+                raise RuntimeError(f"no kernel build in {path.parent}")
+            path = build()
+        torch.ops.load_library(str(path))
+        _register_fakes()
+        _state["loaded"], _state["path"] = True, path
+    except (RuntimeError, OSError) as exc:
+        _state["loaded"], _state["error"] = False, str(exc)
+    return bool(_state["loaded"])
+
+
+def load_error() -> str | None:
+    """Why :func:`load` returned False (None when it succeeded or was not called)."""
+    return _state["error"]  # type: ignore[return-value]
+
+
+def loaded_isa() -> str | None:
+    """The instruction set the loaded library was compiled for, or None."""
+    return torch.ops.corelm.isa() if load(build_if_missing=False) else None
+
+
+def _register_fakes() -> None:
+    # Shapes for torch.compile / meta tensors: the operators are opaque kernels to the compiler.
+    @torch.library.register_fake("corelm::qlinear")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("corelm::llama_step")
+    def _(x, pos, norm1, wqkv, wo, norm2, w13, w2, k_cache, v_cache, cos, sin, norm, head, n_head,
+          n_kv_head, eps):
+        return x.new_empty(head.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Block layouts (what the kernels read) and a pure-PyTorch reference of the same arithmetic
+# --------------------------------------------------------------------------------------------------
+
+
+def blocks_q4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """corelm int4 ``(q - 8) * scale + zero`` -> GGUF Q4_1 blocks ``d * q + m`` (N, K/32 * 20) uint8.
+
+    A group wider than 32 repeats its scale over its 32-wide blocks; ``d`` and ``m`` are stored as
+    fp16 (``m = zero - 8 * scale``: exact for bf16 scales in fp16's range, else rounded once).
+    """
+    n, k = q.shape
+    rep = group_size // QK
+    d = scales.float().repeat_interleave(rep, dim=1)  # (N, K/32)
+    m = zeros.float().repeat_interleave(rep, dim=1) - 8.0 * d
+    qb = q.to(torch.uint8).reshape(n, k // QK, QK)
+    nibbles = qb[..., : QK // 2] | (qb[..., QK // 2:] << 4)  # byte j: q[j] low, q[j+16] high
+    head = torch.stack([d, m], dim=-1).to(torch.float16).view(torch.uint8)  # (N, K/32, 4)
+    return torch.cat([head, nibbles], dim=-1).reshape(n, -1).contiguous()
+
+
+def blocks_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 ``q`` (N, K) with one scale per 32 columns (N, K/32) or per row (N,) -> Q8_0 blocks."""
+    n, k = q.shape
+    d = scales.float()
+    d = d[:, None].expand(n, k // QK) if d.dim() == 1 else d
+    head = d.to(torch.float16).reshape(n, k // QK, 1).view(torch.uint8)  # (N, K/32, 2)
+    qs = q.to(torch.int8).reshape(n, k // QK, QK).view(torch.uint8)
+    return torch.cat([head, qs], dim=-1).reshape(n, -1).contiguous()
+
+
+def _unpack(w: torch.Tensor, k: int) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    n, nb = w.shape[0], k // QK
+    blocks = w.reshape(n, nb, -1)
+    if blocks.shape[-1] == Q4_BYTES:
+        dm = blocks[..., :4].contiguous().view(torch.float16).float()  # (N, nb, 2)
+        raw = blocks[..., 4:]
+        q = torch.cat([raw & 0xF, raw >> 4], dim=-1)  # (N, nb, 32)
+        return "q4", q, dm[..., 0], dm[..., 1]
+    if blocks.shape[-1] == Q8_BYTES:
+        d = blocks[..., :2].contiguous().view(torch.float16).float()[..., 0]
+        return "q8", blocks[..., 2:].contiguous().view(torch.int8), d, None
+    raise ValueError(f"rows of {w.shape[1]} bytes are neither Q4_1 nor Q8_0 blocks for width {k}")
+
+
+def dequantize_blocks(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Float (N, K) weight of a block matrix."""
+    kind, q, d, m = _unpack(w, k)
+    out = q.float() * d[..., None] + (m[..., None] if kind == "q4" else 0.0)
+    return out.reshape(w.shape[0], k)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, K) float -> int8 values (T, K/32, 32), scales ``d`` and ``d * sum(q)`` (T, K/32)."""
+    xb = x.float().reshape(x.shape[0], -1, QK)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None])
+    return q, d, d * q.sum(-1)
+
+
+def reference_qlinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What ``torch.ops.corelm.qlinear`` computes, in PyTorch: int8 activations, exact integer block
+    dot products, then the float scales. (T, K) f32 -> (T, N) f32."""
+    k = x.shape[1]
+    kind, q, d, m = _unpack(w, k)
+    qa, da, sa = quantize_activations(x)
+    sumi = torch.einsum("tbj,nbj->tnb", qa.double(), q.double())  # exact integers
+    y = (sumi.float() * d[None] * da[:, None]).sum(-1)
+    if kind == "q4":
+        y = y + (m[None] * sa[:, None]).sum(-1)
+    return y
+
+
+def qlinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x (T, K) @ W^T`` for block weights: the C++ kernel when loaded, else the reference."""
+    if load(build_if_missing=False):
+        return torch.ops.corelm.qlinear(x, w)
+    return reference_qlinear(x, w)
