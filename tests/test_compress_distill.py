@@ -55,6 +55,31 @@ def test_kd_loss_is_zero_kl_for_identical_logits_and_matches_ce_at_alpha_0():
     torch.testing.assert_close(loss0, F.cross_entropy(z.flatten(0, 1), y.flatten()))
 
 
+def _kd_reference(s, t, y, temperature, alpha):
+    """The textbook loss through autograd: KL at temperature T (times T^2) mixed with cross-entropy."""
+    keep = y != -100
+    s, t, y = s.float()[keep], t.float()[keep], y[keep]
+    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean") * temperature**2
+    return alpha * kd + (1 - alpha) * F.cross_entropy(s, y)
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.3), (4.0, 1.0), (1.0, 0.0)])
+def test_fused_kd_loss_and_gradient_equal_autograd_reference(temperature, alpha):
+    torch.manual_seed(1)
+    z = (3 * torch.randn(3, 7, V)).requires_grad_()  # 21 rows: three chunks of the fused loop, one partial
+    teacher = (3 * torch.randn(3, 7, V)).bfloat16()  # a bf16 teacher, as `--teacher-dtype bf16` runs it
+    y = torch.randint(0, V, (3, 7))
+    y[0, :4] = -100
+    expected = _kd_reference(z, teacher, y, temperature, alpha)
+    (grad_expected,) = torch.autograd.grad(expected, z)
+    loss, parts = kd_loss(z, teacher, y, temperature, alpha)
+    (grad,) = torch.autograd.grad(2.5 * loss, z)  # a scaled upstream gradient must scale through
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, 2.5 * grad_expected)
+    assert parts["ce"] == pytest.approx(float(_kd_reference(z.detach(), teacher, y, 1.0, 0.0)), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_distilled_student_beats_scratch_student():
     teacher = _teacher()

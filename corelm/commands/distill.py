@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="student: a preset (random init, e.g. llama-tiny with SmolLM2's vocabulary) or a directory")
     ap.add_argument("--data", required=True, help="directory written by `corelm prepare` with the teacher's tokenizer")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics); resumed if it holds a run")
+    ap.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="dtype the frozen teacher runs in (auto: what this machine runs fastest, e.g. bf16 on "
+                         "CPUs with AVX512_BF16); its logits are upcast to fp32 for the loss")
     ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of both distributions")
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: hard labels)")
     ap.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
@@ -61,7 +64,7 @@ def main(argv: list[str]) -> int:
     from corelm.train.loop import TrainConfig, evaluate_loss, train
 
     manifest = read_manifest(args.data)
-    teacher = corelm.load(args.teacher, dtype="fp32")
+    teacher = corelm.load(args.teacher, dtype=args.teacher_dtype)
     if teacher.config.is_encoder:
         raise CorelmError(f"{args.teacher} is an encoder; distillation here is for decoders")
     if manifest["vocab_size"] != teacher.config.vocab_size:
@@ -89,11 +92,13 @@ def main(argv: list[str]) -> int:
                       out=args.out, resume=resume, progress=args.progress)
     run_config = {"teacher": args.teacher, "student": args.student, "model_config": config.to_dict(),
                   "data": str(args.data), "temperature": args.temperature, "alpha": args.alpha,
+                  "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "train": dataclasses.asdict(cfg)}
     n_student = sum(p.numel() for p in student.parameters()) / 1e6
     n_teacher = sum(p.numel() for p in teacher.model.parameters()) / 1e6
     print(f"distill {args.teacher} ({n_teacher:.1f}M) -> {args.student} ({n_student:.2f}M) on {args.data}: "
-          f"{len(train_set):,} sequences of {args.seq_len}, T={args.temperature}, alpha={args.alpha}", flush=True)
+          f"{len(train_set):,} sequences of {args.seq_len}, T={args.temperature}, alpha={args.alpha}, "
+          f"teacher in {str(teacher.dtype).removeprefix('torch.')}", flush=True)
 
     def export(state: dict[str, torch.Tensor], out_dir: Path) -> None:
         from corelm.io.hf import save_hf_dir

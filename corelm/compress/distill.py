@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corelm.errors import CorelmError
@@ -30,17 +29,70 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
 
     Returns:
         ``(loss, {"kd": soft term, "ce": hard term})``; softmaxes run in fp32 (a 49k-way log-sum-exp
-        in bf16 loses the small probabilities the soft targets are made of).
+        in bf16 loses the small probabilities the soft targets are made of). The gradient is only
+        with respect to ``student_logits``; the teacher is a constant.
     """
-    keep = targets != IGNORE
-    s = student_logits.float()[keep]  # (N, V)
-    t = teacher_logits.float()[keep]
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
-    kd = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
-    ce = F.cross_entropy(s, targets[keep])
-    loss = alpha * kd + (1.0 - alpha) * ce
-    return loss, {"kd": float(kd.detach()), "ce": float(ce.detach())}
+    keep = (targets != IGNORE).flatten()
+    s = student_logits.flatten(0, -2)  # (N, V)
+    t = teacher_logits.detach().flatten(0, -2)
+    y = targets.flatten()
+    if not bool(keep.all()):
+        s, t, y = s[keep], t[keep], y[keep]
+    loss, kd, ce = _KDLoss.apply(s, t, y, float(temperature), float(alpha))
+    return loss, {"kd": float(kd), "ce": float(ce)}
+
+
+class _KDLoss(torch.autograd.Function):
+    """``alpha * T^2 * KL + (1 - alpha) * CE`` over rows of ``(N, V)`` logits, gradient computed in forward.
+
+    With a 49k vocabulary every elementwise op over the logits moves ~200 kB a row; autograd's
+    version keeps six such tensors alive and makes ~15 passes (0.9 s for 512 rows on one core). Here
+    each chunk of rows is processed while it is in cache and only the gradient is stored:
+
+        d/ds [T^2 KL(p_t^T || p_s^T)] = T (p_s^T - p_t^T),   d/ds CE = p_s - onehot(y)   (per row, / N)
+    """
+
+    CHUNK = 8  # rows per pass: 8 x 49152 fp32 = 1.5 MB, resident in L2/L3 (8-16 measured fastest, 512 ~3x slower)
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float,
+                alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = s.shape[0]
+        grad = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i in range(0, n, _KDLoss.CHUNK):
+            rows = slice(i, min(i + _KDLoss.CHUNK, n))
+            s_c, t_c, y_c = s[rows].float(), t[rows].float(), y[rows]  # fp32: see kd_loss
+            log_p = torch.log_softmax(s_c, dim=-1)  # (c, V) at T = 1, for the hard labels
+            ce_sum += -log_p.gather(1, y_c[:, None]).sum(dtype=torch.float64)
+            if temperature != 1.0:
+                log_ps_t = torch.log_softmax(s_c / temperature, dim=-1)
+            else:
+                log_ps_t = log_p
+            log_pt_t = torch.log_softmax(t_c / temperature, dim=-1)
+            p_t = log_pt_t.exp()
+            kd_sum += (p_t * (log_pt_t - log_ps_t)).sum(dtype=torch.float64)
+            g = grad[rows]
+            # (1 - alpha) (p_s - onehot) + alpha T (p_s^T - p_t^T), built in place in the output buffer
+            torch.exp(log_p, out=g)
+            if temperature != 1.0:
+                g.mul_(1.0 - alpha).add_(log_ps_t.exp_().sub_(p_t), alpha=alpha * temperature)
+            else:
+                g.sub_(p_t, alpha=alpha)  # p_s - alpha p_t; the onehot part is subtracted below
+            g.scatter_add_(1, y_c[:, None], torch.full_like(y_c[:, None], -(1.0 - alpha), dtype=g.dtype))
+        grad.div_(max(n, 1))
+        kd = (kd_sum * temperature**2 / max(n, 1)).float()
+        ce = (ce_sum / max(n, 1)).float()
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = s.dtype
+        ctx.mark_non_differentiable(kd, ce)
+        return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.input_dtype), None, None, None, None
 
 
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
