@@ -221,6 +221,7 @@ def test_structured_bad_input():
     (["--structure", "rows", "--calib", "c.txt"], "unknown structure 'rows'"),
     (["--structure", "channels=1.2", "--calib", "c.txt"], "must be in (0, 1)"),
     (["--structure", "channels=x", "--calib", "c.txt"], "must be a number"),
+    (["--method", "magnitude", "--recover-steps", "5"], "--recover-steps needs --structure"),
 ])
 def test_structured_cli_bad_input_is_one_line(extra, message, tmp_path, capsys, monkeypatch):
     from corelm.cli import main
@@ -256,3 +257,27 @@ def test_structured_cli_end_to_end(tmp_path, capsys):
     llm = corelm.load(tmp_path / "p", dtype="fp32")
     assert (llm.config.n_layer, llm.config.n_head, llm.config.n_kv_head) == (3, 2, 1)
     assert llm.model(torch.tensor([llm.tokenizer.encode("w1 w2 w3")])).shape == (1, 3, 64)
+
+
+def test_recovery_moves_the_pruned_model_toward_the_unpruned_one():
+    import torch.nn.functional as F
+
+    teacher = _tiny4()
+    pruned, _ = prune.prune_structured(teacher, {"channels": 0.5, "kv-groups": 0.5}, _calib())
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(0, 64, (600,), generator=g).tolist()
+    probe = torch.tensor([text[:64]])
+
+    def kl() -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(pruned(probe), -1), F.log_softmax(teacher(probe), -1),
+                                  log_target=True, reduction="batchmean"))
+
+    before = kl()
+    report = prune.recover(pruned, teacher, text, 20, seq_len=32, batch_size=4, lr=3e-3, progress=False)
+    assert report["steps"] == 20 and report["tokens"] == 20 * 4 * 32
+    after = kl()
+    assert after < 0.7 * before
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(CorelmError, match="at least 4 windows"):
+        prune.recover(pruned, teacher, text[:100], 1, seq_len=32, batch_size=4)

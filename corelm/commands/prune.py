@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--multiple-of", type=int, default=32,
                     help="with --structure channels: MLP channels kept are a multiple of this (int4 groups divide it)")
     ap.add_argument("--calib", default=None, help="text file for the activation statistics (Wanda, --structure)")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="with --structure: fine-tune the pruned model this many steps on the whole --calib text, "
+                         "distilling the unpruned model (0: no recovery)")
+    ap.add_argument("--recover-lr", type=float, default=1e-4, help="recovery: peak learning rate")
+    ap.add_argument("--recover-batch-size", type=int, default=4, help="recovery: windows of 256 tokens per step")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16-true"],
+                    help="recovery: precision policy (bf16-mixed ran 2.2x faster than fp32 on an AVX512_BF16 CPU)")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read from --calib")
     ap.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -85,6 +92,10 @@ def main(argv: list[str]) -> int:
             raise CorelmError(f"--multiple-of must be a positive integer, got {args.multiple_of}")
         if not args.calib:
             raise CorelmError("--structure needs --calib TEXT_FILE (structures are scored on its activations)")
+        if args.recover_steps < 0 or args.recover_batch_size < 1 or args.recover_lr <= 0:
+            raise CorelmError("--recover-steps must be >= 0, --recover-batch-size >= 1 and --recover-lr > 0")
+    elif args.recover_steps:
+        raise CorelmError("--recover-steps needs --structure (fine-tuning would refill the zeros of weight pruning)")
     args.method = args.method or "wanda"
     if structures is None and args.method == "wanda" and not args.calib:
         raise CorelmError("--method wanda needs --calib TEXT_FILE (or use --method magnitude)")
@@ -113,7 +124,7 @@ def main(argv: list[str]) -> int:
 
 def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -> int:
     """``--structure``: score, remove, write a smaller dense checkpoint."""
-    from corelm.compress.prune import prune_structured
+    from corelm.compress.prune import prune_structured, recover
     from corelm.io.hf import save_hf_dir
 
     calib = calibration_batches(llm.tokenizer, args.calib, args.calib_tokens)
@@ -123,6 +134,13 @@ def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -
     with torch.inference_mode(False):
         model, report = prune_structured(llm.model, structures, calib, multiple_of=args.multiple_of,
                                          progress=lambda msg: print(f"  {msg}", file=sys.stderr))
+        if args.recover_steps:
+            ids = llm.tokenizer.encode(Path(args.calib).read_text(errors="replace"))
+            print(f"  recovery: {args.recover_steps} steps x {args.recover_batch_size} x 256 tokens of {args.calib} "
+                  f"({len(ids)} tokens), distilling the unpruned model, {args.precision}", file=sys.stderr)
+            rec = recover(model, llm.model, ids, args.recover_steps, batch_size=args.recover_batch_size,
+                          lr=args.recover_lr, precision=args.precision)
+            print(f"  recovery loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}", file=sys.stderr)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, model.config, tmp, tokenizer=llm.tokenizer)
     c0, c1 = llm.config, model.config
