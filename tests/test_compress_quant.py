@@ -5,46 +5,66 @@ import pytest
 import torch
 from torch import nn
 
+from corelm import kernels
 from corelm.compress import quant
 from corelm.errors import CorelmError
 
 
-def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # The kernels see bf16 activations: the reference rounds x the same way, then multiplies in fp32.
-    y = x.to(torch.bfloat16).float() @ w.float().t()
+@pytest.fixture(params=["kernels", "pytorch"])
+def path(request):
+    """Layers made in the test run on corelm's C++ kernels, or on PyTorch's packed kernels."""
+    if request.param == "kernels":
+        assert kernels.load(), kernels.load_error()  # make test builds them: never silently skipped
+        yield "kernels"
+    else:
+        with quant.pytorch_kernels():
+            yield "pytorch"
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               path: str = "pytorch") -> torch.Tensor:
+    # PyTorch's kernels see bf16 activations: the reference rounds x the same way, then multiplies in
+    # fp32. corelm's kernels take fp32 and quantize it to 15 bits per 32-block (error ~1e-4).
+    y = (x if path == "kernels" else x.to(torch.bfloat16).float()) @ w.float().t()
     return y if bias is None else y + bias
 
 
+def _tol(path: str) -> dict:
+    return {"rtol": 1e-3, "atol": 1e-3} if path == "kernels" else {"rtol": 2e-2, "atol": 3e-2}
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_dequantized_reference(bias):
+def test_int8_linear_matches_dequantized_reference(bias, path):
     torch.manual_seed(0)
     lin = nn.Linear(96, 40, bias=bias)
     q = quant.Int8Linear.from_float(lin)
+    assert q.kernel == (path == "kernels")
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
     x = torch.randn(3, 5, 96)
     y = q(x)
     assert y.shape == (3, 5, 40) and y.dtype == torch.float32
-    ref = _reference(x, q.dequantize(), lin.bias.detach() if bias else None)
-    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    ref = _reference(x, q.dequantize(), lin.bias.detach() if bias else None, path)
+    torch.testing.assert_close(y, ref, **_tol(path))
     # and the quantization error itself is small against the float layer
     err = (q.dequantize() - lin.weight).abs().max() / lin.weight.abs().max()
     assert err < 1 / 127
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_linear_matches_dequantized_reference(group_size):
+def test_int4_linear_matches_dequantized_reference(group_size, path):
     torch.manual_seed(group_size)
     lin = nn.Linear(256, 48, bias=True)
     q = quant.Int4Linear.from_float(lin, group_size)
+    assert q.kernel == (path == "kernels")
     x = torch.randn(7, 256)
-    ref = _reference(x, q.dequantize(), lin.bias.detach())
-    torch.testing.assert_close(q(x), ref, rtol=2e-2, atol=3e-2)
+    ref = _reference(x, q.dequantize(), lin.bias.detach(), path)
+    torch.testing.assert_close(q(x), ref, **_tol(path))
     # dequantized weight is within half a step of the float weight, group by group
-    step = q.scale_zeros[..., 0].t().float().repeat_interleave(group_size, dim=1)
+    step = q.quantized()[1].float().repeat_interleave(group_size, dim=1)
     assert ((q.dequantize() - lin.weight).abs() <= step * 0.5 + 1e-3).all()
 
 
-def test_int4_unpack_through_kernel_is_exact():
+def test_int4_unpack_through_kernel_is_exact(path):
     torch.manual_seed(1)
     qv = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
     scales = torch.rand(24, 2).to(torch.bfloat16) + 0.1
@@ -56,7 +76,7 @@ def test_int4_unpack_through_kernel_is_exact():
     assert torch.equal(quant.unpack_nibbles(quant.pack_nibbles(qv)), qv)
 
 
-def test_int4_state_dict_round_trip_repacks():
+def test_int4_state_dict_round_trip_repacks(path):
     torch.manual_seed(2)
     lin = nn.Linear(64, 16)
     q = quant.Int4Linear.from_float(lin, 32)
@@ -82,7 +102,7 @@ class _Tiny(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantize_model_swaps_linears_and_ties_embedding(method):
+def test_quantize_model_swaps_linears_and_ties_embedding(method, path):
     torch.manual_seed(3)
     model = _Tiny()
     ids = torch.randint(0, 50, (2, 6))
@@ -172,14 +192,13 @@ HELD_OUT = (
 
 
 @pytest.mark.slow
-def test_embedded_int4_from_q4_1_agrees_with_dequantized_model():
+def test_embedded_int4_from_q4_1_agrees_with_dequantized_model(path):
     from corelm.io import gguf as gguf_io
     from corelm.models import build_model
     from corelm.presets import embedded_path
     from corelm.tokenizer import Tokenizer
 
-    path = embedded_path("smollm2-135m-instruct")
-    f = gguf_io.read_gguf(path)
+    f = gguf_io.read_gguf(embedded_path("smollm2-135m-instruct"))
     config = gguf_io.config_from_gguf(f)
     ids = torch.tensor([Tokenizer.from_gguf(f).encode(HELD_OUT)])
     assert ids.shape[1] > 200
@@ -206,13 +225,31 @@ def test_embedded_int4_from_q4_1_agrees_with_dequantized_model():
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
-    print(f"int4 (from Q4_1) vs dequantized fp32: top-1 agreement {agree:.4f}, mean KL {kl:.5f} nats")
+    print(f"int4 (from Q4_1, {path}) vs dequantized fp32: top-1 agreement {agree:.4f}, mean KL {kl:.5f} nats")
     assert agree >= 0.98
     assert kl < 0.01
 
 
 def test_q8_linear_splits_int8_into_two_exact_int4_halves():
     torch.manual_seed(4)
+    with quant.pytorch_kernels():
+        _check_q8_pair()
+
+
+def test_q8_linear_on_corelm_kernels_matches_fp32():
+    assert kernels.load(), kernels.load_error()
+    torch.manual_seed(5)
+    lin = nn.Linear(96, 40, bias=False)
+    q8 = quant.Q8Linear.from_float(lin)
+    assert q8.kernel and q8.pair.scale_zeros.numel() == 0  # no int4 pair is built
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(q8(x), x @ q8.dequantize().t(), rtol=1e-3, atol=1e-3)
+    fresh = quant.Q8Linear(96, 40)
+    fresh.load_state_dict(q8.state_dict())
+    assert torch.equal(fresh(x), q8(x))
+
+
+def _check_q8_pair():
     lin = nn.Linear(64, 32, bias=False)
     q8 = quant.Q8Linear.from_float(lin)
     scales = q8.scales

@@ -67,43 +67,29 @@ def _fuse(mods: list[nn.Module]) -> nn.Module:
     raise CorelmError("cannot fuse projections of mixed kinds (some quantized, some not)")
 
 
-def _has_blocks(m: nn.Module) -> bool:
-    """Whether the C++ kernels can run layer ``m``: int4, group-wise int8 or int8, without bias."""
+def _kernel_weights(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (values, scales) tensors corelm's C++ kernels read for layer ``m`` (its own tensors, no
+    copy), or None when the layer is not on those kernels (float, biased, PyTorch-packed int4)."""
     from corelm.compress.quant import Q8Linear
 
-    return isinstance(m, Q8Linear) or (isinstance(m, (Int4Linear, Int8Linear)) and m.bias is None)
+    if isinstance(m, Int4Linear) and m.kernel and m.bias is None:
+        return m.packed, m.scale_zeros
+    if isinstance(m, Q8Linear):
+        return m.qweight, m.scales
+    if isinstance(m, Int8Linear) and m.bias is None:
+        return m.weight, m.scales
+    return None
 
 
-def _blocks(mods: list[nn.Module]) -> torch.Tensor:
-    """GGUF-layout blocks (Q4_1 / Q8_0) of quantized layers for the C++ kernels, fused along the
-    outputs (q|k|v, gate|up)."""
-    from corelm import kernels
-    from corelm.compress.quant import Q8Linear
+class _Concat(nn.Module):
+    """Layers reading the same input, outputs concatenated (q|k|v, gate|up) without fusing weights."""
 
-    parts = []
-    for m in mods:
-        if isinstance(m, Int4Linear):
-            q, scales, zeros = m.quantized()
-            parts.append(kernels.blocks_q4(q, scales, zeros, m.group_size))
-        elif isinstance(m, Q8Linear):
-            parts.append(kernels.blocks_q8(m.qweight, m.scales))
-        else:
-            parts.append(kernels.blocks_q8(m.weight, m.scales))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-class BlockLinear(nn.Module):
-    """``y = x @ W^T`` on block weights through ``torch.ops.corelm.qlinear`` (int8 activations)."""
-
-    def __init__(self, blocks: torch.Tensor, in_features: int) -> None:
+    def __init__(self, mods: list[nn.Module]) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.register_buffer("blocks", blocks, persistent=False)
+        self.parts = nn.ModuleList(mods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = torch.ops.corelm.qlinear(x.reshape(-1, self.in_features).float(), self.blocks)
-        return y.reshape(*lead, self.out_features)
+        return torch.cat([m(x) for m in self.parts], dim=-1)
 
 
 class _Layer(nn.Module):
@@ -115,12 +101,13 @@ class _Layer(nn.Module):
                 raise CorelmError("the fast decode path supports llama models without biases")
         self.n_q, self.n_kv = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
         self.d_ff = mlp.gate_proj.out_features
-        if kernel:  # block weights for the C++ step (and its prefill): no PyTorch-packed copies
-            d = attn.q_proj.in_features
-            self.wqkv = BlockLinear(_blocks([attn.q_proj, attn.k_proj, attn.v_proj]), d)
-            self.wo = BlockLinear(_blocks([attn.o_proj]), self.n_q)
-            self.w13 = BlockLinear(_blocks([mlp.gate_proj, mlp.up_proj]), d)
-            self.w2 = BlockLinear(_blocks([mlp.down_proj]), self.d_ff)
+        if kernel:  # the C++ step reads the layers' own tensors; prefill calls the layers
+            self.wqkv = _Concat([attn.q_proj, attn.k_proj, attn.v_proj])
+            self.wo = attn.o_proj
+            self.w13 = _Concat([mlp.gate_proj, mlp.up_proj])
+            self.w2 = mlp.down_proj
+            self.kernel_mats = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                mlp.down_proj]
         else:
             self.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
             self.wo = attn.o_proj
@@ -168,7 +155,7 @@ class FastDecoder(nn.Module):
         device = self.norm.device
         self.kernel = bool(kernels) and self._kernel_ready(model, device)
         self.layers = nn.ModuleList(_Layer(block, self.kernel) for block in model.model.layers)
-        self.head = BlockLinear(_blocks([model.lm_head]), config.d_model) if self.kernel else model.lm_head
+        self.head = model.lm_head
         inv_freq = model.rope.inv_freq.to(device)
         angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None]
         angles = torch.cat([angles, angles], dim=-1)  # (S, hd): rotate-half layout
@@ -194,7 +181,7 @@ class FastDecoder(nn.Module):
             attn, mlp = block.self_attn, block.mlp
             linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                         mlp.down_proj]
-        if not all(_has_blocks(m) for m in linears):
+        if not all(_kernel_weights(m) is not None for m in linears):
             return False
         norms = {model.model.norm.eps, *(b.input_layernorm.eps for b in model.model.layers),
                  *(b.post_attention_layernorm.eps for b in model.model.layers)}
@@ -204,10 +191,11 @@ class FastDecoder(nn.Module):
         """One decode step in one C++ call: logits (V,) for ``token`` at ``pos``."""
         if self._args is None:
             layers = self.layers
-            self._args = ([l.norm1 for l in layers], [l.wqkv.blocks for l in layers], [l.wo.blocks for l in layers],
-                          [l.norm2 for l in layers], [l.w13.blocks for l in layers], [l.w2.blocks for l in layers],
-                          [l.k_cache for l in layers], [l.v_cache for l in layers], self.cos, self.sin, self.norm,
-                          self.head.blocks, self.n_head, self.n_kv_head, self.eps)
+            mats = [_kernel_weights(m) for layer in layers for m in layer.kernel_mats] + [_kernel_weights(self.head)]
+            self._args = ([q for q, _ in mats], [s for _, s in mats], [layer.norm1 for layer in layers],
+                          [layer.norm2 for layer in layers], [layer.k_cache for layer in layers],
+                          [layer.v_cache for layer in layers], self.cos, self.sin, self.norm, self.n_head,
+                          self.n_kv_head, self.eps)
         x = self.embed(torch.tensor([token]))[0].float()
         return torch.ops.corelm.llama_step(x, pos, *self._args)
 
@@ -333,10 +321,8 @@ class FastDecoder(nn.Module):
 def _read_bytes(module: nn.Module) -> int:
     from corelm.compress.quant import Q8Linear
 
-    if isinstance(module, BlockLinear):
-        return module.blocks.numel()
     if isinstance(module, Q8Linear):
-        return _read_bytes(module.pair)
+        return module.qweight.numel() + module.scales.numel() * 2
     if isinstance(module, Int4Linear):
         return module.packed.numel() + module.scale_zeros.numel() * 2
     if isinstance(module, Int8Linear):

@@ -1,7 +1,10 @@
 """Weight-only quantization as a model transform: int8 per-channel and int4 group-wise.
 
 ``quantize_model(model, "int8" | "int4")`` swaps every ``nn.Linear`` child for a module that keeps
-its weight packed in memory and multiplies with the packed-weight kernels PyTorch ships:
+its weight packed in memory. On CPU the layers multiply with corelm's own C++ kernels when they are
+built (:mod:`corelm.kernels`: integer dot products on the layers' own tensors, 15-bit activations,
+fp32 in and out; 2-3x faster than the kernels below and closer to fp32). Otherwise, and on CUDA,
+they use the packed-weight kernels PyTorch ships:
 
 - int8: ``torch.ops.aten._weight_int8pack_mm`` (symmetric, one scale per output channel).
 - int4: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (asymmetric, one scale and zero per group of
@@ -19,7 +22,8 @@ Q4_0 (``w = (q - 8)*d``) is ``scale = d, zero = 0``. The model file never knows 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,35 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
 @int8_mm.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+_PYTORCH_ONLY = [False]
+
+
+@contextlib.contextmanager
+def pytorch_kernels() -> Iterator[None]:
+    """Layers created inside this block use PyTorch's packed kernels even where corelm's C++ kernels
+    are available (for side-by-side benchmarks and tests of both paths)."""
+    _PYTORCH_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _PYTORCH_ONLY.pop()
+
+
+def use_kernels(device: torch.device | str | None) -> bool:
+    """Whether quantized layers on ``device`` run corelm's C++ kernels (:mod:`corelm.kernels`: int
+    dot products with 15-bit activations, fp32 in and out) instead of PyTorch's packed kernels.
+    CPU only, and only when the library is built or can be built here. Decided when a layer is made."""
+    if _PYTORCH_ONLY[-1] or torch.device(device or "cpu").type != "cpu":
+        return False
+    from corelm import kernels
+
+    return kernels.load()
+
+
+def _kernel_matmul(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.ops.corelm.qlinear(x2.float().contiguous(), q, s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +122,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.kernel = use_kernels(device)  # corelm's C++ kernels read weight and scales as they are
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -104,8 +138,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
-        y = int8_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, N)
+        if self.kernel:
+            y = _kernel_matmul(x.reshape(-1, self.in_features), self.weight, self.scales).to(x.dtype)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
+            y = int8_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
@@ -189,9 +226,11 @@ def _inner_k_tiles(k: int) -> int:
 class Int4Linear(nn.Module):
     """``y = x @ W^T + b`` with W stored as 4-bit groups packed for the running device.
 
-    In memory: ``packed`` (layout of the running CPU's instruction set, or the CUDA tile layout) and
-    ``scale_zeros`` (K/G, N, 2) bf16. In a state dict: ``qweight`` (N, K/2) uint8 portable nibbles,
-    ``scales`` and ``zeros`` (N, K/G) bf16 — repacked when loaded, so a file is portable across CPUs.
+    In memory, with corelm's C++ kernels (CPU, ``kernel`` True): ``packed`` (N, K/2) uint8 in GGUF
+    Q4_1's nibble order and ``scale_zeros`` (N, K/G, 2) bf16. Otherwise PyTorch's kernels: ``packed``
+    in the layout of the running CPU's instruction set (or the CUDA tile layout) and ``scale_zeros``
+    (K/G, N, 2). In a state dict: ``qweight`` (N, K/2) uint8 portable nibbles, ``scales`` and
+    ``zeros`` (N, K/G) bf16 — repacked when loaded, so a file is portable across machines.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
@@ -200,6 +239,7 @@ class Int4Linear(nn.Module):
         check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.derived = False  # True inside a Q8Linear: the parent saves and loads the portable form
+        self.kernel = use_kernels(device)  # True: packed for corelm's C++ kernels (see class doc)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
         self.register_buffer("scale_zeros", torch.empty(in_features // group_size, out_features, 2,
                                                         dtype=torch.bfloat16, device=device), persistent=False)
@@ -222,6 +262,12 @@ class Int4Linear(nn.Module):
                               f"with group size {self.group_size}")
         device = self.scale_zeros.device
         q = q.to(device)
+        if self.kernel:
+            from corelm import kernels
+
+            self.packed = kernels.pack_blocks(q)
+            self.scale_zeros = torch.stack([scales, zeros], dim=-1).to(device, torch.bfloat16).contiguous()
+            return
         pad = (-n) % 16  # the CPU packing works on tiles of 16 output rows: pad with zero rows
         if pad:
             q = F.pad(q, (0, 0, 0, pad))
@@ -246,6 +292,11 @@ class Int4Linear(nn.Module):
         identity with scale 1 and zero 8 yields ``(q - 8) * 1 + 8 = q`` exactly (0..15 is exact in bf16).
         """
         k, g = self.in_features, self.group_size
+        if self.kernel:
+            from corelm import kernels
+
+            sz = self.scale_zeros
+            return kernels.unpack_blocks(self.packed), sz[..., 0].contiguous(), sz[..., 1].contiguous()
         unit = torch.zeros_like(self.scale_zeros)
         unit[..., 0], unit[..., 1] = 1.0, 8.0
         saved, self.scale_zeros = self.scale_zeros, unit
@@ -269,8 +320,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
-        y = self._matmul(x2)[:, : self.out_features].to(x.dtype)  # (M, N)
+        if self.kernel:
+            y = _kernel_matmul(x.reshape(-1, self.in_features), self.packed, self.scale_zeros).to(x.dtype)
+        else:
+            x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
+            y = self._matmul(x2)[:, : self.out_features].to(x.dtype)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
@@ -342,8 +396,11 @@ class Q8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.bfloat16,
                                                    device=device))
+        self.kernel = use_kernels(device)  # corelm's C++ kernels read qweight and scales: no pair
         self.pair = Int4Linear(2 * in_features, out_features, group_size, device=device)
-        self.pair.derived = True
+        self.pair.derived, self.pair.kernel = True, False
+        if self.kernel:
+            self.pair.scale_zeros = self.pair.scale_zeros.new_empty(0)
         self.bias = None
         self.refine = 0  # > 0: recompute this many top outputs in fp32 (set for the LM head)
 
@@ -357,6 +414,8 @@ class Q8Linear(nn.Module):
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         self.qweight, self.scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
+        if self.kernel:
+            return
         q16 = self.qweight.to(torch.int16)
         hi, lo = q16 >> 4, q16 & 0xF  # arithmetic shift: hi in -8..7, lo in 0..15, q = 16*hi + lo
         d = self.scales.float()
@@ -369,6 +428,9 @@ class Q8Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel:  # fp32 output from 15-bit activations: no bf16 rounding to refine
+            y = _kernel_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.pair(torch.cat([x, x], dim=-1))  # (..., N), computed from bf16 inputs and outputs
         if not self.refine:
             return y

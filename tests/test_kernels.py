@@ -1,0 +1,136 @@
+"""corelm's C++ kernels equal their PyTorch reference (every instruction set this CPU runs), stay
+within 1e-3 of fp32, and the fused llama decode step equals the layer-by-layer forward."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corelm import kernels
+from corelm.compress import quant
+from corelm.compress.fast import FastDecoder
+from corelm.config import ModelConfig
+from corelm.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    assert kernels.load(), kernels.load_error()  # `make test` builds them; a failure is a failure
+
+
+def _int4(n, k, g, seed=0):
+    torch.manual_seed(seed)
+    q, s, z = quant.quantize_int4_groupwise(torch.randn(n, k) * 0.05, g)
+    return kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous()
+
+
+def _int8(n, k, g, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.05
+    if g is None:
+        return quant.quantize_int8_per_channel(w)
+    return quant.quantize_int8_groupwise(w, g)
+
+
+CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)]
+
+
+@pytest.mark.parametrize("kind,group", CASES)
+@pytest.mark.parametrize("t", [1, 5])
+def test_qlinear_equals_reference_and_fp32(kind, group, t):
+    n, k = 40, 384  # 12 blocks per row; 40 rows split across threads
+    q, s = _int4(n, k, group) if kind == "int4" else _int8(n, k, group)
+    x = torch.randn(t, k) * 3
+    x[0, 5] = 40.0  # an outlier: its block's scale grows, the others' do not
+    y = torch.ops.corelm.qlinear(x, q, s)
+    ref = kernels.reference_qlinear(x, q, s)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    exact = x @ kernels.dequantize(q, s, k).t()
+    assert ((y - exact).abs().max() / exact.abs().max()) < 1e-3  # 15-bit activations
+
+
+def test_odd_block_count_and_zero_rows():
+    q, s = _int4(3, 96, 32)  # 3 blocks: the unrolled loop's odd tail
+    x = torch.zeros(2, 96)
+    x[1] = torch.randn(96)
+    y = torch.ops.corelm.qlinear(x, q, s)
+    torch.testing.assert_close(y, kernels.reference_qlinear(x, q, s), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[0], torch.zeros(3))
+
+
+def test_pack_blocks_round_trip_and_layout():
+    q = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    packed = kernels.pack_blocks(q)
+    assert torch.equal(kernels.unpack_blocks(packed), q)
+    assert int(packed[0, 0]) == int(q[0, 0]) | (int(q[0, 16]) << 4)  # GGUF Q4_1's order
+
+
+def test_bad_shapes_are_refused():
+    q, s = _int4(8, 64, 32)
+    with pytest.raises(RuntimeError, match="int4 weight must be"):
+        torch.ops.corelm.qlinear(torch.randn(1, 96), q, s)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.corelm.qlinear(torch.randn(1, 64, dtype=torch.float64), q, s)
+
+
+def _tiny_llama(method):
+    torch.manual_seed(0)
+    config = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
+                         max_seq_len=160, rope_theta=10000.0)
+    model = build_model(config).eval()
+    return quant.quantize_model(model, method, group_size=32)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_llama_step_equals_layer_by_layer_forward(method):
+    model = _tiny_llama(method)
+    ids = torch.randint(0, 96, (150,))  # past the length where attention goes parallel over heads
+    with torch.inference_mode():
+        dec = FastDecoder(model, max_seq_len=160, compile=False)
+        assert dec.kernel
+        prefill = dec.forward_tokens(ids, torch.arange(len(ids)), 160)  # the layers, one op at a time
+        step = FastDecoder(model, max_seq_len=160, compile=False)
+        steps = torch.stack([step._kernel_step(int(t), i) for i, t in enumerate(ids)])
+        full = model(ids[None])[0].float()
+    torch.testing.assert_close(steps, prefill, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefill, full, rtol=1e-4, atol=1e-4)
+
+
+def _supported():
+    flags = kernels._cpu_flags()
+    levels = ["generic"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        levels.append("avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        levels.append("avx512vnni")
+    return levels
+
+
+CHECK = r"""
+import torch
+from corelm import kernels
+from corelm.compress import quant
+assert kernels.load(), kernels.load_error()
+print(torch.ops.corelm.isa())
+torch.manual_seed(0)
+x = torch.randn(3, 320)
+for w, g in [(quant.quantize_int4_groupwise(torch.randn(24, 320), 32), 32), (quant.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
+    if len(w) == 3:
+        q, s = kernels.pack_blocks(w[0]), torch.stack([w[1], w[2]], -1).contiguous()
+    else:
+        q, s = w
+    # outputs ~20: fp32 summation order differs between the paths
+    torch.testing.assert_close(torch.ops.corelm.qlinear(x, q, s), kernels.reference_qlinear(x, q, s), rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", _supported())
+def test_every_instruction_set_build_equals_reference(level):
+    env = dict(os.environ, CORELM_KERNELS_ISA=level)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [level, "ok"]
