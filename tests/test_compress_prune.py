@@ -216,7 +216,7 @@ def test_structured_bad_input():
 
 @pytest.mark.parametrize("extra,message", [
     (["--structure", "channels", "--pattern", "2:4"], "cannot be combined with --pattern"),
-    (["--structure", "channels", "--method", "wanda"], "--method is for weight pruning"),
+    (["--structure", "channels", "--method", "magnitude"], "--method magnitude is for weight pruning"),
     (["--structure", "channels"], "--structure needs --calib"),
     (["--structure", "rows", "--calib", "c.txt"], "unknown structure 'rows'"),
     (["--structure", "channels=1.2", "--calib", "c.txt"], "must be in (0, 1)"),

@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--structure remove whole layers / KV groups / query heads / MLP channels for a smaller dense model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="embedded model name, .gguf file or checkpoint directory")
-    ap.add_argument("--method", default=None, choices=["magnitude", "wanda"],
+    ap.add_argument("--method", default="wanda", choices=["magnitude", "wanda"],
                     help="weight pruning: magnitude = smallest |W| per row; wanda = smallest |W| * ||X|| per row "
-                         "(default wanda; not used with --structure)")
+                         "(--structure always scores on --calib activations)")
     ap.add_argument("--sparsity", type=float, default=0.5,
                     help="fraction removed, in [0, 1): of each row's weights, or with --structure of each structure")
     ap.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
@@ -83,8 +83,9 @@ def main(argv: list[str]) -> int:
         structures = parse_structures(args.structure, args.sparsity)
         if args.pattern:
             raise CorelmError("--structure removes whole structures; it cannot be combined with --pattern")
-        if args.method:
-            raise CorelmError("--structure scores structures by their output on --calib; --method is for weight pruning")
+        if args.method == "magnitude":
+            raise CorelmError("--structure scores structures by their output on --calib; --method magnitude is "
+                              "for weight pruning")
         for name, ratio in structures.items():
             if not 0.0 < ratio < 1.0:
                 raise CorelmError(f"the fraction of {name} removed must be in (0, 1), got {ratio}")
@@ -96,7 +97,6 @@ def main(argv: list[str]) -> int:
             raise CorelmError("--recover-steps must be >= 0, --recover-batch-size >= 1 and --recover-lr > 0")
     elif args.recover_steps:
         raise CorelmError("--recover-steps needs --structure (fine-tuning would refill the zeros of weight pruning)")
-    args.method = args.method or "wanda"
     if structures is None and args.method == "wanda" and not args.calib:
         raise CorelmError("--method wanda needs --calib TEXT_FILE (or use --method magnitude)")
     if is_quantized_dir(args.model):
