@@ -84,18 +84,25 @@ def _tiny_llama(method):
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
-def test_llama_step_equals_layer_by_layer_forward(method):
+def test_llama_forward_equals_layer_by_layer_forward(method):
     model = _tiny_llama(method)
     ids = torch.randint(0, 96, (150,))  # past the length where attention goes parallel over heads
     with torch.inference_mode():
         dec = FastDecoder(model, max_seq_len=160, compile=False)
         assert dec.kernel
-        prefill = dec.forward_tokens(ids, torch.arange(len(ids)), 160)  # the layers, one op at a time
+        layers = dec.forward_tokens(ids, torch.arange(len(ids)), 160)  # the layers, one op at a time
         step = FastDecoder(model, max_seq_len=160, compile=False)
         steps = torch.stack([step._kernel_step(int(t), i) for i, t in enumerate(ids)])
         full = model(ids[None])[0].float()
-    torch.testing.assert_close(steps, prefill, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(prefill, full, rtol=1e-4, atol=1e-4)
+        # a multi-token call (prefill, speculative verify) equals one-token steps bit for bit
+        multi = FastDecoder(model, max_seq_len=160, compile=False)
+        head = multi.kernel_forward(ids[:100].tolist(), 0, all_logits=True)
+        tail = multi.kernel_forward(ids[100:].tolist(), 100, all_logits=True)
+        last = FastDecoder(model, max_seq_len=160, compile=False).kernel_forward(ids.tolist(), 0)
+    assert torch.equal(torch.cat([head, tail]), steps)
+    assert torch.equal(last[0], steps[-1])
+    torch.testing.assert_close(steps, layers, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layers, full, rtol=1e-4, atol=1e-4)
 
 
 def _supported():

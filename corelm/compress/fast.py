@@ -187,8 +187,12 @@ class FastDecoder(nn.Module):
                  *(b.post_attention_layernorm.eps for b in model.model.layers)}
         return len(norms) == 1 and kernels.load()
 
-    def _kernel_step(self, token: int, pos: int) -> torch.Tensor:
-        """One decode step in one C++ call: logits (V,) for ``token`` at ``pos``."""
+    def kernel_forward(self, tokens: list[int], pos0: int, all_logits: bool = False) -> torch.Tensor:
+        """``tokens`` at positions ``pos0..`` through the model in one C++ call, writing the cache.
+
+        Returns logits ``(len(tokens), V)``, or ``(1, V)`` for the last token when ``all_logits`` is
+        False. Row ``t`` equals what a one-token call at ``pos0 + t`` returns, bit for bit.
+        """
         if self._args is None:
             layers = self.layers
             mats = [_kernel_weights(m) for layer in layers for m in layer.kernel_mats] + [_kernel_weights(self.head)]
@@ -196,8 +200,14 @@ class FastDecoder(nn.Module):
                           [layer.norm2 for layer in layers], [layer.k_cache for layer in layers],
                           [layer.v_cache for layer in layers], self.cos, self.sin, self.norm, self.n_head,
                           self.n_kv_head, self.eps)
-        x = self.embed(torch.tensor([token]))[0].float()
-        return torch.ops.corelm.llama_step(x, pos, *self._args)
+        x = self.embed(torch.tensor(tokens)).float().contiguous()  # (T, d)
+        if pos0 + len(tokens) > self.max_seq_len:
+            raise CorelmError(f"positions up to {pos0 + len(tokens)} exceed the decoder's {self.max_seq_len}")
+        return torch.ops.corelm.llama_forward(x, pos0, *self._args, all_logits)
+
+    def _kernel_step(self, token: int, pos: int) -> torch.Tensor:
+        """One decode step: logits (V,) for ``token`` at ``pos``."""
+        return self.kernel_forward([token], pos)[0]
 
     # ---- the math: T new tokens at positions start..start+T-1, attending a window of W slots ----
     def forward_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -277,8 +287,11 @@ class FastDecoder(nn.Module):
             raise CorelmError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the "
                               f"decoder's {self.max_seq_len} positions")
         device = self.norm.device
-        tokens = torch.tensor(prompt, device=device)
-        logits = self.forward_tokens(tokens, torch.arange(len(prompt), device=device), self._window(len(prompt)))
+        if self.kernel:
+            logits = self.kernel_forward(list(prompt), 0)
+        else:
+            tokens = torch.tensor(prompt, device=device)
+            logits = self.forward_tokens(tokens, torch.arange(len(prompt), device=device), self._window(len(prompt)))
         pos = torch.tensor([len(prompt)], device=device)
         window = self._window(total)  # one window for the whole generation: one compiled graph
         step = None if self.kernel else self._step_fn(window)

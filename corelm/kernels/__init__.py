@@ -9,8 +9,9 @@ products per block: 8-bit ones cost SmolLM2 1.5 points of top-1 agreement), and 
 operators with ``torch.library``:
 
 - ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32``
-- ``torch.ops.corelm.llama_step(...)``: a whole single-token decode step, one call per token, so a
-  step costs no Python or dispatcher work per layer (see :mod:`corelm.compress.fast`).
+- ``torch.ops.corelm.llama_forward(...)``: T tokens through a whole llama model in one call (a decode
+  step, a prefill, a speculative verify), so a step costs no Python or dispatcher work per layer
+  (see :mod:`corelm.compress.fast`).
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root); ``make`` set-up
@@ -167,9 +168,9 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
 
-    @torch.library.register_fake("corelm::llama_step")
-    def _(x, pos, q, s, norm1, norm2, k_cache, v_cache, cos, sin, norm, n_head, n_kv_head, eps):
-        return x.new_empty(q[-1].shape[0])
+    @torch.library.register_fake("corelm::llama_forward")
+    def _(x, pos0, q, s, norm1, norm2, k_cache, v_cache, cos, sin, norm, n_head, n_kv_head, eps, all_logits):
+        return x.new_empty(x.shape[0] if all_logits else 1, q[-1].shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@
 //
 // Two operators, registered with torch.library so torch.compile and the dispatcher see them:
 //   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
-//   corelm::llama_step(...): one decode step of a llama model (RMSNorm, q/k/v, RoPE, cache write,
-//     grouped-query attention, o, gate/up, SwiGLU, down, final norm, head) for one token.
+//   corelm::llama_forward(...): T tokens through a llama model (RMSNorm, q/k/v, RoPE, cache write,
+//     grouped-query attention, o, gate/up, SwiGLU, down, final norm, head) in one call: a decode
+//     step (T = 1), a prefill, or a speculative verify pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -299,67 +300,74 @@ void rope(float* v, int64_t n, int64_t hd, const float* c, const float* s) {
   }
 }
 
-// out (H, hd) = softmax(q K^T / sqrt(hd)) V over cache slots 0..pos, query head h reading kv head
-// h / (H / KV). Caches are (KV, S, hd) float32.
-void attend(const float* q, const float* kc, const float* vc, int64_t H, int64_t KV, int64_t S, int64_t hd,
-            int64_t pos, float* out) {
-  const int64_t group = H / KV, len = pos + 1;
+// Causal grouped-query attention for T query rows at positions pos0..pos0+T-1: out (T, H*hd) =
+// softmax(q K^T / sqrt(hd)) V over cache slots 0..pos, query head h reading kv head h / (H / KV).
+// Caches are (KV, S, hd) float32. Every (row, head) is computed by the same code whatever the
+// threading, so a row's result does not depend on how many rows came with it.
+void attend(const float* q, const float* kc, const float* vc, int64_t T, int64_t H, int64_t KV, int64_t S,
+            int64_t hd, int64_t pos0, float* out) {
+  const int64_t group = H / KV;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  auto one_head = [&](int64_t h) {
+  auto one = [&](int64_t th) {
+    const int64_t t = th / H, h = th % H, len = pos0 + t + 1;
     std::vector<float> p(len);
-    const float* qh = q + h * hd;
+    const float* qh = q + (t * H + h) * hd;
     const float* K = kc + (h / group) * S * hd;
     const float* V = vc + (h / group) * S * hd;
     float mx = -INFINITY;
-    for (int64_t t = 0; t < len; ++t) {
+    for (int64_t j = 0; j < len; ++j) {
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * K[t * hd + i];
-      p[t] = acc * scale;
-      mx = std::max(mx, p[t]);
+      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * K[j * hd + i];
+      p[j] = acc * scale;
+      mx = std::max(mx, p[j]);
     }
     float sum = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      p[t] = std::exp(p[t] - mx);  // max subtracted: exp never overflows
-      sum += p[t];
+    for (int64_t j = 0; j < len; ++j) {
+      p[j] = std::exp(p[j] - mx);  // max subtracted: exp never overflows
+      sum += p[j];
     }
-    float* o = out + h * hd;
+    float* o = out + (t * H + h) * hd;
     std::fill(o, o + hd, 0.f);
-    for (int64_t t = 0; t < len; ++t) {
-      const float w = p[t] / sum;
-      for (int64_t i = 0; i < hd; ++i) o[i] += w * V[t * hd + i];
+    for (int64_t j = 0; j < len; ++j) {
+      const float w = p[j] / sum;
+      for (int64_t i = 0; i < hd; ++i) o[i] += w * V[j * hd + i];
     }
   };
-  if (len * hd * H < (1 << 16)) {  // short contexts: a parallel region costs more than the work
-    for (int64_t h = 0; h < H; ++h) one_head(h);
+  if (T * (pos0 + T) * hd * H < (1 << 16)) {  // little work: a parallel region costs more than it saves
+    for (int64_t th = 0; th < T * H; ++th) one(th);
   } else {
-    at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-      for (int64_t h = b; h < e; ++h) one_head(h);
+    at::parallel_for(0, T * H, 1, [&](int64_t b, int64_t e) {
+      for (int64_t th = b; th < e; ++th) one(th);
     });
   }
 }
 
-// The seven matrices of layer l are q[7l .. 7l+6] (q, k, v, o, gate, up, down) with scales s[...];
-// the head is the last entry.
-at::Tensor llama_step(const at::Tensor& x_in, int64_t pos, at::TensorList q, at::TensorList s,
-                      at::TensorList norm1, at::TensorList norm2, at::TensorList k_cache, at::TensorList v_cache,
-                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm, int64_t n_head,
-                      int64_t n_kv_head, double eps) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 1, "x must be the (d,) float32 embedding");
-  const int64_t L = static_cast<int64_t>(norm1.size()), d = x_in.size(0);
-  TORCH_CHECK(L > 0 && static_cast<int64_t>(q.size()) == 7 * L + 1 && s.size() == q.size() &&
+// T tokens at positions pos0.. through every layer, writing their cache slots. The seven matrices of
+// layer l are q[7l .. 7l+6] (q, k, v, o, gate, up, down) with scales s[...]; the head is the last
+// entry. Returns logits (T, V), or (1, V) for the last token only when all_logits is false (prefill).
+// Each token's row goes through the same per-row code as a single-token step, so a T-token call
+// (prefill, a speculative verify) gives exactly the logits of T one-token calls.
+at::Tensor llama_forward(const at::Tensor& x_in, int64_t pos0, at::TensorList q, at::TensorList s,
+                         at::TensorList norm1, at::TensorList norm2, at::TensorList k_cache, at::TensorList v_cache,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm, int64_t n_head,
+                         int64_t n_kv_head, double eps, bool all_logits) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.is_contiguous(),
+              "x must be the (T, d) float32 embeddings");
+  const int64_t L = static_cast<int64_t>(norm1.size()), T = x_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(L > 0 && T > 0 && static_cast<int64_t>(q.size()) == 7 * L + 1 && s.size() == q.size() &&
                   static_cast<int64_t>(norm2.size()) == L && static_cast<int64_t>(k_cache.size()) == L &&
                   static_cast<int64_t>(v_cache.size()) == L,
               "expected 7 matrices per layer plus the head, and one norm and cache per layer");
   const int64_t hd = k_cache[0].size(2), S = k_cache[0].size(1);
-  TORCH_CHECK(pos >= 0 && pos < S, "position ", pos, " is outside the cache of ", S, " slots");
+  TORCH_CHECK(pos0 >= 0 && pos0 + T <= S, "positions ", pos0, "..", pos0 + T - 1, " are outside the cache of ", S,
+              " slots");
+  TORCH_CHECK(cos.size(0) >= pos0 + T && cos.size(1) == hd && sin.sizes() == cos.sizes(), "rope tables too short");
   const int64_t nq = n_head * hd, nkv = n_kv_head * hd;
   const float feps = static_cast<float>(eps);
-  const float* c = cos.data_ptr<float>() + pos * hd;
-  const float* sn = sin.data_ptr<float>() + pos * hd;
 
-  std::vector<float> x(x_in.data_ptr<float>(), x_in.data_ptr<float>() + d), h(d), att(nq), tmp(d);
-  std::vector<float> qv(nq), kv(nkv), vv(nkv), gate, up;
+  std::vector<float> x(x_in.data_ptr<float>(), x_in.data_ptr<float>() + T * d), h(T * d), att(T * nq), tmp(T * d);
+  std::vector<float> qv(T * nq), kv(T * nkv), vv(T * nkv), gate, up;
   QActs acts;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t o = 7 * l;
@@ -370,40 +378,44 @@ at::Tensor llama_step(const at::Tensor& x_in, int64_t pos, at::TensorList q, at:
     const QMatrix md = as_matrix(q[o + 6], s[o + 6], dff);
     TORCH_CHECK(mq.n == nq && mk.n == nkv && mv.n == nkv && mo.n == d && mu.n == dff && md.n == d,
                 "layer ", l, " has unexpected shapes");
-    gate.resize(dff);
-    up.resize(dff);
+    gate.resize(T * dff);
+    up.resize(T * dff);
 
-    rms_norm(x.data(), norm1[l].data_ptr<float>(), d, feps, h.data());
-    acts.set(h.data(), 1, d);
+    for (int64_t t = 0; t < T; ++t) rms_norm(&x[t * d], norm1[l].data_ptr<float>(), d, feps, &h[t * d]);
+    acts.set(h.data(), T, d);
     qmatmul(acts, {mq, mk, mv}, {qv.data(), kv.data(), vv.data()});
-    rope(qv.data(), n_head, hd, c, sn);
-    rope(kv.data(), n_kv_head, hd, c, sn);
     float* kc = k_cache[l].data_ptr<float>();
     float* vc = v_cache[l].data_ptr<float>();
-    for (int64_t g = 0; g < n_kv_head; ++g) {  // write slot pos of every kv head
-      std::memcpy(kc + (g * S + pos) * hd, kv.data() + g * hd, hd * sizeof(float));
-      std::memcpy(vc + (g * S + pos) * hd, vv.data() + g * hd, hd * sizeof(float));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = pos0 + t;
+      rope(&qv[t * nq], n_head, hd, cos.data_ptr<float>() + pos * hd, sin.data_ptr<float>() + pos * hd);
+      rope(&kv[t * nkv], n_kv_head, hd, cos.data_ptr<float>() + pos * hd, sin.data_ptr<float>() + pos * hd);
+      for (int64_t g = 0; g < n_kv_head; ++g) {  // write slot pos of every kv head
+        std::memcpy(kc + (g * S + pos) * hd, &kv[t * nkv + g * hd], hd * sizeof(float));
+        std::memcpy(vc + (g * S + pos) * hd, &vv[t * nkv + g * hd], hd * sizeof(float));
+      }
     }
-    attend(qv.data(), kc, vc, n_head, n_kv_head, S, hd, pos, att.data());
-    acts.set(att.data(), 1, nq);
+    attend(qv.data(), kc, vc, T, n_head, n_kv_head, S, hd, pos0, att.data());
+    acts.set(att.data(), T, nq);
     qmatmul(acts, {mo}, {tmp.data()});
-    for (int64_t i = 0; i < d; ++i) x[i] += tmp[i];
+    for (int64_t i = 0; i < T * d; ++i) x[i] += tmp[i];
 
-    rms_norm(x.data(), norm2[l].data_ptr<float>(), d, feps, h.data());
-    acts.set(h.data(), 1, d);
+    for (int64_t t = 0; t < T; ++t) rms_norm(&x[t * d], norm2[l].data_ptr<float>(), d, feps, &h[t * d]);
+    acts.set(h.data(), T, d);
     qmatmul(acts, {mg, mu}, {gate.data(), up.data()});
-    for (int64_t i = 0; i < dff; ++i) {
+    for (int64_t i = 0; i < T * dff; ++i) {
       const float g = gate[i];
       gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
     }
-    acts.set(gate.data(), 1, dff);
+    acts.set(gate.data(), T, dff);
     qmatmul(acts, {md}, {tmp.data()});
-    for (int64_t i = 0; i < d; ++i) x[i] += tmp[i];
+    for (int64_t i = 0; i < T * d; ++i) x[i] += tmp[i];
   }
-  rms_norm(x.data(), norm.data_ptr<float>(), d, feps, h.data());
+  const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
+  for (int64_t t = first; t < T; ++t) rms_norm(&x[t * d], norm.data_ptr<float>(), d, feps, &h[(t - first) * d]);
   const QMatrix mh = as_matrix(q[7 * L], s[7 * L], d);
-  acts.set(h.data(), 1, d);
-  at::Tensor logits = at::empty({mh.n}, x_in.options());
+  acts.set(h.data(), rows, d);
+  at::Tensor logits = at::empty({rows, mh.n}, x_in.options());
   qmatmul(acts, {mh}, {logits.data_ptr<float>()});
   return logits;
 }
@@ -425,13 +437,13 @@ std::string isa() { return isa_name(); }
 TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def(
-      "llama_step(Tensor x, int pos, Tensor[] q, Tensor[] s, Tensor[] norm1, Tensor[] norm2, "
+      "llama_forward(Tensor x, int pos0, Tensor[] q, Tensor[] s, Tensor[] norm1, Tensor[] norm2, "
       "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor cos, Tensor sin, Tensor norm, int n_head, "
-      "int n_kv_head, float eps) -> Tensor");
+      "int n_kv_head, float eps, bool all_logits) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear", &qlinear);
-  m.impl("llama_step", &llama_step);
+  m.impl("llama_forward", &llama_forward);
 }
