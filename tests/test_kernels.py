@@ -138,6 +138,7 @@ print("ok")
 @pytest.mark.parametrize("level", _supported())
 def test_every_instruction_set_build_equals_reference(level):
     env = dict(os.environ, CORELM_KERNELS_ISA=level)
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [level, "ok"]

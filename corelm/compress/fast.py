@@ -348,6 +348,26 @@ def _read_bytes(module: nn.Module) -> int:
     return 0
 
 
+def decoder_for(model: nn.Module, need: int) -> FastDecoder | None:
+    """The model's :class:`FastDecoder` on corelm's C++ kernels, for ``need`` positions (built once
+    and kept on the model, cache sized in steps of 1024), or None when the model cannot use it."""
+    if getattr(model.config, "family", None) != "llama" or not getattr(model, "corelm_quantization", None):
+        return None
+    if need > model.config.max_seq_len:
+        return None
+    dec = _decoder(model, need)
+    return dec if dec.kernel else None
+
+
+def _decoder(model: nn.Module, need: int) -> FastDecoder:
+    dec = model.__dict__.get("_corelm_fast")  # kept outside the module tree: not a submodule
+    if dec is None or dec.max_seq_len < need:
+        size = min(model.config.max_seq_len, max(1024, -(-need // 1024) * 1024))
+        dec = FastDecoder(model, max_seq_len=size, compile="auto")
+        model.__dict__["_corelm_fast"] = dec
+    return dec
+
+
 def fast_stream(model: nn.Module, prompt_ids: list[int], params: object, *,
                 eos_token_id: int | list[int] | None = None) -> Iterator[int]:
     """:func:`corelm.generate.engine.stream` on the fast path: same arguments, same tokens for greedy.
@@ -357,12 +377,7 @@ def fast_stream(model: nn.Module, prompt_ids: list[int], params: object, *,
     """
     from corelm.generate.engine import sample_next
 
-    need = len(prompt_ids) + params.max_new_tokens
-    dec = model.__dict__.get("_corelm_fast")  # kept outside the module tree: not a submodule
-    if dec is None or dec.max_seq_len < need:
-        size = min(model.config.max_seq_len, max(1024, -(-need // 1024) * 1024))
-        dec = FastDecoder(model, max_seq_len=size, compile="auto")
-        model.__dict__["_corelm_fast"] = dec
+    dec = _decoder(model, len(prompt_ids) + params.max_new_tokens)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     stops = set(params.stop_token_ids) | set(eos)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

@@ -17,6 +17,9 @@ Correctness does not depend on the proposer:
 
 Both models keep a static :class:`corelm.ops.kv_cache.KVCache`; rejected tokens need no cache
 rollback because the cache is written at positions and a query never sees a slot past its own.
+A quantized llama on corelm's C++ kernels runs on its fast decoder instead: a verify pass is one
+``llama_forward`` call whose rows equal one-token steps bit for bit, so the output is token for
+token what the fast path's plain greedy decoding gives.
 """
 
 from __future__ import annotations
@@ -73,6 +76,25 @@ class _Cached:
 
     def rewind(self, length: int) -> None:
         self.length = length  # slots past `length` are overwritten before any query can see them
+
+
+class _FastCached(_Cached):
+    """A quantized llama on its :class:`corelm.compress.fast.FastDecoder` (C++ kernels)."""
+
+    def __init__(self, decoder: object) -> None:
+        self.dec, self.length = decoder, 0
+
+    def feed(self, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
+        logits = self.dec.kernel_forward(tokens, self.length, all_logits=all_logits)
+        self.length += len(tokens)
+        return logits
+
+
+def _cached(model: nn.Module, max_len: int) -> _Cached:
+    from corelm.compress.fast import decoder_for
+
+    dec = decoder_for(model, max_len)
+    return _FastCached(dec) if dec is not None else _Cached(model, max_len)
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -152,14 +174,16 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
     if max_len > target.config.max_seq_len:
         raise CorelmError(f"prompt + max_new_tokens exceeds the model's {target.config.max_seq_len} positions")
     greedy = temperature <= 0
-    tgt = _Cached(target, max_len)
-    drf = _Cached(draft, max_len) if draft is not None else None
+    tgt = _cached(target, max_len)
+    drf = _cached(draft, max_len) if draft is not None else None
     tokens, stats = list(prompt), SpecStats()
     # The target has seen all but the last token: every round feeds it [unseen..., drafts...].
     if len(tokens) > 1:
-        tgt.feed(tokens[:-1])
-        if drf is not None:
-            drf.feed(tokens[:-1])
+        for cached in (tgt, drf) if drf is not None else (tgt,):
+            if isinstance(cached, _FastCached):
+                cached.feed(tokens[:-1], all_logits=False)  # only the cache matters here
+            else:
+                cached.feed(tokens[:-1])
     out: list[int] = []
     while len(out) < max_new_tokens:
         budget = max_new_tokens - len(out)
