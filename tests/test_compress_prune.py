@@ -253,7 +253,7 @@ def test_structured_cli_end_to_end(tmp_path, capsys):
     assert "would remove all 4 layers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
     assert main([*argv, str(tmp_path / "p"), "--structure", "layers=0.25,kv-groups=0.5", "--multiple-of", "1"]) == 0
-    assert "n_layer 4->3  n_head 4->2  n_kv_head 2->1" in capsys.readouterr().err
+    assert "n_layer 4->3, n_head 4->2, n_kv_head 2->1" in capsys.readouterr().err
     llm = corelm.load(tmp_path / "p", dtype="fp32")
     assert (llm.config.n_layer, llm.config.n_head, llm.config.n_kv_head) == (3, 2, 1)
     assert llm.model(torch.tensor([llm.tokenizer.encode("w1 w2 w3")])).shape == (1, 3, 64)

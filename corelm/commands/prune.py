@@ -124,12 +124,16 @@ def main(argv: list[str]) -> int:
 
 def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -> int:
     """``--structure``: score, remove, write a smaller dense checkpoint."""
-    from corelm.compress.prune import prune_structured, recover
+    from corelm.compress.prune import planned_config, prune_structured, recover
     from corelm.io.hf import save_hf_dir
 
+    if llm.config.family != "llama":
+        raise CorelmError(f"structured pruning supports llama-family models; {args.model} is {llm.config.family}")
+    c0, c1 = llm.config, planned_config(llm.config, structures, args.multiple_of)
+    shape = ", ".join(f"{k} {getattr(c0, k)}->{getattr(c1, k)}" for k in ("n_layer", "n_head", "n_kv_head", "d_ff")
+                      if getattr(c0, k) != getattr(c1, k))
     calib = calibration_batches(llm.tokenizer, args.calib, args.calib_tokens)
-    spec = ", ".join(f"{r:.0%} of {n}" for n, r in structures.items())
-    print(f"pruning {args.model} (structured: {spec}) on {sum(b.shape[1] for b in calib)} calibration tokens ...",
+    print(f"pruning {args.model} (structured: {shape}) on {sum(b.shape[1] for b in calib)} calibration tokens ...",
           file=sys.stderr)
     with torch.inference_mode(False):
         model, report = prune_structured(llm.model, structures, calib, multiple_of=args.multiple_of,
@@ -143,9 +147,6 @@ def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -
             print(f"  recovery loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}", file=sys.stderr)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, model.config, tmp, tokenizer=llm.tokenizer)
-    c0, c1 = llm.config, model.config
-    shape = "  ".join(f"{k} {getattr(c0, k)}->{getattr(c1, k)}" for k in ("n_layer", "n_head", "n_kv_head", "d_ff")
-                      if getattr(c0, k) != getattr(c1, k))
     print(f"wrote {out}/: {shape}; {report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M "
           f"parameters ({1 - report['params_after'] / report['params_before']:.1%} fewer) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -381,16 +381,8 @@ def prune_structured(model: nn.Module, structures: dict[str, float], calibration
         raise CorelmError("structured pruning supports llama-family models (Llama, SmolLM2, Mistral)")
     if is_quantized(model):
         raise CorelmError("the model is quantized; prune the float model, then quantize it")
-    for name in structures:
-        if name not in STRUCTURES:
-            raise CorelmError(f"unknown structure {name!r}; expected one of {', '.join(STRUCTURES)}")
     calibration = list(calibration)
-    # check every ratio against the shapes it will meet before spending time on calibration
-    config = model.config
-    for name in STRUCTURES:
-        if name in structures:
-            keep = units_to_keep(config, name, structures[name], multiple_of)
-            config = _shrunk(config, name, keep)
+    planned_config(model.config, structures, multiple_of)  # every ratio checked before any calibration pass
     before = sum(p.numel() for p in model.parameters())
     steps = []
     for name in (s for s in STRUCTURES if s in structures):
@@ -406,6 +398,16 @@ def prune_structured(model: nn.Module, structures: dict[str, float], calibration
     return model, {"steps": steps, "params_before": before, "params_after": after,
                    "config": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
                               "d_ff": c.d_ff, "head_dim": c.head_dim}}
+
+
+def planned_config(config, structures: dict[str, float], multiple_of: int = 1):
+    """The config :func:`prune_structured` will produce; raises :class:`CorelmError` on a ratio it cannot take."""
+    for name in structures:
+        if name not in STRUCTURES:
+            raise CorelmError(f"unknown structure {name!r}; expected one of {', '.join(STRUCTURES)}")
+    for name in (s for s in STRUCTURES if s in structures):
+        config = _shrunk(config, name, units_to_keep(config, name, structures[name], multiple_of))
+    return config
 
 
 def _shrunk(config, structure: str, keep: int):
