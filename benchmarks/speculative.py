@@ -5,8 +5,12 @@ the table reports acceptance rate, tokens per target forward pass and the wall-c
 The prompt asks the model to edit a code snippet -- the case prompt lookup is for (the answer
 copies long spans of the input).
 
-    python benchmarks/speculative.py                       # prompt lookup on the embedded SmolLM2
+    python benchmarks/speculative.py                       # prompt lookup on the embedded SmolLM2 (int4)
     python benchmarks/speculative.py --draft runs/kd       # plus a draft model (same tokenizer)
+    python benchmarks/speculative.py --quantize none       # the float model on the generic engine
+
+With ``--quantize int4``/``int8`` (default int4) the baseline is corelm's fast path (C++ decode
+step) and the verify passes run on the same kernels.
 """
 
 from __future__ import annotations
@@ -43,17 +47,22 @@ def main() -> int:
     ap.add_argument("--lookup", type=int, default=3, help="n-gram length for prompt lookup")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", default="int4", choices=["int4", "int8", "none"],
+                    help="target (and draft) weights: int4/int8 run on the C++ fast path; none = fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import corelm
     from corelm.compress.speculative import speculative_generate
+    from corelm.compress.fast import fast_stream
     from corelm.generate.engine import SamplingParams, stream
 
-    llm = corelm.load(args.model, dtype="fp32")
-    draft = corelm.load(args.draft, dtype="fp32").model if args.draft else None
+    quantize = None if args.quantize == "none" else args.quantize
+    llm = corelm.load(args.model, dtype="fp32", quantize=quantize)
+    draft = corelm.load(args.draft, dtype="fp32", quantize=quantize).model if args.draft else None
     ids = llm.tokenizer.encode(PROMPT)
     params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-    runs = {"greedy": lambda: (list(stream(llm.model, ids, params)), None),
+    plain = fast_stream if quantize else stream
+    runs = {"greedy": lambda: (list(plain(llm.model, ids, params)), None),
             f"lookup n={args.lookup} k={args.k}": lambda: speculative_generate(llm.model, ids, args.tokens,
                                                                                 lookup=args.lookup, k=args.k)}
     if draft is not None:
@@ -68,8 +77,8 @@ def main() -> int:
                 times[name].append(time.perf_counter() - t0)
                 outputs[name], stats[name] = out, st
     base = statistics.median(times["greedy"])
-    print(f"{args.model}, prompt {len(ids)} tokens, {args.tokens} greedy tokens, {args.threads} threads, "
-          f"median of {args.rounds}")
+    print(f"{args.model} ({args.quantize}), prompt {len(ids)} tokens, {args.tokens} greedy tokens, "
+          f"{args.threads} threads, median of {args.rounds}")
     print(f"{'method':<22} {'s':>6} {'tok/s':>6} {'speedup':>7} {'accept':>7} {'tok/call':>8} identical")
     for name in runs:
         t = statistics.median(times[name])

@@ -185,7 +185,7 @@ class FastDecoder(nn.Module):
             return False
         norms = {model.model.norm.eps, *(b.input_layernorm.eps for b in model.model.layers),
                  *(b.post_attention_layernorm.eps for b in model.model.layers)}
-        return len(norms) == 1 and kernels.load()
+        return len(norms) == 1 and kernels.load(build_if_missing=False)
 
     def kernel_forward(self, tokens: list[int], pos0: int, all_logits: bool = False) -> torch.Tensor:
         """``tokens`` at positions ``pos0..`` through the model in one C++ call, writing the cache.

@@ -76,12 +76,13 @@ def pytorch_kernels() -> Iterator[None]:
 def use_kernels(device: torch.device | str | None) -> bool:
     """Whether quantized layers on ``device`` run corelm's C++ kernels (:mod:`corelm.kernels`: int
     dot products with 15-bit activations, fp32 in and out) instead of PyTorch's packed kernels.
-    CPU only, and only when the library is built or can be built here. Decided when a layer is made."""
+    CPU only, and only when the library is built: the first run on a machine without it starts the
+    compile in the background and uses PyTorch's kernels. Decided when a layer is made."""
     if _PYTORCH_ONLY[-1] or torch.device(device or "cpu").type != "cpu":
         return False
     from corelm import kernels
 
-    return kernels.load()
+    return kernels.load(background=True)
 
 
 def _kernel_matmul(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

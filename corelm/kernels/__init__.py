@@ -127,11 +127,15 @@ def build(level: str | None = None, force: bool = False) -> Path:
     return out
 
 
-def load(build_if_missing: bool = True) -> bool:
+def load(build_if_missing: bool = True, background: bool = False) -> bool:
     """Make ``torch.ops.corelm`` available; False (with :func:`load_error`) when it cannot be.
 
+    The answer is decided once per process (layers choose their kernels when they are made).
+
     Args:
-        build_if_missing: compile the library when this machine's cache has none (20-40 s once).
+        build_if_missing: compile the library when this machine's cache has none (~10 s, once).
+        background: instead of waiting for that compile, start it in a background process and
+            return False: this process keeps PyTorch's kernels, the next one finds the library.
     """
     if _state["loaded"] is not None:
         return bool(_state["loaded"])
@@ -143,6 +147,11 @@ def load(build_if_missing: bool = True) -> bool:
         if not path.exists():
             if not build_if_missing:
                 raise RuntimeError(f"no kernel build in {path.parent}")
+            if background:
+                _build_in_background()
+                raise RuntimeError("the C++ kernels are being compiled in the background (once per machine)")
+            print(f"corelm: compiling the C++ kernels for {isa()} (once per machine) ...", file=sys.stderr,
+                  flush=True)
             path = build()
         torch.ops.load_library(str(path))
         _register_fakes()
@@ -150,6 +159,31 @@ def load(build_if_missing: bool = True) -> bool:
     except (RuntimeError, OSError) as exc:
         _state["loaded"], _state["error"] = False, str(exc)
     return bool(_state["loaded"])
+
+
+def _build_in_background() -> None:
+    """Start ``python -m corelm.kernels`` detached, unless one started in the last 10 minutes."""
+    if _compiler() is None:
+        return
+    lock = cache_dir() / ".building"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if time.time() - lock.stat().st_mtime < 600:
+            return
+        lock.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # another process won the race
+    os.close(fd)
+    print(f"corelm: compiling the C++ kernels for {isa()} in the background (once per machine); this run "
+          "uses PyTorch's kernels", file=sys.stderr, flush=True)
+    # lowest priority: on a 2-core machine the compiler must not take a core from this run's threads
+    nice = [shutil.which("nice"), "-n", "19"] if shutil.which("nice") else []
+    subprocess.Popen([*nice, sys.executable, "-m", "corelm.kernels", "--lock", str(lock)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def load_error() -> str | None:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from pathlib import Path
 
 from corelm import kernels
 
 
-def main() -> int:
-    level = kernels.isa()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m corelm.kernels",
+                                 description="Compile corelm's C++ CPU kernels for this machine's instruction set "
+                                             "into ~/.cache/corelm/kernels (CORELM_CACHE moves it).")
+    ap.add_argument("--isa", choices=sorted(kernels.FLAGS), default=None,
+                    help="instruction set to build for (default: what this CPU and ATen use)")
+    ap.add_argument("--lock", default=None, help=argparse.SUPPRESS)  # removed when done (background builds)
+    args = ap.parse_args(argv)
+    level = args.isa or kernels.isa()
     start = time.perf_counter()
     try:
         path = kernels.build(level)
     except RuntimeError as exc:
-        print(f"corelm kernels not built ({exc.args[0].splitlines()[0]}); PyTorch kernels will be used",
+        print(f"corelm kernels not built ({exc.args[0].splitlines()[0]}); PyTorch's kernels will be used",
               file=sys.stderr)
         return 0  # not fatal: every fast path falls back to PyTorch
+    finally:
+        if args.lock:
+            Path(args.lock).unlink(missing_ok=True)
     print(f"corelm kernels ({level}): {path} [{time.perf_counter() - start:.1f} s]")
     return 0
 
