@@ -1,21 +1,24 @@
-"""The fast decode path for llama-family models: static cache, fused projections, one compiled step.
+"""The fast decode path for llama-family models: static cache, one call per decode step.
 
 Decoding one token of a 135M model reads every weight once and does little arithmetic, so it is
 bound by memory bandwidth and, at this size, by per-operator overhead (30 layers x ~15 ops).
 :class:`FastDecoder` removes both (the recipe of gpt-fast's ``generate.py``):
 
-- weights stay packed (int8/int4 from :mod:`corelm.compress.quant`); q/k/v and gate/up are fused
-  into one matrix each, so a layer runs 4 matmuls instead of 7;
-- a preallocated KV cache ``(n_kv_head, S, head_dim)`` per layer, written at the position, with a
-  hand-written grouped-query attention over a fixed window, so every step has the same shapes;
-- the whole single-token step is one ``torch.compile`` graph (inductor with ``freezing`` to fold
-  the packed weights in as constants, ``cpp_wrapper`` to drop the Python launcher).
-
-Compilation costs 1-2 minutes on 2 cores the first time. Inductor's on-disk caches make the next
-run take seconds; corelm keeps one cache per instruction set (the int4 packing and the generated
-C++ differ between AVX2 and AVX-512), under ``~/.cache/corelm/inductor/<capability>``. With
-``compile="auto"`` a decoder compiles only when that cache is already warm and otherwise runs eager
-(still fused and static, about half the compiled speed); ``corelm quantize`` warms the cache.
+- a preallocated KV cache ``(n_kv_head, S, head_dim)`` per layer, written at the position;
+- int4/int8 models on CPU (layers on corelm's C++ kernels, :mod:`corelm.kernels`): the whole step
+  -- every layer and the head -- is one ``torch.ops.corelm.llama_forward`` call that reads the
+  layers' own packed tensors. Prefill and speculative verify passes are the same call with T
+  tokens, and each row equals a one-token step bit for bit. No compiler runs at decode time: the
+  library is built once per machine and instruction set (``~/.cache/corelm/kernels``); while it
+  does not exist, the first run starts its build in the background and decodes on the path below;
+- otherwise (float models, PyTorch-packed layers, CUDA): the model's math written out with q/k/v and
+  gate/up fused into one matrix each and a hand-written grouped-query attention over a fixed window,
+  so every step has the same shapes and can be one ``torch.compile`` graph (inductor with
+  ``freezing`` and ``cpp_wrapper``; CUDA graphs on GPU). Compilation costs minutes on 2 cores the
+  first time; inductor's on-disk cache, one per instruction set under
+  ``~/.cache/corelm/inductor/<capability>``, makes the next run take seconds. With
+  ``compile="auto"`` a decoder compiles only when that cache is already warm and otherwise runs
+  eager.
 """
 
 from __future__ import annotations

@@ -258,11 +258,40 @@ struct Row {
   int64_t bpg;         // blocks per scale group (G / 32; per channel: K / 32)
 };
 
+#if defined(__AVX2__)
+// Blocks b..b+7 of a row with one (scale, zero) per block (G = 32): the scales are handled eight at
+// a time in vectors. m * s_a = z * s_a - 8 * scale * s_a is accumulated as its two sums.
+inline void q4_eight(const Row& w, const ActRow& a, int64_t b, __m256& acc0, __m256& acc1, __m256& accz,
+                     __m256& accs) {
+  const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.s + 2 * b));  // (scale, zero)
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));  // bf16 -> fp32: the top half
+  const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m256 sa = _mm256_loadu_ps(a.s + b);
+  accz = _mm256_fmadd_ps(zero, sa, accz);
+  accs = _mm256_fmadd_ps(scale, sa, accs);
+  alignas(32) float sd[8];
+  _mm256_store_ps(sd, _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + b)));
+  for (int i = 0; i < 8; i += 2) {
+    const int64_t j = b + i;
+    acc0 = _mm256_fmadd_ps(block_u(nibbles(w.q + j * QK / 2), a.qh + j * QK, a.ql + j * QK),
+                           _mm256_broadcast_ss(&sd[i]), acc0);
+    acc1 = _mm256_fmadd_ps(block_u(nibbles(w.q + (j + 1) * QK / 2), a.qh + (j + 1) * QK, a.ql + (j + 1) * QK),
+                           _mm256_broadcast_ss(&sd[i + 1]), acc1);
+  }
+}
+#endif
+
 float dot_q4(const Row& w, const ActRow& a, int64_t nb) {
   float acc_s = 0.f;
 #if defined(__AVX2__)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  int64_t b = 0;
+  if (w.bpg == 1) {
+    __m256 accz = _mm256_setzero_ps(), accs = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8) q4_eight(w, a, b, acc0, acc1, accz, accs);
+    acc_s = hsum(accz) - 8.f * hsum(accs);
+  }
+  for (; b < nb; ++b) {
     const uint16_t* sz = w.s + 2 * (b / w.bpg);
     const float scale = bf16(sz[0]), m = bf16(sz[1]) - 8.f * scale;  // w = q * scale + m
     const __m256 prod = block_u(nibbles(w.q + b * QK / 2), a.qh + b * QK, a.ql + b * QK);
@@ -297,7 +326,24 @@ float dot_q8(const Row& w, const ActRow& a, int64_t nb) {
   const int8_t* q = reinterpret_cast<const int8_t*>(w.q);
 #if defined(__AVX2__)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  int64_t b = 0;
+  if (w.bpg == 1 || w.bpg == nb) {  // a scale per block (Q8_0) or one per row: eight scales at a time
+    alignas(32) float sd[8];
+    for (; b + 8 <= nb; b += 8) {
+      const __m256 scale = w.bpg == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + b))), 16))
+                                      : _mm256_set1_ps(bf16(w.s[0]));
+      _mm256_store_ps(sd, _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + b)));
+      for (int i = 0; i < 8; i += 2) {
+        const int64_t j = b + i;
+        acc0 = _mm256_fmadd_ps(block_s(load32(q + j * QK), a.qh + j * QK, a.ql + j * QK), _mm256_broadcast_ss(&sd[i]),
+                               acc0);
+        acc1 = _mm256_fmadd_ps(block_s(load32(q + (j + 1) * QK), a.qh + (j + 1) * QK, a.ql + (j + 1) * QK),
+                               _mm256_broadcast_ss(&sd[i + 1]), acc1);
+      }
+    }
+  }
+  for (; b < nb; ++b) {
     const __m256 prod = block_s(load32(q + b * QK), a.qh + b * QK, a.ql + b * QK);
     const __m256 scale = _mm256_set1_ps(bf16(w.s[b / w.bpg]) * a.d[b]);
     if (b & 1) {
