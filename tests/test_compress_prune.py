@@ -122,6 +122,8 @@ def test_removing_silent_structures_keeps_logits(structure):
     assert (c.n_layer, c.n_head, c.n_kv_head, c.d_ff) == (3 if "layers" in ratios else 4, 2 if "heads" in ratios else 4,
                                                           2, 96 if "channels" in ratios else 128)
     assert report["params_after"] < report["params_before"]
+    if "layers" in ratios:
+        assert report["steps"][0]["removed_layers"] == [2]
     torch.testing.assert_close(out, ref)
 
 

@@ -145,6 +145,10 @@ def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -
             rec = recover(model, llm.model, ids, args.recover_steps, batch_size=args.recover_batch_size,
                           lr=args.recover_lr, precision=args.precision)
             print(f"  recovery loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}", file=sys.stderr)
+    for step in report["steps"]:
+        if "removed_layers" in step:
+            print(f"  removed layers {', '.join(map(str, step['removed_layers']))} (of 0-{step['units'] - 1})",
+                  file=sys.stderr)
     with atomic_dir(out) as tmp:
         save_hf_dir(model, model.config, tmp, tokenizer=llm.tokenizer)
     print(f"wrote {out}/: {shape}; {report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M "

@@ -391,8 +391,11 @@ def prune_structured(model: nn.Module, structures: dict[str, float], calibration
         if progress:
             progress(f"scoring {n} {what} on {sum(b.numel() for b in calibration)} calibration tokens, keeping {keep}")
         importance = structure_importance(model, name, calibration)
+        step = {"structure": name, "sparsity": structures[name], "units": n, "kept": keep}
+        if name == "layers":
+            step["removed_layers"] = sorted(set(range(n)) - set(importance.topk(keep).indices.tolist()))
         model = remove_structures(model, name, keep, importance)
-        steps.append({"structure": name, "sparsity": structures[name], "units": n, "kept": keep})
+        steps.append(step)
     after = sum(p.numel() for p in model.parameters())
     c = model.config
     return model, {"steps": steps, "params_before": before, "params_after": after,
