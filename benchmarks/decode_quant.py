@@ -216,6 +216,9 @@ def main() -> int:
 
         ids = corelm.load("smollm2-135m-instruct", dtype="fp32").tokenizer.encode(PROMPT)
     max_len = len(ids) + args.tokens + 8
+    from corelm import kernels
+
+    kernels.load()  # build now if this machine has no library for this instruction set (timed below)
     runners = []
     for v in args.variants.split(","):
         v = v.strip()
