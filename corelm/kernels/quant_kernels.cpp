@@ -258,111 +258,126 @@ struct Row {
   int64_t bpg;         // blocks per scale group (G / 32; per channel: K / 32)
 };
 
+// Dot products of one weight row with NT activation rows at once: the row's nibbles and scales are
+// unpacked once and used NT times. Every activation row goes through the same operations in the
+// same order whatever NT is, so a row's result does not depend on how many rows came with it.
+template <int NT>
+void dot_q4(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  float tail[NT] = {};
 #if defined(__AVX2__)
-// Blocks b..b+7 of a row with one (scale, zero) per block (G = 32): the scales are handled eight at
-// a time in vectors. m * s_a = z * s_a - 8 * scale * s_a is accumulated as its two sums.
-inline void q4_eight(const Row& w, const ActRow& a, int64_t b, __m256& acc0, __m256& acc1, __m256& accz,
-                     __m256& accs) {
-  const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.s + 2 * b));  // (scale, zero)
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));  // bf16 -> fp32: the top half
-  const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  const __m256 sa = _mm256_loadu_ps(a.s + b);
-  accz = _mm256_fmadd_ps(zero, sa, accz);
-  accs = _mm256_fmadd_ps(scale, sa, accs);
-  alignas(32) float sd[8];
-  _mm256_store_ps(sd, _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + b)));
-  for (int i = 0; i < 8; i += 2) {
-    const int64_t j = b + i;
-    acc0 = _mm256_fmadd_ps(block_u(nibbles(w.q + j * QK / 2), a.qh + j * QK, a.ql + j * QK),
-                           _mm256_broadcast_ss(&sd[i]), acc0);
-    acc1 = _mm256_fmadd_ps(block_u(nibbles(w.q + (j + 1) * QK / 2), a.qh + (j + 1) * QK, a.ql + (j + 1) * QK),
-                           _mm256_broadcast_ss(&sd[i + 1]), acc1);
-  }
-}
-#endif
-
-float dot_q4(const Row& w, const ActRow& a, int64_t nb) {
-  float acc_s = 0.f;
-#if defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc[NT], accz[NT], accs[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = accz[t] = accs[t] = _mm256_setzero_ps();
   int64_t b = 0;
-  if (w.bpg == 1) {
-    __m256 accz = _mm256_setzero_ps(), accs = _mm256_setzero_ps();
-    for (; b + 8 <= nb; b += 8) q4_eight(w, a, b, acc0, acc1, accz, accs);
-    acc_s = hsum(accz) - 8.f * hsum(accs);
-  }
-  for (; b < nb; ++b) {
-    const uint16_t* sz = w.s + 2 * (b / w.bpg);
-    const float scale = bf16(sz[0]), m = bf16(sz[1]) - 8.f * scale;  // w = q * scale + m
-    const __m256 prod = block_u(nibbles(w.q + b * QK / 2), a.qh + b * QK, a.ql + b * QK);
-    if (b & 1) {
-      acc1 = _mm256_fmadd_ps(prod, _mm256_set1_ps(scale * a.d[b]), acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(prod, _mm256_set1_ps(scale * a.d[b]), acc0);
-    }
-    acc_s += m * a.s[b];
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) + acc_s;
-#else
-  float acc = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint16_t* sz = w.s + 2 * (b / w.bpg);
-    const float scale = bf16(sz[0]), m = bf16(sz[1]) - 8.f * scale;
-    const uint8_t* qs = w.q + b * QK / 2;
-    const int8_t *h = a.qh + b * QK, *l = a.ql + b * QK;
-    int sumi = 0;
-    for (int64_t j = 0; j < QK / 2; ++j) {
-      const int k = j + QK / 2;
-      sumi += (qs[j] & 0x0F) * (128 * h[j] + l[j]) + (qs[j] >> 4) * (128 * h[k] + l[k]);
-    }
-    acc += scale * a.d[b] * static_cast<float>(sumi);
-    acc_s += m * a.s[b];
-  }
-  return acc + acc_s;
-#endif
-}
-
-float dot_q8(const Row& w, const ActRow& a, int64_t nb) {
-  const int8_t* q = reinterpret_cast<const int8_t*>(w.q);
-#if defined(__AVX2__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t b = 0;
-  if (w.bpg == 1 || w.bpg == nb) {  // a scale per block (Q8_0) or one per row: eight scales at a time
-    alignas(32) float sd[8];
+  if (w.bpg == 1) {  // a (scale, zero) per block: eight blocks' scales at a time, in vectors
     for (; b + 8 <= nb; b += 8) {
-      const __m256 scale = w.bpg == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                                            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + b))), 16))
-                                      : _mm256_set1_ps(bf16(w.s[0]));
-      _mm256_store_ps(sd, _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + b)));
-      for (int i = 0; i < 8; i += 2) {
+      const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.s + 2 * b));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));  // bf16 -> fp32: the top half
+      const __m256 zero =
+          _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+      alignas(32) float sd[NT][8];
+      for (int t = 0; t < NT; ++t) {  // m * s_a = zero * s_a - 8 * scale * s_a: two sums
+        const __m256 sa = _mm256_loadu_ps(a[t].s + b);
+        accz[t] = _mm256_fmadd_ps(zero, sa, accz[t]);
+        accs[t] = _mm256_fmadd_ps(scale, sa, accs[t]);
+        _mm256_store_ps(sd[t], _mm256_mul_ps(scale, _mm256_loadu_ps(a[t].d + b)));
+      }
+      for (int i = 0; i < 8; ++i) {
         const int64_t j = b + i;
-        acc0 = _mm256_fmadd_ps(block_s(load32(q + j * QK), a.qh + j * QK, a.ql + j * QK), _mm256_broadcast_ss(&sd[i]),
-                               acc0);
-        acc1 = _mm256_fmadd_ps(block_s(load32(q + (j + 1) * QK), a.qh + (j + 1) * QK, a.ql + (j + 1) * QK),
-                               _mm256_broadcast_ss(&sd[i + 1]), acc1);
+        const __m256i wq = nibbles(w.q + j * QK / 2);
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + j * QK, a[t].ql + j * QK), _mm256_broadcast_ss(&sd[t][i]),
+                                   acc[t]);
       }
     }
   }
   for (; b < nb; ++b) {
-    const __m256 prod = block_s(load32(q + b * QK), a.qh + b * QK, a.ql + b * QK);
-    const __m256 scale = _mm256_set1_ps(bf16(w.s[b / w.bpg]) * a.d[b]);
-    if (b & 1) {
-      acc1 = _mm256_fmadd_ps(prod, scale, acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(prod, scale, acc0);
+    const uint16_t* sz = w.s + 2 * (b / w.bpg);
+    const float scale = bf16(sz[0]), m = bf16(sz[1]) - 8.f * scale;  // w = q * scale + m
+    const __m256i wq = nibbles(w.q + b * QK / 2);
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(scale * a[t].d[b]),
+                               acc[t]);
+      tail[t] += m * a[t].s[b];
     }
   }
-  return hsum(_mm256_add_ps(acc0, acc1));
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + (hsum(accz[t]) - 8.f * hsum(accs[t])) + tail[t];
 #else
-  float acc = 0.f;
+  float acc[NT] = {};
   for (int64_t b = 0; b < nb; ++b) {
-    const int8_t *h = a.qh + b * QK, *l = a.ql + b * QK, *qb = q + b * QK;
-    int sumi = 0;
-    for (int64_t j = 0; j < QK; ++j) sumi += static_cast<int>(qb[j]) * (128 * h[j] + l[j]);
-    acc += bf16(w.s[b / w.bpg]) * a.d[b] * static_cast<float>(sumi);
+    const uint16_t* sz = w.s + 2 * (b / w.bpg);
+    const float scale = bf16(sz[0]), m = bf16(sz[1]) - 8.f * scale;
+    const uint8_t* qs = w.q + b * QK / 2;
+    for (int t = 0; t < NT; ++t) {
+      const int8_t *h = a[t].qh + b * QK, *l = a[t].ql + b * QK;
+      int sumi = 0;
+      for (int64_t j = 0; j < QK / 2; ++j) {
+        const int k = j + QK / 2;
+        sumi += (qs[j] & 0x0F) * (128 * h[j] + l[j]) + (qs[j] >> 4) * (128 * h[k] + l[k]);
+      }
+      acc[t] += scale * a[t].d[b] * static_cast<float>(sumi);
+      tail[t] += m * a[t].s[b];
+    }
   }
-  return acc;
+  for (int t = 0; t < NT; ++t) out[t] = acc[t] + tail[t];
 #endif
+}
+
+template <int NT>
+void dot_q8(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(w.q);
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  if (w.bpg == 1 || w.bpg == nb) {  // a scale per block (Q8_0) or one per row: eight scales at a time
+    for (; b + 8 <= nb; b += 8) {
+      const __m256 scale =
+          w.bpg == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                           _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.s + b))), 16))
+                     : _mm256_set1_ps(bf16(w.s[0]));
+      alignas(32) float sd[NT][8];
+      for (int t = 0; t < NT; ++t) _mm256_store_ps(sd[t], _mm256_mul_ps(scale, _mm256_loadu_ps(a[t].d + b)));
+      for (int i = 0; i < 8; ++i) {
+        const int64_t j = b + i;
+        const __m256i wq = load32(q + j * QK);
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + j * QK, a[t].ql + j * QK), _mm256_broadcast_ss(&sd[t][i]),
+                                   acc[t]);
+      }
+    }
+  }
+  for (; b < nb; ++b) {
+    const float scale = bf16(w.s[b / w.bpg]);
+    const __m256i wq = load32(q + b * QK);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(scale * a[t].d[b]),
+                               acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+#else
+  float acc[NT] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float scale = bf16(w.s[b / w.bpg]);
+    const int8_t* qb = q + b * QK;
+    for (int t = 0; t < NT; ++t) {
+      const int8_t *h = a[t].qh + b * QK, *l = a[t].ql + b * QK;
+      int sumi = 0;
+      for (int64_t j = 0; j < QK; ++j) sumi += static_cast<int>(qb[j]) * (128 * h[j] + l[j]);
+      acc[t] += scale * a[t].d[b] * static_cast<float>(sumi);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+#endif
+}
+
+// One weight row against activation rows t0..t0+NT-1.
+template <int NT>
+void dot_rows(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
+  if (kind == Kind::Q4) {
+    dot_q4<NT>(w, a, nb, out);
+  } else {
+    dot_q8<NT>(w, a, nb, out);
+  }
 }
 
 // A quantized weight matrix (see the file comment for the layouts).
@@ -441,9 +456,18 @@ void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<f
       while (r >= base + ms[i].n) base += ms[i++].n;
       const QMatrix& m = ms[i];
       const Row w = m.row(r - base);
-      for (int64_t t = 0; t < a.t; ++t) {
-        const ActRow act = a.row(t);
-        outs[i][t * m.n + r - base] = m.kind == Kind::Q4 ? dot_q4(w, act, nb) : dot_q8(w, act, nb);
+      for (int64_t t0 = 0; t0 < a.t; t0 += 4) {  // up to four activation rows per pass over the weights
+        ActRow act[4];
+        float y[4];
+        const int64_t nt = std::min<int64_t>(4, a.t - t0);
+        for (int64_t t = 0; t < nt; ++t) act[t] = a.row(t0 + t);
+        switch (nt) {
+          case 1: dot_rows<1>(m.kind, w, act, nb, y); break;
+          case 2: dot_rows<2>(m.kind, w, act, nb, y); break;
+          case 3: dot_rows<3>(m.kind, w, act, nb, y); break;
+          default: dot_rows<4>(m.kind, w, act, nb, y); break;
+        }
+        for (int64_t t = 0; t < nt; ++t) outs[i][(t0 + t) * m.n + r - base] = y[t];
       }
     }
   });
