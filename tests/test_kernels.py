@@ -4,6 +4,7 @@ within 1e-3 of fp32, and the fused llama decode step equals the layer-by-layer f
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,3 +143,45 @@ def test_every_instruction_set_build_equals_reference(level):
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [level, "ok"]
+
+
+COLD = r"""
+import time, torch
+from corelm import kernels
+from corelm.compress import quant
+lin = torch.nn.Linear(64, 8, bias=False)
+layer = quant.Int4Linear.from_float(lin, 32)   # no library in this cache: PyTorch's kernels, build started
+print(layer.kernel, kernels.load_error())
+lock = kernels.cache_dir() / ".building"
+print(lock.exists())
+"""
+
+
+@pytest.mark.slow
+def test_first_run_builds_in_the_background_and_falls_back(tmp_path):
+    env = dict(os.environ, CORELM_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", COLD], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, locked = out.stdout.splitlines()
+    assert first.startswith("False") and "background" in first and locked == "True"
+    assert "compiling the C++ kernels" in out.stderr
+    for _ in range(240):  # the detached build finishes on its own (nice 19)
+        if not list(tmp_path.glob("kernels/*/.building")):
+            break
+        time.sleep(0.5)
+    assert list(tmp_path.glob("kernels/*/corelm_kernels.so")), "the background build produced no library"
+    warm = subprocess.run([sys.executable, "-c", COLD], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert warm.stdout.splitlines()[0].startswith("True"), warm.stdout + warm.stderr
+
+
+def test_disabled_kernels_fall_back_to_pytorch():
+    code = ("import torch; from corelm.compress import quant; torch.manual_seed(0); "
+            "lin = torch.nn.Linear(64, 8); m = quant.Int4Linear.from_float(lin, 32); x = torch.randn(2, 64); "
+            "print(m.kernel, float((m(x) - lin(x)).abs().max()))")
+    env = dict(os.environ, CORELM_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    kernel, err = out.stdout.split()
+    assert kernel == "False" and float(err) < 0.2, out.stderr[-2000:]
