@@ -50,6 +50,9 @@ def test_qlinear_equals_reference_and_fp32(kind, group, t):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     exact = x @ kernels.dequantize(q, s, k).t()
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-3  # 15-bit activations
+    many = torch.randn(40, k)  # 32 rows and more: fp32 GEMM on the dequantized weights
+    torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, k).t(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_odd_block_count_and_zero_rows():
@@ -95,13 +98,14 @@ def test_llama_forward_equals_layer_by_layer_forward(method):
         step = FastDecoder(model, max_seq_len=160, compile=False)
         steps = torch.stack([step._kernel_step(int(t), i) for i, t in enumerate(ids)])
         full = model(ids[None])[0].float()
-        # a multi-token call (prefill, speculative verify) equals one-token steps bit for bit
+        # a multi-token call below 32 tokens (a speculative verify) equals one-token steps bit for bit
         multi = FastDecoder(model, max_seq_len=160, compile=False)
-        head = multi.kernel_forward(ids[:100].tolist(), 0, all_logits=True)
-        tail = multi.kernel_forward(ids[100:].tolist(), 100, all_logits=True)
-        last = FastDecoder(model, max_seq_len=160, compile=False).kernel_forward(ids.tolist(), 0)
-    assert torch.equal(torch.cat([head, tail]), steps)
-    assert torch.equal(last[0], steps[-1])
+        cuts = [0, 5, 31, 60, 89, 120, 150]
+        parts = [multi.kernel_forward(ids[a:b].tolist(), a, all_logits=True) for a, b in zip(cuts, cuts[1:])]
+        # 32 tokens and more (a long prefill) go through fp32 GEMMs on dequantized weights
+        prefill = FastDecoder(model, max_seq_len=160, compile=False).kernel_forward(ids.tolist(), 0, all_logits=True)
+    assert torch.equal(torch.cat(parts), steps)
+    torch.testing.assert_close(prefill, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(steps, layers, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layers, full, rtol=1e-4, atol=1e-4)
 

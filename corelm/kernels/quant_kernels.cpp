@@ -473,14 +473,66 @@ void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<f
   });
 }
 
+// Weight row r of m as fp32 (K,): q * scale (+ m for int4).
+void dequantize_row(const QMatrix& m, int64_t r, float* out) {
+  const Row w = m.row(r);
+  for (int64_t b = 0; b < m.k / QK; ++b) {
+    float* o = out + b * QK;
+    if (m.kind == Kind::Q4) {
+      const uint16_t* sz = w.s + 2 * (b / w.bpg);
+      const float scale = bf16(sz[0]), shift = bf16(sz[1]) - 8.f * scale;
+      const uint8_t* qs = w.q + b * QK / 2;
+      for (int64_t j = 0; j < QK / 2; ++j) {
+        o[j] = static_cast<float>(qs[j] & 0x0F) * scale + shift;
+        o[j + QK / 2] = static_cast<float>(qs[j] >> 4) * scale + shift;
+      }
+    } else {
+      const float scale = bf16(w.s[b / w.bpg]);
+      const int8_t* qb = reinterpret_cast<const int8_t*>(w.q) + b * QK;
+      for (int64_t j = 0; j < QK; ++j) o[j] = static_cast<float>(qb[j]) * scale;
+    }
+  }
+}
+
+// From this many tokens on, a matmul dequantizes panels of the weights to fp32 and calls ATen's GEMM:
+// the integer kernels do T dot products per weight row, a GEMM reuses each loaded value T times
+// (prefill of a long prompt, perplexity windows). Fewer tokens (decode steps, speculative verify
+// passes) stay on the integer kernels, whose rows equal one-token calls bit for bit.
+constexpr int64_t kGemmRows = 32;
+constexpr int64_t kPanelRows = 1024;
+
+// y_i (T, N_i) = x (T, K) @ W_i^T for every matrix in ms.
+void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms, const std::vector<float*>& outs,
+            QActs& acts) {
+  if (T < kGemmRows) {
+    acts.set(x, T, K);
+    qmatmul(acts, ms, outs);
+    return;
+  }
+  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {T, K}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor panel = at::empty({kPanelRows, K}, xt.options());
+  for (size_t i = 0; i < ms.size(); ++i) {
+    const QMatrix& m = ms[i];
+    for (int64_t n0 = 0; n0 < m.n; n0 += kPanelRows) {
+      const int64_t rows = std::min(kPanelRows, m.n - n0);
+      float* p = panel.data_ptr<float>();
+      Pool::parallel_for(rows, 64, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) dequantize_row(m, n0 + r, p + r * K);
+      });
+      const at::Tensor y = at::mm(xt, panel.narrow(0, 0, rows).t());  // (T, rows)
+      const float* yp = y.data_ptr<float>();
+      for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, yp + t * rows, rows * sizeof(float));
+    }
+  }
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
   const at::Tensor xc = x.contiguous();
   const QMatrix m = as_matrix(q, s, xc.size(1));
   QActs acts;
-  acts.set(xc.data_ptr<float>(), xc.size(0), xc.size(1));
   at::Tensor y = at::empty({xc.size(0), m.n}, xc.options());
-  qmatmul(acts, {m}, {y.data_ptr<float>()});
+  matmul(xc.data_ptr<float>(), xc.size(0), xc.size(1), {m}, {y.data_ptr<float>()}, acts);
   return y;
 }
 
@@ -552,8 +604,8 @@ void attend(const float* q, const float* kc, const float* vc, int64_t T, int64_t
 // T tokens at positions pos0.. through every layer, writing their cache slots. The seven matrices of
 // layer l are q[7l .. 7l+6] (q, k, v, o, gate, up, down) with scales s[...]; the head is the last
 // entry. Returns logits (T, V), or (1, V) for the last token only when all_logits is false (prefill).
-// Each token's row goes through the same per-row code as a single-token step, so a T-token call
-// (prefill, a speculative verify) gives exactly the logits of T one-token calls.
+// Below kGemmRows tokens each token's row goes through the same per-row code as a single-token
+// step, so such a call (a speculative verify pass) gives exactly the logits of T one-token calls.
 at::Tensor llama_forward(const at::Tensor& x_in, int64_t pos0, at::TensorList q, at::TensorList s,
                          at::TensorList norm1, at::TensorList norm2, at::TensorList k_cache, at::TensorList v_cache,
                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& norm, int64_t n_head,
@@ -588,8 +640,7 @@ at::Tensor llama_forward(const at::Tensor& x_in, int64_t pos0, at::TensorList q,
     up.resize(T * dff);
 
     for (int64_t t = 0; t < T; ++t) rms_norm(&x[t * d], norm1[l].data_ptr<float>(), d, feps, &h[t * d]);
-    acts.set(h.data(), T, d);
-    qmatmul(acts, {mq, mk, mv}, {qv.data(), kv.data(), vv.data()});
+    matmul(h.data(), T, d, {mq, mk, mv}, {qv.data(), kv.data(), vv.data()}, acts);
     float* kc = k_cache[l].data_ptr<float>();
     float* vc = v_cache[l].data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -602,27 +653,23 @@ at::Tensor llama_forward(const at::Tensor& x_in, int64_t pos0, at::TensorList q,
       }
     }
     attend(qv.data(), kc, vc, T, n_head, n_kv_head, S, hd, pos0, att.data());
-    acts.set(att.data(), T, nq);
-    qmatmul(acts, {mo}, {tmp.data()});
+    matmul(att.data(), T, nq, {mo}, {tmp.data()}, acts);
     for (int64_t i = 0; i < T * d; ++i) x[i] += tmp[i];
 
     for (int64_t t = 0; t < T; ++t) rms_norm(&x[t * d], norm2[l].data_ptr<float>(), d, feps, &h[t * d]);
-    acts.set(h.data(), T, d);
-    qmatmul(acts, {mg, mu}, {gate.data(), up.data()});
+    matmul(h.data(), T, d, {mg, mu}, {gate.data(), up.data()}, acts);
     for (int64_t i = 0; i < T * dff; ++i) {
       const float g = gate[i];
       gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
     }
-    acts.set(gate.data(), T, dff);
-    qmatmul(acts, {md}, {tmp.data()});
+    matmul(gate.data(), T, dff, {md}, {tmp.data()}, acts);
     for (int64_t i = 0; i < T * d; ++i) x[i] += tmp[i];
   }
   const int64_t first = all_logits ? 0 : T - 1, rows = T - first;
   for (int64_t t = first; t < T; ++t) rms_norm(&x[t * d], norm.data_ptr<float>(), d, feps, &h[(t - first) * d]);
   const QMatrix mh = as_matrix(q[7 * L], s[7 * L], d);
-  acts.set(h.data(), rows, d);
   at::Tensor logits = at::empty({rows, mh.n}, x_in.options());
-  qmatmul(acts, {mh}, {logits.data_ptr<float>()});
+  matmul(h.data(), rows, d, {mh}, {logits.data_ptr<float>()}, acts);
   return logits;
 }
 
