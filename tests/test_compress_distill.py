@@ -107,3 +107,44 @@ def test_vocab_mismatch_and_bad_parameters():
         check_pair(_model(0, 1, 32), _model(0, 1, 32, vocab=64))
     with pytest.raises(CorelmError, match="alpha"):
         distill_loss_fn(_model(0, 1, 32), alpha=1.5)
+
+
+def test_cli_distills_into_a_loadable_run_directory(tmp_path, capsys):
+    """`corelm distill` end to end on a tiny teacher: the run directory is a model; bad data is one line."""
+    import json
+    import random
+
+    import corelm
+    from corelm.cli import main as cli
+    from corelm.data.prepare import prepare
+
+    rng = random.Random(0)
+    words = ["def", "read", "file", "return", "value", "list", "token", "layer", "the", "of"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(200)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare(tmp_path / "data", inputs=[str(tmp_path / "c.jsonl")], train_tokenizer_vocab=300, val_fraction=0.05,
+            progress=False)
+    tiny = {"family": "llama", "n_layer": 1, "n_head": 2, "n_kv_head": 1, "d_model": 32, "d_ff": 64,
+            "max_seq_len": 64, "vocab_size": 8}  # vocabulary taken from the data
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny))
+    common = ["--data", str(tmp_path / "data"), "--seq-len", "32", "--batch-size", "4", "--no-progress",
+              "--eval-batches", "1"]
+    assert cli(["pretrain", "--model", str(tmp_path / "tiny.json"), "--out", str(tmp_path / "teacher"),
+                "--max-steps", "3", "--no-tensorboard", "--no-measure-mfu", *common]) == 0
+    assert cli(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "tiny.json"),
+                "--teacher-dtype", "fp32", "--temperature", "1", "--alpha", "0.5", "--max-steps", "3",
+                "--out", str(tmp_path / "kd"), *common]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["kd"] and 0 < r["ce"] for r in rows if "loss" in r)  # both terms logged
+    assert any("val_loss" in r for r in rows)
+    saved = json.loads((tmp_path / "kd" / "run_config.json").read_text())
+    assert saved["teacher_dtype"] == "float32" and saved["temperature"] == 1.0
+    llm = corelm.load(str(tmp_path / "kd"), dtype="fp32")
+    assert isinstance(llm.generate("def read", max_new_tokens=4, temperature=0.0), str)
+
+    capsys.readouterr()
+    assert cli(["distill", "--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "data"),
+                "--alpha", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "alpha must be in [0, 1]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # nothing written
