@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import corelm
     from corelm.commands.pretrain import resolve_model
-    from corelm.compress.distill import check_pair, distill_loss_fn
+    from corelm.compress.distill import check_loss_params, check_pair, distill_loss_fn
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
     from corelm.models import build_model
@@ -63,6 +63,7 @@ def main(argv: list[str]) -> int:
     from corelm.train.loader import ResumableLoader
     from corelm.train.loop import TrainConfig, evaluate_loss, train
 
+    check_loss_params(args.temperature, args.alpha)  # before the teacher is loaded
     manifest = read_manifest(args.data)
     teacher = corelm.load(args.teacher, dtype=args.teacher_dtype)
     if teacher.config.is_encoder:

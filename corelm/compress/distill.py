@@ -102,16 +102,20 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
                           "the same tokenizer (llama-tiny uses SmolLM2's)")
 
 
+def check_loss_params(temperature: float, alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise CorelmError(f"alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise CorelmError(f"temperature must be positive, got {temperature}")
+
+
 def distill_loss_fn(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5):
     """A ``loss_fn(model, batch)`` for :func:`corelm.train.loop.train` that distills ``teacher``.
 
     ``batch`` is what :func:`corelm.objectives.causal_lm_loss` takes: packed windows ``(B, T+1)`` or
     a dict with ``input_ids``/``labels``.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise CorelmError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise CorelmError(f"temperature must be positive, got {temperature}")
+    check_loss_params(temperature, alpha)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
