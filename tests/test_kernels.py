@@ -1,6 +1,7 @@
 """corelm's C++ kernels equal their PyTorch reference (every instruction set this CPU runs), stay
 within 1e-3 of fp32, and the fused llama decode step equals the layer-by-layer forward."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_qlinear_equals_reference_and_fp32(kind, group, t):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     exact = x @ kernels.dequantize(q, s, k).t()
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-3  # 15-bit activations
-    many = torch.randn(40, k)  # 32 rows and more: fp32 GEMM on the dequantized weights
+    many = torch.randn(520, k)  # 512 rows and more: fp32 GEMM on the dequantized weights
     torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, k).t(),
                                rtol=1e-5, atol=1e-5)
 
@@ -98,14 +99,13 @@ def test_llama_forward_equals_layer_by_layer_forward(method):
         step = FastDecoder(model, max_seq_len=160, compile=False)
         steps = torch.stack([step._kernel_step(int(t), i) for i, t in enumerate(ids)])
         full = model(ids[None])[0].float()
-        # a multi-token call below 32 tokens (a speculative verify) equals one-token steps bit for bit
+        # a multi-token call below 512 tokens (prefill, speculative verify) equals one-token steps bit for bit
         multi = FastDecoder(model, max_seq_len=160, compile=False)
         cuts = [0, 5, 31, 60, 89, 120, 150]
-        parts = [multi.kernel_forward(ids[a:b].tolist(), a, all_logits=True) for a, b in zip(cuts, cuts[1:])]
-        # 32 tokens and more (a long prefill) go through fp32 GEMMs on dequantized weights
+        parts = [multi.kernel_forward(ids[a:b].tolist(), a, all_logits=True) for a, b in itertools.pairwise(cuts)]
         prefill = FastDecoder(model, max_seq_len=160, compile=False).kernel_forward(ids.tolist(), 0, all_logits=True)
     assert torch.equal(torch.cat(parts), steps)
-    torch.testing.assert_close(prefill, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(prefill, steps)
     torch.testing.assert_close(steps, layers, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layers, full, rtol=1e-4, atol=1e-4)
 

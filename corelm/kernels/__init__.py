@@ -8,7 +8,7 @@ with bf16 scales per group or channel), with 15-bit activations (two int8 digits
 products per block: 8-bit ones cost SmolLM2 1.5 points of top-1 agreement), and registers two
 operators with ``torch.library``:
 
-- ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 32 rows on: panels of the
+- ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 512 rows on: panels of the
   weights dequantized to fp32 and ATen's GEMM, which reuses each weight T times)
 - ``torch.ops.corelm.llama_forward(...)``: T tokens through a whole llama model in one call (a decode
   step, a prefill, a speculative verify), so a step costs no Python or dispatcher work per layer
@@ -261,9 +261,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def reference_qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """What ``torch.ops.corelm.qlinear`` computes for fewer than 32 rows, in PyTorch: 15-bit integer
+    """What ``torch.ops.corelm.qlinear`` computes for fewer than 512 rows, in PyTorch: 15-bit integer
     activations, exact integer block dot products, then the float scales. (T, K) f32 -> (T, N) f32.
-    From 32 rows on the kernel multiplies fp32 ``x`` with the dequantized weights (a GEMM)."""
+    From 512 rows on the kernel multiplies fp32 ``x`` with the dequantized weights (a GEMM)."""
     k = x.shape[1]
     qv, scale, m = _block_scales(q, s, k)
     a, da, sa = quantize_activations(x)

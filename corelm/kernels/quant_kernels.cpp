@@ -30,6 +30,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -494,17 +495,25 @@ void dequantize_row(const QMatrix& m, int64_t r, float* out) {
   }
 }
 
-// From this many tokens on, a matmul dequantizes panels of the weights to fp32 and calls ATen's GEMM:
-// the integer kernels do T dot products per weight row, a GEMM reuses each loaded value T times
-// (prefill of a long prompt, perplexity windows). Fewer tokens (decode steps, speculative verify
-// passes) stay on the integer kernels, whose rows equal one-token calls bit for bit.
-constexpr int64_t kGemmRows = 32;
+// From this many tokens on, a matmul dequantizes panels of the weights to fp32 and calls ATen's GEMM
+// (a long prompt's prefill, perplexity windows). Measured on SmolLM2 with 2 threads, prefill on
+// the integer kernels ran at 560/543/511/451/299 tok/s for 32/128/256/512/1000 tokens, through
+// the GEMM at 231/376/439/454/356: the GEMM wins from ~512 tokens. Fewer tokens (decode steps,
+// speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit
+// for bit.
+int64_t gemm_rows() {  // CORELM_GEMM_ROWS overrides the default threshold (read once)
+  static const int64_t rows = [] {
+    const char* v = std::getenv("CORELM_GEMM_ROWS");
+    return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : int64_t(512);
+  }();
+  return rows;
+}
 constexpr int64_t kPanelRows = 1024;
 
 // y_i (T, N_i) = x (T, K) @ W_i^T for every matrix in ms.
 void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms, const std::vector<float*>& outs,
             QActs& acts) {
-  if (T < kGemmRows) {
+  if (T < gemm_rows()) {
     acts.set(x, T, K);
     qmatmul(acts, ms, outs);
     return;
@@ -604,7 +613,7 @@ void attend(const float* q, const float* kc, const float* vc, int64_t T, int64_t
 // T tokens at positions pos0.. through every layer, writing their cache slots. The seven matrices of
 // layer l are q[7l .. 7l+6] (q, k, v, o, gate, up, down) with scales s[...]; the head is the last
 // entry. Returns logits (T, V), or (1, V) for the last token only when all_logits is false (prefill).
-// Below kGemmRows tokens each token's row goes through the same per-row code as a single-token
+// Below gemm_rows() tokens each token's row goes through the same per-row code as a single-token
 // step, so such a call (a speculative verify pass) gives exactly the logits of T one-token calls.
 at::Tensor llama_forward(const at::Tensor& x_in, int64_t pos0, at::TensorList q, at::TensorList s,
                          at::TensorList norm1, at::TensorList norm2, at::TensorList k_cache, at::TensorList v_cache,
