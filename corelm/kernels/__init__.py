@@ -83,8 +83,19 @@ def cache_dir(level: str | None = None) -> Path:
     key = hashlib.sha1()
     key.update(SOURCE.read_bytes())
     key.update(" ".join([torch.__version__, _compiler() or "", *FLAGS[level]]).encode())
+    return _cache_root() / "kernels" / f"{level}-{key.hexdigest()[:12]}"
+
+
+def _cache_root() -> Path:
+    """``CORELM_CACHE``, else ``~/.cache/corelm``; a temporary directory when that is not writable."""
     root = Path(os.environ.get("CORELM_CACHE", Path.home() / ".cache" / "corelm"))
-    return root / "kernels" / f"{level}-{key.hexdigest()[:12]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"corelm-cache-{os.getuid()}"
 
 
 def _compiler() -> str | None:
