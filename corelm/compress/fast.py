@@ -84,6 +84,12 @@ def _kernel_weights(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
+def _projections(block: nn.Module) -> list[nn.Module]:
+    """A llama block's seven matrices in the order ``llama_forward`` takes them."""
+    attn, mlp = block.self_attn, block.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
 class _Concat(nn.Module):
     """Layers reading the same input, outputs concatenated (q|k|v, gate|up) without fusing weights."""
 
@@ -109,8 +115,7 @@ class _Layer(nn.Module):
             self.wo = attn.o_proj
             self.w13 = _Concat([mlp.gate_proj, mlp.up_proj])
             self.w2 = mlp.down_proj
-            self.kernel_mats = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                                mlp.down_proj]
+            self.kernel_mats = _projections(block)
         else:
             self.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
             self.wo = attn.o_proj
@@ -179,11 +184,7 @@ class FastDecoder(nn.Module):
 
         if device.type != "cpu" or not getattr(model, "corelm_quantization", None):
             return False
-        linears = [model.lm_head]
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                        mlp.down_proj]
+        linears = [model.lm_head, *(m for block in model.model.layers for m in _projections(block))]
         if not all(_kernel_weights(m) is not None for m in linears):
             return False
         norms = {model.model.norm.eps, *(b.input_layernorm.eps for b in model.model.layers),
@@ -203,9 +204,9 @@ class FastDecoder(nn.Module):
                           [layer.norm2 for layer in layers], [layer.k_cache for layer in layers],
                           [layer.v_cache for layer in layers], self.cos, self.sin, self.norm, self.n_head,
                           self.n_kv_head, self.eps)
-        x = self.embed(torch.tensor(tokens)).float().contiguous()  # (T, d)
         if pos0 + len(tokens) > self.max_seq_len:
             raise CorelmError(f"positions up to {pos0 + len(tokens)} exceed the decoder's {self.max_seq_len}")
+        x = self.embed(torch.tensor(tokens)).float().contiguous()  # (T, d)
         return torch.ops.corelm.llama_forward(x, pos0, *self._args, all_logits)
 
     def _kernel_step(self, token: int, pos: int) -> torch.Tensor:

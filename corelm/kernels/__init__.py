@@ -19,7 +19,7 @@ into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root)
 builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. The
 instruction set follows what ATen dispatches to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2
 build on an AVX-512 machine) and what the CPU reports. Without a compiler, :func:`load` returns
-False and callers use :func:`reference_qlinear` / PyTorch's kernels. ``CORELM_KERNELS=0`` disables it.
+False and the quantized layers use PyTorch's kernels. ``CORELM_KERNELS=0`` disables it.
 """
 
 from __future__ import annotations
@@ -203,11 +203,6 @@ def load_error() -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
-def loaded_isa() -> str | None:
-    """The instruction set the loaded library was compiled for, or None."""
-    return torch.ops.corelm.isa() if load(build_if_missing=False) else None
-
-
 def _register_fakes() -> None:
     # Shapes for torch.compile / meta tensors: the operators are opaque kernels to the compiler.
     @torch.library.register_fake("corelm::qlinear")
@@ -283,10 +278,3 @@ def reference_qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torc
     if m is not None:
         y = y + (m[None] * sa[:, None]).sum(-1)
     return y
-
-
-def qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``x (T, K) @ W^T`` for a kernel-layout weight: the C++ kernel when loaded, else the reference."""
-    if load(build_if_missing=False):
-        return torch.ops.corelm.qlinear(x, q, s)
-    return reference_qlinear(x, q, s)
