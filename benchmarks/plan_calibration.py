@@ -64,7 +64,8 @@ def main() -> int:
         hw = cpu_row()
         hw.peak_tflops = {"fp32": peak / 1e12}
         hw.train_efficiency = efficiency
-        pred = B.predict_train(cfg, hw, batch=args.batch, seq_len=args.seq_len)
+        kernel_buffers = B.measure_kernel_buffers(cfg, batch=args.batch, seq_len=args.seq_len, threads=args.threads)
+        pred = B.predict_train(cfg, hw, batch=args.batch, seq_len=args.seq_len, kernel_buffers=kernel_buffers)
         row = {"model": cfg.name, "params": m["params"], "mem_pred": pred["peak_bytes"], "mem_live": m["peak_bytes"],
                "mem_rss": m["rss_peak_bytes"], "step_pred": pred["step_s"], "step_meas": step,
                "step_wall": statistics.median(m["step_times"][1:]), "peak_flops": peak,

@@ -102,7 +102,11 @@ def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> di
     hw.peak_tflops = {**hw.peak_tflops, compute: peak / 1e12}
     if profile and profile.get("train_efficiency"):
         hw.train_efficiency = float(profile["train_efficiency"])
-    pred = B.predict_train(cfg, hw, batch=args.batch, seq_len=args.seq_len, precision=precision)
+    # What the matmul library keeps per GEMM shape on this CPU: measured, then part of the prediction.
+    kernel_buffers = B.measure_kernel_buffers(cfg, batch=args.batch, seq_len=args.seq_len, precision=precision,
+                                              device=device)
+    pred = B.predict_train(cfg, hw, batch=args.batch, seq_len=args.seq_len, precision=precision,
+                           kernel_buffers=kernel_buffers)
     steps = m["cpu_step_times"] if cpu else m["step_times"]
     step = statistics.median(steps[1:] if len(steps) > 1 else steps)
     wall = statistics.median(m["step_times"][1:] or m["step_times"])
@@ -226,7 +230,8 @@ def render(out: dict) -> str:
                       f"{t['precision']}, {t['device']}"),
                   f"  {'':<22}{'predicted':>12}{'measured':>12}{'error':>9}",
                   (f"  {'peak memory':<22}{_bytes(pb['predicted']):>12}{_bytes(pb['measured']):>12}"
-                  f"{_err(pb['predicted'], pb['measured']):>9}   (live tensor bytes; RSS high-water "
+                  f"{_err(pb['predicted'], pb['measured']):>9}   (live bytes, of which matmul library buffers "
+                  f"{_bytes(pb['components'].get('kernel_buffers', 0))}; RSS high-water "
                   f"{_bytes(pb['rss_measured'])})"),
                   (f"  {'step time':<22}{st['predicted']:>11.3f}s{st['measured']:>11.3f}s"
                   f"{_err(st['predicted'], st['measured']):>9}   ({st['timing']}; wall {st['wall_measured']:.3f} s)"),
