@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from corelm import cache
 from corelm.compress.quant import Int4Linear, Int8Linear
 from corelm.errors import CorelmError
 
@@ -44,9 +45,9 @@ def cpu_capability() -> str:
 
 
 def compile_cache_dir() -> Path:
-    """Where compiled decode steps live across runs: one directory per instruction set."""
-    root = Path(os.environ.get("CORELM_CACHE", Path.home() / ".cache" / "corelm"))
-    return root / "inductor" / cpu_capability().lower()
+    """Where compiled decode steps live across runs: one private, checked directory per instruction set
+    (inductor loads the code it finds there, see :mod:`corelm.cache`)."""
+    return cache.cache_subdir("inductor", cpu_capability().lower())
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module:
@@ -259,7 +260,6 @@ class FastDecoder(nn.Module):
     def _step_fn(self, window: int):
         use = self.compile_mode
         marker = compile_cache_dir() / f"warm-{self.signature(window)}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
         if use == "auto":
             use = marker.exists()
         if not use:
@@ -413,9 +413,8 @@ def compile_step(fn, cuda: bool = False):
     CPU: inductor with ``freezing`` and ``cpp_wrapper``. CUDA: ``reduce-overhead`` (CUDA graphs: the
     whole step is replayed as one launch; the static cache buffers make that legal).
     """
-    cache = compile_cache_dir() if not cuda else compile_cache_dir().parent / "cuda"
-    cache.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # inductor reads it at every cache lookup
+    where = compile_cache_dir() if not cuda else cache.cache_subdir("inductor", "cuda")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(where)  # inductor reads it at every cache lookup
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

@@ -36,6 +36,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from corelm import cache
 from corelm.errors import CorelmError, close_names
 
 CLASSIFY_PACKAGES = ("asyncio", "email", "turtle", "unittest")
@@ -208,10 +209,9 @@ def write_demo(out_dir: str | Path) -> Path:
 
 def demo_dir() -> Path:
     """The cache directory of the demo files, built on first use (atomically: concurrent callers are safe)."""
-    base = Path(os.environ.get("CORELM_CACHE", Path(tempfile.gettempdir()) / "corelm-cache"))
+    base = cache.cache_subdir("demo")  # private and checked: the files are read back as training data
     final = base / f"demo-v{_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
     if not (final / "text-all.txt").is_file():
-        base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=base))
         try:
             write_demo(tmp)

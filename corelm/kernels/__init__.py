@@ -15,7 +15,8 @@ operators with ``torch.library``:
   (see :mod:`corelm.compress.fast`).
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
-into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root); ``make`` set-up
+into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is
+private and checked before a library is loaded from it, see :mod:`corelm.cache`); ``make`` set-up
 builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. The
 instruction set follows what ATen dispatches to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2
 build on an AVX-512 machine) and what the CPU reports. Without a compiler, :func:`load` returns
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from corelm import cache
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 QK = 32  # values per block
@@ -78,24 +81,16 @@ def isa() -> str:
 
 
 def cache_dir(level: str | None = None) -> Path:
-    """Build directory for one instruction set and one version of the source, torch and compiler."""
+    """Build directory for one instruction set and one version of the source, torch and compiler.
+
+    Created ``0700`` and checked for owner and mode (:mod:`corelm.cache`): a library is only ever
+    loaded from a directory nobody else can write to.
+    """
     level = level or isa()
     key = hashlib.sha1()
     key.update(SOURCE.read_bytes())
     key.update(" ".join([torch.__version__, _compiler() or "", *FLAGS[level]]).encode())
-    return _cache_root() / "kernels" / f"{level}-{key.hexdigest()[:12]}"
-
-
-def _cache_root() -> Path:
-    """``CORELM_CACHE``, else ``~/.cache/corelm``; a temporary directory when that is not writable."""
-    root = Path(os.environ.get("CORELM_CACHE", Path.home() / ".cache" / "corelm"))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / f"corelm-cache-{os.getuid()}"
+    return cache.cache_subdir("kernels", f"{level}-{key.hexdigest()[:12]}")
 
 
 def _compiler() -> str | None:
@@ -116,11 +111,11 @@ def build(level: str | None = None, force: bool = False) -> Path:
     level = level or isa()
     out = cache_dir(level) / "corelm_kernels.so"
     if out.exists() and not force:
+        cache.check_file(out)
         return out
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
@@ -165,10 +160,11 @@ def load(build_if_missing: bool = True, background: bool = False) -> bool:
             print(f"corelm: compiling the C++ kernels for {isa()} (once per machine) ...", file=sys.stderr,
                   flush=True)
             path = build()
+        cache.check_file(path)  # never load a library another user could have written
         torch.ops.load_library(str(path))
         _register_fakes()
         _state["loaded"], _state["path"] = True, path
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError) as exc:  # PermissionError: a cache file or directory failed its check
         _state["loaded"], _state["error"] = False, str(exc)
     return bool(_state["loaded"])
 
@@ -178,7 +174,6 @@ def _build_in_background() -> None:
     if _compiler() is None:
         return
     lock = cache_dir() / ".building"
-    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         if time.time() - lock.stat().st_mtime < 600:
             return
