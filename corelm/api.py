@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from corelm.config import ModelConfig
+from corelm.cpu import native_bf16
 from corelm.errors import CorelmError, close_names
 from corelm.presets import EMBEDDED, PRESETS, all_names, embedded_path, preset
 from corelm.tokenizer import Tokenizer
@@ -48,21 +49,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     return _DTYPES[str(dtype).lower()]
 
 
-@lru_cache(maxsize=4)
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The inference dtype this machine runs fastest, measured, not assumed.
+    """The inference dtype for float weights on ``device``, from what the hardware declares.
 
     Decoding reads every weight once per token, so bf16 halves the bytes and can double tokens/s --
-    but only where the CPU has native bf16 kernels (AVX512_BF16/AMX). Elsewhere PyTorch emulates bf16
-    and it is ~400x slower than fp32 (BENCHMARKS.md: 0.3 vs 136 GFLOP/s on Zen 3). So we time what a
-    decode step does -- ``F.linear`` of a ``(1, 1, d)`` activation over weights that together exceed
-    the last-level cache (6 x 2048x2048, 96 MB in fp32), so the probe streams weights from memory as
-    decoding does -- in both dtypes (~0.1 s) and take bf16 only when it is clearly faster (measured
-    on the Zen 4 here: 2.8-3.1 ms bf16 vs 4.9-5.4 ms fp32 per pass; a single 2048x2048 weight stays
-    in L3 and made both dtypes look equal, so fp32 was wrongly chosen). The probe runs on one thread: on a
-    shared machine, multi-threaded kernels stall waiting for a busy core and the timing would measure
-    the neighbours, not the kernel. ``CORELM_DTYPE`` overrides the probe; on CUDA bf16 is used when
-    the device supports it.
+    but only where the CPU has bf16 arithmetic (its flags name AVX512_BF16 or AMX-BF16, see
+    :mod:`corelm.cpu`). Elsewhere PyTorch emulates bf16 and it is ~400x slower than fp32 (0.3 vs 136
+    GFLOP/s on an AVX2-only Zen 3), so fp32 is used. The answer depends only on the CPU's flags: the
+    same machine gets the same dtype, and so the same greedy text, on every run (a timing probe, used
+    before, flipped between the two on a busy machine). ``CORELM_DTYPE`` overrides it; on CUDA bf16
+    is used when the device supports it, else fp16.
     """
     env = os.environ.get("CORELM_DTYPE")
     if env:
@@ -72,27 +68,7 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type != "cpu":
         return torch.float32
-    x32 = torch.randn(1, 1, 2048)
-    w32 = [torch.full((2048, 2048), 0.01) for _ in range(6)]  # 96 MB: more than any L3 slice holds
-    times = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for dt in (torch.float32, torch.bfloat16):
-            x, ws = x32.to(dt), [w.to(dt) for w in w32]
-            torch.nn.functional.linear(x, ws[0])  # warm-up: first call picks kernels
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for w in ws:
-                    torch.nn.functional.linear(x, w)
-                best = min(best, time.perf_counter() - t0)
-                if best > 0.1:  # an emulated kernel: no need to time it further
-                    break
-            times[dt] = best
-    finally:
-        torch.set_num_threads(threads)
-    return torch.bfloat16 if times[torch.bfloat16] < 0.7 * times[torch.float32] else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 # ---- the two kinds of loaded model ---------------------------------------------------------------

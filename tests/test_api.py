@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -124,14 +125,39 @@ def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float32) is torch.float32
     with pytest.raises(CorelmError, match="unknown dtype"):
         resolve_dtype("int3")
-    assert default_dtype("cpu") in (torch.float32, torch.bfloat16)
     monkeypatch.setenv("CORELM_DTYPE", "bf16")
-    default_dtype.cache_clear()
-    try:
-        assert resolve_dtype(None) is torch.bfloat16
-    finally:
-        monkeypatch.delenv("CORELM_DTYPE")
-        default_dtype.cache_clear()
+    assert resolve_dtype(None) is torch.bfloat16
+
+
+def test_default_dtype_follows_the_cpu_flags_and_never_varies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same machine gets the same dtype on every call (no timing probe): bf16 exactly where the CPU
+    declares bf16 arithmetic."""
+    from corelm import cpu
+
+    monkeypatch.delenv("CORELM_DTYPE", raising=False)
+    expected = torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & cpu.cpu_flags() else torch.float32
+    assert {default_dtype("cpu") for _ in range(5)} == {expected}
+    assert cpu.native_bf16(frozenset({"avx2", "fma"})) is False  # Zen 3: emulated bf16
+    assert cpu.native_bf16(frozenset({"avx512f", "avx512_bf16"})) is True  # Zen 4
+    assert cpu.native_bf16(frozenset({"avx512f", "amx_bf16", "amx_tile"})) is True  # Sapphire Rapids
+    monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: False)
+    monkeypatch.setattr("corelm.api.native_bf16", cpu.native_bf16)
+    assert default_dtype("cpu") is torch.float32
+
+
+@pytest.mark.slow
+def test_plain_generate_prints_the_same_kind_and_text_in_three_runs() -> None:
+    """Three separate processes of the same plain command load the same dtype and print the same text."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-m", "corelm", "generate", "--max-new-tokens", "24",
+                            "The three laws of thermodynamics are"],
+                           capture_output=True, text=True, check=True, timeout=300,
+                           env={**os.environ, "CORELM_DTYPE": ""}) for _ in range(3)]
+    kinds = {next(ln for ln in r.stderr.splitlines() if ln.startswith("[loaded")).split("(")[1].split(")")[0]
+             for r in runs}
+    assert len(kinds) == 1 and {r.stdout for r in runs} == {runs[0].stdout}
 
 
 def test_quantize_hook() -> None:

@@ -28,7 +28,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="embedded model or preset name (see `corelm models`), a .gguf file or an HF checkpoint "
                          "directory")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                    help="weight and compute dtype (default: measured on this machine, see corelm.api.default_dtype)")
+                    help="weight and compute dtype (default: bf16 where the CPU declares bf16 arithmetic, else fp32; see corelm.api.default_dtype)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from corelm import cache
+from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
 QK = 32  # values per block
@@ -51,16 +52,6 @@ FLAGS = {
 _state: dict[str, object] = {"loaded": None, "error": None, "build_seconds": None, "path": None}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def isa() -> str:
     """The kernel build for this process: ``avx512vnni``, ``avx2`` or ``generic``.
 
@@ -72,7 +63,7 @@ def isa() -> str:
         return forced
     if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "AMD64"):
         return "generic"
-    cap, flags = torch.backends.cpu.get_cpu_capability(), _cpu_flags()
+    cap, flags = torch.backends.cpu.get_cpu_capability(), cpu_flags()
     if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"} <= flags:
         return "avx512vnni"
     if cap in ("AVX512", "AVX2") and {"avx2", "fma", "f16c"} <= flags:

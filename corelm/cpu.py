@@ -1,0 +1,33 @@
+"""What this CPU declares: the feature flags that choose kernels and the default dtype.
+
+Choices made from the flags are the same on every run of the same machine (a timing probe is not: on
+a shared 2-core machine it flipped between fp32 and bf16 from one run to the next, and the two dtypes
+give different greedy text after a few dozen tokens).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+# Native bf16 arithmetic: AVX512_BF16 (VDPBF16PS; Intel Cooper Lake+, AMD Zen 4+) or AMX-BF16 tiles
+# (Intel Sapphire Rapids+). Without them oneDNN emulates bf16 matmuls through fp32 conversions, which
+# measured ~0.3 GFLOP/s on an AVX2-only Zen 3 (BENCHMARKS.md) against ~136 in fp32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` line of /proc/cpuinfo (empty where there is none: non-Linux, some containers)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """True when the CPU declares bf16 arithmetic (:data:`BF16_FLAGS`)."""
+    return any(f in (cpu_flags() if flags is None else flags) for f in BF16_FLAGS)
