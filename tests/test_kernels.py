@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from corelm import kernels
+from corelm.cpu import cpu_flags
 from corelm.compress import quant
 from corelm.compress.fast import FastDecoder
 from corelm.config import ModelConfig
@@ -111,7 +112,7 @@ def test_llama_forward_equals_layer_by_layer_forward(method):
 
 
 def _supported():
-    flags = kernels._cpu_flags()
+    flags = cpu_flags()
     levels = ["generic"]
     if {"avx2", "fma", "f16c"} <= flags:
         levels.append("avx2")
@@ -123,6 +124,7 @@ def _supported():
 CHECK = r"""
 import torch
 from corelm import kernels
+from corelm.cpu import cpu_flags
 from corelm.compress import quant
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
@@ -152,6 +154,7 @@ def test_every_instruction_set_build_equals_reference(level):
 COLD = r"""
 import time, torch
 from corelm import kernels
+from corelm.cpu import cpu_flags
 from corelm.compress import quant
 lin = torch.nn.Linear(64, 8, bias=False)
 layer = quant.Int4Linear.from_float(lin, 32)   # no library in this cache: PyTorch's kernels, build started
