@@ -141,7 +141,7 @@ def test_default_dtype_follows_the_cpu_flags_and_never_varies(monkeypatch: pytes
     assert cpu.native_bf16(frozenset({"avx512f", "avx512_bf16"})) is True  # Zen 4
     assert cpu.native_bf16(frozenset({"avx512f", "amx_bf16", "amx_tile"})) is True  # Sapphire Rapids
     monkeypatch.setattr(cpu, "native_bf16", lambda flags=None: False)
-    monkeypatch.setattr("corelm.api.native_bf16", cpu.native_bf16)
+    monkeypatch.setattr("corelm.loading.native_bf16", cpu.native_bf16)
     assert default_dtype("cpu") is torch.float32
 
 

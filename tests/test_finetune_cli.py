@@ -39,7 +39,7 @@ def test_tiny_sft_lora_run_merge_and_perplexity(tmp_path: Path, capsys: pytest.C
     import corelm
     from corelm.data import tasks
     from corelm.data.demo import resolve
-    from corelm.finetune.run import load_run
+    from corelm.loading import load_run
 
     run_dir, merged_dir = tmp_path / "sft", tmp_path / "merged"
     val = tmp_path / "val.jsonl"

@@ -10,7 +10,8 @@ import torch
 
 from corelm.data import tasks
 from corelm.data.demo import resolve
-from corelm.finetune.run import FinetuneArgs, encode_examples, finetune, forward_items, load_run
+from corelm.finetune.run import FinetuneArgs, encode_examples, finetune, forward_items
+from corelm.loading import load_run
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from corelm import kernels
-from corelm.cpu import cpu_flags
 from corelm.compress import quant
 from corelm.compress.fast import FastDecoder
 from corelm.config import ModelConfig
+from corelm.cpu import cpu_flags
 from corelm.models import build_model
 
 

@@ -104,7 +104,8 @@ def _labelled(args: argparse.Namespace) -> dict[str, Any]:
     from corelm.data import tasks
     from corelm.eval.metrics import classification_report, format_table
     from corelm.eval.ner import entity_report
-    from corelm.finetune.run import encode_examples, forward_items, is_run, load_run, tags_from_logits
+    from corelm.finetune.run import encode_examples, forward_items, tags_from_logits
+    from corelm.loading import is_run, load_run
 
     if not is_run(args.model):
         raise CorelmError(f"--task {args.task} needs a fine-tuning run directory (corelm finetune --out DIR); "
@@ -148,13 +149,14 @@ def _labelled(args: argparse.Namespace) -> dict[str, Any]:
 def _load_lm(args: argparse.Namespace) -> Any:
     """An LLM from a name/path or an sft run directory."""
     import corelm
-    from corelm.finetune.run import is_run, load_run
+    from corelm.api import wrap
+    from corelm.loading import is_run, load_run
 
     if is_run(args.model):
         run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
         if run.task["task"] != "sft":
             raise CorelmError(f"{args.model} is a {run.task['task']} run; --task {args.task} needs a language model")
-        return run.llm()
+        return wrap(run.parts())
     llm = corelm.load(args.model, dtype=args.dtype, quantize=args.quantize)
     if llm.config.is_encoder:
         raise CorelmError(f"{args.model} is an encoder; --task {args.task} needs a decoder (causal LM)")

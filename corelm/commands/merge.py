@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from corelm.finetune.lora import merge_lora
-    from corelm.finetune.run import HEAD_FILE, TASK_FILE, backbone_of, is_run, load_run
+    from corelm.finetune.methods import HEAD_FILE, TASK_FILE, backbone_of
     from corelm.io.hf import save_hf_dir
+    from corelm.loading import is_run, load_run
 
     if not is_run(args.run):
         raise CorelmError(f"{args.run} is not a fine-tuning run directory (no {TASK_FILE})")

@@ -20,10 +20,10 @@ def count_params(config: ModelConfig) -> int:
         return int(param_count(config))
     import torch
 
-    from corelm.api import _skip_init
     from corelm.models import build_model
+    from corelm.ops.init import skip_init
 
-    with torch.device("meta"), _skip_init():
+    with torch.device("meta"), skip_init():
         model = build_model(config)
     return sum(p.numel() for p in model.parameters())
 

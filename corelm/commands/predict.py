@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from corelm.data import tasks
     from corelm.eval.ner import entities
-    from corelm.finetune.run import forward_items, is_run, load_run, tags_from_logits
+    from corelm.finetune.run import forward_items, tags_from_logits
+    from corelm.loading import is_run, load_run
 
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
     if not texts:

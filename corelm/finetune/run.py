@@ -32,16 +32,21 @@ from torch import nn
 
 from corelm.data import tasks
 from corelm.errors import CorelmError
-from corelm.finetune.adalora import RankAllocator, apply_adalora
-from corelm.finetune.adapters import apply_adapters
-from corelm.finetune.heads import SequenceClassifier, TokenClassifier, head_state_dict
-from corelm.finetune.lora import DEFAULT_TARGETS, apply_lora, freeze
+from corelm.finetune.adalora import RankAllocator
+from corelm.finetune.heads import SequenceClassifier, head_state_dict
+from corelm.finetune.methods import (
+    ADAPTER_FILE,
+    HEAD_FILE,
+    METHODS,
+    TASK_FILE,
+    TASKS,
+    apply_method,
+    backbone_of,
+    build_task_model,
+    pad_token_id,
+)
+from corelm.loading import load_parts
 
-TASKS = ("classify", "ner", "sft")
-METHODS = ("full", "head", "lora", "adalora", "adapter")
-TASK_FILE = "corelm_task.json"
-HEAD_FILE = "head.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
 # Learning rates that work for each method at these model sizes (LoRA paper table 9: 2e-4..5e-4;
 # BERT fine-tuning: 2e-5..5e-5; a linear probe or a fresh head tolerates 1e-3 and more).
 DEFAULT_LR = {"full": 5e-5, "head": 2e-3, "lora": 5e-4, "adalora": 5e-4, "adapter": 1e-3}
@@ -131,54 +136,7 @@ def encode_examples(task: str, items: list, tokenizer: Any, labels: list[str], m
     return [tasks.encode_chat(tokenizer, messages, max_len) for messages in items]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
-
-
 # ------------------------------------------------------------------------------------------------ model
-
-def build_task_model(task: str, backbone: nn.Module, config: Any, labels: list[str],
-                     pooling: str | None) -> nn.Module:
-    """The backbone under the task's head (``sft``: the LM itself)."""
-    if task == "classify":
-        pooling = pooling or ("mean" if config.is_encoder else "last")
-        return SequenceClassifier(backbone, config.d_model, labels, pooling, config.is_encoder)
-    if task == "ner":
-        return TokenClassifier(backbone, config.d_model, labels, config.is_encoder)
-    return backbone
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    return getattr(model, "backbone", model)
-
-
-def apply_method(model: nn.Module, config: Any, method: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Apply ``method`` to the backbone of ``model`` (the head always trains); returns what to save."""
-    backbone = backbone_of(model)
-    if method == "full":
-        return {}
-    if method == "head":
-        if backbone is model:
-            raise CorelmError("--method head needs a task with a head (classify or ner), not sft")
-        freeze(backbone)
-        return {}
-    targets = settings.get("targets") or DEFAULT_TARGETS[config.family]
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if method == "lora":
-        names = apply_lora(backbone, targets, settings["rank"], settings["alpha"], settings.get("dropout", 0.0))
-        return {"modules": names, "rank": settings["rank"], "alpha": settings["alpha"],
-                "dropout": settings.get("dropout", 0.0)}
-    if method == "adalora":
-        names = apply_adalora(backbone, targets, settings["init_rank"], settings["alpha"])
-        return {"modules": names, "init_rank": settings["init_rank"], "target_rank": settings["target_rank"],
-                "alpha": settings["alpha"]}
-    if method == "adapter":
-        names = apply_adapters(backbone, config.family, settings["size"])
-        return {"modules": names, "size": settings["size"]}
-    raise CorelmError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-
 
 # ------------------------------------------------------------------------------------------------ losses
 
@@ -302,7 +260,6 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     Raises:
         CorelmError: bad arguments or data (one line for the CLI).
     """
-    import corelm
     from corelm.train import ResumableLoader, TrainConfig, train
 
     if args.task not in TASKS:
@@ -324,14 +281,14 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         items = [items[i] for i in order[n_val:]]
         val_source = f"{n_val} examples held out of {args.data}"
 
-    loaded = corelm.load(args.model, dtype="fp32")
+    loaded = load_parts(args.model, dtype="fp32")
     config, tokenizer = loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise CorelmError(f"{args.model} has no tokenizer; fine-tuning needs one")
     if args.task == "sft" and config.is_encoder:
         raise CorelmError("--task sft needs a decoder (e.g. smollm2-135m-instruct), not an encoder")
     max_len = min(args.max_len, config.max_seq_len)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     if args.task == "classify":
         labels = sorted({label for _, label in items})
     elif args.task == "ner":
@@ -500,87 +457,3 @@ def save_run_files(model: nn.Module, config: Any, tokenizer: Any, task_info: dic
     os.replace(tmp, out_dir / TASK_FILE)
 
 
-@dataclass
-class Run:
-    """A fine-tuned model loaded back: the task model, its tokenizer and what the run recorded."""
-
-    model: nn.Module
-    tokenizer: Any
-    config: Any
-    task: dict[str, Any]
-    path: Path
-
-    @property
-    def labels(self) -> list[str]:
-        return self.task.get("labels", [])
-
-    @property
-    def pad_id(self) -> int:
-        return _pad_id(self.tokenizer)
-
-    def llm(self) -> Any:
-        """A :class:`corelm.api.LLM` over this run's language model (``sft`` runs)."""
-        from corelm.api import LLM
-
-        return LLM(backbone_of(self.model), self.tokenizer, self.config, source=str(self.path))
-
-
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / TASK_FILE).is_file()
-
-
-def load_run(path: str | Path, dtype: str = "fp32", quantize: str | None = None) -> Run:
-    """Load a fine-tuning run directory: base model + method transform + saved adapter and head weights."""
-    from safetensors.torch import load_file
-
-    import corelm
-    from corelm.tokenizer import Tokenizer
-
-    path = Path(path)
-    if not is_run(path):
-        raise CorelmError(f"{path} is not a fine-tuning run (no {TASK_FILE})")
-    task = json.loads((path / TASK_FILE).read_text())
-    base = str(path) if task["base"] == "." else task["base"]
-    loaded = corelm.load(base, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else loaded.tokenizer
-    model = build_task_model(task["task"], loaded.model, loaded.config, task.get("labels", []), task.get("pooling"))
-    method_cfg = task.get("method_config", {})
-    method = task["method"]
-    if method in ("lora", "adalora", "adapter"):
-        settings = {"targets": method_cfg["modules"], "rank": method_cfg.get("rank", 8),
-                    "alpha": method_cfg.get("alpha", 16.0), "dropout": 0.0,
-                    "init_rank": method_cfg.get("init_rank", 12), "target_rank": method_cfg.get("target_rank", 4),
-                    "size": method_cfg.get("size", 64)}
-        if method == "adapter":  # full dotted names match themselves as suffixes
-            apply_adapters(backbone_of(model), loaded.config.family, settings["size"], targets=method_cfg["modules"])
-        else:
-            apply_method(model, loaded.config, method, settings)
-        _load_into(backbone_of(model), load_file(str(path / ADAPTER_FILE)), ADAPTER_FILE)
-    if backbone_of(model) is not model:
-        _load_into(model, load_file(str(path / HEAD_FILE)), HEAD_FILE)
-    model.eval()
-    if quantize:
-        from corelm.api import _quantize
-
-        if method == "adapter":
-            raise CorelmError("--quantize is not supported for adapter runs (adapters are not foldable into "
-                              "the quantized weights); evaluate them unquantized")
-        if method in ("lora", "adalora"):
-            from corelm.finetune.lora import merge_lora
-
-            merge_lora(backbone_of(model))  # fold first: quantizing the merged weights keeps the update
-        _quantize(backbone_of(model), quantize)
-    return Run(model, tokenizer, loaded.config, task, path)
-
-
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], filename: str) -> None:
-    own = dict(module.named_parameters())
-    missing = [k for k in tensors if k not in own]
-    if missing:
-        raise CorelmError(f"{filename} does not match the model: unexpected tensor {missing[0]!r}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if own[name].shape != tensor.shape:
-                raise CorelmError(f"{filename}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                  f"{tuple(own[name].shape)}")
-            own[name].copy_(tensor)

