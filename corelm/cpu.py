@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Native bf16 arithmetic: AVX512_BF16 (VDPBF16PS; Intel Cooper Lake+, AMD Zen 4+) or AMX-BF16 tiles
 # (Intel Sapphire Rapids+). Without them oneDNN emulates bf16 matmuls through fp32 conversions, which
-# measured ~0.3 GFLOP/s on an AVX2-only Zen 3 (BENCHMARKS.md) against ~136 in fp32.
+# measured ~0.3 GFLOP/s on an AVX2-only Zen 3 (docs: the benchmarks page) against ~136 in fp32.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

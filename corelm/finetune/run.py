@@ -196,12 +196,6 @@ def forward_items(model: nn.Module, items: list[dict[str, Any]], pad_id: int, ba
     return out
 
 
-def predict_probs(model: nn.Module, items: list[dict[str, Any]], pad_id: int, batch_size: int = 32,
-                  progress: bool = False) -> torch.Tensor:
-    """Class probabilities ``(N, C)`` of encoded examples (in their original order)."""
-    return torch.stack(forward_items(model, items, pad_id, batch_size, progress, "predict")).softmax(-1)
-
-
 def tags_from_logits(logits: list[torch.Tensor], items: list[dict[str, Any]], n_words: list[int],
                      labels: list[str]) -> list[list[str]]:
     """The tag of every word (from its first sub-word); words cut off by ``max_len`` get ``O``."""

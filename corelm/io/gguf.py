@@ -42,7 +42,6 @@ _STRING, _ARRAY = 8, 9
 
 Q = GGMLQuantizationType
 # Types dequantized here with vectorized torch code; others fall back to gguf.quants.dequantize.
-FAST_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
 
 
 @dataclass

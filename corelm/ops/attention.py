@@ -29,10 +29,6 @@ def set_attention_impl(name: str) -> None:
     _impl = name
 
 
-def get_attention_impl() -> str:
-    return _impl
-
-
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Share each key/value head with ``n_rep`` query heads (grouped-query attention, Ainslie et al. 2023).
 

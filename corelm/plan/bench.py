@@ -34,7 +34,7 @@ from typing_extensions import Self
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.plan import planner as P
-from corelm.plan.hardware import Hardware, cpu_row, get_hardware
+from corelm.plan.hardware import Hardware, cpu_row
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,10 +153,6 @@ def save_profile(profile: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def hardware_from_profile(profile: dict[str, Any]) -> Hardware:
-    return get_hardware(profile.get("hardware", "cpu"), profile)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -172,8 +172,8 @@ def _this_machine_memory_gb() -> float:
 
 def cpu_row(profile: dict[str, Any] | None = None) -> Hardware:
     """This machine's CPU. Without a measured profile, figures are those measured on the corelm
-    reference machine (2 cores of an AMD EPYC with AVX-512/AVX512_BF16, torch 2.13, see
-    /work/shared/BENCHMARKS.md); ``corelm bench --save p.json`` and ``plan --profile p.json`` replace them.
+    reference machine (2 cores of an AMD EPYC with AVX-512/AVX512_BF16, torch 2.13); ``corelm bench
+    --save p.json`` and ``plan --profile p.json`` replace them.
     """
     row = Hardware("cpu", f"this machine's CPU ({os.cpu_count()} cores)", {"fp32": 0.139, "bf16": 0.33},
                    round(_this_machine_memory_gb(), 1), 31.5, 0.0, "none", 1, 0.0, None, 0.10,

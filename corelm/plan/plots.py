@@ -10,8 +10,6 @@ intensity = FLOPs ÷ bytes moved from memory. Operating points, each one pass ov
 
 from __future__ import annotations
 
-from typing import Any
-
 from corelm.config import ModelConfig
 from corelm.plan import formulas as F
 from corelm.plan.hardware import Hardware
@@ -97,5 +95,3 @@ def plot_plan(p: Plan, cfg: ModelConfig, rows: list[Hardware], path: str) -> Non
     plt.close(fig)
 
 
-def describe_points(cfg: ModelConfig, p: Plan, hw: Hardware) -> list[dict[str, Any]]:
-    return [{"label": lab, "intensity": i, "flops": f} for lab, i, f in operating_points(cfg, p, hw)]
