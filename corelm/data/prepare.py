@@ -10,15 +10,15 @@ Output directory (``corelm prepare ... --out data/tok``)::
 Documents are tokenized in batches (the ``tokenizers`` library spreads a batch over all cores),
 each followed by EOS, and appended to the shard of their split; a document goes to ``val`` when a
 fixed hash of its index falls under ``val_fraction``, so the split is reproducible. Everything is
-written into ``<out>.tmp-<pid>`` and renamed into place at the end: an interrupted or failed run
-never leaves a directory that looks complete.
+written into a hidden temporary sibling of ``<out>`` and renamed into place at the end
+(:func:`corelm.io.atomic.atomic_dir`): a failed, interrupted (SIGINT/SIGTERM) or disk-full run leaves
+neither a directory that looks complete nor the temporary one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from corelm.data.text import read_lines, read_text
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 
 FORMAT = "corelm-tokens-v1"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py"}
@@ -69,38 +71,41 @@ def read_documents(files: list[Path], field: str = "text") -> Iterator[Document]
     """
     for path in files:
         suffix = path.suffix.lower()
-        try:
-            if suffix in PARQUET_SUFFIXES:
-                yield from _parquet(path, field)
-            elif suffix in JSONL_SUFFIXES:
-                yield from _jsonl(path, field)
-            else:
-                text = path.read_text(encoding="utf-8")
-                if text.strip():
-                    yield Document(text, str(path))
-        except UnicodeDecodeError as exc:
-            raise CorelmError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise CorelmError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if suffix in PARQUET_SUFFIXES:
+            yield from _parquet(path, field)
+        elif suffix in JSONL_SUFFIXES:
+            yield from _jsonl(path, field)
+        else:
+            text = read_text(path)
+            if text.strip():
+                yield Document(text, str(path))
 
 
 def _jsonl(path: Path, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorelmError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise CorelmError(f"{path}:{lineno}: no field {field!r} (has: {keys}); choose it with --field")
-            text = record[field]
-            if not isinstance(text, str):
-                raise CorelmError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not text")
-            if text.strip():
-                yield Document(text, f"{path}:{lineno}")
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorelmError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise CorelmError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise CorelmError(f"{path}:{lineno}: invalid JSON ({str(exc).split(';')[0]})") from None
+        if not isinstance(record, dict) or field not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise CorelmError(f"{path}:{lineno}: no field {field!r} (has: {keys}); choose it with --field")
+        text = record[field]
+        if not isinstance(text, str):
+            raise CorelmError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CorelmError(f"{path}:{lineno}: field {field!r} holds a lone surrogate escape "
+                              "(\\ud800-\\udfff), which is not Unicode text") from None
+        if text.strip():
+            yield Document(text, f"{path}:{lineno}")
 
 
 def _parquet(path: Path, field: str) -> Iterator[Document]:
@@ -113,7 +118,14 @@ def _parquet(path: Path, field: str) -> Iterator[Document]:
     if field not in pf.schema_arrow.names:
         raise CorelmError(f"{path}: no column {field!r} (has: {', '.join(pf.schema_arrow.names)}); choose it with --field")
     row = 0
-    for batch in pf.iter_batches(columns=[field]):
+    batches = pf.iter_batches(columns=[field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # noqa: BLE001 - a corrupt page deep in the file, in pyarrow's many types
+            raise CorelmError(f"{path}: unreadable Parquet data after row {row} ({str(exc).splitlines()[0]})") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             row += 1
             if isinstance(text, str) and text.strip():
@@ -178,7 +190,8 @@ class _ShardWriter:
     def add(self, ids: list[int]) -> None:
         if self._f is None or self._n >= self.shard_tokens:
             self._open()
-        np.asarray(ids, dtype=self.dtype).tofile(self._f)
+        # file.write, not ndarray.tofile: a full disk then raises OSError(ENOSPC), which names the cause
+        self._f.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self._n += len(ids)
         self.shards[-1]["tokens"] = self._n
         self.documents += 1
@@ -261,11 +274,8 @@ def prepare(
         yield from read_documents(files, field)
 
     total_bytes = sum(f.stat().st_size for f in files) + sum(len(t.encode("utf-8")) for t in corpus_docs) or None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    try:
+    with atomic_dir(out) as tmp:  # renamed into place at the end, removed on any failure or interrupt
         if tokenizer:
             tok = load_tokenizer(tokenizer)
             tok_source = tokenizer
@@ -330,16 +340,6 @@ def prepare(
         }
         tok.save(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

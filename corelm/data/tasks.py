@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 
+from corelm.data.text import read_lines
+from corelm.data.text import read_text as _read_text
 from corelm.errors import CorelmError
 from corelm.eval.ner import iob1_to_iob2, split_tag
 
@@ -63,21 +66,46 @@ def _open(path: str | Path) -> Path:
 
 
 def _json_lines(path: Path, bad: _BadRows) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad(line_no, f"invalid JSON ({exc.msg})")
+    for line_no, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad(line_no, f"invalid JSON ({exc.msg})")
+            continue
+        except RecursionError:
+            bad(line_no, "invalid JSON (nested too deeply)")
+            continue
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            bad(line_no, f"invalid JSON ({str(exc).split(';')[0]})")
+            continue
+        try:  # JSON may spell a lone surrogate ("\\ud800"), which is not text any tokenizer can take
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            bad(line_no, "a string holds a lone surrogate escape (\\ud800-\\udfff), which is not Unicode text")
+            continue
+        yield line_no, record
+
+
+def _scalar_problem(name: str, value: Any) -> str | None:
+    """Why a JSON value cannot be a text or a label (lists, objects, NaN), or None when it can."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"field {name!r} is {value}, not a text or label"
+    if not isinstance(value, (str, int, float)):
+        return f"field {name!r} is a JSON {'array' if isinstance(value, list) else 'object'}, not a text or label"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_classification(path: str | Path, text_field: str = "text", label_field: str = "label",
                         skip_bad: bool = False) -> Rows:
-    """``(text, label)`` pairs from a CSV (with header) or JSONL file; labels are kept as strings."""
+    """``(text, label)`` pairs from a CSV (with header) or JSONL file; labels are kept as strings.
+
+    A JSONL number is a fine text or label (``1`` becomes ``"1"``); an array, an object or a non-finite
+    number is a bad row, never stringified into a label nobody wrote.
+    """
     path = _open(path)
     bad, rows = _BadRows(path, skip_bad), Rows(path=str(path))
 
@@ -88,6 +116,9 @@ def read_classification(path: str | Path, text_field: str = "text", label_field:
         if text is None or label is None:
             missing = text_field if text is None else label_field
             return bad(line, f"missing field {missing!r}")
+        problem = _scalar_problem(text_field, text) or _scalar_problem(label_field, label)
+        if problem:
+            return bad(line, problem)
         if not str(text).strip() or not str(label).strip():
             return bad(line, "empty text or label")
         rows.items.append((str(text), str(label)))
@@ -96,16 +127,26 @@ def read_classification(path: str | Path, text_field: str = "text", label_field:
         for line, record in _json_lines(path, bad):
             take(line, record)
     else:
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or text_field not in reader.fieldnames or label_field not in reader.fieldnames:
-                raise CorelmError(f"{path}:1: the header {reader.fieldnames} lacks {text_field!r} or "
-                                  f"{label_field!r} (set --text-field/--label-field)")
-            for record in reader:
-                if None in record:  # more cells than header columns
-                    bad(reader.line_num, f"{len(record) - 1 + len(record[None])} cells for {len(reader.fieldnames)} columns")
-                    continue
-                take(reader.line_num, record)
+        reader = csv.DictReader(line for _, line in read_lines(path))
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            raise CorelmError(f"{path}:1: unreadable CSV header ({exc})") from None
+        if not header or text_field not in header or label_field not in header:
+            raise CorelmError(f"{path}:1: the header {header} lacks {text_field!r} or "
+                              f"{label_field!r} (set --text-field/--label-field)")
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                bad(reader.line_num, f"unreadable CSV row ({exc})")
+                continue
+            if None in record:  # more cells than header columns
+                bad(reader.line_num, f"{len(record) - 1 + len(record[None])} cells for {len(header)} columns")
+                continue
+            take(reader.line_num, record)
     rows.skipped = bad.count
     if not rows.items:
         raise CorelmError(f"{path}: no usable examples")
@@ -129,27 +170,26 @@ def read_conll(path: str | Path, token_col: int = 0, tag_col: int = -1, scheme: 
             rows.items.append((tokens, iob1_to_iob2(tags) if scheme == "iob1" else tags))
         tokens, tags, broken = [], [], False
 
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                flush()
-                continue
-            if cols[0] == "-DOCSTART-":
-                flush()
-                continue
-            if len(cols) < 2:
-                bad(line_no, f"expected a token and a tag, got {line.strip()!r}")
-                broken = True
-                continue
-            tag = cols[tag_col]
-            prefix, kind = split_tag(tag)
-            if prefix not in ("O", "B", "I") or (prefix != "O" and not kind) or (prefix == "O" and tag != "O"):
-                bad(line_no, f"tag {tag!r} is not BIO (O, B-TYPE or I-TYPE)")
-                broken = True
-                continue
-            tokens.append(cols[token_col])
-            tags.append(tag)
+    for line_no, line in read_lines(path):
+        cols = line.split()
+        if not cols:
+            flush()
+            continue
+        if cols[0] == "-DOCSTART-":
+            flush()
+            continue
+        if len(cols) < 2:
+            bad(line_no, f"expected a token and a tag, got {line.strip()!r}")
+            broken = True
+            continue
+        tag = cols[tag_col]
+        prefix, kind = split_tag(tag)
+        if prefix not in ("O", "B", "I") or (prefix != "O" and not kind) or (prefix == "O" and tag != "O"):
+            bad(line_no, f"tag {tag!r} is not BIO (O, B-TYPE or I-TYPE)")
+            broken = True
+            continue
+        tokens.append(cols[token_col])
+        tags.append(tag)
     flush()
     rows.skipped = bad.count
     if not rows.items:
@@ -199,11 +239,7 @@ def read_pairs(path: str | Path, source_field: str = "text", target_field: str =
 
 def read_text(path: str | Path) -> str:
     """A whole text file (for perplexity)."""
-    path = _open(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorelmError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return _read_text(_open(path))
 
 
 # ---------------------------------------------------------------------------------------------- labels

@@ -274,6 +274,11 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         val_items = [items[i] for i in order[:n_val]]
         items = [items[i] for i in order[n_val:]]
         val_source = f"{n_val} examples held out of {args.data}"
+    if args.task == "classify":  # one class: the loss is zero from the first step and nothing is learned
+        classes = sorted({label for _, label in items})
+        if len(classes) < 2:
+            raise CorelmError(f"{args.data}: every training example has the label {classes[0]!r}; a classifier needs "
+                              f"at least two classes (is --label-field {args.label_field!r} the right column?)")
 
     loaded = load_parts(args.model, dtype="fp32")
     config, tokenizer = loaded.config, loaded.tokenizer
