@@ -2,15 +2,24 @@
 
 Each command module in :mod:`corelm.commands` exposes ``main(argv: list[str]) -> int`` and builds its
 own ``argparse`` parser, so ``corelm <command> --help`` documents itself. A :class:`CorelmError`
-becomes one line on stderr and exit status 2, never a traceback.
+(bad arguments, data, text that is not UTF-8, a full or read-only disk) becomes one line on stderr and
+exit status 2, never a traceback. SIGTERM is handled like Ctrl-C: temporary outputs are removed, training
+commands checkpoint first, and the exit status is 130.
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 from corelm.errors import CorelmError, close_names
+
+EXIT_CODES = """exit status:
+  0    success
+  2    bad input (one line on stderr: arguments, data, a full or read-only disk)
+  130  interrupted by Ctrl-C (SIGINT) or SIGTERM; what the command saves on interrupt is saved"""
 
 # command -> (module under corelm.commands, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,7 +49,11 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: corelm <command> [options]   (corelm <command> --help for details)", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", EXIT_CODES])
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: every cleanup and "finally" runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"corelm: error: unknown command {name!r}{close_names(name, list(COMMANDS))}", file=sys.stderr)
         return 2
+    from corelm.commands.args import check_argv, strict_stdin
+    from corelm.io.atomic import disk_error
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
+        check_argv(rest)
+        strict_stdin()
         module = importlib.import_module(f"corelm.commands.{COMMANDS[name][0]}")
         return int(module.main(rest) or 0)
     except CorelmError as exc:
@@ -68,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the file system refusing a write that no command wraps: still one line
+        reason = disk_error(exc)
+        if reason is None:
+            raise
+        print(f"corelm {name}: error: {f'{exc.filename}: ' if exc.filename else ''}{reason}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

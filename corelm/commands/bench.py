@@ -20,13 +20,14 @@ import statistics
 import sys
 import time
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 
 GiB = 1024**3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm bench",
         description="Measure this machine (matmul FLOP/s per dtype, memory bandwidth), run real corelm "
                     "training steps or decoding, and print predicted vs measured peak memory, step time "

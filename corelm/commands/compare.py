@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="corelm compare", description=__doc__.splitlines()[0].strip("`"),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="corelm compare", description=__doc__.splitlines()[0].strip("`"),
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("variants", nargs="+", help="models to compare: embedded names, directories or .gguf files")
     ap.add_argument("--data", required=True, help="held-out text file for perplexity")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of --data scored for perplexity")

@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm convert",
         description="Convert a .gguf file (llama architecture) or an HF checkpoint directory to an HF-layout "
                     "directory with model.safetensors, config.json, tokenizer.json and tokenizer_config.json.",

@@ -18,11 +18,12 @@ from types import SimpleNamespace
 
 import torch
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm distill",
         description="Distill a teacher model into a smaller student with the same tokenizer: loss = "
                     "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.",
@@ -114,4 +115,4 @@ def main(argv: list[str]) -> int:
     if "val_loss" in m:
         parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
     print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts), file=sys.stderr)
-    return 0
+    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 
 TASKS = ("classify", "ner", "perplexity", "summarize")
@@ -27,8 +27,8 @@ SUMMARIZE_PROMPT = "Summarize the following text in one sentence.\n\n{text}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="corelm evaluate", description=__doc__.split("\n\n")[0].strip("`"),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="corelm evaluate", description=__doc__.split("\n\n")[0].strip("`"),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
                     help="a fine-tuning run directory (classify/ner; sft runs for perplexity/summarize), or any "
                          "model name/path corelm.load accepts (perplexity/summarize)")
@@ -77,11 +77,10 @@ def main(argv: list[str]) -> int:
     report["seconds"] = round(time.perf_counter() - start, 2)
     table = report.pop("_table")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        from corelm.io.atomic import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -104,24 +103,31 @@ def _labelled(args: argparse.Namespace) -> dict[str, Any]:
     from corelm.data import tasks
     from corelm.eval.metrics import classification_report, format_table
     from corelm.eval.ner import entity_report
+    from corelm.finetune.methods import TASK_FILE
     from corelm.finetune.run import encode_examples, forward_items, tags_from_logits
     from corelm.loading import is_run, load_run
 
     if not is_run(args.model):
         raise CorelmError(f"--task {args.task} needs a fine-tuning run directory (corelm finetune --out DIR); "
                           f"{args.model} is not one")
-    run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
-    if run.task["task"] != args.task:
-        raise CorelmError(f"{args.model} was fine-tuned for {run.task['task']}, not {args.task}")
-    max_len = args.max_len or run.task["max_len"]
+    try:
+        task = json.loads((Path(args.model) / TASK_FILE).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CorelmError(f"{Path(args.model) / TASK_FILE} is unreadable ({exc})") from None
+    kind = task.get("task") if isinstance(task, dict) else None
+    if kind != args.task:
+        raise CorelmError(f"{args.model} was fine-tuned for {kind}, not {args.task}")
+    # the data before the model: a bad file fails in a moment, not after loading the weights
     if args.task == "classify":
-        fields = run.task.get("fields") or {}
+        fields = task.get("fields") or {}
         rows = tasks.read_classification(args.data, args.text_field or fields.get("text", "text"),
                                          args.label_field or fields.get("label", "label"), args.skip_bad)
     else:
         rows = tasks.read_conll(args.data, scheme=args.scheme, skip_bad=args.skip_bad)
     if rows.skipped:
         _say(rows.note())
+    run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
+    max_len = args.max_len or run.task["max_len"]
     items = _limit(rows.items, args.limit)
     if args.task == "classify":
         unknown = sorted({label for _, label in items} - set(run.labels))

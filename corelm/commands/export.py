@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
+from corelm.io.atomic import write_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="corelm export", description=__doc__.splitlines()[0].strip("`"),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = Parser(prog="corelm export", description=__doc__.splitlines()[0].strip("`"),
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("source", help="checkpoint directory (float or `corelm quantize` output), .gguf or embedded name")
     ap.add_argument("out", help="output .gguf file (written atomically)")
     ap.add_argument("--type", dest="qtype", default=None, choices=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"],
@@ -52,8 +54,9 @@ def main(argv: list[str]) -> int:
         config, model, tokenizer, qtype = llm.config, llm.model, llm.tokenizer, args.qtype or "F16"
     if config.family != "llama":
         raise CorelmError(f"GGUF export writes llama-family models; {args.source} is {config.family}")
-    path = export_gguf(model, out, qtype, tokenizer=tokenizer, tokenizer_pre=args.tokenizer_pre,
-                       name=config.name or None)
+    with write_errors(out):  # a full or read-only disk: one line naming the file
+        path = export_gguf(model, out, qtype, tokenizer=tokenizer, tokenizer_pre=args.tokenizer_pre,
+                           name=config.name or None)
     print(f"wrote {path} ({qtype}, {path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return 0

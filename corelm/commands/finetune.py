@@ -20,6 +20,7 @@ import inspect
 import json
 import re
 
+from corelm.commands.args import Parser
 from corelm.finetune.run import METHODS, TASKS, FinetuneArgs
 
 _CHOICES = {"task": TASKS, "method": METHODS, "pooling": ("cls", "pooled", "mean", "last"),
@@ -37,7 +38,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm finetune",
         description="Fine-tune a model on a task through corelm's one training loop. Data files may be "
                     "demo:<set>[:<split>] (packages, ner, chat, summaries: built from the Python standard "
@@ -74,10 +75,12 @@ def main(argv: list[str]) -> int:
     from corelm.finetune.run import finetune
 
     summary = finetune(FinetuneArgs(**vars(args)))
+    status = 130 if summary.get("stopped") == "interrupted" else 0  # 130: like every command stopped by a signal
     if as_json:
         print(json.dumps(summary))
-        return 0
-    print(f"run written to {args.out} ({summary['steps']} steps)")
+        return status
+    done = "interrupted; checkpoint of the run in" if status else "run written to"
+    print(f"{done} {args.out} ({summary['steps']} steps)")
     for key in ("train_loss", "val_loss_before", "val_loss", "val_acc_before", "val_acc", "val_f1_before", "val_f1",
                 "total_rank"):
         if summary.get(key) is not None:
@@ -85,4 +88,4 @@ def main(argv: list[str]) -> int:
                   f"  {key:<16} {summary[key]}")
     if "ranks" in summary:
         print("  AdaLoRA ranks per matrix: " + " ".join(str(r) for r in summary["ranks"].values()))
-    return 0
+    return status

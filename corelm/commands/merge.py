@@ -15,17 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="corelm merge", description=__doc__.split("\n\n")[0].strip("`"),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="corelm merge", description=__doc__.split("\n\n")[0].strip("`"),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory written by corelm finetune (method lora, adalora or head)")
     ap.add_argument("--out", required=True, help="directory for the merged model (must not exist or be empty)")
     ap.add_argument("--dtype", default="fp32", help="dtype of the saved weights: fp32, bf16 or fp16")
@@ -65,20 +66,12 @@ def main(argv: list[str]) -> int:
         raise CorelmError(f"unknown --dtype {args.dtype!r}; use fp32, bf16 or fp16")
     run.model.to(dtype)
     # write next to the target and rename at the end: an interrupted merge leaves nothing half-written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_hf_dir(backbone, run.config, tmp, run.tokenizer)
         if backbone is not run.model:
             shutil.copy2(Path(args.run) / HEAD_FILE, tmp / HEAD_FILE)
             task = {**run.task, "method": "full", "base": ".", "merged_from": str(Path(args.run).resolve()),
                     "merged_method": method}
             (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from corelm.commands.args import Parser
 from corelm.config import ModelConfig
 from corelm.presets import EMBEDDED, PRESETS, preset
 
@@ -54,7 +55,7 @@ def rows() -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm models",
         description="List embedded models (weights installed with a pip package) and presets (architectures; "
                     "loading one gives random weights). Parameter counts are computed from each config.")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from corelm.commands.args import Parser
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_file
 from corelm.plan import formulas as F
 from corelm.plan import planner as P
 from corelm.plan.hardware import get_hardware, hardware_ids, load_profile
@@ -27,7 +27,7 @@ GiB = F.GiB
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm plan",
         description="Predict memory per device (weights, gradients, optimizer, activations, logits, KV cache), "
                     "FLOPs, step time, total time, cost and energy of training, fine-tuning or serving a model, "
@@ -186,18 +186,6 @@ def render(p: P.Plan, budget: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.model, args.config)
@@ -228,7 +216,8 @@ def main(argv: list[str]) -> int:
     if args.plot:
         from corelm.plan.plots import plot_plan
 
-        _write_atomic(Path(args.plot), lambda tmp: plot_plan(p, cfg, rows, tmp))
+        with atomic_file(args.plot) as tmp:
+            plot_plan(p, cfg, rows, str(tmp))
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:

@@ -13,12 +13,13 @@ import argparse
 import json
 import sys
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="corelm predict", description="Run a fine-tuned classifier or tagger on text.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    ap = Parser(prog="corelm predict", description="Run a fine-tuned classifier or tagger on text.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     ap.add_argument("--model", required=True, help="a classify or ner run directory written by corelm finetune")
     ap.add_argument("texts", nargs="+", help="texts to label; '-' reads one text per line from stdin")
     ap.add_argument("--top", type=int, default=5, help="classify: how many labels to show with probabilities")
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
     from corelm.finetune.run import forward_items, tags_from_logits
     from corelm.loading import is_run, load_run
 
+    if args.top < 1:
+        raise CorelmError(f"--top must be at least 1, got {args.top}")
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
     if not texts:
         raise CorelmError("no text given")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 
+from corelm.commands.args import Parser
 from corelm.data.corpus import CORPORA
 from corelm.data.prepare import prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm prepare",
         description="Tokenize text files, folders, JSONL or Parquet (or an embedded corpus), join documents "
                     "with EOS, and pack them into memory-mapped train/val token shards with a manifest.json "

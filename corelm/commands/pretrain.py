@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 from corelm.train.loop import TrainConfig
 from corelm.train.precision import POLICIES
@@ -31,7 +32,7 @@ OBJECTIVES = ("clm", "mlm")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm pretrain",
         description="Pretrain a Transformer on data written by `corelm prepare` with the shared training loop: "
                     "AdamW (no decay on norms/biases/embeddings), warmup + cosine, clipping, accumulation, "
@@ -246,4 +247,4 @@ def run(args: argparse.Namespace, info: Any) -> int:
         if result.checkpoint:
             print(f"checkpoint {result.checkpoint}; the run directory {out} is a model: "
                   f"corelm generate --model {out} \"...\"")
-    return 0
+    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm prune",
         description="Zero the least important weights of every linear layer (the LM head stays dense), or with "
                     "--structure remove whole layers / KV groups / query heads / MLP channels for a smaller dense model.",

@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm quantize",
         description="Quantize a model's linear layers to int8 (per output channel) or int4 (group-wise, "
                     "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.",

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
 
@@ -24,7 +25,7 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="corelm serve",
         description="Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                     "/v1/chat/completions, /v1/embeddings, /health, /metrics) with a web chat page at /. "

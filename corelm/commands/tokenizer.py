@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from corelm.commands.args import Parser
 from corelm.errors import CorelmError
+from corelm.io.atomic import atomic_dir
 from corelm.presets import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm tokenizer",
         description="Train a byte-level BPE or WordPiece tokenizer on text files, or encode/decode with a model's "
                     "tokenizer.")
@@ -64,16 +64,8 @@ def _train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tok = train_tokenizer(args.files, kind=args.kind, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                           show_progress=sys.stderr.isatty())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:  # written aside, renamed into place: an interrupted run leaves no half tokenizer
+    with atomic_dir(out) as tmp:  # written aside, renamed into place: an interrupted run leaves no half tokenizer
         tok.save(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-        out.chmod(0o755)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(Path(f).stat().st_size for f in args.files) / 1e6
     print(f"trained {args.kind} tokenizer: {tok.vocab_size} tokens from {size:.1f} MB of text in "
           f"{time.perf_counter() - t0:.1f} s -> {out}/")
