@@ -14,6 +14,7 @@ This module knows nothing of the ``LLM``/``Encoder`` wrappers (:mod:`corelm.api`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -333,6 +334,49 @@ def _sentence_pooling(path: Path) -> tuple[str, bool, int | None]:
     if st_config.is_file():
         max_length = json.loads(st_config.read_text()).get("max_seq_length")
     return pooling, normalize, max_length
+
+
+# ---- configurations for planning and training --------------------------------------------------
+def config_for(model: str | None, config: str | None) -> ModelConfig:
+    """A preset by name, or a config file (corelm fields, or an HF config.json with ``model_type``)."""
+    if config:
+        path = Path(config)
+        if path.suffix == ".json" and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise CorelmError(f"cannot parse config {path}: {exc}") from None
+            if isinstance(data, dict) and "model_type" in data and "family" not in data:
+                from corelm.io.hf import config_from_hf
+
+                return config_from_hf(data)
+        cfg = ModelConfig.load(path)
+        cfg.name = cfg.name or path.stem
+        return cfg
+    name = model or "smollm2-135m"
+    if name in EMBEDDED:
+        name = EMBEDDED[name][2]
+    return preset(name)
+
+
+def training_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | None]:
+    """A model config (vocabulary from the data) and, for a model directory, its weights."""
+    path = Path(spec)
+    if spec in PRESETS:
+        config = preset(spec)
+    elif path.is_dir():
+        from corelm.io.hf import load_hf_model
+
+        config, model = load_hf_model(path, dtype=torch.float32)
+        if config.vocab_size != vocab_size:
+            raise CorelmError(f"{spec} has a vocabulary of {config.vocab_size}, the data {vocab_size}: "
+                              "prepare the data with that model's tokenizer (--tokenizer {spec})")
+        return config, model
+    elif path.is_file():
+        config = ModelConfig.load(path)
+    else:
+        raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; give a preset, config or directory")
+    return dataclasses.replace(config, vocab_size=vocab_size), None
 
 
 # ---- fine-tuning run directories -----------------------------------------------------------------

@@ -70,12 +70,12 @@ def _bytes(x: float) -> str:
 
 
 def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> dict:
-    from corelm.commands.plan import load_config
+    from corelm.loading import config_for
     from corelm.plan import bench as B
     from corelm.plan import formulas as F
     from corelm.plan.hardware import cpu_row, get_hardware
 
-    cfg = load_config(args.model or ("gpt2-tiny" if not args.config else None), args.config)
+    cfg = config_for(args.model or ("gpt2-tiny" if not args.config else None), args.config)
     if cfg.is_encoder:
         raise CorelmError("--train benchmarks decoders (causal LM); pick a gpt2/llama model")
     for name in ("batch", "seq_len", "steps"):

@@ -53,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import corelm
-    from corelm.commands.pretrain import resolve_model
     from corelm.compress.distill import check_loss_params, check_pair, distill_loss_fn
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
+    from corelm.loading import training_model
     from corelm.models import build_model
     from corelm.objectives import causal_lm_loss
     from corelm.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     if manifest["vocab_size"] != teacher.config.vocab_size:
         raise CorelmError(f"{args.data} was tokenized with a vocabulary of {manifest['vocab_size']}, the teacher has "
                           f"{teacher.config.vocab_size}: run `corelm prepare --tokenizer {args.teacher}`")
-    config, loaded = resolve_model(args.student, manifest["vocab_size"])
+    config, loaded = training_model(args.student, manifest["vocab_size"])
     torch.manual_seed(args.seed)
     student = loaded if loaded is not None else build_model(config)
     check_pair(teacher.model, student)

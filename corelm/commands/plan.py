@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from corelm.commands.args import Parser
-from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_file
 from corelm.plan import formulas as F
@@ -77,30 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="save a PNG: memory breakdown per device and a roofline with the operating points")
     return ap
-
-
-def load_config(model: str | None, config: str | None) -> ModelConfig:
-    """A preset by name, or a config file (corelm fields, or an HF config.json with ``model_type``)."""
-    if config:
-        path = Path(config)
-        if path.suffix == ".json" and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise CorelmError(f"cannot parse config {path}: {exc}") from None
-            if isinstance(data, dict) and "model_type" in data and "family" not in data:
-                from corelm.io.hf import config_from_hf
-
-                return config_from_hf(data)
-        cfg = ModelConfig.load(path)
-        cfg.name = cfg.name or path.stem
-        return cfg
-    from corelm.presets import EMBEDDED, preset
-
-    name = model or "smollm2-135m"
-    if name in EMBEDDED:
-        name = EMBEDDED[name][2]
-    return preset(name)
 
 
 def _gib(x: float | None) -> str:
@@ -187,8 +161,10 @@ def render(p: P.Plan, budget: float | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from corelm.loading import config_for
+
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.model, args.config)
+    cfg = config_for(args.model, args.config)
     profile = load_profile(args.profile) if args.profile else None
     hw = args.hardware or ("all" if args.budget_usd is not None else "h100-sxm")
     ids = hardware_ids() if hw == "all" else [h.strip() for h in hw.split(",") if h.strip()]

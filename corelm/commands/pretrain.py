@@ -95,31 +95,6 @@ def _field_help(name: str) -> str:
     return name
 
 
-def resolve_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | None]:
-    """A model config (vocabulary from the data) and, for a model directory, its weights."""
-    from corelm.config import ModelConfig
-    from corelm.presets import PRESETS, preset
-
-    path = Path(spec)
-    if spec in PRESETS:
-        config = preset(spec)
-    elif path.is_dir():
-        from corelm.io.hf import load_hf_model
-
-        config, model = load_hf_model(path, dtype=torch.float32)
-        if config.vocab_size != vocab_size:
-            raise CorelmError(f"{spec} has a vocabulary of {config.vocab_size}, the data {vocab_size}: "
-                              "prepare the data with that model's tokenizer (--tokenizer {spec})")
-        return config, model
-    elif path.is_file():
-        config = ModelConfig.load(path)
-    else:
-        from corelm.errors import close_names
-
-        raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; give a preset, config or directory")
-    return dataclasses.replace(config, vocab_size=vocab_size), None
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from corelm.train.distributed import init_distributed, shutdown_distributed
@@ -136,6 +111,7 @@ def main(argv: list[str]) -> int:
 def run(args: argparse.Namespace, info: Any) -> int:
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
+    from corelm.loading import training_model
     from corelm.models import build_model
     from corelm.objectives import MaskingSpec, MLMCollate, causal_lm_loss, mlm_loss
     from corelm.ops.attention import set_attention_impl
@@ -154,7 +130,7 @@ def run(args: argparse.Namespace, info: Any) -> int:
         raise CorelmError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     manifest = read_manifest(args.data)
     tokenizer = Tokenizer.from_dir(args.data)
-    config, loaded = resolve_model(args.model, manifest["vocab_size"])
+    config, loaded = training_model(args.model, manifest["vocab_size"])
     objective = args.objective or ("mlm" if config.is_encoder else "clm")
     if objective == "clm" and config.is_encoder:
         raise CorelmError(f"{args.model} is an encoder: use --objective mlm")
