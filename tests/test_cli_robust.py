@@ -355,3 +355,33 @@ def test_any_bytes_through_the_cli_give_one_line(data: bytes, command: tuple[str
         argv = [name, "--model", "no-such-model", "--task", task, "--data", str(path)]
         one_line_error(argv + (["--out", str(Path(tmp) / "run")] if name == "finetune" else []), capsys)
         assert sorted(p.name for p in Path(tmp).iterdir()) == [file]
+
+
+# ----------------------------------------------------------------------- calibration text and recovery
+
+
+@pytest.mark.parametrize("command", ["prune", "compare"])
+def test_calibration_and_comparison_text_must_be_utf8(command: str, tiny: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "calib.txt"
+    bad.write_bytes(b"plain text, then \xff\xfe bytes that are not UTF-8\n" * 4)
+    argv = (["prune", "--model", str(tiny), "--method", "wanda", "--calib", str(bad), "--out",
+             str(tmp_path / "out")] if command == "prune" else
+            ["compare", str(tiny), "--data", str(bad)])
+    one_line_error(argv, capsys, "not UTF-8", "calib.txt")
+
+
+def test_an_interrupted_recovery_is_an_interrupt_not_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C/SIGTERM during `prune --recover-steps` must reach the CLI (exit 130), not write a half-healed model."""
+    import torch
+
+    from corelm.compress import prune as P
+    from corelm.train import loop
+
+    def interrupted(model, loss_fn, batches, cfg, **kwargs):  # what the loop returns after Ctrl-C
+        return loop.TrainResult(step=1, stopped="interrupted")
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(KeyboardInterrupt):
+        P.recover(model, model, list(range(2000)), 2, seq_len=16, batch_size=2)

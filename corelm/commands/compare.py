@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from corelm.commands.args import Parser
+from corelm.data.text import read_text
 from corelm.errors import CorelmError
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
     data = Path(args.data)
     if not data.is_file():
         raise CorelmError(f"--data file not found: {data}")
-    text = data.read_text(errors="replace")
+    text = read_text(data)
     rows = []
     for i, source in enumerate(args.variants, 1):
         print(f"[{i}/{len(args.variants)}] measuring {source} ...", file=sys.stderr, flush=True)

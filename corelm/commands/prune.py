@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from corelm.commands.args import Parser
+from corelm.data.text import read_text
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -63,7 +64,7 @@ def calibration_batches(tokenizer, path: str | Path, n_tokens: int, seq_len: int
     path = Path(path)
     if not path.is_file():
         raise CorelmError(f"calibration file not found: {path}")
-    ids = tokenizer.encode(path.read_text(errors="replace"))[:n_tokens]
+    ids = tokenizer.encode(read_text(path))[:n_tokens]
     if len(ids) < 16:
         raise CorelmError(f"{path} has only {len(ids)} tokens; calibration needs some text")
     return [torch.tensor([ids[i:i + seq_len]]) for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) > 1]
@@ -140,7 +141,7 @@ def _structured(llm, args, structures: dict[str, float], out: Path, t0: float) -
         model, report = prune_structured(llm.model, structures, calib, multiple_of=args.multiple_of,
                                          progress=lambda msg: print(f"  {msg}", file=sys.stderr))
         if args.recover_steps:
-            ids = llm.tokenizer.encode(Path(args.calib).read_text(errors="replace"))
+            ids = llm.tokenizer.encode(read_text(args.calib))
             print(f"  recovery: {args.recover_steps} steps x {args.recover_batch_size} x 256 tokens of {args.calib} "
                   f"({len(ids)} tokens), distilling the unpruned model, {args.precision}", file=sys.stderr)
             rec = recover(model, llm.model, ids, args.recover_steps, batch_size=args.recover_batch_size,

@@ -473,6 +473,8 @@ def recover(model: nn.Module, teacher: nn.Module, token_ids: list[int], steps: i
     for p in model.parameters():
         p.requires_grad_(True)
     result = train(model, distill_loss_fn(teacher, temperature=1.0, alpha=alpha), batches, cfg)
+    if result.stopped == "interrupted":  # the loop stops cleanly on Ctrl-C/SIGTERM; a half-healed model is not the output
+        raise KeyboardInterrupt
     model.eval()
     losses = [loss for _, loss in result.losses]
     return {"steps": result.step, "tokens": result.step * batch_size * seq_len,
