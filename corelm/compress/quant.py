@@ -812,8 +812,7 @@ def save_quantized_dir(model: nn.Module, config: object, out_dir: str | Path, to
     import json
     import os
 
-    from safetensors.torch import save_file
-
+    from corelm.io.atomic import save_safetensors
     from corelm.io.hf import config_to_hf
 
     spec = getattr(model, "corelm_quantization", None)
@@ -824,7 +823,7 @@ def save_quantized_dir(model: nn.Module, config: object, out_dir: str | Path, to
     state = {k: v.detach().cpu() for k, v in quantized_state_dict(model).items()}
     tmp = out / f".model.safetensors.tmp{os.getpid()}"
     try:
-        save_file(state, str(tmp), metadata={"format": "pt", "corelm_quantization": json.dumps(spec)})
+        save_safetensors(state, str(tmp), metadata={"format": "pt", "corelm_quantization": json.dumps(spec)})
         os.replace(tmp, out / "model.safetensors")
     finally:
         tmp.unlink(missing_ok=True)

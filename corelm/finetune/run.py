@@ -428,8 +428,7 @@ def save_run_files(model: nn.Module, config: Any, tokenizer: Any, task_info: dic
                    allocator: RankAllocator | None, out_dir: Path,
                    state: dict[str, torch.Tensor] | None = None) -> None:
     """Write a run directory's files (used as the training loop's checkpoint export)."""
-    from safetensors.torch import save_file
-
+    from corelm.io.atomic import save_safetensors
     from corelm.io.hf import save_hf_dir
 
     out_dir = Path(out_dir)
@@ -445,9 +444,9 @@ def save_run_files(model: nn.Module, config: Any, tokenizer: Any, task_info: dic
         adapter = {k[len(prefix):]: v.detach().contiguous() for k, v in state.items()
                    if k.startswith(prefix) and ("lora_" in k or "adapter_" in k)}
         if adapter:
-            save_file(adapter, str(out_dir / ADAPTER_FILE))
+            save_safetensors(adapter, str(out_dir / ADAPTER_FILE))
     if backbone is not model:
-        save_file({k: v.detach().contiguous() for k, v in head_state_dict(model).items()},
+        save_safetensors({k: v.detach().contiguous() for k, v in head_state_dict(model).items()},
                   str(out_dir / HEAD_FILE))
     if allocator is not None:
         info["method_config"] = {**info["method_config"], "ranks": allocator.ranks()}

@@ -170,3 +170,15 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
     finally:
         with _signals_held():
             tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the user's usual file mode.
+
+    The safetensors writer creates its file ``0600``; weights a user exports are meant to be shared like
+    any file they write, so the mode is set from the umask (``0644`` under the common ``022``).
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())

@@ -451,7 +451,7 @@ def save_hf_dir(model: nn.Module, config: ModelConfig, out_dir: str | Path, toke
     Returns:
         ``out_dir`` as a Path.
     """
-    from safetensors.torch import save_file
+    from corelm.io.atomic import save_safetensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +460,7 @@ def save_hf_dir(model: nn.Module, config: ModelConfig, out_dir: str | Path, toke
     state = {k: v.detach().to("cpu") for k, v in state.items()}
     tmp = out / f".model.safetensors.tmp{os.getpid()}"
     try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_safetensors(state, str(tmp), metadata={"format": "pt"})
         _replace_atomically(tmp, out / "model.safetensors")
     finally:
         tmp.unlink(missing_ok=True)
