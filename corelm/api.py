@@ -87,13 +87,16 @@ class LLM:
         return f"LLM({self.config.name or self.config.family}, dtype={self.dtype}, source={self.source})"
 
     # ---- text generation --------------------------------------------------------------------
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-                 seed: int | None = None, ignore_eos: bool = False, num_beams: int = 1) -> str:
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 stop: str | list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
+                 num_beams: int = 1) -> str | list[str]:
         """Continue ``prompt`` (raw text, no chat template) and return the continuation.
 
         Args:
-            prompt: The text to continue.
+            prompt: The text to continue, or a list of texts: they are decoded together as one batch
+                (each row with its own KV cache row and sampler; a row's text equals its lone run) and
+                a list of continuations comes back, in order.
             max_new_tokens: At most this many new tokens.
             temperature: 0 = greedy; higher = more random.
             top_p: Nucleus sampling: keep the smallest set of tokens with this much probability.
@@ -104,6 +107,10 @@ class LLM:
             ignore_eos: Keep going after the end-of-sequence token (for benchmarks).
             num_beams: Beam search width (1 = no beam search; beams ignore sampling parameters).
         """
+        if isinstance(prompt, (list, tuple)):
+            return self._generate_batch(list(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                        stop=stop, seed=seed, ignore_eos=ignore_eos, num_beams=num_beams)
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
                                    ignore_eos=ignore_eos, num_beams=num_beams))
@@ -153,6 +160,39 @@ class LLM:
                               kwargs.get("seed"), kwargs.get("ignore_eos", False))
         self._check_length(prompt_ids, max_new_tokens)
         return list(self._token_stream(prompt_ids, params, kwargs.get("num_beams", 1), None))
+
+    def _generate_batch(self, prompts: list[str], *, max_new_tokens: int, stop: str | list[str] | None,
+                        num_beams: int, **sampling: Any) -> list[str]:
+        """Several prompts in one batch through the engine; stop strings cut each row's text."""
+        from corelm.generate import engine
+
+        if num_beams != 1:  # beam search keeps num_beams rows per prompt already: one prompt at a time
+            return [self.generate(p, max_new_tokens=max_new_tokens, stop=stop, num_beams=num_beams, **sampling)
+                    for p in prompts]
+        tok = self._need_tokenizer()
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise CorelmError("stop strings must be non-empty strings")
+        ids = [self.encode_prompt(p) for p in prompts]
+        params = self._params(max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"],
+                              sampling["repetition_penalty"], sampling["seed"], sampling["ignore_eos"])
+        for row in ids:
+            self._check_length(row, max_new_tokens)
+
+        def text(tokens: list[int]) -> str:
+            return tok.decode(tokens, skip_special_tokens=True)
+
+        def stopped(row: int, tokens: list[int]) -> bool:
+            return bool(stops) and any(s in text(tokens) for s in stops)
+
+        rows = engine.generate(self.model, ids, params,
+                               should_stop=stopped if stops else None)
+        out = []
+        for tokens in rows:
+            t = text(tokens)
+            cut = min((t.index(s) for s in stops if s in t), default=len(t))
+            out.append(t[:cut])
+        return out
 
     # ---- internals ----------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:

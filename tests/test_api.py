@@ -170,3 +170,16 @@ def test_quantize_hook() -> None:
     assert (a - b).abs().max() < 0.1 * a.abs().max()  # close, not equal: weights are int8
     with pytest.raises(CorelmError):
         corelm.load("llama-tiny", quantize="int3")
+
+
+def test_a_list_of_prompts_is_one_batch_equal_to_lone_runs(tmp_path: Path) -> None:
+    """``llm.generate([...])`` decodes the prompts together; each text equals that prompt generated alone,
+    greedy and seeded, with and without stop strings."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    llm = corelm.load(str(path), dtype="fp32")
+    prompts = ["hello world", "a", "the cat sat on the mat and"]
+    for kwargs in ({}, {"temperature": 0.8, "seed": 3}, {"stop": ["e"]}):
+        batch = llm.generate(prompts, max_new_tokens=12, **kwargs)
+        assert isinstance(batch, list) and len(batch) == len(prompts)
+        assert batch == [llm.generate(p, max_new_tokens=12, **kwargs) for p in prompts], kwargs
