@@ -199,3 +199,17 @@ def test_subprocess_error_is_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "path not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_on_off_flags_say_what_they_do_not_a_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--no-progress ... (default: True)`` read as if the flag were on by default: flags show no default."""
+    from corelm.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        blocks = out.split("\n  -")
+        for block in blocks:
+            if block.startswith("-no-"):
+                assert "(default: True)" not in block and "(default: False)" not in block, (name, block)

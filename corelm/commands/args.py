@@ -80,3 +80,13 @@ def strict_stdin() -> None:
         stream.reconfigure(encoding="utf-8", errors="corelm.stdin")
     except (io.UnsupportedOperation, ValueError):  # already read from: keep its encoding, make it strict
         stream.reconfigure(errors="corelm.stdin")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except for on/off flags: ``--no-progress`` turns the
+    progress bar off whatever "default: True" would suggest, so a flag's help says what it does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:  # store_true / store_false / count / help / version
+            return action.help
+        return super()._get_help_string(action)

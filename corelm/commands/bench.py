@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 
 GiB = 1024**3
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure this machine (matmul FLOP/s per dtype, memory bandwidth), run real corelm "
                     "training steps or decoding, and print predicted vs measured peak memory, step time "
                     "and tokens/s with the error.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None,
                     help="preset or embedded model (default gpt2-tiny for --train, "
                          "smollm2-135m-instruct for --decode)")

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="corelm compare", description=__doc__.splitlines()[0].strip("`"),
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=HelpFormatter)
     ap.add_argument("variants", nargs="+", help="models to compare: embedded names, directories or .gguf files")
     ap.add_argument("--data", required=True, help="held-out text file for perplexity")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of --data scored for perplexity")

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corelm convert",
         description="Convert a .gguf file (llama architecture) or an HF checkpoint directory to an HF-layout "
                     "directory with model.safetensors, config.json, tokenizer.json and tokenizer_config.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("source", help="a .gguf file, an HF checkpoint directory, or an embedded model name")
     ap.add_argument("out_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corelm distill",
         description="Distill a teacher model into a smaller student with the same tokenizer: loss = "
                     "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--teacher", required=True, help="teacher: embedded model name, .gguf or checkpoint directory")
     ap.add_argument("--student", default="llama-tiny",
                     help="student: a preset (random init, e.g. llama-tiny with SmolLM2's vocabulary) or a directory")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="precision policy of the training loop")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="turn off the live progress bar")
     return ap
 
 

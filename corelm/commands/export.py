@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import write_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="corelm export", description=__doc__.splitlines()[0].strip("`"),
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=HelpFormatter)
     ap.add_argument("source", help="checkpoint directory (float or `corelm quantize` output), .gguf or embedded name")
     ap.add_argument("out", help="output .gguf file (written atomically)")
     ap.add_argument("--type", dest="qtype", default=None, choices=["F32", "F16", "Q8_0", "Q4_0", "Q4_1"],

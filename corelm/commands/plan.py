@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_file
 from corelm.plan import formulas as F
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict memory per device (weights, gradients, optimizer, activations, logits, KV cache), "
                     "FLOPs, step time, total time, cost and energy of training, fine-tuning or serving a model, "
                     "and recommend a precision/parallelism/checkpointing layout that fits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="preset name (see `corelm models`), e.g. llama-3-8b")
     src.add_argument("--config", default=None,

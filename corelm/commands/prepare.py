@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.data.corpus import CORPORA
 from corelm.data.prepare import prepare
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize text files, folders, JSONL or Parquet (or an embedded corpus), join documents "
                     "with EOS, and pack them into memory-mapped train/val token shards with a manifest.json "
                     "that `corelm pretrain --data` reads (tokenizer and vocabulary included).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("inputs", nargs="*", help="text files (.txt/.md/...), .jsonl, .parquet, or folders of them")
     ap.add_argument("--out", required=True, help="output directory (created atomically)")
     ap.add_argument("--corpus", choices=CORPORA, default=None,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.train.loop import TrainConfig
 from corelm.train.precision import POLICIES
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a Transformer on data written by `corelm prepare` with the shared training loop: "
                     "AdamW (no decay on norms/biases/embeddings), warmup + cosine, clipping, accumulation, "
                     "precision policies, exact resume, DDP/FSDP under torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True,
                     help="preset (gpt2-tiny, bert-tiny, llama-tiny, ... see `corelm models`), a config file "
                          "(YAML/JSON of ModelConfig fields) or a model directory to continue pretraining")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = _field_help(f.name)
         if f.type in ("bool", bool):
             if f.default:
-                ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=helptext)
+                ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=f"turn off: {helptext}")
             else:
                 ap.add_argument(flag, action="store_true", help=helptext)
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corelm prune",
         description="Zero the least important weights of every linear layer (the LM head stays dense), or with "
                     "--structure remove whole layers / KV groups / query heads / MLP channels for a smaller dense model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="embedded model name, .gguf file or checkpoint directory")
     ap.add_argument("--method", default="wanda", choices=["magnitude", "wanda"],
                     help="weight pruning: magnitude = smallest |W| per row; wanda = smallest |W| * ||X|| per row "

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="corelm quantize",
         description="Quantize a model's linear layers to int8 (per output channel) or int4 (group-wise, "
                     "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("source", help="embedded model name, .gguf file or HF checkpoint directory")
     ap.add_argument("out_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
     ap.add_argument("--method", default="int8", choices=["int8", "int4"],

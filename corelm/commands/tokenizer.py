@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from corelm.commands.args import Parser
+from corelm.commands.args import HelpFormatter, Parser
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 from corelm.presets import DEFAULT_MODEL
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a new tokenizer on UTF-8 text files",
                            description="Train a tokenizer and write tokenizer.json + tokenizer_config.json "
                                        "(loadable by corelm and by transformers.AutoTokenizer).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     train.add_argument("files", nargs="+", help="UTF-8 text files to learn from")
     train.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
                        help="bpe: GPT-2-style byte-level BPE (any text, no unknown tokens); "
