@@ -1,22 +1,30 @@
-"""Checkpoints that lose nothing, written atomically.
+"""Checkpoints that lose nothing, written atomically, and that hold no code.
 
 Layout of one checkpoint (``RUN/checkpoints/step-000100/``)::
 
     config.json, model.safetensors, tokenizer.json ...   the model, as the caller's export writes it
     trainer_state/
         weights.safetensors   trainable parameters, corelm names (exact resume, also for adapters)
-        optimizer.pt          optimizer state keyed by parameter name (loads under any parallelism)
-        rng.pt                torch / CUDA / numpy / python RNG state of every rank
-        scaler.pt             fp16 loss-scaler state (fp16-mixed only)
+        optimizer.safetensors optimizer state tensors, ``state.{parameter name}.{key}`` (e.g. ``exp_avg``)
+        optimizer.json        param groups (hyperparameters, parameter names) and non-tensor state
+        rng.safetensors       torch CPU / CUDA generator states of every rank (``rank0.torch``, ``rank0.cuda.0``)
+        rng.json              python ``random`` and numpy MT19937 states of every rank, as lists
+        scaler.json           fp16 loss-scaler scalars (fp16-mixed only)
         state.json            step, data position, counters, the caller's extra state, the run config
         files.json            size and sha256 of every file above: written last, checked on load
+
+Every file is safetensors or JSON, so reading a checkpoint can give wrong numbers but never runs code:
+a pickle (``torch.save``) would execute whatever its ``__reduce__`` names. Checkpoints of the earlier
+format (``optimizer.pt``, ``rng.pt``, ``scaler.pt``) are refused, never unpickled (SECURITY.md).
+Optimizer state is keyed by parameter name, so it reloads under any parallelism.
 
 Writing: everything goes to ``checkpoints/.step-000100.tmp``, each file is fsync'ed, then the
 directory is renamed into place (one atomic rename) and the parent fsync'ed. Only after that are old
 checkpoints beyond ``keep_last`` deleted, and the run directory's own model files re-pointed (hard
 links) at the new checkpoint, so ``RUN/`` itself is always a loadable model directory.
 Reading: :func:`latest_checkpoint` returns the newest checkpoint whose ``files.json`` matches its
-files, skipping (and reporting) a partial or corrupt one.
+files, skipping (and reporting) a partial or corrupt one. ``files.json`` guards against crashes and
+truncation, not against an attacker (who can recompute it); the formats are what make loading safe.
 """
 
 from __future__ import annotations
@@ -100,6 +108,163 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _json_value(value: Any, what: str) -> Any:
+    """``value`` as JSON (tuples become lists). Anything else is not checkpointable state."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, what) for v in value]
+    raise TypeError(f"{what} is a {type(value).__name__}: a checkpoint holds only tensors and JSON values")
+
+
+def encode_optimizer_state(optim_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a name-keyed optimizer state dict into named tensors and a JSON document.
+
+    Args:
+        optim_state: ``{"state": {param name: {key: tensor | scalar}}, "param_groups": [...]}`` as
+            ``get_optimizer_state_dict`` returns it (full tensors, ``params`` given as names).
+
+    Returns:
+        ``(tensors, doc)``: tensors named ``state.{param name}.{key}``; ``doc["state"]`` mirrors the state
+        with ``{"tensor": name}`` in place of each tensor, ``doc["param_groups"]`` is the groups as JSON.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for param, entry in optim_state["state"].items():
+        state[param] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                name = f"state.{param}.{key}"
+                if name in tensors:
+                    raise ValueError(f"optimizer state names collide at {name!r}")
+                tensors[name] = value.detach().cpu().contiguous()
+                state[param][key] = {"tensor": name}
+            else:
+                state[param][key] = _json_value(value, f"optimizer state {param}.{key}")
+    groups = [{k: _json_value(v, f"optimizer param group {k!r}") for k, v in g.items()}
+              for g in optim_state["param_groups"]]
+    return tensors, {"state": state, "param_groups": groups}
+
+
+def decode_optimizer_state(tensors: dict[str, torch.Tensor], doc: dict[str, Any],
+                           optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """Inverse of :func:`encode_optimizer_state`, checked against the live ``optimizer`` and ``model``.
+
+    JSON has no tuples: a hyperparameter that is a tuple in the live optimizer (AdamW's ``betas``) comes
+    back as a list of the same length (``set_optimizer_state_dict`` turns tuples into lists anyway;
+    :func:`load_checkpoint` makes them tuples again).
+
+    Raises:
+        ValueError / KeyError / TypeError: the document does not describe this optimizer.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight may go by either name
+    state: dict[str, dict[str, Any]] = {}
+    for param, entry in doc["state"].items():
+        if param not in params:
+            raise ValueError(f"state for {param!r}, which is not a parameter of the model")
+        state[param] = {}
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                t = tensors[value["tensor"]]
+                if t.ndim and t.shape != params[param].shape:  # moments have the parameter's shape
+                    raise ValueError(f"{param}.{key} has shape {tuple(t.shape)}, "
+                                     f"the parameter {tuple(params[param].shape)}")
+                value = t
+            state[param][key] = value
+    saved_groups, live_groups = doc["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(live_groups):
+        raise ValueError(f"{len(saved_groups)} parameter groups, the optimizer has {len(live_groups)}")
+    groups = []
+    for saved, live in zip(saved_groups, live_groups):
+        group = {}
+        for key, value in saved.items():
+            ref = live.get(key)
+            if key == "params":
+                if not (isinstance(value, list) and all(isinstance(n, str) and n in params for n in value)):
+                    raise ValueError("a parameter group lists names that are not parameters of the model")
+            elif isinstance(ref, tuple):
+                if not (isinstance(value, list) and len(value) == len(ref)):
+                    raise TypeError(f"param group {key!r} is {value!r}, expected {len(ref)} values")
+            elif isinstance(ref, (int, float)) and not isinstance(value, (int, float)):
+                raise TypeError(f"param group {key!r} is {value!r}, expected a number")
+            group[key] = value
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def encode_rng_states(rngs: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The :func:`rng_state` of every rank as named tensors (torch, CUDA) and JSON (python, numpy)."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks = []
+    for r, s in enumerate(rngs):
+        tensors[f"rank{r}.torch"] = s["torch"]
+        for i, t in enumerate(s.get("cuda", [])):
+            tensors[f"rank{r}.cuda.{i}"] = t.cpu()
+        version, internal, gauss_next = s["python"]
+        bit_generator, key, pos, has_gauss, cached_gaussian = s["numpy"]
+        ranks.append({
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+            "numpy": {"bit_generator": bit_generator, "key": key.tolist(), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "cuda_devices": len(s.get("cuda", [])),
+        })
+    return tensors, {"ranks": ranks}
+
+
+def _numpy_state(doc: dict[str, Any]) -> tuple:
+    """numpy's legacy MT19937 state, range-checked: numpy trusts ``pos`` as an index into the key, and a
+    crafted one reads outside it (a segfault, not an exception)."""
+    key, pos, has_gauss = doc["key"], doc["pos"], doc["has_gauss"]
+    if doc["bit_generator"] != "MT19937":
+        raise ValueError(f"numpy bit generator {doc['bit_generator']!r}, expected 'MT19937'")
+    if not (isinstance(key, list) and len(key) == 624 and all(type(k) is int and 0 <= k < 2**32 for k in key)):
+        raise ValueError("numpy state key is not 624 unsigned 32-bit integers")
+    if not (type(pos) is int and 0 <= pos <= 624 and has_gauss in (0, 1)):
+        raise ValueError(f"numpy state position {pos!r} is outside 0..624")
+    return ("MT19937", np.asarray(key, dtype=np.uint32), pos, int(has_gauss), float(doc["cached_gaussian"]))
+
+
+def decode_rng_states(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Inverse of :func:`encode_rng_states`; each state is tried on a scratch generator first, so a bad one
+    raises here and leaves the process's generators untouched."""
+    rngs = []
+    for r, s in enumerate(doc["ranks"]):
+        py, npy = s["python"], s["numpy"]
+        state = {
+            "torch": tensors[f"rank{r}.torch"],
+            "python": (py["version"], tuple(py["state"]), py["gauss_next"]),
+            "numpy": _numpy_state(npy),
+        }
+        torch.Generator().set_state(state["torch"])
+        random.Random().setstate(state["python"])
+        np.random.RandomState().set_state(state["numpy"])
+        if s["cuda_devices"]:
+            state["cuda"] = [tensors[f"rank{r}.cuda.{i}"] for i in range(s["cuda_devices"])]
+        rngs.append(state)
+    if not rngs:
+        raise ValueError("no RNG state")
+    return rngs
+
+
+def decode_scaler_state(doc: Any, scaler: torch.amp.GradScaler) -> dict[str, float | int]:
+    """The loss scaler's scalars, checked against the keys the live ``scaler`` has."""
+    expected = set(scaler.state_dict())
+    if not isinstance(doc, dict) or not expected <= set(doc):
+        raise ValueError(f"expected the keys {sorted(expected)}")
+    for key, value in doc.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key} is {value!r}, expected a number")
+    return doc
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    path.write_text(json.dumps(doc, indent=1))
+
+
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     """Finished (renamed-into-place) checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -119,9 +284,16 @@ def verify_checkpoint(path: Path) -> None:
     if not index.is_file():
         raise CorelmError(f"checkpoint {path} is incomplete: {STATE_DIR}/files.json is missing")
     try:
-        files = json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
-        raise CorelmError(f"checkpoint {path} is corrupt: cannot parse {index.name} ({exc})") from None
+        files = json.loads(index.read_bytes())
+    except (ValueError, RecursionError) as exc:  # not JSON, or not UTF-8
+        raise CorelmError(f"checkpoint {path} is corrupt: cannot parse {STATE_DIR}/{index.name} "
+                          f"({_one_line(exc)})") from None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(meta, dict) and type(meta.get("size")) is int and isinstance(meta.get("sha256"), str)
+        and not Path(rel).is_absolute() and ".." not in Path(rel).parts for rel, meta in files.items())
+    if not well_formed:
+        raise CorelmError(f"checkpoint {path} is corrupt: {STATE_DIR}/{index.name} is not a list of "
+                          "files inside the checkpoint with their size and sha256")
     for rel, meta in files.items():
         f = Path(path) / rel
         if not f.is_file():
@@ -214,10 +386,14 @@ def save_checkpoint(
         (export_fn or default_export)(full, tmp)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         save_file({n: full[n].detach().contiguous() for n in trainable}, str(tmp / STATE_DIR / "weights.safetensors"))
-        torch.save(optim_state, tmp / STATE_DIR / "optimizer.pt")
-        torch.save(rngs, tmp / STATE_DIR / "rng.pt")
+        tensors, doc = encode_optimizer_state(optim_state)
+        save_file(tensors, str(tmp / STATE_DIR / "optimizer.safetensors"))
+        _write_json(tmp / STATE_DIR / "optimizer.json", doc)
+        tensors, doc = encode_rng_states(rngs)
+        save_file(tensors, str(tmp / STATE_DIR / "rng.safetensors"))
+        _write_json(tmp / STATE_DIR / "rng.json", doc)
         if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / STATE_DIR / "scaler.pt")
+            _write_json(tmp / STATE_DIR / "scaler.json", scaler.state_dict())
         (tmp / STATE_DIR / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
         files = {}
         for f in sorted(tmp.rglob("*")):
@@ -294,7 +470,8 @@ def load_checkpoint(
         The trainer state (``step``, data position, counters, extra state).
 
     Raises:
-        CorelmError: the checkpoint is partial/corrupt, or does not match the model.
+        CorelmError: the checkpoint is partial/corrupt, in the old pickled format, or does not match the
+            model/optimizer/scaler (one line naming the file).
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -303,27 +480,62 @@ def load_checkpoint(
     )
 
     path = Path(path)
-    verify_checkpoint(path)
     sd_dir = path / STATE_DIR
-    try:
-        weights = load_file(str(sd_dir / "weights.safetensors"))
-        state = json.loads((sd_dir / "state.json").read_text())
-    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
-        raise CorelmError(f"cannot read checkpoint {path}: {exc}") from None
+    legacy = sorted(f.name for f in sd_dir.glob("*.pt"))
+    if legacy:  # never unpickled: a .pt file can run any code when loaded
+        raise CorelmError(f"checkpoint {path} is in the old trainer-state format ({STATE_DIR}/{', '.join(legacy)}: "
+                          "pickle files, which corelm no longer loads because unpickling can run code); trainer "
+                          "state is now safetensors + JSON: start a new run, or finish this one with the corelm "
+                          "version that wrote it")
+    verify_checkpoint(path)
+
+    def read(name: str) -> Any:
+        try:
+            if name.endswith(".safetensors"):
+                return load_file(str(sd_dir / name))
+            return json.loads((sd_dir / name).read_bytes())
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad file
+            raise CorelmError(f"cannot read checkpoint {path}: {STATE_DIR}/{name}: {_one_line(exc)}") from None
+
+    def decode(stem: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - files that parse but are not what this run saves
+            raise CorelmError(f"checkpoint {path} does not fit this run: {STATE_DIR}/{stem}.*: "
+                              f"{_one_line(exc)}") from None
+
+    # Read and check every file before restoring anything: a bad file fails before the RNGs move.
+    weights, state = read("weights.safetensors"), read("state.json")
+    counters = ("step", "skipped_steps", "tokens_seen")
+    if not (isinstance(state, dict) and "step" in state
+            and all(type(state.get(k, 0)) is int and state.get(k, 0) >= 0 for k in counters)):
+        raise CorelmError(f"checkpoint {path} is corrupt: {STATE_DIR}/state.json lacks the step counts")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != names:
         missing, unexpected = sorted(names - set(weights)), sorted(set(weights) - names)
         raise CorelmError(f"checkpoint {path} does not match the model's trainable parameters "
                           f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    optim_state = scaler_state = rngs = None
+    if optimizer is not None:
+        tensors, doc = read("optimizer.safetensors"), read("optimizer.json")
+        optim_state = decode("optimizer", lambda: decode_optimizer_state(tensors, doc, optimizer, model))
+    if scaler is not None and scaler.is_enabled() and (sd_dir / "scaler.json").is_file():
+        doc = read("scaler.json")
+        scaler_state = decode("scaler", lambda: decode_scaler_state(doc, scaler))
+    if restore_rng:
+        tensors, doc = read("rng.safetensors"), read("rng.json")
+        rngs = decode("rng", lambda: decode_rng_states(tensors, doc))
+
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=opts)
-    if optimizer is not None:
-        optim_state = torch.load(sd_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
-    if scaler is not None and (sd_dir / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(sd_dir / "scaler.pt", weights_only=False))
-    if restore_rng:
-        rngs = torch.load(sd_dir / "rng.pt", weights_only=False)
+    if optim_state is not None:
+        tuples = [[k for k, v in g.items() if isinstance(v, tuple)] for g in optimizer.param_groups]
+        decode("optimizer", lambda: set_optimizer_state_dict(model, optimizer, optim_state, options=opts))
+        for group, keys in zip(optimizer.param_groups, tuples):  # as the uninterrupted run has them
+            group.update({k: tuple(group[k]) for k in keys})
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    if rngs is not None:
         if len(rngs) == world_size:
             set_rng_state(rngs[rank])
         else:

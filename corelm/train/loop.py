@@ -267,10 +267,14 @@ def train(
                                 world_size=info.world_size)
         step, skipped = state["step"], state.get("skipped_steps", 0)
         tokens_seen = state.get("tokens_seen", 0)
-        if hasattr(batches, "load_state_dict") and "data" in state:
-            batches.load_state_dict(state["data"])
-        if extra_state is not None and "extra" in state:
-            extra_state.load_state_dict(state["extra"])
+        try:
+            if hasattr(batches, "load_state_dict") and "data" in state:
+                batches.load_state_dict(state["data"])
+            if extra_state is not None and "extra" in state:
+                extra_state.load_state_dict(state["extra"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # state.json is JSON, not trusted
+            raise CorelmError(f"checkpoint {ckpt} is corrupt: the data position or extra state in its "
+                              f"state.json cannot be restored ({' '.join(str(exc).split())})") from None
         if info.is_main:
             print(f"resumed from {ckpt} at step {step}", flush=True)
 

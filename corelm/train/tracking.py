@@ -56,13 +56,15 @@ class Tracker:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / "metrics.jsonl"
             kept = []
-            if path.is_file():
-                for line in path.read_text().splitlines():
+            if path.is_file():  # read on resume: a torn, foreign or non-UTF-8 line is dropped, never a crash
+                for line in path.read_bytes().splitlines():
                     try:
-                        if json.loads(line).get("step", 0) <= start_step:
-                            kept.append(line)
-                    except json.JSONDecodeError:
+                        record = json.loads(line)
+                    except (ValueError, RecursionError):
                         continue
+                    step = record.get("step", 0) if isinstance(record, dict) else None
+                    if type(step) is int and step <= start_step:
+                        kept.append(line.decode())
             path.write_text("".join(k + "\n" for k in kept))
             self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
             if tensorboard:
