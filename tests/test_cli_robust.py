@@ -385,3 +385,19 @@ def test_an_interrupted_recovery_is_an_interrupt_not_a_result(monkeypatch: pytes
     model = torch.nn.Linear(4, 4)
     with pytest.raises(KeyboardInterrupt):
         P.recover(model, model, list(range(2000)), 2, seq_len=16, batch_size=2)
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line(tmp_path: Path) -> None:
+    """Training whose checkpoint hits a full disk stops with one line (the safetensors writer's error is no
+    OSError) and leaves no half-written checkpoint directory."""
+    from tests.test_pretrain_cli import make_tiny_data
+
+    data = make_tiny_data(tmp_path)
+    run = tmp_path / "run"
+    proc = _run_limited("pretrain", "--model", str(data / "gpt2.json"), "--data", str(data / "data"), "--seq-len",
+                        "32", "--batch-size", "4", "--max-steps", "2", "--out", str(run), "--no-progress",
+                        "--no-tensorboard", "--no-measure-mfu", "--eval-every", "0")
+    errors = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "cannot write the checkpoint of step 2" in errors[0], proc.stderr
+    assert not list((run / "checkpoints").glob(".step-*")) and not list((run / "checkpoints").glob("step-*"))

@@ -417,9 +417,13 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _barrier(distributed)
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # full, read-only, forbidden disk
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split(" at path")[0]
+            raise CorelmError(f"cannot write the checkpoint of step {step} under {root}: {reason}; the previous "
+                              "checkpoint is kept") from None
         raise
     _link_latest(Path(run_dir), final)
     for _, old in checkpoint_dirs(Path(run_dir))[:-keep_last] if keep_last > 0 else []:
