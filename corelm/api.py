@@ -18,6 +18,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
+from corelm.generate.text import stream_text
 from corelm.loading import (  # noqa: F401 - part of this module's API since before the loaders moved
     Loaded,
     default_dtype,
@@ -151,7 +152,7 @@ class LLM:
         params = self._params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
         self._check_length(prompt_ids, max_new_tokens)
         token_iter = self._token_stream(prompt_ids, params, num_beams, stats)
-        return _apply_stops(tok, token_iter, stops)
+        return stream_text(tok, token_iter, stops)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, **kwargs: Any) -> list[int]:
         """Generate and return the new token ids (no stop-string handling)."""
@@ -266,49 +267,6 @@ class LLM:
                 end = time.perf_counter()
                 stats.update(prompt_tokens=len(prompt_ids), new_tokens=n,
                              prefill_s=(first or end) - t0, decode_s=end - (first or end))
-
-
-def _apply_stops(tok: Tokenizer, token_ids: Iterator[int], stops: list[str]) -> Iterator[str]:
-    """Detokenize a token stream and end it before the first stop string.
-
-    Text that could be the start of a stop string is held back until it is clear it is not, so a
-    stop string is never partly streamed.
-    """
-    decoder = tok.stream_decoder(skip_special_tokens=True)
-    text, sent = "", 0
-    for token in token_ids:
-        text += decoder.push(token)
-        if not stops:
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-            continue
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut > sent:
-                yield text[sent:cut]
-            if hasattr(token_ids, "close"):  # stop the engine now, not at max_new_tokens
-                token_ids.close()
-            return
-        safe = len(text) - _partial_stop(text, stops)
-        if safe > sent:
-            yield text[sent:safe]
-            sent = safe
-    text += decoder.flush()
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    if cut > sent:
-        yield text[sent:cut]
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class Encoder:

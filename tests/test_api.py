@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import corelm
-from corelm.api import LLM, Encoder, _apply_stops, _partial_stop, default_dtype, load_tokenizer, resolve_dtype
+from corelm.api import LLM, Encoder, default_dtype, load_tokenizer, resolve_dtype
 from corelm.errors import CorelmError
+from corelm.generate.text import StopMatcher, stream_text
 from tests.test_gguf import write_tiny_gguf
 
 
@@ -105,7 +106,7 @@ def _run(text: str, stops: list[str]) -> tuple[str, list[str], int]:
             consumed += 1
             yield ord(ch)
 
-    pieces = list(_apply_stops(_CharTokenizer(), gen(), stops))  # type: ignore[arg-type]
+    pieces = list(stream_text(_CharTokenizer(), gen(), stops))
     return "".join(pieces), pieces, consumed
 
 
@@ -118,7 +119,9 @@ def test_stop_strings() -> None:
     assert out == "ab<x"
     out, _, _ = _run("no stops here", [])
     assert out == "no stops here"
-    assert _partial_stop("abc<|e", ["<|end|>"]) == 3 and _partial_stop("abc", ["<|end|>"]) == 0
+    m = StopMatcher(["<|end|>"])
+    assert m.feed("abc<|e") == ("abc", False) and m.pending == "<|e"  # the server uses the same matcher
+    assert m.feed("nd|> more") == ("", True)
 
 
 def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,8 +159,8 @@ def speculative_pieces(llm: Any, ids: list[int], args: argparse.Namespace, kwarg
     """Text pieces of a speculative run (the tokens come in verified bursts); fills ``stats``."""
     import torch
 
-    from corelm.api import _apply_stops
     from corelm.compress.speculative import speculative_generate
+    from corelm.generate.text import stream_text
 
     draft = load_llm(args, args.draft).model if args.draft is not None else None
     llm._check_length(ids, kwargs["max_new_tokens"])
@@ -174,7 +174,7 @@ def speculative_pieces(llm: Any, ids: list[int], args: argparse.Namespace, kwarg
         tokens = tokens[:-1]  # like the engine: the end-of-sequence token is not part of the text
     stats.update(prompt_tokens=len(ids), new_tokens=len(tokens), speculative_s=time.perf_counter() - t0,
                  acceptance_rate=spec.acceptance_rate, tokens_per_target_call=spec.tokens_per_target_call)
-    return _apply_stops(llm.tokenizer, iter(tokens), args.stop or [])
+    return stream_text(llm.tokenizer, iter(tokens), args.stop or [])
 
 
 def main(argv: list[str]) -> int:

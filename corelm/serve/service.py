@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corelm.generate.engine import SamplingParams
+from corelm.generate.text import StopMatcher
 from corelm.serve import errors
 from corelm.serve.batcher import Batcher, Handle
 
@@ -26,33 +27,6 @@ class Piece:
 
     text: str
     finish_reason: str | None = None
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string; reports when one completes."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def _partial(self) -> int:
-        """Length of the longest suffix of the pending text that is a proper prefix of a stop string."""
-        return max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        cut = len(self.pending) - self._partial()
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class TextStream:
