@@ -213,3 +213,19 @@ def test_on_off_flags_say_what_they_do_not_a_default(capsys: pytest.CaptureFixtu
         for block in blocks:
             if block.startswith("-no-"):
                 assert "(default: True)" not in block and "(default: False)" not in block, (name, block)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "a", "b", "--dtype", "int3"], ["merge", "r", "--out", "o", "--dtype", "float"],
+    ["evaluate", "--model", "m", "--data", "d", "--dtype", "banana"], ["predict", "--model", "m", "--dtype", "x"],
+    ["bench", "--decode", "--dtype", "fp8"], ["distill", "--precision", "fp8-mixed"],
+    ["pretrain", "--device", "tpu"], ["bench", "--device", "tpu"],
+])
+def test_shared_dtype_precision_device_options_refuse_unknown_values(argv, capsys) -> None:
+    """--dtype, --precision and --device are declared once (corelm.commands.args): every command refuses
+    a value it does not know with one line, before loading anything."""
+    from corelm.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("invalid choice" in err[0] or "must be auto, cpu, cuda" in err[0]), err

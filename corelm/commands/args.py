@@ -90,3 +90,35 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.nargs == 0:  # store_true / store_false / count / help / version
             return action.help
         return super()._get_help_string(action)
+
+
+# ---- options several commands share: one definition each ------------------------------------------
+
+DTYPES = ("fp32", "bf16", "fp16")
+TRAIN_POLICIES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")  # corelm.train.precision.POLICIES
+
+
+def add_dtype(ap: argparse.ArgumentParser, default: str | None, what: str, auto: bool = True) -> None:
+    """``--dtype`` for weights that are loaded (``auto``: bf16 where the CPU declares bf16 arithmetic,
+    else fp32 -- see corelm.loading.default_dtype) or written (no ``auto``)."""
+    choices = [*DTYPES, "auto"] if auto else list(DTYPES)
+    ap.add_argument("--dtype", default=default, choices=choices,
+                    help=f"{what}" + ("; auto: bf16 where the CPU declares bf16 arithmetic, else fp32" if auto else ""))
+
+
+def add_precision(ap: argparse.ArgumentParser, default: str | None, what: str,
+                  policies: tuple[str, ...] = TRAIN_POLICIES) -> None:
+    """``--precision``: the training loop's precision policy (corelm.train.precision)."""
+    ap.add_argument("--precision", default=default, choices=list(policies), help=what)
+
+
+def device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def add_device(ap: argparse.ArgumentParser, default: str, what: str) -> None:
+    """``--device``: where the model runs (``auto``: cuda when a GPU is visible, else cpu)."""
+    ap.add_argument("--device", type=device, default=default, help=f"{what} (auto, cpu, cuda or cuda:N)")

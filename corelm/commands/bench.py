@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import HelpFormatter, Parser, add_device, add_dtype, add_precision
 from corelm.errors import CorelmError
 
 GiB = 1024**3
@@ -42,11 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8, help="--train: sequences per step")
     ap.add_argument("--seq-len", type=int, default=256, help="--train: tokens per sequence")
     ap.add_argument("--steps", type=int, default=4, help="--train: optimizer steps (the first is not timed)")
-    ap.add_argument("--precision", default=None,
-                    help="--train: fp32 | bf16-mixed | fp16-mixed | bf16-true (default fp32 on CPU, bf16-mixed on GPU)")
+    add_precision(ap, None, "--train: precision policy (default fp32 on CPU, bf16-mixed on GPU)")
     ap.add_argument("--new-tokens", type=int, default=64, help="--decode: tokens to generate")
-    ap.add_argument("--dtype", default=None, help="--decode: fp32 | bf16 | fp16 (default: what corelm.load picks)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_dtype(ap, "auto", "--decode: weight dtype")
+    add_device(ap, "auto", "where to measure")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="shorter measurements (less precise)")
     ap.add_argument("--profile", default=None,
@@ -178,7 +177,7 @@ def main(argv: list[str]) -> int:
     from corelm.plan import bench as B
     from corelm.plan.hardware import load_profile
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is not None:
         if args.threads < 1:
             raise CorelmError("--threads must be >= 1")

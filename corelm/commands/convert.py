@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import HelpFormatter, Parser, add_dtype
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     ap.add_argument("source", help="a .gguf file, an HF checkpoint directory, or an embedded model name")
     ap.add_argument("out_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                    help="dtype of the written weights (GGUF blocks are dequantized to it)")
+    add_dtype(ap, "fp32", "dtype of the written weights (GGUF blocks are dequantized to it)", auto=False)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
     return ap
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corelm.commands.args import Parser
+from corelm.commands.args import Parser, add_dtype
 from corelm.errors import CorelmError
 
 TASKS = ("classify", "ner", "perplexity", "summarize")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="perplexity: distance between window starts (default: window/2; = window for disjoint chunks)")
     ap.add_argument("--quantize", choices=("int8", "int4"), default=None,
                     help="load the model with weight-only quantization (corelm.load(..., quantize=...))")
-    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto (measured on this machine)")
+    add_dtype(ap, "fp32", "weight dtype (fp32 by default: metrics are reference-precise)")
     ap.add_argument("--max-len", type=int, default=None, help="classify/ner: tokens per example (default: the run's)")
     ap.add_argument("--batch-size", type=int, default=32, help="classify/ner: examples per forward pass")
     ap.add_argument("--text-field", default=None, help="classify: text column (default: the run's); summarize: "

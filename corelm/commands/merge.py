@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Parser
+from corelm.commands.args import Parser, add_dtype
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory written by corelm finetune (method lora, adalora or head)")
     ap.add_argument("--out", required=True, help="directory for the merged model (must not exist or be empty)")
-    ap.add_argument("--dtype", default="fp32", help="dtype of the saved weights: fp32, bf16 or fp16")
+    add_dtype(ap, "fp32", "dtype of the saved weights", auto=False)
     return ap
 
 

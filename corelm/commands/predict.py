@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from corelm.commands.args import Parser
+from corelm.commands.args import Parser, add_dtype
 from corelm.errors import CorelmError
 
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("texts", nargs="+", help="texts to label; '-' reads one text per line from stdin")
     ap.add_argument("--top", type=int, default=5, help="classify: how many labels to show with probabilities")
     ap.add_argument("--json", action="store_true", help="one JSON object per text instead of readable lines")
-    ap.add_argument("--dtype", default="fp32", help="fp32, bf16 or auto")
+    add_dtype(ap, "fp32", "weight dtype")
     return ap
 
 

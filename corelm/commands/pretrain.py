@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import HelpFormatter, Parser, add_device
 from corelm.errors import CorelmError
 from corelm.train.loop import TrainConfig
 from corelm.train.precision import POLICIES
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     ap.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
                     help="attention kernel: fused scaled_dot_product_attention or the readable reference")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="where to train: auto = cuda when a GPU is visible (NCCL under torchrun), else cpu (gloo)")
+    add_device(ap, "auto", "where to train: auto = cuda when a GPU is visible (NCCL under torchrun), else cpu (gloo)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("out", "resume"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import HelpFormatter, Parser, add_precision
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "distilling the unpruned model (0: no recovery)")
     ap.add_argument("--recover-lr", type=float, default=1e-4, help="recovery: peak learning rate")
     ap.add_argument("--recover-batch-size", type=int, default=4, help="recovery: windows of 256 tokens per step")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16-true"],
-                    help="recovery: precision policy (bf16-mixed ran 2.2x faster than fp32 on an AVX512_BF16 CPU)")
+    add_precision(ap, "fp32", "recovery: precision policy (bf16-mixed ran 2.2x faster than fp32 on an AVX512_BF16 CPU)",
+                  ("fp32", "bf16-mixed", "bf16-true"))
     ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens read from --calib")
     ap.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
