@@ -86,3 +86,14 @@ def test_the_loader_knows_nothing_of_wrappers_training_or_commands():
             todo.append(nxt)
     assert not {m for m in reach if m in ("corelm.api", "corelm.finetune.run", "corelm.train.loop")
                 or m.startswith("corelm.commands")}
+
+
+def test_no_command_imports_another_command():
+    """Commands share code through library modules (or commands/args.py, commands/decoding.py), never by
+    importing each other: a command module is only an argument parser over library functions."""
+    from corelm.cli import COMMANDS
+
+    commands = {f"corelm.commands.{module}" for module, _ in COMMANDS.values()}
+    graph = _graph()
+    crossing = {(c, d) for c in commands for d in graph[c] if d in commands}
+    assert not crossing, crossing

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corelm.commands.generate import (
+from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.decoding import (
     add_model_args,
     add_sampling_args,
     load_llm,
@@ -23,11 +24,11 @@ HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D works to
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="corelm chat",
         description="Chat with an instruction model using its chat template. Interactive unless --once is given; "
                     "in the interactive loop, /reset clears the conversation and /exit (or Ctrl-D) quits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("--once", metavar="MESSAGE", default=None,
                     help="answer this one message and exit (non-interactive)")
     ap.add_argument("--system", default=None,
