@@ -35,6 +35,7 @@ from torch import nn
 from corelm import cache
 from corelm.compress.quant import Int4Linear, Int8Linear
 from corelm.errors import CorelmError
+from corelm.ops.sampling import sample_from_logits
 
 WINDOW = 256  # the cache grows in windows of this many slots: one compiled graph per window count
 
@@ -400,11 +401,7 @@ def fast_stream(model: nn.Module, prompt_ids: list[int], params: object, *,
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+    return int(sample_from_logits(logits.reshape(1, -1), temperature, top_k or 0, 1.0, generator)[0])
 
 
 def compile_step(fn, cuda: bool = False):

@@ -31,6 +31,7 @@ from torch import nn
 
 from corelm.errors import CorelmError
 from corelm.ops.kv_cache import KVCache
+from corelm.ops.sampling import temperature_probs
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _cached(model: nn.Module, max_len: int) -> _Cached:
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits / temperature, dim=-1)
+    return temperature_probs(logits, temperature)  # total: any temperature > 0 gives a distribution
 
 
 def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:

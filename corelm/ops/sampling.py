@@ -24,8 +24,31 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """
     if isinstance(penalty, float) and penalty == 1.0:
         return logits
+    logits = logits.float()
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    # A tiny or huge penalty overflows fp32 (1.5 / 1e-300 = inf); the largest finite value ranks the same
+    # and keeps the softmax defined (inf - inf would be NaN).
+    finite = torch.finfo(torch.float32).max
+    penalized = penalized.clamp(-finite, finite)
     return torch.where(seen, penalized, logits)
+
+
+def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in fp32, shifted so each row's largest logit is 0.
+
+    Shifting first makes this total: any temperature > 0 gives finite values for the best token and
+    ``-inf`` at worst for the others (a temperature of 1e-300 is greedy, not NaN), so the softmax that
+    follows is always a distribution. Softmax is unchanged by the shift.
+    """
+    logits = logits.float()
+    top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    # Divide in fp64: a temperature below fp32's range (1e-40, 1e-300) would become 0 and 0/0 = NaN.
+    return ((logits - top).double() / temperature).float()  # overflow -> -inf: probability 0
+
+
+def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over the last dimension, computed as :func:`scale_by_temperature` does."""
+    return torch.softmax(scale_by_temperature(logits, temperature), dim=-1)
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,7 +86,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0,
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits.float() / temperature, top_k), top_p)
+    logits = filter_top_p(filter_top_k(scale_by_temperature(logits, temperature), top_k), top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     if generators is None or isinstance(generators, torch.Generator):
         return torch.multinomial(probs, 1, generator=generators)[:, 0]

@@ -195,7 +195,7 @@ class Batcher:
                         break
                 try:
                     self._step()
-                except Exception:  # a bug, not bad input: fail the running requests, keep serving
+                except Exception:  # the shared forward pass failed: fail this step's rows, keep serving
                     log.exception("batcher step failed")
                     for row, request in enumerate(self._rows):
                         if request is not None:
@@ -233,7 +233,7 @@ class Batcher:
             request.row = row
             request.admitted = time.monotonic()
             request.generator = request.spec.generator(self.device)  # None when greedy
-            self._prefill(row, request)
+            self._isolated(row, self._prefill, row, request)
 
     def _prefill(self, row: int, request: _Request) -> None:
         """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
@@ -253,7 +253,20 @@ class Batcher:
         logits = engine.decode_one(self.model, cache, tokens, pos)  # (hi, V) fp32
         self.steps += 1
         for row in active:
-            self._accept(row, self._rows[row], logits[row:row + 1])
+            self._isolated(row, self._accept, row, self._rows[row], logits[row:row + 1])
+
+    def _isolated(self, row: int, work: Any, *args: Any) -> None:
+        """Run one row's own work (its prefill, its sampling); if it raises, that request alone fails.
+
+        A row's failure must never reach the other rows: their streams go on as if it had not been there
+        (each row samples with its own generator, and a failed row's cache slots are simply reused).
+        """
+        try:
+            work(*args)
+        except Exception:
+            log.exception("request %s failed in row %d", getattr(self._rows[row], "id", "?"), row)
+            if self._rows[row] is not None:
+                self._finish(row, error=errors.internal_error())
 
     def _accept(self, row: int, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of ``request`` from ``logits`` (1, V) and stream or finish it."""
