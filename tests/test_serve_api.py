@@ -323,12 +323,10 @@ def test_disconnect_mid_stream_frees_the_row(llm):
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             assert metric(srv, "corelm_running_requests") == 1
-        t0 = time.monotonic()
-        while metric(srv, "corelm_running_requests") != 0:
-            assert time.monotonic() - t0 < 1.0, "the disconnected stream still holds its row after 1 s"
-            time.sleep(0.02)
+        wait_until(lambda: metric(srv, "corelm_running_requests") == 0, "the disconnected stream's row is freed")
         assert metric(srv, "corelm_client_disconnects_total") == 1
-        assert metric(srv, "corelm_generation_tokens_total") < 200  # it did not run to the end
+        # freed by the disconnect, not by finishing: far fewer than the 200 tokens it asked for
+        assert metric(srv, "corelm_generation_tokens_total") < 200
     batcher.stop()
 
 
@@ -342,6 +340,17 @@ def test_metrics_count_requests_and_tokens(server, client):
 
 
 # ---- limits: admission, deadlines, auth, errors after the stream started ----
+
+
+HANG = 120  # seconds: a guard against a hang, not a speed assertion (a 2-core machine may be busy)
+
+
+def wait_until(condition, what: str) -> None:
+    """Poll ``condition`` until it holds; fail only if it never does (the test would otherwise hang)."""
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
 
 
 def small_server(llm, *, max_batch=1, max_queue=1, seconds_per_token=0.0, **config):
@@ -361,31 +370,26 @@ def small_server(llm, *, max_batch=1, max_queue=1, seconds_per_token=0.0, **conf
 
 
 def test_admission_limit_answers_503_at_once(llm):
-    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.02)  # 200 tokens: >= 4 s
+    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.05)  # 200 tokens: >= 10 s
     long = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
             running = await http.send(http.build_request("POST", "/v1/completions", json=long), stream=True)
             queued = asyncio.ensure_future(http.post("/v1/completions", json={**long, "stream": False}))
-            t0 = time.monotonic()
-            while not (batcher.running == 1 and batcher.waiting == 1):
-                assert time.monotonic() - t0 < 10, "the first two requests never filled the row and the queue"
+            while not (batcher.running == 1 and batcher.waiting == 1):  # event: row and queue are full
                 await asyncio.sleep(0.01)
-            t0 = time.monotonic()
             r = await http.post("/v1/completions", json=long)
             assert r.status_code == 503, r.text
-            assert time.monotonic() - t0 < 1.5  # at once, not after the running request's 4 s
+            # at once: the running request is still running and the queued one still waits
+            assert batcher.running == 1 and batcher.waiting == 1
             assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
             await running.aclose()
             queued.cancel()
 
     with srv:
-        asyncio.run(scenario())
-        t0 = time.monotonic()
-        while batcher.running or batcher.waiting:  # both clients left: row and queue are free again
-            assert time.monotonic() - t0 < 1.0, "a disconnected client still holds its row or queue place"
-            time.sleep(0.02)
+        asyncio.run(asyncio.wait_for(scenario(), HANG))
+        wait_until(lambda: not (batcher.running or batcher.waiting), "both clients left: row and queue are free")
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
     batcher.stop()

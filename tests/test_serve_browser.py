@@ -191,8 +191,8 @@ def test_page_streams_renders_inert_text_and_stops(chat_server, tmp_path):
         page.wait(f"{third}.dataset.done === '1'")
         assert "stopped" in page.js(f"{third}.querySelector('.stats').textContent")
         t0 = time.monotonic()
-        while chat_server.batcher.running:
-            assert time.monotonic() - t0 < 1.0, "the stopped generation still holds its row"
+        while chat_server.batcher.running:  # event: the row is freed (the guard is against a hang only)
+            assert time.monotonic() - t0 < 120, "the stopped generation still holds its row"
             time.sleep(0.02)
         assert len(page.js(f"{third}.querySelector('.content').textContent")) < len(REPLY)
     finally:

@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted request body in KiB; larger bodies get 413 (default 1024)")
     p.add_argument("--default-max-tokens", type=_positive(int), default=512,
                    help="output limit for requests that give no max_tokens (default 512)")
+    p.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                   help="seconds a connection may take to send a request's headers; slower ones are closed "
+                        "(default 10)")
+    p.add_argument("--body-timeout", type=_positive(float), default=30.0,
+                   help="seconds each read of a request body may wait; then 408 (default 30)")
+    p.add_argument("--max-connections", type=_positive(int), default=1000,
+                   help="connections and requests in flight at once; more get 503 (default 1000)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="weights/compute dtype (default: the fastest this machine measures, see corelm bench)")
+                   help="weights/compute dtype (default: bf16 where the CPU declares bf16 arithmetic, else fp32)")
     p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help="weight-only quantization of the decoder(s) at load time")
@@ -87,7 +94,8 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
     options = server.ServeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                                   request_timeout=args.request_timeout, max_body_bytes=args.max_body_kb * 1024,
-                                  default_max_tokens=args.default_max_tokens)
+                                  default_max_tokens=args.default_max_tokens, header_timeout=args.header_timeout,
+                                  body_timeout=args.body_timeout, max_connections=args.max_connections)
     import torch
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
@@ -108,7 +116,8 @@ def main(argv: list[str]) -> int:
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
-        server.run(app, args.host, args.port, access_log=args.access_log)
+        server.run(app, args.host, args.port, access_log=args.access_log, header_timeout=args.header_timeout,
+                   max_connections=args.max_connections)
     finally:
         server.stop(served)
     return 0

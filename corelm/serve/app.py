@@ -64,13 +64,15 @@ class ServerConfig:
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
         max_body_bytes: larger request bodies get 413.
         request_timeout: seconds from arrival after which a request is ended (504 / SSE error).
+        body_timeout: seconds each read of a request body may wait before a 408.
         loopback_only: answer only requests whose ``Host`` is a loopback name (set when bound to
             127.0.0.1): a web page on another site cannot reach the server through DNS rebinding.
     """
 
     def __init__(self, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-                 request_timeout: float = 600.0, loopback_only: bool = False) -> None:
+                 request_timeout: float = 600.0, loopback_only: bool = False, body_timeout: float = 30.0) -> None:
         self.api_key = api_key
+        self.body_timeout = body_timeout
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
         self.loopback_only = loopback_only
@@ -151,7 +153,15 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():
+        stream = request.stream().__aiter__()
+        while True:
+            try:  # each read is bounded: a client that stops sending mid-body cannot hold the request
+                chunk = await asyncio.wait_for(stream.__anext__(), config.body_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"request body not received within {config.body_timeout:g} s",
+                               code="body_timeout") from None
             size += len(chunk)
             if size > config.max_body_bytes:
                 raise too_big

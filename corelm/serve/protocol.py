@@ -28,16 +28,53 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it.
+
+    Every way a body can break the parser is a client error: bytes that are not UTF-8 (decoded here
+    strictly -- ``json.loads`` on bytes would let CESU-8 surrogates through), nesting deeper than the
+    parser recurses, an integer longer than Python's 4,300-digit limit, and strings with lone
+    surrogates (``"\\udcff"``), which no tokenizer or JSON encoder downstream can handle.
+    """
     try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise bad_request("request body is not UTF-8 JSON", code="invalid_json") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"request body is not UTF-8 (byte {exc.start}: {exc.reason})", code="invalid_json") from None
+    try:
+        body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                           code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise bad_request(f"request body has a value corelm cannot read: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body: dict[str, Any]) -> None:
+    """400 for a string (or key) holding a lone surrogate, naming the top-level field it is under.
+
+    Iterative, so a deeply nested (but parseable) body cannot exhaust the stack here either.
+    """
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in body.items()]
+    for key in body:
+        stack.append((str(key), key))
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request(f"'{field}' holds a lone surrogate (U+{ord(value[exc.start]):04X}): not valid "
+                                  "Unicode text", field if field in body else None, code="invalid_text") from None
+        elif isinstance(value, dict):
+            stack.extend((field, k) for k in value)
+            stack.extend((field, v) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((field, v) for v in value)
 
 
 def _type_name(value: Any) -> str:
@@ -58,13 +95,27 @@ def _field(body: dict[str, Any], name: str, kind: str, default: Any = None) -> A
         "list": isinstance(value, list),
         "dict": isinstance(value, dict),
     }[kind]
-    if kind == "number" and ok and not math.isfinite(value):
-        ok = False
+    if kind == "number" and ok and not _finite(value):
+        raise bad_request(f"'{name}' must be a finite number, got {_describe(value)}", name, code="invalid_value")
     if not ok:
         want = {"int": "an integer", "number": "a number", "str": "a string", "bool": "a boolean",
                 "list": "an array", "dict": "an object"}[kind]
         raise bad_request(f"'{name}' must be {want}, got {_type_name(value)}", name, code="invalid_type")
     return value
+
+
+def _finite(value: float) -> bool:
+    """A JSON number fits a float and is finite (NaN, Infinity, 1e400 and 401-digit integers do not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _describe(value: float) -> str:
+    if isinstance(value, int):
+        return f"an integer of {len(str(abs(value)))} digits"
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
 def _range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:

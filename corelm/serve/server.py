@@ -33,6 +33,10 @@ class ServeOptions:
         request_timeout: seconds after which a request is ended (queued or running).
         max_body_bytes: request bodies above this get 413.
         default_max_tokens: output limit when a request gives no ``max_tokens``.
+        header_timeout: seconds a connection may take to send a request's headers (slow clients are
+            closed, see :mod:`corelm.serve.timeouts`).
+        body_timeout: seconds each read of a request body may wait (408 after that).
+        max_connections: connections and requests in flight; beyond it new ones get 503.
     """
 
     max_batch: int = 8
@@ -41,6 +45,9 @@ class ServeOptions:
     request_timeout: float = 600.0
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 512
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 1000
 
 
 def served_name(spec: str) -> str:
@@ -77,7 +84,8 @@ def build(model_specs: list[str], options: ServeOptions, api_key: str | None = N
     if len({m.name for m in served}) != len(served):
         raise CorelmError("two served models have the same name; pick distinct ones with --name")
     config = ServerConfig(api_key=api_key, max_body_bytes=options.max_body_bytes,
-                          request_timeout=options.request_timeout, loopback_only=loopback_only)
+                          request_timeout=options.request_timeout, loopback_only=loopback_only,
+                          body_timeout=options.body_timeout)
     app = create_app(served, config)
     start(served)
     return app, served
@@ -133,12 +141,14 @@ class ServerThread:
             client = OpenAI(base_url=server.url + "/v1", api_key="x")
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, header_timeout: float = 10.0,
+                 max_connections: int = 1000) -> None:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2, lifespan="off")
+                                timeout_graceful_shutdown=2, lifespan="off",
+                                **uvicorn_limits(header_timeout, max_connections))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="corelm-uvicorn", daemon=True)
 
@@ -160,9 +170,19 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def run(app: Any, host: str, port: int, access_log: bool = False) -> None:
+def run(app: Any, host: str, port: int, access_log: bool = False, header_timeout: float = 10.0,
+        max_connections: int = 1000) -> None:
     """Serve until Ctrl-C (blocking)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=3,
+                **uvicorn_limits(header_timeout, max_connections))
+
+
+def uvicorn_limits(header_timeout: float, max_connections: int) -> dict[str, Any]:
+    """uvicorn settings that bound what slow or many clients can hold."""
+    from corelm.serve.timeouts import header_timeout_protocol
+
+    return {"http": header_timeout_protocol(header_timeout), "limit_concurrency": max_connections,
+            "timeout_keep_alive": 5}

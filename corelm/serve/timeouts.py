@@ -1,0 +1,61 @@
+"""Slow clients cannot hold the server: a request's headers must arrive within ``header_timeout``
+seconds of the connection (or of the previous response on a kept-alive connection).
+
+uvicorn's HTTP/1.1 protocol arms no timer until a first response has been sent, and resets its
+keep-alive timer on every byte received, so a client that trickles header bytes (a "slowloris")
+held a connection, and its file descriptor, forever: 3,000 such sockets were held in a probe. This
+subclass closes a connection whose request has not been parsed in time; the body is bounded the same
+way in :mod:`corelm.serve.app` (``body_timeout`` per read), and ``limit_concurrency`` caps what is
+open at once (503 beyond it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def header_timeout_protocol(header_timeout: float) -> type[H11Protocol]:
+    """An ``H11Protocol`` class that closes connections whose request headers are late."""
+
+    class HeaderTimeoutH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _headers_late(self) -> None:
+            self._deadline = None
+            if not self._in_request() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._in_request():  # the headers are in: the app's own limits take over
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets the same allowance
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
