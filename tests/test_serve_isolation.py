@@ -38,6 +38,34 @@ async def _serve(batcher: Batcher, requests: list[tuple[list[int], SamplingParam
     return await asyncio.gather(*(one(p, s) for p, s in requests))
 
 
+def test_a_failing_batched_forward_fails_that_steps_rows_and_the_batcher_serves_on(model, monkeypatch) -> None:
+    prompts = [[1, 17, 33, 90], [5, 6], [7, 300, 12, 9, 4, 2]]
+    lone = [_lone(model, p, 10) for p in prompts]
+    spec = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    real, calls = engine.decode_one, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in the batched forward")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_one", flaky)
+    batcher = Batcher(model, max_batch=4, max_seq_len=64)
+    batcher.start()
+    try:
+        first = asyncio.run(_serve(batcher, [(p, spec) for p in prompts]))
+        # the rows in the failed step end with an error event; a row admitted after it is untouched
+        assert any(end == "error" for _, end in first)
+        for (tokens, end), want in zip(first, lone):
+            assert (end == "error" and tokens == want[:len(tokens)]) or (end == "length" and tokens == want)
+        assert batcher.running == 0
+        later = asyncio.run(_serve(batcher, [(p, spec) for p in prompts]))  # the same worker thread goes on
+        assert later == [(want, "length") for want in lone]
+    finally:
+        batcher.stop()
+
+
 @pytest.mark.parametrize("fail_after", [0, 3])  # 0: the request's prefill step fails; 3: a later decode step
 def test_an_exception_in_one_rows_step_fails_that_row_alone(model, fail_after: int) -> None:
     def sample(logits, spec, generator, history):
@@ -68,9 +96,9 @@ def test_extreme_sampling_values_give_tokens_not_errors(model) -> None:
     greedy, a repetition penalty of 1e-300 or 1e300 only reorders tokens."""
     prompt = [1, 17, 33, 90]
     greedy = _lone(model, prompt, 6)
-    cases = [dict(temperature=1e-300), dict(temperature=1e-40), dict(temperature=0.7, repetition_penalty=1e-300),
-             dict(temperature=0.7, repetition_penalty=1e300), dict(temperature=1e300), dict(temperature=1e-300, top_p=0.5),
-             dict(temperature=1e-300, top_k=3)]
+    cases = [{"temperature": 1e-300}, {"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-300},
+             {"temperature": 0.7, "repetition_penalty": 1e300}, {"temperature": 1e300},
+             {"temperature": 1e-300, "top_p": 0.5}, {"temperature": 1e-300, "top_k": 3}, {"temperature": 1, "top_p": 1e-300}]
     for kwargs in cases:
         out = engine.generate(model, [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True, seed=1, **kwargs))[0]
         assert len(out) == 6 and all(0 <= t < model.config.vocab_size for t in out), kwargs

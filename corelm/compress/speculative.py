@@ -31,7 +31,7 @@ from torch import nn
 
 from corelm.errors import CorelmError
 from corelm.ops.kv_cache import KVCache
-from corelm.ops.sampling import temperature_probs
+from corelm.ops.sampling import sample_from_probs, temperature_probs
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(p, 1, generator=generator))
+    return int(sample_from_probs(p.reshape(1, -1), generator)[0])
 
 
 def rejection_step(p: torch.Tensor, q: torch.Tensor | None, x: int,
@@ -121,6 +121,8 @@ def rejection_step(p: torch.Tensor, q: torch.Tensor | None, x: int,
     if torch.rand((), generator=generator) < torch.clamp(p[x] / q_x, max=1.0):
         return True, None
     residual = (p - q).clamp(min=0) if q is not None else p.index_fill(0, torch.tensor(x), 0.0)
+    if not residual.sum() > 0:  # p and q agree to fp32 rounding: the residual's limit is p itself
+        residual = p
     return False, _sample(residual / residual.sum(), generator)
 
 

@@ -26,24 +26,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     logits = logits.float()
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    # A tiny or huge penalty overflows fp32 (1.5 / 1e-300 = inf); the largest finite value ranks the same
-    # and keeps the softmax defined (inf - inf would be NaN).
+    # A tiny or huge penalty leaves fp32's range (1.5 / 1e-300 = inf, 0 * 1e300 = NaN): the largest
+    # finite value ranks the same and keeps the softmax defined (inf - inf would be NaN); 0 stays 0.
     finite = torch.finfo(torch.float32).max
-    penalized = penalized.clamp(-finite, finite)
+    penalized = torch.nan_to_num(penalized, nan=0.0, posinf=finite, neginf=-finite)
     return torch.where(seen, penalized, logits)
 
 
 def scale_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``logits / temperature`` in fp32, shifted so each row's largest logit is 0.
 
-    Shifting first makes this total: any temperature > 0 gives finite values for the best token and
-    ``-inf`` at worst for the others (a temperature of 1e-300 is greedy, not NaN), so the softmax that
-    follows is always a distribution. Softmax is unchanged by the shift.
+    Total: any temperature > 0 gives 0 for the best token and a finite value or ``-inf`` for the
+    others, so the softmax that follows is always a distribution (a temperature of 1e-300 is greedy,
+    not NaN). The shift does not change the softmax.
     """
     logits = logits.float()
-    top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
-    # Divide in fp64: a temperature below fp32's range (1e-40, 1e-300) would become 0 and 0/0 = NaN.
-    return ((logits - top).double() / temperature).float()  # overflow -> -inf: probability 0
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+    # Floor at fp32's smallest normal (1.2e-38): the scalar is cast to fp32, where 1e-40 or 1e-300
+    # would be 0 (0 / 0 = NaN at the best token). Below the floor every visible gap scales to -1e30 or
+    # less, probability 0, as it would with the exact temperature.
+    return shifted / max(temperature, torch.finfo(torch.float32).tiny)
 
 
 def temperature_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,7 +68,10 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-    drop_sorted = mass_before >= p  # the first token is always kept (mass_before = 0)
+    drop_sorted = mass_before >= p
+    # The most likely token is always kept: a p below fp32's range (1e-300) rounds to 0, and 0 >= 0
+    # would drop every token (softmax over all -inf is NaN).
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -87,7 +92,19 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0,
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(scale_by_temperature(logits, temperature), top_k), top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return sample_from_probs(torch.softmax(logits, dim=-1), generators)  # (B, V) -> (B,)
+
+
+def sample_from_probs(probs: torch.Tensor,
+                      generators: Sequence[torch.Generator | None] | torch.Generator | None = None) -> torch.Tensor:
+    """Draw one index per row of ``probs`` (``(B, V)``, non-negative, each row's sum > 0).
+
+    Args:
+        probs: ``(B, V)`` weights; a row need not sum to 1 (``torch.multinomial`` normalizes).
+        generators: one ``torch.Generator`` per row, or one for all rows.
+    Returns:
+        ``(B,)`` indices (int64).
+    """
     if generators is None or isinstance(generators, torch.Generator):
         return torch.multinomial(probs, 1, generator=generators)[:, 0]
     return torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g)[:, 0] for b, g in enumerate(generators)])

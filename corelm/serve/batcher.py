@@ -67,7 +67,10 @@ class _Request:
 
     def emit(self, event: Event) -> None:
         event.time = time.monotonic()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody is left to tell
+            self.cancelled = True
 
 
 class Handle:
@@ -232,11 +235,11 @@ class Batcher:
                 self._rows[row] = request
             request.row = row
             request.admitted = time.monotonic()
-            request.generator = request.spec.generator(self.device)  # None when greedy
             self._isolated(row, self._prefill, row, request)
 
     def _prefill(self, row: int, request: _Request) -> None:
         """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
+        request.generator = request.spec.generator(self.device)  # None when greedy
         logits = engine.prefill(self.model, self.cache.rows(slice(row, row + 1)), [request.prompt])  # (1, V)
         self._accept(row, request, logits)
 
