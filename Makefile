@@ -8,7 +8,7 @@ PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.corelm-setup
 PROMPT  ?= The three laws of thermodynamics are
 
-.PHONY: setup demo test clean bench bench-llamacpp readme
+.PHONY: setup demo test clean bench bench-llamacpp
 
 $(STAMP): pyproject.toml corelm/kernels/quant_kernels.cpp
 	test -x $(PY) || python3 -m venv .venv
@@ -43,10 +43,6 @@ bench-llamacpp: setup
 	test -x .bench-venv/bin/python || python3 -m venv .bench-venv
 	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install -q llama-cpp-python
 	$(PY) benchmarks/decode_quant.py --variants int4,int8,int4-aten,hf-bf16 --llama-python .bench-venv/bin/python
-
-# README.md is stitched from docs/readme/*.md (one section per area).
-readme:
-	for f in docs/readme/*.md; do cat $$f; echo; done > README.md
 
 clean:
 	rm -rf .venv build *.egg-info
