@@ -315,18 +315,19 @@ def test_openai_client_raises_typed_errors(client):
 
 
 def test_disconnect_mid_stream_frees_the_row(llm):
-    batcher, srv = small_server(llm, max_batch=2, seconds_per_token=0.01)  # 200 tokens take 2 s
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+    # after its first token the request waits for its cancellation: it cannot finish before the client leaves
+    batcher, srv = small_server(llm, max_batch=2, stall=(1, lambda request: request.cancelled))
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": LONG, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with srv:
         assert metric(srv, "corelm_running_requests") == 0
-        with httpx.Client(timeout=30) as http, http.stream("POST", srv.url + "/v1/completions", json=body) as r:
+        with httpx.Client(timeout=HANG) as http, http.stream("POST", srv.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             assert metric(srv, "corelm_running_requests") == 1
         wait_until(lambda: metric(srv, "corelm_running_requests") == 0, "the disconnected stream's row is freed")
         assert metric(srv, "corelm_client_disconnects_total") == 1
-        # freed by the disconnect, not by finishing: far fewer than the 200 tokens it asked for
-        assert metric(srv, "corelm_generation_tokens_total") < 200
+        assert metric(srv, "corelm_generation_tokens_total") < LONG  # freed by the disconnect, not by finishing
     batcher.stop()
 
 
@@ -353,28 +354,37 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.02)
 
 
-def small_server(llm, *, max_batch=1, max_queue=1, seconds_per_token=0.0, **config):
-    """A separate server; ``seconds_per_token`` slows sampling (test only) so a long request is
-    still running when the test acts on it, however fast the machine."""
+LONG = 200  # max_tokens of the requests a test holds running
+
+
+def small_server(llm, *, max_batch=1, max_queue=1, stall=None, **config):
+    """A separate server. ``stall=(n, until)`` (test only): once a long request (``LONG`` tokens) has
+    ``n`` tokens, sampling its next one waits until ``until(request)`` holds, so the test acts while the
+    request is provably still running, however fast or slow the machine. Shorter requests run freely."""
     from corelm.generate.engine import sample_next
 
-    def slowed(*args):
-        time.sleep(seconds_per_token)
-        return sample_next(*args)
+    batcher = Batcher(llm.model, max_batch=max_batch, max_seq_len=WINDOW, max_queue=max_queue)
 
-    batcher = Batcher(llm.model, max_batch=max_batch, max_seq_len=WINDOW, max_queue=max_queue,
-                      sample=slowed if seconds_per_token else None)
+    def stalled(logits, spec, generator, history):
+        request = next(r for r in batcher._rows if r is not None and r.spec is spec)
+        if request.spec.max_new_tokens == LONG and len(request.tokens) >= stall[0]:
+            wait_until(lambda: stall[1](request), "the condition a stalled request waits for")
+        return sample_next(logits, spec, generator, history)
+
+    if stall is not None:
+        batcher._sample = stalled
     app = create_app([TextModel("tiny", llm, batcher)], ServerConfig(**config))
     batcher.start()
     return batcher, ServerThread(app)
 
 
 def test_admission_limit_answers_503_at_once(llm):
-    batcher, srv = small_server(llm, max_batch=1, max_queue=1, seconds_per_token=0.05)  # 200 tokens: >= 10 s
-    long = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    # the running request holds its row until its client leaves; the queued one waits until then
+    batcher, srv = small_server(llm, max_batch=1, max_queue=1, stall=(1, lambda request: request.cancelled))
+    long = {"model": "tiny", "prompt": "hello", "max_tokens": LONG, "ignore_eos": True, "stream": True}
 
     async def scenario() -> None:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=HANG) as http:
             running = await http.send(http.build_request("POST", "/v1/completions", json=long), stream=True)
             queued = asyncio.ensure_future(http.post("/v1/completions", json={**long, "stream": False}))
             while not (batcher.running == 1 and batcher.waiting == 1):  # event: row and queue are full
@@ -396,15 +406,17 @@ def test_admission_limit_answers_503_at_once(llm):
 
 
 def test_deadline_mid_stream_is_an_sse_error_then_done(llm):
-    batcher, srv = small_server(llm, request_timeout=1.0, seconds_per_token=0.02)  # 200 tokens take 4 s
+    # after 3 tokens a request waits out its deadline: the deadline, not the LONG tokens, ends it
+    batcher, srv = small_server(llm, request_timeout=2.0,
+                                stall=(3, lambda request: time.monotonic() > request.deadline))
     with srv:
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": LONG, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=HANG) as r:
             events = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "deadline_exceeded"
-        assert 1 < len(events) - 2 < 200
-        r = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False})
+        assert 1 <= len(events) - 2 <= 4  # mid-stream: tokens came before the error (4 at most)
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=HANG)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
     batcher.stop()
 

@@ -103,29 +103,31 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
 
     # ---- errors: always OpenAI-shaped, never a path or a traceback ----
 
-    def error_response(exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    def error_response(exc: APIError) -> Response:
+        # ASCII JSON (json.dumps' default): a message quoting any request text always encodes.
+        return Response(json.dumps(exc.body(), separators=(",", ":")), status_code=exc.status,
+                        headers=exc.headers, media_type="application/json")
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(request: Request, exc: APIError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return error_response(APIError(exc.status_code, message.get(exc.status_code, "request failed"), code=code))
 
     @app.exception_handler(CorelmError)
-    async def _corelm_error(request: Request, exc: CorelmError) -> JSONResponse:
+    async def _corelm_error(request: Request, exc: CorelmError) -> Response:
         return error_response(errors.bad_request(str(exc)))  # user-fixable by contract (corelm.errors)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(errors.bad_request("invalid request"))
 
     @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def _internal_error(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return error_response(errors.internal_error())
 

@@ -68,8 +68,9 @@ def _check_strings(body: dict[str, Any]) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise bad_request(f"'{field}' holds a lone surrogate (U+{ord(value[exc.start]):04X}): not valid "
-                                  "Unicode text", field if field in body else None, code="invalid_text") from None
+                name = field.encode("utf-8", "backslashreplace").decode()  # the key itself may be the culprit
+                raise bad_request(f"'{name}' holds a lone surrogate (U+{ord(value[exc.start]):04X}): not valid "
+                                  "Unicode text", name, code="invalid_text") from None
         elif isinstance(value, dict):
             stack.extend((field, k) for k in value)
             stack.extend((field, v) for v in value.values())
@@ -122,7 +123,15 @@ def _range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = Fal
     below = value <= lo if lo_open else value < lo
     if below or value > hi:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise bad_request(f"'{name}' must be in {interval}, got {value:g}", name)
+        raise bad_request(f"'{name}' must be in {interval}, got {_show(value)}", name)
+
+
+def _show(value: float) -> str:
+    """A number for an error message: integers as given (a 401-digit one has no float to format with
+    ``:g``), abbreviated past 24 digits."""
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**24 else _describe(value)
+    return f"{value:g}"
 
 
 @dataclass
@@ -147,7 +156,7 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
         value = _field(body, name, "int")
         if value is not None:
             if value < 1:
-                raise bad_request(f"'{name}' must be at least 1, got {value}", name)
+                raise bad_request(f"'{name}' must be at least 1, got {_show(value)}", name)
             max_tokens = value
     temperature = float(_field(body, "temperature", "number", 1.0))
     _range("temperature", temperature, 0.0, 2.0)
@@ -155,12 +164,12 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
     _range("top_p", top_p, 0.0, 1.0, lo_open=True)
     top_k = _field(body, "top_k", "int", 0)  # extension (vLLM, llama.cpp): 0 = off
     if top_k < 0:
-        raise bad_request(f"'top_k' must be >= 0, got {top_k}", "top_k")
+        raise bad_request(f"'top_k' must be >= 0, got {_show(top_k)}", "top_k")
     repetition_penalty = float(_field(body, "repetition_penalty", "number", 1.0))  # extension
     _range("repetition_penalty", repetition_penalty, 0.0, 10.0, lo_open=True)
     seed = _field(body, "seed", "int")
     if seed is not None and not 0 <= seed < 2**63:
-        raise bad_request(f"'seed' must be in [0, 2^63), got {seed}", "seed")
+        raise bad_request(f"'seed' must be in [0, 2^63), got {_show(seed)}", "seed")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
