@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from corelm.cli import main as cli
 from corelm.data import tasks
 from corelm.data.demo import resolve
-from corelm.finetune.run import FinetuneArgs, encode_examples, finetune, forward_items
+from corelm.finetune.run import FinetuneArgs, encode_examples, finetune, forward_items, predict
 from corelm.loading import load_run
 
 pytestmark = pytest.mark.slow
 
 
-def test_minilm_head_classifies_held_out_stdlib_docstrings(tmp_path: Path) -> None:
+def test_minilm_head_classifies_held_out_stdlib_docstrings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Docstring -> package on a split the run never saw (the test split of demo:packages)."""
     out = tmp_path / "cls"
     summary = finetune(FinetuneArgs(model="minilm-l6", task="classify", data="demo:packages",
@@ -30,6 +31,14 @@ def test_minilm_head_classifies_held_out_stdlib_docstrings(tmp_path: Path) -> No
     acc = sum(run.labels[p] == label for p, (_, label) in zip(pred, rows.items)) / len(rows.items)
     assert len(rows.items) > 150
     assert acc >= 0.90, acc
+    # From Python as from the CLI: the same labels and probabilities, equal to the argmax above.
+    texts = [text for text, _ in rows.items[:6]]
+    items = predict(run, texts, top=2)
+    assert [i["label"] for i in items] == [run.labels[p] for p in pred[:6]]
+    assert all(len(i["probabilities"]) == 2 and 0 < sum(i["probabilities"].values()) <= 1 + 1e-6 for i in items)
+    capsys.readouterr()
+    assert cli(["predict", "--model", str(out), "--json", "--top", "2", *texts]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == items
 
 
 def _conll(path: Path, sentences: list) -> str:

@@ -30,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from corelm.data import tasks
-    from corelm.eval.ner import entities
-    from corelm.finetune.run import forward_items, tags_from_logits
+    from corelm.finetune.run import predict
     from corelm.loading import is_run, load_run
 
     if args.top < 1:
@@ -42,31 +40,13 @@ def main(argv: list[str]) -> int:
         raise CorelmError("no text given")
     if not is_run(args.model):
         raise CorelmError(f"{args.model} is not a fine-tuning run directory (corelm finetune --out DIR)")
-    run = load_run(args.model, dtype=args.dtype)
-    task, max_len = run.task["task"], run.task["max_len"]
-    if task == "classify":
-        encoded = [{"input_ids": tasks.encode_text(run.tokenizer, t, max_len)} for t in texts]
-        probs = [x.softmax(-1) for x in forward_items(run.model, encoded, run.pad_id)]
-        for text, p in zip(texts, probs):
-            top = sorted(zip(run.labels, p.tolist()), key=lambda x: -x[1])[:args.top]
-            if args.json:
-                print(json.dumps({"text": text, "label": top[0][0], "probabilities": dict(top)}, ensure_ascii=False))
-            else:
-                print(f"{top[0][0]}\t" + "  ".join(f"{label}={prob:.3f}" for label, prob in top) + f"\t{text}")
-    elif task == "ner":
-        words = [t.split() for t in texts]
-        encoded = [tasks.encode_words(run.tokenizer, w, max_len) for w in words]
-        tags = tags_from_logits(forward_items(run.model, encoded, run.pad_id), encoded, [len(w) for w in words],
-                                run.labels)
-        for ws, ts in zip(words, tags):
-            spans = [(kind, " ".join(ws[a:b + 1])) for _, kind, a, b in entities(ts)]
-            if args.json:
-                print(json.dumps({"tokens": ws, "tags": ts, "entities": [{"type": k, "text": t} for k, t in spans]},
-                                 ensure_ascii=False))
-            else:
-                print(" ".join(f"{w}/{t}" for w, t in zip(ws, ts)))
-                print("  entities: " + (", ".join(f"{t} [{k}]" for k, t in spans) or "none"))
-    else:
-        raise CorelmError(f"{args.model} is an {task} run; use corelm generate/chat --model for language models "
-                          "(after corelm merge for LoRA runs)")
+    for item in predict(load_run(args.model, dtype=args.dtype), texts, top=args.top):
+        if args.json:
+            print(json.dumps(item, ensure_ascii=False))
+        elif "label" in item:
+            print(f"{item['label']}\t" + "  ".join(f"{label}={p:.3f}" for label, p in item["probabilities"].items())
+                  + f"\t{item['text']}")
+        else:
+            print(" ".join(f"{w}/{t}" for w, t in zip(item["tokens"], item["tags"])))
+            print("  entities: " + (", ".join(f"{e['text']} [{e['type']}]" for e in item["entities"]) or "none"))
     return 0

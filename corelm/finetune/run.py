@@ -455,3 +455,41 @@ def save_run_files(model: nn.Module, config: Any, tokenizer: Any, task_info: dic
     os.replace(tmp, out_dir / TASK_FILE)
 
 
+
+
+def predict(run: Any, texts: list[str], top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+    """Label texts with a fine-tuned classifier or tagger: what ``corelm predict`` prints, as data.
+
+    Args:
+        run: a :class:`corelm.loading.Run` of task ``classify`` or ``ner`` (``load_run(dir)``).
+        texts: one text per item (``ner``: words separated by spaces).
+        top: ``classify``: how many labels to return with their probabilities.
+    Returns:
+        ``classify``: ``{"text", "label", "probabilities": {label: p, ...}}`` (the ``top`` most likely);
+        ``ner``: ``{"tokens", "tags", "entities": [{"type", "text"}, ...]}``; one dict per text.
+    Raises:
+        CorelmError: an ``sft`` run (use ``corelm.load`` and ``generate``), or ``top < 1``.
+    """
+    from corelm.eval.ner import entities
+
+    if top < 1:
+        raise CorelmError(f"top must be at least 1, got {top}")
+    task, max_len = run.task["task"], run.task["max_len"]
+    with torch.inference_mode():
+        if task == "classify":
+            encoded = [{"input_ids": tasks.encode_text(run.tokenizer, t, max_len)} for t in texts]
+            out = []
+            for text, logits in zip(texts, forward_items(run.model, encoded, run.pad_id, batch_size)):
+                ranked = sorted(zip(run.labels, logits.softmax(-1).tolist()), key=lambda x: -x[1])[:top]
+                out.append({"text": text, "label": ranked[0][0], "probabilities": dict(ranked)})
+            return out
+        if task == "ner":
+            words = [t.split() for t in texts]
+            encoded = [tasks.encode_words(run.tokenizer, w, max_len) for w in words]
+            tags = tags_from_logits(forward_items(run.model, encoded, run.pad_id, batch_size), encoded,
+                                    [len(w) for w in words], run.labels)
+            return [{"tokens": ws, "tags": ts,
+                     "entities": [{"type": kind, "text": " ".join(ws[a:b + 1])} for _, kind, a, b in entities(ts)]}
+                    for ws, ts in zip(words, tags)]
+    raise CorelmError(f"{run.path} is an {task} run; use corelm generate/chat --model for language models "
+                      "(after corelm merge for LoRA runs)")
