@@ -31,3 +31,36 @@ def cpu_flags() -> frozenset[str]:
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """True when the CPU declares bf16 arithmetic (:data:`BF16_FLAGS`)."""
     return any(f in (cpu_flags() if flags is None else flags) for f in BF16_FLAGS)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (SMT siblings share one core's
+    execution units: a second thread per core slows a bandwidth-bound decode down rather than up)."""
+    import os
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores: set[tuple[str, str]] = set()
+    try:
+        block: dict[str, str] = {}
+        for line in [*Path("/proc/cpuinfo").read_text().splitlines(), ""]:
+            if line.strip():
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+            elif block:
+                if int(block.get("processor", -1)) in allowed:
+                    cores.add((block.get("physical id", "0"), block.get("core id", block.get("processor", ""))))
+                block = {}
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+def default_threads() -> int:
+    """torch threads when a command is given no ``--threads``: ``OMP_NUM_THREADS`` if set, else
+    :func:`physical_cores`."""
+    import os
+
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return physical_cores()

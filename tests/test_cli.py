@@ -229,3 +229,24 @@ def test_shared_dtype_precision_device_options_refuse_unknown_values(argv, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("invalid choice" in err[0] or "must be auto, cpu, cuda" in err[0]), err
+
+
+def test_generate_and_chat_take_threads(monkeypatch, capsys) -> None:
+    """--threads sets torch's thread count; without it OMP_NUM_THREADS, else the physical cores."""
+    import torch
+
+    from corelm import cpu
+    from corelm.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", "llama-tiny", "--dtype", "fp32", "--max-new-tokens", "2", "--threads", "2",
+                     "hi"]) == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert main(["chat", "--model", "llama-tiny", "--dtype", "fp32", "--max-new-tokens", "2", "--once", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu.default_threads() == cpu.physical_cores() >= 1

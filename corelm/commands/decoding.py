@@ -22,6 +22,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                     help="embedded model or preset name (see `corelm models`), a .gguf file or an HF checkpoint "
                          "directory")
     add_dtype(ap, "auto", "weight and compute dtype")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -60,9 +62,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_llm(args: argparse.Namespace, model: str | None = None) -> Any:
     """Load ``--model`` (or ``model``) as a decoder, reporting the load time on stderr."""
+    import torch
+
     import corelm
     from corelm.api import LLM
+    from corelm.cpu import default_threads
 
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise CorelmError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads or default_threads())
     model = model or args.model
     quantize = getattr(args, "quantize", None)
     t0 = time.perf_counter()
