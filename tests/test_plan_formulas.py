@@ -147,3 +147,11 @@ def test_planning_modules_do_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_mfu_is_model_flops_per_wall_second_over_peak():
+    from corelm.plan import formulas as F
+
+    assert F.mfu(6e9, 100.0, 1.2e12) == 0.5  # 6e11 FLOP/s achieved on a 1.2e12 peak
+    with pytest.raises(CorelmError):
+        F.mfu(6e9, 100.0, 0.0)

@@ -126,6 +126,19 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str = "none
     return 3.0 * fwd + extra[recompute]
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation [PaLM, appendix B]: model FLOPs per wall-clock second over the device's peak.
+
+    The one definition corelm uses (the training loop's log, ``corelm bench --train``, the planner):
+    ``flops_per_token`` are *model* FLOPs (:func:`train_flops_per_token` with ``recompute="none"``:
+    recomputation does not count), ``tokens_per_s`` is wall-clock throughput, ``peak_flops`` the
+    measured matmul rate of the device in the compute dtype.
+    """
+    if peak_flops <= 0:
+        raise CorelmError(f"peak FLOP/s must be > 0, got {peak_flops:g}")
+    return flops_per_token * tokens_per_s / peak_flops
+
+
 def train_flops(cfg: ModelConfig, tokens: float, seq_len: int, *, attention: bool = True) -> float:
     """Total training FLOPs for ``tokens`` tokens in sequences of ``seq_len``.
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.plan.formulas import mfu
 from corelm.train.checkpoint import ExportFn, latest_checkpoint, load_checkpoint, save_checkpoint
 from corelm.train.distributed import DistInfo, all_reduce_mean, apply_ddp, apply_fsdp, find_blocks
 from corelm.train.optim import build_optimizer, lr_factor, set_lr
@@ -226,7 +227,7 @@ def train(
             checkpoint (default: ``model.safetensors`` with the model's names).
         extra_state: anything with ``state_dict()``/``load_state_dict()`` (JSON-able) to save and restore.
         optimizer_fn: builds the optimizer from the (sharded) model; default AdamW over trainable params.
-        flops_per_token: training FLOPs per token, for MFU (see ``tracking.train_flops_per_token``).
+        flops_per_token: training FLOPs per token, for MFU (``corelm.plan.formulas.train_flops_per_token``).
         dist: the process group position (``init_distributed()``); single process if ``None``.
         run_config: the resolved run configuration (model config, data, ...) saved with each checkpoint.
 
@@ -373,7 +374,7 @@ def train(
                                           "tokens_per_s": tps * info.world_size, "step_time_s": dt,
                                           "tokens": tokens_seen, **sums}
                 if peak and flops_per_token:
-                    record["mfu"] = tps * flops_per_token / peak
+                    record["mfu"] = mfu(flops_per_token, tps, peak)
                 if not finite:
                     record["skipped"] = 1
                 if scaler is not None:
