@@ -7,6 +7,7 @@ put any JSON value into any field of the three request kinds, and any bytes into
 from __future__ import annotations
 
 import json
+import select
 import socket
 
 import httpx
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 import corelm
 from corelm.serve.app import ServerConfig, create_app
 from corelm.serve.batcher import Batcher
-from corelm.serve.server import ServerThread
+from corelm.serve.server import ServeOptions, ServerThread
 from corelm.serve.service import EmbeddingModel, TextModel
 from tests.test_serve_api import HANG, tiny_llm
 
@@ -201,25 +202,87 @@ def test_zz_summary_of_what_the_property_tests_sent() -> None:
     assert SERVED["server_errors"] == 0
 
 
+def _limited_server(llm, **options):
+    """A server with the given :class:`ServeOptions` limits (the app gets the body timeout)."""
+    batcher = Batcher(llm.model, max_batch=2, max_seq_len=64)
+    opts = ServeOptions(**options)
+    app = create_app([TextModel("tiny", llm, batcher, default_max_tokens=2)], ServerConfig(body_timeout=opts.body_timeout))
+    batcher.start()
+    return batcher, ServerThread(app, options=opts)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Wait (HANG at most) until the server closes ``sock`` without answering."""
+    sock.settimeout(HANG)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
 def test_slow_clients_are_cut_off_and_do_not_block_others(llm) -> None:
     """A client that trickles header bytes is closed after the header timeout; one that stops sending
     its body gets 408; a normal client is served meanwhile (HANG only guards against a hang)."""
-    batcher = Batcher(llm.model, max_batch=2, max_seq_len=64)
-    app = create_app([TextModel("tiny", llm, batcher, default_max_tokens=2)], ServerConfig(body_timeout=0.5))
-    batcher.start()
-    with ServerThread(app, header_timeout=0.5) as srv, socket.create_connection((srv.host, srv.port)) as slow, \
+    batcher, srv = _limited_server(llm, header_timeout=0.5, body_timeout=0.5)
+    with srv, socket.create_connection((srv.host, srv.port)) as slow, \
             socket.create_connection((srv.host, srv.port)) as body_less:
         slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the headers never finish
         body_less.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{\"model\"")  # the body stops after 8 of 100 bytes
         r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=HANG)
         assert r.status_code == 200
-        slow.settimeout(HANG)
+        assert _closed_by_server(slow)
         body_less.settimeout(HANG)
-        try:
-            assert slow.recv(1024) == b""  # closed by the server, without an answer
-        except ConnectionResetError:
-            pass
         status, _, body = _read_response(body_less.makefile("rb"))
         assert status == 408 and body["error"]["code"] == "body_timeout"
+    batcher.stop()
+
+
+def test_a_trickled_body_is_bounded_as_a_whole(llm) -> None:
+    """A byte every 50 ms keeps every single read short; the body as a whole still gets 408 (it would
+    take 500 s to arrive)."""
+    batcher, srv = _limited_server(llm, body_timeout=1.0)
+    with srv, socket.create_connection((srv.host, srv.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000\r\n\r\n")
+        for _ in range(int(HANG / 0.05)):
+            if select.select([sock], [], [], 0.05)[0]:  # the server answered
+                break
+            sock.sendall(b" ")
+        sock.settimeout(HANG)
+        status, _, body = _read_response(sock.makefile("rb"))
+        assert status == 408 and body["error"]["code"] == "body_timeout"
+    batcher.stop()
+
+
+def test_idle_connections_close_and_the_connection_cap_answers_503(llm) -> None:
+    batcher, srv = _limited_server(llm, keep_alive_timeout=0.5, max_connections=3)
+    with srv:
+        with socket.create_connection((srv.host, srv.port)) as idle:  # one request, then silence
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            idle.settimeout(HANG)
+            reader = idle.makefile("rb")
+            assert _read_response(reader)[0] == 200
+            assert reader.read() == b""  # EOF: closed by the keep-alive timeout
+        held = [socket.create_connection((srv.host, srv.port)) for _ in range(3)]
+        try:  # 3 connections open: the cap is reached, a request on a 4th gets 503
+            r = httpx.get(srv.url + "/health", timeout=HANG)
+            assert r.status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+    batcher.stop()
+
+
+@pytest.mark.parametrize("raw", [b"NOT HTTP AT ALL\r\n\r\n",
+                                 b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 40_000])
+def test_malformed_http_is_an_openai_400(llm, raw) -> None:
+    """Not HTTP, or headers still unfinished after ``max_header_bytes``: 400 with OpenAI's error object."""
+    batcher, srv = _limited_server(llm, max_header_bytes=16 * 1024)
+    with srv, socket.create_connection((srv.host, srv.port)) as sock:
+        sock.sendall(raw)
+        sock.settimeout(HANG)
+        status, headers, body = _read_response(sock.makefile("rb"))
+        assert status == 400 and headers["content-type"] == "application/json"
+        assert body["error"]["code"] == "invalid_http" and body["error"]["type"] == "invalid_request_error"
     batcher.stop()

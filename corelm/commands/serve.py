@@ -61,9 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a connection may take to send a request's headers; slower ones are closed "
                         "(default 10)")
     p.add_argument("--body-timeout", type=_positive(float), default=30.0,
-                   help="seconds each read of a request body may wait; then 408 (default 30)")
+                   help="seconds a request body may take to arrive after its headers; then 408 (default 30)")
+    p.add_argument("--keep-alive-timeout", type=_positive(float), default=5.0,
+                   help="seconds an idle kept-alive connection stays open between requests (default 5)")
     p.add_argument("--max-connections", type=_positive(int), default=1000,
-                   help="connections and requests in flight at once; more get 503 (default 1000)")
+                   help="open connections at once; a request beyond them gets 503 (default 1000)")
+    p.add_argument("--max-header-kb", type=_positive(int), default=16,
+                   help="KiB of request line and headers buffered before they must be complete; "
+                        "more get 400 (default 16)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="weights/compute dtype (default: bf16 where the CPU declares bf16 arithmetic, else fp32)")
     p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1, ...")
@@ -95,7 +100,8 @@ def main(argv: list[str]) -> int:
     options = server.ServeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
                                   request_timeout=args.request_timeout, max_body_bytes=args.max_body_kb * 1024,
                                   default_max_tokens=args.default_max_tokens, header_timeout=args.header_timeout,
-                                  body_timeout=args.body_timeout, max_connections=args.max_connections)
+                                  body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                                  max_connections=args.max_connections, max_header_bytes=args.max_header_kb * 1024)
     import torch
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
@@ -116,8 +122,7 @@ def main(argv: list[str]) -> int:
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
-        server.run(app, args.host, args.port, access_log=args.access_log, header_timeout=args.header_timeout,
-                   max_connections=args.max_connections)
+        server.run(app, args.host, args.port, access_log=args.access_log, options=options)
     finally:
         server.stop(served)
     return 0

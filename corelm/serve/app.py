@@ -64,7 +64,7 @@ class ServerConfig:
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
         max_body_bytes: larger request bodies get 413.
         request_timeout: seconds from arrival after which a request is ended (504 / SSE error).
-        body_timeout: seconds each read of a request body may wait before a 408.
+        body_timeout: seconds a request's whole body may take to arrive (408 after that).
         loopback_only: answer only requests whose ``Host`` is a loopback name (set when bound to
             127.0.0.1): a web page on another site cannot reach the server through DNS rebinding.
     """
@@ -156,9 +156,13 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
             raise too_big
         chunks, size = [], 0
         stream = request.stream().__aiter__()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.body_timeout
         while True:
-            try:  # each read is bounded: a client that stops sending mid-body cannot hold the request
-                chunk = await asyncio.wait_for(stream.__anext__(), config.body_timeout)
+            # The whole body is bounded, not each read: a client trickling a byte at a time, or stopping
+            # mid-body, cannot hold the request (and its connection) past the deadline.
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0))
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:

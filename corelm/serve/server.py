@@ -35,8 +35,11 @@ class ServeOptions:
         default_max_tokens: output limit when a request gives no ``max_tokens``.
         header_timeout: seconds a connection may take to send a request's headers (slow clients are
             closed, see :mod:`corelm.serve.timeouts`).
-        body_timeout: seconds each read of a request body may wait (408 after that).
-        max_connections: connections and requests in flight; beyond it new ones get 503.
+        body_timeout: seconds a request's whole body may take to arrive once its headers are in (408).
+        keep_alive_timeout: seconds an idle kept-alive connection stays open between requests.
+        max_connections: open connections (and requests in flight); a request beyond it gets 503.
+        max_header_bytes: a request line and headers still unfinished after this many bytes get 400
+            (h11's incomplete-event limit).
     """
 
     max_batch: int = 8
@@ -47,7 +50,9 @@ class ServeOptions:
     default_max_tokens: int = 512
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    keep_alive_timeout: float = 5.0
     max_connections: int = 1000
+    max_header_bytes: int = 16 * 1024
 
 
 def served_name(spec: str) -> str:
@@ -141,14 +146,13 @@ class ServerThread:
             client = OpenAI(base_url=server.url + "/v1", api_key="x")
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, header_timeout: float = 10.0,
-                 max_connections: int = 1000) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None,
+                 options: ServeOptions | None = None) -> None:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2, lifespan="off",
-                                **uvicorn_limits(header_timeout, max_connections))
+                                timeout_graceful_shutdown=2, lifespan="off", **uvicorn_limits(options or ServeOptions()))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="corelm-uvicorn", daemon=True)
 
@@ -170,19 +174,19 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def run(app: Any, host: str, port: int, access_log: bool = False, header_timeout: float = 10.0,
-        max_connections: int = 1000) -> None:
+def run(app: Any, host: str, port: int, access_log: bool = False, options: ServeOptions | None = None) -> None:
     """Serve until Ctrl-C (blocking)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=3,
-                **uvicorn_limits(header_timeout, max_connections))
+                **uvicorn_limits(options or ServeOptions()))
 
 
-def uvicorn_limits(header_timeout: float, max_connections: int) -> dict[str, Any]:
-    """uvicorn settings that bound what slow or many clients can hold."""
+def uvicorn_limits(options: ServeOptions) -> dict[str, Any]:
+    """uvicorn settings that bound what slow or many clients can hold (the body's bound is the app's,
+    :class:`~corelm.serve.app.ServerConfig` ``body_timeout``)."""
     from corelm.serve.timeouts import header_timeout_protocol
 
-    return {"http": header_timeout_protocol(header_timeout), "limit_concurrency": max_connections,
-            "timeout_keep_alive": 5}
+    return {"http": header_timeout_protocol(options.header_timeout), "timeout_keep_alive": options.keep_alive_timeout,
+            "limit_concurrency": options.max_connections, "h11_max_incomplete_event_size": options.max_header_bytes}

@@ -5,16 +5,21 @@ uvicorn's HTTP/1.1 protocol arms no timer until a first response has been sent, 
 keep-alive timer on every byte received, so a client that trickles header bytes (a "slowloris")
 held a connection, and its file descriptor, forever: 3,000 such sockets were held in a probe. This
 subclass closes a connection whose request has not been parsed in time; the body is bounded the same
-way in :mod:`corelm.serve.app` (``body_timeout`` per read), and ``limit_concurrency`` caps what is
-open at once (503 beyond it).
+way in :mod:`corelm.serve.app` (``body_timeout`` for the whole body), and ``limit_concurrency`` caps
+what is open at once (503 beyond it). It also answers malformed HTTP (and headers over
+``h11_max_incomplete_event_size``) with OpenAI's error object instead of uvicorn's plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from corelm.serve.errors import bad_request
 
 
 def header_timeout_protocol(header_timeout: float) -> type[H11Protocol]:
@@ -53,6 +58,17 @@ def header_timeout_protocol(header_timeout: float) -> type[H11Protocol]:
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._arm()  # the next request on this connection gets the same allowance
+
+        def send_400_response(self, msg: str) -> None:
+            error = bad_request("invalid HTTP request: malformed, or its request line and headers exceed the "
+                                "server's size limit", code="invalid_http")
+            body = json.dumps(error.body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
