@@ -4,14 +4,19 @@ tokens they get when served alone (SECURITY.md, "HTTP requests")."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import pytest
 import torch
 
 from corelm.generate import engine
 from corelm.generate.engine import SamplingParams
+from corelm.serve.app import ServerConfig, create_app
 from corelm.serve.batcher import Batcher
-from tests.test_serve_api import tiny_llm
+from corelm.serve.server import ServerThread
+from corelm.serve.service import TextModel
+from tests.test_serve_api import HANG, tiny_llm, wait_until
 
 POISON = 666  # the seed that marks the request whose own step raises
 
@@ -113,3 +118,46 @@ def test_extreme_sampling_values_give_tokens_not_errors(model) -> None:
     seen = torch.tensor([[True, False, True]])
     for penalty in (1e-300, 1e300):
         assert torch.isfinite(apply_repetition_penalty(logits, seen, penalty)).all()
+
+
+def test_over_http_a_failing_row_gets_an_error_event_and_the_other_streams_their_lone_text() -> None:
+    """Three streams share the batch; the poisoned one fails at its 3rd token, once all three are running.
+    It gets OpenAI's error event and ``[DONE]``; the others stream exactly the text each gets alone."""
+    llm = tiny_llm()
+    batcher = Batcher(llm.model, max_batch=4, max_seq_len=128)
+
+    def sample(logits, spec, generator, history):
+        if spec.seed == POISON and len(next(r for r in batcher._rows if r and r.spec is spec).tokens) == 3:
+            wait_until(lambda: batcher.running == 3, "all three streams share the batch")
+            raise RuntimeError("injected failure in this row's step")
+        return engine.sample_next(logits, spec, generator, history)
+
+    batcher._sample = sample
+    server = ServerThread(create_app([TextModel("tiny", llm, batcher)], ServerConfig()))
+    prompts = ["The cat", "Numbers: one two", "Once upon a time"]
+
+    async def stream(http, prompt: str, seed: int | None) -> tuple[str, list[dict]]:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                "stream": True, "seed": seed}
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [line[5:].strip() async for line in r.aiter_lines() if line.startswith("data:")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        return "".join(c["choices"][0]["text"] for c in chunks if "choices" in c), chunks
+
+    async def serve(requests: list[tuple[str, int | None]]) -> list[tuple[str, list[dict]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=HANG) as http:
+            return await asyncio.gather(*(stream(http, p, seed) for p, seed in requests))
+
+    batcher.start()
+    with server:
+        alone = [asyncio.run(serve([(p, None)]))[0][0] for p in prompts]  # one at a time
+        together = asyncio.run(serve([(prompts[0], None), (prompts[1], POISON), (prompts[2], None)]))
+        assert batcher.running == 0
+    batcher.stop()
+    (text0, _), (_, poisoned), (text2, _) = together
+    assert [text0, text2] == [alone[0], alone[2]]
+    error = poisoned[-1]["error"]
+    assert error["type"] == "server_error" and error["message"] == "internal server error"
+    assert sum("choices" in c for c in poisoned) == 3  # the tokens before the failure were streamed
