@@ -68,7 +68,8 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     Decoding reads every weight once per token, so bf16 halves the bytes and can double tokens/s --
     but only where the CPU has bf16 arithmetic (its flags name AVX512_BF16 or AMX-BF16, see
     :mod:`corelm.cpu`). Elsewhere PyTorch emulates bf16 and it is ~400x slower than fp32 (0.3 vs 136
-    GFLOP/s on an AVX2-only Zen 3), so fp32 is used. The answer depends only on the CPU's flags: the
+    GFLOP/s on an AVX2-only Zen 3), so fp32 is used -- also under ``ATEN_CPU_CAPABILITY=avx2``, which
+    emulates such a CPU. The answer depends only on the CPU's flags and ATen's capability: the
     same machine gets the same dtype, and so the same greedy text, on every run (a timing probe, used
     before, flipped between the two on a busy machine). ``CORELM_DTYPE`` overrides it; on CUDA bf16
     is used when the device supports it, else fp16.
@@ -81,7 +82,10 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type != "cpu":
         return torch.float32
-    return torch.bfloat16 if native_bf16() else torch.float32
+    # ATen's capability caps it too: with ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, emulated) the
+    # non-matmul bf16 kernels take their AVX2 paths, so the run behaves as on such a CPU: fp32.
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return torch.bfloat16 if native_bf16() and avx512 else torch.float32
 
 
 # ---- the two kinds of loaded model ---------------------------------------------------------------

@@ -138,7 +138,8 @@ def test_default_dtype_follows_the_cpu_flags_and_never_varies(monkeypatch: pytes
     from corelm import cpu
 
     monkeypatch.delenv("CORELM_DTYPE", raising=False)
-    expected = torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & cpu.cpu_flags() else torch.float32
+    native = {"avx512_bf16", "amx_bf16"} & cpu.cpu_flags() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    expected = torch.bfloat16 if native else torch.float32
     assert {default_dtype("cpu") for _ in range(5)} == {expected}
     assert cpu.native_bf16(frozenset({"avx2", "fma"})) is False  # Zen 3: emulated bf16
     assert cpu.native_bf16(frozenset({"avx512f", "avx512_bf16"})) is True  # Zen 4
