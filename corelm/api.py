@@ -18,7 +18,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
-from corelm.generate.text import stream_text
+from corelm.generate.text import StopMatcher, stream_text
 from corelm.loading import (  # noqa: F401 - part of this module's API since before the loaders moved
     Loaded,
     default_dtype,
@@ -146,9 +146,7 @@ class LLM:
             stats: If given, filled with ``prompt_tokens``, ``new_tokens``, ``prefill_s``, ``decode_s``.
         """
         tok = self._need_tokenizer()
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise CorelmError("stop strings must be non-empty strings")
+        stops = _stop_list(stop)
         params = self._params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
         self._check_length(prompt_ids, max_new_tokens)
         token_iter = self._token_stream(prompt_ids, params, num_beams, stats)
@@ -171,29 +169,22 @@ class LLM:
             return [self.generate(p, max_new_tokens=max_new_tokens, stop=stop, num_beams=num_beams, **sampling)
                     for p in prompts]
         tok = self._need_tokenizer()
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise CorelmError("stop strings must be non-empty strings")
+        stops = _stop_list(stop)
         ids = [self.encode_prompt(p) for p in prompts]
         params = self._params(max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"],
                               sampling["repetition_penalty"], sampling["seed"], sampling["ignore_eos"])
         for row in ids:
             self._check_length(row, max_new_tokens)
-
-        def text(tokens: list[int]) -> str:
-            return tok.decode(tokens, skip_special_tokens=True)
+        # Each row watches its own text as tokens come (the one stop matcher, fed incrementally) so the
+        # engine stops a row at its stop string; the returned text is cut by stream_text as a lone run is.
+        watch = [(tok.stream_decoder(skip_special_tokens=True), StopMatcher(stops)) for _ in ids]
 
         def stopped(row: int, tokens: list[int]) -> bool:
-            return bool(stops) and any(s in text(tokens) for s in stops)
+            decoder, matcher = watch[row]
+            return matcher.feed(decoder.push(tokens[-1]))[1]
 
-        rows = engine.generate(self.model, ids, params,
-                               should_stop=stopped if stops else None)
-        out = []
-        for tokens in rows:
-            t = text(tokens)
-            cut = min((t.index(s) for s in stops if s in t), default=len(t))
-            out.append(t[:cut])
-        return out
+        rows = engine.generate(self.model, ids, params, should_stop=stopped if stops else None)
+        return ["".join(stream_text(tok, iter(tokens), stops)) for tokens in rows]
 
     # ---- internals ----------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:
@@ -267,6 +258,14 @@ class LLM:
                 end = time.perf_counter()
                 stats.update(prompt_tokens=len(prompt_ids), new_tokens=n,
                              prefill_s=(first or end) - t0, decode_s=end - (first or end))
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    """``stop`` as a list of strings, checked: each must be a non-empty string."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise CorelmError("stop strings must be non-empty strings")
+    return stops
 
 
 class Encoder:

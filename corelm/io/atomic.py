@@ -130,19 +130,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     Raises:
         CorelmError: the file system refused a write (full, read-only, no permission), naming ``out``.
     """
-    out = Path(out)
-    with write_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        with write_errors(out):
-            yield tmp
-            with _signals_held():
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the user's usual mode
-                _swap_in(tmp, out)
-    finally:
-        with _signals_held():
-            _remove(tmp)
+    with _atomic(Path(out), directory=True) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -154,22 +143,39 @@ def atomic_file(out: str | Path) -> Iterator[Path]:
     Raises:
         CorelmError: the file system refused a write (full, read-only, no permission), naming ``out``.
     """
-    out = Path(out)
+    with _atomic(Path(out), directory=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(out: Path, directory: bool) -> Iterator[Path]:
+    """The one write-then-rename both writers share: a hidden temporary next to ``out`` (same file
+    system, so the rename is atomic), the user's usual mode, and removal on any failure or signal."""
     with write_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-", suffix=out.suffix)
-        os.close(fd)
-    tmp = Path(name)
+        prefix = f".{out.name}.tmp-"
+        if directory:
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=prefix))
+        else:
+            fd, name = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=out.suffix)
+            os.close(fd)
+            tmp = Path(name)
     try:
         with write_errors(out):
             yield tmp
             with _signals_held():
-                if tmp.exists():
-                    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-                os.replace(tmp, out)
+                if tmp.exists():  # mkdtemp/mkstemp make 0700/0600: give the output the user's usual mode
+                    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+                if directory:
+                    _swap_in(tmp, out)
+                else:
+                    os.replace(tmp, out)
     finally:
         with _signals_held():
-            tmp.unlink(missing_ok=True)
+            if directory:
+                _remove(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:

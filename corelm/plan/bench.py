@@ -366,10 +366,7 @@ def gemm_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
 
     with torch.device("meta"):
         model = build_model(cfg)
-    # Shapes, not data pointers (every meta tensor's is 0): each Linear's weight and the head's.
-    heads = [getattr(model, "lm_head", None)]
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) or m in heads]
-    return sorted({(w.shape[1], w.shape[0]) for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2})
+    return sorted({(w.shape[1], w.shape[0]) for w in _matmul_weights(model)})
 
 
 def _kernel_buffers_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -531,13 +528,13 @@ def _matmul_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     for module in model.modules():
         w = getattr(module, "weight", None)
         is_matmul = isinstance(module, torch.nn.Linear) or module is getattr(model, "lm_head", None)
-        if is_matmul and isinstance(w, torch.Tensor) and w.dim() == 2 and w.data_ptr() not in seen:
-            seen.add(w.data_ptr())
-            out.append(w)
+        if is_matmul and isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) not in seen:
+            seen.add(id(w))  # identity, not data_ptr: a tied head is the embedding's own Parameter, and
+            out.append(w)    # every tensor on the meta device has data_ptr 0
     head = getattr(model, "lm_head", None)
     if head is not None and not isinstance(getattr(head, "weight", None), torch.Tensor):
         for name, p in model.named_parameters():  # a tied head holding the embedding by reference
-            if ("embed" in name or "wte" in name) and p.dim() == 2 and p.data_ptr() not in seen:
+            if ("embed" in name or "wte" in name) and p.dim() == 2 and id(p) not in seen:
                 out.append(p)
                 break
     return out
