@@ -2,7 +2,7 @@
 
 Same weights (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same prompt, greedy, N new tokens
 (EOS ignored), T threads, variants alternating round by round (A B C A B C ...), median reported.
-corelm runs its fast decode path (:class:`corelm.compress.fast.FastDecoder`): ``int4``/``int8`` use
+corelm runs its fast decode path (:class:`corelm.generate.fast.FastDecoder`): ``int4``/``int8`` use
 corelm's C++ step (:mod:`corelm.kernels`: GGUF blocks, int8 activations, one call per token);
 ``int4-aten``/``int8-aten`` the same static-cache decoder on PyTorch's packed kernels (bf16
 activations), compiled when ``--compile`` says so. llama.cpp runs through ``llama-cpp-python`` in a
@@ -81,7 +81,7 @@ def random_smollm2(device: str) -> torch.nn.Module:
 class CorelmRunner:
     def __init__(self, method: str, compile_mode: str, max_len: int, random: bool = False,
                  device: str = "cpu", kernels: bool = True) -> None:
-        from corelm.compress.fast import FastDecoder
+        from corelm.generate.fast import FastDecoder
         from corelm.compress.quant import quantize_model
 
         t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def main() -> int:
                     help="python of a virtualenv with llama-cpp-python (adds the llama.cpp peer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from corelm.compress.fast import cpu_capability
+    from corelm.generate.fast import cpu_capability
 
     if args.random:
         ids = list(range(1000, 1008))  # 8 prompt tokens, like the chat prompt's length

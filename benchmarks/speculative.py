@@ -52,8 +52,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import corelm
-    from corelm.compress.fast import fast_stream
-    from corelm.compress.speculative import speculative_generate
+    from corelm.generate.fast import fast_stream
+    from corelm.generate.speculative import speculative_generate
     from corelm.generate.engine import SamplingParams, stream
 
     quantize = None if args.quantize == "none" else args.quantize

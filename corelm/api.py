@@ -244,7 +244,7 @@ class LLM:
                 # A quantized llama decodes batch-1 on the fused static-cache path (same greedy tokens).
                 fast = (getattr(self.model, "corelm_quantization", None) and self.config.family == "llama")
                 if fast:
-                    from corelm.compress.fast import fast_stream
+                    from corelm.generate.fast import fast_stream
                     tokens = fast_stream(self.model, prompt_ids, params)
                 else:
                     tokens = engine.stream(self.model, prompt_ids, params)

@@ -12,7 +12,7 @@ import torch
 
 from corelm import kernels
 from corelm.compress import quant
-from corelm.compress.fast import FastDecoder
+from corelm.generate.fast import FastDecoder
 from corelm.config import ModelConfig
 from corelm.cpu import cpu_flags
 from corelm.models import build_model

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corelm.compress.speculative import rejection_step
+from corelm.generate.speculative import rejection_step
 from corelm.ops.sampling import (
     apply_repetition_penalty,
     sample_from_logits,

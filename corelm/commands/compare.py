@@ -61,7 +61,7 @@ def load_variant(source: str):
 
 
 def measure(source: str, text: str, args: argparse.Namespace) -> dict:
-    from corelm.compress.fast import FastDecoder
+    from corelm.generate.fast import FastDecoder
     from corelm.compress.prune import sparsity_of
     from corelm.compress.quant import quantized_bytes
     from corelm.eval.perplexity import perplexity
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         return 0
-    from corelm.compress.fast import cpu_capability
+    from corelm.generate.fast import cpu_capability
 
     print(f"{rows[0]['tokens']} held-out tokens of {data.name}; decode {args.decode_tokens} greedy tokens, "
           f"{torch.get_num_threads()} threads, CPU capability {cpu_capability()}")

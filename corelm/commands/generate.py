@@ -79,7 +79,7 @@ def speculative_pieces(llm: Any, ids: list[int], args: argparse.Namespace, kwarg
     """Text pieces of a speculative run (the tokens come in verified bursts); fills ``stats``."""
     import torch
 
-    from corelm.compress.speculative import speculative_generate
+    from corelm.generate.speculative import speculative_generate
     from corelm.generate.text import stream_text
 
     draft = load_llm(args, args.draft).model if args.draft is not None else None

@@ -12,7 +12,7 @@ operators with ``torch.library``:
   weights dequantized to fp32 and ATen's GEMM, which reuses each weight T times)
 - ``torch.ops.corelm.llama_forward(...)``: T tokens through a whole llama model in one call (a decode
   step, a prefill, a speculative verify), so a step costs no Python or dispatcher work per layer
-  (see :mod:`corelm.compress.fast`).
+  (see :mod:`corelm.generate.fast`).
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is

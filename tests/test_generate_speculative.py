@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from corelm.compress.speculative import lookup_draft, rejection_step, speculative_generate
+from corelm.generate.speculative import lookup_draft, rejection_step, speculative_generate
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.models import build_model
@@ -84,7 +84,7 @@ def test_speculative_sampling_runs_and_vocab_mismatch_is_refused():
 def test_speculative_on_the_fast_path_is_token_identical_to_its_greedy(method):
     from corelm import kernels
     from corelm.compress import quant
-    from corelm.compress.fast import FastDecoder, decoder_for
+    from corelm.generate.fast import FastDecoder, decoder_for
 
     assert kernels.load(), kernels.load_error()
     target = quant.quantize_model(_tiny(0), method, group_size=32)

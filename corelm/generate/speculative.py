@@ -80,7 +80,7 @@ class _Cached:
 
 
 class _FastCached(_Cached):
-    """A quantized llama on its :class:`corelm.compress.fast.FastDecoder` (C++ kernels)."""
+    """A quantized llama on its :class:`corelm.generate.fast.FastDecoder` (C++ kernels)."""
 
     def __init__(self, decoder: object) -> None:
         self.dec, self.length = decoder, 0
@@ -92,7 +92,7 @@ class _FastCached(_Cached):
 
 
 def _cached(model: nn.Module, max_len: int) -> _Cached:
-    from corelm.compress.fast import decoder_for
+    from corelm.generate.fast import decoder_for
 
     dec = decoder_for(model, max_len)
     return _FastCached(dec) if dec is not None else _Cached(model, max_len)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from corelm.compress import quant
-from corelm.compress.fast import FastDecoder
+from corelm.generate.fast import FastDecoder
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.models import build_model
@@ -52,7 +52,7 @@ def test_fast_decoder_limits():
 
 
 def test_fast_stream_follows_the_engine_contract():
-    from corelm.compress.fast import fast_stream
+    from corelm.generate.fast import fast_stream
     from corelm.generate.engine import SamplingParams, stream
 
     model = quant.quantize_model(_tiny(1), "int8")
