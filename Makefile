@@ -10,7 +10,7 @@ PROMPT  ?= The three laws of thermodynamics are
 
 .PHONY: setup demo test clean bench bench-llamacpp
 
-$(STAMP): pyproject.toml corelm/kernels/quant_kernels.cpp
+$(STAMP): pyproject.toml corelm/kernels/*.cpp corelm/kernels/*.h
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test,docs]'

@@ -2,10 +2,10 @@
 
 Same weights (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), same prompt, greedy, N new tokens
 (EOS ignored), T threads, variants alternating round by round (A B C A B C ...), median reported.
-corelm runs its fast decode path (:class:`corelm.generate.fast.FastDecoder`): ``int4``/``int8`` use
-corelm's C++ step (:mod:`corelm.kernels`: GGUF blocks, int8 activations, one call per token);
-``int4-aten``/``int8-aten`` the same static-cache decoder on PyTorch's packed kernels (bf16
-activations), compiled when ``--compile`` says so. llama.cpp runs through ``llama-cpp-python`` in a
+corelm decodes as ``corelm generate`` does (:mod:`corelm.generate.step`): ``int4``/``int8`` on
+corelm's C++ step (:mod:`corelm.kernels`: GGUF blocks, integer activations, one call per token);
+``int4-aten``/``int8-aten`` the model's own forward over the static cache on PyTorch's packed
+kernels (bf16 activations), compiled when ``--compile`` says so. llama.cpp runs through ``llama-cpp-python`` in a
 separate virtualenv (``--llama-python``; a benchmark-only dependency, never installed by the tests),
 as a worker process fed one command per round.
 
@@ -79,10 +79,12 @@ def random_smollm2(device: str) -> torch.nn.Module:
 
 
 class CorelmRunner:
+    """corelm as ``corelm generate`` decodes: the engine on the step :func:`step_for` picks."""
+
     def __init__(self, method: str, compile_mode: str, max_len: int, random: bool = False,
                  device: str = "cpu", kernels: bool = True) -> None:
-        from corelm.generate.fast import FastDecoder
-        from corelm.compress.quant import quantize_model
+        from corelm.generate.step import KernelStep, step_for, weight_bytes
+        from corelm.loading import quantize_model
 
         t0 = time.perf_counter()
         if random:
@@ -97,28 +99,27 @@ class CorelmRunner:
 
             with pytorch_kernels() if not kernels else contextlib.nullcontext():
                 quantize_model(model, method, from_gguf=gguf)
-        mode = {"auto": "auto", "yes": True, "no": False}[compile_mode]
-        self.decoder = FastDecoder(model, max_seq_len=max_len, compile=mode, kernels=kernels)
-        if self.decoder.kernel:
+        self.model, self.compiled = model, compile_mode == "yes"
+        if isinstance(step_for(model, compile=self.compiled), KernelStep):
             from corelm import kernels as ext
 
             self.name = f"corelm {method} C++"
-            compile_mode = "no"
             self.build_s = ext._state["build_seconds"]  # None: loaded from this machine's cache
         else:
-            compiled = compile_mode == "yes" or compile_mode == "auto"
-            self.name = f"corelm {method} aten{'' if compiled else ' eager'}"
+            self.name = f"corelm {method} aten{'' if self.compiled else ' eager'}"
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.decoder.warm_up(self.decoder._window(max_len))
+        self.run(list(range(1, 9)), 4)  # warm-up (and, compiled, the compile)
         self.warm_s = time.perf_counter() - t0
-        self.compiled = compile_mode != "no"
-        self.bytes = self.decoder.weight_bytes()
+        self.bytes = weight_bytes(model)
 
     def run(self, ids: list[int], n: int) -> dict:
+        from corelm.generate.engine import SamplingParams, stream
+
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
         t0 = time.perf_counter()
         out, t_first = [], None
-        for tok in self.decoder.generate_ids(ids, n):
+        for tok in stream(self.model, ids, params, compile=self.compiled):
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(tok)
@@ -197,9 +198,9 @@ def main() -> int:
     ap.add_argument("--variants", default="int4,int8,hf-bf16",
                     help="comma list of int4, int8 (corelm C++ step), int4-aten, int8-aten, fp32 (corelm on "
                          "PyTorch kernels), hf-bf16, hf-fp32 (transformers)")
-    ap.add_argument("--compile", default="no", choices=["yes", "no", "auto"],
-                    help="for the PyTorch-kernel variants: compile the decode step (yes; minutes cold), stay "
-                         "eager (no), or compile only with a warm cache (auto)")
+    ap.add_argument("--compile", default="no", choices=["yes", "no"],
+                    help="for the PyTorch-kernel variants: compile the model's decode step (yes; minutes cold) "
+                         "or stay eager (no)")
     ap.add_argument("--random", action="store_true",
                     help="SmolLM2-135M shapes with random weights (no embedded model needed; speed only)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -207,7 +208,7 @@ def main() -> int:
                     help="python of a virtualenv with llama-cpp-python (adds the llama.cpp peer)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from corelm.generate.fast import cpu_capability
+    from corelm.generate.step import cpu_capability
 
     if args.random:
         ids = list(range(1000, 1008))  # 8 prompt tokens, like the chat prompt's length

@@ -5,7 +5,7 @@ The first model is the reference (unpruned); every other one is a directory writ
 perplexity of ``--data`` (the same function as ``corelm evaluate --task perplexity``, window 1024,
 stride 512) and greedy decode tokens/s, timed alternately over ``--rounds`` rounds (median), so all
 models see the same machine load. With ``--quantize int8`` (or int4) each model is also timed after
-``corelm.load(..., quantize=...)``, on the fast decode path (``corelm.generate.fast.fast_stream``).
+``corelm.load(..., quantize=...)``, on the engine's decode step (``corelm.generate.step``).
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/prune_structured.py smollm2-135m-instruct \\
         out/c25 out/g33 out/l4 --data heldout.txt --threads 1
@@ -25,13 +25,11 @@ PROMPT = "<|im_start|>user\nExplain how a CPU cache works.<|im_end|>\n<|im_start
 
 
 def decode_rate(model: torch.nn.Module, ids: list[int], n: int) -> float:
-    """Greedy decode tokens/s after the first token (prefill excluded); quantized models take the
-    fast decode path that ``corelm.load(..., quantize=...)`` + ``.generate`` uses."""
+    """Greedy decode tokens/s after the first token (prefill excluded), on the step the engine picks
+    (corelm's C++ step for quantized models, as ``corelm.load(..., quantize=...)`` + ``.generate``)."""
     from corelm.generate.engine import SamplingParams, stream
 
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
-    if getattr(model, "corelm_quantization", None):
-        from corelm.generate.fast import fast_stream as stream
     t_first = None
     count = 0
     for _ in stream(model, ids, params):

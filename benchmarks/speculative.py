@@ -48,11 +48,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", default="int4", choices=["int4", "int8", "none"],
-                    help="target (and draft) weights: int4/int8 run on the C++ fast path; none = fp32")
+                    help="target (and draft) weights: int4/int8 run on the C++ step; none = fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import corelm
-    from corelm.generate.fast import fast_stream
     from corelm.generate.speculative import speculative_generate
     from corelm.generate.engine import SamplingParams, stream
 
@@ -61,8 +60,7 @@ def main() -> int:
     draft = corelm.load(args.draft, dtype="fp32", quantize=quantize).model if args.draft else None
     ids = llm.tokenizer.encode(PROMPT)
     params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-    plain = fast_stream if quantize else stream
-    runs = {"greedy": lambda: (list(plain(llm.model, ids, params)), None),
+    runs = {"greedy": lambda: (list(stream(llm.model, ids, params)), None),
             f"lookup n={args.lookup} k={args.k}": lambda: speculative_generate(llm.model, ids, args.tokens,
                                                                                 lookup=args.lookup, k=args.k)}
     if draft is not None:

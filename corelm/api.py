@@ -68,6 +68,9 @@ class LLM:
         tokenizer: Its :class:`~corelm.tokenizer.Tokenizer` (``None`` for presets without a vocabulary file).
         config: The :class:`~corelm.config.ModelConfig`.
         source: Where the weights came from (path, or ``"random init"``).
+        compile: Decode through a ``torch.compile``d step of the model's forward (minutes to compile
+            on a 2-core CPU the first time, seconds once inductor's cache holds it; for float models,
+            mainly on GPU). Off: a quantized llama decodes on corelm's C++ step, others eagerly.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, config: ModelConfig, source: str = ""):
@@ -75,6 +78,7 @@ class LLM:
         self.tokenizer = tokenizer
         self.config = config
         self.source = source
+        self.compile = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,7 +187,8 @@ class LLM:
             decoder, matcher = watch[row]
             return matcher.feed(decoder.push(tokens[-1]))[1]
 
-        rows = engine.generate(self.model, ids, params, should_stop=stopped if stops else None)
+        rows = engine.generate(self.model, ids, params, should_stop=stopped if stops else None,
+                               compile=self.compile)
         return ["".join(stream_text(tok, iter(tokens), stops)) for tokens in rows]
 
     # ---- internals ----------------------------------------------------------------------------
@@ -241,14 +246,7 @@ class LLM:
                 for n, token in enumerate(ids, 1):
                     yield token
             else:
-                # A quantized llama decodes batch-1 on the fused static-cache path (same greedy tokens).
-                fast = (getattr(self.model, "corelm_quantization", None) and self.config.family == "llama")
-                if fast:
-                    from corelm.generate.fast import fast_stream
-                    tokens = fast_stream(self.model, prompt_ids, params)
-                else:
-                    tokens = engine.stream(self.model, prompt_ids, params)
-                for token in tokens:
+                for token in engine.stream(self.model, prompt_ids, params, compile=self.compile):
                     if first is None:
                         first = time.perf_counter()
                     n += 1

@@ -81,17 +81,18 @@ def test_speculative_sampling_runs_and_vocab_mismatch_is_refused():
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
-def test_speculative_on_the_fast_path_is_token_identical_to_its_greedy(method):
+def test_speculative_on_the_kernel_step_is_token_identical_to_its_greedy(method):
     from corelm import kernels
-    from corelm.compress import quant
-    from corelm.generate.fast import FastDecoder, decoder_for
+    from corelm.generate.engine import SamplingParams, stream
+    from corelm.generate.step import KernelStep, step_for
+    from corelm.loading import quantize_model
 
     assert kernels.load(), kernels.load_error()
-    target = quant.quantize_model(_tiny(0), method, group_size=32)
-    draft = quant.quantize_model(_tiny(1, n_layer=1), method, group_size=32)
-    assert decoder_for(target, 64) is not None  # the verify passes run on the C++ kernels
+    target = quantize_model(_tiny(0), method)
+    draft = quantize_model(_tiny(1, n_layer=1), method)
+    assert isinstance(step_for(target), KernelStep)  # the verify passes run on the C++ kernels
     prompt = [4, 8, 15, 16, 23, 42, 4, 8, 15, 16, 23, 42, 4, 8]
-    ref = list(FastDecoder(target, max_seq_len=64, compile=False).generate_ids(prompt, 24))
+    ref = list(stream(target, prompt, SamplingParams(max_new_tokens=24, ignore_eos=True)))
     out, stats = speculative_generate(target, prompt, 24, lookup=3, k=4)
     assert out == ref and stats.drafted > 0
     for k in (1, 4):

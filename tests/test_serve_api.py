@@ -158,28 +158,29 @@ def test_32_concurrent_streaming_clients_get_their_lone_text(server, client):
 def test_batching_noise_is_far_below_every_greedy_margin(llm):
     """Why the 32-client equality is not luck: batched matmuls differ from a lone request's only in
     float rounding (~1e-5 here), while every greedy choice in those generations wins by far more."""
-    from corelm.generate import engine
+    from corelm.generate.step import ModelStep
 
     prompts = [llm.encode_prompt(p) for p in PROMPTS]
     margins = []
+    step = ModelStep(llm.model)
     with torch.inference_mode():  # the greedy trajectories of every test prompt, 22 tokens each
-        cache = engine.new_cache(llm.model, len(prompts), 64)
-        logits = torch.cat([engine.prefill(llm.model, cache.rows(slice(r, r + 1)), [p]) for r, p in enumerate(prompts)])
+        cache = step.new_cache(len(prompts), 64)
+        logits = step.prefill(cache, prompts, rows=list(range(len(prompts))))
         pos = torch.tensor([len(p) for p in prompts])
         for _ in range(22):
             top2 = logits.topk(2)
             margins += (top2.values[:, 0] - top2.values[:, 1]).tolist()
-            logits = engine.decode_one(llm.model, cache, top2.indices[:, 0], pos)
+            logits = step.decode(cache, top2.indices[:, 0], pos)
             pos += 1
     with torch.inference_mode():
         prompts = prompts[:4]
-        alone = engine.new_cache(llm.model, 1, 64)
-        engine.prefill(llm.model, alone, prompts[:1])
-        together = engine.new_cache(llm.model, 4, 64)
+        alone = step.new_cache(1, 64)
+        step.prefill(alone, prompts[:1])
+        together = step.new_cache(4, 64)
         for row, p in enumerate(prompts):
-            engine.prefill(llm.model, together.rows(slice(row, row + 1)), [p])
-        a = engine.decode_one(llm.model, alone, torch.tensor([7]), torch.tensor([len(prompts[0])]))
-        b = engine.decode_one(llm.model, together, torch.tensor([7, 8, 9, 10]), torch.tensor([len(p) for p in prompts]))
+            step.prefill(together, [p], rows=[row])
+        a = step.decode(alone, torch.tensor([7]), torch.tensor([len(prompts[0])]))
+        b = step.decode(together, torch.tensor([7, 8, 9, 10]), torch.tensor([len(p) for p in prompts]))
         noise = float((a[0] - b[0]).abs().max())
     print(f"smallest greedy margin {min(margins):.3g}, batching noise {noise:.3g}")
     assert min(margins) > 20 * max(noise, 1e-7), (min(margins), noise)

@@ -47,7 +47,9 @@ def test_a_failing_batched_forward_fails_that_steps_rows_and_the_batcher_serves_
     prompts = [[1, 17, 33, 90], [5, 6], [7, 300, 12, 9, 4, 2]]
     lone = [_lone(model, p, 10) for p in prompts]
     spec = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    real, calls = engine.decode_one, []
+    calls = []
+    batcher = Batcher(model, max_batch=4, max_seq_len=64)
+    real = batcher.step.decode
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -55,8 +57,7 @@ def test_a_failing_batched_forward_fails_that_steps_rows_and_the_batcher_serves_
             raise RuntimeError("injected failure in the batched forward")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "decode_one", flaky)
-    batcher = Batcher(model, max_batch=4, max_seq_len=64)
+    monkeypatch.setattr(batcher.step, "decode", flaky)
     batcher.start()
     try:
         first = asyncio.run(_serve(batcher, [(p, spec) for p in prompts]))

@@ -130,7 +130,8 @@ def run_decode(args: argparse.Namespace, device: str) -> dict:
     import torch
 
     import corelm
-    from corelm.generate.engine import SamplingParams, decode_one, generate_stream, new_cache, prefill
+    from corelm.generate.engine import SamplingParams, generate_stream
+    from corelm.generate.step import ModelStep
     from corelm.plan import bench as B
 
     name = args.model or "smollm2-135m-instruct"
@@ -145,10 +146,11 @@ def run_decode(args: argparse.Namespace, device: str) -> dict:
     mid = len(prompt) + args.new_tokens // 2
     _say("predicting: GEMV bandwidth per weight shape, KV-cache read bandwidth, ATen ops per step × overhead")
     with torch.inference_mode():
-        cache = new_cache(model, 1, mid + 1)
-        prefill(model, cache, [list(range(mid))])
+        step = ModelStep(model)  # the planner models PyTorch's ATen ops: time the model's own forward
+        cache = step.new_cache(1, mid + 1)
+        step.prefill(cache, [list(range(mid))])
         tok, pos = torch.tensor([1], device=device), torch.tensor([mid], device=device)
-        pred = B.predict_decode(model, cfg, mid, lambda: decode_one(model, cache, tok, pos), device)
+        pred = B.predict_decode(model, cfg, mid, lambda: step.decode(cache, tok, pos), device)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     _say("decoding through corelm.generate.engine (one warm-up run, then measured runs)")
     for _ in generate_stream(model, [prompt], SamplingParams(max_new_tokens=4, ignore_eos=True)):

@@ -61,7 +61,6 @@ def load_variant(source: str):
 
 
 def measure(source: str, text: str, args: argparse.Namespace) -> dict:
-    from corelm.generate.fast import FastDecoder
     from corelm.compress.prune import sparsity_of
     from corelm.compress.quant import quantized_bytes
     from corelm.eval.perplexity import perplexity
@@ -81,18 +80,26 @@ def measure(source: str, text: str, args: argparse.Namespace) -> dict:
            "perplexity": ppl["perplexity"], "tokens": ppl["tokens"], "load_s": load_s,
            "sparsity": sum(sparsity_of(w) * w.numel() for w in linears) / max(1, sum(w.numel() for w in linears)),
            "quantization": getattr(model, "corelm_quantization", {}).get("method", "")}
-    if args.decode_tokens and config.family == "llama":
-        dec = FastDecoder(model, max_seq_len=len(ids[:32]) + args.decode_tokens + 8, compile="auto")
-        prompt = ids[:32]
-        list(dec.generate_ids(prompt, 4))  # warm-up
-        n, start = 0, None
-        for _ in dec.generate_ids(prompt, args.decode_tokens):
-            n += 1
-            if start is None:  # decode speed: from the first token on (the prompt's prefill excluded)
-                start = time.perf_counter()
-        rate = (n - 1) / (time.perf_counter() - start) if n > 1 else float("nan")
-        row.update(tok_s=rate, read_MB=dec.weight_bytes() / 1e6, GB_s=dec.weight_bytes() * rate / 1e9)
+    if args.decode_tokens and not config.is_encoder:
+        row.update(_decode_speed(model, ids[:32], args.decode_tokens))
     return row
+
+
+def _decode_speed(model: torch.nn.Module, prompt: list[int], n_tokens: int) -> dict:
+    """Greedy decode speed on the path ``corelm generate`` takes (the model's step), prefill excluded."""
+    from corelm.generate.engine import SamplingParams, stream
+    from corelm.generate.step import weight_bytes
+
+    params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
+    list(stream(model, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True)))  # warm-up
+    n, start = 0, None
+    for _ in stream(model, prompt, params):
+        n += 1
+        if start is None:  # decode speed: from the first token on (the prompt's prefill excluded)
+            start = time.perf_counter()
+    rate = (n - 1) / (time.perf_counter() - start) if n > 1 else float("nan")
+    read = weight_bytes(model)
+    return {"tok_s": rate, "read_MB": read / 1e6, "GB_s": read * rate / 1e9}
 
 
 def main(argv: list[str]) -> int:
@@ -111,7 +118,7 @@ def main(argv: list[str]) -> int:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         return 0
-    from corelm.generate.fast import cpu_capability
+    from corelm.generate.step import cpu_capability
 
     print(f"{rows[0]['tokens']} held-out tokens of {data.name}; decode {args.decode_tokens} greedy tokens, "
           f"{torch.get_num_threads()} threads, CPU capability {cpu_capability()}")

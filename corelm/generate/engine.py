@@ -3,8 +3,9 @@
 The structure follows gpt-fast's ``generate.py`` (Hugging Face / PyTorch Labs, 2023): a KV cache
 preallocated once, ``prefill`` (the whole prompt in one forward) and ``decode_one`` (one token per
 row) as separate functions, and a decode step that allocates nothing it can precompute, so it can be
-``torch.compile``d. Tokenizers and chat templates live above this module (``corelm/api.py``); it
-speaks token ids only.
+``torch.compile``d. The forward passes are a *step*'s (:mod:`corelm.generate.step`): the model's own
+forward, or corelm's C++ step for a quantized llama on CPU; this module never calls a model directly.
+Tokenizers and chat templates live above it (``corelm/api.py``); it speaks token ids only.
 
 Batching follows docs/DESIGN.md: prompts of different lengths are prefilled right-padded, each row
 keeps its own positions in the cache, and decoding continues every row from its own length.
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.ops.kv_cache import KVCache
+from corelm.generate.step import model_device, step_for
 from corelm.ops.sampling import apply_repetition_penalty, sample_from_logits
 
 
@@ -88,27 +89,6 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
-# --------------------------------------------------------------------------------------------
-# The two forward passes
-# --------------------------------------------------------------------------------------------
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype activations (and so the KV cache) have: that of the first floating-point parameter."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def new_cache(model: nn.Module, batch: int, max_seq_len: int) -> KVCache:
-    """A KV cache for ``model`` with ``batch`` rows of ``max_seq_len`` slots, in the model's dtype."""
-    return KVCache.for_model(model.config, batch, max_seq_len, model_dtype(model), model_device(model))
-
-
 def check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
     """Refuse requests the context window cannot hold, with the counts in the message."""
     ctx = model.config.max_seq_len
@@ -117,42 +97,6 @@ def check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None
     if prompt_len + max_new_tokens > ctx:
         raise CorelmError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
                           f"{prompt_len + max_new_tokens} exceeds the context window of {ctx} tokens")
-
-
-@torch.inference_mode()
-def prefill(model: nn.Module, cache: KVCache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Run every prompt through the model at once, filling the cache, and return next-token logits.
-
-    Prompts are right-padded to the longest; padding writes cache slots no query ever reads
-    before decoding overwrites them (docs/DESIGN.md). The LM head runs only on each prompt's
-    last position: ``T x vocab`` logits would cost more than the prompt's whole forward.
-
-    Args:
-        model: a corelm decoder.
-        cache: a cache (or :meth:`KVCache.rows` view) with ``len(prompts)`` rows.
-        prompts: token ids per row.
-    Returns:
-        ``(B, V)`` fp32 logits for the token after each prompt.
-    """
-    device = cache.k[0].device
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lens.max())
-    ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # (B, T) right-padded
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-    pos = torch.arange(T, device=device)[None].expand(len(prompts), T)  # (B, T)
-    hidden = model.hidden_states(ids, input_pos=pos, kv_cache=cache)  # (B, T, d)
-    last = hidden[torch.arange(len(prompts), device=device), lens - 1]  # (B, d)
-    return model.lm_head(last).float()
-
-
-def decode_one(model: nn.Module, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One decoding step for every row: ``tokens (B,)`` at ``input_pos (B,)`` -> logits ``(B, V)`` fp32.
-
-    Call it under ``torch.inference_mode()``; this is the function ``compile=True`` compiles.
-    """
-    logits = model(tokens[:, None], input_pos=input_pos[:, None], kv_cache=cache)  # (B, 1, V)
-    return logits[:, 0].float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +163,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         prompts: token ids per row; lengths may differ.
         params: one :class:`SamplingParams` for all rows or one per row.
         eos_token_id: end-of-sequence id(s); default ``model.config.extra["eos_token_id"]`` if present.
-        compile: ``torch.compile`` the decode step (static shapes: attends all cache slots).
+        compile: ``torch.compile`` the model's decode step (static shapes: attends all cache slots);
+            without it a quantized llama on CPU decodes on corelm's C++ step (see :func:`step_for`).
     Yields:
         per step, a list with each row's new token id, or None where the row has finished. Stop
         iterating (``close()``, ``break``) to end early, e.g. when a stop string appears.
@@ -236,13 +181,14 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         check_length(model, len(p), sp.max_new_tokens)
     if eos_token_id is None:
         eos_token_id = model.config.extra.get("eos_token_id")
+    step = step_for(model, compile=compile)
     device = model_device(model)
-    cache = new_cache(model, len(prompts), max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
+    cache = step.new_cache(len(prompts), max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
     rows = _Rows(prompts, params, model.config.vocab_size, eos_token_id, device)
     if all(rows.done):
         return
-    step = _decode_step(model, cache, compile)
-    logits = prefill(model, cache, prompts)
+    with torch.inference_mode():
+        logits = step.prefill(cache, prompts)
     pos = torch.tensor([len(p) for p in prompts], device=device)  # (B,) next slot of each row
     # 1 for rows still generating, 0 for finished ones: a finished row stays on its last slot
     # (its outputs are ignored) so it never runs past its own context window.
@@ -260,16 +206,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         if all(rows.done):
             return
         with torch.inference_mode():
-            logits = step(tokens, pos)
+            logits = step.decode(cache, tokens, pos)
             pos += advance
-
-
-def _decode_step(model: nn.Module, cache: KVCache, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if not compile:
-        return lambda tokens, pos: decode_one(model, cache, tokens, pos)
-    cache.full_window = True  # every step sees the same shapes: one compiled graph
-    compiled = torch.compile(decode_one, dynamic=False, fullgraph=False)
-    return lambda tokens, pos: compiled(model, cache, tokens.clone(), pos.clone())
 
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
@@ -355,11 +293,10 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
     stops = set() if params.ignore_eos else set(params.stop_token_ids) | set(eos)
     device = model_device(model)
     n = len(prompt_ids)
-    cache = new_cache(model, nb, n + params.max_new_tokens)
-    logits = prefill(model, cache.rows(slice(0, 1)), [prompt_ids])  # (1, V)
-    for layer in range(cache.n_layer):  # every beam starts from the prompt's keys/values
-        cache.k[layer][1:, :, :n] = cache.k[layer][:1, :, :n]
-        cache.v[layer][1:, :, :n] = cache.v[layer][:1, :, :n]
+    decoder = step_for(model)
+    cache = decoder.new_cache(nb, n + params.max_new_tokens)
+    logits = decoder.prefill(cache, [prompt_ids], rows=[0])  # (1, V)
+    decoder.share_prefix(cache, n)  # every beam starts from the prompt's keys/values
     logprobs = torch.log_softmax(logits, dim=-1).expand(nb, -1)  # (nb, V)
     beam_scores = torch.full((nb,), -1e9, device=device)
     beam_scores[0] = 0.0  # the first step expands beam 0 only: the others are copies of it
@@ -393,14 +330,12 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
             beams += [beams[0]] * pad
             beam_scores = torch.cat([beam_scores, torch.full((pad,), -1e9, device=device)])
         if not torch.equal(origins, torch.arange(nb, device=device)):
-            for layer in range(cache.n_layer):  # each beam continues from its origin's keys/values
-                cache.k[layer].copy_(cache.k[layer].index_select(0, origins))
-                cache.v[layer].copy_(cache.v[layer].index_select(0, origins))
+            decoder.reorder(cache, origins)  # each beam continues from its origin's keys/values
         if step + 1 == params.max_new_tokens:
             break
         tokens = torch.tensor([b[-1] for b in beams], device=device)
         pos = torch.full((nb,), n + step, device=device)
-        logprobs = torch.log_softmax(decode_one(model, cache, tokens, pos), dim=-1)
+        logprobs = torch.log_softmax(decoder.decode(cache, tokens, pos), dim=-1)
     if not done:  # max_new_tokens reached: running beams compete with the finished ones
         for b in range(nb):
             if beams[b] and float(beam_scores[b]) > -1e8:

@@ -15,11 +15,10 @@ Correctness does not depend on the proposer:
   distributed exactly as sampling from ``p`` (Leviathan et al. 2023, appendix A.1). A lookup draft
   is a deterministic proposal (``q`` one-hot).
 
-Both models keep a static :class:`corelm.ops.kv_cache.KVCache`; rejected tokens need no cache
-rollback because the cache is written at positions and a query never sees a slot past its own.
-A quantized llama on corelm's C++ kernels runs on its fast decoder instead: a verify pass is one
-``llama_forward`` call whose rows equal one-token steps bit for bit, so the output is token for
-token what the fast path's plain greedy decoding gives.
+Both models decode through their step (:mod:`corelm.generate.step`), each with a static KV cache;
+rejected tokens need no cache rollback because the cache is written at positions and a query never
+sees a slot past its own. On corelm's C++ step a verify pass is one call whose rows equal one-token
+steps bit for bit, so greedy output is token for token what plain greedy decoding gives there.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.ops.kv_cache import KVCache
+from corelm.generate.step import step_for
 from corelm.ops.sampling import sample_from_probs, temperature_probs
 
 
@@ -55,47 +54,22 @@ class SpecStats:
 
 
 class _Cached:
-    """A decoder with its own KV cache and the number of positions already in it."""
+    """A decoder's step with its own one-row KV cache and the number of positions already in it."""
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
-        config = model.config
-        dtype = next(iter(model.parameters())).dtype if any(True for _ in model.parameters()) else torch.float32
-        device = model.model.norm.weight.device if hasattr(model, "model") else "cpu"
-        self.model = model
-        self.cache = KVCache.for_model(config, 1, max_len, dtype if dtype.is_floating_point else torch.float32,
-                                       device)
+        self.step = step_for(model)
+        self.cache = self.step.new_cache(1, max_len)
         self.length = 0
-        self.device = device
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Run ``tokens`` at the next positions; returns logits ``(len(tokens), V)`` in fp32."""
-        ids = torch.tensor([tokens], device=self.device)
-        pos = torch.arange(self.length, self.length + len(tokens), device=self.device)[None]
-        logits = self.model(ids, input_pos=pos, kv_cache=self.cache)[0].float()
+    def feed(self, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
+        """Run ``tokens`` at the next positions; returns logits ``(len(tokens), V)`` in fp32 (the
+        last token's only when ``all_logits`` is False)."""
+        logits = self.step.extend(self.cache, 0, tokens, self.length, all_logits)
         self.length += len(tokens)
         return logits
 
     def rewind(self, length: int) -> None:
         self.length = length  # slots past `length` are overwritten before any query can see them
-
-
-class _FastCached(_Cached):
-    """A quantized llama on its :class:`corelm.generate.fast.FastDecoder` (C++ kernels)."""
-
-    def __init__(self, decoder: object) -> None:
-        self.dec, self.length = decoder, 0
-
-    def feed(self, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
-        logits = self.dec.kernel_forward(tokens, self.length, all_logits=all_logits)
-        self.length += len(tokens)
-        return logits
-
-
-def _cached(model: nn.Module, max_len: int) -> _Cached:
-    from corelm.generate.fast import decoder_for
-
-    dec = decoder_for(model, max_len)
-    return _FastCached(dec) if dec is not None else _Cached(model, max_len)
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -177,16 +151,13 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
     if max_len > target.config.max_seq_len:
         raise CorelmError(f"prompt + max_new_tokens exceeds the model's {target.config.max_seq_len} positions")
     greedy = temperature <= 0
-    tgt = _cached(target, max_len)
-    drf = _cached(draft, max_len) if draft is not None else None
+    tgt = _Cached(target, max_len)
+    drf = _Cached(draft, max_len) if draft is not None else None
     tokens, stats = list(prompt), SpecStats()
     # The target has seen all but the last token: every round feeds it [unseen..., drafts...].
     if len(tokens) > 1:
         for cached in (tgt, drf) if drf is not None else (tgt,):
-            if isinstance(cached, _FastCached):
-                cached.feed(tokens[:-1], all_logits=False)  # only the cache matters here
-            else:
-                cached.feed(tokens[:-1])
+            cached.feed(tokens[:-1], all_logits=False)  # only the cache matters here
     out: list[int] = []
     while len(out) < max_new_tokens:
         budget = max_new_tokens - len(out)

@@ -2,7 +2,7 @@
 
 PyTorch's packed-weight CPU kernels take bf16 activations and dequantize each weight group to floats;
 llama.cpp instead quantizes the activation row to int8 once and multiplies integers (VPDPBUSD on
-AVX-512 VNNI, VPMADDUBSW on AVX2). ``quant_kernels.cpp`` does the same on the tensors corelm's
+AVX-512 VNNI, VPMADDUBSW on AVX2). ``corelm_kernels.cpp`` does the same on the tensors corelm's
 quantized layers hold (int4 nibbles in GGUF Q4_1's block order with bf16 scale/zero per group; int8
 with bf16 scales per group or channel), with 15-bit activations (two int8 digits, two integer dot
 products per block: 8-bit ones cost SmolLM2 1.5 points of top-1 agreement), and registers two
@@ -10,9 +10,10 @@ operators with ``torch.library``:
 
 - ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 512 rows on: panels of the
   weights dequantized to fp32 and ATen's GEMM, which reuses each weight T times)
-- ``torch.ops.corelm.llama_forward(...)``: T tokens through a whole llama model in one call (a decode
-  step, a prefill, a speculative verify), so a step costs no Python or dispatcher work per layer
-  (see :mod:`corelm.generate.fast`).
+- ``torch.classes.corelm.DecoderStep``: a llama-family decoder described once by named tensors; its
+  ``forward`` runs N tokens, each with its own cache row and position, through the whole model in one
+  call (a batched decode step, a prefill, a speculative verify), so a step costs no Python or
+  dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is
@@ -40,7 +41,8 @@ import torch
 from corelm import cache
 from corelm.cpu import cpu_flags
 
-SOURCE = Path(__file__).with_name("quant_kernels.cpp")
+SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
+HEADERS = ("pool.h", "dot.h", "qlinear.h", "decoder_step.h")
 QK = 32  # values per block
 
 FLAGS = {
@@ -79,7 +81,8 @@ def cache_dir(level: str | None = None) -> Path:
     """
     level = level or isa()
     key = hashlib.sha1()
-    key.update(SOURCE.read_bytes())
+    for part in (SOURCE.name, *HEADERS):
+        key.update(SOURCE.with_name(part).read_bytes())
     key.update(" ".join([torch.__version__, _compiler() or "", *FLAGS[level]]).encode())
     return cache.cache_subdir("kernels", f"{level}-{key.hexdigest()[:12]}")
 
@@ -194,10 +197,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("corelm::qlinear")
     def _(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
-
-    @torch.library.register_fake("corelm::llama_forward")
-    def _(x, pos0, q, s, norm1, norm2, k_cache, v_cache, cos, sin, norm, n_head, n_kv_head, eps, all_logits):
-        return x.new_empty(x.shape[0] if all_logits else 1, q[-1].shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

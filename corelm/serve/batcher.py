@@ -4,15 +4,16 @@ One worker thread owns the model and a preallocated :class:`~corelm.ops.kv_cache
 ``max_batch`` rows; each running request holds one row (its per-request KV cache). Every loop:
 
 1. drop requests whose client went away or whose deadline passed (their rows are free at once);
-2. admit waiting requests into free rows: each prompt is prefilled *alone* into its row through
-   ``cache.rows(slice(r, r + 1))`` while the other rows keep their state;
+2. admit waiting requests into free rows: each prompt is prefilled *alone* into its row while the
+   other rows keep their state;
 3. one decode step for all running rows together: row ``r`` feeds its last token at its own
    position (per-row ``input_pos``), so rows of different lengths share one forward pass.
 
 The batcher speaks token ids only (tokenizer, chat template and stop strings live in
-:mod:`corelm.serve.service`). The forward passes and sampling are the engine's
-(:func:`~corelm.generate.engine.prefill`, :func:`~corelm.generate.engine.decode_one`,
-:func:`~corelm.generate.engine.sample_next`); this module only schedules. Each request samples with
+:mod:`corelm.serve.service`). The forward passes are the model's decode step
+(:func:`corelm.generate.step.step_for`: corelm's C++ step for a quantized llama on CPU, where a
+decode step of B rows is one call, else the model's forward) and sampling is the engine's
+(:func:`~corelm.generate.engine.sample_next`); this module only schedules. Each request samples with
 its own ``torch.Generator``, so its tokens do not depend on what else is in the batch. The HTTP
 layer talks to it through :meth:`Batcher.submit`, which returns a :class:`Handle` to iterate
 asynchronously.
@@ -33,6 +34,7 @@ import torch
 
 from corelm.generate import engine
 from corelm.generate.engine import SamplingParams
+from corelm.generate.step import model_device, step_for
 from corelm.serve import errors
 
 log = logging.getLogger("corelm.serve")
@@ -123,17 +125,15 @@ class Batcher:
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self._sample = sample or engine.sample_next
-        self.device = engine.model_device(model)
-        self.cache = engine.new_cache(model, max_batch, max_seq_len)
+        self.step = step_for(model)
+        self.device = model_device(model)
+        self.cache = self.step.new_cache(max_batch, max_seq_len)
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._stop = False
         self._thread: threading.Thread | None = None
-        # Preallocated decode inputs: no per-step tensor allocation for the batch layout.
-        self._step_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self._step_pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.steps = 0  # decode steps run (a metric)
 
     # ---- public API (event-loop thread) ----
@@ -240,23 +240,18 @@ class Batcher:
     def _prefill(self, row: int, request: _Request) -> None:
         """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
         request.generator = request.spec.generator(self.device)  # None when greedy
-        logits = engine.prefill(self.model, self.cache.rows(slice(row, row + 1)), [request.prompt])  # (1, V)
+        logits = self.step.prefill(self.cache, [request.prompt], rows=[row])  # (1, V)
         self._accept(row, request, logits)
 
     def _decode(self, active: list[int]) -> None:
-        hi = active[-1] + 1  # rows 0..hi-1; free rows inside feed a dummy token at slot 0
-        tokens, pos = self._step_tokens[:hi], self._step_pos[:hi]
-        tokens.zero_()
-        pos.zero_()
-        for row in active:
-            request = self._rows[row]
-            tokens[row] = request.tokens[-1]
-            pos[row] = len(request.prompt) + len(request.tokens) - 1
-        cache = self.cache if hi == self.max_batch else self.cache.rows(slice(0, hi))
-        logits = engine.decode_one(self.model, cache, tokens, pos)  # (hi, V) fp32
+        """One decode step for every running row, each feeding its last token at its own position."""
+        requests = [self._rows[row] for row in active]
+        tokens = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
+        pos = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in requests], device=self.device)
+        logits = self.step.decode(self.cache, tokens, pos, rows=active)  # (len(active), V) fp32
         self.steps += 1
-        for row in active:
-            self._isolated(row, self._accept, row, self._rows[row], logits[row:row + 1])
+        for i, row in enumerate(active):
+            self._isolated(row, self._accept, row, requests[i], logits[i:i + 1])
 
     def _isolated(self, row: int, work: Any, *args: Any) -> None:
         """Run one row's own work (its prefill, its sampling); if it raises, that request alone fails.

@@ -1,0 +1,66 @@
+// corelm quantized CPU kernels: weight-only int4/int8 matmuls on the layouts corelm's quantized
+// layers hold in memory, with activations quantized once per row (per block of 32 values: a scale d,
+// 15-bit integers a, and d*sum(a)) and integer dot products:
+//
+//   y[n] = sum_b  s_w[n,b] * d_a[b] * sum_j q_w[n,b,j] * a[b,j]   (+ m_w[n,b] * d_a[b]*sum(a) for int4)
+//
+// This is llama.cpp's arithmetic (ggml_vec_dot_q4_1_q8_1, ggml_vec_dot_q8_0_q8_0) with wider
+// activations: the weights are read once, 4.5-8.5 bits each, and multiplied without being
+// dequantized to floats. Weights (no copies: the tensors of corelm.quant's layers):
+//   int4  q (N, K/2) uint8: per block of 32 columns, byte j holds q[j] (low nibble) and q[j+16]
+//         (high) -- GGUF Q4_1's order; sz (N, K/G, 2) bf16: scale and zero of w = (q - 8)*scale + zero
+//   int8  q (N, K) int8; s (N, K/G) bf16 (group-wise, G = 32 is GGUF Q8_0) or (N,) (per channel)
+// The library is built once per instruction set by corelm/kernels/__init__.py: -mavx512vnni
+// (VPDPBUSD), -mavx2 (VPMADDUBSW) or no flags (a scalar loop); #if blocks pick the path the flags allow.
+//
+// Registered with torch.library so torch.compile and the dispatcher see them:
+//   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
+//   torch.classes.corelm.DecoderStep: a llama-family decoder described once by named tensors, whose
+//     forward runs N tokens (each with its own cache row and position) through every block and the
+//     head in one call: a batched decode step, a prefill, or a speculative verify pass.
+//
+// The source is split by job: pool.h (the thread pool), dot.h (activation quantization and the
+// SIMD dot products), qlinear.h (quantized matrices and their matmul), decoder_step.h (the fused
+// model step). This file registers the operators; it is the one translation unit the build compiles.
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "decoder_step.h"
+#include "dot.h"
+#include "qlinear.h"
+
+namespace corelm {
+namespace {
+
+const char* isa_name() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+std::string isa() { return isa_name(); }
+
+}  // namespace
+}  // namespace corelm
+
+using corelm::DecoderStep;
+using corelm::isa;
+using corelm::qlinear;
+
+TORCH_LIBRARY(corelm, m) {
+  m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("isa() -> str", &isa);
+  m.class_<DecoderStep>("DecoderStep")
+      .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, double>())
+      .def("add_layer", &DecoderStep::add_layer)
+      .def("n_layers", &DecoderStep::n_layers)
+      .def("forward", &DecoderStep::forward);
+}
+
+TORCH_LIBRARY_IMPL(corelm, CPU, m) { m.impl("qlinear", &qlinear); }
