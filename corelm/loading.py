@@ -117,8 +117,10 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     Args:
         name_or_path: ``smollm2-135m-instruct``, ``minilm-l6``, a preset (random weights), a ``.gguf``
             file, or an HF-layout directory (``config.json`` + ``model.safetensors``).
-        dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` measures the machine
-            (:func:`default_dtype`). GGUF weights are dequantized to it.
+        dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` (or ``"auto"``) follows what the CPU
+            declares (:func:`default_dtype`). A GGUF file whose matrices are Q4_0/Q4_1 blocks then
+            runs on those blocks (int4 layers on corelm's kernels, :func:`stored_quantization`); an
+            explicit dtype dequantizes them to it, as it does every other GGUF type.
         device: Where the model runs.
         quantize: ``None``, or a method of ``corelm.compress.quant.quantize_model`` (e.g. ``int8``).
 
@@ -141,9 +143,30 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     else:
         raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}; give an embedded or preset "
                           "name (corelm models) or a path")
+    gguf = _gguf_file(loaded)
+    if quantize is None and dtype in (None, "auto") and gguf is not None and torch.device(device).type == "cpu":
+        quantize = stored_quantization(gguf)  # run the file's own blocks: no float copy, no option
     if quantize is not None:
-        loaded.model = quantize_model(loaded.model, quantize, from_gguf=_gguf_file(loaded))
+        loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf)
     return loaded
+
+
+NATIVE_BLOCKS = {"Q4_0": "int4", "Q4_1": "int4"}  # GGUF block types corelm's layers take as they are
+
+
+def stored_quantization(path: Path) -> str | None:
+    """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``int4``
+    when every matrix of every block is Q4_0/Q4_1; None for float files and for block types corelm
+    has no kernel for yet (those load dequantized, in the default dtype)."""
+    from corelm.io.gguf import read_gguf
+
+    gguf = read_gguf(path)
+    try:
+        kinds = {t.qtype.name for name, t in gguf.tensors.items() if name.startswith("blk.") and len(t.shape) == 2}
+    finally:
+        gguf.close()
+    methods = {NATIVE_BLOCKS.get(k) for k in kinds}
+    return methods.pop() if len(methods) == 1 and None not in methods else None
 
 
 def _gguf_file(loaded: Loaded) -> Path | None:

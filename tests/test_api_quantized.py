@@ -24,13 +24,35 @@ def test_int4_from_embedded_gguf_reuses_its_blocks_and_fast_path_matches_engine(
     requantized = quantize_model(torch.nn.Sequential(fresh), "int4")[0].dequantize()
     assert not torch.equal(loaded, requantized)
 
-    # the fast path: same greedy tokens as the engine on the same quantized model
+    # the api decodes on corelm's C++ step: the same greedy tokens as the model's own forward
+    from corelm.generate.step import KernelStep, ModelStep, step_for
+
+    assert isinstance(step_for(llm.model), KernelStep)
     ids = llm.encode_prompt("The capital of France is")
-    params = llm._params(16, 0.0, 1.0, 0, 1.0, None, True)
-    expected = list(engine.stream(llm.model, ids, params))
     got = llm.generate_ids(ids, 16, ignore_eos=True)
-    assert "_corelm_fast" in llm.model.__dict__  # the api took the fast path
-    assert got == expected and len(got) == 16
+    params = llm._params(16, 0.0, 1.0, 0, 1.0, None, True)
+    with torch.inference_mode():
+        step = ModelStep(llm.model)
+        cache = step.new_cache(1, len(ids) + 16)
+        logits, expected = step.prefill(cache, [ids]), []
+        for i in range(16):
+            expected.append(int(logits[0].argmax()))
+            logits = step.decode(cache, torch.tensor(expected[-1:]), torch.tensor([len(ids) + i]))
+    assert got == expected == list(engine.stream(llm.model, ids, params))
+
+
+def test_a_quantized_gguf_runs_its_own_blocks_by_default():
+    """No option: the embedded Q4_1 file decodes on its blocks (int4, C++ step); a dtype opts out."""
+    from corelm.loading import stored_quantization
+
+    assert stored_quantization(embedded_path("smollm2-135m-instruct")) == "int4"
+    default = corelm.load("smollm2-135m-instruct")
+    assert default.model.corelm_quantization["method"] == "int4"
+    explicit = corelm.load("smollm2-135m-instruct", dtype="fp32", quantize="int4")
+    ids = default.encode_prompt("The capital of France is")
+    assert default.generate_ids(ids, 12, ignore_eos=True) == explicit.generate_ids(ids, 12, ignore_eos=True)
+    floats = corelm.load("smollm2-135m-instruct", dtype="fp32")
+    assert not getattr(floats.model, "corelm_quantization", None) and floats.dtype == torch.float32
 
 
 def test_quantized_dir_loads_with_its_tokenizer(tmp_path):

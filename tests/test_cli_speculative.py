@@ -32,7 +32,7 @@ def test_lookup_and_draft_equal_plain_greedy(capsys):
 def test_quantize_int4_runs(capsys):
     code, out, err = run(BASE + ["--quantize", "int4", PROMPT], capsys)
     assert code == 0 and out.strip()
-    assert "(int4)" in err and "decode" in err.splitlines()[-1]
+    assert "(int4, C++ step)" in err and "decode" in err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -24,6 +24,9 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     add_dtype(ap, "auto", "weight and compute dtype")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a torch.compile'd step of the model's forward (minutes to compile the "
+                         "first time on a small CPU, seconds once cached; for float models, mainly on GPU)")
 
 
 def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -78,9 +81,23 @@ def load_llm(args: argparse.Namespace, model: str | None = None) -> Any:
     llm = corelm.load(model, dtype=args.dtype, quantize=quantize)
     if not isinstance(llm, LLM):
         raise CorelmError(f"{model} is an encoder; generate and chat need a decoder (e.g. {DEFAULT_MODEL})")
-    kind = quantize or str(llm.dtype).removeprefix("torch.")
-    print(f"[loaded {model} ({kind}) in {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+    llm.compile = bool(getattr(args, "compile", False))
+    print(f"[loaded {model} ({describe_decoder(llm.model, llm.compile)}) in {time.perf_counter() - t0:.1f} s]",
+          file=sys.stderr, flush=True)
     return llm
+
+
+def describe_decoder(model: Any, compile: bool = False) -> str:
+    """What the load line says about the weights and the decode path: ``int4, C++ step``, ``bf16, PyTorch``."""
+    from corelm.generate.step import KernelStep, step_for
+
+    spec = getattr(model, "corelm_quantization", None)
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if spec:
+        weights = spec["method"]
+    path = "C++ step" if isinstance(step_for(model, compile=compile), KernelStep) else (
+        "PyTorch, compiled" if compile else "PyTorch")
+    return f"{weights}, {path}"
 
 
 def print_stream(pieces: Any, stats: dict[str, float]) -> str:

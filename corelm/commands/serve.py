@@ -8,6 +8,7 @@ import os
 import sys
 
 from corelm.commands.args import Parser
+from corelm.commands.decoding import describe_decoder
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
 
@@ -116,9 +117,11 @@ def main(argv: list[str]) -> int:
             print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)
             continue
         cache = m.batcher.cache
-        gib = sum(t.numel() * t.element_size() for t in cache.k + cache.v) / 2**30
-        print(f"serving {m.name!r} (/v1/completions, /v1/chat/completions; context {m.context_window} tokens; "
-              f"KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; {threads} torch thread{'s' * (threads > 1)})", file=sys.stderr)
+        parts = [cache.k, cache.v] if isinstance(cache.k, torch.Tensor) else [*cache.k, *cache.v]
+        gib = sum(t.numel() * t.element_size() for t in parts) / 2**30
+        print(f"serving {m.name!r} ({describe_decoder(m.batcher.model)}; /v1/completions, /v1/chat/completions; "
+              f"context {m.context_window} tokens; KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; "
+              f"{threads} thread{'s' * (threads > 1)})", file=sys.stderr)
     print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
