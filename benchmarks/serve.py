@@ -76,6 +76,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
            "--max-batch", str(max(args.levels)), "--max-seq-len", str(args.max_seq_len)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     if args.device:
         cmd += ["--device", args.device]
     if args.threads:
@@ -109,6 +111,8 @@ def main() -> int:
     p.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len")
     p.add_argument("--threads", type=int, help="server --threads (default: the server's, all cores but one)")
     p.add_argument("--dtype", help="server --dtype (default: corelm's choice for this machine)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="server --quantize (default: none; a Q4 GGUF such as "
+                   "the embedded model runs on its own blocks anyway)")
     p.add_argument("--device", help="server --device (default cpu)")
     args = p.parse_args()
 
