@@ -2,7 +2,7 @@
 
 Examples::
 
-    corelm evaluate --model runs/ner --task ner --data test.conll            # entity-level report
+    corelm evaluate --model runs/ner --task ner --data test.conll            # entity- and tag-level reports
     corelm evaluate --model runs/cls --task classify --data test.csv         # accuracy, P/R/F1, confusion
     corelm evaluate --model smollm2-135m-instruct --task perplexity --data some.txt --json
     corelm evaluate --model smollm2-135m-instruct --task summarize --data pairs.jsonl --limit 20
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "source field (default: text)")
     ap.add_argument("--label-field", default=None, help="classify: label column (default: the run's); summarize: "
                                                         "reference field (default: summary)")
-    ap.add_argument("--scheme", choices=("iob2", "iob1"), default="iob2", help="ner: tagging scheme of the file")
+    ap.add_argument("--scheme", choices=("iob2", "bio", "iob1"), default="iob2",
+                    help="ner: tagging scheme of the file (bio = iob2)")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="summarize: tokens generated per summary")
     ap.add_argument("--skip-bad", action="store_true", help="skip malformed rows (reporting how many) instead of stopping")
@@ -99,53 +100,33 @@ def _limit(items: list, n: int | None) -> list:
 
 
 def _labelled(args: argparse.Namespace) -> dict[str, Any]:
-    """classify / ner: run a fine-tuned model over a labelled file and score it."""
-    from corelm.data import tasks
-    from corelm.eval.metrics import classification_report, format_table
-    from corelm.eval.ner import entity_report
+    """classify / ner: run a fine-tuned model over a labelled file and score it (the task's own report)."""
     from corelm.finetune.methods import TASK_FILE
-    from corelm.finetune.run import encode_examples, forward_items, tags_from_logits
+    from corelm.finetune.tasks import DataOptions, get_task
     from corelm.loading import is_run, load_run
 
     if not is_run(args.model):
         raise CorelmError(f"--task {args.task} needs a fine-tuning run directory (corelm finetune --out DIR); "
                           f"{args.model} is not one")
     try:
-        task = json.loads((Path(args.model) / TASK_FILE).read_text(encoding="utf-8"))
+        info = json.loads((Path(args.model) / TASK_FILE).read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
         raise CorelmError(f"{Path(args.model) / TASK_FILE} is unreadable ({exc})") from None
-    kind = task.get("task") if isinstance(task, dict) else None
+    kind = info.get("task") if isinstance(info, dict) else None
     if kind != args.task:
         raise CorelmError(f"{args.model} was fine-tuned for {kind}, not {args.task}")
+    task = get_task(args.task)
     # the data before the model: a bad file fails in a moment, not after loading the weights
-    if args.task == "classify":
-        fields = task.get("fields") or {}
-        rows = tasks.read_classification(args.data, args.text_field or fields.get("text", "text"),
-                                         args.label_field or fields.get("label", "label"), args.skip_bad)
-    else:
-        rows = tasks.read_conll(args.data, scheme=args.scheme, skip_bad=args.skip_bad)
+    fields = info.get("fields") or {}
+    options = DataOptions(args.text_field or fields.get("text", "text"), args.label_field or fields.get("label", "label"),
+                          "iob2" if args.scheme == "bio" else args.scheme, args.skip_bad)
+    rows = task.read(args.data, options)
     if rows.skipped:
         _say(rows.note())
     run = load_run(args.model, dtype=args.dtype, quantize=args.quantize)
-    max_len = args.max_len or run.task["max_len"]
     items = _limit(rows.items, args.limit)
-    if args.task == "classify":
-        unknown = sorted({label for _, label in items} - set(run.labels))
-        if unknown:
-            raise CorelmError(f"{args.data}: label(s) {', '.join(map(repr, unknown))} are not among the model's "
-                              f"labels ({', '.join(run.labels)})")
-    encoded = encode_examples(args.task, items, run.tokenizer, run.labels, max_len, args.data) \
-        if args.task == "classify" else [tasks.encode_words(run.tokenizer, w, max_len) for w, _ in items]
-    logits = forward_items(run.model, encoded, run.pad_id, args.batch_size, args.progress)
-    if args.task == "classify":
-        pred = [run.labels[int(x.argmax())] for x in logits]
-        report = classification_report([label for _, label in items], pred, labels=run.labels)
-        table = format_table(report, "label")
-    else:
-        pred = tags_from_logits(logits, encoded, [len(w) for w, _ in items], run.labels)
-        report = entity_report([t for _, t in items], pred, strict=args.strict)
-        table = format_table(report, "entity") + (f"\n\ntoken accuracy {report['token_accuracy']:.4f}; "
-                                                  f"entity matching: {report['mode']}; {len(items)} sentences")
+    report, table = task.report(run, items, args.max_len or run.task["max_len"], source=args.data,
+                                batch_size=args.batch_size, progress=args.progress, strict=args.strict)
     report.update({"task": args.task, "model": str(args.model), "data": args.data, "n": len(items),
                    "method": run.task["method"], "quantize": args.quantize})
     report["_table"] = table

@@ -21,9 +21,10 @@ import json
 import re
 
 from corelm.commands.args import Parser
-from corelm.finetune.run import METHODS, TASKS, FinetuneArgs
+from corelm.finetune.run import METHODS, FinetuneArgs
+from corelm.finetune.tasks import TASKS
 
-_CHOICES = {"task": TASKS, "method": METHODS, "pooling": ("cls", "pooled", "mean", "last"),
+_CHOICES = {"task": tuple(TASKS), "method": METHODS, "pooling": ("cls", "pooled", "mean", "last"),
             "precision": ("fp32", "bf16-mixed", "bf16-true"), "scheme": ("iob2", "bio", "iob1")}
 
 
