@@ -103,3 +103,23 @@ def entity_report(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str
         **averages(per_class, len(gold & pred), len(pred), len(gold)),
         "token_accuracy": correct / n_tokens if n_tokens else 0.0,
     }
+
+
+def token_report(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Per-tag precision/recall/F1/support over tokens (``B-LOC`` ... ``O``), like sklearn's
+    ``classification_report`` on the flattened tag lists.
+
+    The entity-level report (:func:`entity_report`) is the score NER is compared by; this one shows where
+    tags go wrong -- e.g. a model that finds entities' first tokens (``B-``) but cuts them short (``I-``).
+
+    Returns:
+        ``{"per_class": {tag: {precision, recall, f1, support}}, "micro", "macro", "weighted", "accuracy",
+        "n", "labels"}``; tags are the sorted union of gold and predicted tags (``B-*``, ``I-*``, then ``O``).
+    """
+    from corelm.eval.metrics import classification_report
+
+    if len(y_true) != len(y_pred) or any(len(a) != len(b) for a, b in zip(y_true, y_pred)):
+        raise ValueError("gold and predicted tag sequences differ in shape")
+    report = classification_report([t for s in y_true for t in s], [t for s in y_pred for t in s])
+    del report["confusion_matrix"]  # a tag-by-tag matrix is wider than a terminal for a handful of types
+    return report
