@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    add_precision(ap, "fp32", "precision policy of the training loop", ("fp32", "bf16-mixed", "bf16-true"))
+    add_precision(ap, "fp32", "precision policy of the training loop (fp16-mixed: with dynamic loss scaling)")
     ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
     ap.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="turn off the live progress bar")

@@ -23,9 +23,10 @@ import re
 from corelm.commands.args import Parser
 from corelm.finetune.run import METHODS, FinetuneArgs
 from corelm.finetune.tasks import TASKS
+from corelm.train.precision import POLICIES
 
 _CHOICES = {"task": tuple(TASKS), "method": METHODS, "pooling": ("cls", "pooled", "mean", "last"),
-            "precision": ("fp32", "bf16-mixed", "bf16-true"), "scheme": ("iob2", "bio", "iob1")}
+            "precision": POLICIES, "scheme": ("iob2", "bio", "iob1")}
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -86,12 +86,13 @@ class FinetuneArgs:
     lr: float | None = None         # peak learning rate (default depends on --method)
     warmup_steps: int | None = None  # linear warmup (default: 6% of the steps)
     weight_decay: float = 0.01      # AdamW decoupled weight decay
-    precision: str = "fp32"         # fp32 | bf16-mixed | bf16-true
+    precision: str = "fp32"         # fp32 | bf16-mixed | fp16-mixed (with loss scaling) | bf16-true
     scheme: str = "iob2"            # NER tags in the files: iob2 (= BIO) or iob1
     skip_bad: bool = False          # skip malformed rows (and report how many) instead of stopping
     seed: int = 0                   # seed of data order, head init and dropout
     resume: bool = False            # continue the run in --out from its last checkpoint
     save_every: int = 0             # checkpoint every N steps (0: at the end only)
+    eval_every: int = 0             # evaluate on the validation set every N steps (0: before and after training only)
     progress: bool = True           # progress bars
 
 
@@ -235,7 +236,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     cfg = TrainConfig(max_steps=steps, lr=lr, warmup_steps=args.warmup_steps if args.warmup_steps is not None
                       else max(1, steps * 6 // 100), weight_decay=args.weight_decay, beta2=0.999,
                       precision=args.precision, seed=args.seed, out=args.out, save_every=args.save_every,
-                      resume=args.out if args.resume else None, progress=args.progress, tensorboard=False,
+                      resume=args.out if args.resume else None, progress=args.progress, eval_every=args.eval_every,
                       measure_mfu=False, keep_last=2)
     before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:

@@ -1,0 +1,111 @@
+"""Fine-tuning's task table, precision policies, dev evaluation every N steps, TensorBoard, the per-tag NER report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from corelm.cli import main as cli
+from corelm.eval.ner import entity_report, token_report
+from corelm.finetune import methods
+from corelm.finetune.tasks import TASKS, Task, get_task
+
+
+def test_every_task_is_one_registered_object() -> None:
+    assert tuple(TASKS) == methods.TASKS  # the names runs are saved and loaded under
+    for name, task in TASKS.items():
+        assert isinstance(task, Task) and task.name == name
+        for method in ("read", "encode", "loss"):  # what every task must define for itself
+            assert getattr(type(task), method) is not getattr(Task, method), (name, method)
+    with pytest.raises(Exception, match="unknown task 'qa'"):
+        get_task("qa")
+    source = (Path(methods.__file__).parent / "run.py").read_text()
+    assert "task ==" not in source  # run.py looks tasks up; it does not switch on their names
+
+
+def test_token_report_is_per_tag_precision_recall_f1() -> None:
+    gold = [["B-LOC", "I-LOC", "O", "B-PER"], ["O", "B-LOC"]]
+    pred = [["B-LOC", "O", "O", "B-PER"], ["B-PER", "B-LOC"]]
+    r = token_report(gold, pred)
+    assert list(r["per_class"]) == ["B-LOC", "B-PER", "I-LOC", "O"]  # sorted: B-*, I-*, then O
+    assert r["per_class"]["B-PER"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert r["per_class"]["I-LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert r["per_class"]["O"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert r["accuracy"] == pytest.approx(4 / 6) == entity_report(gold, pred)["token_accuracy"]
+    assert r["macro"]["recall"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    with pytest.raises(ValueError):
+        token_report(gold, pred[:1])
+
+
+def test_finetune_and_distill_offer_every_precision_policy(capsys: pytest.CaptureFixture) -> None:
+    from corelm.commands.distill import build_parser
+
+    with pytest.raises(SystemExit):
+        cli(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert "fp16-mixed" in text and "--eval-every" in text
+    args = build_parser().parse_args(["--teacher", "t", "--data", "d", "--out", "o", "--precision", "fp16-mixed"])
+    assert args.precision == "fp16-mixed"
+
+
+@pytest.mark.slow
+def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """fp16 autocast with a GradScaler works on CPU (torch >= 2.3); --eval-every 1 logs the dev set every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from corelm.data import tasks
+    from corelm.data.demo import resolve
+
+    dev = tmp_path / "dev.conll"
+    dev.write_text("\n".join("".join(f"{w} {t}\n" for w, t in zip(ws, ts))
+                             for ws, ts in tasks.read_conll(resolve("demo:ner:dev")).items[:12]))
+    out = tmp_path / "ner"
+    assert cli(["finetune", "--model", "minilm-l6", "--task", "ner", "--data", "demo:ner", "--val", str(dev),
+                "--method", "full", "--steps", "3", "--batch-size", "4", "--max-len", "32", "--precision",
+                "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and "val_f1" in summary
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_scale" in r for r in rows if "loss" in r)  # the GradScaler was on
+    assert sorted(r["step"] for r in rows if "val_f1" in r) == [1, 2, 3]  # steps 1, 2 and the final evaluation
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/f1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+    # evaluate: the entity-level report and the per-tag one; --scheme bio as in finetune
+    assert cli(["evaluate", "--model", str(out), "--task", "ner", "--data", str(dev), "--scheme", "bio",
+                "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tags = report["token_report"]
+    assert "O" in tags["per_class"] and all(t == "O" or t[:2] in ("B-", "I-") for t in tags["per_class"])
+    assert sum(c["support"] for c in tags["per_class"].values()) == tags["n"] == sum(
+        len(ws) for ws, _ in tasks.read_conll(dev).items)
+    assert tags["accuracy"] == pytest.approx(report["token_accuracy"])
+    assert cli(["evaluate", "--model", str(out), "--task", "ner", "--data", str(dev), "--no-progress"]) == 0
+    assert "per tag (token level)" in capsys.readouterr().out
+
+
+def test_distillation_trains_under_fp16_mixed() -> None:
+    from corelm.compress.distill import distill_loss_fn
+    from corelm.config import ModelConfig
+    from corelm.models import build_model
+    from corelm.train.loop import TrainConfig, train
+
+    def tiny(seed: int, d: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return build_model(ModelConfig(family="llama", vocab_size=48, n_layer=1, n_head=4, n_kv_head=2, d_model=d,
+                                       d_ff=2 * d, max_seq_len=32))
+
+    teacher, student = tiny(0, 64), tiny(1, 32)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = torch.randint(0, 48, (8, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(max_steps=6, lr=1e-2, warmup_steps=0, precision="fp16-mixed", progress=False,
+                      tensorboard=False, measure_mfu=False)
+    result = train(student, distill_loss_fn(teacher, 2.0, 0.5), iter([data] * 6), cfg)
+    assert "loss_scale" in result.last_metrics and result.skipped_steps < 6
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # some updates applied
