@@ -66,8 +66,10 @@ def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, cap
     assert cli(["finetune", "--model", "minilm-l6", "--task", "ner", "--data", "demo:ner", "--val", str(dev),
                 "--method", "full", "--steps", "3", "--batch-size", "4", "--max-len", "32", "--precision",
                 "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and "val_f1" in summary
+    assert printed.err.count("dev at epoch 0.0") == 3 and "before training: val_loss=" in printed.err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_scale" in r for r in rows if "loss" in r)  # the GradScaler was on
     assert sorted(r["step"] for r in rows if "val_f1" in r) == [1, 2, 3]  # steps 1, 2 and the final evaluation

@@ -92,7 +92,7 @@ class FinetuneArgs:
     seed: int = 0                   # seed of data order, head init and dropout
     resume: bool = False            # continue the run in --out from its last checkpoint
     save_every: int = 0             # checkpoint every N steps (0: at the end only)
-    eval_every: int = 0             # evaluate on the validation set every N steps (0: before and after training only)
+    eval_every: int = 0             # evaluate on the validation set every N steps and print it (0: before and after training only)
     progress: bool = True           # progress bars
 
 
@@ -194,6 +194,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
+    say(f"{steps} steps of {args.batch_size} examples ({max(1, len(train_set) // args.batch_size)} steps per epoch)")
     loss_fn = task.loss
     train_items = task.train_items(model, train_set, args.method, pad_id, args.progress)
 
@@ -216,10 +217,17 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
             allocator.attach(opt)
         return opt
 
+    batches = ResumableLoader(train_items, min(args.batch_size, len(train_items)),
+                              lambda b: task.collate(b, pad_id), seed=args.seed)
+
     def eval_fn(m: nn.Module) -> dict[str, float]:
         if not val_set:
             return {}
-        return task.evaluate(m, val_set, val_items, labels, pad_id)
+        metrics = task.evaluate(m, val_set, val_items, labels, pad_id)
+        if args.eval_every and batches.epoch + batches.cursor > 0:  # during training: a dev report
+            epoch = batches.epoch + batches.cursor / len(train_items)
+            say(f"dev at epoch {epoch:.2f}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     task_info = {
         "task": args.task, "method": args.method, "labels": labels,
@@ -241,8 +249,6 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:
         say("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
-    batches = ResumableLoader(train_items, min(args.batch_size, len(train_items)),
-                              lambda b: task.collate(b, pad_id), seed=args.seed)
     result = train(model, loss_fn, batches, cfg, eval_fn=eval_fn, export_fn=export_fn,
                    extra_state=_Extra(allocator), optimizer_fn=optimizer_fn, run_config=task_info)
     summary = {"steps": result.step, "stopped": result.stopped, "train_loss": result.losses[-1][1] if result.losses
