@@ -40,6 +40,24 @@ def test_token_report_is_per_tag_precision_recall_f1() -> None:
         token_report(gold, pred[:1])
 
 
+def test_token_report_equals_sklearn_classification_report() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    tags = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER", "B-ORG"]
+    lengths = torch.randint(1, 12, (40,), generator=g).tolist()
+    gold = [[tags[int(i)] for i in torch.randint(0, 6, (n,), generator=g)] for n in lengths]
+    pred = [[t if torch.rand((), generator=g) < 0.6 else tags[int(torch.randint(0, 5, (), generator=g))] for t in s]
+            for s in gold]  # B-ORG is never predicted: its precision is 0/0
+    ours = token_report(gold, pred)
+    flat_gold, flat_pred = [t for s in gold for t in s], [t for s in pred for t in s]
+    ref = metrics.classification_report(flat_gold, flat_pred, output_dict=True, zero_division=0)
+    for tag, row in ours["per_class"].items():
+        assert row == pytest.approx({k.replace("f1-score", "f1"): v for k, v in ref[tag].items()}), tag
+    assert ours["accuracy"] == pytest.approx(ref["accuracy"])
+    for avg in ("macro", "weighted"):
+        assert ours[avg]["f1"] == pytest.approx(ref[f"{avg} avg"]["f1-score"])
+
+
 def test_finetune_and_distill_offer_every_precision_policy(capsys: pytest.CaptureFixture) -> None:
     from corelm.commands.distill import build_parser
 
