@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -129,3 +131,52 @@ def test_distillation_trains_under_fp16_mixed() -> None:
     assert "loss_scale" in result.last_metrics and result.skipped_steps < 6
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())  # some updates applied
+
+
+class _FakeWandb:
+    """Stands in for the wandb package: records what a run would send."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+        self.logged: list[tuple[dict, int]] = []
+        self.finished = 0
+
+    def init(self, **kwargs: Any) -> Any:
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            id = kwargs.get("id") or "run123"
+
+            def log(self, data: dict, step: int) -> None:
+                fake.logged.append((data, step))
+
+            def finish(self) -> None:
+                fake.finished += 1
+
+        return Run()
+
+
+def test_tracker_logs_the_tensorboard_scalars_to_wandb_and_resumes_its_run(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from corelm.errors import CorelmError
+    from corelm.train.tracking import Tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: one clear line
+    with pytest.raises(CorelmError, match="pip install wandb"):
+        Tracker(tmp_path, 2, progress=False, tensorboard=False, wandb="proj")
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tracker = Tracker(tmp_path, 2, progress=False, tensorboard=False, wandb="proj", config={"lr": 0.1})
+    tracker.log(1, {"loss": 2.5, "lr": 0.1, "grad_norm": float("nan"), "note": "x"})
+    tracker.log(2, {"val_loss": 1.5, "val_f1": 0.5})
+    tracker.close()
+    assert fake.inits == [{"project": "proj", "dir": str(tmp_path), "config": {"lr": 0.1}, "id": None,
+                           "resume": "allow"}]
+    assert fake.logged == [({"train/loss": 2.5, "train/lr": 0.1}, 1), ({"val/loss": 1.5, "val/f1": 0.5}, 2)]
+    assert fake.finished == 1
+    Tracker(tmp_path, 4, start_step=2, progress=False, tensorboard=False, wandb="proj").close()
+    assert fake.inits[-1]["id"] == "run123"  # the resumed run continues the same W&B run
+    disabled = Tracker(tmp_path, 2, enabled=False, wandb="proj")  # other ranks log nothing
+    disabled.log(1, {"loss": 1.0})
+    assert len(fake.inits) == 2 and len(fake.logged) == 2

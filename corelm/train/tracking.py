@@ -1,4 +1,6 @@
-"""What a run shows and leaves behind: progress bar, ``metrics.jsonl``, TensorBoard, a loss-curve PNG.
+"""What a run shows and leaves behind: progress bar, ``metrics.jsonl``, TensorBoard, a loss-curve PNG, and
+optionally a Weights & Biases run (``wandb`` is an optional dependency; ``WANDB_MODE=offline`` logs without
+an account or a network, for ``wandb sync`` later).
 
 MFU (model FLOPs utilisation) is achieved FLOP/s over the *measured* matmul peak of this device;
 FLOPs per token come from ``corelm.plan.formulas.train_flops_per_token`` (PaLM appendix B).
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from corelm.errors import CorelmError
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5,
@@ -32,6 +36,21 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, secon
     return best
 
 
+def require_wandb() -> Any:
+    """The ``wandb`` module, or a one-line :class:`CorelmError` saying how to get it (check before a run starts)."""
+    try:
+        import wandb
+    except ImportError:
+        raise CorelmError("--wandb needs the optional wandb package: pip install wandb "
+                          "(WANDB_MODE=offline logs without an account)") from None
+    return wandb
+
+
+def scalar_name(key: str) -> str:
+    """The name a metric is plotted under: ``val_loss`` -> ``val/loss``, ``loss`` -> ``train/loss``."""
+    return key.replace("val_", "val/") if key.startswith("val_") else f"train/{key}"
+
+
 class Tracker:
     """Logs metrics of one run (rank 0 only; other ranks get a silent tracker).
 
@@ -43,13 +62,17 @@ class Tracker:
         enabled: False on non-zero ranks.
         progress: show a live progress bar.
         tensorboard: write TensorBoard event files.
+        wandb: a Weights & Biases project to log the same scalars to (``None``: none). A resumed run
+            continues the W&B run whose id is kept in ``run_dir/wandb_run_id.txt``.
+        config: the run's configuration, shown by W&B beside the curves.
     """
 
     def __init__(self, run_dir: str | Path | None, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+                 progress: bool = True, tensorboard: bool = True, wandb: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir) if run_dir else None
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._tb = self._jsonl = self._wandb = None
         if not enabled:
             return
         if self.run_dir:
@@ -74,6 +97,8 @@ class Tracker:
                     self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
                 except ImportError:  # tensorboard is a declared dependency, but stay usable without it
                     self._tb = None
+        if wandb:
+            self._wandb = _start_wandb(wandb, self.run_dir, config)
         if progress:
             from tqdm.auto import tqdm
 
@@ -87,10 +112,13 @@ class Tracker:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {scalar_name(k): v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k.replace("val_", "val/") if k.startswith("val_") else f"train/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def progress(self, step: int, postfix: dict[str, Any]) -> None:
         if self._bar is not None:
@@ -114,10 +142,24 @@ class Tracker:
             self._bar.close()
         if self._tb:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._jsonl:
             self._jsonl.close()
         if self.run_dir:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+
+
+def _start_wandb(project: str, run_dir: Path | None, config: dict[str, Any] | None) -> Any:
+    """A W&B run logging into ``run_dir`` (resumed when the directory names one)."""
+    wandb = require_wandb()
+    id_file = run_dir / "wandb_run_id.txt" if run_dir else None
+    run_id = id_file.read_text().strip() or None if id_file and id_file.is_file() else None
+    run = wandb.init(project=project, dir=str(run_dir) if run_dir else None, config=config or {}, id=run_id,
+                     resume="allow")
+    if id_file:
+        id_file.write_text(f"{run.id}\n")
+    return run
 
 
 def _plain(v: Any) -> Any:
