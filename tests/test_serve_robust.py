@@ -40,7 +40,9 @@ FIELDS = {  # top-level fields, and nested ones as templates merged into the bas
                                {"messages": [{"role": "user", "content": HOLE}]},
                                {"messages": [{"role": "user", "content": [HOLE]}]},
                                {"messages": [{"role": "user", "content": [{"type": "text", "text": HOLE}]}]},
-                               {"stream": True, "stream_options": {"include_usage": HOLE}}],
+                               {"stream": True, "stream_options": {"include_usage": HOLE}},
+                               {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HOLE}}},
+                               {"response_format": {"type": HOLE}}, {"regex": HOLE}, {"grammar": HOLE}],
     "/v1/embeddings": [{f: HOLE} for f in ("model", "input", "encoding_format", "dimensions", "user", "unknown_field")]
                       + [{"input": [HOLE]}, {"input": ["ok", HOLE]}],
 }

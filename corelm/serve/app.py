@@ -227,12 +227,14 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         max_tokens = model.budget(len(prompt_ids), common.options.max_tokens, prompt_param)
         deadline = arrival + config.request_timeout
         streams: list[TextStream] = []
+        model.constraint(common.options.structure)  # a bad schema or grammar is a 400 before any work
         try:
             for i in range(common.n):
                 options = common.options
                 if options.seed is not None and i:  # n > 1: distinct, reproducible samples
                     options = protocol.TextOptions(**{**options.__dict__, "seed": options.seed + i})
-                streams.append(model.start(prompt_ids, options, max_tokens, deadline))
+                streams.append(model.start(prompt_ids, options, max_tokens, deadline,
+                                           model.constraint(options.structure)))
         except APIError:
             for s in streams:
                 s.cancel()
@@ -248,12 +250,16 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                      lambda: observe(arrival, streams), usage, metrics),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        async def collect() -> list[tuple[str, str | None]]:
+        async def collect() -> list[tuple[str, str | None, list[dict] | None]]:
             out = []
             try:
                 for s in streams:
-                    text = [piece.text async for piece in s.pieces()]
-                    out.append(("".join(text), s.finish_reason))
+                    text, logprobs = [], []
+                    async for piece in s.pieces():
+                        text.append(piece.text)
+                        logprobs += piece.logprobs or []
+                    out.append(("".join(text), s.finish_reason,
+                                logprobs if common.options.logprobs is not None else None))
             except APIError:
                 for s in streams:  # n > 1: one failed, free the others' rows too
                     s.cancel()
@@ -277,10 +283,10 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         observe(arrival, streams)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                        "logprobs": None} for i, (text, reason) in enumerate(results)]
+                        "logprobs": chat_logprobs(lps)} for i, (text, reason, lps) in enumerate(results)]
         else:
-            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                       for i, (text, reason) in enumerate(results)]
+            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": completion_logprobs(lps)}
+                       for i, (text, reason, lps) in enumerate(results)]
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": model.name,
                              "choices": choices, "usage": usage(streams)})
 
@@ -425,6 +431,25 @@ async def _merge(streams: list[TextStream]) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Chat's ``logprobs`` object: ``{"content": [per-token entries]}`` (None when not asked for)."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object: parallel lists of tokens, their log-probabilities,
+    the top alternatives as ``{token: logprob}`` and each token's character offset."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream], rid: str, created: int,
                model: str, chat: bool, include_usage: bool, on_end, usage, metrics: Metrics) -> AsyncIterator[str]:
     """Format pieces as OpenAI SSE chunks; cancels the generations if the client goes away."""
@@ -434,13 +459,14 @@ async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream]
         body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def choice(i: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+    def choice(i: int, text: str | None, reason: str | None, first: bool = False,
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
-            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": chat_logprobs(logprobs)}
+        return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": completion_logprobs(logprobs)}
 
     finished = False
     try:
@@ -455,11 +481,11 @@ async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream]
                     s.cancel()
                 break
             if item.finish_reason is None:
-                yield chunk([choice(i, item.text, None)])
+                yield chunk([choice(i, item.text, None, logprobs=item.logprobs)])
                 continue
             open_streams -= 1
             extra = {"usage": usage(streams)} if open_streams == 0 else {}
-            yield chunk([choice(i, item.text, item.finish_reason)], **extra)
+            yield chunk([choice(i, item.text, item.finish_reason, logprobs=item.logprobs)], **extra)
         else:
             if include_usage:
                 yield chunk([], usage=usage(streams))

@@ -46,6 +46,8 @@ class Event:
 
     kind: str                      # "token" | "done" | "error"
     token: int = -1
+    logprob: float | None = None   # the token's log-probability under the model (when asked for)
+    top: list[tuple[int, float]] | None = None  # the most likely tokens and their log-probabilities
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" on "done"
     error: errors.APIError | None = None
     time: float = 0.0
@@ -66,6 +68,8 @@ class _Request:
     finished: bool = False
     generator: torch.Generator | None = None
     admitted: float = 0.0
+    constraint: Any = None  # a corelm.generate.constraints.Constraint: structured output
+    logprobs: int | None = None  # None: off; k: the token's log-probability and the k most likely
 
     def emit(self, event: Event) -> None:
         event.time = time.monotonic()
@@ -157,8 +161,13 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def submit(self, prompt: list[int], spec: SamplingParams, deadline: float | None = None) -> Handle:
+    def submit(self, prompt: list[int], spec: SamplingParams, deadline: float | None = None, *,
+               constraint: Any = None, logprobs: int | None = None) -> Handle:
         """Queue a request; must be called from the running event loop.
+
+        ``constraint`` (a :class:`corelm.generate.constraints.Constraint`) masks this row's logits
+        before each token; ``logprobs`` = k attaches each token's log-probability (the model's
+        log-softmax, before temperature and masks) and the k most likely tokens to its event.
 
         Raises:
             APIError: 503 with Retry-After when every row is busy and the waiting queue is full.
@@ -168,7 +177,8 @@ class Batcher:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({spec.max_new_tokens}) exceeds the "
                 f"server's per-request limit of {self.max_seq_len} tokens", "max_tokens")
         loop = asyncio.get_running_loop()
-        request = _Request(list(prompt), spec, deadline, loop, asyncio.Queue(), id=next(self._ids))
+        request = _Request(list(prompt), spec, deadline, loop, asyncio.Queue(), id=next(self._ids),
+                           constraint=constraint, logprobs=logprobs)
         with self._cond:
             free_rows = self.max_batch - self.running
             if len(self._waiting) >= self.max_queue + max(free_rows, 0):
@@ -272,14 +282,29 @@ class Batcher:
             self._finish(row, reason="cancelled")
             return
         history = request.prompt + request.tokens
+        event = Event("token")
+        if request.logprobs is not None:
+            logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+            if request.logprobs:
+                top = logprobs.topk(request.logprobs)
+                event.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if request.constraint is not None:
+            logits = request.constraint.mask(logits.clone())
         token = int(self._sample(logits, request.spec, request.generator, history))
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if token in request.spec.stop_token_ids and not request.spec.ignore_eos:
             self._finish(row, reason="stop")
             return
         request.tokens.append(token)
-        request.emit(Event("token", token=token))
+        event.token = token
+        if request.logprobs is not None:
+            event.logprob = float(logprobs[token])
+        request.emit(event)
         full = len(request.prompt) + len(request.tokens) >= self.max_seq_len
-        if len(request.tokens) >= request.spec.max_new_tokens or full:
+        if request.constraint is not None and request.constraint.complete:
+            self._finish(row, reason="stop")  # the document is complete: only EOS could follow
+        elif len(request.tokens) >= request.spec.max_new_tokens or full:
             self._finish(row, reason="length")
 
     def _finish(self, row: int, *, reason: str | None = None, error: errors.APIError | None = None) -> None:

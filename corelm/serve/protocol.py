@@ -2,8 +2,8 @@
 
 Written by hand rather than with pydantic models so each mistake gets OpenAI's error shape and a
 sentence a user understands (FastAPI's default is a 422 listing pydantic internals). Parameters
-corelm does not implement (``logprobs``, ``presence_penalty``/``frequency_penalty`` other than 0,
-``logit_bias``, ``tools``) are rejected with a 400 instead of being silently ignored.
+corelm does not implement (``presence_penalty``/``frequency_penalty`` other than 0, ``logit_bias``,
+``tools``) are rejected with a 400 instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ MAX_STOP = 4
 ROLES = ("system", "user", "assistant")
 # Parameters corelm does not implement -> the values that mean "off" and are accepted.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "logit_bias": ({},), "tools": ([],), "functions": ([],),
     "tool_choice": ("none",), "best_of": (1,), "echo": (False,), "suffix": ("",),
-    "response_format": ({"type": "text"},),
 }
+MAX_TOP_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 1 << 16
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -197,13 +198,67 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
             raise bad_request(f"'{name}' is not supported by corelm", name, code="unsupported_parameter")
     options = TextOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stops,
-                          ignore_eos=ignore_eos)
+                          ignore_eos=ignore_eos, structure=_structure(body))
     return Common(model, stream, include_usage, n, options)
+
+
+def _structure(body: dict[str, Any]) -> dict[str, Any] | None:
+    """``response_format`` (OpenAI), or the ``regex``/``grammar`` extensions (Lark or GBNF), as one
+    keyword argument of :func:`corelm.generate.constraints.grammar_for`; None for free text."""
+    given = [name for name in ("response_format", "regex", "grammar") if body.get(name) is not None]
+    if len(given) > 1:
+        raise bad_request(f"give at most one of {', '.join(given)}", given[1])
+    for name in ("regex", "grammar"):
+        value = _field(body, name, "str")
+        if value is not None:
+            if not value or len(value) > MAX_GRAMMAR_CHARS:
+                raise bad_request(f"'{name}' must be 1 to {MAX_GRAMMAR_CHARS} characters", name)
+            return {name: value}
+    fmt = _field(body, "response_format", "dict")
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise bad_request("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                          "response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
+                          "response_format.json_schema", code="invalid_type")
+    schema = spec.get("schema", {})
+    if len(json.dumps(schema)) > MAX_GRAMMAR_CHARS:
+        raise bad_request(f"'response_format.json_schema.schema' is longer than {MAX_GRAMMAR_CHARS} characters",
+                          "response_format.json_schema.schema")
+    return {"json_schema": schema}
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives to report per token (0: the chosen token's only), or None for off.
+    Chat takes ``logprobs: true`` + ``top_logprobs``; completions take ``logprobs: k``."""
+    if chat:
+        on = _field(body, "logprobs", "bool", False)
+        top = _field(body, "top_logprobs", "int")
+        if top is not None:
+            _range("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
+            if not on:
+                raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if on else None
+    k = body.get("logprobs")
+    if k is None or k is False:
+        return None
+    k = _field(body, "logprobs", "int")
+    _range("logprobs", k, 0, 5)
+    return k
 
 
 def parse_completion(body: dict[str, Any]) -> tuple[Common, str]:
     """``POST /v1/completions``: returns the common options and the prompt text."""
     common = _common(body, ("max_tokens",))
+    common.options.logprobs = _logprobs(body, chat=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -220,6 +275,7 @@ def parse_completion(body: dict[str, Any]) -> tuple[Common, str]:
 def parse_chat(body: dict[str, Any]) -> tuple[Common, list[dict[str, str]]]:
     """``POST /v1/chat/completions``: returns the common options and the messages (text only)."""
     common = _common(body, ("max_tokens", "max_completion_tokens"))
+    common.options.logprobs = _logprobs(body, chat=True)
     messages = body.get("messages")
     if messages is None:
         raise bad_request("'messages' is required", "messages", code="missing_required_parameter")

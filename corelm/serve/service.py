@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from corelm.generate.constraints import Constraint, GrammarTokenizer, grammar_for
 from corelm.generate.engine import SamplingParams
 from corelm.generate.text import StopMatcher
 from corelm.serve import errors
@@ -27,6 +28,7 @@ class Piece:
 
     text: str
     finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # one entry per token behind this text (when asked for)
 
 
 class TextStream:
@@ -34,6 +36,7 @@ class TextStream:
 
     def __init__(self, handle: Handle, tokenizer: Any, n_prompt: int, stops: list[str]) -> None:
         self.handle = handle
+        self.tokenizer = tokenizer
         self.n_prompt = n_prompt
         self.n_generated = 0
         self.first_token_at: float | None = None
@@ -61,13 +64,25 @@ class TextStream:
             self.first_token_at = self.first_token_at or event.time
             self.last_token_at = event.time
             text, stopped = self._stops.feed(self._detok.push(event.token))
+            logprobs = [self._logprob_entry(event)] if event.logprob is not None else None
             if stopped:
                 self.handle.cancel()  # free the row now; tokens already queued are dropped
                 self.finish_reason = "stop"
-                yield Piece(text, "stop")
+                yield Piece(text, "stop", logprobs)
                 return
-            if text:
-                yield Piece(text)
+            if text or logprobs:
+                yield Piece(text, None, logprobs)
+
+    def _logprob_entry(self, event: Any) -> dict[str, Any]:
+        """OpenAI's per-token logprob object: the token's text and bytes, its log-probability, and
+        the most likely alternatives."""
+        def token(t: int, lp: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([t])
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        entry = token(event.token, event.logprob)
+        entry["top_logprobs"] = [token(t, lp) for t, lp in (event.top or [])]
+        return entry
 
 
 @dataclass
@@ -82,6 +97,8 @@ class TextOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    structure: dict[str, Any] | None = None  # keyword of corelm.generate.constraints.grammar_for
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely
 
 
 class TextModel:
@@ -106,6 +123,23 @@ class TextModel:
         eos = [getattr(self.tokenizer, "eos_token_id", None)]
         eos += list(getattr(llm, "stop_token_ids", None) or [])
         self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+
+    def constraint(self, structure: dict[str, Any] | None) -> Constraint | None:
+        """The request's grammar matcher, or a 400 naming the problem with its schema/grammar."""
+        if structure is None:
+            return None
+        if self._grammar_tokenizer is None:  # built once per model (reads the whole vocabulary)
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, int(self.llm.config.vocab_size),
+                                                       list(self.stop_token_ids))
+        param = {"json_schema": "response_format", "json_object": "response_format"}.get(next(iter(structure)),
+                                                                                          next(iter(structure)))
+        try:
+            grammar = grammar_for(**structure)
+            self._grammar_tokenizer.check(grammar)
+            return self._grammar_tokenizer.constraint(grammar)
+        except Exception as exc:  # the grammar engine's parsers raise their own types on bad input
+            raise errors.bad_request(f"'{param}' cannot be used: {str(exc).strip()[:500]}", param) from None
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """A raw prompt's ids exactly as ``corelm generate`` makes them (BOS when the model wants one)."""
@@ -131,13 +165,14 @@ class TextModel:
         return max_tokens
 
     def start(self, prompt_ids: list[int], options: TextOptions, max_tokens: int,
-              deadline: float | None) -> TextStream:
-        """Submit a generation (raises the batcher's 503 when full)."""
+              deadline: float | None, constraint: Constraint | None = None) -> TextStream:
+        """Submit a generation (raises the batcher's 503 when full); ``constraint`` from
+        :meth:`constraint` (one per generation: it holds the generation's grammar state)."""
         spec = SamplingParams(
             max_new_tokens=max_tokens, temperature=options.temperature, top_p=options.top_p,
             top_k=options.top_k, repetition_penalty=options.repetition_penalty, seed=options.seed,
             stop_token_ids=self.stop_token_ids, ignore_eos=options.ignore_eos)
-        handle = self.batcher.submit(prompt_ids, spec, deadline)
+        handle = self.batcher.submit(prompt_ids, spec, deadline, constraint=constraint, logprobs=options.logprobs)
         return TextStream(handle, self.tokenizer, len(prompt_ids), list(options.stop))
 
 
