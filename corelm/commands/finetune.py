@@ -83,8 +83,9 @@ def main(argv: list[str]) -> int:
         return status
     done = "interrupted; checkpoint of the run in" if status else "run written to"
     print(f"{done} {args.out} ({summary['steps']} steps)")
-    for key in ("train_loss", "val_loss_before", "val_loss", "val_acc_before", "val_acc", "val_f1_before", "val_f1",
-                "total_rank"):
+    # each validation metric of the task (val_loss, val_acc, val_f1, ...) before and after training
+    metrics = [k for k in summary if k.startswith("val_") and not k.endswith("_before") and k != "val_ppl"]
+    for key in ["train_loss", *(name for k in metrics for name in (f"{k}_before", k)), "total_rank"]:
         if summary.get(key) is not None:
             print(f"  {key:<16} {summary[key]:.4f}" if isinstance(summary[key], float) else
                   f"  {key:<16} {summary[key]}")
