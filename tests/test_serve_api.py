@@ -343,6 +343,7 @@ def test_metrics_count_requests_and_tokens(server, client):
     text = httpx.get(server.url + "/metrics").text
     assert 'corelm_requests_total{endpoint="/v1/completions",status="400"}' in text
     assert "corelm_time_to_first_token_seconds_bucket" in text and "corelm_queue_depth 0" in text
+    assert 'corelm_errors_total{code="model_not_found"}' in text  # errors by kind (an earlier test's 404)
 
 
 # ---- limits: admission, deadlines, auth, errors after the stream started ----

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corelm.errors import CorelmError
 from corelm.serve import errors, protocol
 from corelm.serve.errors import APIError
-from corelm.serve.metrics import Metrics
+from corelm.serve.metrics import CONTENT_TYPE, Metrics
 from corelm.serve.service import EmbeddingModel, TextModel, TextStream
 
 log = logging.getLogger("corelm.serve")
@@ -104,6 +104,8 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
     # ---- errors: always OpenAI-shaped, never a path or a traceback ----
 
     def error_response(exc: APIError) -> Response:
+        body = exc.body().get("error", {})
+        metrics.count_error(str(body.get("code") or body.get("type") or exc.status))
         # ASCII JSON (json.dumps' default): a message quoting any request text always encodes.
         return Response(json.dumps(exc.body(), separators=(",", ":")), status_code=exc.status,
                         headers=exc.headers, media_type="application/json")
@@ -303,7 +305,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> PlainTextResponse:
         authorize(request)
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
