@@ -268,9 +268,10 @@ class KernelStep:
                      "post_attention_layernorm": block.post_attention_layernorm.weight.detach().float()}
             for name in PROJECTIONS:
                 layer.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
-            for name in ("q_norm", "k_norm"):
-                if getattr(attn, name, None) is not None:
-                    layer[name] = getattr(attn, name).weight.detach().float()
+            for name in ("q_norm", "k_norm"):  # Qwen3: per-head RMSNorm (absent: no parameters)
+                weight = getattr(getattr(attn, name, None), "weight", None)
+                if weight is not None:
+                    layer[name] = weight.detach().float()
             self.op.add_layer(layer, window)
 
     def new_cache(self, batch: int, max_len: int) -> KernelCache:
