@@ -261,8 +261,7 @@ class KernelStep:
         tensors.update(_named("lm_head", model.lm_head))
         self.op = torch.classes.corelm.DecoderStep(tensors, config.n_head, config.n_kv_head,
                                                    float(model.model.norm.eps))
-        window = int(getattr(config, "sliding_window", None) or 0)
-        for block in model.model.layers:
+        for i, block in enumerate(model.model.layers):
             attn, mlp = block.self_attn, block.mlp
             layer = {"input_layernorm": block.input_layernorm.weight.detach().float(),
                      "post_attention_layernorm": block.post_attention_layernorm.weight.detach().float()}
@@ -272,7 +271,7 @@ class KernelStep:
                 weight = getattr(getattr(attn, name, None), "weight", None)
                 if weight is not None:
                     layer[name] = weight.detach().float()
-            self.op.add_layer(layer, window)
+            self.op.add_layer(layer, layer_window(config, i))
 
     def new_cache(self, batch: int, max_len: int) -> KernelCache:
         shape = (self.config.n_layer, batch, self.config.n_kv_head, max_len, self.config.head_dim)
@@ -312,6 +311,14 @@ class KernelStep:
         cache.v[:, 1:, :, :n] = cache.v[:, :1, :, :n]
 
 
+def layer_window(config: object, i: int) -> int:
+    """Layer ``i``'s sliding window (0: attends every earlier position): Mistral slides in every layer,
+    models with ``layer_types`` only in their ``sliding_attention`` layers."""
+    window = getattr(config, "sliding_window", None) or 0
+    types = getattr(config, "layer_types", None)
+    return int(window) if window and (types is None or types[i] == "sliding_attention") else 0
+
+
 def _named(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     values, scales = kernel_weights(module)
     out = {f"{name}.values": values, f"{name}.scales": scales}
@@ -339,6 +346,9 @@ def kernel_step_supported(model: nn.Module) -> str | None:
         return "the model is not on the CPU"
     if getattr(config, "activation", "silu") != "silu":
         return f"the C++ step computes SwiGLU, not {config.activation}"
+    rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):  # their tables change with the sequence's length
+        return f"the C++ step reads one RoPE table; {rope_type} RoPE changes it with the length"
     layers = [getattr(b.self_attn if n in PROJECTIONS[:4] else b.mlp, n)
               for b in model.model.layers for n in PROJECTIONS]
     if any(kernel_weights(m) is None for m in [*layers, model.lm_head]):
