@@ -1,6 +1,6 @@
 """Model configuration as data.
 
-One dataclass describes every family corelm builds (GPT-2, Llama, BERT). Importing this module must
+One dataclass describes every family corelm builds (GPT-2, Llama, BERT, Gemma). Importing this module must
 not import torch: the planner and the CLI read configs without loading a model.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 
 from corelm.errors import CorelmError
 
-FAMILIES = ("gpt2", "llama", "bert")
+FAMILIES = ("gpt2", "llama", "bert", "gemma")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -22,7 +23,8 @@ class ModelConfig:
     """Shape and numerics of a Transformer.
 
     Attributes:
-        family: Architecture family: ``gpt2``, ``llama`` or ``bert``.
+        family: Architecture family: ``gpt2``, ``llama`` (also Mistral, Qwen2, Qwen3), ``bert`` or
+            ``gemma`` (Gemma 1, 2 and 3).
         name: Preset or checkpoint name, for display only.
         vocab_size: Number of token embeddings.
         n_layer: Number of Transformer blocks.
@@ -40,6 +42,18 @@ class ModelConfig:
         rope_scaling: RoPE scaling, e.g. Llama 3's ``{"rope_type": "llama3", "factor": 8.0, ...}``.
         type_vocab_size: Segment (token type) embeddings (BERT only).
         pad_token_id: Padding id used by encoders for masks; optional.
+        qkv_bias: Only the query/key/value projections carry biases (Qwen2), whatever ``bias`` says.
+        qk_norm: RMSNorm over each head of the queries and keys before RoPE (Qwen3, Gemma 3).
+        sliding_window: Keys further than this many positions back are not attended (Mistral,
+            Gemma 2/3 local layers); None = full causal attention.
+        layer_types: Per layer, ``full_attention`` or ``sliding_attention``; None = every layer
+            slides when ``sliding_window`` is set (Mistral), else every layer is global.
+        sandwich_norm: Gemma 2/3: RMSNorms after attention and after the MLP too, before the residual add.
+        attn_softcap: Attention logits become ``cap * tanh(logits / cap)`` (Gemma 2); None = off.
+        final_softcap: The same on the output logits (Gemma 2); None = off.
+        query_pre_attn_scalar: Attention scores are scaled by its ``-1/2`` power instead of
+            ``head_dim ** -0.5`` (Gemma 2/3); None = ``head_dim``.
+        rope_local_theta: RoPE base of the sliding-window layers (Gemma 3); None = ``rope_theta``.
         extra: Anything the source checkpoint carried that corelm does not interpret.
     """
 
@@ -61,6 +75,15 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     type_vocab_size: int = 2
     pad_token_id: int | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    sandwich_norm: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    rope_local_theta: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,9 +106,24 @@ class ModelConfig:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.bias is None:
-            self.bias = self.family != "llama"
+            self.bias = self.family not in ("llama", "gemma")
         if self.activation is None:
-            self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu"}[self.family]
+            self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh"}[self.family]
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layer or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise CorelmError(f"layer_types must list {self.n_layer} entries of {', '.join(LAYER_TYPES)}, "
+                                  f"got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise CorelmError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def is_sliding(self, layer: int) -> bool:
+        """True when ``layer`` attends only the last ``sliding_window`` positions."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
     def is_encoder(self) -> bool:

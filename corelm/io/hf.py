@@ -66,10 +66,16 @@ _HF_FIELDS: dict[str, list[tuple[str, str, Any]]] = {
         ("pad_token_id", "pad_token_id", 0),
     ],
 }
-_FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bert": "bert"}
+_HF_FIELDS["gemma"] = [row for row in _HF_FIELDS["llama"] if row[0] != "tie_embeddings"] + [
+    ("tie_embeddings", "tie_word_embeddings", True),
+]
+_FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+              "bert": "bert", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
                 "swish": "silu", "relu": "relu"}
-_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining"}
+_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining",
+                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
 
 
@@ -97,20 +103,34 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
             raise CorelmError(f"config.json ({model_type}) is missing required field {hf_name!r}")
         kwargs[field] = value
     act_key = "activation_function" if family == "gpt2" else "hidden_act"
-    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu"}[family])
+    if family == "gemma" and hf_config.get("hidden_activation"):
+        act_key = "hidden_activation"  # Gemma 2/3 name it so; Gemma 1 files may carry either
+    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu", "gemma": "gelu_pytorch_tanh"}[family])
     if act not in _ACTIVATIONS:
         raise CorelmError(f"unsupported activation {act!r} in config.json")
     kwargs["activation"] = _ACTIVATIONS[act]
-    if family == "llama":
+    if family in ("llama", "gemma"):
         if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
-            raise CorelmError("llama configs with attention_bias/mlp_bias are not supported by corelm")
+            raise CorelmError(f"{model_type} configs with attention_bias/mlp_bias are not supported by corelm")
+        if hf_config.get("use_bidirectional_attention"):
+            raise CorelmError(f"{model_type} with bidirectional attention is not supported by corelm")
         kwargs["bias"] = False
-        # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`
+        # transformers >= 5 writes `rope_parameters` (theta inside; Gemma 3 one dict per layer type);
+        # older files `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`)
         rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+        if "full_attention" in rope:
+            local = dict(rope.get("sliding_attention") or {})
+            if local.get("rope_type", "default") != "default":
+                raise CorelmError(f"RoPE scaling of sliding layers ({local['rope_type']!r}) is not supported")
+            kwargs["rope_local_theta"] = float(local["rope_theta"]) if "rope_theta" in local else None
+            rope = dict(rope["full_attention"])
+        elif hf_config.get("rope_local_base_freq") is not None:
+            kwargs["rope_local_theta"] = float(hf_config["rope_local_base_freq"])
         kwargs["rope_theta"] = float(rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0)))
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
         kwargs["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        kwargs.update(_attention_options(model_type, hf_config, kwargs["n_layer"]))
     if family == "bert" and hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise CorelmError("BERT with relative position embeddings is not supported by corelm")
     extra = {k: hf_config[k] for k in _TOKEN_FIELDS if hf_config.get(k) is not None}
@@ -118,11 +138,41 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**kwargs, extra=extra)
 
 
+def _attention_options(model_type: str, hf: dict[str, Any], n_layer: int) -> dict[str, Any]:
+    """Sliding windows, per-layer types, biases, QK norms and Gemma's attention numerics of one model_type."""
+    out: dict[str, Any] = {"qkv_bias": model_type == "qwen2", "qk_norm": model_type in ("qwen3", "gemma3_text")}
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None  # Qwen files carry a window they do not use unless use_sliding_window is set
+    if model_type not in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+        window = None
+    layer_types = hf.get("layer_types")
+    if window is not None and layer_types is None:
+        if model_type in ("qwen2", "qwen3"):  # the first max_window_layers layers stay global
+            first = hf.get("max_window_layers", n_layer)
+            layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(n_layer)]
+        elif model_type == "gemma2":  # even layers slide, odd ones are global
+            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]
+        elif model_type == "gemma3_text":  # every `sliding_window_pattern`-th layer is global
+            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layer)]
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        window, layer_types = None, None
+    out["sliding_window"], out["layer_types"] = window, layer_types
+    if model_type in ("gemma2", "gemma3_text"):
+        out["sandwich_norm"] = True
+        out["attn_softcap"] = hf.get("attn_logit_softcapping")
+        out["final_softcap"] = hf.get("final_logit_softcapping")
+        out["query_pre_attn_scalar"] = hf.get("query_pre_attn_scalar")
+    return out
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
-    out: dict[str, Any] = {"architectures": [_ARCHITECTURES[family]],
-                           "model_type": config.extra.get("model_type", family) if family == "llama" else family}
+    model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
+    out: dict[str, Any] = {"architectures": [_ARCHITECTURES.get(model_type, _ARCHITECTURES[family])],
+                           "model_type": model_type}
     for field, hf_name, _ in _HF_FIELDS[family]:
         out[hf_name] = getattr(config, field)
     inverse = {"gelu_tanh": "gelu_new" if family == "gpt2" else "gelu_pytorch_tanh"}
@@ -132,9 +182,26 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out["n_ctx"] = config.max_seq_len
         if config.head_dim * config.n_head != config.d_model:
             raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
-    if family == "llama":
+    if family in ("llama", "gemma"):
         out.update(attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta,
-                   rope_scaling=config.rope_scaling)
+                   rope_scaling=config.rope_scaling, sliding_window=config.sliding_window,
+                   use_sliding_window=config.sliding_window is not None, max_window_layers=0)
+        if config.layer_types is not None:
+            out["layer_types"] = list(config.layer_types)
+        elif config.sliding_window is not None and model_type != "mistral":
+            out["layer_types"] = ["sliding_attention"] * config.n_layer
+        if model_type in ("qwen2", "qwen3") and config.sliding_window is None:
+            out["layer_types"] = ["full_attention"] * config.n_layer
+        if family == "gemma":
+            out["hidden_activation"] = out["hidden_act"]
+            out.update(attn_logit_softcapping=config.attn_softcap, final_logit_softcapping=config.final_softcap,
+                       query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
+            if config.rope_local_theta is not None:
+                out["rope_local_base_freq"] = config.rope_local_theta
+                out["rope_parameters"] = {
+                    "full_attention": {"rope_type": "default", "rope_theta": config.rope_theta,
+                                       **(config.rope_scaling or {})},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_theta}}
     if family == "bert":
         out["position_embedding_type"] = "absolute"
         out["tie_word_embeddings"] = True
@@ -148,8 +215,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 # state-dict mapping tables
 # --------------------------------------------------------------------------------------------
 
-# (HF name, corelm name, transposed). "{i}" is the block index. Names that are the same on both
-# sides are still listed: the table is the checklist of what a checkpoint must contain.
+# (HF name, corelm name, transposed[, needed]). "{i}" is the block index. Names that are the same on
+# both sides are still listed: the table is the checklist of what a checkpoint must contain. The
+# optional fourth entry says for which configs the row exists (Qwen2's biases, Qwen3's QK norms).
 _GPT2_TABLE = [
     ("transformer.wte.weight", "transformer.wte.weight", False),
     ("transformer.wpe.weight", "transformer.wpe.weight", False),
@@ -175,8 +243,30 @@ _LLAMA_TABLE = [
       for p in "qkvo"],
     *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight", False)
       for p in ("gate", "up", "down")],
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"model.layers.{{i}}.self_attn.{p}_proj.bias", False,
+       lambda c: c.qkv_bias and not c.bias) for p in "qkv"],
+    *[(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"model.layers.{{i}}.self_attn.{p}_norm.weight", False,
+       lambda c: c.qk_norm) for p in "qk"],
     ("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", False),
     ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", False),
+    ("model.norm.weight", "model.norm.weight", False),
+    ("lm_head.weight", "lm_head.weight", False),  # only when not tied
+]
+# Gemma 1 calls its pre-MLP norm `post_attention_layernorm`; Gemma 2/3 use that name for the norm
+# *after* attention and add `pre_feedforward_layernorm` / `post_feedforward_layernorm` around the MLP.
+_GEMMA_TABLE = [
+    ("model.embed_tokens.weight", "model.embed_tokens.weight", False),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight", False)
+      for p in "qkvo"],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight", False)
+      for p in ("gate", "up", "down")],
+    *[(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"model.layers.{{i}}.self_attn.{p}_norm.weight", False,
+       lambda c: c.qk_norm) for p in "qk"],
+    ("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", False),
+    ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight", False,
+     lambda c: not c.sandwich_norm),
+    *[(f"model.layers.{{i}}.{n}.weight", f"model.layers.{{i}}.{n}.weight", False, lambda c: c.sandwich_norm)
+      for n in ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")],
     ("model.norm.weight", "model.norm.weight", False),
     ("lm_head.weight", "lm_head.weight", False),  # only when not tied
 ]
@@ -196,7 +286,7 @@ _BERT_TABLE = [
     ("cls.seq_relationship.weight", "cls.seq_relationship.weight", False),
     ("cls.seq_relationship.bias", "cls.seq_relationship.bias", False),
 ]
-_TABLES = {"gpt2": _GPT2_TABLE, "llama": _LLAMA_TABLE, "bert": _BERT_TABLE}
+_TABLES = {"gpt2": _GPT2_TABLE, "llama": _LLAMA_TABLE, "bert": _BERT_TABLE, "gemma": _GEMMA_TABLE}
 
 # Checkpoint entries that carry no parameter of corelm (buffers, tied copies).
 _IGNORED = re.compile(
@@ -205,13 +295,13 @@ _IGNORED = re.compile(
 # BERT parts a bare `BertModel` checkpoint (e.g. all-MiniLM) does not have; corelm initialises them.
 OPTIONAL_PREFIXES = {"bert": ("pooler.", "cls.")}
 # HF prefixes some checkpoints omit (the original GPT-2 files, `BertModel` saves).
-_HF_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": ""}
+_HF_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "", "gemma": ""}
 
 
 def _expand(config: ModelConfig) -> list[tuple[str, str, bool]]:
     rows = []
-    for hf_name, name, transposed in _TABLES[config.family]:
-        if name == "lm_head.weight" and config.tie_embeddings:
+    for hf_name, name, transposed, *needed in _TABLES[config.family]:
+        if name == "lm_head.weight" and config.tie_embeddings or needed and not needed[0](config):
             continue
         layers = range(config.n_layer) if "{i}" in name else [None]
         rows += [(hf_name.format(i=i), name.format(i=i), transposed) for i in layers]

@@ -11,7 +11,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     """Build the model of ``config.family`` (on the current default device, e.g. inside ``torch.device("meta")``).
 
     Returns:
-        :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama` or
+        :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama`,
+        :class:`~corelm.models.gemma.Gemma` or
         :class:`~corelm.models.bert.Bert`.
     """
     if config.family == "gpt2":
@@ -22,6 +23,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from corelm.models.llama import Llama
 
         return Llama(config)
+    if config.family == "gemma":
+        from corelm.models.gemma import Gemma
+
+        return Gemma(config)
     from corelm.models.bert import Bert
 
     return Bert(config)

@@ -1,7 +1,9 @@
 """The Llama family (Touvron et al. 2023): pre-RMSNorm blocks, RoPE, SwiGLU MLP, grouped-query attention.
 
-SmolLM2, Mistral (without sliding windows) and Llama 2/3 are this architecture with different
-shapes. Parameter names are those of Hugging Face ``LlamaForCausalLM`` checkpoints.
+SmolLM2, Llama 2/3, Mistral (sliding-window attention), Qwen2 (query/key/value biases) and Qwen3
+(RMSNorm on each query/key head, ``head_dim`` independent of ``d_model``) are this architecture
+with different shapes and switches fixed at construction. Parameter names are those of Hugging
+Face ``LlamaForCausalLM`` checkpoints.
 """
 
 from __future__ import annotations
@@ -39,21 +41,26 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding = config.is_sliding(layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, hd = config.d_model, config.head_dim
-        self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
-        self.k_proj = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
-        self.v_proj = nn.Linear(d, config.n_kv_head * hd, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, config.n_kv_head * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, config.n_kv_head * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        # Qwen3 (Yang et al. 2025, section 2): per-head RMSNorm keeps q.k logits bounded
+        self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, n_kv_head, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = cached_attention(q, k, v, ctx, self.layer_idx)  # (B, n_head, T, hd)
+        y = cached_attention(q, k, v, ctx, self.layer_idx, sliding=self.sliding)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.o_proj(y)
 
@@ -109,6 +116,8 @@ class Llama(nn.Module):
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
+        # the window of the sliding layers, None when every layer attends the whole prefix
+        self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
         self.apply(init_normal_)
 
     @property
@@ -119,7 +128,7 @@ class Llama(nn.Module):
                       kv_cache: KVCache | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
-        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask)
+        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask, self.sliding_window)
         max_pos = ctx.n_keys - 1 if kv_cache is not None else None
         ctx.rope = self.rope(ctx.input_pos, max_pos)  # (B, 1, T, head_dim) each, shared by all layers
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
