@@ -42,7 +42,7 @@ from corelm import cache
 from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
-HEADERS = ("pool.h", "dot.h", "qlinear.h", "decoder_step.h")
+HEADERS = ("pool.h", "dot.h", "kquants.h", "qlinear.h", "decoder_step.h")
 QK = 32  # values per block
 
 FLAGS = {
@@ -197,6 +197,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("corelm::qlinear")
     def _(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("corelm::qlinear_blocks")
+    def _(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], blocks.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------

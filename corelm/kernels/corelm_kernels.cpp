@@ -15,6 +15,8 @@
 //
 // Registered with torch.library so torch.compile and the dispatcher see them:
 //   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
+//   corelm::qlinear_blocks(x (T, K) f32, blocks (N, row bytes) u8, ggml_type) -> (T, N) f32: GGUF's
+//     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
 //   torch.classes.corelm.DecoderStep: a llama-family decoder described once by named tensors, whose
 //     forward runs N tokens (each with its own cache row and position) through every block and the
 //     head in one call: a batched decode step, a prefill, or a speculative verify pass.
@@ -52,9 +54,11 @@ std::string isa() { return isa_name(); }
 using corelm::DecoderStep;
 using corelm::isa;
 using corelm::qlinear;
+using corelm::qlinear_blocks;
 
 TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("isa() -> str", &isa);
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, double>())
@@ -63,4 +67,7 @@ TORCH_LIBRARY(corelm, m) {
       .def("forward", &DecoderStep::forward);
 }
 
-TORCH_LIBRARY_IMPL(corelm, CPU, m) { m.impl("qlinear", &qlinear); }
+TORCH_LIBRARY_IMPL(corelm, CPU, m) {
+  m.impl("qlinear", &qlinear);
+  m.impl("qlinear_blocks", &qlinear_blocks);
+}

@@ -15,7 +15,8 @@ namespace corelm {
 
 constexpr int64_t QK = 32;  // values per block, weights and activations alike
 
-enum class Kind { Q4, Q8 };
+// Q4, Q8: corelm's int4/int8 layouts (bf16 scales); Q8_0, Q4_K, Q5_K, Q6_K: GGUF's own blocks (kquants.h)
+enum class Kind { Q4, Q8, Q8_0, Q4_K, Q5_K, Q6_K };
 
 inline float bf16(uint16_t h) {  // bf16 is the top half of an fp32
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -212,13 +213,18 @@ void dot_q8(const Row& w, const ActRow* a, int64_t nb, float* out) {
 #endif
 }
 
+template <int NT>
+void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out);  // GGUF blocks: kquants.h
+
 // One weight row against activation rows t0..t0+NT-1.
 template <int NT>
 void dot_rows(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
   if (kind == Kind::Q4) {
     dot_q4<NT>(w, a, nb, out);
-  } else {
+  } else if (kind == Kind::Q8) {
     dot_q8<NT>(w, a, nb, out);
+  } else {
+    dot_blocks<NT>(kind, w, a, nb, out);
   }
 }
 

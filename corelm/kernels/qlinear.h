@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "kquants.h"
 #include "pool.h"
 
 namespace corelm {
@@ -21,10 +22,35 @@ struct QMatrix {
   Row row(int64_t i) const { return {q + i * row_q, s + i * row_s, bpg}; }
 };
 
+// A matrix in one of GGUF's block formats (kquants.h): ``blocks`` (N, row bytes) uint8 holds each
+// row's blocks as the file stores them, ``ggml_type`` names the format (8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K).
+QMatrix as_matrix_blocks(const at::Tensor& blocks, int64_t ggml_type, int64_t k) {
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
+                  blocks.dim() == 2,
+              "GGUF blocks must be a contiguous (N, row bytes) uint8 CPU tensor");
+  QMatrix m;
+  const int64_t row = block_row_bytes(ggml_type, k, &m.kind);
+  TORCH_CHECK(row > 0, "GGML type ", ggml_type, " with ", k, " columns has no kernel (Q8_0: k % 32 == 0; Q4_K, ",
+              "Q5_K, Q6_K: k % 256 == 0)");
+  TORCH_CHECK(blocks.size(1) == row, "a row of ", k, " values of GGML type ", ggml_type, " is ", row,
+              " bytes, not ", blocks.size(1));
+  m.n = blocks.size(0);
+  m.k = k;
+  m.q = blocks.data_ptr<uint8_t>();
+  m.row_q = row;
+  return m;
+}
+
+// The matrix a layer's (values, scales) describe. For GGUF block formats the scales live in the
+// blocks, and ``s`` is a one-element int64 tensor naming the GGML type (see as_matrix_blocks).
 QMatrix as_matrix(const at::Tensor& q, const at::Tensor& s, int64_t k) {
   TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu() && q.is_contiguous() && s.is_contiguous(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(k % QK == 0, "input width ", k, " is not a multiple of 32");
+  if (s.scalar_type() == at::kLong) {
+    TORCH_CHECK(s.numel() == 1, "a GGUF block format is named by one int64 GGML type");
+    return as_matrix_blocks(q, s.item<int64_t>(), k);
+  }
   TORCH_CHECK(s.scalar_type() == at::kBFloat16, "weight scales must be bf16");
   QMatrix m;
   m.n = q.size(0);
@@ -108,6 +134,7 @@ void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<f
 // Weight row r of m as fp32 (K,): q * scale (+ m for int4).
 void dequantize_row(const QMatrix& m, int64_t r, float* out) {
   const Row w = m.row(r);
+  if (m.kind != Kind::Q4 && m.kind != Kind::Q8) return dequantize_blocks(m.kind, w.q, m.k, out);
   for (int64_t b = 0; b < m.k / QK; ++b) {
     float* o = out + b * QK;
     if (m.kind == Kind::Q4) {
@@ -166,14 +193,24 @@ void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms
   }
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
-  const at::Tensor xc = x.contiguous();
-  const QMatrix m = as_matrix(q, s, xc.size(1));
+at::Tensor qlinear_matrix(const at::Tensor& xc, const QMatrix& m) {
   QActs acts;
   at::Tensor y = at::empty({xc.size(0), m.n}, xc.options());
   matmul(xc.data_ptr<float>(), xc.size(0), xc.size(1), {m}, {y.data_ptr<float>()}, acts);
   return y;
+}
+
+// y (T, N) = x (T, K) @ W^T for W in GGUF block format ``ggml_type`` (see as_matrix_blocks).
+at::Tensor qlinear_blocks(const at::Tensor& x, const at::Tensor& blocks, int64_t ggml_type) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
+  const at::Tensor xc = x.contiguous();
+  return qlinear_matrix(xc, as_matrix_blocks(blocks, ggml_type, xc.size(1)));
+}
+
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
+  const at::Tensor xc = x.contiguous();
+  return qlinear_matrix(xc, as_matrix(q, s, xc.size(1)));
 }
 
 }  // namespace corelm

@@ -1,0 +1,294 @@
+// Dot products of GGUF's own blocks -- Q8_0 and the K-quants Q4_K, Q5_K, Q6_K -- with corelm's
+// 15-bit activation blocks (included once, by qlinear.h). The weights stay in the bytes llama.cpp's
+// quantizer wrote: no float copy, no re-rounding of their fp16 scales.
+//
+// Layouts (ggml-common.h; a K "super-block" is 256 values of one row, QK_K):
+//   Q8_0  34 bytes / 32 values:  d fp16 | qs[32] int8                       w = d * q
+//   Q4_K 144 bytes / 256 values: d, dmin fp16 | scales[12] | qs[128]        w = d*sc_i * q - dmin*m_i
+//   Q5_K 176 bytes / 256 values: d, dmin fp16 | scales[12] | qh[32] | qs[128]   (q gains bit 4 from qh)
+//   Q6_K 210 bytes / 256 values: ql[128] | qh[64] | scales[16] int8 | d fp16    w = d*sc_j * (q - 32)
+// Q4_K/Q5_K: eight sub-blocks of 32, each with a 6-bit scale sc_i and min m_i packed into scales[12]
+// (get_scale_min_k4); sub-block i is the low (i even) or high (i odd) nibbles of qs[32*(i/2) ...].
+// Q6_K: sixteen 16-value scales; sub-block i = 4c + s of 128-value chunk c is nibble s/2 of
+// ql[64c + 32*(s%2) + l] with bits 4-5 from (qh[32c + l] >> 2s) & 3.
+//
+// A sub-block is 32 values, exactly one activation block (d_a, a, s_a = d_a * sum(a)), so
+//   y = sum_i (d*sc_i) * d_a * (q_i . a) - (dmin*m_i) * s_a          (Q4_K, Q5_K)
+//   y = sum_i d_a * d * (sc_lo * (q-32)_lo . a_lo + sc_hi * (q-32)_hi . a_hi)   (Q6_K: two halves)
+// with the integer dots exact, as in llama.cpp's ggml_vec_dot_q4_K_q8_K (whose activations are 8-bit).
+// corelm.quant.kquant.reference_qlinear_blocks states the same arithmetic in PyTorch.
+#pragma once
+
+#include "dot.h"
+
+namespace corelm {
+
+constexpr int64_t QK_K = 256;
+
+// GGML type ids (ggml.h enum ggml_type) of the block formats with a kernel here.
+enum GGMLType : int64_t { GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+
+inline float fp16(uint16_t h) {  // IEEE half -> float, exact (subnormals included)
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else {  // zero or subnormal: man * 2^-24
+    const float f = static_cast<float>(man) * 5.9604644775390625e-08f;
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+inline uint16_t u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The eight (scale, min) pairs of a Q4_K/Q5_K super-block (ggml-quants.c get_scale_min_k4).
+inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* m) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = q[j] & 63;
+    m[j] = q[j + 4] & 63;
+    sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
+    m[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
+  }
+}
+
+// Integer value j (0..31) of sub-block i of a Q4_K (hbits null) or Q5_K super-block.
+inline int q45(const uint8_t* qs, const uint8_t* qh, int i, int j) {
+  const int v = (qs[32 * (i / 2) + j] >> (4 * (i % 2))) & 0xF;
+  return qh != nullptr ? v | (((qh[j] >> i) & 1) << 4) : v;
+}
+
+// Signed value j (-32..31) of sub-block i (0..7) of a Q6_K super-block.
+inline int q6(const uint8_t* ql, const uint8_t* qh, int i, int j) {
+  const int c = i / 4, s = i % 4;
+  const int lo = (ql[64 * c + 32 * (s % 2) + j] >> (4 * (s / 2))) & 0xF;
+  return (lo | (((qh[32 * c + j] >> (2 * s)) & 3) << 4)) - 32;
+}
+
+inline int act(const ActRow& a, int64_t i) { return 128 * a.qh[i] + a.ql[i]; }
+
+// Q4_K (qh == false) and Q5_K: one weight row of nb / 8 super-blocks against NT activation rows.
+template <int NT, bool HIGH>
+void dot_q45k(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = HIGH ? 176 : 144;
+  float tail[NT] = {};
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* blk = w.q + sb * bytes;
+    const float d = fp16(u16(blk)), dmin = fp16(u16(blk + 2));
+    uint8_t sc[8], m[8];
+    scale_min_k4(blk + 4, sc, m);
+    const uint8_t* qs = blk + 16 + (HIGH ? 32 : 0);
+    alignas(32) float sd[NT][8];
+    const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                                            reinterpret_cast<const __m128i*>(sc)))));
+    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                                              reinterpret_cast<const __m128i*>(m)))));
+    for (int t = 0; t < NT; ++t) {
+      _mm256_store_ps(sd[t], _mm256_mul_ps(dsc, _mm256_loadu_ps(a[t].d + sb * 8)));
+      tail[t] += hsum(_mm256_mul_ps(dm, _mm256_loadu_ps(a[t].s + sb * 8)));
+    }
+    __m256i qh = _mm256_setzero_si256();
+    if (HIGH) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+    for (int i = 0; i < 8; i += 2) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 16 * i));
+      __m256i w0 = _mm256_and_si256(raw, low), w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      if (HIGH) {  // bit i (and i + 1) of qh[j] is bit 4 of value j
+        const __m256i b0 = _mm256_set1_epi8(static_cast<char>(1 << i)), b1 = _mm256_set1_epi8(static_cast<char>(2 << i));
+        const __m256i sixteen = _mm256_set1_epi8(16);
+        w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen));
+        w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
+      }
+      const int64_t j0 = (sb * 8 + i) * QK, j1 = j0 + QK;
+      for (int t = 0; t < NT; ++t) {
+        acc[t] = _mm256_fmadd_ps(block_u(w0, a[t].qh + j0, a[t].ql + j0), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
+        acc[t] = _mm256_fmadd_ps(block_u(w1, a[t].qh + j1, a[t].ql + j1), _mm256_broadcast_ss(&sd[t][i + 1]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - tail[t];
+#else
+  float acc[NT] = {};
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* blk = w.q + sb * bytes;
+    const float d = fp16(u16(blk)), dmin = fp16(u16(blk + 2));
+    uint8_t sc[8], m[8];
+    scale_min_k4(blk + 4, sc, m);
+    const uint8_t* qh = HIGH ? blk + 16 : nullptr;
+    const uint8_t* qs = blk + 16 + (HIGH ? 32 : 0);
+    for (int i = 0; i < 8; ++i) {
+      const int64_t b = sb * 8 + i;
+      const float dsc = d * static_cast<float>(sc[i]), dm = dmin * static_cast<float>(m[i]);
+      for (int t = 0; t < NT; ++t) {
+        int sumi = 0;
+        for (int j = 0; j < QK; ++j) sumi += q45(qs, qh, i, j) * act(a[t], b * QK + j);
+        acc[t] += dsc * a[t].d[b] * static_cast<float>(sumi);
+        tail[t] += dm * a[t].s[b];
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t] - tail[t];
+#endif
+}
+
+template <int NT>
+void dot_q6k(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = 210;
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* ql = w.q + sb * bytes;
+    const uint8_t* qh = ql + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
+    const float d = fp16(u16(ql + 208));
+    for (int c = 0; c < 2; ++c) {
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * c));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * c + 32));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * c));
+      const __m256i lo[4] = {_mm256_and_si256(l0, low), _mm256_and_si256(l1, low),
+                             _mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                             _mm256_and_si256(_mm256_srli_epi16(l1, 4), low)};
+      const __m256i hi[4] = {_mm256_and_si256(h, three), _mm256_and_si256(_mm256_srli_epi16(h, 2), three),
+                             _mm256_and_si256(_mm256_srli_epi16(h, 4), three),
+                             _mm256_and_si256(_mm256_srli_epi16(h, 6), three)};
+      for (int s = 0; s < 4; ++s) {
+        const int i = 4 * c + s;
+        // q - 32 as int8; bytes 0-15 land in lanes 0-3 (scale sc[2i]), bytes 16-31 in lanes 4-7
+        const __m256i wq = _mm256_sub_epi8(_mm256_or_si256(lo[s], _mm256_slli_epi16(hi[s], 4)), off);
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(d * static_cast<float>(sc[2 * i + 1])),
+                                             _mm_set1_ps(d * static_cast<float>(sc[2 * i])));
+        const int64_t b = sb * 8 + i;
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + b * QK, a[t].ql + b * QK),
+                                   _mm256_mul_ps(scale, _mm256_set1_ps(a[t].d[b])), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+#else
+  float acc[NT] = {};
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* ql = w.q + sb * bytes;
+    const uint8_t* qh = ql + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
+    const float d = fp16(u16(ql + 208));
+    for (int i = 0; i < 8; ++i) {
+      const int64_t b = sb * 8 + i;
+      const float s0 = d * static_cast<float>(sc[2 * i]), s1 = d * static_cast<float>(sc[2 * i + 1]);
+      for (int t = 0; t < NT; ++t) {
+        int lo = 0, hi = 0;
+        for (int j = 0; j < QK / 2; ++j) lo += q6(ql, qh, i, j) * act(a[t], b * QK + j);
+        for (int j = QK / 2; j < QK; ++j) hi += q6(ql, qh, i, j) * act(a[t], b * QK + j);
+        acc[t] += a[t].d[b] * (s0 * static_cast<float>(lo) + s1 * static_cast<float>(hi));
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+#endif
+}
+
+// GGUF Q8_0: 34-byte blocks, fp16 scale first.
+template <int NT>
+void dot_q8_0(const Row& w, const ActRow* a, int64_t nb, float* out) {
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * 34;
+    const float d = fp16(u16(blk));
+    const __m256i wq = load32(reinterpret_cast<const int8_t*>(blk + 2));
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]),
+                               acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+#else
+  float acc[NT] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * 34;
+    const float d = fp16(u16(blk));
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int t = 0; t < NT; ++t) {
+      int sumi = 0;
+      for (int j = 0; j < QK; ++j) sumi += static_cast<int>(q[j]) * act(a[t], b * QK + j);
+      acc[t] += d * a[t].d[b] * static_cast<float>(sumi);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+#endif
+}
+
+template <int NT>
+void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
+  switch (kind) {
+    case Kind::Q8_0: dot_q8_0<NT>(w, a, nb, out); break;
+    case Kind::Q4_K: dot_q45k<NT, false>(w, a, nb, out); break;
+    case Kind::Q5_K: dot_q45k<NT, true>(w, a, nb, out); break;
+    default: dot_q6k<NT>(w, a, nb, out); break;
+  }
+}
+
+// Row ``q`` (k values) of a block-format matrix as fp32, exactly as ggml's dequantize_row_*.
+inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) {
+  if (kind == Kind::Q8_0) {
+    for (int64_t b = 0; b < k / QK; ++b) {
+      const uint8_t* blk = q + b * 34;
+      const float d = fp16(u16(blk));
+      for (int j = 0; j < QK; ++j) o[b * QK + j] = d * static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
+    }
+    return;
+  }
+  for (int64_t sb = 0; sb < k / QK_K; ++sb, o += QK_K) {
+    if (kind == Kind::Q6_K) {
+      const uint8_t* ql = q + sb * 210;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
+      const float d = fp16(u16(ql + 208));
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < QK; ++j)
+          o[i * QK + j] = d * static_cast<float>(sc[2 * i + j / 16]) * static_cast<float>(q6(ql, ql + 128, i, j));
+      continue;
+    }
+    const bool high = kind == Kind::Q5_K;
+    const uint8_t* blk = q + sb * (high ? 176 : 144);
+    const float d = fp16(u16(blk)), dmin = fp16(u16(blk + 2));
+    uint8_t sc[8], m[8];
+    scale_min_k4(blk + 4, sc, m);
+    const uint8_t* qh = high ? blk + 16 : nullptr;
+    const uint8_t* qs = blk + 16 + (high ? 32 : 0);
+    for (int i = 0; i < 8; ++i) {
+      const float dsc = d * static_cast<float>(sc[i]), dm = dmin * static_cast<float>(m[i]);
+      for (int j = 0; j < QK; ++j) o[i * QK + j] = dsc * static_cast<float>(q45(qs, qh, i, j)) - dm;
+    }
+  }
+}
+
+// Bytes of one row of k values, and the Kind, of a GGML block type (0 bytes: not a type with a kernel).
+inline int64_t block_row_bytes(int64_t ggml_type, int64_t k, Kind* kind) {
+  switch (ggml_type) {
+    case GGML_Q8_0: *kind = Kind::Q8_0; return k % QK == 0 ? k / QK * 34 : 0;
+    case GGML_Q4_K: *kind = Kind::Q4_K; return k % QK_K == 0 ? k / QK_K * 144 : 0;
+    case GGML_Q5_K: *kind = Kind::Q5_K; return k % QK_K == 0 ? k / QK_K * 176 : 0;
+    case GGML_Q6_K: *kind = Kind::Q6_K; return k % QK_K == 0 ? k / QK_K * 210 : 0;
+    default: return 0;
+  }
+}
+
+}  // namespace corelm

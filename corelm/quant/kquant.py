@@ -1,0 +1,250 @@
+"""GGUF's own block formats as layers: Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
+
+A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``)
+keeps each matrix in the bytes it was written in: :class:`GGUFBlockLinear` holds a matrix's rows of
+blocks and its GGML type, and multiplies through ``torch.ops.corelm.qlinear_blocks`` (corelm's C++
+kernels, ``kquants.h``: integer dot products of the blocks with 15-bit activation blocks of 32, the
+fp16 scales used as stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
+
+Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
+
+==========  ======  ================================================  ===============================
+type        bytes   fields                                            value of sub-block ``i``
+==========  ======  ================================================  ===============================
+Q8_0 (8)    34/32   ``d`` fp16, ``qs[32]`` int8                       ``d * q``
+Q4_K (12)   144     ``d, dmin`` fp16, ``scales[12]``, ``qs[128]``     ``d*sc_i * q - dmin*m_i``
+Q5_K (13)   176     ``d, dmin``, ``scales[12]``, ``qh[32]``, ``qs``   same, ``q`` 5 bits
+Q6_K (14)   210     ``ql[128], qh[64]``, ``scales[16]`` int8, ``d``   ``d*sc_j * (q - 32)``, 16 per sc
+==========  ======  ================================================  ===============================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from corelm.errors import CorelmError
+
+QK = 32  # activation block, and a K sub-block
+QK_K = 256  # K super-block
+# GGML type id -> (name, values per block, bytes per block)
+FORMATS = {8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
+
+
+def row_bytes(ggml_type: int, k: int) -> int:
+    """Bytes of one row of ``k`` values in block format ``ggml_type``."""
+    name, values, nbytes = FORMATS[ggml_type]
+    if k % values:
+        raise CorelmError(f"{name} rows are whole blocks of {values} values; {k} columns are not")
+    return k // values * nbytes
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:  # (..., 2) uint8 -> (...) fp32
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., 12) packed bytes -> eight 6-bit scales and mins (..., 8) (ggml get_scale_min_k4)."""
+    s = s.int()
+    d, m, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = torch.cat([d & 63, (md & 0xF) | ((d >> 6) << 4)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 6) << 4)], -1)
+    return sc, mn
+
+
+def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split a block matrix into what the kernels multiply, per activation block of 32.
+
+    Args:
+        blocks: (N, row bytes) uint8, the rows of blocks as the file stores them.
+        ggml_type: 8, 12, 13 or 14 (:data:`FORMATS`).
+        k: values per row.
+
+    Returns:
+        ``q`` (N, K/32, 32) int32 integer weights, ``scale`` (N, K/32, 2) fp32 for the two halves of
+        each 32 (equal except in Q6_K), and ``m`` (N, K/32) fp32 subtracted per ``d_a * sum(a)`` (K
+        formats with mins; None otherwise): ``w = q * scale - m``.
+    """
+    n, nb = blocks.shape[0], k // QK
+    name, per, nbytes = FORMATS[ggml_type]
+    b = blocks.reshape(n, k // per, nbytes)
+    if name == "Q8_0":
+        d = _half(b[..., 0:2])  # (N, nb)
+        q = b[..., 2:].contiguous().view(torch.int8).int()
+        return q, d[..., None].expand(n, nb, 2).contiguous(), None
+    if name == "Q6_K":
+        ql, qh = b[..., :128].int(), b[..., 128:192].int()
+        sc = b[..., 192:208].contiguous().view(torch.int8).float()  # (N, S, 16)
+        d = _half(b[..., 208:210])  # (N, S)
+        ql = ql.reshape(n, -1, 2, 1, 2, 32)  # chunk c, byte half s%2, value l
+        lo = torch.cat([ql & 0xF, ql >> 4], dim=3)  # (N, S, c, nibble s/2, s%2, 32)
+        lo = lo.reshape(n, -1, 2, 4, 32)  # s = 2*(s/2) + s%2
+        hi = (qh.reshape(n, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(4, 1)) & 3  # (N, S, c, s, 32)
+        q = (lo | (hi << 4)) - 32
+        scale = d[..., None] * sc  # (N, S, 16)
+        return q.reshape(n, nb, QK), scale.reshape(n, nb, 2), None
+    d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+    sc, mn = _scale_min_k4(b[..., 4:16])  # (N, S, 8)
+    qs = b[..., -128:].int().reshape(n, -1, 4, 1, 32)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=3).reshape(n, -1, 8, 32)  # sub-block i = 2*(i/2) + nibble
+    if name == "Q5_K":
+        qh = b[..., 16:48].int().reshape(n, -1, 1, 32)
+        q = q | (((qh >> torch.arange(8).reshape(8, 1)) & 1) << 4)
+    scale = (d[..., None] * sc.float()).reshape(n, nb)
+    m = (dmin[..., None] * mn.float()).reshape(n, nb)
+    return q.reshape(n, nb, QK), scale[..., None].expand(n, nb, 2).contiguous(), m
+
+
+def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+    """The (N, K) fp32 matrix a block matrix stores (ggml's dequantize_row_* arithmetic)."""
+    q, scale, m = unpack(blocks, ggml_type, k)
+    w = q.float() * scale.repeat_interleave(QK // 2, -1)
+    if m is not None:
+        w = w - m[..., None]
+    return w.reshape(blocks.shape[0], k)
+
+
+def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """What ``torch.ops.corelm.qlinear_blocks`` computes for fewer than 512 rows, in PyTorch: 15-bit
+    integer activations (:func:`corelm.kernels.quantize_activations`), exact integer dot products per
+    16 values, then the fp32 scales. (T, K) f32 -> (T, N) f32."""
+    from corelm.kernels import quantize_activations
+
+    k = x.shape[1]
+    q, scale, m = unpack(blocks, ggml_type, k)
+    a, da, sa = quantize_activations(x)  # (T, nb, 32), (T, nb), (T, nb)
+    n, nb = q.shape[:2]
+    sumi = torch.einsum("tbhj,nbhj->tnbh", a.double().reshape(-1, nb, 2, QK // 2),
+                        q.double().reshape(n, nb, 2, QK // 2)).float()  # exact integers, per half
+    y = ((sumi * scale[None]).sum(-1) * da[:, None]).sum(-1)
+    if m is not None:
+        y = y - (m[None] * sa[:, None]).sum(-1)
+    return y
+
+
+class GGUFBlockLinear(nn.Module):
+    """``y = x W^T`` with ``W`` kept as a GGUF file's blocks (Q8_0, Q4_K, Q5_K or Q6_K), no bias.
+
+    ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
+    Q/K rows moved back to HF order, whole rows at a time); ``ggml_type`` names the format.
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+        super().__init__()
+        if ggml_type not in FORMATS:
+            raise CorelmError(f"GGML type {ggml_type} has no block kernel; expected one of "
+                              f"{', '.join(n for n, _, _ in FORMATS.values())}")
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(ggml_type, in_features):
+            raise CorelmError(f"{FORMATS[ggml_type][0]} blocks for {in_features} columns must be (N, "
+                              f"{row_bytes(ggml_type, in_features)}) uint8, not {tuple(blocks.shape)} {blocks.dtype}")
+        self.in_features, self.out_features, self.ggml_type = in_features, blocks.shape[0], ggml_type
+        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("format", torch.tensor([ggml_type], dtype=torch.int64), persistent=False)
+        self.bias = None
+        from corelm.quant.layers import use_kernels
+
+        self.kernel = use_kernels(blocks.device)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(blocks, format): the C++ step reads the blocks, and the one-element GGML type as "scales"
+        (``as_matrix`` in qlinear.h)."""
+        return (self.blocks, self.format) if self.kernel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.kernel:
+            y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.blocks, self.ggml_type)
+        else:
+            y = x2 @ self.dequantize().t()
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {FORMATS[self.ggml_type][0]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# From a GGUF file: every matrix keeps its stored type
+# --------------------------------------------------------------------------------------------------
+
+INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they are
+
+
+def quantize_gguf(model: nn.Module, source: object) -> nn.Module:
+    """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
+    from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
+    :class:`GGUFBlockLinear`. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
+
+    Raises:
+        CorelmError: a matrix whose type has neither (the caller should load such a file dequantized).
+    """
+    from corelm.quant.gguf_blocks import GGUFBlocks
+    from corelm.quant.layers import int4_class
+    from corelm.quant.transform import _targets
+
+    found = GGUFBlocks(source, model)
+    targets, tied = _targets(model, ())
+    plan = []
+    for parent, name, linear in targets:
+        path = found.by_module.get(id(linear), name)
+        gguf_name = found.gguf_names.get(path)
+        if parent is model and name == "lm_head":
+            gguf_name = "output.weight" if "output.weight" in found.file.tensors else "token_embd.weight"
+        info = found.file.tensors.get(gguf_name) if gguf_name else None
+        if info is None or tuple(info.shape) != tuple(linear.weight.shape):
+            raise CorelmError(f"no GGUF matrix of shape {tuple(linear.weight.shape)} for {path}")
+        kind = info.qtype.name
+        if kind not in INT4_TYPES and kind not in TYPE_IDS:
+            raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
+        if linear.bias is not None and kind not in INT4_TYPES:
+            raise CorelmError(f"{path} has a bias; GGUF block layers carry none")
+        plan.append((parent, name, linear, gguf_name, kind))
+    for parent, name, linear, gguf_name, kind in plan:
+        if kind in INT4_TYPES:
+            new = int4_class("cpu")(linear.in_features, linear.out_features, 32, linear.bias is not None, "cpu")
+            new.set_quantized(*_int4_blocks(found, gguf_name, name))
+            if linear.bias is not None:
+                new.bias = linear.bias
+        else:
+            new = GGUFBlockLinear(_rows(found, gguf_name, name), TYPE_IDS[kind], linear.in_features)
+        setattr(parent, name, new)
+    model.corelm_quantization = {"method": "gguf", "source": str(getattr(found.file, "path", "")),
+                                 "tied_embedding": tied is not None, "skip": []}
+    return model
+
+
+def _heads(found: object, name: str) -> int | None:
+    return found.heads.get(name) if name in ("q_proj", "k_proj") else None
+
+
+def _rows(found: object, gguf_name: str, name: str) -> torch.Tensor:
+    """(rows, row bytes) uint8 of one matrix, Q/K rows in HF order; a copy the layer owns."""
+    from corelm.io.gguf import unpermute_rows
+
+    info = found.file.tensors[gguf_name]
+    rows, cols = info.shape
+    raw = torch.from_numpy(found.file.raw(gguf_name).copy()).reshape(rows, row_bytes(TYPE_IDS[info.qtype.name], cols))
+    heads = _heads(found, name)
+    return unpermute_rows(raw, heads).contiguous() if heads else raw
+
+
+def _int4_blocks(found: object, gguf_name: str, name: str) -> tuple[torch.Tensor, ...]:
+    from corelm.quant.gguf_blocks import int4_from_blocks
+
+    return int4_from_blocks(found.io.quant_blocks(found.file, gguf_name, unpermute_heads=_heads(found, name)))
+
+
+def stored_types(path: str | Path) -> set[str]:
+    """GGML type names of the 2-D matrices of a GGUF file's blocks (``blk.*``)."""
+    from corelm.io.gguf import read_gguf
+
+    gguf = read_gguf(path)
+    try:
+        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+    finally:
+        gguf.close()
