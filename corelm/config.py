@@ -54,6 +54,7 @@ class ModelConfig:
         query_pre_attn_scalar: Attention scores are scaled by its ``-1/2`` power instead of
             ``head_dim ** -0.5`` (Gemma 2/3); None = ``head_dim``.
         rope_local_theta: RoPE base of the sliding-window layers (Gemma 3); None = ``rope_theta``.
+        rotary_dim: Channels of a head that RoPE rotates (partial rotary, Phi-4-mini); None = ``head_dim``.
         extra: Anything the source checkpoint carried that corelm does not interpret.
     """
 
@@ -84,6 +85,7 @@ class ModelConfig:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
+    rotary_dim: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +120,9 @@ class ModelConfig:
                                   f"got {self.layer_types!r}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise CorelmError("layer_types has sliding_attention layers but sliding_window is not set")
+
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise CorelmError(f"rotary_dim must be even and in 1..head_dim={self.head_dim}, got {self.rotary_dim!r}")
 
     def is_sliding(self, layer: int) -> bool:
         """True when ``layer`` attends only the last ``sliding_window`` positions."""

@@ -61,8 +61,53 @@ def test_rope_scaling_matches_transformers(scaling):
 
 
 def test_unknown_rope_scaling_is_a_clear_error():
-    with pytest.raises(CorelmError, match="yarn"):
-        rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(CorelmError, match="longrope"):
+        rope_inv_freq(64, 10000.0, {"rope_type": "ntk-by-parts-9", "factor": 2.0})
+
+
+LONG = [1.0 + 0.1 * i for i in range(12)]
+SHORT = [1.0 + 0.01 * i for i in range(12)]
+
+
+@pytest.mark.parametrize("params, partial", [
+    ({"rope_type": "default"}, 1.0),
+    ({"rope_type": "default"}, 0.75),  # partial rotary (Phi-4-mini): only 24 of 32 channels rotate
+    ({"rope_type": "linear", "factor": 4.0}, 1.0),
+    ({"rope_type": "dynamic", "factor": 2.0}, 1.0),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, 1.0),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 1.0),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+      "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5}, 1.0),
+    ({"rope_type": "longrope", "long_factor": LONG, "short_factor": SHORT,
+      "original_max_position_embeddings": 64}, 0.75),
+])
+@pytest.mark.parametrize("seq_len", [None, 100, 300])  # within and beyond the 256 (and original 64) positions
+def test_rope_variants_match_transformers(params, partial, seq_len):
+    """Inverse frequencies and attention factor equal transformers' rope init functions, for any length."""
+    from corelm.ops.rope import RopeTable, rope_parameters
+
+    head_dim = 32
+    hf_config = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
+                                         rope_parameters={"rope_theta": 10000.0, **params,
+                                                          "partial_rotary_factor": partial})
+    rope_type = params["rope_type"]
+    expected, factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", seq_len=seq_len) if rope_type != "default" \
+        else (1.0 / 10000.0 ** (torch.arange(0, int(head_dim * partial), 2).float() / int(head_dim * partial)), 1.0)
+    scaling = None if rope_type == "default" else params
+    rot = int(head_dim * partial)
+    inv_freq, ours = rope_parameters(rot, 10000.0, scaling, max_seq_len=256, seq_len=seq_len)
+    torch.testing.assert_close(inv_freq, expected.float(), atol=0, rtol=1e-6)
+    assert ours == pytest.approx(factor, rel=1e-9)
+    # the table a forward reads follows the length as HF's dynamic/longrope update does
+    n = seq_len or 10
+    table = RopeTable(head_dim, 10000.0, scaling, rotary_dim=rot, max_seq_len=256)
+    cos, sin = table(torch.arange(n)[None])
+    want = torch.arange(n).float()[:, None] * (
+        ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", seq_len=n)[0] if rope_type != "default" else expected)
+    want = torch.cat((want, want), -1)
+    torch.testing.assert_close(cos[0, 0], want.cos() * factor, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sin[0, 0], want.sin() * factor, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_rows_view_writes_parent():

@@ -143,7 +143,8 @@ class Gemma(nn.Module):
             self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling,
+                              rotary_dim=config.rotary_dim, max_seq_len=config.max_seq_len)
         self.rope_local = RopeTable(config.head_dim, config.rope_local_theta) if config.rope_local_theta else None
         self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
         # sqrt(d_model) is rounded to the activation dtype before the multiply, as the checkpoints were trained
