@@ -221,6 +221,8 @@ def run(args: argparse.Namespace, info: Any) -> int:
             parts.append(f"{result.skipped_steps} skipped steps")
         print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts))
         if result.checkpoint:
-            print(f"checkpoint {result.checkpoint}; the run directory {out} is a model: "
-                  f"corelm generate --model {out} \"...\"")
+            # an encoder does not generate: point at what it can do (fine-tune a task head, then evaluate)
+            use = (f"corelm finetune --model {out} --task classify --data ... --out runs/cls" if config.is_encoder
+                   else f"corelm generate --model {out} \"...\"")
+            print(f"checkpoint {result.checkpoint}; the run directory {out} is a model: {use}")
     return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
