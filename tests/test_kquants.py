@@ -1,4 +1,4 @@
-"""GGUF block formats (Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
+"""GGUF block formats (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
 PyTorch statement of its integer arithmetic, and stays within 1e-3 of fp32 against gguf-py's own
 dequantizer (an independent reading of the layouts), on every instruction set this CPU runs."""
 
@@ -16,7 +16,7 @@ from corelm import kernels
 from corelm.cpu import cpu_flags
 from corelm.quant import kquant
 
-TYPES = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -29,8 +29,10 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     def half(lo: float, hi: float) -> np.ndarray:
         return g.uniform(lo, hi, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
 
-    if kind == "Q8_0":
+    if kind in ("Q8_0", "Q5_0"):
         b[..., 0:2] = half(1e-4, 2e-3)
+    elif kind == "Q5_1":
+        b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
     elif kind == "Q6_K":
         b[..., 208:210] = half(1e-4, 5e-4)
     else:  # d, dmin

@@ -4,6 +4,10 @@
 //
 // Layouts (ggml-common.h; a K "super-block" is 256 values of one row, QK_K):
 //   Q8_0  34 bytes / 32 values:  d fp16 | qs[32] int8                       w = d * q
+//   Q5_0  22 bytes / 32 values:  d fp16 | qh[4] | qs[16]                    w = d * (q - 16)
+//   Q5_1  24 bytes / 32 values:  d, m fp16 | qh[4] | qs[16]                 w = d * q + m
+// (Q5_x: value j is nibble j of qs -- low nibbles first, as Q4_1 -- with bit 4 = bit j of qh. llama.cpp's
+// quantizer writes them for K-quant matrices whose rows are not whole 256-value super-blocks.)
 //   Q4_K 144 bytes / 256 values: d, dmin fp16 | scales[12] | qs[128]        w = d*sc_i * q - dmin*m_i
 //   Q5_K 176 bytes / 256 values: d, dmin fp16 | scales[12] | qh[32] | qs[128]   (q gains bit 4 from qh)
 //   Q6_K 210 bytes / 256 values: ql[128] | qh[64] | scales[16] int8 | d fp16    w = d*sc_j * (q - 32)
@@ -26,7 +30,7 @@ namespace corelm {
 constexpr int64_t QK_K = 256;
 
 // GGML type ids (ggml.h enum ggml_type) of the block formats with a kernel here.
-enum GGMLType : int64_t { GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+enum GGMLType : int64_t { GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
 
 inline float fp16(uint16_t h) {  // IEEE half -> float, exact (subnormals included)
 #if defined(__F16C__)
@@ -236,10 +240,60 @@ void dot_q8_0(const Row& w, const ActRow* a, int64_t nb, float* out) {
 #endif
 }
 
+// Value j (0..31) of a Q5_0/Q5_1 block's unsigned 5-bit integers.
+inline int q5(const uint8_t* qh, const uint8_t* qs, int j) {
+  const int v = j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4;
+  return v | (((qh[j / 8] >> (j % 8)) & 1) << 4);
+}
+
+// Q5_0 (MIN = false: w = d*q - 16d) and Q5_1 (w = d*q + m): 5-bit unsigned integers, a scale and an
+// offset per block of 32, the offset applied through d_a * sum(a) as in dot_q4.
+template <int NT, bool MIN>
+void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = MIN ? 24 : 22;
+  float tail[NT] = {};
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull)), sixteen = _mm256_set1_epi8(16);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * bytes;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
+    int32_t h32;
+    std::memcpy(&h32, blk + (MIN ? 4 : 2), 4);
+    // byte j takes bit j of qh: byte j/8 of qh broadcast to 8 bytes, one bit tested per byte
+    const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(h32), spread), bit);
+    const __m256i wq = _mm256_or_si256(nibbles(blk + (MIN ? 8 : 6)), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), sixteen));
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]), acc[t]);
+      tail[t] += m * a[t].s[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + tail[t];
+#else
+  float acc[NT] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * bytes;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
+    const uint8_t* qh = blk + (MIN ? 4 : 2);
+    for (int t = 0; t < NT; ++t) {
+      int sumi = 0;
+      for (int j = 0; j < QK; ++j) sumi += q5(qh, qh + 4, j) * act(a[t], b * QK + j);
+      acc[t] += d * a[t].d[b] * static_cast<float>(sumi);
+      tail[t] += m * a[t].s[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t] + tail[t];
+#endif
+}
+
 template <int NT>
 void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
   switch (kind) {
     case Kind::Q8_0: dot_q8_0<NT>(w, a, nb, out); break;
+    case Kind::Q5_0: dot_q5<NT, false>(w, a, nb, out); break;
+    case Kind::Q5_1: dot_q5<NT, true>(w, a, nb, out); break;
     case Kind::Q4_K: dot_q45k<NT, false>(w, a, nb, out); break;
     case Kind::Q5_K: dot_q45k<NT, true>(w, a, nb, out); break;
     default: dot_q6k<NT>(w, a, nb, out); break;
@@ -253,6 +307,16 @@ inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) 
       const uint8_t* blk = q + b * 34;
       const float d = fp16(u16(blk));
       for (int j = 0; j < QK; ++j) o[b * QK + j] = d * static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
+    }
+    return;
+  }
+  if (kind == Kind::Q5_0 || kind == Kind::Q5_1) {
+    const bool min = kind == Kind::Q5_1;
+    for (int64_t b = 0; b < k / QK; ++b) {
+      const uint8_t* blk = q + b * (min ? 24 : 22);
+      const float d = fp16(u16(blk)), m = min ? fp16(u16(blk + 2)) : -16.f * d;
+      const uint8_t* qh = blk + (min ? 4 : 2);
+      for (int j = 0; j < QK; ++j) o[b * QK + j] = d * static_cast<float>(q5(qh, qh + 4, j)) + m;
     }
     return;
   }
@@ -283,6 +347,8 @@ inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) 
 // Bytes of one row of k values, and the Kind, of a GGML block type (0 bytes: not a type with a kernel).
 inline int64_t block_row_bytes(int64_t ggml_type, int64_t k, Kind* kind) {
   switch (ggml_type) {
+    case GGML_Q5_0: *kind = Kind::Q5_0; return k % QK == 0 ? k / QK * 22 : 0;
+    case GGML_Q5_1: *kind = Kind::Q5_1; return k % QK == 0 ? k / QK * 24 : 0;
     case GGML_Q8_0: *kind = Kind::Q8_0; return k % QK == 0 ? k / QK * 34 : 0;
     case GGML_Q4_K: *kind = Kind::Q4_K; return k % QK_K == 0 ? k / QK_K * 144 : 0;
     case GGML_Q5_K: *kind = Kind::Q5_K; return k % QK_K == 0 ? k / QK_K * 176 : 0;

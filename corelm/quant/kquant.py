@@ -1,7 +1,8 @@
-"""GGUF's own block formats as layers: Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
+"""GGUF's own block formats as layers: Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
 
 A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``)
-keeps each matrix in the bytes it was written in: :class:`GGUFBlockLinear` holds a matrix's rows of
+keeps each matrix in the bytes it was written in (the quantizer falls back to Q5_0/Q5_1/Q8_0 for
+rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear` holds a matrix's rows of
 blocks and its GGML type, and multiplies through ``torch.ops.corelm.qlinear_blocks`` (corelm's C++
 kernels, ``kquants.h``: integer dot products of the blocks with 15-bit activation blocks of 32, the
 fp16 scales used as stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
@@ -11,6 +12,8 @@ Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
 ==========  ======  ================================================  ===============================
 type        bytes   fields                                            value of sub-block ``i``
 ==========  ======  ================================================  ===============================
+Q5_0 (6)    22/32   ``d`` fp16, ``qh[4]``, ``qs[16]``                 ``d * (q - 16)``
+Q5_1 (7)    24/32   ``d, m`` fp16, ``qh[4]``, ``qs[16]``              ``d * q + m``
 Q8_0 (8)    34/32   ``d`` fp16, ``qs[32]`` int8                       ``d * q``
 Q4_K (12)   144     ``d, dmin`` fp16, ``scales[12]``, ``qs[128]``     ``d*sc_i * q - dmin*m_i``
 Q5_K (13)   176     ``d, dmin``, ``scales[12]``, ``qh[32]``, ``qs``   same, ``q`` 5 bits
@@ -30,7 +33,7 @@ from corelm.errors import CorelmError
 QK = 32  # activation block, and a K sub-block
 QK_K = 256  # K super-block
 # GGML type id -> (name, values per block, bytes per block)
-FORMATS = {8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+FORMATS = {6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
 
 
@@ -75,6 +78,14 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
         d = _half(b[..., 0:2])  # (N, nb)
         q = b[..., 2:].contiguous().view(torch.int8).int()
         return q, d[..., None].expand(n, nb, 2).contiguous(), None
+    if name in ("Q5_0", "Q5_1"):
+        d = _half(b[..., 0:2])
+        m = -_half(b[..., 2:4]) if name == "Q5_1" else 16.0 * d  # w = d*q - m
+        at = 4 if name == "Q5_1" else 2
+        qh = b[..., at:at + 4].contiguous().view(torch.int32)  # (N, nb, 1), little-endian bits
+        qs = b[..., at + 4:].int()
+        q = torch.cat([qs & 0xF, qs >> 4], -1) | (((qh >> torch.arange(32)) & 1) << 4)
+        return q, d[..., None].expand(n, nb, 2).contiguous(), m
     if name == "Q6_K":
         ql, qh = b[..., :128].int(), b[..., 128:192].int()
         sc = b[..., 192:208].contiguous().view(torch.int8).float()  # (N, S, 16)
