@@ -4,18 +4,29 @@ corelm's contract is that bad input is one line on stderr and exit status 2. :cl
 argparse keep it (a usage error is a :class:`CorelmError`, and ``type=float`` options take only finite
 numbers); :func:`check_argv` and :func:`strict_stdin` make sure the text a command sees is UTF-8, once,
 in :func:`corelm.cli.main`, instead of failing deep inside a tokenizer.
+
+A command's options are a dataclass whose fields are documented where they are declared;
+:func:`parser_from` builds its parser from them and :func:`options_from` turns the parsed arguments back
+into the dataclass, so ``corelm <command> ...`` and ``<command>(<Command>Options(...))`` are one function.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import io
 import math
 import sys
-from typing import NoReturn
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING
+from typing import Any, NoReturn, TypeVar
 
 from corelm.errors import CorelmError
+
+T = TypeVar("T")
 
 
 def finite_float(text: str) -> float:
@@ -84,10 +95,11 @@ def strict_stdin() -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with each option's default, except for on/off flags: ``--no-progress`` turns the
-    progress bar off whatever "default: True" would suggest, so a flag's help says what it does."""
+    progress bar off whatever "default: True" would suggest, so a flag's help says what it does; nor for an
+    option without a default (its help says what happens without it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0:  # store_true / store_false / count / help / version
+        if action.nargs == 0 or action.default is None:  # on/off flags; "default: None" says nothing
             return action.help
         return super()._get_help_string(action)
 
@@ -122,3 +134,181 @@ def device(text: str) -> str:
 def add_device(ap: argparse.ArgumentParser, default: str, what: str) -> None:
     """``--device``: where the model runs (``auto``: cuda when a GPU is visible, else cpu)."""
     ap.add_argument("--device", type=device, default=default, help=f"{what} (auto, cpu, cuda or cuda:N)")
+
+
+# ---- a command's options are a dataclass; its parser is built from the fields ----------------------
+
+def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, **meta: Any) -> Any:
+    """A documented options field: ``option(8, "sequences per step")`` is ``field(default=8, metadata={"help": ...})``.
+
+    Other metadata keys read by :func:`parser_from`: ``positional`` (an argument, not ``--flag``), ``flag``
+    (another option string, e.g. ``--type`` for a field ``qtype``), ``metavar``, ``choices``, ``nargs``,
+    ``group`` (fields with the same group name are mutually exclusive), and ``dtype`` / ``precision`` /
+    ``device`` (a dict of keyword arguments, or True) to route the field through :func:`add_dtype`,
+    :func:`add_precision` or :func:`add_device`.
+    """
+    metadata = {"help": help, **meta}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def _kind(annotation: Any) -> tuple[Any, tuple | None, bool]:
+    """``(scalar type, Literal choices or None, is a list)`` of a field's annotation; ``X | None`` is ``X``."""
+    origin, params = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in params if a is not type(None)]
+        return _kind(kinds[0]) if len(kinds) == 1 else (str, None, False)
+    if origin is typing.Literal:
+        return type(params[0]), params, False
+    if origin in (list, tuple):
+        kind, choices, _ = _kind(params[0]) if params else (str, None, False)
+        return kind, choices, True
+    return annotation, None, False
+
+
+def _choices(f: dataclasses.Field, annotation: Any) -> tuple | list | None:
+    """The values a field accepts, or None for any value of its type."""
+    if "dtype" in f.metadata:
+        return [*DTYPES, "auto"] if _meta(f, "dtype").get("auto", True) else list(DTYPES)
+    if "precision" in f.metadata:
+        return list(_meta(f, "precision").get("policies", TRAIN_POLICIES))
+    return f.metadata.get("choices") or _kind(annotation)[1]
+
+
+def _meta(f: dataclasses.Field, key: str) -> dict:
+    value = f.metadata[key]
+    return value if isinstance(value, dict) else {}
+
+
+def add_fields(ap: argparse.ArgumentParser, options_cls: type) -> argparse.ArgumentParser:
+    """Add one argument per field of the dataclass ``options_cls`` to ``ap`` (see :func:`parser_from`)."""
+    hints = typing.get_type_hints(options_cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(options_cls):
+        if not f.init:
+            continue
+        helptext = f.metadata.get("help", "").replace("%", "%%")
+        default, flag = _default(f), _flag(f)
+        target = ap
+        if "group" in f.metadata:
+            target = groups.setdefault(f.metadata["group"], ap.add_mutually_exclusive_group())
+        if "dtype" in f.metadata:
+            add_dtype(target, default, helptext, **_meta(f, "dtype"))
+            continue
+        if "precision" in f.metadata:
+            add_precision(target, default, helptext, **_meta(f, "precision"))
+            continue
+        if "device" in f.metadata:
+            add_device(target, default, helptext)
+            continue
+        kind, _, many = _kind(hints[f.name])
+        kwargs: dict[str, Any] = {"help": helptext}
+        for key in ("metavar", "nargs"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        if kind is bool and not many:
+            if default is True:  # on by default: the flag turns it off, and its help says so
+                target.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                                    help=f"turn off: {helptext} (on by default)")
+            else:
+                target.add_argument(flag, dest=f.name, action="store_true", help=helptext)
+            continue
+        if kind in (int, float):
+            kwargs["type"] = kind
+        choices = _choices(f, hints[f.name])
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        if f.metadata.get("positional"):
+            if many:
+                kwargs.setdefault("nargs", "+" if default is MISSING or default else "*")
+            elif default is not MISSING:
+                kwargs.setdefault("nargs", "?")
+            if default is not MISSING:
+                kwargs["default"] = default
+            target.add_argument(f.name, **kwargs)
+            continue
+        if many and "nargs" not in kwargs:
+            kwargs["action"] = "append"  # --stop a --stop b
+        if default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        target.add_argument(flag, dest=f.name, **kwargs)
+    return ap
+
+
+def parser_from(options_cls: type, prog: str, description: str | None = None, *,
+                formatter_class: type = HelpFormatter, **parser_kwargs: Any) -> Parser:
+    """The command-line parser of an options dataclass: its fields are the arguments, their documentation the help.
+
+    - a field ``max_steps`` is ``--max-steps`` (``metadata["flag"]`` names another), or a positional
+      argument with ``metadata["positional"]``; a field without a default is a required option;
+    - the annotation gives the type: ``int`` and ``float`` (finite) are converted, ``bool`` is an on/off flag
+      (``--x`` when it defaults to False, ``--no-x`` when it defaults to True), ``list[str]`` collects
+      several values (``nargs`` for a positional, repeated ``--x`` for an option), ``Literal[...]`` or
+      ``metadata["choices"]`` restricts the values;
+    - ``metadata["dtype"|"precision"|"device"]`` makes the field the shared ``--dtype``, ``--precision`` or
+      ``--device`` option of :func:`add_dtype`, :func:`add_precision`, :func:`add_device`.
+
+    ``options_from(options_cls, parser.parse_args(argv))`` gives the dataclass back.
+    """
+    ap = Parser(prog=prog, description=description, formatter_class=formatter_class, **parser_kwargs)
+    return add_fields(ap, options_cls)
+
+
+def options_from(options_cls: type[T], namespace: argparse.Namespace) -> T:
+    """The options dataclass of parsed arguments (its ``__post_init__`` validates them)."""
+    return options_cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(options_cls) if f.init})
+
+
+def check_choices(options: Any) -> None:
+    """Refuse, as a one-line :class:`CorelmError`, a field value outside the field's choices (what argparse
+    checks on the command line, checked again for options made in Python)."""
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if value is None or value is _default(f):
+            continue
+        if "device" in f.metadata:
+            try:
+                device(value)
+            except argparse.ArgumentTypeError as exc:
+                raise CorelmError(f"{_flag(f)} {exc}") from None
+            continue
+        choices = _choices(f, hints[f.name])
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad:
+            raise CorelmError(f"{_flag(f)}: invalid choice {bad[0]!r} (choose from {', '.join(map(str, choices))})")
+
+
+class Options:
+    """Base of the commands' options dataclasses: validates choices after ``__init__``, then :meth:`check`."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`CorelmError` with a one-line message for values that cannot work together."""
+
+
+def as_options(options_cls: type[T], given: Any, args: tuple, kwargs: dict) -> T:
+    """``given`` when it is an ``options_cls`` already, else ``options_cls(given, *args, **kwargs)``: a library
+    function takes its options dataclass, or the same values as positional and keyword arguments."""
+    if isinstance(given, options_cls):
+        if args or kwargs:
+            raise TypeError(f"pass either a {options_cls.__name__} or its fields, not both")
+        return given
+    return options_cls(given, *args, **kwargs)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Literal
 
-from corelm.commands.args import Parser
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.config import ModelConfig
 from corelm.presets import EMBEDDED, PRESETS, preset
 
@@ -54,19 +56,31 @@ def rows() -> list[dict]:
     return out
 
 
+@dataclass
+class ModelsOptions(Options):
+    """What ``corelm models`` lists."""
+
+    family: Literal["gpt2", "llama", "bert"] | None = option(None, "only this family")
+    json: bool = option(False, "print JSON instead of a table")
+
+
+def models(options: ModelsOptions | None = None) -> list[dict]:
+    """The embedded models and presets (one dict each: name, kind, family, params, layers, d_model, context,
+    weights), of ``options.family`` when given."""
+    options = options or ModelsOptions()
+    return [r for r in rows() if options.family in (None, r["family"])]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm models",
+    return parser_from(
+        ModelsOptions, prog="corelm models",
         description="List embedded models (weights installed with a pip package) and presets (architectures; "
                     "loading one gives random weights). Parameter counts are computed from each config.")
-    ap.add_argument("--family", choices=["gpt2", "llama", "bert"], default=None, help="only this family")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return ap
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    table = [r for r in rows() if args.family in (None, r["family"])]
+    args = options_from(ModelsOptions, build_parser().parse_args(argv))
+    table = models(args)
     if args.json:
         print(json.dumps(table, indent=2))
         return 0

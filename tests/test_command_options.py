@@ -1,0 +1,110 @@
+"""Every converted command is a library function over an options dataclass; its parser is built from the
+dataclass (corelm.commands.args.parser_from), so a field's documentation is its --help text."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from corelm.cli import main
+from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.errors import CorelmError
+
+# command -> (options dataclass, library function), both in corelm.commands.<command>
+CONVERTED = {
+    "models": ("ModelsOptions", "models"),
+}
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str], *sub: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([command, *sub, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", sorted(CONVERTED))
+def test_parser_is_built_from_the_options_dataclass(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(f"corelm.commands.{command}")
+    cls_name, fn_name = CONVERTED[command]
+    cls, fn = getattr(module, cls_name), getattr(module, fn_name)
+    assert dataclasses.is_dataclass(cls) and callable(fn)
+    sub = getattr(module, "SUBCOMMANDS", {None: cls})
+    for action, options_cls in sub.items():
+        out = _help(command, capsys, *([action] if action else []))
+        for f in dataclasses.fields(options_cls):
+            text = " ".join(f.metadata.get("help", "").split())
+            assert text, f"{options_cls.__name__}.{f.name} has no help"
+            assert text[:60] in out, (command, f.name, text)
+            if not f.metadata.get("positional"):
+                flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+                assert flag in out or flag.replace("--", "--no-") in out, (command, f.name)
+
+
+# ---- the builder on a small dataclass ----------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class Toy(Options):
+    source: str = option(help="what to read", positional=True)
+    files: list[str] = option(help="more inputs", positional=True, factory=list)
+    out: str = option(help="where to write")
+    max_steps: int = option(10, "steps to run")
+    lr: float = option(1e-3, "learning rate, 5% warmup")
+    kind: Literal["a", "b"] = option("a", "which kind")
+    stop: list[str] = option(help="stop strings", factory=list)
+    progress: bool = option(True, "a progress bar")
+    json: bool = option(False, "print JSON")
+    dtype: str = option("fp32", "weight dtype", dtype={"auto": False})
+    device: str = option("auto", "where to run", device=True)
+    qtype: str | None = option(None, "tensor type", flag="--type", choices=["F16", "Q8_0"])
+
+    def check(self) -> None:
+        if self.max_steps < 1:
+            raise CorelmError(f"--max-steps must be >= 1, got {self.max_steps}")
+
+
+def test_builder_flags_types_defaults_and_round_trip() -> None:
+    ap = parser_from(Toy, prog="toy")
+    opts = options_from(Toy, ap.parse_args(["in.txt", "--out", "o"]))
+    assert opts == Toy(source="in.txt", out="o")
+    opts = options_from(Toy, ap.parse_args([
+        "in.txt", "x", "y", "--out", "o", "--max-steps", "3", "--lr", "0.5", "--kind", "b", "--stop", "s1",
+        "--stop", "s2", "--no-progress", "--json", "--dtype", "bf16", "--device", "cuda:1", "--type", "Q8_0"]))
+    assert opts == Toy(source="in.txt", files=["x", "y"], out="o", max_steps=3, lr=0.5, kind="b", stop=["s1", "s2"],
+                       progress=False, json=True, dtype="bf16", device="cuda:1", qtype="Q8_0")
+    for argv, needle in ((["in", "--out", "o", "--kind", "c"], "invalid choice"), (["in"], "--out"),
+                         (["in", "--out", "o", "--dtype", "auto"], "invalid choice"),
+                         (["in", "--out", "o", "--lr", "nan"], "finite"),
+                         (["in", "--out", "o", "--device", "tpu"], "cuda:N")):
+        with pytest.raises(CorelmError, match=needle):
+            ap.parse_args(argv)
+    with pytest.raises(CorelmError, match="--max-steps must be >= 1"):
+        options_from(Toy, ap.parse_args(["in", "--out", "o", "--max-steps", "0"]))
+    with pytest.raises(CorelmError, match="--kind: invalid choice 'c'"):
+        Toy(source="in", out="o", kind="c")  # type: ignore[arg-type]
+    with pytest.raises(CorelmError, match="--device"):
+        Toy(source="in", out="o", device="tpu")
+
+
+def test_builder_help_is_the_field_documentation() -> None:
+    text = " ".join(parser_from(Toy, prog="toy").format_help().split())
+    assert "--no-progress turn off: a progress bar (on by default)" in text
+    assert "learning rate, 5% warmup (default: 0.001)" in text
+    assert "--type {F16,Q8_0} tensor type" in text and "(default: None)" not in text
+    assert "--json print JSON" in text and "(default: False)" not in text
+
+
+# ---- Python and the command line are the same function ------------------------------------------------
+
+def test_models_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from corelm.commands.models import ModelsOptions, models
+
+    assert main(["models", "--json", "--family", "llama"]) == 0
+    assert json.loads(capsys.readouterr().out) == models(ModelsOptions(family="llama"))
+    with pytest.raises(CorelmError, match="--family: invalid choice"):
+        ModelsOptions(family="t5")  # type: ignore[arg-type]
