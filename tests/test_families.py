@@ -38,6 +38,13 @@ CONFIGS = {
                         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
                                                             "rope_theta": 100000.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}},
+    # LongRoPE switches to its long factors past 8 positions; every prompt below is longer, so
+    # transformers' generate (which recomputes its cache at the switch) and corelm's agree throughout
+    "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 8, "max_position_embeddings": 64,
+             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                 "long_factor": [1.0 + 0.2 * i for i in range(6)],
+                                 "short_factor": [1.0 + 0.05 * i for i in range(6)]}},
+    "phi3-window": {"model_type": "phi3", "sliding_window": WINDOW},
 }
 
 
@@ -92,7 +99,7 @@ def test_sliding_window_changes_the_logits(checkpoint):
     name, hf, path = checkpoint
     llm = corelm.load(path, dtype="fp32")
     if llm.config.sliding_window is None:
-        assert name in ("qwen2", "qwen3", "gemma")
+        assert name in ("qwen2", "qwen3", "gemma", "phi3")
         return
     unwindowed = build_model(dataclasses.replace(llm.config, sliding_window=None, layer_types=None)).eval()
     unwindowed.load_state_dict(llm.model.state_dict())

@@ -70,13 +70,20 @@ _HF_FIELDS["gemma"] = [row for row in _HF_FIELDS["llama"] if row[0] != "tie_embe
     ("tie_embeddings", "tie_word_embeddings", True),
 ]
 _FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+              "phi3": "llama",
               "bert": "bert", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
                 "swish": "silu", "relu": "relu"}
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining",
-                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
+# Mixture-of-experts decoders (corelm/models/moe.py): Llama's fields and the attention options of
+# their dense twin, plus the expert fields of _moe_options.
+_HF_FIELDS["moe"] = _HF_FIELDS["llama"]
+_FAMILY_OF.update(mixtral="moe", qwen2_moe="moe", qwen3_moe="moe")
+_ARCHITECTURES.update(mixtral="MixtralForCausalLM", qwen2_moe="Qwen2MoeForCausalLM", qwen3_moe="Qwen3MoeForCausalLM")
+_DENSE_TWIN = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -105,11 +112,11 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     act_key = "activation_function" if family == "gpt2" else "hidden_act"
     if family == "gemma" and hf_config.get("hidden_activation"):
         act_key = "hidden_activation"  # Gemma 2/3 name it so; Gemma 1 files may carry either
-    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu", "gemma": "gelu_pytorch_tanh"}[family])
+    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu", "gemma": "gelu_pytorch_tanh"}.get(family, "silu"))
     if act not in _ACTIVATIONS:
         raise CorelmError(f"unsupported activation {act!r} in config.json")
     kwargs["activation"] = _ACTIVATIONS[act]
-    if family in ("llama", "gemma"):
+    if family in ("llama", "gemma", "moe"):
         if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
             raise CorelmError(f"{model_type} configs with attention_bias/mlp_bias are not supported by corelm")
         if hf_config.get("use_bidirectional_attention"):
@@ -129,11 +136,22 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         kwargs["rope_theta"] = float(rope.pop("rope_theta", hf_config.get("rope_theta", 10000.0)))
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
+        # Phi-4-mini rotates only part of each head (inside rope_parameters in transformers >= 5)
+        partial = float(rope.pop("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0)))
+        if partial != 1.0:
+            head_dim = kwargs["head_dim"] or kwargs["d_model"] // kwargs["n_head"]
+            kwargs["rotary_dim"] = int(head_dim * partial)
+        if rope.get("rope_type") in ("longrope", "yarn") and "original_max_position_embeddings" not in rope:
+            rope["original_max_position_embeddings"] = hf_config.get("original_max_position_embeddings")
         kwargs["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
-        kwargs.update(_attention_options(model_type, hf_config, kwargs["n_layer"]))
+        kwargs.update(_attention_options(_DENSE_TWIN.get(model_type, model_type), hf_config, kwargs["n_layer"]))
+        if family == "moe":
+            kwargs.update(_moe_options(model_type, hf_config, kwargs["n_layer"]))
     if family == "bert" and hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise CorelmError("BERT with relative position embeddings is not supported by corelm")
     extra = {k: hf_config[k] for k in _TOKEN_FIELDS if hf_config.get(k) is not None}
+    if family in ("llama", "gemma"):  # kept so an export does not fall back to the class default (Phi-3: 32000)
+        extra["pad_token_id"] = hf_config.get("pad_token_id")
     extra["model_type"] = model_type
     return ModelConfig(**kwargs, extra=extra)
 
@@ -144,7 +162,7 @@ def _attention_options(model_type: str, hf: dict[str, Any], n_layer: int) -> dic
     window = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None  # Qwen files carry a window they do not use unless use_sliding_window is set
-    if model_type not in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
+    if model_type not in ("mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text"):
         window = None
     layer_types = hf.get("layer_types")
     if window is not None and layer_types is None:
@@ -167,11 +185,46 @@ def _attention_options(model_type: str, hf: dict[str, Any], n_layer: int) -> dic
     return out
 
 
+def _moe_options(model_type: str, hf: dict[str, Any], n_layer: int) -> dict[str, Any]:
+    """Experts, top-k, expert widths and sparse layers of a Mixtral/Qwen2-MoE/Qwen3-MoE config.json."""
+    n_experts = hf.get("num_local_experts", hf.get("num_experts"))
+    out: dict[str, Any] = {
+        "n_experts": n_experts, "n_experts_per_tok": hf.get("num_experts_per_tok", 2),
+        "moe_d_ff": hf.get("moe_intermediate_size", hf["intermediate_size"]),  # Mixtral: intermediate_size
+        "norm_topk_prob": model_type == "mixtral" or bool(hf.get("norm_topk_prob", False))}
+    if model_type == "qwen2_moe":
+        out["qkv_bias"] = bool(hf.get("qkv_bias", True))
+        out["shared_expert_d_ff"] = hf.get("shared_expert_intermediate_size") or None
+    if model_type != "mixtral":  # a layer is sparse iff not in mlp_only_layers and (i + 1) % step == 0
+        step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
+        out["dense_layers"] = [i for i in range(n_layer) if i in only or (i + 1) % step] or None
+    return out
+
+
+def _moe_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The expert fields of a ``moe`` config.json (the inverse of :func:`_moe_options`)."""
+    out: dict[str, Any] = {"num_experts_per_tok": config.n_experts_per_tok, "norm_topk_prob": config.norm_topk_prob}
+    if model_type == "mixtral":
+        if (config.moe_d_ff != config.d_ff or config.dense_layers or config.shared_expert_d_ff
+                or not config.norm_topk_prob or config.qkv_bias or config.qk_norm):
+            raise CorelmError("this moe config has features Mixtral lacks; set extra['model_type'] to qwen2_moe/qwen3_moe")
+        return {**out, "num_local_experts": config.n_experts}
+    out.update(num_experts=config.n_experts, moe_intermediate_size=config.moe_d_ff, decoder_sparse_step=1,
+               mlp_only_layers=list(config.dense_layers or []))
+    if model_type == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=config.shared_expert_d_ff or 0, qkv_bias=config.qkv_bias)
+    return out
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
-    out: dict[str, Any] = {"architectures": [_ARCHITECTURES.get(model_type, _ARCHITECTURES[family])],
+    if family == "moe":
+        from corelm.models.moe import hf_model_type
+
+        model_type = hf_model_type(config)
+    out: dict[str, Any] = {"architectures": [_ARCHITECTURES.get(model_type) or _ARCHITECTURES[family]],
                            "model_type": model_type}
     for field, hf_name, _ in _HF_FIELDS[family]:
         out[hf_name] = getattr(config, field)
@@ -182,7 +235,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out["n_ctx"] = config.max_seq_len
         if config.head_dim * config.n_head != config.d_model:
             raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
-    if family in ("llama", "gemma"):
+    if family in ("llama", "gemma", "moe"):
         out.update(attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta,
                    rope_scaling=config.rope_scaling, sliding_window=config.sliding_window,
                    use_sliding_window=config.sliding_window is not None, max_window_layers=0)
@@ -192,6 +245,17 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             out["layer_types"] = ["sliding_attention"] * config.n_layer
         if model_type in ("qwen2", "qwen3") and config.sliding_window is None:
             out["layer_types"] = ["full_attention"] * config.n_layer
+        out["pad_token_id"] = config.extra.get("pad_token_id")
+        if config.rotary_dim is not None:
+            out["partial_rotary_factor"] = config.rotary_dim / config.head_dim
+        if model_type == "phi3" and config.rope_scaling:
+            out["original_max_position_embeddings"] = config.rope_scaling.get("original_max_position_embeddings")
+        if model_type == "phi3":
+            out["rope_parameters"] = {"rope_theta": config.rope_theta, "rope_type": "default",
+                                      **(config.rope_scaling or {}),
+                                      "partial_rotary_factor": (config.rotary_dim or config.head_dim) / config.head_dim}
+        if family == "moe":
+            out.update(_moe_to_hf(config, model_type))
         if family == "gemma":
             out["hidden_activation"] = out["hidden_act"]
             out.update(attn_logit_softcapping=config.attn_softcap, final_logit_softcapping=config.final_softcap,
@@ -317,13 +381,62 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+# Phi-3 stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (rows stacked in that order).
+# corelm splits them at import, so a Phi-3 is a llama-family model (same modules, same quantization
+# and decode paths), and fuses them again at export. Row counts per part come from the config.
+_FUSED = {"phi3": [("model.layers.{i}.self_attn.qkv_proj.weight", [("q_proj", "n_q"), ("k_proj", "n_kv"),
+                                                                    ("v_proj", "n_kv")]),
+                   ("model.layers.{i}.mlp.gate_up_proj.weight", [("gate_proj", "d_ff"), ("up_proj", "d_ff")])]}
+
+
+def _fused_parts(config: ModelConfig, fused: str, i: int, parts: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    rows = {"n_q": config.n_head * config.head_dim, "n_kv": config.n_kv_head * config.head_dim, "d_ff": config.d_ff}
+    base = fused.format(i=i).rsplit(".", 2)[0]  # model.layers.{i}.self_attn / .mlp
+    return [(f"{base}.{name}.weight", rows[size]) for name, size in parts]
+
+
+def _split_fused(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Split Phi-3's fused projections into the llama names (views, no copy), checking their row counts."""
+    fused = _FUSED.get(config.extra.get("model_type", ""))
+    if not fused:
+        return hf_state
+    state = dict(hf_state)
+    for i in range(config.n_layer):
+        for name, parts in fused:
+            key = name.format(i=i)
+            if key not in state:
+                raise CorelmError(f"checkpoint is missing tensor {key!r} for a {config.extra['model_type']} model")
+            tensor = state.pop(key)
+            split = _fused_parts(config, name, i, parts)
+            if tensor.shape[0] != sum(n for _, n in split):
+                raise CorelmError(f"tensor {key!r} has {tensor.shape[0]} rows, expected "
+                                  f"{' + '.join(str(n) for _, n in split)} from config.json")
+            for (part, _), chunk in zip(split, tensor.split([n for _, n in split])):
+                state[part] = chunk
+    return state
+
+
+def _fuse(config: ModelConfig, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_split_fused` on an HF-named state dict."""
+    for i in range(config.n_layer):
+        for name, parts in _FUSED.get(config.extra.get("model_type", ""), []):
+            split = _fused_parts(config, name, i, parts)
+            out[name.format(i=i)] = torch.cat([out.pop(part) for part, _ in split]).contiguous()
+    return out
+
+
 def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map an HF checkpoint's tensors to corelm names, transposing GPT-2's Conv1D weights.
 
     Raises:
         CorelmError: a tensor is missing, has the wrong shape, or is not understood.
     """
+    if config.family == "moe":  # per-expert tensors are stacked: the table lives with the model
+        from corelm.models.moe import state_dict_from_hf as moe_state_dict_from_hf
+
+        return moe_state_dict_from_hf(config, hf_state)
     prefix = _HF_PREFIX[config.family]
+    hf_state = _split_fused(config, hf_state)
     hf = {(k if k.startswith((prefix, "cls.", "lm_head.")) else prefix + k): k for k in hf_state}
     shapes = expected_shapes(config)
     optional = OPTIONAL_PREFIXES.get(config.family, ())
@@ -348,6 +461,10 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
 
 def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`state_dict_from_hf`: HF names, Conv1D layout, contiguous tensors."""
+    if config.family == "moe":  # one tensor per expert, as transformers saves them
+        from corelm.models.moe import state_dict_to_hf as moe_state_dict_to_hf
+
+        return moe_state_dict_to_hf(config, state)
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
     shapes = expected_shapes(config)
     out = {}
@@ -358,7 +475,7 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
         if tensor.shape != shapes[name]:
             raise CorelmError(f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
         out[hf_name] = (tensor.t() if transposed else tensor).contiguous()
-    return out
+    return _fuse(config, out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_seq_len: int | No
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero in the ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the frequency (high frequencies), 0: interpolate it
     pos_freqs = theta ** exponents
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
@@ -145,7 +145,7 @@ def _longrope(theta: float, scaling: dict[str, Any], max_seq_len: int | None, se
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     ext = scaling["long_factor"] if seq_len and seq_len > original else scaling["short_factor"]
-    ext_factors = torch.tensor(ext, dtype=torch.float32)
+    ext_factors = torch.tensor(ext, dtype=torch.float32, device="cpu")
     return 1.0 / (ext_factors * theta ** exponents), float(attention_factor)
 
 
