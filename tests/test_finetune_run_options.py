@@ -180,3 +180,14 @@ def test_tracker_logs_the_tensorboard_scalars_to_wandb_and_resumes_its_run(tmp_p
     disabled = Tracker(tmp_path, 2, enabled=False, wandb="proj")  # other ranks log nothing
     disabled.log(1, {"loss": 1.0})
     assert len(fake.inits) == 2 and len(fake.logged) == 2
+
+
+@pytest.mark.slow
+def test_linear_probe_trains_in_bf16_true(tmp_path: Path) -> None:
+    """--method head caches the frozen backbone's fp32 features; a bf16-true head must take them (it crashed)."""
+    from corelm.finetune.run import FinetuneArgs, finetune
+
+    summary = finetune(FinetuneArgs(model="minilm-l6", task="classify", data="demo:packages", method="head",
+                                    precision="bf16-true", steps=2, batch_size=32, max_len=24,
+                                    out=str(tmp_path / "cls"), progress=False))
+    assert summary["steps"] == 2 and 0 <= summary["val_acc"] <= 1 and summary["train_loss"] > 0

@@ -217,7 +217,9 @@ class Classification(Task):
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "features" in batch:  # frozen backbone: pooled features computed once (see train_items)
-            return model.classifier(model.dropout(batch["features"]))
+            # computed in fp32 before the loop applied the precision policy: the head takes them in its dtype
+            features = batch["features"].to(model.classifier.weight.dtype)
+            return model.classifier(model.dropout(features))
         return model(batch["input_ids"], batch["attention_mask"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
