@@ -95,7 +95,7 @@ class CorelmRunner:
 
             model, gguf = corelm.load("smollm2-135m-instruct", dtype="fp32").model, gguf_source("smollm2-135m-instruct")
         if method != "fp32":
-            from corelm.compress.quant import pytorch_kernels
+            from corelm.quant.layers import pytorch_kernels
 
             with pytorch_kernels() if not kernels else contextlib.nullcontext():
                 quantize_model(model, method, from_gguf=gguf)
@@ -279,8 +279,8 @@ def main() -> int:
 
     if args.llama_python:
         import corelm
-        from corelm.compress.quant import is_quantized
         from corelm.io.gguf_export import export_gguf
+        from corelm.quant.transform import is_quantized
 
         llm = corelm.load("smollm2-135m-instruct", dtype="fp32")
         assert not is_quantized(llm.model)

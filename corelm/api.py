@@ -41,7 +41,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = N
         dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` follows the CPU's flags
             (:func:`corelm.loading.default_dtype`). GGUF weights are dequantized to it.
         device: Where the model runs.
-        quantize: ``None``, or a method of ``corelm.compress.quant.quantize_model`` (e.g. ``int8``).
+        quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``).
 
     Returns:
         :class:`LLM` for decoders, :class:`Encoder` for encoders.

@@ -128,7 +128,7 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
             runs on those blocks (int4 layers on corelm's kernels, :func:`stored_quantization`); an
             explicit dtype dequantizes them to it, as it does every other GGUF type.
         device: Where the model runs.
-        quantize: ``None``, or a method of ``corelm.compress.quant.quantize_model`` (e.g. ``int8``).
+        quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``).
 
     Returns:
         The model, its tokenizer and config; :func:`corelm.api.load` wraps them as an ``LLM`` or ``Encoder``.
@@ -230,9 +230,9 @@ def locate(name: str | os.PathLike) -> Path:
 def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None) -> nn.Module:
     """Quantize in place; from a GGUF file, int4 reuses its Q4 blocks instead of re-quantizing."""
     try:
-        from corelm.compress.quant import quantize_model as transform
+        from corelm.quant.transform import quantize_model as transform
     except ImportError:
-        raise CorelmError(f"quantize={method!r} needs corelm.compress.quant, which is not available") from None
+        raise CorelmError(f"quantize={method!r} needs corelm.quant, which is not available") from None
     result = transform(model, method, from_gguf=from_gguf)
     return model if result is None else result
 
@@ -291,7 +291,7 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
         raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
                           "checkpoint directory")
     if (path / "config.json").is_file():
-        from corelm.compress.quant import is_quantized_dir
+        from corelm.quant.io import is_quantized_dir
 
         if is_quantized_dir(path):  # written by `corelm quantize`: packed weights, stored dtypes
             return _load_quantized_dir(path, device)
@@ -337,7 +337,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> Lo
 
 
 def _load_quantized_dir(path: Path, device: str | torch.device) -> Loaded:
-    from corelm.compress.quant import load_quantized_dir
+    from corelm.quant.io import load_quantized_dir
 
     config, model = load_quantized_dir(path, device=device)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None

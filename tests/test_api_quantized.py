@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 import corelm
-from corelm.compress.quant import quantize_model
 from corelm.generate import engine
 from corelm.presets import embedded_path
+from corelm.quant.transform import quantize_model
 
 
 def test_int4_from_embedded_gguf_reuses_its_blocks_and_fast_path_matches_engine():

@@ -30,16 +30,18 @@ def test_bad_input_is_one_line(argv, message, tmp_path, capsys, monkeypatch):
 
 
 def test_quantized_checkpoint_is_refused_by_prune(tmp_path, capsys):
-    from corelm.compress import quant
     from corelm.config import ModelConfig
     from corelm.models import build_model
+    from corelm.quant.io import load_quantized_dir, save_quantized_dir
+    from corelm.quant.layers import Int8Linear
+    from corelm.quant.transform import quantize_model
 
     config = ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=32)
-    model = quant.quantize_model(build_model(config), "int8")
-    quant.save_quantized_dir(model, config, tmp_path / "q8")
+    model = quantize_model(build_model(config), "int8")
+    save_quantized_dir(model, config, tmp_path / "q8")
     assert main(["prune", "--model", str(tmp_path / "q8"), "--method", "magnitude", "--out", str(tmp_path / "p")]) == 2
     assert "is quantized" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
     # and the quantized directory loads back with the same structure
-    _, back = quant.load_quantized_dir(tmp_path / "q8")
-    assert isinstance(back.model.layers[0].mlp.up_proj, quant.Int8Linear)
+    _, back = load_quantized_dir(tmp_path / "q8")
+    assert isinstance(back.model.layers[0].mlp.up_proj, Int8Linear)

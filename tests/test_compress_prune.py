@@ -4,10 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from corelm.compress import prune, quant
+from corelm.compress import prune
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.models import build_model
+from corelm.quant.layers import Int4Linear, Int4PackedLinear
+from corelm.quant.transform import quantize_model
 
 
 def _tiny() -> nn.Module:
@@ -72,7 +74,7 @@ def test_bad_input():
     with pytest.raises(CorelmError, match="N:M"):
         prune.prune_model(_tiny(), "magnitude", pattern="2-4")
     with pytest.raises(CorelmError, match="quantized"):
-        prune.prune_model(quant.quantize_model(_tiny(), "int8"), "magnitude", 0.5)
+        prune.prune_model(quantize_model(_tiny(), "int8"), "magnitude", 0.5)
     with pytest.raises(CorelmError, match="calibration"):
         prune.prune_model(_tiny(), "wanda", 0.5, calibration=[])
 
@@ -184,9 +186,9 @@ def test_pruned_model_saves_loads_decodes_and_quantizes(tmp_path):
         back(ids[:, :8], input_pos=torch.arange(8)[None], kv_cache=cache)
         steps = [back(ids[:, t:t + 1], input_pos=torch.tensor([[t]]), kv_cache=cache) for t in range(8, 12)]
         torch.testing.assert_close(torch.cat(steps, 1), ref[:, 8:])
-        q = quant.quantize_model(back, "int4", group_size=32)
+        q = quantize_model(back, "int4", group_size=32)
         q = back if q is None else q
-        assert isinstance(q.layers[0].mlp.down_proj, quant.Int4Linear)
+        assert isinstance(q.layers[0].mlp.down_proj, (Int4Linear, Int4PackedLinear))
         torch.testing.assert_close(q(ids), ref, atol=0.1, rtol=0.1)
 
 
@@ -206,7 +208,7 @@ def test_structured_bad_input():
     with pytest.raises(CorelmError, match="calibration"):
         prune.prune_structured(model, {"channels": 0.5}, [])
     with pytest.raises(CorelmError, match="quantized"):
-        prune.prune_structured(quant.quantize_model(_tiny4(), "int8"), {"channels": 0.5}, calib)
+        prune.prune_structured(quantize_model(_tiny4(), "int8"), {"channels": 0.5}, calib)
     mha = build_model(ModelConfig(family="llama", vocab_size=64, n_layer=1, n_head=2, d_model=32, d_ff=64))
     with pytest.raises(CorelmError, match="remove kv-groups instead"):
         prune.prune_structured(mha, {"heads": 0.5}, calib)

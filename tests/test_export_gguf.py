@@ -4,12 +4,12 @@ bit-exact int4 blocks (Q4_1), and the embedded tokenizer rebuilds to the same id
 import pytest
 import torch
 
-from corelm.compress import quant
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.io import gguf as gguf_io
 from corelm.io.gguf_export import export_gguf
 from corelm.models import build_model
+from corelm.quant.transform import quantize_model
 
 
 def _tiny(vocab: int = 96, tie: bool = True) -> torch.nn.Module:
@@ -48,7 +48,7 @@ def test_quantized_round_trip_is_close(tmp_path, qtype, tol):
 
 
 def test_int4_model_exports_its_own_blocks_as_q4_1(tmp_path):
-    model = quant.quantize_model(_tiny(), "int4", group_size=32)
+    model = quantize_model(_tiny(), "int4", group_size=32)
     path = export_gguf(model, tmp_path / "q.gguf", "Q4_1")
     f = gguf_io.read_gguf(path)
     assert f.tensors["blk.0.attn_q.weight"].qtype.name == "Q4_1"

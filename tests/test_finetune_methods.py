@@ -100,7 +100,7 @@ def test_lora_forward_equals_peft() -> None:
 
 
 def test_lora_refuses_packed_weights_and_unknown_targets() -> None:
-    from corelm.compress.quant import quantize_model
+    from corelm.quant.transform import quantize_model
 
     model = tiny_llama()
     with pytest.raises(CorelmError, match="no linear layer matches"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from corelm import kernels
-from corelm.compress import quant
 from corelm.cpu import cpu_flags
+from corelm.quant import layers
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def _built():
 
 def _int4(n, k, g, seed=0):
     torch.manual_seed(seed)
-    q, s, z = quant.quantize_int4_groupwise(torch.randn(n, k) * 0.05, g)
+    q, s, z = layers.quantize_int4_groupwise(torch.randn(n, k) * 0.05, g)
     return kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous()
 
 
@@ -29,8 +29,8 @@ def _int8(n, k, g, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(n, k) * 0.05
     if g is None:
-        return quant.quantize_int8_per_channel(w)
-    return quant.quantize_int8_groupwise(w, g)
+        return layers.quantize_int8_per_channel(w)
+    return layers.quantize_int8_groupwise(w, g)
 
 
 CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)]
@@ -91,12 +91,12 @@ CHECK = r"""
 import torch
 from corelm import kernels
 from corelm.cpu import cpu_flags
-from corelm.compress import quant
+from corelm.quant import layers
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
 torch.manual_seed(0)
 x = torch.randn(3, 320)
-for w, g in [(quant.quantize_int4_groupwise(torch.randn(24, 320), 32), 32), (quant.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
+for w, g in [(layers.quantize_int4_groupwise(torch.randn(24, 320), 32), 32), (layers.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
     if len(w) == 3:
         q, s = kernels.pack_blocks(w[0]), torch.stack([w[1], w[2]], -1).contiguous()
     else:
@@ -121,9 +121,9 @@ COLD = r"""
 import time, torch
 from corelm import kernels
 from corelm.cpu import cpu_flags
-from corelm.compress import quant
+from corelm.quant.transform import quantize_linear
 lin = torch.nn.Linear(64, 8, bias=False)
-layer = quant.Int4Linear.from_float(lin, 32)   # no library in this cache: PyTorch's kernels, build started
+layer = quantize_linear(lin, "int4", 32)   # no library in this cache: PyTorch's kernels, build started
 print(layer.kernel, kernels.load_error())
 lock = kernels.cache_dir() / ".building"
 print(lock.exists())
@@ -150,8 +150,8 @@ def test_first_run_builds_in_the_background_and_falls_back(tmp_path):
 
 
 def test_disabled_kernels_fall_back_to_pytorch():
-    code = ("import torch; from corelm.compress import quant; torch.manual_seed(0); "
-            "lin = torch.nn.Linear(64, 8); m = quant.Int4Linear.from_float(lin, 32); x = torch.randn(2, 64); "
+    code = ("import torch; from corelm.quant.transform import quantize_linear; torch.manual_seed(0); "
+            "lin = torch.nn.Linear(64, 8); m = quantize_linear(lin, 'int4', 32); x = torch.randn(2, 64); "
             "print(m.kernel, float((m(x) - lin(x)).abs().max()))")
     env = dict(os.environ, CORELM_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,

@@ -47,7 +47,7 @@ def _disk_bytes(source: str) -> int:
 
 
 def load_variant(source: str):
-    from corelm.compress.quant import is_quantized_dir, load_quantized_dir
+    from corelm.quant.io import is_quantized_dir, load_quantized_dir
 
     if is_quantized_dir(source):
         from corelm.api import load_tokenizer
@@ -62,8 +62,8 @@ def load_variant(source: str):
 
 def measure(source: str, text: str, args: argparse.Namespace) -> dict:
     from corelm.compress.prune import sparsity_of
-    from corelm.compress.quant import quantized_bytes
     from corelm.eval.perplexity import perplexity
+    from corelm.quant.transform import quantized_bytes
 
     t0 = time.perf_counter()
     config, model, tokenizer = load_variant(source)

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from corelm.compress.quant import is_quantized_dir, load_quantized_dir
     from corelm.io.gguf_export import export_gguf
+    from corelm.quant.io import is_quantized_dir, load_quantized_dir
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

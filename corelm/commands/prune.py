@@ -74,8 +74,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import corelm
     from corelm.compress.prune import parse_pattern, parse_structures, prune_model
-    from corelm.compress.quant import is_quantized_dir
     from corelm.io.hf import save_hf_dir
+    from corelm.quant.io import is_quantized_dir
 
     if not 0.0 <= args.sparsity < 1.0:
         raise CorelmError(f"--sparsity must be in [0, 1), got {args.sparsity}")

@@ -52,7 +52,9 @@ def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size:
              requantize: bool = False, overwrite: bool = False) -> Path:
     """Load ``source``, quantize it, write ``out_dir`` atomically (temporary sibling, then rename)."""
     import corelm
-    from corelm.compress.quant import check_group_size, quantize_model, save_quantized_dir
+    from corelm.quant.io import save_quantized_dir
+    from corelm.quant.layers import check_group_size
+    from corelm.quant.transform import quantize_model
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

@@ -1,1 +1,1 @@
-"""Compression and fast inference: weight-only quantization, pruning, distillation, speculative decoding."""
+"""Compression by changing the weights: pruning and distillation (weight-only quantization is :mod:`corelm.quant`)."""

@@ -102,7 +102,7 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, 
     Returns:
         ``{"method", "sparsity", "pattern", "layers", "zeros", "weights"}`` — what was done.
     """
-    from corelm.compress.quant import is_quantized
+    from corelm.quant.transform import is_quantized
 
     if method not in METHODS:
         raise CorelmError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
@@ -375,7 +375,7 @@ def prune_structured(model: nn.Module, structures: dict[str, float], calibration
     Returns:
         ``(pruned model, report)``; the report holds the parameter counts and each step's shapes.
     """
-    from corelm.compress.quant import is_quantized
+    from corelm.quant.transform import is_quantized
 
     if getattr(getattr(model, "config", None), "family", None) != "llama":
         raise CorelmError("structured pruning supports llama-family models (Llama, SmolLM2, Mistral)")

@@ -5,7 +5,7 @@ interleaved RoPE order, ``llama.*`` hyper-parameters and the ``tokenizer.ggml.*`
 ``llama.cpp`` (and ``llama-cpp-python``) load the file directly. Block quantization uses the
 ``gguf`` package's reference quantizer (the same code llama.cpp's converter runs).
 
-A model quantized by :func:`corelm.compress.quant.quantize_model` with int4 group 32 is written as
+A model quantized by :func:`corelm.quant.transform.quantize_model` with int4 group 32 is written as
 Q4_1 from its packed values, scales and zeros — no re-quantization (``d = scale``,
 ``m = zero - 8 * scale``) — and int8 layers as Q8_0 from their dequantized weights. Norms are F32.
 """
@@ -41,7 +41,7 @@ def _float_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _q4_1_from_int4(module: nn.Module) -> np.ndarray:
-    """Int4Linear (group 32) -> GGUF Q4_1 blocks, bit for bit from the packed values."""
+    """An int4 layer (group 32) -> GGUF Q4_1 blocks, bit for bit from the packed values."""
     q, scales, zeros = module.quantized()  # (N, K) uint8, (N, K/32) bf16 x2
     n, k = q.shape
     d = scales.float()
@@ -58,7 +58,7 @@ def _encode(name: str, module: nn.Module, weight: torch.Tensor, qtype: str, head
 
     from corelm.io.gguf import permute_rows
 
-    if qtype == "Q4_1" and type(module).__name__ == "Int4Linear" and module.group_size == 32:
+    if qtype == "Q4_1" and type(module).__name__ in ("Int4Linear", "Int4PackedLinear") and module.group_size == 32:
         blocks = torch.from_numpy(_q4_1_from_int4(module))
         if heads:
             blocks = permute_rows(blocks.view(blocks.shape[0], -1, 20), heads).reshape(blocks.shape[0], -1)

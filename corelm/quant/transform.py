@@ -1,0 +1,221 @@
+"""Weight-only quantization as a model transform: int8 per-channel and int4 group-wise.
+
+``quantize_model(model, "int8" | "int4")`` swaps every ``nn.Linear`` child for a layer of
+:mod:`corelm.quant.layers` that keeps its weight packed in memory; the model file never knows. The
+layer for each device is picked here (:func:`~corelm.quant.layers.int4_class`: corelm's kernel
+layout on a CPU with corelm's C++ kernels, PyTorch's int4pack layout otherwise and on CUDA).
+
+The output head is quantized on its own terms (``head``, :class:`~corelm.quant.layers.Q8Linear` by
+default): it is the largest matrix of a small model and its error lands directly in the logits.
+With tied embeddings the token embedding becomes an :class:`~corelm.quant.layers.Int8Embedding`
+sharing the head's int8 matrix, also when the head is a parameter-free tied head
+(:class:`corelm.ops.tied.TiedLMHead`). :func:`quantized_structure` gives a float model the module
+structure of a quantized one, so that a quantized state dict (:mod:`corelm.quant.io`) loads into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from corelm.errors import CorelmError
+from corelm.quant.gguf_blocks import GGUFBlocks
+from corelm.quant.layers import (
+    Int4Linear,
+    Int4PackedLinear,
+    Int8Embedding,
+    Int8Linear,
+    Q8Linear,
+    check_group_size,
+    int4_class,
+)
+
+METHODS = ("int8", "int4")
+HEAD_METHODS = ("q8", "int8", "int4")
+HEAD_REFINE = 8  # top logits of a q8 head recomputed in fp32 (see Q8Linear.forward)
+
+
+def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    skip = tuple(skip)
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(full == s or full.startswith(s + ".") for s in skip):
+                found.append((module, child_name, child))
+    return found
+
+
+def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | None:
+    """The embedding whose matrix ``model.lm_head`` reuses (an ``nn.Linear`` sharing the parameter, or
+    a parameter-free tied head such as :class:`corelm.ops.tied.TiedLMHead`), with its parent."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return None
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Embedding) and child.weight is weight:
+                return module, child_name, child
+    return None
+
+
+def shared_int8(head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 matrix and scales of a quantized head that a tied embedding shares, or None."""
+    if isinstance(head, Int8Linear):
+        return head.weight, head.scales
+    if isinstance(head, Q8Linear):
+        return head.qweight, head.scales
+    return None
+
+
+def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] | None,
+                   out_dtype: torch.dtype | None = None) -> None:
+    shared = shared_int8(getattr(model, "lm_head", None))
+    if tied is not None and shared is not None:
+        parent, name, emb = tied
+        setattr(parent, name, Int8Embedding(*shared, out_dtype or emb.weight.dtype))
+
+
+def _new_layer(kind: str, linear: nn.Linear, group_size: int, device: torch.device | str) -> nn.Module:
+    """An empty quantized layer of ``kind`` shaped like ``linear``, in the layout for ``device``."""
+    bias = linear.bias is not None
+    if kind == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, bias, device)
+    if kind == "q8":
+        return Q8Linear(linear.in_features, linear.out_features, 32, device)
+    return int4_class(device)(linear.in_features, linear.out_features, group_size, bias, device)
+
+
+def quantize_linear(linear: nn.Linear, method: str, group_size: int = 32) -> nn.Module:
+    """The quantized layer :func:`quantize_model` makes of one ``nn.Linear``.
+
+    Args:
+        linear: a float (N, K) layer, on CPU or CUDA.
+        method: ``"int8"`` (:class:`Int8Linear`), ``"int4"`` (:class:`Int4Linear` where corelm's
+            C++ kernels run, else :class:`Int4PackedLinear`) or ``"q8"`` (:class:`Q8Linear`).
+        group_size: int4 group width (32, 64 or 128).
+    """
+    if method == "int8":
+        return Int8Linear.from_float(linear)
+    if method == "q8":
+        return Q8Linear.from_float(linear)
+    return int4_class(linear.weight.device).from_float(linear, group_size)
+
+
+def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | None]:
+    tied = _tied_embedding(model)
+    targets = _linears(model, skip)
+    if tied is not None and not isinstance(model.lm_head, nn.Linear) and "lm_head" not in skip:
+        # a parameter-free tied head (TiedLMHead): the embedding matrix is quantized as the head
+        weight = tied[2].weight
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = weight
+        targets.append((model, "lm_head", linear))
+    return targets, tied
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
+                   skip: Iterable[str] = (), from_gguf: object | None = None,
+                   progress: object | None = None) -> nn.Module:
+    """Swap the ``nn.Linear`` children of ``model`` for packed int8/int4 layers, in place.
+
+    Args:
+        model: any corelm model (decoder or encoder), on CPU or CUDA.
+        method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise asymmetric).
+        group_size: int4 group width (32, 64 or 128); must divide every quantized layer's width.
+        head: method for ``lm_head``: ``q8`` (default: int8 with a scale per 32 columns, see
+            :class:`Q8Linear`), ``int8`` (per channel) or ``int4``. The output head is the largest
+            matrix of a small model and its error lands directly in the logits, which is why
+            llama.cpp's Q4 files keep it at 8 bits too.
+        skip: qualified module names to leave in floating point.
+        from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
+            from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
+            :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
+        progress: optional wrapper for the list of layers (e.g. ``tqdm``), to show progress.
+
+    Returns:
+        The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
+        that shares the head's int8 matrix. ``model.corelm_quantization`` records the spec.
+
+    Raises:
+        CorelmError: unknown method, or a group size that does not divide a layer width (checked for
+        every layer before anything is changed).
+    """
+    if method not in METHODS:
+        raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
+    skip = tuple(skip)
+    if getattr(model, "corelm_quantization", None):
+        raise CorelmError("the model is already quantized")
+    head = head or "q8"
+    if head not in HEAD_METHODS:
+        raise CorelmError(f"unknown head quantization method {head!r}; expected one of {', '.join(HEAD_METHODS)}")
+    targets, tied = _targets(model, skip)
+    for parent, name, linear in targets:
+        kind = head if parent is model and name == "lm_head" else method
+        if kind == "int4":
+            check_group_size(linear.in_features, group_size)
+        elif kind == "q8":
+            check_group_size(linear.in_features, 32)
+    out_dtype = tied[2].weight.dtype if tied is not None else None
+    blocks = GGUFBlocks(from_gguf, model) if from_gguf is not None else None
+    for parent, name, linear in (progress(targets) if progress else targets):
+        kind = head if parent is model and name == "lm_head" else method
+        device = linear.weight.device
+        new = None
+        if blocks is not None and kind == "int4" and group_size == 32:
+            if (qb := blocks.int4(linear)) is not None:
+                new = _new_layer(kind, linear, 32, device)
+                new.set_quantized(*qb)
+        elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
+            new = _new_layer(kind, linear, 32, device)
+            new.set_quantized(*qb)
+        if new is None:
+            new = quantize_linear(linear, kind, group_size)
+        if kind == "q8" and name == "lm_head":
+            new.refine = HEAD_REFINE
+        setattr(parent, name, new)
+    _tie_quantized(model, tied, out_dtype)
+    model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
+                                 "skip": list(skip), "tied_embedding": tied is not None,
+                                 "embedding_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None}
+    return model
+
+
+def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
+    """Give a float model (real or on ``meta``) the module structure of a quantized one, without
+    quantizing anything, so that a quantized state dict (:func:`quantize_model` + ``state_dict()``)
+    loads into it with ``load_state_dict``. Int4 layers take this machine's layout and pack into it
+    while loading.
+    """
+    method, group_size, head = spec["method"], int(spec["group_size"]), spec.get("head", "q8")
+    targets, tied = _targets(model, tuple(spec.get("skip", ())))
+    for parent, name, linear in targets:
+        kind = head if parent is model and name == "lm_head" else method
+        device = "cpu" if linear.weight.is_meta else linear.weight.device
+        new = _new_layer(kind, linear, group_size, device)
+        if kind == "q8" and name == "lm_head":
+            new.refine = HEAD_REFINE
+        setattr(parent, name, new)
+    dtype = getattr(torch, spec["embedding_dtype"]) if spec.get("embedding_dtype") else None
+    _tie_quantized(model, tied, dtype)
+    model.corelm_quantization = dict(spec)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "corelm_quantization", None)) or any(
+        isinstance(m, (Int8Linear, Int4Linear, Int4PackedLinear, Q8Linear)) for m in model.modules())
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as held in memory (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.is_meta:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

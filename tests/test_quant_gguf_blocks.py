@@ -1,0 +1,124 @@
+"""GGUF blocks map onto corelm's int4/int8 layouts exactly, without dequantizing the weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from corelm import kernels
+from corelm.quant import layers
+from corelm.quant.gguf_blocks import (
+    dequantize_gguf_q8_0,
+    int4_from_blocks,
+    int4_from_gguf,
+    int4_linear_from_gguf,
+)
+from corelm.quant.layers import Int4Linear, Int4PackedLinear
+from corelm.quant.transform import quantize_model
+
+
+@pytest.fixture(params=["kernels", "pytorch"])
+def path(request):
+    """Layers made in the test run on corelm's C++ kernels, or on PyTorch's packed kernels."""
+    if request.param == "kernels":
+        assert kernels.load(), kernels.load_error()  # make test builds them: never silently skipped
+        yield "kernels"
+    else:
+        with layers.pytorch_kernels():
+            yield "pytorch"
+
+
+def _q4_1_blocks(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Write GGUF Q4_1 blocks by hand (ggml layout: d, m, 16 bytes; low nibbles are elements 0..15)."""
+    n, k = q.shape
+    qb = q.reshape(n, k // 32, 32)
+    qs = (qb[..., :16] | (qb[..., 16:] << 4)).astype(np.uint8)
+    head = np.stack([d.astype(np.float16), m.astype(np.float16)], -1).view(np.uint8).reshape(n, k // 32, 4)
+    return np.concatenate([head, qs], -1).reshape(n, -1)
+
+
+def test_q4_1_blocks_map_to_int4_without_dequantizing(path):
+    rng = np.random.default_rng(0)
+    n, k = 8, 64
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16)
+    m = rng.uniform(-1, 0, (n, k // 32)).astype(np.float16)
+    raw = _q4_1_blocks(q, d, m)
+    qt, scales, zeros = int4_from_gguf(raw, "Q4_1", (n, k))
+    assert torch.equal(qt, torch.from_numpy(q)), "the 4-bit values are copied as they are"
+    d32, m32 = torch.from_numpy(d.astype(np.float32)), torch.from_numpy(m.astype(np.float32))
+    assert torch.equal(scales, d32.to(torch.bfloat16)) and torch.equal(zeros, (m32 + 8 * d32).to(torch.bfloat16))
+    mod = int4_linear_from_gguf(raw, "Q4_1", (n, k))
+    assert type(mod) is (Int4Linear if path == "kernels" else Int4PackedLinear)
+    file_w = (q.reshape(n, -1, 32) * d[..., None].astype(np.float32) + m[..., None].astype(np.float32))
+    file_w = torch.from_numpy(file_w.reshape(n, k))
+    # only d and m + 8d are rounded to bf16: the weight differs by at most that rounding
+    bound = (2 ** -8) * (8 * d.astype(np.float32) + np.abs(m) + 8 * d).max()
+    assert (mod.dequantize() - file_w).abs().max() <= bound
+    x = torch.randn(3, k)
+    ref = (x if path == "kernels" else x.to(torch.bfloat16).float()) @ mod.dequantize().t()
+    torch.testing.assert_close(mod(x), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_q8_0_blocks_dequantize():
+    rng = np.random.default_rng(1)
+    q = rng.integers(-127, 128, (4, 64)).astype(np.int8)
+    d = rng.uniform(0.001, 0.01, (4, 2)).astype(np.float16)
+    raw = np.concatenate([d[..., None].view(np.uint8).reshape(4, 2, 2),
+                          q.reshape(4, 2, 32).view(np.uint8)], -1).reshape(4, -1)
+    w = dequantize_gguf_q8_0(raw, (4, 64))
+    ref = q.reshape(4, 2, 32).astype(np.float32) * d[..., None].astype(np.float32)
+    torch.testing.assert_close(w, torch.from_numpy(ref.reshape(4, 64)))
+
+
+HELD_OUT = (
+    "The Industrial Revolution began in Britain in the late eighteenth century, when new machines for "
+    "spinning and weaving cotton were powered first by water and then by steam. Factories grew around coal "
+    "fields, canals and later railways connected cities, and millions of people moved from farms into towns. "
+    "Historians still debate why it started there: cheap coal, expensive labour, secure property rights and "
+    "a culture of tinkering all played a part. def mean(xs):\n    return sum(xs) / len(xs)\n"
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of "
+    "plant cells, and almost every food chain on Earth depends on it. A hash table stores keys in an array "
+    "of buckets chosen by a hash function; when two keys land in the same bucket, the table either chains "
+    "them in a list or probes for the next free slot, and it grows when the load factor passes a threshold "
+    "so that lookups stay constant time on average. The Treaty of Westphalia in 1648 ended the Thirty "
+    "Years' War and is often said to mark the beginning of the modern system of sovereign states."
+)
+
+
+@pytest.mark.slow
+def test_embedded_int4_from_q4_1_agrees_with_dequantized_model(path):
+    from corelm.io import gguf as gguf_io
+    from corelm.models import build_model
+    from corelm.presets import embedded_path
+    from corelm.tokenizer import Tokenizer
+
+    f = gguf_io.read_gguf(embedded_path("smollm2-135m-instruct"))
+    config = gguf_io.config_from_gguf(f)
+    ids = torch.tensor([Tokenizer.from_gguf(f).encode(HELD_OUT)])
+    assert ids.shape[1] > 200
+
+    def fresh():
+        with torch.device("meta"):
+            model = build_model(config)
+        model.load_state_dict(gguf_io.load_gguf_state_dict(f, config), assign=True, strict=False)
+        return model.eval()
+
+    with torch.no_grad():
+        ref = fresh()(ids).float()
+        model = quantize_model(fresh(), "int4", from_gguf=f)
+        layer = model.model.layers[3].mlp.up_proj
+        assert type(layer) is (Int4Linear if path == "kernels" else Int4PackedLinear)
+        # the 4-bit values are the file's; scale/zero differ from d and m + 8d only by bf16 rounding
+        qb = gguf_io.quant_blocks(f, "blk.3.ffn_up.weight")
+        q, scales, zeros = layer.quantized()
+        assert torch.equal(q, int4_from_blocks(qb)[0])
+        torch.testing.assert_close(scales.float(), qb.scales.float(), rtol=2**-8, atol=0)
+        want_zeros = qb.mins.float() + 8 * qb.scales.float()
+        torch.testing.assert_close(zeros.float(), want_zeros, rtol=2**-8, atol=1e-6)
+        out = model(ids).float()
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    print(f"int4 (from Q4_1, {path}) vs dequantized fp32: top-1 agreement {agree:.4f}, mean KL {kl:.5f} nats")
+    assert agree >= 0.98
+    assert kl < 0.01
