@@ -18,6 +18,10 @@ from corelm.errors import CorelmError
 # command -> (options dataclass, library function), both in corelm.commands.<command>
 CONVERTED = {
     "models": ("ModelsOptions", "models"),
+    "convert": ("ConvertOptions", "convert"),
+    "predict": ("PredictOptions", "predict"),
+    "prepare": ("PrepareOptions", "prepare"),
+    "merge": ("MergeOptions", "merge"),
 }
 
 

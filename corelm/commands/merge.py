@@ -15,43 +15,54 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Parser, add_dtype
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
 
+@dataclass
+class MergeOptions(Options):
+    """Which run ``corelm merge`` folds, and where the merged model goes."""
+
+    run: str = option(help="run directory written by corelm finetune (method lora, adalora or head)", positional=True)
+    out: str = option(help="directory for the merged model (must not exist or be empty)")
+    dtype: str = option("fp32", "dtype of the saved weights", dtype={"auto": False})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="corelm merge", description=__doc__.split("\n\n")[0].strip("`"),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run directory written by corelm finetune (method lora, adalora or head)")
-    ap.add_argument("--out", required=True, help="directory for the merged model (must not exist or be empty)")
-    add_dtype(ap, "fp32", "dtype of the saved weights", auto=False)
-    return ap
+    return parser_from(MergeOptions, prog="corelm merge", description=__doc__.split("\n\n")[0].strip("`"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def merge(options: MergeOptions, report: Callable[[str], None] = print) -> dict:
+    """Fold the run's low-rank updates into its base weights and write ``options.out``.
+
+    Returns ``{"out", "method", "max_difference", "output_scale"}``: the largest change of the model's outputs
+    on a probe input, which ``report`` is told before the files are written.
+    """
     from corelm.finetune.lora import merge_lora
     from corelm.finetune.methods import HEAD_FILE, TASK_FILE, backbone_of
     from corelm.io.hf import save_hf_dir
     from corelm.loading import is_run, load_run
 
-    if not is_run(args.run):
-        raise CorelmError(f"{args.run} is not a fine-tuning run directory (no {TASK_FILE})")
-    out = Path(args.out)
+    if not is_run(options.run):
+        raise CorelmError(f"{options.run} is not a fine-tuning run directory (no {TASK_FILE})")
+    out = Path(options.out)
     if out.exists() and any(out.iterdir()):
         raise CorelmError(f"{out} exists and is not empty")
-    run = load_run(args.run)
+    run = load_run(options.run)
     method = run.task["method"]
     if method == "adapter":
         raise CorelmError("bottleneck adapters are nonlinear (h + up(gelu(down(h)))) and cannot be folded into the "
                           "base weights; use the run directory as it is")
     if method == "full":
-        raise CorelmError(f"{args.run} is a full fine-tune: it already is a complete model directory")
+        raise CorelmError(f"{options.run} is a full fine-tune: it already is a complete model directory")
     backbone = backbone_of(run.model)
     probe = torch.randint(0, run.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,18 +71,21 @@ def main(argv: list[str]) -> int:
         after = run.model(probe).float()
     diff = float((before - after).abs().max())
     scale = float(before.abs().max())
-    print(f"merged {method}: max |output difference| on a probe input = {diff:.3g} (outputs up to {scale:.3g})")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if dtype is None:
-        raise CorelmError(f"unknown --dtype {args.dtype!r}; use fp32, bf16 or fp16")
+    report(f"merged {method}: max |output difference| on a probe input = {diff:.3g} (outputs up to {scale:.3g})")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.dtype]
     run.model.to(dtype)
     # write next to the target and rename at the end: an interrupted merge leaves nothing half-written
     with atomic_dir(out) as tmp:
         save_hf_dir(backbone, run.config, tmp, run.tokenizer)
         if backbone is not run.model:
-            shutil.copy2(Path(args.run) / HEAD_FILE, tmp / HEAD_FILE)
-            task = {**run.task, "method": "full", "base": ".", "merged_from": str(Path(args.run).resolve()),
+            shutil.copy2(Path(options.run) / HEAD_FILE, tmp / HEAD_FILE)
+            task = {**run.task, "method": "full", "base": ".", "merged_from": str(Path(options.run).resolve()),
                     "merged_method": method}
             (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
-    print(f"wrote {out}")
+    return {"out": out, "method": method, "max_difference": diff, "output_scale": scale}
+
+
+def main(argv: list[str]) -> int:
+    result = merge(options_from(MergeOptions, build_parser().parse_args(argv)))
+    print(f"wrote {result['out']}")
     return 0

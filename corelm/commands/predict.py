@@ -12,35 +12,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
-from corelm.commands.args import Parser, add_dtype
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
 
 
+@dataclass
+class PredictOptions(Options):
+    """What ``corelm predict`` labels, and how."""
+
+    model: str = option(help="a classify or ner run directory written by corelm finetune")
+    texts: list[str] = option(help="texts to label; '-' reads one text per line from stdin", positional=True)
+    top: int = option(5, "classify: how many labels to show with probabilities")
+    json: bool = option(False, "one JSON object per text instead of readable lines")
+    dtype: str = option("fp32", "weight dtype", dtype=True)
+
+    def check(self) -> None:
+        if self.top < 1:
+            raise CorelmError(f"--top must be at least 1, got {self.top}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="corelm predict", description="Run a fine-tuned classifier or tagger on text.",
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
-    ap.add_argument("--model", required=True, help="a classify or ner run directory written by corelm finetune")
-    ap.add_argument("texts", nargs="+", help="texts to label; '-' reads one text per line from stdin")
-    ap.add_argument("--top", type=int, default=5, help="classify: how many labels to show with probabilities")
-    ap.add_argument("--json", action="store_true", help="one JSON object per text instead of readable lines")
-    add_dtype(ap, "fp32", "weight dtype")
-    return ap
+    return parser_from(PredictOptions, prog="corelm predict", description="Run a fine-tuned classifier or tagger on text.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+
+
+def predict(options: PredictOptions) -> list[dict]:
+    """One result per text of ``options.texts`` ('-': the lines of stdin): ``label`` and ``probabilities`` for a
+    classifier, ``tokens``, ``tags`` and ``entities`` for a tagger."""
+    from corelm.finetune.run import predict as run_predict
+    from corelm.loading import is_run, load_run
+
+    texts = ([line.rstrip("\n") for line in sys.stdin if line.strip()] if options.texts == ["-"]
+             else list(options.texts))
+    if not texts:
+        raise CorelmError("no text given")
+    if not is_run(options.model):
+        raise CorelmError(f"{options.model} is not a fine-tuning run directory (corelm finetune --out DIR)")
+    return list(run_predict(load_run(options.model, dtype=options.dtype), texts, top=options.top))
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from corelm.finetune.run import predict
-    from corelm.loading import is_run, load_run
-
-    if args.top < 1:
-        raise CorelmError(f"--top must be at least 1, got {args.top}")
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
-    if not texts:
-        raise CorelmError("no text given")
-    if not is_run(args.model):
-        raise CorelmError(f"{args.model} is not a fine-tuning run directory (corelm finetune --out DIR)")
-    for item in predict(load_run(args.model, dtype=args.dtype), texts, top=args.top):
+    args = options_from(PredictOptions, build_parser().parse_args(argv))
+    for item in predict(args):
         if args.json:
             print(json.dumps(item, ensure_ascii=False))
         elif "label" in item:

@@ -10,41 +10,52 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.data.corpus import CORPORA
-from corelm.data.prepare import prepare
+from corelm.data.prepare import prepare as prepare_data
+
+
+@dataclass
+class PrepareOptions(Options):
+    """What ``corelm prepare`` tokenizes, and where it writes the shards."""
+
+    out: str = option(help="output directory (created atomically)")
+    inputs: list[str] = option(help="text files (.txt/.md/...), .jsonl, .parquet, or folders of them",
+                               positional=True, factory=list)
+    corpus: str | None = option(None, "embedded corpus: python-docs = docstrings of this Python's standard library "
+                                      "(no download)", choices=CORPORA)
+    tokenizer: str | None = option(None, "embedded model name (e.g. smollm2-135m-instruct), model directory or "
+                                         "tokenizer.json; default: train a byte-level BPE on the corpus")
+    train_tokenizer: int = option(8192, "vocabulary size of the BPE trained when --tokenizer is not given",
+                                  metavar="VOCAB")
+    field: str = option("text", "JSONL key / Parquet column that holds the text")
+    val_fraction: float = option(0.01, "share of documents held out for validation")
+    shard_tokens: int = option(100_000_000, "tokens per shard file")
+    overwrite: bool = option(False, "replace an existing prepared directory")
+    progress: bool = option(True, "the progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm prepare",
+    return parser_from(
+        PrepareOptions, prog="corelm prepare",
         description="Tokenize text files, folders, JSONL or Parquet (or an embedded corpus), join documents "
                     "with EOS, and pack them into memory-mapped train/val token shards with a manifest.json "
-                    "that `corelm pretrain --data` reads (tokenizer and vocabulary included).",
-        formatter_class=HelpFormatter)
-    ap.add_argument("inputs", nargs="*", help="text files (.txt/.md/...), .jsonl, .parquet, or folders of them")
-    ap.add_argument("--out", required=True, help="output directory (created atomically)")
-    ap.add_argument("--corpus", choices=CORPORA, default=None,
-                    help="embedded corpus: python-docs = docstrings of this Python's standard library (no download)")
-    ap.add_argument("--tokenizer", default=None,
-                    help="embedded model name (e.g. smollm2-135m-instruct), model directory or tokenizer.json; "
-                         "default: train a byte-level BPE on the corpus")
-    ap.add_argument("--train-tokenizer", type=int, default=8192, metavar="VOCAB",
-                    help="vocabulary size of the BPE trained when --tokenizer is not given")
-    ap.add_argument("--field", default="text", help="JSONL key / Parquet column that holds the text")
-    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
-    ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return ap
+                    "that `corelm pretrain --data` reads (tokenizer and vocabulary included).")
+
+
+def prepare(options: PrepareOptions) -> dict:
+    """Write the shards and ``manifest.json`` into ``options.out``; returns the manifest."""
+    return prepare_data(options.out, inputs=options.inputs, corpus=options.corpus, tokenizer=options.tokenizer,
+                        train_tokenizer_vocab=options.train_tokenizer, field=options.field,
+                        val_fraction=options.val_fraction, shard_tokens=options.shard_tokens,
+                        progress=options.progress, overwrite=options.overwrite)
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    m = prepare(args.out, inputs=args.inputs, corpus=args.corpus, tokenizer=args.tokenizer,
-                train_tokenizer_vocab=args.train_tokenizer, field=args.field, val_fraction=args.val_fraction,
-                shard_tokens=args.shard_tokens, progress=not args.no_progress, overwrite=args.overwrite)
+    args = options_from(PrepareOptions, build_parser().parse_args(argv))
+    m = prepare(args)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"wrote {args.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} documents, {len(tr['shards'])} shard"
           f"{'s' if len(tr['shards']) != 1 else ''}), val {va['tokens']:,} tokens ({va['documents']:,} documents); "
