@@ -14,7 +14,7 @@ from typing import Any
 
 from corelm.errors import CorelmError
 
-FAMILIES = ("gpt2", "llama", "bert", "gemma")
+FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -24,7 +24,8 @@ class ModelConfig:
 
     Attributes:
         family: Architecture family: ``gpt2``, ``llama`` (also Mistral, Qwen2, Qwen3), ``bert`` or
-            ``gemma`` (Gemma 1, 2 and 3).
+            ``gemma`` (Gemma 1, 2 and 3) or ``moe`` (Mixtral, Qwen2-MoE, Qwen3-MoE: Llama attention,
+            mixture-of-experts MLPs).
         name: Preset or checkpoint name, for display only.
         vocab_size: Number of token embeddings.
         n_layer: Number of Transformer blocks.
@@ -55,6 +56,15 @@ class ModelConfig:
             ``head_dim ** -0.5`` (Gemma 2/3); None = ``head_dim``.
         rope_local_theta: RoPE base of the sliding-window layers (Gemma 3); None = ``rope_theta``.
         rotary_dim: Channels of a head that RoPE rotates (partial rotary, Phi-4-mini); None = ``head_dim``.
+        n_experts: ``moe``: routed experts per sparse layer.
+        n_experts_per_tok: ``moe``: experts each token is routed to (top-k).
+        moe_d_ff: ``moe``: hidden width of one routed expert; defaults to ``d_ff``.
+        shared_expert_d_ff: ``moe``: width of the always-on shared expert with its sigmoid gate
+            (Qwen2-MoE); None = no shared expert.
+        norm_topk_prob: ``moe``: renormalise the top-k router probabilities to sum to 1 (Mixtral,
+            Qwen3-MoE checkpoints) instead of keeping their full-softmax values (Qwen2-MoE).
+        dense_layers: ``moe``: layers whose MLP is a dense SwiGLU of width ``d_ff`` (Qwen's
+            ``mlp_only_layers``/``decoder_sparse_step``); None = every layer is sparse.
         extra: Anything the source checkpoint carried that corelm does not interpret.
     """
 
@@ -86,6 +96,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     rope_local_theta: float | None = None
     rotary_dim: int | None = None
+    n_experts: int | None = None
+    n_experts_per_tok: int | None = None
+    moe_d_ff: int | None = None
+    shared_expert_d_ff: int | None = None
+    norm_topk_prob: bool = True
+    dense_layers: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,9 +124,10 @@ class ModelConfig:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.bias is None:
-            self.bias = self.family not in ("llama", "gemma")
+            self.bias = self.family not in ("llama", "gemma", "moe")
         if self.activation is None:
-            self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh"}[self.family]
+            self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh",
+                               "moe": "silu"}[self.family]
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.layer_types is not None:
@@ -123,6 +140,23 @@ class ModelConfig:
 
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise CorelmError(f"rotary_dim must be even and in 1..head_dim={self.head_dim}, got {self.rotary_dim!r}")
+
+        if self.family == "moe":
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        """Mixture-of-experts fields: required for ``moe``, each within range."""
+        E, k = self.n_experts, self.n_experts_per_tok
+        if not isinstance(E, int) or E <= 0:
+            raise CorelmError(f"a moe model needs n_experts, a positive integer, got {E!r}")
+        if not isinstance(k, int) or not 0 < k <= E:
+            raise CorelmError(f"n_experts_per_tok must be an integer in 1..n_experts={E}, got {k!r}")
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        if self.dense_layers is not None:
+            self.dense_layers = sorted(set(self.dense_layers))
+            if any(not isinstance(i, int) or not 0 <= i < self.n_layer for i in self.dense_layers):
+                raise CorelmError(f"dense_layers must be layer indices in 0..{self.n_layer - 1}, got {self.dense_layers!r}")
 
     def is_sliding(self, layer: int) -> bool:
         """True when ``layer`` attends only the last ``sliding_window`` positions."""

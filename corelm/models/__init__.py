@@ -12,7 +12,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
     Returns:
         :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama`,
-        :class:`~corelm.models.gemma.Gemma` or
+        :class:`~corelm.models.gemma.Gemma`, :class:`~corelm.models.moe.MoE` or
         :class:`~corelm.models.bert.Bert`.
     """
     if config.family == "gpt2":
@@ -27,6 +27,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from corelm.models.gemma import Gemma
 
         return Gemma(config)
+    if config.family == "moe":
+        from corelm.models.moe import MoE
+
+        return MoE(config)
     from corelm.models.bert import Bert
 
     return Bert(config)

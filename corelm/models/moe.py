@@ -1,0 +1,442 @@
+"""Sparse mixture-of-experts decoders: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+The attention half of every block is Llama's (:mod:`corelm.models.llama`: RoPE, grouped-query
+attention, Mistral's sliding window, Qwen2's q/k/v biases, Qwen3's per-head QK norm). The MLP half
+is a router and ``n_experts`` SwiGLU experts (Shazeer et al. 2017; Fedus et al. 2022, "Switch
+Transformers"; Jiang et al. 2024, "Mixtral of Experts", eq. 1-2)::
+
+    p = softmax(x W_gate^T)                       # (N, E) router probabilities
+    w, e = topk(p, k)                             # each token's k experts and their weights
+    w = w / sum(w)            if norm_topk_prob   # Mixtral, Qwen3-MoE; Qwen2-MoE keeps p's values
+    y = sum_j w_j * SwiGLU_{e_j}(x)
+      + sigmoid(x W_sg^T) * SwiGLU_shared(x)      # Qwen2-MoE's shared expert
+
+The experts run as *grouped* matmuls: the ``N * k`` (token, expert) assignments are sorted by
+expert, so each expert's tokens are one contiguous block of rows, and one ``torch._grouped_mm``
+call multiplies every block by its expert's weights (one matmul per expert where that kernel does
+not apply). No Python loop runs over tokens, and on the grouped path none over experts either:
+the shapes depend only on ``N * k``, so the decode step compiles to one static graph.
+
+Parameter names are those of transformers 5 ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` /
+``Qwen3MoeForCausalLM`` modules: experts stored fused, ``mlp.experts.gate_up_proj`` ``(E, 2F, d)``
+(gate rows first) and ``mlp.experts.down_proj`` ``(E, d, F)``. Checkpoint files keep one tensor per
+expert (``block_sparse_moe.experts.{e}.w1`` for Mixtral, ``mlp.experts.{e}.gate_proj`` for Qwen);
+:func:`state_dict_from_hf` stacks them (and takes already-fused tensors as they are) and
+:func:`state_dict_to_hf` writes them back the way transformers' ``save_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+from corelm.models.llama import Attention, RMSNorm
+from corelm.ops.attention import AttentionContext, decoder_context
+from corelm.ops.init import init_normal_
+from corelm.ops.kv_cache import KVCache
+from corelm.ops.rope import RopeTable
+from corelm.ops.tied import TiedLMHead
+
+# --------------------------------------------------------------------------------------------
+# routing and grouped expert computation (stateless)
+# --------------------------------------------------------------------------------------------
+
+
+def route(router_logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing over the softmax of the router logits.
+
+    Args:
+        router_logits: ``(N, E)``.
+        k: experts per token.
+        normalize: divide the k probabilities by their sum (``norm_topk_prob``).
+    Returns:
+        ``(weights (N, k), experts (N, k))``; weights in the logits' dtype.
+    """
+    # fp32: the softmax over experts decides which experts run; ties broken by bf16 rounding flip routes
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
+    weights, experts = torch.topk(probs, k, dim=-1)  # (N, k) each
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), experts
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: CPU (fp32/bf16/fp16) or CUDA bf16, and rows
+    of 16-byte multiples (the kernel's stride rule)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        ok_dtype = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    else:
+        ok_dtype = x.device.type == "cuda" and x.dtype == torch.bfloat16
+    size = x.element_size()
+    return ok_dtype and (x.shape[1] * size) % 16 == 0 and (w.shape[1] * size) % 16 == 0
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``y[rows of e] = x[rows of e] @ weight[e]^T`` for rows grouped by expert.
+
+    Args:
+        x: ``(M, in)``, the rows of expert e at ``offsets[e-1]:offsets[e]`` (``offsets[-1] == M``).
+        weight: ``(E, out, in)``, as ``nn.Linear`` stores it, one matrix per expert.
+        offsets: ``(E,)`` int32, the end row of each expert's block (a cumulative count).
+    Returns:
+        ``(M, out)``.
+    """
+    if _grouped_mm_ok(x, weight):
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)  # one call for every expert
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    ends = offsets.tolist()
+    for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):  # one matmul per expert over its rows
+        if hi > lo:
+            out[lo:hi] = x[lo:hi] @ weight[e].t()
+    return out
+
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[:, j] * SwiGLU_{experts[:, j]}(x)`` with grouped matmuls.
+
+    Args:
+        x: ``(N, d)`` tokens.
+        weights: ``(N, k)`` routing weights; experts: ``(N, k)`` expert ids.
+        gate_up_proj: ``(E, 2F, d)``, gate rows then up rows; down_proj: ``(E, d, F)``.
+    Returns:
+        ``(N, d)``.
+    """
+    N, d = x.shape
+    k = experts.shape[1]
+    E = gate_up_proj.shape[0]
+    flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) assignment
+    order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,) tokens per expert
+    offsets = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's block
+    xs = x[order // k]  # (N*k, d) each assignment's token, grouped by expert
+    gate, up = grouped_linear(xs, gate_up_proj, offsets).chunk(2, dim=-1)  # (N*k, F) each
+    ys = grouped_linear(F.silu(gate) * up, down_proj, offsets)  # (N*k, d)
+    ys = ys * weights.reshape(-1)[order, None]
+    y = torch.empty_like(ys)
+    y[order] = ys  # back to (token, slot) order
+    return y.view(N, k, d).sum(dim=1)  # (N, d)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020) of a given width: the dense layers and Qwen2-MoE's shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """``n_experts`` SwiGLU MLPs stored as stacked matrices (transformers 5's fused layout)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, d, f = config.n_experts, config.d_model, config.moe_d_ff
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, d))  # (E, 2F, d): gate rows, then up rows
+        self.down_proj = nn.Parameter(torch.empty(E, d, f))  # (E, d, F)
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj)
+
+
+class SparseMoE(nn.Module):
+    """Router, routed experts and (Qwen2-MoE) the sigmoid-gated shared expert."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k, self.norm_topk_prob = config.n_experts, config.n_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)  # the router
+        self.experts = Experts(config)
+        if config.shared_expert_d_ff:
+            self.shared_expert = MLP(config.d_model, config.shared_expert_d_ff)
+            self.shared_expert_gate = nn.Linear(config.d_model, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        x = x.reshape(B * T, d)  # (N, d): routing is per token
+        weights, experts = route(self.gate(x), self.top_k, self.norm_topk_prob)  # (N, k) each
+        y = self.experts(x, weights, experts)  # (N, d)
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.view(B, T, d)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: Llama attention, then a sparse (or, in ``dense_layers``, dense) MLP."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        sparse = layer_idx not in (config.dense_layers or ())
+        self.mlp: nn.Module = SparseMoE(config) if sparse else MLP(config.d_model, config.d_ff)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class MoEBody(nn.Module):
+    """Embeddings, blocks and final norm: HF's ``model.*`` namespace."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class MoE(nn.Module):
+    """Decoder-only sparse MoE; ``forward`` returns next-token logits ``(B, T, vocab)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MoEBody(config)
+        if config.tie_embeddings:
+            self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
+        # the window of the sliding layers, None when every layer attends the whole prefix
+        self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
+        self.apply(init_normal_)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
+        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask, self.sliding_window)
+        max_pos = ctx.n_keys - 1 if kv_cache is not None else None
+        ctx.rope = self.rope(ctx.input_pos, max_pos)  # (B, 1, T, head_dim) each, shared by all layers
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        for block in self.model.layers:
+            x = block(x, ctx)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: ``(B, T)`` token ids.
+            input_pos: ``(B, T)`` (or ``(T,)``) positions; default ``0..T-1``.
+            kv_cache: a :class:`KVCache` to write this step's keys/values into and read from.
+            attention_mask: ``(B, T)`` 1 = token, 0 = padding (only without a cache).
+        Returns:
+            logits ``(B, T, vocab_size)``.
+        """
+        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
+                                               attention_mask=attention_mask))
+
+
+# --------------------------------------------------------------------------------------------
+# router auxiliary loss (training)
+# --------------------------------------------------------------------------------------------
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022, eq. 4-6), top-k form.
+
+    ``E * sum_e f_e * P_e``, with ``f_e`` the fraction of (token, slot) assignments that go to
+    expert e (summing to k, as Mixtral/transformers count it) and ``P_e`` the mean router
+    probability of e, over the tokens of every layer. It is minimal (``k``) when routing is
+    uniform; ``f`` carries no gradient, ``P`` pulls the router towards balance.
+
+    Args:
+        router_logits: one ``(N, E)`` tensor per sparse layer (N = B*T tokens).
+        n_experts: E.
+        top_k: experts per token.
+        attention_mask: optional ``(B, T)`` 1 = token, 0 = padding (padding is not counted).
+    Returns:
+        scalar fp32 loss.
+    """
+    logits = torch.cat([t.float() for t in router_logits])  # (L*N, E)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, n_experts).sum(dim=1).float()  # (L*N, E)
+    if attention_mask is None:
+        mask = torch.ones(logits.shape[0], 1, device=logits.device)
+    else:
+        mask = attention_mask.reshape(-1, 1).float().repeat(len(router_logits), 1).to(logits.device)
+    rows = mask.sum()
+    f = (chosen * mask).sum(dim=0) / rows  # (E,)
+    P = (probs * mask).sum(dim=0) / rows  # (E,)
+    return n_experts * (f * P).sum()
+
+
+def with_router_aux_loss(loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, Any]],
+                         coef: float = 0.01) -> Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]:
+    """Add ``coef * load_balancing_loss`` to a training loop ``loss_fn(model, batch)``.
+
+    The router logits of the forward are caught by hooks on each :class:`SparseMoE`'s ``gate``
+    (the model itself stays unaware); the metrics gain ``router_aux_loss``. Mixtral and Qwen-MoE
+    train with ``coef = 0.001`` (``router_aux_loss_coef`` in their configs); Switch uses 0.01.
+    Padding is counted like any token (use :func:`load_balancing_loss` directly to mask it).
+    """
+
+    def wrapped(model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        caught: list[torch.Tensor] = []
+        handles = [m.gate.register_forward_hook(lambda _m, _i, out: caught.append(out)) for m in moes]
+        try:
+            loss, info = loss_fn(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if not caught:
+            return loss, info
+        aux = load_balancing_loss(caught, moes[0].n_experts, moes[0].top_k)
+        metrics = dict(info) if isinstance(info, dict) else {} if info is None else {"n_tokens": info}
+        metrics["router_aux_loss"] = float(aux.detach())
+        return loss + coef * aux, metrics
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Per-expert checkpoint names of the fused tensors: (gate, up, down) under `{layer}.{block}.experts.{e}.`
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+                 "qwen": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """``mixtral``, ``qwen2_moe`` or ``qwen3_moe``: the checkpoint's, else the one whose features the config has."""
+    return config.extra.get("model_type") or ("qwen2_moe" if config.shared_expert_d_ff else
+                                              "qwen3_moe" if config.qk_norm else "mixtral")
+
+
+def hf_table(config: ModelConfig) -> list[tuple[str, str]]:
+    """(HF name, corelm name) of every tensor, fused-expert layout (transformers 5 module names)."""
+    rows = [("model.embed_tokens.weight", "model.embed_tokens.weight"), ("model.norm.weight", "model.norm.weight")]
+    if not config.tie_embeddings:
+        rows.append(("lm_head.weight", "lm_head.weight"))
+    attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    if config.qkv_bias and not config.bias:
+        attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
+    if config.qk_norm:
+        attn += ["q_norm.weight", "k_norm.weight"]
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}."
+        names = [f"self_attn.{a}" for a in attn] + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        if i in (config.dense_layers or ()):
+            names += [f"mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+        else:
+            names += ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+            if config.shared_expert_d_ff:
+                names += [f"mlp.shared_expert.{m}_proj.weight" for m in ("gate", "up", "down")]
+                names += ["mlp.shared_expert_gate.weight"]
+        rows += [(p + n, p + n) for n in names]
+    return rows
+
+
+def _fuse_experts(config: ModelConfig, hf: dict[str, torch.Tensor]) -> None:
+    """Replace a checkpoint's per-expert tensors by the fused ``experts.gate_up_proj``/``down_proj``
+    (in place); Mixtral's ``block_sparse_moe.gate`` becomes ``mlp.gate``."""
+    block, (g, u, d) = _EXPERT_NAMES["mixtral" if hf_model_type(config) == "mixtral" else "qwen"]
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}."
+        if p + f"{block}.gate.weight" in hf and block != "mlp":
+            hf[p + "mlp.gate.weight"] = hf.pop(p + f"{block}.gate.weight")
+        first = p + f"{block}.experts.0.{g}.weight"
+        if first not in hf:
+            continue  # fused already, or a dense layer: the table says which
+        gates, ups, downs = [], [], []
+        for e in range(config.n_experts):
+            names = [p + f"{block}.experts.{e}.{n}.weight" for n in (g, u, d)]
+            missing = [n for n in names if n not in hf]
+            if missing:
+                raise CorelmError(f"checkpoint is missing tensor {missing[0]!r} for a {config.n_experts}-expert model")
+            for out, n in zip((gates, ups, downs), names):
+                out.append(hf.pop(n))
+        try:
+            hf[p + "mlp.experts.gate_up_proj"] = torch.cat([torch.stack(gates), torch.stack(ups)], dim=1)  # (E, 2F, d)
+            hf[p + "mlp.experts.down_proj"] = torch.stack(downs)  # (E, d, F)
+        except RuntimeError as exc:
+            raise CorelmError(f"the experts of layer {i} have mismatched shapes: {exc}") from None
+
+
+def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a Mixtral/Qwen2-MoE/Qwen3-MoE checkpoint to corelm names, fusing per-expert tensors.
+
+    Raises:
+        CorelmError: a tensor is missing, has the wrong shape, or is not understood.
+    """
+    from corelm.io.hf import _IGNORED, expected_shapes
+
+    hf = {(k if k.startswith(("model.", "lm_head.")) else "model." + k): v for k, v in hf_state.items()}
+    _fuse_experts(config, hf)
+    shapes = expected_shapes(config)
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, name in hf_table(config):
+        if hf_name not in hf:
+            raise CorelmError(f"checkpoint is missing tensor {hf_name!r} for a {hf_model_type(config)} model")
+        tensor = hf.pop(hf_name)
+        if tensor.shape != shapes[name]:
+            raise CorelmError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected "
+                              f"{tuple(shapes[name])} from config.json")
+        out[name] = tensor
+    unknown = [k for k in hf if not _IGNORED.search(k) and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if unknown:
+        raise CorelmError(f"checkpoint has {len(unknown)} tensor(s) corelm does not know, e.g. {unknown[:3]}")
+    return out
+
+
+def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`state_dict_from_hf`, one tensor per expert as transformers saves them."""
+    from corelm.io.hf import expected_shapes
+
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
+    shapes = expected_shapes(config)
+    block, (g, u, d) = _EXPERT_NAMES["mixtral" if hf_model_type(config) == "mixtral" else "qwen"]
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, name in hf_table(config):
+        if name not in state:
+            raise CorelmError(f"model state is missing {name!r}")
+        tensor = state[name]
+        if tensor.shape != shapes[name]:
+            raise CorelmError(f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])}")
+        p, _, rest = hf_name.partition(".mlp.")
+        if rest == "gate.weight":
+            out[f"{p}.{block}.gate.weight"] = tensor.contiguous()
+        elif rest == "experts.gate_up_proj":
+            gate, up = tensor.chunk(2, dim=1)  # (E, F, d) each
+            for e in range(config.n_experts):
+                out[f"{p}.{block}.experts.{e}.{g}.weight"] = gate[e].contiguous()
+                out[f"{p}.{block}.experts.{e}.{u}.weight"] = up[e].contiguous()
+        elif rest == "experts.down_proj":
+            for e in range(config.n_experts):
+                out[f"{p}.{block}.experts.{e}.{d}.weight"] = tensor[e].contiguous()
+        else:
+            out[hf_name] = tensor.contiguous()
+    return out
