@@ -14,7 +14,7 @@ from typing import Any
 
 from corelm.errors import CorelmError
 
-FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe")
+FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -25,7 +25,7 @@ class ModelConfig:
     Attributes:
         family: Architecture family: ``gpt2``, ``llama`` (also Mistral, Qwen2, Qwen3), ``bert`` or
             ``gemma`` (Gemma 1, 2 and 3) or ``moe`` (Mixtral, Qwen2-MoE, Qwen3-MoE: Llama attention,
-            mixture-of-experts MLPs).
+            mixture-of-experts MLPs) or ``olmo2`` (OLMo 2: norms after the sub-layers, QK norm).
         name: Preset or checkpoint name, for display only.
         vocab_size: Number of token embeddings.
         n_layer: Number of Transformer blocks.
@@ -124,10 +124,10 @@ class ModelConfig:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.bias is None:
-            self.bias = self.family not in ("llama", "gemma", "moe")
+            self.bias = self.family not in ("llama", "gemma", "moe", "olmo2")
         if self.activation is None:
             self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh",
-                               "moe": "silu"}[self.family]
+                               "moe": "silu", "olmo2": "silu"}[self.family]
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.layer_types is not None:

@@ -69,13 +69,14 @@ _HF_FIELDS: dict[str, list[tuple[str, str, Any]]] = {
 _HF_FIELDS["gemma"] = [row for row in _HF_FIELDS["llama"] if row[0] != "tie_embeddings"] + [
     ("tie_embeddings", "tie_word_embeddings", True),
 ]
+_HF_FIELDS["olmo2"] = _HF_FIELDS["llama"]
 _FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-              "phi3": "llama",
+              "phi3": "llama", "olmo2": "olmo2",
               "bert": "bert", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
                 "swish": "silu", "relu": "relu"}
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining",
-                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
 # Mixture-of-experts decoders (corelm/models/moe.py): Llama's fields and the attention options of
@@ -116,7 +117,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if act not in _ACTIVATIONS:
         raise CorelmError(f"unsupported activation {act!r} in config.json")
     kwargs["activation"] = _ACTIVATIONS[act]
-    if family in ("llama", "gemma", "moe"):
+    if family in ("llama", "gemma", "moe", "olmo2"):
         if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
             raise CorelmError(f"{model_type} configs with attention_bias/mlp_bias are not supported by corelm")
         if hf_config.get("use_bidirectional_attention"):
@@ -150,7 +151,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if family == "bert" and hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise CorelmError("BERT with relative position embeddings is not supported by corelm")
     extra = {k: hf_config[k] for k in _TOKEN_FIELDS if hf_config.get(k) is not None}
-    if family in ("llama", "gemma"):  # kept so an export does not fall back to the class default (Phi-3: 32000)
+    if family in ("llama", "gemma", "olmo2"):  # kept so an export does not fall back to the class default (Phi-3: 32000)
         extra["pad_token_id"] = hf_config.get("pad_token_id")
     extra["model_type"] = model_type
     return ModelConfig(**kwargs, extra=extra)
@@ -235,7 +236,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out["n_ctx"] = config.max_seq_len
         if config.head_dim * config.n_head != config.d_model:
             raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
-    if family in ("llama", "gemma", "moe"):
+    if family in ("llama", "gemma", "moe", "olmo2"):
         out.update(attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta,
                    rope_scaling=config.rope_scaling, sliding_window=config.sliding_window,
                    use_sliding_window=config.sliding_window is not None, max_window_layers=0)
@@ -350,7 +351,23 @@ _BERT_TABLE = [
     ("cls.seq_relationship.weight", "cls.seq_relationship.weight", False),
     ("cls.seq_relationship.bias", "cls.seq_relationship.bias", False),
 ]
-_TABLES = {"gpt2": _GPT2_TABLE, "llama": _LLAMA_TABLE, "bert": _BERT_TABLE, "gemma": _GEMMA_TABLE}
+# OLMo 2 has no input norms: its norms follow attention and the MLP, and q/k are normalised whole.
+_OLMO2_TABLE = [
+    ("model.embed_tokens.weight", "model.embed_tokens.weight", False),
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight", False)
+      for p in "qkvo"],
+    *[(f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"model.layers.{{i}}.self_attn.{p}_norm.weight", False)
+      for p in "qk"],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight", False)
+      for p in ("gate", "up", "down")],
+    ("model.layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", False),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "model.layers.{i}.post_feedforward_layernorm.weight",
+     False),
+    ("model.norm.weight", "model.norm.weight", False),
+    ("lm_head.weight", "lm_head.weight", False),  # only when not tied
+]
+_TABLES = {"gpt2": _GPT2_TABLE, "llama": _LLAMA_TABLE, "bert": _BERT_TABLE, "gemma": _GEMMA_TABLE,
+           "olmo2": _OLMO2_TABLE}
 
 # Checkpoint entries that carry no parameter of corelm (buffers, tied copies).
 _IGNORED = re.compile(
@@ -359,7 +376,7 @@ _IGNORED = re.compile(
 # BERT parts a bare `BertModel` checkpoint (e.g. all-MiniLM) does not have; corelm initialises them.
 OPTIONAL_PREFIXES = {"bert": ("pooler.", "cls.")}
 # HF prefixes some checkpoints omit (the original GPT-2 files, `BertModel` saves).
-_HF_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "", "gemma": ""}
+_HF_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "", "gemma": "", "olmo2": ""}
 
 
 def _expand(config: ModelConfig) -> list[tuple[str, str, bool]]:

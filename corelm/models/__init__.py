@@ -23,6 +23,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from corelm.models.llama import Llama
 
         return Llama(config)
+    if config.family == "olmo2":
+        from corelm.models.olmo2 import Olmo2
+
+        return Olmo2(config)
     if config.family == "gemma":
         from corelm.models.gemma import Gemma
 
