@@ -72,8 +72,12 @@ def test_finetune_and_distill_offer_every_precision_policy(capsys: pytest.Captur
 
 
 @pytest.mark.slow
-def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """fp16 autocast with a GradScaler works on CPU (torch >= 2.3); --eval-every 1 logs the dev set every step."""
+def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 autocast with a GradScaler works on CPU (torch >= 2.3); --eval-every 1 logs the dev set every step,
+    to TensorBoard and (--wandb) to Weights & Biases."""
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from corelm.data import tasks
@@ -85,7 +89,7 @@ def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, cap
     out = tmp_path / "ner"
     assert cli(["finetune", "--model", "minilm-l6", "--task", "ner", "--data", "demo:ner", "--val", str(dev),
                 "--method", "full", "--steps", "3", "--batch-size", "4", "--max-len", "32", "--precision",
-                "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json"]) == 0
+                "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json", "--wandb", "proj"]) == 0
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and "val_f1" in summary
@@ -97,6 +101,8 @@ def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, cap
     events.Reload()
     assert {"train/loss", "val/loss", "val/f1"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert fake.inits[0]["project"] == "proj" and fake.inits[0]["config"]["precision"] == "fp16-mixed"
+    assert [step for data, step in fake.logged if "train/loss" in data] == [1, 2, 3]
 
     # evaluate: the entity-level report and the per-tag one; --scheme bio as in finetune
     assert cli(["evaluate", "--model", str(out), "--task", "ner", "--data", str(dev), "--scheme", "bio",

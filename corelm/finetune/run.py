@@ -94,6 +94,7 @@ class FinetuneArgs:
     save_every: int = 0             # checkpoint every N steps (0: at the end only)
     eval_every: int = 0             # evaluate on the validation set every N steps and print it (0: before and after training only)
     progress: bool = True           # progress bars
+    wandb: str | None = None        # also log to this Weights & Biases project (optional wandb package)
 
 
 def say(message: str) -> None:
@@ -245,7 +246,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                       else max(1, steps * 6 // 100), weight_decay=args.weight_decay, beta2=0.999,
                       precision=args.precision, seed=args.seed, out=args.out, save_every=args.save_every,
                       resume=args.out if args.resume else None, progress=args.progress, eval_every=args.eval_every,
-                      measure_mfu=False, keep_last=2)
+                      measure_mfu=False, keep_last=2, wandb=args.wandb)
     before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:
         say("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))

@@ -103,6 +103,7 @@ class TrainConfig:
     resume: str | None = None       # run or checkpoint directory to continue from
     progress: bool = True           # live progress bar
     tensorboard: bool = True        # write TensorBoard event files
+    wandb: str | None = None        # also log to this Weights & Biases project (optional package; rank 0)
     measure_mfu: bool = True        # measure this device's matmul peak once and log MFU
 
     def __post_init__(self) -> None:
@@ -298,7 +299,7 @@ def train(
     peak = measure_matmul_peak(precision.compute_dtype, device=info.device.type) if (
         cfg.measure_mfu and flops_per_token) else None
     tracker = Tracker(cfg.out, cfg.max_steps, start_step=step, enabled=info.is_main, progress=cfg.progress,
-                      tensorboard=cfg.tensorboard)
+                      tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=dataclasses.asdict(cfg))
     result = TrainResult(step=step, skipped_steps=skipped)
     is_ddp = cfg.parallel == "ddp"
     is_fsdp = cfg.parallel == "fsdp"
