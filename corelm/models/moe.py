@@ -220,7 +220,8 @@ class MoE(nn.Module):
             self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling,
+                              rotary_dim=config.rotary_dim, max_seq_len=config.max_seq_len)
         # the window of the sliding layers, None when every layer attends the whole prefix
         self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
         self.apply(init_normal_)
