@@ -122,3 +122,19 @@ def test_step_choice_and_errors(_built):
     # the bytes a step reads: every matrix once; an untied input embedding is not read whole
     float_bytes = weight_bytes(_tiny())
     assert weight_bytes(model) < float_bytes / 3
+
+
+def test_kernel_step_sliding_window_equals_the_model(_built):
+    """Mistral's window in the C++ step: a 40-token sequence through an 8-token window, one call and
+    token by token, equals the model's own windowed forward."""
+    model = _tiny("int8", seed=3, sharpen=False, sliding_window=8)
+    step = step_for(model)
+    assert isinstance(step, KernelStep)
+    ids = torch.randint(0, 96, (40,)).tolist()
+    with torch.inference_mode():
+        whole = step.extend(step.new_cache(1, 48), 0, ids, 0)
+        cache = step.new_cache(1, 48)
+        one = torch.cat([step.extend(cache, 0, [t], i) for i, t in enumerate(ids)])
+        full = model(torch.tensor([ids]))[0].float()
+    assert torch.equal(whole, one)
+    torch.testing.assert_close(whole, full, rtol=1e-4, atol=1e-4)
