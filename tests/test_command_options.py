@@ -22,6 +22,7 @@ CONVERTED = {
     "predict": ("PredictOptions", "predict"),
     "prepare": ("PrepareOptions", "prepare"),
     "merge": ("MergeOptions", "merge"),
+    "tokenizer": ("TrainTokenizerOptions", "tokenizer"),
 }
 
 
