@@ -138,3 +138,21 @@ def test_kernel_step_sliding_window_equals_the_model(_built):
         full = model(torch.tensor([ids]))[0].float()
     assert torch.equal(whole, one)
     torch.testing.assert_close(whole, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{"qkv_bias": True}, {"qk_norm": True, "head_dim": 32}],
+                         ids=["qwen2-qkv-bias", "qwen3-qk-norm"])
+def test_kernel_step_runs_the_llama_derived_families(_built, extra):
+    """Qwen2's q/k/v biases and Qwen3's per-head QK norms (with a decoupled head_dim) on the C++ step."""
+    model = _tiny("int8", seed=4, sharpen=False, **extra)
+    with torch.no_grad():  # non-trivial biases and norm weights
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("bias" in name or "q_norm" in name or "k_norm" in name):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    step = step_for(model)
+    assert isinstance(step, KernelStep)
+    ids = torch.randint(0, 96, (24,)).tolist()
+    with torch.inference_mode():
+        logits = step.extend(step.new_cache(1, 32), 0, ids, 0)
+        full = model(torch.tensor([ids]))[0].float()
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
