@@ -107,6 +107,7 @@ def one_line(err: str) -> str:
     ("org/name@v1.0", RepoSpec("org/name", "v1.0")),
     ("org/name-GGUF:m-q4_k_m.gguf", RepoSpec("org/name-GGUF", None, "m-q4_k_m.gguf")),
     ("org/name@0123abc:sub/m.gguf", RepoSpec("org/name", "0123abc", "sub/m.gguf")),
+    ("org/name-GGUF:Q4_K_M", RepoSpec("org/name-GGUF", None, "Q4_K_M")),
     ("dir/model.gguf", None),  # a file path, not a repo named "model.gguf"
     ("some/dir/model-00001-of-00003.gguf", None),
     ("../x", None), ("./x", None), ("gpt2", None), ("a--b/c", None), ("-a/b", None), ("/abs/path", None),
@@ -219,6 +220,29 @@ def test_repo_file_form_loads_gguf_and_split_gguf(ggufs: tuple[Path, list[Path]]
     assert out.splitlines()[1].startswith("2 file(s), ")
     with pytest.raises(CorelmError, match="corelm pull org/tiny-GGUF:other.gguf"):
         corelm.load("org/tiny-GGUF:other.gguf")
+
+
+def test_quantization_tag_picks_the_gguf_file(ggufs: tuple[Path, list[Path]], hf_home: Path) -> None:
+    """``repo:Q8_0`` (llama.cpp's -hf spelling) finds the file whose name ends in the tag, split or not."""
+    single, parts = ggufs
+    cache_repo(hf_home, "org/tags-GGUF", {"tiny-Q8_0.gguf": single, "tiny.F16.gguf": single,
+                                          **{p.name.replace("tiny-", "tiny-Q4_K_M-"): p for p in parts}})
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        want = corelm.load(str(single), dtype="fp32").model(ids)
+        for tag in ("Q8_0", "q8_0", "F16", "Q4_K_M"):
+            torch.testing.assert_close(corelm.load(f"org/tags-GGUF:{tag}", dtype="fp32").model(ids), want,
+                                       rtol=0, atol=0)
+    assert "tiny-Q4_K_M-00001-of-00002.gguf" in corelm.load("org/tags-GGUF:Q4_K_M", dtype="fp32").source
+    with pytest.raises(CorelmError, match="corelm pull org/tags-GGUF:Q5_K_M"):  # no such file in the cache
+        corelm.load("org/tags-GGUF:Q5_K_M")
+
+
+def test_gguf_repo_named_without_a_file_says_which_files_it_has(ggufs: tuple[Path, list[Path]],
+                                                                 hf_home: Path) -> None:
+    cache_repo(hf_home, "org/only-GGUF", {"tiny-Q8_0.gguf": ggufs[0]})
+    with pytest.raises(CorelmError, match=r"org/only-GGUF holds GGUF files.*`org/only-GGUF:tiny-Q8_0.gguf`"):
+        corelm.load("org/only-GGUF")
 
 
 # ---- corelm pull --------------------------------------------------------------------------------------

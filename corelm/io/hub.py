@@ -5,6 +5,7 @@ Spellings (``REPO`` is ``org/name``)::
     org/name                         the repo's HF checkpoint (config.json, safetensors, tokenizer files)
     org/name@REVISION                a branch, tag or commit
     org/name:file.gguf               one GGUF file of the repo (every part of a -00001-of-0000N split)
+    org/name:Q4_K_M                  the repo's GGUF file of that quantization (llama.cpp's ``-hf`` tag)
     org/name@REVISION:file.gguf
 
 Only the files corelm reads are fetched (:data:`CHECKPOINT_FILES`; for GGUF, the named file and its
@@ -19,6 +20,7 @@ cached model loads without a network round trip and never changes under a user b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -49,6 +51,10 @@ _SPEC = re.compile(rf"^(?P<repo>{_NAME}/{_NAME})(?:@(?P<revision>[^:@\s]+))?(?::
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
+class NotCached(CorelmError):
+    """The files of a spec are not (all) in the local cache."""
+
+
 @dataclass(frozen=True)
 class RepoSpec:
     """A parsed ``org/name[@revision][:file]``."""
@@ -58,7 +64,8 @@ class RepoSpec:
     filename: str | None = None
 
     def __str__(self) -> str:
-        return self.repo_id + (f"@{self.revision}" if self.revision else "") + (f":{self.filename}" if self.filename else "")
+        revision = f"@{self.revision}" if self.revision else ""
+        return self.repo_id + revision + (f":{self.filename}" if self.filename else "")
 
 
 def parse_spec(text: str) -> RepoSpec | None:
@@ -71,7 +78,8 @@ def parse_spec(text: str) -> RepoSpec | None:
     if match is None:
         return None
     repo = match["repo"]
-    if "--" in repo or ".." in repo or (match["file"] is None and repo.endswith((".gguf", ".safetensors", ".json"))):
+    looks_like_file = match["file"] is None and repo.endswith((".gguf", ".safetensors", ".json"))
+    if "--" in repo or ".." in repo or looks_like_file:
         return None
     return RepoSpec(repo, match["revision"], match["file"])
 
@@ -105,7 +113,7 @@ def locate(spec: RepoSpec) -> Path:
     """
     try:
         return _fetch(spec, local_only=True)
-    except CorelmError:
+    except NotCached:
         if offline():
             raise CorelmError(f"{spec} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE "
                               f"is set: fetch it with `corelm pull {spec}` while online") from None
@@ -119,7 +127,7 @@ def download(spec: RepoSpec) -> Path:
     if offline():
         try:
             return _fetch(spec, local_only=True)
-        except CorelmError:
+        except NotCached:
             raise CorelmError(f"{spec} is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE is "
                               "set: unset it to download") from None
     return _fetch(spec, local_only=False)
@@ -151,6 +159,8 @@ def _fetch_files(spec: RepoSpec, local_only: bool) -> Path:
 
     cache = _cache_dir()
     try:
+        if spec.filename is not None and "." not in spec.filename:  # a quantization tag: find its file
+            spec = dataclasses.replace(spec, filename=_tagged_file(spec, local_only))
         if spec.filename is not None:
             paths = [Path(hf_hub_download(spec.repo_id, name, revision=spec.revision, cache_dir=cache,
                                           local_files_only=local_only, library_name="corelm"))
@@ -169,7 +179,7 @@ def _fetch_files(spec: RepoSpec, local_only: bool) -> Path:
                           "`hf auth login` or set HF_TOKEN)") from None
     except hub.LocalEntryNotFoundError:
         if local_only:
-            raise CorelmError(f"{spec} is not cached") from None
+            raise NotCached(f"{spec} is not cached") from None
         raise CorelmError(f"cannot reach the Hugging Face Hub to download {spec} (no network?)") from None
     except hub.EntryNotFoundError:
         raise CorelmError(f"{spec.repo_id} has no file {spec.filename!r}") from None
@@ -178,13 +188,44 @@ def _fetch_files(spec: RepoSpec, local_only: bool) -> Path:
     except hub.HFValidationError as exc:
         raise CorelmError(f"{spec}: {str(exc).splitlines()[0]}") from None
     except (hub.HfHubHTTPError, OSError) as exc:  # HTTP errors, connection failures, a full disk
-        raise CorelmError(f"downloading {spec} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorelmError(f"downloading {spec} failed: {reason}") from None
     if not _complete(snapshot):
+        if local_only and any(snapshot.rglob("*.gguf")):  # a GGUF repo pulled before, named without a file
+            cached = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*.gguf")]
+            raise CorelmError(_not_a_checkpoint(spec, cached))
         if local_only:
-            raise CorelmError(f"{spec} is not (completely) cached")
+            raise NotCached(f"{spec} is not (completely) cached")
         raise CorelmError(_not_a_checkpoint(spec))
     return snapshot
+
+
+def _repo_files(spec: RepoSpec, local_only: bool) -> list[str]:
+    """The file names of the repo at ``spec.revision``: from the cached snapshot, or listed by the Hub."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    if local_only:
+        snapshot = Path(snapshot_download(spec.repo_id, revision=spec.revision, cache_dir=_cache_dir(),
+                                          local_files_only=True, allow_patterns=["*.gguf"]))
+        return [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+    return list_repo_files(spec.repo_id, revision=spec.revision)
+
+
+def _tagged_file(spec: RepoSpec, local_only: bool) -> str:
+    """The GGUF file of quantization ``spec.filename`` (``Q4_K_M``): the one whose name ends in the tag,
+    before ``.gguf`` or a split suffix (``x-Q4_K_M.gguf``, ``x.q4_k_m-00001-of-00002.gguf``)."""
+    tag = spec.filename or ""
+    pattern = re.compile(rf"(?:^|[-._]){re.escape(tag)}(?:-00001-of-\d{{5}})?\.gguf$", re.IGNORECASE)
+    files = _repo_files(spec, local_only)
+    hits = sorted(f for f in files if pattern.search(Path(f).name) and "mmproj" not in Path(f).name)
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise CorelmError(f"{spec.repo_id} has {len(hits)} GGUF files tagged {tag}: name one "
+                          f"({', '.join(hits[:6])})")
+    if local_only:
+        raise NotCached(f"{spec} is not cached")
+    raise CorelmError(_not_a_checkpoint(spec, [f for f in files if f.endswith(".gguf")], f"no {tag} file in"))
 
 
 @contextmanager
@@ -216,17 +257,26 @@ def _complete(snapshot: Path) -> bool:
     return (snapshot / "model.safetensors").is_file()
 
 
-def _not_a_checkpoint(spec: RepoSpec) -> str:
-    """Say what the repo holds instead: most often GGUF files, which need a ``:file`` to pick one."""
-    try:
-        from huggingface_hub import list_repo_files
+def _is_first_part(name: str) -> bool:
+    """A whole GGUF file, or the first part of a split (the name a user gives for all of them)."""
+    match = SPLIT_NAME.match(name)
+    return match is None or match["no"] == "00001"
 
-        ggufs = sorted(f for f in list_repo_files(spec.repo_id, revision=spec.revision) if f.endswith(".gguf"))
-    except Exception:  # noqa: BLE001 -- only a hint: the error below stands on its own
-        ggufs = []
-    firsts = [f for f in ggufs if SPLIT_NAME.match(f) is None or SPLIT_NAME.match(f)["no"] == "00001"]
+
+def _not_a_checkpoint(spec: RepoSpec, ggufs: list[str] | None = None, what: str = "") -> str:
+    """Say what the repo holds instead: most often GGUF files, which need a ``:file`` to pick one."""
+    if ggufs is None:
+        try:
+            from huggingface_hub import list_repo_files
+
+            ggufs = [f for f in list_repo_files(spec.repo_id, revision=spec.revision) if f.endswith(".gguf")]
+        except Exception:  # noqa: BLE001 -- only a hint: the error below stands on its own
+            ggufs = []
+    firsts = sorted(f for f in ggufs if _is_first_part(Path(f).name))
+    head = f"{what} {spec.repo_id}" if what else f"{spec.repo_id} holds GGUF files, not an HF checkpoint"
     if firsts:
         shown = ", ".join(firsts[:6]) + (", ..." if len(firsts) > 6 else "")
-        return (f"{spec.repo_id} holds GGUF files, not an HF checkpoint: name one, e.g. "
-                f"`{spec.repo_id}:{firsts[0]}` ({shown})")
+        return f"{head}: name one, e.g. `{spec.repo_id}:{firsts[0]}` ({shown})"
+    if what:
+        return f"{what} {spec.repo_id}, and no GGUF files at all"
     return f"{spec.repo_id} is not a checkpoint corelm reads (no config.json with model.safetensors)"
