@@ -23,6 +23,7 @@ CONVERTED = {
     "prepare": ("PrepareOptions", "prepare"),
     "merge": ("MergeOptions", "merge"),
     "tokenizer": ("TrainTokenizerOptions", "tokenizer"),
+    "plan": ("PlanOptions", "plan"),
 }
 
 
@@ -113,3 +114,16 @@ def test_models_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -
     assert json.loads(capsys.readouterr().out) == models(ModelsOptions(family="llama"))
     with pytest.raises(CorelmError, match="--family: invalid choice"):
         ModelsOptions(family="t5")  # type: ignore[arg-type]
+
+
+def test_plan_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from corelm.commands.plan import PlanOptions, plan
+
+    argv = ["--model", "smollm2-135m", "--task", "infer", "--context", "2048", "--batch", "4", "--hardware", "l4"]
+    assert main(["plan", *argv, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    python = plan(PlanOptions(model="smollm2-135m", task="infer", context=2048, batch=4, hardware="l4"))
+    assert json.loads(json.dumps(python.to_dict(), default=str)) == cli
+    assert main(["plan", "--model", "llama-3-8b", "--config", "c.json"]) == 2  # one of the two, never both
+    with pytest.raises(CorelmError, match="--model or --config, not both"):
+        PlanOptions(model="llama-3-8b", config="c.json")

@@ -202,7 +202,9 @@ def add_fields(ap: argparse.ArgumentParser, options_cls: type) -> argparse.Argum
         default, flag = _default(f), _flag(f)
         target = ap
         if "group" in f.metadata:
-            target = groups.setdefault(f.metadata["group"], ap.add_mutually_exclusive_group())
+            if f.metadata["group"] not in groups:
+                groups[f.metadata["group"]] = ap.add_mutually_exclusive_group()
+            target = groups[f.metadata["group"]]
         if "dtype" in f.metadata:
             add_dtype(target, default, helptext, **_meta(f, "dtype"))
             continue

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_file
 from corelm.plan import formulas as F
@@ -24,57 +25,69 @@ from corelm.plan.hardware import get_hardware, hardware_ids, load_profile
 GiB = F.GiB
 
 
+@dataclass
+class PlanOptions(Options):
+    """The model, workload and hardware ``corelm plan`` predicts for."""
+
+    model: str | None = option(None, "preset name (see `corelm models`), e.g. llama-3-8b", group="source")
+    config: str | None = option(None, "a corelm config (YAML/JSON of ModelConfig fields) or a Hugging Face "
+                                      "config.json", group="source")
+    task: str = option("pretrain", "what to plan", choices=P.TASKS)
+    method: str = option("full", "fine-tuning method (qlora = 4-bit NF4 base weights + LoRA)", choices=P.METHODS)
+    tokens: float | None = option(None, "training tokens for the whole run (default: 20 per parameter, Chinchilla)")
+    seq_len: int | None = option(None, "training sequence length (default: min(context, 4096))")
+    batch: int | None = option(None, "global batch in sequences (pretrain default ~1M tokens/step; finetune 8) "
+                                     "or concurrent sequences at inference (default 1)")
+    micro_batch: int | None = option(None, "sequences per device per forward (default: choose)")
+    context: int | None = option(None, "inference: tokens in the KV cache per sequence")
+    new_tokens: int = option(256, "inference: tokens generated per sequence (timing)")
+    hardware: str | None = option(None, f"catalog id, comma-separated ids, or 'all' ({', '.join(hardware_ids())}); "
+                                        "default h100-sxm, or all with --budget-usd")
+    count: int | None = option(None, "devices (default: the fewest that fit)")
+    precision: str | None = option(None, "training precision policy (default: bf16-mixed where the device has bf16)",
+                                   choices=list(F.PRECISIONS))
+    dtype: str | None = option(None, "inference weight dtype (default: the device's fast 16-bit type)",
+                               choices=list(F.DTYPE_BYTES))
+    optimizer: str = option("adamw", "optimizer", choices=list(F.OPTIMIZER_BYTES))
+    zero: int | None = option(None, "ZeRO stage 0-3 (3 = FSDP full shard; default: choose)")
+    tp: int | None = option(None, "tensor-parallel degree (must divide the heads; default: choose)")
+    recompute: str | None = option(None, "activation checkpointing (default: the least that fits)",
+                                   choices=F.RECOMPUTE_MODES)
+    lora_rank: int = option(16, "LoRA rank")
+    lora_targets: str = option("all", "LoRA target matrices", choices=list(F.LORA_TARGETS))
+    mfu: float | None = option(None, "time with this measured model-FLOPs utilization instead of the catalog's "
+                                     "efficiency")
+    price_usd: float | None = option(None, "override the price per device-hour")
+    budget_usd: float | None = option(None, "what to rent: per device kind, the count that finishes soonest within "
+                                            "this budget")
+    max_count: int = option(64, "--budget-usd: the most devices of one kind you can rent at once")
+    profile: str | None = option(None, "a profile saved by `corelm bench --save` (replaces the cpu row, or the row "
+                                       "it names)")
+    json: bool = option(False, "print one JSON object instead of the table")
+    plot: str | None = option(None, "save a PNG: memory breakdown per device and a roofline with the operating "
+                                    "points", metavar="PNG")
+
+    def check(self) -> None:
+        if self.model is not None and self.config is not None:
+            raise CorelmError("give --model or --config, not both")
+        if self.price_usd is not None and self.price_usd < 0:
+            raise CorelmError(f"price must be >= 0, got {self.price_usd}")
+        if self.count is not None and self.count < 1:
+            raise CorelmError(f"count must be >= 1, got {self.count}")
+        if self.budget_usd is not None:
+            if self.task == "infer":
+                raise CorelmError("--budget-usd plans training runs; for serving compare $/1M tokens with "
+                                  "--hardware all")
+            if self.max_count < 1:
+                raise CorelmError(f"max-count must be >= 1, got {self.max_count}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm plan",
+    return parser_from(
+        PlanOptions, prog="corelm plan",
         description="Predict memory per device (weights, gradients, optimizer, activations, logits, KV cache), "
                     "FLOPs, step time, total time, cost and energy of training, fine-tuning or serving a model, "
-                    "and recommend a precision/parallelism/checkpointing layout that fits.",
-        formatter_class=HelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="preset name (see `corelm models`), e.g. llama-3-8b")
-    src.add_argument("--config", default=None,
-                     help="a corelm config (YAML/JSON of ModelConfig fields) or a Hugging Face config.json")
-    ap.add_argument("--task", default="pretrain", choices=P.TASKS, help="what to plan")
-    ap.add_argument("--method", default="full", choices=P.METHODS,
-                    help="fine-tuning method (qlora = 4-bit NF4 base weights + LoRA)")
-    ap.add_argument("--tokens", type=float, default=None,
-                    help="training tokens for the whole run (default: 20 per parameter, Chinchilla)")
-    ap.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: min(context, 4096))")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="global batch in sequences (pretrain default ~1M tokens/step; finetune 8) "
-                         "or concurrent sequences at inference (default 1)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per device per forward (default: choose)")
-    ap.add_argument("--context", type=int, default=None, help="inference: tokens in the KV cache per sequence")
-    ap.add_argument("--new-tokens", type=int, default=256, help="inference: tokens generated per sequence (timing)")
-    ap.add_argument("--hardware", default=None,
-                    help=f"catalog id, comma-separated ids, or 'all' ({', '.join(hardware_ids())}); "
-                         "default h100-sxm, or all with --budget-usd")
-    ap.add_argument("--count", type=int, default=None, help="devices (default: the fewest that fit)")
-    ap.add_argument("--precision", default=None, choices=list(F.PRECISIONS),
-                    help="training precision policy (default: bf16-mixed where the device has bf16)")
-    ap.add_argument("--dtype", default=None, choices=list(F.DTYPE_BYTES),
-                    help="inference weight dtype (default: the device's fast 16-bit type)")
-    ap.add_argument("--optimizer", default="adamw", choices=list(F.OPTIMIZER_BYTES), help="optimizer")
-    ap.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 (3 = FSDP full shard; default: choose)")
-    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (must divide the heads; default: choose)")
-    ap.add_argument("--recompute", default=None, choices=F.RECOMPUTE_MODES,
-                    help="activation checkpointing (default: the least that fits)")
-    ap.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
-    ap.add_argument("--lora-targets", default="all", choices=list(F.LORA_TARGETS), help="LoRA target matrices")
-    ap.add_argument("--mfu", type=float, default=None,
-                    help="time with this measured model-FLOPs utilization instead of the catalog's efficiency")
-    ap.add_argument("--price-usd", type=float, default=None, help="override the price per device-hour")
-    ap.add_argument("--budget-usd", type=float, default=None,
-                    help="what to rent: per device kind, the count that finishes soonest within this budget")
-    ap.add_argument("--max-count", type=int, default=64,
-                    help="--budget-usd: the most devices of one kind you can rent at once")
-    ap.add_argument("--profile", default=None,
-                    help="a profile saved by `corelm bench --save` (replaces the cpu row, or the row it names)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--plot", default=None, metavar="PNG",
-                    help="save a PNG: memory breakdown per device and a roofline with the operating points")
-    return ap
+                    "and recommend a precision/parallelism/checkpointing layout that fits.")
 
 
 def _gib(x: float | None) -> str:
@@ -160,40 +173,38 @@ def render(p: P.Plan, budget: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def plan(options: PlanOptions) -> P.Plan:
+    """The plan (``.to_dict()`` is what ``--json`` prints); with ``options.plot``, the PNG is saved too."""
     from corelm.loading import config_for
 
-    args = build_parser().parse_args(argv)
-    cfg = config_for(args.model, args.config)
-    profile = load_profile(args.profile) if args.profile else None
-    hw = args.hardware or ("all" if args.budget_usd is not None else "h100-sxm")
+    cfg = config_for(options.model, options.config)
+    profile = load_profile(options.profile) if options.profile else None
+    hw = options.hardware or ("all" if options.budget_usd is not None else "h100-sxm")
     ids = hardware_ids() if hw == "all" else [h.strip() for h in hw.split(",") if h.strip()]
     rows = [get_hardware(h, profile) for h in ids]
-    if args.price_usd is not None:
-        if args.price_usd < 0:
-            raise CorelmError(f"price must be >= 0, got {args.price_usd}")
+    if options.price_usd is not None:
         for r in rows:
-            r.usd_per_hour = args.price_usd
-    if args.count is not None and args.count < 1:
-        raise CorelmError(f"count must be >= 1, got {args.count}")
-    w = P.Workload(task=args.task, method=args.method, seq_len=args.seq_len, batch=args.batch, tokens=args.tokens,
-                   context=args.context, new_tokens=args.new_tokens, precision=args.precision, dtype=args.dtype,
-                   optimizer=args.optimizer, zero=args.zero, tp=args.tp, recompute=args.recompute,
-                   micro_batch=args.micro_batch, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
-                   mfu=args.mfu)
-    if args.budget_usd is not None:
-        if args.task == "infer":
-            raise CorelmError("--budget-usd plans training runs; for serving compare $/1M tokens with --hardware all")
-        if args.max_count < 1:
-            raise CorelmError(f"max-count must be >= 1, got {args.max_count}")
-        p = P.plan_budget(cfg, w, rows, args.budget_usd, max_count=args.max_count)
+            r.usd_per_hour = options.price_usd
+    o = options
+    w = P.Workload(task=o.task, method=o.method, seq_len=o.seq_len, batch=o.batch, tokens=o.tokens, context=o.context,
+                   new_tokens=o.new_tokens, precision=o.precision, dtype=o.dtype, optimizer=o.optimizer, zero=o.zero,
+                   tp=o.tp, recompute=o.recompute, micro_batch=o.micro_batch, lora_rank=o.lora_rank,
+                   lora_targets=o.lora_targets, mfu=o.mfu)
+    if options.budget_usd is not None:
+        p = P.plan_budget(cfg, w, rows, options.budget_usd, max_count=options.max_count)
     else:
-        p = P.plan(cfg, w, rows, args.count)
-    if args.plot:
+        p = P.plan(cfg, w, rows, options.count)
+    if options.plot:
         from corelm.plan.plots import plot_plan
 
-        with atomic_file(args.plot) as tmp:
+        with atomic_file(options.plot) as tmp:
             plot_plan(p, cfg, rows, str(tmp))
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = options_from(PlanOptions, build_parser().parse_args(argv))
+    p = plan(args)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:
