@@ -8,6 +8,9 @@ cache, prompts longer than any sliding window) equals ``generate(do_sample=False
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -154,3 +157,91 @@ def test_save_hf_dir_round_trips_through_transformers(checkpoint, tmp_path):
     ids = torch.randint(0, VOCAB, (1, 3 * WINDOW), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, hf(ids).logits, **TOL)
+
+
+# ---- GGUF: a tiny file written with the `gguf` package as llama.cpp's converter would -------------
+GGUF_CONFIGS = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 24}),
+    "gemma": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+                          "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
+    # llama.cpp's conventions: every 6th layer global, local RoPE base 10000 (written as freq_base_swa)
+    "gemma3": ("gemma3_text", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+                               "num_hidden_layers": 6,
+                               "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                   "sliding_attention": {"rope_type": "default",
+                                                                         "rope_theta": 10000.0}}}),
+    "phi3": ("phi3", {"original_max_position_embeddings": 8, "max_position_embeddings": 64,
+                      "sliding_window": WINDOW, "tie_word_embeddings": False,
+                      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                          "long_factor": [1.0 + 0.2 * i for i in range(6)],
+                                          "short_factor": [1.0 + 0.05 * i for i in range(6)]}}),
+}
+
+
+def _write_gguf(path, arch: str, hf) -> None:
+    import gguf
+
+    cfg = hf.config
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(cfg.rope_parameters["sliding_attention"]["rope_theta"])
+    if getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        factor = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(cfg.original_max_position_embeddings)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    for name, tensor in hf.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        target = names.get_name(base)
+        assert target is not None, name
+        data = tensor.float().numpy()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1.0  # convert_hf_to_gguf.py's Gemma converters store 1 + w
+        w.add_tensor(f"{target}.{suffix}", data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CONFIGS))
+def test_gguf_architectures_load_with_parity(arch, tmp_path):
+    model_type, options = GGUF_CONFIGS[arch]
+    options = dict(COMMON, **options)
+    torch.manual_seed(0)
+    hf_config = transformers.AutoConfig.for_model(model_type, **options)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    _randomize(hf)
+    _write_gguf(tmp_path / "tiny.gguf", arch, hf)
+    llm = corelm.load(tmp_path / "tiny.gguf", dtype="fp32")
+    assert llm.config.extra["model_type"] == model_type
+    ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(4))
+    ours, ref, diff = _logits_diff(llm.model, hf, ids)
+    print(f"gguf {arch}: max |logit diff| = {diff:.2e}")
+    torch.testing.assert_close(ours, ref, **TOL)

@@ -32,7 +32,11 @@ from corelm.errors import CorelmError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# GGUF architecture -> (corelm family, HF model_type written on export)
+_ARCH_MODEL = {"llama": ("llama", "llama"), "qwen2": ("llama", "qwen2"), "qwen3": ("llama", "qwen3"),
+               "phi3": ("llama", "phi3"), "gemma": ("gemma", "gemma"), "gemma2": ("gemma", "gemma2"),
+               "gemma3": ("gemma", "gemma3_text")}
 
 # Value type ids of the GGUF spec -> struct format (scalars) ; 8 = string, 9 = array.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -365,7 +369,14 @@ def _arch(gguf: GGUFFile) -> str:
 
 
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
-    """Build a :class:`ModelConfig` from the ``llama.*`` metadata keys."""
+    """Build a :class:`ModelConfig` from the ``<arch>.*`` metadata keys (llama.cpp's names).
+
+    Architecture specifics follow llama.cpp (``src/llama-model.cpp``, ``convert_hf_to_gguf.py``):
+    Qwen2 has q/k/v biases, Qwen3 and Gemma 3 QK norms; Gemma 2 alternates sliding/global layers
+    starting with a sliding one, Gemma 3 makes every 6th layer global and slides the others with a
+    RoPE base of 10000; both scale queries by ``(d_model / n_head) ** -0.5`` in their 27B models
+    (46 and 62 layers) and by ``head_dim ** -0.5`` otherwise. Phi-3's LongRoPE factors are tensors.
+    """
     arch = _arch(gguf)
     md = gguf.metadata
 
@@ -389,22 +400,60 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         orig = md.get(f"{arch}.rope.scaling.original_context_length")
         if orig:
             rope_scaling["original_max_position_embeddings"] = int(orig)
+    family, model_type = _ARCH_MODEL[arch]
+    n_layer = int(key("block_count"))
+    head_dim = int(head_dim) if head_dim else d_model // n_head
+    options: dict[str, Any] = {}
+    if arch in ("llama", "qwen2", "qwen3", "phi3"):
+        options.update(bias=False, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+                       tie_embeddings="output.weight" not in gguf.tensors)
+    else:  # the Gemmas: GeGLU (tanh), tied embeddings unless an output tensor is present
+        options.update(activation="gelu_tanh", tie_embeddings="output.weight" not in gguf.tensors)
+    window = md.get(f"{arch}.attention.sliding_window")
+    if arch == "gemma2":
+        options.update(sandwich_norm=True, sliding_window=int(window), attn_softcap=md.get(f"{arch}.attn_logit_softcapping"),
+                       final_softcap=md.get(f"{arch}.final_logit_softcapping"),
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)],
+                       query_pre_attn_scalar=d_model // n_head if n_layer == 46 else head_dim)
+    if arch == "gemma3":
+        pattern = md.get(f"{arch}.attention.sliding_window_pattern", 6)
+        if isinstance(pattern, (list, tuple)):  # newer files: one bool per layer, True = sliding
+            layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            layer_types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention"
+                           for i in range(n_layer)]
+        options.update(sandwich_norm=True, qk_norm=True, sliding_window=int(window), layer_types=layer_types,
+                       rope_local_theta=float(md.get(f"{arch}.rope.freq_base_swa", 10000.0)),
+                       final_softcap=md.get(f"{arch}.final_logit_softcapping"),
+                       query_pre_attn_scalar=d_model // n_head if n_layer == 62 else head_dim)
+    if arch == "phi3":
+        options["sliding_window"] = int(window) if window else None
+        rot = md.get(f"{arch}.rope.dimension_count")
+        if rot and int(rot) < head_dim:
+            options["rotary_dim"] = int(rot)
+        if "rope_factors_long.weight" in gguf.tensors:
+            rope_scaling = {"rope_type": "longrope",
+                            "long_factor": gguf.tensor("rope_factors_long.weight").tolist(),
+                            "short_factor": gguf.tensor("rope_factors_short.weight").tolist(),
+                            "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+            if md.get(f"{arch}.rope.scaling.attn_factor") is not None:
+                rope_scaling["attention_factor"] = float(md[f"{arch}.rope.scaling.attn_factor"])
     return ModelConfig(
-        family="llama",
+        family=family,
         name=str(md.get("general.name", gguf.path.stem)),
         vocab_size=int(vocab),
-        n_layer=int(key("block_count")),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_head=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
         d_model=d_model,
         d_ff=int(key("feed_forward_length")),
-        head_dim=int(head_dim) if head_dim else None,
+        head_dim=head_dim,
         max_seq_len=int(key("context_length")),
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        tie_embeddings="output.weight" not in gguf.tensors,
-        bias=False,
+        extra={"model_type": model_type},
+        **options,
     )
 
 
@@ -422,20 +471,41 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-# Tensors llama.cpp stores that HF checkpoints do not have (precomputed RoPE frequencies).
-_IGNORED = ("rope_freqs.weight",)
+# Per architecture, what differs from llama's table (gguf-py's tensor_mapping.py names). Gemma 2/3
+# call their pre-MLP norm `ffn_norm` and add post norms; Phi-3 stores q/k/v fused (`attn_qkv`) and
+# gate/up fused in `ffn_up`, split at load (see _FUSED).
+_ARCH_LAYER_NAMES = {
+    "llama": _LAYER_NAMES,
+    "qwen2": _LAYER_NAMES,
+    "qwen3": {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "phi3": {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"},
+    "gemma2": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "gemma3": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+               "attn_k_norm": "self_attn.k_norm"},
+}
+# Tensors llama.cpp stores that HF checkpoints do not have (precomputed RoPE frequencies; Phi-3's
+# LongRoPE factors, read into the config instead).
+_IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """Map a GGUF llama tensor name to its HF name (``None`` for tensors HF does not keep)."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Map a GGUF tensor name to its corelm/HF name (``None`` for tensors HF does not keep).
+
+    Phi-3's fused ``attn_qkv``/``ffn_up`` map to ``qkv_proj``/``gate_up_proj``, which
+    :func:`load_gguf_state_dict` splits.
+    """
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name in _IGNORED:
         return None
+    names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     parts = gguf_name.split(".")  # blk.N.attn_q.weight
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    raise CorelmError(f"unexpected tensor {gguf_name!r} in a llama GGUF file")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    raise CorelmError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF file")
 
 
 def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
@@ -444,17 +514,28 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
 
     Shapes are checked against ``config`` so a mismatched file fails with the tensor's name.
     """
-    _arch(gguf)
+    arch = _arch(gguf)
     hd, d = config.head_dim, config.d_model
     expected = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,),
                 "lm_head.weight": (config.vocab_size, d)}
-    per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+    ffn_norm = "pre_feedforward_layernorm" if config.family == "gemma" else "post_attention_layernorm"
+    per_layer = {"input_layernorm.weight": (d,), f"{ffn_norm}.weight": (d,),
                  "self_attn.q_proj.weight": (config.n_head * hd, d),
                  "self_attn.k_proj.weight": (config.n_kv_head * hd, d),
                  "self_attn.v_proj.weight": (config.n_kv_head * hd, d),
                  "self_attn.o_proj.weight": (d, config.n_head * hd),
                  "mlp.gate_proj.weight": (config.d_ff, d), "mlp.up_proj.weight": (config.d_ff, d),
                  "mlp.down_proj.weight": (d, config.d_ff)}
+    if config.qkv_bias:
+        per_layer.update({"self_attn.q_proj.bias": (config.n_head * hd,), "self_attn.k_proj.bias": (config.n_kv_head * hd,),
+                          "self_attn.v_proj.bias": (config.n_kv_head * hd,)})
+    if config.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    if config.sandwich_norm:
+        per_layer.update({"post_attention_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)})
+    if arch == "phi3":  # fused in the file: checked here, split by _load_one
+        per_layer["self_attn.qkv_proj.weight"] = ((config.n_head + 2 * config.n_kv_head) * hd, d)
+        per_layer["mlp.gate_up_proj.weight"] = (2 * config.d_ff, d)
     for i in range(config.n_layer):
         expected.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
     state: dict[str, torch.Tensor] = {}
@@ -464,27 +545,43 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
     torch.set_num_threads(1)
     try:
         for name, info in gguf.tensors.items():
-            _load_one(gguf, name, info, config, expected, dtype, state)
+            _load_one(gguf, name, info, config, expected, dtype, state, arch)
     finally:
         torch.set_num_threads(threads)
-    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)]
+    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)
+               and not k.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]
     if missing:
         raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     return state
 
 
 def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, config: ModelConfig,
-              expected: dict[str, tuple[int, ...]], dtype: torch.dtype, state: dict[str, torch.Tensor]) -> None:
-    target = hf_name(name)
+              expected: dict[str, tuple[int, ...]], dtype: torch.dtype, state: dict[str, torch.Tensor],
+              arch: str = "llama") -> None:
+    target = hf_name(name, arch)
     if target is None:
         return
     w = dequantize(gguf.raw(name), info.qtype, info.shape)
-    if target.endswith("q_proj.weight"):
-        w = unpermute_rows(w, config.n_head)
-    elif target.endswith("k_proj.weight"):
-        w = unpermute_rows(w, config.n_kv_head)
+    if arch == "llama":  # only llama.cpp's LlamaModel converter permutes Q/K rows (the others use NeoX RoPE)
+        if target.endswith("q_proj.weight"):
+            w = unpermute_rows(w, config.n_head)
+        elif target.endswith("k_proj.weight"):
+            w = unpermute_rows(w, config.n_kv_head)
     want = expected.get(target)
     if want is None or tuple(w.shape) != want:
         raise CorelmError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
+    if config.family == "gemma" and target.endswith("norm.weight"):
+        # llama.cpp's Gemma converters store 1 + w (its RMSNorm multiplies by the weight as is)
+        w = w.float() - 1.0
     # F32 tensors are still views of the read-only map: copy them so the model owns its memory.
-    state[target] = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
+    w = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
+    if target.endswith("qkv_proj.weight"):  # Phi-3: rows q, then k, then v
+        hd = config.head_dim
+        sizes = [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
+        for part, chunk in zip(("q_proj", "k_proj", "v_proj"), w.split(sizes)):
+            state[target.replace("qkv_proj", part)] = chunk
+    elif target.endswith("gate_up_proj.weight"):  # Phi-3: rows gate, then up
+        for part, chunk in zip(("gate_proj", "up_proj"), w.split(config.d_ff)):
+            state[target.replace("gate_up_proj", part)] = chunk
+    else:
+        state[target] = w
