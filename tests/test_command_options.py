@@ -24,6 +24,7 @@ CONVERTED = {
     "merge": ("MergeOptions", "merge"),
     "tokenizer": ("TrainTokenizerOptions", "tokenizer"),
     "plan": ("PlanOptions", "plan"),
+    "bench": ("BenchOptions", "bench"),
 }
 
 

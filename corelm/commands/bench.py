@@ -19,41 +19,49 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
-from corelm.commands.args import HelpFormatter, Parser, add_device, add_dtype, add_precision
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
 
 GiB = 1024**3
 
 
+@dataclass
+class BenchOptions(Options):
+    """What ``corelm bench`` measures."""
+
+    model: str | None = option(None, "preset or embedded model (default gpt2-tiny for --train, "
+                                     "smollm2-135m-instruct for --decode)")
+    config: str | None = option(None, "a model config file instead of --model (for --train)")
+    train: bool = option(False, "run real training steps and compare with the planner")
+    decode: bool = option(False, "run greedy decoding and compare with the bandwidth bound")
+    batch: int = option(8, "--train: sequences per step")
+    seq_len: int = option(256, "--train: tokens per sequence")
+    steps: int = option(4, "--train: optimizer steps (the first is not timed)")
+    precision: str | None = option(None, "--train: precision policy (default fp32 on CPU, bf16-mixed on GPU)",
+                                   precision=True)
+    new_tokens: int = option(64, "--decode: tokens to generate")
+    dtype: str = option("auto", "--decode: weight dtype", dtype=True)
+    device: str = option("auto", "where to measure", device=True)
+    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    quick: bool = option(False, "shorter measurements (less precise)")
+    profile: str | None = option(None, "read calibrated efficiencies from a saved profile (e.g. train_efficiency)")
+    save: str | None = option(None, "save the measured profile (and train efficiency) for `corelm plan --profile`",
+                              metavar="JSON")
+    json: bool = option(False, "print one JSON object")
+
+    def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise CorelmError("--threads must be >= 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm bench",
+    return parser_from(
+        BenchOptions, prog="corelm bench",
         description="Measure this machine (matmul FLOP/s per dtype, memory bandwidth), run real corelm "
                     "training steps or decoding, and print predicted vs measured peak memory, step time "
-                    "and tokens/s with the error.",
-        formatter_class=HelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="preset or embedded model (default gpt2-tiny for --train, "
-                         "smollm2-135m-instruct for --decode)")
-    ap.add_argument("--config", default=None, help="a model config file instead of --model (for --train)")
-    ap.add_argument("--train", action="store_true", help="run real training steps and compare with the planner")
-    ap.add_argument("--decode", action="store_true", help="run greedy decoding and compare with the bandwidth bound")
-    ap.add_argument("--batch", type=int, default=8, help="--train: sequences per step")
-    ap.add_argument("--seq-len", type=int, default=256, help="--train: tokens per sequence")
-    ap.add_argument("--steps", type=int, default=4, help="--train: optimizer steps (the first is not timed)")
-    add_precision(ap, None, "--train: precision policy (default fp32 on CPU, bf16-mixed on GPU)")
-    ap.add_argument("--new-tokens", type=int, default=64, help="--decode: tokens to generate")
-    add_dtype(ap, "auto", "--decode: weight dtype")
-    add_device(ap, "auto", "where to measure")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    ap.add_argument("--quick", action="store_true", help="shorter measurements (less precise)")
-    ap.add_argument("--profile", default=None,
-                    help="read calibrated efficiencies from a saved profile (e.g. train_efficiency)")
-    ap.add_argument("--save", default=None, metavar="JSON",
-                    help="save the measured profile (and train efficiency) for `corelm plan --profile`")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    return ap
+                    "and tokens/s with the error.")
 
 
 def _say(msg: str) -> None:
@@ -68,7 +76,7 @@ def _bytes(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB" if x < GiB else f"{x / GiB:.2f} GiB"
 
 
-def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> dict:
+def run_train(args: BenchOptions, device: str, profile: dict | None) -> dict:
     from corelm.loading import config_for
     from corelm.plan import bench as B
     from corelm.plan import formulas as F
@@ -126,7 +134,7 @@ def run_train(args: argparse.Namespace, device: str, profile: dict | None) -> di
             "step_times": m["step_times"], "cpu_step_times": m["cpu_step_times"]}
 
 
-def run_decode(args: argparse.Namespace, device: str) -> dict:
+def run_decode(args: BenchOptions, device: str) -> dict:
     import torch
 
     import corelm
@@ -176,8 +184,9 @@ def run_decode(args: argparse.Namespace, device: str) -> dict:
             "achieved_bandwidth": pred["bytes_per_token"] / per_token}
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def bench(args: BenchOptions) -> dict:
+    """The measurements: ``machine`` (matmul FLOP/s per dtype, bandwidth; unless only --train/--decode run),
+    ``train`` and ``decode`` (predicted vs measured); with ``save``, the profile is written too."""
     import torch
 
     from corelm.plan import bench as B
@@ -185,8 +194,6 @@ def main(argv: list[str]) -> int:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is not None:
-        if args.threads < 1:
-            raise CorelmError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CorelmError(f"unknown device {device!r}; expected cpu or cuda")
@@ -209,6 +216,12 @@ def main(argv: list[str]) -> int:
             pr = out["decode"]["prediction"]
             prof["bandwidth_efficiency"] = min(1.0, pr["gemv_bandwidth"] / prof["bandwidth_bytes_s"])
         B.save_profile(prof, args.save)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = options_from(BenchOptions, build_parser().parse_args(argv))
+    out = bench(args)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
