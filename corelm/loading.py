@@ -150,22 +150,31 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     return loaded
 
 
-NATIVE_BLOCKS = {"Q4_0": "int4", "Q4_1": "int4"}  # GGUF block types corelm's layers take as they are
+NATIVE_BLOCKS = {"Q4_0": "int4", "Q4_1": "int4",  # GGUF block types corelm's layers take as they are
+                 **dict.fromkeys(("Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"), "gguf")}
 
 
 def stored_quantization(path: Path) -> str | None:
     """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``int4``
-    when every matrix of every block is Q4_0/Q4_1; None for float files and for block types corelm
-    has no kernel for yet (those load dequantized, in the default dtype)."""
+    when every matrix of every block is Q4_0/Q4_1; ``gguf`` when every one, and the output head, is of
+    a type with a block kernel (llama.cpp's Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type,
+    :func:`corelm.quant.kquant.quantize_gguf`); None for float files and for block types corelm has no
+    kernel for yet (those load dequantized, in the default dtype)."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
     try:
         kinds = {t.qtype.name for name, t in gguf.tensors.items() if name.startswith("blk.") and len(t.shape) == 2}
+        head = gguf.tensors.get("output.weight") or gguf.tensors.get("token_embd.weight")
+        head_kind = head.qtype.name if head is not None else None
     finally:
         gguf.close()
     methods = {NATIVE_BLOCKS.get(k) for k in kinds}
-    return methods.pop() if len(methods) == 1 and None not in methods else None
+    if not methods or None in methods:
+        return None
+    if methods == {"int4"}:
+        return "int4"
+    return "gguf" if head_kind in NATIVE_BLOCKS else None
 
 
 def _gguf_file(loaded: Loaded) -> Path | None:

@@ -19,7 +19,7 @@ from corelm.quant import kquant
 TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
-def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """(n, row bytes) uint8 of valid blocks: random integer fields, fp16 scales of realistic size
     (gguf-py has no K-quant quantizer, so the blocks are built byte-wise)."""
     g = np.random.default_rng(seed)
@@ -27,7 +27,7 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     b = g.integers(0, 256, size=(n, k // per, nbytes), dtype=np.uint8)
 
     def half(lo: float, hi: float) -> np.ndarray:
-        return g.uniform(lo, hi, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
+        return g.uniform(lo * scale, hi * scale, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
 
     if kind in ("Q8_0", "Q5_0"):
         b[..., 0:2] = half(1e-4, 2e-3)
@@ -146,3 +146,76 @@ def test_every_instruction_set_build_equals_reference(level):
                          check=False, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [level, "ok"]
+
+
+def write_tiny_llama(path, kinds: dict[str, str], d: int = 256, d_ff: int = 512, vocab: int = 96,
+                     n_layer: int = 2, seed: int = 0) -> None:
+    """A llama GGUF whose matrices are random valid blocks of ``kinds[gguf suffix]`` (``output``: the head)."""
+    from gguf import GGUFWriter
+
+    g = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    n_head, n_kv, hd = 4, 2, d // 4
+    w.add_block_count(n_layer)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(15)  # MOSTLY_Q4_K_M
+
+    def matrix(name, n, k, kind):
+        # small scales: a smooth model, whose logits do not amplify rounding differences
+        b = random_blocks(kind, n, k, seed=int(g.integers(1 << 30)), scale=0.2).numpy()
+        w.add_tensor(name, b, raw_shape=b.shape, raw_dtype=GGMLQuantizationType[kind])
+
+    w.add_tensor("token_embd.weight", g.normal(0, 1, (vocab, d)).astype(np.float32))
+    shapes = {"attn_q": (d, d), "attn_k": (n_kv * hd, d), "attn_v": (n_kv * hd, d), "attn_output": (d, d),
+              "ffn_gate": (d_ff, d), "ffn_up": (d_ff, d), "ffn_down": (d, d_ff)}
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+        for name, (n, k) in shapes.items():
+            matrix(f"blk.{i}.{name}.weight", n, k, kinds[name])
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    matrix("output.weight", vocab, d, kinds["output"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+          "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output": "Q6_K"}
+
+
+@pytest.mark.parametrize("kinds", [Q4_K_M, {**Q4_K_M, "attn_q": "Q5_K", "ffn_up": "Q5_0", "attn_k": "Q5_1",
+                                            "output": "Q8_0"}])
+def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
+    from corelm.generate.step import KernelStep, step_for
+    from corelm.loading import load_parts, stored_quantization
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, kinds)
+    assert stored_quantization(path) == "gguf"
+    floats = load_parts(path, dtype="fp32").model  # dequantized by corelm's reader
+    default = load_parts(path).model  # the default: each matrix on its own blocks
+    assert isinstance(default.model.layers[0].self_attn.q_proj, kquant.GGUFBlockLinear)
+    assert isinstance(default.lm_head, kquant.GGUFBlockLinear)
+    model = load_parts(path, dtype="fp32", quantize="gguf").model  # fp32 embeddings and norms, as `floats`
+    step = step_for(model)
+    assert isinstance(step, KernelStep)
+    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        cache = step.new_cache(1, 64)
+        steps = torch.cat([step.extend(cache, 0, [t], i) for i, t in enumerate(ids)])
+        layers = model(torch.tensor([ids]))[0].float()  # the layers' own forward, op by op
+        want = floats(torch.tensor([ids]))[0].float()
+    # 15-bit activations: ~1e-4 relative per matmul
+    assert (steps - want).norm() / want.norm() < 1e-3
+    assert (steps - layers).norm() / want.norm() < 1e-4
+    assert torch.equal(steps.argmax(-1), want.argmax(-1))

@@ -59,14 +59,18 @@ inline uint16_t u16(const uint8_t* p) {
   return v;
 }
 
-// The eight (scale, min) pairs of a Q4_K/Q5_K super-block (ggml-quants.c get_scale_min_k4).
+// The eight (scale, min) pairs of a Q4_K/Q5_K super-block (ggml-quants.c get_scale_min_k4), four at a
+// time in 32-bit words as ggml_vec_dot_q4_K_q8_K unpacks them: sc[0..7] then m[0..7].
 inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* m) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = q[j] & 63;
-    m[j] = q[j + 4] & 63;
-    sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
-    m[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-  }
+  uint32_t u[3], out[4];
+  std::memcpy(u, q, 12);
+  const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
+  out[0] = u[0] & six;                                          // sc[0..3]: low 6 bits of bytes 0-3
+  out[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);         // sc[4..7]: bytes 8-11 low + bytes 0-3 top
+  out[2] = u[1] & six;                                          // m[0..3]: low 6 bits of bytes 4-7
+  out[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);  // m[4..7]: bytes 8-11 high + bytes 4-7 top
+  std::memcpy(sc, out, 8);
+  std::memcpy(m, out + 2, 8);
 }
 
 // Integer value j (0..31) of sub-block i of a Q4_K (hbits null) or Q5_K super-block.
@@ -88,10 +92,9 @@ inline int act(const ActRow& a, int64_t i) { return 128 * a.qh[i] + a.ql[i]; }
 template <int NT, bool HIGH>
 void dot_q45k(const Row& w, const ActRow* a, int64_t nb, float* out) {
   constexpr int64_t bytes = HIGH ? 176 : 144;
-  float tail[NT] = {};
 #if defined(__AVX2__)
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  __m256 acc[NT], accm[NT];  // accm: the eight sub-blocks' dmin*m * s_a, summed once at the end
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
     const uint8_t* blk = w.q + sb * bytes;
@@ -106,7 +109,7 @@ void dot_q45k(const Row& w, const ActRow* a, int64_t nb, float* out) {
                                                               reinterpret_cast<const __m128i*>(m)))));
     for (int t = 0; t < NT; ++t) {
       _mm256_store_ps(sd[t], _mm256_mul_ps(dsc, _mm256_loadu_ps(a[t].d + sb * 8)));
-      tail[t] += hsum(_mm256_mul_ps(dm, _mm256_loadu_ps(a[t].s + sb * 8)));
+      accm[t] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(a[t].s + sb * 8), accm[t]);
     }
     __m256i qh = _mm256_setzero_si256();
     if (HIGH) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
@@ -126,9 +129,9 @@ void dot_q45k(const Row& w, const ActRow* a, int64_t nb, float* out) {
       }
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - tail[t];
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) - hsum(accm[t]);
 #else
-  float acc[NT] = {};
+  float acc[NT] = {}, tail[NT] = {};
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
     const uint8_t* blk = w.q + sb * bytes;
     const float d = fp16(u16(blk)), dmin = fp16(u16(blk + 2));

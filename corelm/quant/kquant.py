@@ -192,12 +192,17 @@ def quantize_gguf(model: nn.Module, source: object) -> nn.Module:
     :class:`GGUFBlockLinear`. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
 
     Raises:
-        CorelmError: a matrix whose type has neither (the caller should load such a file dequantized).
+        CorelmError: no file, an already quantized model, or a matrix whose type has neither layer
+            (:func:`corelm.loading.stored_quantization` picks ``gguf`` only for files without one).
     """
     from corelm.quant.gguf_blocks import GGUFBlocks
     from corelm.quant.layers import int4_class
     from corelm.quant.transform import _targets
 
+    if source is None:
+        raise CorelmError('quantize="gguf" runs the blocks of the GGUF file the model was loaded from; none given')
+    if getattr(model, "corelm_quantization", None):
+        raise CorelmError("the model is already quantized")
     found = GGUFBlocks(source, model)
     targets, tied = _targets(model, ())
     plan = []
