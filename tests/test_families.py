@@ -245,3 +245,31 @@ def test_gguf_architectures_load_with_parity(arch, tmp_path):
     ours, ref, diff = _logits_diff(llm.model, hf, ids)
     print(f"gguf {arch}: max |logit diff| = {diff:.2e}")
     torch.testing.assert_close(ours, ref, **TOL)
+
+
+@pytest.mark.parametrize("family, options", [
+    ("gemma", {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"], "qk_norm": True,
+               "sandwich_norm": True, "attn_softcap": 5.0, "final_softcap": 3.0, "rope_local_theta": 1000.0}),
+    ("llama", {"sliding_window": 4, "qk_norm": True, "qkv_bias": True, "rotary_dim": 12,
+               "rope_scaling": {"rope_type": "longrope", "long_factor": [1.5] * 6, "short_factor": [1.0] * 6,
+                                "original_max_position_embeddings": 8}}),
+])
+def test_decode_step_traces_without_graph_breaks(family, options):
+    """The static-shape decode step (what the engine compiles) has no data-dependent Python branch."""
+    from corelm.config import ModelConfig
+    from corelm.models import build_model
+    from corelm.ops.kv_cache import KVCache
+
+    config = ModelConfig(family=family, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, head_dim=16,
+                         d_ff=48, max_seq_len=64, **options)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    cache = KVCache.for_model(config, 1, 16, torch.float32)
+    cache.full_window = True
+    torch._dynamo.reset()
+    step = torch.compile(lambda ids, pos: model(ids, input_pos=pos, kv_cache=cache), backend="eager",
+                         fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        model(torch.arange(1, 10)[None], input_pos=torch.arange(9), kv_cache=cache)
+        traced = step(torch.tensor([[3]]), torch.tensor([[9]]))
+        torch.testing.assert_close(traced, model(torch.tensor([[3]]), input_pos=torch.tensor([[9]]), kv_cache=cache))
