@@ -115,7 +115,9 @@ def add_dtype(ap: argparse.ArgumentParser, default: str | None, what: str, auto:
     else fp32 -- see corelm.loading.default_dtype) or written (no ``auto``)."""
     choices = [*DTYPES, "auto"] if auto else list(DTYPES)
     ap.add_argument("--dtype", default=default, choices=choices,
-                    help=f"{what}" + ("; auto: bf16 where the CPU declares bf16 arithmetic, else fp32" if auto else ""))
+                    help=f"{what}" + ("; auto: a quantized GGUF runs on its own blocks (corelm's kernels), "
+                                      "other weights in bf16 where the CPU declares bf16 arithmetic, else fp32; "
+                                      "a dtype dequantizes GGUF blocks to it" if auto else ""))
 
 
 def add_precision(ap: argparse.ArgumentParser, default: str | None, what: str,

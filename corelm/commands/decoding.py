@@ -19,8 +19,9 @@ from corelm.presets import DEFAULT_MODEL
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """``--model`` and ``--dtype``, shared by the commands that load a decoder."""
     ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help="embedded model or preset name (see `corelm models`), a .gguf file or an HF checkpoint "
-                         "directory")
+                    help="embedded model or preset name (see `corelm models`), a .gguf file, an HF checkpoint "
+                         "directory, or a Hugging Face repo id org/name[@rev][:file.gguf|:QUANT] (from the local "
+                         "cache; `corelm pull` downloads; an existing local path of the same spelling wins)")
     add_dtype(ap, "auto", "weight and compute dtype")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
