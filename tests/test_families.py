@@ -94,6 +94,18 @@ def test_forward_matches_transformers(checkpoint, impl):
     torch.testing.assert_close(ours, ref, **TOL)
 
 
+def test_left_padded_batch_matches_transformers(checkpoint):
+    """attention_mask hides left padding; the window counts slots as transformers does."""
+    name, hf, path = checkpoint
+    llm = corelm.load(path, dtype="fp32")
+    ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        ours, ref = llm.model(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], **TOL)
+
+
 def test_sliding_window_changes_the_logits(checkpoint):
     """The window is not a no-op at these lengths: without it the same weights give other logits."""
     import dataclasses
