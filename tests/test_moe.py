@@ -111,7 +111,11 @@ def test_grouped_experts_equal_per_token_reference(d, f):
     weights, experts = moe.route(logits, k, normalize=True)
     torch.testing.assert_close(weights.sum(-1), torch.ones(N))
     got = moe.experts_forward(x, weights, experts, gate_up, down)
-    torch.testing.assert_close(got, _naive_experts(x, weights, experts, gate_up, down), rtol=1e-5, atol=1e-4)
+    want = _naive_experts(x, weights, experts, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # the compiled decode step's form
+    torch.testing.assert_close(moe.gathered_experts_forward(x, weights, experts, gate_up, down), want,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_grouped_experts_gradients_match_reference():
@@ -165,3 +169,17 @@ def test_config_validation():
         ModelConfig(**base, n_experts=4, n_experts_per_tok=5)
     cfg = ModelConfig(**base, n_experts=4, n_experts_per_tok=2, d_ff=12)
     assert cfg.moe_d_ff == 12 and cfg.bias is False and cfg.activation == "silu"
+
+
+def test_decode_step_traces_as_one_graph(tmp_path):
+    # the engine compiles the decode step (static full-window cache); fullgraph=True fails on any graph break
+    from corelm.generate.step import ModelStep, _decode_one
+
+    _, llm = _hf_pair("qwen2_moe", tmp_path)
+    step = ModelStep(llm.model, compile=True)
+    cache = step.new_cache(2, 16)
+    step.prefill(cache, [[1, 2, 3], [4, 5]])
+    tokens, pos = torch.tensor([7, 8]), torch.tensor([3, 2])
+    traced = torch.compile(_decode_one, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(llm.model, cache, tokens, pos), _decode_one(llm.model, cache, tokens, pos))

@@ -14,8 +14,9 @@ Transformers"; Jiang et al. 2024, "Mixtral of Experts", eq. 1-2)::
 The experts run as *grouped* matmuls: the ``N * k`` (token, expert) assignments are sorted by
 expert, so each expert's tokens are one contiguous block of rows, and one ``torch._grouped_mm``
 call multiplies every block by its expert's weights (one matmul per expert where that kernel does
-not apply). No Python loop runs over tokens, and on the grouped path none over experts either:
-the shapes depend only on ``N * k``, so the decode step compiles to one static graph.
+not apply). No Python loop runs over tokens, and on the grouped path none over experts either.
+Under ``torch.compile`` (the engine's decode step) the few tokens' expert matrices are gathered
+and multiplied in one batched matmul instead: static shapes, one graph.
 
 Parameter names are those of transformers 5 ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` /
 ``Qwen3MoeForCausalLM`` modules: experts stored fused, ``mlp.experts.gate_up_proj`` ``(E, 2F, d)``
@@ -110,6 +111,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     Returns:
         ``(N, d)``.
     """
+    if torch.compiler.is_compiling():
+        return gathered_experts_forward(x, weights, experts, gate_up_proj, down_proj)
     N, d = x.shape
     k = experts.shape[1]
     E = gate_up_proj.shape[0]
@@ -125,6 +128,23 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     y = torch.empty_like(ys)
     y[order] = ys  # back to (token, slot) order
     return y.view(N, k, d).sum(dim=1)  # (N, d)
+
+
+def gathered_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                             gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """:func:`experts_forward` as one batched matmul over each assignment's gathered expert matrices.
+
+    The form a compiled decode step traces (a few tokens, so gathering ``N * k`` matrices costs about
+    what reading them costs anyway): static shapes, no host sync, and no ``torch._grouped_mm``, whose
+    meta kernel in torch 2.13 accepts only bf16. Arguments and result as in :func:`experts_forward`.
+    """
+    N, d = x.shape
+    k = experts.shape[1]
+    flat = experts.reshape(-1)  # (N*k,)
+    xs = x[:, None].expand(N, k, d).reshape(N * k, d, 1)  # (N*k, d, 1) each assignment's token
+    gate, up = torch.bmm(gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)  # (N*k, F) each
+    ys = torch.bmm(down_proj[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (N*k, d)
+    return (ys * weights.reshape(-1, 1)).view(N, k, d).sum(dim=1)  # (N, d)
 
 
 # --------------------------------------------------------------------------------------------
