@@ -25,6 +25,7 @@ CONVERTED = {
     "tokenizer": ("TrainTokenizerOptions", "tokenizer"),
     "plan": ("PlanOptions", "plan"),
     "bench": ("BenchOptions", "bench"),
+    "pretrain": ("PretrainOptions", "pretrain"),
 }
 
 
@@ -128,3 +129,36 @@ def test_plan_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["plan", "--model", "llama-3-8b", "--config", "c.json"]) == 2  # one of the two, never both
     with pytest.raises(CorelmError, match="--model or --config, not both"):
         PlanOptions(model="llama-3-8b", config="c.json")
+
+
+def test_pretrain_options_carry_every_training_loop_option() -> None:
+    from corelm.commands.pretrain import PretrainOptions
+    from corelm.train.loop import TrainConfig
+
+    ours = {f.name for f in dataclasses.fields(PretrainOptions)}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= ours
+    cfg = PretrainOptions(model="gpt2-tiny", data="d", out="o", max_steps=200).train_config()
+    assert (cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.eval_every, cfg.out) == (200, 1e-3, 10, 20, "o")
+    with pytest.raises(CorelmError, match="max_steps"):
+        PretrainOptions(model="gpt2-tiny", data="d", max_steps=0)
+
+
+def test_pretrain_from_python_equals_the_cli(tmp_path) -> None:
+    from corelm.commands.pretrain import PretrainOptions, pretrain
+    from tests.test_pretrain_cli import make_tiny_data
+
+    tiny = make_tiny_data(tmp_path)
+    common = {"model": str(tiny / "gpt2.json"), "data": str(tiny / "data"), "seq_len": 32, "batch_size": 4,
+              "max_steps": 3, "eval_every": 0, "eval_batches": 2}
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    assert main(["pretrain", *argv, "--out", str(tmp_path / "cli"), "--no-progress", "--no-tensorboard",
+                 "--no-measure-mfu"]) == 0
+    result = pretrain(PretrainOptions(**common, out=str(tmp_path / "py"), progress=False, tensorboard=False,
+                                      measure_mfu=False))
+    assert result.step == 3 and result.stopped == "done"
+
+    def losses(run):
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    assert losses(tmp_path / "py") == losses(tmp_path / "cli") and len(losses(tmp_path / "py")) == 3

@@ -17,67 +17,23 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from corelm.commands.args import HelpFormatter, Parser, add_device
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
-from corelm.train.loop import TrainConfig
+from corelm.train.loop import TrainConfig, TrainResult
 from corelm.train.precision import POLICIES
 
 OBJECTIVES = ("clm", "mlm")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm pretrain",
-        description="Pretrain a Transformer on data written by `corelm prepare` with the shared training loop: "
-                    "AdamW (no decay on norms/biases/embeddings), warmup + cosine, clipping, accumulation, "
-                    "precision policies, exact resume, DDP/FSDP under torchrun.",
-        formatter_class=HelpFormatter)
-    ap.add_argument("--model", required=True,
-                    help="preset (gpt2-tiny, bert-tiny, llama-tiny, ... see `corelm models`), a config file "
-                         "(YAML/JSON of ModelConfig fields) or a model directory to continue pretraining")
-    ap.add_argument("--data", required=True, help="directory written by `corelm prepare` (tokenizer and vocabulary "
-                                                  "come from its manifest)")
-    ap.add_argument("--out", default=None, help="run directory (required unless --resume names it)")
-    ap.add_argument("--resume", default=None, help="continue the run in this directory from its newest complete "
-                                                   "checkpoint (use the same --out and options)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default=None,
-                    help="clm = next-token prediction (decoders), mlm = BERT masked LM; default from the family")
-    ap.add_argument("--nsp", action="store_true", help="mlm: add next-sentence prediction (BERT's second task)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per training sequence "
-                                                              "(default min(256, context) for clm, 128 for mlm)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
-    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    ap.add_argument("--attention", choices=("sdpa", "reference"), default="sdpa",
-                    help="attention kernel: fused scaled_dot_product_attention or the readable reference")
-    add_device(ap, "auto", "where to train: auto = cuda when a GPU is visible (NCCL under torchrun), else cpu (gloo)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("out", "resume"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        helptext = _field_help(f.name)
-        if f.type in ("bool", bool):
-            if f.default:
-                ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                help=f"turn off: {helptext}")
-            else:
-                ap.add_argument(flag, action="store_true", help=helptext)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            choices = {"precision": POLICIES, "parallel": ("none", "ddp", "fsdp")}.get(f.name)
-            ap.add_argument(flag, type=kind, default=f.default, choices=choices, help=helptext)
-    # Pretraining defaults that differ from the loop's (small models from scratch like a higher lr).
-    ap.set_defaults(warmup_steps=None, eval_every=None, max_steps=500, lr=1e-3)
-    return ap
-
-
-def _field_help(name: str) -> str:
+def _loop_help(name: str) -> str:
     """The comment on a TrainConfig field is its help text (config is data, documented once)."""
     import inspect
 
@@ -86,29 +42,111 @@ def _field_help(name: str) -> str:
     for line in inspect.getsource(loop.TrainConfig).splitlines():
         stripped = line.strip()
         if stripped.startswith(f"{name}:") and "#" in stripped:
-            text = stripped.split("#", 1)[1].strip()
-            if name == "warmup_steps":
-                text += " (default: 5%% of --max-steps)"
-            if name == "eval_every":
-                text += " (default: 10 times per run)"
-            return text.replace("%", "%%").replace("%%%%", "%%")
+            return stripped.split("#", 1)[1].strip()
     return name
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def _loop(name: str, default: Any = MISSING, note: str = "") -> Any:
+    """An option of the training loop: :class:`TrainConfig`'s field ``name``, its documentation, and its default
+    unless pretraining has its own."""
+    spec = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    meta: dict[str, Any] = {"precision": {"policies": POLICIES}} if name == "precision" else {}
+    if name == "parallel":
+        meta["choices"] = PARALLEL
+    return option(spec.default if default is MISSING else default, _loop_help(name) + note, **meta)
+
+
+@dataclass
+class PretrainOptions(Options):
+    """A pretraining run: the model, the data, and the training loop's options (:class:`TrainConfig`'s fields,
+    with pretraining's defaults: small models from scratch like a higher learning rate)."""
+
+    model: str = option(help="preset (gpt2-tiny, bert-tiny, llama-tiny, ... see `corelm models`), a config file "
+                             "(YAML/JSON of ModelConfig fields) or a model directory to continue pretraining")
+    data: str = option(help="directory written by `corelm prepare` (tokenizer and vocabulary come from its manifest)")
+    out: str | None = option(None, "run directory (required unless --resume names it)")
+    resume: str | None = option(None, "continue the run in this directory from its newest complete checkpoint "
+                                      "(use the same --out and options)")
+    objective: Literal["clm", "mlm"] | None = option(
+        None, "clm = next-token prediction (decoders), mlm = BERT masked LM; default from the family")
+    nsp: bool = option(False, "mlm: add next-sentence prediction (BERT's second task)")
+    seq_len: int | None = option(None, "tokens per training sequence (default min(256, context) for clm, 128 for mlm)")
+    batch_size: int = option(8, "sequences per micro-batch per process")
+    eval_batches: int = option(8, "validation batches per evaluation")
+    attention: Literal["sdpa", "reference"] = option(
+        "sdpa", "attention kernel: fused scaled_dot_product_attention or the readable reference")
+    device: str = option("auto", "where to train: auto = cuda when a GPU is visible (NCCL under torchrun), "
+                                 "else cpu (gloo)", device=True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    # the training loop (corelm.train.loop.TrainConfig; out and resume are above)
+    max_steps: int = _loop("max_steps", 500)
+    lr: float = _loop("lr", 1e-3)
+    min_lr_ratio: float = _loop("min_lr_ratio")
+    warmup_steps: int | None = _loop("warmup_steps", None, " (default: 5% of --max-steps)")
+    weight_decay: float = _loop("weight_decay")
+    beta1: float = _loop("beta1")
+    beta2: float = _loop("beta2")
+    grad_clip: float = _loop("grad_clip")
+    grad_accum: int = _loop("grad_accum")
+    precision: str = _loop("precision")
+    compile: bool = _loop("compile")
+    activation_checkpointing: bool = _loop("activation_checkpointing")
+    parallel: str = _loop("parallel")
+    eval_every: int | None = _loop("eval_every", None, " (default: 10 times per run)")
+    log_every: int = _loop("log_every")
+    save_every: int = _loop("save_every")
+    keep_last: int = _loop("keep_last")
+    seed: int = _loop("seed")
+    max_bad_steps: int = _loop("max_bad_steps")
+    progress: bool = _loop("progress")
+    tensorboard: bool = _loop("tensorboard")
+    measure_mfu: bool = _loop("measure_mfu")
+    wandb: str | None = _loop("wandb")
+
+    def check(self) -> None:
+        self.train_config()  # the loop's own validation, before any data is read
+
+    def train_config(self) -> TrainConfig:
+        """The loop's :class:`TrainConfig`: these options, the run directory, and the warmup and evaluation
+        intervals pretraining derives from ``max_steps`` when they are not given."""
+        loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)
+                if f.name not in ("out", "resume") and hasattr(self, f.name)}  # tests/test_command_options: all
+        if self.warmup_steps is None:
+            loop["warmup_steps"] = max(1, self.max_steps // 20)
+        if self.eval_every is None:
+            loop["eval_every"] = max(1, self.max_steps // 10)
+        return TrainConfig(**loop, out=self.out or self.resume, resume=self.resume)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return parser_from(
+        PretrainOptions, prog="corelm pretrain",
+        description="Pretrain a Transformer on data written by `corelm prepare` with the shared training loop: "
+                    "AdamW (no decay on norms/biases/embeddings), warmup + cosine, clipping, accumulation, "
+                    "precision policies, exact resume, DDP/FSDP under torchrun.")
+
+
+def pretrain(options: PretrainOptions) -> TrainResult:
+    """Pretrain ``options.model`` on ``options.data`` into ``options.out`` (under torchrun: one process of the
+    group) and return what the run did; ``.stopped`` is ``"interrupted"`` after Ctrl-C or SIGTERM, with the
+    newest checkpoint saved."""
     from corelm.train.distributed import init_distributed, shutdown_distributed
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = init_distributed(None if args.device == "auto" else args.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    info = init_distributed(None if options.device == "auto" else options.device)
     try:
-        return run(args, info)
+        return run(options, info)
     finally:
         shutdown_distributed()
 
 
-def run(args: argparse.Namespace, info: Any) -> int:
+def main(argv: list[str]) -> int:
+    result = pretrain(options_from(PretrainOptions, build_parser().parse_args(argv)))
+    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
+
+
+def run(args: PretrainOptions, info: Any) -> TrainResult:
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
     from corelm.loading import training_model
@@ -185,12 +223,7 @@ def run(args: argparse.Namespace, info: Any) -> int:
         print(f"note: the val split ({len(val_set)} sequences) is smaller than one batch; no evaluation",
               file=sys.stderr)
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                         if f.name not in ("out", "resume")}, out=out, resume=args.resume)
-    if args.warmup_steps is None:
-        cfg.warmup_steps = max(1, cfg.max_steps // 20)
-    if args.eval_every is None:
-        cfg.eval_every = max(1, cfg.max_steps // 10)
+    cfg = args.train_config()
     run_config = {"model": args.model, "model_config": config.to_dict(), "objective": objective, "nsp": args.nsp,
                   "data": str(args.data), "seq_len": seq_len, "batch_size": args.batch_size,
                   "global_batch": global_batch * cfg.grad_accum, "world_size": info.world_size,
@@ -225,4 +258,4 @@ def run(args: argparse.Namespace, info: Any) -> int:
             use = (f"corelm finetune --model {out} --task classify --data ... --out runs/cls" if config.is_encoder
                    else f"corelm generate --model {out} \"...\"")
             print(f"checkpoint {result.checkpoint}; the run directory {out} is a model: {use}")
-    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
+    return result
