@@ -96,7 +96,7 @@ def test_forward_matches_transformers(checkpoint, impl):
 
 def test_left_padded_batch_matches_transformers(checkpoint):
     """attention_mask hides left padding; the window counts slots as transformers does."""
-    name, hf, path = checkpoint
+    _, hf, path = checkpoint
     llm = corelm.load(path, dtype="fp32")
     ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -285,3 +285,15 @@ def test_decode_step_traces_without_graph_breaks(family, options):
         model(torch.arange(1, 10)[None], input_pos=torch.arange(9), kv_cache=cache)
         traced = step(torch.tensor([[3]]), torch.tensor([[9]]))
         torch.testing.assert_close(traced, model(torch.tensor([[3]]), input_pos=torch.tensor([[9]]), kv_cache=cache))
+
+
+def test_export_refuses_a_model_type_without_the_configs_features():
+    from corelm.config import ModelConfig
+    from corelm.errors import CorelmError
+    from corelm.io.hf import config_to_hf
+
+    config = ModelConfig(family="llama", vocab_size=64, n_layer=2, n_head=4, d_model=32, qk_norm=True)
+    with pytest.raises(CorelmError, match="qk_norm"):
+        config_to_hf(config)
+    config.extra["model_type"] = "qwen3"
+    assert config_to_hf(config)["model_type"] == "qwen3"

@@ -217,6 +217,20 @@ def _moe_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     return out
 
 
+# What each llama-family model_type of transformers implements: an export under a model_type
+# lacking one of the config's features would load into a different model.
+_LLAMA_FEATURES = {"llama": set(), "mistral": {"sliding_window"}, "qwen2": {"qkv_bias", "sliding_window"},
+                   "qwen3": {"qk_norm", "sliding_window"}, "phi3": {"rotary_dim", "sliding_window"}}
+
+
+def _check_llama_export(config: ModelConfig, model_type: str) -> None:
+    used = {f for f in ("qkv_bias", "qk_norm", "sliding_window", "rotary_dim") if getattr(config, f)}
+    missing = used - _LLAMA_FEATURES.get(model_type, set())
+    if missing:
+        raise CorelmError(f"cannot export as HF model_type {model_type!r}: it has no {', '.join(sorted(missing))}; "
+                          "set config.extra['model_type'] to one that does (mistral, qwen2, qwen3, phi3)")
+
+
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
@@ -236,6 +250,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         out["n_ctx"] = config.max_seq_len
         if config.head_dim * config.n_head != config.d_model:
             raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
+    if family == "llama":
+        _check_llama_export(config, model_type)
     if family in ("llama", "gemma", "moe", "olmo2"):
         out.update(attention_bias=False, mlp_bias=False, rope_theta=config.rope_theta,
                    rope_scaling=config.rope_scaling, sliding_window=config.sliding_window,
