@@ -183,3 +183,19 @@ def test_decode_step_traces_as_one_graph(tmp_path):
     traced = torch.compile(_decode_one, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(traced(llm.model, cache, tokens, pos), _decode_one(llm.model, cache, tokens, pos))
+
+
+def test_fused_expert_checkpoints_import_too(tmp_path):
+    # transformers 5 holds the experts fused in memory (mlp.experts.gate_up_proj); a file saved that way loads the same
+    from corelm.io.hf import state_dict_from_hf
+
+    hf, llm = _hf_pair("mixtral", tmp_path)
+    fused = hf.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+    ours, want = state_dict_from_hf(llm.config, fused), llm.model.state_dict()
+    assert ours.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0)
+    del fused["model.layers.1.mlp.experts.down_proj"]
+    with pytest.raises(CorelmError, match="missing tensor 'model.layers.1.mlp.experts.down_proj'"):
+        state_dict_from_hf(llm.config, fused)
