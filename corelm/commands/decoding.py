@@ -94,8 +94,8 @@ def describe_decoder(model: Any, compile: bool = False) -> str:
 
     spec = getattr(model, "corelm_quantization", None)
     weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if spec:
-        weights = spec["method"]
+    if spec:  # the storage, not the float dtype the layers compute in: int4 / int8, or a GGUF file's own blocks
+        weights = "GGUF blocks as stored" if spec["method"] == "gguf" else spec["method"]
     path = "C++ step" if isinstance(step_for(model, compile=compile), KernelStep) else (
         "PyTorch, compiled" if compile else "PyTorch")
     return f"{weights}, {path}"
