@@ -130,6 +130,8 @@ def documented_commands(page: str) -> list[Command]:
 
 def argv_of(text: str, env: dict[str, str]) -> list[str]:
     argv = shlex.split(text, comments=True)
+    unset = [a for a in argv if a.startswith("$") and a[1:] not in env]
+    assert not unset, f"{text}: {unset} is not set by an earlier documented step"
     return [env.get(a[1:], a) if a.startswith("$") else a for a in argv]
 
 
