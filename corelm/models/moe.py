@@ -59,7 +59,7 @@ def route(router_logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     Returns:
         ``(weights (N, k), experts (N, k))``; weights in the logits' dtype.
     """
-    # fp32: the softmax over experts decides which experts run; ties broken by bf16 rounding flip routes
+    # fp32: the probabilities pick the experts; in bf16 close ones round equal and top-k picks by rounding
     probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
     weights, experts = torch.topk(probs, k, dim=-1)  # (N, k) each
     if normalize:
