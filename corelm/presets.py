@@ -25,10 +25,11 @@ def _gpt2(n_layer: int, n_head: int, d_model: int, ctx: int = 1024, vocab: int =
 
 def _llama(n_layer: int, n_head: int, d_model: int, d_ff: int, *, n_kv_head: int | None = None,
            vocab: int = 32000, ctx: int = 4096, theta: float = 10000.0, tie: bool = False,
-           eps: float = 1e-5, scaling: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"family": "llama", "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
+           eps: float = 1e-5, scaling: dict[str, Any] | None = None, family: str = "llama",
+           **options: Any) -> dict[str, Any]:
+    return {"family": family, "vocab_size": vocab, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
                 "d_ff": d_ff, "n_kv_head": n_kv_head or n_head, "max_seq_len": ctx, "rope_theta": theta,
-                "tie_embeddings": tie, "norm_eps": eps, "rope_scaling": scaling}
+                "tie_embeddings": tie, "norm_eps": eps, "rope_scaling": scaling, **options}
 
 
 def _bert(n_layer: int, n_head: int, d_model: int, d_ff: int, vocab: int = 30522) -> dict[str, Any]:
@@ -72,8 +73,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                            tie=True, scaling={**_LLAMA3_SCALING, "factor": 32.0}),
     "llama-3.2-3b": _llama(28, 24, 3072, 8192, n_kv_head=8, vocab=128256, ctx=131072, theta=500000.0,
                            tie=True, scaling={**_LLAMA3_SCALING, "factor": 32.0}),
-    # Mistral 7B v0.1 (Jiang et al. 2023).
-    "mistral-7b": _llama(32, 32, 4096, 14336, n_kv_head=8, ctx=32768, theta=10000.0),
+    # Mistral 7B v0.1 (Jiang et al. 2023): sliding-window attention over 4096 positions.
+    "mistral-7b": _llama(32, 32, 4096, 14336, n_kv_head=8, ctx=32768, theta=10000.0, sliding_window=4096,
+                         extra={"model_type": "mistral"}),
+    # Qwen2.5 / Qwen3 (Qwen/*/config.json): q/k/v biases (Qwen2), per-head QK norm (Qwen3).
+    "qwen2.5-0.5b": _llama(24, 14, 896, 4864, n_kv_head=2, vocab=151936, ctx=32768, theta=1000000.0, tie=True,
+                           eps=1e-6, qkv_bias=True, extra={"model_type": "qwen2"}),
+    "qwen3-0.6b": _llama(28, 16, 1024, 3072, n_kv_head=8, vocab=151936, ctx=40960, theta=1000000.0, tie=True,
+                         eps=1e-6, head_dim=128, qk_norm=True, extra={"model_type": "qwen3"}),
+    # Phi-3-mini-4k-instruct (microsoft/Phi-3-mini-4k-instruct/config.json): window 2047.
+    "phi-3-mini-4k": _llama(32, 32, 3072, 8192, vocab=32064, ctx=4096, sliding_window=2047,
+                            extra={"model_type": "phi3"}),
+    # Gemma 2 / Gemma 3 (google/gemma-2-2b, google/gemma-3-1b-pt config.json).
+    "gemma-2-2b": _llama(26, 8, 2304, 9216, n_kv_head=4, vocab=256000, ctx=8192, tie=True, eps=1e-6,
+                         family="gemma", head_dim=256, sliding_window=4096, sandwich_norm=True,
+                         attn_softcap=50.0, final_softcap=30.0, query_pre_attn_scalar=256,
+                         layer_types=["sliding_attention", "full_attention"] * 13, extra={"model_type": "gemma2"}),
+    "gemma-3-1b": _llama(26, 4, 1152, 6912, n_kv_head=1, vocab=262144, ctx=32768, theta=1000000.0, tie=True,
+                         eps=1e-6, family="gemma", head_dim=256, sliding_window=512, sandwich_norm=True, qk_norm=True,
+                         query_pre_attn_scalar=256, rope_local_theta=10000.0,
+                         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+                         extra={"model_type": "gemma3_text"}),
     # SmolLM2 (HuggingFaceTB/SmolLM2-*), Llama architecture with tied embeddings.
     "smollm2-135m": _llama(30, 9, 576, 1536, n_kv_head=3, vocab=49152, ctx=8192, theta=100000.0,
                            tie=True),

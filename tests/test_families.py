@@ -297,3 +297,26 @@ def test_export_refuses_a_model_type_without_the_configs_features():
         config_to_hf(config)
     config.extra["model_type"] = "qwen3"
     assert config_to_hf(config)["model_type"] == "qwen3"
+
+
+@pytest.mark.parametrize("name, n_params", [
+    # published parameter counts of the checkpoints the presets describe
+    ("mistral-7b", 7_241_732_096), ("qwen2.5-0.5b", 494_032_768), ("qwen3-0.6b", 596_049_920),
+    ("phi-3-mini-4k", 3_821_079_552), ("gemma-2-2b", 2_614_341_888), ("gemma-3-1b", 999_885_952),
+])
+def test_family_presets_match_their_checkpoints(name, n_params):
+    """Each preset has the published size, in corelm and in the transformers model its export describes."""
+    from corelm.io.hf import config_from_hf, config_to_hf
+    from corelm.models import build_model
+    from corelm.presets import preset
+
+    config = preset(name)
+    hf_dict = config_to_hf(config)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in build_model(config).parameters())
+        hf_config = transformers.AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
+        theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf_config).parameters())
+    assert ours == theirs == n_params
+    back = config_from_hf(hf_config.to_dict())  # and the export reads back to the same attention layout
+    assert back.sliding_window == config.sliding_window
+    assert [back.is_sliding(i) for i in range(back.n_layer)] == [config.is_sliding(i) for i in range(config.n_layer)]
