@@ -26,6 +26,10 @@ CONVERTED = {
     "plan": ("PlanOptions", "plan"),
     "bench": ("BenchOptions", "bench"),
     "pretrain": ("PretrainOptions", "pretrain"),
+    "quantize": ("QuantizeOptions", "quantize"),
+    "export": ("ExportOptions", "export"),
+    "compare": ("CompareOptions", "compare"),
+    "prune": ("PruneOptions", "prune"),
 }
 
 

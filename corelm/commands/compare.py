@@ -14,26 +14,32 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 
 
+@dataclass
+class CompareOptions(Options):
+    """The variants ``corelm compare`` measures, and how."""
+
+    variants: list[str] = option(help="models to compare: embedded names, directories or .gguf files", positional=True)
+    data: str = option(help="held-out text file for perplexity")
+    tokens: int = option(2048, "tokens of --data scored for perplexity")
+    window: int = option(512, "perplexity window (stride = window / 2)")
+    decode_tokens: int = option(64, "greedy tokens timed per variant (0: skip)")
+    threads: int | None = option(None, "torch threads (default: torch's choice)")
+    json: bool = option(False, "print one JSON object per variant instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="corelm compare", description=__doc__.splitlines()[0].strip("`"),
-                formatter_class=HelpFormatter)
-    ap.add_argument("variants", nargs="+", help="models to compare: embedded names, directories or .gguf files")
-    ap.add_argument("--data", required=True, help="held-out text file for perplexity")
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens of --data scored for perplexity")
-    ap.add_argument("--window", type=int, default=512, help="perplexity window (stride = window / 2)")
-    ap.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed per variant (0: skip)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object per variant instead of a table")
-    return ap
+    return parser_from(CompareOptions, prog="corelm compare", description=__doc__.splitlines()[0].strip("`"))
 
 
 def _disk_bytes(source: str) -> int:
@@ -60,7 +66,7 @@ def load_variant(source: str):
     return llm.config, llm.model, llm.tokenizer
 
 
-def measure(source: str, text: str, args: argparse.Namespace) -> dict:
+def measure(source: str, text: str, args: CompareOptions) -> dict:
     from corelm.compress.prune import sparsity_of
     from corelm.eval.perplexity import perplexity
     from corelm.quant.transform import quantized_bytes
@@ -102,20 +108,28 @@ def _decode_speed(model: torch.nn.Module, prompt: list[int], n_tokens: int) -> d
     return {"tok_s": rate, "read_MB": read / 1e6, "GB_s": read * rate / 1e9}
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = Path(args.data)
+def compare(options: CompareOptions, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row of figures per variant (disk and memory MB, perplexity, sparsity, quantization, decode tok/s and
+    GB/s); ``on_row`` sees each row as soon as it is measured."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    data = Path(options.data)
     if not data.is_file():
         raise CorelmError(f"--data file not found: {data}")
     text = read_text(data)
     rows = []
-    for i, source in enumerate(args.variants, 1):
-        print(f"[{i}/{len(args.variants)}] measuring {source} ...", file=sys.stderr, flush=True)
-        rows.append(measure(source, text, args))
-        if args.json:
-            print(json.dumps(rows[-1]), flush=True)
+    for i, source in enumerate(options.variants, 1):
+        print(f"[{i}/{len(options.variants)}] measuring {source} ...", file=sys.stderr, flush=True)
+        rows.append(measure(source, text, options))
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    args = options_from(CompareOptions, build_parser().parse_args(argv))
+    data = Path(args.data)
+    rows = compare(args, on_row=(lambda row: print(json.dumps(row), flush=True)) if args.json else None)
     if args.json:
         return 0
     from corelm.generate.step import cpu_capability

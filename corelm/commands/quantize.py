@@ -10,32 +10,38 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from corelm.commands.args import HelpFormatter, Parser
+from corelm.commands.args import Options, as_options, option, options_from, parser_from
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
 
+@dataclass
+class QuantizeOptions(Options):
+    """What ``corelm quantize`` reads, how it quantizes, and where it writes."""
+
+    source: str = option(help="embedded model name, .gguf file or HF checkpoint directory", positional=True)
+    out_dir: str | Path = option(help="directory to write (must not exist or be empty, unless --overwrite)",
+                                 positional=True)
+    method: Literal["int8", "int4"] = option(
+        "int8", "int8: one scale per output channel; int4: one scale and zero per group of columns")
+    group_size: Literal[32, 64, 128] = option(
+        32, "int4 only: input columns sharing a scale and zero (smaller = more accurate, larger file)")
+    head: Literal["int8", "int4"] = option(
+        "int8", "quantization of the output head (shared with the token embedding when tied)")
+    requantize: bool = option(False, "from a GGUF source, quantize the dequantized weights again instead of reusing "
+                                     "the file's Q4_0/Q4_1 blocks")
+    overwrite: bool = option(False, "replace an existing non-empty out_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm quantize",
+    return parser_from(
+        QuantizeOptions, prog="corelm quantize",
         description="Quantize a model's linear layers to int8 (per output channel) or int4 (group-wise, "
-                    "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.",
-        formatter_class=HelpFormatter)
-    ap.add_argument("source", help="embedded model name, .gguf file or HF checkpoint directory")
-    ap.add_argument("out_dir", help="directory to write (must not exist or be empty, unless --overwrite)")
-    ap.add_argument("--method", default="int8", choices=["int8", "int4"],
-                    help="int8: one scale per output channel; int4: one scale and zero per group of columns")
-    ap.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
-                    help="int4 only: input columns sharing a scale and zero (smaller = more accurate, larger file)")
-    ap.add_argument("--head", default="int8", choices=["int8", "int4"],
-                    help="quantization of the output head (shared with the token embedding when tied)")
-    ap.add_argument("--requantize", action="store_true",
-                    help="from a GGUF source, quantize the dequantized weights again instead of reusing "
-                         "the file's Q4_0/Q4_1 blocks")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty out_dir")
-    return ap
+                    "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.")
 
 
 def gguf_source(source: str) -> Path | None:
@@ -48,16 +54,18 @@ def gguf_source(source: str) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size: int = 32, head: str = "int8",
-             requantize: bool = False, overwrite: bool = False) -> Path:
-    """Load ``source``, quantize it, write ``out_dir`` atomically (temporary sibling, then rename)."""
+def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
+    """Load ``options.source``, quantize it, write ``options.out_dir`` atomically (temporary sibling, then rename);
+    returns the directory. ``quantize(source, out_dir, method="int8", ...)`` is ``quantize(QuantizeOptions(...))``."""
     import corelm
     from corelm.quant.io import save_quantized_dir
     from corelm.quant.layers import check_group_size
     from corelm.quant.transform import quantize_model
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    options = as_options(QuantizeOptions, options, args, kwargs)
+    source, method, group_size, head = options.source, options.method, options.group_size, options.head
+    out = Path(options.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
         raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
     if method == "int4" or head == "int4":
         check_group_size(group_size * 2, group_size)  # validates the value before loading anything
@@ -65,7 +73,7 @@ def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size:
     if loaded.config.is_encoder:
         raise CorelmError("corelm quantize writes decoders; encoders quantize in memory with "
                           "corelm.load(..., quantize=...)")
-    gguf = None if requantize else gguf_source(source)
+    gguf = None if options.requantize else gguf_source(source)
     from tqdm import tqdm
 
     def bar(layers):
@@ -78,10 +86,9 @@ def quantize(source: str, out_dir: str | Path, method: str = "int8", group_size:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = options_from(QuantizeOptions, build_parser().parse_args(argv))
     t0 = time.perf_counter()
-    out = quantize(args.source, args.out_dir, args.method, args.group_size, args.head, args.requantize,
-                   args.overwrite)
+    out = quantize(args)
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     weights = (out / "model.safetensors").stat().st_size / 1e6
     print(f"wrote {out}/ ({args.method}{f', group {args.group_size}' if args.method == 'int4' else ''}; "
