@@ -5,6 +5,12 @@ The public API is small and asserted by ``tests/test_api.py``::
     import corelm
     llm = corelm.load("smollm2-135m-instruct")
     llm.generate("hello", max_new_tokens=20)
+
+Every ``corelm <command>`` is also a function of an options dataclass in ``corelm.commands.<command>``
+(the same function the command line calls)::
+
+    from corelm.commands.quantize import QuantizeOptions, quantize
+    quantize(QuantizeOptions("smollm2-135m-instruct", "q4", method="int4"))
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,13 @@ from tests.test_gguf import write_tiny_gguf
 
 
 def test_public_api() -> None:
-    assert set(corelm.__all__) >= {"load", "CorelmError", "ModelConfig", "__version__"}
+    """The curated API is exactly these names; the commands' functions live in corelm.commands.<command>."""
+    assert sorted(corelm.__all__) == ["CorelmError", "ModelConfig", "__version__", "load"]
     for name in corelm.__all__:
         assert hasattr(corelm, name), name
+    public = {name for name, value in vars(corelm).items() if not name.startswith("_")
+              and not isinstance(value, types.ModuleType) and name != "annotations"}  # from __future__
+    assert public == set(corelm.__all__) - {"__version__"}
     for method in ("generate", "stream", "chat", "stream_chat"):
         assert callable(getattr(LLM, method))
     assert callable(Encoder.embed)
