@@ -159,7 +159,9 @@ class RopeTable:
     ``dynamic`` and ``longrope`` tables depend on the length of the sequence: as transformers does,
     one forward's table follows its largest position ``max_pos`` (``longrope`` switches to the long
     factors once ``max_pos + 1 > original_max_position_embeddings``). The decision is made on the
-    Python int ``max_pos``, never on tensor values, so it stays compile-friendly.
+    Python int ``max_pos``, never on tensor values, so it stays compile-friendly. A static-shape
+    (compiled) decode passes the cache length as ``max_pos``, so there the table follows the cache
+    size: a cache longer than ``original_max_position_embeddings`` uses the long factors throughout.
 
     Args:
         head_dim: width of a head.
