@@ -236,7 +236,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     family = config.family
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
     if family == "moe":
-        from corelm.models.moe import hf_model_type
+        from corelm.io.hf_moe import hf_model_type
 
         model_type = hf_model_type(config)
     out: dict[str, Any] = {"architectures": [_ARCHITECTURES.get(model_type) or _ARCHITECTURES[family]],
@@ -465,9 +465,9 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
         CorelmError: a tensor is missing, has the wrong shape, or is not understood.
     """
     if config.family == "moe":  # per-expert tensors are stacked: the table lives with the model
-        from corelm.models.moe import state_dict_from_hf as moe_state_dict_from_hf
+        from corelm.io.hf_moe import state_dict_from_hf as moe_state_dict_from_hf
 
-        return moe_state_dict_from_hf(config, hf_state)
+        return moe_state_dict_from_hf(config, hf_state, expected_shapes(config), _IGNORED)
     prefix = _HF_PREFIX[config.family]
     hf_state = _split_fused(config, hf_state)
     hf = {(k if k.startswith((prefix, "cls.", "lm_head.")) else prefix + k): k for k in hf_state}
@@ -495,9 +495,9 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
 def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`state_dict_from_hf`: HF names, Conv1D layout, contiguous tensors."""
     if config.family == "moe":  # one tensor per expert, as transformers saves them
-        from corelm.models.moe import state_dict_to_hf as moe_state_dict_to_hf
+        from corelm.io.hf_moe import state_dict_to_hf as moe_state_dict_to_hf
 
-        return moe_state_dict_to_hf(config, state)
+        return moe_state_dict_to_hf(config, state, expected_shapes(config))
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
     shapes = expected_shapes(config)
     out = {}
