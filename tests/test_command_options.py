@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +59,31 @@ def test_parser_is_built_from_the_options_dataclass(command: str, capsys: pytest
                 assert flag in out or flag.replace("--", "--no-") in out, (command, f.name)
 
 
+@pytest.mark.parametrize("command", sorted(CONVERTED))
+def test_every_argument_is_a_field(command: str) -> None:
+    """No argument is added beside the dataclass: the parser's destinations are exactly the fields."""
+    import argparse
+
+    module = importlib.import_module(f"corelm.commands.{command}")
+    ap = module.build_parser()
+    subs = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = {None: ap} if not subs else dict(subs[0].choices)
+    classes = getattr(module, "SUBCOMMANDS", {None: getattr(module, CONVERTED[command][0])})
+    assert set(parsers) == set(classes)
+    for action, parser in parsers.items():
+        dests = {a.dest for a in parser._actions if a.dest != "help"}
+        assert dests == {f.name for f in dataclasses.fields(classes[action])}, (command, action)
+
+
+def test_help_works_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from corelm.cli import COMMANDS
+
+    for command in COMMANDS:
+        if importlib.util.find_spec(f"corelm.commands.{COMMANDS[command][0]}") is None:
+            continue  # a command being written
+        assert f"corelm {command}" in _help(command, capsys)
+
+
 # ---- the builder on a small dataclass ----------------------------------------------------------------
 
 @dataclass(kw_only=True)
@@ -74,6 +100,8 @@ class Toy(Options):
     dtype: str = option("fp32", "weight dtype", dtype={"auto": False})
     device: str = option("auto", "where to run", device=True)
     qtype: str | None = option(None, "tensor type", flag="--type", choices=["F16", "Q8_0"])
+    model: str | None = option(None, "a model name", group="source")
+    config: str | None = option(None, "a config file", group="source")
 
     def check(self) -> None:
         if self.max_steps < 1:
@@ -92,7 +120,8 @@ def test_builder_flags_types_defaults_and_round_trip() -> None:
     for argv, needle in ((["in", "--out", "o", "--kind", "c"], "invalid choice"), (["in"], "--out"),
                          (["in", "--out", "o", "--dtype", "auto"], "invalid choice"),
                          (["in", "--out", "o", "--lr", "nan"], "finite"),
-                         (["in", "--out", "o", "--device", "tpu"], "cuda:N")):
+                         (["in", "--out", "o", "--device", "tpu"], "cuda:N"),
+                         (["in", "--out", "o", "--model", "m", "--config", "c"], "not allowed with")):
         with pytest.raises(CorelmError, match=needle):
             ap.parse_args(argv)
     with pytest.raises(CorelmError, match="--max-steps must be >= 1"):
