@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
@@ -155,3 +156,37 @@ def test_mfu_is_model_flops_per_wall_second_over_peak():
     assert F.mfu(6e9, 100.0, 1.2e12) == 0.5  # 6e11 FLOP/s achieved on a 1.2e12 peak
     with pytest.raises(CorelmError):
         F.mfu(6e9, 100.0, 0.0)
+
+
+HF_TINY = {  # one tiny transformers config per family corelm imports; sizes chosen so every term shows
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 160, "n_positions": 64},
+    "llama": {"tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": False},
+    "qwen3": {"head_dim": 24},
+    "mistral": {"head_dim": 16, "tie_word_embeddings": False},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "phi3": {"tie_word_embeddings": False, "pad_token_id": None},
+    "olmo2": {"tie_word_embeddings": False, "pad_token_id": None},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, "mlp_only_layers": [1], "tie_word_embeddings": False},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+}
+DECODER = {"vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("model_type", list(HF_TINY))
+def test_param_count_equals_the_transformers_model(model_type):
+    """The planner's parameter formula for every imported family equals the parameters transformers builds."""
+    transformers = pytest.importorskip("transformers")
+    from corelm.io.hf import config_from_hf
+
+    options = dict(HF_TINY[model_type]) if model_type == "gpt2" else dict(DECODER, **HF_TINY[model_type])
+    hf_config = transformers.AutoConfig.for_model(model_type, **options)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    cfg = config_from_hf(hf_config.to_dict())
+    assert F.param_count(cfg) == sum(p.numel() for p in hf.parameters()), model_type

@@ -59,15 +59,30 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     attention = d * q_width + 2 * d * kv_width + q_width * d  # W_q, W_k, W_v, W_o
     if bias:
         attention += q_width + 2 * kv_width + d
-    gated = cfg.activation == "silu"  # SwiGLU (Shazeer 2020): gate, up and down projections
-    mlp = (3 if gated else 2) * d * cfg.d_ff
+    elif cfg.qkv_bias:  # Qwen2: biases on q, k and v only
+        attention += q_width + 2 * kv_width
+    if cfg.family == "olmo2":  # OLMo 2 normalizes the whole q and k projections
+        attention += q_width + kv_width
+    elif cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight per head width, shared by the heads
+        attention += 2 * cfg.head_dim
+    # gated MLPs (SwiGLU, Shazeer 2020; Gemma's GeGLU): gate, up and down projections
+    gated = cfg.family in ("llama", "gemma", "moe", "olmo2") or cfg.activation == "silu"
+    dense_mlp = (3 if gated else 2) * d * cfg.d_ff
     if bias:
-        mlp += cfg.d_ff * (2 if gated else 1) + d
-    norms = L * 2 * norm + (0 if cfg.family == "bert" else norm)  # BERT is post-LN: no final norm
+        dense_mlp += cfg.d_ff * (2 if gated else 1) + d
+    mlp = L * dense_mlp
+    if cfg.family == "moe":  # each sparse layer: the router, every expert, and Qwen2-MoE's gated shared expert
+        sparse = d * cfg.n_experts + cfg.n_experts * 3 * d * cfg.moe_d_ff
+        if cfg.shared_expert_d_ff:
+            sparse += 3 * d * cfg.shared_expert_d_ff + d
+        n_dense = len(cfg.dense_layers or ())
+        mlp = n_dense * dense_mlp + (L - n_dense) * sparse
+    per_layer_norms = 4 if cfg.sandwich_norm else 2  # Gemma 2/3: a norm before and after each sub-layer
+    norms = L * per_layer_norms * norm + (0 if cfg.family == "bert" else norm)  # BERT is post-LN: no final norm
     return {
         "embedding": embedding,
         "attention": L * attention,
-        "mlp": L * mlp,
+        "mlp": mlp,
         "norms": norms,
         "lm_head": 0 if (cfg.tie_embeddings or cfg.is_encoder) else V * d,
         "pooler": d * d + d if cfg.family == "bert" else 0,
@@ -84,10 +99,19 @@ def matmul_params(cfg: ModelConfig) -> int:
 
     Embedding lookups are gathers, not matmuls, so they are excluded [Kaplan, table 1]; the LM head
     (d × V) is a matmul even when its weight is tied to the embedding. For GPT-3 175B this is 174.6e9.
+    A mixture-of-experts layer counts the router, the ``n_experts_per_tok`` experts a token is routed
+    to and the shared expert: the *active* parameters [Fedus et al. 2022, Switch Transformer §2].
     """
     p = param_breakdown(cfg)
     head = 0 if cfg.is_encoder else cfg.vocab_size * cfg.d_model
-    return p["attention"] + p["mlp"] + p["pooler"] + head
+    mlp = p["mlp"]
+    if cfg.family == "moe":
+        d, n_dense = cfg.d_model, len(cfg.dense_layers or ())
+        active = d * cfg.n_experts + cfg.n_experts_per_tok * 3 * d * cfg.moe_d_ff
+        if cfg.shared_expert_d_ff:
+            active += 3 * d * cfg.shared_expert_d_ff + d
+        mlp = n_dense * 3 * d * cfg.d_ff + (cfg.n_layer - n_dense) * active
+    return p["attention"] + mlp + p["pooler"] + head
 
 
 # --------------------------------------------------------------------------------------------------
