@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corelm.errors import CorelmError
-from corelm.serve import errors, protocol
+from corelm.serve import errors, protocol, tools
 from corelm.serve.errors import APIError
 from corelm.serve.metrics import CONTENT_TYPE, Metrics
 from corelm.serve.service import EmbeddingModel, TextModel, TextStream
@@ -222,21 +222,26 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         common, payload = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
         model: TextModel = pick(common.model, "generate")
         prompt_param = "messages" if chat else "prompt"
+        specs = common.tools if chat and common.tool_choice != "none" else None  # "none": no tools in the prompt
         try:
-            prompt_ids = model.encode_chat(payload) if chat else model.encode_prompt(payload)
+            prompt_ids = model.encode_chat(payload, specs) if chat else model.encode_prompt(payload)
         except CorelmError as exc:  # a template that raises on these messages (e.g. role order)
             raise errors.bad_request(f"the chat template rejected the messages: {exc}", prompt_param) from None
         max_tokens = model.budget(len(prompt_ids), common.options.max_tokens, prompt_param)
         deadline = arrival + config.request_timeout
         streams: list[TextStream] = []
-        model.constraint(common.options.structure)  # a bad schema or grammar is a 400 before any work
+        family = model.tool_family if specs else None  # parse the output for tool calls
+        structure_param = None
+        if specs and (forced := model.tool_structure(specs, common.tool_choice)) is not None:
+            common.options.structure, structure_param = forced, "tools"  # exactly one valid call
+        model.constraint(common.options.structure, structure_param)  # a bad schema or grammar is a 400 before any work
         try:
             for i in range(common.n):
                 options = common.options
                 if options.seed is not None and i:  # n > 1: distinct, reproducible samples
                     options = protocol.TextOptions(**{**options.__dict__, "seed": options.seed + i})
                 streams.append(model.start(prompt_ids, options, max_tokens, deadline,
-                                           model.constraint(options.structure)))
+                                           model.constraint(options.structure, structure_param)))
         except APIError:
             for s in streams:
                 s.cancel()
@@ -249,7 +254,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
             events = _merge(streams)
             return StreamingResponse(
                 _sse(events, streams, rid, created, model.name, chat, common.include_usage,
-                     lambda: observe(arrival, streams), usage, metrics),
+                     lambda: observe(arrival, streams), usage, metrics, family),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         async def collect() -> list[tuple[str, str | None, list[dict] | None]]:
@@ -284,8 +289,8 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         results = work.result()  # re-raises an APIError (deadline, shutdown)
         observe(arrival, streams)
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                        "logprobs": chat_logprobs(lps)} for i, (text, reason, lps) in enumerate(results)]
+            choices = [{"index": i, **chat_message(text, reason, family), "logprobs": chat_logprobs(lps)}
+                       for i, (text, reason, lps) in enumerate(results)]
         else:
             choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": completion_logprobs(lps)}
                        for i, (text, reason, lps) in enumerate(results)]
@@ -433,6 +438,18 @@ async def _merge(streams: list[TextStream]) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
+def chat_message(text: str, reason: str | None, family: str | None) -> dict[str, Any]:
+    """A chat choice's ``message`` and ``finish_reason``: the tool calls in ``text`` (read by the
+    template family's parser) with ``finish_reason: "tool_calls"``, or the text as content."""
+    if family is not None:
+        parsed = tools.PARSERS[family](text)
+        calls = tools.message_calls(parsed)
+        if calls:
+            return {"message": {"role": "assistant", "content": parsed.content or None, "tool_calls": calls},
+                    "finish_reason": "tool_calls"}
+    return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
+
+
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     """Chat's ``logprobs`` object: ``{"content": [per-token entries]}`` (None when not asked for)."""
     return None if entries is None else {"content": entries, "refusal": None}
@@ -453,9 +470,13 @@ def completion_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] 
 
 
 async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream], rid: str, created: int,
-               model: str, chat: bool, include_usage: bool, on_end, usage, metrics: Metrics) -> AsyncIterator[str]:
-    """Format pieces as OpenAI SSE chunks; cancels the generations if the client goes away."""
+               model: str, chat: bool, include_usage: bool, on_end, usage, metrics: Metrics,
+               tool_family: str | None = None) -> AsyncIterator[str]:
+    """Format pieces as OpenAI SSE chunks; cancels the generations if the client goes away.
+    With ``tool_family`` a chat stream's text goes through a :class:`corelm.serve.tools.ToolStream`
+    per choice, so tool calls arrive as ``delta.tool_calls`` pieces."""
     kind = "chat.completion.chunk" if chat else "text_completion"
+    parsers = [tools.ToolStream(tool_family) for _ in streams] if chat and tool_family else None
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
@@ -465,7 +486,11 @@ async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream]
                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
+            if parsers is not None and not first:
+                delta.update(parsers[i].feed(text or "", final=reason is not None))
+                if reason is not None and parsers[i].called:
+                    reason = "tool_calls"
+            elif text:
                 delta["content"] = text
             return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": chat_logprobs(logprobs)}
         return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": completion_logprobs(logprobs)}
@@ -483,7 +508,9 @@ async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream]
                     s.cancel()
                 break
             if item.finish_reason is None:
-                yield chunk([choice(i, item.text, None, logprobs=item.logprobs)])
+                part = choice(i, item.text, None, logprobs=item.logprobs)
+                if not chat or part["delta"] or part["logprobs"]:  # a held-back piece sends nothing yet
+                    yield chunk([part])
                 continue
             open_streams -= 1
             extra = {"usage": usage(streams)} if open_streams == 0 else {}

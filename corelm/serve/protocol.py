@@ -3,13 +3,15 @@
 Written by hand rather than with pydantic models so each mistake gets OpenAI's error shape and a
 sentence a user understands (FastAPI's default is a 422 listing pydantic internals). Parameters
 corelm does not implement (``presence_penalty``/``frequency_penalty`` other than 0, ``logit_bias``,
-``tools``) are rejected with a 400 instead of being silently ignored.
+the legacy ``functions``) are rejected with a 400 instead of being silently ignored. Chat requests
+may carry function ``tools`` and ``tool_choice`` (:mod:`corelm.serve.tools`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +20,14 @@ from corelm.serve.service import TextOptions
 
 MAX_N = 8
 MAX_STOP = 4
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Parameters corelm does not implement -> the values that mean "off" and are accepted.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logit_bias": ({},), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none",), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "logit_bias": ({},), "functions": ([],), "function_call": ("none",),
+    "best_of": (1,), "echo": (False,), "suffix": ("",),
 }
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 MAX_TOP_LOGPROBS = 20
 MAX_GRAMMAR_CHARS = 1 << 16
 
@@ -142,6 +146,8 @@ class Common:
     include_usage: bool
     n: int
     options: TextOptions
+    tools: list[dict[str, Any]] | None = None  # chat only: validated function tools
+    tool_choice: str | dict[str, Any] = "none"  # "none" | "auto" | "required" | {"type": "function", ...}
 
 
 def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
@@ -259,6 +265,10 @@ def parse_completion(body: dict[str, Any]) -> tuple[Common, str]:
     """``POST /v1/completions``: returns the common options and the prompt text."""
     common = _common(body, ("max_tokens",))
     common.options.logprobs = _logprobs(body, chat=False)
+    for name in ("tools", "tool_choice"):
+        if body.get(name) not in (None, [], "none"):
+            raise bad_request(f"'{name}' is only supported by /v1/chat/completions", name,
+                              code="unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -272,10 +282,125 @@ def parse_completion(body: dict[str, Any]) -> tuple[Common, str]:
     return common, prompt
 
 
-def parse_chat(body: dict[str, Any]) -> tuple[Common, list[dict[str, str]]]:
-    """``POST /v1/chat/completions``: returns the common options and the messages (text only)."""
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``tools``: function tools, each ``{"type": "function", "function": {"name", "description"?,
+    "parameters"? (a JSON schema object), "strict"?}}``; None when absent or empty."""
+    tools = _field(body, "tools", "list")
+    if not tools:
+        return None
+    if len(tools) > MAX_TOOLS:
+        raise bad_request(f"'tools' may hold at most {MAX_TOOLS} tools, got {len(tools)}", "tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise bad_request(f"'{where}' must be an object", where, code="invalid_type")
+        if tool.get("type") != "function":
+            raise bad_request(f"'{where}.type' must be 'function' (the only tool type corelm supports), "
+                              f"got {tool.get('type')!r}", f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise bad_request(f"'{where}.function' must be an object", f"{where}.function", code="invalid_type")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise bad_request(f"'{where}.function.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                              f"{where}.function.name")
+        if name in names:
+            raise bad_request(f"'{where}.function.name' repeats the tool name {name!r}", f"{where}.function.name")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise bad_request(f"'{where}.function.description' must be a string", f"{where}.function.description",
+                              code="invalid_type")
+        params = function.get("parameters", {})
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise bad_request(f"'{where}.function.parameters' must be a JSON schema object of type 'object'",
+                              f"{where}.function.parameters", code="invalid_type")
+        if not isinstance(function.get("strict", False), bool):
+            raise bad_request(f"'{where}.function.strict' must be a boolean", f"{where}.function.strict",
+                              code="invalid_type")
+    if len(json.dumps(tools)) > MAX_GRAMMAR_CHARS:
+        raise bad_request(f"'tools' is longer than {MAX_GRAMMAR_CHARS} characters", "tools")
+    return tools
+
+
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
+    """``tool_choice``: "none" | "auto" (the default with tools) | "required" | a named function."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {choice!r}",
+                              "tool_choice")
+    elif not (isinstance(choice, dict) and choice.get("type") == "function"
+              and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
+        raise bad_request("'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                          "tool_choice", code="invalid_type")
+    if choice != "none" and not tools:
+        raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if name not in [t["function"]["name"] for t in tools or []]:
+            raise bad_request(f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
+        return {"type": "function", "function": {"name": name}}
+    return choice
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content as one string (text parts joined)."""
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad_request(f"'{where}.content' parts must be text parts", f"{where}.content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad_request(f"'{where}.content' must be a string", f"{where}.content", code="invalid_type")
+    return content
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` in the shape chat templates read (transformers'):
+    ``arguments`` parsed from OpenAI's JSON string into an object."""
+    if not isinstance(calls, list) or not calls:
+        raise bad_request(f"'{where}.tool_calls' must be a non-empty array", f"{where}.tool_calls",
+                          code="invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str) and call.get("type", "function") == "function"):
+            raise bad_request(f"'{at}' must be {{\"type\": \"function\", \"id\": ..., \"function\": "
+                              "{\"name\": ..., \"arguments\": \"<JSON text>\"}}", at, code="invalid_type")
+        try:
+            arguments = json.loads(function["arguments"] or "{}")
+        except (ValueError, RecursionError):  # also a 4,301-digit integer
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise bad_request(f"'{at}.function.arguments' must be a JSON object in a string",
+                              f"{at}.function.arguments")
+        call_id = call.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise bad_request(f"'{at}.id' must be a string", f"{at}.id", code="invalid_type")
+        out.append({**({"id": call_id} if call_id is not None else {}), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def parse_chat(body: dict[str, Any]) -> tuple[Common, list[dict[str, Any]]]:
+    """``POST /v1/chat/completions``: returns the common options (with ``tools``/``tool_choice``) and
+    the messages: text ``content``, plus ``tool_calls`` on assistant turns and ``tool_call_id`` on
+    ``tool`` turns, in the shape chat templates read."""
     common = _common(body, ("max_tokens", "max_completion_tokens"))
     common.options.logprobs = _logprobs(body, chat=True)
+    common.tools = _tools(body)
+    common.tool_choice = _tool_choice(body, common.tools)
+    _field(body, "parallel_tool_calls", "bool")  # accepted; a forced call is always a single call
+    if common.tool_choice not in ("none", "auto") and common.options.structure is not None:
+        raise bad_request("'tool_choice' forcing a call cannot be combined with 'response_format', 'regex' "
+                          "or 'grammar'", "tool_choice")
     messages = body.get("messages")
     if messages is None:
         raise bad_request("'messages' is required", "messages", code="missing_required_parameter")
@@ -295,18 +420,21 @@ def parse_chat(body: dict[str, Any]) -> tuple[Common, list[dict[str, str]]]:
         if role not in ROLES:
             raise bad_request(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}",
                               f"{where}.role")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise bad_request(f"'{where}.content' parts must be text parts", f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise bad_request(f"'{where}.content' must be a string", f"{where}.content", code="invalid_type")
+        if role == "assistant" and message.get("tool_calls") is not None:
+            content = message.get("content")
+            out.append({"role": role, "content": "" if content is None else _text(content, where),
+                        "tool_calls": _tool_calls(message["tool_calls"], where)})
+            continue
+        content = _text(message.get("content"), where)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise bad_request(f"'{where}.tool_call_id' is required on a tool message (a string)",
+                                  f"{where}.tool_call_id", code="missing_required_parameter")
+            out.append({"role": role, "content": content, "tool_call_id": call_id})
+            continue
         out.append({"role": role, "content": content})
-    if not any(m["content"] for m in out):
+    if not any(m["content"] or m.get("tool_calls") for m in out):
         raise bad_request("'messages' must contain some text", "messages")
     return common, out
 

@@ -18,7 +18,7 @@ from typing import Any
 from corelm.generate.constraints import Constraint, GrammarTokenizer, grammar_for
 from corelm.generate.engine import SamplingParams
 from corelm.generate.text import StopMatcher
-from corelm.serve import errors
+from corelm.serve import errors, tools
 from corelm.serve.batcher import Batcher, Handle
 
 
@@ -124,16 +124,46 @@ class TextModel:
         eos += list(getattr(llm, "stop_token_ids", None) or [])
         self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
         self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._native_tools: bool | None = None
 
-    def constraint(self, structure: dict[str, Any] | None) -> Constraint | None:
-        """The request's grammar matcher, or a 400 naming the problem with its schema/grammar."""
+    @property
+    def native_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` itself (it changes the prompt when given one);
+        if not, tool conversations are rewritten by :func:`corelm.serve.tools.fallback_messages`."""
+        if self._native_tools is None:
+            probe = [{"role": "user", "content": "Hi"}]
+            tool = {"type": "function", "function": {"name": "probe", "description": "d",
+                                                     "parameters": {"type": "object", "properties": {}}}}
+            try:
+                self._native_tools = (self.tokenizer.apply_chat_template(probe, tools=[tool])
+                                      != self.tokenizer.apply_chat_template(probe))
+            except Exception:  # noqa: BLE001 - a template that fails on tools does not support them
+                self._native_tools = False
+        return self._native_tools
+
+    @property
+    def tool_family(self) -> str:
+        """The parser family of this model's tool calls (:data:`corelm.serve.tools.FAMILIES`)."""
+        return tools.family_of(self.tokenizer.chat_template) if self.native_tools else "hermes"
+
+    def tool_structure(self, specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> dict[str, Any] | None:
+        """The grammar (``grammar_for`` keyword) forcing one call when ``choice`` is "required" or a
+        named function; None for "auto"/"none" (free text)."""
+        if choice in ("none", "auto"):
+            return None
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        return {"grammar": tools.tool_grammar(specs, name, self.tool_family)}
+
+    def constraint(self, structure: dict[str, Any] | None, param: str | None = None) -> Constraint | None:
+        """The request's grammar matcher, or a 400 naming the problem with its schema/grammar
+        (``param``: the request parameter to name, default the one ``structure`` came from)."""
         if structure is None:
             return None
         if self._grammar_tokenizer is None:  # built once per model (reads the whole vocabulary)
             self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, int(self.llm.config.vocab_size),
                                                        list(self.stop_token_ids))
-        param = {"json_schema": "response_format", "json_object": "response_format"}.get(next(iter(structure)),
-                                                                                          next(iter(structure)))
+        param = param or {"json_schema": "response_format", "json_object": "response_format"}.get(
+            next(iter(structure)), next(iter(structure)))
         try:
             grammar = grammar_for(**structure)
             self._grammar_tokenizer.check(grammar)
@@ -145,9 +175,18 @@ class TextModel:
         """A raw prompt's ids exactly as ``corelm generate`` makes them (BOS when the model wants one)."""
         return list(self.llm.encode_prompt(prompt))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(self.tokenizer.encode(text))
+    def render_chat(self, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text: ``specs`` (function tools) through the template's own ``tools=``, or the
+        Hermes-convention fallback when the template has no tool support (also for tool turns)."""
+        has_tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if (specs or has_tool_turns) and not self.native_tools:
+            return self.tokenizer.apply_chat_template(tools.fallback_messages(messages, specs),
+                                                      add_generation_prompt=True)
+        extra = {"tools": specs} if specs else {}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+
+    def encode_chat(self, messages: list[dict[str, Any]], specs: list[dict[str, Any]] | None = None) -> list[int]:
+        return list(self.tokenizer.encode(self.render_chat(messages, specs)))
 
     def budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
         """Resolve max_tokens against the context window, or raise a 400 naming the counts."""
