@@ -82,3 +82,23 @@ def test_bad_input(tmp_path):
     with pytest.raises(CorelmError, match=".gguf"):
         export_gguf(_tiny(), tmp_path / "m.bin", "F16")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", [{"qkv_bias": True}, {"qk_norm": True}, {"sliding_window": 8}],
+                         ids=["qwen2-biases", "qwen3-qk-norm", "mistral-window"])
+def test_export_and_structured_pruning_refuse_what_they_would_drop(tmp_path, extra):
+    """Qwen2/Qwen3/Mistral features have no place in a plain llama GGUF or in the pruning surgery:
+    a one-line refusal, not a model that silently lost them."""
+    from corelm.compress.prune import prune_structured
+    from corelm.config import ModelConfig
+    from corelm.errors import CorelmError
+    from corelm.io.gguf_export import export_gguf
+    from corelm.models import build_model
+
+    model = build_model(ModelConfig(family="llama", vocab_size=96, n_layer=1, n_head=4, n_kv_head=2, d_model=64,
+                                    d_ff=128, max_seq_len=32, **extra))
+    with pytest.raises(CorelmError, match="plain llama"):
+        export_gguf(model, tmp_path / "x.gguf")
+    with pytest.raises(CorelmError, match="plain llama"):
+        prune_structured(model, {"channels": 0.25}, [torch.randint(0, 96, (1, 8))])
+    assert not (tmp_path / "x.gguf").exists()

@@ -381,6 +381,9 @@ def prune_structured(model: nn.Module, structures: dict[str, float], calibration
         raise CorelmError("structured pruning supports llama-family models (Llama, SmolLM2, Mistral)")
     if is_quantized(model):
         raise CorelmError("the model is quantized; prune the float model, then quantize it")
+    extras = llama_extras(model.config)
+    if extras:  # the structure surgery slices bias-free projections of one plain layout
+        raise CorelmError(f"structured pruning handles plain llama blocks; this model has {', '.join(extras)}")
     calibration = list(calibration)
     planned_config(model.config, structures, multiple_of)  # every ratio checked before any calibration pass
     before = sum(p.numel() for p in model.parameters())
@@ -423,6 +426,14 @@ def _shrunk(config, structure: str, keep: int):
         return dataclasses.replace(config, n_head=keep * config.n_kv_head, head_dim=config.head_dim)
     return dataclasses.replace(config, n_head=keep * (config.n_head // config.n_kv_head), n_kv_head=keep,
                                head_dim=config.head_dim)
+
+
+def llama_extras(config) -> list[str]:
+    """What a llama-family config has beyond plain Llama blocks (Qwen2/3, Phi-3, windows), by name."""
+    checks = (("biases", config.bias or config.qkv_bias), ("QK norms", config.qk_norm),
+              ("a sliding window", config.sliding_window),
+              ("partial rotary", getattr(config, "rotary_dim", None) not in (None, config.head_dim)))
+    return [name for name, present in checks if present]
 
 
 def llama_param_count(config) -> int:

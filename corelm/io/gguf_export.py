@@ -125,6 +125,12 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "F16", tokenize
     config = getattr(model, "config", None)
     if config is None or config.family != "llama":
         raise CorelmError("GGUF export supports llama-family models")
+    from corelm.compress.prune import llama_extras
+
+    extras = llama_extras(config)
+    if extras:  # written as plain llama tensors, these would be dropped without a word
+        raise CorelmError(f"GGUF export writes plain llama blocks; this model has {', '.join(extras)} "
+                          "(write an HF directory instead: corelm convert)")
     path = Path(path)
     if path.suffix != ".gguf":
         raise CorelmError(f"the output file must end in .gguf, got {path.name}")
