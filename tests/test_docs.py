@@ -60,3 +60,14 @@ def test_readme_links_resolve() -> None:
     assert any(t.startswith("docs/") for t in local)
     missing = [t for t in local if not (ROOT / t).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_example_files_are_small_and_used() -> None:
+    """docs/examples/ ships only what the guides name, and stays small (it is part of every checkout)."""
+    examples = [p for p in (ROOT / "docs" / "examples").iterdir() if p.name != "make_examples.py"]
+    total = sum(p.stat().st_size for p in examples)
+    assert total < 300_000, f"docs/examples/ holds {total:,} bytes; keep the example files small"
+    pages = README.read_text(encoding="utf-8") + "".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "docs").glob("*.md"))
+    unused = [p.name for p in examples if f"docs/examples/{p.name}" not in pages]
+    assert not unused, f"docs/examples/ files no guide names: {unused}"

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # loads the embedded models; still part of `make test`
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
 # The guides in the order a reader follows them; later pages use what earlier ones wrote
@@ -55,21 +57,29 @@ SMOKE: list[tuple[str, str, str, str]] = [
     ("pretrain", r"--max-steps \d+", "--max-steps 2", "two optimizer steps, not a training run"),
     ("pretrain", r"--save-every \d+", "--save-every 1", "a checkpoint within the two steps"),
     ("distill", r"--max-steps \d+", "--max-steps 2", "two optimizer steps, not a training run"),
+    ("pretrain", r"^((?:(?!--batch-size).)*)$", r"\1 --batch-size 2 --seq-len 64",
+     "two short sequences per step where the command leaves the default batch (8 x 256)"),
+    ("distill", r"^((?:(?!--batch-size).)*)$", r"\1 --batch-size 2 --seq-len 64",
+     "two short sequences per step where the command leaves the default batch (8 x 256)"),
+    ("distill", r"^((?:(?!--eval-batches).)*)$", r"\1 --eval-batches 1", "one validation batch"),
     ("*", r"--eval-batches \d+", "--eval-batches 1", "one validation batch"),
     ("finetune", r"--steps \d+", "--steps 2", "two optimizer steps"),
     ("finetune", r"--epochs \d+", "--epochs 1 --steps 2", "two optimizer steps (--steps overrides --epochs)"),
     ("evaluate", r"--limit (2048)", "--limit 128", "128 tokens of perplexity"),
     ("evaluate", r"--limit 8\b", "--limit 1", "one summary"),
     ("evaluate", r"--window 512", "--window 64", "a window within the 128 tokens"),
-    ("prune", r"--recover-steps \d+", "--recover-steps 1", "one recovery step"),
+    ("prune", r"--recover-steps \d+", "--recover-steps 1 --recover-batch-size 1", "one recovery step of one window"),
     ("prune", r"$", " --calib-tokens 256", "256 calibration tokens instead of 4096 (default)"),
     ("prune", r"--calib-tokens 1024 (.*) --calib-tokens 256", r"--calib-tokens 256 \1",
      "the documented 1024 calibration tokens become 256 too"),
     ("prune", r"--precision bf16-mixed", "--precision fp32", "bf16 autocast is slow on CPUs without AVX512_BF16"),
     ("compare", r"--tokens \d+", "--tokens 64", "64 held-out tokens"),
+    ("compare", r"^((?:(?!--tokens).)*)$", r"\1 --tokens 64", "64 held-out tokens where the default is used"),
     ("compare", r"--window \d+", "--window 32", "a window within the 64 tokens"),
+    ("compare", r"^((?:(?!--window).)*)$", r"\1 --window 32", "a window within the 64 tokens"),
     ("compare", r"--decode-tokens \d+", "--decode-tokens 2", "two decode steps"),
-    ("compare", r"$", " --threads 1", "one thread on the shared CI machine"),
+    ("compare", r"^((?:(?!--decode-tokens).)*)$", r"\1 --decode-tokens 2", "two decode steps"),
+    ("compare", r"^((?:(?!--threads).)*)$", r"\1 --threads 1", "one thread on the shared CI machine"),
     ("bench", r"--threads \d+", "", "--threads given once below"),
     ("bench", r"$", " --quick --threads 1 --steps 2 --new-tokens 4 --seq-len 32 --batch 2",
      "the shortest measurement (numbers are not checked here; benchmarks/ measures)"),
