@@ -102,7 +102,7 @@ def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str) -> 
     """A Lark grammar (llguidance) for exactly one call: of ``name``, or of any tool when None.
 
     The call object is ``{"name": <const>, "arguments": <the tool's parameters schema>}`` (``parameters``
-    for Llama 3), wrapped in ``<tool_call>`` tags for the Hermes family.
+    for Llama 3) on one line, wrapped in ``<tool_call>`` tags for the Hermes family.
     """
     key = "parameters" if family == "llama3_json" else "arguments"
     options = [{"type": "object",
@@ -110,7 +110,10 @@ def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str) -> 
                                key: t["function"].get("parameters") or {"type": "object"}},
                 "required": ["name", key], "additionalProperties": False}
                for t in tools if name is None or t["function"]["name"] == name]
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    schema = dict(options[0]) if len(options) == 1 else {"anyOf": options}
+    # One line, separated as json.dumps and the templates' tojson write it: the form the model saw in
+    # its prompt, and no tokens spent on indentation.
+    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     call = "call: %json " + json.dumps(schema, ensure_ascii=False)
     if family == "llama3_json":
         return "start: call\n" + call
