@@ -93,7 +93,7 @@ SHELL_STEPS = ("cat ",)
 SKIP: dict[str, str] = {
     "torchrun": "several processes (torch.distributed); tests/test_train_distributed.py covers them",
     "corelm serve": "a long-running server: test_serve_runs starts and stops one documented serve command",
-    "corelm pull": "downloads a Hugging Face repo (network); tests/ covers pull against a local fake Hub",
+    "corelm pull": "downloads a Hugging Face repo (network); tests/test_hub.py covers it offline on a fake HF cache",
     "corelm generate --model Qwen/": "a Hugging Face repo id, downloaded on first use (network)",
 }
 SERVED = "corelm serve --model runs/sft-merged --port 9000 --api-key-file docs/examples/key.txt --max-batch 16"
