@@ -14,7 +14,8 @@ from typing import Any
 
 from corelm.errors import CorelmError
 
-FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2")
+FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2", "bart")
+POSITIONS = ("learned", "sinusoidal")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -65,6 +66,13 @@ class ModelConfig:
             Qwen3-MoE checkpoints) instead of keeping their full-softmax values (Qwen2-MoE).
         dense_layers: ``moe``: layers whose MLP is a dense SwiGLU of width ``d_ff`` (Qwen's
             ``mlp_only_layers``/``decoder_sparse_step``); None = every layer is sparse.
+        n_encoder_layer: ``bart``: encoder blocks (``n_layer`` counts the decoder's); defaults to ``n_layer``.
+        decoder_start_token_id: ``bart``: the token the decoder starts from (Marian: the pad id).
+        scale_embedding: ``bart``: token embeddings are multiplied by ``sqrt(d_model)`` (Marian).
+        positions: ``bart``: ``learned`` position table (BART, offset 2) or fixed ``sinusoidal`` (Marian).
+        normalize_before: ``bart``: pre-LN blocks plus a final LayerNorm after each stack (mBART);
+            False = post-LN blocks (BART, Marian).
+        layernorm_embedding: ``bart``: a LayerNorm over the embeddings (BART, mBART; not Marian).
         extra: Anything the source checkpoint carried that corelm does not interpret.
     """
 
@@ -102,6 +110,13 @@ class ModelConfig:
     shared_expert_d_ff: int | None = None
     norm_topk_prob: bool = True
     dense_layers: list[int] | None = None
+    # encoder-decoder (family ``bart``) only
+    n_encoder_layer: int | None = None
+    decoder_start_token_id: int | None = None
+    scale_embedding: bool = False
+    positions: str = "learned"
+    normalize_before: bool = False
+    layernorm_embedding: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +142,7 @@ class ModelConfig:
             self.bias = self.family not in ("llama", "gemma", "moe", "olmo2")
         if self.activation is None:
             self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh",
-                               "moe": "silu", "olmo2": "silu"}[self.family]
+                               "moe": "silu", "olmo2": "silu", "bart": "gelu"}[self.family]
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.layer_types is not None:
@@ -143,6 +158,8 @@ class ModelConfig:
 
         if self.family == "moe":
             self._check_moe()
+        if self.family == "bart":
+            self._check_bart()
 
     def _check_moe(self) -> None:
         """Mixture-of-experts fields: required for ``moe``, each within range."""
@@ -158,6 +175,21 @@ class ModelConfig:
             if any(not isinstance(i, int) or not 0 <= i < self.n_layer for i in self.dense_layers):
                 raise CorelmError(f"dense_layers must be layer indices in 0..{self.n_layer - 1}, got {self.dense_layers!r}")
 
+    def _check_bart(self) -> None:
+        """Encoder-decoder fields: layer count, position kind, start token."""
+        if self.n_encoder_layer is None:
+            self.n_encoder_layer = self.n_layer
+        if not isinstance(self.n_encoder_layer, int) or self.n_encoder_layer <= 0:
+            raise CorelmError(f"n_encoder_layer must be a positive integer, got {self.n_encoder_layer!r}")
+        if self.positions not in POSITIONS:
+            raise CorelmError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        start = self.decoder_start_token_id
+        if not isinstance(start, int) or not 0 <= start < self.vocab_size:
+            raise CorelmError(f"a bart model needs decoder_start_token_id, a token id in 0..{self.vocab_size - 1}, "
+                              f"got {start!r}")
+        if self.n_kv_head != self.n_head:
+            raise CorelmError("bart models have no grouped-query attention: n_kv_head must equal n_head")
+
     def is_sliding(self, layer: int) -> bool:
         """True when ``layer`` attends only the last ``sliding_window`` positions."""
         if self.sliding_window is None:
@@ -168,6 +200,11 @@ class ModelConfig:
     def is_encoder(self) -> bool:
         """True for bidirectional encoders (BERT), which return hidden states, not next-token logits."""
         return self.family == "bert"
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """True for encoder-decoder models (BART, Marian), which map a source sequence to a target one."""
+        return self.family == "bart"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

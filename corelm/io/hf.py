@@ -24,6 +24,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
+from corelm.io import hf_seq2seq  # encoder-decoders (BART, mBART, Marian): their own config and tensor table
 
 # --------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -101,6 +102,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     model_type = hf_config.get("model_type")
     if model_type is None:
         raise CorelmError("config.json is missing required field 'model_type'")
+    if model_type in hf_seq2seq.MODEL_TYPES:
+        return hf_seq2seq.config_from_hf(hf_config)
     family = _FAMILY_OF.get(model_type)
     if family is None:
         raise CorelmError(f"unsupported model_type {model_type!r}; corelm reads {', '.join(_FAMILY_OF)}")
@@ -234,6 +237,8 @@ def _check_llama_export(config: ModelConfig, model_type: str) -> None:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
+    if family == "bart":
+        return hf_seq2seq.config_to_hf(config)
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
     if family == "moe":
         from corelm.io.hf_moe import hf_model_type
@@ -468,6 +473,8 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
         from corelm.io.hf_moe import state_dict_from_hf as moe_state_dict_from_hf
 
         return moe_state_dict_from_hf(config, hf_state, expected_shapes(config), _IGNORED)
+    if config.family == "bart":
+        return hf_seq2seq.state_dict_from_hf(config, hf_state, expected_shapes(config))
     prefix = _HF_PREFIX[config.family]
     hf_state = _split_fused(config, hf_state)
     hf = {(k if k.startswith((prefix, "cls.", "lm_head.")) else prefix + k): k for k in hf_state}
@@ -498,6 +505,8 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
         from corelm.io.hf_moe import state_dict_to_hf as moe_state_dict_to_hf
 
         return moe_state_dict_to_hf(config, state, expected_shapes(config))
+    if config.family == "bart":
+        return hf_seq2seq.state_dict_to_hf(config, state, expected_shapes(config))
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
     shapes = expected_shapes(config)
     out = {}

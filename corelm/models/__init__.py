@@ -12,8 +12,8 @@ def build_model(config: ModelConfig) -> nn.Module:
 
     Returns:
         :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama`,
-        :class:`~corelm.models.gemma.Gemma`, :class:`~corelm.models.moe.MoE` or
-        :class:`~corelm.models.bert.Bert`.
+        :class:`~corelm.models.gemma.Gemma`, :class:`~corelm.models.moe.MoE`,
+        :class:`~corelm.models.bert.Bert` or :class:`~corelm.models.bart.Bart` (encoder-decoder).
     """
     if config.family == "gpt2":
         from corelm.models.gpt2 import GPT2
@@ -35,6 +35,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from corelm.models.moe import MoE
 
         return MoE(config)
+    if config.family == "bart":
+        from corelm.models.bart import Bart
+
+        return Bart(config)
     from corelm.models.bert import Bert
 
     return Bert(config)

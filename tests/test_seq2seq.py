@@ -1,0 +1,159 @@
+"""Encoder-decoder models (BART, mBART, Marian): import, parity with transformers, cached generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+from corelm.io.hf import load_hf_dir, load_hf_model, save_hf_dir
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 99
+COMMON = {"vocab_size": VOCAB, "d_model": 32, "encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 4,
+              "decoder_attention_heads": 4, "encoder_ffn_dim": 37, "decoder_ffn_dim": 37, "max_position_embeddings": 64}
+
+
+def _hf_config(model_type: str):
+    if model_type == "bart":
+        return transformers.BartConfig(**COMMON)
+    if model_type == "marian":  # as the opus-mt checkpoints: scaled embeddings, swish, start = pad
+        return transformers.MarianConfig(**COMMON, decoder_start_token_id=VOCAB - 1, pad_token_id=VOCAB - 1,
+                                         scale_embedding=True, activation_function="swish")
+    return transformers.MBartConfig(**COMMON, scale_embedding=True)
+
+
+def _hf_model(model_type: str, path):
+    """A random transformers model whose norms and biases are not at their 1/0 initial values, saved to ``path``."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(_hf_config(model_type)).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+        for name, p in model.named_parameters():
+            if not (model_type == "marian" and "embed_positions" in name):  # Marian's sinusoids are fixed
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=["bart", "marian", "mbart"])
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = _hf_model(request.param, path)
+    config, model = load_hf_model(path)
+    return request.param, path, hf, config, model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(3, VOCAB - 1, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # a right-padded row
+    tgt = torch.randint(3, VOCAB - 1, (2, 5), generator=g)
+    return src, mask, tgt
+
+
+def test_config_variant(pair):
+    model_type, _, _, config, _ = pair
+    assert config.family == "bart" and config.is_seq2seq and not config.is_encoder
+    assert (config.n_encoder_layer, config.n_layer) == (2, 3)
+    assert config.positions == ("sinusoidal" if model_type == "marian" else "learned")
+    assert config.normalize_before == (model_type == "mbart")
+    assert config.layernorm_embedding == (model_type != "marian")
+    assert config.scale_embedding == (model_type != "bart")
+
+
+def test_encoder_and_logits_match_transformers(pair):
+    _, _, hf, _, model = pair
+    src, mask, tgt = _batch()
+    with torch.no_grad():
+        ref = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt)
+        enc = model.encode(src, mask)
+        logits = model(src, tgt, mask)
+    real = mask.bool()  # padded positions of the encoder output are never read
+    torch.testing.assert_close(enc[real], ref.encoder_last_hidden_state[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decode_equals_full_forward(pair):
+    from corelm.ops.kv_cache import KVCache
+
+    _, _, _, config, model = pair
+    src, mask, tgt = _batch()
+    with torch.no_grad():
+        full = model(src, tgt, mask)
+        kv = model.cross_kv(model.encode(src, mask))
+        cache = KVCache(config.n_layer, 2, config.n_head, 8, config.head_dim)
+        steps = [model.decode(tgt[:, :2], kv, mask, cache, 0)]  # a two-token prefill, then one token at a time
+        steps += [model.decode(tgt[:, t : t + 1], kv, mask, cache, t) for t in range(2, tgt.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_export_round_trip_loads_in_transformers(pair, tmp_path):
+    _, _, hf, config, model = pair
+    save_hf_dir(model, config, tmp_path)
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    src, mask, tgt = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits,
+                                   hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits)
+
+
+def _rewrite(path, tmp_path, edit):
+    """A copy of the checkpoint at ``path`` with its tensors passed through ``edit``."""
+    from safetensors.torch import load_file, save_file
+
+    tmp_path.mkdir()
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    return tmp_path
+
+
+def test_import_table_refuses_missing_wrong_and_unknown_tensors(pair, tmp_path):
+    _, path, _, _, _ = pair
+    name = "model.decoder.layers.2.encoder_attn.k_proj.weight"
+    with pytest.raises(CorelmError, match="missing tensor 'model.decoder.layers.2.encoder_attn.k_proj.weight'"):
+        load_hf_dir(_rewrite(path, tmp_path / "a", lambda s: s.pop(name)))
+    with pytest.raises(CorelmError, match=r"has shape \(32, 31\), expected \(32, 32\)"):
+        load_hf_dir(_rewrite(path, tmp_path / "b", lambda s: s.__setitem__(name, s[name][:, :31].contiguous())))
+    with pytest.raises(CorelmError, match="does not know"):
+        load_hf_dir(_rewrite(path, tmp_path / "c", lambda s: s.__setitem__("model.decoder.extra.weight", s[name].clone())))
+
+
+def test_missing_final_logits_bias_is_zero(pair, tmp_path):
+    _, path, _, _, _ = pair
+    _, state = load_hf_dir(_rewrite(path, tmp_path / "d", lambda s: s.pop("final_logits_bias")))
+    assert torch.equal(state["final_logits_bias"], torch.zeros(1, VOCAB))
+
+
+def test_unsupported_hf_configs_are_refused(tmp_path):
+    from corelm.io.hf import config_from_hf
+
+    base = {**_hf_config("marian").to_dict(), "model_type": "marian"}
+    with pytest.raises(CorelmError, match="separate source/target embeddings"):
+        config_from_hf({**base, "share_encoder_decoder_embeddings": False})
+    with pytest.raises(CorelmError, match="decoder_ffn_dim=64 != encoder_ffn_dim=37"):
+        config_from_hf({**base, "decoder_ffn_dim": 64})
+    with pytest.raises(CorelmError, match="missing required field 'encoder_layers'"):
+        config_from_hf({k: v for k, v in base.items() if k != "encoder_layers"})
+    json.dumps(base)  # the dict is what a config.json holds
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"decoder_start_token_id": None}, "needs decoder_start_token_id"),
+    ({"decoder_start_token_id": 500}, "needs decoder_start_token_id"),
+    ({"positions": "rotary"}, "positions must be one of learned, sinusoidal"),
+    ({"n_encoder_layer": 0}, "n_encoder_layer must be a positive integer"),
+    ({"n_kv_head": 2}, "no grouped-query attention"),
+])
+def test_config_validation(fields, message):
+    kwargs = {"family": "bart", "vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "d_model": 32, "decoder_start_token_id": 2}
+    with pytest.raises(CorelmError, match=message):
+        ModelConfig(**{**kwargs, **fields})
+    assert ModelConfig(**kwargs).n_encoder_layer == 2
