@@ -7,7 +7,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
@@ -89,12 +89,12 @@ def test_help_works_for_every_command(capsys: pytest.CaptureFixture[str]) -> Non
 @dataclass(kw_only=True)
 class Toy(Options):
     source: str = option(help="what to read", positional=True)
-    files: list[str] = option(help="more inputs", positional=True, factory=list)
+    files: list[str] = field(default_factory=list, metadata={"help": "more inputs", "positional": True})
     out: str = option(help="where to write")
     max_steps: int = option(10, "steps to run")
     lr: float = option(1e-3, "learning rate, 5% warmup")
     kind: Literal["a", "b"] = option("a", "which kind")
-    stop: list[str] = option(help="stop strings", factory=list)
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
     progress: bool = option(True, "a progress bar")
     json: bool = option(False, "print JSON")
     dtype: str = option("fp32", "weight dtype", dtype={"auto": False})

@@ -20,7 +20,6 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import MISSING
 from typing import Any, NoReturn, TypeVar
 
@@ -140,8 +139,9 @@ def add_device(ap: argparse.ArgumentParser, default: str, what: str) -> None:
 
 # ---- a command's options are a dataclass; its parser is built from the fields ----------------------
 
-def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None, **meta: Any) -> Any:
-    """A documented options field: ``option(8, "sequences per step")`` is ``field(default=8, metadata={"help": ...})``.
+def option(default: Any = MISSING, help: str = "", **meta: Any) -> Any:
+    """A documented options field: ``option(8, "sequences per step")`` is ``field(default=8, metadata={"help": ...})``
+    (a list field is ``field(default_factory=list, metadata={"help": ...})``, which linters read as one).
 
     Other metadata keys read by :func:`parser_from`: ``positional`` (an argument, not ``--flag``), ``flag``
     (another option string, e.g. ``--type`` for a field ``qtype``), ``metavar``, ``choices``, ``nargs``,
@@ -149,10 +149,7 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any]
     ``device`` (a dict of keyword arguments, or True) to route the field through :func:`add_dtype`,
     :func:`add_precision` or :func:`add_device`.
     """
-    metadata = {"help": help, **meta}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 def _flag(f: dataclasses.Field) -> str:

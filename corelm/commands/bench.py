@@ -184,7 +184,7 @@ def run_decode(args: BenchOptions, device: str) -> dict:
             "achieved_bandwidth": pred["bytes_per_token"] / per_token}
 
 
-def bench(args: BenchOptions) -> dict:
+def bench(options: BenchOptions) -> dict:
     """The measurements: ``machine`` (matmul FLOP/s per dtype, bandwidth; unless only --train/--decode run),
     ``train`` and ``decode`` (predicted vs measured); with ``save``, the profile is written too."""
     import torch
@@ -192,22 +192,22 @@ def bench(args: BenchOptions) -> dict:
     from corelm.plan import bench as B
     from corelm.plan.hardware import load_profile
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CorelmError(f"unknown device {device!r}; expected cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CorelmError("--device cuda: no CUDA device is visible to torch")
-    given = load_profile(args.profile) if args.profile else None
+    given = load_profile(options.profile) if options.profile else None
     out: dict = {}
-    if not (args.train or args.decode) or args.save:
-        out["machine"] = B.measure_profile(device, quick=args.quick, progress=_say)
-    if args.train:
-        out["train"] = run_train(args, device, given)
-    if args.decode:
-        out["decode"] = run_decode(args, device)
-    if args.save:
+    if not (options.train or options.decode) or options.save:
+        out["machine"] = B.measure_profile(device, quick=options.quick, progress=_say)
+    if options.train:
+        out["train"] = run_train(options, device, given)
+    if options.decode:
+        out["decode"] = run_decode(options, device)
+    if options.save:
         prof = dict(out["machine"])
         if "train" in out:
             prof["train_efficiency"] = out["train"]["train_efficiency_measured"]
@@ -215,7 +215,7 @@ def bench(args: BenchOptions) -> dict:
         if "decode" in out:  # what a decode step's GEMVs stream, as a fraction of the read bandwidth
             pr = out["decode"]["prediction"]
             prof["bandwidth_efficiency"] = min(1.0, pr["gemv_bandwidth"] / prof["bandwidth_bytes_s"])
-        B.save_profile(prof, args.save)
+        B.save_profile(prof, options.save)
     return out
 
 

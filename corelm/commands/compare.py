@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,8 @@ from corelm.errors import CorelmError
 class CompareOptions(Options):
     """The variants ``corelm compare`` measures, and how."""
 
-    variants: list[str] = option(help="models to compare: embedded names, directories or .gguf files", positional=True)
+    variants: list[str] = field(metadata={"help": "models to compare: embedded names, directories or .gguf files",
+                                          "positional": True})
     data: str = option(help="held-out text file for perplexity")
     tokens: int = option(2048, "tokens of --data scored for perplexity")
     window: int = option(512, "perplexity window (stride = window / 2)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ class ConvertOptions(Options):
     """What ``corelm convert`` reads and writes."""
 
     source: str = option(help="a .gguf file, an HF checkpoint directory, or an embedded model name", positional=True)
-    out_dir: str | Path = option(help="directory to write (must not exist or be empty, unless --overwrite)",
-                                 positional=True)
+    out_dir: str | Path = field(metadata={"help": "directory to write (must not exist or be empty, unless --overwrite)",
+                                          "positional": True})
     dtype: str = option("fp32", "dtype of the written weights (GGUF blocks are dequantized to it)",
                         dtype={"auto": False})
     overwrite: bool = option(False, "replace an existing non-empty out_dir")

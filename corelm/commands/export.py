@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +25,7 @@ class ExportOptions(Options):
 
     source: str = option(help="checkpoint directory (float or `corelm quantize` output), .gguf or embedded name",
                          positional=True)
-    out: str | Path = option(help="output .gguf file (written atomically)", positional=True)
+    out: str | Path = field(metadata={"help": "output .gguf file (written atomically)", "positional": True})
     qtype: Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1"] | None = option(
         None, "tensor type of the weight matrices (default: Q4_1 for int4 checkpoints, Q8_0 for int8, else F16)",
         flag="--type")

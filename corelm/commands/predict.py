@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
@@ -23,7 +23,8 @@ class PredictOptions(Options):
     """What ``corelm predict`` labels, and how."""
 
     model: str = option(help="a classify or ner run directory written by corelm finetune")
-    texts: list[str] = option(help="texts to label; '-' reads one text per line from stdin", positional=True)
+    texts: list[str] = field(metadata={"help": "texts to label; '-' reads one text per line from stdin",
+                                       "positional": True})
     top: int = option(5, "classify: how many labels to show with probabilities")
     json: bool = option(False, "one JSON object per text instead of readable lines")
     dtype: str = option("fp32", "weight dtype", dtype=True)

@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from corelm.commands.args import Options, option, options_from, parser_from
@@ -22,8 +23,8 @@ class PrepareOptions(Options):
     """What ``corelm prepare`` tokenizes, and where it writes the shards."""
 
     out: str = option(help="output directory (created atomically)")
-    inputs: list[str] = option(help="text files (.txt/.md/...), .jsonl, .parquet, or folders of them",
-                               positional=True, factory=list)
+    inputs: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "text files (.txt/.md/...), .jsonl, .parquet, or folders of them", "positional": True})
     corpus: str | None = option(None, "embedded corpus: python-docs = docstrings of this Python's standard library "
                                       "(no download)", choices=CORPORA)
     tokenizer: str | None = option(None, "embedded model name (e.g. smollm2-135m-instruct), model directory or "

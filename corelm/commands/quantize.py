@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +24,8 @@ class QuantizeOptions(Options):
     """What ``corelm quantize`` reads, how it quantizes, and where it writes."""
 
     source: str = option(help="embedded model name, .gguf file or HF checkpoint directory", positional=True)
-    out_dir: str | Path = option(help="directory to write (must not exist or be empty, unless --overwrite)",
-                                 positional=True)
+    out_dir: str | Path = field(metadata={"help": "directory to write (must not exist or be empty, unless --overwrite)",
+                                          "positional": True})
     method: Literal["int8", "int4"] = option(
         "int8", "int8: one scale per output channel; int4: one scale and zero per group of columns")
     group_size: Literal[32, 64, 128] = option(

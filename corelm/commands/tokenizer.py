@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,7 @@ from corelm.presets import DEFAULT_MODEL
 class TrainTokenizerOptions(Options):
     """``corelm tokenizer train``: what the tokenizer learns from and where it is written."""
 
-    files: list[str] = option(help="UTF-8 text files to learn from", positional=True)
+    files: list[str] = field(metadata={"help": "UTF-8 text files to learn from", "positional": True})
     out: str = option(help="output directory")
     kind: Literal["bpe", "wordpiece"] = option("bpe", "bpe: GPT-2-style byte-level BPE (any text, no unknown tokens); "
                                                       "wordpiece: BERT-style, lowercased, adds [CLS] ... [SEP]")
@@ -52,7 +52,7 @@ class EncodeOptions(Options):
 class DecodeOptions(Options):
     """``corelm tokenizer decode``: print the text of token ids."""
 
-    ids: list[int] = option(help="token ids", positional=True)
+    ids: list[int] = field(metadata={"help": "token ids", "positional": True})
     model: str = option(DEFAULT_MODEL, _MODEL_HELP)
 
     def check(self) -> None:
