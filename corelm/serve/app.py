@@ -223,6 +223,11 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         model: TextModel = pick(common.model, "generate")
         prompt_param = "messages" if chat else "prompt"
         specs = common.tools if chat and common.tool_choice != "none" else None  # "none": no tools in the prompt
+        family = model.tool_family if specs else None  # parse the output for tool calls
+        structure_param = None
+        if specs and (forced := model.tool_structure(specs, common.tool_choice)) is not None:
+            common.options.structure, structure_param = forced, "tools"  # exactly one valid call
+        model.constraint(common.options.structure, structure_param)  # a bad schema or grammar is a 400 before any work
         try:
             prompt_ids = model.encode_chat(payload, specs) if chat else model.encode_prompt(payload)
         except CorelmError as exc:  # a template that raises on these messages (e.g. role order)
@@ -230,11 +235,6 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         max_tokens = model.budget(len(prompt_ids), common.options.max_tokens, prompt_param)
         deadline = arrival + config.request_timeout
         streams: list[TextStream] = []
-        family = model.tool_family if specs else None  # parse the output for tool calls
-        structure_param = None
-        if specs and (forced := model.tool_structure(specs, common.tool_choice)) is not None:
-            common.options.structure, structure_param = forced, "tools"  # exactly one valid call
-        model.constraint(common.options.structure, structure_param)  # a bad schema or grammar is a 400 before any work
         try:
             for i in range(common.n):
                 options = common.options

@@ -152,7 +152,10 @@ class TextModel:
         if choice in ("none", "auto"):
             return None
         name = choice["function"]["name"] if isinstance(choice, dict) else None
-        return {"grammar": tools.tool_grammar(specs, name, self.tool_family)}
+        try:
+            return {"grammar": tools.tool_grammar(specs, name, self.tool_family)}
+        except RecursionError:  # a parameters schema nested deeper than json.dumps goes
+            raise errors.bad_request("'tools' holds a parameters schema nested too deeply", "tools") from None
 
     def constraint(self, structure: dict[str, Any] | None, param: str | None = None) -> Constraint | None:
         """The request's grammar matcher, or a 400 naming the problem with its schema/grammar
