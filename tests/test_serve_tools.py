@@ -316,6 +316,25 @@ def test_streamed_round_trip_equals_the_non_streamed_call(client, model):
 
 
 @slow
+def test_each_of_n_streamed_choices_parses_its_own_calls(client):
+    calls: dict[int, dict[int, list[str]]] = {}
+    reasons = {}
+    for chunk in client.chat.completions.create(model="smollm2", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                n=2, temperature=1.0, seed=7, max_tokens=80, stream=True):
+        for choice in chunk.choices:
+            for d in choice.delta.tool_calls or []:
+                entry = calls.setdefault(choice.index, {}).setdefault(d.index, ["", ""])
+                entry[0] += d.function.name or ""
+                entry[1] += d.function.arguments or ""
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert reasons == {0: "tool_calls", 1: "tool_calls"}
+    for per_choice in calls.values():
+        ((name, arguments),) = per_choice.values()
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+@slow
 @pytest.mark.parametrize("model", ["smollm2", "qwen-style", "llama-style"])
 def test_named_tool_choice_produces_that_function_with_valid_arguments(client, model):
     r = client.chat.completions.create(
