@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -265,3 +266,18 @@ def test_pull_uncached_offline_and_bad_spelling_are_one_line(hf_home: Path,
     assert code == 2 and "org/missing is not in the Hugging Face cache" in one_line(err)
     code, _, err = run(["pull", "not-a-repo"], capsys)
     assert code == 2 and "not a Hugging Face repo id" in one_line(err)
+
+
+def test_compare_and_quantize_take_repo_ids(checkpoint: Path, hf_home: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """compare sizes a cached repo's files and quantize reads it through the same loader (no raw paths)."""
+    cache_repo(hf_home, "org/name", {f.name: f for f in checkpoint.iterdir() if f.is_file()})
+    (tmp_path / "held.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    code, out, err = run(["compare", "org/name", "--data", str(tmp_path / "held.txt"), "--tokens", "64",
+                          "--decode-tokens", "0", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["variant"] == "org/name" and row["disk_MB"] > 0
+    code, out, err = run(["quantize", "org/name", str(tmp_path / "q8"), "--method", "int8"], capsys)
+    assert code == 0, err
+    assert corelm.load(str(tmp_path / "q8")).model.corelm_quantization["method"] == "int8"

@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _disk_bytes(source: str) -> int:
-    from corelm.presets import EMBEDDED, embedded_path
+    from corelm.loading import locate
+    from corelm.presets import PRESETS
 
-    path = embedded_path(source) if source in EMBEDDED else Path(source)
+    if source in PRESETS:  # random weights: nothing on disk
+        return 0
+    path = locate(source)  # embedded name, path, or a Hugging Face repo id in the cache
     if path.is_dir():
         return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin",
                                                                                               ".gguf"))

@@ -46,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def gguf_source(source: str) -> Path | None:
     """The GGUF file behind ``source`` (an embedded GGUF model or a .gguf path), else None."""
-    from corelm.presets import EMBEDDED, embedded_path
+    from corelm.loading import locate
+    from corelm.presets import PRESETS
 
-    if source in EMBEDDED and EMBEDDED[source][1].endswith(".gguf"):
-        return embedded_path(source)
-    path = Path(source)
+    if source in PRESETS:
+        return None
+    path = locate(source)  # embedded name, path, or a Hugging Face repo id (`org/name:file.gguf`)
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
