@@ -229,8 +229,9 @@ def quantize_gguf(model: nn.Module, source: object) -> nn.Module:
         else:
             new = GGUFBlockLinear(_rows(found, gguf_name, name), TYPE_IDS[kind], linear.in_features)
         setattr(parent, name, new)
-    model.corelm_quantization = {"method": "gguf", "source": str(getattr(found.file, "path", "")),
-                                 "tied_embedding": tied is not None, "skip": []}
+    model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
+                                 "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
+                                 "skip": []}
     return model
 
 
