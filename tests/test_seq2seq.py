@@ -19,6 +19,8 @@ COMMON = {"vocab_size": VOCAB, "d_model": 32, "encoder_layers": 2, "decoder_laye
 
 
 def _hf_config(model_type: str):
+    if model_type == "bart-untied":  # an LM head of its own (lm_head.weight in the checkpoint)
+        return transformers.BartConfig(**COMMON, tie_word_embeddings=False)
     if model_type == "bart":
         return transformers.BartConfig(**COMMON)
     if model_type == "marian":  # as the opus-mt checkpoints: scaled embeddings, swish, start = pad
@@ -28,19 +30,25 @@ def _hf_config(model_type: str):
 
 
 def _hf_model(model_type: str, path):
-    """A random transformers model whose norms and biases are not at their 1/0 initial values, saved to ``path``."""
+    """A random transformers model saved to ``path``: norms and biases away from their 1/0 initial values,
+    projections large enough (std 0.5) that the output depends on the source, not only on the LM bias."""
     torch.manual_seed(0)
     model = transformers.AutoModelForSeq2SeqLM.from_config(_hf_config(model_type)).eval()
     with torch.no_grad():
-        model.final_logits_bias.normal_()
+        model.final_logits_bias.normal_(std=0.1)
         for name, p in model.named_parameters():
-            if not (model_type == "marian" and "embed_positions" in name):  # Marian's sinusoids are fixed
-                p.add_(torch.randn_like(p) * 0.05)
+            if model_type == "marian" and "embed_positions" in name:  # Marian's sinusoids are fixed
+                continue
+            projection = p.dim() == 2 and not any(e in name for e in ("shared", "embed", "lm_head"))
+            p.add_(torch.randn_like(p) * (0.5 if projection else 0.05))
+        if model_type == "bart-untied":  # transformers 5 unties the stacks' embeddings too; corelm shares them
+            model.model.encoder.embed_tokens.weight.copy_(model.model.shared.weight)
+            model.model.decoder.embed_tokens.weight.copy_(model.model.shared.weight)
     model.save_pretrained(path)
     return model
 
 
-@pytest.fixture(scope="module", params=["bart", "marian", "mbart"])
+@pytest.fixture(scope="module", params=["bart", "marian", "mbart", "bart-untied"])
 def pair(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = _hf_model(request.param, path)
@@ -61,6 +69,8 @@ def test_config_variant(pair):
     model_type, _, _, config, _ = pair
     assert config.family == "bart" and config.is_seq2seq and not config.is_encoder
     assert (config.n_encoder_layer, config.n_layer) == (2, 3)
+    model_type = model_type.removesuffix("-untied")
+    assert config.tie_embeddings == (model_type == pair[0])
     assert config.positions == ("sinusoidal" if model_type == "marian" else "learned")
     assert config.normalize_before == (model_type == "mbart")
     assert config.layernorm_embedding == (model_type != "marian")
@@ -126,6 +136,14 @@ def test_import_table_refuses_missing_wrong_and_unknown_tensors(pair, tmp_path):
         load_hf_dir(_rewrite(path, tmp_path / "c", lambda s: s.__setitem__("model.decoder.extra.weight", s[name].clone())))
 
 
+def test_separate_stack_embeddings_are_refused(tmp_path):
+    path = tmp_path / "hf"
+    _hf_model("bart-untied", path)
+    name = "model.encoder.embed_tokens.weight"
+    with pytest.raises(CorelmError, match="separate encoder/decoder embeddings"):
+        load_hf_dir(_rewrite(path, tmp_path / "e", lambda s: s.__setitem__(name, s[name] + 1)))
+
+
 def test_missing_final_logits_bias_is_zero(pair, tmp_path):
     _, path, _, _, _ = pair
     _, state = load_hf_dir(_rewrite(path, tmp_path / "d", lambda s: s.pop("final_logits_bias")))
@@ -157,3 +175,23 @@ def test_config_validation(fields, message):
     with pytest.raises(CorelmError, match=message):
         ModelConfig(**{**kwargs, **fields})
     assert ModelConfig(**kwargs).n_encoder_layer == 2
+
+
+@pytest.mark.parametrize("eos", ["config", "early"])
+@pytest.mark.parametrize("num_beams, extra", [(1, {}), (4, {}), (4, {"length_penalty": 2.0}),
+                                              (4, {"early_stopping": True}), (3, {"early_stopping": "never"})])
+def test_generate_matches_transformers(pair, eos, num_beams, extra):
+    """Greedy and beam outputs equal transformers' token for token. Tiny random models repeat one token and
+    rarely say EOS, so the "early" case makes EOS the second token greedy decoding writes for row 0: rows
+    and hypotheses then end at different lengths (padding, finished-beam bookkeeping, early stopping)."""
+    from corelm.generate.seq2seq import Seq2SeqParams, generate
+
+    _, _, hf, _, model = pair
+    src, mask, _ = _batch()
+    if eos == "early":
+        eos_id = int(generate(model, src, mask, Seq2SeqParams(max_new_tokens=3))[0, 2])
+        extra = {**extra, "eos_token_id": eos_id}
+    ref = hf.generate(input_ids=src, attention_mask=mask, do_sample=False, num_beams=num_beams, max_new_tokens=12,
+                      **extra)
+    ours = generate(model, src, mask, Seq2SeqParams(max_new_tokens=12, num_beams=num_beams, **extra))
+    assert ours.tolist() == ref.tolist()

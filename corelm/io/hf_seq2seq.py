@@ -118,6 +118,9 @@ def hf_table(config: ModelConfig) -> list[str]:
     return rows
 
 
+_STACK_EMBEDDINGS = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+
+
 def _ignored(config: ModelConfig) -> re.Pattern[str]:
     """Checkpoint entries with no corelm parameter: the stacks' copies of the shared embedding, a tied
     LM head, Marian's stored sinusoid tables (older saves), fairseq's ``version`` markers."""
@@ -151,6 +154,10 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
             raise CorelmError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
                               "from config.json")
         out[name] = tensor
+    for name in _STACK_EMBEDDINGS:  # copies of `shared` (transformers >= 5 unties them with the LM head)
+        if name in hf and not torch.equal(hf_state[hf[name]], out["model.shared.weight"]):
+            raise CorelmError(f"checkpoint's {name!r} differs from model.shared.weight: separate encoder/decoder "
+                              "embeddings are not supported by corelm")
     ignored = _ignored(config)
     unknown = [k for k in hf if not ignored.search(k)]
     if unknown:
@@ -169,4 +176,6 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor],
         if state[name].shape != shapes[name]:
             raise CorelmError(f"{name!r} has shape {tuple(state[name].shape)}, expected {tuple(shapes[name])}")
         out[name] = state[name].contiguous()
+    if not config.tie_embeddings:  # transformers >= 5 then unties the stacks' embeddings too: write their copies
+        out.update({name: out["model.shared.weight"].clone() for name in _STACK_EMBEDDINGS})
     return out

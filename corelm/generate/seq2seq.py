@@ -1,0 +1,219 @@
+"""Decoding for encoder-decoder models (:class:`corelm.models.bart.Bart`): greedy and beam search on token ids.
+
+The source is encoded once and each decoder layer's cross-attention keys/values are projected once
+per source (beam copies share them by ``repeat_interleave``); the decoder's self-attention keys go to a
+preallocated :class:`~corelm.ops.kv_cache.KVCache`, so each step feeds one token per row.
+
+The results equal transformers' ``generate(do_sample=False, num_beams=1)`` and ``generate(num_beams=N)``
+(transformers >= 4.50's vectorised beam search): the same per-step candidate sets (top ``2N``), the
+same length penalty (a finished hypothesis scores ``sum log p / n_generated ** length_penalty``, EOS
+counted) and the same ``early_stopping`` semantics (``True``: stop a row once N hypotheses finished;
+``False``: stop when the best running beam, scored at its current length, cannot beat the worst
+finished one; ``"never"``: the same with the best hypothetical length ``max_new_tokens`` when
+``length_penalty > 0``). Logit processors implemented: ``forced_bos_token_id`` (mBART-50),
+``forced_eos_token_id`` and banned single tokens (Marian's ``bad_words_ids = [[pad]]``); others
+(``no_repeat_ngram_size``, ``min_length``, repetition penalties) are not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from corelm.errors import CorelmError
+from corelm.ops.kv_cache import KVCache
+
+_NEG = -1.0e9  # transformers' "never choose this beam" score
+
+
+@dataclass
+class Seq2SeqParams:
+    """How to decode; token ids left ``None`` come from the model config.
+
+    Attributes:
+        max_new_tokens: Tokens to generate after the decoder start token.
+        num_beams: 1 = greedy, else beam search with this many beams.
+        length_penalty: Exponent of the generated length dividing a finished hypothesis's log-probability.
+        early_stopping: ``True``, ``False`` or ``"never"`` (transformers' semantics, see the module docstring).
+        decoder_start_token_id: First decoder token; default ``config.decoder_start_token_id``.
+        eos_token_id: Ends a hypothesis; default ``config.extra["eos_token_id"]`` (None = only the length limit).
+        pad_token_id: Fills rows after their end; default ``config.pad_token_id``.
+        forced_bos_token_id: Forced as the first generated token; default from ``config.extra``.
+        forced_eos_token_id: Forced as the last token the length limit allows; default from ``config.extra``.
+        suppress_tokens: Token ids never generated (Marian checkpoints ban their pad id).
+    """
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    decoder_start_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    suppress_tokens: list[int] = field(default_factory=list)
+
+    def resolved(self, config) -> Seq2SeqParams:
+        """A copy with the ``None`` token ids taken from a ``bart`` :class:`~corelm.config.ModelConfig`."""
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise CorelmError("max_new_tokens and num_beams must be at least 1")
+        if self.early_stopping not in (True, False, "never"):
+            raise CorelmError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        extra = config.extra
+        pick = lambda value, default: default if value is None else value
+        eos = pick(self.eos_token_id, extra.get("eos_token_id"))
+        if isinstance(eos, list):
+            if len(eos) > 1:
+                raise CorelmError("more than one EOS id is not supported by corelm's seq2seq decoding")
+            eos = eos[0] if eos else None
+        return Seq2SeqParams(
+            self.max_new_tokens, self.num_beams, self.length_penalty, self.early_stopping,
+            pick(self.decoder_start_token_id, config.decoder_start_token_id), eos,
+            pick(self.pad_token_id, config.pad_token_id if config.pad_token_id is not None else 0),
+            pick(self.forced_bos_token_id, extra.get("forced_bos_token_id")),
+            pick(self.forced_eos_token_id, extra.get("forced_eos_token_id")), list(self.suppress_tokens))
+
+
+def _process(scores: torch.Tensor, cur_len: int, max_length: int, p: Seq2SeqParams) -> torch.Tensor:
+    """The logit processors on next-token scores ``(N, V)``; ``cur_len`` decoder tokens exist (start included)."""
+    if p.suppress_tokens:
+        scores[:, p.suppress_tokens] = -float("inf")
+    forced = (p.forced_bos_token_id if cur_len == 1 else None)
+    if cur_len == max_length - 1 and p.forced_eos_token_id is not None:
+        forced = p.forced_eos_token_id
+    if forced is not None:
+        scores[:] = -float("inf")
+        scores[:, forced] = 0.0
+    return scores
+
+
+def _encode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            copies: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Encoder output and cross-attention keys/values, computed once per source, then repeated per beam."""
+    kv = model.cross_kv(model.encode(input_ids, attention_mask))
+    if copies > 1:
+        kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)) for k, v in kv]  # (B*N, h, S, hd)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, 0)
+    return kv, attention_mask
+
+
+def _cache(model: nn.Module, rows: int, max_length: int, like: torch.Tensor) -> KVCache:
+    c = model.config
+    return KVCache(c.n_layer, rows, c.n_head, max_length, c.head_dim, like.dtype, like.device)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             params: Seq2SeqParams | None = None) -> torch.Tensor:
+    """Decode a batch of sources.
+
+    Args:
+        model: a :class:`~corelm.models.bart.Bart`.
+        input_ids: ``(B, S)`` source ids (right-padded).
+        attention_mask: ``(B, S)``, 1 = real source token; None = no padding.
+        params: decoding settings (:class:`Seq2SeqParams`).
+    Returns:
+        ``(B, 1 + T)`` target ids starting with the decoder start token, rows that ended early padded
+        with ``pad_token_id`` (transformers' ``generate`` layout).
+    """
+    p = (params or Seq2SeqParams()).resolved(model.config)
+    if p.num_beams == 1:
+        return _greedy(model, input_ids, attention_mask, p)
+    return _beam_search(model, input_ids, attention_mask, p)
+
+
+def _greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            p: Seq2SeqParams) -> torch.Tensor:
+    B, max_length = input_ids.shape[0], 1 + p.max_new_tokens
+    kv, mask = _encode(model, input_ids, attention_mask, 1)
+    cache = _cache(model, B, max_length, kv[0][0])
+    seq = torch.full((B, 1), p.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    running = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    for cur_len in range(1, max_length):
+        logits = model.decode(seq[:, -1:], kv, mask, cache, cur_len - 1)[:, -1].float()  # (B, V)
+        token = _process(logits, cur_len, max_length, p).argmax(-1)  # (B,)
+        token = torch.where(running, token, p.pad_token_id)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        if p.eos_token_id is not None:
+            running &= token != p.eos_token_id
+        if not running.any():
+            break
+    return seq
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx (B, K)`` of ``t (B, N, ...)`` per batch entry -> ``(B, K, ...)``."""
+    return torch.take_along_dim(t, idx.view(*idx.shape, *[1] * (t.dim() - 2)), dim=1)
+
+
+def _beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 p: Seq2SeqParams) -> torch.Tensor:
+    """Beam search with transformers' bookkeeping: ``2N`` candidates per row and step, the ``N`` best that did
+    not end keep running, the ``N`` best ended ones (length-penalised) are kept as finished hypotheses."""
+    B, N, dev = input_ids.shape[0], p.num_beams, input_ids.device
+    max_length = 1 + p.max_new_tokens
+    K = 2 * N  # candidates per row and step (transformers: max(2, 1 + n_eos) * N, one EOS id here)
+    kv, mask = _encode(model, input_ids, attention_mask, N)
+    cache = _cache(model, B * N, max_length, kv[0][0])
+
+    running = torch.full((B, N, max_length), p.pad_token_id, dtype=torch.long, device=dev)
+    running[:, :, 0] = p.decoder_start_token_id
+    finished = running.clone()  # the kept finished hypotheses
+    running_scores = torch.zeros(B, N, device=dev)
+    running_scores[:, 1:] = _NEG  # all beams start identical: only the first may expand
+    finished_scores = torch.full((B, N), _NEG, device=dev)
+    finished_len = torch.zeros(B, N, dtype=torch.long, device=dev)  # generated tokens of each finished one
+    is_finished = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    top_n = torch.arange(K, device=dev) < N  # only the first N candidates may become finished hypotheses
+    row_offset = torch.arange(B, device=dev)[:, None] * N  # (B, 1)
+
+    for cur_len in range(1, max_length):
+        logits = model.decode(running[:, :, cur_len - 1].reshape(B * N, 1), kv, mask, cache, cur_len - 1)
+        log_probs = _process(torch.log_softmax(logits[:, -1].float(), dim=-1), cur_len, max_length, p)
+        V = log_probs.shape[-1]
+        log_probs = (log_probs.view(B, N, V) + running_scores[:, :, None]).view(B, N * V)
+        cand_scores, cand = torch.topk(log_probs, K)  # (B, K)
+        parent, token = cand // V, cand % V
+        cand_seq = _gather(running, parent)  # (B, K, max_length)
+        cand_seq[:, :, cur_len] = token
+        ends = torch.full_like(token, cur_len + 1 >= max_length, dtype=torch.bool)  # (B, K)
+        if p.eos_token_id is not None:
+            ends |= token == p.eos_token_id
+
+        # the N best candidates that did not end keep running
+        alive_scores = cand_scores + ends.to(torch.float32) * _NEG
+        keep = torch.topk(alive_scores, N)[1]
+        running, running_scores, running_parent = _gather(cand_seq, keep), _gather(alive_scores, keep), _gather(parent, keep)
+
+        # ended candidates among the first N compete with the kept finished hypotheses
+        just_ended = ends & top_n[None, :]
+        scores = cand_scores / ((cur_len + 1 - 1) ** p.length_penalty)
+        scores += (is_finished.all(-1, keepdim=True) & (p.early_stopping is True)).to(torch.float32) * _NEG
+        scores += (~improvable).to(torch.float32) * _NEG
+        scores += (~just_ended) * _NEG
+        merged = torch.topk(torch.cat([finished_scores, scores], dim=1), N)[1]
+        finished = _gather(torch.cat([finished, cand_seq], dim=1), merged)
+        finished_scores = _gather(torch.cat([finished_scores, scores], dim=1), merged)
+        finished_len = _gather(torch.cat([finished_len, torch.full_like(cand, cur_len)], dim=1), merged)
+        is_finished = _gather(torch.cat([is_finished, just_ended], dim=1), merged)
+
+        # each running beam continues its parent's cached keys
+        rows = (running_parent + row_offset).view(-1)
+        for t in cache.k + cache.v:
+            t.copy_(t[rows])
+
+        # can a running beam still beat the worst finished hypothesis? (scored at its current length, or
+        # at the longest one for early_stopping="never" with a positive length penalty)
+        best_len = (max_length - 1) if p.early_stopping == "never" and p.length_penalty > 0.0 else cur_len
+        best_running = running_scores[:, :1] / (best_len ** p.length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _NEG)
+        improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
+        if not (improvable.any() and not (is_finished.all() and p.early_stopping is True) and not ends.all()):
+            break
+
+    best = finished[:, 0]  # (B, max_length)
+    return best[:, : 1 + int(finished_len[:, 0].max())]
