@@ -476,6 +476,33 @@ def test_fallback_prompt_for_a_template_without_tools(models):
     assert "<|im_start|>tool" not in prompt and prompt.endswith("<|im_start|>assistant\n")
 
 
+@slow
+def test_tool_call_tags_that_are_added_tokens_are_named_by_id(llm):
+    """Qwen's vocabulary has ``<tool_call>``/``</tool_call>`` as added tokens, which llguidance keeps apart
+    from the same text in ordinary tokens: the forced-call grammar names them by id."""
+    import llguidance
+    from tokenizers import AddedToken, Tokenizer
+
+    from corelm.generate.constraints import grammar_for
+
+    tok = Tokenizer.from_str(llm.tokenizer.backend.to_str())
+    tok.add_tokens([AddedToken(tools.OPEN, special=False, normalized=False),
+                    AddedToken(tools.CLOSE, special=False, normalized=False)])
+    tags = (tok.token_to_id(tools.OPEN), tok.token_to_id(tools.CLOSE))
+    llt = llguidance.LLTokenizer(tok.to_str(), n_vocab=tok.get_vocab_size(), eos_token=[llm.tokenizer.eos_token_id])
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+    ids = tok.encode(text).ids
+    assert ids[0] == tags[0] and ids[-1] == tags[1]
+
+    def accepts(grammar: str) -> bool:
+        matcher = llguidance.LLMatcher(llt, grammar_for(grammar=grammar))
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    assert accepts(tools.tool_grammar(TOOLS, None, "hermes", tags))
+    assert not accepts(tools.tool_grammar(TOOLS, None, "hermes"))  # the literal tags miss the added tokens
+    assert not accepts(tools.tool_grammar(TOOLS, "convert_currency", "hermes", tags))
+
+
 # ---- the parsers, without a server ----
 
 HERMES = [

@@ -152,8 +152,10 @@ class TextModel:
         if choice in ("none", "auto"):
             return None
         name = choice["function"]["name"] if isinstance(choice, dict) else None
+        tags = [self.tokenizer.encode(tag) for tag in (tools.OPEN, tools.CLOSE)]
+        tag_tokens = (tags[0][0], tags[1][0]) if all(len(t) == 1 for t in tags) else None
         try:
-            return {"grammar": tools.tool_grammar(specs, name, self.tool_family)}
+            return {"grammar": tools.tool_grammar(specs, name, self.tool_family, tag_tokens)}
         except RecursionError:  # a parameters schema nested deeper than json.dumps goes
             raise errors.bad_request("'tools' holds a parameters schema nested too deeply", "tools") from None
 

@@ -45,7 +45,7 @@ To call a function, reply with a JSON object holding its name and its arguments 
 Each result comes back inside <tool_response></tool_response> tags. When no function is needed, \
 answer in plain text."""
 
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A call object's start up to its arguments: {"name": "f", "arguments": (or "parameters" for Llama 3).
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _END = re.compile(r"\s*\}")
@@ -56,7 +56,7 @@ def family_of(template: str | None) -> str:
     """The parser family a chat template's tool calls are written in (``hermes`` when unknown: it is
     also what :func:`fallback_messages` teaches)."""
     template = template or ""
-    if _OPEN in template:
+    if OPEN in template:
         return "hermes"
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
         return "llama3_json"
@@ -82,7 +82,7 @@ def fallback_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
             else:
                 out.append({"role": "user", "content": block, "_tool": True})
         elif m["role"] == "assistant" and m.get("tool_calls"):
-            calls = [f"{_OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n{_CLOSE}"
+            calls = [f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n{CLOSE}"
                      for c in m["tool_calls"]]
             out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m.get("content") else []) + calls)})
         else:
@@ -98,11 +98,17 @@ def fallback_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
     return out
 
 
-def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str) -> str:
+def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str,
+                 tag_tokens: tuple[int, int] | None = None) -> str:
     """A Lark grammar (llguidance) for exactly one call: of ``name``, or of any tool when None.
 
     The call object is ``{"name": <const>, "arguments": <the tool's parameters schema>}`` (``parameters``
     for Llama 3) on one line, wrapped in ``<tool_call>`` tags for the Hermes family.
+
+    Args:
+        tag_tokens: the ids of ``<tool_call>`` and ``</tool_call>`` where the vocabulary has each as one
+            added token (Qwen2.5/Qwen3): the grammar names those tokens, because llguidance keeps added
+            tokens apart from the same text spelled in ordinary tokens.
     """
     key = "parameters" if family == "llama3_json" else "arguments"
     options = [{"type": "object",
@@ -117,7 +123,8 @@ def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str) -> 
     call = "call: %json " + json.dumps(schema, ensure_ascii=False)
     if family == "llama3_json":
         return "start: call\n" + call
-    return 'start: "<tool_call>\\n" call "\\n</tool_call>"\n' + call
+    open_tag, close_tag = ([f"<[{t}]>" for t in tag_tokens] if tag_tokens else [json.dumps(OPEN), json.dumps(CLOSE)])
+    return f'start: {open_tag} "\\n" call "\\n" {close_tag}\n' + call
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -180,8 +187,8 @@ def _hold(text: str, final: bool) -> str:
     """Content that is safe to send: leading/trailing whitespace is held back (the final content is
     stripped), and so is a tail that may be the start of ``<tool_call>``."""
     if not final:
-        for k in range(min(len(_OPEN) - 1, len(text)), 0, -1):
-            if _OPEN.startswith(text[-k:]):
+        for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
+            if OPEN.startswith(text[-k:]):
                 text = text[:-k]
                 break
     return text.strip()
@@ -191,14 +198,14 @@ def parse_hermes(text: str, final: bool = True) -> Parsed:
     """``<tool_call>`` JSON blocks; ``final=False`` reads a prefix of the output (streaming)."""
     content, calls, at = [], [], 0
     while True:
-        i = text.find(_OPEN, at)
+        i = text.find(OPEN, at)
         if i < 0:
             content.append(text[at:])
             break
         content.append(text[at:i])
-        j = text.find(_CLOSE, i)
+        j = text.find(CLOSE, i)
         block_end = len(text) if j < 0 else j
-        call, end = _call(text[:block_end], i + len(_OPEN))
+        call, end = _call(text[:block_end], i + len(OPEN))
         if j < 0:  # unclosed block: a call in progress (streaming) or cut off (final: it is text)
             if final:
                 content.append(text[i:])
@@ -208,8 +215,8 @@ def parse_hermes(text: str, final: bool = True) -> Parsed:
         if call is not None and end >= 0 and not text[end:j].strip():
             calls.append(call)
         else:
-            content.append(text[i:j + len(_CLOSE)])
-        at = j + len(_CLOSE)
+            content.append(text[i:j + len(CLOSE)])
+        at = j + len(CLOSE)
     return Parsed(_hold("".join(content), final), calls)
 
 
