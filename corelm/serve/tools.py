@@ -74,21 +74,22 @@ def fallback_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]
         Plain ``{"role", "content"}`` messages (system/user/assistant only).
     """
     out: list[dict[str, Any]] = []
+    after_tool = False  # consecutive tool results share one user turn
     for m in messages:
         if m["role"] == "tool":
             block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("_tool"):  # consecutive results share one user turn
+            if after_tool:
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "_tool": True})
+                out.append({"role": "user", "content": block})
         elif m["role"] == "assistant" and m.get("tool_calls"):
-            calls = [f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n{CLOSE}"
-                     for c in m["tool_calls"]]
-            out.append({"role": "assistant", "content": "\n".join(([m["content"]] if m.get("content") else []) + calls)})
+            calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                ensure_ascii=False) for c in m["tool_calls"]]
+            text = [m["content"]] if m.get("content") else []
+            out.append({"role": "assistant", "content": "\n".join(text + [f"{OPEN}\n{c}\n{CLOSE}" for c in calls])})
         else:
             out.append({"role": m["role"], "content": m["content"]})
-    for m in out:
-        m.pop("_tool", None)
+        after_tool = m["role"] == "tool"
     if tools:
         prompt = FALLBACK_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
         if out and out[0]["role"] == "system":
