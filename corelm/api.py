@@ -53,7 +53,12 @@ def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = N
 
 
 def wrap(loaded: Loaded) -> LLM | Encoder:
-    """The :class:`LLM` or :class:`Encoder` over a loader's parts."""
+    """The :class:`LLM` or :class:`Encoder` over a loader's parts (encoder-decoders: a
+    :class:`~corelm.generate.seq2seq.Seq2Seq` with ``translate(texts)``)."""
+    if loaded.config.is_seq2seq:
+        from corelm.generate.seq2seq import Seq2Seq
+
+        return Seq2Seq(loaded.model, loaded.tokenizer, loaded.config, source=loaded.source)
     if loaded.config.is_encoder:
         return Encoder(loaded.model, loaded.tokenizer, loaded.config, source=loaded.source,
                        **loaded.encoder_options)

@@ -133,7 +133,8 @@ def test_import_table_refuses_missing_wrong_and_unknown_tensors(pair, tmp_path):
     with pytest.raises(CorelmError, match=r"has shape \(32, 31\), expected \(32, 32\)"):
         load_hf_dir(_rewrite(path, tmp_path / "b", lambda s: s.__setitem__(name, s[name][:, :31].contiguous())))
     with pytest.raises(CorelmError, match="does not know"):
-        load_hf_dir(_rewrite(path, tmp_path / "c", lambda s: s.__setitem__("model.decoder.extra.weight", s[name].clone())))
+        extra = "model.decoder.extra.weight"
+        load_hf_dir(_rewrite(path, tmp_path / "c", lambda s: s.__setitem__(extra, s[name].clone())))
 
 
 def test_separate_stack_embeddings_are_refused(tmp_path):
@@ -171,7 +172,8 @@ def test_unsupported_hf_configs_are_refused(tmp_path):
     ({"n_kv_head": 2}, "no grouped-query attention"),
 ])
 def test_config_validation(fields, message):
-    kwargs = {"family": "bart", "vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "d_model": 32, "decoder_start_token_id": 2}
+    kwargs = {"family": "bart", "vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "d_model": 32,
+              "decoder_start_token_id": 2}
     with pytest.raises(CorelmError, match=message):
         ModelConfig(**{**kwargs, **fields})
     assert ModelConfig(**kwargs).n_encoder_layer == 2
@@ -195,3 +197,63 @@ def test_generate_matches_transformers(pair, eos, num_beams, extra):
                       **extra)
     ours = generate(model, src, mask, Seq2SeqParams(max_new_tokens=12, num_beams=num_beams, **extra))
     assert ours.tolist() == ref.tolist()
+
+
+def _with_tokenizer(pair, tmp_path):
+    """A copy of the checkpoint with a word-level tokenizer.json over its 99 ids (``t0`` .. ``t98``); sources end
+    in EOS (the post-processor adds it, as Marian's does); EOS, pad and the start token are special."""
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    _, path, _, config, _ = pair
+    out = tmp_path / "with-tokenizer"
+    shutil.copytree(path, out)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = config.extra["eos_token_id"]
+    tok.post_processor = processors.TemplateProcessing(single=f"$A t{eos}", special_tokens=[(f"t{eos}", eos)])
+    specials = {eos, config.pad_token_id, config.decoder_start_token_id, config.extra.get("bos_token_id", eos)}
+    tok.add_special_tokens([AddedToken(f"t{i}", special=True) for i in sorted(specials)])
+    tok.save(str(out / "tokenizer.json"))
+    return out, tok
+
+
+@pytest.mark.parametrize("settings", [{}, {"num_beams": 4}])
+def test_load_translate_matches_transformers(pair, tmp_path, settings):
+    import corelm
+
+    _, _, hf, config, _ = pair
+    path, tok = _with_tokenizer(pair, tmp_path)
+    texts = ["t5 t17 t9 t40 t41", "t60 t7"]
+    s2s = corelm.load(path, dtype="fp32")
+    assert type(s2s).__name__ == "Seq2Seq"
+    rows = [e.ids for e in tok.encode_batch(texts)]
+    ids = torch.full((2, max(map(len, rows))), config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                      num_beams=settings.get("num_beams", 1))
+    expected = [tok.decode(r, skip_special_tokens=True) for r in ref.tolist()]
+    assert s2s.translate(texts, max_new_tokens=10, **settings) == expected
+    assert any(expected)  # some words were generated
+
+
+def test_generation_config_settings_match_transformers(pair, tmp_path):
+    """generation_config.json as Marian checkpoints ship it: beams, max_length, the pad id banned, renormalised."""
+    import corelm
+
+    _, _, hf, config, _ = pair
+    path, _ = _with_tokenizer(pair, tmp_path)
+    gen = {"num_beams": 3, "max_length": 9, "bad_words_ids": [[config.pad_token_id]], "renormalize_logits": True,
+           "length_penalty": 0.5}
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    src, mask, _ = _batch()
+    ref = hf.generate(input_ids=src, attention_mask=mask, do_sample=False, **gen)
+    s2s = corelm.load(path, dtype="fp32")
+    got = s2s.generate_ids([r[m.bool()].tolist() for r, m in zip(src, mask)])
+    eos = config.extra["eos_token_id"]
+    targets = [r[1:] for r in ref.tolist()]  # without the start token (BART's is EOS itself)
+    assert got == [t[: t.index(eos) + 1] if eos in t else t for t in targets]
+    assert all(config.pad_token_id not in row for row in got)

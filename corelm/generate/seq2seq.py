@@ -17,7 +17,11 @@ finished one; ``"never"``: the same with the best hypothetical length ``max_new_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +47,7 @@ class Seq2SeqParams:
         forced_bos_token_id: Forced as the first generated token; default from ``config.extra``.
         forced_eos_token_id: Forced as the last token the length limit allows; default from ``config.extra``.
         suppress_tokens: Token ids never generated (Marian checkpoints ban their pad id).
+        renormalize_logits: Log-softmax again after the processors (transformers' ``renormalize_logits``).
     """
 
     max_new_tokens: int = 64
@@ -55,6 +60,24 @@ class Seq2SeqParams:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
     suppress_tokens: list[int] = field(default_factory=list)
+    renormalize_logits: bool = False
+
+    @classmethod
+    def from_generation_config(cls, data: dict[str, Any], **overrides: Any) -> Seq2SeqParams:
+        """The settings of an HF ``generation_config.json`` dict (Marian: 4-6 beams, the pad id banned,
+        log-probabilities renormalised), then ``overrides``. ``max_length`` counts the start token."""
+        kwargs: dict[str, Any] = {k: data[k] for k in (
+            "num_beams", "length_penalty", "early_stopping", "decoder_start_token_id", "eos_token_id", "pad_token_id",
+            "forced_bos_token_id", "forced_eos_token_id", "renormalize_logits") if data.get(k) is not None}
+        if data.get("max_new_tokens") is not None:
+            kwargs["max_new_tokens"] = data["max_new_tokens"]
+        elif data.get("max_length") is not None:
+            kwargs["max_new_tokens"] = data["max_length"] - 1
+        banned = data.get("bad_words_ids") or []
+        if any(len(words) != 1 for words in banned):
+            raise CorelmError("bad_words_ids of more than one token are not supported by corelm's seq2seq decoding")
+        kwargs["suppress_tokens"] = [words[0] for words in banned] + list(data.get("suppress_tokens") or [])
+        return cls(**{**kwargs, **overrides})
 
     def resolved(self, config) -> Seq2SeqParams:
         """A copy with the ``None`` token ids taken from a ``bart`` :class:`~corelm.config.ModelConfig`."""
@@ -74,7 +97,8 @@ class Seq2SeqParams:
             pick(self.decoder_start_token_id, config.decoder_start_token_id), eos,
             pick(self.pad_token_id, config.pad_token_id if config.pad_token_id is not None else 0),
             pick(self.forced_bos_token_id, extra.get("forced_bos_token_id")),
-            pick(self.forced_eos_token_id, extra.get("forced_eos_token_id")), list(self.suppress_tokens))
+            pick(self.forced_eos_token_id, extra.get("forced_eos_token_id")), list(self.suppress_tokens),
+            self.renormalize_logits)
 
 
 def _process(scores: torch.Tensor, cur_len: int, max_length: int, p: Seq2SeqParams) -> torch.Tensor:
@@ -87,7 +111,8 @@ def _process(scores: torch.Tensor, cur_len: int, max_length: int, p: Seq2SeqPara
     if forced is not None:
         scores[:] = -float("inf")
         scores[:, forced] = 0.0
-    return scores
+    # transformers' LogitNormalization, the last processor: the banned tokens' mass goes back to the others
+    return torch.log_softmax(scores, dim=-1) if p.renormalize_logits else scores
 
 
 def _encode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -217,3 +242,59 @@ def _beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     best = finished[:, 0]  # (B, max_length)
     return best[:, : 1 + int(finished_len[:, 0].max())]
+
+
+# ---- text in, text out ------------------------------------------------------------------------------
+
+
+class Seq2Seq:
+    """An encoder-decoder with its tokenizer: :meth:`translate` (or summarize) texts.
+
+    Attributes:
+        model: a :class:`~corelm.models.bart.Bart`.
+        tokenizer: its :class:`~corelm.tokenizer.Tokenizer` (from ``tokenizer.json``; Marian repositories that
+            ship only SentencePiece files need one converted, e.g. by transformers' ``MarianTokenizer``
+            ``backend_tokenizer``), or None: then only :meth:`generate_ids` works.
+        config: the :class:`~corelm.config.ModelConfig`.
+        params: the checkpoint's decoding settings (``generation_config.json`` next to the weights, if any).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: Any, source: str = "") -> None:
+        self.model, self.tokenizer, self.config, self.source = model, tokenizer, config, source
+        gen = Path(source) / "generation_config.json" if source else None
+        data = json.loads(gen.read_text()) if gen is not None and gen.is_file() else {}
+        self.params = Seq2SeqParams.from_generation_config(data)
+
+    def __repr__(self) -> str:
+        return f"Seq2Seq({self.config.name or self.config.extra.get('model_type', 'bart')}, {self.source})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate_ids(self, sources: list[list[int]], **overrides: Any) -> list[list[int]]:
+        """Target ids (start token and padding removed, EOS kept) of source id lists; ``overrides`` are
+        :class:`Seq2SeqParams` fields (``num_beams=1``, ``max_new_tokens=...``)."""
+        params = dataclass_replace(self.params, **overrides).resolved(self.config)
+        width = max(len(s) for s in sources)
+        ids = torch.full((len(sources), width), params.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sources), width), dtype=torch.long)
+        for i, row in enumerate(sources):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        out = generate(self.model, ids.to(self.device), mask.to(self.device), params)[:, 1:].tolist()
+        return [row[: row.index(params.eos_token_id) + 1] if params.eos_token_id in row else row for row in out]
+
+    def translate(self, texts: list[str], **overrides: Any) -> list[str]:
+        """Translate (or summarize) ``texts``: one output string each, special tokens dropped."""
+        if self.tokenizer is None:
+            raise CorelmError(f"{self.source or 'this model'} has no tokenizer.json; use generate_ids with token ids")
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise CorelmError("translate takes a list of strings")
+        eos = self.config.extra.get("eos_token_id")
+        sources = []
+        for ids in self.tokenizer.encode_batch(texts, add_special_tokens=True):
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]  # sources end in </s>, as the models were trained
+            limit = self.config.max_seq_len  # keep the start and the final </s>
+            sources.append(ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in self.generate_ids(sources, **overrides)]
