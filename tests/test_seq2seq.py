@@ -181,7 +181,8 @@ def test_config_validation(fields, message):
 
 @pytest.mark.parametrize("eos", ["config", "early"])
 @pytest.mark.parametrize("num_beams, extra", [(1, {}), (4, {}), (4, {"length_penalty": 2.0}),
-                                              (4, {"early_stopping": True}), (3, {"early_stopping": "never"})])
+                                              (4, {"early_stopping": True}), (3, {"early_stopping": "never"}),
+                                              (4, {"forced_bos_token_id": 5, "suppress_tokens": [1, 7]})])
 def test_generate_matches_transformers(pair, eos, num_beams, extra):
     """Greedy and beam outputs equal transformers' token for token. Tiny random models repeat one token and
     rarely say EOS, so the "early" case makes EOS the second token greedy decoding writes for row 0: rows
