@@ -260,6 +260,10 @@ class ToolStream:
     """Turns a chat stream's text pieces into OpenAI deltas: ``content`` text and
     ``tool_calls[i]`` pieces (index, id and function name first, then argument fragments).
 
+    Each piece re-reads the output so far with the family's parser (a few KB: microseconds), so the
+    streamed reply and the whole one come from the same function. A call cut off by ``max_tokens`` may
+    have been announced; its reply then ends with its text as content and ``finish_reason: "length"``.
+
     Args:
         family: one of :data:`FAMILIES`.
     """
