@@ -1,6 +1,6 @@
 """Model configuration as data.
 
-One dataclass describes every family corelm builds (GPT-2, Llama, BERT, Gemma). Importing this module must
+One dataclass describes every family corelm builds (GPT-2, Llama, BERT, Gemma, BART). Importing this module must
 not import torch: the planner and the CLI read configs without loading a model.
 """
 
@@ -26,7 +26,8 @@ class ModelConfig:
     Attributes:
         family: Architecture family: ``gpt2``, ``llama`` (also Mistral, Qwen2, Qwen3), ``bert`` or
             ``gemma`` (Gemma 1, 2 and 3) or ``moe`` (Mixtral, Qwen2-MoE, Qwen3-MoE: Llama attention,
-            mixture-of-experts MLPs) or ``olmo2`` (OLMo 2: norms after the sub-layers, QK norm).
+            mixture-of-experts MLPs) or ``olmo2`` (OLMo 2: norms after the sub-layers, QK norm) or ``bart``
+            (encoder-decoders: BART, mBART, MarianMT; ``n_layer`` counts the decoder's blocks).
         name: Preset or checkpoint name, for display only.
         vocab_size: Number of token embeddings.
         n_layer: Number of Transformer blocks.
