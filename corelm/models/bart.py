@@ -172,19 +172,16 @@ class Stack(nn.Module):
         super().__init__()
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.embed_positions = Positions(config)
-        if config.layernorm_embedding:
-            self.layernorm_embedding = LayerNorm(config.d_model, eps=config.norm_eps)
+        norm = lambda: LayerNorm(config.d_model, eps=config.norm_eps)
+        self.layernorm_embedding = norm() if config.layernorm_embedding else nn.Identity()
         self.layers = nn.ModuleList([layer(config) for _ in range(n_layer)])
-        if config.normalize_before:  # pre-LN leaves the last residual un-normalised
-            self.layer_norm = LayerNorm(config.d_model, eps=config.norm_eps)
+        # pre-LN leaves the last residual un-normalised, so mBART normalises each stack's output
+        self.layer_norm = norm() if config.normalize_before else nn.Identity()
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``tokens (B, T, d)`` (already looked up) plus positions ``(T,)``, normalised if configured."""
         x = tokens * self.embed_scale + self.embed_positions(positions, tokens.dtype)[None]  # (B, T, d)
-        return self.layernorm_embedding(x) if hasattr(self, "layernorm_embedding") else x
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(x) if hasattr(self, "layer_norm") else x
+        return self.layernorm_embedding(x)
 
 
 class Encoder(Stack):
@@ -197,7 +194,7 @@ class Encoder(Stack):
         mask = None if src_mask is None else src_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
             x = layer(x, mask)
-        return self.finish(x)
+        return self.layer_norm(x)
 
 
 class Decoder(Stack):
@@ -230,7 +227,7 @@ class Decoder(Stack):
         input_pos = positions[None].expand(B, T)  # (B, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cross_kv[i], self_mask, cross_mask, cache, i, input_pos)
-        return self.finish(x)
+        return self.layer_norm(x)
 
 
 class BartModel(nn.Module):
