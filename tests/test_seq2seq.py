@@ -258,3 +258,23 @@ def test_generation_config_settings_match_transformers(pair, tmp_path):
     targets = [r[1:] for r in ref.tolist()]  # without the start token (BART's is EOS itself)
     assert got == [t[: t.index(eos) + 1] if eos in t else t for t in targets]
     assert all(config.pad_token_id not in row for row in got)
+
+
+@pytest.mark.parametrize("positions, normalize_before", [("learned", False), ("sinusoidal", False), ("learned", True)])
+def test_fresh_model_is_initialised_and_decodes(positions, normalize_before):
+    """A model built from a config (no checkpoint) has initialised weights; greedy decoding runs with its cache."""
+    from corelm.generate.seq2seq import Seq2SeqParams, generate
+    from corelm.models import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(family="bart", vocab_size=VOCAB, n_layer=2, n_head=4, d_model=32, max_seq_len=32,
+                         decoder_start_token_id=2, pad_token_id=1, positions=positions,
+                         normalize_before=normalize_before, extra={"eos_token_id": 2})
+    model = build_model(config).eval()
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    src, mask, tgt = _batch()
+    with torch.no_grad():
+        logits = model(src, tgt, mask)
+    assert logits.shape == (2, 5, VOCAB) and torch.isfinite(logits).all()
+    out = generate(model, src, mask, Seq2SeqParams(max_new_tokens=6, num_beams=2))
+    assert out.shape[0] == 2 and (out[:, 0] == 2).all()

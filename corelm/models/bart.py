@@ -27,6 +27,7 @@ from torch import nn
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.ops.attention import attention
+from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.tied import TiedLMHead
 
@@ -154,6 +155,7 @@ class Positions(nn.Module):
         self.kind, self.d_model, self.max_positions = config.positions, config.d_model, config.max_seq_len
         if self.kind == "learned":
             self.weight = nn.Parameter(torch.empty(config.max_seq_len + LEARNED_POSITION_OFFSET, config.d_model))
+            nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``positions (T,)`` -> embeddings ``(T, d)``."""
@@ -258,6 +260,7 @@ class Bart(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Not a parameter in HF either (a buffer, saved with the checkpoint): it is not trained.
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        self.apply(init_normal_)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Source ids ``(B, S)`` and mask ``(B, S)`` (1 = real token) -> encoder output ``(B, S, d)``."""
