@@ -278,3 +278,14 @@ def test_fresh_model_is_initialised_and_decodes(positions, normalize_before):
     assert logits.shape == (2, 5, VOCAB) and torch.isfinite(logits).all()
     out = generate(model, src, mask, Seq2SeqParams(max_new_tokens=6, num_beams=2))
     assert out.shape[0] == 2 and (out[:, 0] == 2).all()
+
+
+def test_generate_refuses_more_tokens_than_positions(pair):
+    from corelm.generate.seq2seq import Seq2SeqParams, generate
+
+    _, _, _, config, model = pair
+    src, mask, _ = _batch()
+    with pytest.raises(CorelmError, match="more than the 64 target positions"):
+        generate(model, src, mask, Seq2SeqParams(max_new_tokens=config.max_seq_len + 1))
+    with pytest.raises(CorelmError, match="early_stopping must be"):
+        generate(model, src, mask, Seq2SeqParams(early_stopping="sometimes"))

@@ -145,6 +145,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         with ``pad_token_id`` (transformers' ``generate`` layout).
     """
     p = (params or Seq2SeqParams()).resolved(model.config)
+    if p.max_new_tokens > model.config.max_seq_len:  # token t is decoded at position t - 1
+        raise CorelmError(f"max_new_tokens={p.max_new_tokens} is more than the {model.config.max_seq_len} target "
+                          "positions this model has")
     if p.num_beams == 1:
         return _greedy(model, input_ids, attention_mask, p)
     return _beam_search(model, input_ids, attention_mask, p)
@@ -212,7 +215,8 @@ def _beam_search(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         # the N best candidates that did not end keep running
         alive_scores = cand_scores + ends.to(torch.float32) * _NEG
         keep = torch.topk(alive_scores, N)[1]
-        running, running_scores, running_parent = _gather(cand_seq, keep), _gather(alive_scores, keep), _gather(parent, keep)
+        running, running_scores = _gather(cand_seq, keep), _gather(alive_scores, keep)
+        running_parent = _gather(parent, keep)  # (B, N) the beam each continues
 
         # ended candidates among the first N compete with the kept finished hypotheses
         just_ended = ends & top_n[None, :]

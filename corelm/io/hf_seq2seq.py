@@ -74,11 +74,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` dict of a ``bart`` config (the inverse of :func:`config_from_hf`)."""
-    model_type = config.extra.get("model_type") or next(
-        (t for t, v in _VARIANT.items() if v == (config.positions, config.layernorm_embedding, config.normalize_before)),
-        None)
-    if model_type not in _VARIANT or _VARIANT[model_type] != (config.positions, config.layernorm_embedding,
-                                                              config.normalize_before):
+    variant = (config.positions, config.layernorm_embedding, config.normalize_before)
+    model_type = config.extra.get("model_type") or next((t for t, v in _VARIANT.items() if v == variant), None)
+    if model_type not in _VARIANT or _VARIANT[model_type] != variant:
         raise CorelmError("this bart config matches none of BART, mBART, Marian (positions, layernorm_embedding, "
                           "normalize_before); transformers could not load it")
     inverse = {v: k for k, v in _ACTIVATIONS.items() if k not in ("gelu_new", "swish")}
@@ -101,7 +99,8 @@ def hf_table(config: ModelConfig) -> list[str]:
         return [f"{name}.weight", f"{name}.bias"]
 
     def attn(name: str) -> list[str]:
-        return [f"{name}.{p}_proj.{w}" for p in ("q", "k", "v", "out") for w in ("weight", "bias")] + norm(f"{name}_layer_norm")
+        projections = [f"{name}.{p}_proj.{w}" for p in ("q", "k", "v", "out") for w in ("weight", "bias")]
+        return projections + norm(f"{name}_layer_norm")
 
     mlp = [*norm("fc1"), *norm("fc2"), *norm("final_layer_norm")]
     rows = ["model.shared.weight", "final_logits_bias"] + ([] if config.tie_embeddings else ["lm_head.weight"])
@@ -148,7 +147,8 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
             if name == "final_logits_bias":
                 out[name] = torch.zeros(shapes[name], dtype=out["model.shared.weight"].dtype)  # listed first
                 continue
-            raise CorelmError(f"checkpoint is missing tensor {name!r} for a {config.extra.get('model_type', 'bart')} model")
+            model_type = config.extra.get("model_type", "bart")
+            raise CorelmError(f"checkpoint is missing tensor {name!r} for a {model_type} model")
         tensor = hf_state[hf.pop(name)]
         if tensor.shape != shapes[name]:
             raise CorelmError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
