@@ -12,7 +12,8 @@ counted) and the same ``early_stopping`` semantics (``True``: stop a row once N 
 finished one; ``"never"``: the same with the best hypothetical length ``max_new_tokens`` when
 ``length_penalty > 0``). Logit processors implemented: ``forced_bos_token_id`` (mBART-50),
 ``forced_eos_token_id`` and banned single tokens (Marian's ``bad_words_ids = [[pad]]``); others
-(``no_repeat_ngram_size``, ``min_length``, repetition penalties) are not.
+(``no_repeat_ngram_size``, ``min_length``, repetition penalties) are not, nor sampling,
+several returned sequences per source or several EOS ids.
 """
 
 from __future__ import annotations
