@@ -42,7 +42,7 @@ def make_q4_k_m(quantize: str, out: Path, threads: int) -> Path:
 
 
 class Corelm:
-    def __init__(self, path: Path, native: bool, dtype: str) -> None:
+    def __init__(self, path: Path, native: bool, dtype: str, label: str | None = None) -> None:
         from corelm.generate.step import KernelStep, step_for, weight_bytes
         from corelm.loading import load_parts
         from corelm.quant import kquant
@@ -50,11 +50,12 @@ class Corelm:
         t0 = time.perf_counter()
         loaded = load_parts(path) if native else load_parts(path, dtype=dtype)  # native: the default load
         self.model = loaded.model
-        if native:
+        if native and label is None:
             assert any(isinstance(m, kquant.GGUFBlockLinear) for m in self.model.modules()), "not on its blocks"
         self.ids = loaded.tokenizer.encode(PROMPT) if loaded.tokenizer is not None else list(range(1, 9))
         step = step_for(self.model)
-        self.name = f"corelm {'native' if native else dtype + ' dequant'} ({'C++ step' if isinstance(step, KernelStep) else 'model step'})"
+        kind = label or ("native" if native else f"{dtype} dequant")
+        self.name = f"corelm {kind} ({'C++ step' if isinstance(step, KernelStep) else 'model step'})"
         self.bytes = weight_bytes(self.model)
         self.load_s = time.perf_counter() - t0
         self.run(4)  # warm-up
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="bf16", help="dtype of the dequantized variant")
+    ap.add_argument("--with-q4-1", action="store_true",
+                    help="add corelm's int4 path on the embedded Q4_1 file the Q4_K_M file was made from")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = args.gguf or make_q4_k_m(args.quantize, args.out, args.threads)
@@ -101,13 +104,18 @@ def main() -> None:
     types = Counter(t.qtype.name for t in f.tensors.values() if len(t.shape) == 2)
     f.close()
     variants = [Corelm(path, True, args.dtype), Corelm(path, False, args.dtype)]
+    if args.with_q4_1:
+        from corelm.presets import embedded_path
+
+        variants.append(Corelm(embedded_path("smollm2-135m-instruct"), True, args.dtype, label="int4, Q4_1 file"))
     if args.llama_bench:
         variants.append(LlamaBench(args.llama_bench, path, args.threads))
     speeds: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(args.rounds):  # A B C A B C ...: the machine's noise lands on every variant alike
         for v in variants:
             speeds[v.name].append(v.run(args.tokens))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {s[-1]:.1f}" for k, s in speeds.items()), file=sys.stderr)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {s[-1]:.1f}" for k, s in speeds.items()), file=sys.stderr,
+              flush=True)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"{path.name}: matrices {dict(types)}; {args.threads} threads, {args.tokens} tokens, median of "
           f"{args.rounds} alternating rounds; ATen capability {cpu}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -59,6 +59,15 @@ inline uint16_t u16(const uint8_t* p) {
   return v;
 }
 
+#if defined(__AVX2__)
+// Eight fp16 fields ``stride`` bytes apart (one per block) as fp32 lanes.
+inline __m256 fp16x8(const uint8_t* p, int64_t stride) {
+  alignas(16) uint16_t h[8];
+  for (int i = 0; i < 8; ++i) h[i] = u16(p + i * stride);
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h)));
+}
+#endif
+
 // The eight (scale, min) pairs of a Q4_K/Q5_K super-block (ggml-quants.c get_scale_min_k4), four at a
 // time in 32-bit words as ggml_vec_dot_q4_K_q8_K unpacks them: sc[0..7] then m[0..7].
 inline void scale_min_k4(const uint8_t* q, uint8_t* sc, uint8_t* m) {
@@ -218,7 +227,20 @@ void dot_q8_0(const Row& w, const ActRow* a, int64_t nb, float* out) {
 #if defined(__AVX2__)
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {  // eight blocks' scales at a time
+    const uint8_t* blk = w.q + b * 34;
+    const __m256 d = fp16x8(blk, 34);
+    alignas(32) float sd[NT][8];
+    for (int t = 0; t < NT; ++t) _mm256_store_ps(sd[t], _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d + b)));
+    for (int i = 0; i < 8; ++i) {
+      const __m256i wq = load32(reinterpret_cast<const int8_t*>(blk + i * 34 + 2));
+      const int64_t j = (b + i) * QK;
+      for (int t = 0; t < NT; ++t)
+        acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + j, a[t].ql + j), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
+    }
+  }
+  for (; b < nb; ++b) {
     const uint8_t* blk = w.q + b * 34;
     const float d = fp16(u16(blk));
     const __m256i wq = load32(reinterpret_cast<const int8_t*>(blk + 2));
@@ -256,24 +278,43 @@ void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
   constexpr int64_t bytes = MIN ? 24 : 22;
   float tail[NT] = {};
 #if defined(__AVX2__)
-  __m256 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  __m256 acc[NT], accm[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull)), sixteen = _mm256_set1_epi8(16);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w.q + b * bytes;
-    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
+  auto weights = [&](const uint8_t* blk) {  // byte j takes bit j of qh: qh's byte j/8, one bit tested per byte
     int32_t h32;
     std::memcpy(&h32, blk + (MIN ? 4 : 2), 4);
-    // byte j takes bit j of qh: byte j/8 of qh broadcast to 8 bytes, one bit tested per byte
     const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(h32), spread), bit);
-    const __m256i wq = _mm256_or_si256(nibbles(blk + (MIN ? 8 : 6)), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), sixteen));
+    return _mm256_or_si256(nibbles(blk + (MIN ? 8 : 6)), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), sixteen));
+  };
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {  // eight blocks' scales and offsets at a time, in vectors
+    const uint8_t* blk = w.q + b * bytes;
+    const __m256 d = fp16x8(blk, bytes);
+    const __m256 m = MIN ? fp16x8(blk + 2, bytes) : _mm256_mul_ps(d, _mm256_set1_ps(-16.f));
+    alignas(32) float sd[NT][8];
+    for (int t = 0; t < NT; ++t) {
+      _mm256_store_ps(sd[t], _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d + b)));
+      accm[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[t].s + b), accm[t]);
+    }
+    for (int i = 0; i < 8; ++i) {
+      const __m256i wq = weights(blk + i * bytes);
+      const int64_t j = (b + i) * QK;
+      for (int t = 0; t < NT; ++t)
+        acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + j, a[t].ql + j), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * bytes;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
+    const __m256i wq = weights(blk);
     for (int t = 0; t < NT; ++t) {
       acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]), acc[t]);
       tail[t] += m * a[t].s[b];
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + tail[t];
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + (hsum(accm[t]) + tail[t]);
 #else
   float acc[NT] = {};
   for (int64_t b = 0; b < nb; ++b) {
