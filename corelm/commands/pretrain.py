@@ -30,7 +30,7 @@ from corelm.train.loop import TrainConfig, TrainResult
 from corelm.train.precision import POLICIES
 
 OBJECTIVES = ("clm", "mlm")
-PARALLEL = ("none", "ddp", "fsdp")
+PARALLEL = ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp")
 
 
 def _loop_help(name: str) -> str:
@@ -53,6 +53,8 @@ def _loop(name: str, default: Any = MISSING, note: str = "") -> Any:
     meta: dict[str, Any] = {"precision": {"policies": POLICIES}} if name == "precision" else {}
     if name == "parallel":
         meta["choices"] = PARALLEL
+    if name == "pp_schedule":
+        meta["choices"] = ("gpipe", "1f1b")
     return option(spec.default if default is MISSING else default, _loop_help(name) + note, **meta)
 
 
@@ -92,6 +94,10 @@ class PretrainOptions(Options):
     compile: bool = _loop("compile")
     activation_checkpointing: bool = _loop("activation_checkpointing")
     parallel: str = _loop("parallel")
+    tp_size: int = _loop("tp_size")
+    sequence_parallel: bool = _loop("sequence_parallel")
+    pp_microbatches: int = _loop("pp_microbatches")
+    pp_schedule: str = _loop("pp_schedule")
     eval_every: int | None = _loop("eval_every", None, " (default: 10 times per run)")
     log_every: int = _loop("log_every")
     save_every: int = _loop("save_every")
@@ -158,6 +164,7 @@ def run(args: PretrainOptions, info: Any) -> TrainResult:
     from corelm.train.checkpoint import checkpoint_dirs
     from corelm.train.loader import ResumableLoader
     from corelm.train.loop import evaluate_loss, train
+    from corelm.train.parallel import data_parallel
 
     out = args.out or args.resume
     if not out:
@@ -207,15 +214,17 @@ def run(args: PretrainOptions, info: Any) -> TrainResult:
         def make_collate(ds: Any, seed: int = args.seed) -> MLMCollate:
             return MLMCollate(ds, spec, specials["cls_token"], specials["sep_token"], seed=seed, nsp=args.nsp)
 
+    # the ranks of one tensor-parallel group or pipeline read the same batches (corelm.train.parallel)
+    data_rank, data_world = data_parallel(args.parallel, info.rank, info.world_size, args.tp_size)
     batches = ResumableLoader(train_set, args.batch_size, make_collate(train_set), seed=args.seed,
-                              rank=info.rank, world_size=info.world_size, collate_with_indices=with_idx)
-    global_batch = args.batch_size * info.world_size
+                              rank=data_rank, world_size=data_world, collate_with_indices=with_idx)
+    global_batch = args.batch_size * data_world
     n_eval = min(args.eval_batches, len(val_set) // global_batch)
     eval_fn = None
     if n_eval > 0:
         def make_val() -> ResumableLoader:
             return ResumableLoader(val_set, args.batch_size, make_collate(val_set, seed=args.seed + 1), shuffle=False,
-                                   rank=info.rank, world_size=info.world_size, collate_with_indices=with_idx)
+                                   rank=data_rank, world_size=data_world, collate_with_indices=with_idx)
 
         def eval_fn(m: torch.nn.Module) -> dict[str, float]:
             return evaluate_loss(m, loss_fn, make_val, n_eval, info)
@@ -233,7 +242,9 @@ def run(args: PretrainOptions, info: Any) -> TrainResult:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretrain {args.model} ({n_params / 1e6:.2f}M params, vocab {config.vocab_size}) on {args.data}: "
               f"{objective}, {len(train_set):,} sequences of {seq_len}, global batch {global_batch * cfg.grad_accum} "
-              f"({args.batch_size} per process x {info.world_size} process(es) x {cfg.grad_accum} accumulation)")
+              f"({args.batch_size} per process x {data_world} "
+              f"{'process(es)' if data_world == info.world_size else 'data-parallel group(s)'} x "
+              f"{cfg.grad_accum} accumulation)")
         print("config: " + json.dumps({k: v for k, v in run_config.items() if k != "model_config"}), flush=True)
 
     def export(state: dict[str, torch.Tensor], out_dir: Path) -> None:

@@ -92,7 +92,11 @@ class TrainConfig:
     precision: str = "fp32"         # fp32 | bf16-mixed | fp16-mixed | bf16-true
     compile: bool = False           # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
-    parallel: str = "none"          # none | ddp | fsdp (launch with torchrun)
+    parallel: str = "none"          # none | ddp | fsdp | tp | pp | fsdp+tp (launch with torchrun)
+    tp_size: int = 2                # fsdp+tp: processes per tensor-parallel group (tp and pp use every process)
+    sequence_parallel: bool = False  # tp, fsdp+tp: also split norms and residual stream along the sequence
+    pp_microbatches: int = 0        # pp: micro-batches per batch (0: one per stage)
+    pp_schedule: str = "1f1b"       # pp: gpipe | 1f1b
     eval_every: int = 0             # evaluate every N steps (0: only at the end)
     log_every: int = 1              # write metrics every N steps
     save_every: int = 0             # checkpoint every N steps (0: only at the end / on interrupt)
@@ -109,8 +113,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.grad_accum <= 0:
             raise CorelmError("max_steps and grad_accum must be positive")
-        if self.parallel not in ("none", "ddp", "fsdp"):
-            raise CorelmError(f"unknown parallelism {self.parallel!r}; expected none, ddp or fsdp")
+        if self.parallel not in ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp"):
+            raise CorelmError(f"unknown parallelism {self.parallel!r}; expected none, ddp, fsdp, tp, pp or fsdp+tp")
+        if self.pp_schedule not in ("gpipe", "1f1b"):
+            raise CorelmError(f"unknown pipeline schedule {self.pp_schedule!r}; expected gpipe or 1f1b")
         Precision(self.precision)  # validates the policy name
 
 
@@ -249,11 +255,21 @@ def train(
     model.to(info.device)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    wrapped = model
+    wrapped, pipeline, dp_size = model, None, info.world_size
     if cfg.parallel == "ddp":
         wrapped = apply_ddp(model, info)
     elif cfg.parallel == "fsdp":
         wrapped = apply_fsdp(model, info)
+    elif cfg.parallel in ("tp", "pp", "fsdp+tp"):  # corelm.train.parallel: TP, then FSDP on dp; or PP stages
+        from corelm.train.parallel import data_parallel, parallelize
+
+        pipeline = parallelize(model, cfg.parallel, info.world_size, info.device, tp_size=cfg.tp_size,
+                               sequence_parallel=cfg.sequence_parallel, pp_microbatches=cfg.pp_microbatches,
+                               pp_schedule=cfg.pp_schedule)
+        # processes that read different batches (the ranks of one TP group or pipeline read the same ones)
+        dp_size = data_parallel(cfg.parallel, info.rank, info.world_size, cfg.tp_size)[1]
+    if pipeline is not None and (cfg.precision == "fp16-mixed" or cfg.compile):
+        raise CorelmError("--parallel pp does not combine with fp16-mixed or --compile")
     optimizer = optimizer_fn(model) if optimizer_fn else build_optimizer(
         model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     scaler = precision.grad_scaler()
@@ -292,6 +308,8 @@ def train(
     def checkpoint() -> Path | None:
         if not cfg.out:
             return None
+        if pipeline is not None:  # rank 0 saves the whole model and optimizer state
+            pipeline.sync(optimizer)
         return save_checkpoint(cfg.out, step, model=model, optimizer=optimizer, state=trainer_state(),
                                scaler=scaler, export_fn=export_fn, keep_last=cfg.keep_last, rank=info.rank,
                                world_size=info.world_size)
@@ -302,12 +320,14 @@ def train(
                       tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=dataclasses.asdict(cfg))
     result = TrainResult(step=step, skipped_steps=skipped)
     is_ddp = cfg.parallel == "ddp"
-    is_fsdp = cfg.parallel == "fsdp"
+    is_fsdp = cfg.parallel in ("fsdp", "fsdp+tp")
     last_saved = step if cfg.resume else -1
 
     def run_eval() -> dict[str, float]:
         if eval_fn is None:
             return {}
+        if pipeline is not None:  # every rank evaluates the whole model
+            pipeline.sync()
         model.eval()
         with torch.no_grad(), precision.autocast():
             metrics = dict(eval_fn(forward_model))
@@ -331,10 +351,14 @@ def train(
                     if is_fsdp:
                         model.set_requires_gradient_sync(sync)
                     with no_sync:
-                        with precision.autocast():
-                            loss, extra = loss_fn(forward_model, batch)
-                        scaled = loss / cfg.grad_accum
-                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        if pipeline is not None:  # the schedule runs forward and backward of each micro-batch
+                            with precision.autocast():
+                                loss, extra = pipeline.step(loss_fn, batch, cfg.grad_accum)
+                        else:
+                            with precision.autocast():
+                                loss, extra = loss_fn(forward_model, batch)
+                            scaled = loss / cfg.grad_accum
+                            (scaler.scale(scaled) if scaler else scaled).backward()
                     n, metrics = _split_info(extra, batch)
                     n_tokens += n
                     for k, v in metrics.items():
@@ -344,7 +368,8 @@ def train(
 
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                clip = pipeline.clip_grad_norm_ if pipeline is not None else torch.nn.utils.clip_grad_norm_
+                gnorm = clip(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 if hasattr(gnorm, "full_tensor"):  # FSDP2: the norm is a DTensor
                     gnorm = gnorm.full_tensor()
                 gnorm = float(gnorm)
@@ -356,7 +381,7 @@ def train(
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += n_tokens * info.world_size
+                tokens_seen += n_tokens * dp_size
                 if not finite:
                     skipped += 1
                     bad_streak = bad_streak + 1 if not math.isfinite(mean_loss) else 0
@@ -372,7 +397,7 @@ def train(
                 dt = time.perf_counter() - t0
                 tps = n_tokens / dt
                 record: dict[str, Any] = {"loss": mean_loss, "lr": lr, "grad_norm": gnorm,
-                                          "tokens_per_s": tps * info.world_size, "step_time_s": dt,
+                                          "tokens_per_s": tps * dp_size, "step_time_s": dt,
                                           "tokens": tokens_seen, **sums}
                 if peak and flops_per_token:
                     record["mfu"] = mfu(flops_per_token, tps, peak)
@@ -385,7 +410,7 @@ def train(
                     record.update(run_eval())
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     tracker.log(step, record)
-                tracker.progress(step, {"loss": mean_loss, "tok/s": round(tps * info.world_size),
+                tracker.progress(step, {"loss": mean_loss, "tok/s": round(tps * dp_size),
                                         **({"val": record["val_loss"]} if "val_loss" in record else {})})
                 result.last_metrics = record
 
