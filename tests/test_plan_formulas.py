@@ -190,3 +190,20 @@ def test_param_count_equals_the_transformers_model(model_type):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config)
     cfg = config_from_hf(hf_config.to_dict())
     assert F.param_count(cfg) == sum(p.numel() for p in hf.parameters()), model_type
+
+
+@pytest.mark.parametrize("model_type", ["bart", "marian", "mbart"])
+def test_param_count_of_encoder_decoders_equals_the_transformers_model(model_type):
+    """Trainable parameters: Marian's sinusoidal position tables are buffers-as-parameters in transformers
+    (requires_grad False) and nothing in corelm."""
+    transformers = pytest.importorskip("transformers")
+    from corelm.io.hf import config_from_hf
+
+    options = {"vocab_size": 160, "d_model": 64, "encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 4,
+               "decoder_attention_heads": 4, "encoder_ffn_dim": 96, "decoder_ffn_dim": 96,
+               "max_position_embeddings": 64, "pad_token_id": 1, "decoder_start_token_id": 2}
+    hf_config = transformers.AutoConfig.for_model(model_type, **options)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
+    cfg = config_from_hf(hf_config.to_dict())
+    assert F.param_count(cfg) == sum(p.numel() for p in hf.parameters() if p.requires_grad), model_type

@@ -44,6 +44,8 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         ``pooler`` (BERT only).
     """
     d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
+    if cfg.family == "bart":
+        return _seq2seq_breakdown(cfg)
     q_width = cfg.n_head * cfg.head_dim
     kv_width = cfg.n_kv_head * cfg.head_dim
     bias = bool(cfg.bias)
@@ -86,6 +88,25 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         "norms": norms,
         "lm_head": 0 if (cfg.tie_embeddings or cfg.is_encoder) else V * d,
         "pooler": d * d + d if cfg.family == "bert" else 0,
+    }
+
+
+def _seq2seq_breakdown(cfg: ModelConfig) -> dict[str, int]:
+    """BART/Marian/mBART [Lewis et al. 2020; Vaswani et al. 2017]: encoder blocks (self-attention, MLP, two
+    LayerNorms), decoder blocks (self- and cross-attention, MLP, three LayerNorms), biases everywhere, one
+    shared token embedding, learned positions (BART; Marian's sinusoids are not parameters)."""
+    d, V, ff = cfg.d_model, cfg.vocab_size, cfg.d_ff
+    enc, dec = cfg.n_encoder_layer, cfg.n_layer
+    attn = 4 * d * d + 4 * d  # q, k, v, o with biases
+    positions = 2 * (cfg.max_seq_len + 2) * d if cfg.positions == "learned" else 0  # BART's offset of 2
+    stack_norms = 2 * 2 * d * (int(cfg.layernorm_embedding) + int(cfg.normalize_before))
+    return {
+        "embedding": V * d + positions,
+        "attention": enc * attn + dec * 2 * attn,
+        "mlp": (enc + dec) * (2 * d * ff + ff + d),
+        "norms": enc * 2 * 2 * d + dec * 3 * 2 * d + stack_norms,
+        "lm_head": 0 if cfg.tie_embeddings else V * d,
+        "pooler": 0,
     }
 
 
