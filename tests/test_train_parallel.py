@@ -1,5 +1,5 @@
-"""torchrun on CPU (gloo): tensor and pipeline parallelism of a tiny llama give the single-process logits and loss
-curve; degrees that do not divide the heads are refused.
+"""torchrun on CPU (gloo): tensor, pipeline and FSDP x tensor parallelism of a tiny llama give the single-process
+logits, loss curve, checkpoint and resumed losses; layouts that cannot run are refused with a CorelmError.
 
 The test launches this file as a torchrun worker (``python -m torch.distributed.run ... test_train_parallel.py
 MODE OUT``); the worker trains with :func:`corelm.train.train` and writes rank 0's losses and logits."""
@@ -88,10 +88,10 @@ def run(mode: str, out: Path, tie: bool = False, **extra) -> list[float]:
     return losses
 
 
-def _torchrun(tmp_path: Path, mode: str, *args: str) -> subprocess.Popen:
+def _torchrun(tmp_path: Path, mode: str, nproc: int = 2, **config) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, mode,
-           str(tmp_path / mode), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__,
+           mode, str(tmp_path / mode), json.dumps(config)]
     return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -103,8 +103,10 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_tp_and_pp_match_single_process(tmp_path):
-    procs = {"tp": _torchrun(tmp_path, "tp"), "pp": _torchrun(tmp_path, "pp")}
+def test_tp_pp_and_fsdp_tp_match_single_process(tmp_path):
+    # concurrent launches: TP=2; PP=2 stages, 1F1B over 4 micro-batches; FSDP=2 x TP=2 with sequence parallel
+    procs = {"tp": _torchrun(tmp_path, "tp"), "pp": _torchrun(tmp_path, "pp", pp_microbatches=4),
+             "fsdp+tp": _torchrun(tmp_path, "fsdp+tp", 4, tp_size=2, sequence_parallel=True)}
     reference = torch.tensor(run("none", tmp_path / "none"))
     for proc in procs.values():
         _finish(proc)
@@ -141,10 +143,46 @@ def test_tp_degree_must_divide_heads():
         check_tp(config, 3)
 
 
-if __name__ == "__main__":  # a torchrun worker: MODE OUT
+class _Mesh:
+    """A stand-in 1-D mesh: the checks run before any communication."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+    def get_local_rank(self) -> int:
+        return 0
+
+
+def test_parallel_layouts_that_cannot_run_are_refused():
+    from corelm.errors import CorelmError
+    from corelm.models import build_model
+    from corelm.train.loop import TrainConfig
+    from corelm.train.parallel import apply_pp, apply_tp, build_mesh
+
+    with pytest.raises(CorelmError, match=r"key/value heads \(n_kv_head\) to divide by 4; .* has 2"):
+        apply_tp(tiny_llama(), _Mesh(4))
+    with pytest.raises(CorelmError, match="llama family only"):
+        apply_tp(build_model(tiny_llama().config.__class__(family="gpt2", n_layer=1, n_head=2, d_model=8,
+                                                           vocab_size=8, max_seq_len=8)), _Mesh(2))
+    with pytest.raises(CorelmError, match="untied embeddings"):
+        apply_pp(tiny_llama(tie=True), _Mesh(2))
+    with pytest.raises(CorelmError, match="at least 3 blocks; the model has 2"):
+        apply_pp(tiny_llama(), _Mesh(3))
+    with pytest.raises(CorelmError, match="cannot form pp=1 x dp=1 x tp=3"):
+        build_mesh(2, tp=3)
+    with pytest.raises(CorelmError, match="expected gpipe or 1f1b"):
+        TrainConfig(parallel="pp", pp_schedule="zb")
+    with pytest.raises(CorelmError, match="expected none, ddp, fsdp, tp, pp or fsdp\\+tp"):
+        TrainConfig(parallel="tp+pp")
+
+
+if __name__ == "__main__":  # a torchrun worker: MODE OUT [TrainConfig fields as JSON]
     mode, out = sys.argv[1], Path(sys.argv[2])
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    losses = run(mode, out)
+    losses = run(mode, out, **json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}"))
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "losses.json").write_text(json.dumps(losses))
     from corelm.train.distributed import shutdown_distributed
