@@ -31,6 +31,7 @@ CONVERTED = {
     "export": ("ExportOptions", "export"),
     "compare": ("CompareOptions", "compare"),
     "prune": ("PruneOptions", "prune"),
+    "finetune": ("FinetuneOptions", "finetune"),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from corelm.commands.args import Options, option
 from corelm.data import tasks
 from corelm.errors import CorelmError
 from corelm.finetune.adalora import RankAllocator
@@ -45,6 +46,7 @@ from corelm.finetune.methods import (
     pad_token_id,
 )
 from corelm.finetune.tasks import (  # noqa: F401 - forward_items, sft_loss, tags_from_logits: public here too
+    TASKS,
     DataOptions,
     Task,
     forward_items,
@@ -60,41 +62,55 @@ DEFAULT_LR = {"full": 5e-5, "head": 2e-3, "lora": 5e-4, "adalora": 5e-4, "adapte
 
 
 @dataclass
-class FinetuneArgs:
-    """What a fine-tuning run does. Each field's comment is its ``--help`` text."""
+class FinetuneArgs(Options):
+    """What a fine-tuning run does. Each field's ``help`` is its ``--help`` text (``corelm finetune`` is
+    :func:`finetune` over these fields; ``FinetuneOptions`` is the same class under the commands' naming)."""
 
-    model: str                      # base model: embedded name, preset or path
-    task: str                       # classify | ner | sft
-    data: str                       # training file (CSV/JSONL, CoNLL or chat JSONL) or demo:<set>
-    out: str                        # run directory to write
-    val: str | None = None          # validation file (default: 10% of --data held out)
-    method: str = "lora"            # full | head | lora | adalora | adapter
-    text_field: str = "text"        # classification: column/field with the text
-    label_field: str = "label"      # classification: column/field with the label
-    targets: str | None = None      # LoRA/AdaLoRA: comma-separated linear names or all-linear (default: attention)
-    rank: int = 8                   # LoRA rank r
-    alpha: float = 16.0             # LoRA/AdaLoRA scale numerator (update is scaled by alpha / r)
-    dropout: float = 0.0            # LoRA dropout on the low-rank branch
-    init_rank: int = 12             # AdaLoRA: initial rank of every matrix
-    target_rank: int = 4            # AdaLoRA: final average rank (budget = target_rank x matrices)
-    adapter_size: int = 64          # adapter bottleneck width
-    pooling: str | None = None      # classification pooling: cls | pooled | mean | last (default: mean/last)
-    max_len: int = 128              # tokens per example (longer ones are truncated)
-    batch_size: int = 16            # examples per optimizer step
-    epochs: float = 3.0             # passes over the training data (ignored when --steps is given)
-    steps: int | None = None        # optimizer steps (overrides --epochs)
-    lr: float | None = None         # peak learning rate (default depends on --method)
-    warmup_steps: int | None = None  # linear warmup (default: 6% of the steps)
-    weight_decay: float = 0.01      # AdamW decoupled weight decay
-    precision: str = "fp32"         # fp32 | bf16-mixed | fp16-mixed (with loss scaling) | bf16-true
-    scheme: str = "iob2"            # NER tags in the files: iob2 (= BIO) or iob1
-    skip_bad: bool = False          # skip malformed rows (and report how many) instead of stopping
-    seed: int = 0                   # seed of data order, head init and dropout
-    resume: bool = False            # continue the run in --out from its last checkpoint
-    save_every: int = 0             # checkpoint every N steps (0: at the end only)
-    eval_every: int = 0             # evaluate on the validation set every N steps and print it (0: before and after training only)
-    progress: bool = True           # progress bars
-    wandb: str | None = None        # also log to this Weights & Biases project (optional wandb package)
+    model: str = option(help="base model: embedded name, preset or path")
+    task: str = option(help="what the head learns and how the data is read, scored and predicted "
+                            "(corelm.finetune.tasks)", choices=tuple(TASKS))
+    data: str = option(help="training file (CSV/JSONL, CoNLL or chat JSONL) or demo:<set>")
+    out: str = option(help="run directory to write")
+    val: str | None = option(None, "validation file (default: 10% of --data held out)")
+    method: str = option("lora", "what trains: everything (full), the head only, or LoRA / AdaLoRA / adapter "
+                                 "weights over the frozen backbone", choices=METHODS)
+    text_field: str = option("text", "classification: column/field with the text")
+    label_field: str = option("label", "classification: column/field with the label")
+    targets: str | None = option(None, "LoRA/AdaLoRA: linear layers to adapt, by name, separated by commas, "
+                                       "or all-linear (default: attention)")
+    rank: int = option(8, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA/AdaLoRA scale numerator (update is scaled by alpha / r)")
+    dropout: float = option(0.0, "LoRA dropout on the low-rank branch")
+    init_rank: int = option(12, "AdaLoRA: initial rank of every matrix")
+    target_rank: int = option(4, "AdaLoRA: final average rank (budget = target_rank x matrices)")
+    adapter_size: int = option(64, "adapter bottleneck width")
+    pooling: str | None = option(None, "classification pooling (default: mean for encoders, last for decoders)",
+                                 choices=("cls", "pooled", "mean", "last"))
+    max_len: int = option(128, "tokens per example (longer ones are truncated)")
+    batch_size: int = option(16, "examples per optimizer step")
+    epochs: float = option(3.0, "passes over the training data (ignored when --steps is given)")
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    lr: float | None = option(None, "peak learning rate (default depends on --method)")
+    warmup_steps: int | None = option(None, "linear warmup (default: 6% of the steps)")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
+    precision: str = option("fp32", "precision policy of the training loop (fp16-mixed: with loss scaling)",
+                            precision=True)
+    scheme: str = option("iob2", "NER tags in the files: iob2 (= bio) or iob1", choices=("iob2", "bio", "iob1"))
+    skip_bad: bool = option(False, "skip malformed rows (and report how many) instead of stopping")
+    seed: int = option(0, "seed of data order, head init and dropout")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    save_every: int = option(0, "checkpoint every N steps (0: at the end only)")
+    eval_every: int = option(0, "evaluate on the validation set every N steps (0: before and after training only)")
+    progress: bool = option(True, "progress bars")
+    wandb: str | None = option(None, "also log to this Weights & Biases project (optional wandb package)")
+    json: bool = option(False, "print the final summary as one JSON object")
+
+    def check(self) -> None:
+        if self.scheme == "bio":  # the same tags under their other name
+            self.scheme = "iob2"
+
+
+FinetuneOptions = FinetuneArgs
 
 
 def say(message: str) -> None:
