@@ -32,6 +32,7 @@ CONVERTED = {
     "compare": ("CompareOptions", "compare"),
     "prune": ("PruneOptions", "prune"),
     "finetune": ("FinetuneOptions", "finetune"),
+    "distill": ("DistillOptions", "distill"),
 }
 
 

@@ -13,46 +13,74 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from corelm.commands.args import HelpFormatter, Parser, add_precision
+from corelm.commands.args import Options, as_options, option, options_from, parser_from
 from corelm.errors import CorelmError
+
+if TYPE_CHECKING:
+    from corelm.train.loop import TrainResult
+
+
+@dataclass
+class DistillOptions(Options):
+    """A distillation run: the teacher, the student, the data, and the loss's temperature and mix."""
+
+    teacher: str = option(help="teacher: embedded model name, .gguf or checkpoint directory")
+    data: str = option(help="directory written by `corelm prepare` with the teacher's tokenizer")
+    out: str = option(help="run directory (checkpoints, metrics); resumed if it holds a run")
+    student: str = option("llama-tiny", "student: a preset (random init, e.g. llama-tiny with SmolLM2's vocabulary) "
+                                        "or a directory")
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "dtype the frozen teacher runs in (auto: what this machine runs fastest, e.g. bf16 on CPUs with "
+                "AVX512_BF16); its logits are upcast to fp32 for the loss")
+    temperature: float = option(2.0, "softmax temperature T of both distributions")
+    alpha: float = option(0.5, "weight of the distillation term (1 - alpha: hard labels)")
+    max_steps: int = option(200, "optimizer steps")
+    lr: float = option(1e-3, "peak learning rate")
+    batch_size: int = option(8, "sequences per step")
+    seq_len: int = option(128, "tokens per sequence")
+    precision: str = option("fp32", "precision policy of the training loop (fp16-mixed: with dynamic loss scaling)",
+                            precision=True)
+    eval_batches: int = option(8, "validation batches per evaluation")
+    seed: int = option(0, "seed of initialisation and data order")
+    progress: bool = option(True, "the live progress bar")
+
+    def check(self) -> None:
+        from corelm.compress.distill import check_loss_params
+
+        check_loss_params(self.temperature, self.alpha)  # before the teacher is loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm distill",
+    return parser_from(
+        DistillOptions, prog="corelm distill",
         description="Distill a teacher model into a smaller student with the same tokenizer: loss = "
-                    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.",
-        formatter_class=HelpFormatter)
-    ap.add_argument("--teacher", required=True, help="teacher: embedded model name, .gguf or checkpoint directory")
-    ap.add_argument("--student", default="llama-tiny",
-                    help="student: a preset (random init, e.g. llama-tiny with SmolLM2's vocabulary) or a directory")
-    ap.add_argument("--data", required=True, help="directory written by `corelm prepare` with the teacher's tokenizer")
-    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics); resumed if it holds a run")
-    ap.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="dtype the frozen teacher runs in (auto: what this machine runs fastest, e.g. bf16 on "
-                         "CPUs with AVX512_BF16); its logits are upcast to fp32 for the loss")
-    ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of both distributions")
-    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: hard labels)")
-    ap.add_argument("--max-steps", type=int, default=200, help="optimizer steps")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    add_precision(ap, "fp32", "precision policy of the training loop (fp16-mixed: with dynamic loss scaling)")
-    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    ap.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="turn off the live progress bar")
-    return ap
+                    "alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.")
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    result = distill(options_from(DistillOptions, build_parser().parse_args(argv)))
+    m = result.last_metrics
+    parts = [f"step {result.step}", f"loss {m.get('loss', float('nan')):.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
+    print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts), file=sys.stderr)
+    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
+
+
+def distill(options: DistillOptions | str, *values: Any, **named: Any) -> TrainResult:
+    """Distill ``options.teacher`` into ``options.student`` on ``options.data``, writing the run to ``options.out``
+    (resumed when it holds checkpoints); returns what the run did (``.stopped`` is ``"interrupted"`` after Ctrl-C or
+    SIGTERM, with the newest checkpoint saved). ``distill(teacher, data, out, student=..., ...)`` is
+    ``distill(DistillOptions(...))``."""
     import corelm
-    from corelm.compress.distill import check_loss_params, check_pair, distill_loss_fn
+    from corelm.compress.distill import check_pair, distill_loss_fn
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
     from corelm.loading import training_model
@@ -63,7 +91,7 @@ def main(argv: list[str]) -> int:
     from corelm.train.loader import ResumableLoader
     from corelm.train.loop import TrainConfig, evaluate_loss, train
 
-    check_loss_params(args.temperature, args.alpha)  # before the teacher is loaded
+    args = as_options(DistillOptions, options, values, named)
     manifest = read_manifest(args.data)
     teacher = corelm.load(args.teacher, dtype=args.teacher_dtype)
     if teacher.config.is_encoder:
@@ -107,11 +135,5 @@ def main(argv: list[str]) -> int:
         save_hf_dir(SimpleNamespace(state_dict=lambda: state), config, out_dir, tokenizer=tokenizer)
         (out_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
 
-    result = train(student, distill_loss_fn(teacher.model, args.temperature, args.alpha), batches, cfg,
-                   eval_fn=eval_fn, export_fn=export, run_config=run_config)
-    m = result.last_metrics
-    parts = [f"step {result.step}", f"loss {m.get('loss', float('nan')):.4f}"]
-    if "val_loss" in m:
-        parts.append(f"val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f})")
-    print(("interrupted: " if result.stopped == "interrupted" else "done: ") + ", ".join(parts), file=sys.stderr)
-    return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
+    return train(student, distill_loss_fn(teacher.model, args.temperature, args.alpha), batches, cfg,
+                 eval_fn=eval_fn, export_fn=export, run_config=run_config)
