@@ -31,6 +31,8 @@ CONVERTED = {
     "export": ("ExportOptions", "export"),
     "compare": ("CompareOptions", "compare"),
     "prune": ("PruneOptions", "prune"),
+    "generate": ("GenerateOptions", "generate"),
+    "chat": ("ChatOptions", "chat"),
     "finetune": ("FinetuneOptions", "finetune"),
     "distill": ("DistillOptions", "distill"),
 }
@@ -164,6 +166,33 @@ def test_plan_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["plan", "--model", "llama-3-8b", "--config", "c.json"]) == 2  # one of the two, never both
     with pytest.raises(CorelmError, match="--model or --config, not both"):
         PlanOptions(model="llama-3-8b", config="c.json")
+
+
+def test_generate_from_python_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    from corelm.commands.decoding import SamplingOptions
+    from corelm.commands.generate import GenerateOptions, generate
+
+    argv = ["--model", "llama-tiny", "--dtype", "fp32", "--max-new-tokens", "5", "--threads", "1"]
+    assert main(["generate", *argv, "Once upon"]) == 0
+    cli = capsys.readouterr().out
+    stats: dict[str, float] = {}
+    text = generate("Once upon", model="llama-tiny", dtype="fp32", max_new_tokens=5, threads=1, stats=stats)
+    assert cli == text + "\n" and stats["new_tokens"] == 5
+    with pytest.raises(CorelmError, match="--top-p must be in"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(CorelmError, match="--draft and --lookup"):
+        GenerateOptions("x", draft="llama-tiny", lookup=2)
+
+
+def test_chat_keeps_the_shared_options_and_its_own_default() -> None:
+    from corelm.commands.chat import ChatOptions
+    from corelm.commands.decoding import SamplingOptions
+
+    assert ChatOptions().max_new_tokens == 512 and SamplingOptions().max_new_tokens == 256
+    assert [f.metadata for f in dataclasses.fields(ChatOptions) if f.name == "max_new_tokens"] == \
+        [f.metadata for f in dataclasses.fields(SamplingOptions) if f.name == "max_new_tokens"]
+    with pytest.raises(CorelmError, match="--once needs a non-empty message"):
+        ChatOptions(once=" ")
 
 
 def test_pretrain_options_carry_every_training_loop_option() -> None:

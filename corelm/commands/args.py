@@ -145,11 +145,20 @@ def option(default: Any = MISSING, help: str = "", **meta: Any) -> Any:
 
     Other metadata keys read by :func:`parser_from`: ``positional`` (an argument, not ``--flag``), ``flag``
     (another option string, e.g. ``--type`` for a field ``qtype``), ``metavar``, ``choices``, ``nargs``,
-    ``group`` (fields with the same group name are mutually exclusive), and ``dtype`` / ``precision`` /
+    ``group`` (fields with the same group name are mutually exclusive), ``section`` (a titled block of
+    ``--help``: fields with the same section are listed together under it), and ``dtype`` / ``precision`` /
     ``device`` (a dict of keyword arguments, or True) to route the field through :func:`add_dtype`,
     :func:`add_precision` or :func:`add_device`.
     """
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def redefault(options_cls: type, name: str, default: Any) -> Any:
+    """The field ``name`` of the dataclass ``options_cls``, documented the same, with another default: how a
+    command's options change a shared option's default (``max_new_tokens: int = redefault(SamplingOptions,
+    "max_new_tokens", 512)`` in a subclass of ``SamplingOptions``)."""
+    (f,) = [f for f in dataclasses.fields(options_cls) if f.name == name]
+    return dataclasses.field(default=default, metadata=f.metadata, kw_only=f.kw_only)
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -190,20 +199,32 @@ def _meta(f: dataclasses.Field, key: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _target(ap: argparse.ArgumentParser, f: dataclasses.Field, groups: dict, sections: dict) -> Any:
+    """Where a field's argument is added: ``ap``, its ``section``'s titled block, or its mutually exclusive
+    ``group`` (made once per name, in the section of its first field)."""
+    target = ap
+    if "section" in f.metadata:
+        if f.metadata["section"] not in sections:
+            sections[f.metadata["section"]] = ap.add_argument_group(f.metadata["section"])
+        target = sections[f.metadata["section"]]
+    if "group" in f.metadata:
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = target.add_mutually_exclusive_group()
+        target = groups[f.metadata["group"]]
+    return target
+
+
 def add_fields(ap: argparse.ArgumentParser, options_cls: type) -> argparse.ArgumentParser:
     """Add one argument per field of the dataclass ``options_cls`` to ``ap`` (see :func:`parser_from`)."""
     hints = typing.get_type_hints(options_cls)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(options_cls):
         if not f.init:
             continue
         helptext = f.metadata.get("help", "").replace("%", "%%")
         default, flag = _default(f), _flag(f)
-        target = ap
-        if "group" in f.metadata:
-            if f.metadata["group"] not in groups:
-                groups[f.metadata["group"]] = ap.add_mutually_exclusive_group()
-            target = groups[f.metadata["group"]]
+        target = _target(ap, f, groups, sections)
         if "dtype" in f.metadata:
             add_dtype(target, default, helptext, **_meta(f, "dtype"))
             continue

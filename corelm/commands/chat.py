@@ -9,45 +9,48 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
-from corelm.commands.args import HelpFormatter, Parser
-from corelm.commands.decoding import (
-    add_model_args,
-    add_sampling_args,
-    load_llm,
-    print_stream,
-    sampling_kwargs,
-)
+from corelm.commands.args import option, options_from, parser_from, redefault
+from corelm.commands.decoding import ModelOptions, SamplingOptions, load_llm, print_stream
 from corelm.errors import CorelmError
 
 HELP = "commands: /reset (forget the conversation), /exit (quit; Ctrl-D works too)"
 
 
+@dataclass
+class ChatOptions(SamplingOptions, ModelOptions):
+    """The conversation ``corelm chat`` starts, the model and how tokens are chosen."""
+
+    once: str | None = option(None, "answer this one message and exit (non-interactive)", metavar="MESSAGE")
+    system: str | None = option(None, "a system message (default: the template's own default, if it has one)")
+    max_new_tokens: int = redefault(SamplingOptions, "max_new_tokens", 512)
+
+    def check(self) -> None:
+        super().check()
+        if self.once is not None and not self.once.strip():
+            raise CorelmError("--once needs a non-empty message")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="corelm chat",
+    return parser_from(
+        ChatOptions, prog="corelm chat",
         description="Chat with an instruction model using its chat template. Interactive unless --once is given; "
-                    "in the interactive loop, /reset clears the conversation and /exit (or Ctrl-D) quits.",
-        formatter_class=HelpFormatter)
-    ap.add_argument("--once", metavar="MESSAGE", default=None,
-                    help="answer this one message and exit (non-interactive)")
-    ap.add_argument("--system", default=None,
-                    help="a system message (default: the template's own default, if it has one)")
-    add_model_args(ap)
-    add_sampling_args(ap, max_new_tokens=512)
-    return ap
+                    "in the interactive loop, /reset clears the conversation and /exit (or Ctrl-D) quits.")
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    kwargs = sampling_kwargs(args)
-    if args.once is not None and not args.once.strip():
-        raise CorelmError("--once needs a non-empty message")
-    llm = load_llm(args)
+def chat(options: ChatOptions) -> list[dict[str, str]]:
+    """Load the model and talk: answer ``options.once``, or each line of stdin until ``/exit`` or its end.
+
+    Replies stream to stdout, each followed by a stats line on stderr. Returns the conversation's messages
+    (``role`` and ``content``; after ``/reset``, those since).
+    """
+    llm = load_llm(options)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
-        raise CorelmError(f"{args.model} has no chat template; use `corelm generate` for raw continuation")
-    start = [{"role": "system", "content": args.system}] if args.system else []
+        raise CorelmError(f"{options.model} has no chat template; use `corelm generate` for raw continuation")
+    start = [{"role": "system", "content": options.system}] if options.system else []
     messages = list(start)
+    kwargs = options.sampling_kwargs()
 
     def reply(text: str) -> None:
         messages.append({"role": "user", "content": text})
@@ -57,9 +60,9 @@ def main(argv: list[str]) -> int:
         answer = print_stream(llm.stream_ids(ids, stats=stats, **kwargs), stats)
         messages.append({"role": "assistant", "content": answer})
 
-    if args.once is not None:
-        reply(args.once)
-        return 0
+    if options.once is not None:
+        reply(options.once)
+        return messages
     interactive = sys.stdin.isatty()
     if interactive:
         print(HELP, file=sys.stderr)
@@ -70,12 +73,12 @@ def main(argv: list[str]) -> int:
         if not line:  # end of input
             if interactive:
                 print(file=sys.stderr)
-            return 0
+            return messages
         text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
-            return 0
+            return messages
         if text == "/reset":
             messages[:] = list(start)
             print("[conversation cleared]", file=sys.stderr, flush=True)
@@ -88,3 +91,8 @@ def main(argv: list[str]) -> int:
         except CorelmError as exc:  # e.g. the conversation outgrew the context window
             messages.pop()
             print(f"error: {exc}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    chat(options_from(ChatOptions, build_parser().parse_args(argv)))
+    return 0

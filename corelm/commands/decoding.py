@@ -6,83 +6,88 @@ Not a command itself: commands import this module, never each other.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
-from corelm.commands.args import add_dtype
+from corelm.commands.args import Options, option
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--dtype``, shared by the commands that load a decoder."""
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help="embedded model or preset name (see `corelm models`), a .gguf file, an HF checkpoint "
-                         "directory, or a Hugging Face repo id org/name[@rev][:file.gguf|:QUANT] (from the local "
-                         "cache; `corelm pull` downloads; an existing local path of the same spelling wins)")
-    add_dtype(ap, "auto", "weight and compute dtype")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
-    ap.add_argument("--compile", action="store_true",
-                    help="decode through a torch.compile'd step of the model's forward (minutes to compile the "
-                         "first time on a small CPU, seconds once cached; for float models, mainly on GPU)")
+@dataclass(kw_only=True)
+class ModelOptions(Options):
+    """The decoder a command loads, and how it runs."""
+
+    model: str = option(DEFAULT_MODEL, "embedded model or preset name (see `corelm models`), a .gguf file, an HF "
+                                       "checkpoint directory, or a Hugging Face repo id "
+                                       "org/name[@rev][:file.gguf|:QUANT] (from the local cache; `corelm pull` "
+                                       "downloads; an existing local path of the same spelling wins)")
+    dtype: str = option("auto", "weight and compute dtype", dtype=True)
+    threads: int | None = option(None, "torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
+    compile: bool = option(False, "decode through a torch.compile'd step of the model's forward (minutes to compile "
+                                  "the first time on a small CPU, seconds once cached; for float models, mainly on "
+                                  "GPU)")
+
+    def check(self) -> None:
+        super().check()
+        if self.threads is not None and self.threads < 1:
+            raise CorelmError(f"--threads must be at least 1, got {self.threads}")
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    """The sampling options, shared by generate and chat; defaults are greedy decoding."""
-    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="generate at most this many tokens")
-    ap.add_argument("--temperature", type=float, default=0.0,
-                    help="0 = greedy (deterministic); higher = more random")
-    ap.add_argument("--top-p", type=float, default=1.0,
-                    help="nucleus sampling: sample from the smallest set of tokens whose probability reaches p (0<p<=1)")
-    ap.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = no limit)")
-    ap.add_argument("--repetition-penalty", type=float, default=1.0,
-                    help="divide the logits of tokens already present by this (>1 discourages repeats)")
-    ap.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same text)")
-    ap.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                    help="stop before this text (repeatable); it is not printed")
-    ap.add_argument("--ignore-eos", action="store_true",
-                    help="keep generating after the end-of-sequence token (for timing)")
+@dataclass(kw_only=True)
+class SamplingOptions(Options):
+    """How tokens are chosen; the defaults are greedy decoding."""
+
+    max_new_tokens: int = option(256, "generate at most this many tokens")
+    temperature: float = option(0.0, "0 = greedy (deterministic); higher = more random")
+    top_p: float = option(1.0, "nucleus sampling: sample from the smallest set of tokens whose probability "
+                               "reaches p (0<p<=1)")
+    top_k: int = option(0, "sample only from the k most likely tokens (0 = no limit)")
+    repetition_penalty: float = option(1.0, "divide the logits of tokens already present by this "
+                                            "(>1 discourages repeats)")
+    seed: int | None = option(None, "random seed for sampling (same seed, same text)")
+    stop: list[str] | None = field(default=None, metadata={
+        "help": "stop before this text (repeatable); it is not printed", "metavar": "TEXT"})
+    ignore_eos: bool = option(False, "keep generating after the end-of-sequence token (for timing)")
+
+    def check(self) -> None:
+        super().check()
+        if self.max_new_tokens < 1:
+            raise CorelmError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise CorelmError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise CorelmError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise CorelmError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise CorelmError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``LLM.generate`` / ``LLM.stream_ids``."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+                "stop": self.stop, "ignore_eos": self.ignore_eos}
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of ``LLM.generate`` from parsed options, checked up front."""
-    if args.max_new_tokens < 1:
-        raise CorelmError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CorelmError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise CorelmError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise CorelmError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.repetition_penalty <= 0:
-        raise CorelmError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-            "stop": args.stop, "ignore_eos": args.ignore_eos}
-
-
-def load_llm(args: argparse.Namespace, model: str | None = None) -> Any:
-    """Load ``--model`` (or ``model``) as a decoder, reporting the load time on stderr."""
+def load_llm(options: ModelOptions, model: str | None = None) -> Any:
+    """Load ``options.model`` (or ``model``) as a decoder with ``options``' dtype, threads, compile and (where the
+    command has it) quantize, reporting the load time on stderr."""
     import torch
 
     import corelm
     from corelm.api import LLM
     from corelm.cpu import default_threads
 
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise CorelmError(f"--threads must be at least 1, got {threads}")
-    torch.set_num_threads(threads or default_threads())
-    model = model or args.model
-    quantize = getattr(args, "quantize", None)
+    torch.set_num_threads(options.threads or default_threads())
+    model = model or options.model
     t0 = time.perf_counter()
-    llm = corelm.load(model, dtype=args.dtype, quantize=quantize)
+    llm = corelm.load(model, dtype=options.dtype, quantize=getattr(options, "quantize", None))
     if not isinstance(llm, LLM):
         raise CorelmError(f"{model} is an encoder; generate and chat need a decoder (e.g. {DEFAULT_MODEL})")
-    llm.compile = bool(getattr(args, "compile", False))
+    llm.compile = options.compile
     print(f"[loaded {model} ({describe_decoder(llm.model, llm.compile)}) in {time.perf_counter() - t0:.1f} s]",
           file=sys.stderr, flush=True)
     return llm
@@ -101,17 +106,29 @@ def describe_decoder(model: Any, compile: bool = False) -> str:
     return f"{weights}, {path}"
 
 
-def print_stream(pieces: Any, stats: dict[str, float]) -> str:
-    """Write text pieces to stdout as they come; then one stats line to stderr. Returns the text."""
-    out = []
+def write_pieces(pieces: Any, out: TextIO | None) -> str:
+    """Write text pieces to ``out`` (if given) as they come. Returns the text."""
+    text = []
     for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        out.append(piece)
+        if out is not None:
+            out.write(piece)
+            out.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def print_stream(pieces: Any, stats: dict[str, float]) -> str:
+    """Write text pieces to stdout as they come; then :func:`print_stats`. Returns the text."""
+    text = write_pieces(pieces, sys.stdout)
+    print_stats(stats)
+    return text
+
+
+def print_stats(stats: dict[str, float]) -> None:
+    """End the streamed text's line on stdout, and write one stats line to stderr."""
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(format_stats(stats), file=sys.stderr, flush=True)
-    return "".join(out)
 
 
 def format_stats(stats: dict[str, float]) -> str:
