@@ -33,8 +33,10 @@ CONVERTED = {
     "prune": ("PruneOptions", "prune"),
     "generate": ("GenerateOptions", "generate"),
     "chat": ("ChatOptions", "chat"),
+    "pull": ("PullOptions", "pull"),
     "finetune": ("FinetuneOptions", "finetune"),
     "distill": ("DistillOptions", "distill"),
+    "evaluate": ("EvaluateOptions", "evaluate"),
 }
 
 
@@ -195,6 +197,14 @@ def test_chat_keeps_the_shared_options_and_its_own_default() -> None:
         ChatOptions(once=" ")
 
 
+def test_pull_options_refuse_what_is_not_a_repo_id() -> None:
+    from corelm.commands.pull import PullOptions
+
+    assert PullOptions("org/name@main:model.gguf", progress=False).repo == "org/name@main:model.gguf"
+    with pytest.raises(CorelmError, match="'not-a-repo' is not a Hugging Face repo id"):
+        PullOptions("not-a-repo")
+
+
 def test_pretrain_options_carry_every_training_loop_option() -> None:
     from corelm.commands.pretrain import PretrainOptions
     from corelm.train.loop import TrainConfig
@@ -226,3 +236,34 @@ def test_pretrain_from_python_equals_the_cli(tmp_path) -> None:
         return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
     assert losses(tmp_path / "py") == losses(tmp_path / "cli") and len(losses(tmp_path / "py")) == 3
+
+
+def test_evaluate_from_python_equals_the_cli(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from corelm.commands.evaluate import EvaluateOptions, evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    common = {"model": "llama-tiny", "task": "perplexity", "data": str(text), "window": 32, "stride": 16}
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    assert main(["evaluate", *argv, "--json", "--no-progress", "--out", str(tmp_path / "r.json")]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    python = evaluate(EvaluateOptions(**common, progress=False))
+    assert cli.pop("seconds") >= 0 and python.pop("seconds") >= 0
+    assert python == cli and cli["tokens"] > 32
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == cli["perplexity"]
+    assert EvaluateOptions(model="m", task="ner", data="d", scheme="bio").scheme == "iob2"  # as on the command line
+    with pytest.raises(CorelmError, match="--task: invalid choice 'qa'"):
+        EvaluateOptions(model="m", task="qa", data="d")
+
+
+def test_finetune_and_distill_options_check_on_construction() -> None:
+    from corelm.commands.distill import DistillOptions
+    from corelm.commands.finetune import FinetuneArgs, FinetuneOptions
+
+    assert FinetuneArgs is FinetuneOptions  # the name Python users know, and the commands' naming
+    opts = FinetuneOptions(model="minilm-l6", task="ner", data="d", out="o", scheme="bio")
+    assert opts.scheme == "iob2" and opts.method == "lora"
+    with pytest.raises(CorelmError, match="--method: invalid choice 'qlora'"):
+        FinetuneOptions(model="m", task="classify", data="d", out="o", method="qlora")
+    with pytest.raises(CorelmError, match="alpha must be in"):
+        DistillOptions(teacher="t", data="d", out="o", alpha=1.5)
