@@ -34,6 +34,7 @@ CONVERTED = {
     "generate": ("GenerateOptions", "generate"),
     "chat": ("ChatOptions", "chat"),
     "pull": ("PullOptions", "pull"),
+    "serve": ("ServeCommandOptions", "serve"),
     "finetune": ("FinetuneOptions", "finetune"),
     "distill": ("DistillOptions", "distill"),
     "evaluate": ("EvaluateOptions", "evaluate"),
@@ -203,6 +204,22 @@ def test_pull_options_refuse_what_is_not_a_repo_id() -> None:
     assert PullOptions("org/name@main:model.gguf", progress=False).repo == "org/name@main:model.gguf"
     with pytest.raises(CorelmError, match="'not-a-repo' is not a Hugging Face repo id"):
         PullOptions("not-a-repo")
+
+
+def test_serve_options_check_on_construction_and_give_the_server_limits() -> None:
+    from corelm.commands.serve import ServeCommandOptions
+    from corelm.serve.server import ServeOptions
+
+    limits = ServeCommandOptions(max_batch=4, max_body_kb=2, max_header_kb=8, request_timeout=5.0).limits()
+    assert limits == ServeOptions(max_batch=4, max_body_bytes=2048, max_header_bytes=8192, request_timeout=5.0)
+    assert ServeCommandOptions().limits() == ServeOptions()  # the command's defaults are the server's
+    for kwargs, message in (({"max_batch": 0}, "--max-batch must be positive, got 0"),
+                            ({"body_timeout": -1.0}, "--body-timeout must be positive"),
+                            ({"host": "my-laptop"}, "--host must be an IP address"),
+                            ({"port": 70000}, "--port must be in 1..65535")):
+        with pytest.raises(CorelmError, match=message):
+            ServeCommandOptions(**kwargs)
+    assert main(["serve", "--max-queue", "0"]) == 2
 
 
 def test_pretrain_options_carry_every_training_loop_option() -> None:

@@ -3,115 +3,126 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-from corelm.commands.args import Parser
+from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.commands.decoding import describe_decoder
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from corelm.serve.server import ServeOptions
 
-def _positive(kind):
-    def parse(text: str):
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeCommandOptions(Options):
+    """What ``corelm serve`` serves, where, and its limits (:meth:`limits` are the server's
+    :class:`corelm.serve.server.ServeOptions`)."""
+
+    model: list[str] | None = field(default=None, metadata={
+        "help": f"model to serve: an embedded or preset name, an HF directory or a .gguf file; repeat to serve "
+                f"several (e.g. a chat model and minilm-l6 for embeddings); default {DEFAULT_MODEL}",
+        "metavar": "NAME_OR_PATH"})
+    name: list[str] | None = field(default=None, metadata={
+        "help": "id clients send as 'model' for the --model at the same position (default: the model name, or the "
+                "directory/file name)", "metavar": "ID"})
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it to the "
+                                    "network, so set an API key)")
+    port: int = option(8000, "TCP port")
+    api_key_file: str | None = option(None, "require 'Authorization: Bearer <key>' on /v1/* and /metrics, with the "
+                                            "key on the file's first line (or set $CORELM_API_KEY); /health and the "
+                                            "chat page stay public", metavar="FILE")
+    max_batch: int = option(8, "requests decoded together in the running batch (rows of the KV cache)")
+    max_seq_len: int = option(2048, "tokens per request, prompt + output (caps the context window so the KV cache "
+                                    "of max-batch rows fits in memory)")
+    max_queue: int = option(64, "requests allowed to wait for a batch row; more get 503 with Retry-After at once")
+    request_timeout: float = option(600.0, "seconds after which a queued or running request is ended with an error")
+    max_body_kb: int = option(1024, "largest accepted request body in KiB; larger bodies get 413")
+    default_max_tokens: int = option(512, "output limit for requests that give no max_tokens")
+    header_timeout: float = option(10.0, "seconds a connection may take to send a request's headers; slower ones "
+                                         "are closed")
+    body_timeout: float = option(30.0, "seconds a request body may take to arrive after its headers; then 408")
+    keep_alive_timeout: float = option(5.0, "seconds an idle kept-alive connection stays open between requests")
+    max_connections: int = option(1000, "open connections at once; a request beyond them gets 503")
+    max_header_kb: int = option(16, "KiB of request line and headers buffered before they must be complete; more "
+                                    "get 400")
+    dtype: str | None = option(None, "weights/compute dtype (default: bf16 where the CPU declares bf16 arithmetic, "
+                                     "else fp32)", dtype={"auto": False})
+    device: str = option("cpu", "where the models run: cpu, cuda, cuda:1, ...")
+    quantize: Literal["int8", "int4"] | None = option(None, "weight-only quantization of the decoder(s) at load time")
+    threads: int | None = option(None, "torch CPU threads for the model (default: all cores but one, at least 1: "
+                                       "the HTTP side needs a core too, and threads that wait on a busy core stall "
+                                       "every matmul)")
+    access_log: bool = option(False, "log one line per HTTP request")
+
+    POSITIVE = ("max_batch", "max_seq_len", "max_queue", "request_timeout", "max_body_kb", "default_max_tokens",
+                "header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "max_header_kb", "threads")
+
+    def check(self) -> None:
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CorelmError(f"--{name.replace('_', '-')} must be positive, got {value}")
         try:
-            value = kind(text)
+            ipaddress.ip_address(self.host)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
+            if self.host != "localhost":
+                raise CorelmError(f"--host must be an IP address (e.g. 127.0.0.1 or 0.0.0.0), got {self.host!r}"
+                                  ) from None
+        if not 0 < self.port < 65536:
+            raise CorelmError(f"--port must be in 1..65535, got {self.port}")
+
+    def limits(self) -> ServeOptions:
+        """The server's limits (:class:`corelm.serve.server.ServeOptions`): the same fields, bodies and headers in
+        bytes."""
+        from corelm.serve.server import ServeOptions
+
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(ServeOptions) if hasattr(self, f.name)}
+        return ServeOptions(**same, max_body_bytes=self.max_body_kb * 1024,
+                            max_header_bytes=self.max_header_kb * 1024)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="corelm serve",
+    return parser_from(
+        ServeCommandOptions, prog="corelm serve",
         description="Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                     "/v1/chat/completions, /v1/embeddings, /health, /metrics) with a web chat page at /. "
                     "Decoders run under continuous batching; encoders serve /v1/embeddings.",
         epilog="example: corelm serve --model runs/sft-merged --port 9000 --api-key-file key.txt --max-batch 16")
-    p.add_argument("--model", action="append", metavar="NAME_OR_PATH",
-                   help=f"model to serve: an embedded or preset name, an HF directory or a .gguf file; repeat to "
-                        f"serve several (e.g. a chat model and minilm-l6 for embeddings); default {DEFAULT_MODEL}")
-    p.add_argument("--name", action="append", metavar="ID",
-                   help="id clients send as 'model' for the --model at the same position "
-                        "(default: the model name, or the directory/file name)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the "
-                        "network, so set an API key)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--api-key-file", metavar="FILE",
-                   help="require 'Authorization: Bearer <key>' on /v1/* and /metrics, with the key on the file's "
-                        "first line (or set $CORELM_API_KEY); /health and the chat page stay public")
-    p.add_argument("--max-batch", type=_positive(int), default=8,
-                   help="requests decoded together in the running batch (KV-cache rows; default 8)")
-    p.add_argument("--max-seq-len", type=_positive(int), default=2048,
-                   help="tokens per request, prompt + output (caps the context window so the KV cache of "
-                        "max-batch rows fits in memory; default 2048)")
-    p.add_argument("--max-queue", type=_positive(int), default=64,
-                   help="requests allowed to wait for a batch row; more get 503 with Retry-After at once (default 64)")
-    p.add_argument("--request-timeout", type=_positive(float), default=600.0,
-                   help="seconds after which a queued or running request is ended with an error (default 600)")
-    p.add_argument("--max-body-kb", type=_positive(int), default=1024,
-                   help="largest accepted request body in KiB; larger bodies get 413 (default 1024)")
-    p.add_argument("--default-max-tokens", type=_positive(int), default=512,
-                   help="output limit for requests that give no max_tokens (default 512)")
-    p.add_argument("--header-timeout", type=_positive(float), default=10.0,
-                   help="seconds a connection may take to send a request's headers; slower ones are closed "
-                        "(default 10)")
-    p.add_argument("--body-timeout", type=_positive(float), default=30.0,
-                   help="seconds a request body may take to arrive after its headers; then 408 (default 30)")
-    p.add_argument("--keep-alive-timeout", type=_positive(float), default=5.0,
-                   help="seconds an idle kept-alive connection stays open between requests (default 5)")
-    p.add_argument("--max-connections", type=_positive(int), default=1000,
-                   help="open connections at once; a request beyond them gets 503 (default 1000)")
-    p.add_argument("--max-header-kb", type=_positive(int), default=16,
-                   help="KiB of request line and headers buffered before they must be complete; "
-                        "more get 400 (default 16)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                   help="weights/compute dtype (default: bf16 where the CPU declares bf16 arithmetic, else fp32)")
-    p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="weight-only quantization of the decoder(s) at load time")
-    p.add_argument("--threads", type=_positive(int), default=None,
-                   help="torch CPU threads for the model (default: all cores but one, at least 1: the HTTP side "
-                        "needs a core too, and threads that wait on a busy core stall every matmul)")
-    p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
-    return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
+    """Load the models and serve them until Ctrl-C (blocking); progress and the addresses go to stderr.
+
+    ``serve(model=["runs/sft-merged"], port=9000)`` is ``serve(ServeCommandOptions(model=[...], port=9000))``.
+    """
     from corelm.serve import server
 
-    try:
-        ipaddress.ip_address(args.host)
-    except ValueError:
-        if args.host != "localhost":
-            raise CorelmError(f"--host must be an IP address (e.g. 127.0.0.1 or 0.0.0.0), got {args.host!r}") from None
-    if not 0 < args.port < 65536:
-        raise CorelmError(f"--port must be in 1..65535, got {args.port}")
-    api_key = server.read_api_key(args.api_key_file)
-    server.check_port(args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use it",
+    if options is None:
+        options = ServeCommandOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either a ServeCommandOptions or its fields, not both")
+    api_key = server.read_api_key(options.api_key_file)
+    server.check_port(options.host, options.port)
+    if options.host not in LOOPBACK and api_key is None:
+        print(f"warning: serving on {options.host} without an API key: anyone who can reach this port can use it",
               file=sys.stderr)
-    options = server.ServeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
-                                  request_timeout=args.request_timeout, max_body_bytes=args.max_body_kb * 1024,
-                                  default_max_tokens=args.default_max_tokens, header_timeout=args.header_timeout,
-                                  body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
-                                  max_connections=args.max_connections, max_header_bytes=args.max_header_kb * 1024)
+    limits = options.limits()
     import torch
 
-    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = options.threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
-    specs = args.model or [DEFAULT_MODEL]
+    specs = options.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
-    app, served = server.build(specs, options, api_key=api_key, dtype=args.dtype, names=args.name,
-                               device=args.device, quantize=args.quantize,
-                               loopback_only=args.host in ("127.0.0.1", "localhost", "::1"))
+    app, served = server.build(specs, limits, api_key=api_key, dtype=options.dtype, names=options.name,
+                               device=options.device, quantize=options.quantize, loopback_only=options.host in LOOPBACK)
     for m in served:
         if m.kind == "embed":
             print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)
@@ -122,10 +133,14 @@ def main(argv: list[str]) -> int:
         print(f"serving {m.name!r} ({describe_decoder(m.batcher.model)}; /v1/completions, /v1/chat/completions; "
               f"context {m.context_window} tokens; KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; "
               f"{threads} thread{'s' * (threads > 1)})", file=sys.stderr)
-    print(f"web chat: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1"
+    print(f"web chat: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
-        server.run(app, args.host, args.port, access_log=args.access_log, options=options)
+        server.run(app, options.host, options.port, access_log=options.access_log, options=limits)
     finally:
         server.stop(served)
+
+
+def main(argv: list[str]) -> int:
+    serve(options_from(ServeCommandOptions, build_parser().parse_args(argv)))
     return 0
