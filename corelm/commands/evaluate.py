@@ -13,61 +13,73 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from corelm.commands.args import Parser, add_dtype
+from corelm.commands.args import Options, as_options, option, options_from, parser_from
 from corelm.errors import CorelmError
 
 TASKS = ("classify", "ner", "perplexity", "summarize")
 SUMMARIZE_PROMPT = "Summarize the following text in one sentence.\n\n{text}"
 
 
+@dataclass
+class EvaluateOptions(Options):
+    """What ``corelm evaluate`` scores (a model or fine-tuning run on a data file) and how it reports."""
+
+    model: str = option(help="a fine-tuning run directory (classify/ner; sft runs for perplexity/summarize), or any "
+                             "model name/path corelm.load accepts (perplexity/summarize)")
+    task: str = option(help="which evaluation to run", choices=TASKS)
+    data: str = option(help="classify: CSV/JSONL; ner: CoNLL; perplexity: a UTF-8 text file; summarize: JSONL "
+                            "pairs. demo:<set>[:<split>] names the built-in data (e.g. demo:packages:test)")
+    json: bool = option(False, "print the report as one JSON object instead of tables")
+    out: str | None = option(None, "also save the JSON report to this file")
+    strict: bool = option(False, "ner: strict IOB2 entity matching (a stray I- tag starts no entity); default is "
+                                 "the lenient conlleval/seqeval reading")
+    window: int | None = option(None, "perplexity: tokens per forward pass (default: min(1024, context))")
+    stride: int | None = option(None, "perplexity: distance between window starts (default: window/2; = window "
+                                      "for disjoint chunks)")
+    quantize: Literal["int8", "int4"] | None = option(
+        None, "load the model with weight-only quantization (corelm.load(..., quantize=...))")
+    dtype: str = option("fp32", "weight dtype (fp32 by default: metrics at reference precision)", dtype=True)
+    max_len: int | None = option(None, "classify/ner: tokens per example (default: the run's)")
+    batch_size: int = option(32, "classify/ner: examples per forward pass")
+    text_field: str | None = option(None, "classify: text column (default: the run's); summarize: source field "
+                                          "(default: text)")
+    label_field: str | None = option(None, "classify: label column (default: the run's); summarize: reference "
+                                           "field (default: summary)")
+    scheme: Literal["iob2", "bio", "iob1"] = option("iob2", "ner: tagging scheme of the file (bio = iob2)")
+    limit: int | None = option(None, "score only the first N examples")
+    max_new_tokens: int = option(48, "summarize: tokens generated per summary")
+    skip_bad: bool = option(False, "skip malformed rows (reporting how many) instead of stopping")
+    progress: bool = option(True, "progress bars")
+
+    def check(self) -> None:
+        if self.scheme == "bio":  # the same tags under their other name
+            self.scheme = "iob2"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="corelm evaluate", description=__doc__.split("\n\n")[0].strip("`"),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True,
-                    help="a fine-tuning run directory (classify/ner; sft runs for perplexity/summarize), or any "
-                         "model name/path corelm.load accepts (perplexity/summarize)")
-    ap.add_argument("--task", required=True, choices=TASKS, help="which evaluation to run")
-    ap.add_argument("--data", required=True,
-                    help="classify: CSV/JSONL; ner: CoNLL; perplexity: a UTF-8 text file; summarize: JSONL pairs. "
-                         "demo:<set>[:<split>] names the built-in data (e.g. demo:packages:test)")
-    ap.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
-    ap.add_argument("--out", default=None, help="also save the JSON report to this file")
-    ap.add_argument("--strict", action="store_true",
-                    help="ner: strict IOB2 entity matching (a stray I- tag starts no entity); default is the "
-                         "lenient conlleval/seqeval reading")
-    ap.add_argument("--window", type=int, default=None,
-                    help="perplexity: tokens per forward pass (default: min(1024, context))")
-    ap.add_argument("--stride", type=int, default=None,
-                    help="perplexity: distance between window starts (default: window/2; = window for disjoint chunks)")
-    ap.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                    help="load the model with weight-only quantization (corelm.load(..., quantize=...))")
-    add_dtype(ap, "fp32", "weight dtype (fp32 by default: metrics are reference-precise)")
-    ap.add_argument("--max-len", type=int, default=None, help="classify/ner: tokens per example (default: the run's)")
-    ap.add_argument("--batch-size", type=int, default=32, help="classify/ner: examples per forward pass")
-    ap.add_argument("--text-field", default=None, help="classify: text column (default: the run's); summarize: "
-                                                       "source field (default: text)")
-    ap.add_argument("--label-field", default=None, help="classify: label column (default: the run's); summarize: "
-                                                        "reference field (default: summary)")
-    ap.add_argument("--scheme", choices=("iob2", "bio", "iob1"), default="iob2",
-                    help="ner: tagging scheme of the file (bio = iob2)")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="summarize: tokens generated per summary")
-    ap.add_argument("--skip-bad", action="store_true", help="skip malformed rows (reporting how many) instead of stopping")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return ap
+    return parser_from(EvaluateOptions, prog="corelm evaluate", description=__doc__.split("\n\n")[0].strip("`"))
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def evaluate(options: EvaluateOptions | str, *values: Any, **named: Any) -> dict[str, Any]:
+    """Score ``options.model`` on ``options.data`` for ``options.task``; returns the report (what ``--json`` prints)
+    and, with ``options.out``, saves it there too. ``evaluate(model, task, data, ...)`` is
+    ``evaluate(EvaluateOptions(...))``."""
+    return _evaluate(as_options(EvaluateOptions, options, values, named))[0]
+
+
+def _evaluate(options: EvaluateOptions) -> tuple[dict[str, Any], str]:
+    """The report and its tables as text."""
     from corelm.data.demo import resolve
 
-    args.data = resolve(args.data)
+    args = dataclasses.replace(options, data=resolve(options.data))
     start = time.perf_counter()
     if args.task in ("classify", "ner"):
         report = _labelled(args)
@@ -82,6 +94,12 @@ def main(argv: list[str]) -> int:
 
         with atomic_file(args.out) as tmp:
             tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report, table
+
+
+def main(argv: list[str]) -> int:
+    args = options_from(EvaluateOptions, build_parser().parse_args(argv))
+    report, table = _evaluate(args)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -99,7 +117,7 @@ def _limit(items: list, n: int | None) -> list:
     return items[:n] if n else items
 
 
-def _labelled(args: argparse.Namespace) -> dict[str, Any]:
+def _labelled(args: EvaluateOptions) -> dict[str, Any]:
     """classify / ner: run a fine-tuned model over a labelled file and score it (the task's own report)."""
     from corelm.finetune.methods import TASK_FILE
     from corelm.finetune.tasks import DataOptions, get_task
@@ -118,8 +136,9 @@ def _labelled(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(args.task)
     # the data before the model: a bad file fails in a moment, not after loading the weights
     fields = info.get("fields") or {}
-    options = DataOptions(args.text_field or fields.get("text", "text"), args.label_field or fields.get("label", "label"),
-                          "iob2" if args.scheme == "bio" else args.scheme, args.skip_bad)
+    options = DataOptions(args.text_field or fields.get("text", "text"),
+                          args.label_field or fields.get("label", "label"),
+                          args.scheme, args.skip_bad)
     rows = task.read(args.data, options)
     if rows.skipped:
         _say(rows.note())
@@ -133,7 +152,7 @@ def _labelled(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _load_lm(args: argparse.Namespace) -> Any:
+def _load_lm(args: EvaluateOptions) -> Any:
     """An LLM from a name/path or an sft run directory."""
     import corelm
     from corelm.api import wrap
@@ -150,7 +169,7 @@ def _load_lm(args: argparse.Namespace) -> Any:
     return llm
 
 
-def _perplexity(args: argparse.Namespace) -> dict[str, Any]:
+def _perplexity(args: EvaluateOptions) -> dict[str, Any]:
     from corelm.data.tasks import read_text
     from corelm.eval.perplexity import perplexity
 
@@ -183,7 +202,7 @@ def _perplexity(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _summarize(args: argparse.Namespace) -> dict[str, Any]:
+def _summarize(args: EvaluateOptions) -> dict[str, Any]:
     from corelm.data.tasks import read_pairs
     from corelm.eval.bleu_rouge import format_generation_report, generation_report
 
