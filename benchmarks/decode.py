@@ -162,7 +162,8 @@ def main() -> None:
         a, b = (next(r for r in rows if r["dtype"] == dtype_name and r["side"] == s)
                 for s in ("corelm", "transformers"))
         print(f"  {dtype_name}: load {b['load'] / a['load']:.1f}x faster | prefill {a['prefill'] / b['prefill']:.2f}x "
-              f"| decode {a['decode'] / b['decode']:.2f}x | decode per CPU-second {a['decode_cpu'] / b['decode_cpu']:.2f}x")
+              f"| decode {a['decode'] / b['decode']:.2f}x "
+              f"| decode per CPU-second {a['decode_cpu'] / b['decode_cpu']:.2f}x")
     print("(tok/CPU-s = tokens per second of CPU time the process got: on a shared, oversubscribed machine it is "
           "the steadier figure; with one thread it approximates the uncontended single-core rate)")
 

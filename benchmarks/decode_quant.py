@@ -146,7 +146,8 @@ class HFRunner:
                                                               dtype=dtype).eval()
         self.device = device
         self.load_s = time.perf_counter() - t0
-        self.name = f"transformers {str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
+        dtype_name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+        self.name = f"transformers {dtype_name}"
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.compiled, self.warm_s = False, 0.0
 
@@ -190,6 +191,28 @@ class LlamaCppRunner:
         self.proc.wait(timeout=30)
 
 
+def build_runners(args: argparse.Namespace, max_len: int) -> list:
+    """One runner per ``--variants`` entry, then llama.cpp's when ``--llama-python`` is given."""
+    runners = []
+    for v in args.variants.split(","):
+        v = v.strip()
+        print(f"loading {v} ...", file=sys.stderr, flush=True)
+        if v.removesuffix("-aten") in ("int4", "int8", "fp32"):
+            runners.append(CorelmRunner(v.removesuffix("-aten"), args.compile, max_len, args.random, args.device,
+                                        kernels=not v.endswith("-aten")))
+        elif v in ("hf-bf16", "hf-fp32"):
+            runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32, args.random,
+                                    args.device))
+        else:
+            raise SystemExit(f"unknown variant {v}")
+    if args.llama_python:
+        from corelm.presets import embedded_path
+
+        runners.append(LlamaCppRunner(args.llama_python, embedded_path("smollm2-135m-instruct"), args.threads,
+                                      args.tokens))
+    return runners
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per run (EOS ignored)")
@@ -220,23 +243,7 @@ def main() -> int:
     from corelm import kernels
 
     kernels.load()  # build now if this machine has no library for this instruction set (timed below)
-    runners = []
-    for v in args.variants.split(","):
-        v = v.strip()
-        print(f"loading {v} ...", file=sys.stderr, flush=True)
-        if v.removesuffix("-aten") in ("int4", "int8", "fp32"):
-            runners.append(CorelmRunner(v.removesuffix("-aten"), args.compile, max_len, args.random, args.device,
-                                        kernels=not v.endswith("-aten")))
-        elif v in ("hf-bf16", "hf-fp32"):
-            runners.append(HFRunner(torch.bfloat16 if v == "hf-bf16" else torch.float32, args.random,
-                                    args.device))
-        else:
-            raise SystemExit(f"unknown variant {v}")
-    if args.llama_python:
-        from corelm.presets import embedded_path
-
-        runners.append(LlamaCppRunner(args.llama_python, embedded_path("smollm2-135m-instruct"), args.threads,
-                                      args.tokens))
+    runners = build_runners(args, max_len)
     for r in runners:  # warm-up run each
         r.run(ids, 8)
     results: dict[str, list[dict]] = {r.name: [] for r in runners}

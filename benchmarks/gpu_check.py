@@ -141,7 +141,8 @@ def decode_speed(new_tokens: int = 128, repeats: int = 3) -> None:
     print(f"{'side':<30}{'tok/s (median)':>16}{'spread':>18}{'GB/s achieved':>16}")
     for k, v in results.items():
         print(f"{k:<30}{med[k]:>16.1f}{min(v):>9.1f}-{max(v):<8.1f}{nbytes * med[k] / 1e9:>16.1f}")
-    print(f"ratio corelm eager / transformers dynamic: {med['corelm eager'] / med['transformers (dynamic cache)']:.2f}x")
+    print(f"ratio corelm eager / transformers dynamic: "
+          f"{med['corelm eager'] / med['transformers (dynamic cache)']:.2f}x")
     print(f"ratio corelm compiled / transformers static: "
           f"{med['corelm compiled step'] / med['transformers (static cache)']:.2f}x")
 

@@ -73,7 +73,8 @@ def main() -> int:
         rows.append(row)
         print(f"{cfg.name:<12} {m['params'] / 1e6:5.1f}M  memory pred {pred['peak_bytes'] / 2**20:7.0f} MiB  "
               f"live {m['peak_bytes'] / 2**20:7.0f} MiB ({(pred['peak_bytes'] / m['peak_bytes'] - 1) * 100:+5.1f}%)  "
-              f"RSS {m['rss_peak_bytes'] / 2**20:7.0f} MiB ({(pred['peak_bytes'] / m['rss_peak_bytes'] - 1) * 100:+5.1f}%)  "
+              f"RSS {m['rss_peak_bytes'] / 2**20:7.0f} MiB "
+              f"({(pred['peak_bytes'] / m['rss_peak_bytes'] - 1) * 100:+5.1f}%)  "
               f"step pred {pred['step_s']:6.2f}s meas {step:6.2f}s ({(pred['step_s'] / step - 1) * 100:+5.1f}%)"
               f"{' [calibration]' if row['calibration'] else ''}  wall {row['step_wall']:.2f}s  "
               f"peak {peak / 1e9:.0f} GFLOP/s  efficiency {measured_eff:.2f}", flush=True)

@@ -91,7 +91,8 @@ def main() -> int:
         row = rows[m]
         fp = statistics.median(rates[(m, None)])
         line = (f"{m:<22}{row['shape']:<22}{row['params'] / 1e6:>7.1f}M{1 - row['params'] / base_params:>9.1%}"
-                f"{row.get('perplexity', float('nan')):>8.2f}{fp:>8.1f}{fp / statistics.median(rates[(ref, None)]):>8.2f}x")
+                f"{row.get('perplexity', float('nan')):>8.2f}{fp:>8.1f}"
+                f"{fp / statistics.median(rates[(ref, None)]):>8.2f}x")
         if args.quantize:
             q = statistics.median(rates[(m, args.quantize)])
             line += f"{q:>12.1f}{q / statistics.median(rates[(ref, args.quantize)]):>8.2f}x"

@@ -67,7 +67,8 @@ async def level(url: str, model: str, clients: int, requests_each: int, max_toke
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
     return {"tok_s": sum(r["tokens"] for r in results) / wall, "req_s": len(results) / wall,
-            "ttft": statistics.median(r["ttft"] for r in results), "tpot": statistics.median(r["tpot"] for r in results),
+            "ttft": statistics.median(r["ttft"] for r in results),
+            "tpot": statistics.median(r["tpot"] for r in results),
             "wall": wall, "requests": len(results)}
 
 
@@ -145,7 +146,8 @@ def main() -> int:
         return statistics.median(x[key] for x in runs[n])
 
     print()
-    print(f"{'clients':>7} | {'tokens/s':>9} | {'spread':>13} | {'requests/s':>10} | {'TTFT ms':>8} | {'TPOT ms':>8} | vs 1 client")
+    print(f"{'clients':>7} | {'tokens/s':>9} | {'spread':>13} | {'requests/s':>10} "
+          f"| {'TTFT ms':>8} | {'TPOT ms':>8} | vs 1 client")
     print("-" * 82)
     base = med(args.levels[0], "tok_s")
     for n in args.levels:

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 
-def build_pair(vocab: int, n_layer: int, d: int, n_head: int, ctx: int) -> tuple[torch.nn.Module, torch.nn.Module, object]:
+def build_pair(
+    vocab: int, n_layer: int, d: int, n_head: int, ctx: int
+) -> tuple[torch.nn.Module, torch.nn.Module, object]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from corelm.config import ModelConfig
@@ -135,16 +137,19 @@ def main() -> None:
         from corelm.train.distributed import DistInfo
 
         info = DistInfo(device=dev)
-        res = train(model, causal_lm_loss, batches, TrainConfig(max_steps=n, precision=args.precision, compile=args.compile,
-                                                                progress=False, tensorboard=False, measure_mfu=False),
+        res = train(model, causal_lm_loss, batches,
+                    TrainConfig(max_steps=n, precision=args.precision, compile=args.compile,
+                                progress=False, tensorboard=False, measure_mfu=False),
                     dist=info)
         del res
         times["corelm loop"] = []  # filled below from a second, timed call on the warm model
         t_steps = []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
-            train(model, causal_lm_loss, batches, TrainConfig(max_steps=args.steps, precision=args.precision, compile=args.compile,
-                  progress=False, tensorboard=False, measure_mfu=False), dist=info)
+            train(model, causal_lm_loss, batches,
+                  TrainConfig(max_steps=args.steps, precision=args.precision, compile=args.compile,
+                              progress=False, tensorboard=False, measure_mfu=False),
+                  dist=info)
             sync()
             t_steps.append((time.perf_counter() - t0) / args.steps)
         times["corelm loop"] = t_steps

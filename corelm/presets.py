@@ -107,7 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minilm-l6": _bert(6, 12, 384, 1536),
     # Tiny presets that train in seconds on a laptop CPU (tests, demos, distillation students).
     "gpt2-tiny": _gpt2(4, 4, 128, ctx=256, vocab=8192),
-    "llama-tiny": _llama(4, 4, 128, 384, n_kv_head=2, vocab=49152, ctx=256, tie=True),  # SmolLM2 vocabulary: a distillation student
+    # SmolLM2 vocabulary: a distillation student
+    "llama-tiny": _llama(4, 4, 128, 384, n_kv_head=2, vocab=49152, ctx=256, tie=True),
     "bert-tiny": _bert(4, 4, 128, 512, vocab=8192),
 }
 for _name, _kw in PRESETS.items():

@@ -51,8 +51,8 @@ class _Payload:
 
 
 def _config(out: Path, max_steps: int = 2, **kw) -> TrainConfig:
-    return TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=1, out=str(out), precision="fp16-mixed", progress=False,
-                       tensorboard=False, measure_mfu=False, **kw)
+    return TrainConfig(max_steps=max_steps, lr=3e-3, warmup_steps=1, out=str(out), precision="fp16-mixed",
+                       progress=False, tensorboard=False, measure_mfu=False, **kw)
 
 
 @pytest.fixture(scope="module")

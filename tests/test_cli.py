@@ -69,8 +69,8 @@ def test_generate_and_chat_on_gguf(tiny: Path, capsys: pytest.CaptureFixture[str
                          "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "1", "the quick brown"],
                         capsys)
     assert code == 0
-    code, _out3, err = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--beams", "2",
-                           "--stop", "zzz", "the quick brown"], capsys)
+    code, _out3, err = run(["generate", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4",
+                           "--beams", "2", "--stop", "zzz", "the quick brown"], capsys)
     assert code == 0 and "tokens" in err
     code, out, err = run(["chat", "--model", str(tiny), "--dtype", "fp32", "--max-new-tokens", "4", "--ignore-eos",
                           "--once", "hello"], capsys)

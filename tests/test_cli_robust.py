@@ -74,7 +74,8 @@ def test_data_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixt
     # evaluate classify reads the data before loading the run's weights (so this run needs none)
     run = tmp_path / "cls-run"
     run.mkdir()
-    (run / "corelm_task.json").write_text(json.dumps({"task": "classify", "fields": {"text": "text", "label": "label"}}))
+    (run / "corelm_task.json").write_text(
+        json.dumps({"task": "classify", "fields": {"text": "text", "label": "label"}}))
     one_line_error(["evaluate", "--model", str(run), "--task", "classify", "--data", str(tmp_path / "latin1.csv")],
                    capsys, "latin1.csv: not UTF-8")
     assert not Path(out).exists()
@@ -83,13 +84,14 @@ def test_data_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_labels_must_be_labels_and_more_than_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for i, label in enumerate((["pos"], {"name": "pos"}, float("nan"))):
         path = tmp_path / f"l{i}.jsonl"
-        path.write_text(json.dumps({"text": "fine", "label": "neg"}) + "\n" + json.dumps({"text": "good", "label": label})
-                        + "\n")
+        path.write_text(json.dumps({"text": "fine", "label": "neg"}) + "\n"
+                        + json.dumps({"text": "good", "label": label}) + "\n")
         with pytest.raises(CorelmError, match=rf"l{i}\.jsonl:2: field 'label' is"):
             tasks.read_classification(path)
         assert tasks.read_classification(path, skip_bad=True).skipped == 1
-    line = one_line_error(["finetune", "--model", "minilm-l6", "--task", "classify", "--data", str(tmp_path / "l0.jsonl"),
-                           "--out", str(tmp_path / "o")], capsys, "l0.jsonl:2", "JSON array")
+    line = one_line_error(["finetune", "--model", "minilm-l6", "--task", "classify",
+                           "--data", str(tmp_path / "l0.jsonl"), "--out", str(tmp_path / "o")],
+                          capsys, "l0.jsonl:2", "JSON array")
     assert "skip-bad" in line
     one = tmp_path / "one.csv"
     one.write_text("text,label\n" + "".join(f"text {i},same\n" for i in range(12)))
@@ -146,7 +148,8 @@ def test_non_finite_numbers(argv: list[str], option: str, value: str, capsys: py
 
 @pytest.mark.parametrize("top", ["0", "-5"])
 def test_predict_top_must_be_positive(top: str, capsys: pytest.CaptureFixture[str]) -> None:
-    one_line_error(["predict", "--model", "runs/x", "--top", top, "some text"], capsys, f"--top must be at least 1, got {top}")
+    one_line_error(["predict", "--model", "runs/x", "--top", top, "some text"], capsys,
+                   f"--top must be at least 1, got {top}")
 
 
 def test_usage_errors_are_one_line_and_exit_codes_are_documented(capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,7 +206,8 @@ def test_no_space_and_read_only(tiny: Path, tmp_path: Path, capsys: pytest.Captu
     corpus.write_text("some text\n" * 20)
     with monkeypatch.context() as m:
         m.setattr(prepare._ShardWriter, "add", no_space)
-        one_line_error(["prepare", str(corpus), "--tokenizer", str(tiny), "--no-progress", "--out", str(tmp_path / "t")],
+        one_line_error(["prepare", str(corpus), "--tokenizer", str(tiny), "--no-progress",
+                        "--out", str(tmp_path / "t")],
                        capsys, f"cannot write {tmp_path / 't'}: No space left on device")
     assert not (tmp_path / "t").exists() and not leftovers(tmp_path, "t")
 

@@ -14,7 +14,8 @@ from corelm.data.shards import TokenWindows
 from corelm.errors import CorelmError
 from corelm.tokenizer import Tokenizer
 
-WORDS = ["the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "the", "data", "loader", "every", "step"]
+WORDS = ["the", "model", "reads", "a", "file", "and", "writes", "tokens", "to", "the", "data", "loader",
+         "every", "step"]
 
 
 @pytest.fixture(scope="module")

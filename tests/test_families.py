@@ -24,23 +24,24 @@ transformers.logging.set_verbosity_error()
 TOL = {"atol": 2e-5, "rtol": 1e-5}
 VOCAB = 160
 WINDOW = 8  # shorter than every prompt below: the window changes the logits
-COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "bos_token_id": None,
-              "eos_token_id": None, "pad_token_id": None}
+COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+          "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 CONFIGS = {
     "qwen2": {"tie_word_embeddings": False},
-    "qwen2-window": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "qwen2-window": {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": WINDOW,
+                     "max_window_layers": 1},
     "mistral": {"sliding_window": WINDOW, "head_dim": 16, "tie_word_embeddings": False},
     "qwen3": {"head_dim": 24, "tie_word_embeddings": True},  # head_dim * n_head != hidden_size
     "gemma": {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh"},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 20, "attn_logit_softcapping": 5.0,
                    "final_logit_softcapping": 3.0},
     "gemma3_text": {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 20, "num_hidden_layers": 4,
-                        "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-                        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                            "rope_theta": 100000.0},
-                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}},
+                    "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                           "rope_theta": 100000.0},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}},
     # LongRoPE switches to its long factors past 8 positions; every prompt below is longer, so
     # transformers' generate (which recomputes its cache at the switch) and corelm's agree throughout
     "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 8, "max_position_embeddings": 64,
@@ -223,7 +224,8 @@ def _write_gguf(path, arch: str, hf) -> None:
     if arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         factor = cfg.max_position_embeddings / cfg.original_max_position_embeddings
-        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(cfg.original_max_position_embeddings)))
+        orig_ctx = cfg.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(orig_ctx)))
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     for name, tensor in hf.state_dict().items():

@@ -89,7 +89,8 @@ def test_fp16_mixed_ner_run_logs_dev_metrics_and_tensorboard(tmp_path: Path, cap
     out = tmp_path / "ner"
     assert cli(["finetune", "--model", "minilm-l6", "--task", "ner", "--data", "demo:ner", "--val", str(dev),
                 "--method", "full", "--steps", "3", "--batch-size", "4", "--max-len", "32", "--precision",
-                "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json", "--wandb", "proj"]) == 0
+                "fp16-mixed", "--eval-every", "1", "--out", str(out), "--no-progress", "--json",
+                "--wandb", "proj"]) == 0
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["steps"] == 3 and "val_f1" in summary

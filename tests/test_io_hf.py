@@ -1,4 +1,5 @@
-"""HF checkpoint import/export: transformers loads what corelm writes, corelm loads what HF writes, bad files fail clearly."""
+"""HF checkpoint import/export: transformers loads what corelm writes, corelm loads what HF writes,
+bad files fail clearly."""
 
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ CONFIGS = {
                   "max_seq_len": 64, "tie_embeddings": False,
                   "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
-    "llama-tied": {"family": "llama", "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "d_model": 32, "d_ff": 48,
-                       "max_seq_len": 64, "tie_embeddings": True},
+    "llama-tied": {"family": "llama", "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "d_model": 32,
+                   "d_ff": 48, "max_seq_len": 64, "tie_embeddings": True},
     "gpt2": {"family": "gpt2", "vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "max_seq_len": 64},
-    "bert": {"family": "bert", "vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 64, "max_seq_len": 64,
-                 "norm_eps": 1e-12, "pad_token_id": 0},
+    "bert": {"family": "bert", "vocab_size": 97, "n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 64,
+             "max_seq_len": 64, "norm_eps": 1e-12, "pad_token_id": 0},
 }
 
 

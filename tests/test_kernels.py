@@ -96,13 +96,15 @@ assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
 torch.manual_seed(0)
 x = torch.randn(3, 320)
-for w, g in [(layers.quantize_int4_groupwise(torch.randn(24, 320), 32), 32), (layers.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
+for w, g in [(layers.quantize_int4_groupwise(torch.randn(24, 320), 32), 32),
+             (layers.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
     if len(w) == 3:
         q, s = kernels.pack_blocks(w[0]), torch.stack([w[1], w[2]], -1).contiguous()
     else:
         q, s = w
     # outputs ~20: fp32 summation order differs between the paths
-    torch.testing.assert_close(torch.ops.corelm.qlinear(x, q, s), kernels.reference_qlinear(x, q, s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.ops.corelm.qlinear(x, q, s), kernels.reference_qlinear(x, q, s),
+                               rtol=1e-4, atol=1e-4)
 print("ok")
 """
 

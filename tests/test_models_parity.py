@@ -143,8 +143,8 @@ def test_bert_model_checkpoint_without_heads_loads():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_meta_build_then_assign(family):
-    config = ModelConfig(family=family, vocab_size=64, n_layer=2, n_head=4, d_model=32, n_kv_head=2 if family == "llama" else None,
-                         max_seq_len=32)
+    config = ModelConfig(family=family, vocab_size=64, n_layer=2, n_head=4, d_model=32,
+                         n_kv_head=2 if family == "llama" else None, max_seq_len=32)
     torch.manual_seed(0)
     ref = build_model(config).eval()
     with torch.device("meta"):

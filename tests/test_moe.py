@@ -100,7 +100,8 @@ def _naive_experts(x, weights, experts, gate_up, down):
     return out
 
 
-@pytest.mark.parametrize("d,f", [(32, 16), (30, 14)])  # aligned rows take torch._grouped_mm, odd ones the per-expert path
+# aligned rows take torch._grouped_mm, odd ones the per-expert path
+@pytest.mark.parametrize("d,f", [(32, 16), (30, 14)])
 def test_grouped_experts_equal_per_token_reference(d, f):
     g = torch.Generator().manual_seed(4)
     N, E, k = 37, 6, 2

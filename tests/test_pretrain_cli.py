@@ -15,13 +15,15 @@ from corelm.data.prepare import prepare
 from corelm.train.checkpoint import checkpoint_dirs
 
 TINY = {"gpt2": {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "vocab_size": 8},
-        "bert": {"family": "bert", "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "max_seq_len": 64, "vocab_size": 8}}
+        "bert": {"family": "bert", "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "max_seq_len": 64,
+                 "vocab_size": 8}}
 
 
 def make_tiny_data(root):
     """A few KB of text, its own small BPE, and tiny model configs (vocab is taken from the data)."""
     rng = random.Random(0)
-    words = ["def", "read", "file", "return", "value", "list", "dict", "model", "token", "layer", "step", "loss", "the", "a", "of"]
+    words = ["def", "read", "file", "return", "value", "list", "dict", "model", "token", "layer", "step", "loss",
+             "the", "a", "of"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(300)]
     (root / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     prepare(root / "data", inputs=[str(root / "c.jsonl")], train_tokenizer_vocab=300, val_fraction=0.05,

@@ -21,8 +21,10 @@ from corelm.ops.sampling import (
 )
 
 EXTREMES = [5e-324, 1e-300, 1e-45, 1e-40, 1e-38, 1e-7, 1e300, 1.7e308]
-positive = st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False) | st.sampled_from(EXTREMES)
-logits_rows = st.lists(st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32) | st.sampled_from([0.0, 1.0]),
+positive = (st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False)
+            | st.sampled_from(EXTREMES))
+logits_rows = st.lists(st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
+                       | st.sampled_from([0.0, 1.0]),
                        min_size=2, max_size=12)
 
 

@@ -104,7 +104,8 @@ def test_extreme_sampling_values_give_tokens_not_errors(model) -> None:
     greedy = _lone(model, prompt, 6)
     cases = [{"temperature": 1e-300}, {"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-300},
              {"temperature": 0.7, "repetition_penalty": 1e300}, {"temperature": 1e300},
-             {"temperature": 1e-300, "top_p": 0.5}, {"temperature": 1e-300, "top_k": 3}, {"temperature": 1, "top_p": 1e-300}]
+             {"temperature": 1e-300, "top_p": 0.5}, {"temperature": 1e-300, "top_k": 3},
+             {"temperature": 1, "top_p": 1e-300}]
     for kwargs in cases:
         out = engine.generate(model, [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True, seed=1, **kwargs))[0]
         assert len(out) == 6 and all(0 <= t < model.config.vocab_size for t in out), kwargs

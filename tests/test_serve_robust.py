@@ -41,7 +41,8 @@ FIELDS = {  # top-level fields, and nested ones as templates merged into the bas
                                {"messages": [{"role": "user", "content": [HOLE]}]},
                                {"messages": [{"role": "user", "content": [{"type": "text", "text": HOLE}]}]},
                                {"stream": True, "stream_options": {"include_usage": HOLE}},
-                               {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HOLE}}},
+                               {"response_format": {"type": "json_schema",
+                                                    "json_schema": {"name": "x", "schema": HOLE}}},
                                {"response_format": {"type": HOLE}}, {"regex": HOLE}, {"grammar": HOLE}],
     "/v1/embeddings": [{f: HOLE} for f in ("model", "input", "encoding_format", "dimensions", "user", "unknown_field")]
                       + [{"input": [HOLE]}, {"input": ["ok", HOLE]}],
@@ -208,7 +209,8 @@ def _limited_server(llm, **options):
     """A server with the given :class:`ServeOptions` limits (the app gets the body timeout)."""
     batcher = Batcher(llm.model, max_batch=2, max_seq_len=64)
     opts = ServeOptions(**options)
-    app = create_app([TextModel("tiny", llm, batcher, default_max_tokens=2)], ServerConfig(body_timeout=opts.body_timeout))
+    app = create_app([TextModel("tiny", llm, batcher, default_max_tokens=2)],
+                     ServerConfig(body_timeout=opts.body_timeout))
     batcher.start()
     return batcher, ServerThread(app, options=opts)
 

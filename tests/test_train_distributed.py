@@ -22,7 +22,8 @@ STEPS = 5
 def _args(tiny, out, batch, *extra):
     return ["pretrain", "--model", str(tiny / "gpt2.json"), "--data", str(tiny / "data"), "--seq-len", "32",
             "--batch-size", str(batch), "--max-steps", str(STEPS), "--out", str(out), "--no-progress",
-            "--no-tensorboard", "--no-measure-mfu", "--eval-every", "0", "--eval-batches", "1", "--device", "cpu", *extra]
+            "--no-tensorboard", "--no-measure-mfu", "--eval-every", "0", "--eval-batches", "1", "--device", "cpu",
+            *extra]
 
 
 def _losses(run):

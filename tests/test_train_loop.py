@@ -60,8 +60,8 @@ def test_sigint_checkpoints_and_resumes_exactly(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, during step 5
         return causal_lm_loss(model, batch)
 
-    kw = {"max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "out": str(tmp_path / "b"), "progress": False, "tensorboard": False,
-              "measure_mfu": False}
+    kw = {"max_steps": 8, "lr": 3e-3, "warmup_steps": 2, "out": str(tmp_path / "b"), "progress": False,
+          "tensorboard": False, "measure_mfu": False}
     torch.manual_seed(0)
     cut = train(TinyLM(), interrupting_loss, ResumableLoader(_data(), batch_size=4, seed=3), TrainConfig(**kw))
     assert cut.stopped == "interrupted" and cut.step == 5

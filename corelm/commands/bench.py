@@ -107,7 +107,8 @@ def run_train(args: BenchOptions, device: str, profile: dict | None) -> dict:
     peak = statistics.median(m["probe_cpu_flops"] if cpu else m["probe_flops"])
     wall_peak = statistics.median(m["probe_flops"])
     hw = cpu_row() if cpu else get_hardware(B._gpu_id()) if B._gpu_id() != "cpu" else cpu_row()
-    compute = "fp32" if precision == "fp32" else {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-true": "bf16"}[precision]
+    compute = ("fp32" if precision == "fp32"
+               else {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "bf16-true": "bf16"}[precision])
     hw.peak_tflops = {**hw.peak_tflops, compute: peak / 1e12}
     if profile and profile.get("train_efficiency"):
         hw.train_efficiency = float(profile["train_efficiency"])
@@ -264,7 +265,8 @@ def render(out: dict) -> str:
                       f"{d['bytes_per_token'] / 1e6:,.1f} MB read per token"),
                   f"  {'':<22}{'predicted':>12}{'measured':>12}{'error':>9}",
                   (f"  {'tokens/s':<22}{tk['predicted']:>12,.1f}{tk['measured']:>12,.1f}"
-                  f"{_err(tk['predicted'], tk['measured']):>9}   ({tk['timing']}; wall {tk['wall_measured']:.1f} tok/s)"),
+                  f"{_err(tk['predicted'], tk['measured']):>9}   "
+                  f"({tk['timing']}; wall {tk['wall_measured']:.1f} tok/s)"),
                   (f"  model per token: weights {pr['weights_s'] * 1e3:.1f} ms at the measured GEMV bandwidth "
                   f"{pr['gemv_bandwidth'] / 1e9:.1f} GB/s + KV {pr['kv_s'] * 1e3:.2f} ms + {pr['aten_ops']} ATen ops × "
                   f"{pr['op_overhead_s'] * 1e6:.1f} µs = {pr['overhead_s'] * 1e3:.1f} ms"),

@@ -35,7 +35,8 @@ class PredictOptions(Options):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return parser_from(PredictOptions, prog="corelm predict", description="Run a fine-tuned classifier or tagger on text.",
+    return parser_from(PredictOptions, prog="corelm predict",
+                       description="Run a fine-tuned classifier or tagger on text.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
 
 

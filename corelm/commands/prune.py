@@ -79,7 +79,8 @@ class PruneOptions(Options):
             if self.recover_steps < 0 or self.recover_batch_size < 1 or self.recover_lr <= 0:
                 raise CorelmError("--recover-steps must be >= 0, --recover-batch-size >= 1 and --recover-lr > 0")
         elif self.recover_steps:
-            raise CorelmError("--recover-steps needs --structure (fine-tuning would refill the zeros of weight pruning)")
+            raise CorelmError("--recover-steps needs --structure "
+                              "(fine-tuning would refill the zeros of weight pruning)")
         if self.structure is None and self.method == "wanda" and not self.calib:
             raise CorelmError("--method wanda needs --calib TEXT_FILE (or use --method magnitude)")
 
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser_from(
         PruneOptions, prog="corelm prune",
         description="Zero the least important weights of every linear layer (the LM head stays dense), or with "
-                    "--structure remove whole layers / KV groups / query heads / MLP channels for a smaller dense model.")
+                    "--structure remove whole layers / KV groups / query heads / MLP channels "
+                    "for a smaller dense model.")
 
 
 def calibration_batches(tokenizer, path: str | Path, n_tokens: int, seq_len: int = 256) -> list[torch.Tensor]:
@@ -127,7 +129,8 @@ def prune(options: PruneOptions) -> dict:
     llm = corelm.load(options.model, dtype="fp32")
     if structures is not None:
         return _structured(llm, options, structures, out, t0)
-    calib = calibration_batches(llm.tokenizer, options.calib, options.calib_tokens) if options.method == "wanda" else None
+    calib = (calibration_batches(llm.tokenizer, options.calib, options.calib_tokens)
+             if options.method == "wanda" else None)
     print(f"pruning {options.model} ({options.method}, "
           f"{options.pattern or f'{options.sparsity:.0%} unstructured'})"
           f"{f' on {sum(b.shape[1] for b in calib)} calibration tokens' if calib else ''} ...", file=sys.stderr)
@@ -170,8 +173,9 @@ def _structured(llm, options: PruneOptions, structures: dict[str, float], out: P
                                          progress=lambda msg: print(f"  {msg}", file=sys.stderr))
         if options.recover_steps:
             ids = llm.tokenizer.encode(read_text(options.calib))
-            print(f"  recovery: {options.recover_steps} steps x {options.recover_batch_size} x 256 tokens of {options.calib} "
-                  f"({len(ids)} tokens), distilling the unpruned model, {options.precision}", file=sys.stderr)
+            print(f"  recovery: {options.recover_steps} steps x {options.recover_batch_size} x 256 tokens "
+                  f"of {options.calib} ({len(ids)} tokens), distilling the unpruned model, {options.precision}",
+                  file=sys.stderr)
             rec = recover(model, llm.model, ids, options.recover_steps, batch_size=options.recover_batch_size,
                           lr=options.recover_lr, precision=options.precision)
             print(f"  recovery loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}", file=sys.stderr)

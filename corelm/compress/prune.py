@@ -64,7 +64,9 @@ def _targets(model: nn.Module, skip: Iterable[str]) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+def input_norms(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` of each layer's input features over all calibration tokens (Wanda's statistic)."""
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in layers.items()}
     hooks = []
@@ -195,9 +197,10 @@ def units_to_keep(config, structure: str, sparsity: float, multiple_of: int = 1)
     if structure == "channels" and multiple_of > 1:
         keep = max(multiple_of, round(keep / multiple_of) * multiple_of)
     if keep >= n:
+        multiple = (f" (kept channels are a multiple of {multiple_of})"
+                    if structure == "channels" and multiple_of > 1 else "")
         raise CorelmError(f"sparsity {sparsity} removes none of the {n} {what}; "
-                          f"the smallest step is {1 / n:.3g}" + (f" (kept channels are a multiple of {multiple_of})"
-                                                                 if structure == "channels" and multiple_of > 1 else ""))
+                          f"the smallest step is {1 / n:.3g}" + multiple)
     if keep <= 0:
         raise CorelmError(f"sparsity {sparsity} would remove all {n} {what}")
     return keep
@@ -484,7 +487,8 @@ def recover(model: nn.Module, teacher: nn.Module, token_ids: list[int], steps: i
     for p in model.parameters():
         p.requires_grad_(True)
     result = train(model, distill_loss_fn(teacher, temperature=1.0, alpha=alpha), batches, cfg)
-    if result.stopped == "interrupted":  # the loop stops cleanly on Ctrl-C/SIGTERM; a half-healed model is not the output
+    # the loop stops cleanly on Ctrl-C/SIGTERM; a half-healed model is not the output
+    if result.stopped == "interrupted":
         raise KeyboardInterrupt
     model.eval()
     losses = [loss for _, loss in result.losses]

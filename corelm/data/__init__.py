@@ -1,1 +1,2 @@
-"""Training data: corpus preparation into token shards (prepare.py), shard reading (shards.py), embedded corpora (corpus.py)."""
+"""Training data: corpus preparation into token shards (prepare.py), shard reading (shards.py),
+embedded corpora (corpus.py)."""

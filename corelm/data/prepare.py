@@ -116,7 +116,8 @@ def _parquet(path: Path, field: str) -> Iterator[Document]:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise CorelmError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     if field not in pf.schema_arrow.names:
-        raise CorelmError(f"{path}: no column {field!r} (has: {', '.join(pf.schema_arrow.names)}); choose it with --field")
+        raise CorelmError(f"{path}: no column {field!r} (has: {', '.join(pf.schema_arrow.names)}); "
+                          "choose it with --field")
     row = 0
     batches = pf.iter_batches(columns=[field])
     while True:
@@ -215,6 +216,32 @@ class _ShardWriter:
         return sum(s["tokens"] for s in self.shards)
 
 
+def _check_prepare_args(out: Path, inputs: list[str] | None, corpus: str | None, val_fraction: float,
+                        overwrite: bool) -> None:
+    """Fail before any work on arguments that cannot give a prepared directory."""
+    if not inputs and not corpus:
+        raise CorelmError("nothing to prepare: give input files/directories or --corpus NAME")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CorelmError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if out.exists():
+        if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise CorelmError(f"{out} exists and is not a prepared data directory; choose another --out")
+        if (out / "manifest.json").is_file() and not overwrite:
+            raise CorelmError(f"{out} already holds prepared data; pass --overwrite to replace it")
+
+
+def _tokenizer(spec: str | None, texts: Iterable[str], vocab_size: int, work_dir: Path,
+               progress: bool) -> tuple[Any, str]:
+    """The tokenizer ``spec`` names, or a byte-level BPE trained on ``texts``; with where it came from."""
+    if spec:
+        return load_tokenizer(spec), spec
+    if progress:
+        print(f"training a byte-level BPE tokenizer ({vocab_size} entries) on the corpus...",
+              file=sys.stderr, flush=True)
+    tok = train_default_tokenizer(texts, vocab_size, work_dir)
+    return tok, f"byte-level BPE trained on this corpus ({vocab_size})"
+
+
 def prepare(
     out: str | Path,
     *,
@@ -252,15 +279,7 @@ def prepare(
     from corelm.data.corpus import corpus_description, corpus_documents
 
     out = Path(out)
-    if not inputs and not corpus:
-        raise CorelmError("nothing to prepare: give input files/directories or --corpus NAME")
-    if not 0.0 <= val_fraction < 1.0:
-        raise CorelmError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if out.exists():
-        if not (out / "manifest.json").is_file() and any(out.iterdir()):
-            raise CorelmError(f"{out} exists and is not a prepared data directory; choose another --out")
-        if (out / "manifest.json").is_file() and not overwrite:
-            raise CorelmError(f"{out} already holds prepared data; pass --overwrite to replace it")
+    _check_prepare_args(out, inputs, corpus, val_fraction, overwrite)
     files = expand_inputs(inputs or [])
     sources = [corpus_description(corpus)] if corpus else []
     sources += [str(f) for f in files]
@@ -276,15 +295,7 @@ def prepare(
     total_bytes = sum(f.stat().st_size for f in files) + sum(len(t.encode("utf-8")) for t in corpus_docs) or None
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:  # renamed into place at the end, removed on any failure or interrupt
-        if tokenizer:
-            tok = load_tokenizer(tokenizer)
-            tok_source = tokenizer
-        else:
-            if progress:
-                print(f"training a byte-level BPE tokenizer ({train_tokenizer_vocab} entries) on the corpus...",
-                      file=sys.stderr, flush=True)
-            tok = train_default_tokenizer((d.text for d in documents()), train_tokenizer_vocab, tmp)
-            tok_source = f"byte-level BPE trained on this corpus ({train_tokenizer_vocab})"
+        tok, tok_source = _tokenizer(tokenizer, (d.text for d in documents()), train_tokenizer_vocab, tmp, progress)
         eos = tok.eos_token_id
         if eos is None:
             raise CorelmError(f"tokenizer {tok_source!r} has no EOS token to separate documents")

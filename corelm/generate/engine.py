@@ -155,7 +155,8 @@ class _Rows:
 
 def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
                     params: SamplingParams | Sequence[SamplingParams], *,
-                    eos_token_id: int | Sequence[int] | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+                    eos_token_id: int | Sequence[int] | None = None,
+                    compile: bool = False) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding one step at a time.
 
     Args:
@@ -267,6 +268,30 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 # Beam search
 # --------------------------------------------------------------------------------------------
 
+def _select_beams(
+    top_scores: torch.Tensor, top_idx: torch.Tensor, vocab: int, stops: set[int], nb: int,
+    beams: list[list[int]], norm: float,
+) -> tuple[list[tuple[int, int, float]], list[tuple[float, list[int]]]]:
+    """Split a step's best candidates (flat indices into ``(nb, vocab)``, best first) into running and finished beams.
+
+    Returns:
+        up to ``nb`` running beams ``(origin beam, token, score)`` and the beams a stop token finished,
+        ``(score / norm, tokens)`` with ``norm = length ** length_penalty``.
+    """
+    running: list[tuple[int, int, float]] = []
+    finished: list[tuple[float, list[int]]] = []
+    for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+        origin, token = divmod(idx, vocab)
+        if token in stops:
+            if rank < nb and score > -1e8:  # length counts the stop token
+                finished.append((score / norm, beams[origin]))
+            continue
+        running.append((origin, token, score))
+        if len(running) == nb:
+            break
+    return running, finished
+
+
 @torch.inference_mode()
 def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
                 num_beams: int | None = None, length_penalty: float | None = None,
@@ -307,17 +332,8 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
     for step in range(params.max_new_tokens):
         scores = (beam_scores[:, None] + logprobs).reshape(-1)  # (nb * V,)
         top_scores, top_idx = scores.topk(min(2 * nb, scores.numel()))
-        next_beams: list[tuple[int, int, float]] = []  # (origin beam, token, score)
-        for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
-            origin, token = divmod(idx, vocab)
-            if token in stops:
-                if rank < nb and score > -1e8:  # length counts the stop token
-                    finished.append((score / (step + 1) ** lp, beams[origin]))
-                continue
-            next_beams.append((origin, token, score))
-            if len(next_beams) == nb:
-                break
-        finished = sorted(finished, key=lambda x: -x[0])[:nb]
+        next_beams, ended = _select_beams(top_scores, top_idx, vocab, stops, nb, beams, (step + 1) ** lp)
+        finished = sorted(finished + ended, key=lambda x: -x[0])[:nb]
         if not next_beams or (len(finished) == nb and finished[-1][0] >= next_beams[0][2] / (step + 1) ** lp):
             done = True  # no running beam can overtake the finished ones
             break

@@ -411,7 +411,8 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         options.update(activation="gelu_tanh", tie_embeddings="output.weight" not in gguf.tensors)
     window = md.get(f"{arch}.attention.sliding_window")
     if arch == "gemma2":
-        options.update(sandwich_norm=True, sliding_window=int(window), attn_softcap=md.get(f"{arch}.attn_logit_softcapping"),
+        options.update(sandwich_norm=True, sliding_window=int(window),
+                       attn_softcap=md.get(f"{arch}.attn_logit_softcapping"),
                        final_softcap=md.get(f"{arch}.final_logit_softcapping"),
                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)],
                        query_pre_attn_scalar=d_model // n_head if n_layer == 46 else head_dim)
@@ -480,10 +481,11 @@ _ARCH_LAYER_NAMES = {
     "qwen3": {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
     "phi3": {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
     "gemma": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"},
-    "gemma2": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
-    "gemma3": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+    "gemma2": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+    "gemma3": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+               "attn_q_norm": "self_attn.q_norm",
                "attn_k_norm": "self_attn.k_norm"},
 }
 # Tensors llama.cpp stores that HF checkpoints do not have (precomputed RoPE frequencies; Phi-3's
@@ -527,7 +529,8 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
                  "mlp.gate_proj.weight": (config.d_ff, d), "mlp.up_proj.weight": (config.d_ff, d),
                  "mlp.down_proj.weight": (d, config.d_ff)}
     if config.qkv_bias:
-        per_layer.update({"self_attn.q_proj.bias": (config.n_head * hd,), "self_attn.k_proj.bias": (config.n_kv_head * hd,),
+        per_layer.update({"self_attn.q_proj.bias": (config.n_head * hd,),
+                          "self_attn.k_proj.bias": (config.n_kv_head * hd,),
                           "self_attn.v_proj.bias": (config.n_kv_head * hd,)})
     if config.qk_norm:
         per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})

@@ -184,7 +184,8 @@ class SparseMoE(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_experts, self.top_k, self.norm_topk_prob = config.n_experts, config.n_experts_per_tok, config.norm_topk_prob
+        self.n_experts, self.top_k = config.n_experts, config.n_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)  # the router
         self.experts = Experts(config)
         if config.shared_expert_d_ff:

@@ -151,8 +151,8 @@ class ServerThread:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2, lifespan="off", **uvicorn_limits(options or ServeOptions()))
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", timeout_graceful_shutdown=2,
+                                lifespan="off", **uvicorn_limits(options or ServeOptions()))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="corelm-uvicorn", daemon=True)
 
