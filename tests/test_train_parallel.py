@@ -69,11 +69,13 @@ def run(mode: str, out: Path, tie: bool = False, **extra) -> list[float]:
     if mode in ("none", "tp"):  # the forward of a fresh model (a pipeline runs only inside its schedule)
         from corelm.train.parallel import apply_tp, build_mesh
 
-        fresh = tiny_llama(tie)
+        fresh, tied = tiny_llama(tie), tiny_llama(tie=True)
         if mode == "tp":
-            apply_tp(fresh, build_mesh(2, tp=2)["tp"])
+            mesh = build_mesh(2, tp=2)["tp"]
+            apply_tp(fresh, mesh)
+            apply_tp(tied, mesh, sequence_parallel=True)  # tied head: the replicated embedding matrix
         with torch.no_grad():
-            logits["initial"] = fresh(probe)
+            logits["initial"], logits["tied_sp"] = fresh(probe), tied(probe)
     result = train(model, loss_fn, Batches(), cfg, dist=info)
     with torch.no_grad():  # every rank holds the whole trained model (TP: gathered by the layers; PP: synced)
         logits["trained"] = model(probe)
@@ -121,7 +123,7 @@ def test_tp_pp_and_fsdp_tp_match_single_process(tmp_path):
         losses = torch.tensor(json.loads((tmp_path / mode / "losses.json").read_text()))
         torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-5, msg=mode)
         got = load_file(str(tmp_path / mode / "logits.safetensors"))
-        for k in got:  # TP: a fresh model's and the trained model's logits; PP: the trained model's
+        for k in got:  # TP: fresh models' (untied; tied + SP) and the trained model's logits; else trained
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=f"{mode}: {k} logits")
         # the checkpoint holds full tensors with the single-process names and values; Adam's m / sqrt(v) turns
         # last-bit gradient differences of near-zero gradients into updates of up to lr: atol 2e-4 at lr 1e-2

@@ -213,11 +213,12 @@ def _rows(batch: Any, idx: torch.Tensor, n: int) -> Any:
 class Pipeline:
     """This rank's pipeline stage of a model and the schedule that trains it (built by :func:`apply_pp`)."""
 
-    def __init__(self, model: nn.Module, stage: nn.Module, pp_mesh: Any, lo: int, hi: int,
-                 n_microbatches: int, schedule: str, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, stages: list[_LlamaStage], pp_mesh: Any, n_microbatches: int,
+                 schedule: str, device: torch.device) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        self.model, self.module, self.n_micro = model, stage, n_microbatches
+        stage = stages[pp_mesh.get_local_rank()]
+        self.model, self.module, self.n_micro, self.device = model, stage, n_microbatches, device
         self.group = pp_mesh.get_group()
         self.index, self.n_stages = pp_mesh.get_local_rank(), pp_mesh.size()
         self.first, self.last = self.index == 0, self.index == self.n_stages - 1
@@ -225,8 +226,11 @@ class Pipeline:
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
         # scale_grads=False: the loss passed to backward is already divided by micro-batches x accumulation
         self._schedule = cls(self._stage, n_microbatches, loss_fn=self._loss, scale_grads=False)
-        self._owned = {id(p) for p in stage.parameters()}
+        # which stage trains each parameter: the global rank that broadcasts it in sync()
+        ranks = pp_mesh.mesh.flatten().tolist()  # global rank of each stage
+        self._owner = {id(p): ranks[s] for s, st in enumerate(stages) for p in st.parameters()}
         self._call: tuple[Callable, Any, float] | None = None
+        self._n_rows = 0
         self._record: list[tuple[float, float]] = []
 
     def _loss(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -278,9 +282,9 @@ class Pipeline:
         import torch.distributed as dist
 
         grads = [p.grad for p in params if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in grads:
-            sq += g.detach().double().pow(2).sum().cpu()
+            sq += g.detach().double().pow(2).sum()
         dist.all_reduce(sq, group=self.group)
         norm = sq.sqrt().float()
         coef = min(1.0, max_norm / (float(norm) + 1e-6)) if math.isfinite(max_norm) else 1.0
@@ -294,25 +298,20 @@ class Pipeline:
         before evaluation and checkpoints, which then see the full model on every rank."""
         import torch.distributed as dist
 
-        def owner(p: torch.Tensor) -> int:
-            have = torch.tensor([self.index if id(p) in self._owned else -1])
-            dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
-            return dist.get_global_rank(self.group, int(have))
-
-        template: dict[str, bool] | None = None  # optimizer state keys -> shaped like the parameter?
+        template: dict[str, bool] | None = None  # optimizer state tensors -> shaped like the parameter?
         if optimizer is not None:
             for p in self.module.parameters():
                 if optimizer.state.get(p):
-                    template = {k: isinstance(v, torch.Tensor) and v.shape == p.shape
-                                for k, v in optimizer.state[p].items()}
+                    template = {k: v.shape == p.shape for k, v in optimizer.state[p].items()
+                                if isinstance(v, torch.Tensor)}
                     break
-            ready = torch.tensor([0 if template is None else 1])
+            ready = torch.tensor([0 if template is None else 1], device=self.device)
             dist.all_reduce(ready, op=dist.ReduceOp.MIN, group=self.group)
             if not int(ready):
                 template = None
         with torch.no_grad():
             for p in self.model.parameters():
-                src = owner(p)
+                src = self._owner[id(p)]
                 dist.broadcast(p.data, src=src, group=self.group)
                 if template is None or not p.requires_grad:
                     continue
@@ -320,7 +319,9 @@ class Pipeline:
                 for key, shaped in sorted(template.items()):
                     if key not in state:
                         state[key] = torch.zeros_like(p) if shaped else torch.zeros((), dtype=torch.float32)
-                    dist.broadcast(state[key], src=src, group=self.group)
+                    buf = state[key].to(self.device)  # AdamW's step count lives on the CPU; NCCL needs the GPU
+                    dist.broadcast(buf, src=src, group=self.group)
+                    state[key].copy_(buf)
 
 
 def apply_pp(model: nn.Module, pp_mesh: Any, n_microbatches: int = 0, schedule: str = "1f1b",
@@ -352,11 +353,10 @@ def apply_pp(model: nn.Module, pp_mesh: Any, n_microbatches: int = 0, schedule: 
     if n_layers < n_stages:
         raise CorelmError(f"pipeline parallelism over {n_stages} stages needs at least {n_stages} blocks; "
                           f"the model has {n_layers}")
-    s = pp_mesh.get_local_rank()
-    lo, hi = s * n_layers // n_stages, (s + 1) * n_layers // n_stages
-    stage = _LlamaStage(model, lo, hi, first=s == 0, last=s == n_stages - 1)
+    stages = [_LlamaStage(model, s * n_layers // n_stages, (s + 1) * n_layers // n_stages, first=s == 0,
+                          last=s == n_stages - 1) for s in range(n_stages)]  # views: every rank knows the split
     dev = device or next(model.parameters()).device
-    return Pipeline(model, stage, pp_mesh, lo, hi, n_microbatches or n_stages, schedule, dev)
+    return Pipeline(model, stages, pp_mesh, n_microbatches or n_stages, schedule, dev)
 
 
 def parallelize(model: nn.Module, mode: str, world: int, device: torch.device, *, tp_size: int = 2,
