@@ -309,11 +309,11 @@ class Batcher:
 
     def _finish(self, row: int, *, reason: str | None = None, error: errors.APIError | None = None) -> None:
         request = self._rows[row]
+        self._free(row)  # first: whoever reads the last event finds the row already free
         if error is not None:
             request.emit(Event("error", error=error))
         else:
             request.emit(Event("done", finish_reason=reason))
-        self._free(row)
 
     def _free(self, row: int) -> None:
         with self._cond:
