@@ -6,6 +6,7 @@ Examples::
     corelm pretrain --model bert-tiny --objective mlm --nsp --data data/pydocs --out runs/b
     corelm pretrain --model gpt2-tiny --data data/pydocs --max-steps 500 --out runs/a --resume runs/a
     torchrun --nproc-per-node 2 -m corelm pretrain --model gpt2-tiny --data data/pydocs --out runs/d --parallel ddp
+    torchrun --nproc-per-node 2 -m corelm pretrain --model llama-tiny --data data/pydocs --out runs/t --parallel tp
 
 The run directory is a normal corelm model directory (``corelm generate --model runs/a``) holding
 the newest checkpoint, plus ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/`` and ``loss.png``.

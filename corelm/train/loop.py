@@ -3,7 +3,7 @@
 What differs between those is only *setup*: the model, the batches, which parameters have
 ``requires_grad``, which transforms were applied to the model, and the loss function. The loop owns
 everything else: AdamW with decoupled weight decay, warmup + cosine schedule, gradient accumulation and
-clipping, the precision policy, activation checkpointing, ``torch.compile``, DDP/FSDP, evaluation,
+clipping, the precision policy, activation checkpointing, ``torch.compile``, DDP/FSDP/TP/PP, evaluation,
 throughput/MFU, tracking, atomic checkpoints, exact resume, SIGINT/SIGTERM and non-finite steps.
 
 How a caller plugs in (a fine-tuning method, say)::
@@ -222,9 +222,11 @@ def train(
 
     Args:
         model: a single-device model; parameters with ``requires_grad=False`` stay frozen. It is cast to
-            the precision policy, moved to the device and transformed (activation checkpointing, DDP/FSDP,
+            the precision policy, moved to the device and transformed (activation checkpointing, DDP/FSDP/TP/PP,
             compile) here, in that order; after the call it holds the trained weights.
         loss_fn: ``loss_fn(model, batch) -> (mean loss, n_tokens | metrics dict)``; runs under autocast.
+            Under ``parallel="pp"`` it must call ``model(...)`` once, on rows of the batch, and compute the
+            loss from its output: the last stage runs it once per micro-batch (``corelm.train.parallel``).
         batches: endless iterator of batches (CPU tensors are moved to the device); if it has
             ``state_dict``/``load_state_dict`` its position is checkpointed and restored.
         config: the run arguments.
