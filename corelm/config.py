@@ -17,6 +17,12 @@ from corelm.errors import CorelmError
 FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2", "bart")
 POSITIONS = ("learned", "sinusoidal")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# MLP nonlinearities corelm implements (corelm/ops/activation.py), and which each family's MLP honours:
+# BERT's has no SiLU, the MoE and OLMo 2 MLPs are SwiGLU only.
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+_FAMILY_ACTIVATIONS = {"bert": ("relu", "gelu", "gelu_tanh"), "moe": ("silu",), "olmo2": ("silu",)}
+# Families whose blocks apply ``dropout``/``attn_dropout`` (the others would ignore them silently).
+DROPOUT_FAMILIES = ("gpt2", "llama", "gemma")
 
 
 @dataclass
@@ -40,7 +46,13 @@ class ModelConfig:
         norm_eps: Epsilon of LayerNorm/RMSNorm.
         bias: Linear layers carry biases (GPT-2 and BERT do, Llama does not).
         tie_embeddings: The LM head shares the token embedding matrix.
-        activation: MLP nonlinearity: ``gelu`` (erf), ``gelu_tanh`` or ``silu`` (SwiGLU gate).
+        activation: MLP nonlinearity: ``relu``, ``gelu`` (erf), ``gelu_tanh`` or ``silu``; in the gated MLPs
+            of Llama and Gemma it is the gate's (``silu``: SwiGLU, ``gelu_tanh``: GeGLU, ``relu``: ReGLU).
+        dropout: Dropout probability on the embeddings and on each sub-layer's output before the residual
+            add (Srivastava et al. 2014; GPT-2's ``embd_pdrop``/``resid_pdrop``); active only in train mode.
+            gpt2, llama and gemma.
+        attn_dropout: Dropout probability on the attention probabilities (``attn_pdrop``,
+            ``attention_dropout``); active only in train mode. gpt2, llama and gemma.
         rope_theta: RoPE base frequency (Llama only).
         rope_scaling: RoPE scaling, e.g. Llama 3's ``{"rope_type": "llama3", "factor": 8.0, ...}``.
         type_vocab_size: Segment (token type) embeddings (BERT only).
@@ -70,7 +82,8 @@ class ModelConfig:
         n_encoder_layer: ``bart``: encoder blocks (``n_layer`` counts the decoder's); defaults to ``n_layer``.
         decoder_start_token_id: ``bart``: the token the decoder starts from (Marian: the pad id).
         scale_embedding: ``bart``: token embeddings are multiplied by ``sqrt(d_model)`` (Marian).
-        positions: ``bart``: ``learned`` position table (BART, offset 2) or fixed ``sinusoidal`` (Marian).
+        positions: ``learned`` position table or fixed ``sinusoidal`` encodings (Vaswani et al. 2017,
+            section 3.5): ``gpt2`` (for training from scratch) and ``bart`` (BART offset 2, Marian sinusoidal).
         normalize_before: ``bart``: pre-LN blocks plus a final LayerNorm after each stack (mBART);
             False = post-LN blocks (BART, Marian).
         layernorm_embedding: ``bart``: a LayerNorm over the embeddings (BART, mBART; not Marian).
@@ -91,6 +104,8 @@ class ModelConfig:
     bias: bool | None = None
     tie_embeddings: bool = True
     activation: str | None = None
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     type_vocab_size: int = 2
@@ -144,6 +159,7 @@ class ModelConfig:
         if self.activation is None:
             self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh",
                                "moe": "silu", "olmo2": "silu", "bart": "gelu"}[self.family]
+        self._check_options()
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.layer_types is not None:
@@ -161,6 +177,24 @@ class ModelConfig:
             self._check_moe()
         if self.family == "bart":
             self._check_bart()
+
+    def _check_options(self) -> None:
+        """Activation, dropout and position kind: each one this family's model implements."""
+        allowed = _FAMILY_ACTIVATIONS.get(self.family, ACTIVATIONS)
+        if self.activation not in allowed:
+            raise CorelmError(f"activation {self.activation!r} is not implemented for family {self.family}; "
+                              f"expected one of {', '.join(allowed)}")
+        for key in ("dropout", "attn_dropout"):
+            p = getattr(self, key)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise CorelmError(f"{key} must be a probability in [0, 1), got {p!r}")
+            if p and self.family not in DROPOUT_FAMILIES:
+                raise CorelmError(f"{key} is implemented for {', '.join(DROPOUT_FAMILIES)}, not {self.family}")
+        if self.positions not in POSITIONS:
+            raise CorelmError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.positions != "learned" and self.family not in ("gpt2", "bart"):
+            raise CorelmError(f"positions={self.positions!r} is implemented for gpt2 and bart; "
+                              f"{self.family} encodes positions its own way")
 
     def _check_moe(self) -> None:
         """Mixture-of-experts fields: required for ``moe``, each within range."""

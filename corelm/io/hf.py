@@ -74,8 +74,12 @@ _HF_FIELDS["olmo2"] = _HF_FIELDS["llama"]
 _FAMILY_OF = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
               "phi3": "llama", "olmo2": "olmo2",
               "bert": "bert", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "silu": "silu",
-                "swish": "silu", "relu": "relu"}
+# transformers' ACT2FN names -> corelm's (the same function; gelu_fast is gelu_new's formula written out)
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                "gelu": "gelu", "gelu_python": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+# HF dropout fields -> (ModelConfig field, families that read it); GPT-2's embd_pdrop must equal resid_pdrop
+_DROPOUTS = {"resid_pdrop": ("dropout", ("gpt2",)), "attn_pdrop": ("attn_dropout", ("gpt2",)),
+             "attention_dropout": ("attn_dropout", ("llama", "gemma"))}
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining",
                   "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -118,8 +122,10 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         act_key = "hidden_activation"  # Gemma 2/3 name it so; Gemma 1 files may carry either
     act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu", "gemma": "gelu_pytorch_tanh"}.get(family, "silu"))
     if act not in _ACTIVATIONS:
-        raise CorelmError(f"unsupported activation {act!r} in config.json")
+        raise CorelmError(f"unsupported activation {act!r} in config.json ({act_key}); corelm implements "
+                          f"{', '.join(_ACTIVATIONS)}")
     kwargs["activation"] = _ACTIVATIONS[act]
+    kwargs.update(_dropout_options(family, hf_config))
     if family in ("llama", "gemma", "moe", "olmo2"):
         if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
             raise CorelmError(f"{model_type} configs with attention_bias/mlp_bias are not supported by corelm")
@@ -158,6 +164,23 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         extra["pad_token_id"] = hf_config.get("pad_token_id")
     extra["model_type"] = model_type
     return ModelConfig(**kwargs, extra=extra)
+
+
+def _dropout_options(family: str, hf: dict[str, Any]) -> dict[str, float]:
+    """``dropout``/``attn_dropout`` from the HF fields (transformers' GPT-2 default is 0.1 each; they act
+    only in train mode, so they change fine-tuning, never inference)."""
+    out: dict[str, float] = {}
+    for hf_name, (field, families) in _DROPOUTS.items():
+        if family in families and hf.get(hf_name) is not None:
+            out[field] = float(hf[hf_name])
+    if family == "gpt2":
+        out.setdefault("dropout", 0.1)
+        out.setdefault("attn_dropout", 0.1)
+        embd = float(hf.get("embd_pdrop", 0.1) if hf.get("embd_pdrop") is not None else out["dropout"])
+        if embd != out["dropout"]:
+            raise CorelmError(f"config.json has embd_pdrop={embd} but resid_pdrop={out['dropout']}; corelm's GPT-2 "
+                              "uses one dropout for both (set them equal)")
+    return out
 
 
 def _attention_options(model_type: str, hf: dict[str, Any], n_layer: int) -> dict[str, Any]:
@@ -252,6 +275,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     act_key = "activation_function" if family == "gpt2" else "hidden_act"
     out[act_key] = inverse.get(config.activation, config.activation)
     if family == "gpt2":
+        out.update(resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.attn_dropout)
+    elif family in ("llama", "gemma"):
+        out["attention_dropout"] = config.attn_dropout
+    if family == "gpt2":
         out["n_ctx"] = config.max_seq_len
         if config.head_dim * config.n_head != config.d_model:
             raise CorelmError("GPT-2 export needs head_dim * n_head == d_model (transformers' GPT-2 assumes it)")
@@ -306,7 +333,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 # optional fourth entry says for which configs the row exists (Qwen2's biases, Qwen3's QK norms).
 _GPT2_TABLE = [
     ("transformer.wte.weight", "transformer.wte.weight", False),
-    ("transformer.wpe.weight", "transformer.wpe.weight", False),
+    ("transformer.wpe.weight", "transformer.wpe.weight", False, lambda c: c.positions == "learned"),
     ("transformer.h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", False),
     ("transformer.h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", False),
     ("transformer.h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", True),

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
+from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
 from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
@@ -72,6 +72,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * hd, d, bias=False)
         self.q_norm = GemmaRMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = GemmaRMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.attn_dropout = config.attn_dropout
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -80,24 +81,25 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
         cos, sin = ctx.rope_local if self.local_rope else ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.attn_dropout if self.training else 0.0
         y = cached_attention(q, k, v, ctx, self.layer_idx, sliding=self.sliding, scale=self.scale,
-                             softcap=self.softcap)  # (B, n_head, T, hd)
+                             softcap=self.softcap, dropout_p=p)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """GeGLU (Shazeer 2020): ``down(gelu_tanh(gate(x)) * up(x))``."""
+    """Gated MLP (Shazeer 2020): ``down(act(gate(x)) * up(x))``; GeGLU with Gemma's ``gelu_tanh``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.act = activation_fn(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -115,10 +117,11 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(d, eps)
         self.mlp = MLP(config)
         self.post_feedforward_layernorm = GemmaRMSNorm(d, eps) if config.sandwich_norm else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)  # on each sub-layer's output before the residual add
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.dropout(self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx)))
+        x = x + self.dropout(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
         return x
 
 
@@ -128,6 +131,7 @@ class GemmaBody(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)  # on the scaled token embeddings
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = GemmaRMSNorm(config.d_model, config.norm_eps)
 
@@ -166,7 +170,7 @@ class Gemma(nn.Module):
         if self.rope_local is not None:
             ctx.rope_local = self.rope_local(ctx.input_pos, max_pos)
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+        x = self.model.dropout(x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device))
         for block in self.model.layers:
             x = block(x, ctx)
         return self.model.norm(x)

@@ -1,5 +1,8 @@
 """GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, GELU MLP, tied LM head.
 
+Textbook options for training from scratch: ``activation`` (ReLU, GELU, GELU-tanh, SiLU), ``dropout`` and
+``attn_dropout`` (train mode only), and ``positions="sinusoidal"`` (Vaswani et al. 2017, no position table).
+
 Parameter names are those of Hugging Face ``GPT2LMHeadModel``; corelm uses ``nn.Linear`` where HF
 uses its transposed ``Conv1D``, and :mod:`corelm.io.hf` transposes on import/export.
 """
@@ -14,6 +17,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
+from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
 from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
@@ -41,6 +45,7 @@ class Attention(nn.Module):
         inner = config.n_head * config.head_dim
         self.c_attn = nn.Linear(config.d_model, 3 * inner, bias=config.bias)
         self.c_proj = nn.Linear(inner, config.d_model, bias=config.bias)
+        self.attn_dropout = config.attn_dropout
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -48,22 +53,40 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        y = cached_attention(q, k, v, ctx, self.layer_idx)  # (B, n_head, T, hd)
+        p = self.attn_dropout if self.training else 0.0
+        y = cached_attention(q, k, v, ctx, self.layer_idx, dropout_p=p)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.c_proj(y)
 
 
 class MLP(nn.Module):
-    """``c_proj(gelu(c_fc(x)))`` with the tanh approximation of GELU GPT-2 was trained with."""
+    """``c_proj(act(c_fc(x)))``; GPT-2 was trained with the tanh approximation of GELU."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.c_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.act = activation_fn(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed position encodings (Vaswani et al. 2017, section 3.5), added to the token embeddings:
+    ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``. No parameters."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` positions -> ``(B, T, d_model)`` fp32 encodings."""
+        i = torch.arange(0, self.d_model, 2, dtype=torch.float64, device=input_pos.device)
+        # fp64 angles: p * w in fp32 loses the low frequencies' phase at positions in the thousands
+        angles = input_pos.to(torch.float64)[..., None] / 10000.0 ** (i / self.d_model)  # (B, T, ceil(d/2))
+        pe = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (B, T, 2*ceil(d/2)) interleaved
+        return pe[..., : self.d_model].float()
 
 
 class Block(nn.Module):
@@ -75,10 +98,11 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.ln_2 = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)  # on each sub-layer's output (GPT-2's resid_pdrop)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), ctx)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.dropout(self.attn(self.ln_1(x), ctx))
+        x = x + self.dropout(self.mlp(self.ln_2(x)))
         return x
 
 
@@ -88,7 +112,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.wpe: nn.Module = (nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned"
+                               else SinusoidalPositions(config.d_model))
+        self.drop = nn.Dropout(config.dropout)  # on the summed embeddings (GPT-2's embd_pdrop)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
@@ -120,9 +146,10 @@ class GPT2(nn.Module):
         """Final-LayerNorm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
         if input_pos is None and kv_cache is None and input_ids.shape[1] > self.config.max_seq_len:
             raise CorelmError(f"input of {input_ids.shape[1]} tokens is longer than GPT-2's "
-                              f"{self.config.max_seq_len} learned positions")
+                              f"{self.config.max_seq_len} positions")
         ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(ctx.input_pos)  # (B, T, d)
+        tok = self.transformer.wte(input_ids)  # (B, T, d)
+        x = self.transformer.drop(tok + self.transformer.wpe(ctx.input_pos).to(tok.dtype))  # (B, T, d)
         for block in self.transformer.h:
             x = block(x, ctx)
         return self.transformer.ln_f(x)

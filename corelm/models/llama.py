@@ -9,10 +9,10 @@ Face ``LlamaForCausalLM`` checkpoints.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
+from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
 from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
@@ -52,6 +52,7 @@ class Attention(nn.Module):
         # Qwen3 (Yang et al. 2025, section 2): per-head RMSNorm keeps q.k logits bounded
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.attn_dropout = config.attn_dropout
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -60,22 +61,24 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = cached_attention(q, k, v, ctx, self.layer_idx, sliding=self.sliding)  # (B, n_head, T, hd)
+        p = self.attn_dropout if self.training else 0.0
+        y = cached_attention(q, k, v, ctx, self.layer_idx, sliding=self.sliding, dropout_p=p)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * hd)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP (Shazeer 2020): ``down(act(gate(x)) * up(x))``; SwiGLU with ``silu`` (Llama), ReGLU with ``relu``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.act = activation_fn(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -87,10 +90,11 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)  # on each sub-layer's output before the residual add
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), ctx))
+        x = x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
         return x
 
 
@@ -100,6 +104,7 @@ class LlamaBody(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)  # on the token embeddings
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
@@ -132,7 +137,7 @@ class Llama(nn.Module):
         ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask, self.sliding_window)
         max_pos = ctx.n_keys - 1 if kv_cache is not None else None
         ctx.rope = self.rope(ctx.input_pos, max_pos)  # (B, 1, T, head_dim) each, shared by all layers
-        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        x = self.model.dropout(self.model.embed_tokens(input_ids))  # (B, T, d)
         for block in self.model.layers:
             x = block(x, ctx)
         return self.model.norm(x)

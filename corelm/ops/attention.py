@@ -44,7 +44,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: torch.Tensor | None = None, is_causal: bool = False,
-                        scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, softcap: float | None = None,
+                        dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(Q K^T / sqrt(d)) V`` exactly as the formula reads.
 
     Args:
@@ -55,6 +56,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: multiplies the scores instead of ``1 / sqrt(head_dim)`` (Gemma's query_pre_attn_scalar).
         softcap: scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2,
             Team et al. 2024, section 2): bounded logits, no single key can dominate.
+        dropout_p: drop attention probabilities with this probability (training; the caller passes 0 in eval).
     Returns:
         ``(B, n_head, T, head_dim)``.
     """
@@ -71,27 +73,31 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in fp32: exp() of bf16 scores loses the small probabilities that sum to the output
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
     return probs @ v  # (B, n_head, T, head_dim)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None, is_causal: bool = False,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Same contract as :func:`reference_attention` (no soft-capping), through PyTorch's fused kernels."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal and mask is None, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None = None, is_causal: bool = False,
-              scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+              scale: float | None = None, softcap: float | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
     """Dispatch to the path chosen with :func:`set_attention_impl` (shapes as in :func:`reference_attention`).
 
     Soft-capped scores always take the reference path: the fused kernels cannot cap them.
     """
     if _impl == "reference" or softcap is not None:
-        return reference_attention(q, k, v, mask, is_causal, scale, softcap)
-    return sdpa_attention(q, k, v, mask, is_causal, scale)
+        return reference_attention(q, k, v, mask, is_causal, scale, softcap, dropout_p)
+    return sdpa_attention(q, k, v, mask, is_causal, scale, dropout_p)
 
 
 def causal_mask(input_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None = None,
@@ -194,7 +200,7 @@ def decoder_context(input_ids: torch.Tensor, input_pos: torch.Tensor | None, kv_
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
                      layer: int, *, sliding: bool = False, scale: float | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Write ``k, v`` into the cache (if any) and attend.
 
     Args:
@@ -202,12 +208,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Att
         ctx: the forward's :class:`AttentionContext`.
         layer: index of the calling layer in the cache.
         sliding: the layer attends through ``ctx.window_mask`` (a fixed per-layer property).
-        scale, softcap: as in :func:`reference_attention`.
+        scale, softcap, dropout_p: as in :func:`reference_attention`.
     Returns:
         ``(B, n_head, T, head_dim)``.
     """
     if ctx.kv_cache is not None:
         k, v = ctx.kv_cache.update(layer, ctx.input_pos, k, v, ctx.n_keys)  # (B, n_kv_head, S, head_dim)
     if sliding:
-        return attention(q, k, v, ctx.window_mask, False, scale, softcap)
-    return attention(q, k, v, ctx.mask, ctx.is_causal, scale, softcap)
+        return attention(q, k, v, ctx.window_mask, False, scale, softcap, dropout_p)
+    return attention(q, k, v, ctx.mask, ctx.is_causal, scale, softcap, dropout_p)

@@ -1,0 +1,172 @@
+"""Textbook building blocks as small options: MLP activations, dropout, sinusoidal positions, uniform init,
+SGD with momentum, an MSE regression head -- and HF checkpoints whose activation is not the family default."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from corelm.config import ModelConfig
+from corelm.errors import CorelmError
+from corelm.io.hf import config_from_hf, config_to_hf, load_hf_model
+from corelm.models import build_model
+from corelm.ops.kv_cache import KVCache
+
+transformers.logging.set_verbosity_error()
+
+
+def _tiny(family: str, **kw) -> ModelConfig:
+    return ModelConfig(family=family, vocab_size=61, n_layer=2, n_head=4, d_model=32, max_seq_len=64, **kw)
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("family, hf_cls, hf_config", [
+    ("gpt2", transformers.GPT2LMHeadModel,
+     transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                             activation_function="relu")),
+    ("llama", transformers.LlamaForCausalLM,
+     transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              hidden_act="relu")),
+])
+def test_relu_checkpoints_load_with_transformers_logits(tmp_path, family, hf_cls, hf_config):
+    torch.manual_seed(0)
+    hf = hf_cls(hf_config).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)  # safetensors
+    config, model = load_hf_model(tmp_path)
+    assert (config.family, config.activation) == (family, "relu")
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+        # the MLP really is ReLU: swapping in the family default moves the logits
+        wrong = build_model(ModelConfig.from_dict({**config.to_dict(), "activation": None})).eval()
+        wrong.load_state_dict(model.state_dict())
+        assert (wrong(ids) - model(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+def test_every_activation_is_what_the_mlp_computes(family, act):
+    torch.manual_seed(0)
+    model = build_model(_tiny(family, activation=act)).eval()
+    mlp = model.layers[0].mlp
+    x = torch.randn(2, 5, 32)
+    f = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+         "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[act]
+    with torch.no_grad():
+        want = (mlp.c_proj(f(mlp.c_fc(x))) if family == "gpt2"
+                else mlp.down_proj(f(mlp.gate_proj(x)) * mlp.up_proj(x)))
+        torch.testing.assert_close(mlp(x), want, atol=0, rtol=0)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(CorelmError, match="activation 'banana'.*relu, gelu, gelu_tanh, silu"):
+        _tiny("gpt2", activation="banana")
+    with pytest.raises(CorelmError, match="not implemented for family bert"):
+        _tiny("bert", activation="silu")  # BERT's MLP has no SiLU: refused rather than run as another function
+    with pytest.raises(CorelmError, match="not implemented for family moe"):
+        ModelConfig(family="moe", vocab_size=61, n_layer=2, n_head=4, d_model=32, n_experts=2,
+                    n_experts_per_tok=1, activation="relu")
+
+
+def test_hf_activation_names_map_and_unknown_ones_are_one_line():
+    base = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4).to_dict()
+    for hf_name, ours in [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu"),
+                          ("relu", "relu"), ("silu", "silu"), ("swish", "silu")]:
+        assert config_from_hf({**base, "activation_function": hf_name}).activation == ours
+    with pytest.raises(CorelmError) as err:
+        config_from_hf({**base, "activation_function": "quick_gelu"})
+    assert "unsupported activation 'quick_gelu'" in str(err.value) and "\n" not in str(err.value)
+    llama = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, hidden_act="relu").to_dict()
+    assert config_from_hf(llama).activation == "relu"
+    assert config_to_hf(config_from_hf(llama))["hidden_act"] == "relu"
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+def test_dropout_is_active_only_in_train_mode(family):
+    torch.manual_seed(0)
+    plain = build_model(_tiny(family))
+    model = build_model(_tiny(family, dropout=0.3, attn_dropout=0.3))
+    model.load_state_dict(plain.state_dict())  # dropout adds no parameters
+    ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), plain.eval()(ids), atol=0, rtol=0)
+        model.train()
+        a, b = model(ids), model(ids)
+    assert (a - b).abs().max() > 1e-4  # two draws of the masks differ
+
+
+@pytest.mark.parametrize("which", ["dropout", "attn_dropout"])
+def test_each_dropout_acts_on_its_own(which):
+    torch.manual_seed(0)
+    model = build_model(_tiny("gpt2", **{which: 0.5})).train()
+    ids = torch.randint(0, 61, (1, 10))
+    with torch.no_grad():
+        assert (model(ids) - model(ids)).abs().max() > 1e-4
+
+
+def test_default_dropout_leaves_training_bit_identical():
+    torch.manual_seed(0)
+    model = build_model(_tiny("gpt2")).train()
+    ids = torch.randint(0, 61, (2, 10))
+    state = torch.random.get_rng_state()
+    out = model(ids)
+    assert torch.equal(torch.random.get_rng_state(), state)  # p = 0 draws no random numbers
+    torch.testing.assert_close(out, model.eval()(ids), atol=0, rtol=0)
+
+
+def test_dropout_is_validated_and_mapped_from_hf():
+    with pytest.raises(CorelmError, match=r"dropout must be a probability in \[0, 1\)"):
+        _tiny("gpt2", dropout=1.0)
+    with pytest.raises(CorelmError, match="attn_dropout is implemented for gpt2, llama, gemma, not bert"):
+        _tiny("bert", attn_dropout=0.1)
+    gpt2 = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.2,
+                                   embd_pdrop=0.2, attn_pdrop=0.05).to_dict()
+    config = config_from_hf(gpt2)
+    assert (config.dropout, config.attn_dropout) == (0.2, 0.05)
+    out = config_to_hf(config)
+    assert (out["resid_pdrop"], out["embd_pdrop"], out["attn_pdrop"]) == (0.2, 0.2, 0.05)
+    llama = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, attention_dropout=0.1).to_dict()
+    assert config_from_hf(llama).attn_dropout == 0.1
+    with pytest.raises(CorelmError, match="embd_pdrop=0.1 but resid_pdrop=0.2"):
+        config_from_hf({**gpt2, "embd_pdrop": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------- positions
+
+def test_sinusoidal_positions_follow_vaswani():
+    config = _tiny("gpt2", positions="sinusoidal")
+    model = build_model(config).eval()
+    assert not any("wpe" in name for name in model.state_dict())  # a fixed function, no table
+    pe = model.transformer.wpe(torch.arange(50)[None])[0]  # (T, d)
+    p, i = 37, 5  # PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)
+    angle = p / 10000 ** (2 * i / config.d_model)
+    assert math.isclose(float(pe[p, 2 * i]), math.sin(angle), abs_tol=1e-6)
+    assert math.isclose(float(pe[p, 2 * i + 1]), math.cos(angle), abs_tol=1e-6)
+    ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():  # cached decoding sees the same positions as the full forward
+        full = model(ids)
+        cache = KVCache.for_model(config, 1, 16, torch.float32)
+        model(ids[:, :8], kv_cache=cache, input_pos=torch.arange(8))
+        step = model(ids[:, 8:9], kv_cache=cache, input_pos=torch.tensor([8]))
+        torch.testing.assert_close(step[:, -1], full[:, 8], atol=1e-5, rtol=1e-5)
+    with pytest.raises(CorelmError, match="implemented for gpt2 and bart"):
+        _tiny("llama", positions="sinusoidal")
+    with pytest.raises(CorelmError, match="positions must be one of learned, sinusoidal"):
+        _tiny("gpt2", positions="rotary")
