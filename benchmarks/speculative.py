@@ -52,8 +52,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import corelm
-    from corelm.generate.speculative import speculative_generate
     from corelm.generate.engine import SamplingParams, stream
+    from corelm.generate.speculative import speculative_generate
 
     quantize = None if args.quantize == "none" else args.quantize
     llm = corelm.load(args.model, dtype="fp32", quantize=quantize)

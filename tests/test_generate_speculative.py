@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from corelm.generate.speculative import lookup_draft, rejection_step, speculative_generate
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
+from corelm.generate.speculative import lookup_draft, rejection_step, speculative_generate
 from corelm.models import build_model
 from tests.helpers import greedy_by_full_forward
 

@@ -63,8 +63,8 @@ def test_twenty_json_schema_documents_all_validate_while_sharing_the_batch(clien
         assert reason == "stop", (text, reason)  # the document completed inside max_tokens
         jsonschema.validate(json.loads(text), PERSON)
     # unconstrained traffic in the same batch is unaffected: the greedy text equals the lone request's
-    free = dict(model="smollm2", messages=[{"role": "user", "content": "Name a color."}], max_tokens=12,
-                temperature=0)
+    free = {"model": "smollm2", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 12,
+            "temperature": 0}
     alone = client.chat.completions.create(**free).choices[0].message.content
     with ThreadPoolExecutor(4) as pool:
         mixed = list(pool.map(lambda i: client.chat.completions.create(**free).choices[0].message.content

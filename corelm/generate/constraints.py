@@ -62,7 +62,7 @@ def grammar_for(*, json_schema: dict | bool | None = None, json_object: bool = F
     if not convert.is_lark_syntax(grammar):  # GBNF (llama.cpp's `root ::= ...`)
         try:
             grammar = convert.gbnf_to_lark(grammar)
-        except Exception as exc:  # the converter raises bare Exceptions for unknown rules
+        except Exception as exc:  # noqa: BLE001 -- the converter raises bare Exceptions for unknown rules
             raise CorelmError(f"not a valid GBNF grammar: {exc}") from None
     return matcher.grammar_from_lark(grammar)
 

@@ -122,7 +122,8 @@ def check_draft(target: nn.Module, draft: nn.Module) -> None:
 
 
 @torch.inference_mode()
-def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: int, *,
+# propose / verify / accept read top to bottom as in Leviathan et al.'s algorithm 1; splitting scatters it
+def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: int, *,  # noqa: C901
                          draft: nn.Module | None = None, lookup: int | None = None, k: int = 4,
                          temperature: float = 0.0, eos_token_id: int | None = None,
                          generator: torch.Generator | None = None) -> tuple[list[int], SpecStats]:

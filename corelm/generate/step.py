@@ -107,7 +107,8 @@ class ModelStep:
         cache.full_window = self.compile  # every step sees the same shapes: one compiled graph
         return cache
 
-    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
+    def prefill(self, cache: KVCache, prompts: Sequence[Sequence[int]],
+                rows: Sequence[int] | None = None) -> torch.Tensor:
         """Prompts into rows ``rows`` (default ``0..B-1``) from position 0 -> ``(B, V)`` fp32 logits.
 
         Prompts of one contiguous block of rows run as one right-padded forward: padding writes
@@ -282,7 +283,8 @@ class KernelStep:
         x = self.embed(torch.as_tensor(tokens, dtype=torch.long)).float()  # (N, d)
         return self.op.forward(x, rows, pos, cache.k, cache.v, out)
 
-    def prefill(self, cache: KernelCache, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
+    def prefill(self, cache: KernelCache, prompts: Sequence[Sequence[int]],
+                rows: Sequence[int] | None = None) -> torch.Tensor:
         """All prompts in one call: token ``t`` of prompt ``b`` at position ``t`` of row ``rows[b]``."""
         rows = list(range(len(prompts))) if rows is None else list(rows)
         lens = [len(p) for p in prompts]

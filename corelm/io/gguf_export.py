@@ -101,7 +101,8 @@ def _tokenizer_metadata(tokenizer: Any, pre: str) -> dict[str, Any]:
     return out
 
 
-def export_gguf(model: nn.Module, path: str | Path, qtype: str = "F16", tokenizer: Any = None,
+# one linear sequence: checks, metadata, tokenizer, tensors, atomic write
+def export_gguf(model: nn.Module, path: str | Path, qtype: str = "F16", tokenizer: Any = None,  # noqa: C901
                 tokenizer_pre: str = "smollm", name: str | None = None) -> Path:
     """Write ``model`` (a corelm llama, float or quantized) to ``path`` as GGUF.
 

@@ -173,7 +173,7 @@ class TextModel:
             grammar = grammar_for(**structure)
             self._grammar_tokenizer.check(grammar)
             return self._grammar_tokenizer.constraint(grammar)
-        except Exception as exc:  # the grammar engine's parsers raise their own types on bad input
+        except Exception as exc:  # noqa: BLE001 -- the grammar engine's parsers raise their own types on bad input
             raise errors.bad_request(f"'{param}' cannot be used: {str(exc).strip()[:500]}", param) from None
 
     def encode_prompt(self, prompt: str) -> list[int]:

@@ -455,7 +455,8 @@ def _barrier(distributed: bool) -> None:
         dist.barrier()
 
 
-def load_checkpoint(
+# read and check everything, then restore: the order is the point (a bad file fails before any RNG moves)
+def load_checkpoint(  # noqa: C901
     path: str | Path,
     *,
     model: nn.Module,
