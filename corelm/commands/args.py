@@ -214,7 +214,8 @@ def _target(ap: argparse.ArgumentParser, f: dataclasses.Field, groups: dict, sec
     return target
 
 
-def add_fields(ap: argparse.ArgumentParser, options_cls: type) -> argparse.ArgumentParser:
+# one dispatch over the kinds of field (bool, list, choices, shared builders), a few lines each
+def add_fields(ap: argparse.ArgumentParser, options_cls: type) -> argparse.ArgumentParser:  # noqa: C901
     """Add one argument per field of the dataclass ``options_cls`` to ``ap`` (see :func:`parser_from`)."""
     hints = typing.get_type_hints(options_cls)
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}

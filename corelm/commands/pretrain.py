@@ -153,7 +153,8 @@ def main(argv: list[str]) -> int:
     return 130 if result.stopped == "interrupted" else 0  # 130: like every command stopped by SIGINT/SIGTERM
 
 
-def run(args: PretrainOptions, info: Any) -> TrainResult:
+# the setup in the order a run needs it: run directory, objective, data, model, transforms, loop
+def run(args: PretrainOptions, info: Any) -> TrainResult:  # noqa: C901
     from corelm.data.prepare import read_manifest
     from corelm.data.shards import TokenWindows
     from corelm.loading import training_model
