@@ -23,6 +23,9 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 _FAMILY_ACTIVATIONS = {"bert": ("relu", "gelu", "gelu_tanh"), "moe": ("silu",), "olmo2": ("silu",)}
 # Families whose blocks apply ``dropout``/``attn_dropout`` (the others would ignore them silently).
 DROPOUT_FAMILIES = ("gpt2", "llama", "gemma")
+# Weight initialisation schemes (corelm/ops/init.py) and the families whose constructors take the choice.
+INITS = ("normal", "uniform")
+INIT_FAMILIES = ("gpt2", "llama", "gemma")
 
 
 @dataclass
@@ -53,6 +56,9 @@ class ModelConfig:
             gpt2, llama and gemma.
         attn_dropout: Dropout probability on the attention probabilities (``attn_pdrop``,
             ``attention_dropout``); active only in train mode. gpt2, llama and gemma.
+        init: Initial weights of a model built from scratch: ``normal`` N(0, 0.02^2) or ``uniform``
+            U(-0.0346, 0.0346) (the same standard deviation, ``sqrt(3) * 0.02``); see corelm/ops/init.py.
+            gpt2, llama and gemma. GPT-2's residual projections are scaled by ``1/sqrt(2 n_layer)`` in both.
         rope_theta: RoPE base frequency (Llama only).
         rope_scaling: RoPE scaling, e.g. Llama 3's ``{"rope_type": "llama3", "factor": 8.0, ...}``.
         type_vocab_size: Segment (token type) embeddings (BERT only).
@@ -106,6 +112,7 @@ class ModelConfig:
     activation: str | None = None
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    init: str = "normal"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     type_vocab_size: int = 2
@@ -190,6 +197,10 @@ class ModelConfig:
                 raise CorelmError(f"{key} must be a probability in [0, 1), got {p!r}")
             if p and self.family not in DROPOUT_FAMILIES:
                 raise CorelmError(f"{key} is implemented for {', '.join(DROPOUT_FAMILIES)}, not {self.family}")
+        if self.init not in INITS:
+            raise CorelmError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init != "normal" and self.family not in INIT_FAMILIES:
+            raise CorelmError(f"init={self.init!r} is implemented for {', '.join(INIT_FAMILIES)}, not {self.family}")
         if self.positions not in POSITIONS:
             raise CorelmError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         if self.positions != "learned" and self.family not in ("gpt2", "bart"):

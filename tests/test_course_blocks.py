@@ -19,7 +19,8 @@ transformers.logging.set_verbosity_error()
 
 
 def _tiny(family: str, **kw) -> ModelConfig:
-    return ModelConfig(family=family, vocab_size=61, n_layer=2, n_head=4, d_model=32, max_seq_len=64, **kw)
+    return ModelConfig(**{"family": family, "vocab_size": 61, "n_layer": 2, "n_head": 4, "d_model": 32,
+                          "max_seq_len": 64, **kw})
 
 
 def _randomize(model: torch.nn.Module) -> None:
@@ -170,3 +171,72 @@ def test_sinusoidal_positions_follow_vaswani():
         _tiny("llama", positions="sinusoidal")
     with pytest.raises(CorelmError, match="positions must be one of learned, sinusoidal"):
         _tiny("gpt2", positions="rotary")
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma"])
+def test_uniform_init_has_the_documented_range(family):
+    torch.manual_seed(0)
+    model = build_model(_tiny(family, init="uniform", vocab_size=2000))
+    bound = math.sqrt(3) * 0.02
+    block = model.layers[0]  # a block's first projection, and the token table
+    w = next(m.weight for m in block.modules() if isinstance(m, torch.nn.Linear))
+    table = model.get_submodule("transformer.wte" if family == "gpt2" else "model.embed_tokens").weight
+    for t in (w, table):
+        top = float(t.detach().abs().max())
+        assert 0.95 * bound < top <= bound  # fills U(-a, a)
+    table = table.detach()
+    assert abs(float(table.std()) - 0.02) < 1e-3  # same standard deviation as the normal init
+    assert float((table.abs() > 2 * 0.02).float().mean()) == 0.0  # a normal draw would have ~4.6% here
+    torch.manual_seed(0)
+    normal = build_model(_tiny(family, vocab_size=2000))
+    nt = normal.get_submodule("transformer.wte" if family == "gpt2" else "model.embed_tokens").weight.detach()
+    assert float((nt.abs() > 2 * 0.02).float().mean()) > 0.03
+    with pytest.raises(CorelmError, match="init must be one of normal, uniform"):
+        _tiny(family, init="xavier")
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def test_sgd_with_momentum_is_the_loops_update(tmp_path):
+    from corelm.objectives import causal_lm_loss
+    from corelm.train import ResumableLoader, TrainConfig, train
+
+    data = (torch.randint(0, 61, (16, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(17)) % 61
+    lr, mu = 0.05, 0.9
+    torch.manual_seed(0)
+    model = build_model(_tiny("gpt2"))
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = TrainConfig(max_steps=2, lr=lr, warmup_steps=0, min_lr_ratio=1.0, optimizer="sgd", momentum=mu,
+                      weight_decay=0.0, grad_clip=0.0, progress=False, tensorboard=False, measure_mfu=False)
+    train(model, causal_lm_loss, ResumableLoader(data, batch_size=4, seed=3), cfg)
+
+    # the same two steps by hand: v = mu v + g, w -= lr v (Sutskever et al. 2013)
+    torch.manual_seed(0)
+    ref = build_model(_tiny("gpt2")).train()
+    ref.load_state_dict({k: w0[k] for k in w0}, strict=False)
+    loader, velocity = ResumableLoader(data, batch_size=4, seed=3), {}
+    for _ in range(2):
+        ref.zero_grad()
+        causal_lm_loss(ref, next(loader))[0].backward()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                velocity[name] = mu * velocity[name] + p.grad if name in velocity else p.grad.clone()
+                p -= lr * velocity[name]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(ref.named_parameters())[name], atol=1e-6, rtol=1e-5)
+
+
+def test_optimizer_choice_is_validated_and_on_the_cli():
+    from corelm.commands.pretrain import PretrainOptions, build_parser
+    from corelm.train import TrainConfig
+
+    with pytest.raises(CorelmError, match="unknown optimizer 'adam'; expected one of adamw, sgd"):
+        TrainConfig(optimizer="adam")
+    args = build_parser().parse_args(["--model", "gpt2-tiny", "--data", "d", "--out", "o", "--optimizer", "sgd",
+                                      "--momentum", "0.8"])
+    cfg = PretrainOptions(**{k: v for k, v in vars(args).items()}).train_config()
+    assert (cfg.optimizer, cfg.momentum) == ("sgd", 0.8)
+    text = build_parser().format_help()
+    assert "(default: True)" not in text and "--no-progress" in text  # issue 17 item 7

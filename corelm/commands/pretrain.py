@@ -86,6 +86,8 @@ class PretrainOptions(Options):
     lr: float = _loop("lr", 1e-3)
     min_lr_ratio: float = _loop("min_lr_ratio")
     warmup_steps: int | None = _loop("warmup_steps", None, " (default: 5% of --max-steps)")
+    optimizer: Literal["adamw", "sgd"] = _loop("optimizer")
+    momentum: float = _loop("momentum")
     weight_decay: float = _loop("weight_decay")
     beta1: float = _loop("beta1")
     beta2: float = _loop("beta2")

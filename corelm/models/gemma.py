@@ -27,7 +27,7 @@ from torch import nn
 from corelm.config import ModelConfig
 from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
-from corelm.ops.init import init_normal_
+from corelm.ops.init import init_weights
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.rope import RopeTable, apply_rope
 from corelm.ops.tied import TiedLMHead
@@ -154,7 +154,7 @@ class Gemma(nn.Module):
         # sqrt(d_model) is rounded to the activation dtype before the multiply, as the checkpoints were trained
         self.embed_scale = math.sqrt(config.d_model)
         self.final_softcap = config.final_softcap
-        self.apply(init_normal_)
+        self.apply(init_weights(config.init))
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -19,7 +19,7 @@ from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
-from corelm.ops.init import init_normal_
+from corelm.ops.init import fill_, init_weights
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.tied import TiedLMHead
 
@@ -130,11 +130,11 @@ class GPT2(nn.Module):
             self.lm_head: nn.Module = TiedLMHead(self.transformer.wte)
         else:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.apply(init_normal_)
+        self.apply(init_weights(config.init))
         # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(number of residual layers).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                fill_(p, config.init, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -14,7 +14,7 @@ from torch import nn
 from corelm.config import ModelConfig
 from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
-from corelm.ops.init import init_normal_
+from corelm.ops.init import init_weights
 from corelm.ops.kv_cache import KVCache
 from corelm.ops.rope import RopeTable, apply_rope
 from corelm.ops.tied import TiedLMHead
@@ -124,7 +124,7 @@ class Llama(nn.Module):
                               rotary_dim=config.rotary_dim, max_seq_len=config.max_seq_len)
         # the window of the sliding layers, None when every layer attends the whole prefix
         self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
-        self.apply(init_normal_)
+        self.apply(init_weights(config.init))
 
     @property
     def layers(self) -> nn.ModuleList:

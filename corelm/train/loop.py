@@ -60,6 +60,7 @@ from corelm.train.optim import build_optimizer, lr_factor, set_lr
 from corelm.train.precision import Precision
 from corelm.train.tracking import Tracker, measure_matmul_peak
 
+OPTIMIZERS = ("adamw", "sgd")
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | dict[str, Any]"]]
 
 
@@ -84,6 +85,8 @@ class TrainConfig:
     lr: float = 3e-4                # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1       # cosine decays the learning rate to this fraction of the peak
     warmup_steps: int = 10          # linear warmup steps
+    optimizer: str = "adamw"        # adamw | sgd (SGD with momentum; its weight decay is an L2 term)
+    momentum: float = 0.9           # sgd: heavy-ball momentum coefficient
     weight_decay: float = 0.1       # decoupled AdamW decay on matrices (not norms/biases/embeddings)
     beta1: float = 0.9              # AdamW first-moment decay
     beta2: float = 0.95             # AdamW second-moment decay
@@ -115,6 +118,10 @@ class TrainConfig:
             raise CorelmError("max_steps and grad_accum must be positive")
         if self.parallel not in ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp"):
             raise CorelmError(f"unknown parallelism {self.parallel!r}; expected none, ddp, fsdp, tp, pp or fsdp+tp")
+        if self.optimizer not in OPTIMIZERS:
+            raise CorelmError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise CorelmError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.pp_schedule not in ("gpipe", "1f1b"):
             raise CorelmError(f"unknown pipeline schedule {self.pp_schedule!r}; expected gpipe or 1f1b")
         Precision(self.precision)  # validates the policy name
@@ -235,7 +242,8 @@ def train(
         export_fn: ``export_fn(full_state_dict, out_dir)`` writes the loadable model files of a
             checkpoint (default: ``model.safetensors`` with the model's names).
         extra_state: anything with ``state_dict()``/``load_state_dict()`` (JSON-able) to save and restore.
-        optimizer_fn: builds the optimizer from the (sharded) model; default AdamW over trainable params.
+        optimizer_fn: builds the optimizer from the (sharded) model; default ``config.optimizer`` (AdamW or
+            SGD with momentum) over trainable params.
         flops_per_token: training FLOPs per token, for MFU (``corelm.plan.formulas.train_flops_per_token``).
         dist: the process group position (``init_distributed()``); single process if ``None``.
         run_config: the resolved run configuration (model config, data, ...) saved with each checkpoint.
@@ -273,7 +281,7 @@ def train(
     if pipeline is not None and (cfg.precision == "fp16-mixed" or cfg.compile):
         raise CorelmError("--parallel pp does not combine with fp16-mixed or --compile")
     optimizer = optimizer_fn(model) if optimizer_fn else build_optimizer(
-        model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), kind=cfg.optimizer, momentum=cfg.momentum)
     scaler = precision.grad_scaler()
     forward_model = apply_compile(wrapped) if cfg.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay, and the warmup + cosine learning-rate schedule.
+"""AdamW with decoupled weight decay (or SGD with momentum), and the warmup + cosine learning-rate schedule.
 
 Weight decay (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization") shrinks matrices
 toward zero; it is not applied to biases, norm gains or embeddings, whose scale carries meaning
@@ -55,8 +55,14 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     groups: Iterable[dict] | None = None,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model`` (or over caller-given ``groups``).
+    kind: str = "adamw",
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over the trainable parameters of ``model`` (or over caller-given ``groups``).
+
+    ``kind="sgd"``: stochastic gradient descent with heavy-ball momentum (Polyak 1964; Sutskever et al.
+    2013), ``v = momentum * v + g; w -= lr * v``; its weight decay is the classic L2 term added to the
+    gradient, on the same groups AdamW decays. ``betas`` and ``eps`` are AdamW's only.
 
     ``foreach`` is on: one fused multi-tensor kernel per group instead of a Python loop per tensor.
     Each group remembers its base ``lr`` as ``initial_lr`` so the schedule scales it.
@@ -65,7 +71,12 @@ def build_optimizer(
     if not groups:
         raise ValueError("the model has no trainable parameters (every requires_grad is False)")
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    opt = torch.optim.AdamW(clean, lr=lr, betas=betas, eps=eps, foreach=True)
+    if kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(clean, lr=lr, momentum=momentum, foreach=True)
+    elif kind == "adamw":
+        opt = torch.optim.AdamW(clean, lr=lr, betas=betas, eps=eps, foreach=True)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; expected adamw or sgd")
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])
     return opt
