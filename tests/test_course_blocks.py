@@ -240,3 +240,47 @@ def test_optimizer_choice_is_validated_and_on_the_cli():
     assert (cfg.optimizer, cfg.momentum) == ("sgd", 0.8)
     text = build_parser().format_help()
     assert "(default: True)" not in text and "--no-progress" in text  # issue 17 item 7
+
+
+# ---------------------------------------------------------------------------------------------- regression
+
+def test_regression_task_lowers_the_mse(tmp_path):
+    from corelm.finetune.methods import build_task_model
+    from corelm.finetune.tasks import DataOptions, get_task
+    from corelm.train import ResumableLoader, TrainConfig, train
+
+    task = get_task("regression")
+    g = torch.Generator().manual_seed(0)
+    # a text's target is the share of token 7 in it, scaled to [0, 3]: learnable from the tokens alone
+    items = []
+    for _ in range(64):
+        ids = torch.randint(1, 12, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        items.append({"input_ids": ids, "target": 3.0 * ids.count(7) / len(ids)})
+    torch.manual_seed(0)
+    config = _tiny("gpt2", vocab_size=16)
+    model = build_task_model("regression", build_model(config), config, task.labels([]), "mean")
+    assert model.classifier.out_features == 1
+    before = task.evaluate(model, items, [], ["value"], pad_id=0)["val_loss"]
+    cfg = TrainConfig(max_steps=60, lr=3e-3, warmup_steps=5, progress=False, tensorboard=False, measure_mfu=False)
+    batches = ResumableLoader(items, 16, lambda b: task.collate(b, 0), seed=0)
+    result = train(model, task.loss, batches, cfg)
+    after = task.evaluate(model, items, [], ["value"], pad_id=0)
+    assert after["val_loss"] < 0.5 * before, (before, after)
+    targets = torch.tensor([it["target"] for it in items])
+    assert after["val_loss"] < float(targets.var(unbiased=False))  # better than predicting the mean
+    assert result.losses[-1][1] < result.losses[0][1]
+
+    # data: a text and a numeric target; anything else is a one-line error naming the value
+    good = tmp_path / "r.jsonl"
+    good.write_text('{"text": "a b", "label": 1.5}\n{"text": "c", "label": "-2"}\n')
+    rows = task.read(str(good), DataOptions()).items
+    task.check_data(rows, "r.jsonl", DataOptions())
+    batch = task.collate(task.encode(rows, _CharTokenizer(), ["value"], 8), 0)
+    assert batch["target"].tolist() == [1.5, -2.0]
+    with pytest.raises(CorelmError, match="r.jsonl: regression target 'high' is not a finite number"):
+        task.check_data([("x", "high")], "r.jsonl", DataOptions())
+
+
+class _CharTokenizer:
+    def encode(self, text: str, *args, **kwargs) -> list[int]:
+        return [1 + ord(c) % 10 for c in text]

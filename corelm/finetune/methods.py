@@ -17,7 +17,7 @@ from corelm.finetune.adapters import apply_adapters
 from corelm.finetune.heads import SequenceClassifier, TokenClassifier
 from corelm.finetune.lora import DEFAULT_TARGETS, apply_lora, freeze
 
-TASKS = ("classify", "ner", "sft")
+TASKS = ("classify", "ner", "sft", "regression")
 METHODS = ("full", "head", "lora", "adalora", "adapter")
 TASK_FILE = "corelm_task.json"
 HEAD_FILE = "head.safetensors"
@@ -33,7 +33,7 @@ def pad_token_id(tokenizer: Any) -> int:
 def build_task_model(task: str, backbone: nn.Module, config: Any, labels: list[str],
                      pooling: str | None) -> nn.Module:
     """The backbone under the task's head (``sft``: the LM itself)."""
-    if task == "classify":
+    if task in ("classify", "regression"):  # regression: one output unit, trained with MSE
         pooling = pooling or ("mean" if config.is_encoder else "last")
         return SequenceClassifier(backbone, config.d_model, labels, pooling, config.is_encoder)
     if task == "ner":

@@ -15,6 +15,7 @@ looks tasks up there and never switches on their names.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -260,6 +261,76 @@ class Classification(Task):
         return out
 
 
+def _target(value: str, source: str) -> float:
+    """A regression target: a finite number (``read_classification`` keeps labels as text)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not math.isfinite(number):
+        raise CorelmError(f"{source}: regression target {value!r} is not a finite number")
+    return number
+
+
+class Regression(Task):
+    """A real number per text: a one-output :class:`~corelm.finetune.heads.SequenceClassifier` head trained with
+    the mean squared error ``mean((f(x) - y)^2)`` (least squares; the Gaussian negative log-likelihood up to
+    constants). Data: a text field and a numeric target field (``--text-field``/``--label-field``)."""
+
+    name = "regression"
+
+    def read(self, path: str, options: DataOptions) -> data.Rows:
+        return data.read_classification(path, options.text_field, options.label_field, options.skip_bad)
+
+    def labels(self, items: list) -> list[str]:
+        return ["value"]  # the head's one output unit
+
+    def check_data(self, items: list, source: str, options: DataOptions) -> None:
+        for _, value in items:
+            _target(value, source)
+
+    def fields(self, options: DataOptions) -> dict[str, str] | None:
+        return {"text": options.text_field, "label": options.label_field}
+
+    def encode(self, items: list, tokenizer: Any, labels: list[str], max_len: int,
+               source: str = "") -> list[dict[str, Any]]:
+        return [{"input_ids": data.encode_text(tokenizer, text, max_len), "target": _target(value, source)}
+                for text, value in items]
+
+    def collate(self, items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        batch = data.collate(items, pad_id)
+        batch["target"] = torch.tensor([it["target"] for it in items], dtype=torch.float32)  # (B,)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        pred = model(batch["input_ids"], batch["attention_mask"])[:, 0].float()  # (B,)
+        return F.mse_loss(pred, batch["target"]), {"n_tokens": int(batch["target"].numel())}
+
+    def _errors(self, model: nn.Module, encoded: list[dict[str, Any]], pad_id: int, batch_size: int = 32,
+                progress: bool = False) -> dict[str, float]:
+        pred = torch.stack(forward_items(model, encoded, pad_id, batch_size, progress))[:, 0]  # (N,)
+        err = pred - torch.tensor([it["target"] for it in encoded])
+        mse = float(err.pow(2).mean())
+        return {"mse": mse, "rmse": math.sqrt(mse), "mae": float(err.abs().mean()), "n": len(encoded)}
+
+    def evaluate(self, model: nn.Module, encoded: list[dict[str, Any]], raw: list, labels: list[str],
+                 pad_id: int, progress: bool = False) -> dict[str, float]:
+        errors = self._errors(model, encoded, pad_id, progress=progress)
+        return {"val_loss": errors["mse"], "val_mae": errors["mae"]}
+
+    def report(self, run: Any, items: list, max_len: int, *, source: str = "", batch_size: int = 32,
+               progress: bool = False, strict: bool = False) -> tuple[dict[str, Any], str]:
+        report = self._errors(run.model, self.encode(items, run.tokenizer, run.labels, max_len, source), run.pad_id,
+                              batch_size, progress)
+        return report, (f"mse {report['mse']:.4f}  rmse {report['rmse']:.4f}  mae {report['mae']:.4f}  "
+                        f"on {report['n']} examples")
+
+    def predict(self, run: Any, texts: list[str], top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+        encoded = [{"input_ids": data.encode_text(run.tokenizer, t, run.task["max_len"])} for t in texts]
+        return [{"text": text, "value": float(out[0])}
+                for text, out in zip(texts, forward_items(run.model, encoded, run.pad_id, batch_size))]
+
+
 class TokenClassification(Task):
     """A BIO tag per word (NER): a :class:`~corelm.finetune.heads.TokenClassifier` on each word's first sub-word."""
 
@@ -359,7 +430,8 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, {"n_tokens": int(keep.sum())}
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (Classification(), TokenClassification(), CausalLM())}
+TASKS: dict[str, Task] = {task.name: task for task in (Classification(), TokenClassification(), CausalLM(),
+                                                       Regression())}
 
 
 def get_task(name: str) -> Task:
