@@ -284,3 +284,16 @@ def test_regression_task_lowers_the_mse(tmp_path):
 class _CharTokenizer:
     def encode(self, text: str, *args, **kwargs) -> list[int]:
         return [1 + ord(c) % 10 for c in text]
+
+
+def test_options_survive_a_saved_model_directory(tmp_path):
+    from corelm.io.hf import save_hf_dir
+
+    config = _tiny("gpt2", positions="sinusoidal", activation="relu", dropout=0.1, attn_dropout=0.1, init="uniform")
+    model = build_model(config).eval()
+    save_hf_dir(model, config, tmp_path)  # what every pretraining checkpoint writes
+    loaded_config, loaded = load_hf_model(tmp_path)
+    assert loaded_config == config
+    ids = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
