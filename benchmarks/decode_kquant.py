@@ -118,7 +118,8 @@ def main() -> None:
               flush=True)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"{path.name}: matrices {dict(types)}; {args.threads} threads, {args.tokens} tokens, median of "
-          f"{args.rounds} alternating rounds; ATen capability {cpu}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{args.rounds} alternating rounds; ATen capability {cpu}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     base = statistics.median(speeds[variants[0].name])
     print("| variant | tok/s (median) | min-max | weights MB | GB/s | vs native |\n|---|---|---|---|---|---|")
     for v in variants:

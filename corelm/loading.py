@@ -468,7 +468,8 @@ def training_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | N
     elif path.is_file():
         config = ModelConfig.load(path)
     else:
-        raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; give a preset, config or directory")
+        raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; "
+                          "give a preset, config or directory")
     return dataclasses.replace(config, vocab_size=vocab_size), None
 
 

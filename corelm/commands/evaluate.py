@@ -24,7 +24,7 @@ from typing import Any, Literal
 from corelm.commands.args import Options, as_options, option, options_from, parser_from
 from corelm.errors import CorelmError
 
-TASKS = ("classify", "ner", "perplexity", "summarize")
+TASKS = ("classify", "ner", "regression", "perplexity", "summarize")
 SUMMARIZE_PROMPT = "Summarize the following text in one sentence.\n\n{text}"
 
 
@@ -81,7 +81,7 @@ def _evaluate(options: EvaluateOptions) -> tuple[dict[str, Any], str]:
 
     args = dataclasses.replace(options, data=resolve(options.data))
     start = time.perf_counter()
-    if args.task in ("classify", "ner"):
+    if args.task in ("classify", "ner", "regression"):
         report = _labelled(args)
     elif args.task == "perplexity":
         report = _perplexity(args)
@@ -118,7 +118,7 @@ def _limit(items: list, n: int | None) -> list:
 
 
 def _labelled(args: EvaluateOptions) -> dict[str, Any]:
-    """classify / ner: run a fine-tuned model over a labelled file and score it (the task's own report)."""
+    """classify / ner / regression: run a fine-tuned model over a labelled file and score it (the task's own report)."""
     from corelm.finetune.methods import TASK_FILE
     from corelm.finetune.tasks import DataOptions, get_task
     from corelm.loading import is_run, load_run

@@ -60,6 +60,8 @@ def main(argv: list[str]) -> int:
     for item in predict(args):
         if args.json:
             print(json.dumps(item, ensure_ascii=False))
+        elif "value" in item:  # regression
+            print(f"{item['value']:.6g}\t{item['text']}")
         elif "label" in item:
             print(f"{item['label']}\t" + "  ".join(f"{label}={p:.3f}" for label, p in item["probabilities"].items())
                   + f"\t{item['text']}")

@@ -81,7 +81,8 @@ _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 _DROPOUTS = {"resid_pdrop": ("dropout", ("gpt2",)), "attn_pdrop": ("attn_dropout", ("gpt2",)),
              "attention_dropout": ("attn_dropout", ("llama", "gemma"))}
 _ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining",
-                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
 # Mixture-of-experts decoders (corelm/models/moe.py): Llama's fields and the attention options of
@@ -92,7 +93,8 @@ _ARCHITECTURES.update(mixtral="MixtralForCausalLM", qwen2_moe="Qwen2MoeForCausal
 _DENSE_TWIN = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 
-def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+# C901: one branch per family's extra fields; each is a few lines and they share the kwargs being built
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:  # noqa: C901
     """Translate an HF ``config.json`` dict (gpt2, llama, mistral, bert) into a :class:`ModelConfig`.
 
     A ``"corelm"`` key (written by :func:`save_hf_dir`) is taken as the exact config.
@@ -120,7 +122,9 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     act_key = "activation_function" if family == "gpt2" else "hidden_act"
     if family == "gemma" and hf_config.get("hidden_activation"):
         act_key = "hidden_activation"  # Gemma 2/3 name it so; Gemma 1 files may carry either
-    act = hf_config.get(act_key, {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu", "gemma": "gelu_pytorch_tanh"}.get(family, "silu"))
+    default_act = {"gpt2": "gelu_new", "llama": "silu", "bert": "gelu",
+                   "gemma": "gelu_pytorch_tanh"}.get(family, "silu")
+    act = hf_config.get(act_key, default_act)
     if act not in _ACTIVATIONS:
         raise CorelmError(f"unsupported activation {act!r} in config.json ({act_key}); corelm implements "
                           f"{', '.join(_ACTIVATIONS)}")
@@ -160,7 +164,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     if family == "bert" and hf_config.get("position_embedding_type", "absolute") != "absolute":
         raise CorelmError("BERT with relative position embeddings is not supported by corelm")
     extra = {k: hf_config[k] for k in _TOKEN_FIELDS if hf_config.get(k) is not None}
-    if family in ("llama", "gemma", "olmo2"):  # kept so an export does not fall back to the class default (Phi-3: 32000)
+    # kept so an export does not fall back to the class default (Phi-3: 32000)
+    if family in ("llama", "gemma", "olmo2"):
         extra["pad_token_id"] = hf_config.get("pad_token_id")
     extra["model_type"] = model_type
     return ModelConfig(**kwargs, extra=extra)
@@ -234,7 +239,8 @@ def _moe_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     if model_type == "mixtral":
         if (config.moe_d_ff != config.d_ff or config.dense_layers or config.shared_expert_d_ff
                 or not config.norm_topk_prob or config.qkv_bias or config.qk_norm):
-            raise CorelmError("this moe config has features Mixtral lacks; set extra['model_type'] to qwen2_moe/qwen3_moe")
+            raise CorelmError("this moe config has features Mixtral lacks; "
+                              "set extra['model_type'] to qwen2_moe/qwen3_moe")
         return {**out, "num_local_experts": config.n_experts}
     out.update(num_experts=config.n_experts, moe_intermediate_size=config.moe_d_ff, decoder_sparse_step=1,
                mlp_only_layers=list(config.dense_layers or []))
@@ -257,9 +263,13 @@ def _check_llama_export(config: ModelConfig, model_type: str) -> None:
                           "set config.extra['model_type'] to one that does (mistral, qwen2, qwen3, phi3)")
 
 
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+# C901: one branch per family's extra fields, in the order of config_from_hf
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:  # noqa: C901
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
+    if family == "gpt2" and config.positions == "sinusoidal":  # transformers would fill `wpe` with noise
+        raise CorelmError("a GPT-2 with sinusoidal positions has no Hugging Face equivalent (GPT2LMHeadModel "
+                          "learns its positions); save it as a corelm run instead")
     if family == "bart":
         return hf_seq2seq.config_to_hf(config)
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family

@@ -53,7 +53,7 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     norm = 2 * d if layernorm else d
 
     embedding = V * d
-    if cfg.family in ("gpt2", "bert"):  # learned absolute positions (Llama uses RoPE: no parameters)
+    if cfg.family in ("gpt2", "bert") and cfg.positions == "learned":  # RoPE and sinusoids have no parameters
         embedding += cfg.max_seq_len * d
     if cfg.family == "bert":
         embedding += cfg.type_vocab_size * d + norm  # segment embeddings and the embedding LayerNorm
@@ -68,7 +68,7 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     elif cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight per head width, shared by the heads
         attention += 2 * cfg.head_dim
     # gated MLPs (SwiGLU, Shazeer 2020; Gemma's GeGLU): gate, up and down projections
-    gated = cfg.family in ("llama", "gemma", "moe", "olmo2") or cfg.activation == "silu"
+    gated = is_gated(cfg)
     dense_mlp = (3 if gated else 2) * d * cfg.d_ff
     if bias:
         dense_mlp += cfg.d_ff * (2 if gated else 1) + d
@@ -89,6 +89,11 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
         "lm_head": 0 if (cfg.tie_embeddings or cfg.is_encoder) else V * d,
         "pooler": d * d + d if cfg.family == "bert" else 0,
     }
+
+
+def is_gated(cfg: ModelConfig) -> bool:
+    """A gated MLP (gate, up, down: SwiGLU in Llama, GeGLU in Gemma) is the family's, whatever the activation."""
+    return cfg.family in ("llama", "gemma", "moe", "olmo2")
 
 
 def _seq2seq_breakdown(cfg: ModelConfig) -> dict[str, int]:
@@ -343,7 +348,7 @@ def activation_elements_per_layer(cfg: ModelConfig, seq_len: int, batch: int, *,
     out = {
         "norm_inputs": (2 if fused_norms else 4) * sb * h,
         "attention": sb * h + sb * (q + 2 * kv) + sb * q + scores,
-        "mlp": sb * h + (4 if cfg.activation == "silu" else 2) * sb * f,
+        "mlp": sb * h + (4 if is_gated(cfg) else 2) * sb * f,
         # Korthikanti's 5as²b counts the dropout output too: 2 bytes more per score element.
         "dropout_output": scores if dropout else 0.0,
         "dropout_mask_bytes": (2 * sb * h + (a * s * s * b if not fused_attention else 0.0)) if dropout else 0.0,
@@ -467,7 +472,7 @@ def lora_params(cfg: ModelConfig, rank: int = 8, targets: str = "attention") -> 
     d, f = cfg.d_model, cfg.d_ff
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
-    if cfg.activation != "silu":
+    if not is_gated(cfg):
         shapes.pop("gate")
     per_layer = sum(rank * (i + o) for name, (i, o) in shapes.items() if name in LORA_TARGETS[targets])
     return cfg.n_layer * per_layer

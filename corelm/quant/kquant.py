@@ -2,10 +2,10 @@
 
 A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``)
 keeps each matrix in the bytes it was written in (the quantizer falls back to Q5_0/Q5_1/Q8_0 for
-rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear` holds a matrix's rows of
-blocks and its GGML type, and multiplies through ``torch.ops.corelm.qlinear_blocks`` (corelm's C++
-kernels, ``kquants.h``: integer dot products of the blocks with 15-bit activation blocks of 32, the
-fp16 scales used as stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
+rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear`
+holds a matrix's rows of blocks and its GGML type, and multiplies through
+``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``: integer dot products of the
+blocks with 15-bit activation blocks of 32, the fp16 scales used as stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
 
 Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
 
@@ -33,7 +33,8 @@ from corelm.errors import CorelmError
 QK = 32  # activation block, and a K sub-block
 QK_K = 256  # K super-block
 # GGML type id -> (name, values per block, bytes per block)
-FORMATS = {6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+FORMATS = {6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+           12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
 
 
@@ -186,10 +187,12 @@ class GGUFBlockLinear(nn.Module):
 INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they are
 
 
-def quantize_gguf(model: nn.Module, source: object) -> nn.Module:
+def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
     """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
     from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
     :class:`GGUFBlockLinear`. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
+    ``targets`` is the transform's ``(linears, tied embedding)`` of the model
+    (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
     Raises:
         CorelmError: no file, an already quantized model, or a matrix whose type has neither layer
@@ -197,14 +200,14 @@ def quantize_gguf(model: nn.Module, source: object) -> nn.Module:
     """
     from corelm.quant.gguf_blocks import GGUFBlocks
     from corelm.quant.layers import int4_class
-    from corelm.quant.transform import _targets
 
     if source is None:
-        raise CorelmError('quantize="gguf" runs the blocks of the GGUF file the model was loaded from; none given')
+        raise CorelmError('quantize="gguf" runs the blocks of the GGUF file the model was loaded from; '
+                          "none given")
     if getattr(model, "corelm_quantization", None):
         raise CorelmError("the model is already quantized")
     found = GGUFBlocks(source, model)
-    targets, tied = _targets(model, ())
+    targets, tied = targets
     plan = []
     for parent, name, linear in targets:
         path = found.by_module.get(id(linear), name)

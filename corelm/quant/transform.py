@@ -150,7 +150,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
     if method == "gguf":
         from corelm.quant.kquant import quantize_gguf
 
-        return quantize_gguf(model, from_gguf)
+        return quantize_gguf(model, from_gguf, _targets(model, ()))
     if method not in METHODS:
         raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
     skip = tuple(skip)

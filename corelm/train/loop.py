@@ -56,6 +56,7 @@ from corelm.errors import CorelmError
 from corelm.plan.formulas import mfu
 from corelm.train.checkpoint import ExportFn, latest_checkpoint, load_checkpoint, save_checkpoint
 from corelm.train.distributed import DistInfo, all_reduce_mean, apply_ddp, apply_fsdp, find_blocks
+from corelm.train.loss_info import split_loss_info
 from corelm.train.optim import build_optimizer, lr_factor, set_lr
 from corelm.train.precision import Precision
 from corelm.train.tracking import Tracker, measure_matmul_peak
@@ -199,19 +200,9 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _split_info(info: int | dict[str, Any] | None, batch: Any) -> tuple[int, dict[str, float]]:
-    if isinstance(info, dict):
-        metrics = {k: float(v) for k, v in info.items() if k != "n_tokens" and isinstance(v, (int, float, torch.Tensor))}
-        n = info.get("n_tokens")
-    else:
-        metrics, n = {}, info
-    if n is None:
-        first = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values())) if isinstance(batch, dict) else None
-        n = first.numel() if isinstance(first, torch.Tensor) else 0
-    return int(n), metrics
-
-
-def train(
+# C901: the one training loop, phase by phase as STYLE.md orders them (transforms, resume, accumulate,
+# step, log, evaluate, checkpoint); its helpers are the phases that stand alone
+def train(  # noqa: C901
     model: nn.Module,
     loss_fn: LossFn,
     batches: Batches | Iterator,
@@ -369,7 +360,7 @@ def train(
                                 loss, extra = loss_fn(forward_model, batch)
                             scaled = loss / cfg.grad_accum
                             (scaler.scale(scaled) if scaler else scaled).backward()
-                    n, metrics = _split_info(extra, batch)
+                    n, metrics = split_loss_info(extra, batch)
                     n_tokens += n
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
@@ -467,7 +458,7 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, make_batches: Callable[[], 
         except StopIteration:
             break
         loss, extra = loss_fn(model, batch)
-        n, _ = _split_info(extra, batch)
+        n, _ = split_loss_info(extra, batch)
         total += loss.detach().double().cpu() * n
         count += n
     stats = all_reduce_mean(torch.tensor([float(total), float(count)], dtype=torch.float64), info)

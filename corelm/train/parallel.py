@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.train.loss_info import split_loss_info
 
 MODES = ("tp", "pp", "fsdp+tp")
 SCHEDULES = ("gpipe", "1f1b")
@@ -235,11 +236,10 @@ class Pipeline:
 
     def _loss(self, output: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         loss_fn, batch, scale = self._call  # type: ignore[misc]
-        from corelm.train.loop import _split_info
 
         rows = _rows(batch, idx, self._n_rows)
         loss, info = loss_fn(lambda *a, **k: output, rows)  # the stand-in model returns this micro-batch's logits
-        n, _ = _split_info(info, rows)
+        n, _ = split_loss_info(info, rows)
         self._record.append((float(loss.detach()), n))
         return loss * scale
 
