@@ -5,7 +5,8 @@ keeps each matrix in the bytes it was written in (the quantizer falls back to Q5
 rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear`
 holds a matrix's rows of blocks and its GGML type, and multiplies through
 ``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``: integer dot products of the
-blocks with 15-bit activation blocks of 32, the fp16 scales used as stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
+blocks with 15-bit activation blocks of 32, the fp16 scales used as stored). Without the kernels it
+dequantizes (:func:`dequantize_blocks`).
 
 Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
 
