@@ -34,19 +34,6 @@ OBJECTIVES = ("clm", "mlm")
 PARALLEL = ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp")
 
 
-def _loop_help(name: str) -> str:
-    """The comment on a TrainConfig field is its help text (config is data, documented once)."""
-    import inspect
-
-    from corelm.train import loop
-
-    for line in inspect.getsource(loop.TrainConfig).splitlines():
-        stripped = line.strip()
-        if stripped.startswith(f"{name}:") and "#" in stripped:
-            return stripped.split("#", 1)[1].strip()
-    return name
-
-
 def _loop(name: str, default: Any = MISSING, note: str = "") -> Any:
     """An option of the training loop: :class:`TrainConfig`'s field ``name``, its documentation, and its default
     unless pretraining has its own."""
@@ -56,7 +43,8 @@ def _loop(name: str, default: Any = MISSING, note: str = "") -> Any:
         meta["choices"] = PARALLEL
     if name == "pp_schedule":
         meta["choices"] = ("gpipe", "1f1b")
-    return option(spec.default if default is MISSING else default, _loop_help(name) + note, **meta)
+    # TrainConfig documents each field once, in its metadata: that is the help text here too
+    return option(spec.default if default is MISSING else default, spec.metadata["help"] + note, **meta)
 
 
 @dataclass

@@ -80,39 +80,49 @@ class Stateful(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Run arguments of the loop. Each field's comment is its ``--help`` text."""
+    """Run arguments of the loop. Each field's ``metadata["help"]`` is its ``--help`` text."""
 
-    max_steps: int = 100            # optimizer steps to run (the schedule's length)
-    lr: float = 3e-4                # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1       # cosine decays the learning rate to this fraction of the peak
-    warmup_steps: int = 10          # linear warmup steps
-    optimizer: str = "adamw"        # adamw | sgd (SGD with momentum; its weight decay is an L2 term)
-    momentum: float = 0.9           # sgd: heavy-ball momentum coefficient
-    weight_decay: float = 0.1       # decoupled AdamW decay on matrices (not norms/biases/embeddings)
-    beta1: float = 0.9              # AdamW first-moment decay
-    beta2: float = 0.95             # AdamW second-moment decay
-    grad_clip: float = 1.0          # clip the global gradient norm to this (0: no clipping)
-    grad_accum: int = 1             # micro-batches per optimizer step
-    precision: str = "fp32"         # fp32 | bf16-mixed | fp16-mixed | bf16-true
-    compile: bool = False           # torch.compile the model
-    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
-    parallel: str = "none"          # none | ddp | fsdp | tp | pp | fsdp+tp (launch with torchrun)
-    tp_size: int = 2                # fsdp+tp: processes per tensor-parallel group (tp and pp use every process)
-    sequence_parallel: bool = False  # tp, fsdp+tp: also split norms and residual stream along the sequence
-    pp_microbatches: int = 0        # pp: micro-batches per batch (0: one per stage)
-    pp_schedule: str = "1f1b"       # pp: gpipe | 1f1b
-    eval_every: int = 0             # evaluate every N steps (0: only at the end)
-    log_every: int = 1              # write metrics every N steps
-    save_every: int = 0             # checkpoint every N steps (0: only at the end / on interrupt)
-    keep_last: int = 3              # checkpoints kept on disk
-    seed: int = 0                   # seed of every RNG the loop draws from
-    max_bad_steps: int = 5          # stop after this many consecutive non-finite losses
-    out: str | None = None          # run directory (checkpoints, metrics.jsonl, tensorboard/, loss.png)
-    resume: str | None = None       # run or checkpoint directory to continue from
-    progress: bool = True           # live progress bar
-    tensorboard: bool = True        # write TensorBoard event files
-    wandb: str | None = None        # also log to this Weights & Biases project (optional package; rank 0)
-    measure_mfu: bool = True        # measure this device's matmul peak once and log MFU
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps to run (the schedule's length)"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate, reached after warmup"})
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "cosine decays the learning rate to this fraction of the peak"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adamw | sgd (SGD with momentum; its weight decay is an L2 term)"})
+    momentum: float = field(default=0.9, metadata={"help": "sgd: heavy-ball momentum coefficient"})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "decoupled AdamW decay on matrices (not norms/biases/embeddings)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW first-moment decay"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW second-moment decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: no clipping)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16-mixed | fp16-mixed | bf16-true"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute block activations in backward to save memory"})
+    parallel: str = field(
+        default="none", metadata={"help": "none | ddp | fsdp | tp | pp | fsdp+tp (launch with torchrun)"})
+    tp_size: int = field(
+        default=2, metadata={"help": "fsdp+tp: processes per tensor-parallel group (tp and pp use every process)"})
+    sequence_parallel: bool = field(
+        default=False, metadata={"help": "tp, fsdp+tp: also split norms and residual stream along the sequence"})
+    pp_microbatches: int = field(default=0, metadata={"help": "pp: micro-batches per batch (0: one per stage)"})
+    pp_schedule: str = field(default="1f1b", metadata={"help": "pp: gpipe | 1f1b"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
+    save_every: int = field(
+        default=0, metadata={"help": "checkpoint every N steps (0: only at the end / on interrupt)"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept on disk"})
+    seed: int = field(default=0, metadata={"help": "seed of every RNG the loop draws from"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite losses"})
+    out: str | None = field(
+        default=None, metadata={"help": "run directory (checkpoints, metrics.jsonl, tensorboard/, loss.png)"})
+    resume: str | None = field(default=None, metadata={"help": "run or checkpoint directory to continue from"})
+    progress: bool = field(default=True, metadata={"help": "live progress bar"})
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
+    wandb: str | None = field(
+        default=None, metadata={"help": "also log to this Weights & Biases project (optional package; rank 0)"})
+    measure_mfu: bool = field(default=True, metadata={"help": "measure this device's matmul peak once and log MFU"})
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.grad_accum <= 0:
