@@ -267,9 +267,6 @@ def _check_llama_export(config: ModelConfig, model_type: str) -> None:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:  # noqa: C901
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
-    if family == "gpt2" and config.positions == "sinusoidal":  # transformers would fill `wpe` with noise
-        raise CorelmError("a GPT-2 with sinusoidal positions has no Hugging Face equivalent (GPT2LMHeadModel "
-                          "learns its positions); save it as a corelm run instead")
     if family == "bart":
         return hf_seq2seq.config_to_hf(config)
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
