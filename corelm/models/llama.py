@@ -102,21 +102,29 @@ class Block(nn.Module):
 class LlamaBody(nn.Module):
     """Embeddings, blocks and final norm: HF's ``model.*`` namespace."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, block: type[nn.Module], norm: type[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)  # on the token embeddings
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.n_layer))
+        self.norm = norm(config.d_model, config.norm_eps)
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama; ``forward`` returns next-token logits ``(B, T, vocab)``."""
+    """Decoder-only Llama; ``forward`` returns next-token logits ``(B, T, vocab)``.
+
+    Families that differ from Llama only inside the block (OLMo 2's norm placement, MoE's sparse MLP)
+    subclass it and name their own ``block`` (and final ``norm``) class: the embeddings, RoPE, mask,
+    head and the loop over blocks are this class's.
+    """
+
+    block: type[nn.Module] = Block
+    norm: type[nn.Module] = RMSNorm
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaBody(config)
+        self.model = LlamaBody(config, self.block, self.norm)
         if config.tie_embeddings:
             self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
         else:

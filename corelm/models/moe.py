@@ -36,12 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
-from corelm.models.llama import Attention, RMSNorm
-from corelm.ops.attention import AttentionContext, decoder_context
-from corelm.ops.init import init_normal_
-from corelm.ops.kv_cache import KVCache
-from corelm.ops.rope import RopeTable
-from corelm.ops.tied import TiedLMHead
+from corelm.models.llama import Attention, Llama, RMSNorm
+from corelm.ops.attention import AttentionContext
 
 # --------------------------------------------------------------------------------------------
 # routing and grouped expert computation (stateless)
@@ -219,63 +215,10 @@ class Block(nn.Module):
         return x
 
 
-class MoEBody(nn.Module):
-    """Embeddings, blocks and final norm: HF's ``model.*`` namespace."""
+class MoE(Llama):
+    """Decoder-only sparse MoE: Llama with :class:`Block` (a routed MLP); ``forward`` returns logits."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-
-
-class MoE(nn.Module):
-    """Decoder-only sparse MoE; ``forward`` returns next-token logits ``(B, T, vocab)``."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = MoEBody(config)
-        if config.tie_embeddings:
-            self.lm_head: nn.Module = TiedLMHead(self.model.embed_tokens)
-        else:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rope = RopeTable(config.head_dim, config.rope_theta, config.rope_scaling,
-                              rotary_dim=config.rotary_dim, max_seq_len=config.max_seq_len)
-        # the window of the sliding layers, None when every layer attends the whole prefix
-        self.sliding_window = config.sliding_window if any(map(config.is_sliding, range(config.n_layer))) else None
-        self.apply(init_normal_)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def hidden_states(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states ``(B, T, d_model)``; arguments as in :meth:`forward`."""
-        ctx = decoder_context(input_ids, input_pos, kv_cache, attention_mask, self.sliding_window)
-        max_pos = ctx.n_keys - 1 if kv_cache is not None else None
-        ctx.rope = self.rope(ctx.input_pos, max_pos)  # (B, 1, T, head_dim) each, shared by all layers
-        x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        for block in self.model.layers:
-            x = block(x, ctx)
-        return self.model.norm(x)
-
-    def forward(self, input_ids: torch.Tensor, *, input_pos: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits.
-
-        Args:
-            input_ids: ``(B, T)`` token ids.
-            input_pos: ``(B, T)`` (or ``(T,)``) positions; default ``0..T-1``.
-            kv_cache: a :class:`KVCache` to write this step's keys/values into and read from.
-            attention_mask: ``(B, T)`` 1 = token, 0 = padding (only without a cache).
-        Returns:
-            logits ``(B, T, vocab_size)``.
-        """
-        return self.lm_head(self.hidden_states(input_ids, input_pos=input_pos, kv_cache=kv_cache,
-                                               attention_mask=attention_mask))
+    block = Block
 
 
 # --------------------------------------------------------------------------------------------
