@@ -49,13 +49,9 @@ def cache_repo(hf_home: Path, repo_id: str, files: dict[str, Path], commit: str 
     return snapshot
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_tokenizer_dir() -> Path:
-    import tempfile
-
+def _tiny_tokenizer_dir(d: Path) -> Path:
     from corelm.tokenizer import train_tokenizer
 
-    d = Path(tempfile.mkdtemp(prefix="corelm-hub-tok-"))
     (d / "corpus.txt").write_text(CORPUS)
     tok = train_tokenizer([d / "corpus.txt"], kind="bpe", vocab_size=400, min_frequency=1, show_progress=False)
     tok.save(d / "tok")
@@ -67,7 +63,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama written by transformers (save_pretrained: config.json, model.safetensors, ...) + tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok_dir = _tiny_tokenizer_dir()
+    tok_dir = _tiny_tokenizer_dir(tmp_path_factory.mktemp("hub-tok"))
     vocab = Tokenizer.from_dir(tok_dir).vocab_size
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
