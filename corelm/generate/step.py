@@ -9,7 +9,13 @@ continuous batcher all call a *step* with the same five operations and never a m
 - ``extend(cache, row, tokens, pos0)``: ``T`` tokens of one row at ``pos0..`` (a speculative verify
   pass), returning the logits of every one of them;
 - ``decode(cache, tokens, pos, rows)``: one token for each of several rows, each at its own position;
-- ``reorder(cache, origins)`` / ``share_prefix(cache, n)``: beam search's row copies.
+- ``reorder(cache, origins)`` / ``share_prefix(cache, n)``: beam search's row copies;
+- ``read_slots(cache, row, start, stop)`` / ``write_slots(cache, row, start, kv)``: a copy of one
+  row's keys and values at slots ``start..stop``, and its way back into any row (the server's prefix
+  cache: a prompt's head is prefilled once and copied into the next request that starts with it).
+
+:class:`KernelStep` also has ``mixed(cache, runs)``: several rows, each feeding a run of tokens at
+its own positions, in one call (the server's decode rows and a chunk of a prompt's prefill together).
 
 Two steps implement them:
 
@@ -172,6 +178,19 @@ class ModelStep:
             cache.k[layer][1:, :, :n] = cache.k[layer][:1, :, :n]
             cache.v[layer][1:, :, :n] = cache.v[layer][:1, :, :n]
 
+    def read_slots(self, cache: KVCache, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of row ``row``'s keys and values at slots ``start..stop``:
+        ``(n_layer, n_kv_head, n, head_dim)`` each."""
+        return (torch.stack([k[row, :, start:stop] for k in cache.k]),
+                torch.stack([v[row, :, start:stop] for v in cache.v]))
+
+    def write_slots(self, cache: KVCache, row: int, start: int, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Put :meth:`read_slots`' ``kv`` into row ``row`` at slots ``start..``."""
+        n = kv[0].shape[2]
+        for layer in range(cache.n_layer):
+            cache.k[layer][row, :, start:start + n] = kv[0][layer]
+            cache.v[layer][row, :, start:start + n] = kv[1][layer]
+
 
 def _decode_one(model: nn.Module, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     logits = model(tokens[:, None], input_pos=input_pos[:, None], kv_cache=cache)  # (B, 1, V)
@@ -311,6 +330,24 @@ class KernelStep:
     def share_prefix(self, cache: KernelCache, n: int) -> None:
         cache.k[:, 1:, :, :n] = cache.k[:, :1, :, :n]
         cache.v[:, 1:, :, :n] = cache.v[:, :1, :, :n]
+
+    def read_slots(self, cache: KernelCache, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache.k[:, row, :, start:stop].clone(), cache.v[:, row, :, start:stop].clone()
+
+    def write_slots(self, cache: KernelCache, row: int, start: int, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        n = kv[0].shape[2]
+        cache.k[:, row, :, start:start + n] = kv[0]
+        cache.v[:, row, :, start:start + n] = kv[1]
+
+    def mixed(self, cache: KernelCache, runs: Sequence[tuple[int, Sequence[int], int]]) -> torch.Tensor:
+        """Runs ``(row, tokens, pos0)`` -- each row's ``tokens`` at positions ``pos0..`` -- in one call
+        -> ``(len(runs), V)`` fp32 logits after each run's last token. A token's logits do not depend on
+        the call's other tokens, so a run of one token is a decode step and a longer run a prefill chunk."""
+        lens = [len(tokens) for _, tokens, _ in runs]
+        row_of = torch.repeat_interleave(torch.as_tensor([row for row, _, _ in runs]), torch.as_tensor(lens))
+        pos = torch.cat([torch.arange(pos0, pos0 + n) for (_, _, pos0), n in zip(runs, lens)])
+        last = torch.as_tensor(lens).cumsum(0) - 1
+        return self._run(cache, [t for _, tokens, _ in runs for t in tokens], row_of, pos, last)
 
 
 def layer_window(config: object, i: int) -> int:
