@@ -70,6 +70,7 @@ class _Request:
     admitted: float = 0.0
     constraint: Any = None  # a corelm.generate.constraints.Constraint: structured output
     logprobs: int | None = None  # None: off; k: the token's log-probability and the k most likely
+    adapter: int = 0  # the LoRA adapter slot the row decodes with (corelm.serve.adapters); 0: the base model
 
     def emit(self, event: Event) -> None:
         event.time = time.monotonic()
@@ -120,16 +121,18 @@ class Batcher:
         max_queue: requests that may wait for a row; beyond that :meth:`submit` refuses at once.
         sample: sampler ``(logits (1, V), spec, generator, history) -> token id``; default: the engine's
             :func:`~corelm.generate.engine.sample_next`.
+        step: the decode step (default :func:`~corelm.generate.step.step_for`); with LoRA adapters, a
+            :class:`corelm.serve.adapters.AdapterStep` that reads each row's slot from :meth:`adapter_of`.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 2048,
-                 max_queue: int = 64, sample: Any = None) -> None:
+                 max_queue: int = 64, sample: Any = None, step: Any = None) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self._sample = sample or engine.sample_next
-        self.step = step_for(model)
+        self.step = step or step_for(model)
         self.device = model_device(model)
         self.cache = self.step.new_cache(max_batch, max_seq_len)
         self._rows: list[_Request | None] = [None] * max_batch
@@ -150,6 +153,16 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def adapter_of(self, row: int) -> int:
+        """The adapter slot of the request in cache row ``row`` (0: none, or a free row)."""
+        request = self._rows[row]
+        return 0 if request is None else request.adapter
+
+    def adapters_in_use(self) -> set[int]:
+        """Adapter slots that queued or running requests hold (a slot is reused only once free)."""
+        with self._cond:
+            return {r.adapter for r in [*self._rows, *self._waiting] if r is not None and r.adapter}
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="corelm-batcher", daemon=True)
         self._thread.start()
@@ -162,12 +175,13 @@ class Batcher:
             self._thread.join(timeout=10)
 
     def submit(self, prompt: list[int], spec: SamplingParams, deadline: float | None = None, *,
-               constraint: Any = None, logprobs: int | None = None) -> Handle:
+               constraint: Any = None, logprobs: int | None = None, adapter: int = 0) -> Handle:
         """Queue a request; must be called from the running event loop.
 
         ``constraint`` (a :class:`corelm.generate.constraints.Constraint`) masks this row's logits
         before each token; ``logprobs`` = k attaches each token's log-probability (the model's
-        log-softmax, before temperature and masks) and the k most likely tokens to its event.
+        log-softmax, before temperature and masks) and the k most likely tokens to its event;
+        ``adapter`` is the LoRA slot the row decodes with (0: the base model).
 
         Raises:
             APIError: 503 with Retry-After when every row is busy and the waiting queue is full.
@@ -178,7 +192,7 @@ class Batcher:
                 f"server's per-request limit of {self.max_seq_len} tokens", "max_tokens")
         loop = asyncio.get_running_loop()
         request = _Request(list(prompt), spec, deadline, loop, asyncio.Queue(), id=next(self._ids),
-                           constraint=constraint, logprobs=logprobs)
+                           constraint=constraint, logprobs=logprobs, adapter=adapter)
         with self._cond:
             free_rows = self.max_batch - self.running
             if len(self._waiting) >= self.max_queue + max(free_rows, 0):
