@@ -125,6 +125,7 @@ class TextModel:
         self.stop_token_ids = tuple(sorted({int(t) for t in eos if t is not None}))
         self._grammar_tokenizer: GrammarTokenizer | None = None
         self._native_tools: bool | None = None
+        self.adapters: Any = None  # a corelm.serve.adapters.AdapterSet when LoRA adapters are served over it
 
     @property
     def native_tools(self) -> bool:
@@ -209,14 +210,16 @@ class TextModel:
         return max_tokens
 
     def start(self, prompt_ids: list[int], options: TextOptions, max_tokens: int,
-              deadline: float | None, constraint: Constraint | None = None) -> TextStream:
+              deadline: float | None, constraint: Constraint | None = None, adapter: int = 0) -> TextStream:
         """Submit a generation (raises the batcher's 503 when full); ``constraint`` from
-        :meth:`constraint` (one per generation: it holds the generation's grammar state)."""
+        :meth:`constraint` (one per generation: it holds the generation's grammar state); ``adapter``:
+        the LoRA slot to decode with (:attr:`adapters`; 0: the base model)."""
         spec = SamplingParams(
             max_new_tokens=max_tokens, temperature=options.temperature, top_p=options.top_p,
             top_k=options.top_k, repetition_penalty=options.repetition_penalty, seed=options.seed,
             stop_token_ids=self.stop_token_ids, ignore_eos=options.ignore_eos)
-        handle = self.batcher.submit(prompt_ids, spec, deadline, constraint=constraint, logprobs=options.logprobs)
+        handle = self.batcher.submit(prompt_ids, spec, deadline, constraint=constraint, logprobs=options.logprobs,
+                                     adapter=adapter)
         return TextStream(handle, self.tokenizer, len(prompt_ids), list(options.stop))
 
 
