@@ -14,7 +14,7 @@ from typing import Any
 
 from corelm.errors import CorelmError
 
-FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2", "bart")
+FAMILIES = ("gpt2", "llama", "bert", "gemma", "moe", "olmo2", "bart", "t5")
 POSITIONS = ("learned", "sinusoidal")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # MLP nonlinearities corelm implements (corelm/ops/activation.py), and which each family's MLP honours:
@@ -36,7 +36,8 @@ class ModelConfig:
         family: Architecture family: ``gpt2``, ``llama`` (also Mistral, Qwen2, Qwen3), ``bert`` or
             ``gemma`` (Gemma 1, 2 and 3) or ``moe`` (Mixtral, Qwen2-MoE, Qwen3-MoE: Llama attention,
             mixture-of-experts MLPs) or ``olmo2`` (OLMo 2: norms after the sub-layers, QK norm) or ``bart``
-            (encoder-decoders: BART, mBART, MarianMT; ``n_layer`` counts the decoder's blocks).
+            (encoder-decoders: BART, mBART, MarianMT; ``n_layer`` counts the decoder's blocks) or ``t5``
+            (T5, T5 v1.1, mT5: RMS norms before the sub-layers, relative-position buckets, no biases).
         name: Preset or checkpoint name, for display only.
         vocab_size: Number of token embeddings.
         n_layer: Number of Transformer blocks.
@@ -93,6 +94,12 @@ class ModelConfig:
         normalize_before: ``bart``: pre-LN blocks plus a final LayerNorm after each stack (mBART);
             False = post-LN blocks (BART, Marian).
         layernorm_embedding: ``bart``: a LayerNorm over the embeddings (BART, mBART; not Marian).
+        relative_attention_num_buckets: ``t5``: buckets of the learned relative-position attention bias.
+        relative_attention_max_distance: ``t5``: distances at or beyond this share the last bucket.
+        gated_mlp: ``t5``: the MLP is ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1's gated-gelu) instead of
+            ``wo(act(wi x))`` (T5's relu).
+        scale_decoder_outputs: ``t5``: the decoder output is multiplied by ``d_model ** -0.5`` before the LM
+            head (the original T5, whose head is the embedding); None = exactly when ``tie_embeddings``.
         extra: Anything the source checkpoint carried that corelm does not interpret.
     """
 
@@ -140,6 +147,11 @@ class ModelConfig:
     positions: str = "learned"
     normalize_before: bool = False
     layernorm_embedding: bool = True
+    # encoder-decoder (family ``t5``) only; n_encoder_layer and decoder_start_token_id apply too
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    gated_mlp: bool = False
+    scale_decoder_outputs: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # C901: derived fields, then one check per field in declaration order; the families' groups are helpers
@@ -163,10 +175,10 @@ class ModelConfig:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.bias is None:
-            self.bias = self.family not in ("llama", "gemma", "moe", "olmo2")
+            self.bias = self.family not in ("llama", "gemma", "moe", "olmo2", "t5")
         if self.activation is None:
             self.activation = {"gpt2": "gelu_tanh", "llama": "silu", "bert": "gelu", "gemma": "gelu_tanh",
-                               "moe": "silu", "olmo2": "silu", "bart": "gelu"}[self.family]
+                               "moe": "silu", "olmo2": "silu", "bart": "gelu", "t5": "relu"}[self.family]
         self._check_options()
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise CorelmError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
@@ -183,8 +195,10 @@ class ModelConfig:
 
         if self.family == "moe":
             self._check_moe()
-        if self.family == "bart":
+        if self.family in ("bart", "t5"):
             self._check_bart()
+        if self.family == "t5":
+            self._check_t5()
 
     def _check_options(self) -> None:
         """Activation, dropout and position kind: each one this family's model implements."""
@@ -233,10 +247,21 @@ class ModelConfig:
             raise CorelmError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         start = self.decoder_start_token_id
         if not isinstance(start, int) or not 0 <= start < self.vocab_size:
-            raise CorelmError(f"a bart model needs decoder_start_token_id, a token id in 0..{self.vocab_size - 1}, "
-                              f"got {start!r}")
+            raise CorelmError(f"a {self.family} model needs decoder_start_token_id, a token id in "
+                              f"0..{self.vocab_size - 1}, got {start!r}")
         if self.n_kv_head != self.n_head:
-            raise CorelmError("bart models have no grouped-query attention: n_kv_head must equal n_head")
+            raise CorelmError(f"{self.family} models have no grouped-query attention: n_kv_head must equal n_head")
+
+    def _check_t5(self) -> None:
+        """T5's relative-position buckets; whether the decoder output is rescaled."""
+        buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
+        if not isinstance(buckets, int) or buckets < 4:
+            raise CorelmError(f"relative_attention_num_buckets must be an integer of at least 4, got {buckets!r}")
+        if not isinstance(distance, int) or distance <= buckets // 4:
+            raise CorelmError(f"relative_attention_max_distance must be an integer above "
+                              f"relative_attention_num_buckets // 4 = {buckets // 4}, got {distance!r}")
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_embeddings
 
     def is_sliding(self, layer: int) -> bool:
         """True when ``layer`` attends only the last ``sliding_window`` positions."""
@@ -251,8 +276,8 @@ class ModelConfig:
 
     @property
     def is_seq2seq(self) -> bool:
-        """True for encoder-decoder models (BART, Marian), which map a source sequence to a target one."""
-        return self.family == "bart"
+        """True for encoder-decoder models (BART, Marian, T5), which map a source sequence to a target one."""
+        return self.family in ("bart", "t5")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

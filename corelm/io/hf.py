@@ -24,7 +24,7 @@ from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
-from corelm.io import hf_seq2seq  # encoder-decoders (BART, mBART, Marian): their own config and tensor table
+from corelm.io import hf_seq2seq  # encoder-decoders (BART, mBART, Marian, T5): their own config and tensor table
 
 # --------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -267,7 +267,7 @@ def _check_llama_export(config: ModelConfig, model_type: str) -> None:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:  # noqa: C901
     """The HF ``config.json`` dict of a corelm config (transformers' ``from_pretrained`` reads it)."""
     family = config.family
-    if family == "bart":
+    if family in hf_seq2seq.FAMILIES:
         return hf_seq2seq.config_to_hf(config)
     model_type = config.extra.get("model_type", family) if family in ("llama", "gemma") else family
     if family == "moe":
@@ -507,7 +507,7 @@ def state_dict_from_hf(config: ModelConfig, hf_state: Mapping[str, torch.Tensor]
         from corelm.io.hf_moe import state_dict_from_hf as moe_state_dict_from_hf
 
         return moe_state_dict_from_hf(config, hf_state, expected_shapes(config), _IGNORED)
-    if config.family == "bart":
+    if config.family in hf_seq2seq.FAMILIES:
         return hf_seq2seq.state_dict_from_hf(config, hf_state, expected_shapes(config))
     prefix = _HF_PREFIX[config.family]
     hf_state = _split_fused(config, hf_state)
@@ -539,7 +539,7 @@ def state_dict_to_hf(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
         from corelm.io.hf_moe import state_dict_to_hf as moe_state_dict_to_hf
 
         return moe_state_dict_to_hf(config, state, expected_shapes(config))
-    if config.family == "bart":
+    if config.family in hf_seq2seq.FAMILIES:
         return hf_seq2seq.state_dict_to_hf(config, state, expected_shapes(config))
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's keys
     shapes = expected_shapes(config)

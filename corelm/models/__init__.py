@@ -13,7 +13,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     Returns:
         :class:`~corelm.models.gpt2.GPT2`, :class:`~corelm.models.llama.Llama`,
         :class:`~corelm.models.gemma.Gemma`, :class:`~corelm.models.moe.MoE`,
-        :class:`~corelm.models.bert.Bert` or :class:`~corelm.models.bart.Bart` (encoder-decoder).
+        :class:`~corelm.models.bert.Bert`, or the encoder-decoders :class:`~corelm.models.bart.Bart` and
+        :class:`~corelm.models.t5.T5`.
     """
     if config.family == "gpt2":
         from corelm.models.gpt2 import GPT2
@@ -39,6 +40,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         from corelm.models.bart import Bart
 
         return Bart(config)
+    if config.family == "t5":
+        from corelm.models.t5 import T5
+
+        return T5(config)
     from corelm.models.bert import Bert
 
     return Bert(config)
