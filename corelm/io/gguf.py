@@ -360,187 +360,307 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# ---- architectures: config and tensor names ------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """How one llama.cpp architecture maps onto a corelm family.
+
+    From llama.cpp's ``src/models/<arch>.cpp`` (hyper-parameters, tensors, graph) and
+    ``convert_hf_to_gguf.py`` (what the converter changes on the way in).
+
+    Attributes:
+        family: corelm family that runs it.
+        model_type: HF ``model_type`` of the equivalent checkpoint (Mixtral: ``llama`` with experts).
+        permute_qk: the converter interleaves Q/K rows for llama.cpp's normal (GPT-J) RoPE; only
+            ``llama`` does, the others use NeoX RoPE on HF's row order.
+        qkv_bias: q/k/v projections carry biases (Qwen2, Qwen2-MoE).
+        qk_norm: RMSNorm over each query/key head (Qwen3, Qwen3-MoE, Gemma 3).
+        ffn_norm: the corelm norm that ``ffn_norm`` names (Gemma: the pre-MLP norm of a sandwich).
+        norm_offset: the converter stores RMSNorm weights as ``offset + w`` (Gemma's ``1 + w``).
+        norm_topk_prob: MoE: llama.cpp renormalises the top-k router weights (fixed per architecture:
+            ``build_moe_ffn(..., norm_w, ...)`` in ``src/models/<arch>.cpp``).
+    """
+
+    family: str
+    model_type: str
+    permute_qk: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    ffn_norm: str = "post_attention_layernorm"
+    norm_offset: float = 0.0
+    norm_topk_prob: bool = True
+
+
+_GEMMA = {"family": "gemma", "ffn_norm": "pre_feedforward_layernorm", "norm_offset": 1.0}
+ARCHS = {
+    "llama": Arch("llama", "llama", permute_qk=True),  # also Mistral (no window: llama.cpp has none) and Mixtral
+    "qwen2": Arch("llama", "qwen2", qkv_bias=True),
+    "qwen3": Arch("llama", "qwen3", qk_norm=True),
+    "phi3": Arch("llama", "phi3"),
+    "qwen2moe": Arch("moe", "qwen2_moe", qkv_bias=True, norm_topk_prob=False),
+    "qwen3moe": Arch("moe", "qwen3_moe", qk_norm=True),
+    "gemma": Arch(model_type="gemma", **_GEMMA),
+    "gemma2": Arch(model_type="gemma2", **_GEMMA),
+    "gemma3": Arch(model_type="gemma3_text", qk_norm=True, **_GEMMA),
+    "olmo2": Arch("olmo2", "olmo2"),
+}
+SUPPORTED_ARCHS = tuple(ARCHS)
+# Gemma 2/3's largest models scale queries by (d_model / n_head) ** -0.5, the others by head_dim ** -0.5;
+# llama.cpp tells them apart by layer count (LLM_TYPE_27B in src/models/gemma2.cpp, gemma3.cpp).
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_REQUIRED = object()
+
+
 def _arch(gguf: GGUFFile) -> str:
     arch = gguf.metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in ARCHS:
         raise CorelmError(f"unsupported GGUF architecture {arch!r} in {gguf.path.name}; corelm reads "
                           f"{', '.join(SUPPORTED_ARCHS)}")
     return arch
 
 
-def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+def _layer_types(pattern: Any, n_layer: int, default: int) -> list[str]:
+    """llama.cpp's ``attention.sliding_window_pattern``: one bool per layer (True = sliding), or a period
+    ``n`` where layer ``i`` slides unless ``i % n == n - 1`` (``llama_hparams::set_swa_pattern``)."""
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) != n_layer:
+            raise CorelmError(f"attention.sliding_window_pattern lists {len(pattern)} layers, the model has {n_layer}")
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    n = int(pattern if pattern is not None else default)
+    return ["sliding_attention" if n == 0 or i % n < n - 1 else "full_attention" for i in range(n_layer)]
+
+
+def _rope_scaling(gguf: GGUFFile, arch: str, key: Any) -> dict[str, Any] | None:
+    """HF-style ``rope_scaling`` from ``rope.scaling.*`` and the ``rope_freqs``/``rope_factors_*`` tensors."""
+    md = gguf.metadata
+    kind = key("rope.scaling.type", None)
+    if kind is None and float(key("rope.scale_linear", 1.0)) != 1.0:  # older files
+        return {"rope_type": "linear", "factor": float(key("rope.scale_linear"))}
+    if "rope_factors_long.weight" in gguf.tensors:  # LongRoPE (Phi-3.5, Phi-4-mini): the factors are tensors
+        scaling = {"rope_type": "longrope", "long_factor": gguf.tensor("rope_factors_long.weight").tolist(),
+                   "short_factor": gguf.tensor("rope_factors_short.weight").tolist(),
+                   "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        if md.get(f"{arch}.rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(md[f"{arch}.rope.scaling.attn_factor"])
+        return scaling
+    if "rope_freqs.weight" in gguf.tensors:
+        # Llama 3's scaling, as the converter precomputes it: frequency i divided by rope_freqs[i]. That is
+        # LongRoPE with one factor list and no attention scaling, which corelm's RoPE table computes exactly.
+        if kind not in (None, "none"):
+            raise CorelmError(f"{gguf.path.name} has both rope_freqs and rope.scaling.type={kind}; corelm reads one")
+        factors = gguf.tensor("rope_freqs.weight").tolist()
+        return {"rope_type": "longrope", "long_factor": factors, "short_factor": factors, "attention_factor": 1.0,
+                "original_max_position_embeddings": int(key("context_length"))}
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if kind == "yarn":
+        if float(key("rope.scaling.yarn_ext_factor", 1.0)) not in (1.0, -1.0):
+            raise CorelmError(f"{gguf.path.name}: YaRN with rope.scaling.yarn_ext_factor != 1 is not supported")
+        scaling = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
+                   "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        for gguf_key, hf_key in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                                 ("yarn_beta_slow", "beta_slow")):
+            if md.get(f"{arch}.rope.scaling.{gguf_key}") is not None:
+                scaling[hf_key] = float(md[f"{arch}.rope.scaling.{gguf_key}"])
+        return scaling
+    raise CorelmError(f"{gguf.path.name}: unsupported RoPE scaling {kind!r}; corelm reads none, linear, yarn, "
+                      "longrope (rope_factors_* tensors) and Llama 3's rope_freqs")
+
+
+# one metadata key per line, in the order llama.cpp reads them; the architectures' extras are flat branches
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:  # noqa: C901
     """Build a :class:`ModelConfig` from the ``<arch>.*`` metadata keys (llama.cpp's names).
 
-    Architecture specifics follow llama.cpp (``src/llama-model.cpp``, ``convert_hf_to_gguf.py``):
+    Architecture specifics follow llama.cpp (``src/models/<arch>.cpp``, ``convert_hf_to_gguf.py``):
     Qwen2 has q/k/v biases, Qwen3 and Gemma 3 QK norms; Gemma 2 alternates sliding/global layers
     starting with a sliding one, Gemma 3 makes every 6th layer global and slides the others with a
-    RoPE base of 10000; both scale queries by ``(d_model / n_head) ** -0.5`` in their 27B models
-    (46 and 62 layers) and by ``head_dim ** -0.5`` otherwise. Phi-3's LongRoPE factors are tensors.
+    RoPE base of 10000 unless ``rope.freq_base_swa`` says otherwise; both scale queries by
+    ``(d_model / n_head) ** -0.5`` in their 27B models (46 and 62 layers) and by ``head_dim ** -0.5``
+    otherwise. Phi-3's LongRoPE factors are tensors. ``llama`` with ``expert_count`` is Mixtral.
+    A key llama.cpp requires and the file lacks is refused with its name.
     """
     arch = _arch(gguf)
+    spec = ARCHS[arch]
     md = gguf.metadata
 
-    def key(name: str, default: Any = None) -> Any:
-        value = md.get(f"{arch}.{name}", default)
+    def key(name: str, default: Any = _REQUIRED) -> Any:
+        value = md.get(f"{arch}.{name}")
         if value is None:
-            raise CorelmError(f"{gguf.path.name}: GGUF metadata lacks {arch}.{name}")
+            if default is _REQUIRED:
+                raise CorelmError(f"{gguf.path.name}: GGUF metadata lacks {arch}.{name}, which a {arch} model needs")
+            return default
         return value
 
-    n_head = int(key("attention.head_count"))
+    n_layer = int(key("block_count"))
+    n_head, n_kv_head = key("attention.head_count"), key("attention.head_count_kv", None)
+    for name, value in (("head_count", n_head), ("head_count_kv", n_kv_head)):
+        if isinstance(value, list) and len(set(value)) != 1:  # llama.cpp allows one count per layer
+            raise CorelmError(f"{gguf.path.name}: {arch}.attention.{name} differs between layers ({value[:4]}...)")
+    n_head = int(n_head[0] if isinstance(n_head, list) else n_head)
+    n_kv_head = int((n_kv_head[0] if isinstance(n_kv_head, list) else n_kv_head) or n_head)
     d_model = int(key("embedding_length"))
+    head_dim = int(key("attention.key_length", d_model // n_head))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise CorelmError(f"{gguf.path.name}: attention.value_length != attention.key_length; corelm's heads have one "
+                          "width")
     vocab = md.get(f"{arch}.vocab_size")
     if vocab is None:  # older files: the vocabulary length, else the embedding rows
         tokens = md.get("tokenizer.ggml.tokens")
         vocab = len(tokens) if tokens else gguf.tensors["token_embd.weight"].shape[0]
-    head_dim = md.get(f"{arch}.attention.key_length") or md.get(f"{arch}.rope.dimension_count")
-    rope_scaling = None
-    scaling_type = md.get(f"{arch}.rope.scaling.type")
-    if scaling_type and scaling_type != "none":
-        rope_scaling = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor"))}
-        orig = md.get(f"{arch}.rope.scaling.original_context_length")
-        if orig:
-            rope_scaling["original_max_position_embeddings"] = int(orig)
-    family, model_type = _ARCH_MODEL[arch]
-    n_layer = int(key("block_count"))
-    head_dim = int(head_dim) if head_dim else d_model // n_head
-    options: dict[str, Any] = {}
-    if arch in ("llama", "qwen2", "qwen3", "phi3"):
-        options.update(bias=False, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-                       tie_embeddings="output.weight" not in gguf.tensors)
-    else:  # the Gemmas: GeGLU (tanh), tied embeddings unless an output tensor is present
-        options.update(activation="gelu_tanh", tie_embeddings="output.weight" not in gguf.tensors)
-    window = md.get(f"{arch}.attention.sliding_window")
-    if arch == "gemma2":
-        options.update(sandwich_norm=True, sliding_window=int(window),
-                       attn_softcap=md.get(f"{arch}.attn_logit_softcapping"),
-                       final_softcap=md.get(f"{arch}.final_logit_softcapping"),
-                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)],
-                       query_pre_attn_scalar=d_model // n_head if n_layer == 46 else head_dim)
+    options: dict[str, Any] = {"qkv_bias": spec.qkv_bias, "qk_norm": spec.qk_norm,
+                               "tie_embeddings": "output.weight" not in gguf.tensors}
+    rot = key("rope.dimension_count", None)
+    if rot is not None and int(rot) != head_dim:
+        if not 0 < int(rot) < head_dim:
+            raise CorelmError(f"{gguf.path.name}: rope.dimension_count {rot} exceeds the head width {head_dim}")
+        options["rotary_dim"] = int(rot)
+    family, model_type = spec.family, spec.model_type
+    if spec.family == "gemma":
+        options["activation"] = "gelu_tanh"
+    window = key("attention.sliding_window", None)
+    if arch == "gemma2":  # llama.cpp's defaults: window 4096, every other layer (from the first) slides
+        options.update(sandwich_norm=True, sliding_window=int(window or 4096),
+                       layer_types=_layer_types(md.get(f"{arch}.attention.sliding_window_pattern"), n_layer, 2),
+                       attn_softcap=key("attn_logit_softcapping", None),
+                       final_softcap=key("final_logit_softcapping", None))
     if arch == "gemma3":
-        pattern = md.get(f"{arch}.attention.sliding_window_pattern", 6)
-        if isinstance(pattern, (list, tuple)):  # newer files: one bool per layer, True = sliding
-            layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
-        else:
-            layer_types = ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention"
-                           for i in range(n_layer)]
-        options.update(sandwich_norm=True, qk_norm=True, sliding_window=int(window), layer_types=layer_types,
-                       rope_local_theta=float(md.get(f"{arch}.rope.freq_base_swa", 10000.0)),
-                       final_softcap=md.get(f"{arch}.final_logit_softcapping"),
-                       query_pre_attn_scalar=d_model // n_head if n_layer == 62 else head_dim)
-    if arch == "phi3":
-        options["sliding_window"] = int(window) if window else None
-        rot = md.get(f"{arch}.rope.dimension_count")
-        if rot and int(rot) < head_dim:
-            options["rotary_dim"] = int(rot)
-        if "rope_factors_long.weight" in gguf.tensors:
-            rope_scaling = {"rope_type": "longrope",
-                            "long_factor": gguf.tensor("rope_factors_long.weight").tolist(),
-                            "short_factor": gguf.tensor("rope_factors_short.weight").tolist(),
-                            "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
-            if md.get(f"{arch}.rope.scaling.attn_factor") is not None:
-                rope_scaling["attention_factor"] = float(md[f"{arch}.rope.scaling.attn_factor"])
+        options.update(sandwich_norm=True, final_softcap=key("final_logit_softcapping", None) or None)
+        if window:
+            options.update(sliding_window=int(window), rope_local_theta=float(key("rope.freq_base_swa", 10000.0)),
+                           layer_types=_layer_types(md.get(f"{arch}.attention.sliding_window_pattern"), n_layer, 6))
+    if arch in GEMMA_27B_LAYERS:
+        options["query_pre_attn_scalar"] = d_model // n_head if n_layer == GEMMA_27B_LAYERS[arch] else head_dim
+    if arch == "olmo2" and window:
+        if float(key("rope.freq_base_swa", key("rope.freq_base", 10000.0))) != float(key("rope.freq_base", 10000.0)):
+            raise CorelmError(f"{gguf.path.name}: OLMo sliding layers with their own RoPE base are not supported")
+        options.update(sliding_window=int(window),
+                       layer_types=_layer_types(md.get(f"{arch}.attention.sliding_window_pattern"), n_layer, 4))
+    if arch == "phi3" and window:  # llama.cpp disables Phi-3's window (its PR 13676); transformers applies it
+        options["sliding_window"] = int(window)
+    d_ff = int(key("feed_forward_length"))
+    if md.get(f"{arch}.expert_count"):
+        options.update(_moe_options(gguf, arch, key, d_ff))
+        family = "moe"
+        model_type = "mixtral" if arch == "llama" else model_type
+    elif spec.family == "moe":
+        raise CorelmError(f"{gguf.path.name}: GGUF metadata lacks {arch}.expert_count, which a {arch} model needs")
+    if family == "moe" and options.get("rotary_dim"):
+        raise CorelmError(f"{gguf.path.name}: partial rotary MoE models are not supported")
     return ModelConfig(
         family=family,
         name=str(md.get("general.name", gguf.path.stem)),
         vocab_size=int(vocab),
         n_layer=n_layer,
         n_head=n_head,
-        n_kv_head=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
+        n_kv_head=n_kv_head,
         d_model=d_model,
-        d_ff=int(key("feed_forward_length")),
+        d_ff=d_ff,
         head_dim=head_dim,
         max_seq_len=int(key("context_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(gguf, arch, key),
+        bias=False,
         extra={"model_type": model_type},
         **options,
     )
 
 
-# GGUF block tensor -> HF llama name (per layer), and the globals.
+def _moe_options(gguf: GGUFFile, arch: str, key: Any, d_ff: int) -> dict[str, Any]:
+    """Experts of a Mixtral (``llama`` + experts), Qwen2-MoE or Qwen3-MoE file.
+
+    Mixtral's experts are ``feed_forward_length`` wide; the Qwens name the expert width
+    ``expert_feed_forward_length`` and keep ``feed_forward_length`` for dense layers. A layer without
+    ``ffn_gate_inp`` (a router) is dense.
+    """
+    if key("expert_gating_func", 1) != 1:  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
+        raise CorelmError(f"{gguf.path.name}: only softmax expert gating is supported")
+    n_layer = int(key("block_count"))
+    dense = [i for i in range(n_layer) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors]
+    options: dict[str, Any] = {
+        "n_experts": int(key("expert_count")), "n_experts_per_tok": int(key("expert_used_count")),
+        "moe_d_ff": d_ff if arch == "llama" else int(key("expert_feed_forward_length")),
+        "norm_topk_prob": ARCHS[arch].norm_topk_prob, "dense_layers": dense or None}
+    if "blk.0.ffn_gate_shexp.weight" in gguf.tensors or f"blk.{n_layer - 1}.ffn_gate_shexp.weight" in gguf.tensors:
+        options["shared_expert_d_ff"] = int(key("expert_shared_feed_forward_length", d_ff))
+    return options
+
+
+# GGUF block tensor (gguf-py's tensor_mapping.py names) -> corelm/HF name, per layer.
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    # stored fused or split differently from corelm's parameters: joined/split by load_gguf_state_dict
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_gate_up_exps": "mlp.experts.gate_up_proj",
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-# Per architecture, what differs from llama's table (gguf-py's tensor_mapping.py names). Gemma 2/3
-# call their pre-MLP norm `ffn_norm` and add post norms; Phi-3 stores q/k/v fused (`attn_qkv`) and
-# gate/up fused in `ffn_up`, split at load (see _FUSED).
-_ARCH_LAYER_NAMES = {
-    "llama": _LAYER_NAMES,
-    "qwen2": _LAYER_NAMES,
-    "qwen3": {**_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
-    "phi3": {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
-    "gemma": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm"},
-    "gemma2": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
-    "gemma3": {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-               "attn_q_norm": "self_attn.q_norm",
-               "attn_k_norm": "self_attn.k_norm"},
-}
-# Tensors llama.cpp stores that HF checkpoints do not have (precomputed RoPE frequencies; Phi-3's
-# LongRoPE factors, read into the config instead).
+# Tensors llama.cpp stores that HF checkpoints do not have (RoPE frequency factors, read into the config).
 _IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """Map a GGUF tensor name to its corelm/HF name (``None`` for tensors HF does not keep).
 
-    Phi-3's fused ``attn_qkv``/``ffn_up`` map to ``qkv_proj``/``gate_up_proj``, which
-    :func:`load_gguf_state_dict` splits.
+    ``ffn_norm`` is the pre-MLP norm of each architecture (Gemma's ``pre_feedforward_layernorm``).
+    Fused tensors map to names :func:`load_gguf_state_dict` splits or joins: ``attn_qkv`` ->
+    ``qkv_proj``, Phi-3's ``ffn_up`` -> ``gate_up_proj``, ``ffn_gate_exps``/``ffn_up_exps`` ->
+    ``experts.gate_proj``/``experts.up_proj`` (joined into corelm's ``experts.gate_up_proj``).
     """
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if gguf_name in _IGNORED:
         return None
-    names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     parts = gguf_name.split(".")  # blk.N.attn_q.weight
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
-        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
+        kind = parts[2]
+        if kind == "ffn_norm":
+            target = ARCHS[arch].ffn_norm if arch in ARCHS else "post_attention_layernorm"
+        elif kind == "ffn_up" and arch == "phi3":
+            target = "mlp.gate_up_proj"
+        else:
+            target = _LAYER_NAMES.get(kind)
+        if target is not None:
+            return f"model.layers.{parts[1]}.{target}.{parts[3]}"
     raise CorelmError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF file")
 
 
 def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor to ``dtype`` under HF llama names, Q/K rows un-permuted.
+    """Dequantize every tensor to ``dtype`` under corelm's (HF) names.
 
-    Shapes are checked against ``config`` so a mismatched file fails with the tensor's name.
+    Q/K rows are un-permuted (``llama`` only), Gemma's ``1 + w`` norms shifted back, fused tensors split
+    (``attn_qkv``, Phi-3's gate/up) and llama.cpp's separate expert stacks joined. Every tensor's shape
+    is checked against the model ``config`` describes, so a mismatched file fails with the tensor's
+    name; a tensor the model needs and the file lacks is named too.
     """
+    from corelm.models import build_model
+    from corelm.ops.init import skip_init
+
     arch = _arch(gguf)
-    hd, d = config.head_dim, config.d_model
-    expected = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,),
-                "lm_head.weight": (config.vocab_size, d)}
-    ffn_norm = "pre_feedforward_layernorm" if config.family == "gemma" else "post_attention_layernorm"
-    per_layer = {"input_layernorm.weight": (d,), f"{ffn_norm}.weight": (d,),
-                 "self_attn.q_proj.weight": (config.n_head * hd, d),
-                 "self_attn.k_proj.weight": (config.n_kv_head * hd, d),
-                 "self_attn.v_proj.weight": (config.n_kv_head * hd, d),
-                 "self_attn.o_proj.weight": (d, config.n_head * hd),
-                 "mlp.gate_proj.weight": (config.d_ff, d), "mlp.up_proj.weight": (config.d_ff, d),
-                 "mlp.down_proj.weight": (d, config.d_ff)}
-    if config.qkv_bias:
-        per_layer.update({"self_attn.q_proj.bias": (config.n_head * hd,),
-                          "self_attn.k_proj.bias": (config.n_kv_head * hd,),
-                          "self_attn.v_proj.bias": (config.n_kv_head * hd,)})
-    if config.qk_norm:
-        per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
-    if config.sandwich_norm:
-        per_layer.update({"post_attention_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)})
-    if arch == "phi3":  # fused in the file: checked here, split by _load_one
-        per_layer["self_attn.qkv_proj.weight"] = ((config.n_head + 2 * config.n_kv_head) * hd, d)
-        per_layer["mlp.gate_up_proj.weight"] = (2 * config.d_ff, d)
-    for i in range(config.n_layer):
-        expected.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    with torch.device("meta"), skip_init():
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     # One thread: these element-wise passes are memory-bound, and on a shared 2-core machine a second
     # intra-op thread mostly adds synchronisation stalls (measured: 2x the wall time under load).
@@ -548,43 +668,66 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
     torch.set_num_threads(1)
     try:
         for name, info in gguf.tensors.items():
-            _load_one(gguf, name, info, config, expected, dtype, state, arch)
+            target = hf_name(name, arch)
+            if target is not None:
+                _load_one(gguf, name, info, target, config, arch, dtype, state)
     finally:
         torch.set_num_threads(threads)
-    missing = [k for k in expected if k not in state and not (k == "lm_head.weight" and config.tie_embeddings)
-               and not k.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]
+    _join_experts(state)
+    for target, w in state.items():
+        if expected.get(target) != tuple(w.shape):
+            raise CorelmError(f"{gguf.path.name}: tensor for {target!r} has shape {tuple(w.shape)}, "
+                              f"expected {expected.get(target)}")
+    missing = [k for k in expected if k not in state]
     if missing:
-        raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+        raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s) a {arch} model needs, e.g. {missing[0]}")
     return state
 
 
-def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, config: ModelConfig,
-              expected: dict[str, tuple[int, ...]], dtype: torch.dtype, state: dict[str, torch.Tensor],
-              arch: str = "llama") -> None:
-    target = hf_name(name, arch)
-    if target is None:
-        return
+def _split_sizes(target: str, config: ModelConfig) -> tuple[tuple[str, ...], list[int]] | None:
+    """How a fused tensor splits along its rows: (part names, row counts); None when it is not fused."""
+    hd = config.head_dim
+    if ".qkv_proj." in target:  # rows q, then k, then v (Phi-3, and any file converted with --fuse-qkv)
+        return ("q_proj", "k_proj", "v_proj"), [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
+    if target.endswith("mlp.gate_up_proj.weight"):  # Phi-3: rows gate, then up
+        return ("gate_proj", "up_proj"), [config.d_ff, config.d_ff]
+    return None
+
+
+def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, target: str, config: ModelConfig, arch: str,
+              dtype: torch.dtype, state: dict[str, torch.Tensor]) -> None:
     w = dequantize(gguf.raw(name), info.qtype, info.shape)
-    if arch == "llama":  # only llama.cpp's LlamaModel converter permutes Q/K rows (the others use NeoX RoPE)
-        if target.endswith("q_proj.weight"):
+    if ARCHS[arch].permute_qk:  # only llama.cpp's LlamaModel converter permutes Q/K rows (the others use NeoX RoPE)
+        if ".q_proj." in target:
             w = unpermute_rows(w, config.n_head)
-        elif target.endswith("k_proj.weight"):
+        elif ".k_proj." in target:
             w = unpermute_rows(w, config.n_kv_head)
-    want = expected.get(target)
-    if want is None or tuple(w.shape) != want:
-        raise CorelmError(f"{gguf.path.name}: tensor {name!r} has shape {tuple(w.shape)}, expected {want}")
-    if config.family == "gemma" and target.endswith("norm.weight"):
+    if ARCHS[arch].norm_offset and target.endswith("norm.weight"):
         # llama.cpp's Gemma converters store 1 + w (its RMSNorm multiplies by the weight as is)
-        w = w.float() - 1.0
+        w = w.float() - ARCHS[arch].norm_offset
+    if target.endswith("shared_expert_gate.weight"):
+        w = w.reshape(1, -1)  # llama.cpp: a vector {n_embd}; the converter writes it as (1, n_embd)
     # F32 tensors are still views of the read-only map: copy them so the model owns its memory.
     w = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
-    if target.endswith("qkv_proj.weight"):  # Phi-3: rows q, then k, then v
-        hd = config.head_dim
-        sizes = [config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd]
-        for part, chunk in zip(("q_proj", "k_proj", "v_proj"), w.split(sizes)):
-            state[target.replace("qkv_proj", part)] = chunk
-    elif target.endswith("gate_up_proj.weight"):  # Phi-3: rows gate, then up
-        for part, chunk in zip(("gate_proj", "up_proj"), w.split(config.d_ff)):
-            state[target.replace("gate_up_proj", part)] = chunk
-    else:
+    split = _split_sizes(target, config)
+    if split is None:
         state[target] = w
+        return
+    parts, sizes = split
+    if w.shape[0] != sum(sizes):
+        raise CorelmError(f"{gguf.path.name}: tensor {name!r} has {w.shape[0]} rows, expected {sum(sizes)}")
+    fused = target.rsplit(".", 2)[-2]  # qkv_proj / gate_up_proj
+    for part, chunk in zip(parts, w.split(sizes)):
+        state[target.replace(fused, part)] = chunk
+
+
+def _join_experts(state: dict[str, torch.Tensor]) -> None:
+    """llama.cpp's ``ffn_gate_exps``/``ffn_up_exps`` ``(E, F, d)`` -> corelm's ``gate_up_proj`` ``(E, 2F, d)``."""
+    for gate_name in [k for k in state if k.endswith("experts.gate_proj.weight")]:
+        up_name = gate_name.replace("gate_proj", "up_proj")
+        if up_name not in state:
+            raise CorelmError(f"GGUF file has {gate_name} but not {up_name}")
+        state[gate_name.replace("gate_proj.weight", "gate_up_proj")] = torch.cat(
+            [state.pop(gate_name), state.pop(up_name)], dim=1)
+    for name in [k for k in state if k.endswith(("experts.gate_up_proj.weight", "experts.down_proj.weight"))]:
+        state[name.removesuffix(".weight")] = state.pop(name)  # nn.Parameters of the Experts module

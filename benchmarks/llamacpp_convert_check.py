@@ -1,0 +1,242 @@
+"""Dev check (not in the test suite): corelm and llama.cpp read each other's GGUF files.
+
+Two checks per family, on tiny random checkpoints written by transformers
+(``AutoModelForCausalLM.from_config(...).save_pretrained(d)``):
+
+1. **llama.cpp writes, corelm reads.** ``convert_hf_to_gguf.py d --outtype f32`` from the llama.cpp
+   sources vendored in the ``llama-cpp-python`` sdist, then ``corelm.load(file)``: the max |logit diff|
+   against the transformers model, in fp32, on a prompt longer than every sliding window.
+2. **corelm writes, llama.cpp reads.** ``export_gguf`` (F32) of the corelm model, then llama.cpp's
+   ``llama-cli``/``llama-completion`` greedy decoding (``--temp 0``) of a few tokens after the same prompt,
+   compared with corelm's greedy tokens.
+
+The tokenizer is a small byte-level BPE trained here. Its pre-tokenizer is not one llama.cpp's converter
+recognises by hash, so the converter runs in a child process with ``set_vocab`` replaced by its GPT-2
+path and the pre-tokenizer named ``gpt-2`` (a tokenizer does not change the weights being compared).
+
+Usage::
+
+    .venv/bin/python benchmarks/llamacpp_convert_check.py [--llama-cpp DIR] [--families a,b] [--no-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_CPP = Path("/tmp/kq/llama_cpp_python-0.3.36/vendor/llama.cpp")
+VOCAB = 300
+WINDOW = 8
+COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+MOE = {"num_experts_per_tok": 2}
+# family name -> (transformers model_type, config overrides)
+FAMILIES = {
+    "llama": ("llama", {"tie_word_embeddings": False}),
+    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 16}}),
+    "mistral": ("mistral", {"sliding_window": WINDOW, "head_dim": 16, "tie_word_embeddings": False}),
+    "mixtral": ("mixtral", {**MOE, "num_local_experts": 4, "intermediate_size": 48}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": False}),
+    "qwen3": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}),
+    "qwen2_moe": ("qwen2_moe", {**MOE, "num_experts": 8, "moe_intermediate_size": 16,
+                                "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    "qwen3_moe": ("qwen3_moe", {**MOE, "num_experts": 8, "moe_intermediate_size": 16, "head_dim": 16,
+                                "norm_topk_prob": True}),
+    "gemma": ("gemma", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
+    "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+                          "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0}),
+    # llama.cpp's converter writes no layer pattern: its default (every 6th layer global) is Gemma 3's own
+    "gemma3_text": ("gemma3_text", {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+                                    "num_hidden_layers": 6,
+                                    "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                           "rope_theta": 100000.0},
+                                                        "sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 1000.0}}}),
+    "phi3": ("phi3", {"tie_word_embeddings": False, "original_max_position_embeddings": 8,
+                      "max_position_embeddings": 64,
+                      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                          "long_factor": [1.0 + 0.2 * i for i in range(6)],
+                                          "short_factor": [1.0 + 0.05 * i for i in range(6)]}}),
+    "olmo2": ("olmo2", {"tie_word_embeddings": False}),
+}
+PROMPT_LEN = 3 * WINDOW
+
+# Run inside the child process: llama.cpp's converter, its vocabulary step replaced by the GPT-2 one.
+_CONVERT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
+    import convert_hf_to_gguf as c
+    from conversion.base import TextModel
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    _get = c.get_model_class
+    def get_model_class(*args, **kwargs):
+        cls = _get(*args, **kwargs)
+        cls.set_vocab = lambda self: self._set_vocab_gpt2()
+        return cls
+    c.get_model_class = get_model_class
+    c.main()
+""")
+
+
+def tiny_tokenizer(out: Path) -> None:
+    """A byte-level BPE of ``VOCAB`` tokens trained on a few sentences, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog. " * 3, "llama.cpp reads GGUF files; corelm does too.",
+            "Sphinx of black quartz, judge my vow! 0123456789"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 3, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+
+
+def hf_checkpoint(family: str, out: Path) -> torch.nn.Module:
+    import transformers
+
+    model_type, options = FAMILIES[family]
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every parameter off its init (norms of 1, zero routers) so each one matters
+        for name, p in hf.named_parameters():
+            scale = 0.5 if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) else 0.05
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    hf.save_pretrained(out)
+    tiny_tokenizer(out)
+    return hf
+
+
+def convert(llama_cpp: Path, src: Path, out: Path) -> tuple[bool, str]:
+    env = dict(os.environ, NO_LOCAL_GGUF="1")
+    cmd = [sys.executable, "-c", _CONVERT, str(llama_cpp / "gguf-py"), str(llama_cpp), str(src),
+           "--outtype", "f32", "--outfile", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=llama_cpp)
+    return proc.returncode == 0, proc.stderr[-2000:]
+
+
+def logit_diff(path: Path, hf: torch.nn.Module, ids: torch.Tensor) -> float:
+    import corelm
+
+    llm = corelm.load(path, dtype="fp32")
+    with torch.no_grad():
+        return (llm.model(ids) - hf(ids).logits).abs().max().item()
+
+
+def corelm_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def llama_cpp_greedy(binary: Path, gguf: Path, text: str, n: int, tokenizer) -> tuple[list[int] | None, str]:
+    """Greedy tokens of llama.cpp after ``text`` (re-tokenized from its printed output)."""
+    cmd = [str(binary), "-m", str(gguf), "-p", text, "-n", str(n), "--temp", "0", "--top-k", "1", "-no-cnv",
+           "--no-warmup", "-t", "1", "--ignore-eos", "--no-display-prompt", "-c", "128"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, "timeout"
+    if proc.returncode != 0:
+        return None, proc.stderr.decode("utf-8", "replace")[-600:]
+    return proc.stdout, proc.stderr.decode("utf-8", "replace")[-600:]
+
+
+def main() -> int:  # noqa: C901 - one linear table-building loop
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--no-run", action="store_true", help="skip the corelm-export -> llama.cpp check")
+    parser.add_argument("--keep", type=Path, help="keep the work files in this directory")
+    args = parser.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="llamacpp_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ids = torch.randint(3, VOCAB, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    rows_in, rows_out = [], []
+    binary = next((args.llama_cpp / "build" / "bin" / b for b in ("llama-completion", "llama-cli")
+                   if (args.llama_cpp / "build" / "bin" / b).is_file()), None)
+    for family in args.families.split(","):
+        src = work / family
+        hf = hf_checkpoint(family, src)
+        out = work / f"{family}.llamacpp.gguf"
+        t0 = time.perf_counter()
+        ok, log = convert(args.llama_cpp, src, out)
+        if not ok:
+            rows_in.append((family, "convert failed", log.strip().splitlines()[-1] if log.strip() else ""))
+        else:
+            try:
+                diff = logit_diff(out, hf, ids)
+                note = f"{time.perf_counter() - t0:.1f} s"
+                if FAMILIES[family][1].get("sliding_window") and FAMILIES[family][0] in ("mistral",):
+                    # llama.cpp's llama architecture has no sliding window: the converter drops it
+                    note += f"; window dropped by the converter; {WINDOW}-token prompt: "
+                    note += f"{logit_diff(out, hf, ids[:, :WINDOW]):.2e}"
+                rows_in.append((family, f"{diff:.2e}", note))
+            except Exception as exc:  # report and go on to the next family
+                rows_in.append((family, "corelm load failed", str(exc).splitlines()[0][:160]))
+        if args.no_run:
+            continue
+        rows_out.append((family, *export_and_run(family, src, work, binary)))
+    print("\nllama.cpp convert_hf_to_gguf.py (F32) -> corelm.load: max |logit diff| vs transformers, "
+          f"fp32, prompt {PROMPT_LEN} tokens (window {WINDOW})")
+    print(f"| family | max abs diff | note |\n|---|---|---|")
+    for row in rows_in:
+        print("| " + " | ".join(row) + " |")
+    if rows_out:
+        print(f"\ncorelm export (F32) -> {binary.name if binary else 'no llama.cpp binary'}: greedy tokens")
+        print("| family | llama.cpp loads | greedy tokens agree | note |\n|---|---|---|---|")
+        for row in rows_out:
+            print("| " + " | ".join(row) + " |")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def export_and_run(family: str, src: Path, work: Path, binary: Path | None) -> tuple[str, str, str]:
+    import corelm
+    from corelm.errors import CorelmError
+    from corelm.io.gguf_export import export_gguf
+
+    llm = corelm.load(src, dtype="fp32")
+    out = work / f"{family}.corelm.gguf"
+    try:
+        export_gguf(llm.model, out, "F32", tokenizer=llm.tokenizer, tokenizer_pre="gpt-2")
+    except CorelmError as exc:
+        return "export refused", "-", str(exc)[:160]
+    if binary is None:
+        return "no binary", "-", ""
+    text = "The quick brown fox jumps over the lazy dog."
+    prompt = llm.tokenizer.encode(text)
+    n = 8
+    theirs, log = llama_cpp_greedy(binary, out, text, n, llm.tokenizer)
+    if theirs is None:
+        return "no", "-", log.strip().splitlines()[-1][:160] if log.strip() else ""
+    ours = corelm_greedy(llm.model, ([llm.config.extra.get("bos_token_id", 1)] if False else []) + prompt, n)
+    ours_text = llm.tokenizer.decode(ours)
+    got = theirs.decode("utf-8", "replace")
+    agree = got.strip() == ours_text.strip() or got.endswith(ours_text)
+    return "yes", "yes" if agree else "no", json.dumps({"corelm": ours_text, "llama.cpp": got[-80:]})[:200]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
