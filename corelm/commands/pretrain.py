@@ -27,11 +27,10 @@ import torch
 
 from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.errors import CorelmError
-from corelm.train.loop import TrainConfig, TrainResult
+from corelm.train.loop import PARALLEL, TrainConfig, TrainResult
 from corelm.train.precision import POLICIES
 
 OBJECTIVES = ("clm", "mlm")
-PARALLEL = ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp")
 
 
 def _loop(name: str, default: Any = MISSING, note: str = "") -> Any:

@@ -62,6 +62,7 @@ from corelm.train.precision import Precision
 from corelm.train.tracking import Tracker, measure_matmul_peak
 
 OPTIMIZERS = ("adamw", "sgd")
+PARALLEL = ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp", "pp+tp")  # the last four: corelm.train.parallel
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | dict[str, Any]"]]
 
 
@@ -101,9 +102,10 @@ class TrainConfig:
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "recompute block activations in backward to save memory"})
     parallel: str = field(
-        default="none", metadata={"help": "none | ddp | fsdp | tp | pp | fsdp+tp (launch with torchrun)"})
+        default="none", metadata={"help": "none | ddp | fsdp | tp | pp | fsdp+tp | pp+tp (launch with torchrun)"})
     tp_size: int = field(
-        default=2, metadata={"help": "fsdp+tp: processes per tensor-parallel group (tp and pp use every process)"})
+        default=2, metadata={"help": "fsdp+tp, pp+tp: processes per tensor-parallel group (tp and pp use every "
+                                     "process)"})
     sequence_parallel: bool = field(
         default=False, metadata={"help": "tp, fsdp+tp: also split norms and residual stream along the sequence"})
     pp_microbatches: int = field(default=0, metadata={"help": "pp: micro-batches per batch (0: one per stage)"})
@@ -127,8 +129,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.grad_accum <= 0:
             raise CorelmError("max_steps and grad_accum must be positive")
-        if self.parallel not in ("none", "ddp", "fsdp", "tp", "pp", "fsdp+tp"):
-            raise CorelmError(f"unknown parallelism {self.parallel!r}; expected none, ddp, fsdp, tp, pp or fsdp+tp")
+        if self.parallel not in PARALLEL:
+            raise CorelmError(f"unknown parallelism {self.parallel!r}; expected {', '.join(PARALLEL[:-1])} or "
+                              f"{PARALLEL[-1]}")
         if self.optimizer not in OPTIMIZERS:
             raise CorelmError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.momentum < 1.0:
@@ -258,7 +261,14 @@ def train(  # noqa: C901
         raise CorelmError(f"--parallel {cfg.parallel} needs several processes: launch with "
                           f"torchrun --nproc-per-node N -m corelm ...")
     precision = Precision(cfg.precision, info.device.type)
-    torch.manual_seed(cfg.seed + info.rank)
+    # one seed per data-parallel replica: the ranks of a TP group must draw the same dropout masks on the
+    # activations they all hold
+    dp_rank = info.rank
+    if cfg.parallel in ("tp", "pp", "fsdp+tp", "pp+tp"):
+        from corelm.train.parallel import data_parallel
+
+        dp_rank = data_parallel(cfg.parallel, info.rank, info.world_size, cfg.tp_size)[0]
+    torch.manual_seed(cfg.seed + dp_rank)
 
     # Transforms, in a fixed order (as torchtitan): dtype, device, activation checkpointing,
     # parallelism, then compile; `model` stays the unwrapped module whose names we save.
@@ -271,7 +281,7 @@ def train(  # noqa: C901
         wrapped = apply_ddp(model, info)
     elif cfg.parallel == "fsdp":
         wrapped = apply_fsdp(model, info)
-    elif cfg.parallel in ("tp", "pp", "fsdp+tp"):  # corelm.train.parallel: TP, then FSDP on dp; or PP stages
+    elif cfg.parallel in ("tp", "pp", "fsdp+tp", "pp+tp"):  # corelm.train.parallel: TP, then FSDP on dp or PP
         from corelm.train.parallel import data_parallel, parallelize
 
         pipeline = parallelize(model, cfg.parallel, info.world_size, info.device, tp_size=cfg.tp_size,
@@ -280,7 +290,7 @@ def train(  # noqa: C901
         # processes that read different batches (the ranks of one TP group or pipeline read the same ones)
         dp_size = data_parallel(cfg.parallel, info.rank, info.world_size, cfg.tp_size)[1]
     if pipeline is not None and (cfg.precision == "fp16-mixed" or cfg.compile):
-        raise CorelmError("--parallel pp does not combine with fp16-mixed or --compile")
+        raise CorelmError(f"--parallel {cfg.parallel} does not combine with fp16-mixed or --compile")
     optimizer = optimizer_fn(model) if optimizer_fn else build_optimizer(
         model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), kind=cfg.optimizer, momentum=cfg.momentum)
     scaler = precision.grad_scaler()
