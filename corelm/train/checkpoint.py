@@ -18,6 +18,14 @@ a pickle (``torch.save``) would execute whatever its ``__reduce__`` names. Check
 format (``optimizer.pt``, ``rng.pt``, ``scaler.pt``) are refused, never unpickled (SECURITY.md).
 Optimizer state is keyed by parameter name, so it reloads under any parallelism.
 
+Across layouts (save under TP x 2, resume under FSDP x 2, PP x TP or one process): the weights and optimizer
+state are gathered to full tensors on save and re-sharded on load by ``torch.distributed.checkpoint.state_dict``
+(``get_model_state_dict`` / ``set_model_state_dict`` with ``full_state_dict=True``), so a checkpoint does not
+depend on the layout that wrote it. corelm does not write DCP's own sharded format: its ``FileSystemWriter``
+pickles the ``.metadata`` file and its reader unpickles it (``torch/distributed/checkpoint/filesystem.py``,
+torch 2.13), and DCP's pickle-free ``HuggingFaceStorageWriter`` holds tensors only (no optimizer hyperparameters
+or trainer state). The price of full tensors: rank 0 holds the whole model and optimizer state while saving.
+
 Writing: everything goes to ``checkpoints/.step-000100.tmp``, each file is fsync'ed, then the
 directory is renamed into place (one atomic rename) and the parent fsync'ed. Only after that are old
 checkpoints beyond ``keep_last`` deleted, and the run directory's own model files re-pointed (hard
