@@ -157,10 +157,15 @@ class Tokenizer:
         import jinja2
 
         template = _compile_template(self.chat_template)
-        variables = {**self.special_tokens_map, **kwargs}
+        # As transformers does: tools/documents are always defined (None when not given; templates test
+        # `tools is not none`), the special tokens are variables, and keyword arguments override them.
+        variables = {"tools": None, "documents": None, **self.special_tokens_map, **kwargs}
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as exc:
+            return template.render(messages=_chat_messages(messages), add_generation_prompt=add_generation_prompt,
+                                   **variables)
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError) as exc:
+            # the template's own checks (raise_exception) and its failures on a message it cannot render
+            # (a missing "content" concatenated to a string, say) are the conversation's fault: one line
             raise CorelmError(f"chat template error: {exc}") from None
 
     # ---- streaming -----------------------------------------------------------------------------
@@ -327,13 +332,45 @@ class StreamDecoder:
         return text[len(prefix):]
 
 
+# Names a message's reasoning is passed under; templates read the first (transformers'
+# ``_alias_reasoning_fields``: ``thinking`` is filled too, for templates that read that name).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages a template sees, normalised as transformers' ``apply_chat_template`` does: keys whose
+    value is None are dropped (OpenAI clients send ``"content": null`` next to ``tool_calls``; templates
+    handle a missing key but print "None"), and reasoning under any of its names is readable under all."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+class _TemplateDict:
+    """``dict(...)`` and ``dict.fromkeys(...)`` for templates, without exposing the ``dict`` type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
 @lru_cache(maxsize=8)
 def _compile_template(source: str) -> Any:
     """Compile a chat template in the environment ``transformers`` uses, so output is byte-identical:
     sandboxed, ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, a ``tojson`` that does not
-    HTML-escape, and the globals templates call (``raise_exception``, ``strftime_now``)."""
+    HTML-escape, and the globals templates call (``raise_exception``, ``strftime_now``, ``dict``, and a
+    ``namespace`` that refuses underscore-prefixed attributes)."""
     import jinja2
+    import jinja2.exceptions
     import jinja2.ext
+    import jinja2.utils
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -359,11 +396,30 @@ def _compile_template(source: str) -> Any:
         def _body(self, caller: Any) -> str:
             return caller()
 
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set {name!r} on a namespace")
+
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace(...)`` refusing underscore-prefixed names (a route to CPython internals)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:  # jinja2's signature: ``self`` may be a keyword
+            self, args = args[0], args[1:]
+            for name in dict(*args, **kwargs):
+                check_name(name)
+            jinja2.utils.Namespace.__init__(self, *args, **kwargs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = Namespace
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:

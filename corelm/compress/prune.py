@@ -112,6 +112,9 @@ def prune_model(model: nn.Module, method: str = "wanda", sparsity: float = 0.5, 
         raise CorelmError(f"sparsity must be in [0, 1), got {sparsity}")
     if is_quantized(model):
         raise CorelmError("the model is quantized; prune the float model, then quantize it")
+    if getattr(getattr(model, "config", None), "family", None) == "moe":
+        raise CorelmError("pruning a sparse MoE is not supported: its routed experts are stacked tensors this "
+                          "pruner does not reach, and zeroing router weights would change which experts run")
     nm = parse_pattern(pattern)
     layers = _targets(model, skip)
     if not layers:

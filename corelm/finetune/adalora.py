@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.finetune.lora import SharedLinear, find_linears, freeze, replace_module
+from corelm.finetune.lora import SharedLinear, find_experts, find_linears, freeze, replace_module
 
 
 class SVDLinear(SharedLinear):
@@ -65,6 +65,10 @@ def apply_adalora(model: nn.Module, targets: Iterable[str] | str, init_rank: int
     """Freeze ``model`` and wrap the targeted linears with :class:`SVDLinear`; returns their names."""
     if init_rank < 1:
         raise CorelmError(f"AdaLoRA initial rank must be >= 1, got {init_rank}")
+    experts = find_experts(model, targets) if targets not in ("all-linear", ["all-linear"]) else []
+    if experts:
+        raise CorelmError(f"AdaLoRA adapts nn.Linear layers; {experts[0]} holds stacked MoE experts: "
+                          "use --method lora for them, or leave them out of --targets")
     names = find_linears(model, targets)
     freeze(model)
     for name in names:

@@ -15,7 +15,7 @@ from corelm.errors import CorelmError
 from corelm.finetune.adalora import apply_adalora
 from corelm.finetune.adapters import apply_adapters
 from corelm.finetune.heads import SequenceClassifier, TokenClassifier
-from corelm.finetune.lora import DEFAULT_TARGETS, apply_lora, freeze
+from corelm.finetune.lora import apply_lora, freeze, resolve_targets
 
 TASKS = ("classify", "ner", "sft", "regression")
 METHODS = ("full", "head", "lora", "adalora", "adapter")
@@ -55,9 +55,10 @@ def apply_method(model: nn.Module, config: Any, method: str, settings: dict[str,
             raise CorelmError("--method head needs a task with a head (classify or ner), not sft")
         freeze(backbone)
         return {}
-    targets = settings.get("targets") or DEFAULT_TARGETS[config.family]
+    targets = settings.get("targets")
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = resolve_targets(config.family, targets or None)  # attention (default) / mlp: the family's names
     if method == "lora":
         names = apply_lora(backbone, targets, settings["rank"], settings["alpha"], settings.get("dropout", 0.0))
         return {"modules": names, "rank": settings["rank"], "alpha": settings["alpha"],

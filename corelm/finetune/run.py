@@ -76,8 +76,10 @@ class FinetuneArgs(Options):
                                  "weights over the frozen backbone", choices=METHODS)
     text_field: str = option("text", "classification: column/field with the text")
     label_field: str = option("label", "classification: column/field with the label")
-    targets: str | None = option(None, "LoRA/AdaLoRA: linear layers to adapt, by name, separated by commas, "
-                                       "or all-linear (default: attention)")
+    targets: str | None = option(None, "LoRA/AdaLoRA: linear layers to adapt, by name, separated by commas; "
+                                       "attention and mlp name the family's layers (mlp of a MoE includes its "
+                                       "experts), all-linear every block linear (a MoE's experts too, not its routers) "
+                                       "(default: attention)")
     rank: int = option(8, "LoRA rank r")
     alpha: float = option(16.0, "LoRA/AdaLoRA scale numerator (update is scaled by alpha / r)")
     dropout: float = option(0.0, "LoRA dropout on the low-rank branch")
