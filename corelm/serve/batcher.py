@@ -4,10 +4,19 @@ One worker thread owns the model and a preallocated :class:`~corelm.ops.kv_cache
 ``max_batch`` rows; each running request holds one row (its per-request KV cache). Every loop:
 
 1. drop requests whose client went away or whose deadline passed (their rows are free at once);
-2. admit waiting requests into free rows: each prompt is prefilled *alone* into its row while the
-   other rows keep their state;
-3. one decode step for all running rows together: row ``r`` feeds its last token at its own
-   position (per-row ``input_pos``), so rows of different lengths share one forward pass.
+2. admit waiting requests into free rows; the longest head of the prompt that the prefix cache
+   holds (:mod:`corelm.serve.prefix`: a shared system prompt, a chat template's head) is copied into
+   the row instead of being prefilled again;
+3. one step for all rows together: each decoding row feeds its last token at its own position
+   (per-row ``input_pos``), and the rows still prefilling feed the next chunk of their prompts --
+   at most ``prefill_chunk`` prompt tokens per step in all (chunked prefill, Agrawal et al. 2023,
+   "SARATHI"), so a long prompt never stalls the running streams for more than one chunk's time.
+   On corelm's C++ step the decode tokens and the chunk are one call (``KernelStep.mixed``); on the
+   model's own forward each chunk is its own pass (isolated: a failing prompt fails alone) and the
+   decode rows one batched pass.
+
+A token's logits do not depend on what else shares its step, nor on whether its prompt's head came
+from the prefix cache or in chunks: a greedy request gives the same tokens alone or in any company.
 
 The batcher speaks token ids only (tokenizer, chat template and stop strings live in
 :mod:`corelm.serve.service`). The forward passes are the model's decode step
@@ -36,6 +45,7 @@ from corelm.generate import engine
 from corelm.generate.engine import SamplingParams
 from corelm.generate.step import model_device, step_for
 from corelm.serve import errors
+from corelm.serve.prefix import PrefixCache
 
 log = logging.getLogger("corelm.serve")
 
@@ -51,6 +61,7 @@ class Event:
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" on "done"
     error: errors.APIError | None = None
     time: float = 0.0
+    step: int = -1                 # the batcher's step that produced it (Batcher.steps)
 
 
 @dataclass(eq=False)
@@ -71,6 +82,12 @@ class _Request:
     constraint: Any = None  # a corelm.generate.constraints.Constraint: structured output
     logprobs: int | None = None  # None: off; k: the token's log-probability and the k most likely
     adapter: int = 0  # the LoRA adapter slot the row decodes with (corelm.serve.adapters); 0: the base model
+    done: int = 0    # prompt tokens in the row's cache so far (prefilled or copied from the prefix cache)
+    cached: int = 0  # of those, the ones copied from the prefix cache
+
+    @property
+    def prefilling(self) -> bool:
+        return self.done < len(self.prompt)
 
     def emit(self, event: Event) -> None:
         event.time = time.monotonic()
@@ -94,6 +111,11 @@ class Handle:
     @property
     def admitted(self) -> float:
         return self._request.admitted
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
+        return self._request.cached
 
     def cancel(self) -> None:
         """Abandon the request (client gone, stop string seen): its row is freed before the next step."""
@@ -123,18 +145,28 @@ class Batcher:
             :func:`~corelm.generate.engine.sample_next`.
         step: the decode step (default :func:`~corelm.generate.step.step_for`); with LoRA adapters, a
             :class:`corelm.serve.adapters.AdapterStep` that reads each row's slot from :meth:`adapter_of`.
+        prefill_chunk: prompt tokens prefilled per step, all prefilling rows together.
+        prefix_block: tokens per prefix-cache block (only whole blocks are reused).
+        prefix_cache_mib: memory the prefix cache may hold, MiB (0: no prefix caching).
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 2048,
-                 max_queue: int = 64, sample: Any = None, step: Any = None) -> None:
+                 max_queue: int = 64, sample: Any = None, step: Any = None, prefill_chunk: int = 128,
+                 prefix_block: int = 32, prefix_cache_mib: float = 256) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self._sample = sample or engine.sample_next
         self.step = step or step_for(model)
         self.device = model_device(model)
         self.cache = self.step.new_cache(max_batch, max_seq_len)
+        copies = hasattr(self.step, "read_slots")  # a step that cannot copy slots out serves without the cache
+        self.prefix_token_bytes = PrefixCache.bytes_per_token(self.step, self.cache) if copies else 0
+        self.prefixes = PrefixCache(self.step, prefix_block,
+                                    int(prefix_cache_mib * 2**20) // self.prefix_token_bytes if copies else 0)
+        self._outbox: list[tuple[_Request, Event]] = []  # events of this step, sent together at its end
         self._rows: list[_Request | None] = [None] * max_batch
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
@@ -227,10 +259,33 @@ class Batcher:
                     for row, request in enumerate(self._rows):
                         if request is not None:
                             self._finish(row, error=errors.internal_error())
+                self._flush()
         for row, request in enumerate(self._rows):
             if request is not None:
                 self._finish(row, error=errors.APIError(503, "server is shutting down",
                                                         type="server_error", code="shutdown"))
+        self._flush()
+
+    def _send(self, request: _Request, event: Event) -> None:
+        event.step = self.steps
+        self._outbox.append((request, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop and step, not per token."""
+        if not self._outbox:
+            return
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Event]]] = {}
+        for request, event in self._outbox:
+            event.time = now
+            by_loop.setdefault(request.loop, []).append((request, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's event loop is closed: nobody is left to tell
+                for request, _ in items:
+                    request.cancelled = True
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -242,9 +297,14 @@ class Batcher:
             elif request.deadline is not None and now > request.deadline:
                 self._finish(row, error=errors.deadline_exceeded(request.deadline - request.arrival))
         self._admit(now)
-        active = [row for row, r in enumerate(self._rows) if r is not None]
-        if active:
-            self._decode(active)
+        chunks = self._chunks()
+        if chunks and hasattr(self.step, "mixed"):
+            self._mixed(chunks)
+            return
+        for row, request, stop in chunks:
+            self._isolated(row, self._prefill_chunk, row, request, stop)
+        if any(r is not None and not r.prefilling for r in self._rows):
+            self._decode()
 
     def _admit(self, now: float) -> None:
         while True:
@@ -259,23 +319,78 @@ class Batcher:
                 self._rows[row] = request
             request.row = row
             request.admitted = time.monotonic()
-            self._isolated(row, self._prefill, row, request)
+            self._isolated(row, self._start, row, request)
 
-    def _prefill(self, row: int, request: _Request) -> None:
-        """Prefill one prompt alone into ``row`` (same shapes as a lone request: same numbers)."""
+    def _start(self, row: int, request: _Request) -> None:
+        """Set a newly admitted request up in ``row``: its generator, and its prompt's cached head."""
         request.generator = request.spec.generator(self.device)  # None when greedy
-        logits = self.step.prefill(self.cache, [request.prompt], rows=[row])  # (1, V)
-        self._accept(row, request, logits)
+        # an adapter changes the keys and values: the prefix cache (base model's) is not shared with it
+        request.done = request.cached = 0 if request.adapter else self.prefixes.load(self.cache, row, request.prompt)
 
-    def _decode(self, active: list[int]) -> None:
-        """One decode step for every running row, each feeding its last token at its own position."""
+    def _chunks(self) -> list[tuple[int, _Request, int]]:
+        """This step's prefill work, first come first served: ``(row, request, stop)`` -- the request's
+        prompt tokens ``done..stop`` -- at most ``prefill_chunk`` tokens in all."""
+        budget, work = self.prefill_chunk, []
+        for request in sorted((r for r in self._rows if r is not None and r.prefilling), key=lambda r: r.id):
+            if budget <= 0:
+                break
+            stop = min(len(request.prompt), request.done + budget)
+            work.append((request.row, request, stop))
+            budget -= stop - request.done
+        return work
+
+    def _prefill_chunk(self, row: int, request: _Request, stop: int) -> None:
+        """Prompt tokens ``done..stop`` of one request, alone, into its row (the model step's path)."""
+        if request.done == 0 and stop == len(request.prompt):  # the whole prompt: the same pass as a lone request
+            logits = self.step.prefill(self.cache, [request.prompt], rows=[row])  # (1, V)
+        else:
+            logits = self.step.extend(self.cache, row, request.prompt[request.done:stop], request.done,
+                                      all_logits=False)  # (1, V)
+        self._prefilled(row, request, stop, logits)
+
+    def _prefilled(self, row: int, request: _Request, stop: int, logits: torch.Tensor) -> None:
+        request.done = stop
+        if not request.prefilling:  # the prompt is in: keep its blocks, sample its first token
+            if not request.adapter:
+                self.prefixes.store(self.cache, row, request.prompt)
+            self._accept(row, request, logits)
+
+    def _decode(self) -> None:
+        """One decode step for every decoding row, each feeding its last token at its own position.
+
+        Rows still prefilling join with a dummy token at their next prompt slot (the model step runs
+        rows ``0..max`` together and writes a slot in each); that slot is overwritten by their next chunk.
+        """
+        active = [row for row, r in enumerate(self._rows) if r is not None]
         requests = [self._rows[row] for row in active]
-        tokens = torch.tensor([r.tokens[-1] for r in requests], device=self.device)
-        pos = torch.tensor([len(r.prompt) + len(r.tokens) - 1 for r in requests], device=self.device)
+        tokens = torch.tensor([r.tokens[-1] if not r.prefilling else 0 for r in requests], device=self.device)
+        pos = torch.tensor([len(r.prompt) + len(r.tokens) - 1 if not r.prefilling else r.done for r in requests],
+                           device=self.device)
         logits = self.step.decode(self.cache, tokens, pos, rows=active)  # (len(active), V) fp32
         self.steps += 1
-        for i, row in enumerate(active):
-            self._isolated(row, self._accept, row, requests[i], logits[i:i + 1])
+        decoding = [(i, row) for i, (row, r) in enumerate(zip(active, requests)) if not r.prefilling]
+        self._accept_all([(row, requests[i], logits[i:i + 1]) for i, row in decoding])
+
+    def _mixed(self, chunks: list[tuple[int, _Request, int]]) -> None:
+        """One call of the fused step: every decoding row's next token and this step's prefill chunks."""
+        decoding = [(row, r) for row, r in enumerate(self._rows) if r is not None and not r.prefilling]
+        runs = [(row, [r.tokens[-1]], len(r.prompt) + len(r.tokens) - 1) for row, r in decoding]
+        runs += [(row, request.prompt[request.done:stop], request.done) for row, request, stop in chunks]
+        logits = self.step.mixed(self.cache, runs)  # (len(runs), V) fp32
+        self.steps += 1
+        self._accept_all([(row, r, logits[i:i + 1]) for i, (row, r) in enumerate(decoding)])
+        for i, (row, request, stop) in enumerate(chunks, start=len(decoding)):
+            self._isolated(row, self._prefilled, row, request, stop, logits[i:i + 1])
+
+    def _accept_all(self, rows: list[tuple[int, _Request, torch.Tensor]]) -> None:
+        """Sample every row of a step; greedy rows without masks take one batched argmax."""
+        plain = self._sample is engine.sample_next
+        greedy = [plain and r.spec.temperature == 0 and r.constraint is None and r.logprobs is None
+                  and r.spec.repetition_penalty == 1.0 for _, r, _ in rows]
+        picks = torch.cat([x for (_, _, x), g in zip(rows, greedy) if g]).argmax(-1).tolist() if any(greedy) else []
+        picks.reverse()
+        for (row, request, logits), g in zip(rows, greedy):
+            self._isolated(row, self._accept, row, request, logits, picks.pop() if g else None)
 
     def _isolated(self, row: int, work: Any, *args: Any) -> None:
         """Run one row's own work (its prefill, its sampling); if it raises, that request alone fails.
@@ -290,21 +405,25 @@ class Batcher:
             if self._rows[row] is not None:
                 self._finish(row, error=errors.internal_error())
 
-    def _accept(self, row: int, request: _Request, logits: torch.Tensor) -> None:
-        """Sample the next token of ``request`` from ``logits`` (1, V) and stream or finish it."""
+    def _accept(self, row: int, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the next token of ``request`` from ``logits`` (1, V) (or take ``token``, its greedy
+        pick) and stream or finish it."""
         if request.cancelled:
             self._finish(row, reason="cancelled")
             return
-        history = request.prompt + request.tokens
         event = Event("token")
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits[0].float(), dim=-1)
             if request.logprobs:
                 top = logprobs.topk(request.logprobs)
                 event.top = list(zip(top.indices.tolist(), top.values.tolist()))
-        if request.constraint is not None:
-            logits = request.constraint.mask(logits.clone())
-        token = int(self._sample(logits, request.spec, request.generator, history))
+        if token is None:
+            if request.constraint is not None:
+                logits = request.constraint.mask(logits.clone())
+            history = request.prompt + request.tokens  # the repetition penalty's (and a custom sampler's)
+            if self._sample is not engine.sample_next:
+                self._flush()  # a caller's sampler may take its time: the tokens already made go out first
+            token = int(self._sample(logits, request.spec, request.generator, history))
         if request.constraint is not None:
             request.constraint.advance(token)
         if token in request.spec.stop_token_ids and not request.spec.ignore_eos:
@@ -314,7 +433,7 @@ class Batcher:
         event.token = token
         if request.logprobs is not None:
             event.logprob = float(logprobs[token])
-        request.emit(event)
+        self._send(request, event)
         full = len(request.prompt) + len(request.tokens) >= self.max_seq_len
         if request.constraint is not None and request.constraint.complete:
             self._finish(row, reason="stop")  # the document is complete: only EOS could follow
@@ -325,10 +444,16 @@ class Batcher:
         request = self._rows[row]
         self._free(row)  # first: whoever reads the last event finds the row already free
         if error is not None:
-            request.emit(Event("error", error=error))
+            self._send(request, Event("error", error=error))
         else:
-            request.emit(Event("done", finish_reason=reason))
+            self._send(request, Event("done", finish_reason=reason))
 
     def _free(self, row: int) -> None:
         with self._cond:
             self._rows[row] = None
+
+
+def _deliver(items: list[tuple[_Request, Event]]) -> None:
+    """On the caller's event loop: queue one step's events for their requests."""
+    for request, event in items:
+        request.queue.put_nowait(event)

@@ -45,6 +45,11 @@ class TextStream:
         self._detok = tokenizer.stream_decoder(skip_special_tokens=True)
         self._stops = StopMatcher(stops)
 
+    @property
+    def n_cached(self) -> int:
+        """Prompt tokens the prefix cache held (OpenAI's ``usage.prompt_tokens_details.cached_tokens``)."""
+        return self.handle.cached_tokens
+
     def cancel(self) -> None:
         self.handle.cancel()
 
