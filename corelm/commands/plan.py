@@ -168,6 +168,8 @@ def render(p: P.Plan, budget: float | None = None) -> str:
     for d in p.devices:
         if d.fits:
             lines.append(f"{d.hardware} ×{d.count}: {d.recommendation}")
+            if d.command or d.command_note:  # training: the corelm command line of that layout, or why none
+                lines.append(f"  run: {d.command}" if d.command else f"  no corelm command: {d.command_note}")
         else:
             lines.append(f"{d.hardware} ×{d.count}: does not fit — {d.reason}")
     return "\n".join(lines)

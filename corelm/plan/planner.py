@@ -122,6 +122,16 @@ class Layout:
     grad_accum: int
     recompute: str
 
+    @property
+    def parallel(self) -> str | None:
+        """The ``corelm pretrain --parallel`` value that runs this layout, or None when corelm has none: it runs
+        DDP (ZeRO-0) and FSDP (ZeRO-3) but not ZeRO-1/2, and tensor parallelism alone or under FSDP."""
+        if self.tp == 1:
+            return "none" if self.dp == 1 else {0: "ddp", 3: "fsdp"}.get(self.zero)
+        if self.dp == 1:
+            return "tp"
+        return "fsdp+tp" if self.zero == 3 else None
+
     def describe(self) -> str:
         par = []
         if self.dp > 1:
@@ -159,6 +169,8 @@ class DevicePlan:
     decode_bound: str | None = None
     timing: dict[str, float] = field(default_factory=dict)
     recommendation: str = ""
+    command: str | None = None  # the corelm command line that runs the recommended layout
+    command_note: str = ""      # why there is none, when there is none
 
     @property
     def memory_total(self) -> float:
@@ -331,10 +343,22 @@ def train_time(cfg: ModelConfig, w: Workload, hw: Hardware, layout: Layout, *, s
             "model_flops": model_flops, "peak": peak}
 
 
+# the families corelm.train.parallel splits with tensor parallelism (its Layouts; no torch import here)
+TP_FAMILIES = ("gpt2", "llama", "gemma")
+RUNNABLE_RECOMPUTE = ("none", "full")  # TrainConfig.activation_checkpointing: whole blocks or nothing
+TRAIN_POLICIES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")  # of corelm.train.precision.POLICIES
+
+
+def _tp_runnable(cfg: ModelConfig, tp: int) -> bool:
+    """corelm can train ``cfg`` tensor-parallel over ``tp`` devices (heads, KV heads and MLP width divide)."""
+    return tp == 1 or (cfg.family in TP_FAMILIES and _tp_ok(cfg, tp) and cfg.d_ff % tp == 0)
+
+
 def _layouts(cfg: ModelConfig, w: Workload, hw: Hardware, count: int, batch: int) -> list[Layout]:
-    tps = [w.tp] if w.tp else [t for t in _divisors_pow2(min(count, hw.node_size, 8)) if _tp_ok(cfg, t)]
-    zeros = [w.zero] if w.zero is not None else ([0] if count == 1 else [0, 1, 2, 3])
-    recomputes = [w.recompute] if w.recompute else list(F.RECOMPUTE_MODES)
+    """The layouts to compare. Settings the user fixed are kept as given; the ones the planner chooses are only
+    those corelm can run (:attr:`Layout.parallel` is not None, checkpointing of whole blocks or none)."""
+    tps = [w.tp] if w.tp else [t for t in _divisors_pow2(min(count, hw.node_size, 8)) if _tp_runnable(cfg, t)]
+    recomputes = [w.recompute] if w.recompute else list(RUNNABLE_RECOMPUTE)
     out = []
     for precision in _precisions(hw, w):
         for tp in tps:
@@ -343,6 +367,7 @@ def _layouts(cfg: ModelConfig, w: Workload, hw: Hardware, count: int, batch: int
             dp = count // tp
             if batch % dp:
                 continue
+            zeros = [w.zero] if w.zero is not None else ([0] if dp == 1 else [3] if tp > 1 else [0, 3])
             per_replica = batch // dp
             micros = [w.micro_batch] if w.micro_batch else _divisors_pow2(per_replica) + (
                 [per_replica] if per_replica not in _divisors_pow2(per_replica) else [])
@@ -401,7 +426,65 @@ def plan_training(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> De
         timing={k: v for k, v in t.items() if k in ("compute", "data_parallel_comm", "tensor_parallel_comm")},
     )
     plan.recommendation = _why(cfg, w, hw, plan, seq)
+    plan.command, plan.command_note = run_command(cfg, w, layout, count, hw.node_size, seq,
+                                                  max(1, math.ceil(tokens / (batch * seq))))
     return plan
+
+
+OPTIMIZER_FLAGS = {"adamw": [], "sgd": ["--optimizer", "sgd"], "sgd-nomomentum": ["--optimizer", "sgd",
+                                                                                  "--momentum", "0"]}
+
+
+def run_command(cfg: ModelConfig, w: Workload, layout: Layout, count: int, node_size: int, seq_len: int,
+                steps: int, model: str | None = None) -> tuple[str | None, str]:
+    """The command line that trains ``layout`` with corelm, and ``""``; or ``None`` and the reason there is none.
+
+    Pretraining: ``torchrun --nproc-per-node ... -m corelm pretrain --parallel ...`` (plain ``corelm pretrain``
+    on one device; ``--nnodes`` when the devices span nodes). ``--batch-size`` is the micro-batch of one
+    data-parallel replica, ``--grad-accum`` its accumulation, ``--max-steps`` the tokens over the global batch;
+    ``DATA`` and ``RUN`` stand for the ``corelm prepare`` directory and the run directory.
+    """
+    model = model or cfg.name or "CONFIG.yaml"
+    parallel = layout.parallel
+    if parallel is None:
+        return None, (f"corelm has no {layout.describe().split(', ')[1]} layout: it runs DDP, FSDP, TP and FSDP+TP "
+                      "(no ZeRO-1/2, no DDP+TP)")
+    if layout.precision not in TRAIN_POLICIES:
+        return None, f"corelm has no {layout.precision} policy (its bf16-mixed keeps fp32 weights)"
+    if layout.recompute not in RUNNABLE_RECOMPUTE:
+        return None, "corelm checkpoints whole blocks or nothing (no selective activation checkpointing)"
+    if w.optimizer not in OPTIMIZER_FLAGS:
+        return None, f"corelm has no {w.optimizer} optimizer (adamw or sgd)"
+    if layout.tp > 1 and not _tp_runnable(cfg, layout.tp):
+        return None, f"corelm's tensor parallelism covers {', '.join(TP_FAMILIES)} with heads and d_ff dividing by tp"
+    if w.task == "finetune":
+        if count > 1:
+            return None, "corelm finetune runs in one process: plan it on --count 1"
+        if w.method not in ("full", "lora", "adapter"):
+            return None, f"corelm finetune has no {w.method} method"
+        args = ["corelm", "finetune", "--model", model, "--task", "sft", "--data", "DATA", "--out", "RUN",
+                "--method", w.method, "--max-len", str(seq_len), "--batch-size", str(layout.micro_batch),
+                "--steps", str(steps), "--precision", layout.precision]
+        if w.method == "lora":
+            args += ["--rank", str(w.lora_rank)]
+        return " ".join(args), ""
+    args = ["corelm", "pretrain"]
+    if count > 1:
+        per_node = min(count, node_size)
+        args = ["torchrun", "--nproc-per-node", str(per_node)]
+        if count > per_node:
+            args += ["--nnodes", str(count // per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", "HOST:29500"]
+        args += ["-m", "corelm", "pretrain"]
+    args += ["--model", model, "--data", "DATA", "--out", "RUN", "--seq-len", str(seq_len),
+             "--batch-size", str(layout.micro_batch), "--grad-accum", str(layout.grad_accum),
+             "--max-steps", str(steps), "--precision", layout.precision, *OPTIMIZER_FLAGS[w.optimizer]]
+    if layout.recompute == "full":
+        args.append("--activation-checkpointing")
+    if parallel != "none":
+        args += ["--parallel", parallel]
+    if parallel == "fsdp+tp":
+        args += ["--tp-size", str(layout.tp)]
+    return " ".join(args), ""
 
 
 def _why(cfg: ModelConfig, w: Workload, hw: Hardware, plan: DevicePlan, seq: int) -> str:
