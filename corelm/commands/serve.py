@@ -61,6 +61,15 @@ class ServeCommandOptions(Options):
                                        "the HTTP side needs a core too, and threads that wait on a busy core stall "
                                        "every matmul)")
     access_log: bool = option(False, "log one line per HTTP request")
+    lora: list[str] | None = field(default=None, metadata={
+        "help": "serve a LoRA run (corelm finetune --method lora --out PATH) over the first decoder as NAME; repeat "
+                "for several; requests pick one with model '<base>:NAME' (or 'NAME') and one batch mixes them",
+        "metavar": "NAME=PATH", "section": "LoRA adapters"})
+    max_loras: int = option(0, "adapter slots (adapters loaded at once, through --lora or POST /v1/adapters); "
+                               "0: max(4, number of --lora) when --lora is given, else no adapters",
+                            section="LoRA adapters")
+    max_lora_rank: int = option(0, "largest LoRA rank a slot holds (0: the largest --lora rank, or 16)",
+                                section="LoRA adapters")
 
     POSITIVE = ("max_batch", "max_seq_len", "max_queue", "request_timeout", "max_body_kb", "default_max_tokens",
                 "header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "max_header_kb", "threads")
@@ -78,6 +87,16 @@ class ServeCommandOptions(Options):
                                   ) from None
         if not 0 < self.port < 65536:
             raise CorelmError(f"--port must be in 1..65535, got {self.port}")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 0:
+                raise CorelmError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.lora:
+            from corelm.serve.adapters import parse_lora_option
+
+            for spec in self.lora:
+                parse_lora_option(spec)
+            if self.max_loras and len(self.lora) > self.max_loras:
+                raise CorelmError(f"{len(self.lora)} --lora adapters but --max-loras {self.max_loras}")
 
     def limits(self) -> ServeOptions:
         """The server's limits (:class:`corelm.serve.server.ServeOptions`): the same fields, bodies and headers in
@@ -95,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve models over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
                     "/v1/chat/completions, /v1/embeddings, /health, /metrics) with a web chat page at /. "
                     "Decoders run under continuous batching; encoders serve /v1/embeddings.",
-        epilog="example: corelm serve --model runs/sft-merged --port 9000 --api-key-file key.txt --max-batch 16")
+        epilog="example: corelm serve --model runs/sft-merged --port 9000 --api-key-file key.txt --max-batch 16\n"
+               "         corelm serve --model smollm2-135m-instruct --lora sql=runs/sql --lora chat=runs/chat-lora")
 
 
 def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
@@ -124,6 +144,11 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
     app, served = server.build(specs, limits, api_key=api_key, dtype=options.dtype, names=options.name,
                                device=options.device, quantize=options.quantize, loopback_only=options.host in LOOPBACK)
     for m in served:
+        if getattr(m, "adapters", None) is not None:
+            loaded = ", ".join(f"{m.name}:{a}" for a in m.adapters.by_name) or "none yet"
+            multi = m.adapters.multi
+            print(f"LoRA adapters on {m.name!r}: {loaded} ({multi.slots} slots, rank <= {multi.rank}, "
+                  f"{multi.nbytes() / 2**20:.1f} MiB; decoding through the model's forward)", file=sys.stderr)
         if m.kind == "embed":
             print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)
             continue

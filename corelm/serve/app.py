@@ -3,6 +3,9 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE
 ``data: ...`` chunks ending in ``data: [DONE]``), ``POST /v1/embeddings``, ``GET /health`` (public),
 ``GET /metrics`` (Prometheus text) and ``GET /`` (the web chat page, public: it holds no secret).
+LoRA adapters (:mod:`corelm.serve.adapters`): a request's ``model`` may be ``"<base>:<adapter>"``;
+``GET/POST /v1/adapters`` and ``DELETE /v1/adapters/{name}`` list, load and unload them (behind the API
+key; refused on a server without a key that other machines can reach).
 
 Every error is OpenAI-shaped (:mod:`corelm.serve.errors`). An error after a stream has started is
 sent as an SSE ``{"error": ...}`` event followed by ``[DONE]``. A client that disconnects, streaming
@@ -29,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corelm.errors import CorelmError
-from corelm.serve import errors, protocol, tools
+from corelm.serve import adapters, errors, protocol, tools
 from corelm.serve.errors import APIError
 from corelm.serve.metrics import CONTENT_TYPE, Metrics
 from corelm.serve.service import EmbeddingModel, TextModel, TextStream
@@ -99,11 +102,6 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         ("corelm_queue_depth", "Requests waiting for a batch row.", lambda b: b.waiting),
         ("corelm_batch_rows", "Rows in the running batch (max concurrent requests).", lambda b: b.max_batch),
         ("corelm_decode_steps", "Batched decode steps run since start.", lambda b: b.steps),
-        ("corelm_prefix_cache_hits", "Requests whose prompt head came from the prefix cache.",
-         lambda b: b.prefixes.hits),
-        ("corelm_prefix_cache_hit_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.",
-         lambda b: b.prefixes.hit_tokens),
-        ("corelm_prefix_cache_tokens", "Token slots the prefix cache holds now.", lambda b: b.prefixes.tokens),
     ):
         metrics.gauge(name, help, lambda read=read: sum(read(b) for b in batchers))
 
@@ -199,6 +197,22 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                                      code="wrong_endpoint")
         return model
 
+    def pick_text(name: str | None) -> tuple[TextModel, str, int]:
+        """A generation's model, the id its responses echo, and its LoRA adapter slot (0: none)."""
+        if name is None or name in by_name:
+            model = pick(name, "generate")
+            return model, model.name, 0
+        found = adapters.resolve(name, [m for m in models if isinstance(m, TextModel)])
+        if found is None:
+            raise errors.model_not_found(name, adapters.served_ids(models))
+        return found
+
+    def authorize_admin(request: Request) -> None:
+        authorize(request)
+        if config.api_key is None and not config.loopback_only:
+            raise APIError(403, "loading and unloading adapters needs an API key on a server other machines can "
+                                "reach (--api-key-file)", type="permission_error", code="admin_needs_api_key")
+
     async def until_disconnect(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -214,12 +228,10 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                 if s.n_generated > 1:
                     metrics.observe(metrics.tpot, (s.last_token_at - s.first_token_at) / (s.n_generated - 1))
 
-    def usage(streams: list[TextStream]) -> dict[str, Any]:
+    def usage(streams: list[TextStream]) -> dict[str, int]:
         prompt = streams[0].n_prompt
         completion = sum(s.n_generated for s in streams)
-        cached = min(s.n_cached for s in streams)  # prompt tokens not prefilled: the prefix cache held them
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     # ---- generation (shared by /v1/completions and /v1/chat/completions) ----
 
@@ -229,7 +241,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         authorize(request)
         body = await read_body(request)
         common, payload = protocol.parse_chat(body) if chat else protocol.parse_completion(body)
-        model: TextModel = pick(common.model, "generate")
+        model, served_id, adapter = pick_text(common.model)
         prompt_param = "messages" if chat else "prompt"
         specs = common.tools if chat and common.tool_choice != "none" else None  # "none": no tools in the prompt
         family = model.tool_family if specs else None  # parse the output for tool calls
@@ -250,7 +262,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                 if options.seed is not None and i:  # n > 1: distinct, reproducible samples
                     options = protocol.TextOptions(**{**options.__dict__, "seed": options.seed + i})
                 streams.append(model.start(prompt_ids, options, max_tokens, deadline,
-                                           model.constraint(options.structure, structure_param)))
+                                           model.constraint(options.structure, structure_param), adapter))
         except APIError:
             for s in streams:
                 s.cancel()
@@ -262,7 +274,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         if common.stream:
             events = _merge(streams)
             return StreamingResponse(
-                _sse(events, streams, rid, created, model.name, chat, common.include_usage,
+                _sse(events, streams, rid, created, served_id, chat, common.include_usage,
                      lambda: observe(arrival, streams), usage, metrics, family),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -303,7 +315,7 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         else:
             choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": completion_logprobs(lps)}
                        for i, (text, reason, lps) in enumerate(results)]
-        return JSONResponse({"id": rid, "object": kind, "created": created, "model": model.name,
+        return JSONResponse({"id": rid, "object": kind, "created": created, "model": served_id,
                              "choices": choices, "usage": usage(streams)})
 
     # ---- routes ----
@@ -326,7 +338,22 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         authorize(request)
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "corelm",
                  "context_window": m.context_window, "kind": m.kind} for m in models]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data + adapters.model_entries(models)}
+
+    @app.get("/v1/adapters")
+    async def list_adapters(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": adapters.model_entries(models)}
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request) -> dict[str, Any]:
+        authorize_admin(request)
+        return await adapters.load_route(await read_body(request), models)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(request: Request, name: str) -> dict[str, Any]:
+        authorize_admin(request)
+        return adapters.unload_route(name, models)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from corelm.errors import CorelmError
+from corelm.serve import adapters
 from corelm.serve.app import ServerConfig, create_app
 from corelm.serve.batcher import Batcher
 from corelm.serve.service import EmbeddingModel, TextModel
@@ -40,6 +41,10 @@ class ServeOptions:
         max_connections: open connections (and requests in flight); a request beyond it gets 503.
         max_header_bytes: a request line and headers still unfinished after this many bytes get 400
             (h11's incomplete-event limit).
+        lora: ``NAME=PATH`` LoRA runs served over the first decoder (:mod:`corelm.serve.adapters`).
+        max_loras: adapter slots (adapters loaded at once); 0: ``max(4, len(lora))`` when ``lora`` is
+            given, else no slots (and no adapter endpoint).
+        max_lora_rank: the largest adapter rank a slot holds; 0: the largest rank in ``lora``, or 16.
     """
 
     max_batch: int = 8
@@ -53,6 +58,9 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
     max_header_bytes: int = 16 * 1024
+    lora: list[str] | None = None
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
 
 def served_name(spec: str) -> str:
@@ -63,14 +71,20 @@ def served_name(spec: str) -> str:
     return spec
 
 
-def wrap(name: str, loaded: Any, options: ServeOptions) -> TextModel | EmbeddingModel:
-    """Put a ``corelm.load`` result behind the server: a batcher for decoders, ``embed`` for encoders."""
+def wrap(name: str, loaded: Any, options: ServeOptions, with_adapters: bool = False) -> TextModel | EmbeddingModel:
+    """Put a ``corelm.load`` result behind the server: a batcher for decoders, ``embed`` for encoders;
+    ``with_adapters``: LoRA adapter slots (``options.lora``, ``max_loras``) over the decoder."""
     if hasattr(loaded, "embed"):
         return EmbeddingModel(name, loaded)
     max_seq_len = min(options.max_seq_len, int(loaded.config.max_seq_len))
+    lora = adapters.start_adapters(loaded.model, options.lora or [], options.max_loras, options.max_lora_rank) \
+        if with_adapters else None
     batcher = Batcher(loaded.model, max_batch=options.max_batch, max_seq_len=max_seq_len,
-                      max_queue=options.max_queue)
-    return TextModel(name, loaded, batcher, default_max_tokens=options.default_max_tokens)
+                      max_queue=options.max_queue, step=lora.step if lora else None)
+    model = TextModel(name, loaded, batcher, default_max_tokens=options.default_max_tokens)
+    if lora is not None:
+        model.adapters = lora.attach(batcher)
+    return model
 
 
 def build(model_specs: list[str], options: ServeOptions, api_key: str | None = None,
@@ -80,12 +94,15 @@ def build(model_specs: list[str], options: ServeOptions, api_key: str | None = N
     import corelm
     from corelm.presets import EMBEDDED, PRESETS
 
-    served = []
+    served: list[Any] = []
     for i, spec in enumerate(model_specs):
         name = names[i] if names and i < len(names) else served_name(spec)
         family = PRESETS.get(EMBEDDED[spec][2] if spec in EMBEDDED else spec, {}).get("family")
         quant = None if family == "bert" else quantize  # encoders are served as they are
-        served.append(wrap(name, corelm.load(spec, dtype=dtype, device=device, quantize=quant), options))
+        loaded = corelm.load(spec, dtype=dtype, device=device, quantize=quant)
+        first_decoder = not hasattr(loaded, "embed") and not any(isinstance(m, TextModel) for m in served)
+        lora = first_decoder and bool(options.lora or options.max_loras)  # adapters go on the first decoder
+        served.append(wrap(name, loaded, options, with_adapters=lora))
     if len({m.name for m in served}) != len(served):
         raise CorelmError("two served models have the same name; pick distinct ones with --name")
     config = ServerConfig(api_key=api_key, max_body_bytes=options.max_body_bytes,
