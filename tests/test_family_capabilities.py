@@ -152,10 +152,8 @@ def _ids(seed: int, shape: tuple[int, int] = (2, 16)) -> torch.Tensor:
     return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def checkpoint(request, tmp_path_factory):
-    """(model_type, directory): a random transformers checkpoint with a word-level tokenizer."""
-    model_type = request.param
+def _write_checkpoint(model_type: str, path: Path, chat_template: str | None = None) -> None:
+    """A random transformers checkpoint of ``model_type`` with a word-level tokenizer, in ``path``."""
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[model_type]})
     hf = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -163,10 +161,17 @@ def checkpoint(request, tmp_path_factory):
     with torch.no_grad():  # off transformers' init (zero routers, unit norms), so every weight matters
         for name, p in hf.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("gate.weight") else 0.05))
-    path = tmp_path_factory.mktemp(model_type)
     hf.save_pretrained(path)
-    Tokenizer(_word_backend(["<s>", "</s>"]), special_tokens={"bos_token": "<s>", "eos_token": "</s>"}).save(path)
-    return model_type, path
+    special = {"bos_token": "<s>", "eos_token": "<|im_end|>"}
+    Tokenizer(_word_backend(list(special.values())), special_tokens=special, chat_template=chat_template).save(path)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    """(model_type, directory) of one family."""
+    path = tmp_path_factory.mktemp(request.param)
+    _write_checkpoint(request.param, path)
+    return request.param, path
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +359,29 @@ def test_prune_and_compare(checkpoint, tmp_path):
     data.write_text(" ".join(f"w{i % 90}" for i in range(200)))
     rows = compare(CompareOptions(variants=[str(path)], data=str(data), tokens=64, window=32, decode_tokens=0))
     assert rows[0]["perplexity"] > 1 and rows[0]["tokens"] > 16
+
+
+def test_finetune_cli_lora_on_a_moe(tmp_path, capsys):
+    """``corelm finetune --method lora`` on Qwen3-MoE with its real chat template, adapting attention and
+    MLP (the routed experts included); ``corelm merge`` writes a checkpoint equal to the adapted model."""
+    from corelm.cli import main as cli
+    from corelm.loading import load_run
+
+    base, run_dir, merged_dir = tmp_path / "base", tmp_path / "run", tmp_path / "merged"
+    _write_checkpoint("qwen3_moe", base, chat_template=(TEMPLATES / "Qwen-Qwen3-0.6B.jinja").read_text())
+    assert cli(["finetune", "--model", str(base), "--task", "sft", "--data", "demo:chat", "--method", "lora",
+                "--targets", "attention,mlp", "--rank", "4", "--steps", "2", "--batch-size", "4", "--max-len", "48",
+                "--lr", "1e-2", "--out", str(run_dir), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    modules = json.loads((run_dir / "corelm_task.json").read_text())["method_config"]["modules"]
+    assert "model.layers.1.mlp.experts" in modules and not any(m.endswith("mlp.gate") for m in modules)
+    assert cli(["merge", str(run_dir), "--out", str(merged_dir)]) == 0
+    adapted = load_run(run_dir).model
+    merged = corelm.load(merged_dir, dtype="fp32").model
+    before = corelm.load(base, dtype="fp32").model
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_ids(4)), adapted(_ids(4)), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(_ids(4)), before(_ids(4)), atol=1e-4)
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, before.get_parameter(n))]
+    assert "model.layers.1.mlp.experts.down_proj" in changed
