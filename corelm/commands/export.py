@@ -1,5 +1,9 @@
 """``corelm export``: write a corelm model as a GGUF file that llama.cpp loads.
 
+Every decoder family corelm reads is written under the llama.cpp architecture that runs it (Llama,
+Mistral without a window, Mixtral, Qwen2/3 and their MoE models, Phi-3, Gemma 1-3, OLMo 2); a config
+llama.cpp cannot represent is refused with one line naming the feature.
+
 A quantized checkpoint from ``corelm quantize --method int4 --group-size 32`` is written as Q4_1
 from its own 4-bit blocks; float models are written as F32/F16 or block-quantized to Q8_0/Q4_0/Q4_1.
 The tokenizer (byte-level BPE) and chat template travel in the file's metadata.
@@ -26,7 +30,7 @@ class ExportOptions(Options):
     source: str = option(help="checkpoint directory (float or `corelm quantize` output), .gguf or embedded name",
                          positional=True)
     out: str | Path = field(metadata={"help": "output .gguf file (written atomically)", "positional": True})
-    qtype: Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_1"] | None = option(
+    qtype: Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"] | None = option(
         None, "tensor type of the weight matrices (default: Q4_1 for int4 checkpoints, Q8_0 for int8, else F16)",
         flag="--type")
     tokenizer_pre: str = option("smollm", "llama.cpp pre-tokenizer name written to the file (smollm for SmolLM2's "
@@ -59,8 +63,6 @@ def export(options: ExportOptions) -> dict:
 
         llm = corelm.load(options.source, dtype="fp32")
         config, model, tokenizer, qtype = llm.config, llm.model, llm.tokenizer, options.qtype or "F16"
-    if config.family != "llama":
-        raise CorelmError(f"GGUF export writes llama-family models; {options.source} is {config.family}")
     with write_errors(out):  # a full or read-only disk: one line naming the file
         path = export_gguf(model, out, qtype, tokenizer=tokenizer, tokenizer_pre=options.tokenizer_pre,
                            name=config.name or None)

@@ -523,8 +523,8 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:  # noqa: C901
     if arch == "gemma2":  # llama.cpp's defaults: window 4096, every other layer (from the first) slides
         options.update(sandwich_norm=True, sliding_window=int(window or 4096),
                        layer_types=_layer_types(md.get(f"{arch}.attention.sliding_window_pattern"), n_layer, 2),
-                       attn_softcap=key("attn_logit_softcapping", None),
-                       final_softcap=key("final_logit_softcapping", None))
+                       attn_softcap=float(key("attn_logit_softcapping", 50.0)),  # llama.cpp always caps Gemma 2
+                       final_softcap=float(key("final_logit_softcapping", 30.0)))
     if arch == "gemma3":
         options.update(sandwich_norm=True, final_softcap=key("final_logit_softcapping", None) or None)
         if window:
