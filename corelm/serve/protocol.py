@@ -93,6 +93,8 @@ def _field(body: dict[str, Any], name: str, kind: str, default: Any = None) -> A
     value = body.get(name)
     if value is None:
         return default
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 2.0 is the integer 2, as JSON Schema and pydantic read it
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -153,8 +155,7 @@ class Common:
 def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
     model = _field(body, "model", "str")
     stream = _field(body, "stream", "bool", False)
-    stream_options = _field(body, "stream_options", "dict", {})
-    include_usage = bool(stream_options.get("include_usage", False))
+    include_usage = _include_usage(body)
     n = _field(body, "n", "int", 1)
     _range("n", n, 1, MAX_N)
 
@@ -200,12 +201,22 @@ def _common(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -> Common:
                               "(1.0 = off, e.g. 1.1)", name, code="unsupported_parameter")
     for name, harmless in UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and value not in harmless:
+        # the type too: best_of: true and echo: 0 equal 1 and False in Python, not in JSON
+        if value is not None and not any(value == h and type(value) is type(h) for h in harmless):
             raise bad_request(f"'{name}' is not supported by corelm", name, code="unsupported_parameter")
     options = TextOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty, seed=seed, stop=stops,
                           ignore_eos=ignore_eos, structure=_structure(body))
     return Common(model, stream, include_usage, n, options)
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    """``stream_options.include_usage``: a boolean (default false)."""
+    value = _field(body, "stream_options", "dict", {}).get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
+                          code="invalid_type")
+    return bool(value)
 
 
 def _structure(body: dict[str, Any]) -> dict[str, Any] | None:
