@@ -1,14 +1,21 @@
-"""Serving throughput, time-to-first-token and time-per-output-token at 1, 8 and 32 concurrent clients.
+"""Serving side by side: ``corelm serve`` against llama.cpp's ``llama-server`` on the same GGUF file.
 
-Starts ``corelm serve`` as a subprocess (the real command, on a free loopback port), then runs
-streaming ``/v1/completions`` clients at each concurrency level, alternating the levels round after
-round (1, 8, 32, 1, 8, 32, ...) so machine noise hits every level alike, and prints medians.
-Every request generates exactly ``--max-tokens`` tokens (``ignore_eos``) so levels are comparable.
+Starts both servers (the real commands, defaults, on free loopback ports): ``corelm serve --model M``
+and ``llama-server -m FILE -np 8`` (llama.cpp's continuous batching over 8 slots). Then, round after
+round, each concurrency level runs on one server and then the other (the order flips every round),
+so machine noise hits both alike. Every client streams ``/v1/completions`` requests that generate
+exactly ``--max-tokens`` tokens (``ignore_eos``). Reported per level: aggregate tokens/s (median of
+the rounds, with the spread) and time to first token (median and p90 of every request), and the
+ratio corelm / llama-server.
 
-Bar (issue 5): aggregate tokens/s at 8 clients >= 3x a single client's.
+A second table measures structured output's cost on corelm: ``/v1/chat/completions`` with
+``response_format: json_schema`` next to the same chat requests without it, at the same levels
+(the schema asks for a long array, so both kinds generate ``--max-tokens`` tokens).
 
-    .venv/bin/python benchmarks/serve.py                      # embedded SmolLM2, levels 1 8 32
-    .venv/bin/python benchmarks/serve.py --levels 1 8 --rounds 3 --max-tokens 32
+Bar (issue 15): corelm's aggregate tokens/s >= llama-server's at 1 and at 8 clients.
+
+    .venv/bin/python benchmarks/serve.py                       # embedded SmolLM2 Q4_1, levels 1 8 32
+    .venv/bin/python benchmarks/serve.py --levels 1 8 --rounds 2 --no-json
 """
 
 from __future__ import annotations
@@ -21,24 +28,51 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import torch
 
 from corelm.serve.server import free_port
 
+LLAMA_SERVER = "/tmp/kq/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
 PROMPTS = ["The three laws of thermodynamics are", "Write a haiku about the sea.", "def fibonacci(n):",
            "The capital of France is", "Photosynthesis converts", "Once upon a time, in a small village,",
            "The most important idea in linear algebra is", "To make bread, you need"]
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"},
+    "facts": {"type": "array", "items": {"type": "string"}, "minItems": 40}}, "required": ["title", "facts"]}
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+def body_for(kind: str, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+    common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+              "stream_options": {"include_usage": True}}
+    if kind == "plain":
+        return "/v1/completions", {**common, "prompt": prompt}
+    messages = [{"role": "user", "content": f"List facts about this: {prompt}"}]
+    extra = {} if kind == "chat" else {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "facts", "schema": SCHEMA, "strict": True}}}
+    return "/v1/chat/completions", {**common, "messages": messages, **extra}
+
+
+RETRIES: dict[str, int] = {}  # server -> requests resent after the connection closed before any response
+
+
+async def one_request(http: httpx.AsyncClient, path: str, body: dict) -> dict:
+    for attempt in range(3):
+        try:
+            return await _one_request(http, path, body)
+        except httpx.RemoteProtocolError:  # a kept-alive connection closed under the request: send it again
+            RETRIES[str(http.base_url)] = RETRIES.get(str(http.base_url), 0) + 1
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _one_request(http: httpx.AsyncClient, path: str, body: dict) -> dict:
     t0 = time.perf_counter()
-    first = None
-    tokens = 0
-    async with http.stream("POST", "/v1/completions", json=body) as r:
+    first, pieces, tokens = None, 0, None
+    async with http.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
         async for line in r.aiter_lines():
@@ -49,115 +83,161 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                 raise RuntimeError(event["error"]["message"])
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-            if first is None and any(c.get("text") for c in event["choices"]):
-                first = time.perf_counter()
+            texts = [c.get("text") or (c.get("delta") or {}).get("content") for c in event.get("choices", [])]
+            if any(texts):
+                pieces += 1
+                first = first or time.perf_counter()
     end = time.perf_counter()
-    first = first or end
-    return {"ttft": first - t0, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens, "start": t0, "end": end}
+    return {"ttft": (first or end) - t0, "tokens": tokens if tokens is not None else pieces}
 
 
-async def level(url: str, model: str, clients: int, requests_each: int, max_tokens: int) -> dict:
+async def level(url: str, model: str, kind: str, clients: int, requests_each: int, max_tokens: int) -> dict:
     """``clients`` concurrent clients, each sending ``requests_each`` requests back to back."""
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as http:
         async def client(i: int) -> list[dict]:
-            return [await one_request(http, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens)
+            return [await one_request(http, *body_for(kind, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens))
                     for k in range(requests_each)]
 
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
-    return {"tok_s": sum(r["tokens"] for r in results) / wall, "req_s": len(results) / wall,
-            "ttft": statistics.median(r["ttft"] for r in results),
-            "tpot": statistics.median(r["tpot"] for r in results),
-            "wall": wall, "requests": len(results)}
+    return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttfts": [r["ttft"] for r in results],
+            "tokens": sum(r["tokens"] for r in results) / len(results)}
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "corelm", "serve", "--model", args.model, "--port", str(port),
-           "--max-batch", str(max(args.levels)), "--max-seq-len", str(args.max_seq_len)]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    if args.quantize:
-        cmd += ["--quantize", args.quantize]
-    if args.device:
-        cmd += ["--device", args.device]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> str:
+def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float = 600) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise SystemExit(f"corelm serve exited: {proc.stderr.read()}")
+            raise SystemExit(f"{what} exited with {proc.returncode}")
         try:
-            r = httpx.get(url + "/health", timeout=1)
-            if r.status_code == 200:
-                return r.json()["models"][0]
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("corelm serve did not become ready")
+    raise SystemExit(f"{what} did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def p90(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+
+
+def table(title: str, names: tuple[str, str], runs: dict, levels: list[int]) -> None:
+    """One row per level: both servers' tokens/s (median, spread), TTFT median/p90, and the ratio."""
+    a, b = names
+    print(f"\n{title}")
+    print(f"{'clients':>7} | {a + ' tok/s':>18} | {b + ' tok/s':>18} | {'ratio':>6} | "
+          f"{a + ' TTFT med/p90 ms':>26} | {b + ' TTFT med/p90 ms':>26}")
+    print("-" * 118)
+    for n in levels:
+        cells = []
+        for name in names:
+            rates = [r["tok_s"] for r in runs[name, n]]
+            ttfts = [t for r in runs[name, n] for t in r["ttfts"]]
+            cells.append((statistics.median(rates), min(rates), max(rates),
+                          statistics.median(ttfts) * 1000, p90(ttfts) * 1000))
+        (ra, lo_a, hi_a, ma, pa), (rb, lo_b, hi_b, mb, pb) = cells
+        print(f"{n:>7} | {ra:7.1f} ({lo_a:4.0f}-{hi_a:4.0f}) | {rb:7.1f} ({lo_b:4.0f}-{hi_b:4.0f}) | {ra / rb:5.2f}x | "
+              f"{ma:12.0f} / {pa:11.0f} | {mb:12.0f} / {pb:11.0f}")
+
+
+def start_servers(args: argparse.Namespace, gguf: Path | None) -> tuple[dict, dict]:
+    """``corelm serve`` and (when its binary and a GGUF file are there) ``llama-server -np 8``."""
+    procs, urls = {}, {}
+    corelm_port, llama_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "corelm", "serve", "--model", args.model, "--port", str(corelm_port),
+           *args.corelm_arg]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    procs["corelm"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls["corelm"] = f"http://127.0.0.1:{corelm_port}"
+    use_llama = not args.no_llama and gguf is not None and Path(args.llama_server).is_file()
+    if use_llama:
+        ctx = 8 * 512  # 8 slots of 512 tokens: prompt + output fit in each
+        cmd = [args.llama_server, "-m", str(gguf), "-np", "8", "-c", str(ctx), "--port", str(llama_port),
+               "--host", "127.0.0.1", "--log-disable"]
+        if args.threads:
+            cmd += ["-t", str(args.threads)]
+        procs["llama-server"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        urls["llama-server"] = f"http://127.0.0.1:{llama_port}"
+    elif not args.no_llama:
+        print(f"llama-server not run (binary {args.llama_server} missing or no GGUF file for {args.model})")
+    return procs, urls
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model to serve (default the embedded SmolLM2)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model to serve (default the embedded SmolLM2); "
+                   "its GGUF file is what llama-server loads")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients per level")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (median reported)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--requests", type=int, default=2, help="requests each client sends per round at level 1 "
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all levels and servers (median reported)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--requests", type=int, default=4, help="requests each client sends per round at level 1 "
                                                            "(higher levels send 1 per client)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="server --max-seq-len")
-    p.add_argument("--threads", type=int, help="server --threads (default: the server's, all cores but one)")
-    p.add_argument("--dtype", help="server --dtype (default: corelm's choice for this machine)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="server --quantize (default: none; a Q4 GGUF such as "
-                   "the embedded model runs on its own blocks anyway)")
-    p.add_argument("--device", help="server --device (default cpu)")
+    p.add_argument("--threads", type=int, help="threads for both servers (default: each server's own default)")
+    p.add_argument("--llama-server", default=LLAMA_SERVER, help="llama.cpp's llama-server binary")
+    p.add_argument("--no-llama", action="store_true", help="corelm only")
+    p.add_argument("--no-json", action="store_true", help="skip the JSON-schema rows")
+    p.add_argument("--corelm-arg", action="append", default=[], help="extra corelm serve argument (repeatable)")
     args = p.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port)
+    from corelm.commands.quantize import gguf_source
+
+    gguf = gguf_source(args.model)
+    procs, urls = start_servers(args, gguf)
+    names = tuple(procs)
+    runs: dict[tuple[str, int], list[dict]] = {}
     try:
-        model = wait_ready(proc, url)
-        where = (torch.cuda.get_device_name() if args.device and args.device.startswith("cuda") else
-                 f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
-                 f"{args.threads or max(1, (os.cpu_count() or 2) - 1)} torch threads")
-        print(f"corelm serve {model} ({args.dtype or 'default dtype'}): {where}, {args.max_tokens} tokens/request",
-              flush=True)
-        asyncio.run(level(url, model, 1, 1, 4))  # warm-up
-        runs: dict[int, list[dict]] = {n: [] for n in args.levels}
+        for name, proc in procs.items():
+            wait_ready(proc, urls[name], name)
+        model = httpx.get(urls["corelm"] + "/v1/models").json()["data"][0]["id"]
+        print(f"model {args.model} ({gguf}), CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              f"{os.cpu_count()} cores, threads: {args.threads or 'each server default'}, "
+              f"{args.max_tokens} tokens/request; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+        series = [(name, "plain") for name in names] + ([] if args.no_json else
+                                                         [("corelm", "chat"), ("corelm", "json")])
+        for name, kind in series:  # warm-up (llguidance builds its tokenizer tables on the first schema)
+            asyncio.run(level(urls[name], model, kind, 1, 1, 4))
         for r in range(args.rounds):
+            order = series if r % 2 == 0 else series[::-1]
             for n in args.levels:
-                res = asyncio.run(level(url, model, n, args.requests if n == 1 else 1, args.max_tokens))
-                runs[n].append(res)
-                print(f"  round {r + 1}/{args.rounds}  {n:>3} clients: {res['tok_s']:7.1f} tok/s  "
-                      f"TTFT {res['ttft'] * 1000:7.0f} ms  TPOT {res['tpot'] * 1000:6.0f} ms", flush=True)
+                for name, kind in order:
+                    res = asyncio.run(level(urls[name], model, kind, n, args.requests if n == 1 else 1,
+                                            args.max_tokens))
+                    key = name if kind == "plain" else f"corelm {kind}"
+                    runs.setdefault((key, n), []).append(res)
+                    print(f"  round {r + 1}/{args.rounds} {key:>13} {n:>3} clients: {res['tok_s']:7.1f} tok/s  "
+                          f"TTFT median {statistics.median(res['ttfts']) * 1000:6.0f} ms  "
+                          f"({res['tokens']:.0f} tokens/request)", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    def med(n: int, key: str) -> float:
-        return statistics.median(x[key] for x in runs[n])
-
-    print()
-    print(f"{'clients':>7} | {'tokens/s':>9} | {'spread':>13} | {'requests/s':>10} "
-          f"| {'TTFT ms':>8} | {'TPOT ms':>8} | vs 1 client")
-    print("-" * 82)
-    base = med(args.levels[0], "tok_s")
-    for n in args.levels:
-        values = [x["tok_s"] for x in runs[n]]
-        print(f"{n:>7} | {med(n, 'tok_s'):9.1f} | {min(values):5.1f}-{max(values):<7.1f} | {med(n, 'req_s'):10.2f} | "
-              f"{med(n, 'ttft') * 1000:8.0f} | {med(n, 'tpot') * 1000:8.0f} | {med(n, 'tok_s') / base:5.2f}x")
-    if 1 in runs and 8 in runs:
-        ratio = med(8, "tok_s") / med(1, "tok_s")
-        print(f"\nbar: aggregate tokens/s at 8 clients / 1 client = {ratio:.2f}x (need >= 3x): "
-              f"{'PASS' if ratio >= 3 else 'MISS'}")
+        for proc in procs.values():
+            stop(proc)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f} (a shared machine: figures are noisy)")
+    for name, url in urls.items():
+        if RETRIES.get(url + "/") or RETRIES.get(url):
+            print(f"{name}: {RETRIES.get(url + '/', 0) + RETRIES.get(url, 0)} requests resent (connection closed "
+                  f"before any response)")
+    if len(names) == 2:
+        table("plain completions: corelm serve vs llama-server -np 8", names, runs, args.levels)
+        for n in (1, 8):
+            if n in args.levels:
+                ratio = (statistics.median(x["tok_s"] for x in runs["corelm", n])
+                         / statistics.median(x["tok_s"] for x in runs["llama-server", n]))
+                print(f"bar: {n} client(s) corelm / llama-server = {ratio:.2f}x (need >= 1.0x): "
+                      f"{'PASS' if ratio >= 1 else 'MISS'}")
+    if not args.no_json:
+        table("structured output on corelm: json_schema chat vs plain chat (ratio = grammar's throughput cost)",
+              ("corelm json", "corelm chat"), runs, args.levels)
     return 0
 
 
