@@ -106,7 +106,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---- options several commands share: one definition each ------------------------------------------
 
 DTYPES = ("fp32", "bf16", "fp16")
-TRAIN_POLICIES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")  # corelm.train.precision.POLICIES
+# THE precision policies of training (corelm.train.precision reads them from here): every training command's
+# --precision offers these, from this one declaration
+TRAIN_POLICIES = ("fp32", "tf32", "bf16-mixed", "fp16-mixed", "bf16-true")
+PRECISION_HELP = ("precision policy: fp32; tf32 (fp32 with TensorFloat-32 matmuls on CUDA, the same as fp32 on CPU); "
+                  "bf16-mixed or fp16-mixed (autocast, fp32 weights; fp16 with a dynamic GradScaler); bf16-true "
+                  "(bf16 weights, gradients and optimizer state)")
 
 
 def add_dtype(ap: argparse.ArgumentParser, default: str | None, what: str, auto: bool = True) -> None:

@@ -40,7 +40,7 @@ class BenchOptions(Options):
     seq_len: int = option(256, "--train: tokens per sequence")
     steps: int = option(4, "--train: optimizer steps (the first is not timed)")
     precision: str | None = option(None, "--train: precision policy (default fp32 on CPU, bf16-mixed on GPU)",
-                                   precision=True)
+                                   precision={"policies": ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")})
     new_tokens: int = option(64, "--decode: tokens to generate")
     dtype: str = option("auto", "--decode: weight dtype", dtype=True)
     device: str = option("auto", "where to measure", device=True)

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from corelm.commands.args import PRECISION_HELP
 from corelm.errors import CorelmError
 from corelm.plan.formulas import mfu
 from corelm.train.checkpoint import ExportFn, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -97,7 +98,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata={"help": "AdamW second-moment decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: no clipping)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16-mixed | fp16-mixed | bf16-true"})
+    precision: str = field(default="fp32", metadata={"help": PRECISION_HELP})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "recompute block activations in backward to save memory"})
@@ -335,10 +336,11 @@ def train(  # noqa: C901
                                scaler=scaler, export_fn=export_fn, keep_last=cfg.keep_last, rank=info.rank,
                                world_size=info.world_size)
 
-    peak = measure_matmul_peak(precision.compute_dtype, device=info.device.type) if (
-        cfg.measure_mfu and flops_per_token) else None
     tracker = Tracker(cfg.out, cfg.max_steps, start_step=step, enabled=info.is_main, progress=cfg.progress,
                       tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=dataclasses.asdict(cfg))
+    if precision.note():
+        tracker.write(precision.note())
+    restore_matmul = precision.set_matmul_mode()  # tf32 on CUDA: for this run only
     result = TrainResult(step=step, skipped_steps=skipped)
     is_ddp = cfg.parallel == "ddp"
     is_fsdp = cfg.parallel in ("fsdp", "fsdp+tp")
@@ -358,6 +360,8 @@ def train(  # noqa: C901
         return metrics
 
     try:
+        peak = measure_matmul_peak(precision.compute_dtype, device=info.device.type) if (
+            cfg.measure_mfu and flops_per_token) else None
         with _StopFlag() as stop:
             model.train()
             while step < cfg.max_steps:
@@ -459,6 +463,7 @@ def train(  # noqa: C901
                     result.checkpoint = checkpoint()
     finally:
         tracker.close()
+        restore_matmul()
     result.step, result.skipped_steps = step, skipped
     return result
 
