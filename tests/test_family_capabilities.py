@@ -179,6 +179,22 @@ def llm(checkpoint):
     return corelm.load(checkpoint[1], dtype="fp32")
 
 
+def test_hf_directory_loads_and_exports(checkpoint, llm, tmp_path):
+    """corelm's logits equal transformers' for the family's directory, and ``save_hf_dir`` writes one that
+    transformers reads back as the same model class with the same logits."""
+    from corelm.io.hf import save_hf_dir
+
+    _, path = checkpoint
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    save_hf_dir(llm.model, llm.config, tmp_path, llm.tokenizer)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        ref = hf(_ids(5)).logits
+        torch.testing.assert_close(llm.model(_ids(5)), ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(back(_ids(5)).logits, ref, atol=2e-5, rtol=1e-5)
+
+
 # ---- LoRA, AdaLoRA, adapters -------------------------------------------------------------------
 def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(ids[:, :-1])
