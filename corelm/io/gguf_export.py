@@ -47,7 +47,7 @@ _LAYER = {
 # Gemma 2/3 and OLMo 2 call the norm after attention post_attention_norm (llama's is the pre-MLP norm)
 _POST_NORM_ARCHS = ("gemma2", "gemma3", "olmo2")
 # llama.cpp token types
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _encode(name: str, module: nn.Module, weight: torch.Tensor, qtype: str, head
     return quants.quantize(data, gtype), gtype
 
 
-def _tokenizer_metadata(tokenizer: Any, pre: str) -> dict[str, Any]:
+def _tokenizer_metadata(tokenizer: Any, pre: str, vocab_size: int | None = None) -> dict[str, Any]:
     """``tokenizer.ggml.*`` for a byte-level BPE :class:`corelm.tokenizer.Tokenizer`."""
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model", {})
@@ -104,10 +104,17 @@ def _tokenizer_metadata(tokenizer: Any, pre: str) -> dict[str, Any]:
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, tok in added.items():
         vocab.setdefault(content, tok["id"])
-    tokens = [""] * (max(vocab.values()) + 1)
+    n = max(vocab.values()) + 1
+    if vocab_size is not None and n > vocab_size:
+        raise CorelmError(f"the tokenizer has {n} tokens, more than the model's {vocab_size} embeddings")
+    tokens = [""] * n
     for tok, i in vocab.items():
         tokens[i] = tok
     types = [(_CONTROL if added[t].get("special") else _USER_DEFINED) if t in added else _NORMAL for t in tokens]
+    # llama.cpp wants one token per embedding row: the converter pads with unused [PADn] tokens (get_vocab_base)
+    pad = range(n, vocab_size or n)
+    tokens += [f"[PAD{i}]" for i in pad]
+    types += [_UNUSED] * len(pad)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     out: dict[str, Any] = {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges}
     special = tokenizer.special_tokens_map
@@ -366,7 +373,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "F16", tokenize
         writer.add_name(name or config.name or "corelm")
         extra_tensors = _metadata(writer, config, arch, qtype)
         if tokenizer is not None:
-            _write_tokenizer(writer, _tokenizer_metadata(tokenizer, tokenizer_pre))
+            _write_tokenizer(writer, _tokenizer_metadata(tokenizer, tokenizer_pre, config.vocab_size))
         for gname, factors in extra_tensors:
             writer.add_tensor(gname, factors.float().numpy())
         for gname, module, weight, kind, heads in _tensors(model, config, arch, qtype):
