@@ -284,7 +284,10 @@ QUANT_COSINE = {"int8": 0.999, "int4": 0.9}
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_logits_stay_close(checkpoint, llm, method):
+def test_quantized_logits_stay_close(checkpoint, llm, method, tmp_path):
+    """``quantize=`` at load: the rounded weights' exact computation, close to fp32; the quantized model
+    saved as ``corelm quantize`` writes it loads back to the same logits."""
+    from corelm.quant.io import save_quantized_dir
     from corelm.quant.transform import is_quantized
 
     _, path = checkpoint
@@ -309,6 +312,9 @@ def test_quantized_logits_stay_close(checkpoint, llm, method):
     print(f"{checkpoint[0]} {method}: cosine {cosine:.5f}, top-1 agreement {agree:.2f}")
     assert cosine > QUANT_COSINE[method]
     assert not torch.equal(got, ref)
+    save_quantized_dir(quant.model, quant.config, tmp_path / "q", quant.tokenizer)
+    with torch.no_grad():
+        assert torch.equal(corelm.load(tmp_path / "q").model(ids), got)
 
 
 def test_engine_paths_agree_with_greedy(llm):
@@ -401,3 +407,24 @@ def test_finetune_cli_lora_on_a_moe(tmp_path, capsys):
         assert not torch.allclose(merged(_ids(4)), before(_ids(4)), atol=1e-4)
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, before.get_parameter(n))]
     assert "model.layers.1.mlp.experts.down_proj" in changed
+
+
+def test_finetune_cli_adapter_run_on_a_moe_loads_back(tmp_path):
+    """An adapter run on a MoE (adapters after each routed sub-layer) is saved and read back by load_run."""
+    from safetensors.torch import load_file
+
+    from corelm.cli import main as cli
+    from corelm.loading import load_run
+
+    base, run_dir = tmp_path / "base", tmp_path / "run"
+    _write_checkpoint("qwen2_moe", base, chat_template=(TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text())
+    assert cli(["finetune", "--model", str(base), "--task", "sft", "--data", "demo:chat", "--method", "adapter",
+                "--adapter-size", "8", "--steps", "2", "--batch-size", "4", "--max-len", "48", "--lr", "1e-2",
+                "--out", str(run_dir), "--no-progress", "--json"]) == 0
+    saved = load_file(str(run_dir / "adapter.safetensors"))
+    assert {"model.layers.1.mlp.adapter_up.weight", "model.layers.1.self_attn.o_proj.adapter_up.weight"} <= set(saved)
+    run = load_run(run_dir).model
+    with torch.no_grad():
+        assert torch.equal(run.get_parameter("model.layers.1.mlp.adapter_up.weight"),
+                           saved["model.layers.1.mlp.adapter_up.weight"])
+        assert not torch.allclose(run(_ids(6)), corelm.load(base, dtype="fp32").model(_ids(6)))
