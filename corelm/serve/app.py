@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corelm.errors import CorelmError
-from corelm.serve import adapters, errors, protocol, tools
+from corelm.serve import adapters, errors, protocol, schema, tools
 from corelm.serve.errors import APIError
 from corelm.serve.metrics import CONTENT_TYPE, Metrics
 from corelm.serve.service import EmbeddingModel, TextModel, TextStream
@@ -89,7 +89,8 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
     metrics = metrics or Metrics()
     by_name = {m.name: m for m in models}
     page, page_csp = _chat_page()
-    app = FastAPI(title="corelm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="corelm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    schema.publish(app)  # typed OpenAI request/response bodies (the routes parse bodies by hand)
     app.add_middleware(_CountRequests, metrics=metrics)
     if config.loopback_only:
         app.add_middleware(_LoopbackHostOnly)
@@ -102,6 +103,11 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
         ("corelm_queue_depth", "Requests waiting for a batch row.", lambda b: b.waiting),
         ("corelm_batch_rows", "Rows in the running batch (max concurrent requests).", lambda b: b.max_batch),
         ("corelm_decode_steps", "Batched decode steps run since start.", lambda b: b.steps),
+        ("corelm_prefix_cache_hits", "Requests whose prompt head came from the prefix cache.",
+         lambda b: b.prefixes.hits),
+        ("corelm_prefix_cache_hit_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.",
+         lambda b: b.prefixes.hit_tokens),
+        ("corelm_prefix_cache_tokens", "Token slots the prefix cache holds now.", lambda b: b.prefixes.tokens),
     ):
         metrics.gauge(name, help, lambda read=read: sum(read(b) for b in batchers))
 
@@ -228,10 +234,12 @@ def create_app(models: list[TextModel | EmbeddingModel], config: ServerConfig | 
                 if s.n_generated > 1:
                     metrics.observe(metrics.tpot, (s.last_token_at - s.first_token_at) / (s.n_generated - 1))
 
-    def usage(streams: list[TextStream]) -> dict[str, int]:
+    def usage(streams: list[TextStream]) -> dict[str, Any]:
         prompt = streams[0].n_prompt
         completion = sum(s.n_generated for s in streams)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = min(s.n_cached for s in streams)  # prompt tokens not prefilled: the prefix cache held them
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ---- generation (shared by /v1/completions and /v1/chat/completions) ----
 
