@@ -318,8 +318,8 @@ def test_quantized_logits_stay_close(checkpoint, llm, method, tmp_path):
 
 
 def test_engine_paths_agree_with_greedy(llm):
-    """Static-cache greedy, beam search of width 1 and speculative decoding with the model as its own draft
-    give the same tokens; a width-3 beam runs to the end."""
+    """Static-cache greedy (alone and batched with a shorter prompt), beam search of width 1 and speculative
+    decoding with the model as its own draft give the same tokens; a width-3 beam runs to the end."""
     from corelm.generate.engine import SamplingParams, beam_search, generate
     from corelm.generate.speculative import speculative_generate
 
@@ -328,6 +328,8 @@ def test_engine_paths_agree_with_greedy(llm):
     with torch.no_grad():  # the static cache against a full forward over the greedy continuation
         full = llm.model(torch.tensor([PROMPT + greedy[:-1]]))[0, len(PROMPT) - 1:].argmax(-1).tolist()
     assert full == greedy
+    short = PROMPT[3:8]  # a batch of different lengths decodes each row as it decodes alone
+    assert generate(llm.model, [short, PROMPT], params) == [generate(llm.model, [short], params)[0], greedy]
     assert beam_search(llm.model, PROMPT, params, num_beams=1) == greedy
     assert len(beam_search(llm.model, PROMPT, params, num_beams=3)) == 6
     spec, stats = speculative_generate(llm.model, PROMPT, 6, draft=llm.model, k=3)
