@@ -278,3 +278,53 @@ def test_unsupported_quant_type() -> None:
     raw = np.zeros(40, dtype=np.uint8)  # one Q8_1 block: gguf.quants has no dequantizer for it
     with pytest.raises(CorelmError, match="unsupported GGUF tensor type Q8_1"):
         dequantize(raw, Q.Q8_1, (32,))
+
+
+# Block layouts of ggml-common.h: byte offsets of each block's fp16 scale fields (d, dmin) per type.
+_F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+               Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+EVERY_TYPE = [Q.F32, Q.F16, Q.BF16, *_F16_FIELDS]
+
+
+def _blocks(qtype: Q, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Raw bytes of a ``(rows, cols)`` tensor of ``qtype``: gguf-py's quantizer where it has one, else random
+    valid blocks (random codes, finite random fp16 scales)."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype == Q.F32:
+        return values.view(np.uint8).reshape(-1)
+    try:
+        return np.ascontiguousarray(gguf.quants.quantize(values, qtype)).view(np.uint8).reshape(-1)
+    except NotImplementedError:
+        pass
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // block, block_bytes), dtype=np.uint8)
+    for offset in _F16_FIELDS[qtype]:
+        raw[:, offset:offset + 2] = rng.uniform(-0.1, 0.1, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(-1)
+
+
+@pytest.mark.parametrize("qtype", EVERY_TYPE, ids=[t.name for t in EVERY_TYPE])
+def test_dequantize_is_bit_exact_against_gguf_py(qtype: Q) -> None:
+    """Every tensor type corelm promises reads exactly as gguf-py's reference ``gguf.quants.dequantize``."""
+    rows, cols = 3, 512
+    raw = _blocks(qtype, rows, cols, seed=qtype.value)
+    assert raw.nbytes == rows * cols // gguf.GGML_QUANT_SIZES[qtype][0] * gguf.GGML_QUANT_SIZES[qtype][1]
+    if qtype == Q.F32:
+        ref = raw.view(np.float32).reshape(rows, cols)
+    elif qtype == Q.F16:
+        ref = raw.view(np.float16).reshape(rows, cols).astype(np.float32)
+    else:
+        ref = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).astype(np.float32)
+    mine = dequantize(raw, qtype, (rows, cols)).float().numpy()
+    assert np.isfinite(ref).all() and np.count_nonzero(ref) > rows * cols // 2  # real values, not all zero
+    np.testing.assert_array_equal(mine, ref)
+
+
+def test_unsupported_type_lists_what_corelm_reads() -> None:
+    with pytest.raises(CorelmError) as info:
+        dequantize(np.zeros(36, dtype=np.uint8), Q.Q8_1, (32,))
+    message = str(info.value)
+    assert "\n" not in message
+    for name in ("F32", "BF16", "Q4_0", "Q5_1", "Q2_K", "Q6_K", "IQ4_NL", "IQ4_XS"):
+        assert name in message

@@ -280,6 +280,14 @@ def dequantize(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     return _dequantize_reference(buf, qtype, shape)
 
 
+def readable_types() -> list[str]:
+    """Names of the tensor types corelm dequantizes: the float types, and every block type gguf-py's
+    reference dequantizer implements (Q4_0 ... Q8_0, Q2_K ... Q6_K, IQ4_NL, IQ4_XS, the other IQ types, ...)."""
+    from gguf import quants
+
+    return ["F32", "F16", "BF16"] + [t.name for t in quants._type_traits if t.name != "BF16"]
+
+
 def _dequantize_reference(buf: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
     """Other types through the ``gguf`` package's numpy reference (slower, but correct)."""
     from gguf import quants
@@ -287,8 +295,8 @@ def _dequantize_reference(buf: np.ndarray, qtype: GGMLQuantizationType, shape: t
     try:
         arr = quants.dequantize(buf, qtype)
     except NotImplementedError:
-        raise CorelmError(f"unsupported GGUF tensor type {qtype.name}; corelm reads F32, F16, BF16, Q8_0, "
-                          "Q4_0, Q4_1 and the types gguf.quants can dequantize") from None
+        raise CorelmError(f"unsupported GGUF tensor type {qtype.name}; corelm reads {', '.join(readable_types())}") \
+            from None
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
