@@ -1,13 +1,14 @@
 """64 concurrent clients against one server: zero errors, every row freed, each greedy output equal to the
 same request sent alone.
 
-The clients (asyncio + httpx, one connection each) mix four kinds of request: plain completions
+The clients (asyncio + httpx, one connection each) mix five kinds of request: plain completions
 (streamed and not), chat under a JSON schema, chat with a forced tool call (its arguments under the
-tool's schema), and plain chat. Every request is first sent alone, one after another, to get its
-reference; then all 64 are sent at once, so 16 rows decode together while the rest wait in the queue
-and join as rows free up, constrained and free rows side by side. The decoder is a tiny random Llama
-with the SmolLM2 tokenizer and chat template (the real SmolLM2 under load is
-``benchmarks/serve_exactness.py``).
+tool's schema), plain chat, and completions through one of two LoRA adapters (``tiny:sql``,
+``tiny:chat``, the runs of ``test_serve_lora``: rows of both adapters and of the base in one batch).
+Every request is first sent alone, one after another, to get its reference; then all 64 are sent at
+once, so 16 rows decode together while the rest wait in the queue and join as rows free up,
+constrained and free rows side by side. The decoder is a tiny random Llama with the SmolLM2 tokenizer
+and chat template (the real SmolLM2 under load is ``benchmarks/serve_exactness.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import pytest
 from corelm.api import LLM
 from corelm.models import build_model
 from corelm.serve.app import ServerConfig, create_app
-from corelm.serve.batcher import Batcher
-from corelm.serve.server import ServeOptions, ServerThread
-from corelm.serve.service import TextModel
+from corelm.serve.server import ServeOptions, ServerThread, wrap
 from tests.test_serve_api import tiny_llm
+from tests.test_serve_lora import write_run
 
 pytestmark = pytest.mark.slow  # a real server and 128 requests
 
@@ -50,7 +50,10 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 def request(i: int) -> tuple[str, dict]:
     """The i-th client's request: (path, body); all greedy, all different."""
     words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(2 + i % 5))
-    kind = i % 4
+    kind = i % 5
+    if kind == 4:
+        return "/v1/completions", {"model": "tiny:" + ("sql", "chat")[i % 2], "prompt": words, "max_tokens": 6 + i % 7,
+                                   "temperature": 0, "ignore_eos": True, "stream": i % 3 == 0}
     if kind == 0:
         return "/v1/completions", {"prompt": words, "max_tokens": 6 + i % 11, "temperature": 0, "ignore_eos": True,
                                    "stream": i % 8 == 0}
@@ -83,20 +86,24 @@ def outcome(body: dict, reply: httpx.Response) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     tiny = tiny_llm()
     # the same weights with a 512-token window: the tool prompt (the Hermes fallback) alone is ~230 tokens
     config = dataclasses.replace(tiny.config, max_seq_len=512)
     model = build_model(config).eval()
     model.load_state_dict(tiny.model.state_dict())  # the RoPE tables are buffers outside the state dict
     llm = LLM(model, tiny.tokenizer, config, source="random init")
-    batcher = Batcher(llm.model, max_batch=16, max_seq_len=512, max_queue=CLIENTS)
-    app = create_app([TextModel("tiny", llm, batcher, default_max_tokens=16)], ServerConfig(request_timeout=300))
-    batcher.start()
-    with ServerThread(app, options=ServeOptions(max_connections=4 * CLIENTS)) as srv:
-        srv.batcher = batcher
+    root = tmp_path_factory.mktemp("lora")
+    runs = [f"sql={write_run(root / 'sql', model, ('q_proj', 'v_proj'), rank=4, alpha=8.0, seed=1)}",
+            f"chat={write_run(root / 'chat', model, ('o_proj', 'gate_proj', 'down_proj'), rank=8, alpha=8.0, seed=2)}"]
+    options = ServeOptions(max_batch=16, max_seq_len=512, max_queue=CLIENTS, default_max_tokens=16,
+                           max_connections=4 * CLIENTS, lora=runs)
+    served = wrap("tiny", llm, options, with_adapters=True)
+    served.batcher.start()
+    with ServerThread(create_app([served], ServerConfig(request_timeout=300)), options=options) as srv:
+        srv.batcher = served.batcher
         yield srv
-    batcher.stop()
+    served.batcher.stop()
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -111,7 +118,7 @@ async def send_all(url: str, requests: list[tuple[str, dict]], together: bool) -
     async with httpx.AsyncClient(base_url=url, timeout=300,
                                  limits=httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)) as c:
         async def one(path: str, body: dict) -> tuple:
-            return outcome(body, await c.post(path, json={"model": "tiny", **body}))
+            return outcome(body, await c.post(path, json={"model": "tiny", **body}))  # body may name an adapter
 
         t0 = time.monotonic()
         if together:
