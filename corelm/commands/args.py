@@ -114,6 +114,35 @@ PRECISION_HELP = ("precision policy: fp32; tf32 (fp32 with TensorFloat-32 matmul
                   "(bf16 weights, gradients and optimizer state)")
 
 
+TRACKERS = ("tensorboard", "wandb", "csv")
+TRACKER_HELP = ("where the metrics go besides RUN/metrics.jsonl, repeatable or comma-separated: tensorboard "
+                "(RUN/tensorboard), wandb (Weights & Biases, the optional wandb package; WANDB_MODE=offline needs no "
+                "account), csv (RUN/metrics.csv); default tensorboard")
+
+
+def resolve_trackers(names: list[str] | tuple[str, ...] | str | None, *, tensorboard: bool = True,
+                     wandb: str | None = None) -> list[str]:
+    """The trackers of a run: ``--tracker`` values (each may be a comma list; none given: tensorboard), without
+    tensorboard under ``--no-tensorboard``, with wandb when a ``--wandb PROJECT`` is named.
+
+    Raises:
+        CorelmError: a name that is not one of :data:`TRACKERS`.
+    """
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for part in (p.strip() for entry in (names or ["tensorboard"]) for p in entry.split(",")):
+        if part not in TRACKERS:
+            raise CorelmError(f"--tracker: unknown tracker {part!r} (choose from {', '.join(TRACKERS)})")
+        if part not in out:
+            out.append(part)
+    if not tensorboard and "tensorboard" in out:
+        out.remove("tensorboard")
+    if wandb and "wandb" not in out:
+        out.append("wandb")
+    return out
+
+
 def add_dtype(ap: argparse.ArgumentParser, default: str | None, what: str, auto: bool = True) -> None:
     """``--dtype`` for weights that are loaded (``auto``: bf16 where the CPU declares bf16 arithmetic,
     else fp32 -- see corelm.loading.default_dtype) or written (no ``auto``)."""

@@ -13,14 +13,23 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from corelm.commands.args import Options, as_options, option, options_from, parser_from
+from corelm.commands.args import (
+    PRECISION_HELP,
+    TRACKER_HELP,
+    Options,
+    as_options,
+    option,
+    options_from,
+    parser_from,
+    resolve_trackers,
+)
 from corelm.errors import CorelmError
 
 if TYPE_CHECKING:
@@ -45,16 +54,18 @@ class DistillOptions(Options):
     lr: float = option(1e-3, "peak learning rate")
     batch_size: int = option(8, "sequences per step")
     seq_len: int = option(128, "tokens per sequence")
-    precision: str = option("fp32", "precision policy of the training loop (fp16-mixed: with dynamic loss scaling)",
-                            precision=True)
+    precision: str = option("fp32", PRECISION_HELP, precision=True)
     eval_batches: int = option(8, "validation batches per evaluation")
     seed: int = option(0, "seed of initialisation and data order")
     progress: bool = option(True, "the live progress bar")
+    tracker: list[str] | None = field(default=None, metadata={"help": TRACKER_HELP})
+    wandb: str | None = option(None, "also log to this Weights & Biases project (optional wandb package)")
 
     def check(self) -> None:
         from corelm.compress.distill import check_loss_params
 
         check_loss_params(self.temperature, self.alpha)  # before the teacher is loaded
+        resolve_trackers(self.tracker, wandb=self.wandb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +129,7 @@ def distill(options: DistillOptions | str, *values: Any, **named: Any) -> TrainR
     resume = args.out if checkpoint_dirs(Path(args.out)) else None
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=max(1, args.max_steps // 20),
                       precision=args.precision, eval_every=max(1, args.max_steps // 10), seed=args.seed,
-                      out=args.out, resume=resume, progress=args.progress)
+                      out=args.out, resume=resume, progress=args.progress, tracker=args.tracker, wandb=args.wandb)
     run_config = {"teacher": args.teacher, "student": args.student, "model_config": config.to_dict(),
                   "data": str(args.data), "temperature": args.temperature, "alpha": args.alpha,
                   "teacher_dtype": str(teacher.dtype).removeprefix("torch."),

@@ -95,6 +95,8 @@ class PretrainOptions(Options):
     seed: int = _loop("seed")
     max_bad_steps: int = _loop("max_bad_steps")
     progress: bool = _loop("progress")
+    tracker: list[str] | None = dataclasses.field(  # a list: --tracker a --tracker b (or a,b)
+        default=None, metadata=next(f for f in dataclasses.fields(TrainConfig) if f.name == "tracker").metadata)
     tensorboard: bool = _loop("tensorboard")
     measure_mfu: bool = _loop("measure_mfu")
     wandb: str | None = _loop("wandb")

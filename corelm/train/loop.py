@@ -52,7 +52,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from corelm.commands.args import PRECISION_HELP
+from corelm.commands.args import PRECISION_HELP, TRACKER_HELP, resolve_trackers
 from corelm.errors import CorelmError
 from corelm.plan.formulas import mfu
 from corelm.train.checkpoint import ExportFn, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -122,9 +122,11 @@ class TrainConfig:
         default=None, metadata={"help": "run directory (checkpoints, metrics.jsonl, tensorboard/, loss.png)"})
     resume: str | None = field(default=None, metadata={"help": "run or checkpoint directory to continue from"})
     progress: bool = field(default=True, metadata={"help": "live progress bar"})
+    tracker: list[str] | None = field(default=None, metadata={"help": TRACKER_HELP})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     wandb: str | None = field(
-        default=None, metadata={"help": "also log to this Weights & Biases project (optional package; rank 0)"})
+        default=None, metadata={"help": "also log to this Weights & Biases project (optional package; rank 0): "
+                                        "--tracker wandb logs to project corelm"})
     measure_mfu: bool = field(default=True, metadata={"help": "measure this device's matmul peak once and log MFU"})
 
     def __post_init__(self) -> None:
@@ -140,6 +142,7 @@ class TrainConfig:
         if self.pp_schedule not in ("gpipe", "1f1b"):
             raise CorelmError(f"unknown pipeline schedule {self.pp_schedule!r}; expected gpipe or 1f1b")
         Precision(self.precision)  # validates the policy name
+        self.tracker = resolve_trackers(self.tracker, tensorboard=self.tensorboard, wandb=self.wandb)
 
 
 @dataclass
@@ -337,7 +340,9 @@ def train(  # noqa: C901
                                world_size=info.world_size)
 
     tracker = Tracker(cfg.out, cfg.max_steps, start_step=step, enabled=info.is_main, progress=cfg.progress,
-                      tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=dataclasses.asdict(cfg))
+                      tensorboard="tensorboard" in cfg.tracker, csv="csv" in cfg.tracker,
+                      wandb=(cfg.wandb or "corelm") if "wandb" in cfg.tracker else None,
+                      config={**dataclasses.asdict(cfg), "run": run_config or {}})
     if precision.note():
         tracker.write(precision.note())
     restore_matmul = precision.set_matmul_mode()  # tf32 on CUDA: for this run only

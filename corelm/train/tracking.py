@@ -1,6 +1,8 @@
-"""What a run shows and leaves behind: progress bar, ``metrics.jsonl``, TensorBoard, a loss-curve PNG, and
-optionally a Weights & Biases run (``wandb`` is an optional dependency; ``WANDB_MODE=offline`` logs without
-an account or a network, for ``wandb sync`` later).
+"""What a run shows and leaves behind: progress bar, ``metrics.jsonl``, ``resolved_config.json`` (the run's whole
+configuration), a loss-curve PNG, and the trackers a run names (``--tracker tensorboard,wandb,csv``): TensorBoard
+event files (the configuration as a text entry), a Weights & Biases run (``wandb`` is an optional dependency;
+``WANDB_MODE=offline`` logs without an account or a network, for ``wandb sync`` later; the configuration is the
+run's config) and ``metrics.csv`` (one ``step,metric,value`` row per number).
 
 MFU (model FLOPs utilisation) is achieved FLOP/s over the *measured* matmul peak of this device;
 FLOPs per token come from ``corelm.plan.formulas.train_flops_per_token`` (PaLM appendix B).
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,32 +67,27 @@ class Tracker:
         tensorboard: write TensorBoard event files.
         wandb: a Weights & Biases project to log the same scalars to (``None``: none). A resumed run
             continues the W&B run whose id is kept in ``run_dir/wandb_run_id.txt``.
-        config: the run's configuration, shown by W&B beside the curves.
+        csv: also write ``metrics.csv``, one ``step,metric,value`` row per number.
+        config: the run's resolved configuration: written to ``resolved_config.json``, shown by TensorBoard as
+            text and by W&B beside the curves.
     """
 
     def __init__(self, run_dir: str | Path | None, total_steps: int, *, start_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True, wandb: str | None = None,
+                 progress: bool = True, tensorboard: bool = True, wandb: str | None = None, csv: bool = False,
                  config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir) if run_dir else None
-        self._bar = self._tb = self._jsonl = self._wandb = None
+        self._bar = self._tb = self._jsonl = self._wandb = self._csv = None
         if not enabled:
             return
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            path = self.run_dir / "metrics.jsonl"
-            kept = []
-            if path.is_file():  # read on resume: a torn, foreign or non-UTF-8 line is dropped, never a crash
-                for line in path.read_bytes().splitlines():
-                    try:
-                        record = json.loads(line)
-                    except (ValueError, RecursionError):
-                        continue
-                    step = record.get("step", 0) if isinstance(record, dict) else None
-                    if type(step) is int and step <= start_step:
-                        kept.append(line.decode())
-            path.write_text("".join(k + "\n" for k in kept))
-            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            self._jsonl = _reopen(self.run_dir / "metrics.jsonl", start_step, _jsonl_step)
+            if csv:
+                self._csv = _reopen(self.run_dir / "metrics.csv", start_step, _csv_step, header="step,metric,value")
+            if config is not None:
+                text = json.dumps(config, indent=2, default=str)
+                (self.run_dir / "resolved_config.json").write_text(text + "\n")
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -97,6 +95,8 @@ class Tracker:
                     self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
                 except ImportError:  # tensorboard is a declared dependency, but stay usable without it
                     self._tb = None
+                if self._tb is not None and config is not None:  # indented: TensorBoard's text tab is markdown
+                    self._tb.add_text("config", "    " + text.replace("\n", "\n    "), start_step)
         if wandb:
             self._wandb = _start_wandb(wandb, self.run_dir, config)
         if progress:
@@ -114,6 +114,9 @@ class Tracker:
             self._jsonl.write(json.dumps(record) + "\n")
         scalars = {scalar_name(k): v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._csv:
+            self._csv.write("".join(f"{step},{k},{v!r}\n" for k, v in record.items()
+                                    if k != "step" and isinstance(v, (int, float))))
         if self._tb:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
@@ -146,8 +149,35 @@ class Tracker:
             self._wandb.finish()
         if self._jsonl:
             self._jsonl.close()
+        if self._csv:
+            self._csv.close()
         if self.run_dir:
             plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+
+
+def _jsonl_step(line: bytes) -> Any:
+    record = json.loads(line)
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
+def _csv_step(line: bytes) -> Any:
+    return int(line.split(b",", 1)[0])
+
+
+def _reopen(path: Path, start_step: int, step_of: Callable[[bytes], Any], header: str | None = None) -> Any:
+    """Open a metrics file for appending, keeping only the lines of steps up to ``start_step`` (a resumed run
+    rewrites what came after its checkpoint); a torn, foreign or non-UTF-8 line is dropped, never a crash."""
+    kept = [header] if header else []
+    if path.is_file():
+        for line in path.read_bytes().splitlines():
+            try:
+                step, text = step_of(line), line.decode()
+            except (ValueError, RecursionError):
+                continue
+            if type(step) is int and step <= start_step:
+                kept.append(text)
+    path.write_text("".join(k + "\n" for k in kept))
+    return open(path, "a", buffering=1)  # closed in Tracker.close()
 
 
 def _start_wandb(project: str, run_dir: Path | None, config: dict[str, Any] | None) -> Any:
