@@ -23,14 +23,14 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from corelm.commands.args import Options, option
+from corelm.commands.args import TRACKER_HELP, Options, option, resolve_trackers
 from corelm.data import tasks
 from corelm.errors import CorelmError
 from corelm.finetune.adalora import RankAllocator
@@ -105,11 +105,13 @@ class FinetuneArgs(Options):
     eval_every: int = option(0, "evaluate on the validation set every N steps (0: before and after training only)")
     progress: bool = option(True, "progress bars")
     wandb: str | None = option(None, "also log to this Weights & Biases project (optional wandb package)")
+    tracker: list[str] | None = field(default=None, metadata={"help": TRACKER_HELP})
     json: bool = option(False, "print the final summary as one JSON object")
 
     def check(self) -> None:
         if self.scheme == "bio":  # the same tags under their other name
             self.scheme = "iob2"
+        resolve_trackers(self.tracker, wandb=self.wandb)  # a bad --tracker fails before the model loads
 
 
 FinetuneOptions = FinetuneArgs
@@ -264,7 +266,8 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
                       else max(1, steps * 6 // 100), weight_decay=args.weight_decay, beta2=0.999,
                       precision=args.precision, seed=args.seed, out=args.out, save_every=args.save_every,
                       resume=args.out if args.resume else None, progress=args.progress, eval_every=args.eval_every,
-                      measure_mfu=False, keep_last=2, wandb=args.wandb)
+                      measure_mfu=False, keep_last=2, wandb=args.wandb,
+                      tracker=args.tracker)
     before = eval_fn(model)  # the untrained value of every validation metric, for comparison
     if before:
         say("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()))
