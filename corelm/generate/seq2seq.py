@@ -1,4 +1,5 @@
-"""Decoding for encoder-decoder models (:class:`corelm.models.bart.Bart`): greedy and beam search on token ids.
+"""Decoding for encoder-decoder models (:class:`~corelm.models.bart.Bart`, :class:`~corelm.models.t5.T5`): greedy
+and beam search on token ids.
 
 The source is encoded once and each decoder layer's cross-attention keys/values are projected once
 per source (beam copies share them by ``repeat_interleave``); the decoder's self-attention keys go to a
@@ -31,6 +32,7 @@ from corelm.errors import CorelmError
 from corelm.ops.kv_cache import KVCache
 
 _NEG = -1.0e9  # transformers' "never choose this beam" score
+DEFAULT_BEAMS = 4  # corelm translate / evaluate when neither the user nor the checkpoint's generation config says
 
 
 @dataclass
@@ -137,7 +139,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """Decode a batch of sources.
 
     Args:
-        model: a :class:`~corelm.models.bart.Bart`.
+        model: a :class:`~corelm.models.bart.Bart` or :class:`~corelm.models.t5.T5`.
         input_ids: ``(B, S)`` source ids (right-padded).
         attention_mask: ``(B, S)``, 1 = real source token; None = no padding.
         params: decoding settings (:class:`Seq2SeqParams`).
@@ -256,7 +258,7 @@ class Seq2Seq:
     """An encoder-decoder with its tokenizer: :meth:`translate` (or summarize) texts.
 
     Attributes:
-        model: a :class:`~corelm.models.bart.Bart`.
+        model: a :class:`~corelm.models.bart.Bart` or :class:`~corelm.models.t5.T5`.
         tokenizer: its :class:`~corelm.tokenizer.Tokenizer` (from ``tokenizer.json``; Marian repositories that
             ship only SentencePiece files need one converted, e.g. by transformers' ``MarianTokenizer``
             ``backend_tokenizer``), or None: then only :meth:`generate_ids` works.
@@ -268,6 +270,7 @@ class Seq2Seq:
         self.model, self.tokenizer, self.config, self.source = model, tokenizer, config, source
         gen = Path(source) / "generation_config.json" if source else None
         data = json.loads(gen.read_text()) if gen is not None and gen.is_file() else {}
+        self.generation_config = data  # what the checkpoint asked for (``corelm translate`` defaults to 4 beams)
         self.params = Seq2SeqParams.from_generation_config(data)
 
     def __repr__(self) -> str:
@@ -289,12 +292,20 @@ class Seq2Seq:
         out = generate(self.model, ids.to(self.device), mask.to(self.device), params)[:, 1:].tolist()
         return [row[: row.index(params.eos_token_id) + 1] if params.eos_token_id in row else row for row in out]
 
-    def translate(self, texts: list[str], **overrides: Any) -> list[str]:
-        """Translate (or summarize) ``texts``: one output string each, special tokens dropped."""
+    def translate(self, texts: list[str], batch_size: int = 32, progress: Any = None, **overrides: Any) -> list[str]:
+        """Translate (or summarize) ``texts``: one output string each, special tokens dropped.
+
+        Args:
+            batch_size: sources decoded together (sorted by length, so a batch pads little).
+            progress: called with the number of texts done after each batch (a progress bar's ``update``).
+            overrides: :class:`Seq2SeqParams` fields, e.g. ``num_beams=4``, ``max_new_tokens=32``.
+        """
         if self.tokenizer is None:
             raise CorelmError(f"{self.source or 'this model'} has no tokenizer.json; use generate_ids with token ids")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise CorelmError("translate takes a list of strings")
+        if batch_size < 1:
+            raise CorelmError(f"batch_size must be at least 1, got {batch_size}")
         eos = self.config.extra.get("eos_token_id")
         sources = []
         for ids in self.tokenizer.encode_batch(texts, add_special_tokens=True):
@@ -302,4 +313,29 @@ class Seq2Seq:
                 ids = ids + [eos]  # sources end in </s>, as the models were trained
             limit = self.config.max_seq_len  # keep the start and the final </s>
             sources.append(ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids)
-        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in self.generate_ids(sources, **overrides)]
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[str] = [""] * len(sources)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, row in zip(chunk, self.generate_ids([sources[i] for i in chunk], **overrides)):
+                out[i] = self.tokenizer.decode(row, skip_special_tokens=True)
+            if progress is not None:
+                progress(len(chunk))
+        return out
+
+
+def decoding_overrides(s2s: Seq2Seq, num_beams: int | None, max_new_tokens: int | None,
+                       length_penalty: float | None = None) -> dict[str, Any]:
+    """The :class:`~corelm.generate.seq2seq.Seq2SeqParams` fields to override: the options given, and the defaults
+    (4 beams, 64 tokens within the model's positions) where the checkpoint's generation config is silent."""
+    gen = s2s.generation_config
+    out: dict[str, Any] = {}
+    if num_beams is not None or "num_beams" not in gen:
+        out["num_beams"] = num_beams or DEFAULT_BEAMS
+    if max_new_tokens is not None:
+        out["max_new_tokens"] = max_new_tokens
+    elif "max_new_tokens" not in gen and "max_length" not in gen:
+        out["max_new_tokens"] = min(64, s2s.config.max_seq_len)
+    if length_penalty is not None:
+        out["length_penalty"] = length_penalty
+    return out
