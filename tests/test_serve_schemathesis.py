@@ -9,7 +9,8 @@ types, out-of-range numbers, missing fields). Each response is checked by schema
 ``not_a_server_error``, ``status_code_conformance`` (only documented statuses),
 ``content_type_conformance`` and ``response_schema_conformance`` (the body validates against the
 documented response), plus ``negative_data_rejection`` (a request that breaks the document is refused).
-The decoder is a tiny random Llama with the SmolLM2 tokenizer, so generation costs microseconds.
+The decoder is a tiny random Llama with the SmolLM2 tokenizer, so generation costs microseconds; it has
+LoRA adapter slots (one adapter loaded), so ``/v1/adapters`` is fuzzed as well.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from schemathesis.specs.openapi.checks import (
 
 import corelm
 from corelm.serve.app import ServerConfig, create_app
-from corelm.serve.batcher import Batcher
-from corelm.serve.server import ServerThread
-from corelm.serve.service import EmbeddingModel, TextModel
+from corelm.serve.server import ServeOptions, ServerThread, wrap
+from corelm.serve.service import EmbeddingModel
 from tests.test_serve_api import tiny_llm
+from tests.test_serve_lora import write_run
 
 pytestmark = pytest.mark.slow  # a real server and ~600 requests (~40 s on 2 busy cores)
 
@@ -59,16 +60,20 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     llm = tiny_llm()
-    batcher = Batcher(llm.model, max_batch=4, max_seq_len=96, max_queue=64)
-    models = [TextModel("tiny", llm, batcher, default_max_tokens=4),
-              EmbeddingModel("minilm-l6", corelm.load("minilm-l6"))]
-    batcher.start()
-    with ServerThread(create_app(models, ServerConfig(max_body_bytes=256 * 1024, request_timeout=60))) as srv:
-        srv.batcher = batcher
+    run = write_run(tmp_path_factory.mktemp("lora") / "sql", llm.model, ("q_proj", "v_proj"), rank=4, alpha=8.0,
+                    seed=1)
+    options = ServeOptions(max_batch=4, max_seq_len=96, max_queue=64, default_max_tokens=4, lora=[f"sql={run}"],
+                           max_loras=2)
+    text = wrap("tiny", llm, options, with_adapters=True)  # adapter slots: /v1/adapters is fuzzed too
+    models = [text, EmbeddingModel("minilm-l6", corelm.load("minilm-l6"))]
+    text.batcher.start()
+    config = ServerConfig(max_body_bytes=256 * 1024, request_timeout=60, loopback_only=True)
+    with ServerThread(create_app(models, config)) as srv:
+        srv.batcher = text.batcher
         yield srv
-    batcher.stop()
+    text.batcher.stop()
 
 
 def test_published_document_is_typed(server):
@@ -80,7 +85,7 @@ def test_published_document_is_typed(server):
         request["properties"])
     assert request["required"] == ["messages"]
     assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health",
-                                 "/metrics", "/"}
+                                 "/metrics", "/", "/v1/adapters", "/v1/adapters/{name}"}
 
 
 def fuzz(operation, mode, examples: int, checks: list, send) -> None:
@@ -113,7 +118,7 @@ def test_schemathesis_finds_no_server_error(server):
     sent = sum(statuses.values())
     print(f"schemathesis: {sent} requests, statuses by class {dict(sorted(statuses.items()))}")
     assert statuses[500] == 0
-    assert sent >= 3 * (EXAMPLES + NEGATIVE)  # the three POST operations at least ran in full
+    assert sent >= 4 * (EXAMPLES + NEGATIVE)  # the four POST operations at least ran in full
     assert statuses[200] > 50 and statuses[400] > 50  # both valid and refused requests were exercised
     # the fuzzed requests left no row or queue place behind
     assert server.batcher.running == 0 and server.batcher.waiting == 0

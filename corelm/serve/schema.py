@@ -15,6 +15,7 @@ OpenAI's API does. Every error response is the :class:`ErrorResponse` object of
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -305,6 +306,28 @@ class ModelList(_Open):
     data: list[ModelCard]
 
 
+class AdapterLoadRequest(_Open):
+    """``POST /v1/adapters``: load a LoRA run (a ``corelm finetune --method lora`` output directory)."""
+
+    name: Text = Field(description="the adapter's id: requests send model '<base>:<name>' or '<name>'")
+    path: Text = Field(description="the run directory on the server's disk")
+    model: str | None = Field(None, description="the base model to load it on (default: the first with slots)")
+
+
+class AdapterLoaded(_Open):
+    id: str
+    object: Literal["model"]
+    parent: str
+    rank: int
+    loaded: Literal[True]
+
+
+class AdapterDeleted(_Open):
+    id: str
+    object: Literal["model"]
+    deleted: Literal[True]
+
+
 class Health(_Open):
     status: str
     models: list[str]
@@ -312,11 +335,14 @@ class Health(_Open):
 
 # ---- the document --------------------------------------------------------------------------------
 
-MODELS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ErrorResponse,
-                                 Completion, ChatCompletion, EmbeddingList, ModelList, Health]
+MODELS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, AdapterLoadRequest,
+                                 ErrorResponse, Completion, ChatCompletion, EmbeddingList, ModelList, AdapterLoaded,
+                                 AdapterDeleted, Health]
 # Statuses an operation may answer besides 200, each with the OpenAI error object.
 ERRORS = {"400": "malformed request or a parameter out of range", "401": "missing or wrong API key",
-          "404": "model not served", "408": "request body too slow", "413": "request body too large",
+          "403": "adapter admin without an API key on a server other machines can reach",
+          "404": "model (or adapter) not served", "408": "request body too slow",
+          "409": "adapter name or slots taken", "413": "request body too large",
           "415": "request body not JSON", "421": "Host is not a loopback name (server bound to loopback)",
           "500": "a server fault (details in the server log only)",
           "503": "at capacity (Retry-After) or shutting down", "504": "request deadline exceeded"}
@@ -325,18 +351,22 @@ SSE = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
     "description": "`data: <chunk>` events (a chunk object, or {\"error\": ...} after a failure), then "
                    "`data: [DONE]`"}}}
-# path -> method, request model or None, 200 response model or a literal media map, errors that apply
-ROUTES: dict[str, tuple[str, str | None, str | dict, tuple[str, ...]]] = {
-    "/v1/completions": ("post", "CompletionRequest", "Completion",
-                        ("400", "401", "404", "408", "413", "415", "421", "500", "503", "504")),
-    "/v1/chat/completions": ("post", "ChatCompletionRequest", "ChatCompletion",
-                             ("400", "401", "404", "408", "413", "415", "421", "500", "503", "504")),
-    "/v1/embeddings": ("post", "EmbeddingRequest", "EmbeddingList",
-                       ("400", "401", "404", "408", "413", "415", "421", "500", "503")),
-    "/v1/models": ("get", None, "ModelList", ("401", "421")),
-    "/health": ("get", None, "Health", ("421",)),
-    "/metrics": ("get", None, {"text/plain": {"schema": {"type": "string"}}}, ("401", "421")),
-    "/": ("get", None, {"text/html": {"schema": {"type": "string"}}}, ("421",)),
+# (path, method) -> request model or None, 200 response model or a literal media map, errors that apply
+ROUTES: dict[tuple[str, str], tuple[str | None, str | dict, tuple[str, ...]]] = {
+    ("/v1/completions", "post"): ("CompletionRequest", "Completion",
+                                  ("400", "401", "404", "408", "413", "415", "421", "500", "503", "504")),
+    ("/v1/chat/completions", "post"): ("ChatCompletionRequest", "ChatCompletion",
+                                       ("400", "401", "404", "408", "413", "415", "421", "500", "503", "504")),
+    ("/v1/embeddings", "post"): ("EmbeddingRequest", "EmbeddingList",
+                                 ("400", "401", "404", "408", "413", "415", "421", "500", "503")),
+    ("/v1/models", "get"): (None, "ModelList", ("401", "421")),
+    ("/v1/adapters", "get"): (None, "ModelList", ("401", "421")),
+    ("/v1/adapters", "post"): ("AdapterLoadRequest", "AdapterLoaded",
+                               ("400", "401", "403", "404", "408", "409", "413", "415", "421")),
+    ("/v1/adapters/{name}", "delete"): (None, "AdapterDeleted", ("401", "403", "404", "421")),
+    ("/health", "get"): (None, "Health", ("421",)),
+    ("/metrics", "get"): (None, {"text/plain": {"schema": {"type": "string"}}}, ("401", "421")),
+    ("/", "get"): (None, {"text/html": {"schema": {"type": "string"}}}, ("421",)),
 }
 
 
@@ -345,18 +375,21 @@ def openapi_document(title: str = "corelm", version: str = "") -> dict[str, Any]
     _, defs = models_json_schema([(m, "validation") for m in MODELS], by_alias=True,
                                  ref_template="#/components/schemas/{model}")
     paths: dict[str, Any] = {}
-    for path, (method, request, ok, errors) in ROUTES.items():
+    for (path, method), (request, ok, errors) in ROUTES.items():
         content = ok if isinstance(ok, dict) else {"application/json": {"schema": _ref(ok)}}
         if path in ("/v1/completions", "/v1/chat/completions"):
             content = {**content, **SSE}  # "stream": true
         responses = {"200": {"description": "OK", "content": content}}
         responses.update({code: {"description": ERRORS[code], "content": {"application/json": {
             "schema": _ref("ErrorResponse")}}} for code in errors})
-        operation: dict[str, Any] = {"operationId": (method + path).replace("/", "_").strip("_") or "index",
+        operation: dict[str, Any] = {"operationId": re.sub(r"\W+", "_", method + path).strip("_"),
                                      "responses": responses}
         if request is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
-        paths[path] = {method: operation}
+        if "{name}" in path:
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                                        "description": "the adapter: 'name' or 'base:name'"}]
+        paths.setdefault(path, {})[method] = operation
     return {"openapi": "3.1.0", "info": {"title": title, "version": version or _version()}, "paths": paths,
             "components": {"schemas": defs.get("$defs", {})}}
 
