@@ -216,11 +216,14 @@ def _train(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e
 def test_lora_trains_and_merges(checkpoint):
     """The family's attention and MLP layers (a MoE's stacked experts too) take LoRA: the loss falls, the
     base weights stay bit-identical, and merging gives the adapted model's logits with the base's names."""
-    from corelm.finetune.lora import apply_lora, merge_lora, resolve_targets
+    from corelm.finetune.lora import apply_lora, find_experts, find_linears, merge_lora, resolve_targets
 
     model_type, path = checkpoint
     llm = corelm.load(path, dtype="fp32")
     model = llm.model
+    every = find_linears(model, "all-linear") + find_experts(model, "all-linear")  # routers are not in all-linear
+    routers = [n for n, m in model.named_modules() if n.endswith(("mlp.gate", "shared_expert_gate"))]
+    assert not set(routers) & set(every) and bool(routers) == (llm.config.family == "moe")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     targets = resolve_targets(llm.config.family, ["attention", "mlp"])
     names = apply_lora(model, targets, rank=4, alpha=8.0)
