@@ -9,6 +9,8 @@ bf16; the 4-bit and 8-bit values are copied. The model file never knows any of t
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -102,17 +104,34 @@ class GGUFBlocks:
         self.io = gguf_io
         self.file = source if isinstance(source, gguf_io.GGUFFile) else gguf_io.read_gguf(source)
         self.by_module = {id(m): n for n, m in model.named_modules()}
+        modules = set(self.by_module.values())
+        arch = gguf_io._arch(self.file)
         self.gguf_names = {}
         for name in self.file.tensors:
-            hf = gguf_io.hf_name(name)
-            if hf is not None:
+            hf = gguf_io.hf_name(name, arch)
+            # only matrices stored one-to-one (not Phi-3's fused qkv/gate_up, not expert stacks)
+            if hf is not None and hf.endswith(".weight") and hf.removesuffix(".weight") in modules:
                 self.gguf_names[hf.removesuffix(".weight")] = name
         config = getattr(model, "config", None)
-        self.heads = {"q_proj": getattr(config, "n_head", None), "k_proj": getattr(config, "n_kv_head", None)}
+        self.fused = _fused_rows(self.file, arch, config) if config is not None else {}
+        # llama.cpp permutes Q/K rows for its llama architecture only (the others keep HF's order)
+        permuted = gguf_io.ARCHS[arch].permute_qk
+        self.heads = {"q_proj": getattr(config, "n_head", None), "k_proj": getattr(config, "n_kv_head", None)} \
+            if permuted else {}
 
     def int4(self, linear: nn.Linear) -> tuple[torch.Tensor, ...] | None:
         """``(q, scales, zeros)`` of ``linear``'s Q4_0/Q4_1 tensor in the file, or None."""
-        name = self.gguf_names.get(self.by_module.get(id(linear), ""))
+        path = self.by_module.get(id(linear), "")
+        if path in self.fused:  # Phi-3: rows of a fused matrix (blocks never straddle rows)
+            name, start, stop = self.fused[path]
+            if self.file.tensors[name].qtype.name not in ("Q4_0", "Q4_1"):
+                return None
+            qb = self.io.quant_blocks(self.file, name)
+            rows = slice(start, stop)
+            qb = dataclasses.replace(qb, shape=(stop - start, qb.shape[1]), qs=qb.qs[rows], scales=qb.scales[rows],
+                                     mins=qb.mins[rows] if qb.mins is not None else None)
+            return int4_from_blocks(qb)
+        name = self.gguf_names.get(path)
         if name is None or self.file.tensors[name].qtype.name not in ("Q4_0", "Q4_1"):
             return None
         heads = self.heads.get(name_suffix := self.by_module[id(linear)].rsplit(".", 1)[-1])
@@ -128,3 +147,26 @@ class GGUFBlocks:
         if info is None or info.qtype.name != "Q8_0" or tuple(info.shape) != tuple(linear.weight.shape):
             return None
         return q8_from_blocks(self.io.quant_blocks(self.file, gguf_name))
+
+
+def _fused_rows(file: object, arch: str, config: object) -> dict[str, tuple[str, int, int]]:
+    """Module path -> (GGUF tensor, first row, end row) for matrices a file stores fused (Phi-3's
+    ``attn_qkv``: q, k, v rows; its ``ffn_up``: gate, up rows)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    hd = config.head_dim
+    for name in file.tensors:
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[3] != "weight":
+            continue
+        if parts[2] == "attn_qkv":
+            sizes = {"self_attn.q_proj": config.n_head * hd, "self_attn.k_proj": config.n_kv_head * hd,
+                     "self_attn.v_proj": config.n_kv_head * hd}
+        elif parts[2] == "ffn_up" and arch == "phi3":
+            sizes = {"mlp.gate_proj": config.d_ff, "mlp.up_proj": config.d_ff}
+        else:
+            continue
+        start = 0
+        for module, n in sizes.items():
+            out[f"model.layers.{parts[1]}.{module}"] = (name, start, start + n)
+            start += n
+    return out

@@ -209,12 +209,15 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         raise CorelmError("the model is already quantized")
     found = GGUFBlocks(source, model)
     targets, tied = targets
-    plan = []
+    plan, kept = [], []
     for parent, name, linear in targets:
         path = found.by_module.get(id(linear), name)
         gguf_name = found.gguf_names.get(path)
         if parent is model and name == "lm_head":
             gguf_name = "output.weight" if "output.weight" in found.file.tensors else "token_embd.weight"
+        elif gguf_name is None and found.file.tensors:
+            kept.append(path)  # stored fused with others (Phi-3's qkv, gate/up): stays as loaded
+            continue
         info = found.file.tensors.get(gguf_name) if gguf_name else None
         if info is None or tuple(info.shape) != tuple(linear.weight.shape):
             raise CorelmError(f"no GGUF matrix of shape {tuple(linear.weight.shape)} for {path}")
@@ -222,7 +225,8 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         if kind not in INT4_TYPES and kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
         if linear.bias is not None and kind not in INT4_TYPES:
-            raise CorelmError(f"{path} has a bias; GGUF block layers carry none")
+            kept.append(path)  # GGUF block layers carry no bias (Qwen2's q/k/v): stays as loaded
+            continue
         plan.append((parent, name, linear, gguf_name, kind))
     for parent, name, linear, gguf_name, kind in plan:
         if kind in INT4_TYPES:
@@ -235,7 +239,7 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         setattr(parent, name, new)
     model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "skip": []}
+                                 "skip": kept}
     return model
 
 

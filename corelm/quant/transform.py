@@ -176,6 +176,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             if (qb := blocks.int4(linear)) is not None:
                 new = _new_layer(kind, linear, 32, device)
                 new.set_quantized(*qb)
+                if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
+                    new.bias = linear.bias
         elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
             new = _new_layer(kind, linear, 32, device)
             new.set_quantized(*qb)
