@@ -70,6 +70,13 @@ CONVERSATIONS = {  # name -> (messages, tools)
     "null_content": ([{"role": "user", "content": "Weather in Zürich?"},
                       {"role": "assistant", "content": None, "tool_calls": [CALL]},
                       {"role": "tool", "tool_call_id": "call12345", "content": "18"}], [WEATHER]),
+    # two calls in one turn, the second's arguments as a JSON string (as OpenAI clients send them)
+    "parallel_calls": ([{"role": "user", "content": "Zürich and Oslo?"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            CALL, {"id": "call67890", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                        {"role": "tool", "tool_call_id": "call12345", "content": "18"},
+                        {"role": "tool", "tool_call_id": "call67890", "content": "-3"}], [WEATHER]),
     "reasoning": ([{"role": "user", "content": "Why?"},
                    {"role": "assistant", "content": "Because.", "reasoning_content": "Think first."},
                    {"role": "user", "content": "Sure?"}], None),
