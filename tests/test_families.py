@@ -185,6 +185,13 @@ GGUF_CONFIGS = {
                                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                    "sliding_attention": {"rope_type": "default",
                                                                          "rope_theta": 10000.0}}}),
+    "llama": ("llama", {"tie_word_embeddings": False}),  # Q/K rows permuted as the converter does
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),  # llama + expert stacks
+    "qwen2moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                               "shared_expert_intermediate_size": 48, "norm_topk_prob": False}),
+    "qwen3moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                               "head_dim": 16, "norm_topk_prob": True}),
+    "olmo2": ("olmo2", {"tie_word_embeddings": False}),
     "phi3": ("phi3", {"original_max_position_embeddings": 8, "max_position_embeddings": 64,
                       "sliding_window": WINDOW, "tie_word_embeddings": False,
                       "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
@@ -228,10 +235,28 @@ def _write_gguf(path, arch: str, hf) -> None:
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(orig_ctx)))
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    n_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if arch != "llama":  # Mixtral's experts are feed_forward_length wide
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     for name, tensor in hf.state_dict().items():
         base, _, suffix = name.rpartition(".")
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # (E, 2F, d) / (E, d, F) stacks
+            layer = name.split(".")[2]
+            parts = (("gate", "up"), tensor.chunk(2, dim=1)) if suffix == "gate_up_proj" else (("down",), (tensor,))
+            for kind, part in zip(*parts):
+                w.add_tensor(f"blk.{layer}.ffn_{kind}_exps.weight", part.float().contiguous().numpy())
+            continue
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # convert_hf_to_gguf.py LlamaModel.permute: each head's two rotary halves interleaved
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            tensor = tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(tensor.shape)
         target = names.get_name(base)
         assert target is not None, name
         data = tensor.float().numpy()
@@ -252,7 +277,7 @@ def test_gguf_architectures_load_with_parity(arch, tmp_path):
     hf_config = transformers.AutoConfig.for_model(model_type, **options)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
     _randomize(hf)
-    _write_gguf(tmp_path / "tiny.gguf", arch, hf)
+    _write_gguf(tmp_path / "tiny.gguf", {"mixtral": "llama"}.get(arch, arch), hf)
     llm = corelm.load(tmp_path / "tiny.gguf", dtype="fp32")
     assert llm.config.extra["model_type"] == model_type
     ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(4))
