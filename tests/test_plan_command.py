@@ -23,6 +23,17 @@ CASES = [  # model, hardware, devices, workload settings: DDP/FSDP, FSDP x TP, T
 ]
 
 
+def test_a_planned_fine_tuning_run_prints_its_finetune_command():
+    from corelm.commands import finetune
+
+    d = P.plan(config_for("smollm2-135m", None), P.Workload(task="finetune", method="lora", seq_len=512, batch=4,
+                                                            micro_batch=4), [get_hardware("a100-80gb")], 1).devices[0]
+    argv = shlex.split(d.command)
+    assert argv[:2] == ["corelm", "finetune"]
+    opts = options_from(finetune.FinetuneOptions, finetune.build_parser().parse_args(argv[2:]))
+    assert opts.method == "lora" and opts.batch_size == 4 and opts.max_len == 512
+
+
 def _plan(model: str, hw: str, count: int, **workload) -> P.DevicePlan:
     p = P.plan(config_for(model, None), P.Workload(task="pretrain", tokens=1e8, **workload), [get_hardware(hw)], count)
     (d,) = p.devices
@@ -59,6 +70,11 @@ def test_unrunnable_settings_given_by_the_user_are_planned_without_a_command():
     assert d.command is None and "no ZeRO-1/2" in d.command_note
     d = _plan("gpt2", "h100-sxm", 1, recompute="selective")
     assert d.command is None and "selective" in d.command_note
+    d = _plan("llama-3.1-8b", "tpu-v5p", 8)
+    assert d.command is None and "no XLA backend" in d.command_note
+    d = P.plan(config_for("llama-2-7b", None), P.Workload(task="finetune", method="lora", seq_len=4096, batch=8),
+               [get_hardware("l4")], 1).devices[0]
+    assert d.fits and d.layout.recompute == "full" and "no gradient accumulation" in d.command_note
     layout = P.Layout("bf16-mixed", 1, 2, 0, 1, 1, "none")
     cmd, note = P.run_command(config_for("bert-base", None), P.Workload(), layout, 2, 8, 128, 10)
     assert cmd is None and "tensor parallelism covers gpt2, llama, gemma" in note

@@ -427,7 +427,7 @@ def plan_training(cfg: ModelConfig, w: Workload, hw: Hardware, count: int) -> De
     )
     plan.recommendation = _why(cfg, w, hw, plan, seq)
     plan.command, plan.command_note = run_command(cfg, w, layout, count, hw.node_size, seq,
-                                                  max(1, math.ceil(tokens / (batch * seq))))
+                                                  max(1, math.ceil(tokens / (batch * seq))), hardware_id=hw.id)
     return plan
 
 
@@ -435,39 +435,51 @@ OPTIMIZER_FLAGS = {"adamw": [], "sgd": ["--optimizer", "sgd"], "sgd-nomomentum":
                                                                                   "--momentum", "0"]}
 
 
+def _why_not(cfg: ModelConfig, w: Workload, layout: Layout, count: int, hardware_id: str) -> str:
+    """Why corelm cannot run ``layout`` ("" when it can)."""
+    if hardware_id.startswith("tpu"):
+        return "corelm trains on CUDA (or ROCm) GPUs and CPUs; it has no XLA backend for TPUs"
+    if layout.parallel is None:
+        return (f"corelm has no {layout.describe().split(', ')[1]} layout: it runs DDP, FSDP, TP and FSDP+TP "
+                "(no ZeRO-1/2, no DDP+TP)")
+    if layout.precision not in TRAIN_POLICIES:
+        return f"corelm has no {layout.precision} policy (its bf16-mixed keeps fp32 weights)"
+    if layout.recompute not in RUNNABLE_RECOMPUTE:
+        return "corelm checkpoints whole blocks or nothing (no selective activation checkpointing)"
+    if w.optimizer not in OPTIMIZER_FLAGS:
+        return f"corelm has no {w.optimizer} optimizer (adamw or sgd)"
+    if layout.tp > 1 and not _tp_runnable(cfg, layout.tp):
+        return f"corelm's tensor parallelism covers {', '.join(TP_FAMILIES)} with heads and d_ff dividing by tp"
+    if w.task == "finetune":
+        if count > 1:
+            return "corelm finetune runs in one process: plan it on --count 1"
+        if w.method not in ("full", "lora", "adapter"):
+            return f"corelm finetune has no {w.method} method"
+        if layout.grad_accum > 1 or layout.recompute != "none":
+            return ("corelm finetune has no gradient accumulation or activation checkpointing: plan it with "
+                    "--micro-batch equal to --batch and --recompute none")
+    return ""
+
+
 def run_command(cfg: ModelConfig, w: Workload, layout: Layout, count: int, node_size: int, seq_len: int,
-                steps: int, model: str | None = None) -> tuple[str | None, str]:
+                steps: int, model: str | None = None, hardware_id: str = "") -> tuple[str | None, str]:
     """The command line that trains ``layout`` with corelm, and ``""``; or ``None`` and the reason there is none.
 
     Pretraining: ``torchrun --nproc-per-node ... -m corelm pretrain --parallel ...`` (plain ``corelm pretrain``
     on one device; ``--nnodes`` when the devices span nodes). ``--batch-size`` is the micro-batch of one
     data-parallel replica, ``--grad-accum`` its accumulation, ``--max-steps`` the tokens over the global batch;
-    ``DATA`` and ``RUN`` stand for the ``corelm prepare`` directory and the run directory.
+    ``DATA`` and ``RUN`` stand for the ``corelm prepare`` directory and the run directory. Fine-tuning: one
+    process of ``corelm finetune`` (its ``sft`` task; pick the task your data needs).
     """
     model = model or cfg.name or "CONFIG.yaml"
-    parallel = layout.parallel
-    if parallel is None:
-        return None, (f"corelm has no {layout.describe().split(', ')[1]} layout: it runs DDP, FSDP, TP and FSDP+TP "
-                      "(no ZeRO-1/2, no DDP+TP)")
-    if layout.precision not in TRAIN_POLICIES:
-        return None, f"corelm has no {layout.precision} policy (its bf16-mixed keeps fp32 weights)"
-    if layout.recompute not in RUNNABLE_RECOMPUTE:
-        return None, "corelm checkpoints whole blocks or nothing (no selective activation checkpointing)"
-    if w.optimizer not in OPTIMIZER_FLAGS:
-        return None, f"corelm has no {w.optimizer} optimizer (adamw or sgd)"
-    if layout.tp > 1 and not _tp_runnable(cfg, layout.tp):
-        return None, f"corelm's tensor parallelism covers {', '.join(TP_FAMILIES)} with heads and d_ff dividing by tp"
+    reason = _why_not(cfg, w, layout, count, hardware_id)
+    if reason:
+        return None, reason
     if w.task == "finetune":
-        if count > 1:
-            return None, "corelm finetune runs in one process: plan it on --count 1"
-        if w.method not in ("full", "lora", "adapter"):
-            return None, f"corelm finetune has no {w.method} method"
         args = ["corelm", "finetune", "--model", model, "--task", "sft", "--data", "DATA", "--out", "RUN",
                 "--method", w.method, "--max-len", str(seq_len), "--batch-size", str(layout.micro_batch),
                 "--steps", str(steps), "--precision", layout.precision]
-        if w.method == "lora":
-            args += ["--rank", str(w.lora_rank)]
-        return " ".join(args), ""
+        return " ".join(args + (["--rank", str(w.lora_rank)] if w.method == "lora" else [])), ""
     args = ["corelm", "pretrain"]
     if count > 1:
         per_node = min(count, node_size)
@@ -480,9 +492,9 @@ def run_command(cfg: ModelConfig, w: Workload, layout: Layout, count: int, node_
              "--max-steps", str(steps), "--precision", layout.precision, *OPTIMIZER_FLAGS[w.optimizer]]
     if layout.recompute == "full":
         args.append("--activation-checkpointing")
-    if parallel != "none":
-        args += ["--parallel", parallel]
-    if parallel == "fsdp+tp":
+    if layout.parallel != "none":
+        args += ["--parallel", layout.parallel]
+    if layout.parallel == "fsdp+tp":
         args += ["--tp-size", str(layout.tp)]
     return " ".join(args), ""
 
