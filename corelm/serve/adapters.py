@@ -18,9 +18,10 @@ per-row update; ``docs/serving.md`` gives the measured cost of that choice.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,15 @@ class AdapterStep:
         self.slot_of = slot_of or (lambda row: 0)
         self.model, self.device, self.kind = step.model, step.device, step.kind
 
-    def _use(self, rows: Sequence[int]) -> None:
+    @contextlib.contextmanager
+    def _use(self, rows: Sequence[int]) -> Iterator[None]:
+        """Rows ``rows`` use their slots for one forward; afterwards the model is the base model again
+        (another caller of the same model never sees a stale selection)."""
         self.multi.rows.set([self.slot_of(r) for r in rows], self.device)
+        try:
+            yield
+        finally:
+            self.multi.rows.set(None)
 
     def new_cache(self, batch: int, max_len: int) -> Any:
         return self.inner.new_cache(batch, max_len)
@@ -57,20 +65,20 @@ class AdapterStep:
         rows = list(range(len(prompts))) if rows is None else list(rows)
         out = []
         for prompt, row in zip(prompts, rows):  # one row per pass: each row with its own slot
-            self._use([row])
-            out.append(self.inner.prefill(cache, [prompt], [row]))
+            with self._use([row]):
+                out.append(self.inner.prefill(cache, [prompt], [row]))
         return torch.cat(out)
 
     def extend(self, cache: Any, row: int, tokens: Sequence[int], pos0: int, all_logits: bool = True) -> torch.Tensor:
-        self._use([row])
-        return self.inner.extend(cache, row, tokens, pos0, all_logits)
+        with self._use([row]):
+            return self.inner.extend(cache, row, tokens, pos0, all_logits)
 
     def decode(self, cache: Any, tokens: torch.Tensor, pos: torch.Tensor,
                rows: Sequence[int] | None = None) -> torch.Tensor:
         # ModelStep.decode runs cache rows 0..max(rows) as one batch (rows not listed idle at slot 0)
         n = tokens.shape[0] if rows is None else max(rows) + 1
-        self._use(range(n))
-        return self.inner.decode(cache, tokens, pos, rows)
+        with self._use(range(n)):
+            return self.inner.decode(cache, tokens, pos, rows)
 
     def reorder(self, cache: Any, origins: torch.Tensor) -> None:
         self.inner.reorder(cache, origins)
