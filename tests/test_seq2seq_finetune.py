@@ -222,3 +222,20 @@ def test_refusals(files, tmp_path):
                      tokenizer=str(files["tok"]), method="lora")
     with pytest.raises(CorelmError, match="--task translate needs an encoder-decoder"):
         TASKS["translate"].check_model(preset("llama-tiny"))
+
+
+def test_marian_sentencepiece_only_repo_is_refused_in_one_line(tmp_path):
+    """A Marian directory with source.spm/target.spm and no tokenizer.json loads (ids work), text is refused."""
+    import corelm
+
+    cfg = transformers.MarianConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                    decoder_ffn_dim=16, max_position_embeddings=16, pad_token_id=39,
+                                    decoder_start_token_id=39)
+    transformers.MarianMTModel(cfg).save_pretrained(tmp_path)
+    for name in ("source.spm", "target.spm"):
+        (tmp_path / name).write_bytes(b"\x00")
+    s2s = corelm.load(tmp_path)
+    assert len(s2s.generate_ids([[5, 6, 0]], max_new_tokens=3)[0]) <= 3
+    with pytest.raises(CorelmError, match="ships Marian's SentencePiece source.spm/target.spm"):
+        s2s.translate(["Hello"])

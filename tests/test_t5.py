@@ -80,6 +80,14 @@ def test_config_variant(pair):
     assert (config.relative_attention_num_buckets, config.relative_attention_max_distance) == (8, 20)
 
 
+def test_planner_counts_the_parameters(pair):
+    from corelm.plan.formulas import param_count
+
+    _, _, hf, config, model = pair
+    assert param_count(config) == sum(p.numel() for p in model.parameters())  # shared tensors counted once
+    assert param_count(config) == hf.num_parameters()
+
+
 def test_relative_position_bucket_matches_transformers():
     from corelm.models.t5 import relative_position_bucket
 

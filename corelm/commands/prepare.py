@@ -5,6 +5,7 @@ Examples::
     corelm prepare --corpus python-docs --out data/pydocs
     corelm prepare --tokenizer smollm2-135m-instruct data/*.txt corpus.jsonl --out data/tok
     corelm prepare --field content --val-fraction 0.02 dump.parquet --out data/dump
+    corelm prepare --corpus cldr:en-de --out data/en-de        # a parallel corpus for finetune --task translate
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from corelm.commands.args import Options, option, options_from, parser_from
 from corelm.data.corpus import CORPORA
 from corelm.data.prepare import prepare as prepare_data
+from corelm.errors import CorelmError
 
 
 @dataclass
@@ -26,7 +28,10 @@ class PrepareOptions(Options):
     inputs: list[str] = dataclasses.field(default_factory=list, metadata={
         "help": "text files (.txt/.md/...), .jsonl, .parquet, or folders of them", "positional": True})
     corpus: str | None = option(None, "embedded corpus: python-docs = docstrings of this Python's standard library "
-                                      "(no download)", choices=CORPORA)
+                                      "(no download); cldr:<src>-<tgt> (e.g. cldr:en-de) = a parallel corpus of "
+                                      "CLDR display names from the babel package, written as train/val/test JSONL "
+                                      "pairs for finetune --task translate (corelm.data.parallel), not as shards",
+                                metavar="|".join((*CORPORA, "cldr:SRC-TGT")))
     tokenizer: str | None = option(None, "embedded model name (e.g. smollm2-135m-instruct), model directory or "
                                          "tokenizer.json; default: train a byte-level BPE on the corpus")
     train_tokenizer: int = option(8192, "vocabulary size of the BPE trained when --tokenizer is not given",
@@ -47,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(options: PrepareOptions) -> dict:
-    """Write the shards and ``manifest.json`` into ``options.out``; returns the manifest."""
+    """Write the shards and ``manifest.json`` into ``options.out``; returns the manifest. ``--corpus cldr:<pair>``
+    writes a parallel corpus instead and returns its ``corpus.json``."""
+    if options.corpus and options.corpus.startswith("cldr:"):
+        from corelm.data.parallel import build_cldr
+
+        if options.inputs:
+            raise CorelmError("--corpus cldr:<pair> builds its corpus from CLDR alone; give no input files")
+        return build_cldr(options.out, options.corpus.removeprefix("cldr:"), overwrite=options.overwrite)
     return prepare_data(options.out, inputs=options.inputs, corpus=options.corpus, tokenizer=options.tokenizer,
                         train_tokenizer_vocab=options.train_tokenizer, field=options.field,
                         val_fraction=options.val_fraction, shard_tokens=options.shard_tokens,
@@ -57,6 +69,11 @@ def prepare(options: PrepareOptions) -> dict:
 def main(argv: list[str]) -> int:
     args = options_from(PrepareOptions, build_parser().parse_args(argv))
     m = prepare(args)
+    if "pairs" in m:  # a parallel corpus
+        counts = ", ".join(f"{k} {v:,}" for k, v in m["pairs"].items())
+        print(f"wrote {args.out}: {m['corpus']} pairs ({counts}) from CLDR {m['cldr']} (babel {m['babel']}), and "
+              "text.txt (both sides of train) for a tokenizer")
+        return 0
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"wrote {args.out}: train {tr['tokens']:,} tokens ({tr['documents']:,} documents, {len(tr['shards'])} shard"
           f"{'s' if len(tr['shards']) != 1 else ''}), val {va['tokens']:,} tokens ({va['documents']:,} documents); "

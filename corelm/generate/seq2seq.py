@@ -259,9 +259,10 @@ class Seq2Seq:
 
     Attributes:
         model: a :class:`~corelm.models.bart.Bart` or :class:`~corelm.models.t5.T5`.
-        tokenizer: its :class:`~corelm.tokenizer.Tokenizer` (from ``tokenizer.json``; Marian repositories that
-            ship only SentencePiece files need one converted, e.g. by transformers' ``MarianTokenizer``
-            ``backend_tokenizer``), or None: then only :meth:`generate_ids` works.
+        tokenizer: its :class:`~corelm.tokenizer.Tokenizer` (from ``tokenizer.json``), or None: then only
+            :meth:`generate_ids` works. Marian repositories ship two SentencePiece models (``source.spm``,
+            ``target.spm``) and a ``vocab.json`` instead, which corelm does not read (transformers'
+            ``MarianTokenizer`` needs the ``sentencepiece`` package and has no fast, tokenizer.json form).
         config: the :class:`~corelm.config.ModelConfig`.
         params: the checkpoint's decoding settings (``generation_config.json`` next to the weights, if any).
     """
@@ -301,6 +302,10 @@ class Seq2Seq:
             overrides: :class:`Seq2SeqParams` fields, e.g. ``num_beams=4``, ``max_new_tokens=32``.
         """
         if self.tokenizer is None:
+            if self.source and (Path(self.source) / "source.spm").is_file():
+                raise CorelmError(f"{self.source} ships Marian's SentencePiece source.spm/target.spm, not a "
+                                  "tokenizer.json, and corelm reads tokenizer.json only: encode with transformers' "
+                                  "MarianTokenizer (needs sentencepiece) and pass ids to generate_ids")
             raise CorelmError(f"{self.source or 'this model'} has no tokenizer.json; use generate_ids with token ids")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise CorelmError("translate takes a list of strings")

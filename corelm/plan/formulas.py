@@ -46,6 +46,8 @@ def param_breakdown(cfg: ModelConfig) -> dict[str, int]:
     d, L, V = cfg.d_model, cfg.n_layer, cfg.vocab_size
     if cfg.family == "bart":
         return _seq2seq_breakdown(cfg)
+    if cfg.family == "t5":
+        return _t5_breakdown(cfg)
     q_width = cfg.n_head * cfg.head_dim
     kv_width = cfg.n_kv_head * cfg.head_dim
     bias = bool(cfg.bias)
@@ -110,6 +112,22 @@ def _seq2seq_breakdown(cfg: ModelConfig) -> dict[str, int]:
         "attention": enc * attn + dec * 2 * attn,
         "mlp": (enc + dec) * (2 * d * ff + ff + d),
         "norms": enc * 2 * 2 * d + dec * 3 * 2 * d + stack_norms,
+        "lm_head": 0 if cfg.tie_embeddings else V * d,
+        "pooler": 0,
+    }
+
+
+def _t5_breakdown(cfg: ModelConfig) -> dict[str, int]:
+    """T5 / T5 v1.1 [Raffel et al. 2020]: no biases, RMS norms (a weight only), one relative-position bias table
+    ``(buckets, n_head)`` per stack (counted with the embeddings), gated MLPs with three matrices in v1.1."""
+    d, V, ff, inner = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.n_head * cfg.head_dim
+    enc, dec = cfg.n_encoder_layer, cfg.n_layer
+    attn = 4 * d * inner  # q, k, v, o
+    return {
+        "embedding": V * d + 2 * cfg.relative_attention_num_buckets * cfg.n_head,
+        "attention": enc * attn + dec * 2 * attn,
+        "mlp": (enc + dec) * (3 if cfg.gated_mlp else 2) * d * ff,
+        "norms": enc * 2 * d + dec * 3 * d + 2 * d,  # + each stack's final norm
         "lm_head": 0 if cfg.tie_embeddings else V * d,
         "pooler": 0,
     }
