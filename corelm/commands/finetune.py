@@ -1,4 +1,5 @@
-"""``corelm finetune``: classification, NER and instruction tuning with full / head / LoRA / AdaLoRA / adapters.
+"""``corelm finetune``: classification, NER, instruction tuning, translation and summarization with full / head /
+LoRA / AdaLoRA / adapters.
 
 Examples::
 
@@ -8,6 +9,8 @@ Examples::
     corelm finetune --model smollm2-135m-instruct --task sft --data chats.jsonl --method lora --out runs/sft
     corelm finetune --model minilm-l6 --task classify --data demo:packages --method adalora --target-rank 8 --out r
     corelm finetune --model minilm-l6 --task ner --data demo:ner --method adapter --adapter-size 64 --out runs/a
+    corelm finetune --model t5-tiny.json --tokenizer data/en-de/tok --task translate --data data/en-de/train.jsonl \
+        --method full --out runs/en-de                       # an encoder-decoder from scratch (docs/translation.md)
 
 Every option is a field of :class:`corelm.finetune.run.FinetuneOptions` (``FinetuneArgs``), documented where it
 is declared; ``corelm finetune ...`` is ``finetune(FinetuneOptions(...))``.
