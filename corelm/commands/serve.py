@@ -60,7 +60,13 @@ class ServeCommandOptions(Options):
     threads: int | None = option(None, "torch CPU threads for the model (default: all cores but one, at least 1: "
                                        "the HTTP side needs a core too, and threads that wait on a busy core stall "
                                        "every matmul)")
-    access_log: bool = option(False, "log one line per HTTP request")
+    drain_timeout: float = option(30.0, "on SIGTERM or Ctrl-C: stop accepting connections and give the running "
+                                        "requests this many seconds to finish; then those left end with a 503 "
+                                        "'shutdown' error (in-band for a stream) and the server exits (0 after "
+                                        "SIGTERM)")
+    access_log: bool = option(False, "log one JSON line per HTTP request on stderr: request id (also the "
+                                     "X-Request-Id header), method, path, status, latency, prompt and generated "
+                                     "tokens, client")
     lora: list[str] | None = field(default=None, metadata={
         "help": "serve a LoRA run (corelm finetune --method lora --out PATH) over the first decoder as NAME; repeat "
                 "for several; requests pick one with model '<base>:NAME' (or 'NAME') and one batch mixes them",
@@ -79,6 +85,8 @@ class ServeCommandOptions(Options):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise CorelmError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.drain_timeout < 0:
+            raise CorelmError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -161,7 +169,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
     print(f"web chat: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)
     try:
-        server.run(app, options.host, options.port, access_log=options.access_log, options=limits)
+        server.run(app, options.host, options.port, access_log=options.access_log, options=limits, served=served)
     finally:
         server.stop(served)
 

@@ -548,6 +548,7 @@ async def _sse(events: AsyncIterator[tuple[int, Any]], streams: list[TextStream]
         async for i, item in events:
             if isinstance(item, APIError):
                 # Headers are already sent: report the error in-band, then end the stream.
+                metrics.count_error(str(item.code or item.type or item.status))
                 yield f"data: {json.dumps(item.body())}\n\n"
                 for s in streams:
                     s.cancel()

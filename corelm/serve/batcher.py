@@ -34,6 +34,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,8 +263,11 @@ class Batcher:
                 self._flush()
         for row, request in enumerate(self._rows):
             if request is not None:
-                self._finish(row, error=errors.APIError(503, "server is shutting down",
-                                                        type="server_error", code="shutdown"))
+                self._finish(row, error=errors.shutting_down())
+        with self._cond:  # and the requests still waiting for a row
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            self._send(request, Event("error", error=errors.shutting_down()))
         self._flush()
 
     def _send(self, request: _Request, event: Event) -> None:
@@ -400,6 +404,11 @@ class Batcher:
         """
         try:
             work(*args)
+        except errors.NonFiniteLogits:
+            log.error("request %s: the model produced non-finite logits in row %d", getattr(self._rows[row], "id", "?"),
+                      row)
+            if self._rows[row] is not None:
+                self._finish(row, error=errors.model_fault())
         except Exception:
             log.exception("request %s failed in row %d", getattr(self._rows[row], "id", "?"), row)
             if self._rows[row] is not None:
@@ -418,12 +427,16 @@ class Batcher:
                 top = logprobs.topk(request.logprobs)
                 event.top = list(zip(top.indices.tolist(), top.values.tolist()))
         if token is None:
+            if not bool(torch.isfinite(logits).all()):  # before the mask, which writes -inf
+                raise errors.NonFiniteLogits
             if request.constraint is not None:
                 logits = request.constraint.mask(logits.clone())
             history = request.prompt + request.tokens  # the repetition penalty's (and a custom sampler's)
             if self._sample is not engine.sample_next:
                 self._flush()  # a caller's sampler may take its time: the tokens already made go out first
             token = int(self._sample(logits, request.spec, request.generator, history))
+        elif not math.isfinite(float(logits[0, token])):  # a batched greedy pick: argmax returns a NaN's index
+            raise errors.NonFiniteLogits
         if request.constraint is not None:
             request.constraint.advance(token)
         if token in request.spec.stop_token_ids and not request.spec.ignore_eos:

@@ -70,6 +70,29 @@ def deadline_exceeded(seconds: float) -> APIError:
                     type="timeout_error", code="deadline_exceeded")
 
 
+class NonFiniteLogits(ArithmeticError):
+    """A row's logits hold NaN or infinity: the model (its weights or a kernel) is at fault, not the request."""
+
+
+def model_fault() -> APIError:
+    """500 for a request whose logits were not finite. A server error -- the client did nothing wrong and a
+    retry of the same request will fail the same way -- named apart from ``internal_error`` so that it can
+    be told from a bug; the request's row is freed and the other rows of the batch are not affected."""
+    return APIError(500, "the model produced non-finite logits (NaN or infinity) for this request; other "
+                         "requests are not affected", type="server_error", code="model_output_invalid")
+
+
+def connection_limit() -> APIError:
+    """503 when ``--max-connections`` connections or requests are open already (answered by the HTTP layer)."""
+    return APIError(503, "server has too many open connections; retry shortly", type="server_overloaded",
+                    code="connection_limit", headers={"Retry-After": "1"})
+
+
+def shutting_down() -> APIError:
+    """503 for a request still running when a shutdown's drain deadline passes."""
+    return APIError(503, "server is shutting down", type="server_error", code="shutdown")
+
+
 def internal_error() -> APIError:
     """500 with a fixed message: details go to the server log only, never to the client."""
     return APIError(500, "internal server error", type="server_error", code="internal_error")

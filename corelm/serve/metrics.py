@@ -8,6 +8,7 @@ in one process -- tests, several models -- from sharing or clashing on metric na
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +17,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # Latency buckets in seconds: sub-millisecond decode steps up to multi-minute generations.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The current HTTP request's token counts, when the access log (corelm.serve.accesslog) records them: set per
+# request by its middleware, added to by count_tokens (a stream's body runs in a task that inherits the context).
+REQUEST: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("corelm_request", default=None)
 
 
 class Metrics:
@@ -53,6 +57,10 @@ class Metrics:
     def count_tokens(self, prompt: int, generated: int) -> None:
         self.prompt_tokens.inc(prompt)
         self.generation_tokens.inc(generated)
+        entry = REQUEST.get()
+        if entry is not None:
+            entry["prompt_tokens"] += prompt
+            entry["completion_tokens"] += generated
 
     def count_disconnect(self) -> None:
         self.disconnects.inc()

@@ -1,19 +1,29 @@
 """Assemble and run a server: load models, start their batchers, run uvicorn (blocking or in a thread).
 
 ``corelm serve`` calls :func:`build` then :func:`run`; tests and ``benchmarks/serve.py`` use
-:class:`ServerThread` to run the same app on a free loopback port inside their own process.
+:class:`ServerThread` to run the same app on a free loopback port inside their own process. :func:`run`
+drains on SIGTERM or Ctrl-C (:class:`DrainingServer`): no new connections, the running requests finish
+within ``drain_timeout`` seconds, then those left get an in-band 503 and the process exits (0 after a
+SIGTERM, 130 after Ctrl-C, as every corelm command).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 from corelm.errors import CorelmError
 from corelm.serve import adapters
@@ -41,6 +51,7 @@ class ServeOptions:
         max_connections: open connections (and requests in flight); a request beyond it gets 503.
         max_header_bytes: a request line and headers still unfinished after this many bytes get 400
             (h11's incomplete-event limit).
+        drain_timeout: seconds the running requests get to finish after SIGTERM or Ctrl-C (:func:`run`).
         lora: ``NAME=PATH`` LoRA runs served over the first decoder (:mod:`corelm.serve.adapters`).
         max_loras: adapter slots (adapters loaded at once); 0: ``max(4, len(lora))`` when ``lora`` is
             given, else no slots (and no adapter endpoint).
@@ -58,6 +69,7 @@ class ServeOptions:
     keep_alive_timeout: float = 5.0
     max_connections: int = 1000
     max_header_bytes: int = 16 * 1024
+    drain_timeout: float = 30.0
     lora: list[str] | None = None
     max_loras: int = 0
     max_lora_rank: int = 0
@@ -165,8 +177,6 @@ class ServerThread:
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None,
                  options: ServeOptions | None = None) -> None:
-        import uvicorn
-
         self.host, self.port = host, port or free_port(host)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", timeout_graceful_shutdown=2,
                                 lifespan="off", **uvicorn_limits(options or ServeOptions()))
@@ -191,13 +201,64 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def run(app: Any, host: str, port: int, access_log: bool = False, options: ServeOptions | None = None) -> None:
-    """Serve until Ctrl-C (blocking)."""
-    import uvicorn
+# Seconds past the drain deadline before uvicorn cancels what is still running (a request the batchers'
+# shutdown does not end, e.g. an embedding in progress).
+DRAIN_GRACE = 5.0
 
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with corelm's shutdown.
+
+    On SIGTERM or Ctrl-C it stops accepting connections and closes idle ones (uvicorn's graceful shutdown),
+    lets the running requests -- streams included -- finish for up to ``drain_timeout`` seconds, then calls
+    ``on_deadline`` (stopping the batchers: every request still running or queued ends with a 503
+    ``shutdown`` error, in-band for a stream, followed by ``data: [DONE]``), and returns once they are
+    answered. A SIGTERM is not re-raised afterwards, so ``corelm serve`` exits 0 after a drain.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float, on_deadline: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self.on_deadline = on_deadline
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        logging.getLogger("corelm.serve").info("draining: %d request(s) running; deadline %g s",
+                                               len(self.server_state.tasks), self.drain_timeout)
+        # in a worker thread: stopping a batcher joins its thread, and its last events need this loop
+        deadline = loop.call_later(self.drain_timeout, lambda: loop.run_in_executor(None, self.on_deadline))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signal it stopped for once its handlers are restored: a SIGTERM asked for
+            # exactly this drain, so it ends here (exit 0); Ctrl-C still reaches the CLI as an interrupt.
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def run(app: Any, host: str, port: int, access_log: bool = False, options: ServeOptions | None = None,
+        served: list[Any] | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C (blocking), then drain (:class:`DrainingServer`) and stop ``served``'s
+    batchers. ``access_log``: one JSON line per request on stderr (:mod:`corelm.serve.accesslog`)."""
+    options = options or ServeOptions()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=3,
-                **uvicorn_limits(options or ServeOptions()))
+    if access_log:
+        from corelm.serve.accesslog import AccessLog, log
+
+        handler = logging.StreamHandler(sys.stderr)  # the bare JSON object, one per line
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        app = AccessLog(app)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=options.drain_timeout + DRAIN_GRACE, **uvicorn_limits(options))
+    DrainingServer(config, options.drain_timeout, lambda: stop(served or [])).run()
 
 
 def uvicorn_limits(options: ServeOptions) -> dict[str, Any]:
