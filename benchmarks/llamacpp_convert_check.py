@@ -8,7 +8,13 @@ Two checks per family, on tiny random checkpoints written by transformers
    against the transformers model, in fp32, on a prompt longer than every sliding window.
 2. **corelm writes, llama.cpp reads.** ``export_gguf`` (F32) of the corelm model, then llama.cpp's
    ``llama-server`` (built from the same sources) continues the same token ids greedily (``/completion``,
-   ``temperature 0``, ``top_k 1``): its 8 tokens against corelm's greedy tokens.
+   ``temperature 0``, ``top_k 1``): its 8 tokens against corelm's greedy tokens, for an F32 and a Q8_0
+   export (corelm runs the Q8_0 file dequantized to fp32; llama.cpp multiplies Q8_0 blocks by
+   8-bit-quantized activations, so a near-tie may go either way there). Next to the token agreement:
+   the largest gap between llama.cpp's log-probabilities of its top 5 tokens at each of the 8 positions
+   and corelm's, computed along llama.cpp's tokens (llama.cpp keeps its KV cache in F16, so even the F32
+   file differs by ~1e-3; positions whose token is an incomplete UTF-8 character come back from the
+   server without probabilities and are left out).
 
 The tokenizer is a small byte-level BPE trained here. Its pre-tokenizer is not one llama.cpp's converter
 recognises by hash, so the converter runs in a child process with ``set_vocab`` replaced by its GPT-2
@@ -150,8 +156,9 @@ def corelm_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int
     return ids[len(prompt):]
 
 
-def llama_server_greedy(binary: Path, gguf: Path, prompt: list[int], n: int, port: int) -> tuple[list[int] | None, str]:
-    """Greedy continuation of the token ids ``prompt`` by ``llama-server`` (one slot, one thread)."""
+def llama_server_greedy(binary: Path, gguf: Path, prompt: list[int], n: int, port: int) -> tuple[list | None, str]:
+    """Greedy continuation of the token ids ``prompt`` by ``llama-server`` (one slot, one thread): the
+    tokens and, per position, llama.cpp's top-5 ``{token id: log-probability}``."""
     cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-t", "1", "-c", "128", "-np", "1", "--no-warmup"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -165,11 +172,23 @@ def llama_server_greedy(binary: Path, gguf: Path, prompt: list[int], n: int, por
                         break
             except OSError:
                 time.sleep(0.1)
-        body = json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
-                           "return_tokens": True, "cache_prompt": False}).encode()
-        req = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())["tokens"], ""
+        def complete(ids: list[int], n_predict: int) -> dict:
+            body = json.dumps({"prompt": ids, "n_predict": n_predict, "temperature": 0.0, "top_k": 1,
+                               "ignore_eos": True, "return_tokens": True, "cache_prompt": False, "n_probs": 5}).encode()
+            req = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())
+
+        tokens = complete(prompt, n)["tokens"]
+        # one position per request: the streamed probabilities of a multi-token reply are grouped by whole
+        # UTF-8 characters, so they do not line up with the tokens; a token that is an incomplete UTF-8
+        # character comes back without probabilities, and that position is left out (None)
+        tops: list[dict | None] = []
+        for j in range(n):
+            probs = complete(prompt + tokens[:j], 1).get("completion_probabilities") or [{}]
+            top = {t["id"]: t["logprob"] for t in probs[0].get("top_logprobs", [])}
+            tops.append(top if probs[0].get("id") == tokens[j] else None)
+        return [tokens, tops], ""
     except OSError as exc:
         return None, str(exc)
     finally:
@@ -221,8 +240,9 @@ def main() -> int:
     for row in rows_in:
         print("| " + " | ".join(row) + " |")
     if rows_out:
-        print(f"\ncorelm export (F32) -> llama-server: greedy continuation of the same {PROMPT_LEN} token ids")
-        print("| family | llama.cpp loads | greedy tokens equal | tokens |\n|---|---|---|---|")
+        print(f"\ncorelm export -> llama-server: greedy continuation of the same {PROMPT_LEN} token ids")
+        print("| family | llama.cpp loads | F32: greedy equal, max log-p gap | Q8_0: same | differences |")
+        print("|---|---|---|---|---|")
         for row in rows_out:
             print("| " + " | ".join(row) + " |")
     if not args.keep:
@@ -231,27 +251,37 @@ def main() -> int:
 
 
 def export_and_run(family: str, src: Path, work: Path, binary: Path | None, ids: list[int]) -> tuple[str, ...]:
-    """corelm export (F32) -> llama-server greedy tokens vs corelm's greedy tokens on the same ids."""
+    """corelm export (F32, Q8_0) -> llama-server greedy tokens vs corelm's greedy tokens on the same file."""
     import corelm
     from corelm.errors import CorelmError
     from corelm.io.gguf_export import export_gguf
 
     llm = corelm.load(src, dtype="fp32")
-    out = work / f"{family}.corelm.gguf"
-    try:
-        export_gguf(llm.model, out, "F32", tokenizer=llm.tokenizer, tokenizer_pre="gpt-2")
-    except CorelmError as exc:
-        return "export refused", "-", str(exc)[:150]
-    if binary is None:
-        return "no llama-server binary", "-", ""
-    n = 8
-    theirs, log = llama_server_greedy(binary, out, ids, n, port=18000 + sum(map(ord, family)) % 1000)
-    if theirs is None:
-        lines = [ln for ln in log.strip().splitlines() if "error" in ln.lower()] or log.strip().splitlines() or [""]
-        return "no", "-", lines[-1][:150]
-    ours = corelm_greedy(llm.model, ids, n)
-    same = sum(a == b for a, b in zip(ours, theirs))
-    return "yes", f"{same}/{n}", f"corelm {ours} / llama.cpp {theirs}"
+    n, cells, detail = 8, [], []
+    for qtype in ("F32", "Q8_0"):
+        out = work / f"{family}.corelm.{qtype}.gguf"
+        try:
+            export_gguf(llm.model, out, qtype, tokenizer=llm.tokenizer, tokenizer_pre="gpt-2")
+        except CorelmError as exc:
+            return "export refused", "-", "-", str(exc)[:150]
+        if binary is None:
+            return "no llama-server binary", "-", "-", ""
+        reply, log = llama_server_greedy(binary, out, ids, n, port=18000 + sum(map(ord, family)) % 1000)
+        if reply is None:
+            lines = [ln for ln in log.strip().splitlines() if "error" in ln.lower()] or log.strip().splitlines()
+            return f"no ({qtype})", "-", "-", (lines or [""])[-1][:150]
+        theirs, tops = reply
+        model = corelm.load(out, dtype="fp32").model  # the file's own (dequantized) weights
+        ours = corelm_greedy(model, ids, n)
+        with torch.no_grad():  # corelm's log-probabilities along llama.cpp's tokens, at llama.cpp's top 5
+            logp = torch.log_softmax(model(torch.tensor([ids + theirs]))[0, len(ids) - 1:-1], -1)
+        gaps = [abs(logp[j, t].item() - lp) for j, top in enumerate(tops) if top for t, lp in top.items()]
+        compared = sum(top is not None for top in tops)
+        gap = f"{max(gaps):.1e} ({compared} pos.)" if gaps else "n/a"
+        cells.append(f"{sum(a == b for a, b in zip(ours, theirs))}/{n}, {gap}")
+        if ours != theirs:
+            detail.append(f"{qtype}: corelm {ours} / llama.cpp {theirs}")
+    return "yes", *cells, "; ".join(detail) or "identical"
 
 
 if __name__ == "__main__":

@@ -163,3 +163,30 @@ def test_default_load_runs_the_files_blocks_in_hf_row_order(family, qtype):
     with torch.no_grad():
         ours, ref = native.model(IDS).float(), dequantized.model(IDS)
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("qwen2moe.expert_count", "lacks qwen2moe.expert_count, which a qwen2moe model needs"),
+    ("qwen2moe.attention.layer_norm_rms_epsilon", "lacks qwen2moe.attention.layer_norm_rms_epsilon"),
+    ("qwen2moe.block_count", "lacks qwen2moe.block_count"),
+])
+def test_a_missing_required_key_is_named(tmp_path, drop, message):
+    """A key llama.cpp requires and the file lacks: one line naming it (not a default that may be wrong)."""
+    model = build_model(_config("moe", n_experts=4, n_experts_per_tok=2, qkv_bias=True, shared_expert_d_ff=32,
+                                norm_topk_prob=False))
+    source = read_gguf(export_gguf(model, tmp_path / "full.gguf", "F32"))
+    w = gguf.GGUFWriter(str(tmp_path / "cut.gguf"), "qwen2moe")
+    for key, value in source.metadata.items():
+        if key == drop or key.startswith(("general.", "GGUF.")):
+            continue
+        kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+        w.add_key_value(key, value, kind)
+    for name in source.tensors:
+        w.add_tensor(name, source.tensor(name).numpy().copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CorelmError, match=message) as info:
+        corelm.load(tmp_path / "cut.gguf", dtype="fp32")
+    assert "\n" not in str(info.value)
