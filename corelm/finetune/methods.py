@@ -17,7 +17,7 @@ from corelm.finetune.adapters import apply_adapters
 from corelm.finetune.heads import SequenceClassifier, TokenClassifier
 from corelm.finetune.lora import apply_lora, freeze, resolve_targets
 
-TASKS = ("classify", "ner", "sft", "regression")
+TASKS = ("classify", "ner", "sft", "regression", "translate", "summarize")
 METHODS = ("full", "head", "lora", "adalora", "adapter")
 TASK_FILE = "corelm_task.json"
 HEAD_FILE = "head.safetensors"
