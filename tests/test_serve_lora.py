@@ -160,7 +160,12 @@ def test_unknown_adapters_are_404_and_bad_loads_400(server, client, runs, tmp_pa
     wide = write_run(tmp_path / "wide", torch.nn.Sequential(), (), rank=2, alpha=2, seed=0)
     save_file({"model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 32),
                "model.layers.0.self_attn.q_proj.lora_B": torch.ones(64, 2)}, str(wide / "adapter.safetensors"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "corelm_task.json").write_text(json.dumps({"task": "sft", "method": "lora"}))
+    (tmp_path / "broken" / "adapter.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     cases = [({"name": "x", "path": str(tmp_path / "missing")}, 400, "no corelm_task.json"),
+             ({"name": "x", "path": "x" * 5000}, 400, "no corelm_task.json"),
+             ({"name": "x", "path": str(tmp_path / "broken")}, 400, "adapter.safetensors cannot be read"),
              ({"name": "x", "path": str(wide)}, 400, "maps 32 -> 64 features but the base model's maps 64 -> 64"),
              ({"name": "a:b", "path": str(runs["sql"])}, 400, "must be 1-64 letters"),
              ({"name": "x"}, 400, "'path' must be a non-empty string"),

@@ -131,7 +131,11 @@ def read_lora(path: str | Path) -> LoRAWeights:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / TASK_FILE).is_file():
+    try:
+        found = (path / TASK_FILE).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a run either
+        found = False
+    if not found:
         raise CorelmError(f"not a fine-tuning run directory (no {TASK_FILE})")
     try:
         task = json.loads((path / TASK_FILE).read_text(encoding="utf-8"))
@@ -144,12 +148,14 @@ def read_lora(path: str | Path) -> LoRAWeights:
         raise CorelmError(f"the run fine-tuned a {task.get('task')!r} model: only language-model runs (--task sft) "
                           "can be served")
     config = task.get("method_config") or {}
+    if not isinstance(config, dict):
+        raise CorelmError(f"{TASK_FILE} has an invalid method_config")
     rank, alpha = config.get("rank", 8), config.get("alpha", 16.0)
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
         raise CorelmError(f"{TASK_FILE} has an invalid LoRA rank or alpha")
     try:
         tensors = load_file(str(path / ADAPTER_FILE))
-    except (OSError, SafetensorError) as exc:
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:  # missing, truncated or malformed
         raise CorelmError(f"{ADAPTER_FILE} cannot be read: {exc}") from None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
