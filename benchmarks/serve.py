@@ -12,6 +12,11 @@ A second table measures structured output's cost on corelm: ``/v1/chat/completio
 ``response_format: json_schema`` next to the same chat requests without it, at the same levels
 (the schema asks for a long array, so both kinds generate ``--max-tokens`` tokens).
 
+With ``--adapters N`` a third table measures multi-LoRA serving: a second ``corelm serve`` started with
+N random rank-8 LoRA adapters (``--lora``, attention projections, non-zero ``B``) answers completions
+whose ``model`` cycles through the base model and ``<base>:a1`` .. ``aN`` (one batch mixes them), next
+to plain completions on the server without adapters.
+
 Bar (issue 15): corelm's aggregate tokens/s >= llama-server's at 1 and at 8 clients.
 
     .venv/bin/python benchmarks/serve.py                       # embedded SmolLM2 Q4_1, levels 1 8 32
@@ -44,12 +49,18 @@ SCHEMA = {"type": "object", "properties": {
     "facts": {"type": "array", "items": {"type": "string"}, "minItems": 40}}, "required": ["title", "facts"]}
 
 
+ADAPTER_MODELS: list[str] = []  # --adapters: the model ids mixed-adapter requests cycle through
+
+
 def body_for(kind: str, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+    if kind == "adapters":  # the base model and each adapter in turn, by prompt
+        kind, model = "plain", ADAPTER_MODELS[PROMPTS.index(prompt) % len(ADAPTER_MODELS)]
     common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
               "stream_options": {"include_usage": True}}
     if kind == "plain":
         return "/v1/completions", {**common, "prompt": prompt}
-    messages = [{"role": "user", "content": f"List facts about this: {prompt}"}]
+    ask = "List facts about this" if kind == "chat" else "Give a title and facts, as JSON, about this"
+    messages = [{"role": "user", "content": f"{ask}: {prompt}"}]  # not the other kind's prompt (prefix cache)
     extra = {} if kind == "chat" else {"response_format": {"type": "json_schema", "json_schema": {
         "name": "facts", "schema": SCHEMA, "strict": True}}}
     return "/v1/chat/completions", {**common, "messages": messages, **extra}
@@ -91,8 +102,21 @@ async def _one_request(http: httpx.AsyncClient, path: str, body: dict) -> dict:
     return {"ttft": (first or end) - t0, "tokens": tokens if tokens is not None else pieces}
 
 
-async def level(url: str, model: str, kind: str, clients: int, requests_each: int, max_tokens: int) -> dict:
-    """``clients`` concurrent clients, each sending ``requests_each`` requests back to back."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far; 0 when unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def level(url: str, model: str, kind: str, clients: int, requests_each: int, max_tokens: int,
+                pid: int | None = None) -> dict:
+    """``clients`` concurrent clients, each sending ``requests_each`` requests back to back; ``pid``: the
+    server's process, whose CPU time per generated token is measured (a figure the machine's load
+    changes much less than tokens/s)."""
+    cpu0 = cpu_seconds(pid)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as http:
         async def client(i: int) -> list[dict]:
             return [await one_request(http, *body_for(kind, model, PROMPTS[(i + k) % len(PROMPTS)], max_tokens))
@@ -101,8 +125,9 @@ async def level(url: str, model: str, kind: str, clients: int, requests_each: in
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
-    return {"tok_s": sum(r["tokens"] for r in results) / wall, "ttfts": [r["ttft"] for r in results],
-            "tokens": sum(r["tokens"] for r in results) / len(results)}
+    tokens = sum(r["tokens"] for r in results)
+    return {"tok_s": tokens / wall, "ttfts": [r["ttft"] for r in results], "tokens": tokens / len(results),
+            "cpu_ms": (cpu_seconds(pid) - cpu0) * 1000 / max(tokens, 1)}
 
 
 def wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float = 600) -> None:
@@ -137,18 +162,19 @@ def table(title: str, names: tuple[str, str], runs: dict, levels: list[int]) -> 
     a, b = names
     print(f"\n{title}")
     print(f"{'clients':>7} | {a + ' tok/s':>18} | {b + ' tok/s':>18} | {'ratio':>6} | "
-          f"{a + ' TTFT med/p90 ms':>26} | {b + ' TTFT med/p90 ms':>26}")
-    print("-" * 118)
+          f"{a + ' TTFT med/p90 ms':>26} | {b + ' TTFT med/p90 ms':>26} | CPU ms/token {a} / {b}")
+    print("-" * 150)
     for n in levels:
         cells = []
         for name in names:
             rates = [r["tok_s"] for r in runs[name, n]]
             ttfts = [t for r in runs[name, n] for t in r["ttfts"]]
             cells.append((statistics.median(rates), min(rates), max(rates),
-                          statistics.median(ttfts) * 1000, p90(ttfts) * 1000))
-        (ra, lo_a, hi_a, ma, pa), (rb, lo_b, hi_b, mb, pb) = cells
+                          statistics.median(ttfts) * 1000, p90(ttfts) * 1000,
+                          statistics.median(r["cpu_ms"] for r in runs[name, n])))
+        (ra, lo_a, hi_a, ma, pa, ca), (rb, lo_b, hi_b, mb, pb, cb) = cells
         print(f"{n:>7} | {ra:7.1f} ({lo_a:4.0f}-{hi_a:4.0f}) | {rb:7.1f} ({lo_b:4.0f}-{hi_b:4.0f}) | {ra / rb:5.2f}x | "
-              f"{ma:12.0f} / {pa:11.0f} | {mb:12.0f} / {pb:11.0f}")
+              f"{ma:12.0f} / {pa:11.0f} | {mb:12.0f} / {pb:11.0f} | {ca:5.2f} / {cb:5.2f}")
 
 
 def start_servers(args: argparse.Namespace, gguf: Path | None) -> tuple[dict, dict]:
@@ -175,6 +201,39 @@ def start_servers(args: argparse.Namespace, gguf: Path | None) -> tuple[dict, di
     return procs, urls
 
 
+def start_lora_server(args: argparse.Namespace, procs: dict, urls: dict) -> None:
+    """``corelm serve --lora a1=... --lora aN=...`` with random LoRA runs over ``args.model`` (rank 8, the
+    attention projections, A and B ~ N(0, 0.02^2): non-zero, so each adapter changes the computation)."""
+    if not args.adapters:
+        return
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    import corelm
+
+    model = corelm.load(args.model, dtype="fp32").model
+    root = Path(tempfile.mkdtemp(prefix="corelm-bench-lora-"))
+    lora = []
+    for i in range(1, args.adapters + 1):
+        gen, tensors = torch.Generator().manual_seed(i), {}
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") and hasattr(m, "in_features"):
+                tensors[f"{name}.lora_A"] = torch.randn(8, m.in_features, generator=gen) * 0.02
+                tensors[f"{name}.lora_B"] = torch.randn(m.out_features, 8, generator=gen) * 0.02
+        run = root / f"a{i}"
+        run.mkdir()
+        save_file(tensors, str(run / "adapter.safetensors"))
+        (run / "corelm_task.json").write_text(json.dumps({"task": "sft", "method": "lora", "base": args.model,
+                                                          "method_config": {"rank": 8, "alpha": 16.0}}))
+        lora += ["--lora", f"a{i}={run}"]
+    port = free_port()
+    cmd = [sys.executable, "-m", "corelm", "serve", "--model", args.model, "--port", str(port), *lora,
+           *args.corelm_arg, *(["--threads", str(args.threads)] if args.threads else [])]
+    procs["corelm+lora"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls["corelm+lora"] = f"http://127.0.0.1:{port}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="model to serve (default the embedded SmolLM2); "
@@ -189,6 +248,8 @@ def main() -> int:
     p.add_argument("--no-llama", action="store_true", help="corelm only")
     p.add_argument("--no-json", action="store_true", help="skip the JSON-schema rows")
     p.add_argument("--corelm-arg", action="append", default=[], help="extra corelm serve argument (repeatable)")
+    p.add_argument("--adapters", type=int, default=0, help="also measure mixed-adapter traffic: a second corelm "
+                   "server with this many random rank-8 LoRA adapters, requests cycling base and adapters")
     args = p.parse_args()
 
     from corelm.commands.quantize import gguf_source
@@ -196,6 +257,7 @@ def main() -> int:
     gguf = gguf_source(args.model)
     procs, urls = start_servers(args, gguf)
     names = tuple(procs)
+    start_lora_server(args, procs, urls)
     runs: dict[tuple[str, int], list[dict]] = {}
     try:
         for name, proc in procs.items():
@@ -206,6 +268,8 @@ def main() -> int:
               f"{args.max_tokens} tokens/request; load average {os.getloadavg()[0]:.2f} at start", flush=True)
         series = [(name, "plain") for name in names] + ([] if args.no_json else
                                                          [("corelm", "chat"), ("corelm", "json")])
+        ADAPTER_MODELS[:] = [model] + [f"{model}:a{i}" for i in range(1, args.adapters + 1)]
+        series += [("corelm+lora", "adapters")] * bool(args.adapters)
         for name, kind in series:  # warm-up (llguidance builds its tokenizer tables on the first schema)
             asyncio.run(level(urls[name], model, kind, 1, 1, 4))
         for r in range(args.rounds):
@@ -213,11 +277,12 @@ def main() -> int:
             for n in args.levels:
                 for name, kind in order:
                     res = asyncio.run(level(urls[name], model, kind, n, args.requests if n == 1 else 1,
-                                            args.max_tokens))
+                                            args.max_tokens, procs[name].pid))
                     key = name if kind == "plain" else f"corelm {kind}"
                     runs.setdefault((key, n), []).append(res)
                     print(f"  round {r + 1}/{args.rounds} {key:>13} {n:>3} clients: {res['tok_s']:7.1f} tok/s  "
                           f"TTFT median {statistics.median(res['ttfts']) * 1000:6.0f} ms  "
+                          f"CPU {res['cpu_ms']:5.2f} ms/token  "
                           f"({res['tokens']:.0f} tokens/request)", flush=True)
     finally:
         for proc in procs.values():
@@ -235,6 +300,9 @@ def main() -> int:
                          / statistics.median(x["tok_s"] for x in runs["llama-server", n]))
                 print(f"bar: {n} client(s) corelm / llama-server = {ratio:.2f}x (need >= 1.0x): "
                       f"{'PASS' if ratio >= 1 else 'MISS'}")
+    if args.adapters:
+        table(f"mixed-adapter traffic (base + {args.adapters} LoRA adapters, one batch) vs plain traffic on a server "
+              "without adapters", ("corelm adapters", "corelm"), runs, args.levels)
     if not args.no_json:
         table("structured output on corelm: json_schema chat vs plain chat (ratio = grammar's throughput cost)",
               ("corelm json", "corelm chat"), runs, args.levels)
