@@ -171,6 +171,34 @@ def add_device(ap: argparse.ArgumentParser, default: str, what: str) -> None:
     ap.add_argument("--device", type=device, default=default, help=f"{what} (auto, cpu, cuda or cuda:N)")
 
 
+THREADS_HELP = "torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)"
+
+
+def threads_option(help: str = THREADS_HELP) -> Any:
+    """The ``--threads N`` field of every command that computes: ``threads: int | None = threads_option()``;
+    :func:`set_threads` applies it. At least 1 (checked with the other fields)."""
+    return option(None, help, metavar="N", threads=True)
+
+
+def set_threads(threads: int | None, spare: int = 0) -> int:
+    """Set torch's CPU threads to ``threads``, or by default to ``OMP_NUM_THREADS`` if set, else the physical
+    cores less ``spare`` (at least 1; ``corelm serve`` keeps one for its HTTP side); returns the count.
+
+    One policy for every command (corelm.cpu.default_threads): torch's own default counts SMT siblings,
+    and an OpenMP thread waiting on a busy sibling stalls every matmul of a bandwidth-bound decode.
+    """
+    import os
+
+    import torch
+
+    from corelm.cpu import default_threads, physical_cores
+
+    if threads is None:
+        threads = default_threads() if "OMP_NUM_THREADS" in os.environ else max(1, physical_cores() - spare)
+    torch.set_num_threads(threads)
+    return threads
+
+
 # ---- a command's options are a dataclass; its parser is built from the fields ----------------------
 
 def option(default: Any = MISSING, help: str = "", **meta: Any) -> Any:
@@ -337,6 +365,8 @@ def check_choices(options: Any) -> None:
         value = getattr(options, f.name)
         if value is None or value is _default(f):
             continue
+        if f.metadata.get("threads") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CorelmError(f"{_flag(f)} must be a whole number of at least 1, got {value!r}")
         if "device" in f.metadata:
             try:
                 device(value)

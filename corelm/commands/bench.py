@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 
 GiB = 1024**3
@@ -44,16 +44,12 @@ class BenchOptions(Options):
     new_tokens: int = option(64, "--decode: tokens to generate")
     dtype: str = option("auto", "--decode: weight dtype", dtype=True)
     device: str = option("auto", "where to measure", device=True)
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)")
+    threads: int | None = threads_option()
     quick: bool = option(False, "shorter measurements (less precise)")
     profile: str | None = option(None, "read calibrated efficiencies from a saved profile (e.g. train_efficiency)")
     save: str | None = option(None, "save the measured profile (and train efficiency) for `corelm plan --profile`",
                               metavar="JSON")
     json: bool = option(False, "print one JSON object")
-
-    def check(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise CorelmError("--threads must be >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +190,7 @@ def bench(options: BenchOptions) -> dict:
     from corelm.plan.hardware import load_profile
 
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
+    set_threads(options.threads)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CorelmError(f"unknown device {device!r}; expected cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 
@@ -35,7 +35,7 @@ class CompareOptions(Options):
     tokens: int = option(2048, "tokens of --data scored for perplexity")
     window: int = option(512, "perplexity window (stride = window / 2)")
     decode_tokens: int = option(64, "greedy tokens timed per variant (0: skip)")
-    threads: int | None = option(None, "torch threads (default: torch's choice)")
+    threads: int | None = threads_option()
     json: bool = option(False, "print one JSON object per variant instead of a table")
 
 
@@ -115,8 +115,7 @@ def _decode_speed(model: torch.nn.Module, prompt: list[int], n_tokens: int) -> d
 def compare(options: CompareOptions, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row of figures per variant (disk and memory MB, perplexity, sparsity, quantization, decode tok/s and
     GB/s); ``on_row`` sees each row as soon as it is measured."""
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    set_threads(options.threads)
     data = Path(options.data)
     if not data.is_file():
         raise CorelmError(f"--data file not found: {data}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corelm.commands.args import Options, as_options, option, options_from, parser_from
+from corelm.commands.args import Options, as_options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -29,6 +29,7 @@ class ConvertOptions(Options):
     dtype: str = option("fp32", "dtype of the written weights (GGUF blocks are dequantized to it)",
                         dtype={"auto": False})
     overwrite: bool = option(False, "replace an existing non-empty out_dir")
+    threads: int | None = threads_option()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,7 @@ def convert(options: ConvertOptions | str, *args: Any, **kwargs: Any) -> Path:
     from corelm.io.hf import save_hf_dir
 
     options = as_options(ConvertOptions, options, args, kwargs)
+    set_threads(options.threads)
     out = Path(options.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
         raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")

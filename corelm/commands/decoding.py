@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from corelm.commands.args import Options, option
+from corelm.commands.args import Options, option, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
 
@@ -25,15 +25,10 @@ class ModelOptions(Options):
                                        "org/name[@rev][:file.gguf|:QUANT] (from the local cache; `corelm pull` "
                                        "downloads; an existing local path of the same spelling wins)")
     dtype: str = option("auto", "weight and compute dtype", dtype=True)
-    threads: int | None = option(None, "torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores)")
+    threads: int | None = threads_option()
     compile: bool = option(False, "decode through a torch.compile'd step of the model's forward (minutes to compile "
                                   "the first time on a small CPU, seconds once cached; for float models, mainly on "
                                   "GPU)")
-
-    def check(self) -> None:
-        super().check()
-        if self.threads is not None and self.threads < 1:
-            raise CorelmError(f"--threads must be at least 1, got {self.threads}")
 
 
 @dataclass(kw_only=True)
@@ -75,13 +70,11 @@ class SamplingOptions(Options):
 def load_llm(options: ModelOptions, model: str | None = None) -> Any:
     """Load ``options.model`` (or ``model``) as a decoder with ``options``' dtype, threads, compile and (where the
     command has it) quantize, reporting the load time on stderr."""
-    import torch
 
     import corelm
     from corelm.api import LLM
-    from corelm.cpu import default_threads
 
-    torch.set_num_threads(options.threads or default_threads())
+    set_threads(options.threads)
     model = model or options.model
     t0 = time.perf_counter()
     llm = corelm.load(model, dtype=options.dtype, quantize=getattr(options, "quantize", None))

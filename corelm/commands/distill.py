@@ -29,6 +29,8 @@ from corelm.commands.args import (
     options_from,
     parser_from,
     resolve_trackers,
+    set_threads,
+    threads_option,
 )
 from corelm.errors import CorelmError
 
@@ -60,6 +62,7 @@ class DistillOptions(Options):
     progress: bool = option(True, "the live progress bar")
     tracker: list[str] | None = field(default=None, metadata={"help": TRACKER_HELP})
     wandb: str | None = option(None, "also log to this Weights & Biases project (optional wandb package)")
+    threads: int | None = threads_option()
 
     def check(self) -> None:
         from corelm.compress.distill import check_loss_params
@@ -103,6 +106,7 @@ def distill(options: DistillOptions | str, *values: Any, **named: Any) -> TrainR
     from corelm.train.loop import TrainConfig, evaluate_loss, train
 
     args = as_options(DistillOptions, options, values, named)
+    set_threads(args.threads)
     manifest = read_manifest(args.data)
     teacher = corelm.load(args.teacher, dtype=args.teacher_dtype)
     if teacher.config.is_encoder:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from corelm.commands.args import Options, as_options, option, options_from, parser_from
+from corelm.commands.args import Options, as_options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 
 TASKS = ("classify", "ner", "regression", "perplexity", "summarize", "translate")
@@ -66,6 +66,7 @@ class EvaluateOptions(Options):
                                          "'before' of corelm finetune --tokenizer")
     skip_bad: bool = option(False, "skip malformed rows (reporting how many) instead of stopping")
     progress: bool = option(True, "progress bars")
+    threads: int | None = threads_option()
 
     def check(self) -> None:
         if self.scheme == "bio":  # the same tags under their other name
@@ -88,6 +89,7 @@ def _evaluate(options: EvaluateOptions) -> tuple[dict[str, Any], str]:
     from corelm.data.demo import resolve
 
     args = dataclasses.replace(options, data=resolve(options.data))
+    set_threads(options.threads)
     start = time.perf_counter()
     if args.task in ("classify", "ner", "regression"):
         report = _labelled(args)

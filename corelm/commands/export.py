@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.io.atomic import write_errors
 
@@ -36,6 +36,7 @@ class ExportOptions(Options):
     tokenizer_pre: str = option("smollm", "llama.cpp pre-tokenizer name written to the file (smollm for SmolLM2's "
                                           "vocabulary)")
     overwrite: bool = option(False, "replace an existing output file")
+    threads: int | None = threads_option()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def export(options: ExportOptions) -> dict:
     from corelm.io.gguf_export import export_gguf
     from corelm.quant.io import is_quantized_dir, load_quantized_dir
 
+    set_threads(options.threads)
     out = Path(options.out)
     if out.exists() and not options.overwrite:
         raise CorelmError(f"{out} exists; choose another file or pass --overwrite")

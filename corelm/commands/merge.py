@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -33,6 +33,7 @@ class MergeOptions(Options):
     run: str = option(help="run directory written by corelm finetune (method lora, adalora or head)", positional=True)
     out: str = option(help="directory for the merged model (must not exist or be empty)")
     dtype: str = option("fp32", "dtype of the saved weights", dtype={"auto": False})
+    threads: int | None = threads_option()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def merge(options: MergeOptions, report: Callable[[str], None] = print) -> dict:
     from corelm.io.hf import save_hf_dir
     from corelm.loading import is_run, load_run
 
+    set_threads(options.threads)
     if not is_run(options.run):
         raise CorelmError(f"{options.run} is not a fine-tuning run directory (no {TASK_FILE})")
     out = Path(options.out)

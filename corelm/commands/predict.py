@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 
 
@@ -28,6 +28,7 @@ class PredictOptions(Options):
     top: int = option(5, "classify: how many labels to show with probabilities")
     json: bool = option(False, "one JSON object per text instead of readable lines")
     dtype: str = option("fp32", "weight dtype", dtype=True)
+    threads: int | None = threads_option()
 
     def check(self) -> None:
         if self.top < 1:
@@ -46,6 +47,7 @@ def predict(options: PredictOptions) -> list[dict]:
     from corelm.finetune.run import predict as run_predict
     from corelm.loading import is_run, load_run
 
+    set_threads(options.threads)
     texts = ([line.rstrip("\n") for line in sys.stdin if line.strip()] if options.texts == ["-"]
              else list(options.texts))
     if not texts:

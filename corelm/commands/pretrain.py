@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.train.loop import PARALLEL, TrainConfig, TrainResult
 from corelm.train.precision import POLICIES
@@ -67,7 +67,7 @@ class PretrainOptions(Options):
         "sdpa", "attention kernel: fused scaled_dot_product_attention or the readable reference")
     device: str = option("auto", "where to train: auto = cuda when a GPU is visible (NCCL under torchrun), "
                                  "else cpu (gloo)", device=True)
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = threads_option()
     # the training loop (corelm.train.loop.TrainConfig; out and resume are above)
     max_steps: int = _loop("max_steps", 500)
     lr: float = _loop("lr", 1e-3)
@@ -130,8 +130,7 @@ def pretrain(options: PretrainOptions) -> TrainResult:
     newest checkpoint saved."""
     from corelm.train.distributed import init_distributed, shutdown_distributed
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    set_threads(options.threads)
     info = init_distributed(None if options.device == "auto" else options.device)
     try:
         return run(options, info)

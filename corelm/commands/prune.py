@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.data.text import read_text
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
@@ -55,6 +55,7 @@ class PruneOptions(Options):
     calib_tokens: int = option(4096, "calibration tokens read from --calib")
     out: str = option(help="directory to write (must not exist or be empty, unless --overwrite)")
     overwrite: bool = option(False, "replace an existing non-empty --out")
+    threads: int | None = threads_option()
 
     def check(self) -> None:
         from corelm.compress.prune import parse_pattern
@@ -119,6 +120,7 @@ def prune(options: PruneOptions) -> dict:
     from corelm.io.hf import save_hf_dir
     from corelm.quant.io import is_quantized_dir
 
+    set_threads(options.threads)
     structures = options.structures()
     if is_quantized_dir(options.model):
         raise CorelmError(f"{options.model} is quantized; prune the float model, then quantize the result")

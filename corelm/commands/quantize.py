@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from corelm.commands.args import Options, as_options, option, options_from, parser_from
+from corelm.commands.args import Options, as_options, option, options_from, parser_from, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.io.atomic import atomic_dir
 
@@ -35,6 +35,7 @@ class QuantizeOptions(Options):
     requantize: bool = option(False, "from a GGUF source, quantize the dequantized weights again instead of reusing "
                                      "the file's Q4_0/Q4_1 blocks")
     overwrite: bool = option(False, "replace an existing non-empty out_dir")
+    threads: int | None = threads_option()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,7 @@ def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
     from corelm.quant.transform import quantize_model
 
     options = as_options(QuantizeOptions, options, args, kwargs)
+    set_threads(options.threads)
     source, method, group_size, head = options.source, options.method, options.group_size, options.head
     out = Path(options.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:

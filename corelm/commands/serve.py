@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from corelm.commands.args import Options, option, options_from, parser_from
+from corelm.commands.args import Options, option, options_from, parser_from, set_threads, threads_option
 from corelm.commands.decoding import describe_decoder
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
@@ -57,9 +56,9 @@ class ServeCommandOptions(Options):
                                      "else fp32)", dtype={"auto": False})
     device: str = option("cpu", "where the models run: cpu, cuda, cuda:1, ...")
     quantize: Literal["int8", "int4"] | None = option(None, "weight-only quantization of the decoder(s) at load time")
-    threads: int | None = option(None, "torch CPU threads for the model (default: all cores but one, at least 1: "
-                                       "the HTTP side needs a core too, and threads that wait on a busy core stall "
-                                       "every matmul)")
+    threads: int | None = threads_option("torch CPU threads for the model (default: OMP_NUM_THREADS if set, else the "
+                                         "physical cores but one, at least 1: the HTTP side needs a core too, and "
+                                         "threads that wait on a busy core stall every matmul)")
     drain_timeout: float = option(30.0, "on SIGTERM or Ctrl-C: stop accepting connections and give the running "
                                         "requests this many seconds to finish; then those left end with a 503 "
                                         "'shutdown' error (in-band for a stream) and the server exits (0 after "
@@ -145,8 +144,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
     limits = options.limits()
     import torch
 
-    threads = options.threads or max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(threads)
+    threads = set_threads(options.threads, spare=1)
     specs = options.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
     app, served = server.build(specs, limits, api_key=api_key, dtype=options.dtype, names=options.name,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from corelm.commands.args import TRACKER_HELP, Options, option, resolve_trackers
+from corelm.commands.args import TRACKER_HELP, Options, option, resolve_trackers, set_threads, threads_option
 from corelm.data import tasks
 from corelm.errors import CorelmError
 from corelm.finetune.adalora import RankAllocator
@@ -110,6 +110,7 @@ class FinetuneArgs(Options):
     wandb: str | None = option(None, "also log to this Weights & Biases project (optional wandb package)")
     tracker: list[str] | None = field(default=None, metadata={"help": TRACKER_HELP})
     json: bool = option(False, "print the final summary as one JSON object")
+    threads: int | None = threads_option()
 
     def check(self) -> None:
         if self.scheme == "bio":  # the same tags under their other name
@@ -179,6 +180,7 @@ def finetune(args: FinetuneArgs) -> dict[str, Any]:
     """
     from corelm.train import ResumableLoader, TrainConfig, train
 
+    set_threads(args.threads)
     task = get_task(args.task)
     if args.method not in METHODS:
         raise CorelmError(f"unknown method {args.method!r}; expected one of {', '.join(METHODS)}")
