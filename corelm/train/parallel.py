@@ -25,6 +25,7 @@ refused with a CorelmError: use ddp or fsdp for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,8 +76,8 @@ _LLAMA = Layout(blocks="model.layers", embeddings=("model.embed_tokens",), norm=
                 norms=("input_layernorm", "post_attention_layernorm"), gathers={"self_attn": 2, "mlp": 1},
                 head_norms=("self_attn.q_norm", "self_attn.k_norm"))
 # Gemma 2/3's sandwich: the post-norms act on the row-parallel outputs, which SP leaves split along T
-_GEMMA = Layout(**{**_LLAMA.__dict__, "norms": ("input_layernorm", "post_attention_layernorm",
-                                                "pre_feedforward_layernorm", "post_feedforward_layernorm")})
+_GEMMA = dataclasses.replace(_LLAMA, norms=("input_layernorm", "post_attention_layernorm",
+                                            "pre_feedforward_layernorm", "post_feedforward_layernorm"))
 _GPT2 = Layout(blocks="transformer.h", embeddings=("transformer.wte", "transformer.wpe"), norm="transformer.ln_f",
                colwise=("mlp.c_fc",), fused={"attn.c_attn": 3}, rowwise=("attn.c_proj", "mlp.c_proj"),
                attention="attn", norms=("ln_1", "ln_2"), gathers={"attn": 2, "mlp": 1})
@@ -290,11 +291,12 @@ def apply_fsdp_tp(model: nn.Module, mesh: Any, sequence_parallel: bool = False) 
     root on ``mesh["dp"]`` (torchtitan's order: FSDP shards the TP DTensors a second time)."""
     from torch.distributed.fsdp import fully_shard
 
-    if layout_of(model, "FSDP x tensor parallelism").fused:
+    layout = layout_of(model, "FSDP x tensor parallelism")
+    if layout.fused:
         raise CorelmError("--parallel fsdp+tp does not cover fused query/key/value projections (gpt2's c_attn): "
                           "FSDP cannot shard a strided tensor-parallel placement again; use tp, pp+tp or fsdp")
     apply_tp(model, mesh["tp"], sequence_parallel)
-    for block in _get(model, layout_of(model, "").blocks):
+    for block in _get(model, layout.blocks):
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model
