@@ -293,8 +293,10 @@ def apply_fsdp_tp(model: nn.Module, mesh: Any, sequence_parallel: bool = False) 
 
     layout = layout_of(model, "FSDP x tensor parallelism")
     if layout.fused:
+        # FSDP over the strided split trains with the right losses, but torch 2.13 gathers and re-shards it
+        # wrongly for checkpoints (a resumed gpt2 run diverged from the single-process one at 1e-2)
         raise CorelmError("--parallel fsdp+tp does not cover fused query/key/value projections (gpt2's c_attn): "
-                          "FSDP cannot shard a strided tensor-parallel placement again; use tp, pp+tp or fsdp")
+                          "its checkpoints would not resume correctly; use tp, pp+tp or fsdp")
     apply_tp(model, mesh["tp"], sequence_parallel)
     for block in _get(model, layout.blocks):
         fully_shard(block, mesh=mesh["dp"])
