@@ -22,7 +22,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 _FAMILY_ACTIVATIONS = {"bert": ("relu", "gelu", "gelu_tanh"), "moe": ("silu",), "olmo2": ("silu",)}
 # Families whose blocks apply ``dropout``/``attn_dropout`` (the others would ignore them silently).
-DROPOUT_FAMILIES = ("gpt2", "llama", "gemma")
+DROPOUT_FAMILIES = ("gpt2", "llama", "gemma", "t5")
 # Weight initialisation schemes (corelm/ops/init.py) and the families whose constructors take the choice.
 INITS = ("normal", "uniform")
 INIT_FAMILIES = ("gpt2", "llama", "gemma")
@@ -54,9 +54,9 @@ class ModelConfig:
             of Llama and Gemma it is the gate's (``silu``: SwiGLU, ``gelu_tanh``: GeGLU, ``relu``: ReGLU).
         dropout: Dropout probability on the embeddings and on each sub-layer's output before the residual
             add (Srivastava et al. 2014; GPT-2's ``embd_pdrop``/``resid_pdrop``); active only in train mode.
-            gpt2, llama and gemma.
+            gpt2, llama, gemma and t5 (T5's ``dropout_rate``, also on the MLP's hidden units).
         attn_dropout: Dropout probability on the attention probabilities (``attn_pdrop``,
-            ``attention_dropout``); active only in train mode. gpt2, llama and gemma.
+            ``attention_dropout``); active only in train mode. gpt2, llama, gemma and t5.
         init: Initial weights of a model built from scratch: ``normal`` N(0, 0.02^2) or ``uniform``
             U(-0.0346, 0.0346) (the same standard deviation, ``sqrt(3) * 0.02``); see corelm/ops/init.py.
             gpt2, llama and gemma. GPT-2's residual projections are scaled by ``1/sqrt(2 n_layer)`` in both.

@@ -499,7 +499,7 @@ def fresh_model(spec: str, tokenizer: str | os.PathLike) -> Loaded:
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         config = dataclasses.replace(config, pad_token_id=pad, decoder_start_token_id=pad if config.family == "t5"
                                      else eos, extra={**config.extra, "eos_token_id": eos})
-    return Loaded(build_model(config), tok, config, source=f"random init ({config.name or spec})")
+    return Loaded(build_model(config).eval(), tok, config, source=f"random init ({config.name or spec})")
 
 
 # ---- fine-tuning run directories -----------------------------------------------------------------

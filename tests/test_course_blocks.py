@@ -134,7 +134,7 @@ def test_default_dropout_leaves_training_bit_identical():
 def test_dropout_is_validated_and_mapped_from_hf():
     with pytest.raises(CorelmError, match=r"dropout must be a probability in \[0, 1\)"):
         _tiny("gpt2", dropout=1.0)
-    with pytest.raises(CorelmError, match="attn_dropout is implemented for gpt2, llama, gemma, not bert"):
+    with pytest.raises(CorelmError, match="attn_dropout is implemented for gpt2, llama, gemma, t5, not bert"):
         _tiny("bert", attn_dropout=0.1)
     gpt2 = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.2,
                                    embd_pdrop=0.2, attn_pdrop=0.05).to_dict()

@@ -228,3 +228,25 @@ def test_fresh_model_decodes():
     assert logits.shape == (2, 11, VOCAB) and torch.isfinite(logits).all()
     out = generate(model, src, mask, Seq2SeqParams(max_new_tokens=6, num_beams=2))
     assert out.shape[0] == 2 and (out[:, 0] == 0).all()
+
+
+def test_dropout_acts_in_train_mode_only():
+    """T5's dropout_rate (embeddings, sub-layer outputs, MLP hidden units, attention probabilities) is read from
+    config.json and acts only in train mode."""
+    from corelm.config import ModelConfig
+    from corelm.models import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"family": "t5", "vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "d_model": 32, "max_seq_len": 32,
+              "decoder_start_token_id": 0}
+    model = build_model(ModelConfig(**kwargs, dropout=0.3, attn_dropout=0.3))
+    plain = build_model(ModelConfig(**kwargs))
+    plain.load_state_dict(model.state_dict())
+    src, mask, tgt = _batch()
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(src, tgt, mask), model(src, tgt, mask))
+        model.eval()
+        plain.train()
+        torch.testing.assert_close(model(src, tgt, mask), plain(src, tgt, mask), rtol=0, atol=0)
+    assert config_from_hf({**transformers.T5Config(**COMMON, dropout_rate=0.2).to_dict()}).dropout == 0.2

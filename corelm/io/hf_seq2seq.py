@@ -245,7 +245,8 @@ def _t5_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     kwargs.update(activation=_T5_ACTIVATIONS[act], gated_mlp=gated == "gated",
                   tie_embeddings=tie, scale_decoder_outputs=tie if scale is None else bool(scale), bias=False,
                   decoder_start_token_id=kwargs["pad_token_id"] if start is None else start,  # T5 starts from pad
-                  max_seq_len=int(hf.get("n_positions") or 512))  # no position table: the length trained at
+                  max_seq_len=int(hf.get("n_positions") or 512),  # no position table: the length trained at
+                  dropout=float(hf.get("dropout_rate", 0.0)), attn_dropout=float(hf.get("dropout_rate", 0.0)))
     extra = {k: hf[k] for k in _TOKEN_FIELDS if hf.get(k) is not None}
     extra["model_type"] = model_type
     return ModelConfig(**kwargs, extra=extra)
@@ -261,7 +262,8 @@ def _t5_config_to_hf(config: ModelConfig) -> dict[str, Any]:
                            "is_encoder_decoder": True, "feed_forward_proj": proj, "num_decoder_layers": config.n_layer,
                            "decoder_start_token_id": config.decoder_start_token_id,
                            "tie_word_embeddings": config.tie_embeddings,
-                           "scale_decoder_outputs": config.scale_decoder_outputs, "n_positions": config.max_seq_len}
+                           "scale_decoder_outputs": config.scale_decoder_outputs, "n_positions": config.max_seq_len,
+                           "dropout_rate": config.dropout}
     for field, hf_name, _ in _T5_FIELDS:
         out[hf_name] = getattr(config, field)
     out.update({k: config.extra[k] for k in _TOKEN_FIELDS if k in config.extra})

@@ -91,6 +91,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.attn_dropout = config.attn_dropout  # on the attention probabilities, in train mode
         if relative_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.n_head)
 
@@ -107,7 +108,8 @@ class Attention(nn.Module):
         and holds the position bias plus ``-inf`` where a key may not be attended."""
         B, T, _ = x.shape
         # scale=1: T5 scales no scores (its initialisation does, see _init_t5_)
-        y = F.scaled_dot_product_attention(self._heads(self.q(x)), k, v, attn_mask=bias.to(x.dtype), scale=1.0)
+        y = F.scaled_dot_product_attention(self._heads(self.q(x)), k, v, attn_mask=bias.to(x.dtype), scale=1.0,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, d)
 
 
@@ -124,10 +126,11 @@ class DenseReluDense(nn.Module):
             self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.act = activation_fn(config.activation)
+        self.dropout = nn.Dropout(config.dropout)  # on the hidden units, as transformers' T5 does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h)
+        return self.wo(self.dropout(h))
 
 
 class SelfAttentionLayer(nn.Module):
@@ -164,12 +167,13 @@ class EncoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, relative_bias: bool) -> None:
         super().__init__()
         self.layer = nn.ModuleList([SelfAttentionLayer(config, relative_bias), FeedForwardLayer(config)])
+        self.dropout = nn.Dropout(config.dropout)  # on each sub-layer's output before the residual add
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         sa, ff = self.layer
         h = sa.layer_norm(x)
-        x = x + sa.SelfAttention(h, *sa.SelfAttention.project_kv(h), bias)
-        return x + ff(x)
+        x = x + self.dropout(sa.SelfAttention(h, *sa.SelfAttention.project_kv(h), bias))
+        return x + self.dropout(ff(x))
 
 
 class DecoderBlock(nn.Module):
@@ -177,6 +181,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([SelfAttentionLayer(config, relative_bias), CrossAttentionLayer(config),
                                     FeedForwardLayer(config)])
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
                 cross_bias: torch.Tensor, cache: KVCache | None, index: int, input_pos: torch.Tensor) -> torch.Tensor:
@@ -185,9 +190,9 @@ class DecoderBlock(nn.Module):
         k, v = sa.SelfAttention.project_kv(h)  # (B, n_head, T, hd)
         if cache is not None:  # this step's keys go to their slots; attend every slot written so far
             k, v = cache.update(index, input_pos, k, v, self_bias.shape[-1])
-        x = x + sa.SelfAttention(h, k, v, self_bias)
-        x = x + ca.EncDecAttention(ca.layer_norm(x), *cross_kv, cross_bias)
-        return x + ff(x)
+        x = x + self.dropout(sa.SelfAttention(h, k, v, self_bias))
+        x = x + self.dropout(ca.EncDecAttention(ca.layer_norm(x), *cross_kv, cross_bias))
+        return x + self.dropout(ff(x))
 
 
 def _key_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -208,6 +213,7 @@ class Stack(nn.Module):
         self.max_distance = config.relative_attention_max_distance
         self.block = nn.ModuleList([block(config, relative_bias=i == 0) for i in range(n_layer)])
         self.final_layer_norm = T5LayerNorm(config.d_model, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)  # on the embedded input and on the stack's output
 
     def position_bias(self, query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
         """The learned bias ``(1, n_head, T, S)`` of queries at ``query_pos (T,)`` over keys ``0 .. n_keys - 1``."""
@@ -225,9 +231,10 @@ class Encoder(Stack):
         """``x (B, S, d)`` embedded source, ``src_mask (B, S)`` 1 = real token -> ``(B, S, d)``."""
         S = x.shape[1]
         bias = self.position_bias(torch.arange(S, device=x.device), S) + _key_mask(src_mask, x)  # (B, h, S, S)
+        x = self.dropout(x)
         for block in self.block:
             x = block(x, bias)
-        return self.final_layer_norm(x)
+        return self.dropout(self.final_layer_norm(x))
 
 
 class Decoder(Stack):
@@ -246,9 +253,10 @@ class Decoder(Stack):
         self_bias = self.position_bias(positions, n_keys).masked_fill(~causal, float("-inf"))  # (1, h, T, S_keys)
         cross_bias = _key_mask(src_mask, x)
         input_pos = positions[None].expand(B, T)  # (B, T)
+        x = self.dropout(x)
         for i, block in enumerate(self.block):
             x = block(x, self_bias, cross_kv[i], cross_bias, cache, i, input_pos)
-        return self.final_layer_norm(x)
+        return self.dropout(self.final_layer_norm(x))
 
 
 @torch.no_grad()
