@@ -35,6 +35,7 @@ RUNS_2 = {
 RUNS_4 = {
     "llama-fsdp+tp": ("llama", "fsdp+tp", {"tp_size": 2, "sequence_parallel": True}),
     "llama-pp+tp": ("llama", "pp+tp", {"tp_size": 2, "pp_microbatches": 2}),
+    "gpt2-pp+tp": ("gpt2", "pp+tp", {"tp_size": 2}),  # the strided c_attn shards broadcast between stages
 }
 
 
@@ -218,7 +219,7 @@ def test_parallel_layouts_that_cannot_run_are_refused():
     from corelm.errors import CorelmError
     from corelm.models import build_model
     from corelm.train.loop import TrainConfig
-    from corelm.train.parallel import apply_pp, apply_tp, build_mesh, parallelize
+    from corelm.train.parallel import apply_fsdp_tp, apply_pp, apply_tp, build_mesh, parallelize
 
     with pytest.raises(CorelmError, match=r"key/value heads \(n_kv_head\) to divide by 4; .* has 2"):
         apply_tp(tiny_model(), _Mesh(4))
@@ -228,6 +229,8 @@ def test_parallel_layouts_that_cannot_run_are_refused():
     olmo = build_model(ModelConfig(family="olmo2", n_layer=1, n_head=2, d_model=8, vocab_size=8, max_seq_len=8))
     with pytest.raises(CorelmError, match="olmo2 is not one: use --parallel ddp or fsdp"):
         apply_pp(olmo, _Mesh(2))
+    with pytest.raises(CorelmError, match="fsdp\\+tp does not cover fused query/key/value"):
+        apply_fsdp_tp(tiny_model("gpt2"), None)
     with pytest.raises(CorelmError, match="untied embeddings"):
         apply_pp(tiny_model(tie=True), _Mesh(2))
     with pytest.raises(CorelmError, match="untied embeddings"):
