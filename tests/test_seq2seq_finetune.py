@@ -239,3 +239,15 @@ def test_marian_sentencepiece_only_repo_is_refused_in_one_line(tmp_path):
     assert len(s2s.generate_ids([[5, 6, 0]], max_new_tokens=3)[0]) <= 3
     with pytest.raises(CorelmError, match="ships Marian's SentencePiece source.spm/target.spm"):
         s2s.translate(["Hello"])
+
+
+def test_summarize_with_an_encoder_decoder_reports_rouge(files, t5_run, tmp_path, capsys):
+    """evaluate --task summarize on an encoder-decoder run decodes by beam search (not a chat prompt), ROUGE first."""
+    out, _ = t5_run
+    data = tmp_path / "sum.jsonl"
+    data.write_text("".join(json.dumps({"text": s, "summary": t}) + "\n" for s, t in PAIRS[:4]))
+    assert cli(["evaluate", "--model", str(out), "--task", "summarize", "--data", str(data), "--num-beams", "2",
+                "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("metric   precision  recall      f1\nrouge1") and "BLEU" in table
+    assert "source:    one\nreference: eins" in table
