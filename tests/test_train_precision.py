@@ -96,3 +96,13 @@ def test_tf32_switches_cuda_matmuls_for_the_run_only():
             torch.get_float32_matmul_precision()) == before
     Precision("tf32", "cpu").set_matmul_mode()()  # off CUDA: nothing to switch or restore
     assert torch.get_float32_matmul_precision() == before[2]
+
+
+def test_a_tf32_run_on_cpu_prints_that_it_is_fp32(capsys):
+    from corelm.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(max_steps=1, warmup_steps=0, precision="tf32", progress=False, tensorboard=False,
+                      measure_mfu=False)
+    train(_tiny(), _loss, _Batches(), cfg)
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("precision tf32: cpu has no TensorFloat-32 matmuls; this run is fp32") == 1
