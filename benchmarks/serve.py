@@ -50,6 +50,9 @@ SCHEMA = {"type": "object", "properties": {
 
 
 ADAPTER_MODELS: list[str] = []  # --adapters: the model ids mixed-adapter requests cycle through
+SHARED = [0]  # --shared-prefix: the shared system prompt's length in tokens (about)
+SYSTEM = ("You are the assistant of a public library. Answer questions about opening hours, loans, renewals, "
+          "fines, inter-library requests, reading rooms, printing, study spaces, events and the catalogue. ")
 
 
 def body_for(kind: str, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
@@ -59,6 +62,10 @@ def body_for(kind: str, model: str, prompt: str, max_tokens: int) -> tuple[str, 
               "stream_options": {"include_usage": True}}
     if kind == "plain":
         return "/v1/completions", {**common, "prompt": prompt}
+    if kind == "shared":  # one long system prompt that every request shares (the prefix cache's case)
+        system = (SYSTEM * (1 + SHARED[0] // 30))[: SHARED[0] * 5]  # about SHARED[0] tokens (~5 characters each)
+        return "/v1/chat/completions", {**common, "messages": [{"role": "system", "content": system},
+                                                               {"role": "user", "content": prompt}]}
     ask = "List facts about this" if kind == "chat" else "Give a title and facts, as JSON, about this"
     messages = [{"role": "user", "content": f"{ask}: {prompt}"}]  # not the other kind's prompt (prefix cache)
     extra = {} if kind == "chat" else {"response_format": {"type": "json_schema", "json_schema": {
@@ -247,6 +254,8 @@ def main() -> int:
     p.add_argument("--llama-server", default=LLAMA_SERVER, help="llama.cpp's llama-server binary")
     p.add_argument("--no-llama", action="store_true", help="corelm only")
     p.add_argument("--no-json", action="store_true", help="skip the JSON-schema rows")
+    p.add_argument("--shared-prefix", type=int, default=0, help="also run chat requests that share a system prompt "
+                   "of about this many tokens, on both servers (prefix caching's case; 0: skip)")
     p.add_argument("--corelm-arg", action="append", default=[], help="extra corelm serve argument (repeatable)")
     p.add_argument("--adapters", type=int, default=0, help="also measure mixed-adapter traffic: a second corelm "
                    "server with this many random rank-8 LoRA adapters, requests cycling base and adapters")
@@ -270,6 +279,8 @@ def main() -> int:
                                                          [("corelm", "chat"), ("corelm", "json")])
         ADAPTER_MODELS[:] = [model] + [f"{model}:a{i}" for i in range(1, args.adapters + 1)]
         series += [("corelm+lora", "adapters")] * bool(args.adapters)
+        SHARED[0] = args.shared_prefix
+        series += [(name, "shared") for name in names] if args.shared_prefix else []
         for name, kind in series:  # warm-up (llguidance builds its tokenizer tables on the first schema)
             asyncio.run(level(urls[name], model, kind, 1, 1, 4))
         for r in range(args.rounds):
@@ -278,7 +289,7 @@ def main() -> int:
                 for name, kind in order:
                     res = asyncio.run(level(urls[name], model, kind, n, args.requests if n == 1 else 1,
                                             args.max_tokens, procs[name].pid))
-                    key = name if kind == "plain" else f"corelm {kind}"
+                    key = name if kind == "plain" else f"{name} {kind}" if kind == "shared" else f"corelm {kind}"
                     runs.setdefault((key, n), []).append(res)
                     print(f"  round {r + 1}/{args.rounds} {key:>13} {n:>3} clients: {res['tok_s']:7.1f} tok/s  "
                           f"TTFT median {statistics.median(res['ttfts']) * 1000:6.0f} ms  "
@@ -303,6 +314,9 @@ def main() -> int:
     if args.adapters:
         table(f"mixed-adapter traffic (base + {args.adapters} LoRA adapters, one batch) vs plain traffic on a server "
               "without adapters", ("corelm adapters", "corelm"), runs, args.levels)
+    if args.shared_prefix and len(names) == 2:
+        table(f"chat sharing a ~{args.shared_prefix}-token system prompt: corelm (prefix cache) vs llama-server "
+              "(its slots' prompt cache)", tuple(f"{n} shared" for n in names), runs, args.levels)
     if not args.no_json:
         table("structured output on corelm: json_schema chat vs plain chat (ratio = grammar's throughput cost)",
               ("corelm json", "corelm chat"), runs, args.levels)

@@ -153,7 +153,7 @@ class Batcher:
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_seq_len: int = 2048,
                  max_queue: int = 64, sample: Any = None, step: Any = None, prefill_chunk: int = 128,
-                 prefix_block: int = 32, prefix_cache_mib: float = 256) -> None:
+                 prefix_block: int = 16, prefix_cache_mib: float = 256) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len

@@ -41,7 +41,7 @@ class PrefixCache:
         max_tokens: slots kept at most (0 disables the cache).
     """
 
-    def __init__(self, step: Any, block: int = 32, max_tokens: int = 4096) -> None:
+    def __init__(self, step: Any, block: int = 16, max_tokens: int = 4096) -> None:
         self.step = step
         self.block = block
         self.max_blocks = max_tokens // block
