@@ -251,3 +251,9 @@ def test_summarize_with_an_encoder_decoder_reports_rouge(files, t5_run, tmp_path
     table = capsys.readouterr().out
     assert table.startswith("metric   precision  recall      f1\nrouge1") and "BLEU" in table
     assert "source:    one\nreference: eins" in table
+
+
+def test_generate_points_an_encoder_decoder_to_translate(t5_run, capsys):
+    out, _ = t5_run
+    assert cli(["generate", "--model", str(out), "one"]) == 2
+    assert "is an encoder-decoder (t5); use corelm translate" in capsys.readouterr().err

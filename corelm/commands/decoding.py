@@ -79,6 +79,9 @@ def load_llm(options: ModelOptions, model: str | None = None) -> Any:
     t0 = time.perf_counter()
     llm = corelm.load(model, dtype=options.dtype, quantize=getattr(options, "quantize", None))
     if not isinstance(llm, LLM):
+        if llm.config.is_seq2seq:
+            raise CorelmError(f"{model} is an encoder-decoder ({llm.config.family}); use corelm translate --model "
+                              f"{model} TEXT (generate and chat need a decoder, e.g. {DEFAULT_MODEL})")
         raise CorelmError(f"{model} is an encoder; generate and chat need a decoder (e.g. {DEFAULT_MODEL})")
     llm.compile = options.compile
     print(f"[loaded {model} ({describe_decoder(llm.model, llm.compile)}) in {time.perf_counter() - t0:.1f} s]",
