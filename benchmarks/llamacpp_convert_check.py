@@ -20,9 +20,14 @@ The tokenizer is a small byte-level BPE trained here. Its pre-tokenizer is not o
 recognises by hash, so the converter runs in a child process with ``set_vocab`` replaced by its GPT-2
 path and the pre-tokenizer named ``gpt-2`` (a tokenizer does not change the weights being compared).
 
+3. (``--kquant Q4_K_M --width 256``) **llama.cpp quantizes, corelm reads.** ``llama-quantize`` turns
+   the converter's F32 file into K-quant blocks; corelm loads that file (fp32, and on its own blocks)
+   and llama-server runs it: greedy tokens and log-probability gaps as in 2.
+
 Usage::
 
     .venv/bin/python benchmarks/llamacpp_convert_check.py [--llama-cpp DIR] [--families a,b] [--no-run]
+        [--kquant Q4_K_M --width 256] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -119,6 +124,11 @@ def hf_checkpoint(family: str, out: Path) -> torch.nn.Module:
     import transformers
 
     model_type, options = FAMILIES[family]
+    rope = options.get("rope_parameters", {})
+    if rope.get("rope_type") == "longrope":  # one factor per rotated frequency of this width's heads
+        half = int(COMMON["hidden_size"] // COMMON["num_attention_heads"] * rope["partial_rotary_factor"]) // 2
+        options = {**options, "rope_parameters": {**rope, "long_factor": [1.0 + 0.2 * i for i in range(half)],
+                                                  "short_factor": [1.0 + 0.05 * i for i in range(half)]}}
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options})
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -205,7 +215,12 @@ def main() -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--no-run", action="store_true", help="skip the corelm-export -> llama.cpp check")
     parser.add_argument("--keep", type=Path, help="keep the work files in this directory")
+    parser.add_argument("--kquant", help="also quantize llama.cpp's F32 file with llama-quantize to this type "
+                                         "(e.g. Q4_K_M) and compare corelm with llama-server on that file")
+    parser.add_argument("--width", type=int, default=64, help="hidden size (K-quant rows need multiples of 256)")
     args = parser.parse_args()
+    COMMON.update(hidden_size=args.width, intermediate_size=2 * args.width)
+    rows_k = []
     work = Path(args.keep or tempfile.mkdtemp(prefix="llamacpp_check_"))
     work.mkdir(parents=True, exist_ok=True)
     ids = torch.randint(3, VOCAB, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
@@ -231,6 +246,8 @@ def main() -> int:
                 rows_in.append((family, f"{diff:.2e}", note))
             except Exception as exc:  # noqa: BLE001 - a dev check reports every family's failure and goes on
                 rows_in.append((family, "corelm load failed", str(exc).splitlines()[0][:160]))
+        if args.kquant and ok:
+            rows_k.append((family, *kquant_row(args.llama_cpp, out, args.kquant, binary, ids[0].tolist())))
         if args.no_run:
             continue
         rows_out.append((family, *export_and_run(family, src, work, binary, ids[0].tolist())))
@@ -245,9 +262,51 @@ def main() -> int:
         print("|---|---|---|---|---|")
         for row in rows_out:
             print("| " + " | ".join(row) + " |")
+    if rows_k:
+        print(f"\nllama-quantize {args.kquant} of llama.cpp's file -> corelm and llama-server on the same file")
+        print("| family | tensor types | greedy equal, max log-p gap (corelm fp32 vs llama.cpp) | "
+              "corelm default load (own blocks) vs fp32: max abs logit diff |")
+        print("|---|---|---|---|")
+        for row in rows_k:
+            print("| " + " | ".join(row) + " |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def kquant_row(llama_cpp: Path, f32: Path, qtype: str, binary: Path | None, ids: list[int]) -> tuple[str, ...]:
+    """llama.cpp quantizes its own F32 file; corelm reads the result (fp32, and on its own blocks)."""
+    import corelm
+
+    out = f32.with_suffix(f".{qtype}.gguf")
+    proc = subprocess.run([str(llama_cpp / "build" / "bin" / "llama-quantize"), str(f32), str(out), qtype, "1"],
+                          check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "llama-quantize failed", (proc.stderr.strip().splitlines() or [""])[-1][:150], "-"
+    from corelm.io.gguf import read_gguf
+
+    g = read_gguf(out)
+    kinds = sorted({t.qtype.name for n, t in g.tensors.items() if len(t.shape) >= 2})
+    g.close()
+    fp32 = corelm.load(out, dtype="fp32").model
+    native = corelm.load(out).model
+    with torch.no_grad():
+        ref = fp32(torch.tensor([ids]))
+        native_diff = (native(torch.tensor([ids])).float() - ref).abs().max().item()
+    method = getattr(native, "corelm_quantization", {}).get("method") or "dequantized"
+    if binary is None:
+        return ", ".join(kinds), "no llama-server binary", f"{native_diff:.1e} ({method})"
+    reply, log = llama_server_greedy(binary, out, ids, 8, port=18500)
+    if reply is None:
+        return ", ".join(kinds), "llama.cpp failed: " + (log.strip().splitlines() or [""])[-1][:120], "-"
+    theirs, tops = reply
+    ours = corelm_greedy(fp32, ids, 8)
+    with torch.no_grad():
+        logp = torch.log_softmax(fp32(torch.tensor([ids + theirs]))[0, len(ids) - 1:-1], -1)
+    gaps = [abs(logp[j, t].item() - lp) for j, top in enumerate(tops) if top for t, lp in top.items()]
+    gap = f"{max(gaps):.1e} ({sum(t is not None for t in tops)} pos.)" if gaps else "n/a"
+    return (", ".join(kinds), f"{sum(a == b for a, b in zip(ours, theirs))}/8, {gap}",
+            f"{native_diff:.1e} (max |logit| {ref.abs().max().item():.1f}; {method})")
 
 
 def export_and_run(family: str, src: Path, work: Path, binary: Path | None, ids: list[int]) -> tuple[str, ...]:
