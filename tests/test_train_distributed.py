@@ -33,7 +33,8 @@ def _losses(run):
 
 def test_ddp_and_fsdp_match_single_process(tmp_path):
     tiny = make_tiny_data(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's per-launch torchelastic_* directories stay under the test's own directory
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "corelm"]
     # Both launches run concurrently (each picks a free port) while the reference runs here.
     procs = {mode: subprocess.Popen(torchrun + _args(tiny, tmp_path / mode, 2, "--parallel", mode), env=env,

@@ -117,7 +117,8 @@ def run(family: str, mode: str, out: Path, info=None, **extra) -> tuple[list[flo
 
 
 def _torchrun(out: Path, runs: dict, nproc: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's per-launch torchelastic_* directories stay under the test's own directory
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), __file__,
            str(out), json.dumps(runs)]
     return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
