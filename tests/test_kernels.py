@@ -38,7 +38,7 @@ CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)
 
 @pytest.mark.parametrize("kind,group", CASES)
 @pytest.mark.parametrize("t", [1, 5])
-def test_qlinear_equals_reference_and_fp32(kind, group, t):
+def test_qlinear_equals_reference_and_fp32(kind, group, t, monkeypatch):
     n, k = 40, 384  # 12 blocks per row; 40 rows split across threads
     q, s = _int4(n, k, group) if kind == "int4" else _int8(n, k, group)
     x = torch.randn(t, k) * 3
@@ -48,7 +48,8 @@ def test_qlinear_equals_reference_and_fp32(kind, group, t):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     exact = x @ kernels.dequantize(q, s, k).t()
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-3  # 15-bit activations
-    many = torch.randn(520, k)  # 512 rows and more: fp32 GEMM on the dequantized weights
+    monkeypatch.setenv("CORELM_GEMM_DTYPE", "fp32")  # bf16 panels: tests/test_quant_kernel_step.py
+    many = torch.randn(520, k)  # 512 rows and more (64 with bf16 panels): GEMM on the dequantized weights
     torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, k).t(),
                                rtol=1e-5, atol=1e-5)
 

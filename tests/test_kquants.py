@@ -77,12 +77,18 @@ def test_kernel_equals_reference_and_fp32(kind, t):
 
 
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_gemm_path_dequantizes_exactly(kind):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gemm_path_dequantizes_exactly(kind, dtype, monkeypatch):
+    monkeypatch.setenv("CORELM_GEMM_DTYPE", dtype)
     blocks = random_blocks(kind, 16, 256, seed=3)
     x = torch.randn(600, 256)  # >= 512 rows: dequantized panels and ATen's GEMM
     w = gguf_matrix(blocks, kind, 256)
-    torch.testing.assert_close(torch.ops.corelm.qlinear_blocks(x, blocks, TYPES[kind]), x @ w.t(),
-                               rtol=1e-5, atol=1e-5)
+    y = torch.ops.corelm.qlinear_blocks(x, blocks, TYPES[kind])
+    if dtype == "fp32":
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+    else:  # the panel and x rounded to bf16, fp32 sums, the output rounded to bf16
+        want = (x.bfloat16().float() @ w.bfloat16().float().t()).bfloat16().float()
+        torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-4 * w.abs().max().item())
 
 
 def test_layer_forward_and_fallback():
@@ -207,8 +213,8 @@ def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     assert isinstance(default.model.layers[0].self_attn.q_proj, kquant.GGUFBlockLinear)
     assert isinstance(default.lm_head, kquant.GGUFBlockLinear)
     model = load_parts(path, dtype="fp32", quantize="gguf").model  # fp32 embeddings and norms, as `floats`
-    step = step_for(model)
-    assert isinstance(step, KernelStep)
+    assert isinstance(step_for(model), KernelStep)
+    step = KernelStep(model, kv_dtype=torch.float32)  # the blocks alone (a bf16 cache: test_quant_kernel_step)
     ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
         cache = step.new_cache(1, 64)

@@ -42,9 +42,11 @@ void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const fl
 // Causal grouped-query attention for N query tokens, token t in cache row rows[t] at position
 // pos[t]: out (N, H*hd) = softmax(q K^T * scale) V over that row's slots lo..pos[t], where lo is 0
 // or, for a sliding-window layer, pos[t] - window + 1. Query head h reads kv head h / (H / KV).
-// Caches are (B, KV, S, hd) float32. Every (token, head) is computed by the same code whatever the
-// threading and whatever else is in the call, so a token's result does not depend on its company.
-void attend(const float* q, const float* kc, const float* vc, int64_t N, const int64_t* rows, const int64_t* pos,
+// Caches are (B, KV, S, hd), float32 or bf16 (C: float or at::BFloat16; read as fp32, every sum in
+// fp32). Every (token, head) is computed by the same code whatever the threading and whatever else is
+// in the call, so a token's result does not depend on its company.
+template <typename C>
+void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
             int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float* out) {
   const int64_t group = H / KV;
   auto one = [&](int64_t th) {
@@ -52,13 +54,13 @@ void attend(const float* q, const float* kc, const float* vc, int64_t N, const i
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, len = p - lo + 1;
     std::vector<float> w(len);
     const float* qh = q + (t * H + h) * hd;
-    const float* K = kc + ((rows[t] * KV + h / group) * S + lo) * hd;
-    const float* V = vc + ((rows[t] * KV + h / group) * S + lo) * hd;
+    const C* K = kc + ((rows[t] * KV + h / group) * S + lo) * hd;
+    const C* V = vc + ((rows[t] * KV + h / group) * S + lo) * hd;
     float mx = -INFINITY;
     for (int64_t j = 0; j < len; ++j) {
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * K[j * hd + i];
+      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * static_cast<float>(K[j * hd + i]);
       w[j] = acc * scale;
       mx = std::max(mx, w[j]);
     }
@@ -71,7 +73,8 @@ void attend(const float* q, const float* kc, const float* vc, int64_t N, const i
     std::fill(o, o + hd, 0.f);
     for (int64_t j = 0; j < len; ++j) {
       const float wj = w[j] / sum;
-      for (int64_t i = 0; i < hd; ++i) o[i] += wj * V[j * hd + i];
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) o[i] += wj * static_cast<float>(V[j * hd + i]);
     }
   };
   int64_t work = 0;
@@ -82,6 +85,22 @@ void attend(const float* q, const float* kc, const float* vc, int64_t N, const i
     Pool::parallel_for(N * H, 1, [&](int64_t b, int64_t e) {
       for (int64_t th = b; th < e; ++th) one(th);
     });
+  }
+}
+
+// Write each token's keys and values (N, KV*hd) at slot (rows[t], pos[t]) of every kv head of a
+// (B, KV, S, hd) cache; a bf16 cache rounds them to nearest even.
+template <typename C>
+void store(const float* k, const float* v, int64_t N, const int64_t* rows, const int64_t* pos, int64_t KV, int64_t S,
+           int64_t hd, C* kc, C* vc) {
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t g = 0; g < KV; ++g) {
+      const int64_t slot = ((rows[t] * KV + g) * S + pos[t]) * hd, src = (t * KV + g) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        kc[slot + i] = static_cast<C>(k[src + i]);
+        vc[slot + i] = static_cast<C>(v[src + i]);
+      }
+    }
   }
 }
 
@@ -149,7 +168,7 @@ class DecoderStep : public torch::CustomClassHolder {
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // x (N, d) f32 embeddings; rows, pos (N,) int64; caches (L, B, KV, S, hd) f32, written at
+  // x (N, d) f32 embeddings; rows, pos (N,) int64; caches (L, B, KV, S, hd) f32 or bf16, written at
   // (row, pos) of each token; out (M,) int64 token indices whose logits (M, V) are returned.
   // Below gemm_rows() tokens every token goes through the same per-row code as a single-token step,
   // so its logits do not depend on the other tokens of the call (batch rows, a verify pass).
@@ -159,10 +178,12 @@ class DecoderStep : public torch::CustomClassHolder {
     TORCH_CHECK(L > 0, "the step has no layers");
     TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) == d && N > 0,
                 "x must be the (N, d_model) float32 embeddings");
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                    k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == L &&
-                    k_cache.size(2) == KV && k_cache.size(4) == hd,
-                "caches must be contiguous (n_layer, B, n_kv_head, S, head_dim) float32");
+    const bool bf16_cache = k_cache.scalar_type() == at::kBFloat16;
+    TORCH_CHECK((bf16_cache || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 5 &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == L && k_cache.size(2) == KV &&
+                    k_cache.size(4) == hd,
+                "caches must be contiguous (n_layer, B, n_kv_head, S, head_dim) float32 or bfloat16");
     const at::Tensor x0 = x_in.contiguous(), rows_t = rows_in.to(at::kLong).contiguous(),
                      pos_t = pos_in.to(at::kLong).contiguous(), out_t = out_in.to(at::kLong).contiguous();
     TORCH_CHECK(rows_t.numel() == N && pos_t.numel() == N, "rows and pos need one entry per token");
@@ -196,8 +217,6 @@ class DecoderStep : public torch::CustomClassHolder {
       add_bias(l.q, qv.data(), N);
       add_bias(l.k, kv.data(), N);
       add_bias(l.v, vv.data(), N);
-      float* kc = k_cache.data_ptr<float>() + li * layer_stride;
-      float* vc = v_cache.data_ptr<float>() + li * layer_stride;
       for (int64_t t = 0; t < N; ++t) {
         float* qt = &qv[t * nq];
         float* kt = &kv[t * nkv];
@@ -207,13 +226,18 @@ class DecoderStep : public torch::CustomClassHolder {
         }
         rope(qt, H, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
         rope(kt, KV, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
-        for (int64_t g = 0; g < KV; ++g) {  // write slot (row, pos) of every kv head
-          const int64_t slot = ((rows[t] * KV + g) * S + pos[t]) * hd;
-          std::memcpy(kc + slot, kt + g * hd, hd * sizeof(float));
-          std::memcpy(vc + slot, &vv[t * nkv + g * hd], hd * sizeof(float));
-        }
       }
-      attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+      if (bf16_cache) {
+        at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + li * layer_stride;
+        at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + li * layer_stride;
+        store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+      } else {
+        float* kc = k_cache.data_ptr<float>() + li * layer_stride;
+        float* vc = v_cache.data_ptr<float>() + li * layer_stride;
+        store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+      }
       matmul(att.data(), N, nq, {l.o.m}, {tmp.data()}, acts);
       add_bias(l.o, tmp.data(), N);
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];

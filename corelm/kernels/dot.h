@@ -73,13 +73,22 @@ inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_c
 
 // 32 unsigned weights (u8) times one activation block: 128 * (w . h) + (w . l), 8 int32 lanes
 inline __m256 block_u(__m256i w, const int8_t* qh, const int8_t* ql) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)  // VPDPBUSD adds the low digit's dot to the shifted high one
+  const __m256i hi = _mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, load32(qh)), 7);
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(hi, w, load32(ql)));
+#else
   return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(dot_u8s8(w, load32(qh)), 7), dot_u8s8(w, load32(ql))));
+#endif
 }
 
 // 32 signed weights (s8): h takes w's sign (|w| . sign(h, w)); l is unsigned and multiplies w directly
 inline __m256 block_s(__m256i w, const int8_t* qh, const int8_t* ql) {
   const __m256i hi = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load32(qh), w));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_slli_epi32(hi, 7), load32(ql), w));
+#else
   return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(hi, 7), dot_u8s8(load32(ql), w)));
+#endif
 }
 
 inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> 32 values: low nibbles, then high

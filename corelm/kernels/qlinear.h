@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "dot.h"
@@ -114,16 +115,22 @@ void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<f
       while (r >= base + ms[i].n) base += ms[i++].n;
       const QMatrix& m = ms[i];
       const Row w = m.row(r - base);
-      for (int64_t t0 = 0; t0 < a.t; t0 += 4) {  // up to four activation rows per pass over the weights
-        ActRow act[4];
-        float y[4];
-        const int64_t nt = std::min<int64_t>(4, a.t - t0);
+      // up to eight activation rows (a batched decode step's) per pass over the weights: the row's
+      // blocks are loaded and unpacked once for all of them
+      for (int64_t t0 = 0; t0 < a.t; t0 += 8) {
+        ActRow act[8];
+        float y[8];
+        const int64_t nt = std::min<int64_t>(8, a.t - t0);
         for (int64_t t = 0; t < nt; ++t) act[t] = a.row(t0 + t);
+        for (int64_t t = nt; t < 8; ++t) act[t] = act[nt - 1];
         switch (nt) {
           case 1: dot_rows<1>(m.kind, w, act, nb, y); break;
           case 2: dot_rows<2>(m.kind, w, act, nb, y); break;
           case 3: dot_rows<3>(m.kind, w, act, nb, y); break;
-          default: dot_rows<4>(m.kind, w, act, nb, y); break;
+          case 4: dot_rows<4>(m.kind, w, act, nb, y); break;
+          case 5:
+          case 6: dot_rows<6>(m.kind, w, act, nb, y); break;  // 5: the sixth row repeats the fifth
+          default: dot_rows<8>(m.kind, w, act, nb, y); break;  // 7: the eighth repeats the seventh
         }
         for (int64_t t = 0; t < nt; ++t) outs[i][(t0 + t) * m.n + r - base] = y[t];
       }
@@ -153,18 +160,33 @@ void dequantize_row(const QMatrix& m, int64_t r, float* out) {
   }
 }
 
-// From this many tokens on, a matmul dequantizes panels of the weights to fp32 and calls ATen's GEMM
-// (a long prompt's prefill, perplexity windows). Measured on SmolLM2 with 2 threads, prefill on
-// the integer kernels ran at 560/543/511/451/299 tok/s for 32/128/256/512/1000 tokens, through
-// the GEMM at 231/376/439/454/356: the GEMM wins from ~512 tokens. Fewer tokens (decode steps,
-// speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit
-// for bit.
-int64_t gemm_rows() {  // CORELM_GEMM_ROWS overrides the default threshold (read once)
-  static const int64_t rows = [] {
-    const char* v = std::getenv("CORELM_GEMM_ROWS");
-    return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : int64_t(512);
+// From this many tokens on, a matmul dequantizes panels of the weights and calls ATen's GEMM (a
+// long prompt's prefill, perplexity windows); fewer tokens (decode steps, speculative verify
+// passes) stay on the integer kernels, whose rows equal one-token calls bit for bit. The panels are
+// bf16 when the CPU declares AVX512_BF16 and the build is the AVX-512 one (oneDNN's bf16 GEMM, ~2.4x
+// the fp32 GEMM's FLOP/s on Zen 4), else fp32 (bf16 GEMMs without the instructions are a trap:
+// 0.3 GFLOP/s on Zen 3). Measured on SmolLM2 (Zen 4, 2 threads; benchmarks/prefill.py), the integer
+// kernels ran at 560/543/511/451 tok/s for 32/128/256/512 tokens and the fp32 GEMM at 231/376/439/454;
+// see gemm_rows() for the bf16 figures. An AMX-BF16/INT8 tile path would slot in here, chosen the
+// same way from the CPU's flags (amx-bf16 through oneDNN's bf16 GEMM already; amx-int8 as a tile
+// kernel over repacked blocks), once a machine with AMX can test it.
+bool bf16_gemm() {  // CORELM_GEMM_DTYPE=fp32|bf16 overrides the CPU's choice (benchmarks compare them)
+  const char* v = std::getenv("CORELM_GEMM_DTYPE");
+  if (v != nullptr) return std::string(v) == "bf16";
+  static const bool bf16 = [] {
+#if defined(__AVX512VNNI__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+    return false;
+#endif
   }();
-  return rows;
+  return bf16;
+}
+
+int64_t gemm_rows() {  // CORELM_GEMM_ROWS overrides the default threshold
+  const char* v = std::getenv("CORELM_GEMM_ROWS");
+  return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : (bf16_gemm() ? int64_t(64) : int64_t(512));
 }
 constexpr int64_t kPanelRows = 1024;
 
@@ -176,17 +198,27 @@ void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms
     qmatmul(acts, ms, outs);
     return;
   }
-  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {T, K}, at::TensorOptions().dtype(at::kFloat));
+  const bool bf16 = bf16_gemm();
+  const at::Tensor x32 = at::from_blob(const_cast<float*>(x), {T, K}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor xt = bf16 ? x32.to(at::kBFloat16) : x32;
   at::Tensor panel = at::empty({kPanelRows, K}, xt.options());
   for (size_t i = 0; i < ms.size(); ++i) {
     const QMatrix& m = ms[i];
     for (int64_t n0 = 0; n0 < m.n; n0 += kPanelRows) {
       const int64_t rows = std::min(kPanelRows, m.n - n0);
-      float* p = panel.data_ptr<float>();
       Pool::parallel_for(rows, 64, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) dequantize_row(m, n0 + r, p + r * K);
+        std::vector<float> row(bf16 ? K : 0);
+        for (int64_t r = b; r < e; ++r) {
+          if (!bf16) {
+            dequantize_row(m, n0 + r, panel.data_ptr<float>() + r * K);
+            continue;
+          }
+          dequantize_row(m, n0 + r, row.data());
+          at::BFloat16* p = panel.data_ptr<at::BFloat16>() + r * K;
+          for (int64_t j = 0; j < K; ++j) p[j] = at::BFloat16(row[j]);  // round to nearest even
+        }
       });
-      const at::Tensor y = at::mm(xt, panel.narrow(0, 0, rows).t());  // (T, rows)
+      const at::Tensor y = at::mm(xt, panel.narrow(0, 0, rows).t()).to(at::kFloat);  // (T, rows)
       const float* yp = y.data_ptr<float>();
       for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, yp + t * rows, rows * sizeof(float));
     }

@@ -1,0 +1,151 @@
+"""Prefill and batched-decode speed of corelm's C++ step against llama.cpp, side by side in one run.
+
+Same GGUF files (the embedded SmolLM2-135M-Instruct Q4_1, and ``--gguf`` more, e.g. a Q4_K_M made by
+``llama-quantize``), 1 and 2 threads, variants alternating round by round (A B C A B C ...), median
+of the rounds:
+
+- prefill of a T-token prompt (``--prompt 128 512``) on :class:`~corelm.generate.step.KernelStep`:
+  ``default`` (what ``corelm generate`` does), ``int`` (every token on the integer kernels),
+  ``gemm-fp32`` / ``gemm-bf16`` (dequantized panels and ATen's GEMM in that dtype, see
+  ``corelm/kernels/qlinear.h``), against ``llama-bench -p T``;
+- decode of ``--rows`` rows at once (the server's batched step): tokens/s of all rows together, and
+  the cost of a step relative to one row's, against ``llama-bench -n N`` (one row).
+
+    python benchmarks/prefill.py --llama-bench /path/llama-bench --gguf /tmp/smollm2-Q4_K_M.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"},
+            "gemm-fp32": {"CORELM_GEMM_ROWS": "1", "CORELM_GEMM_DTYPE": "fp32"},
+            "gemm-bf16": {"CORELM_GEMM_ROWS": "1", "CORELM_GEMM_DTYPE": "bf16"}}
+
+
+def _env(settings: dict[str, str]) -> None:
+    """The C++ step reads these at every matmul: a variant switches without reloading the model."""
+    for key in ("CORELM_GEMM_ROWS", "CORELM_GEMM_DTYPE"):
+        os.environ.pop(key, None)
+    os.environ.update(settings)
+
+
+class Corelm:
+    def __init__(self, path: Path) -> None:
+        from corelm.generate.step import KernelStep, step_for
+        from corelm.loading import load_parts
+
+        self.model = load_parts(path).model
+        self.step = step_for(self.model)
+        if not isinstance(self.step, KernelStep):
+            raise SystemExit(f"{path.name} does not run on the C++ step here")
+        self.kind = getattr(self.model, "corelm_quantization", "?")
+
+    def prefill(self, n: int) -> float:
+        ids = [(i * 7919) % 40000 + 10 for i in range(n)]  # any tokens: the cost does not depend on them
+        cache = self.step.new_cache(1, n + 8)
+        t0 = time.perf_counter()
+        self.step.prefill(cache, [ids])
+        return n / (time.perf_counter() - t0)
+
+    def decode(self, rows: int, n: int) -> float:
+        cache = self.step.new_cache(rows, n + 16)
+        self.step.prefill(cache, [[1, 2, 3, 4]] * rows)
+        tokens = torch.ones(rows, dtype=torch.long)
+        t0 = time.perf_counter()
+        for i in range(n):
+            self.step.decode(cache, tokens, torch.full((rows,), 4 + i))
+        return rows * n / (time.perf_counter() - t0)
+
+
+def llama_bench(binary: str, path: Path, threads: int, prompt: int = 0, gen: int = 0) -> float:
+    cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(gen), "-t", str(threads), "-r", "1", "-o", "json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+
+
+def main() -> None:
+    from corelm.presets import embedded_path
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf", type=Path, nargs="*", default=[], help="more GGUF files (the embedded Q4_1 is first)")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (adds llama.cpp to the tables)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt", type=int, nargs="+", default=[128, 512], help="prompt lengths to prefill")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="batched decode rows")
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-decode", action="store_true")
+    args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each table as soon as it is measured
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"ATen capability {cpu}; load average before {load_average()}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for path in [embedded_path("smollm2-135m-instruct"), *args.gguf]:
+        model = Corelm(path)
+        model.prefill(16), model.decode(2, 4)  # warm-up
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            pre: dict[tuple[str, int], list[float]] = {}
+            dec: dict[tuple[str, int], list[float]] = {}
+            for r in range(args.rounds):  # alternating: the machine's noise lands on every variant alike
+                for n in args.prompt:
+                    for v in args.variants:
+                        _env(VARIANTS[v])
+                        pre.setdefault((f"corelm {v}", n), []).append(model.prefill(n))
+                        _progress(f"corelm {v}", n, pre)
+                    _env({})
+                    if args.llama_bench:
+                        pre.setdefault(("llama.cpp", n), []).append(llama_bench(args.llama_bench, path, threads, n))
+                        _progress("llama.cpp", n, pre)
+                if not args.no_decode:
+                    for rows in args.rows:
+                        dec.setdefault(("corelm", rows), []).append(model.decode(rows, args.tokens))
+                        _progress("corelm rows", rows, dec)
+                    if args.llama_bench:
+                        dec.setdefault(("llama.cpp", 1), []).append(
+                            llama_bench(args.llama_bench, path, threads, gen=args.tokens))
+                print(f"{path.name} t={threads} round {r + 1} (load {load_average()})", file=sys.stderr, flush=True)
+            _report(path.name, model.kind, threads, pre, dec, args.rounds)
+
+
+def _progress(who: str, n: int, table: dict) -> None:
+    print(f"  {who} {n}: {table[(who.removesuffix(' rows'), n)][-1]:.1f} tok/s", file=sys.stderr, flush=True)
+
+
+def _report(name: str, kind: str, threads: int, pre: dict, dec: dict, rounds: int) -> None:
+    med = {k: statistics.median(v) for k, v in {**pre, **dec}.items()}
+    print(f"\n{name} ({kind}), {threads} threads, median of {rounds} alternating rounds, load {load_average()}")
+    print("| prefill | tokens | tok/s (median) | min-max | vs llama.cpp |\n|---|---|---|---|---|")
+    for (who, n), s in pre.items():
+        ref = med.get(("llama.cpp", n))
+        ratio = f"{med[(who, n)] / ref:.2f}x" if ref else "-"
+        print(f"| {who} | {n} | {med[(who, n)]:.0f} | {min(s):.0f}-{max(s):.0f} | {ratio} |")
+    if not dec:
+        return
+    one = med.get(("corelm", 1))
+    ref = med.get(("llama.cpp", 1))
+    print("| decode | rows | tok/s, all rows (median) | min-max | step cost vs 1 row | vs llama.cpp 1 row |")
+    print("|---|---|---|---|---|---|")
+    for (who, rows), s in dec.items():
+        cost = f"{rows * one / med[(who, rows)]:.2f}x" if who == "corelm" and one else "-"
+        ratio = f"{med[(who, rows)] / ref:.2f}x" if ref else "-"
+        print(f"| {who} | {rows} | {med[(who, rows)]:.0f} | {min(s):.0f}-{max(s):.0f} | {cost} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
