@@ -10,6 +10,7 @@ map knows for that architecture). Configs llama.cpp cannot represent are refused
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -165,6 +166,56 @@ def test_default_load_runs_the_files_blocks_in_hf_row_order(family, qtype):
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max(), name
 
 
+def _rewrite(source, path, arch: str, skip: str | None = None, fuse_qkv: bool = False) -> None:
+    """Copy a GGUF file's numeric metadata and tensors (raw blocks) to ``path``, without the key ``skip``,
+    and with each layer's attn_q/attn_k/attn_v rows concatenated into attn_qkv when ``fuse_qkv`` (what
+    ``convert_hf_to_gguf.py --fuse-qkv`` writes)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in source.metadata.items():
+        if key == skip or key.startswith(("general.", "GGUF.")):
+            continue
+        kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+        w.add_key_value(key, value, kind)
+    for name, info in source.tensors.items():
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        if fuse_qkv and kind in ("attn_k", "attn_v"):
+            continue
+        raw, tensor_name = source.raw(name).copy(), name
+        if fuse_qkv and kind == "attn_q":
+            parts = [source.raw(name.replace("attn_q", k)).copy() for k in ("attn_q", "attn_k", "attn_v")]
+            rows = [source.tensors[name.replace("attn_q", k)].shape[0] for k in ("attn_q", "attn_k", "attn_v")]
+            raw = np.concatenate([p.reshape(r, -1) for p, r in zip(parts, rows)])
+            tensor_name = name.replace("attn_q", "attn_qkv")
+        shape = (sum(rows), info.shape[1]) if tensor_name != name else info.shape
+        block, block_bytes = gguf.GGML_QUANT_SIZES[info.qtype]
+        byte_shape = (*shape[:-1], shape[-1] // block * block_bytes)
+        w.add_tensor(tensor_name, raw.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=info.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0"])
+def test_fused_qkv_of_a_llama_file_is_split_and_unpermuted(tmp_path, qtype):
+    """``--fuse-qkv`` files: llama.cpp permutes q and k rows, then concatenates; corelm splits, then un-permutes
+    (fp32 load, and the int4 layers on the file's own Q4_0 blocks)."""
+    torch.manual_seed(0)
+    model = build_model(_config("llama", tie_embeddings=False)).eval()
+    source = read_gguf(export_gguf(model, tmp_path / "plain.gguf", qtype))
+    _rewrite(source, tmp_path / "fused.gguf", "llama", fuse_qkv=True)
+    assert "blk.0.attn_qkv.weight" in read_gguf(tmp_path / "fused.gguf").tensors
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = corelm.load(tmp_path / "plain.gguf", dtype="fp32").model(ids)
+        torch.testing.assert_close(corelm.load(tmp_path / "fused.gguf", dtype="fp32").model(ids), ref,
+                                   atol=1e-6, rtol=0)
+        if qtype == "Q4_0":  # the default load runs the int4 blocks: q/k rows of the fused matrix un-permuted too
+            native = corelm.load(tmp_path / "fused.gguf").model
+            assert native.corelm_quantization["method"] == "int4"
+            assert (native(ids).float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 @pytest.mark.parametrize("drop, message", [
     ("qwen2moe.expert_count", "lacks qwen2moe.expert_count, which a qwen2moe model needs"),
     ("qwen2moe.attention.layer_norm_rms_epsilon", "lacks qwen2moe.attention.layer_norm_rms_epsilon"),
@@ -175,18 +226,7 @@ def test_a_missing_required_key_is_named(tmp_path, drop, message):
     model = build_model(_config("moe", n_experts=4, n_experts_per_tok=2, qkv_bias=True, shared_expert_d_ff=32,
                                 norm_topk_prob=False))
     source = read_gguf(export_gguf(model, tmp_path / "full.gguf", "F32"))
-    w = gguf.GGUFWriter(str(tmp_path / "cut.gguf"), "qwen2moe")
-    for key, value in source.metadata.items():
-        if key == drop or key.startswith(("general.", "GGUF.")):
-            continue
-        kind = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
-        w.add_key_value(key, value, kind)
-    for name in source.tensors:
-        w.add_tensor(name, source.tensor(name).numpy().copy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _rewrite(source, tmp_path / "cut.gguf", "qwen2moe", skip=drop)
     with pytest.raises(CorelmError, match=message) as info:
         corelm.load(tmp_path / "cut.gguf", dtype="fp32")
     assert "\n" not in str(info.value)

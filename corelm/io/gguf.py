@@ -705,11 +705,6 @@ def _split_sizes(target: str, config: ModelConfig) -> tuple[tuple[str, ...], lis
 def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, target: str, config: ModelConfig, arch: str,
               dtype: torch.dtype, state: dict[str, torch.Tensor]) -> None:
     w = dequantize(gguf.raw(name), info.qtype, info.shape)
-    if ARCHS[arch].permute_qk:  # only llama.cpp's LlamaModel converter permutes Q/K rows (the others use NeoX RoPE)
-        if ".q_proj." in target:
-            w = unpermute_rows(w, config.n_head)
-        elif ".k_proj." in target:
-            w = unpermute_rows(w, config.n_kv_head)
     if ARCHS[arch].norm_offset and target.endswith("norm.weight"):
         # llama.cpp's Gemma converters store 1 + w (its RMSNorm multiplies by the weight as is)
         w = w.float() - ARCHS[arch].norm_offset
@@ -719,14 +714,20 @@ def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, target: str, config: 
     w = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
     split = _split_sizes(target, config)
     if split is None:
-        state[target] = w
-        return
-    parts, sizes = split
-    if w.shape[0] != sum(sizes):
-        raise CorelmError(f"{gguf.path.name}: tensor {name!r} has {w.shape[0]} rows, expected {sum(sizes)}")
-    fused = target.rsplit(".", 2)[-2]  # qkv_proj / gate_up_proj
-    for part, chunk in zip(parts, w.split(sizes)):
-        state[target.replace(fused, part)] = chunk
+        pieces = [(target, w)]
+    else:
+        parts, sizes = split
+        if w.shape[0] != sum(sizes):
+            raise CorelmError(f"{gguf.path.name}: tensor {name!r} has {w.shape[0]} rows, expected {sum(sizes)}")
+        fused = target.rsplit(".", 2)[-2]  # qkv_proj / gate_up_proj
+        pieces = [(target.replace(fused, part), chunk) for part, chunk in zip(parts, w.split(sizes))]
+    for key, piece in pieces:
+        if ARCHS[arch].permute_qk:  # only llama.cpp's LlamaModel converter permutes Q/K rows (the rest: NeoX RoPE)
+            if ".q_proj." in key:
+                piece = unpermute_rows(piece, config.n_head)
+            elif ".k_proj." in key:
+                piece = unpermute_rows(piece, config.n_kv_head)
+        state[key] = piece
 
 
 def _join_experts(state: dict[str, torch.Tensor]) -> None:

@@ -127,9 +127,14 @@ class GGUFBlocks:
             if self.file.tensors[name].qtype.name not in ("Q4_0", "Q4_1"):
                 return None
             qb = self.io.quant_blocks(self.file, name)
-            rows = slice(start, stop)
-            qb = dataclasses.replace(qb, shape=(stop - start, qb.shape[1]), qs=qb.qs[rows], scales=qb.scales[rows],
-                                     mins=qb.mins[rows] if qb.mins is not None else None)
+            heads = self.heads.get(path.rsplit(".", 1)[-1])  # llama: fused q/k rows are permuted too
+
+            def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+                t = t[start:stop] if t is not None else None
+                return self.io.unpermute_rows(t, heads) if t is not None and heads else t
+
+            qb = dataclasses.replace(qb, shape=(stop - start, qb.shape[1]), qs=rows(qb.qs), scales=rows(qb.scales),
+                                     mins=rows(qb.mins))
             return int4_from_blocks(qb)
         name = self.gguf_names.get(path)
         if name is None or self.file.tensors[name].qtype.name not in ("Q4_0", "Q4_1"):
