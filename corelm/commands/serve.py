@@ -42,6 +42,10 @@ class ServeCommandOptions(Options):
     max_seq_len: int = option(2048, "tokens per request, prompt + output (caps the context window so the KV cache "
                                     "of max-batch rows fits in memory)")
     max_queue: int = option(64, "requests allowed to wait for a batch row; more get 503 with Retry-After at once")
+    prefill_chunk: int = option(128, "prompt tokens prefilled per batch step, all new prompts together: a long "
+                                     "prompt comes in over several steps while the running streams keep decoding")
+    prefix_cache_mb: int = option(256, "MiB of keys and values kept for prompt heads that later requests share "
+                                       "(a system prompt is prefilled once); 0 turns prefix caching off")
     request_timeout: float = option(600.0, "seconds after which a queued or running request is ended with an error")
     max_body_kb: int = option(1024, "largest accepted request body in KiB; larger bodies get 413")
     default_max_tokens: int = option(512, "output limit for requests that give no max_tokens")
@@ -77,7 +81,8 @@ class ServeCommandOptions(Options):
                                 section="LoRA adapters")
 
     POSITIVE = ("max_batch", "max_seq_len", "max_queue", "request_timeout", "max_body_kb", "default_max_tokens",
-                "header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "max_header_kb", "threads")
+                "header_timeout", "body_timeout", "keep_alive_timeout", "max_connections", "max_header_kb", "threads",
+                "prefill_chunk")
 
     def check(self) -> None:
         for name in self.POSITIVE:
@@ -86,6 +91,8 @@ class ServeCommandOptions(Options):
                 raise CorelmError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.drain_timeout < 0:
             raise CorelmError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if self.prefix_cache_mb < 0:
+            raise CorelmError(f"--prefix-cache-mb must be >= 0, got {self.prefix_cache_mb}")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -163,6 +170,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
         gib = sum(t.numel() * t.element_size() for t in parts) / 2**30
         print(f"serving {m.name!r} ({describe_decoder(m.batcher.model)}; /v1/completions, /v1/chat/completions; "
               f"context {m.context_window} tokens; KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; "
+              f"prefix cache {m.batcher.prefixes.max_blocks * m.batcher.prefixes.block} tokens; "
               f"{threads} thread{'s' * (threads > 1)})", file=sys.stderr)
     print(f"web chat: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1"
           + ("   (API key required)" if api_key else ""), file=sys.stderr)

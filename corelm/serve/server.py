@@ -56,6 +56,9 @@ class ServeOptions:
         max_loras: adapter slots (adapters loaded at once); 0: ``max(4, len(lora))`` when ``lora`` is
             given, else no slots (and no adapter endpoint).
         max_lora_rank: the largest adapter rank a slot holds; 0: the largest rank in ``lora``, or 16.
+        prefill_chunk: prompt tokens prefilled per batcher step, all prefilling requests together
+            (chunked prefill: running streams get a token every step while long prompts come in).
+        prefix_cache_mb: MiB of keys and values the prefix cache keeps (:mod:`corelm.serve.prefix`); 0: off.
     """
 
     max_batch: int = 8
@@ -73,6 +76,8 @@ class ServeOptions:
     lora: list[str] | None = None
     max_loras: int = 0
     max_lora_rank: int = 0
+    prefill_chunk: int = 128
+    prefix_cache_mb: int = 256
 
 
 def served_name(spec: str) -> str:
@@ -92,7 +97,8 @@ def wrap(name: str, loaded: Any, options: ServeOptions, with_adapters: bool = Fa
     lora = adapters.start_adapters(loaded.model, options.lora or [], options.max_loras, options.max_lora_rank) \
         if with_adapters else None
     batcher = Batcher(loaded.model, max_batch=options.max_batch, max_seq_len=max_seq_len,
-                      max_queue=options.max_queue, step=lora.step if lora else None)
+                      max_queue=options.max_queue, step=lora.step if lora else None,
+                      prefill_chunk=options.prefill_chunk, prefix_cache_mib=options.prefix_cache_mb)
     model = TextModel(name, loaded, batcher, default_max_tokens=options.default_max_tokens)
     if lora is not None:
         model.adapters = lora.attach(batcher)
