@@ -85,6 +85,22 @@ def test_prefix_reuse_gives_the_lone_tokens(model):
         batcher.stop()
 
 
+def test_requests_admitted_together_prefill_a_shared_head_once(model):
+    """n > 1, or a burst with a new system prompt: the later requests wait for the first one's blocks."""
+    same = SYSTEM + [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]  # 40 tokens
+    other = SYSTEM[:20] + [3, 3, 3, 3, 3, 3]
+    lone = [_lone(model, p, 8) for p in (same, other)]
+    batcher = Batcher(model, max_batch=4, max_seq_len=64, prefix_block=8, prefill_chunk=16)
+    try:
+        out, cached = _serve(batcher, [(same, 8), (same, 8), (other, 8), (same, 8)])
+    finally:
+        batcher.stop()
+    assert [tokens for tokens, _ in out] == [lone[0], lone[0], lone[1], lone[0]]
+    # the first prefills the 40 tokens; the other two copy its first 32 (the block with the last token is
+    # always computed) and `other` copies the 16 it shares with it
+    assert cached == [0, 32, 16, 32]
+
+
 def test_prefix_cache_is_bounded_and_evicts_leaves_first(model):
     step = step_for(model)
     row = step.new_cache(1, 64)

@@ -333,15 +333,36 @@ class Batcher:
 
     def _chunks(self) -> list[tuple[int, _Request, int]]:
         """This step's prefill work, first come first served: ``(row, request, stop)`` -- the request's
-        prompt tokens ``done..stop`` -- at most ``prefill_chunk`` tokens in all."""
+        prompt tokens ``done..stop`` -- at most ``prefill_chunk`` tokens in all.
+
+        Blocks that the prefix cache gained since a request was admitted (stored by an earlier request's
+        chunks) are copied in first; a request whose next block an earlier request is prefilling right now
+        waits for it instead of computing it too (``n`` > 1, or a burst of requests with a new system prompt).
+        """
         budget, work = self.prefill_chunk, []
-        for request in sorted((r for r in self._rows if r is not None and r.prefilling), key=lambda r: r.id):
+        prefilling = sorted((r for r in self._rows if r is not None and r.prefilling), key=lambda r: r.id)
+        for i, request in enumerate(prefilling):
             if budget <= 0:
                 break
+            if not request.adapter and request.done % self.prefixes.block == 0:
+                done = self.prefixes.load(self.cache, request.row, request.prompt, have=request.done)
+                request.cached += done - request.done
+                request.done = done
+            if self._waits_for(request, prefilling[:i]):
+                continue
             stop = min(len(request.prompt), request.done + budget)
             work.append((request.row, request, stop))
             budget -= stop - request.done
         return work
+
+    def _waits_for(self, request: _Request, earlier: list[_Request]) -> bool:
+        """Whether an earlier prefilling request is about to compute ``request``'s next cacheable block."""
+        end = request.done + self.prefixes.block
+        if (self.prefixes.max_blocks == 0 or request.adapter or request.done % self.prefixes.block
+                or end > len(request.prompt) - 1):
+            return False
+        head = request.prompt[:end]
+        return any(e.done < end and not e.adapter and e.prompt[:end] == head for e in earlier)
 
     def _prefill_chunk(self, row: int, request: _Request, stop: int) -> None:
         """Prompt tokens ``done..stop`` of one request, alone, into its row (the model step's path)."""
@@ -354,9 +375,9 @@ class Batcher:
 
     def _prefilled(self, row: int, request: _Request, stop: int, logits: torch.Tensor) -> None:
         request.done = stop
-        if not request.prefilling:  # the prompt is in: keep its blocks, sample its first token
-            if not request.adapter:
-                self.prefixes.store(self.cache, row, request.prompt)
+        if not request.adapter:  # its full blocks so far, for the requests that share them
+            self.prefixes.store(self.cache, row, request.prompt, stop)
+        if not request.prefilling:  # the prompt is in: sample its first token
             self._accept(row, request, logits)
 
     def _decode(self) -> None:

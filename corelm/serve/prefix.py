@@ -74,31 +74,36 @@ class PrefixCache:
             parent = entry.id
         return found
 
-    def load(self, cache: Any, row: int, prompt: list[int]) -> int:
+    def load(self, cache: Any, row: int, prompt: list[int], have: int = 0) -> int:
         """Copy the longest cached head of ``prompt`` into ``row`` and return its length in tokens.
 
-        At least the prompt's last token is always left to prefill: its logits give the first token.
+        ``have``: tokens the row already holds (a multiple of ``block``); only the blocks after them are
+        copied, and the result is never less. At least the prompt's last token is always left to
+        prefill: its logits give the first token.
         """
         if self.max_blocks == 0:
-            return 0
+            return have
         self.lookups += 1
         chain = self._chain(prompt, len(prompt) - 1)
+        n = len(chain) * self.block
+        if n <= have:
+            return have
         for key, _ in reversed(chain):  # deepest first: parents end up the most recently used
             self._blocks.move_to_end(key)
-        for i, (_, entry) in enumerate(chain):
+        for i in range(have // self.block, len(chain)):
+            entry = chain[i][1]
             self.step.write_slots(cache, row, i * self.block, (entry.k, entry.v))
-        n = len(chain) * self.block
-        if n:
-            self.hits += 1
-            self.hit_tokens += n
+        self.hits += have == 0
+        self.hit_tokens += n - have
         return n
 
-    def store(self, cache: Any, row: int, prompt: list[int]) -> None:
-        """Keep the full blocks of ``prompt``, whose slots ``row`` holds now (after its prefill)."""
+    def store(self, cache: Any, row: int, prompt: list[int], upto: int | None = None) -> None:
+        """Keep the full blocks of ``prompt[:upto]`` (default all of it), whose slots ``row`` holds now."""
         if self.max_blocks == 0:
             return
         parent, touched = 0, []
-        for start in range(0, len(prompt) - self.block + 1, self.block):
+        upto = len(prompt) if upto is None else upto
+        for start in range(0, upto - self.block + 1, self.block):
             key = (parent, tuple(prompt[start:start + self.block]))
             entry = self._blocks.get(key)
             if entry is None:
