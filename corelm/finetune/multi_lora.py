@@ -48,20 +48,25 @@ class AdapterRows:
 
     Attributes:
         ids: ``(B,)`` int64 slot per row (0 = none), or None when no row has an adapter.
-        picked: ``(P,)`` the rows with an adapter; ``slots``: their distinct slots (a Python set).
+        picked: ``(P,)`` the rows with an adapter, or None when every row has one; ``picked_ids``: their
+            slots ``(P,)``; ``slots``: the distinct slots (a Python set). Computed once per forward, not
+            once per layer.
     """
 
     ids: torch.Tensor | None = None
     picked: torch.Tensor | None = None
+    picked_ids: torch.Tensor | None = None
     slots: frozenset[int] = field(default_factory=frozenset)
 
     def set(self, ids: list[int] | None, device: torch.device | str = "cpu") -> None:
         """Use slot ``ids[b]`` for row ``b`` of the next forward (None or all zeros: the base model)."""
         if not ids or not any(ids):
-            self.ids, self.picked, self.slots = None, None, frozenset()
+            self.ids, self.picked, self.picked_ids, self.slots = None, None, None, frozenset()
             return
+        ids = list(ids)
         self.ids = torch.as_tensor(ids, dtype=torch.long, device=device)
-        self.picked = torch.nonzero(self.ids).flatten()
+        self.picked = None if all(ids) else torch.tensor([b for b, s in enumerate(ids) if s], device=device)
+        self.picked_ids = self.ids if self.picked is None else self.ids[self.picked]
         self.slots = frozenset(i for i in ids if i)
 
 
@@ -91,14 +96,16 @@ class MultiLoRALinear(nn.Module):
         rows = self.rows
         if rows.ids is None or self.used.isdisjoint(rows.slots):
             return y
-        n = rows.ids.shape[0]
-        picked = rows.picked
-        ids = rows.ids[picked]
-        x3 = x.reshape(n, -1, self.in_features)[picked].to(self.lora_A.dtype)  # (P, T, in)
+        n, picked, ids = rows.ids.shape[0], rows.picked, rows.picked_ids
+        x3 = x.reshape(n, -1, self.in_features)  # (B, T, in)
+        x3 = (x3 if picked is None else x3[picked]).to(self.lora_A.dtype)  # (P, T, in): the rows with an adapter
         h = torch.bmm(x3, self.lora_A[ids].transpose(1, 2))  # (P, T, r)
-        delta = torch.bmm(h, self.lora_B[ids].transpose(1, 2))  # (P, T, out)
+        delta = torch.bmm(h, self.lora_B[ids].transpose(1, 2)).to(y.dtype)  # (P, T, out)
         y3 = y.view(n, -1, self.out_features)
-        y3.index_add_(0, picked, delta.to(y.dtype))
+        if picked is None:
+            y3 += delta
+        else:
+            y3.index_add_(0, picked, delta)
         return y
 
     def extra_repr(self) -> str:
@@ -248,9 +255,12 @@ def apply_multi_lora(model: nn.Module, slots: int, rank: int, dtype: torch.dtype
     adapters of rank up to ``rank``; returns the :class:`MultiLoRA` that loads and selects them.
 
     With no row selecting an adapter, the wrapped model computes exactly what it computed before.
+    ``dtype`` of the stacks: default fp32 on the CPU (a bf16 ``bmm`` of a few rows and rank 8 is slower
+    there than fp32: measured 0.62x vs 0.80x of the base step's tokens/s, docs/serving.md), else the
+    model's dtype.
     """
     if dtype is None:
-        from corelm.generate.step import model_dtype
+        from corelm.generate.step import model_device, model_dtype
 
-        dtype = model_dtype(model)
+        dtype = torch.float32 if model_device(model).type == "cpu" else model_dtype(model)
     return MultiLoRA(model, slots, rank, dtype)
