@@ -46,8 +46,8 @@ EXAMPLES = ROOT / "docs" / "examples"
 # (serving.md serves runs/sft-merged from the fine-tuning page, compression.md distills on the data
 # that distillation.md prepares).
 PAGES = ["README.md", "docs/quickstart.md", "docs/pretraining.md", "docs/finetuning-evaluation.md",
-         "docs/distillation.md", "docs/compression.md", "docs/structured-pruning.md", "docs/planning.md",
-         "docs/models-generation.md", "docs/coming-from.md", "docs/serving.md"]
+         "docs/translation.md", "docs/distillation.md", "docs/compression.md", "docs/structured-pruning.md",
+         "docs/planning.md", "docs/models-generation.md", "docs/coming-from.md", "docs/serving.md"]
 SHELL_LANGS = {"bash", "sh", "shell"}
 TRANSCRIPT_LANGS = {"", "console"}
 
@@ -68,6 +68,7 @@ SMOKE: list[tuple[str, str, str, str]] = [
     ("evaluate", r"--limit (2048)", "--limit 128", "128 tokens of perplexity"),
     ("evaluate", r"--limit 8\b", "--limit 1", "one summary"),
     ("evaluate", r"--window 512", "--window 64", "a window within the 128 tokens"),
+    ("evaluate", r"--task translate", "--task translate --limit 4", "four test pairs"),
     ("prune", r"--recover-steps \d+", "--recover-steps 1 --recover-batch-size 1", "one recovery step of one window"),
     ("prune", r"$", " --calib-tokens 256", "256 calibration tokens instead of 4096 (default)"),
     ("prune", r"--calib-tokens 1024 (.*) --calib-tokens 256", r"--calib-tokens 256 \1",
