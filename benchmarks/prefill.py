@@ -6,7 +6,7 @@ of the rounds:
 
 - prefill of a T-token prompt (``--prompt 128 512``) on :class:`~corelm.generate.step.KernelStep`:
   ``default`` (what ``corelm generate`` does), ``int`` (every token on the integer kernels),
-  ``gemm-fp32`` / ``gemm-bf16`` (dequantized panels and ATen's GEMM in that dtype, see
+  ``panels`` (every matmul on dequantized fp32 panels and the panel GEMM, see
   ``corelm/kernels/qlinear.h``), against ``llama-bench -p T``;
 - decode of ``--rows`` rows at once (the server's batched step): tokens/s of all rows together, and
   the cost of a step relative to one row's, against ``llama-bench -n N`` (one row).
@@ -27,15 +27,12 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"},
-            "gemm-fp32": {"CORELM_GEMM_ROWS": "1", "CORELM_GEMM_DTYPE": "fp32"},
-            "gemm-bf16": {"CORELM_GEMM_ROWS": "1", "CORELM_GEMM_DTYPE": "bf16"}}
+VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"}, "panels": {"CORELM_GEMM_ROWS": "1"}}
 
 
 def _env(settings: dict[str, str]) -> None:
     """The C++ step reads these at every matmul: a variant switches without reloading the model."""
-    for key in ("CORELM_GEMM_ROWS", "CORELM_GEMM_DTYPE"):
-        os.environ.pop(key, None)
+    os.environ.pop("CORELM_GEMM_ROWS", None)
     os.environ.update(settings)
 
 

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "dot.h"
@@ -160,35 +159,93 @@ void dequantize_row(const QMatrix& m, int64_t r, float* out) {
   }
 }
 
-// From this many tokens on, a matmul dequantizes panels of the weights and calls ATen's GEMM (a
-// long prompt's prefill, perplexity windows); fewer tokens (decode steps, speculative verify
-// passes) stay on the integer kernels, whose rows equal one-token calls bit for bit. The panels are
-// bf16 when the CPU declares AVX512_BF16 and the build is the AVX-512 one (oneDNN's bf16 GEMM, ~2.4x
-// the fp32 GEMM's FLOP/s on Zen 4), else fp32 (bf16 GEMMs without the instructions are a trap:
-// 0.3 GFLOP/s on Zen 3). Measured on SmolLM2 (Zen 4, 2 threads; benchmarks/prefill.py), the integer
-// kernels ran at 560/543/511/451 tok/s for 32/128/256/512 tokens and the fp32 GEMM at 231/376/439/454;
-// see gemm_rows() for the bf16 figures. An AMX-BF16/INT8 tile path would slot in here, chosen the
-// same way from the CPU's flags (amx-bf16 through oneDNN's bf16 GEMM already; amx-int8 as a tile
-// kernel over repacked blocks), once a machine with AMX can test it.
-bool bf16_gemm() {  // CORELM_GEMM_DTYPE=fp32|bf16 overrides the CPU's choice (benchmarks compare them)
-  const char* v = std::getenv("CORELM_GEMM_DTYPE");
-  if (v != nullptr) return std::string(v) == "bf16";
-  static const bool bf16 = [] {
-#if defined(__AVX512VNNI__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
+// Many tokens (a long prompt's prefill, perplexity windows): the weights are dequantized once, 32
+// output rows at a time, into a K x 32 fp32 panel (transposed: one k's 32 weights are one or two
+// vectors), and a register-tiled fp32 GEMM multiplies every token by it (tiles of 6 tokens x 32
+// outputs on AVX-512: 12 accumulators, 12 FMAs per two loads). The panels are split across corelm's
+// pool, like the integer kernels: ATen's OpenMP GEMM stalls at every call when a neighbour holds a
+// core (measured on the 2-core Zen 4 at load 12: 6-8 tok/s for a 64-token SmolLM2 prefill, against
+// 46 on the integer kernels). Sums are fp32, in k order: a panel's result equals x @ W^T to fp32
+// rounding (tests/test_kquants.py, tests/test_kernels.py). An AMX-BF16/INT8 tile kernel would slot in
+// beside panel_tiles, chosen from the CPU's flags (amx_bf16, amx_int8) the same way the build level is,
+// once a machine with AMX can test it.
+constexpr int64_t kPanel = 32;  // output rows per panel
+
+#if defined(__AVX512F__)
+constexpr int kTileRows = 6;
+template <int NT>
+void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
+  __m512 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(p + k * kPanel), w1 = _mm512_loadu_ps(p + k * kPanel + 16);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * K + k]);
+      acc[t][0] = _mm512_fmadd_ps(xb, w0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(xb, w1, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_ps(y + t * ldy, acc[t][0]);
+    _mm512_storeu_ps(y + t * ldy + 16, acc[t][1]);
+  }
+}
+#elif defined(__AVX2__)
+constexpr int kTileRows = 3;
+template <int NT>
+void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
+  __m256 acc[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w[4];
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_loadu_ps(p + k * kPanel + 8 * v);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xb = _mm256_set1_ps(x[t * K + k]);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_fmadd_ps(xb, w[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(y + t * ldy + 8 * v, acc[t][v]);
+}
 #else
-    return false;
+constexpr int kTileRows = 4;
+template <int NT>
+void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
+  float acc[NT][kPanel] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int t = 0; t < NT; ++t)
+      for (int64_t j = 0; j < kPanel; ++j) acc[t][j] += x[t * K + k] * p[k * kPanel + j];
+  for (int t = 0; t < NT; ++t)
+    for (int64_t j = 0; j < kPanel; ++j) y[t * ldy + j] = acc[t][j];
+}
 #endif
-  }();
-  return bf16;
+
+// y (T, kPanel) with row stride ldy = x (T, K) @ panel (K, kPanel), kTileRows tokens at a time.
+void panel_tiles(const float* x, int64_t T, int64_t K, const float* p, float* y, int64_t ldy) {
+  int64_t t0 = 0;
+  for (; t0 + kTileRows <= T; t0 += kTileRows) panel_tile<kTileRows>(x + t0 * K, K, p, y + t0 * ldy, ldy);
+  switch (T - t0) {  // the last few tokens
+#if defined(__AVX512F__)
+    case 5: panel_tile<5>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+    case 4: panel_tile<4>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+    case 3: panel_tile<3>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+#elif !defined(__AVX2__)
+    case 3: panel_tile<3>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+#endif
+    case 2: panel_tile<2>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+    case 1: panel_tile<1>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
+    default: break;
+  }
 }
 
-int64_t gemm_rows() {  // CORELM_GEMM_ROWS overrides the default threshold
+// From this many tokens on, a matmul runs on dequantized panels; fewer tokens (decode steps,
+// speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit for
+// bit. CORELM_GEMM_ROWS overrides it (read at every call: benchmarks/prefill.py compares the paths).
+int64_t gemm_rows() {
   const char* v = std::getenv("CORELM_GEMM_ROWS");
-  return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : (bf16_gemm() ? int64_t(64) : int64_t(512));
+  return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : int64_t(64);
 }
-constexpr int64_t kPanelRows = 1024;
 
 // y_i (T, N_i) = x (T, K) @ W_i^T for every matrix in ms.
 void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms, const std::vector<float*>& outs,
@@ -198,31 +255,25 @@ void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms
     qmatmul(acts, ms, outs);
     return;
   }
-  const bool bf16 = bf16_gemm();
-  const at::Tensor x32 = at::from_blob(const_cast<float*>(x), {T, K}, at::TensorOptions().dtype(at::kFloat));
-  const at::Tensor xt = bf16 ? x32.to(at::kBFloat16) : x32;
-  at::Tensor panel = at::empty({kPanelRows, K}, xt.options());
-  for (size_t i = 0; i < ms.size(); ++i) {
-    const QMatrix& m = ms[i];
-    for (int64_t n0 = 0; n0 < m.n; n0 += kPanelRows) {
-      const int64_t rows = std::min(kPanelRows, m.n - n0);
-      Pool::parallel_for(rows, 64, [&](int64_t b, int64_t e) {
-        std::vector<float> row(bf16 ? K : 0);
-        for (int64_t r = b; r < e; ++r) {
-          if (!bf16) {
-            dequantize_row(m, n0 + r, panel.data_ptr<float>() + r * K);
-            continue;
-          }
-          dequantize_row(m, n0 + r, row.data());
-          at::BFloat16* p = panel.data_ptr<at::BFloat16>() + r * K;
-          for (int64_t j = 0; j < K; ++j) p[j] = at::BFloat16(row[j]);  // round to nearest even
-        }
-      });
-      const at::Tensor y = at::mm(xt, panel.narrow(0, 0, rows).t()).to(at::kFloat);  // (T, rows)
-      const float* yp = y.data_ptr<float>();
-      for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, yp + t * rows, rows * sizeof(float));
+  int64_t panels = 0;
+  for (const auto& m : ms) panels += (m.n + kPanel - 1) / kPanel;
+  Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K), panel(K * kPanel), y(T * kPanel);
+    for (int64_t pi = begin; pi < end; ++pi) {
+      size_t i = 0;
+      int64_t first = pi;
+      while (first >= (ms[i].n + kPanel - 1) / kPanel) first -= (ms[i++].n + kPanel - 1) / kPanel;
+      const QMatrix& m = ms[i];
+      const int64_t n0 = first * kPanel, cols = std::min(kPanel, m.n - n0);
+      std::fill(panel.begin(), panel.end(), 0.f);
+      for (int64_t c = 0; c < cols; ++c) {  // dequantize, transposed: panel[k][c] = W[n0 + c][k]
+        dequantize_row(m, n0 + c, row.data());
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = row[k];
+      }
+      panel_tiles(x, T, K, panel.data(), y.data(), kPanel);
+      for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
     }
-  }
+  });
 }
 
 at::Tensor qlinear_matrix(const at::Tensor& xc, const QMatrix& m) {
