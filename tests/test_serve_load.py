@@ -140,8 +140,11 @@ def test_64_concurrent_mixed_clients_equal_their_lone_requests(server):
     # every row and queue place freed, nobody disconnected, no error counted
     assert after["corelm_running_requests"] == 0 and after["corelm_queue_depth"] == 0
     assert server.batcher.running == 0 and server.batcher.waiting == 0
+    assert server.batcher.adapters_in_use() == set()  # no request holds an adapter slot any more
     assert after.get("corelm_client_disconnects_total", 0) == 0
-    # the mix was what it claims: valid documents and valid calls under load
+    # the mix was what it claims: rows of both adapters, valid documents and valid calls
+    adapter = [(body, r) for (_, body), r in zip(requests, together) if body.get("model", "").startswith("tiny:")]
+    assert len(adapter) == 12 and len({b["model"] for b, _ in adapter}) == 2
     for (path, body), result in zip(requests, together):
         if "response_format" in body:  # compact JSON (x-guidance: no free whitespace) fits in max_tokens
             assert result[2] == "stop", result
