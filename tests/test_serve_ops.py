@@ -136,23 +136,25 @@ def test_nan_logits_fail_their_request_alone(nan_server):
     alone = [httpx.post(url + "/v1/completions", json=body(p), timeout=HANG).json()["choices"][0]["text"]
              for p in prompts]
 
-    async def together() -> list[httpx.Response]:
+    async def together(bodies: list[dict]) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=HANG) as c:
-            sends = [c.post("/v1/completions", json=body(p)) for p in prompts[:2]]
-            sends += [c.post("/v1/completions", json=body("a zebra")),  # greedy: the batched argmax path
-                      c.post("/v1/completions", json=body("zebra zebra", temperature=0.7))]  # the sampler's path
-            return await asyncio.gather(*sends)
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
 
-    replies = asyncio.run(together())
+    # NaN from the second prompt token on, over 40 positions: longer than any later request in those rows
+    long_tail = " " + " ".join(["word"] * 40)
+    replies = asyncio.run(together([body(p) for p in prompts[:2]] + [
+        body("a zebra" + long_tail),  # greedy: the batched argmax path
+        body("a zebra zebra" + long_tail, temperature=0.7)]))  # the sampler's path
     assert [r.json()["choices"][0]["text"] for r in replies[:2]] == alone[:2]  # the rows beside it: unaffected
     for r in replies[2:]:
         assert r.status_code == 500 and r.json()["error"]["code"] == "model_output_invalid", r.text
     # a streamed request gets the same error in-band
     text = httpx.post(url + "/v1/completions", json=body("the zebra", stream=True), timeout=HANG).text
     assert '"code": "model_output_invalid"' in text and text.rstrip().endswith("data: [DONE]")
-    # the rows those requests held serve the next requests exactly (no NaN left behind in the cache)
-    assert [httpx.post(url + "/v1/completions", json=body(p), timeout=HANG).json()["choices"][0]["text"]
-            for p in prompts] == alone
+    # all four rows, the NaN-filled ones included, serve the next requests exactly: the NaN keys and values
+    # left past a request's positions are never read (a masked NaN would still poison attention: 0 * NaN)
+    replies = asyncio.run(together([body(p) for p in prompts]))
+    assert [r.json()["choices"][0]["text"] for r in replies] == alone
     assert nan_server.batcher.running == 0 and nan_server.batcher.waiting == 0
     assert 'corelm_errors_total{code="model_output_invalid"} 3.0' in httpx.get(url + "/metrics").text
 

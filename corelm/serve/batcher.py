@@ -428,12 +428,21 @@ class Batcher:
         except errors.NonFiniteLogits:
             log.error("request %s: the model produced non-finite logits in row %d", getattr(self._rows[row], "id", "?"),
                       row)
+            self._scrub(row)
             if self._rows[row] is not None:
                 self._finish(row, error=errors.model_fault())
         except Exception:
             log.exception("request %s failed in row %d", getattr(self._rows[row], "id", "?"), row)
             if self._rows[row] is not None:
                 self._finish(row, error=errors.internal_error())
+
+    def _scrub(self, row: int) -> None:
+        """Zero a row's cache slots after non-finite logits: the NaN keys and values it wrote would reach the
+        row's next request wherever they lie past that request's positions, since attention weighs masked slots
+        by exactly 0 and 0 * NaN is NaN."""
+        if hasattr(self.step, "read_slots"):
+            k, v = self.step.read_slots(self.cache, row, 0, self.max_seq_len)
+            self.step.write_slots(self.cache, row, 0, (torch.zeros_like(k), torch.zeros_like(v)))
 
     def _accept(self, row: int, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
         """Sample the next token of ``request`` from ``logits`` (1, V) (or take ``token``, its greedy
