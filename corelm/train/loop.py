@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from corelm.commands.args import PRECISION_HELP, TRACKER_HELP, resolve_trackers
+from corelm.cpu import keep_freed_memory
 from corelm.errors import CorelmError
 from corelm.plan.formulas import mfu
 from corelm.train.checkpoint import ExportFn, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -265,6 +266,8 @@ def train(  # noqa: C901
         raise CorelmError(f"--parallel {cfg.parallel} needs several processes: launch with "
                           f"torchrun --nproc-per-node N -m corelm ...")
     precision = Precision(cfg.precision, info.device.type)
+    if info.device.type == "cpu":
+        keep_freed_memory()  # no page faults on the step's large tensors (corelm.cpu.keep_freed_memory)
     # one seed per data-parallel replica: the ranks of a TP group must draw the same dropout masks on the
     # activations they all hold
     dp_rank = info.rank
