@@ -95,16 +95,21 @@ from corelm.quant import layers
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
 torch.manual_seed(0)
-x = torch.randn(3, 320)
-for w, g in [(layers.quantize_int4_groupwise(torch.randn(24, 320), 32), 32),
-             (layers.quantize_int8_groupwise(torch.randn(24, 320)), 32)]:
+x = torch.randn(8, 320)
+many = torch.randn(70, 320)  # from 64 rows: the fp32 panel GEMM on dequantized weights
+for w, g in [(layers.quantize_int4_groupwise(torch.randn(40, 320), 32), 32),
+             (layers.quantize_int8_groupwise(torch.randn(40, 320)), 32)]:
     if len(w) == 3:
         q, s = kernels.pack_blocks(w[0]), torch.stack([w[1], w[2]], -1).contiguous()
     else:
         q, s = w
-    # outputs ~20: fp32 summation order differs between the paths
-    torch.testing.assert_close(torch.ops.corelm.qlinear(x, q, s), kernels.reference_qlinear(x, q, s),
-                               rtol=1e-4, atol=1e-4)
+    for t in (1, 3, 5, 7, 8):  # every batched-row kernel (1-4, 6, 8 rows per pass); a row equals it alone
+        y = torch.ops.corelm.qlinear(x[:t], q, s)
+        # outputs ~20: fp32 summation order differs between the paths
+        torch.testing.assert_close(y, kernels.reference_qlinear(x[:t], q, s), rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(y[i], torch.ops.corelm.qlinear(x[i:i + 1], q, s)[0]) for i in range(t))
+    torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, 320).t(),
+                               rtol=1e-5, atol=1e-4)
 print("ok")
 """
 

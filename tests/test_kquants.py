@@ -125,14 +125,19 @@ from tests.test_kquants import random_blocks, TYPES
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
 torch.manual_seed(0)
-x = torch.randn(5, 512)
+x = torch.randn(8, 512)
+many = torch.randn(70, 512)  # from 64 rows: the fp32 panel GEMM on dequantized weights
 for kind, t in TYPES.items():
-    b = random_blocks(kind, 24, 512, seed=t)
-    y = torch.ops.corelm.qlinear_blocks(x, b, t)
-    ref = kquant.reference_qlinear_blocks(x, b, t)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
-    for i in range(5):
-        assert torch.equal(torch.ops.corelm.qlinear_blocks(x[i:i + 1], b, t), y[i:i + 1]), kind
+    b = random_blocks(kind, 40, 512, seed=t)
+    for rows in (5, 8):  # the batched-row kernels (4 + 1, 6 with a repeated row; 8)
+        y = torch.ops.corelm.qlinear_blocks(x[:rows], b, t)
+        ref = kquant.reference_qlinear_blocks(x[:rows], b, t)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+        for i in range(rows):
+            assert torch.equal(torch.ops.corelm.qlinear_blocks(x[i:i + 1], b, t), y[i:i + 1]), kind
+    w = kquant.dequantize_blocks(b, t, 512)
+    torch.testing.assert_close(torch.ops.corelm.qlinear_blocks(many, b, t), many @ w.t(), rtol=1e-5,
+                               atol=1e-5 * w.abs().max().item())
 print("ok")
 """
 
