@@ -210,6 +210,10 @@ def test_lora_on_a_bart_checkpoint(files, tmp_path, capsys):
     assert type(s2s).__name__ == "Seq2Seq"
     assert cli(["translate", "--model", str(out), "--num-beams", "2", "three", "four"]) == 0
     assert capsys.readouterr().out.splitlines() == s2s.translate(["three", "four"], num_beams=2, max_new_tokens=32)
+    assert cli(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0  # the adapters folded into the base
+    merged = corelm.load(tmp_path / "merged", dtype="fp32")
+    settings = {"num_beams": 2, "max_new_tokens": 16}
+    assert merged.translate(["three", "four"], **settings) == s2s.translate(["three", "four"], **settings)
 
 
 def test_refusals(files, tmp_path):

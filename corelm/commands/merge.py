@@ -67,10 +67,12 @@ def merge(options: MergeOptions, report: Callable[[str], None] = print) -> dict:
         raise CorelmError(f"{options.run} is a full fine-tune: it already is a complete model directory")
     backbone = backbone_of(run.model)
     probe = torch.randint(0, run.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    # an encoder-decoder reads the probe as its source and half of it as the target so far
+    inputs = (probe, probe[:, :8]) if run.config.is_seq2seq else (probe,)
     with torch.no_grad():
-        before = run.model(probe).float()
+        before = run.model(*inputs).float()
         merge_lora(backbone)
-        after = run.model(probe).float()
+        after = run.model(*inputs).float()
     diff = float((before - after).abs().max())
     scale = float(before.abs().max())
     report(f"merged {method}: max |output difference| on a probe input = {diff:.3g} (outputs up to {scale:.3g})")
