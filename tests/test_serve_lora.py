@@ -271,3 +271,60 @@ def test_wrapping_without_adapters_keeps_the_model_exact():
         want = llm.model(x)
         multi = apply_multi_lora(llm.model, slots=2, rank=4)
         assert len(multi.layers) == 2 * 7 and torch.equal(llm.model(x), want)
+
+
+def test_quantized_model_keeps_plain_rows_on_the_cpp_step(tmp_path):
+    """A model on corelm's C++ step: rows without an adapter stay there (the plain server's exact tokens),
+    adapter rows run through the model's forward over their own cache; a mixed batch equals each alone."""
+    import asyncio
+
+    from corelm.generate.engine import SamplingParams
+    from corelm.generate.step import KernelStep, kernel_step_supported
+    from corelm.serve.adapters import SplitStep, start_adapters
+    from corelm.serve.batcher import Batcher
+    from tests.test_generate_step import _tiny
+
+    if kernel_step_supported(_tiny("int8")) is not None:
+        pytest.skip("corelm's C++ kernels are not built here")
+    plain_model, model = _tiny("int8"), _tiny("int8")
+    lora = []
+    for name, seed in (("a", 1), ("b", 2)):
+        gen, tensors = torch.Generator().manual_seed(seed), {}
+        for layer, m in model.named_modules():
+            if layer.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj"):
+                tensors[f"{layer}.lora_A"] = torch.randn(4, m.in_features, generator=gen) * 0.5
+                tensors[f"{layer}.lora_B"] = torch.randn(m.out_features, 4, generator=gen) * 0.5
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "adapter.safetensors"))
+        (tmp_path / name / "corelm_task.json").write_text(json.dumps(
+            {"task": "sft", "method": "lora", "method_config": {"rank": 4, "alpha": 4.0}}))
+        lora.append(f"{name}={tmp_path / name}")
+    started = start_adapters(model, lora)
+    assert isinstance(started.step, SplitStep)
+    plain = Batcher(plain_model, max_batch=8, max_seq_len=64)
+    assert isinstance(plain.step, KernelStep)
+    split = Batcher(model, max_batch=8, max_seq_len=64, step=started.step)
+    adapters = started.attach(split)
+    prompts = [[5, 17, 3, 44], [9, 9, 1], [60, 2, 33, 7, 12]]
+    jobs = [(p, s) for s in (0, adapters.slot("a"), adapters.slot("b")) for p in prompts]
+
+    async def run(batcher: Batcher, batch: list) -> list[list[int]]:
+        spec = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+        handles = [batcher.submit(p, spec, adapter=s) for p, s in batch]
+        out = []
+        for h in handles:
+            out.append([e.token async for e in h if e.kind == "token"])
+        return out
+
+    for b in (plain, split):
+        b.start()
+    try:
+        alone = [asyncio.run(run(split, [job]))[0] for job in jobs]
+        mixed = asyncio.run(run(split, jobs))
+        on_cpp = [asyncio.run(run(plain, [(p, 0)]))[0] for p in prompts]
+    finally:
+        for b in (plain, split):
+            b.stop()
+    assert mixed == alone
+    assert alone[:3] == on_cpp  # plain rows: the C++ step's tokens
+    assert alone[3:6] != on_cpp and alone[6:] != alone[3:6]  # the adapters change the output

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from corelm.serve.server import ServeOptions
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ADAPTER_PATH = {"pytorch": "decoding through the model's forward",
+                "kernels+pytorch": "rows with an adapter through the model's forward, the others on the C++ step"}
 
 
 @dataclass
@@ -161,7 +163,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
             loaded = ", ".join(f"{m.name}:{a}" for a in m.adapters.by_name) or "none yet"
             multi = m.adapters.multi
             print(f"LoRA adapters on {m.name!r}: {loaded} ({multi.slots} slots, rank <= {multi.rank}, "
-                  f"{multi.nbytes() / 2**20:.1f} MiB; decoding through the model's forward)", file=sys.stderr)
+                  f"{multi.nbytes() / 2**20:.1f} MiB; {ADAPTER_PATH.get(m.batcher.step.kind, '')})", file=sys.stderr)
         if m.kind == "embed":
             print(f"serving {m.name!r} (/v1/embeddings; up to {m.context_window} tokens per input)", file=sys.stderr)
             continue
