@@ -261,3 +261,5 @@ def test_generate_points_an_encoder_decoder_to_translate(t5_run, capsys):
     out, _ = t5_run
     assert cli(["generate", "--model", str(out), "one"]) == 2
     assert "is an encoder-decoder (t5); use corelm translate" in capsys.readouterr().err
+    assert cli(["predict", "--model", str(out), "one"]) == 2
+    assert "is a translate run; use corelm translate --model" in capsys.readouterr().err

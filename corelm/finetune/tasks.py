@@ -520,6 +520,9 @@ class Seq2SeqTask(Task):
         return {"val_loss": total / max(count, 1), "val_acc": correct / max(count, 1),
                 "val_exact": exact / max(len(encoded), 1)}
 
+    def predict(self, run: Any, texts: list[str], top: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+        raise CorelmError(f"{run.path} is a {self.name} run; use corelm translate --model {run.path} TEXT")
+
 
 class Summarization(Seq2SeqTask):
     """Document -> summary with an encoder-decoder: the same data, objective and metrics as :class:`Seq2SeqTask`
