@@ -170,7 +170,10 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
         cache = m.batcher.cache
         parts = [cache.k, cache.v] if isinstance(cache.k, torch.Tensor) else [*cache.k, *cache.v]
         gib = sum(t.numel() * t.element_size() for t in parts) / 2**30
-        print(f"serving {m.name!r} ({describe_decoder(m.batcher.model)}; /v1/completions, /v1/chat/completions; "
+        decoder = describe_decoder(m.batcher.model)
+        if m.batcher.step.kind == "kernels+pytorch":  # adapter slots: rows without an adapter stay on the C++ step
+            decoder = decoder.replace("PyTorch", "C++ step")
+        print(f"serving {m.name!r} ({decoder}; /v1/completions, /v1/chat/completions; "
               f"context {m.context_window} tokens; KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; "
               f"prefix cache {m.batcher.prefixes.max_blocks * m.batcher.prefixes.block} tokens; "
               f"{threads} thread{'s' * (threads > 1)})", file=sys.stderr)
