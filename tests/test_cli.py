@@ -140,6 +140,7 @@ def _unsupported_quant_gguf(path: Path) -> None:
     for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 32),
                        ("feed_forward_length", 64), ("attention.head_count", 2)):
         w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)  # a key llama.cpp requires of a llama file
     w.add_tensor("token_embd.weight", np.zeros((8, 40), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
