@@ -145,6 +145,8 @@ def test_translate_run_learns_and_loads(files, t5_run, capsys):
 
     assert report["bleu"] == pytest.approx(bleu(hyps, [t for _, t in PAIRS], target_lang="de")["bleu"])
     assert report["tokenize"] == "13a" and report["n"] == len(PAIRS) and report["num_beams"] == 2
+    assert report["exact"] == pytest.approx(sum(h == t for h, (_, t) in zip(hyps, PAIRS)) / len(PAIRS))
+    assert report["copy_baseline"]["exact"] == 0.0  # no English number word is its German one
 
 
 def test_untrained_model_evaluates_as_the_run_started(files, t5_run, capsys):

@@ -267,12 +267,17 @@ def _seq2seq(args: EvaluateOptions) -> dict[str, Any]:
     refs = [ref for _, ref in pairs]
     report = generation_report(hyps, refs, target_lang=args.target_lang)
     copy = bleu([src for src, _ in pairs], refs, tokenize=report["tokenize"])
+    # exact match: the share of outputs equal to their reference (surrounding spaces aside)
+    exact, copy_exact = (sum(a.strip() == r.strip() for a, r in zip(outs, refs)) / len(refs)
+                         for outs in (hyps, [src for src, _ in pairs]))
     report.update({"task": args.task, "model": str(args.model), "data": args.data, **overrides,
-                   "target_lang": args.target_lang, "copy_baseline": {"bleu": copy["bleu"], "chrf": copy["chrf"]},
+                   "target_lang": args.target_lang, "exact": exact,
+                   "copy_baseline": {"bleu": copy["bleu"], "chrf": copy["chrf"], "exact": copy_exact},
                    "examples": [{"source": s, "reference": r, "output": h}
                                 for (s, r), h in list(zip(pairs, hyps))[:5]]})
     table = format_translation_report(report) if args.task == "translate" else format_generation_report(report)
-    table += f"\ncopy baseline (each source as its output): BLEU {copy['bleu']:.2f}, chrF {copy['chrf']:.2f}"
+    table += (f"\nexact    {exact:.1%} of the outputs equal their reference\ncopy baseline (each source as its "
+              f"output): BLEU {copy['bleu']:.2f}, chrF {copy['chrf']:.2f}, exact {copy_exact:.1%}")
     for ex in report["examples"]:
         table += f"\n\nsource:    {ex['source']}\nreference: {ex['reference']}\noutput:    {ex['output']}"
     report["_table"] = table

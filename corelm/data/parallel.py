@@ -16,6 +16,14 @@ a model must learn word order, compounding and inflection to translate the held-
 Splits are deterministic by a hash of the source phrase (80% train, 10% val, 10% test), so a held-out
 phrase never occurs in training; a source with two different translations (e.g. a name shared by a
 language and a script) keeps its first, by category order then code.
+
+**Number spellings** (:func:`build_numbers`): the same integer spelled out by the ``num2words`` package
+in two languages, ``"three hundred and twenty-seven"`` -> ``"trois cent vingt-sept"``. Unlike CLDR's names,
+the mapping is compositional (a few dozen words and the rules that join them), nothing is spelled the same
+in both languages (so copying the source scores ~0), and the corpus can be as large as wanted. The
+numbers are drawn with a fixed seed: first a digit count (1 to ``max_digits``, uniform, so small numbers
+are not swamped by six-digit ones), then a number of that many digits; distinct numbers, then cut into
+train/val/test, so no number is in two splits.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -165,14 +174,7 @@ def build_cldr(out: str | Path, pair: str = "en-de", overwrite: bool = False) ->
     Returns:
         the contents of ``corpus.json``.
     """
-    from corelm.io.atomic import atomic_dir
-
-    source_lang, sep, target_lang = pair.partition("-")
-    if not sep or not source_lang or not target_lang:
-        raise CorelmError(f"a CLDR pair is <source>-<target>, e.g. en-de; got {pair!r}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
+    source_lang, target_lang, out = _pair_and_out("CLDR", pair, out, overwrite)
     pairs = cldr_pairs(source_lang, target_lang)
     splits: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
     for p in pairs:
@@ -182,6 +184,13 @@ def build_cldr(out: str | Path, pair: str = "en-de", overwrite: bool = False) ->
     info = {"corpus": f"cldr:{pair}", "source_lang": source_lang, "target_lang": target_lang,
             "babel": babel.__version__, "cldr": _cldr_version(), "categories": list(CLDR_CATEGORIES),
             "pairs": {k: len(v) for k, v in splits.items()}}
+    _write_corpus(out, splits, info)
+    return info
+
+
+def _write_corpus(out: Path, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
+    from corelm.io.atomic import atomic_dir
+
     with atomic_dir(out) as tmp:
         for name, rows in splits.items():
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
@@ -189,7 +198,92 @@ def build_cldr(out: str | Path, pair: str = "en-de", overwrite: bool = False) ->
         (tmp / "text.txt").write_text("".join(f"{r['source']}\n{r['target']}\n" for r in splits["train"]),
                                       encoding="utf-8")
         (tmp / "corpus.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _pair_and_out(kind: str, pair: str, out: str | Path, overwrite: bool) -> tuple[str, str, Path]:
+    source_lang, sep, target_lang = pair.partition("-")
+    if not sep or not source_lang or not target_lang:
+        raise CorelmError(f"a {kind} pair is <source>-<target>, e.g. en-de; got {pair!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
+    return source_lang, target_lang, out
+
+
+# ---- number spellings (num2words) -------------------------------------------------------------------
+
+NUMBER_SPLITS = {"train": 4000, "val": 300, "test": 500}
+
+
+def _spell(lang: str) -> Any:
+    """``n -> words`` in ``lang`` (``"digits"``: the numeral itself)."""
+    if lang == "digits":
+        return str
+    try:
+        from num2words import CONVERTER_CLASSES, num2words
+    except ImportError:
+        raise CorelmError("the number-spelling corpus is written by the num2words package: pip install num2words") \
+            from None
+    if lang not in CONVERTER_CLASSES:
+        raise CorelmError(f"num2words has no language {lang!r} (it has {', '.join(sorted(CONVERTER_CLASSES))})")
+    return lambda n: " ".join(num2words(n, lang=lang).split())
+
+
+def sample_numbers(count: int, max_digits: int = 6, seed: int = 0) -> list[int]:
+    """``count`` distinct integers of 1 to ``max_digits`` digits, the digit count uniform; the same for a seed."""
+    if count > 10 ** max_digits // 2:
+        raise CorelmError(f"{count:,} distinct numbers of up to {max_digits} digits would be most of them; ask fewer")
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < count:
+        digits = rng.randint(1, max_digits)
+        n = rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def number_pairs(source_lang: str, target_lang: str, count: int, max_digits: int = 6,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` pairs ``{"source", "target", "number"}``: distinct numbers spelled in the two languages."""
+    src, tgt = _spell(source_lang), _spell(target_lang)
+    return [{"source": src(n), "target": tgt(n), "number": n} for n in sample_numbers(count, max_digits, seed)]
+
+
+def build_numbers(out: str | Path, pair: str = "en-fr", overwrite: bool = False, seed: int = 0,
+                  max_digits: int = 6, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write a number-spelling corpus, laid out as :func:`build_cldr`'s: ``train/val/test.jsonl``
+    (``{"source", "target", "number"}``), ``text.txt`` and ``corpus.json``.
+
+    Args:
+        pair: ``<source>-<target>`` num2words languages (``en-fr``, ``en-de``, ``de-en``, ...); ``digits`` as the
+            source writes the numeral (``327`` -> ``trois cent vingt-sept``).
+        seed: the draw of the numbers; the same seed and sizes give the same files.
+        max_digits: numbers go up to ``10 ** max_digits - 1``.
+        sizes: pairs per split (default :data:`NUMBER_SPLITS`: 4,000 / 300 / 500).
+    Returns:
+        the contents of ``corpus.json``.
+    """
+    source_lang, target_lang, out = _pair_and_out("number", pair, out, overwrite)
+    sizes = dict(sizes or NUMBER_SPLITS)
+    pairs = number_pairs(source_lang, target_lang, sum(sizes.values()), max_digits, seed)
+    splits, start = {}, 0
+    for name, size in sizes.items():
+        splits[name], start = pairs[start:start + size], start + size
+    info = {"corpus": f"numbers:{pair}", "source_lang": source_lang, "target_lang": target_lang,
+            "num2words": _dist_version("num2words"), "seed": seed,
+            "max_digits": max_digits, "pairs": {k: len(v) for k, v in splits.items()}}
+    _write_corpus(out, splits, info)
     return info
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _cldr_version() -> str | None:
