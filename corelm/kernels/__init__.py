@@ -8,8 +8,9 @@ with bf16 scales per group or channel), with 15-bit activations (two int8 digits
 products per block: 8-bit ones cost SmolLM2 1.5 points of top-1 agreement), and registers two
 operators with ``torch.library``:
 
-- ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 512 rows on: panels of the
-  weights dequantized to fp32 and ATen's GEMM, which reuses each weight T times)
+- ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 64 rows on: panels of 32
+  weight rows dequantized to fp32 once and multiplied by every row in register tiles on corelm's
+  pool, which reuses each weight T times; ``CORELM_GEMM_ROWS`` moves the threshold)
 - ``torch.classes.corelm.DecoderStep``: a llama-family decoder described once by named tensors; its
   ``forward`` runs N tokens, each with its own cache row and position, through the whole model in one
   call (a batched decode step, a prefill, a speculative verify), so a step costs no Python or
@@ -256,9 +257,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def reference_qlinear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """What ``torch.ops.corelm.qlinear`` computes for fewer than 512 rows, in PyTorch: 15-bit integer
+    """What ``torch.ops.corelm.qlinear`` computes for fewer than 64 rows, in PyTorch: 15-bit integer
     activations, exact integer block dot products, then the float scales. (T, K) f32 -> (T, N) f32.
-    From 512 rows on the kernel multiplies fp32 ``x`` with the dequantized weights (a GEMM)."""
+    From 64 rows on the kernel multiplies fp32 ``x`` with the dequantized weights (a GEMM)."""
     k = x.shape[1]
     qv, scale, m = _block_scales(q, s, k)
     a, da, sa = quantize_activations(x)

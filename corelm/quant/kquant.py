@@ -121,7 +121,7 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Ten
 
 
 def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """What ``torch.ops.corelm.qlinear_blocks`` computes for fewer than 512 rows, in PyTorch: 15-bit
+    """What ``torch.ops.corelm.qlinear_blocks`` computes for fewer than 64 rows, in PyTorch: 15-bit
     integer activations (:func:`corelm.kernels.quantize_activations`), exact integer dot products per
     16 values, then the fp32 scales. (T, K) f32 -> (T, N) f32."""
     from corelm.kernels import quantize_activations
