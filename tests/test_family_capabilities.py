@@ -359,7 +359,7 @@ def test_fast_path_decodes_as_the_model(checkpoint):
         return
     assert why is None, why
     assert isinstance(step_for(quant.model), KernelStep)
-    # an fp32 cache: the Python step's; the default bf16 cache is held to a tolerance in test_quant_kernel_step
+    # an fp32 cache: the Python step's; the default fp16 cache is held to a tolerance in test_quant_kernel_step
     kernel, python = KernelStep(quant.model, kv_dtype=torch.float32), ModelStep(quant.model)
     caches = kernel.new_cache(1, 32), python.new_cache(1, 32)
     torch.testing.assert_close(kernel.prefill(caches[0], [PROMPT]), python.prefill(caches[1], [PROMPT]),

@@ -35,7 +35,7 @@ def _tiny(method=None, seed=0, max_seq_len=160, sharpen=True, **extra):
 @pytest.fixture(autouse=True)
 def _exact_arithmetic(monkeypatch):
     """These tests hold the C++ step to the model's logits at 1e-4 and to bit-equality across calls: an
-    fp32 cache and the integer kernels for every token count. Its defaults (a bf16 cache, bf16 GEMM
+    fp32 cache and the integer kernels for every token count. Its defaults (an fp16 cache, fp32 GEMM
     panels from 64 tokens on) are held to stated tolerances in tests/test_quant_kernel_step.py."""
     monkeypatch.setenv("CORELM_KV_DTYPE", "fp32")
     monkeypatch.setenv("CORELM_GEMM_ROWS", "100000")

@@ -1,5 +1,6 @@
-"""The C++ step's storage and prefill choices on the embedded SmolLM2 (Q4_1, int4 kernels): a bf16 KV
-cache gives the fp32 cache's logits within a stated tolerance and the same greedy text; a prefill on
+"""The C++ step's storage and prefill choices on the embedded SmolLM2 (Q4_1, int4 kernels): the default
+fp16 KV cache (and the bf16 one it offers) give the fp32 cache's logits within stated tolerances and the
+same greedy text; a prefill on
 dequantized panels (the fp32 panel GEMM) leaves the integer kernels' next token."""
 
 import pytest
@@ -19,7 +20,8 @@ def smollm2():
     loaded = load_parts(embedded_path("smollm2-135m-instruct"))
     ids = loaded.tokenizer.encode(HELD_OUT)
     assert len(ids) > 200
-    return (KernelStep(loaded.model, kv_dtype=torch.float32), KernelStep(loaded.model), ids[:200])
+    return (KernelStep(loaded.model, kv_dtype=torch.float32), KernelStep(loaded.model),
+            KernelStep(loaded.model, kv_dtype=torch.bfloat16), ids[:200])
 
 
 def _prompt_logits(step, ids):
@@ -36,27 +38,34 @@ def _greedy(step, ids, n):
     return out
 
 
+# (cache, max |logit diff| to fp32, top-1 agreement floor): keys/values rounded to 11 (fp16) or 8 (bf16)
+# significant bits. Measured on the Zen 4: fp16 0.021 and 100%, bf16 0.15-0.20 and 99.0-99.5%.
+CACHES = {"fp16": (0.05, 1.0), "bf16": (0.25, 0.99)}
+
+
 @pytest.mark.slow
-def test_bf16_kv_cache_keeps_logits_and_greedy_text(smollm2, monkeypatch):
-    fp32, bf16, ids = smollm2
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_half_kv_caches_keep_logits_and_greedy_text(smollm2, monkeypatch, kind):
+    fp32, default, bf16, ids = smollm2
+    step = default if kind == "fp16" else bf16
+    atol, floor = CACHES[kind]
     monkeypatch.setenv("CORELM_GEMM_ROWS", "100000")  # the integer kernels for every token: only the cache differs
-    assert bf16.new_cache(1, 8).k.dtype == torch.bfloat16
-    assert bf16.new_cache(2, 8).k.nbytes * 2 == fp32.new_cache(2, 8).k.nbytes  # half the memory
+    assert step.new_cache(1, 8).k.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[kind]
+    assert step.new_cache(2, 8).k.nbytes * 2 == fp32.new_cache(2, 8).k.nbytes  # half the memory
     with torch.inference_mode():
-        ref, got = _prompt_logits(fp32, ids[:120]), _prompt_logits(bf16, ids[:120])
-        # keys/values rounded to 8 significant bits move SmolLM2's logits (|logit| up to ~30) by < 0.25
-        torch.testing.assert_close(got, ref, rtol=0, atol=0.25)
+        ref, got = _prompt_logits(fp32, ids[:120]), _prompt_logits(step, ids[:120])
+        torch.testing.assert_close(got, ref, rtol=0, atol=atol)
         agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        print(f"bf16 KV cache vs fp32: max |logit diff| {(got - ref).abs().max():.4f}, top-1 agreement {agree:.4f}")
-        assert agree >= 0.99, agree
-        assert _greedy(bf16, ids[:40], 64) == _greedy(fp32, ids[:40], 64)
+        print(f"{kind} KV cache vs fp32: max |logit diff| {(got - ref).abs().max():.4f}, top-1 agreement {agree:.4f}")
+        assert agree >= floor, agree
+        assert _greedy(step, ids[:40], 64) == _greedy(fp32, ids[:40], 64)
 
 
 @pytest.mark.slow
 def test_gemm_prefill_agrees_with_the_integer_kernels(smollm2, monkeypatch):
     """A prompt of 64 tokens or more is prefilled on dequantized fp32 panels: the next token's logits
     agree with an all-integer prefill (the cache it leaves included)."""
-    fp32, _, ids = smollm2
+    fp32, _, _, ids = smollm2
     lengths = (64, 130, 199)
 
     def next_logits(gemm_rows):

@@ -5,7 +5,11 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "pool.h"
 #include "qlinear.h"
@@ -42,9 +46,28 @@ void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const fl
 // Causal grouped-query attention for N query tokens, token t in cache row rows[t] at position
 // pos[t]: out (N, H*hd) = softmax(q K^T * scale) V over that row's slots lo..pos[t], where lo is 0
 // or, for a sliding-window layer, pos[t] - window + 1. Query head h reads kv head h / (H / KV).
-// Caches are (B, KV, S, hd), float32 or bf16 (C: float or at::BFloat16; read as fp32, every sum in
+// Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32, every sum in
 // fp32). Every (token, head) is computed by the same code whatever the threading and whatever else is
 // in the call, so a token's result does not depend on its company.
+// Row i of a cache as fp32: an fp16 row through F16C's 8-wide conversion where the build has it (c10's
+// scalar conversion is ~2x slower than the whole attention at long contexts), others element by element.
+template <typename C>
+inline const float* cache_row(const C* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<C, float>) {
+    return src;
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<C, at::Half>) {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
 template <typename C>
 void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
             int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float* out) {
@@ -56,11 +79,13 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
     const float* qh = q + (t * H + h) * hd;
     const C* K = kc + ((rows[t] * KV + h / group) * S + lo) * hd;
     const C* V = vc + ((rows[t] * KV + h / group) * S + lo) * hd;
+    std::vector<float> row(std::is_same_v<C, float> ? 0 : hd);
     float mx = -INFINITY;
     for (int64_t j = 0; j < len; ++j) {
+      const float* k = cache_row(K + j * hd, hd, row.data());
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * static_cast<float>(K[j * hd + i]);
+      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
       w[j] = acc * scale;
       mx = std::max(mx, w[j]);
     }
@@ -73,8 +98,9 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
     std::fill(o, o + hd, 0.f);
     for (int64_t j = 0; j < len; ++j) {
       const float wj = w[j] / sum;
+      const float* v = cache_row(V + j * hd, hd, row.data());
 #pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) o[i] += wj * static_cast<float>(V[j * hd + i]);
+      for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
     }
   };
   int64_t work = 0;
@@ -89,7 +115,7 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
 }
 
 // Write each token's keys and values (N, KV*hd) at slot (rows[t], pos[t]) of every kv head of a
-// (B, KV, S, hd) cache; a bf16 cache rounds them to nearest even.
+// (B, KV, S, hd) cache; an fp16 or bf16 cache rounds them to nearest even.
 template <typename C>
 void store(const float* k, const float* v, int64_t N, const int64_t* rows, const int64_t* pos, int64_t KV, int64_t S,
            int64_t hd, C* kc, C* vc) {
@@ -178,12 +204,13 @@ class DecoderStep : public torch::CustomClassHolder {
     TORCH_CHECK(L > 0, "the step has no layers");
     TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) == d && N > 0,
                 "x must be the (N, d_model) float32 embeddings");
-    const bool bf16_cache = k_cache.scalar_type() == at::kBFloat16;
-    TORCH_CHECK((bf16_cache || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+    const at::ScalarType cache_type = k_cache.scalar_type();
+    TORCH_CHECK((cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kBFloat16) &&
+                    v_cache.scalar_type() == cache_type &&
                     k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 5 &&
                     k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == L && k_cache.size(2) == KV &&
                     k_cache.size(4) == hd,
-                "caches must be contiguous (n_layer, B, n_kv_head, S, head_dim) float32 or bfloat16");
+                "caches must be contiguous (n_layer, B, n_kv_head, S, head_dim) float32, float16 or bfloat16");
     const at::Tensor x0 = x_in.contiguous(), rows_t = rows_in.to(at::kLong).contiguous(),
                      pos_t = pos_in.to(at::kLong).contiguous(), out_t = out_in.to(at::kLong).contiguous();
     TORCH_CHECK(rows_t.numel() == N && pos_t.numel() == N, "rows and pos need one entry per token");
@@ -227,7 +254,12 @@ class DecoderStep : public torch::CustomClassHolder {
         rope(qt, H, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
         rope(kt, KV, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
       }
-      if (bf16_cache) {
+      if (cache_type == at::kHalf) {
+        at::Half* kc = k_cache.data_ptr<at::Half>() + li * layer_stride;
+        at::Half* vc = v_cache.data_ptr<at::Half>() + li * layer_stride;
+        store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+      } else if (cache_type == at::kBFloat16) {
         at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + li * layer_stride;
         at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + li * layer_stride;
         store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
