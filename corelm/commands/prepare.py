@@ -33,7 +33,7 @@ class PrepareOptions(Options):
                                       "CLDR display names from the babel package, written as train/val/test JSONL "
                                       "pairs for finetune --task translate (corelm.data.parallel), not as shards; "
                                       "numbers:<src>-<tgt> (e.g. numbers:en-fr) = the same for numbers spelled out "
-                                      "by the num2words package (4,000/300/500 distinct numbers below a million)",
+                                      "by the num2words package (20,000/300/500 distinct numbers below a million)",
                                 metavar="|".join((*CORPORA, "cldr:SRC-TGT", "numbers:SRC-TGT")))
     tokenizer: str | None = option(None, "embedded model name (e.g. smollm2-135m-instruct), model directory or "
                                          "tokenizer.json; default: train a byte-level BPE on the corpus")

@@ -212,7 +212,7 @@ def _pair_and_out(kind: str, pair: str, out: str | Path, overwrite: bool) -> tup
 
 # ---- number spellings (num2words) -------------------------------------------------------------------
 
-NUMBER_SPLITS = {"train": 4000, "val": 300, "test": 500}
+NUMBER_SPLITS = {"train": 20000, "val": 300, "test": 500}
 
 
 def _spell(lang: str) -> Any:
@@ -260,7 +260,7 @@ def build_numbers(out: str | Path, pair: str = "en-fr", overwrite: bool = False,
             source writes the numeral (``327`` -> ``trois cent vingt-sept``).
         seed: the draw of the numbers; the same seed and sizes give the same files.
         max_digits: numbers go up to ``10 ** max_digits - 1``.
-        sizes: pairs per split (default :data:`NUMBER_SPLITS`: 4,000 / 300 / 500).
+        sizes: pairs per split (default :data:`NUMBER_SPLITS`: 20,000 / 300 / 500).
     Returns:
         the contents of ``corpus.json``.
     """
