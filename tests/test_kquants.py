@@ -213,7 +213,7 @@ def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     assert isinstance(default.lm_head, kquant.GGUFBlockLinear)
     model = load_parts(path, dtype="fp32", quantize="gguf").model  # fp32 embeddings and norms, as `floats`
     assert isinstance(step_for(model), KernelStep)
-    step = KernelStep(model, kv_dtype=torch.float32)  # the blocks alone (the default fp16 cache: test_quant_kernel_step)
+    step = KernelStep(model, kv_dtype=torch.float32)  # the blocks alone (fp16 cache: test_quant_kernel_step)
     ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.inference_mode():
         cache = step.new_cache(1, 64)

@@ -49,10 +49,8 @@ def test_default_is_omp_num_threads_else_the_physical_cores(monkeypatch):
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert set_threads(None) == 1 == torch.get_num_threads()
-        assert set_threads(None, spare=1) == 1  # an explicit OMP_NUM_THREADS is taken as it is
         assert set_threads(2) == 2 == torch.get_num_threads()  # --threads wins
         monkeypatch.delenv("OMP_NUM_THREADS")
         assert set_threads(None) == physical_cores() == torch.get_num_threads()
-        assert set_threads(None, spare=1) == max(1, physical_cores() - 1)  # corelm serve keeps a core for HTTP
     finally:
         torch.set_num_threads(before)

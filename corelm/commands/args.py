@@ -180,21 +180,19 @@ def threads_option(help: str = THREADS_HELP) -> Any:
     return option(None, help, metavar="N", threads=True)
 
 
-def set_threads(threads: int | None, spare: int = 0) -> int:
+def set_threads(threads: int | None) -> int:
     """Set torch's CPU threads to ``threads``, or by default to ``OMP_NUM_THREADS`` if set, else the physical
-    cores less ``spare`` (at least 1; ``corelm serve`` keeps one for its HTTP side); returns the count.
+    cores; returns the count.
 
     One policy for every command (corelm.cpu.default_threads): torch's own default counts SMT siblings,
     and an OpenMP thread waiting on a busy sibling stalls every matmul of a bandwidth-bound decode.
     """
-    import os
-
     import torch
 
-    from corelm.cpu import default_threads, physical_cores
+    from corelm.cpu import default_threads
 
     if threads is None:
-        threads = default_threads() if "OMP_NUM_THREADS" in os.environ else max(1, physical_cores() - spare)
+        threads = default_threads()
     torch.set_num_threads(threads)
     return threads
 

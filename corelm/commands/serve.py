@@ -62,9 +62,9 @@ class ServeCommandOptions(Options):
                                      "else fp32)", dtype={"auto": False})
     device: str = option("cpu", "where the models run: cpu, cuda, cuda:1, ...")
     quantize: Literal["int8", "int4"] | None = option(None, "weight-only quantization of the decoder(s) at load time")
-    threads: int | None = threads_option("torch CPU threads for the model (default: OMP_NUM_THREADS if set, else the "
-                                         "physical cores but one, at least 1: the HTTP side needs a core too, and "
-                                         "threads that wait on a busy core stall every matmul)")
+    threads: int | None = threads_option("CPU threads for the model (default: OMP_NUM_THREADS if set, else the "
+                                         "physical cores; the quantized C++ step's pool does not stall when the "
+                                         "HTTP side takes a core for a moment)")
     drain_timeout: float = option(30.0, "on SIGTERM or Ctrl-C: stop accepting connections and give the running "
                                         "requests this many seconds to finish; then those left end with a 503 "
                                         "'shutdown' error (in-band for a stream) and the server exits (0 after "
@@ -153,7 +153,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
     limits = options.limits()
     import torch
 
-    threads = set_threads(options.threads, spare=1)
+    threads = set_threads(options.threads)
     specs = options.model or [DEFAULT_MODEL]
     print(f"loading {', '.join(specs)} ...", file=sys.stderr)
     app, served = server.build(specs, limits, api_key=api_key, dtype=options.dtype, names=options.name,
