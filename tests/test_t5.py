@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import corelm
 from corelm.errors import CorelmError
 from corelm.io.hf import config_from_hf, load_hf_dir, load_hf_model, save_hf_dir
 
@@ -110,6 +111,16 @@ def test_encoder_and_logits_match_transformers(pair):
     torch.testing.assert_close(enc[real], ref.encoder_last_hidden_state[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
     assert logits.shape == (2, 11, VOCAB) and float(ref.logits.std()) > 0.5  # logits that differ across the vocab
+
+
+def test_unpadded_call_by_keyword_matches_transformers(pair):
+    """``llm.model(input_ids, decoder_input_ids=...)`` with no attention mask, as outside checks call it."""
+    _, path, hf, _, _ = pair
+    src, _, tgt = _batch()
+    with torch.no_grad():
+        logits = corelm.load(str(path), dtype="fp32").model(src, decoder_input_ids=tgt)
+        ref = hf(input_ids=src, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cached_decode_equals_full_forward(pair):

@@ -196,9 +196,10 @@ class DecoderBlock(nn.Module):
 
 
 def _key_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``0`` for real keys and ``-inf`` for padding, ``(B, 1, 1, S)``; a zero scalar when nothing is padded."""
+    """``0`` for real keys and ``-inf`` for padding, ``(B, 1, 1, S)``; zero of shape ``(1, 1, 1, 1)`` when nothing is
+    padded (attention masks need four dimensions: cross-attention has no position bias to add it to)."""
     if mask is None:
-        return torch.zeros((), dtype=torch.float32, device=like.device)
+        return torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=like.device)
     return torch.zeros(mask.shape, dtype=torch.float32, device=like.device).masked_fill(
         ~mask.bool(), float("-inf"))[:, None, None, :]
 
