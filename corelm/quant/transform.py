@@ -48,6 +48,18 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str
     return found
 
 
+def _routers(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of a MoE's routers (and Qwen2-MoE's shared-expert gate): they stay in floating point,
+    as llama.cpp leaves them ("do not quantize expert gating tensors"): a few thousand weights decide which
+    experts run, and rounding them can flip a top-k choice."""
+    names = []
+    for prefix, module in model.named_modules():
+        if hasattr(module, "experts"):
+            names += [f"{prefix}.{g}" for g in ("gate", "shared_expert_gate")
+                      if isinstance(getattr(module, g, None), nn.Linear)]
+    return tuple(names)
+
+
 def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | None:
     """The embedding whose matrix ``model.lm_head`` reuses (an ``nn.Linear`` sharing the parameter, or
     a parameter-free tied head such as :class:`corelm.ops.tied.TiedLMHead`), with its parent."""
@@ -133,7 +145,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             :class:`Q8Linear`), ``int8`` (per channel) or ``int4``. The output head is the largest
             matrix of a small model and its error lands directly in the logits, which is why
             llama.cpp's Q4 files keep it at 8 bits too.
-        skip: qualified module names to leave in floating point.
+        skip: qualified module names to leave in floating point (a MoE's routers are always left so).
         from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
             from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
             :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
@@ -154,6 +166,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
     if method not in METHODS:
         raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
     skip = tuple(skip)
+    skip += tuple(name for name in _routers(model) if name not in skip)
     if getattr(model, "corelm_quantization", None):
         raise CorelmError("the model is already quantized")
     head = head or "q8"
