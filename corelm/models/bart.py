@@ -29,20 +29,11 @@ from corelm.errors import CorelmError
 from corelm.ops.attention import attention
 from corelm.ops.init import init_normal_
 from corelm.ops.kv_cache import KVCache
+from corelm.ops.norm import LayerNorm
 from corelm.ops.tied import TiedLMHead
 
 # fairseq reserved the first two rows of BART's learned position table; position p reads row p + 2.
 LEARNED_POSITION_OFFSET = 2
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm (Ba et al. 2016) computed in fp32: mean and variance in bf16 lose the residual's small parts."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
 
 
 def _activation(name: str) -> nn.Module:

@@ -8,24 +8,14 @@ Parameter names are those of Hugging Face ``BertForPreTraining`` without the ``b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
 from corelm.errors import CorelmError
 from corelm.ops.attention import attention
 from corelm.ops.init import init_normal_
+from corelm.ops.norm import LayerNorm
 from corelm.ops.tied import TiedLMHead
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm (Ba et al. 2016) computed in fp32: mean and variance in bf16 lose the residual's small parts."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
 
 
 def _activation(name: str) -> nn.Module:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corelm.config import ModelConfig
@@ -21,18 +20,8 @@ from corelm.ops.activation import activation_fn
 from corelm.ops.attention import AttentionContext, cached_attention, decoder_context
 from corelm.ops.init import fill_, init_weights
 from corelm.ops.kv_cache import KVCache
+from corelm.ops.norm import LayerNorm
 from corelm.ops.tied import TiedLMHead
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm (Ba et al. 2016) computed in fp32: mean and variance in bf16 lose the residual's small parts."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
