@@ -41,6 +41,7 @@ def _greedy(step, ids, n):
 # (cache, max |logit diff| to fp32, top-1 agreement floor): keys/values rounded to 11 (fp16) or 8 (bf16)
 # significant bits. Measured on the Zen 4: fp16 0.021 and 100%, bf16 0.15-0.20 and 99.0-99.5%.
 CACHES = {"fp16": (0.05, 1.0), "bf16": (0.25, 0.99)}
+TIE = 0.01
 
 
 @pytest.mark.slow
@@ -55,7 +56,11 @@ def test_half_kv_caches_keep_logits_and_greedy_text(smollm2, monkeypatch, kind):
     with torch.inference_mode():
         ref, got = _prompt_logits(fp32, ids[:120]), _prompt_logits(step, ids[:120])
         torch.testing.assert_close(got, ref, rtol=0, atol=atol)
-        agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        # positions whose fp32 top two logits are within TIE are ties: any summation order may flip them
+        # (one of these 120 is 0.004 apart, and flips with the repacked kernels' order)
+        top2 = ref.topk(2, -1).values
+        decided = top2[:, 0] - top2[:, 1] > TIE
+        agree = (got.argmax(-1) == ref.argmax(-1))[decided].float().mean().item()
         print(f"{kind} KV cache vs fp32: max |logit diff| {(got - ref).abs().max():.4f}, top-1 agreement {agree:.4f}")
         assert agree >= floor, agree
         assert _greedy(step, ids[:40], 64) == _greedy(fp32, ids[:40], 64)

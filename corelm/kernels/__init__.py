@@ -43,7 +43,7 @@ from corelm import cache
 from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
-HEADERS = ("pool.h", "dot.h", "kquants.h", "qlinear.h", "decoder_step.h")
+HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "qlinear.h", "decoder_step.h")
 QK = 32  # values per block
 
 FLAGS = {
@@ -196,6 +196,10 @@ def load_error() -> str | None:
 def _register_fakes() -> None:
     # Shapes for torch.compile / meta tensors: the operators are opaque kernels to the compiler.
     @torch.library.register_fake("corelm::qlinear")
+    def _(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("corelm::qlinear_repacked")
     def _(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], q.shape[0])
 

@@ -17,6 +17,8 @@
 //   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
 //   corelm::qlinear_blocks(x (T, K) f32, blocks (N, row bytes) u8, ggml_type) -> (T, N) f32: GGUF's
 //     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
+//   corelm::qlinear_repacked(x, q, s) -> (T, N) f32: the few-row path on rows interleaved eight at a
+//     time (repack.h), as DecoderStep runs it; s is bf16 scales or the one-element GGML type
 //   torch.classes.corelm.DecoderStep: a llama-family decoder described once by named tensors, whose
 //     forward runs N tokens (each with its own cache row and position) through every block and the
 //     head in one call: a batched decode step, a prefill, or a speculative verify pass.
@@ -55,10 +57,12 @@ using corelm::DecoderStep;
 using corelm::isa;
 using corelm::qlinear;
 using corelm::qlinear_blocks;
+using corelm::qlinear_repacked;
 
 TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
+  m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("isa() -> str", &isa);
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, double>())
@@ -70,4 +74,5 @@ TORCH_LIBRARY(corelm, m) {
 TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("qlinear_blocks", &qlinear_blocks);
+  m.impl("qlinear_repacked", &qlinear_repacked);
 }

@@ -306,7 +306,7 @@ class DecoderStep : public torch::CustomClassHolder {
     Linear lin;
     lin.values = get(t, name + ".values", where);
     lin.scales = get(t, name + ".scales", where);
-    lin.m = as_matrix(lin.values, lin.scales, k);
+    lin.m = repacked(as_matrix(lin.values, lin.scales, k));  // rows interleaved for decode (repack.h)
     if (t.contains(name + ".bias")) {
       lin.bias = get(t, name + ".bias", where);
       TORCH_CHECK(lin.bias.numel() == lin.m.n, where, "'", name, ".bias' has ", lin.bias.numel(), " entries for ",

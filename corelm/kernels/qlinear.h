@@ -5,11 +5,14 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "dot.h"
 #include "kquants.h"
 #include "pool.h"
+#include "repack.h"
 
 namespace corelm {
 
@@ -19,8 +22,34 @@ struct QMatrix {
   const uint16_t* s = nullptr;
   int64_t n = 0, k = 0, row_q = 0, row_s = 0, bpg = 1;
   Kind kind = Kind::Q8;
+  // the rows interleaved eight at a time (repack.h), for the few-row matmul; null: not repacked
+  std::shared_ptr<const uint8_t> packed;
+  int64_t group_bytes = 0;
   Row row(int64_t i) const { return {q + i * row_q, s + i * row_s, bpg}; }
 };
+
+// m with its rows also interleaved eight at a time (repack.h), when its kind has a repacked kernel;
+// CORELM_REPACK=0 turns it off. The copy is as large as the matrix: the original rows stay for the
+// many-row GEMM and for the layers themselves.
+QMatrix repacked(QMatrix m) {
+  const char* env = std::getenv("CORELM_REPACK");
+  if ((env != nullptr && std::string(env) == "0") || packed_record(m.kind) == 0 || m.n == 0) return m;
+  const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup;
+  if (m.kind == Kind::Q4_K && nb % 8 != 0) return m;
+  m.group_bytes = packed_group_bytes(m.kind, nb);
+  const int64_t bytes = groups * m.group_bytes;
+  uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+  TORCH_CHECK(buf != nullptr, "out of memory repacking a ", m.n, " x ", m.k, " matrix");
+  std::memset(buf, 0, bytes);
+  const QMatrix& src = m;
+  Pool::parallel_for(groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      repack_group(src.kind, nb, src.bpg, std::min(kGroup, src.n - g * kGroup),
+                   [&](int64_t r) { return src.row(g * kGroup + r); }, buf + g * src.group_bytes);
+  });
+  m.packed = std::shared_ptr<const uint8_t>(buf, [](const uint8_t* p) { std::free(const_cast<uint8_t*>(p)); });
+  return m;
+}
 
 // A matrix in one of GGUF's block formats (kquants.h): ``blocks`` (N, row bytes) uint8 holds each
 // row's blocks as the file stores them, ``ggml_type`` names the format (6 Q5_0, 7 Q5_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K).
@@ -100,38 +129,84 @@ struct QActs {
   }
 };
 
+// One weight row against the activation rows, up to eight per pass (a batched decode step's): the
+// row's blocks are loaded and unpacked once for all of them.
+inline void row_dots(const QMatrix& m, const QActs& a, int64_t r, float* out) {
+  const Row w = m.row(r);
+  const int64_t nb = a.k / QK;
+  for (int64_t t0 = 0; t0 < a.t; t0 += 8) {
+    ActRow act[8];
+    float y[8];
+    const int64_t nt = std::min<int64_t>(8, a.t - t0);
+    for (int64_t t = 0; t < nt; ++t) act[t] = a.row(t0 + t);
+    for (int64_t t = nt; t < 8; ++t) act[t] = act[nt - 1];
+    switch (nt) {
+      case 1: dot_rows<1>(m.kind, w, act, nb, y); break;
+      case 2: dot_rows<2>(m.kind, w, act, nb, y); break;
+      case 3: dot_rows<3>(m.kind, w, act, nb, y); break;
+      case 4: dot_rows<4>(m.kind, w, act, nb, y); break;
+      case 5:
+      case 6: dot_rows<6>(m.kind, w, act, nb, y); break;  // 5: the sixth row repeats the fifth
+      default: dot_rows<8>(m.kind, w, act, nb, y); break;  // 7: the eighth repeats the seventh
+    }
+    for (int64_t t = 0; t < nt; ++t) out[(t0 + t) * m.n + r] = y[t];
+  }
+}
+
+void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs);
+
 // Several matrices reading the same input (q|k|v, gate|up) as one: outs[i] gets (T, N_i). The output
 // rows of all of them are split across the intra-op threads, each weight row read once.
+
 void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs) {
+  for (const auto& m : ms)
+    if (m.packed) return qmatmul_packed(a, ms, outs);
   int64_t total = 0;
   for (const auto& m : ms) total += m.n;
-  const int64_t nb = a.k / QK, threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
   Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
     size_t i = 0;
     int64_t base = 0;
     for (int64_t r = begin; r < end; ++r) {
       while (r >= base + ms[i].n) base += ms[i++].n;
+      row_dots(ms[i], a, r - base, outs[i]);
+    }
+  });
+}
+
+// qmatmul over groups of eight output rows: a repacked matrix's group goes through packed_dot (up to
+// four activation rows per pass over its record), any other matrix's eight rows through row_dots.
+void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs) {
+  int64_t total = 0;
+  for (const auto& m : ms) total += (m.n + kGroup - 1) / kGroup;
+  const int64_t nb = a.k / QK, threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(2, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
+  Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
+    size_t i = 0;
+    int64_t base = 0;
+    for (int64_t g = begin; g < end; ++g) {
+      while (g >= base + (ms[i].n + kGroup - 1) / kGroup) base += (ms[i++].n + kGroup - 1) / kGroup;
       const QMatrix& m = ms[i];
-      const Row w = m.row(r - base);
-      // up to eight activation rows (a batched decode step's) per pass over the weights: the row's
-      // blocks are loaded and unpacked once for all of them
-      for (int64_t t0 = 0; t0 < a.t; t0 += 8) {
-        ActRow act[8];
-        float y[8];
-        const int64_t nt = std::min<int64_t>(8, a.t - t0);
+      const int64_t r0 = (g - base) * kGroup, rows = std::min(kGroup, m.n - r0);
+      if (!m.packed) {
+        for (int64_t r = r0; r < r0 + rows; ++r) row_dots(m, a, r, outs[i]);
+        continue;
+      }
+      const uint8_t* p = m.packed.get() + (g - base) * m.group_bytes;
+      for (int64_t t0 = 0; t0 < a.t; t0 += 4) {
+        ActRow act[4];
+        float y[4 * kGroup];
+        const int64_t nt = std::min<int64_t>(4, a.t - t0);
         for (int64_t t = 0; t < nt; ++t) act[t] = a.row(t0 + t);
-        for (int64_t t = nt; t < 8; ++t) act[t] = act[nt - 1];
         switch (nt) {
-          case 1: dot_rows<1>(m.kind, w, act, nb, y); break;
-          case 2: dot_rows<2>(m.kind, w, act, nb, y); break;
-          case 3: dot_rows<3>(m.kind, w, act, nb, y); break;
-          case 4: dot_rows<4>(m.kind, w, act, nb, y); break;
-          case 5:
-          case 6: dot_rows<6>(m.kind, w, act, nb, y); break;  // 5: the sixth row repeats the fifth
-          default: dot_rows<8>(m.kind, w, act, nb, y); break;  // 7: the eighth repeats the seventh
+          case 1: packed_dot<1>(m.kind, p, act, nb, y); break;
+          case 2: packed_dot<2>(m.kind, p, act, nb, y); break;
+          case 3: packed_dot<3>(m.kind, p, act, nb, y); break;
+          default: packed_dot<4>(m.kind, p, act, nb, y); break;
         }
-        for (int64_t t = 0; t < nt; ++t) outs[i][(t0 + t) * m.n + r - base] = y[t];
+        for (int64_t t = 0; t < nt; ++t)
+          std::memcpy(outs[i] + (t0 + t) * m.n + r0, y + t * kGroup, rows * sizeof(float));
       }
     }
   });
@@ -280,6 +355,18 @@ at::Tensor qlinear_matrix(const at::Tensor& xc, const QMatrix& m) {
   QActs acts;
   at::Tensor y = at::empty({xc.size(0), m.n}, xc.options());
   matmul(xc.data_ptr<float>(), xc.size(0), xc.size(1), {m}, {y.data_ptr<float>()}, acts);
+  return y;
+}
+
+// The few-row path on m's repacked rows, whatever T is (tests compare it with the references).
+at::Tensor qlinear_repacked(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
+  const at::Tensor xc = x.contiguous();
+  const QMatrix m = repacked(as_matrix(q, s, xc.size(1)));
+  QActs acts;
+  at::Tensor y = at::empty({xc.size(0), m.n}, xc.options());
+  acts.set(xc.data_ptr<float>(), xc.size(0), xc.size(1));
+  qmatmul(acts, {m}, {y.data_ptr<float>()});
   return y;
 }
 

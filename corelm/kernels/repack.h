@@ -1,0 +1,354 @@
+// Weight rows interleaved eight at a time for the few-row (decode) matmul (included once, by qlinear.h).
+//
+// The row kernels of dot.h and kquants.h take one weight row at a time: each 32-value block is
+// unpacked, multiplied with the activation block in 8 int32 lanes, and the lanes are summed at the
+// end of the row. Repacked once at load (as llama.cpp's CPU "repack" buffers do), eight rows share
+// one record per block: 32-bit lane r of every vector holds four consecutive values of row r, so one
+// broadcast of four activation values feeds all eight rows, lane r ends the block holding row r's
+// whole integer dot product, and no horizontal sum is left. Per block and row that is about 5 vector
+// operations instead of 12 (measured on SmolLM2's 576x576 Q4_1 matrix, Zen 4: see qlinear.h).
+//
+// Records (per group of 8 rows, per 32-value block b; row r, lane bytes i = 0..3):
+//   Q4    qs[128] | scale bf16[8] | zero bf16[8]                       160 bytes = 8 x (16 + 4)
+//   Q5_0  qs[128] | hb[32] | d fp16[8]                                 176 bytes = 8 x 22
+//   Q5_1  qs[128] | hb[32] | d fp16[8] | m fp16[8]                     192 bytes = 8 x 24
+//   Q8    q[256]  | scale bf16[8]                                      272 bytes
+//   Q8_0  q[256]  | d fp16[8]                                          272 bytes = 8 x 34
+// qs[32v + 4r + i] = byte 4v + i of row r's packed nibbles (low nibble: value 4v + i, high: 16 + 4v + i),
+// so vector u = 0..7 (low nibbles of load u, then high nibbles of load u - 4) holds values 4u..4u+3;
+// q[32u + 4r + i] = value 4u + i; bit u of hb[4r + i] = bit 4 of value 4u + i.
+//   Q4_K  per super-block of 256 values: d fp16[8] | dmin fp16[8] | sc[8 sub][8 rows] | m[8][8] |
+//         qs[4 pairs][256], qs[256c + 32v + 4r + i] = byte 32c + 4v + i of row r's qs (low nibble:
+//         sub-block 2c, high: 2c + 1, value 4v + i)                   1184 bytes = 8 x 148
+// Rows past N (the last group of a matrix whose N is not a multiple of 8) are zeros and are not stored.
+// The integer arithmetic is the row kernels' and the Python references': exact block dot products
+// (here whole-block sums in one int32 lane, converted to fp32 once, as the references' sumi.float()),
+// then the fp32 scales.
+#pragma once
+
+#include <memory>
+
+#include "dot.h"
+#include "kquants.h"
+
+namespace corelm {
+
+constexpr int64_t kGroup = 8;  // weight rows per repacked group
+
+// Bytes of one group's record for block (or, for Q4_K, super-block) b; 0: the kind is not repacked.
+inline int64_t packed_record(Kind kind) {
+  switch (kind) {
+    case Kind::Q4: return 160;
+    case Kind::Q5_0: return 176;
+    case Kind::Q5_1: return 192;
+    case Kind::Q8:
+    case Kind::Q8_0: return 272;
+    case Kind::Q4_K: return 1184;
+    default: return 0;
+  }
+}
+
+inline int64_t packed_group_bytes(Kind kind, int64_t nb) {
+  return kind == Kind::Q4_K ? nb / 8 * packed_record(kind) : nb * packed_record(kind);
+}
+
+// Writes group g's record (rows 8g..8g+7 of a matrix with n rows) for every block; ``row(r)`` gives row
+// r's bytes in the original layout and ``scales(r)`` its bf16 scales (corelm's Q4/Q8).
+template <typename RowFn>
+void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, uint8_t* out) {
+  const int64_t rec = packed_record(kind);
+  auto put16 = [](uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); };
+  for (int64_t r = 0; r < rows; ++r) {
+    const Row w = row(r);
+    if (kind == Kind::Q4_K) {
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        const uint8_t* blk = w.q + sb * 144;
+        uint8_t* o = out + sb * rec;
+        put16(o + 2 * r, u16(blk));
+        put16(o + 16 + 2 * r, u16(blk + 2));
+        uint8_t sc[8], m[8];
+        scale_min_k4(blk + 4, sc, m);
+        for (int i = 0; i < 8; ++i) {
+          o[32 + 8 * i + r] = sc[i];
+          o[96 + 8 * i + r] = m[i];
+        }
+        for (int c = 0; c < 4; ++c)
+          for (int v = 0; v < 8; ++v) std::memcpy(o + 160 + 256 * c + 32 * v + 4 * r, blk + 16 + 32 * c + 4 * v, 4);
+      }
+      continue;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = out + b * rec;
+      switch (kind) {
+        case Kind::Q4: {
+          for (int v = 0; v < 4; ++v) std::memcpy(o + 32 * v + 4 * r, w.q + b * 16 + 4 * v, 4);
+          put16(o + 128 + 2 * r, w.s[2 * (b / bpg)]);
+          put16(o + 144 + 2 * r, w.s[2 * (b / bpg) + 1]);
+          break;
+        }
+        case Kind::Q5_0:
+        case Kind::Q5_1: {
+          const bool min = kind == Kind::Q5_1;
+          const uint8_t* blk = w.q + b * (min ? 24 : 22);
+          uint32_t qh;
+          std::memcpy(&qh, blk + (min ? 4 : 2), 4);
+          for (int v = 0; v < 4; ++v) std::memcpy(o + 32 * v + 4 * r, blk + (min ? 8 : 6) + 4 * v, 4);
+          for (int i = 0; i < 4; ++i) {
+            uint8_t bits = 0;
+            for (int u = 0; u < 8; ++u) bits |= static_cast<uint8_t>(((qh >> (4 * u + i)) & 1) << u);
+            o[128 + 4 * r + i] = bits;
+          }
+          put16(o + 160 + 2 * r, u16(blk));
+          if (min) put16(o + 176 + 2 * r, u16(blk + 2));
+          break;
+        }
+        case Kind::Q8: {
+          for (int u = 0; u < 8; ++u) std::memcpy(o + 32 * u + 4 * r, w.q + b * 32 + 4 * u, 4);
+          put16(o + 256 + 2 * r, w.s[b / bpg]);
+          break;
+        }
+        default: {  // Q8_0
+          const uint8_t* blk = w.q + b * 34;
+          for (int u = 0; u < 8; ++u) std::memcpy(o + 32 * u + 4 * r, blk + 2 + 4 * u, 4);
+          put16(o + 256 + 2 * r, u16(blk));
+          break;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernels: one group (8 weight rows) against NT activation rows; out[t * 8 + r] = row r . activation t.
+// Every activation row goes through the same operations whatever NT is (see dot_q4).
+// ---------------------------------------------------------------------------------------------------
+#if defined(__AVX2__)
+// acc + per-lane sums of four u8 * s8 products
+inline __m256i dp(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i bcast4(const int8_t* p) {  // four activation values into every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+inline __m256 bf16x8(const uint8_t* p) {  // eight bf16 -> fp32
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline __m256 fp16x8c(const uint8_t* p) {  // eight contiguous fp16 -> fp32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Eight unsigned weight vectors (values 4u..4u+3 of eight rows) of a Q4/Q5 record.
+template <bool HIGH>
+inline void unsigned_vectors(const uint8_t* rec, __m256i* w) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int v = 0; v < 4; ++v) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * v));
+    w[v] = _mm256_and_si256(raw, low);
+    w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+  }
+  if (HIGH) {  // bit u of each byte of hb is bit 4 of vector u's byte: move it to bit 4
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 128)), b4 = _mm256_set1_epi8(16);
+    w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+    w[1] = _mm256_or_si256(w[1], _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+    w[2] = _mm256_or_si256(w[2], _mm256_and_si256(_mm256_slli_epi16(hb, 2), b4));
+    w[3] = _mm256_or_si256(w[3], _mm256_and_si256(_mm256_slli_epi16(hb, 1), b4));
+    w[4] = _mm256_or_si256(w[4], _mm256_and_si256(hb, b4));
+    w[5] = _mm256_or_si256(w[5], _mm256_and_si256(_mm256_srli_epi16(hb, 1), b4));
+    w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(hb, 2), b4));
+    w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(hb, 3), b4));
+  }
+}
+
+// Whole-block integer dot products of eight unsigned weight vectors with activation block j0 of row a:
+// lane r = sum over the 32 values of q_r * (128 h + l), exact (|.| < 2^24 for 5-bit weights).
+inline __m256i block_dots_u(const __m256i* w, const ActRow& a, int64_t j0) {
+  __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+  for (int u = 0; u < 8; u += 2) {
+    h0 = dp(h0, w[u], bcast4(a.qh + j0 + 4 * u));
+    l0 = dp(l0, w[u], bcast4(a.ql + j0 + 4 * u));
+    h1 = dp(h1, w[u + 1], bcast4(a.qh + j0 + 4 * u + 4));
+    l1 = dp(l1, w[u + 1], bcast4(a.ql + j0 + 4 * u + 4));
+  }
+  return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(h0, h1), 7), _mm256_add_epi32(l0, l1));
+}
+
+// The same for eight signed weight vectors (int8): h takes w's sign, l (0..127) multiplies w directly.
+inline __m256i block_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
+  __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+  for (int u = 0; u < 8; u += 2) {
+    h0 = dp(h0, aw[u], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u), w[u]));
+    l0 = dp(l0, bcast4(a.ql + j0 + 4 * u), w[u]);
+    h1 = dp(h1, aw[u + 1], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u + 4), w[u + 1]));
+    l1 = dp(l1, bcast4(a.ql + j0 + 4 * u + 4), w[u + 1]);
+  }
+  return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(h0, h1), 7), _mm256_add_epi32(l0, l1));
+}
+
+// Q4, Q5_0, Q5_1: y_r = sum_b scale_rb * d_a[b] * dot + m_rb * s_a[b]
+template <Kind K, int NT>
+void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  constexpr bool high = K != Kind::Q4;
+  const int64_t rec = packed_record(K);
+  __m256 acc[NT], accm[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, p += rec) {
+    __m256i w[8];
+    unsigned_vectors<high>(p, w);
+    __m256 scale, m;
+    if (K == Kind::Q4) {  // w = q * scale + (zero - 8 * scale)
+      scale = bf16x8(p + 128);
+      m = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, bf16x8(p + 144));
+    } else {
+      scale = fp16x8c(p + 160);
+      m = K == Kind::Q5_1 ? fp16x8c(p + 176) : _mm256_mul_ps(scale, _mm256_set1_ps(-16.f));
+    }
+    for (int t = 0; t < NT; ++t) {
+      const __m256 dot = _mm256_cvtepi32_ps(block_dots_u(w, a[t], b * QK));
+      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a[t].d[b])), acc[t]);
+      accm[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[t].s[b]), accm[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], accm[t]));
+}
+
+// Q8 (bf16 scales), Q8_0 (fp16)
+template <Kind K, int NT>
+void packed_signed(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, p += 272) {
+    __m256i w[8], aw[8];
+    for (int u = 0; u < 8; ++u) {
+      w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * u));
+      aw[u] = _mm256_sign_epi8(w[u], w[u]);
+    }
+    const __m256 scale = K == Kind::Q8 ? bf16x8(p + 256) : fp16x8c(p + 256);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 dot = _mm256_cvtepi32_ps(block_dots_s(w, aw, a[t], b * QK));
+      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a[t].d[b])), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+// Q4_K: y_r = sum_i (d_r * sc_ri) * d_a * dot_i - (dmin_r * m_ri) * s_a
+template <int NT>
+void packed_q4k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  __m256 acc[NT], accm[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t sb = 0; sb < nb / 8; ++sb, p += 1184) {
+    const __m256 d = fp16x8c(p), dmin = fp16x8c(p + 16);
+    for (int c = 0; c < 4; ++c) {
+      __m256i w0[8], w1[8];
+      for (int v = 0; v < 8; ++v) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 256 * c + 32 * v));
+        w0[v] = _mm256_and_si256(raw, low);
+        w1[v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      }
+      for (int s = 0; s < 2; ++s) {
+        const int i = 2 * c + s;
+        const int64_t b = sb * 8 + i;
+        const __m256 sc = _mm256_mul_ps(
+            d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * i)))));
+        const __m256 m = _mm256_mul_ps(
+            dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 96 + 8 * i)))));
+        for (int t = 0; t < NT; ++t) {
+          const __m256 dot = _mm256_cvtepi32_ps(block_dots_u(s == 0 ? w0 : w1, a[t], b * QK));
+          acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sc, _mm256_set1_ps(a[t].d[b])), acc[t]);
+          accm[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[t].s[b]), accm[t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_sub_ps(acc[t], accm[t]));
+}
+#else
+// The scalar statement of the same records (the generic build): value j of row r in block record p.
+inline int packed_value(Kind kind, const uint8_t* p, int r, int j) {
+  const int u = j / 4, i = j % 4;
+  if (kind == Kind::Q8 || kind == Kind::Q8_0) return static_cast<int8_t>(p[32 * u + 4 * r + i]);
+  int v = (p[32 * (u % 4) + 4 * r + i] >> (u < 4 ? 0 : 4)) & 0xF;
+  if (kind != Kind::Q4) v |= ((p[128 + 4 * r + i] >> u) & 1) << 4;
+  return v;
+}
+
+template <Kind K, int NT>
+void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  float acc[NT][8] = {}, accm[NT][8] = {};
+  const int64_t rec = packed_record(K);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = p + (K == Kind::Q4_K ? (b / 8) * rec : b * rec);
+    for (int r = 0; r < 8; ++r) {
+      float scale, m = 0.f;
+      if (K == Kind::Q4_K) {  // sub-block b % 8 as a Q4 record's low (even) or high (odd) nibbles
+        const int i = static_cast<int>(b % 8);
+        scale = fp16(u16(blk + 2 * r)) * static_cast<float>(blk[32 + 8 * i + r]);
+        m = -(fp16(u16(blk + 16 + 2 * r)) * static_cast<float>(blk[96 + 8 * i + r]));
+        const uint8_t* q = blk + 160 + 256 * (i / 2);
+        for (int t = 0; t < NT; ++t) {
+          int sumi = 0;
+          for (int j = 0; j < QK; ++j)
+            sumi += ((q[32 * (j / 4) + 4 * r + j % 4] >> (4 * (i % 2))) & 0xF) * act(a[t], b * QK + j);
+          acc[t][r] += static_cast<float>(sumi) * (scale * a[t].d[b]);
+          accm[t][r] += m * a[t].s[b];
+        }
+        continue;
+      }
+      if (K == Kind::Q4) {
+        scale = bf16(u16(blk + 128 + 2 * r));
+        m = bf16(u16(blk + 144 + 2 * r)) - 8.f * scale;
+      } else if (K == Kind::Q8 || K == Kind::Q8_0) {
+        scale = K == Kind::Q8 ? bf16(u16(blk + 256 + 2 * r)) : fp16(u16(blk + 256 + 2 * r));
+      } else {
+        scale = fp16(u16(blk + 160 + 2 * r));
+        m = K == Kind::Q5_1 ? fp16(u16(blk + 176 + 2 * r)) : -16.f * scale;
+      }
+      for (int t = 0; t < NT; ++t) {
+        int sumi = 0;
+        for (int j = 0; j < QK; ++j) sumi += packed_value(K, blk, r, j) * act(a[t], b * QK + j);
+        acc[t][r] += static_cast<float>(sumi) * (scale * a[t].d[b]);
+        accm[t][r] += m * a[t].s[b];
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < 8; ++r) out[8 * t + r] = acc[t][r] + accm[t][r];
+}
+#endif
+
+// One group against NT activation rows: out (NT, 8).
+template <int NT>
+void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+#if defined(__AVX2__)
+  switch (kind) {
+    case Kind::Q4: packed_unsigned<Kind::Q4, NT>(p, a, nb, out); break;
+    case Kind::Q5_0: packed_unsigned<Kind::Q5_0, NT>(p, a, nb, out); break;
+    case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out); break;
+    case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out); break;
+    case Kind::Q8_0: packed_signed<Kind::Q8_0, NT>(p, a, nb, out); break;
+    default: packed_q4k<NT>(p, a, nb, out); break;
+  }
+#else
+  switch (kind) {
+    case Kind::Q4: packed_scalar<Kind::Q4, NT>(p, a, nb, out); break;
+    case Kind::Q5_0: packed_scalar<Kind::Q5_0, NT>(p, a, nb, out); break;
+    case Kind::Q5_1: packed_scalar<Kind::Q5_1, NT>(p, a, nb, out); break;
+    case Kind::Q8: packed_scalar<Kind::Q8, NT>(p, a, nb, out); break;
+    case Kind::Q8_0: packed_scalar<Kind::Q8_0, NT>(p, a, nb, out); break;
+    default: packed_scalar<Kind::Q4_K, NT>(p, a, nb, out); break;
+  }
+#endif
+}
+
+}  // namespace corelm

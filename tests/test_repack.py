@@ -1,0 +1,101 @@
+"""The few-row matmul on weight rows interleaved eight at a time (corelm/kernels/repack.h, what the C++
+decoder step runs from 1 to 63 tokens) equals the PyTorch statement of its integer arithmetic for every
+repacked layout (corelm int4 and int8, GGUF Q5_0, Q5_1, Q8_0, Q4_K) and falls back to the row kernels
+for the others (Q5_K, Q6_K), for 1..8 activation rows, N not a multiple of 8, on every instruction set
+this CPU runs; a row's result does not depend on the rows that came with it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from corelm import kernels
+from corelm.cpu import cpu_flags
+
+CHECK = r"""
+import numpy as np
+import torch
+from corelm import kernels
+from corelm.quant import kquant, layers
+
+assert kernels.load(), kernels.load_error()
+print(torch.ops.corelm.isa())
+TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def blocks(kind, n, k, g):  # valid blocks: random integer fields, realistic fp16 scales
+    _, per, nbytes = kquant.FORMATS[TYPES[kind]]
+    b = g.integers(0, 256, size=(n, k // per, nbytes), dtype=np.uint8)
+    half = lambda lo, hi: g.uniform(lo, hi, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
+    if kind in ("Q8_0", "Q5_0"):
+        b[..., 0:2] = half(1e-4, 2e-3)
+    elif kind == "Q5_1":
+        b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
+    elif kind == "Q6_K":
+        b[..., 208:210] = half(1e-4, 5e-4)
+    else:
+        b[..., 0:2], b[..., 2:4] = half(1e-4, 5e-4), half(1e-4, 5e-4)
+    return torch.from_numpy(b.reshape(n, -1))
+
+
+torch.manual_seed(0)
+g = np.random.default_rng(0)
+k = 512
+x = torch.randn(8, k)
+for n in (37, 16):  # 37: the last group of eight holds five rows
+    cases = []
+    for group in (32, 128):
+        q, s, z = layers.quantize_int4_groupwise(torch.randn(n, k) * 0.05, group)
+        cases.append((f"int4/{group}", kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous(), None))
+    cases.append(("int8/32", *layers.quantize_int8_groupwise(torch.randn(n, k) * 0.05, 32), None))
+    cases.append(("int8/channel", *layers.quantize_int8_per_channel(torch.randn(n, k) * 0.05), None))
+    for kind, t in TYPES.items():
+        cases.append((kind, blocks(kind, n, k, g), torch.tensor([t]), t))
+    for name, q, s, ggml in cases:
+        for t in range(1, 9):
+            y = torch.ops.corelm.qlinear_repacked(x[:t], q, s)
+            if ggml is None:
+                ref, rows = kernels.reference_qlinear(x[:t], q, s), torch.ops.corelm.qlinear(x[:t], q, s)
+            else:
+                ref = kquant.reference_qlinear_blocks(x[:t], q, ggml)
+                rows = torch.ops.corelm.qlinear_blocks(x[:t], q, ggml)
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * scale, msg=f"{name} n={n} t={t}")
+            torch.testing.assert_close(y, rows, rtol=1e-5, atol=1e-6 * scale, msg=f"{name} n={n} t={t}")
+            for i in range(t):
+                assert torch.equal(y[i], torch.ops.corelm.qlinear_repacked(x[i:i + 1], q, s)[0]), (name, n, t, i)
+print("ok")
+"""
+
+
+def _levels():
+    flags, levels = cpu_flags(), ["generic"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        levels.append("avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        levels.append("avx512vnni")
+    return levels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", _levels())
+def test_repacked_matmul_equals_reference_on_every_instruction_set(level):
+    env = dict(os.environ, CORELM_KERNELS_ISA=level)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [level, "ok"]
+
+
+def test_repacked_matches_row_kernels_at_a_decode_shape():
+    assert kernels.load(), kernels.load_error()
+    torch.manual_seed(1)
+    from corelm.quant import layers
+
+    q, s, z = layers.quantize_int4_groupwise(torch.randn(1536, 576) * 0.05, 32)
+    q, s = kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous()
+    x = torch.randn(1, 576)
+    y = torch.ops.corelm.qlinear_repacked(x, q, s)
+    torch.testing.assert_close(y, kernels.reference_qlinear(x, q, s), rtol=1e-5, atol=1e-5)
