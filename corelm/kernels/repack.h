@@ -20,6 +20,9 @@
 //   Q4_K  per super-block of 256 values: d fp16[8] | dmin fp16[8] | sc[8 sub][8 rows] | m[8][8] |
 //         qs[4 pairs][256], qs[256c + 32v + 4r + i] = byte 32c + 4v + i of row r's qs (low nibble:
 //         sub-block 2c, high: 2c + 1, value 4v + i)                   1184 bytes = 8 x 148
+//   Q6_K  per super-block: ql[4 ranges][256] | qh[2 ranges][256] | sc int8[16][8 rows] | d fp16[8], each
+//         range of 32 bytes of a row (ql[32j ...], qh[32j ...]) interleaved as qs above
+//                                                                    1680 bytes = 8 x 210
 // Rows past N (the last group of a matrix whose N is not a multiple of 8) are zeros and are not stored.
 // The integer arithmetic is the row kernels' and the Python references': exact block dot products
 // (here whole-block sums in one int32 lane, converted to fp32 once, as the references' sumi.float()),
@@ -44,12 +47,13 @@ inline int64_t packed_record(Kind kind) {
     case Kind::Q8:
     case Kind::Q8_0: return 272;
     case Kind::Q4_K: return 1184;
+    case Kind::Q6_K: return 1680;
     default: return 0;
   }
 }
 
 inline int64_t packed_group_bytes(Kind kind, int64_t nb) {
-  return kind == Kind::Q4_K ? nb / 8 * packed_record(kind) : nb * packed_record(kind);
+  return kind == Kind::Q4_K || kind == Kind::Q6_K ? nb / 8 * packed_record(kind) : nb * packed_record(kind);
 }
 
 // Writes group g's record (rows 8g..8g+7 of a matrix with n rows) for every block; ``row(r)`` gives row
@@ -60,6 +64,17 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
   auto put16 = [](uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); };
   for (int64_t r = 0; r < rows; ++r) {
     const Row w = row(r);
+    if (kind == Kind::Q6_K) {
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        const uint8_t* blk = w.q + sb * 210;
+        uint8_t* o = out + sb * rec;
+        for (int j = 0; j < 6; ++j)  // ql's four 32-byte ranges, then qh's two
+          for (int v = 0; v < 8; ++v) std::memcpy(o + 256 * j + 32 * v + 4 * r, blk + 32 * j + 4 * v, 4);
+        for (int i = 0; i < 16; ++i) o[1536 + 8 * i + r] = blk[192 + i];
+        put16(o + 1664 + 2 * r, u16(blk + 208));
+      }
+      continue;
+    }
     if (kind == Kind::Q4_K) {
       for (int64_t sb = 0; sb < nb / 8; ++sb) {
         const uint8_t* blk = w.q + sb * 144;
@@ -194,6 +209,18 @@ inline __m256i block_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a
   return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(h0, h1), 7), _mm256_add_epi32(l0, l1));
 }
 
+// 16 values (four signed vectors) of activation row a from j0: lane r = exact integer dot of row r
+inline __m256i half_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
+  __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+  for (int u = 0; u < 4; u += 2) {
+    h0 = dp(h0, aw[u], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u), w[u]));
+    l0 = dp(l0, bcast4(a.ql + j0 + 4 * u), w[u]);
+    h1 = dp(h1, aw[u + 1], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u + 4), w[u + 1]));
+    l1 = dp(l1, bcast4(a.ql + j0 + 4 * u + 4), w[u + 1]);
+  }
+  return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(h0, h1), 7), _mm256_add_epi32(l0, l1));
+}
+
 // Q4, Q5_0, Q5_1: y_r = sum_b scale_rb * d_a[b] * dot + m_rb * s_a[b]
 template <Kind K, int NT>
 void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
@@ -273,6 +300,42 @@ void packed_q4k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
   }
   for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_sub_ps(acc[t], accm[t]));
 }
+// Q6_K: y_r = sum_i d_a * d_r * (sc_r,2i * dot(lo half) + sc_r,2i+1 * dot(hi half)), q - 32 signed
+template <int NT>
+void packed_q6k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+  for (int64_t sb = 0; sb < nb / 8; ++sb, p += 1680) {
+    const __m256 d = fp16x8c(p + 1664);
+    for (int i = 0; i < 8; ++i) {  // sub-block i = 4c + s: ql range 2c + s % 2 (nibble s / 2), qh range c (bits 2s)
+      const int c = i / 4, s = i % 4;
+      const uint8_t* ql = p + 256 * (2 * c + s % 2);
+      const uint8_t* qh = p + 1024 + 256 * c;
+      __m256i w[8], aw[8];
+      for (int v = 0; v < 8; ++v) {
+        __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * v));
+        if (s >= 2) lo = _mm256_srli_epi16(lo, 4);
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * v));
+        const __m256i hi = s == 3 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 4 - 2 * s);  // bits 2s, 2s+1 -> 4, 5
+        w[v] = _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo, low), _mm256_and_si256(hi, two)), off);
+        aw[v] = _mm256_sign_epi8(w[v], w[v]);
+      }
+      const __m256 s0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 1536 + 16 * i)))));
+      const __m256 s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                             _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 1544 + 16 * i)))));
+      const int64_t j0 = (sb * 8 + i) * QK;
+      for (int t = 0; t < NT; ++t) {
+        const __m256 lo = _mm256_cvtepi32_ps(half_dots_s(w, aw, a[t], j0));
+        const __m256 hi = _mm256_cvtepi32_ps(half_dots_s(w + 4, aw + 4, a[t], j0 + 16));
+        acc[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(lo, s0, _mm256_mul_ps(hi, s1)), _mm256_set1_ps(a[t].d[sb * 8 + i]),
+                                 acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
 #else
 // The scalar statement of the same records (the generic build): value j of row r in block record p.
 inline int packed_value(Kind kind, const uint8_t* p, int r, int j) {
@@ -288,8 +351,25 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
   float acc[NT][8] = {}, accm[NT][8] = {};
   const int64_t rec = packed_record(K);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = p + (K == Kind::Q4_K ? (b / 8) * rec : b * rec);
+    const uint8_t* blk = p + (K == Kind::Q4_K || K == Kind::Q6_K ? (b / 8) * rec : b * rec);
     for (int r = 0; r < 8; ++r) {
+      if (K == Kind::Q6_K) {  // sub-block i = 4c + s, value j: ql range 2c + s % 2, qh range c
+        const int i = static_cast<int>(b % 8), c = i / 4, s = i % 4;
+        const float d = fp16(u16(blk + 1664 + 2 * r));
+        const float s0 = d * static_cast<float>(static_cast<int8_t>(blk[1536 + 16 * i + r]));
+        const float s1 = d * static_cast<float>(static_cast<int8_t>(blk[1544 + 16 * i + r]));
+        for (int t = 0; t < NT; ++t) {
+          int half[2] = {0, 0};
+          for (int j = 0; j < QK; ++j) {
+            const int at = 32 * (j / 4) + 4 * r + j % 4;
+            const int lo = (blk[256 * (2 * c + s % 2) + at] >> (4 * (s / 2))) & 0xF;
+            const int hi = (blk[1024 + 256 * c + at] >> (2 * s)) & 3;
+            half[j / 16] += ((lo | (hi << 4)) - 32) * act(a[t], b * QK + j);
+          }
+          acc[t][r] += (static_cast<float>(half[0]) * s0 + static_cast<float>(half[1]) * s1) * a[t].d[b];
+        }
+        continue;
+      }
       float scale, m = 0.f;
       if (K == Kind::Q4_K) {  // sub-block b % 8 as a Q4 record's low (even) or high (odd) nibbles
         const int i = static_cast<int>(b % 8);
@@ -337,6 +417,7 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
     case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out); break;
     case Kind::Q8_0: packed_signed<Kind::Q8_0, NT>(p, a, nb, out); break;
+    case Kind::Q6_K: packed_q6k<NT>(p, a, nb, out); break;
     default: packed_q4k<NT>(p, a, nb, out); break;
   }
 #else
@@ -346,6 +427,7 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
     case Kind::Q5_1: packed_scalar<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_scalar<Kind::Q8, NT>(p, a, nb, out); break;
     case Kind::Q8_0: packed_scalar<Kind::Q8_0, NT>(p, a, nb, out); break;
+    case Kind::Q6_K: packed_scalar<Kind::Q6_K, NT>(p, a, nb, out); break;
     default: packed_scalar<Kind::Q4_K, NT>(p, a, nb, out); break;
   }
 #endif
