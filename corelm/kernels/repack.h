@@ -16,7 +16,8 @@
 //   Q8_0  q[256]  | d fp16[8]                                          272 bytes = 8 x 34
 // qs[32v + 4r + i] = byte 4v + i of row r's packed nibbles (low nibble: value 4v + i, high: 16 + 4v + i),
 // so vector u = 0..7 (low nibbles of load u, then high nibbles of load u - 4) holds values 4u..4u+3;
-// q[32u + 4r + i] = value 4u + i; bit u of hb[4r + i] = bit 4 of value 4u + i.
+// q[32u + 4r + i] = value 4u + i; hb holds bit 4 of value 4u + i of row r as bit u of hb[4r + i] (bit planes,
+// AVX2 and generic builds) or as bit 4r + i of the 32-bit word hb[4u..4u+3] (masks, AVX-512 builds).
 //   Q4_K  per super-block of 256 values: d fp16[8] | dmin fp16[8] | sc[8 sub][8 rows] | m[8][8] |
 //         qs[4 pairs][256], qs[256c + 32v + 4r + i] = byte 32c + 4v + i of row r's qs (low nibble:
 //         sub-block 2c, high: 2c + 1, value 4v + i)                   1184 bytes = 8 x 148
@@ -37,6 +38,15 @@
 namespace corelm {
 
 constexpr int64_t kGroup = 8;  // weight rows per repacked group
+
+// The kernels' helpers must inline: a call spills the eight weight vectors (measured 2x slower on Q5_0).
+#define CORELM_INLINE inline __attribute__((always_inline))
+
+// Q5's fifth bits: as AVX-512 masks, one 32-bit word per vector (bit 4r + i: row r's value 4u + i), where
+// the build has masked byte adds; else as bit planes, byte 4r + i holding bit u for vector u.
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(CORELM_Q5_PLANES)
+#define CORELM_Q5_MASKS 1
+#endif
 
 // Bytes of one group's record for block (or, for Q4_K, super-block) b; 0: the kind is not repacked.
 inline int64_t packed_record(Kind kind) {
@@ -108,11 +118,15 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
           uint32_t qh;
           std::memcpy(&qh, blk + (min ? 4 : 2), 4);
           for (int v = 0; v < 4; ++v) std::memcpy(o + 32 * v + 4 * r, blk + (min ? 8 : 6) + 4 * v, 4);
+#if defined(CORELM_Q5_MASKS)
+          for (int u = 0; u < 8; ++u) o[128 + 4 * u + r / 2] |= static_cast<uint8_t>(((qh >> (4 * u)) & 0xF) << (4 * (r % 2)));
+#else
           for (int i = 0; i < 4; ++i) {
             uint8_t bits = 0;
             for (int u = 0; u < 8; ++u) bits |= static_cast<uint8_t>(((qh >> (4 * u + i)) & 1) << u);
             o[128 + 4 * r + i] = bits;
           }
+#endif
           put16(o + 160 + 2 * r, u16(blk));
           if (min) put16(o + 176 + 2 * r, u16(blk + 2));
           break;
@@ -139,7 +153,7 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
 // ---------------------------------------------------------------------------------------------------
 #if defined(__AVX2__)
 // acc + per-lane sums of four u8 * s8 products
-inline __m256i dp(__m256i acc, __m256i u, __m256i s) {
+CORELM_INLINE __m256i dp(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(acc, u, s);
 #else
@@ -147,30 +161,40 @@ inline __m256i dp(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-inline __m256i bcast4(const int8_t* p) {  // four activation values into every lane
+CORELM_INLINE __m256i bcast4(const int8_t* p) {  // four activation values into every lane
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
 
-inline __m256 bf16x8(const uint8_t* p) {  // eight bf16 -> fp32
+CORELM_INLINE __m256 bf16x8(const uint8_t* p) {  // eight bf16 -> fp32
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-inline __m256 fp16x8c(const uint8_t* p) {  // eight contiguous fp16 -> fp32
+CORELM_INLINE __m256 fp16x8c(const uint8_t* p) {  // eight contiguous fp16 -> fp32
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Eight unsigned weight vectors (values 4u..4u+3 of eight rows) of a Q4/Q5 record.
 template <bool HIGH>
-inline void unsigned_vectors(const uint8_t* rec, __m256i* w) {
+CORELM_INLINE void unsigned_vectors(const uint8_t* rec, __m256i* w) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int v = 0; v < 4; ++v) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * v));
     w[v] = _mm256_and_si256(raw, low);
     w[v + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
   }
+#if defined(CORELM_Q5_MASKS)
+  if (HIGH) {  // hb holds a 32-bit mask per vector: bit 4r + i adds 16 to byte 4r + i
+    const __m256i b4 = _mm256_set1_epi8(16);
+    for (int u = 0; u < 8; ++u) {
+      uint32_t k;
+      std::memcpy(&k, rec + 128 + 4 * u, 4);
+      w[u] = _mm256_mask_add_epi8(w[u], _cvtu32_mask32(k), w[u], b4);
+    }
+  }
+#else
   if (HIGH) {  // bit u of each byte of hb is bit 4 of vector u's byte: move it to bit 4
     const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 128)), b4 = _mm256_set1_epi8(16);
     w[0] = _mm256_or_si256(w[0], _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
@@ -182,11 +206,12 @@ inline void unsigned_vectors(const uint8_t* rec, __m256i* w) {
     w[6] = _mm256_or_si256(w[6], _mm256_and_si256(_mm256_srli_epi16(hb, 2), b4));
     w[7] = _mm256_or_si256(w[7], _mm256_and_si256(_mm256_srli_epi16(hb, 3), b4));
   }
+#endif
 }
 
 // Whole-block integer dot products of eight unsigned weight vectors with activation block j0 of row a:
 // lane r = sum over the 32 values of q_r * (128 h + l), exact (|.| < 2^24 for 5-bit weights).
-inline __m256i block_dots_u(const __m256i* w, const ActRow& a, int64_t j0) {
+CORELM_INLINE __m256i block_dots_u(const __m256i* w, const ActRow& a, int64_t j0) {
   __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
   for (int u = 0; u < 8; u += 2) {
     h0 = dp(h0, w[u], bcast4(a.qh + j0 + 4 * u));
@@ -198,7 +223,7 @@ inline __m256i block_dots_u(const __m256i* w, const ActRow& a, int64_t j0) {
 }
 
 // The same for eight signed weight vectors (int8): h takes w's sign, l (0..127) multiplies w directly.
-inline __m256i block_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
+CORELM_INLINE __m256i block_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
   __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
   for (int u = 0; u < 8; u += 2) {
     h0 = dp(h0, aw[u], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u), w[u]));
@@ -210,7 +235,7 @@ inline __m256i block_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a
 }
 
 // 16 values (four signed vectors) of activation row a from j0: lane r = exact integer dot of row r
-inline __m256i half_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
+CORELM_INLINE __m256i half_dots_s(const __m256i* w, const __m256i* aw, const ActRow& a, int64_t j0) {
   __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
   for (int u = 0; u < 4; u += 2) {
     h0 = dp(h0, aw[u], _mm256_sign_epi8(bcast4(a.qh + j0 + 4 * u), w[u]));
