@@ -72,44 +72,51 @@ template <typename C>
 void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
             int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float* out) {
   const int64_t group = H / KV;
-  auto one = [&](int64_t th) {
-    const int64_t t = th / H, h = th % H, p = pos[t];
+  // query heads h0..h1-1 of token t, all reading kv head g: each cache row is converted once for all of
+  // them, and every head goes through the same operations however many come with it
+  auto heads = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
+    const int64_t p = pos[t], n = h1 - h0;
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, len = p - lo + 1;
-    std::vector<float> w(len);
-    const float* qh = q + (t * H + h) * hd;
-    const C* K = kc + ((rows[t] * KV + h / group) * S + lo) * hd;
-    const C* V = vc + ((rows[t] * KV + h / group) * S + lo) * hd;
+    std::vector<float> w(n * len), mx(n, -INFINITY), sum(n, 0.f);
+    const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
+    const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
     std::vector<float> row(std::is_same_v<C, float> ? 0 : hd);
-    float mx = -INFINITY;
     for (int64_t j = 0; j < len; ++j) {
       const float* k = cache_row(K + j * hd, hd, row.data());
-      float acc = 0.f;
+      for (int64_t h = 0; h < n; ++h) {
+        const float* qh = q + (t * H + g * group + h0 + h) * hd;
+        float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
-      w[j] = acc * scale;
-      mx = std::max(mx, w[j]);
+        for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
+        w[h * len + j] = acc * scale;
+        mx[h] = std::max(mx[h], w[h * len + j]);
+      }
     }
-    float sum = 0.f;
-    for (int64_t j = 0; j < len; ++j) {
-      w[j] = std::exp(w[j] - mx);  // max subtracted: exp never overflows
-      sum += w[j];
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t j = 0; j < len; ++j) {
+        w[h * len + j] = std::exp(w[h * len + j] - mx[h]);  // max subtracted: exp never overflows
+        sum[h] += w[h * len + j];
+      }
+      float* o = out + (t * H + g * group + h0 + h) * hd;
+      std::fill(o, o + hd, 0.f);
     }
-    float* o = out + (t * H + h) * hd;
-    std::fill(o, o + hd, 0.f);
     for (int64_t j = 0; j < len; ++j) {
-      const float wj = w[j] / sum;
       const float* v = cache_row(V + j * hd, hd, row.data());
+      for (int64_t h = 0; h < n; ++h) {
+        const float wj = w[h * len + j] / sum[h];
+        float* o = out + (t * H + g * group + h0 + h) * hd;
 #pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
+        for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
+      }
     }
   };
   int64_t work = 0;
   for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
-  if (work < (1 << 16)) {  // little work: a parallel region costs more than it saves
-    for (int64_t th = 0; th < N * H; ++th) one(th);
-  } else {
+  if (work < (1 << 16) || at::get_num_threads() == 1) {  // little work: a parallel region costs more than it saves
+    for (int64_t tg = 0; tg < N * KV; ++tg) heads(tg / KV, tg % KV, 0, group);
+  } else {  // one unit per query head: a token's few kv heads would leave a core idle
     Pool::parallel_for(N * H, 1, [&](int64_t b, int64_t e) {
-      for (int64_t th = b; th < e; ++th) one(th);
+      for (int64_t th = b; th < e; ++th) heads(th / H, th % H / group, th % group, th % group + 1);
     });
   }
 }
