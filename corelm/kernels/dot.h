@@ -33,6 +33,45 @@ inline float bf16(uint16_t h) {  // bf16 is the top half of an fp32
 constexpr float AMAX = 127.f * 128.f;
 
 void quantize_row(const float* x, int64_t k, int8_t* qh, int8_t* ql, float* d, float* s) {
+#if defined(__AVX2__)
+  // the same arithmetic eight lanes at a time: max|x| is order-free, v = x * inv rounds to nearest even
+  // (VCVTPS2DQ in the default rounding mode, as nearbyint), h = v >> 7 is floor(v / 128), l = v & 127
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 xv[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      xv[i] = _mm256_loadu_ps(xb + 8 * i);
+      m = _mm256_max_ps(m, _mm256_and_ps(xv[i], absmask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float db = _mm_cvtss_f32(m4) / AMAX;
+    const __m256 inv = _mm256_set1_ps(db > 0.f ? 1.f / db : 0.f);
+    __m256i v[4], hv[4], lv[4], sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(xv[i], inv));
+      hv[i] = _mm256_srai_epi32(v[i], 7);
+      lv[i] = _mm256_and_si256(v[i], _mm256_set1_epi32(127));
+      sum = _mm256_add_epi32(sum, v[i]);
+    }
+    // int32 -> int8 keeping the order: packs interleave 128-bit lanes, the permute puts them back
+    auto bytes = [&](const __m256i* w) {
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(w[0], w[1]), _mm256_packs_epi32(w[2], w[3]));
+      return _mm256_permutevar8x32_epi32(p, order);
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qh + b * QK), bytes(hv));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ql + b * QK), bytes(lv));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    d[b] = db;
+    s[b] = db * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+  return;
+#endif
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
