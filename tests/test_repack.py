@@ -99,3 +99,18 @@ def test_repacked_matches_row_kernels_at_a_decode_shape():
     x = torch.randn(1, 576)
     y = torch.ops.corelm.qlinear_repacked(x, q, s)
     torch.testing.assert_close(y, kernels.reference_qlinear(x, q, s), rtol=1e-5, atol=1e-5)
+
+
+def test_activation_quantization_equals_the_reference_bit_for_bit():
+    """Identity int8 weights read the kernel's activation integers back: y = d_a * a exactly."""
+    assert kernels.load(), kernels.load_error()
+    torch.manual_seed(2)
+    k = 256
+    x = torch.randn(6, k) * torch.logspace(-3, 3, 6)[:, None]
+    x[1, :32] = 0  # a zero block
+    x[2, 40] = 1e30  # one huge value: the rest of its block rounds to 0
+    q = torch.eye(k, dtype=torch.int8)
+    s = torch.ones(k, k // 32, dtype=torch.bfloat16)
+    a, d, _ = kernels.quantize_activations(x)
+    assert torch.equal(torch.ops.corelm.qlinear(x, q, s), (a * d[..., None]).reshape(6, k))
+    assert torch.equal(torch.ops.corelm.qlinear_repacked(x, q, s), (a * d[..., None]).reshape(6, k))
