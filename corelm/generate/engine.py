@@ -312,8 +312,28 @@ def _select_beams(
     return running, finished
 
 
+def _fork_grammars(grammars: list[Constraint], origins: list[int], beams: list[list[int]],
+                   scores: list[float]) -> list[Constraint]:
+    """Each beam's grammar state: its origin's, copied (several beams may share an origin), advanced by
+    the beam's new token."""
+    forked = [grammars[o].clone() for o in origins]
+    for g, beam, score in zip(forked, beams, scores):
+        if score > -1e8:  # dead padding beams never emit
+            g.advance(beam[-1])
+    return forked
+
+
+def _running_at_the_end(beams: list[list[int]], scores: list[float], grammars: list[Constraint] | None,
+                        lp: float, any_finished: bool) -> list[tuple[float, list[int]]]:
+    """The running beams that compete with the finished ones at ``max_new_tokens``, scored like them.
+    Under a grammar only beams holding a complete document do, unless no beam at all is whole."""
+    live = [b for b, beam in enumerate(beams) if beam and scores[b] > -1e8]
+    whole = [b for b in live if grammars is None or grammars[b].accepting]
+    return [(scores[b] / len(beams[b]) ** lp, beams[b]) for b in (whole if whole or any_finished else live)]
+
+
 @torch.inference_mode()
-def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,  # noqa: C901
+def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
                 num_beams: int | None = None, length_penalty: float | None = None,
                 eos_token_id: int | Sequence[int] | None = None, constraint: Constraint | None = None) -> list[int]:
     """Beam search (deterministic): keep the ``num_beams`` most likely continuations at each step.
@@ -376,11 +396,8 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
             beam_scores = torch.cat([beam_scores, torch.full((pad,), -1e9, device=device)])
         if not torch.equal(origins, torch.arange(nb, device=device)):
             decoder.reorder(cache, origins)  # each beam continues from its origin's keys/values
-        if grammars is not None:  # each beam continues from its origin's grammar state, plus its token
-            grammars = [grammars[o].clone() for o in origins.tolist()]
-            for g, b, score in zip(grammars, beams, beam_scores.tolist()):
-                if score > -1e8:  # dead padding beams never emit
-                    g.advance(b[-1])
+        if grammars is not None:
+            grammars = _fork_grammars(grammars, origins.tolist(), beams, beam_scores.tolist())
         if step + 1 == params.max_new_tokens:
             break
         tokens = torch.tensor([b[-1] for b in beams], device=device)
@@ -389,10 +406,7 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
         if grammars is not None:
             logprobs = mask_rows(logprobs, grammars)
     if not done:  # max_new_tokens reached: running beams compete with the finished ones
-        live = [b for b in range(nb) if beams[b] and float(beam_scores[b]) > -1e8]
-        complete = [b for b in live if grammars is None or grammars[b].accepting]
-        for b in complete if complete or finished else live:  # a cut-off document only when nothing is whole
-            finished.append((float(beam_scores[b]) / len(beams[b]) ** lp, beams[b]))
+        finished += _running_at_the_end(beams, beam_scores.tolist(), grammars, lp, bool(finished))
     if not finished:
         return []
     return max(finished, key=lambda x: x[0])[1]
