@@ -17,9 +17,10 @@ dependency on ``transformers``. Rows without a constraint pay nothing.
 
 Every decode path uses it: the server's batcher, :mod:`corelm.generate.engine` (greedy, sampling, beam
 search, batched rows) and :mod:`corelm.generate.speculative`. Beam search keeps one matcher per beam
-and copies it when beams are reordered: ``deep_copy`` costs 0.7 us against replaying the beam's tokens
-(one ``consume_token`` each). Speculative decoding advances the matcher over the drafts tentatively and
-rolls back (``rollback``) to the accepted prefix.
+and copies it when beams are reordered: ``deep_copy`` took 0.9 us, against 307 us to build a matcher and
+replay a 12-token prefix (5 us replaying into a matcher kept for it) -- 2-core Zen 4, loaded, 2026-12-05.
+Speculative decoding advances the matcher over the drafts tentatively and rolls back (``rollback``) to
+the accepted prefix.
 """
 
 from __future__ import annotations
