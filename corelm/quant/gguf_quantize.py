@@ -150,9 +150,10 @@ def _seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim one element after another in fp32, as the C loops accumulate: the scale
     searches compare errors that tie exactly in real arithmetic (weights already on a coarser grid),
     and the rounding of a pairwise sum would pick a different winner from llama.cpp's."""
-    acc = t[..., 0]
-    for j in range(1, t.shape[-1]):
-        acc = acc + t[..., j]
+    t = t.movedim(-1, 0).contiguous()  # each step then adds one contiguous slice
+    acc = t[0].clone()
+    for j in range(1, t.shape[0]):
+        acc += t[j]
     return acc
 
 
