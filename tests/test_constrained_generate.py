@@ -81,6 +81,13 @@ def test_beam_search_returns_only_valid_documents(llm):
     for prompt in PROMPTS[:3]:
         text = llm.generate(prompt, max_new_tokens=40, json_schema=PERSON, num_beams=3)
         jsonschema.validate(json.loads(text), PERSON)
+    # an unbounded integer: beams that run on with digits must not beat the whole document (they did when
+    # forbidden tokens were masked after the log-softmax), with or without ignore_eos
+    number = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    for ignore_eos in (False, True):
+        text = llm.generate("A as JSON:", max_new_tokens=30, json_schema=number, num_beams=2, ignore_eos=ignore_eos)
+        jsonschema.validate(json.loads(text), number)
     # too few tokens for any whole document: the best cut-off beam comes back, still a prefix of the grammar
     cut = llm.generate(PROMPTS[0], max_new_tokens=4, json_schema=PERSON, num_beams=3)
     assert cut.startswith("{") and len(llm.tokenizer.encode(cut, add_special_tokens=False)) <= 4
