@@ -310,6 +310,8 @@ class LLM:
                 end = time.perf_counter()
                 stats.update(prompt_tokens=len(prompt_ids), new_tokens=n,
                              prefill_s=(first or end) - t0, decode_s=end - (first or end))
+                if num_beams > 1:  # one search, prefill included: its tokens come out together at the end
+                    stats.update(beams=num_beams, search_s=(first or end) - t0)
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

@@ -174,3 +174,14 @@ def test_cli_bad_structure_is_exit_2_one_line(extra, message, capsys):
     code, out, err = run(["generate", "--max-new-tokens", "4", *extra, "x"], capsys)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[loaded")]
     assert code == 2 and len(lines) == 1 and message in lines[0] and not out, err
+
+
+def test_beam_stats_line_reports_the_whole_search(llm):
+    from corelm.commands.decoding import format_stats
+
+    stats: dict[str, float] = {}
+    text = "".join(llm.stream_ids(llm.encode_prompt("Is water wet? Answer:"), max_new_tokens=8, regex=YES_NO,
+                                  num_beams=2, stats=stats))
+    assert re.fullmatch(YES_NO, text) and stats["beams"] == 2 and stats["search_s"] > 0
+    line = format_stats({**stats, "search_s": 0.5, "new_tokens": 3})  # the search's tokens come out together
+    assert line.endswith("beam search, 2 beams: 6 tok/s overall]"), line
