@@ -157,7 +157,6 @@ void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::v
 
 // Several matrices reading the same input (q|k|v, gate|up) as one: outs[i] gets (T, N_i). The output
 // rows of all of them are split across the intra-op threads, each weight row read once.
-
 void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs) {
   for (const auto& m : ms)
     if (m.packed) return qmatmul_packed(a, ms, outs);
