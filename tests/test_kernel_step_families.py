@@ -1,4 +1,5 @@
-"""The C++ decoder step on the families beyond Llama: Gemma 1/2/3, OLMo 2 and Phi-3 with LongRoPE.
+"""The C++ decoder step on the families beyond Llama: Gemma 1/2/3, OLMo 2, Phi-3 with LongRoPE and the
+sparse MoEs (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Each case is a tiny random checkpoint written by transformers, loaded with ``quantize="int8"`` or
 ``"int4"``: the C++ ``KernelStep`` must compute what the same quantized model's PyTorch forward
@@ -39,6 +40,14 @@ CASES = {
                                "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.75,
                                                    "long_factor": [1.0, 1.5, 2.0], "short_factor": [1.0, 1.05, 1.1]}}),
+    # routers and experts stay in floats; top-2 of 4 experts renormalised, with a window
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW}),
+    # a shared expert under a sigmoid gate, probabilities not renormalised, layer 0 dense
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 64, "norm_topk_prob": False,
+                                "num_hidden_layers": 3, "mlp_only_layers": [0]}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "head_dim": 16, "norm_topk_prob": True}),
 }
 LONG = [5, 17, 3, 99, 42, 7, 1, 100, 64, 33, 12, 8, 90, 61, 23, 44, 2, 71, 19, 30]  # > window, > 8
 SHORT = [9, 4, 77, 31, 50, 6]  # decoding from it crosses LongRoPE's switch at position 8
@@ -52,9 +61,9 @@ def _write_checkpoint(case: str, path, **overrides) -> None:
     hf = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(model_type, **{**COMMON, **options}))
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # off transformers' init (norms of 0 or 1), so every weight matters
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    with torch.no_grad():  # off transformers' init (norms of 0 or 1, zero routers), so every weight matters
+        for name, p in hf.named_parameters():  # routers far from ties: one choice of experts, whatever the order
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("gate.weight") else 0.05))
     hf.save_pretrained(path)
     special = {"bos_token": "<s>", "eos_token": "</s>"}
     Tokenizer(_word_backend(list(special.values())), special_tokens=special).save(path)

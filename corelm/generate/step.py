@@ -59,6 +59,7 @@ NORM_ROLES = {
     "gemma": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
               "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
     "olmo2": {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+    "moe": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
 }
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the C++ step's gated-MLP nonlinearities (Layer::act)
 
@@ -401,16 +402,28 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One block as the C++ step's ``add_layer`` reads it: ``(tensors, options)``.
 
-    Tensors: the seven projections (:func:`_named`), the norms the family has in each role of
-    :data:`NORM_ROLES` (as the step multiplies by them), the QK norms (per head: ``head_dim`` weights;
-    OLMo 2's over the whole projection: one per row), and for a sliding Gemma 3 layer its own RoPE table
-    ``local_rope``. Options: the window, the attention scale and soft-cap, the activation.
+    Tensors: the seven projections (:func:`_named`; a MoE's gate/up/down are its shared expert's, or
+    absent), the norms the family has in each role of :data:`NORM_ROLES` (as the step multiplies by
+    them), the QK norms (per head: ``head_dim`` weights; OLMo 2's over the whole projection: one per row),
+    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router,
+    stacked experts and shared-expert gate, in floats as the quantized model keeps them. Options: the
+    window, the attention scale and soft-cap, the activation, a MoE's ``top_k`` and ``norm_topk``.
     """
     family = getattr(config, "family", None)
-    attn, mlp = block.self_attn, block.mlp
+    attn = block.self_attn
     tensors: dict[str, torch.Tensor] = {}
+    options: dict[str, float] = {}
+    mlp = _dense_mlp(block)
     for name in PROJECTIONS:
-        tensors.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
+        if name in PROJECTIONS[:4] or mlp is not None:  # a MoE without a shared expert has no dense MLP
+            tensors.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
+    if hasattr(block.mlp, "experts"):  # routed experts and routers stay in floats when quantized
+        moe = block.mlp
+        tensors.update({"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
+                        "experts.down": moe.experts.down_proj.detach()})
+        if hasattr(moe, "shared_expert_gate"):
+            tensors["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
+        options.update(top_k=float(moe.top_k), norm_topk=float(bool(moe.norm_topk_prob)))
     for role, name in NORM_ROLES[family].items():
         if getattr(getattr(block, name, None), "weight", None) is not None:  # nn.Identity: no such norm
             tensors[role] = _norm_weight(getattr(block, name))
@@ -419,12 +432,19 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
             tensors[name] = _norm_weight(getattr(attn, name))
     if local_rope is not None and getattr(attn, "local_rope", False):
         tensors["cos"], tensors["sin"] = local_rope
-    options = {"window": float(layer_window(config, attn.layer_idx)), "act": float(ACTIVATIONS[config.activation])}
+    options.update(window=float(layer_window(config, attn.layer_idx)), act=float(ACTIVATIONS[config.activation]))
     if getattr(attn, "scale", None) is not None:  # Gemma: query_pre_attn_scalar ** -0.5
         options["attn_scale"] = float(attn.scale)
     if getattr(attn, "softcap", None):
         options["attn_softcap"] = float(attn.softcap)
     return tensors, options
+
+
+def _dense_mlp(block: nn.Module) -> nn.Module | None:
+    """The block's gated MLP on the quantized kernels: its ``mlp``, a MoE's shared expert, or None."""
+    if hasattr(block.mlp, "experts"):
+        return getattr(block.mlp, "shared_expert", None)
+    return block.mlp
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor:
@@ -454,7 +474,7 @@ def _named(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def kernel_step_supported(model: nn.Module) -> str | None:
     """Why ``model`` cannot run on :class:`KernelStep` (None when it can).
 
-    It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2) on the CPU
+    It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2, moe) on the CPU
     whose every projection and head is a quantized layer on corelm's kernel layout, with one RMSNorm
     epsilon, a gated MLP of :data:`ACTIVATIONS`, a RoPE table that does not change with the length
     (LongRoPE's two tables are taken), and the kernel library is built.
@@ -473,10 +493,14 @@ def kernel_step_supported(model: nn.Module) -> str | None:
         return f"the C++ step computes SwiGLU or tanh-GELU GeGLU, not {config.activation}"
     if model.rope.rope_type == "dynamic":  # its table changes with every length past the context
         return "the C++ step reads fixed RoPE tables; dynamic RoPE changes its table with the length"
-    layers = [getattr(b.self_attn if n in PROJECTIONS[:4] else b.mlp, n)
-              for b in model.model.layers for n in PROJECTIONS]
+    from corelm.models.moe import Experts
+
+    layers = [getattr(b.self_attn, n) for b in model.model.layers for n in PROJECTIONS[:4]]
+    layers += [getattr(m, n) for m in map(_dense_mlp, model.model.layers) if m is not None for n in PROJECTIONS[4:]]
     if any(kernel_weights(m) is None for m in [*layers, model.lm_head]):
         return "some layers are not on corelm's kernel layout"
+    if any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts for b in model.model.layers):
+        return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
     norms = {m.eps for m in model.model.modules() if isinstance(getattr(m, "eps", None), float)}
     if len(norms) != 1:
         return "the model's RMSNorms use several epsilons"

@@ -1,7 +1,8 @@
 // The fused decoder step: T tokens through a whole decoder in one call (included once, by
 // corelm_kernels.cpp). One block interpreter covers the llama family (Llama, Mistral, Qwen2/3, Phi-3),
-// Gemma 1/2/3 and OLMo 2: each block is described by which norms it has where, its activation, its
-// attention scale, soft-cap, window and RoPE table.
+// Gemma 1/2/3, OLMo 2 and the sparse MoEs (Mixtral, Qwen2/3-MoE): each block is described by which
+// norms it has where, its activation, its attention scale, soft-cap, window and RoPE table, and its
+// MLP (dense, or routed experts).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -141,6 +142,37 @@ struct Linear {
   QMatrix m;
 };
 
+// A floating-point matrix (N, K), fp32 or bf16: what a quantized MoE keeps unquantized (routers,
+// Qwen2-MoE's shared-expert gate, the stacked routed experts, viewed as (E * rows, K)).
+struct FMatrix {
+  at::Tensor w;
+  int64_t n = 0, k = 0;
+  bool defined() const { return w.defined(); }
+};
+
+template <typename W>
+float fdot(const W* w, const float* x, int64_t k) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < k; ++i) acc += static_cast<float>(w[i]) * x[i];
+  return acc;
+}
+
+// y[r] = W[row0 + r] . x for r < rows, each row's sum in fp32 and in one fixed order.
+void fmatvec(const FMatrix& m, int64_t row0, int64_t rows, const float* x, float* y) {
+  auto run = [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      y[r] = m.w.scalar_type() == at::kBFloat16 ? fdot(m.w.data_ptr<at::BFloat16>() + (row0 + r) * m.k, x, m.k)
+                                                : fdot(m.w.data_ptr<float>() + (row0 + r) * m.k, x, m.k);
+    }
+  };
+  if (rows * m.k < (1 << 15)) {  // little work: a parallel region costs more than it saves
+    run(0, rows);
+  } else {
+    Pool::parallel_for(rows, 16, run);
+  }
+}
+
 // The gated MLP's nonlinearity: down(act(gate) * up).
 enum class Activation { SiLU = 0, GeluTanh = 1 };  // SwiGLU (Llama, OLMo 2); GeGLU with tanh GELU (Gemma)
 
@@ -158,6 +190,13 @@ struct Layer {
   float attn_scale = 0.f;  // scores = q.k * attn_scale; 0: 1 / sqrt(head_dim)
   float attn_softcap = 0.f;  // 0: scores not capped
   Activation act = Activation::SiLU;
+  // A sparse MoE MLP (Mixtral, Qwen2/3-MoE) when `router` is set: softmax(router x) picks top_k of the
+  // experts (gate|up rows of expert e: experts_gate_up rows e*2F..; down: experts_down rows e*d..),
+  // weighted by their probabilities (renormalised to sum 1 with norm_topk). gate/up/down are then
+  // Qwen2-MoE's shared expert (absent otherwise), scaled by sigmoid(shared_gate x).
+  FMatrix router, experts_gate_up, experts_down, shared_gate;
+  int64_t top_k = 0, moe_ff = 0;
+  bool norm_topk = false;
 };
 
 // A decoder described to the C++ step by name, once, at load (norm weights as the step multiplies
@@ -166,8 +205,9 @@ struct Layer {
 //                "sin_long"}, n_head, n_kv_head, {"eps", optional "final_softcap", "rope_long_from"})
 //   .add_layer({"<proj>.values", "<proj>.scales", optional "<proj>.bias"   for proj in q/k/v/o/gate/up/down,
 //               optional "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm",
-//               "cos", "sin"},
-//              {optional "window", "attn_scale", "attn_softcap", "act"})
+//               "cos", "sin", and for a sparse MoE MLP "router", "experts.gate_up", "experts.down",
+//               "shared_expert_gate" (the gate/up/down projections are then the shared expert's, if any)},
+//              {optional "window", "attn_scale", "attn_softcap", "act", "top_k", "norm_topk"})
 // The output logits become final_softcap * tanh(logits / final_softcap) when it is set (Gemma 2).
 // With "rope_long_from" (LongRoPE, Phi-3), a row whose largest position in the call is at least
 // rope_long_from rotates with the "cos_long"/"sin_long" table, as a forward of that row alone does.
@@ -219,18 +259,22 @@ class DecoderStep : public torch::CustomClassHolder {
     l.k = linear(t, "k_proj", where, d_);
     l.v = linear(t, "v_proj", where, d_);
     l.o = linear(t, "o_proj", where, n_head_ * hd_);
-    l.gate = linear(t, "gate_proj", where, d_);
-    l.up = linear(t, "up_proj", where, d_);
-    l.down = linear(t, "down_proj", where, l.gate.m.n);
-    TORCH_CHECK(l.k.m.n == n_kv_head_ * hd_ && l.v.m.n == l.k.m.n && l.o.m.n == d_ && l.up.m.n == l.gate.m.n &&
-                    l.down.m.n == d_,
-                where, "unexpected matrix shapes");
+    if (t.contains("router")) add_moe(l, t, options, where);
+    if (!l.router.defined() || t.contains("gate_proj.values")) {  // the MLP, or a MoE's shared expert
+      l.gate = linear(t, "gate_proj", where, d_);
+      l.up = linear(t, "up_proj", where, d_);
+      l.down = linear(t, "down_proj", where, l.gate.m.n);
+      TORCH_CHECK(l.up.m.n == l.gate.m.n && l.down.m.n == d_, where, "unexpected MLP shapes");
+    }
+    TORCH_CHECK(l.k.m.n == n_kv_head_ * hd_ && l.v.m.n == l.k.m.n && l.o.m.n == d_, where,
+                "unexpected attention shapes");
     if (t.contains("q_norm")) {
       l.q_norm = get(t, "q_norm", where);
       l.k_norm = get(t, "k_norm", where);
       const bool per_head = l.q_norm.numel() == hd_ && l.k_norm.numel() == hd_;
       const bool whole = l.q_norm.numel() == n_head_ * hd_ && l.k_norm.numel() == n_kv_head_ * hd_;
-      TORCH_CHECK(per_head || whole, where, "q_norm/k_norm must have head_dim entries, or one per row of q_proj/k_proj");
+      TORCH_CHECK(per_head || whole, where,
+                  "q_norm/k_norm must have head_dim entries, or one per row of q_proj/k_proj");
     }
     l.window = static_cast<int64_t>(option(options, "window", 0.));
     l.attn_scale = static_cast<float>(option(options, "attn_scale", 0.));
@@ -282,7 +326,8 @@ class DecoderStep : public torch::CustomClassHolder {
     for (int64_t t = 0; t < N; ++t) {
       TORCH_CHECK(pos[t] < cos_of[t]->size(0), "position ", pos[t], " is outside the RoPE table");
       for (const Layer& l : layers_)
-        TORCH_CHECK(!l.cos.defined() || pos[t] < l.cos.size(0), "position ", pos[t], " is outside a layer's RoPE table");
+        TORCH_CHECK(!l.cos.defined() || pos[t] < l.cos.size(0), "position ", pos[t],
+                    " is outside a layer's RoPE table");
     }
     const int64_t M = out_t.numel();
     const int64_t* out = out_t.data_ptr<int64_t>();
@@ -344,23 +389,28 @@ class DecoderStep : public torch::CustomClassHolder {
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
 
       in = norm_rows(x.data(), l.mlp_norm, N, h.data());
-      matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
-      add_bias(l.gate, gate.data(), N);
-      add_bias(l.up, up.data(), N);
-      if (l.act == Activation::SiLU) {
-        for (int64_t i = 0; i < N * dff; ++i) {
-          const float g = gate[i];
-          gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
-        }
+      if (dff == 0) {  // a MoE without a shared expert
+        std::fill(tmp.begin(), tmp.end(), 0.f);
       } else {
-        constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-        for (int64_t i = 0; i < N * dff; ++i) {
-          const float g = gate[i];  // GeGLU: gelu(gate) * up, GELU's tanh approximation (Hendrycks & Gimpel 2016)
-          gate[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
+        matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
+        add_bias(l.gate, gate.data(), N);
+        add_bias(l.up, up.data(), N);
+        if (l.act == Activation::SiLU) {
+          for (int64_t i = 0; i < N * dff; ++i) {
+            const float g = gate[i];
+            gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
+          }
+        } else {
+          constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+          for (int64_t i = 0; i < N * dff; ++i) {
+            const float g = gate[i];  // GeGLU: gelu(gate) * up, GELU's tanh form (Hendrycks & Gimpel 2016)
+            gate[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
+          }
         }
+        matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
+        add_bias(l.down, tmp.data(), N);
       }
-      matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
-      add_bias(l.down, tmp.data(), N);
+      if (l.router.defined()) moe(l, in, N, tmp.data());
       norm_rows(tmp.data(), l.mlp_out_norm, N, tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
     }
@@ -381,6 +431,77 @@ class DecoderStep : public torch::CustomClassHolder {
     TORCH_CHECK(v.device().is_cpu(), where, "'", name, "' must be on the CPU");
     if (v.is_floating_point() && v.scalar_type() != at::kBFloat16) v = v.to(at::kFloat).contiguous();
     return v;
+  }
+
+  FMatrix fmatrix(const c10::Dict<std::string, at::Tensor>& t, const std::string& name, const std::string& where,
+                  int64_t n, int64_t k) const {
+    FMatrix m;
+    m.w = get(t, name, where).contiguous();
+    TORCH_CHECK(m.w.numel() == n * k, where, "'", name, "' must hold ", n, " x ", k, " weights");
+    m.n = n;
+    m.k = k;
+    return m;
+  }
+
+  void add_moe(Layer& l, const c10::Dict<std::string, at::Tensor>& t, const c10::Dict<std::string, double>& options,
+               const std::string& where) const {
+    const at::Tensor& router = t.at("router");
+    TORCH_CHECK(router.dim() == 2 && router.size(1) == d_, where, "router must be (n_experts, d_model)");
+    const int64_t E = router.size(0);
+    l.router = fmatrix(t, "router", where, E, d_);
+    TORCH_CHECK(t.contains("experts.down") && t.at("experts.down").dim() == 3, where,
+                "'experts.down' must be (n_experts, d_model, F)");
+    l.moe_ff = t.at("experts.down").size(2);
+    l.experts_gate_up = fmatrix(t, "experts.gate_up", where, E * 2 * l.moe_ff, d_);
+    l.experts_down = fmatrix(t, "experts.down", where, E * d_, l.moe_ff);
+    if (t.contains("shared_expert_gate")) l.shared_gate = fmatrix(t, "shared_expert_gate", where, 1, d_);
+    l.top_k = static_cast<int64_t>(option(options, "top_k", 0.));
+    l.norm_topk = option(options, "norm_topk", 0.) != 0.;
+    TORCH_CHECK(l.top_k > 0 && l.top_k <= E, where, "top_k must be 1..n_experts");
+  }
+
+  // y (N, d) += each token's routed experts, sum_j w_j * down_e(silu(gate_e x) * up_e x); a shared
+  // expert already in y is first scaled by sigmoid(shared_gate x). Token by token: a token's experts and
+  // sums do not depend on the other tokens of the call.
+  void moe(const Layer& l, const float* x, int64_t N, float* y) const {
+    const int64_t E = l.router.n, F = l.moe_ff, d = d_;
+    std::vector<float> probs(E), gu(2 * F), out(d);
+    std::vector<int64_t> order(E);
+    for (int64_t t = 0; t < N; ++t) {
+      const float* xt = x + t * d;
+      float* yt = y + t * d;
+      if (l.shared_gate.defined()) {
+        float g = 0.f;
+        fmatvec(l.shared_gate, 0, 1, xt, &g);
+        const float s = 1.f / (1.f + std::exp(-g));
+        for (int64_t i = 0; i < d; ++i) yt[i] *= s;
+      }
+      fmatvec(l.router, 0, E, xt, probs.data());  // fp32 softmax: the probabilities pick the experts
+      const float mx = *std::max_element(probs.begin(), probs.end());
+      float sum = 0.f;
+      for (float& p : probs) sum += (p = std::exp(p - mx));
+      for (float& p : probs) p /= sum;
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + l.top_k, order.end(), [&](int64_t a, int64_t b) {
+        return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);  // ties: the lower index, as topk
+      });
+      float norm = 1.f;
+      if (l.norm_topk) {
+        norm = 0.f;
+        for (int64_t j = 0; j < l.top_k; ++j) norm += probs[order[j]];
+      }
+      for (int64_t j = 0; j < l.top_k; ++j) {
+        const int64_t e = order[j];
+        const float w = probs[e] / norm;
+        fmatvec(l.experts_gate_up, e * 2 * F, 2 * F, xt, gu.data());
+        for (int64_t i = 0; i < F; ++i) {
+          const float g = gu[i];
+          gu[i] = g / (1.f + std::exp(-g)) * gu[F + i];  // SwiGLU
+        }
+        fmatvec(l.experts_down, e * d, d, gu.data(), out.data());
+        for (int64_t i = 0; i < d; ++i) yt[i] += w * out[i];
+      }
+    }
   }
 
   static double option(const c10::Dict<std::string, double>& o, const std::string& name, double fallback) {
