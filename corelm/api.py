@@ -75,7 +75,7 @@ class LLM:
         source: Where the weights came from (path, or ``"random init"``).
         compile: Decode through a ``torch.compile``d step of the model's forward (minutes to compile
             on a 2-core CPU the first time, seconds once inductor's cache holds it; for float models,
-            mainly on GPU). Off: a quantized dense decoder (llama family, Gemma, OLMo 2) decodes on corelm's C++ step,
+            mainly on GPU). Off: a quantized decoder (llama family, Gemma, OLMo 2, MoE) decodes on corelm's C++ step,
             others eagerly.
     """
 

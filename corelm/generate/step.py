@@ -23,7 +23,7 @@ Two steps implement them:
   :class:`~corelm.ops.kv_cache.KVCache` (the model file is the only statement of the math); with
   ``compile=True`` the decode step is one ``torch.compile`` graph (gpt-fast's recipe: static shapes
   over the whole cache, inductor ``freezing`` and ``cpp_wrapper`` on CPU, CUDA graphs on GPU).
-- :class:`KernelStep`: a quantized decoder of the llama, Gemma or OLMo 2 family on CPU through
+- :class:`KernelStep`: a quantized decoder of the llama, Gemma, OLMo 2 or MoE family on CPU through
   corelm's C++ ``DecoderStep`` (:mod:`corelm.kernels`): every layer and the head in one call, with no
   Python or dispatcher work per layer. The model is described to it once, by name (``q_proj.values``,
   which norms sit where, the activation, soft-caps, windows, RoPE tables: see :func:`describe_layer`);
@@ -287,7 +287,7 @@ def kernel_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 class KernelStep:
-    """A quantized decoder (llama family, Gemma 1/2/3, OLMo 2) on corelm's C++ ``DecoderStep`` (CPU).
+    """A quantized decoder (llama family, Gemma 1/2/3, OLMo 2, MoE) on corelm's C++ ``DecoderStep`` (CPU).
 
     Build it with :func:`step_for`, which checks :func:`kernel_step_supported` first.
 
