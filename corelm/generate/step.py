@@ -501,7 +501,7 @@ def kernel_step_supported(model: nn.Module) -> str | None:
         return "some layers are not on corelm's kernel layout"
     if any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts for b in model.model.layers):
         return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
-    norms = {m.eps for m in model.model.modules() if isinstance(getattr(m, "eps", None), float)}
+    norms = {float(m.eps) for m in model.model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
     if len(norms) != 1:
         return "the model's RMSNorms use several epsilons"
     if not kernels.load(build_if_missing=False):
