@@ -51,7 +51,7 @@ CASES = {
 }
 LONG = [5, 17, 3, 99, 42, 7, 1, 100, 64, 33, 12, 8, 90, 61, 23, 44, 2, 71, 19, 30]  # > window, > 8
 SHORT = [9, 4, 77, 31, 50, 6]  # decoding from it crosses LongRoPE's switch at position 8
-ATOL = 1e-3  # measured: 4e-5 to 1.2e-4 (the same integer kernels; fp32 sums in another order)
+ATOL = 1e-3  # measured: 1e-7 to 1.7e-4 (the same integer kernels; fp32 sums in another order)
 
 
 def _write_checkpoint(case: str, path, **overrides) -> None:
