@@ -134,7 +134,8 @@ def test_batched_rows_equal_lone_rows(steps):
 
 def test_soft_caps_bind(tmp_path):
     """Gemma 2's caps change these logits (the parity test would pass without them otherwise): without
-    the attention cap, or the final one, the model computes other logits; the kernel's stay under 0.5."""
+    the attention cap, or the final one, the model computes other logits; the kernel's stay under 0.5.
+    The Python step's prefill logits are the model's forward's, final cap included."""
     from corelm.generate.step import KernelStep, ModelStep
 
     _write_checkpoint("gemma2", tmp_path)
@@ -142,6 +143,7 @@ def test_soft_caps_bind(tmp_path):
     kernel, python = KernelStep(model, kv_dtype=torch.float32), ModelStep(model)
     with torch.inference_mode():
         capped = python.extend(python.new_cache(1, 32), 0, LONG, 0)
+        torch.testing.assert_close(capped, model(torch.tensor([LONG]))[0], atol=1e-5, rtol=0)
         assert kernel.extend(kernel.new_cache(1, 32), 0, LONG, 0).abs().max() < 0.5
         model.final_softcap = None
         assert (python.extend(python.new_cache(1, 32), 0, LONG, 0) - capped).abs().max() > 0.1
