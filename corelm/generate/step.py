@@ -417,13 +417,9 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
     for name in PROJECTIONS:
         if name in PROJECTIONS[:4] or mlp is not None:  # a MoE without a shared expert has no dense MLP
             tensors.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
-    if hasattr(block.mlp, "experts"):  # routed experts and routers stay in floats when quantized
-        moe = block.mlp
-        tensors.update({"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
-                        "experts.down": moe.experts.down_proj.detach()})
-        if hasattr(moe, "shared_expert_gate"):
-            tensors["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
-        options.update(top_k=float(moe.top_k), norm_topk=float(bool(moe.norm_topk_prob)))
+    if hasattr(block.mlp, "experts"):
+        tensors.update(_routed(block.mlp))
+        options.update(top_k=float(block.mlp.top_k), norm_topk=float(bool(block.mlp.norm_topk_prob)))
     for role, name in NORM_ROLES[family].items():
         if getattr(getattr(block, name, None), "weight", None) is not None:  # nn.Identity: no such norm
             tensors[role] = _norm_weight(getattr(block, name))
@@ -445,6 +441,16 @@ def _dense_mlp(block: nn.Module) -> nn.Module | None:
     if hasattr(block.mlp, "experts"):
         return getattr(block.mlp, "shared_expert", None)
     return block.mlp
+
+
+def _routed(moe: nn.Module) -> dict[str, torch.Tensor]:
+    """A sparse MoE's router, stacked experts and (Qwen2-MoE) shared-expert gate, as the model holds them:
+    in floats, quantized or not (routing is decided on these weights; see corelm.quant.transform)."""
+    out = {"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
+           "experts.down": moe.experts.down_proj.detach()}
+    if hasattr(moe, "shared_expert_gate"):
+        out["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
+    return out
 
 
 def _norm_weight(norm: nn.Module) -> torch.Tensor:
