@@ -47,7 +47,8 @@ EXAMPLES = ROOT / "docs" / "examples"
 # that distillation.md prepares).
 PAGES = ["README.md", "docs/quickstart.md", "docs/pretraining.md", "docs/finetuning-evaluation.md",
          "docs/translation.md", "docs/distillation.md", "docs/compression.md", "docs/structured-pruning.md",
-         "docs/planning.md", "docs/models-generation.md", "docs/coming-from.md", "docs/serving.md"]
+         "docs/planning.md", "docs/models-generation.md", "docs/coming-from.md", "docs/serving.md",
+         "docs/structured-output.md"]
 SHELL_LANGS = {"bash", "sh", "shell"}
 TRANSCRIPT_LANGS = {"", "console"}
 
