@@ -46,6 +46,7 @@ from torch import nn
 
 from corelm import cache as private_cache
 from corelm.errors import CorelmError
+from corelm.models import head_logits
 from corelm.ops.kv_cache import KVCache
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -209,9 +210,7 @@ class ModelStep:
 def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 next-token logits of final-norm hidden states, soft-capped where the model's forward caps
     them (Gemma 2's ``final_softcap``: the prefill's logits are then the forward's too)."""
-    logits = model.lm_head(hidden)
-    cap = getattr(model, "final_softcap", None)
-    return (torch.tanh(logits / cap) * cap if cap else logits).float()  # in the forward's dtype, as it caps
+    return head_logits(model, hidden).float()  # capped in the forward's dtype, as the forward caps
 
 
 def _decode_one(model: nn.Module, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
