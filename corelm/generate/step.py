@@ -36,7 +36,7 @@ else the model step.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +277,7 @@ class KernelStep:
     """
 
     kind = "kernels"
+    slot_of: Callable[[int], int] | None = None  # LoRA: cache row -> its adapter slot (see attach_lora)
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype | None = None) -> None:
         if kv_dtype is None:
@@ -290,6 +291,7 @@ class KernelStep:
         self.model = model
         self.kv_dtype = kv_dtype
         self.config = config
+        self._lora = False  # attach_lora registered adapter stacks
         self.embed = model.model.embed_tokens
         S = config.max_seq_len
         cos, sin = model.rope(torch.arange(S)[None], S - 1)  # (1, 1, S, rot) each
@@ -310,6 +312,25 @@ class KernelStep:
                     layer[name] = weight.detach().float()
             self.op.add_layer(layer, layer_window(config, i))
 
+    def attach_lora(self, slot_of: Callable[[int], int] | None = None) -> int:
+        """Run per-row LoRA adapters in the C++ step: every projection of the model that
+        :func:`corelm.finetune.multi_lora.apply_multi_lora` has wrapped (after this step was built) hands
+        its stacks ``lora_A (slots+1, r, in)``, ``lora_B (slots+1, out, r)`` and ``used_mask`` to the step by
+        reference, so adapters loaded into or cleared from them later apply from the next call. From then
+        on every call reads each token's slot from ``slot_of(cache row)`` (0: the base model; default: the
+        :attr:`slot_of` set later, e.g. by the server's batcher). Returns the projections registered."""
+        if slot_of is not None:
+            self.slot_of = slot_of
+        n = 0
+        for i, block in enumerate(self.model.model.layers):
+            for name in PROJECTIONS:
+                layer = getattr(block.self_attn if name in PROJECTIONS[:4] else block.mlp, name)
+                if getattr(layer, "lora_A", None) is not None:
+                    self.op.set_lora(i, name, layer.lora_A, layer.lora_B, layer.used_mask)
+                    n += 1
+        self._lora = n > 0
+        return n
+
     def new_cache(self, batch: int, max_len: int) -> KernelCache:
         shape = (self.config.n_layer, batch, self.config.n_kv_head, max_len, self.config.head_dim)
         return KernelCache(torch.empty(shape, dtype=self.kv_dtype), torch.empty(shape, dtype=self.kv_dtype))
@@ -317,6 +338,11 @@ class KernelStep:
     def _run(self, cache: KernelCache, tokens: Sequence[int] | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
         x = self.embed(torch.as_tensor(tokens, dtype=torch.long)).float()  # (N, d)
+        if self._lora and self.slot_of is not None:
+            of = {r: self.slot_of(r) for r in set(rows.tolist())}
+            if any(of.values()):  # else the plain call: rows without an adapter pay nothing
+                slots = torch.tensor([of[r] for r in rows.tolist()], dtype=torch.long)  # (N,)
+                return self.op.forward_lora(x, rows, pos, cache.k, cache.v, out, slots)
         return self.op.forward(x, rows, pos, cache.k, cache.v, out)
 
     def prefill(self, cache: KernelCache, prompts: Sequence[Sequence[int]],

@@ -4,8 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -130,12 +132,79 @@ void store(const float* k, const float* v, int64_t N, const int64_t* rows, const
   }
 }
 
-// One matrix of the step: quantized weights (the layer's own tensors, kept alive here) and an
-// optional fp32 bias.
+// Per-row LoRA adapters on one matrix (S-LoRA, arXiv:2311.03285; Punica's BGMV, arXiv:2310.18547): the
+// stacks of corelm.finetune.multi_lora, shared (no copies: loading an adapter writes them in place) --
+// a (slots, r, K) and b (slots, N, r), fp32 or bf16, alpha / r folded into b; used (slots,) uint8: which
+// slots' adapters target this matrix (slot 0, no adapter, never does).
+struct LoRA {
+  at::Tensor a, b, used;
+};
+
+// One matrix of the step: quantized weights (the layer's own tensors, kept alive here), an optional fp32
+// bias, and optional LoRA stacks.
 struct Linear {
   at::Tensor values, scales, bias;
   QMatrix m;
+  LoRA lora;
 };
+
+// The tokens of a call that use each adapter slot: (slot, token indices), slot > 0, each slot once.
+using SlotGroups = std::vector<std::pair<int64_t, std::vector<int64_t>>>;
+
+template <typename W>
+inline const float* lora_row(const W* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<W, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// y (T, N) += scale-folded B[s] A[s] x for every token t of a slot s that targets this matrix, x (T, K):
+// per slot, h (P, r) = x A[s]^T, then y += h B[s]^T, reading A[s] and B[s] once for the slot's P tokens.
+// A token's update is the same code whatever else is in the call; tokens of no slot are not touched.
+template <typename W>
+void lora_update(const LoRA& lora, const SlotGroups& groups, const float* x, int64_t K, int64_t N, float* y) {
+  const int64_t r = lora.a.size(1);
+  const uint8_t* used = lora.used.data_ptr<uint8_t>();
+  const W* A = lora.a.data_ptr<W>();
+  const W* B = lora.b.data_ptr<W>();
+  std::vector<float> h, abuf(std::is_same_v<W, float> ? 0 : K);
+  for (const auto& [slot, tokens] : groups) {
+    if (!used[slot]) continue;
+    const int64_t P = static_cast<int64_t>(tokens.size());
+    h.assign(P * r, 0.f);
+    for (int64_t j = 0; j < r; ++j) {
+      const float* a = lora_row(A + (slot * r + j) * K, K, abuf.data());
+      for (int64_t p = 0; p < P; ++p) {
+        const float* xt = x + tokens[p] * K;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < K; ++i) acc += xt[i] * a[i];
+        h[p * r + j] = acc;
+      }
+    }
+    auto out = [&](int64_t begin, int64_t end) {
+      std::vector<float> bbuf(std::is_same_v<W, float> ? 0 : r);
+      for (int64_t n = begin; n < end; ++n) {
+        const float* b = lora_row(B + (slot * N + n) * r, r, bbuf.data());
+        for (int64_t p = 0; p < P; ++p) {
+          const float* hp = &h[p * r];
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < r; ++j) acc += hp[j] * b[j];
+          y[tokens[p] * N + n] += acc;
+        }
+      }
+    };
+    if (P * N * r < (1 << 16)) {
+      out(0, N);
+    } else {
+      Pool::parallel_for(N, 64, out);
+    }
+  }
+}
 
 // What one block holds. Optional parts are what the llama-derived families add: biases (q/k/v in
 // Qwen2; any projection may have one), per-head RMSNorm of queries and keys before RoPE (Qwen3), a sliding window (Mistral).
@@ -150,7 +219,8 @@ struct Layer {
 //   .add_layer({"input_layernorm", "post_attention_layernorm", "<proj>.values", "<proj>.scales",
 //               optional "<proj>.bias", "q_norm", "k_norm"}, window)   for proj in q/k/v/o/gate/up/down
 // forward() then takes only what changes per call: the tokens' embeddings, their cache rows and
-// positions, the caches, and which tokens' logits to return. A decode step of B requests is one call
+// positions, the caches, and which tokens' logits to return. With LoRA stacks registered by set_lora,
+// forward_lora also takes each token's adapter slot. A decode step of B requests is one call
 // with N = B tokens; a prefill or a speculative verify pass is N tokens of one row.
 class DecoderStep : public torch::CustomClassHolder {
  public:
@@ -192,14 +262,40 @@ class DecoderStep : public torch::CustomClassHolder {
     layers_.push_back(std::move(l));
   }
 
+  // Per-row LoRA on projection `proj` (q_proj ... down_proj) of layer `layer`: the stacks a (slots, r, K),
+  // b (slots, N, r), fp32 or bf16, and used (slots,) uint8, kept by reference -- writes into them (an
+  // adapter loaded or cleared) apply from the next call. forward_lora's per-token slots index them.
+  void set_lora(int64_t layer, const std::string& proj, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& used) {
+    TORCH_CHECK(layer >= 0 && layer < n_layers(), "no layer ", layer);
+    Layer& l = layers_[layer];
+    Linear* lin = proj == "q_proj" ? &l.q : proj == "k_proj" ? &l.k : proj == "v_proj" ? &l.v : proj == "o_proj" ? &l.o
+                : proj == "gate_proj" ? &l.gate : proj == "up_proj" ? &l.up : proj == "down_proj" ? &l.down : nullptr;
+    TORCH_CHECK(lin != nullptr, "no projection '", proj, "'");
+    const at::ScalarType type = a.scalar_type();
+    TORCH_CHECK((type == at::kFloat || type == at::kBFloat16) && b.scalar_type() == type && a.device().is_cpu() &&
+                    b.device().is_cpu() && a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3,
+                "LoRA stacks must be contiguous CPU (slots, r, K) and (slots, N, r), float32 or bfloat16");
+    TORCH_CHECK(a.size(2) == lin->m.k && b.size(1) == lin->m.n && a.size(1) == b.size(2) && a.size(0) == b.size(0),
+                "layer ", layer, " ", proj, ": LoRA stacks ", a.sizes(), " and ", b.sizes(), " do not fit a ",
+                lin->m.n, " x ", lin->m.k, " matrix");
+    TORCH_CHECK(used.scalar_type() == at::kByte && used.is_contiguous() && used.numel() == a.size(0),
+                "used must be a contiguous uint8 (slots,) tensor");
+    TORCH_CHECK(lora_slots_ == 0 || lora_slots_ == a.size(0), "every LoRA stack must have the same slots");
+    lora_slots_ = a.size(0);
+    lin->lora = LoRA{a, b, used};
+  }
+
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // x (N, d) f32 embeddings; rows, pos (N,) int64; caches (L, B, KV, S, hd) f32 or bf16, written at
   // (row, pos) of each token; out (M,) int64 token indices whose logits (M, V) are returned.
   // Below gemm_rows() tokens every token goes through the same per-row code as a single-token step,
   // so its logits do not depend on the other tokens of the call (batch rows, a verify pass).
+  // slots_in (N,) int64 (forward_lora): the LoRA slot of each token (0: none); undefined or empty: no token has one.
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& rows_in, const at::Tensor& pos_in,
-                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out_in) {
+                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out_in,
+                     const at::Tensor& slots_in = at::Tensor()) {
     const int64_t L = n_layers(), N = x_in.size(0), d = d_, H = n_head_, KV = n_kv_head_, hd = hd_;
     TORCH_CHECK(L > 0, "the step has no layers");
     TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) == d && N > 0,
@@ -225,6 +321,7 @@ class DecoderStep : public torch::CustomClassHolder {
     const int64_t M = out_t.numel();
     const int64_t* out = out_t.data_ptr<int64_t>();
     for (int64_t i = 0; i < M; ++i) TORCH_CHECK(out[i] >= 0 && out[i] < N, "logit index ", out[i], " out of range");
+    const SlotGroups groups = slot_groups(slots_in, N);
     const int64_t nq = H * hd, nkv = KV * hd, layer_stride = B * KV * S * hd;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
     const float* cosp = cos_.data_ptr<float>();
@@ -244,6 +341,9 @@ class DecoderStep : public torch::CustomClassHolder {
       add_bias(l.q, qv.data(), N);
       add_bias(l.k, kv.data(), N);
       add_bias(l.v, vv.data(), N);
+      add_lora(l.q, groups, h.data(), qv.data());
+      add_lora(l.k, groups, h.data(), kv.data());
+      add_lora(l.v, groups, h.data(), vv.data());
       for (int64_t t = 0; t < N; ++t) {
         float* qt = &qv[t * nq];
         float* kt = &kv[t * nkv];
@@ -272,18 +372,22 @@ class DecoderStep : public torch::CustomClassHolder {
       }
       matmul(att.data(), N, nq, {l.o.m}, {tmp.data()}, acts);
       add_bias(l.o, tmp.data(), N);
+      add_lora(l.o, groups, att.data(), tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
 
       for (int64_t t = 0; t < N; ++t) rms_norm(&x[t * d], l.post_attention_norm.data_ptr<float>(), d, eps_, &h[t * d]);
       matmul(h.data(), N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
       add_bias(l.gate, gate.data(), N);
       add_bias(l.up, up.data(), N);
+      add_lora(l.gate, groups, h.data(), gate.data());
+      add_lora(l.up, groups, h.data(), up.data());
       for (int64_t i = 0; i < N * dff; ++i) {
         const float g = gate[i];
         gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
       }
       matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
       add_bias(l.down, tmp.data(), N);
+      add_lora(l.down, groups, gate.data(), tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
     }
     for (int64_t i = 0; i < M; ++i) rms_norm(&x[out[i] * d], norm_.data_ptr<float>(), d, eps_, &h[i * d]);
@@ -322,7 +426,37 @@ class DecoderStep : public torch::CustomClassHolder {
       for (int64_t i = 0; i < lin.m.n; ++i) y[t * lin.m.n + i] += b[i];
   }
 
-  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0;
+  // Tokens grouped by LoRA slot (slot 0 and an undefined or empty tensor: no update).
+  SlotGroups slot_groups(const at::Tensor& slots_in, int64_t N) const {
+    SlotGroups groups;
+    if (!slots_in.defined() || slots_in.numel() == 0) return groups;
+    const at::Tensor st = slots_in.to(at::kLong).contiguous();
+    TORCH_CHECK(st.numel() == N, "slots needs one entry per token");
+    const int64_t* slots = st.data_ptr<int64_t>();
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t s = slots[t];
+      if (s == 0) continue;
+      TORCH_CHECK(s > 0 && s < lora_slots_, "token ", t, " names LoRA slot ", s, " of ", lora_slots_);
+      auto g = std::find_if(groups.begin(), groups.end(), [s](const auto& e) { return e.first == s; });
+      if (g == groups.end()) {
+        groups.push_back({s, {t}});
+      } else {
+        g->second.push_back(t);
+      }
+    }
+    return groups;
+  }
+
+  static void add_lora(const Linear& lin, const SlotGroups& groups, const float* x, float* y) {
+    if (groups.empty() || !lin.lora.a.defined()) return;
+    if (lin.lora.a.scalar_type() == at::kBFloat16) {
+      lora_update<at::BFloat16>(lin.lora, groups, x, lin.m.k, lin.m.n, y);
+    } else {
+      lora_update<float>(lin.lora, groups, x, lin.m.k, lin.m.n, y);
+    }
+  }
+
+  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0, lora_slots_ = 0;
   float eps_;
   at::Tensor cos_, sin_, norm_;
   Linear head_;
