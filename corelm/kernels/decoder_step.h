@@ -161,16 +161,17 @@ inline const float* lora_row(const W* src, int64_t n, float* buf) {
   }
 }
 
-// y (T, N) += scale-folded B[s] A[s] x for every token t of a slot s that targets this matrix, x (T, K):
-// per slot, h (P, r) = x A[s]^T, then y += h B[s]^T, reading A[s] and B[s] once for the slot's P tokens.
-// A token's update is the same code whatever else is in the call; tokens of no slot are not touched.
+// y (T, N) += B[s] A[s] x (alpha / r folded into B) for every token of a slot s that targets this matrix,
+// x (T, K): per slot, h (P, r) = x A[s]^T, then y += h B[s]^T with B[s] transposed once into (r, N) rows
+// (axpys along N instead of N dot products of length r), so A[s] and B[s] are read once for the slot's P
+// tokens. A token's update is the same code whatever else is in the call; tokens of no slot are untouched.
 template <typename W>
 void lora_update(const LoRA& lora, const SlotGroups& groups, const float* x, int64_t K, int64_t N, float* y) {
   const int64_t r = lora.a.size(1);
   const uint8_t* used = lora.used.data_ptr<uint8_t>();
   const W* A = lora.a.data_ptr<W>();
   const W* B = lora.b.data_ptr<W>();
-  std::vector<float> h, abuf(std::is_same_v<W, float> ? 0 : K);
+  std::vector<float> h, bt(r * N), delta(N), abuf(std::is_same_v<W, float> ? 0 : K);
   for (const auto& [slot, tokens] : groups) {
     if (!used[slot]) continue;
     const int64_t P = static_cast<int64_t>(tokens.size());
@@ -185,23 +186,20 @@ void lora_update(const LoRA& lora, const SlotGroups& groups, const float* x, int
         h[p * r + j] = acc;
       }
     }
-    auto out = [&](int64_t begin, int64_t end) {
-      std::vector<float> bbuf(std::is_same_v<W, float> ? 0 : r);
-      for (int64_t n = begin; n < end; ++n) {
-        const float* b = lora_row(B + (slot * N + n) * r, r, bbuf.data());
-        for (int64_t p = 0; p < P; ++p) {
-          const float* hp = &h[p * r];
-          float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < r; ++j) acc += hp[j] * b[j];
-          y[tokens[p] * N + n] += acc;
-        }
+    const W* bs = B + slot * N * r;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < r; ++j) bt[j * N + n] = static_cast<float>(bs[n * r + j]);
+    for (int64_t p = 0; p < P; ++p) {
+      std::fill(delta.begin(), delta.end(), 0.f);
+      for (int64_t j = 0; j < r; ++j) {
+        const float hj = h[p * r + j];
+        const float* b = &bt[j * N];
+        float* dp = delta.data();
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) dp[n] += hj * b[n];
       }
-    };
-    if (P * N * r < (1 << 16)) {
-      out(0, N);
-    } else {
-      Pool::parallel_for(N, 64, out);
+      float* yt = y + tokens[p] * N;
+      for (int64_t n = 0; n < N; ++n) yt[n] += delta[n];  // the whole update, then onto the output (as in PyTorch)
     }
   }
 }
