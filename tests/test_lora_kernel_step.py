@@ -206,3 +206,57 @@ def test_adapter_row_with_nan_logits_fails_alone_and_its_cache_row_is_zeroed(bui
     assert scrubbed == [0, 0]
     assert [e.token for e in together[1]] == [e.token for e in alone2]
     assert [e.token for e in after] == [e.token for e in alone]
+
+
+def test_unloading_mid_stream_and_reusing_the_slot_on_the_cpp_step(built):
+    """Through the server's AdapterSet: an adapter unloaded while its stream runs keeps its slot until the
+    stream ends (the stream equals the adapter served alone); a later adapter then refills that slot and
+    computes only itself (no stale update), each equal to a fresh server holding just that adapter."""
+    from corelm.serve.adapters import AdapterSet
+    from corelm.serve.batcher import Batcher
+
+    def served():
+        model = _tiny("int8", sharpen=False)
+        step = KernelStep(model)
+        multi = apply_multi_lora(model, slots=2, rank=8)
+        step.attach_lora()
+        batcher = Batcher(model, max_batch=4, max_seq_len=96, step=step, prefix_cache_mib=0)
+        step.slot_of = batcher.adapter_of
+        return batcher, AdapterSet(multi, batcher.adapters_in_use), multi
+
+    batcher, adapters, multi = served()
+    weights = {"x": random_lora(multi, ("q_proj", "down_proj"), 4, seed=11),
+               "y": random_lora(multi, ("v_proj", "up_proj"), 8, seed=12),
+               "z": random_lora(multi, ("o_proj", "gate_proj"), 2, seed=13)}
+    long = SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True)
+
+    async def tokens(b: Batcher, slot: int) -> list[int]:
+        return [e.token async for e in b.submit(PROMPTS[3], long, adapter=slot) if e.kind == "token"]
+
+    def alone(name: str) -> list[int]:
+        b, s, _ = served()
+        b.start()
+        try:
+            return asyncio.run(tokens(b, s.add(name, weights[name], name).slot))
+        finally:
+            b.stop()
+
+    async def scenario() -> tuple[list[int], int, int]:
+        x = adapters.add("x", weights["x"], "x").slot
+        stream = batcher.submit(PROMPTS[3], long, adapter=x).__aiter__()
+        got = [(await stream.__anext__()).token]
+        adapters.remove("x")
+        z = adapters.add("z", weights["z"], "z").slot  # x's slot is still held by the stream
+        got += [e.token async for e in stream if e.kind == "token"]
+        return got, x, z
+
+    batcher.start()
+    try:
+        streamed, x, z = asyncio.run(scenario())
+        y = adapters.add("y", weights["y"], "y").slot  # x's slot, free again: cleared and refilled
+        with_y, with_z = asyncio.run(tokens(batcher, y)), asyncio.run(tokens(batcher, z))
+    finally:
+        batcher.stop()
+    assert z != x and y == x
+    assert streamed == alone("x") and with_y == alone("y") and with_z == alone("z")
+    assert len({tuple(streamed), tuple(with_y), tuple(with_z)}) == 3
