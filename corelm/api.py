@@ -78,7 +78,8 @@ class LLM:
         source: Where the weights came from (path, or ``"random init"``).
         compile: Decode through a ``torch.compile``d step of the model's forward (minutes to compile
             on a 2-core CPU the first time, seconds once inductor's cache holds it; for float models,
-            mainly on GPU). Off: a quantized llama decodes on corelm's C++ step, others eagerly.
+            mainly on GPU). Off: a quantized decoder (llama family, Gemma, OLMo 2, MoE) decodes on corelm's C++ step,
+            others eagerly.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, config: ModelConfig, source: str = ""):
@@ -310,6 +311,8 @@ class LLM:
                 end = time.perf_counter()
                 stats.update(prompt_tokens=len(prompt_ids), new_tokens=n,
                              prefill_s=(first or end) - t0, decode_s=end - (first or end))
+                if num_beams > 1:  # one search, prefill included: its tokens come out together at the end
+                    stats.update(beams=num_beams, search_s=(first or end) - t0)
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

@@ -24,6 +24,8 @@ from corelm.generate.constraints import apply_bitmask, mask_rows, new_bitmask
 from corelm.generate.speculative import speculative_generate
 from corelm.models import build_model
 
+pytestmark = pytest.mark.slow  # loads the embedded model
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -81,6 +83,13 @@ def test_beam_search_returns_only_valid_documents(llm):
     for prompt in PROMPTS[:3]:
         text = llm.generate(prompt, max_new_tokens=40, json_schema=PERSON, num_beams=3)
         jsonschema.validate(json.loads(text), PERSON)
+    # an unbounded integer: beams that run on with digits must not beat the whole document (they did when
+    # forbidden tokens were masked after the log-softmax), with or without ignore_eos
+    number = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    for ignore_eos in (False, True):
+        text = llm.generate("A as JSON:", max_new_tokens=30, json_schema=number, num_beams=2, ignore_eos=ignore_eos)
+        jsonschema.validate(json.loads(text), number)
     # too few tokens for any whole document: the best cut-off beam comes back, still a prefix of the grammar
     cut = llm.generate(PROMPTS[0], max_new_tokens=4, json_schema=PERSON, num_beams=3)
     assert cut.startswith("{") and len(llm.tokenizer.encode(cut, add_special_tokens=False)) <= 4
@@ -167,3 +176,14 @@ def test_cli_bad_structure_is_exit_2_one_line(extra, message, capsys):
     code, out, err = run(["generate", "--max-new-tokens", "4", *extra, "x"], capsys)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[loaded")]
     assert code == 2 and len(lines) == 1 and message in lines[0] and not out, err
+
+
+def test_beam_stats_line_reports_the_whole_search(llm):
+    from corelm.commands.decoding import format_stats
+
+    stats: dict[str, float] = {}
+    text = "".join(llm.stream_ids(llm.encode_prompt("Is water wet? Answer:"), max_new_tokens=8, regex=YES_NO,
+                                  num_beams=2, stats=stats))
+    assert re.fullmatch(YES_NO, text) and stats["beams"] == 2 and stats["search_s"] > 0
+    line = format_stats({**stats, "search_s": 0.5, "new_tokens": 3})  # the search's tokens come out together
+    assert line.endswith("beam search, 2 beams: 6 tok/s overall]"), line

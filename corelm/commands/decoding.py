@@ -144,7 +144,10 @@ def describe_decoder(model: Any, compile: bool = False) -> str:
     spec = getattr(model, "corelm_quantization", None)
     weights = str(next(model.parameters()).dtype).removeprefix("torch.")
     if spec:  # the storage, not the float dtype the layers compute in: int4 / int8, or a GGUF file's own blocks
-        weights = "GGUF blocks as stored" if spec["method"] == "gguf" else spec["method"]
+        weights = spec["method"]
+        if weights == "gguf":  # the file's mix by llama.cpp's name (general.file_type) where it has one
+            mix = spec.get("file_type")
+            weights = f"{mix}, GGUF blocks as stored" if mix else "GGUF blocks as stored"
     path = "C++ step" if isinstance(step_for(model, compile=compile), KernelStep) else (
         "PyTorch, compiled" if compile else "PyTorch")
     return f"{weights}, {path}"
@@ -181,6 +184,10 @@ def format_stats(stats: dict[str, float]) -> str:
         return (f"[{n} tokens; prompt {int(stats['prompt_tokens'])} tokens; {n / seconds if seconds else 0:.3g} "
                 f"tok/s overall; acceptance rate {stats['acceptance_rate']:.0%}; "
                 f"{stats['tokens_per_target_call']:.2f} tokens per target pass]")
+    if "search_s" in stats:  # beam search: the prompt and every beam's steps in one search
+        n, seconds = int(stats["new_tokens"]), stats["search_s"]
+        return (f"[{n} tokens; prompt {int(stats['prompt_tokens'])} tokens; beam search, {int(stats['beams'])} "
+                f"beams: {n / seconds if seconds else 0:.3g} tok/s overall]")
     n, decode_s = int(stats.get("new_tokens", 0)), stats.get("decode_s", 0.0)
     prompt, prefill_s = int(stats.get("prompt_tokens", 0)), stats.get("prefill_s", 0.0)
     # the first new token comes out of the prefill; the rest are decode steps

@@ -181,7 +181,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     vocab = logits.shape[-1]
     if logits.device.type == "cpu" and sys.byteorder == "little":  # bit t % 8 of byte t // 8 is token t
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")  # (B, V)
-        logits.numpy()[bits == 0] = -np.inf
+        logits.detach().numpy()[bits == 0] = -np.inf  # a view: writes into logits
         return logits
     bitmask = bitmask.to(logits.device)
     allowed = ((bitmask[:, :, None] >> _BITS.to(logits.device)) & 1).bool()  # (B, W, 32)

@@ -4,7 +4,7 @@ The structure follows gpt-fast's ``generate.py`` (Hugging Face / PyTorch Labs, 2
 preallocated once, ``prefill`` (the whole prompt in one forward) and ``decode_one`` (one token per
 row) as separate functions, and a decode step that allocates nothing it can precompute, so it can be
 ``torch.compile``d. The forward passes are a *step*'s (:mod:`corelm.generate.step`): the model's own
-forward, or corelm's C++ step for a quantized llama on CPU; this module never calls a model directly.
+forward, or corelm's C++ step for a quantized decoder on CPU; this module never calls a model directly.
 Tokenizers and chat templates live above it (``corelm/api.py``); it speaks token ids only.
 
 Batching follows docs/DESIGN.md: prompts of different lengths are prefilled right-padded, each row
@@ -171,7 +171,7 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         params: one :class:`SamplingParams` for all rows or one per row.
         eos_token_id: end-of-sequence id(s); default ``model.config.extra["eos_token_id"]`` if present.
         compile: ``torch.compile`` the model's decode step (static shapes: attends all cache slots);
-            without it a quantized llama on CPU decodes on corelm's C++ step (see :func:`step_for`).
+            without it a quantized decoder on CPU decodes on corelm's C++ step (see :func:`step_for`).
         constraints: per row, a fresh :class:`Constraint` (its grammar at the start) or None; a
             constrained row ends when its grammar is complete.
     Yields:
@@ -342,10 +342,14 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
     length_penalty``; search ends when ``num_beams`` beams are finished and no running beam can
     beat them, or at ``max_new_tokens``. ``num_beams=1`` is greedy decoding.
 
-    Under a ``constraint`` each beam has its own grammar state (forked with the beam): the tokens its
-    grammar forbids get ``-inf`` after the log-softmax (the scores stay the model's log-probabilities,
-    as in ``transformers``' constrained beam search), a beam whose grammar is complete can only end, and
-    at ``max_new_tokens`` only beams holding a complete document compete (any beam if none does).
+    Under a ``constraint`` each beam has its own grammar state (forked with the beam) and its scores are
+    log-probabilities of the constrained distribution: the logits its grammar forbids get ``-inf`` before
+    the log-softmax, as greedy and sampled decoding see them. So a beam whose document is complete ends
+    at no cost (EOS is its only continuation) instead of losing the end-of-sequence token's raw
+    log-probability to beams that run on (masking after the log-softmax, as ``transformers``'
+    ``prefix_allowed_tokens_fn`` does, returned a cut-off ``{"a": 1000...`` where greedy found
+    ``{"a":10}``). At ``max_new_tokens`` only beams holding a complete document compete (any beam if
+    none does). ``ignore_eos`` does not apply under a grammar.
 
     Returns:
         the best continuation's token ids (stop token excluded).
@@ -360,18 +364,18 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
     if eos_token_id is None:
         eos_token_id = model.config.extra.get("eos_token_id")
     eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    stops = set() if params.ignore_eos else set(params.stop_token_ids) | set(eos)
+    # ignore_eos does not apply under a grammar: there EOS is allowed only where the document may end
+    stops = set() if params.ignore_eos and constraint is None else set(params.stop_token_ids) | set(eos)
     device = model_device(model)
     n = len(prompt_ids)
     decoder = step_for(model)
     cache = decoder.new_cache(nb, n + params.max_new_tokens)
     logits = decoder.prefill(cache, [prompt_ids], rows=[0])  # (1, V)
     decoder.share_prefix(cache, n)  # every beam starts from the prompt's keys/values
-    logprobs = torch.log_softmax(logits, dim=-1)
     grammars = None if constraint is None else [constraint] + [constraint.clone() for _ in range(nb - 1)]
     if grammars is not None:
-        logprobs = constraint.mask(logprobs)
-    logprobs = logprobs.expand(nb, -1)  # (nb, V)
+        logits = constraint.mask(logits)
+    logprobs = torch.log_softmax(logits, dim=-1).expand(nb, -1)  # (nb, V)
     beam_scores = torch.full((nb,), -1e9, device=device)
     beam_scores[0] = 0.0  # the first step expands beam 0 only: the others are copies of it
     beams: list[list[int]] = [[] for _ in range(nb)]
@@ -402,9 +406,8 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
             break
         tokens = torch.tensor([b[-1] for b in beams], device=device)
         pos = torch.full((nb,), n + step, device=device)
-        logprobs = torch.log_softmax(decoder.decode(cache, tokens, pos), dim=-1)
-        if grammars is not None:
-            logprobs = mask_rows(logprobs, grammars)
+        logits = decoder.decode(cache, tokens, pos)
+        logprobs = torch.log_softmax(logits if grammars is None else mask_rows(logits, grammars), dim=-1)
     if not done:  # max_new_tokens reached: running beams compete with the finished ones
         finished += _running_at_the_end(beams, beam_scores.tolist(), grammars, lp, bool(finished))
     if not finished:
