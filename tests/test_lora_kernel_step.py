@@ -260,3 +260,31 @@ def test_unloading_mid_stream_and_reusing_the_slot_on_the_cpp_step(built):
     assert z != x and y == x
     assert streamed == alone("x") and with_y == alone("y") and with_z == alone("z")
     assert len({tuple(streamed), tuple(with_y), tuple(with_z)}) == 3
+
+
+@pytest.mark.parametrize("case", ["olmo2", "gemma2", "qwen2_moe"])
+def test_families_apply_the_adapters_or_refuse_them(built, case, tmp_path):
+    """OLMo 2 (no pre-norms: a projection reads the residual itself), Gemma 2 (its own norms and caps): the
+    adapters on all seven projections match the model's forward. Qwen2-MoE: when the adapters wrap layers
+    the step has no hook for (experts), attach_lora registers nothing, so the server keeps the model's
+    forward rather than silently dropping an update."""
+    import corelm
+    from tests.test_kernel_step_families import ATOL, LONG, _write_checkpoint
+
+    _write_checkpoint(case, tmp_path)
+    model = corelm.load(tmp_path, dtype="fp32", quantize="int8").model
+    step = KernelStep(model, kv_dtype=torch.float32)
+    multi = apply_multi_lora(model, slots=2, rank=4)
+    n = step.attach_lora(lambda row: row)  # row r uses slot r
+    wrapped = len(multi.layers)
+    if case == "qwen2_moe":
+        assert n == 0 and wrapped > 0
+        return
+    assert n == wrapped == 7 * model.config.n_layer
+    multi.install(1, random_lora(multi, tuple(name.rsplit(".", 1)[-1] for name in multi.layers), 4, seed=5, scale=0.1))
+    ids = LONG[:12]
+    with torch.inference_mode():
+        got = torch.stack([step.extend(step.new_cache(2, 32), row, ids, 0)[-1] for row in (0, 1)])
+    want = torch.stack([reference(model, multi, [ids], [slot])[0][-1] for slot in (0, 1)])
+    torch.testing.assert_close(got, want, rtol=ATOL, atol=ATOL)
+    assert (want[1] - want[0]).abs().max() > 10 * ATOL  # the adapter changes the logits
