@@ -139,7 +139,8 @@ def smollm2():
     assert len(ids) == N_TOKENS
     with torch.inference_mode():
         logp = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), -1)
-    return llm.model, ids, logp
+    head = _layer(llm.model.model.embed_tokens.weight.detach(), "Q8_0")  # Q8_0 as in llama.cpp's files; shared
+    return llm.model, ids, logp, head
 
 
 @pytest.mark.slow
@@ -199,7 +200,7 @@ def _agreement(smollm2, qtype: str) -> tuple[float, float]:
     as in llama.cpp's files; run on the C++ step. Returns (top-1 agreement, mean KL(fp32 || quantized))."""
     from corelm.generate.step import KernelStep, step_for
 
-    reference, ids, logp = smollm2
+    reference, ids, logp, head = smollm2
     model = copy.deepcopy(reference)
     for block in model.model.layers:
         for parent in (block.self_attn, block.mlp):
@@ -207,7 +208,7 @@ def _agreement(smollm2, qtype: str) -> tuple[float, float]:
                 if (linear := getattr(parent, name, None)) is not None:
                     w = linear.weight.detach()
                     setattr(parent, name, _layer(w, qtype if w.shape[1] % BLOCK_SIZE[qtype] == 0 else "Q8_0"))
-    model.lm_head = _layer(model.model.embed_tokens.weight.detach(), "Q8_0")
+    model.lm_head = head
     model.corelm_quantization = {"method": "gguf"}
     step = step_for(model)
     assert isinstance(step, KernelStep)

@@ -55,7 +55,7 @@ ATOL = 1e-3  # measured: 1e-7 to 1.7e-4 (the same integer kernels; fp32 sums in 
 
 
 def _write_checkpoint(case: str, path, **overrides) -> None:
-    model_type, options = CASES[case]
+    model_type, options = {**CASES, **GGUF_CASES}[case]
     options = {**options, **overrides}
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(
@@ -155,27 +155,60 @@ def test_soft_caps_bind(tmp_path):
 
 # what llama.cpp's architectures cannot represent (gguf_export refuses it) taken out of the cases
 GGUF_OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 8}, "gemma3_text": {"query_pre_attn_scalar": 8}}
+# Qwen2: q/k/v biases on the blocks (its biases on int8/int4 layers: tests/test_generate_step.py)
+GGUF_CASES = {"qwen2": ("qwen2", {"tie_word_embeddings": False})}
+# rows of whole 256-value super-blocks, so Q4_K_M writes Q4_K and Q6_K (narrower rows fall back to Q5_0/Q8_0);
+# Phi-3 keeps head_dim 8 for its LongRoPE factors
+K_QUANT = {"hidden_size": 256, "intermediate_size": 256}
+GGUF_RUNS = [*((case, qtype) for case in ("gemma2", "gemma3_text", "olmo2", "qwen2", "phi3-longrope")
+               for qtype in ("Q8_0", "Q4_0")),
+             ("qwen2", "Q4_K_M"), ("phi3-longrope", "Q4_K_M")]
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-@pytest.mark.parametrize("case", ["gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("case, qtype", GGUF_RUNS)
 def test_gguf_export_loads_onto_the_kernel_step(case, qtype, tmp_path):
-    """A family exported to a block-quantized GGUF file and loaded back runs on the C++ step (the load
-    line names it) and computes the dequantized file's fp32 logits, up to bf16 norms and embeddings.
+    """A family exported to a block-quantized GGUF file and loaded back keeps every matrix in its stored
+    blocks (Qwen2's biased q/k/v, Phi-3's fused qkv and gate/up split by rows), runs on the C++ step (the
+    load line names both) and computes the dequantized file's fp32 logits, up to bf16 norms and
+    embeddings, at every position of a prompt and at every step of greedy decoding. (Its greedy tokens
+    are not asserted equal to the fp32 file's: these random logits have top-2 gaps of 4e-4 where the
+    8-bit rounding moves them by 1e-2.)
     (A MoE file loads as a bf16 model, not on its blocks: no quantized layers for the step to read.)"""
-    from corelm.commands.decoding import describe_decoder
-    from corelm.generate.step import KernelStep, ModelStep
-    from corelm.io.gguf_export import export_gguf
+    from torch import nn
 
-    _write_checkpoint(case, tmp_path, **GGUF_OVERRIDES.get(case, {}))
+    from corelm.commands.decoding import describe_decoder
+    from corelm.generate.step import KernelStep, ModelStep, kernel_step_supported
+    from corelm.io.gguf_export import export_gguf
+    from corelm.quant.kquant import GGUFBlockLinear, stored_types
+
+    overrides = {**GGUF_OVERRIDES.get(case, {}), **(K_QUANT if qtype == "Q4_K_M" else {})}
+    if qtype == "Q4_K_M" and case.startswith("phi3"):
+        overrides["num_attention_heads"] = 32
+    _write_checkpoint(case, tmp_path, **overrides)
     out = export_gguf(corelm.load(tmp_path, dtype="fp32").model, tmp_path / f"{qtype}.gguf", qtype)
     native = corelm.load(out)
-    assert describe_decoder(native.model).endswith("C++ step"), describe_decoder(native.model)
+    assert kernel_step_supported(native.model) is None, kernel_step_supported(native.model)
+    assert [n for n, m in native.model.named_modules() if type(m) is nn.Linear] == []  # none left in floats
+    line = describe_decoder(native.model)
+    if qtype == "Q4_0":
+        assert line == "int4, C++ step", line
+    else:
+        assert line == f"{qtype}, GGUF blocks as stored, C++ step", line
+        assert set(native.model.corelm_quantization["types"]) == stored_types(out) - {"F32"}
+        if qtype == "Q4_K_M":  # the K-quant kernels, not only fallback types
+            assert {"Q4_K", "Q6_K"} <= stored_types(out)
+        if case == "qwen2":
+            q_proj = native.model.model.layers[0].self_attn.q_proj
+            assert isinstance(q_proj, GGUFBlockLinear) and q_proj.bias is not None
     kernel, python = KernelStep(native.model, kv_dtype=torch.float32), ModelStep(corelm.load(out, dtype="fp32").model)
     with torch.inference_mode():
         got = kernel.extend(kernel.new_cache(1, 32), 0, LONG, 0)
         ref = python.extend(python.new_cache(1, 32), 0, LONG, 0)
-    print(f"{case} {qtype}: max |logit diff| {(got - ref).abs().max():.2e}")
-    # the native load keeps norms and embeddings in bf16 (the fp32 load: in fp32), so not the 1e-3 above;
-    # measured 0.8-2.0e-2 (1.7-2.3% of the largest logit), where a missing norm or cap moves it by 0.1-1
-    assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+        print(f"{case} {qtype}: max |logit diff| {(got - ref).abs().max():.2e}")
+        # the native load keeps norms and embeddings in bf16 (the fp32 load: in fp32), so not the 1e-3 above;
+        # measured 0.3-2.0e-2 (0.3-2.3% of the largest logit), where a missing norm or cap moves it by 0.1-1
+        assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+        for prompt in (LONG, SHORT):  # decoding: each step's logits, the file's forward fed the same tokens
+            tokens, steps = _greedy(kernel, prompt, 8)
+            ref = python.extend(python.new_cache(1, 32), 0, prompt + tokens[:-1], 0)[len(prompt) - 1:]
+            assert (steps - ref).abs().max() < 0.03 * ref.abs().max()

@@ -14,6 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from corelm import kernels
 from corelm.cpu import cpu_flags
+from corelm.errors import CorelmError
 from corelm.quant import kquant
 
 TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -95,6 +96,21 @@ def test_layer_forward_and_fallback():
     assert values is layer.blocks and fmt.tolist() == [12]
     layer.kernel = False  # the dequantized fallback, as without the kernels
     torch.testing.assert_close(layer(x), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
+
+
+def test_layer_bias_is_added_in_fp32():
+    """A biased layer (Qwen2's q/k/v) adds its fp32 bias on the kernel and on the fallback; a bias of the
+    wrong length is refused."""
+    blocks = random_blocks("Q8_0", 24, 64)
+    bias = torch.randn(24, dtype=torch.bfloat16)
+    plain, biased = (kquant.GGUFBlockLinear(blocks, TYPES["Q8_0"], 64, b) for b in (None, bias))
+    assert biased.bias.dtype == torch.float32
+    x = torch.randn(3, 64)
+    for kernel in (True, False):
+        plain.kernel = biased.kernel = kernel
+        torch.testing.assert_close(biased(x), plain(x) + bias.float(), rtol=0, atol=1e-5)
+    with pytest.raises(CorelmError, match="24 output rows"):
+        kquant.GGUFBlockLinear(blocks, TYPES["Q8_0"], 64, torch.zeros(23))
 
 
 def test_bad_shapes_are_refused():
