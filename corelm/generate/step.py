@@ -37,7 +37,7 @@ else the model step.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,6 +298,7 @@ class KernelStep:
     """
 
     kind = "kernels"
+    slot_of: Callable[[int], int] | None = None  # LoRA: cache row -> its adapter slot (see attach_lora)
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype | None = None) -> None:
         if kv_dtype is None:
@@ -311,6 +312,7 @@ class KernelStep:
         self.model = model
         self.kv_dtype = kv_dtype
         self.config = config
+        self._lora = False  # attach_lora registered adapter stacks
         self.embed = model.model.embed_tokens
         self.embed_scale = getattr(model, "embed_scale", None)  # Gemma: embeddings times sqrt(d_model)
         S = config.max_seq_len
@@ -330,6 +332,31 @@ class KernelStep:
         for block in model.model.layers:
             self.op.add_layer(*describe_layer(config, block, local))
 
+    def attach_lora(self, slot_of: Callable[[int], int] | None = None) -> int:
+        """Run per-row LoRA adapters in the C++ step: every projection of the model that
+        :func:`corelm.finetune.multi_lora.apply_multi_lora` has wrapped (after this step was built) hands
+        its stacks ``lora_A (slots+1, r, in)``, ``lora_B (slots+1, out, r)`` and ``used_mask`` to the step by
+        reference, so adapters loaded into or cleared from them later apply from the next call. From then
+        on every call reads each token's slot from ``slot_of(cache row)`` (0: the base model; default: the
+        :attr:`slot_of` set later, e.g. by the server's batcher). Returns the projections registered: 0,
+        and no adapter path, when some wrapped layer is not one of the step's projections (a MoE's experts),
+        since the step could not apply its update."""
+        if slot_of is not None:
+            self.slot_of = slot_of
+        found = []
+        for i, block in enumerate(self.model.model.layers):
+            for name in PROJECTIONS:
+                layer = getattr(block.self_attn if name in PROJECTIONS[:4] else block.mlp, name, None)
+                if getattr(layer, "lora_A", None) is not None:
+                    found.append((i, name, layer))
+        wrapped = sum(getattr(m, "lora_A", None) is not None for m in self.model.modules())
+        if wrapped != len(found):
+            return 0
+        for i, name, layer in found:
+            self.op.set_lora(i, name, layer.lora_A, layer.lora_B, layer.used_mask)
+        self._lora = bool(found)
+        return len(found)
+
     def new_cache(self, batch: int, max_len: int) -> KernelCache:
         shape = (self.config.n_layer, batch, self.config.n_kv_head, max_len, self.config.head_dim)
         return KernelCache(torch.empty(shape, dtype=self.kv_dtype), torch.empty(shape, dtype=self.kv_dtype))
@@ -339,7 +366,13 @@ class KernelStep:
         x = self.embed(torch.as_tensor(tokens, dtype=torch.long))  # (N, d)
         if self.embed_scale is not None:  # rounded to the activation dtype first, as the model does
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        return self.op.forward(x.float(), rows, pos, cache.k, cache.v, out)
+        x = x.float()
+        if self._lora and self.slot_of is not None:
+            of = {r: self.slot_of(r) for r in set(rows.tolist())}
+            if any(of.values()):  # else the plain call: rows without an adapter pay nothing
+                slots = torch.tensor([of[r] for r in rows.tolist()], dtype=torch.long)  # (N,)
+                return self.op.forward_lora(x, rows, pos, cache.k, cache.v, out, slots)
+        return self.op.forward(x, rows, pos, cache.k, cache.v, out)
 
     def prefill(self, cache: KernelCache, prompts: Sequence[Sequence[int]],
                 rows: Sequence[int] | None = None) -> torch.Tensor:

@@ -64,7 +64,13 @@ TORCH_LIBRARY(corelm, m) {
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())
       .def("add_layer", &DecoderStep::add_layer)
       .def("n_layers", &DecoderStep::n_layers)
-      .def("forward", &DecoderStep::forward);
+      .def("set_lora", &DecoderStep::set_lora)
+      .def("forward",
+           [](const c10::intrusive_ptr<DecoderStep>& self, const at::Tensor& x, const at::Tensor& rows,
+              const at::Tensor& pos, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out) {
+             return self->forward(x, rows, pos, k_cache, v_cache, out);
+           })
+      .def("forward_lora", &DecoderStep::forward);
 }
 
 TORCH_LIBRARY_IMPL(corelm, CPU, m) {

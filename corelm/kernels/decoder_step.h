@@ -7,8 +7,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -135,12 +137,77 @@ void store(const float* k, const float* v, int64_t N, const int64_t* rows, const
   }
 }
 
-// One matrix of the step: quantized weights (the layer's own tensors, kept alive here) and an
-// optional fp32 bias.
+// Per-row LoRA adapters on one matrix (S-LoRA, arXiv:2311.03285; Punica's BGMV, arXiv:2310.18547): the
+// stacks of corelm.finetune.multi_lora, shared (no copies: loading an adapter writes them in place) --
+// a (slots, r, K) and b (slots, N, r), fp32 or bf16, alpha / r folded into b; used (slots,) uint8: which
+// slots' adapters target this matrix (slot 0, no adapter, never does).
+struct LoRA {
+  at::Tensor a, b, used;
+};
+
+// One matrix of the step: quantized weights (the layer's own tensors, kept alive here), an optional fp32
+// bias, and optional LoRA stacks.
 struct Linear {
   at::Tensor values, scales, bias;
   QMatrix m;
+  LoRA lora;
 };
+
+// The tokens of a call that use each adapter slot: (slot, token indices), slot > 0, each slot once.
+using SlotGroups = std::vector<std::pair<int64_t, std::vector<int64_t>>>;
+
+template <typename W>
+inline const float* lora_row(const W* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<W, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// y (T, N) += B[s] A[s] x (alpha / r folded into B) for every token of a slot s that targets this matrix,
+// x (T, K): per slot, h (P, r) = x A[s]^T, then y += h B[s]^T with B[s] transposed once into (r, N) rows
+// (axpys along N instead of N dot products of length r), so A[s] and B[s] are read once for the slot's P
+// tokens. A token's update is the same code whatever else is in the call; tokens of no slot are untouched.
+template <typename W>
+void lora_update(const LoRA& lora, const SlotGroups& groups, const float* x, int64_t K, int64_t N, float* y) {
+  const int64_t r = lora.a.size(1);
+  const uint8_t* used = lora.used.data_ptr<uint8_t>();
+  const W* A = lora.a.data_ptr<W>();
+  const W* B = lora.b.data_ptr<W>();
+  std::vector<float> h, bt(r * N), delta(N), abuf(std::is_same_v<W, float> ? 0 : K);
+  for (const auto& [slot, tokens] : groups) {
+    if (!used[slot]) continue;
+    const int64_t P = static_cast<int64_t>(tokens.size());
+    h.assign(P * r, 0.f);
+    for (int64_t j = 0; j < r; ++j) {
+      const float* a = lora_row(A + (slot * r + j) * K, K, abuf.data());
+      for (int64_t p = 0; p < P; ++p) {
+        const float* xt = x + tokens[p] * K;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < K; ++i) acc += xt[i] * a[i];
+        h[p * r + j] = acc;
+      }
+    }
+    const W* bs = B + slot * N * r;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < r; ++j) bt[j * N + n] = static_cast<float>(bs[n * r + j]);
+    for (int64_t p = 0; p < P; ++p) {
+      std::fill(delta.begin(), delta.end(), 0.f);
+      for (int64_t j = 0; j < r; ++j) {
+        const float hj = h[p * r + j];
+        const float* b = &bt[j * N];
+        float* dp = delta.data();
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) dp[n] += hj * b[n];
+      }
+      float* yt = y + tokens[p] * N;
+      for (int64_t n = 0; n < N; ++n) yt[n] += delta[n];  // the whole update, then onto the output (as in PyTorch)
+    }
+  }
+}
 
 // A floating-point matrix (N, K), fp32 or bf16: what a quantized MoE keeps unquantized (routers,
 // Qwen2-MoE's shared-expert gate, the stacked routed experts, viewed as (E * rows, K)).
@@ -212,7 +279,8 @@ struct Layer {
 // With "rope_long_from" (LongRoPE, Phi-3), a row whose largest position in the call is at least
 // rope_long_from rotates with the "cos_long"/"sin_long" table, as a forward of that row alone does.
 // forward() then takes only what changes per call: the tokens' embeddings, their cache rows and
-// positions, the caches, and which tokens' logits to return. A decode step of B requests is one call
+// positions, the caches, and which tokens' logits to return. With LoRA stacks registered by set_lora,
+// forward_lora also takes each token's adapter slot. A decode step of B requests is one call
 // with N = B tokens; a prefill or a speculative verify pass is N tokens of one row.
 class DecoderStep : public torch::CustomClassHolder {
  public:
@@ -285,14 +353,40 @@ class DecoderStep : public torch::CustomClassHolder {
     layers_.push_back(std::move(l));
   }
 
+  // Per-row LoRA on projection `proj` (q_proj ... down_proj) of layer `layer`: the stacks a (slots, r, K),
+  // b (slots, N, r), fp32 or bf16, and used (slots,) uint8, kept by reference -- writes into them (an
+  // adapter loaded or cleared) apply from the next call. forward_lora's per-token slots index them.
+  void set_lora(int64_t layer, const std::string& proj, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& used) {
+    TORCH_CHECK(layer >= 0 && layer < n_layers(), "no layer ", layer);
+    Layer& l = layers_[layer];
+    Linear* lin = proj == "q_proj" ? &l.q : proj == "k_proj" ? &l.k : proj == "v_proj" ? &l.v : proj == "o_proj" ? &l.o
+                : proj == "gate_proj" ? &l.gate : proj == "up_proj" ? &l.up : proj == "down_proj" ? &l.down : nullptr;
+    TORCH_CHECK(lin != nullptr, "no projection '", proj, "'");
+    const at::ScalarType type = a.scalar_type();
+    TORCH_CHECK((type == at::kFloat || type == at::kBFloat16) && b.scalar_type() == type && a.device().is_cpu() &&
+                    b.device().is_cpu() && a.is_contiguous() && b.is_contiguous() && a.dim() == 3 && b.dim() == 3,
+                "LoRA stacks must be contiguous CPU (slots, r, K) and (slots, N, r), float32 or bfloat16");
+    TORCH_CHECK(a.size(2) == lin->m.k && b.size(1) == lin->m.n && a.size(1) == b.size(2) && a.size(0) == b.size(0),
+                "layer ", layer, " ", proj, ": LoRA stacks ", a.sizes(), " and ", b.sizes(), " do not fit a ",
+                lin->m.n, " x ", lin->m.k, " matrix");
+    TORCH_CHECK(used.scalar_type() == at::kByte && used.is_contiguous() && used.numel() == a.size(0),
+                "used must be a contiguous uint8 (slots,) tensor");
+    TORCH_CHECK(lora_slots_ == 0 || lora_slots_ == a.size(0), "every LoRA stack must have the same slots");
+    lora_slots_ = a.size(0);
+    lin->lora = LoRA{a, b, used};
+  }
+
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // x (N, d) f32 embeddings; rows, pos (N,) int64; caches (L, B, KV, S, hd) f32 or bf16, written at
   // (row, pos) of each token; out (M,) int64 token indices whose logits (M, V) are returned.
   // Below gemm_rows() tokens every token goes through the same per-row code as a single-token step,
   // so its logits do not depend on the other tokens of the call (batch rows, a verify pass).
+  // slots_in (N,) int64 (forward_lora): the LoRA slot of each token (0: none); undefined or empty: no token has one.
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& rows_in, const at::Tensor& pos_in,
-                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out_in) {
+                     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out_in,
+                     const at::Tensor& slots_in = at::Tensor()) {
     const int64_t L = n_layers(), N = x_in.size(0), d = d_, H = n_head_, KV = n_kv_head_, hd = hd_;
     TORCH_CHECK(L > 0, "the step has no layers");
     TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2 && x_in.size(1) == d && N > 0,
@@ -332,6 +426,7 @@ class DecoderStep : public torch::CustomClassHolder {
     const int64_t M = out_t.numel();
     const int64_t* out = out_t.data_ptr<int64_t>();
     for (int64_t i = 0; i < M; ++i) TORCH_CHECK(out[i] >= 0 && out[i] < N, "logit index ", out[i], " out of range");
+    const SlotGroups groups = slot_groups(slots_in, N);
     const int64_t nq = H * hd, nkv = KV * hd, layer_stride = B * KV * S * hd;
 
     std::vector<float> x(x0.data_ptr<float>(), x0.data_ptr<float>() + N * d), h(N * d), att(N * nq), tmp(N * d);
@@ -349,6 +444,9 @@ class DecoderStep : public torch::CustomClassHolder {
       add_bias(l.q, qv.data(), N);
       add_bias(l.k, kv.data(), N);
       add_bias(l.v, vv.data(), N);
+      add_lora(l.q, groups, in, qv.data());
+      add_lora(l.k, groups, in, kv.data());
+      add_lora(l.v, groups, in, vv.data());
       for (int64_t t = 0; t < N; ++t) {
         float* qt = &qv[t * nq];
         float* kt = &kv[t * nkv];
@@ -385,6 +483,7 @@ class DecoderStep : public torch::CustomClassHolder {
       }
       matmul(att.data(), N, nq, {l.o.m}, {tmp.data()}, acts);
       add_bias(l.o, tmp.data(), N);
+      add_lora(l.o, groups, att.data(), tmp.data());
       norm_rows(tmp.data(), l.attn_out_norm, N, tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
 
@@ -395,6 +494,8 @@ class DecoderStep : public torch::CustomClassHolder {
         matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
         add_bias(l.gate, gate.data(), N);
         add_bias(l.up, up.data(), N);
+        add_lora(l.gate, groups, in, gate.data());
+        add_lora(l.up, groups, in, up.data());
         if (l.act == Activation::SiLU) {
           for (int64_t i = 0; i < N * dff; ++i) {
             const float g = gate[i];
@@ -409,6 +510,7 @@ class DecoderStep : public torch::CustomClassHolder {
         }
         matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
         add_bias(l.down, tmp.data(), N);
+        add_lora(l.down, groups, gate.data(), tmp.data());
       }
       if (l.router.defined()) moe(l, in, N, tmp.data());
       norm_rows(tmp.data(), l.mlp_out_norm, N, tmp.data());
@@ -545,7 +647,37 @@ class DecoderStep : public torch::CustomClassHolder {
       for (int64_t i = 0; i < lin.m.n; ++i) y[t * lin.m.n + i] += b[i];
   }
 
-  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0, long_from_ = 0;
+  // Tokens grouped by LoRA slot (slot 0 and an undefined or empty tensor: no update).
+  SlotGroups slot_groups(const at::Tensor& slots_in, int64_t N) const {
+    SlotGroups groups;
+    if (!slots_in.defined() || slots_in.numel() == 0) return groups;
+    const at::Tensor st = slots_in.to(at::kLong).contiguous();
+    TORCH_CHECK(st.numel() == N, "slots needs one entry per token");
+    const int64_t* slots = st.data_ptr<int64_t>();
+    for (int64_t t = 0; t < N; ++t) {
+      const int64_t s = slots[t];
+      if (s == 0) continue;
+      TORCH_CHECK(s > 0 && s < lora_slots_, "token ", t, " names LoRA slot ", s, " of ", lora_slots_);
+      auto g = std::find_if(groups.begin(), groups.end(), [s](const auto& e) { return e.first == s; });
+      if (g == groups.end()) {
+        groups.push_back({s, {t}});
+      } else {
+        g->second.push_back(t);
+      }
+    }
+    return groups;
+  }
+
+  static void add_lora(const Linear& lin, const SlotGroups& groups, const float* x, float* y) {
+    if (groups.empty() || !lin.lora.a.defined()) return;
+    if (lin.lora.a.scalar_type() == at::kBFloat16) {
+      lora_update<at::BFloat16>(lin.lora, groups, x, lin.m.k, lin.m.n, y);
+    } else {
+      lora_update<float>(lin.lora, groups, x, lin.m.k, lin.m.n, y);
+    }
+  }
+
+  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0, long_from_ = 0, lora_slots_ = 0;
   float eps_ = 0.f, final_softcap_ = 0.f;
   at::Tensor cos_, sin_, cos_long_, sin_long_, norm_;
   Linear head_;
