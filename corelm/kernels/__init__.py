@@ -98,11 +98,12 @@ def isa() -> str:
 
 def gemm(level: str | None = None) -> str:
     """The panel GEMM's arithmetic for a build (default: this process's; see the module docstring):
-    ``bf16`` for the ``avx512bf16`` build, ``fp32`` otherwise. ``CORELM_GEMM`` overrides it."""
+    ``bf16`` for the ``avx512bf16`` build, ``int16`` for ``avx512vnni``, ``fp32`` otherwise.
+    ``CORELM_GEMM`` overrides it."""
     forced = os.environ.get("CORELM_GEMM")
     if forced:
         return forced
-    return "bf16" if (level or isa()) == "avx512bf16" else "fp32"
+    return {"avx512bf16": "bf16", "avx512vnni": "int16"}.get(level or isa(), "fp32")
 
 
 def cache_dir(level: str | None = None) -> Path:

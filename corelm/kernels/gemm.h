@@ -5,8 +5,9 @@
 // call when a neighbour holds a core (measured on the 2-core Zen 4 at load 12: 6-8 tok/s for a
 // 64-token SmolLM2 prefill, against 46 on the integer kernels).
 //
-// Three arithmetics, chosen per call (gemm_mode): bf16 in the avx512bf16 build (made for CPUs that
-// declare avx512_bf16, see corelm/kernels/__init__.py), fp32 in the others; CORELM_GEMM overrides it:
+// Four arithmetics, chosen per call (gemm_mode): bf16 in the avx512bf16 build (made for CPUs that
+// declare avx512_bf16, see corelm/kernels/__init__.py), int16 in the avx512vnni build, fp32 in the
+// others; CORELM_GEMM overrides it:
 //   fp32  panels of fp32 weights, fp32 tokens, FMA tiles (6 tokens x 32 outputs on AVX-512): equals
 //         x @ W^T to fp32 rounding. Every build.
 //   bf16  (builds with AVX512_BF16 only) weights and tokens rounded to bf16 (8 significant bits,
@@ -15,6 +16,10 @@
 //         Each product x*w then carries a relative error <= 2^-7, so |y - x @ W^T| <= 2^-7 |x| @ |W|^T
 //         (plus fp32 summation). llama.cpp's int8 GEMMs round tokens to 8-bit integers per block of 32
 //         instead, a far coarser grid for a block's small values.
+//   int16 (AVX-512 VNNI builds) the integer kernels' arithmetic (15-bit tokens per block of 32, the
+//         format's own integer weights, block scales in fp32) with VPDPWSSD: as many multiply-adds per
+//         instruction as VDPBF16PS, less the per-block scaling (0.7-0.9x bf16's speed on Zen 4), and
+//         the integer kernels' accuracy. See the int16 section below.
 //   aten  bf16 weights dequantized for the whole matrix and handed to at::mm (oneDNN: AMX tiles where
 //         the CPU has them, avx512_core_bf16 otherwise), output rounded to bf16 as at::mm returns it.
 #pragma once
@@ -65,7 +70,7 @@ inline Gemm parse_gemm(const std::string& name) {
 // CORELM_GEMM (read at every call: benchmarks/prefill.py alternates the arithmetics in one process).
 inline Gemm gemm_mode() {
   const char* v = std::getenv("CORELM_GEMM");
-  if (v == nullptr || *v == 0) return kHasBF16 ? Gemm::BF16 : Gemm::F32;
+  if (v == nullptr || *v == 0) return kHasBF16 ? Gemm::BF16 : kHasI16 ? Gemm::I16 : Gemm::F32;
   return parse_gemm(v);
 }
 
