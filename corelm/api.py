@@ -8,6 +8,7 @@ wraps what it returns.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from corelm.loading import (  # noqa: F401 - part of this module's API since bef
     resolve_dtype,
 )
 from corelm.tokenizer import Tokenizer
+
+STRUCTURE = ("json_schema", "json_object", "regex", "grammar")  # the ways to ask for structured output
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -84,6 +87,7 @@ class LLM:
         self.config = config
         self.source = source
         self.compile = False
+        self._grammar_tokenizer: Any = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,7 +104,8 @@ class LLM:
     def generate(self, prompt: str | list[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                  stop: str | list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-                 num_beams: int = 1) -> str | list[str]:
+                 num_beams: int = 1, json_schema: dict | bool | str | None = None, json_object: bool = False,
+                 regex: str | None = None, grammar: str | None = None) -> str | list[str]:
         """Continue ``prompt`` (raw text, no chat template) and return the continuation.
 
         Args:
@@ -116,23 +121,34 @@ class LLM:
             seed: Seed for sampling; the same seed gives the same text.
             ignore_eos: Keep going after the end-of-sequence token (for benchmarks).
             num_beams: Beam search width (1 = no beam search; beams ignore sampling parameters).
+            json_schema: The output is a JSON document that validates against this schema (a dict, or its
+                JSON text). Decoding is constrained token by token and ends when the document is complete
+                (or at ``max_new_tokens``, cut off).
+            json_object: The output is a JSON object (any).
+            regex: The whole output matches this regular expression.
+            grammar: The output follows this grammar: Lark (``start: ...``) or GBNF (``root ::= ...``).
+        Raises:
+            CorelmError: a schema, regex or grammar that cannot be used (one line, naming the problem).
         """
+        structure = {"json_schema": json_schema, "json_object": json_object, "regex": regex, "grammar": grammar}
         if isinstance(prompt, (list, tuple)):
             return self._generate_batch(list(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                        stop=stop, seed=seed, ignore_eos=ignore_eos, num_beams=num_beams)
+                                        stop=stop, seed=seed, ignore_eos=ignore_eos, num_beams=num_beams,
+                                        structure=structure)
         return "".join(self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                                   ignore_eos=ignore_eos, num_beams=num_beams))
+                                   ignore_eos=ignore_eos, num_beams=num_beams, **structure))
 
     def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-               seed: int | None = None, ignore_eos: bool = False, num_beams: int = 1) -> Iterator[str]:
+               seed: int | None = None, ignore_eos: bool = False, num_beams: int = 1,
+               **structure: Any) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as tokens are produced."""
         ids = self.encode_prompt(prompt)
         return self.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                               ignore_eos=ignore_eos, num_beams=num_beams)
+                               ignore_eos=ignore_eos, num_beams=num_beams, **structure)
 
     def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, **kwargs: Any) -> str:
         """Reply to a conversation, rendered with the model's chat template (once)."""
@@ -148,17 +164,19 @@ class LLM:
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                    stop: str | list[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-                   num_beams: int = 1, stats: dict[str, float] | None = None) -> Iterator[str]:
+                   num_beams: int = 1, stats: dict[str, float] | None = None, **structure: Any) -> Iterator[str]:
         """Generate from token ids, yielding text pieces; stop strings are applied here.
 
         Args:
             stats: If given, filled with ``prompt_tokens``, ``new_tokens``, ``prefill_s``, ``decode_s``.
+            structure: ``json_schema``, ``json_object``, ``regex`` or ``grammar``, as in :meth:`generate`.
         """
         tok = self._need_tokenizer()
         stops = _stop_list(stop)
         params = self._params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, ignore_eos)
         self._check_length(prompt_ids, max_new_tokens)
-        token_iter = self._token_stream(prompt_ids, params, num_beams, stats)
+        constraint = self.constraint(**structure)
+        token_iter = self._token_stream(prompt_ids, params, num_beams, stats, constraint)
         return stream_text(tok, token_iter, stops)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, **kwargs: Any) -> list[int]:
@@ -167,16 +185,45 @@ class LLM:
                               kwargs.get("top_k", 0), kwargs.get("repetition_penalty", 1.0),
                               kwargs.get("seed"), kwargs.get("ignore_eos", False))
         self._check_length(prompt_ids, max_new_tokens)
-        return list(self._token_stream(prompt_ids, params, kwargs.get("num_beams", 1), None))
+        constraint = self.constraint(**{k: kwargs[k] for k in STRUCTURE if k in kwargs})
+        return list(self._token_stream(prompt_ids, params, kwargs.get("num_beams", 1), None, constraint))
+
+    def constraint(self, json_schema: dict | bool | str | None = None, json_object: bool = False,
+                   regex: str | None = None, grammar: str | None = None) -> Any:
+        """A fresh :class:`~corelm.generate.constraints.Constraint` for one generation, or None when no
+        structure is asked for (arguments as in :meth:`generate`).
+
+        Raises:
+            CorelmError: several structures at once, JSON schema text that does not parse, or a schema,
+                regex or grammar the grammar engine refuses.
+        """
+        from corelm.generate.constraints import GrammarTokenizer, build_constraint
+
+        given = {k: v for k, v in (("json_schema", json_schema), ("json_object", json_object or None),
+                                   ("regex", regex), ("grammar", grammar)) if v is not None}
+        if not given:
+            return None
+        if len(given) > 1:
+            raise CorelmError(f"give one of json_schema, json_object, regex and grammar, not {' and '.join(given)}")
+        if isinstance(json_schema, str):
+            try:
+                given["json_schema"] = json.loads(json_schema)
+            except ValueError as exc:
+                raise CorelmError(f"the JSON schema is not valid JSON: {exc}") from None
+        if self._grammar_tokenizer is None:  # reads the whole vocabulary once (~0.2 s for 49k tokens)
+            tok = self._need_tokenizer()
+            eos = {t for t in (tok.eos_token_id, self.config.extra.get("eos_token_id")) if isinstance(t, int)}
+            self._grammar_tokenizer = GrammarTokenizer(tok, int(self.config.vocab_size), sorted(eos))
+        return build_constraint(self._grammar_tokenizer, **given)
 
     def _generate_batch(self, prompts: list[str], *, max_new_tokens: int, stop: str | list[str] | None,
-                        num_beams: int, **sampling: Any) -> list[str]:
+                        num_beams: int, structure: dict[str, Any], **sampling: Any) -> list[str]:
         """Several prompts in one batch through the engine; stop strings cut each row's text."""
         from corelm.generate import engine
 
         if num_beams != 1:  # beam search keeps num_beams rows per prompt already: one prompt at a time
-            return [self.generate(p, max_new_tokens=max_new_tokens, stop=stop, num_beams=num_beams, **sampling)
-                    for p in prompts]
+            return [self.generate(p, max_new_tokens=max_new_tokens, stop=stop, num_beams=num_beams, **sampling,
+                                  **structure) for p in prompts]
         tok = self._need_tokenizer()
         stops = _stop_list(stop)
         ids = [self.encode_prompt(p) for p in prompts]
@@ -184,6 +231,7 @@ class LLM:
                               sampling["repetition_penalty"], sampling["seed"], sampling["ignore_eos"])
         for row in ids:
             self._check_length(row, max_new_tokens)
+        constraints = [self.constraint(**structure) for _ in ids]  # each row walks its own grammar
         # Each row watches its own text as tokens come (the one stop matcher, fed incrementally) so the
         # engine stops a row at its stop string; the returned text is cut by stream_text as a lone run is.
         watch = [(tok.stream_decoder(skip_special_tokens=True), StopMatcher(stops)) for _ in ids]
@@ -193,7 +241,7 @@ class LLM:
             return matcher.feed(decoder.push(tokens[-1]))[1]
 
         rows = engine.generate(self.model, ids, params, should_stop=stopped if stops else None,
-                               compile=self.compile)
+                               compile=self.compile, constraints=constraints)
         return ["".join(stream_text(tok, iter(tokens), stops)) for tokens in rows]
 
     # ---- internals ----------------------------------------------------------------------------
@@ -236,7 +284,7 @@ class LLM:
                               ignore_eos=ignore_eos)
 
     def _token_stream(self, prompt_ids: list[int], params: Any, num_beams: int,
-                      stats: dict[str, float] | None) -> Iterator[int]:
+                      stats: dict[str, float] | None, constraint: Any = None) -> Iterator[int]:
         from corelm.generate import engine
 
         if not isinstance(num_beams, int) or num_beams < 1:
@@ -246,12 +294,13 @@ class LLM:
         n = 0
         try:
             if num_beams > 1:
-                ids = engine.beam_search(self.model, prompt_ids, params, num_beams=num_beams)
+                ids = engine.beam_search(self.model, prompt_ids, params, num_beams=num_beams, constraint=constraint)
                 first = time.perf_counter()
                 for n, token in enumerate(ids, 1):
                     yield token
             else:
-                for token in engine.stream(self.model, prompt_ids, params, compile=self.compile):
+                for token in engine.stream(self.model, prompt_ids, params, compile=self.compile,
+                                           constraint=constraint):
                     if first is None:
                         first = time.perf_counter()
                     n += 1
@@ -261,6 +310,8 @@ class LLM:
                 end = time.perf_counter()
                 stats.update(prompt_tokens=len(prompt_ids), new_tokens=n,
                              prefill_s=(first or end) - t0, decode_s=end - (first or end))
+                if num_beams > 1:  # one search, prefill included: its tokens come out together at the end
+                    stats.update(beams=num_beams, search_s=(first or end) - t0)
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

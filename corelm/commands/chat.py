@@ -2,7 +2,8 @@
 
 Interactive by default (multi-turn; ``/reset`` starts over, ``/exit`` or end-of-input quits);
 ``--once "question"`` answers one message and exits. Prompts go through the model's own chat
-template, rendered exactly once.
+template, rendered exactly once. ``--json-schema``, ``--json``, ``--regex`` or ``--grammar`` constrain
+every reply (docs/structured-output.md).
 """
 
 from __future__ import annotations

@@ -6,14 +6,18 @@ Not a command itself: commands import this module, never each other.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from corelm.commands.args import Options, option, set_threads, threads_option
 from corelm.errors import CorelmError
 from corelm.presets import DEFAULT_MODEL
+
+STRUCTURE = "structured output (one of them; also with --beams and speculative decoding)"
 
 
 @dataclass(kw_only=True)
@@ -46,6 +50,14 @@ class SamplingOptions(Options):
     stop: list[str] | None = field(default=None, metadata={
         "help": "stop before this text (repeatable); it is not printed", "metavar": "TEXT"})
     ignore_eos: bool = option(False, "keep generating after the end-of-sequence token (for timing)")
+    json_schema: str | None = option(None, "the output is a JSON document valid against this schema (a file, or the "
+                                           "schema's JSON text); decoding ends when the document is complete",
+                                     metavar="FILE_OR_JSON", section=STRUCTURE)
+    json_object: bool = option(False, "the output is a JSON object (any)", flag="--json", section=STRUCTURE)
+    regex: str | None = option(None, "the whole output matches this regular expression", metavar="REGEX",
+                               section=STRUCTURE)
+    grammar: str | None = option(None, "the output follows this grammar: GBNF (root ::= ...) or Lark (start: ...), "
+                                       "a file or the grammar's text", metavar="FILE_OR_TEXT", section=STRUCTURE)
 
     def check(self) -> None:
         super().check()
@@ -59,12 +71,48 @@ class SamplingOptions(Options):
             raise CorelmError(f"--top-k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise CorelmError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        given = [flag for flag, value in (("--json-schema", self.json_schema), ("--json", self.json_object or None),
+                                          ("--regex", self.regex), ("--grammar", self.grammar)) if value is not None]
+        if len(given) > 1:
+            raise CorelmError(f"{' and '.join(given)} are two ways to constrain the output; give one of them")
+        self.structure()  # a schema file that is missing or not JSON fails before the model loads
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``LLM.generate`` / ``LLM.stream_ids``."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos}
+                "stop": self.stop, "ignore_eos": self.ignore_eos, **self.structure()}
+
+    def structure(self) -> dict[str, Any]:
+        """The structured-output keyword of ``LLM.generate`` these options ask for (``{}`` for free text):
+        ``--json-schema`` and ``--grammar`` read a file when one exists at that path, else take the text."""
+        if self.json_object:
+            return {"json_object": True}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.grammar is not None:
+            return {"grammar": _file_or_text(self.grammar)}
+        if self.json_schema is None:
+            return {}
+        text = _file_or_text(self.json_schema)
+        try:
+            return {"json_schema": json.loads(text)}
+        except ValueError as exc:
+            raise CorelmError(f"--json-schema is neither a file nor JSON text: {exc}") from None
+
+
+def _file_or_text(value: str) -> str:
+    path = Path(value)
+    try:
+        is_file = len(value) < 4096 and "\n" not in value and path.is_file()
+    except OSError:  # a name too long for the file system: text
+        is_file = False
+    if not is_file:
+        return value
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorelmError(f"cannot read {value}: {exc}") from None
 
 
 def load_llm(options: ModelOptions, model: str | None = None) -> Any:
@@ -96,7 +144,10 @@ def describe_decoder(model: Any, compile: bool = False) -> str:
     spec = getattr(model, "corelm_quantization", None)
     weights = str(next(model.parameters()).dtype).removeprefix("torch.")
     if spec:  # the storage, not the float dtype the layers compute in: int4 / int8, or a GGUF file's own blocks
-        weights = "GGUF blocks as stored" if spec["method"] == "gguf" else spec["method"]
+        weights = spec["method"]
+        if weights == "gguf":  # the file's mix by llama.cpp's name (general.file_type) where it has one
+            mix = spec.get("file_type")
+            weights = f"{mix}, GGUF blocks as stored" if mix else "GGUF blocks as stored"
     path = "C++ step" if isinstance(step_for(model, compile=compile), KernelStep) else (
         "PyTorch, compiled" if compile else "PyTorch")
     return f"{weights}, {path}"
@@ -133,6 +184,10 @@ def format_stats(stats: dict[str, float]) -> str:
         return (f"[{n} tokens; prompt {int(stats['prompt_tokens'])} tokens; {n / seconds if seconds else 0:.3g} "
                 f"tok/s overall; acceptance rate {stats['acceptance_rate']:.0%}; "
                 f"{stats['tokens_per_target_call']:.2f} tokens per target pass]")
+    if "search_s" in stats:  # beam search: the prompt and every beam's steps in one search
+        n, seconds = int(stats["new_tokens"]), stats["search_s"]
+        return (f"[{n} tokens; prompt {int(stats['prompt_tokens'])} tokens; beam search, {int(stats['beams'])} "
+                f"beams: {n / seconds if seconds else 0:.3g} tok/s overall]")
     n, decode_s = int(stats.get("new_tokens", 0)), stats.get("decode_s", 0.0)
     prompt, prefill_s = int(stats.get("prompt_tokens", 0)), stats.get("prefill_s", 0.0)
     # the first new token comes out of the prefill; the rest are decode steps

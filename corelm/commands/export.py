@@ -5,7 +5,8 @@ Mistral without a window, Mixtral, Qwen2/3 and their MoE models, Phi-3, Gemma 1-
 llama.cpp cannot represent is refused with one line naming the feature.
 
 A quantized checkpoint from ``corelm quantize --method int4 --group-size 32`` is written as Q4_1
-from its own 4-bit blocks; float models are written as F32/F16 or block-quantized to Q8_0/Q4_0/Q4_1.
+from its own 4-bit blocks; float models are written as F32/F16/BF16 or block-quantized to one of
+llama.cpp's mixes (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...; ``corelm quantize --method`` writes the same files).
 The tokenizer (byte-level BPE) and chat template travel in the file's metadata.
 """
 
@@ -30,9 +31,10 @@ class ExportOptions(Options):
     source: str = option(help="checkpoint directory (float or `corelm quantize` output), .gguf or embedded name",
                          positional=True)
     out: str | Path = field(metadata={"help": "output .gguf file (written atomically)", "positional": True})
-    qtype: Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"] | None = option(
-        None, "tensor type of the weight matrices (default: Q4_1 for int4 checkpoints, Q8_0 for int8, else F16)",
-        flag="--type")
+    qtype: Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q5_0", "Q5_1",
+                   "Q4_0", "Q4_1"] | None = option(
+        None, "F32/F16/BF16, or a llama.cpp mix that picks each matrix's block type as llama-quantize does (default: "
+              "Q4_1 for int4 checkpoints, Q8_0 for int8, else F16)", flag="--type")
     tokenizer_pre: str = option("smollm", "llama.cpp pre-tokenizer name written to the file (smollm for SmolLM2's "
                                           "vocabulary)")
     overwrite: bool = option(False, "replace an existing output file")

@@ -7,6 +7,8 @@ Examples::
     corelm generate --quantize int4 "Once upon"            # packed int4 weights, fused decode path
     corelm generate --lookup 3 "Repeat: a b c d. a b"     # prompt-lookup speculative decoding
     corelm generate --draft smaller/model --draft-k 4 "Once upon"
+    corelm generate --json-schema person.json "A baker, as JSON:"   # output valid against the schema
+    corelm generate --grammar 'root ::= "yes" | "no"' "Is water wet?"
 
 The raw continuation goes to stdout as it is produced; a stats line (tokens, tokens/s) goes to stderr.
 """
@@ -82,14 +84,15 @@ def speculative_pieces(llm: Any, ids: list[int], options: GenerateOptions, stats
     from corelm.generate.speculative import speculative_generate
     from corelm.generate.text import stream_text
 
-    draft = load_llm(options, options.draft).model if options.draft is not None else None
     llm._check_length(ids, options.max_new_tokens)
+    constraint = llm.constraint(**options.structure())  # a bad schema fails before the draft loads
+    draft = load_llm(options, options.draft).model if options.draft is not None else None
     eos = None if options.ignore_eos else llm.tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     t0 = time.perf_counter()
     tokens, spec = speculative_generate(llm.model, ids, options.max_new_tokens, draft=draft, lookup=options.lookup,
                                         k=options.draft_k, temperature=options.temperature, eos_token_id=eos,
-                                        generator=generator)
+                                        generator=generator, constraint=constraint)
     if tokens and tokens[-1] == eos:
         tokens = tokens[:-1]  # like the engine: the end-of-sequence token is not part of the text
     stats.update(prompt_tokens=len(ids), new_tokens=len(tokens), speculative_s=time.perf_counter() - t0,

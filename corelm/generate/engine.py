@@ -9,6 +9,11 @@ Tokenizers and chat templates live above it (``corelm/api.py``); it speaks token
 
 Batching follows docs/DESIGN.md: prompts of different lengths are prefilled right-padded, each row
 keeps its own positions in the cache, and decoding continues every row from its own length.
+
+Structured output: a row may carry a :class:`~corelm.generate.constraints.Constraint` (a JSON schema,
+regex or grammar). Its logits are masked before sampling (so before temperature, top-k and top-p), the
+chosen token advances its grammar, and the row ends when the grammar is complete. Beam search keeps
+one grammar state per beam and forks it with the beam.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.generate.constraints import Constraint, mask_rows
 from corelm.generate.step import model_device, step_for
 from corelm.ops.sampling import apply_repetition_penalty, sample_from_logits
 
@@ -155,8 +161,8 @@ class _Rows:
 
 def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
                     params: SamplingParams | Sequence[SamplingParams], *,
-                    eos_token_id: int | Sequence[int] | None = None,
-                    compile: bool = False) -> Iterator[list[int | None]]:
+                    eos_token_id: int | Sequence[int] | None = None, compile: bool = False,
+                    constraints: Sequence[Constraint | None] | None = None) -> Iterator[list[int | None]]:
     """Generate for a batch of prompts, yielding one step at a time.
 
     Args:
@@ -166,6 +172,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         eos_token_id: end-of-sequence id(s); default ``model.config.extra["eos_token_id"]`` if present.
         compile: ``torch.compile`` the model's decode step (static shapes: attends all cache slots);
             without it a quantized llama on CPU decodes on corelm's C++ step (see :func:`step_for`).
+        constraints: per row, a fresh :class:`Constraint` (its grammar at the start) or None; a
+            constrained row ends when its grammar is complete.
     Yields:
         per step, a list with each row's new token id, or None where the row has finished. Stop
         iterating (``close()``, ``break``) to end early, e.g. when a stop string appears.
@@ -176,6 +184,9 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise CorelmError(f"{len(params)} sampling parameter sets for {len(prompts)} prompts")
+    constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+    if len(constraints) != len(prompts):
+        raise CorelmError(f"{len(constraints)} constraints for {len(prompts)} prompts")
     if not prompts:
         return
     for p, sp in zip(prompts, params):
@@ -197,8 +208,13 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
     frozen = [False] * len(prompts)
     while True:
         with torch.inference_mode():
+            logits = mask_rows(logits, [None if done else c for c, done in zip(constraints, rows.done)])
             tokens = rows.choose(logits)
         emitted = rows.accept(tokens.tolist())
+        for b, token in enumerate(emitted):
+            if token is not None and constraints[b] is not None:
+                constraints[b].advance(token)
+                rows.done[b] = rows.done[b] or constraints[b].complete  # the document is finished
         for b, finished in enumerate(rows.done):
             if finished and not frozen[b]:
                 frozen[b] = True
@@ -213,7 +229,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
              *, eos_token_id: int | Sequence[int] | None = None, compile: bool = False,
-             should_stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+             should_stop: Callable[[int, list[int]], bool] | None = None,
+             constraints: Sequence[Constraint | None] | None = None) -> list[list[int]]:
     """Generate for a batch of prompts and return each row's new tokens (stop tokens excluded).
 
     Args:
@@ -223,7 +240,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: Samplin
     """
     out: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
-    stream = generate_stream(model, prompts, params, eos_token_id=eos_token_id, compile=compile)
+    stream = generate_stream(model, prompts, params, eos_token_id=eos_token_id, compile=compile,
+                             constraints=constraints)
     for step in stream:
         for b, t in enumerate(step):
             if t is not None and not stopped[b]:
@@ -237,9 +255,11 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: Samplin
 
 
 def stream(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
-           eos_token_id: int | Sequence[int] | None = None, compile: bool = False) -> Iterator[int]:
+           eos_token_id: int | Sequence[int] | None = None, compile: bool = False,
+           constraint: Constraint | None = None) -> Iterator[int]:
     """Stream one prompt's new token ids as they are produced (stop tokens are not yielded)."""
-    for step in generate_stream(model, [prompt_ids], params, eos_token_id=eos_token_id, compile=compile):
+    for step in generate_stream(model, [prompt_ids], params, eos_token_id=eos_token_id, compile=compile,
+                                constraints=[constraint]):
         if step[0] is None:
             return
         yield step[0]
@@ -292,15 +312,44 @@ def _select_beams(
     return running, finished
 
 
+def _fork_grammars(grammars: list[Constraint], origins: list[int], beams: list[list[int]],
+                   scores: list[float]) -> list[Constraint]:
+    """Each beam's grammar state: its origin's, copied (several beams may share an origin), advanced by
+    the beam's new token."""
+    forked = [grammars[o].clone() for o in origins]
+    for g, beam, score in zip(forked, beams, scores):
+        if score > -1e8:  # dead padding beams never emit
+            g.advance(beam[-1])
+    return forked
+
+
+def _running_at_the_end(beams: list[list[int]], scores: list[float], grammars: list[Constraint] | None,
+                        lp: float, any_finished: bool) -> list[tuple[float, list[int]]]:
+    """The running beams that compete with the finished ones at ``max_new_tokens``, scored like them.
+    Under a grammar only beams holding a complete document do, unless no beam at all is whole."""
+    live = [b for b, beam in enumerate(beams) if beam and scores[b] > -1e8]
+    whole = [b for b in live if grammars is None or grammars[b].accepting]
+    return [(scores[b] / len(beams[b]) ** lp, beams[b]) for b in (whole if whole or any_finished else live)]
+
+
 @torch.inference_mode()
 def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingParams, *,
                 num_beams: int | None = None, length_penalty: float | None = None,
-                eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+                eos_token_id: int | Sequence[int] | None = None, constraint: Constraint | None = None) -> list[int]:
     """Beam search (deterministic): keep the ``num_beams`` most likely continuations at each step.
 
     A beam that produces a stop token is finished with score ``sum(logprobs) / length **
     length_penalty``; search ends when ``num_beams`` beams are finished and no running beam can
     beat them, or at ``max_new_tokens``. ``num_beams=1`` is greedy decoding.
+
+    Under a ``constraint`` each beam has its own grammar state (forked with the beam) and its scores are
+    log-probabilities of the constrained distribution: the logits its grammar forbids get ``-inf`` before
+    the log-softmax, as greedy and sampled decoding see them. So a beam whose document is complete ends
+    at no cost (EOS is its only continuation) instead of losing the end-of-sequence token's raw
+    log-probability to beams that run on (masking after the log-softmax, as ``transformers``'
+    ``prefix_allowed_tokens_fn`` does, returned a cut-off ``{"a": 1000...`` where greedy found
+    ``{"a":10}``). At ``max_new_tokens`` only beams holding a complete document compete (any beam if
+    none does). ``ignore_eos`` does not apply under a grammar.
 
     Returns:
         the best continuation's token ids (stop token excluded).
@@ -315,13 +364,17 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
     if eos_token_id is None:
         eos_token_id = model.config.extra.get("eos_token_id")
     eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-    stops = set() if params.ignore_eos else set(params.stop_token_ids) | set(eos)
+    # ignore_eos does not apply under a grammar: there EOS is allowed only where the document may end
+    stops = set() if params.ignore_eos and constraint is None else set(params.stop_token_ids) | set(eos)
     device = model_device(model)
     n = len(prompt_ids)
     decoder = step_for(model)
     cache = decoder.new_cache(nb, n + params.max_new_tokens)
     logits = decoder.prefill(cache, [prompt_ids], rows=[0])  # (1, V)
     decoder.share_prefix(cache, n)  # every beam starts from the prompt's keys/values
+    grammars = None if constraint is None else [constraint] + [constraint.clone() for _ in range(nb - 1)]
+    if grammars is not None:
+        logits = constraint.mask(logits)
     logprobs = torch.log_softmax(logits, dim=-1).expand(nb, -1)  # (nb, V)
     beam_scores = torch.full((nb,), -1e9, device=device)
     beam_scores[0] = 0.0  # the first step expands beam 0 only: the others are copies of it
@@ -347,15 +400,16 @@ def beam_search(model: nn.Module, prompt_ids: Sequence[int], params: SamplingPar
             beam_scores = torch.cat([beam_scores, torch.full((pad,), -1e9, device=device)])
         if not torch.equal(origins, torch.arange(nb, device=device)):
             decoder.reorder(cache, origins)  # each beam continues from its origin's keys/values
+        if grammars is not None:
+            grammars = _fork_grammars(grammars, origins.tolist(), beams, beam_scores.tolist())
         if step + 1 == params.max_new_tokens:
             break
         tokens = torch.tensor([b[-1] for b in beams], device=device)
         pos = torch.full((nb,), n + step, device=device)
-        logprobs = torch.log_softmax(decoder.decode(cache, tokens, pos), dim=-1)
+        logits = decoder.decode(cache, tokens, pos)
+        logprobs = torch.log_softmax(logits if grammars is None else mask_rows(logits, grammars), dim=-1)
     if not done:  # max_new_tokens reached: running beams compete with the finished ones
-        for b in range(nb):
-            if beams[b] and float(beam_scores[b]) > -1e8:
-                finished.append((float(beam_scores[b]) / len(beams[b]) ** lp, beams[b]))
+        finished += _running_at_the_end(beams, beam_scores.tolist(), grammars, lp, bool(finished))
     if not finished:
         return []
     return max(finished, key=lambda x: x[0])[1]

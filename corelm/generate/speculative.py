@@ -19,6 +19,13 @@ Both models decode through their step (:mod:`corelm.generate.step`), each with a
 rejected tokens need no cache rollback because the cache is written at positions and a query never
 sees a slot past its own. On corelm's C++ step a verify pass is one call whose rows equal one-token
 steps bit for bit, so greedy output is token for token what plain greedy decoding gives there.
+
+Under a grammar (:class:`~corelm.generate.constraints.Constraint`: a JSON schema, regex...) the draft
+proposes from its masked logits while the grammar advances over its proposals tentatively; a lookup
+proposal is cut to the prefix the grammar accepts. The grammar then rolls back to the round's start,
+and verification masks each position with the grammar state after the drafts kept so far, advancing
+it only over the tokens kept: every emitted token is the one constrained decoding picks from the same
+logits, and the run ends when the document is complete, as in the engine.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.generate.constraints import Constraint
 from corelm.generate.step import step_for
 from corelm.ops.sampling import sample_from_probs, temperature_probs
 
@@ -126,7 +134,8 @@ def check_draft(target: nn.Module, draft: nn.Module) -> None:
 def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: int, *,  # noqa: C901
                          draft: nn.Module | None = None, lookup: int | None = None, k: int = 4,
                          temperature: float = 0.0, eos_token_id: int | None = None,
-                         generator: torch.Generator | None = None) -> tuple[list[int], SpecStats]:
+                         generator: torch.Generator | None = None,
+                         constraint: Constraint | None = None) -> tuple[list[int], SpecStats]:
     """Generate with a draft model (``draft=``) or prompt lookup (``lookup=n``), batch 1.
 
     Args:
@@ -137,6 +146,7 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
         lookup: n-gram length for prompt-lookup proposals (used when ``draft`` is None).
         k: tokens proposed per round.
         temperature: 0 for greedy (output identical to plain greedy), > 0 for sampling.
+        constraint: a fresh grammar the output follows (it ends when the grammar is complete).
     Returns:
         ``(new_tokens, stats)``.
     """
@@ -154,7 +164,7 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
     greedy = temperature <= 0
     tgt = _Cached(target, max_len)
     drf = _Cached(draft, max_len) if draft is not None else None
-    tokens, stats = list(prompt), SpecStats()
+    tokens, stats, grammar = list(prompt), SpecStats(), constraint
     # The target has seen all but the last token: every round feeds it [unseen..., drafts...].
     if len(tokens) > 1:
         for cached in (tgt, drf) if drf is not None else (tgt,):
@@ -169,6 +179,8 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
             logits = drf.feed(tokens[drf.length:])[-1]
             stats.draft_calls += 1
             for i in range(min(k, budget)):
+                if grammar is not None:
+                    logits = grammar.mask(logits[None].clone())[0]
                 if greedy:
                     x = int(logits.argmax())
                 else:
@@ -176,17 +188,29 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
                     x = _sample(q, generator)
                     q_rows.append(q)
                 drafts.append(x)
+                if grammar is not None:
+                    grammar.advance(x)  # tentatively: the next draft position's mask needs it
+                    if grammar.complete:
+                        break
                 if i + 1 < min(k, budget):
                     logits = drf.feed([x])[-1]
                     stats.draft_calls += 1
+            if grammar is not None:
+                grammar.rollback(len(drafts))
         else:
             drafts = lookup_draft(tokens, lookup, min(k, budget))
+            if grammar is not None:
+                drafts = drafts[:grammar.valid_prefix(drafts)]
         # ---- verify: one target pass over the unseen tokens and the drafts ----
         seen = tgt.length
         logits = tgt.feed(tokens[seen:] + drafts)[len(tokens) - 1 - seen:]  # (len(drafts) + 1, V)
         stats.target_calls += 1
+        if grammar is not None:
+            logits = logits.clone()  # masked row by row below, each with the state after the drafts kept
         accepted, extra = 0, None
         for i, x in enumerate(drafts):
+            if grammar is not None:
+                grammar.mask(logits[i:i + 1])
             if greedy:
                 best = int(logits[i].argmax())
                 if best != x:
@@ -199,13 +223,23 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
                     extra = replacement
                     break
             accepted += 1
-        if extra is None:  # every draft kept: the target's own next token comes free
+            if grammar is not None:
+                grammar.advance(x)
+        finished = False
+        if grammar is not None and grammar.complete:  # the kept drafts end the document: nothing follows
+            extra, finished = None, True
+        elif extra is None:  # every draft kept: the target's own next token comes free
             last = logits[len(drafts)]
+            if grammar is not None:
+                grammar.mask(last[None])
             extra = int(last.argmax()) if greedy else _sample(_probs(last, temperature), generator)
+        if grammar is not None and extra is not None and extra != eos_token_id:
+            grammar.advance(extra)
+            finished = grammar.complete
         stats.drafted += len(drafts)
         stats.accepted += accepted
         stats.accepted_per_round.append(accepted)
-        new = drafts[:accepted] + [extra]
+        new = drafts[:accepted] + ([extra] if extra is not None else [])
         # keep only cache positions of tokens that are now part of the sequence
         tokens_before = len(tokens)
         tgt.rewind(tokens_before + accepted)
@@ -217,5 +251,7 @@ def speculative_generate(target: nn.Module, prompt: list[int], max_new_tokens: i
             if t == eos_token_id:
                 stats.emitted = len(out)
                 return out, stats
+        if finished:
+            break
     stats.emitted = len(out)
     return out, stats

@@ -1,4 +1,5 @@
-"""Write corelm decoders as GGUF (llama.cpp's format): F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+"""Write corelm decoders as GGUF (llama.cpp's format): F32, F16, BF16, or a block mix as llama.cpp names it
+(Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q5_0, Q5_1, Q4_0, Q4_1).
 
 The inverse of :mod:`corelm.io.gguf`, for every family it reads: each model is written under the
 llama.cpp architecture that runs it (``llama`` -- with experts for Mixtral --, ``qwen2``, ``qwen3``,
@@ -10,8 +11,10 @@ RoPE factors as ``rope_freqs``/``rope_factors_long``/``rope_factors_short`` tens
 layers as ``attention.sliding_window_pattern``. A config llama.cpp cannot express (a Mistral window in
 the ``llama`` architecture, a Gemma query scale other than llama.cpp's, dense layers between MoE
 layers, ...) is refused with one line naming it, never written as a file that runs differently.
-Block quantization uses the ``gguf`` package's reference quantizer (the same code llama.cpp's
-converter runs).
+Block quantization is :mod:`corelm.quant.gguf_quantize`: llama.cpp's reference quantizers' arithmetic,
+and ``llama-quantize``'s choice of type per tensor for the mix (``Q4_K_M``: ``attn_v`` and ``ffn_down``
+at Q6_K on about half the layers, the head at Q6_K, Q5_0/Q5_1/Q8_0 where rows are not whole
+256-value super-blocks).
 
 A model quantized by :func:`corelm.quant.transform.quantize_model` with int4 group 32 is written as
 Q4_1 from its packed values, scales and zeros — no re-quantization (``d = scale``,
@@ -30,9 +33,11 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.quant.gguf_quantize import BLOCK_SIZE, BLOCK_TYPES, MIXES, quantize_blocks, tensor_type
 
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}  # llama_ftype
+FLOAT_TYPES = ("F32", "F16", "BF16")
+TYPES = FLOAT_TYPES + tuple(MIXES)
+_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32, **{name: ftype for name, (ftype, _) in MIXES.items()}}  # llama_ftype
 # corelm (HF) block parameter -> llama.cpp tensor, shared by every architecture (src/llama-arch.cpp names)
 _LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -90,8 +95,9 @@ def _encode(name: str, module: nn.Module, weight: torch.Tensor, qtype: str, head
     if qtype == "BF16":
         gtype = GGMLQuantizationType.BF16
         return quants.quantize(data, gtype), gtype
-    gtype = getattr(GGMLQuantizationType, qtype)
-    return quants.quantize(data, gtype), gtype
+    if qtype not in BLOCK_TYPES or data.shape[-1] % BLOCK_SIZE[qtype]:
+        return data.astype(np.float16), None
+    return quantize_blocks(weight, qtype).numpy(), getattr(GGMLQuantizationType, qtype)
 
 
 def _tokenizer_metadata(tokenizer: Any, pre: str, vocab_size: int | None = None) -> dict[str, Any]:
@@ -330,6 +336,11 @@ def _tensors(model: nn.Module, config: Any, arch: str, qtype: str) -> list[tuple
     out.append(("output_norm.weight", None, body.norm.weight.detach().float() + offset, "F32", None))
     if not config.tie_embeddings:
         out.append(("output.weight", model.lm_head, _float_weight(model.lm_head), emb_type, None))
+    if qtype in MIXES:  # llama-quantize's type for each matrix of the mix (kept F32: norms, routers)
+        n_expert = config.n_experts if config.family == "moe" else 0
+        out = [(name, module, weight, kind if kind == "F32" or weight.dim() < 2 else
+                tensor_type(name, qtype, weight.shape[-1], config.n_layer, n_expert, config.tie_embeddings),
+                heads) for name, module, weight, kind, heads in out]
     return out
 
 
@@ -342,8 +353,10 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "F16", tokenize
         model: a corelm llama, gemma, moe or olmo2 model, optionally quantized in place.
         path: output ``.gguf`` file; written to a temporary name and renamed, so a failure leaves
             nothing behind.
-        qtype: type of the 2-D weights and expert stacks: F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (norms and
-            routers stay F32; a weight whose width is not a multiple of 32 stays F32).
+        qtype: F32, F16 or BF16 for every matrix, or a mix of :data:`TYPES` as llama.cpp names it
+            (``Q4_K_M``, ``Q8_0``, ...): each matrix gets the type ``llama-quantize`` gives it
+            (:func:`corelm.quant.gguf_quantize.tensor_type`). Norms and routers stay F32; a matrix whose
+            width is not a multiple of 32 stays F32.
         tokenizer: a :class:`corelm.tokenizer.Tokenizer` (byte-level BPE) to embed; llama.cpp needs it.
         tokenizer_pre: llama.cpp's pre-tokenizer name (``smollm`` for SmolLM2's vocabulary).
         name: ``general.name``.

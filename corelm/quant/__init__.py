@@ -6,6 +6,8 @@ One module per job, imported by their own names (this package re-exports nothing
   ``Int8Embedding``, ``Int4Linear`` on corelm's C++ kernels, ``Int4PackedLinear`` on PyTorch's
   int4pack kernels, ``Q8Linear``), the kernel operators and which kernels a new layer uses.
 - :mod:`corelm.quant.gguf_blocks`: GGUF blocks mapped onto those layouts without dequantizing.
+- :mod:`corelm.quant.gguf_quantize`: float matrices to GGUF blocks (Q4_0 ... Q8_0, Q4_K/Q5_K/Q6_K), and
+  which type each tensor of a llama.cpp mix (``Q4_K_M``, ...) gets.
 - :mod:`corelm.quant.transform`: ``quantize_model`` (swap a model's ``nn.Linear`` children for
   quantized layers, tie the embedding to a quantized head) and ``quantized_structure``.
 - :mod:`corelm.quant.io`: quantized state dicts and ``corelm quantize`` checkpoint directories.

@@ -237,7 +237,10 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         else:
             new = GGUFBlockLinear(_rows(found, gguf_name, name), TYPE_IDS[kind], linear.in_features)
         setattr(parent, name, new)
+    from corelm.quant.gguf_quantize import MIX_NAMES
+
     model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
+                                 "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
                                  "skip": kept}
     return model

@@ -13,8 +13,13 @@ The model's output is read back by one parser per template family, chosen from t
   text (Qwen2.5/Qwen3, Hermes, and corelm's fallback prompt); the text around them is the content.
 - ``llama3_json``: the whole output is ``{"name": ..., "parameters": {...}}`` (Llama 3.1/3.2/3.3 custom
   tools), several separated by ``;``; any other output is content.
+- ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` (Mistral-Nemo, Mistral 7B v0.3,
+  Mixtral 8x22B); the text before ``[TOOL_CALLS]`` is content. ``[TOOL_CALLS]`` is a control token in
+  Mistral's vocabularies, which a detokenizer that skips special tokens drops, so an output that *is* a
+  JSON list of call objects is read as calls too. Its templates accept only 9-character alphanumeric
+  call ids (``tool_call_id`` of the results sent back), so this family's ids are made that way.
 
-Both report each call's arguments as the exact JSON text the model wrote (so a streamed call's
+Each reports each call's arguments as the exact JSON text the model wrote (so a streamed call's
 argument fragments join to the same string as the non-streamed call's). With ``tool_choice``
 ``"required"`` or a named function, :func:`tool_grammar` constrains decoding to exactly one call whose
 arguments validate against the tool's ``parameters`` schema (llguidance Lark with ``%json``).
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("hermes", "llama3_json")
+FAMILIES = ("hermes", "llama3_json", "mistral")
 
 FALLBACK_PROMPT = """\
 You can call functions to help with the user's request. Their signatures, one JSON object per line, \
@@ -46,6 +53,7 @@ Each result comes back inside <tool_response></tool_response> tags. When no func
 answer in plain text."""
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_TAG = "[TOOL_CALLS]"
 # A call object's start up to its arguments: {"name": "f", "arguments": (or "parameters" for Llama 3).
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _END = re.compile(r"\s*\}")
@@ -58,6 +66,8 @@ def family_of(template: str | None) -> str:
     template = template or ""
     if OPEN in template:
         return "hermes"
+    if MISTRAL_TAG in template:
+        return "mistral"
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
         return "llama3_json"
     return "hermes"
@@ -104,12 +114,14 @@ def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str,
     """A Lark grammar (llguidance) for exactly one call: of ``name``, or of any tool when None.
 
     The call object is ``{"name": <const>, "arguments": <the tool's parameters schema>}`` (``parameters``
-    for Llama 3) on one line, wrapped in ``<tool_call>`` tags for the Hermes family.
+    for Llama 3) on one line, wrapped in ``<tool_call>`` tags for the Hermes family and written
+    ``[TOOL_CALLS][<call>]`` for Mistral.
 
     Args:
         tag_tokens: the ids of ``<tool_call>`` and ``</tool_call>`` where the vocabulary has each as one
-            added token (Qwen2.5/Qwen3): the grammar names those tokens, because llguidance keeps added
-            tokens apart from the same text spelled in ordinary tokens.
+            added token (Qwen2.5/Qwen3), or for Mistral a 1-tuple with the id of ``[TOOL_CALLS]`` (a
+            control token in Mistral's vocabularies): the grammar names those tokens, because llguidance
+            keeps added tokens apart from the same text spelled in ordinary tokens.
     """
     key = "parameters" if family == "llama3_json" else "arguments"
     options = [{"type": "object",
@@ -124,6 +136,9 @@ def tool_grammar(tools: list[dict[str, Any]], name: str | None, family: str,
     call = "call: %json " + json.dumps(schema, ensure_ascii=False)
     if family == "llama3_json":
         return "start: call\n" + call
+    if family == "mistral":
+        tag = f"<[{tag_tokens[0]}]>" if tag_tokens and len(tag_tokens) == 1 else json.dumps(MISTRAL_TAG)
+        return f'start: {tag} "[" call "]"\n' + call
     open_tag, close_tag = ([f"<[{t}]>" for t in tag_tokens] if tag_tokens else [json.dumps(OPEN), json.dumps(CLOSE)])
     return f'start: {open_tag} "\\n" call "\\n" {close_tag}\n' + call
 
@@ -144,6 +159,7 @@ class Call:
 class Parsed:
     content: str  # the text outside the calls, stripped
     calls: list[Call] = field(default_factory=list)
+    family: str = "hermes"  # how the calls' ids are spelled (see new_call_id)
 
 
 def _call(text: str, start: int) -> tuple[Call | None, int]:
@@ -184,12 +200,12 @@ def _call(text: str, start: int) -> tuple[Call | None, int]:
     return Call(obj["name"], json.dumps(args, ensure_ascii=False), True), end
 
 
-def _hold(text: str, final: bool) -> str:
+def _hold(text: str, final: bool, tag: str = OPEN) -> str:
     """Content that is safe to send: leading/trailing whitespace is held back (the final content is
-    stripped), and so is a tail that may be the start of ``<tool_call>``."""
+    stripped), and so is a tail that may be the start of ``tag``."""
     if not final:
-        for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-            if OPEN.startswith(text[-k:]):
+        for k in range(min(len(tag) - 1, len(text)), 0, -1):
+            if tag.startswith(text[-k:]):
                 text = text[:-k]
                 break
     return text.strip()
@@ -243,17 +259,68 @@ def parse_llama3_json(text: str, final: bool = True) -> Parsed:
         at = rest
 
 
-PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json}
+_LIST_OPEN = re.compile(r"\s*\[\s*")
+_LIST_NEXT = re.compile(r"\s*([,\]])\s*")
 
 
-def new_call_id() -> str:
+def _call_list(text: str, at: int) -> tuple[list[Call], int]:
+    """The JSON list of call objects at ``text[at:]``: its calls and the index after its ``]``, or the
+    calls so far (the last one possibly partial) and -1 while it is incomplete, or -2 when it is not a
+    list of call objects."""
+    opened = _LIST_OPEN.match(text, at)
+    if not opened:
+        return [], -1 if not text[at:].strip() else -2
+    at, calls = opened.end(), []
+    if not text.startswith("{", at) and text[at:]:
+        return [], -2
+    while True:
+        call, end = _call(text, at)
+        if call is None:
+            return calls, end
+        if end < 0:
+            return calls + [call], -1
+        calls.append(call)
+        sep = _LIST_NEXT.match(text, end)
+        if not sep:
+            return calls, -1 if not text[end:].strip() else -2
+        if sep.group(1) == "]":
+            return calls, sep.end()
+        at = sep.end()
+
+
+def parse_mistral(text: str, final: bool = True) -> Parsed:
+    """``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`` after optional content; an output that is
+    such a list without the tag (a detokenizer that skips special tokens drops it) is read the same way."""
+    i = text.find(MISTRAL_TAG)
+    if i >= 0:
+        head, at = text[:i], i + len(MISTRAL_TAG)
+    elif text.lstrip().startswith("["):
+        head, at = "", 0
+    else:
+        return Parsed(_hold(text, final, MISTRAL_TAG), family="mistral")
+    calls, end = _call_list(text, at)
+    if end >= 0 and calls:  # a whole list: what follows it (normally nothing) is content too
+        return Parsed(_hold(head + text[end:], final, MISTRAL_TAG), calls, "mistral")
+    if end == -1 and not final:  # still coming
+        return Parsed(_hold(head, final, MISTRAL_TAG), calls, "mistral")
+    return Parsed(_hold(text, final, MISTRAL_TAG), family="mistral")  # not calls after all, or cut off: text
+
+
+PARSERS = {"hermes": parse_hermes, "llama3_json": parse_llama3_json, "mistral": parse_mistral}
+
+
+def new_call_id(family: str = "hermes") -> str:
+    """A call id: OpenAI's ``call_...`` spelling, or 9 letters and digits for Mistral's templates (which
+    refuse any other)."""
+    if family == "mistral":
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return "call_" + uuid.uuid4().hex[:24]
 
 
 def message_calls(parsed: Parsed) -> list[dict[str, Any]]:
     """OpenAI's ``message.tool_calls`` for the complete calls."""
-    return [{"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in parsed.calls if c.done]
+    return [{"id": new_call_id(parsed.family), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in parsed.calls if c.done]
 
 
 class ToolStream:
@@ -270,6 +337,7 @@ class ToolStream:
 
     def __init__(self, family: str) -> None:
         self.parse = PARSERS[family]
+        self.family = family
         self.text = ""
         self.sent_content = ""
         self.sent_args: list[str] = []  # per call already announced
@@ -287,7 +355,7 @@ class ToolStream:
         for i, call in enumerate(parsed.calls):
             args = call.arguments or ""
             if i == len(self.sent_args):
-                pieces.append({"index": i, "id": new_call_id(), "type": "function",
+                pieces.append({"index": i, "id": new_call_id(self.family), "type": "function",
                                "function": {"name": call.name, "arguments": ""}})
                 self.sent_args.append("")
             if args.startswith(self.sent_args[i]) and len(args) > len(self.sent_args[i]):
