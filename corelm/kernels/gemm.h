@@ -432,6 +432,15 @@ inline void panel_tiles_bf16(const uint32_t* x, int64_t T, int64_t KP, const uin
 // The drivers
 // ---------------------------------------------------------------------------------------------------
 
+// A buffer of n elements that lives as long as the thread (the pool's workers are never joined): a
+// prefill's ~200 GEMMs would otherwise map and fault in fresh pages for every panel.
+template <class T, int Tag>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Panel pi of the concatenation of ms: its matrix and first row.
 template <class Matrix>
 const Matrix& panel_of(const std::vector<Matrix>& ms, int64_t pi, size_t* i, int64_t* n0) {
@@ -570,23 +579,26 @@ template <class Matrix>
 void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
                   int64_t panels) {
   const int64_t nb = K / QK;
-  std::vector<uint32_t> a(T * K / 2);
-  std::vector<float> da(T * nb), sa(T * nb);
-  quantize_rows_i16(x, T, K, reinterpret_cast<int16_t*>(a.data()), da.data(), sa.data());
+  uint32_t* a = scratch<uint32_t, 0>(T * K / 2);  // the caller's: the workers use Tag 1-3 only
+  float* da = scratch<float, 0>(2 * T * nb);
+  float* sa = da + T * nb;
+  quantize_rows_i16(x, T, K, reinterpret_cast<int16_t*>(a), da, sa);
   Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> row(K);
-    std::vector<float> rd(nb), rm(nb), dw(nb * kPanel), mw(nb * kPanel), y(T * kPanel);
-    std::vector<uint32_t> stage(16 * K / 2), panel(K / 2 * kPanel);
+    int16_t* row = scratch<int16_t, 1>(K);
+    float* rd = scratch<float, 1>(2 * nb + 2 * nb * kPanel + T * kPanel);
+    float *rm = rd + nb, *dw = rm + nb, *mw = dw + nb * kPanel, *y = mw + nb * kPanel;
+    uint32_t* stage = scratch<uint32_t, 1>(16 * K / 2 + K / 2 * kPanel);
+    uint32_t* panel = stage + 16 * K / 2;
     for (int64_t pi = begin; pi < end; ++pi) {
       size_t i;
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_i16(m, n0, cols, row.data(), rd.data(), rm.data(), stage.data(), panel.data(), dw.data(), mw.data());
+      fill_panel_i16(m, n0, cols, row, rd, rm, stage, panel, dw, mw);
       if (cols == kPanel) {  // straight into the output
-        panel_tiles_i16(a.data(), da.data(), sa.data(), T, nb, panel.data(), dw.data(), mw.data(), outs[i] + n0, m.n);
+        panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, outs[i] + n0, m.n);
       } else {
-        panel_tiles_i16(a.data(), da.data(), sa.data(), T, nb, panel.data(), dw.data(), mw.data(), y.data(), kPanel);
+        panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, y, kPanel);
         for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
       }
     }
@@ -627,21 +639,23 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
 #endif
 #if defined(__AVX512BF16__)
   if (mode == Gemm::BF16) {
-    std::vector<uint32_t> xb(T * K / 2);
-    to_bf16_pairs(x, T, K, xb.data());
+    uint32_t* xb = scratch<uint32_t, 0>(T * K / 2);
+    to_bf16_pairs(x, T, K, xb);
     Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(K), y(T * kPanel);
-      std::vector<uint32_t> stage(16 * K / 2), panel(K / 2 * kPanel);
+      float* row = scratch<float, 2>(K + T * kPanel);
+      float* y = row + K;
+      uint32_t* stage = scratch<uint32_t, 2>(16 * K / 2 + K / 2 * kPanel);
+      uint32_t* panel = stage + 16 * K / 2;
       for (int64_t pi = begin; pi < end; ++pi) {
         size_t i;
         int64_t n0;
         const Matrix& m = panel_of(ms, pi, &i, &n0);
         const int64_t cols = std::min(kPanel, m.n - n0);
-        fill_panel_bf16(m, n0, cols, row.data(), stage.data(), panel.data());
+        fill_panel_bf16(m, n0, cols, row, stage, panel);
         if (cols == kPanel) {  // straight into the output
-          panel_tiles_bf16(xb.data(), T, K / 2, panel.data(), outs[i] + n0, m.n);
+          panel_tiles_bf16(xb, T, K / 2, panel, outs[i] + n0, m.n);
         } else {
-          panel_tiles_bf16(xb.data(), T, K / 2, panel.data(), y.data(), kPanel);
+          panel_tiles_bf16(xb, T, K / 2, panel, y, kPanel);
           for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
         }
       }
@@ -650,17 +664,18 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
   }
 #endif
   Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K), panel(K * kPanel), y(T * kPanel);
+    float* row = scratch<float, 3>(K + K * kPanel + T * kPanel);
+    float *panel = row + K, *y = panel + K * kPanel;
     for (int64_t pi = begin; pi < end; ++pi) {
       size_t i;
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_f32(m, n0, cols, row.data(), panel.data());
+      fill_panel_f32(m, n0, cols, row, panel);
       if (cols == kPanel) {
-        panel_tiles(x, T, K, panel.data(), outs[i] + n0, m.n);
+        panel_tiles(x, T, K, panel, outs[i] + n0, m.n);
       } else {
-        panel_tiles(x, T, K, panel.data(), y.data(), kPanel);
+        panel_tiles(x, T, K, panel, y, kPanel);
         for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
       }
     }
