@@ -358,6 +358,15 @@ inline __m512i bf16x32(const float* v) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(v)));
 }
 
+// FloatSink's fp32 weights rounded to bf16 (nearest even), as bf16x32 rounds a dequantized row.
+struct BF16Sink {
+  uint16_t* o;
+  void operator()(int64_t off, __m512i q, int isc, float d, float m) const {
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d * static_cast<float>(isc)), _mm512_set1_ps(m));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + off), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+};
+
 // x (T, K) fp32 -> (T, K/2) bf16 pairs.
 inline void to_bf16_pairs(const float* x, int64_t T, int64_t K, uint32_t* out) {
   Pool::parallel_for(T, 16, [&](int64_t begin, int64_t end) {
@@ -374,9 +383,11 @@ void fill_panel_bf16(const Matrix& m, int64_t n0, int64_t cols, float* row, uint
   for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
     for (int64_t c = 0; c < 16; ++c) {
       uint32_t* s = stage + c * KP;
-      if (c0 + c < cols) {
-        dequantize_row_fast(m.kind, m.row(n0 + c0 + c), K, row);
-        for (int64_t k = 0; k < K; k += 32) _mm512_storeu_si512(s + k / 2, bf16x32(row + k));
+      if (c0 + c < cols) {  // straight to bf16 where the format has an AVX-512 decoder
+        if (!decode_row(m.kind, m.row(n0 + c0 + c), K, BF16Sink{reinterpret_cast<uint16_t*>(s)})) {
+          dequantize_row_scalar(m.kind, m.row(n0 + c0 + c), K, row);
+          for (int64_t k = 0; k < K; k += 32) _mm512_storeu_si512(s + k / 2, bf16x32(row + k));
+        }
       } else {
         std::fill(s, s + KP, 0u);
       }
