@@ -22,17 +22,20 @@ every call):
 
 - ``bf16`` where the CPU declares ``avx512_bf16`` (AMD Zen 4+, Intel Cooper Lake+; the ``avx512bf16``
   build, ``-mavx512bf16``): weights and tokens rounded to bf16 and multiplied by VDPBF16PS into fp32
-  sums, twice the multiply-adds of an fp32 FMA. Each product is within 2^-7 of the fp32 one, so
-  ``|y - x @ W^T| <= 2^-7 |x| @ |W|^T``; on SmolLM2 (512 positions of held-out text) the logits moved
-  by up to 0.51 from the fp32 panels', 99.2% of top-1 tokens equal (tests/test_gemm.py).
-- ``int16`` (AVX-512 VNNI builds): the integer kernels' arithmetic as a GEMM, the format's integer
-  weights (exact in int16) times the 15-bit tokens by VPDPWSSD, block scales in fp32: logits within
-  0.04 of the fp32 panels', every top-1 token equal. On the 2-core Zen 4 its GEMM ran at 0.7-0.9x
-  bf16's speed (the per-block scaling).
+  sums, twice the multiply-adds of an fp32 FMA. Each product is within 2^-7 + 2^-16 (relative) of the
+  fp32 one, so ``|y - x @ W^T| <= (2^-7 + 2^-16 + K 2^-24) |x| @ |W|^T``; on SmolLM2 (512 positions of
+  held-out text) the logits moved by up to 0.51 from the fp32 panels', 99.2% of top-1 tokens equal
+  (tests/test_gemm.py). CPUs with AMX declare ``avx512_bf16`` too and get these panels.
+- ``int16`` (the ``avx512vnni`` build's default; any AVX-512 VNNI build): the integer kernels'
+  arithmetic as a GEMM, the format's integer weights (exact in int16) times the 15-bit tokens by
+  VPDPWSSD, block scales in fp32: logits within 0.04 of the fp32 panels', every top-1 token equal. On
+  the 2-core Zen 4 its GEMM ran at 0.7-0.9x bf16's speed (the per-block scaling), 1.5-2x fp32's.
 - ``fp32`` everywhere else (AVX2-only CPUs such as Zen 3 run bf16 at ~0.3 GFLOP/s): fp32 panels and FMA
   tiles, equal to ``x @ W^T`` to fp32 rounding.
 - ``aten``, only on request: each matrix dequantized whole to bf16 and handed to ``at::mm`` (oneDNN,
-  which uses AMX tiles on CPUs that have them). Its output is rounded to bf16.
+  which would use AMX tiles on CPUs that have them; not yet measured on one). Its output is rounded to
+  bf16 (SmolLM2: 97% of top-1 tokens equal), and on the 2-core Zen 4 its OpenMP GEMM ran 3-30x slower
+  than the panels at 2 threads under a neighbour's load.
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is
