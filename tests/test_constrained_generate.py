@@ -24,6 +24,8 @@ from corelm.generate.constraints import apply_bitmask, mask_rows, new_bitmask
 from corelm.generate.speculative import speculative_generate
 from corelm.models import build_model
 
+pytestmark = pytest.mark.slow  # loads the embedded model
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}

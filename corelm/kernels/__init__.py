@@ -1,4 +1,4 @@
-"""corelm's C++ CPU kernels: quantized matmuls with int8 activations, and a fused llama decode step.
+"""corelm's C++ CPU kernels: quantized matmuls with int8 activations, and a fused decoder step.
 
 PyTorch's packed-weight CPU kernels take bf16 activations and dequantize each weight group to floats;
 llama.cpp instead quantizes the activation row to int8 once and multiplies integers (VPDPBUSD on
@@ -11,10 +11,10 @@ operators with ``torch.library``:
 - ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 64 rows on: panels of 32
   weight rows dequantized once and multiplied by every row in register tiles on corelm's pool, which
   reuses each weight T times; ``CORELM_GEMM_ROWS`` moves the threshold)
-- ``torch.classes.corelm.DecoderStep``: a llama-family decoder described once by named tensors; its
-  ``forward`` runs N tokens, each with its own cache row and position, through the whole model in one
-  call (a batched decode step, a prefill, a speculative verify), so a step costs no Python or
-  dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
+- ``torch.classes.corelm.DecoderStep``: a decoder (llama family, Gemma, OLMo 2, MoE) described once
+  by named tensors; its ``forward`` runs N tokens, each with its own cache row and position, through
+  the whole model in one call (a batched decode step, a prefill, a speculative verify), so a step
+  costs no Python or dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
 
 The many-row panel GEMM (``gemm.h``) has four arithmetics; :func:`gemm` names the one this build uses,
 chosen from the flags the CPU declares (``CORELM_GEMM=fp32|int16|bf16|aten`` overrides it, read at

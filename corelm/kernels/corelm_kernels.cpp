@@ -18,9 +18,9 @@
 //   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
 //   corelm::qlinear_blocks(x (T, K) f32, blocks (N, row bytes) u8, ggml_type) -> (T, N) f32: GGUF's
 //     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
-//   torch.classes.corelm.DecoderStep: a llama-family decoder described once by named tensors, whose
-//     forward runs N tokens (each with its own cache row and position) through every block and the
-//     head in one call: a batched decode step, a prefill, or a speculative verify pass.
+//   torch.classes.corelm.DecoderStep: a decoder (llama family, Gemma, OLMo 2, MoE) described once by
+//     named tensors, whose forward runs N tokens (each with its own cache row and position) through
+//     every block and the head in one call: a batched decode step, a prefill, or a speculative verify.
 //
 // The source is split by job: pool.h (the thread pool), dot.h (activation quantization and the
 // SIMD dot products), qlinear.h (quantized matrices and their matmul), gemm.h (the many-token panel
@@ -77,7 +77,7 @@ TORCH_LIBRARY(corelm, m) {
   m.def("isa() -> str", &isa);
   m.def("gemm() -> str", &gemm);
   m.class_<DecoderStep>("DecoderStep")
-      .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, double>())
+      .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())
       .def("add_layer", &DecoderStep::add_layer)
       .def("n_layers", &DecoderStep::n_layers)
       .def("forward", &DecoderStep::forward);

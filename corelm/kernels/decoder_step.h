@@ -1,5 +1,8 @@
-// The fused decoder step: T tokens through a whole llama-family model in one call (included once,
-// by corelm_kernels.cpp).
+// The fused decoder step: T tokens through a whole decoder in one call (included once, by
+// corelm_kernels.cpp). One block interpreter covers the llama family (Llama, Mistral, Qwen2/3, Phi-3),
+// Gemma 1/2/3, OLMo 2 and the sparse MoEs (Mixtral, Qwen2/3-MoE): each block is described by which
+// norms it has where, its activation, its attention scale, soft-cap, window and RoPE table, and its
+// MLP (dense, or routed experts).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,7 +48,8 @@ void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const fl
 
 // Causal grouped-query attention for N query tokens, token t in cache row rows[t] at position
 // pos[t]: out (N, H*hd) = softmax(q K^T * scale) V over that row's slots lo..pos[t], where lo is 0
-// or, for a sliding-window layer, pos[t] - window + 1. Query head h reads kv head h / (H / KV).
+// or, for a sliding-window layer, pos[t] - window + 1. softcap > 0 bounds each score s to
+// softcap * tanh(s / softcap) before the softmax (Gemma 2). Query head h reads kv head h / (H / KV).
 // Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32, every sum in
 // fp32). Every (token, head) is computed by the same code whatever the threading and whatever else is
 // in the call, so a token's result does not depend on its company.
@@ -70,7 +74,7 @@ inline const float* cache_row(const C* src, int64_t n, float* buf) {
 
 template <typename C>
 void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
-            int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float* out) {
+            int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap, float* out) {
   const int64_t group = H / KV;
   auto one = [&](int64_t th) {
     const int64_t t = th / H, h = th % H, p = pos[t];
@@ -87,6 +91,7 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
 #pragma omp simd reduction(+ : acc)
       for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
       w[j] = acc * scale;
+      if (softcap > 0.f) w[j] = softcap * std::tanh(w[j] / softcap);
       mx = std::max(mx, w[j]);
     }
     float sum = 0.f;
@@ -137,58 +142,146 @@ struct Linear {
   QMatrix m;
 };
 
-// What one block holds. Optional parts are what the llama-derived families add: biases (q/k/v in
-// Qwen2; any projection may have one), per-head RMSNorm of queries and keys before RoPE (Qwen3), a sliding window (Mistral).
-struct Layer {
-  at::Tensor input_norm, post_attention_norm, q_norm, k_norm;
-  Linear q, k, v, o, gate, up, down;
-  int64_t window = 0;  // 0: attend to every earlier position
+// A floating-point matrix (N, K), fp32 or bf16: what a quantized MoE keeps unquantized (routers,
+// Qwen2-MoE's shared-expert gate, the stacked routed experts, viewed as (E * rows, K)).
+struct FMatrix {
+  at::Tensor w;
+  int64_t n = 0, k = 0;
+  bool defined() const { return w.defined(); }
 };
 
-// A llama-family decoder described to the C++ step by name, once, at load:
-//   DecoderStep({"cos", "sin", "norm", "lm_head.values", "lm_head.scales"}, n_head, n_kv_head, eps)
-//   .add_layer({"input_layernorm", "post_attention_layernorm", "<proj>.values", "<proj>.scales",
-//               optional "<proj>.bias", "q_norm", "k_norm"}, window)   for proj in q/k/v/o/gate/up/down
+template <typename W>
+float fdot(const W* w, const float* x, int64_t k) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < k; ++i) acc += static_cast<float>(w[i]) * x[i];
+  return acc;
+}
+
+// y[r] = W[row0 + r] . x for r < rows, each row's sum in fp32 and in one fixed order.
+void fmatvec(const FMatrix& m, int64_t row0, int64_t rows, const float* x, float* y) {
+  auto run = [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      y[r] = m.w.scalar_type() == at::kBFloat16 ? fdot(m.w.data_ptr<at::BFloat16>() + (row0 + r) * m.k, x, m.k)
+                                                : fdot(m.w.data_ptr<float>() + (row0 + r) * m.k, x, m.k);
+    }
+  };
+  if (rows * m.k < (1 << 15)) {  // little work: a parallel region costs more than it saves
+    run(0, rows);
+  } else {
+    Pool::parallel_for(rows, 16, run);
+  }
+}
+
+// The gated MLP's nonlinearity: down(act(gate) * up).
+enum class Activation { SiLU = 0, GeluTanh = 1 };  // SwiGLU (Llama, OLMo 2); GeGLU with tanh GELU (Gemma)
+
+// What one block holds. Every part but the seven projections is optional, and the block computes
+//   x = x + attn_out_norm(attn(attn_norm(x)))      x = x + mlp_out_norm(mlp(mlp_norm(x)))
+// with an absent norm the identity: pre-norms only (Llama), norms after each sub-layer only (OLMo 2),
+// both (Gemma 2/3's sandwich). Also optional: biases (q/k/v in Qwen2; any projection may have one),
+// RMSNorm of queries and keys before RoPE, per head (Qwen3, Gemma 3: head_dim weights) or over the
+// whole projection (OLMo 2: n_head * head_dim weights), a sliding window (Mistral, Gemma's local
+// layers), a RoPE table of the layer's own (Gemma 3's local layers rotate with another base).
+struct Layer {
+  at::Tensor attn_norm, attn_out_norm, mlp_norm, mlp_out_norm, q_norm, k_norm, cos, sin;
+  Linear q, k, v, o, gate, up, down;
+  int64_t window = 0;  // 0: attend to every earlier position
+  float attn_scale = 0.f;  // scores = q.k * attn_scale; 0: 1 / sqrt(head_dim)
+  float attn_softcap = 0.f;  // 0: scores not capped
+  Activation act = Activation::SiLU;
+  // A sparse MoE MLP (Mixtral, Qwen2/3-MoE) when `router` is set: softmax(router x) picks top_k of the
+  // experts (gate|up rows of expert e: experts_gate_up rows e*2F..; down: experts_down rows e*d..),
+  // weighted by their probabilities (renormalised to sum 1 with norm_topk). gate/up/down are then
+  // Qwen2-MoE's shared expert (absent otherwise), scaled by sigmoid(shared_gate x).
+  FMatrix router, experts_gate_up, experts_down, shared_gate;
+  int64_t top_k = 0, moe_ff = 0;
+  bool norm_topk = false;
+};
+
+// A decoder described to the C++ step by name, once, at load (norm weights as the step multiplies
+// by them: Gemma's 1 + w is folded in by the caller):
+//   DecoderStep({"cos", "sin", "norm", "lm_head.values", "lm_head.scales", optional "cos_long",
+//                "sin_long"}, n_head, n_kv_head, {"eps", optional "final_softcap", "rope_long_from"})
+//   .add_layer({"<proj>.values", "<proj>.scales", optional "<proj>.bias"   for proj in q/k/v/o/gate/up/down,
+//               optional "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm",
+//               "cos", "sin", and for a sparse MoE MLP "router", "experts.gate_up", "experts.down",
+//               "shared_expert_gate" (the gate/up/down projections are then the shared expert's, if any)},
+//              {optional "window", "attn_scale", "attn_softcap", "act", "top_k", "norm_topk"})
+// The output logits become final_softcap * tanh(logits / final_softcap) when it is set (Gemma 2).
+// With "rope_long_from" (LongRoPE, Phi-3), a row whose largest position in the call is at least
+// rope_long_from rotates with the "cos_long"/"sin_long" table, as a forward of that row alone does.
 // forward() then takes only what changes per call: the tokens' embeddings, their cache rows and
 // positions, the caches, and which tokens' logits to return. A decode step of B requests is one call
 // with N = B tokens; a prefill or a speculative verify pass is N tokens of one row.
 class DecoderStep : public torch::CustomClassHolder {
  public:
-  DecoderStep(c10::Dict<std::string, at::Tensor> tensors, int64_t n_head, int64_t n_kv_head, double eps)
-      : n_head_(n_head), n_kv_head_(n_kv_head), eps_(static_cast<float>(eps)) {
+  DecoderStep(c10::Dict<std::string, at::Tensor> tensors, int64_t n_head, int64_t n_kv_head,
+              c10::Dict<std::string, double> options)
+      : n_head_(n_head), n_kv_head_(n_kv_head) {
+    TORCH_CHECK(options.contains("eps"), "options need the RMSNorm 'eps'");
+    eps_ = static_cast<float>(options.at("eps"));
+    final_softcap_ = static_cast<float>(option(options, "final_softcap", 0.));
+    long_from_ = static_cast<int64_t>(option(options, "rope_long_from", 0.));
     cos_ = get(tensors, "cos", "");
     sin_ = get(tensors, "sin", "");
     norm_ = get(tensors, "norm", "");
     TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head");
     TORCH_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes(), "cos and sin must be (S, rotary_dim) tables");
+    if (long_from_ > 0) {
+      cos_long_ = get(tensors, "cos_long", "");
+      sin_long_ = get(tensors, "sin_long", "");
+      TORCH_CHECK(cos_long_.dim() == 2 && sin_long_.sizes() == cos_long_.sizes() &&
+                      cos_long_.size(1) == cos_.size(1),
+                  "cos_long and sin_long must be (S, rotary_dim) tables like cos and sin");
+    }
     d_ = norm_.size(0);
     head_ = linear(tensors, "lm_head", "", d_);
   }
 
-  void add_layer(c10::Dict<std::string, at::Tensor> t, int64_t window) {
+  void add_layer(c10::Dict<std::string, at::Tensor> t, c10::Dict<std::string, double> options) {
     const std::string where = "layer " + std::to_string(layers_.size()) + ": ";
     Layer l;
-    l.input_norm = get(t, "input_layernorm", where);
-    l.post_attention_norm = get(t, "post_attention_layernorm", where);
+    l.attn_norm = optional(t, "attn_norm", where, d_);
+    l.attn_out_norm = optional(t, "attn_out_norm", where, d_);
+    l.mlp_norm = optional(t, "mlp_norm", where, d_);
+    l.mlp_out_norm = optional(t, "mlp_out_norm", where, d_);
     l.q = linear(t, "q_proj", where, d_);
     hd_ = l.q.m.n / n_head_;
-    TORCH_CHECK(hd_ * n_head_ == l.q.m.n && cos_.size(1) <= hd_ && cos_.size(1) % 2 == 0,
+    if (t.contains("cos")) {  // the layer's own RoPE table
+      l.cos = get(t, "cos", where);
+      l.sin = get(t, "sin", where);
+      TORCH_CHECK(l.cos.dim() == 2 && l.sin.sizes() == l.cos.sizes(), where, "cos and sin must be (S, rotary_dim)");
+    }
+    const int64_t rot = (l.cos.defined() ? l.cos : cos_).size(1);
+    TORCH_CHECK(hd_ * n_head_ == l.q.m.n && rot <= hd_ && rot % 2 == 0,
                 where, "q_proj rows are not n_head heads of at least rotary_dim");
     l.k = linear(t, "k_proj", where, d_);
     l.v = linear(t, "v_proj", where, d_);
     l.o = linear(t, "o_proj", where, n_head_ * hd_);
-    l.gate = linear(t, "gate_proj", where, d_);
-    l.up = linear(t, "up_proj", where, d_);
-    l.down = linear(t, "down_proj", where, l.gate.m.n);
-    TORCH_CHECK(l.k.m.n == n_kv_head_ * hd_ && l.v.m.n == l.k.m.n && l.o.m.n == d_ && l.up.m.n == l.gate.m.n &&
-                    l.down.m.n == d_,
-                where, "unexpected matrix shapes");
+    if (t.contains("router")) add_moe(l, t, options, where);
+    if (!l.router.defined() || t.contains("gate_proj.values")) {  // the MLP, or a MoE's shared expert
+      l.gate = linear(t, "gate_proj", where, d_);
+      l.up = linear(t, "up_proj", where, d_);
+      l.down = linear(t, "down_proj", where, l.gate.m.n);
+      TORCH_CHECK(l.up.m.n == l.gate.m.n && l.down.m.n == d_, where, "unexpected MLP shapes");
+    }
+    TORCH_CHECK(l.k.m.n == n_kv_head_ * hd_ && l.v.m.n == l.k.m.n && l.o.m.n == d_, where,
+                "unexpected attention shapes");
     if (t.contains("q_norm")) {
       l.q_norm = get(t, "q_norm", where);
       l.k_norm = get(t, "k_norm", where);
-      TORCH_CHECK(l.q_norm.numel() == hd_ && l.k_norm.numel() == hd_, where, "q_norm/k_norm must have head_dim entries");
+      const bool per_head = l.q_norm.numel() == hd_ && l.k_norm.numel() == hd_;
+      const bool whole = l.q_norm.numel() == n_head_ * hd_ && l.k_norm.numel() == n_kv_head_ * hd_;
+      TORCH_CHECK(per_head || whole, where,
+                  "q_norm/k_norm must have head_dim entries, or one per row of q_proj/k_proj");
     }
-    l.window = window;
+    l.window = static_cast<int64_t>(option(options, "window", 0.));
+    l.attn_scale = static_cast<float>(option(options, "attn_scale", 0.));
+    l.attn_softcap = static_cast<float>(option(options, "attn_softcap", 0.));
+    const int64_t act = static_cast<int64_t>(option(options, "act", 0.));
+    TORCH_CHECK(act == 0 || act == 1, where, "act must be 0 (SiLU) or 1 (tanh GELU)");
+    l.act = static_cast<Activation>(act);
     layers_.push_back(std::move(l));
   }
 
@@ -214,21 +307,32 @@ class DecoderStep : public torch::CustomClassHolder {
     const at::Tensor x0 = x_in.contiguous(), rows_t = rows_in.to(at::kLong).contiguous(),
                      pos_t = pos_in.to(at::kLong).contiguous(), out_t = out_in.to(at::kLong).contiguous();
     TORCH_CHECK(rows_t.numel() == N && pos_t.numel() == N, "rows and pos need one entry per token");
-    const int64_t B = k_cache.size(1), S = k_cache.size(3), rot = cos_.size(1);
+    const int64_t B = k_cache.size(1), S = k_cache.size(3);
     const int64_t* rows = rows_t.data_ptr<int64_t>();
     const int64_t* pos = pos_t.data_ptr<int64_t>();
     for (int64_t t = 0; t < N; ++t) {
       TORCH_CHECK(rows[t] >= 0 && rows[t] < B, "token ", t, " names cache row ", rows[t], " of ", B);
-      TORCH_CHECK(pos[t] >= 0 && pos[t] < S && pos[t] < cos_.size(0), "position ", pos[t], " is outside the cache (",
-                  S, " slots) or the RoPE table");
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "position ", pos[t], " is outside the cache (", S, " slots)");
+    }
+    // the model's RoPE table of each token: LongRoPE's long one for a row reaching rope_long_from
+    std::vector<const at::Tensor*> cos_of(N, &cos_), sin_of(N, &sin_);
+    if (long_from_ > 0) {
+      std::vector<int64_t> row_max(B, -1);
+      for (int64_t t = 0; t < N; ++t) row_max[rows[t]] = std::max(row_max[rows[t]], pos[t]);
+      for (int64_t t = 0; t < N; ++t) {
+        if (row_max[rows[t]] + 1 > long_from_) cos_of[t] = &cos_long_, sin_of[t] = &sin_long_;
+      }
+    }
+    for (int64_t t = 0; t < N; ++t) {
+      TORCH_CHECK(pos[t] < cos_of[t]->size(0), "position ", pos[t], " is outside the RoPE table");
+      for (const Layer& l : layers_)
+        TORCH_CHECK(!l.cos.defined() || pos[t] < l.cos.size(0), "position ", pos[t],
+                    " is outside a layer's RoPE table");
     }
     const int64_t M = out_t.numel();
     const int64_t* out = out_t.data_ptr<int64_t>();
     for (int64_t i = 0; i < M; ++i) TORCH_CHECK(out[i] >= 0 && out[i] < N, "logit index ", out[i], " out of range");
     const int64_t nq = H * hd, nkv = KV * hd, layer_stride = B * KV * S * hd;
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    const float* cosp = cos_.data_ptr<float>();
-    const float* sinp = sin_.data_ptr<float>();
 
     std::vector<float> x(x0.data_ptr<float>(), x0.data_ptr<float>() + N * d), h(N * d), att(N * nq), tmp(N * d);
     std::vector<float> qv(N * nq), kv(N * nkv), vv(N * nkv), gate, up;
@@ -238,57 +342,85 @@ class DecoderStep : public torch::CustomClassHolder {
       const int64_t dff = l.gate.m.n;
       gate.resize(N * dff);
       up.resize(N * dff);
+      const float scale = l.attn_scale > 0.f ? l.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
 
-      for (int64_t t = 0; t < N; ++t) rms_norm(&x[t * d], l.input_norm.data_ptr<float>(), d, eps_, &h[t * d]);
-      matmul(h.data(), N, d, {l.q.m, l.k.m, l.v.m}, {qv.data(), kv.data(), vv.data()}, acts);
+      const float* in = norm_rows(x.data(), l.attn_norm, N, h.data());
+      matmul(in, N, d, {l.q.m, l.k.m, l.v.m}, {qv.data(), kv.data(), vv.data()}, acts);
       add_bias(l.q, qv.data(), N);
       add_bias(l.k, kv.data(), N);
       add_bias(l.v, vv.data(), N);
       for (int64_t t = 0; t < N; ++t) {
         float* qt = &qv[t * nq];
         float* kt = &kv[t * nkv];
-        if (l.q_norm.defined()) {  // per head, before RoPE
+        if (l.q_norm.defined() && l.q_norm.numel() == hd) {  // per head, before RoPE
           for (int64_t i = 0; i < H; ++i) rms_norm(qt + i * hd, l.q_norm.data_ptr<float>(), hd, eps_, qt + i * hd);
           for (int64_t i = 0; i < KV; ++i) rms_norm(kt + i * hd, l.k_norm.data_ptr<float>(), hd, eps_, kt + i * hd);
+        } else if (l.q_norm.defined()) {  // over the whole projection, before RoPE
+          rms_norm(qt, l.q_norm.data_ptr<float>(), nq, eps_, qt);
+          rms_norm(kt, l.k_norm.data_ptr<float>(), nkv, eps_, kt);
         }
-        rope(qt, H, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
-        rope(kt, KV, hd, rot, cosp + pos[t] * rot, sinp + pos[t] * rot);
+        const at::Tensor& c = l.cos.defined() ? l.cos : *cos_of[t];
+        const at::Tensor& sn = l.sin.defined() ? l.sin : *sin_of[t];
+        const int64_t rot = c.size(1);
+        const float* cp = c.data_ptr<float>() + pos[t] * rot;
+        const float* sp = sn.data_ptr<float>() + pos[t] * rot;
+        rope(qt, H, hd, rot, cp, sp);
+        rope(kt, KV, hd, rot, cp, sp);
       }
       if (cache_type == at::kHalf) {
         at::Half* kc = k_cache.data_ptr<at::Half>() + li * layer_stride;
         at::Half* vc = v_cache.data_ptr<at::Half>() + li * layer_stride;
         store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
-        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, l.attn_softcap, att.data());
       } else if (cache_type == at::kBFloat16) {
         at::BFloat16* kc = k_cache.data_ptr<at::BFloat16>() + li * layer_stride;
         at::BFloat16* vc = v_cache.data_ptr<at::BFloat16>() + li * layer_stride;
         store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
-        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, l.attn_softcap, att.data());
       } else {
         float* kc = k_cache.data_ptr<float>() + li * layer_stride;
         float* vc = v_cache.data_ptr<float>() + li * layer_stride;
         store(kv.data(), vv.data(), N, rows, pos, KV, S, hd, kc, vc);
-        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, att.data());
+        attend(qv.data(), kc, vc, N, rows, pos, H, KV, S, hd, l.window, scale, l.attn_softcap, att.data());
       }
       matmul(att.data(), N, nq, {l.o.m}, {tmp.data()}, acts);
       add_bias(l.o, tmp.data(), N);
+      norm_rows(tmp.data(), l.attn_out_norm, N, tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
 
-      for (int64_t t = 0; t < N; ++t) rms_norm(&x[t * d], l.post_attention_norm.data_ptr<float>(), d, eps_, &h[t * d]);
-      matmul(h.data(), N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
-      add_bias(l.gate, gate.data(), N);
-      add_bias(l.up, up.data(), N);
-      for (int64_t i = 0; i < N * dff; ++i) {
-        const float g = gate[i];
-        gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
+      in = norm_rows(x.data(), l.mlp_norm, N, h.data());
+      if (dff == 0) {  // a MoE without a shared expert
+        std::fill(tmp.begin(), tmp.end(), 0.f);
+      } else {
+        matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
+        add_bias(l.gate, gate.data(), N);
+        add_bias(l.up, up.data(), N);
+        if (l.act == Activation::SiLU) {
+          for (int64_t i = 0; i < N * dff; ++i) {
+            const float g = gate[i];
+            gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
+          }
+        } else {
+          constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+          for (int64_t i = 0; i < N * dff; ++i) {
+            const float g = gate[i];  // GeGLU: gelu(gate) * up, GELU's tanh form (Hendrycks & Gimpel 2016)
+            gate[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
+          }
+        }
+        matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
+        add_bias(l.down, tmp.data(), N);
       }
-      matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
-      add_bias(l.down, tmp.data(), N);
+      if (l.router.defined()) moe(l, in, N, tmp.data());
+      norm_rows(tmp.data(), l.mlp_out_norm, N, tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
     }
     for (int64_t i = 0; i < M; ++i) rms_norm(&x[out[i] * d], norm_.data_ptr<float>(), d, eps_, &h[i * d]);
     at::Tensor logits = at::empty({M, head_.m.n}, x0.options());
     if (M > 0) matmul(h.data(), M, d, {head_.m}, {logits.data_ptr<float>()}, acts);
+    if (final_softcap_ > 0.f) {
+      float* y = logits.data_ptr<float>();
+      for (int64_t i = 0; i < M * head_.m.n; ++i) y[i] = final_softcap_ * std::tanh(y[i] / final_softcap_);
+    }
     return logits;
   }
 
@@ -299,6 +431,97 @@ class DecoderStep : public torch::CustomClassHolder {
     TORCH_CHECK(v.device().is_cpu(), where, "'", name, "' must be on the CPU");
     if (v.is_floating_point() && v.scalar_type() != at::kBFloat16) v = v.to(at::kFloat).contiguous();
     return v;
+  }
+
+  FMatrix fmatrix(const c10::Dict<std::string, at::Tensor>& t, const std::string& name, const std::string& where,
+                  int64_t n, int64_t k) const {
+    FMatrix m;
+    m.w = get(t, name, where).contiguous();
+    TORCH_CHECK(m.w.numel() == n * k, where, "'", name, "' must hold ", n, " x ", k, " weights");
+    m.n = n;
+    m.k = k;
+    return m;
+  }
+
+  void add_moe(Layer& l, const c10::Dict<std::string, at::Tensor>& t, const c10::Dict<std::string, double>& options,
+               const std::string& where) const {
+    const at::Tensor& router = t.at("router");
+    TORCH_CHECK(router.dim() == 2 && router.size(1) == d_, where, "router must be (n_experts, d_model)");
+    const int64_t E = router.size(0);
+    l.router = fmatrix(t, "router", where, E, d_);
+    TORCH_CHECK(t.contains("experts.down") && t.at("experts.down").dim() == 3, where,
+                "'experts.down' must be (n_experts, d_model, F)");
+    l.moe_ff = t.at("experts.down").size(2);
+    l.experts_gate_up = fmatrix(t, "experts.gate_up", where, E * 2 * l.moe_ff, d_);
+    l.experts_down = fmatrix(t, "experts.down", where, E * d_, l.moe_ff);
+    if (t.contains("shared_expert_gate")) l.shared_gate = fmatrix(t, "shared_expert_gate", where, 1, d_);
+    l.top_k = static_cast<int64_t>(option(options, "top_k", 0.));
+    l.norm_topk = option(options, "norm_topk", 0.) != 0.;
+    TORCH_CHECK(l.top_k > 0 && l.top_k <= E, where, "top_k must be 1..n_experts");
+  }
+
+  // y (N, d) += each token's routed experts, sum_j w_j * down_e(silu(gate_e x) * up_e x); a shared
+  // expert already in y is first scaled by sigmoid(shared_gate x). Token by token: a token's experts and
+  // sums do not depend on the other tokens of the call.
+  void moe(const Layer& l, const float* x, int64_t N, float* y) const {
+    const int64_t E = l.router.n, F = l.moe_ff, d = d_;
+    std::vector<float> probs(E), gu(2 * F), out(d);
+    std::vector<int64_t> order(E);
+    for (int64_t t = 0; t < N; ++t) {
+      const float* xt = x + t * d;
+      float* yt = y + t * d;
+      if (l.shared_gate.defined()) {
+        float g = 0.f;
+        fmatvec(l.shared_gate, 0, 1, xt, &g);
+        const float s = 1.f / (1.f + std::exp(-g));
+        for (int64_t i = 0; i < d; ++i) yt[i] *= s;
+      }
+      fmatvec(l.router, 0, E, xt, probs.data());  // fp32 softmax: the probabilities pick the experts
+      const float mx = *std::max_element(probs.begin(), probs.end());
+      float sum = 0.f;
+      for (float& p : probs) sum += (p = std::exp(p - mx));
+      for (float& p : probs) p /= sum;
+      for (int64_t e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + l.top_k, order.end(), [&](int64_t a, int64_t b) {
+        return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);  // ties: the lower index, as topk
+      });
+      float norm = 1.f;
+      if (l.norm_topk) {
+        norm = 0.f;
+        for (int64_t j = 0; j < l.top_k; ++j) norm += probs[order[j]];
+      }
+      for (int64_t j = 0; j < l.top_k; ++j) {
+        const int64_t e = order[j];
+        const float w = probs[e] / norm;
+        fmatvec(l.experts_gate_up, e * 2 * F, 2 * F, xt, gu.data());
+        for (int64_t i = 0; i < F; ++i) {
+          const float g = gu[i];
+          gu[i] = g / (1.f + std::exp(-g)) * gu[F + i];  // SwiGLU
+        }
+        fmatvec(l.experts_down, e * d, d, gu.data(), out.data());
+        for (int64_t i = 0; i < d; ++i) yt[i] += w * out[i];
+      }
+    }
+  }
+
+  static double option(const c10::Dict<std::string, double>& o, const std::string& name, double fallback) {
+    return o.contains(name) ? o.at(name) : fallback;
+  }
+
+  static at::Tensor optional(const c10::Dict<std::string, at::Tensor>& t, const std::string& name,
+                             const std::string& where, int64_t d) {
+    if (!t.contains(name)) return at::Tensor();
+    at::Tensor v = get(t, name, where);
+    TORCH_CHECK(v.numel() == d, where, "'", name, "' must have d_model entries");
+    return v;
+  }
+
+  // The N rows of x (N, d) through RMSNorm with `weight` into out, or x itself when the block has no
+  // such norm; returns the rows a matmul reads. out may be x.
+  const float* norm_rows(const float* x, const at::Tensor& weight, int64_t N, float* out) const {
+    if (!weight.defined()) return x;
+    for (int64_t t = 0; t < N; ++t) rms_norm(x + t * d_, weight.data_ptr<float>(), d_, eps_, out + t * d_);
+    return out;
   }
 
   static Linear linear(const c10::Dict<std::string, at::Tensor>& t, const std::string& name, const std::string& where,
@@ -322,9 +545,9 @@ class DecoderStep : public torch::CustomClassHolder {
       for (int64_t i = 0; i < lin.m.n; ++i) y[t * lin.m.n + i] += b[i];
   }
 
-  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0;
-  float eps_;
-  at::Tensor cos_, sin_, norm_;
+  int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0, long_from_ = 0;
+  float eps_ = 0.f, final_softcap_ = 0.f;
+  at::Tensor cos_, sin_, cos_long_, sin_long_, norm_;
   Linear head_;
   std::vector<Layer> layers_;
 };

@@ -158,10 +158,14 @@ class TextModel:
         if choice in ("none", "auto"):
             return None
         name = choice["function"]["name"] if isinstance(choice, dict) else None
-        tags = [self.tokenizer.encode(tag) for tag in (tools.OPEN, tools.CLOSE)]
-        tag_tokens = (tags[0][0], tags[1][0]) if all(len(t) == 1 for t in tags) else None
+        family = self.tool_family
+        # The tags as single added tokens where the vocabulary has them (Qwen's <tool_call> pair,
+        # Mistral's [TOOL_CALLS] control token): the grammar must name those tokens, not spell the text.
+        names = (tools.MISTRAL_TAG,) if family == "mistral" else (tools.OPEN, tools.CLOSE)
+        tags = [self.tokenizer.encode(tag) for tag in names]
+        tag_tokens = tuple(t[0] for t in tags) if all(len(t) == 1 for t in tags) else None
         try:
-            return {"grammar": tools.tool_grammar(specs, name, self.tool_family, tag_tokens)}
+            return {"grammar": tools.tool_grammar(specs, name, family, tag_tokens)}
         except RecursionError:  # a parameters schema nested deeper than json.dumps goes
             raise errors.bad_request("'tools' holds a parameters schema nested too deeply", "tools") from None
 
