@@ -78,7 +78,8 @@ def test_kernel_equals_reference_and_fp32(kind, t):
 
 
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_gemm_path_dequantizes_exactly(kind):
+def test_gemm_path_dequantizes_exactly(kind, monkeypatch):
+    monkeypatch.setenv("CORELM_GEMM", "fp32")  # the other arithmetics: tests/test_gemm.py
     blocks = random_blocks(kind, 40, 256, seed=3)  # 40 rows: a full and a partial panel of 32
     x = torch.randn(131, 256)  # >= 64 rows: dequantized panels and the fp32 panel GEMM (131: a partial tile)
     w = gguf_matrix(blocks, kind, 256)
@@ -130,11 +131,13 @@ def _supported():
         levels.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         levels.append("avx512vnni")
+        if "avx512_bf16" in flags:
+            levels.append("avx512bf16")
     return levels
 
 
 CHECK = r"""
-import torch
+import os, torch
 from corelm import kernels
 from corelm.quant import kquant
 from tests.test_kquants import random_blocks, TYPES
@@ -143,6 +146,7 @@ print(torch.ops.corelm.isa())
 torch.manual_seed(0)
 x = torch.randn(8, 512)
 many = torch.randn(70, 512)  # from 64 rows: the fp32 panel GEMM on dequantized weights
+os.environ["CORELM_GEMM"] = "fp32"  # the other arithmetics: tests/test_gemm.py
 for kind, t in TYPES.items():
     b = random_blocks(kind, 40, 512, seed=t)
     for rows in (5, 8):  # the batched-row kernels (4 + 1, 6 with a repeated row; 8)
