@@ -20,16 +20,19 @@ The many-row panel GEMM (``gemm.h``) has four arithmetics; :func:`gemm` names th
 chosen from the flags the CPU declares (``CORELM_GEMM=fp32|int16|bf16|aten`` overrides it, read at
 every call):
 
-- ``bf16`` where the CPU declares ``avx512_bf16`` (AMD Zen 4+, Intel Cooper Lake+; the ``avx512bf16``
-  build, ``-mavx512bf16``): weights and tokens rounded to bf16 and multiplied by VDPBF16PS into fp32
-  sums, twice the multiply-adds of an fp32 FMA. Each product is within 2^-7 + 2^-16 (relative) of the
-  fp32 one, so ``|y - x @ W^T| <= (2^-7 + 2^-16 + K 2^-24) |x| @ |W|^T``; on SmolLM2 (512 positions of
-  held-out text) the logits moved by up to 0.51 from the fp32 panels', 99.2% of top-1 tokens equal
-  (tests/test_gemm.py). CPUs with AMX declare ``avx512_bf16`` too and get these panels.
-- ``int16`` (the ``avx512vnni`` build's default; any AVX-512 VNNI build): the integer kernels'
-  arithmetic as a GEMM, the format's integer weights (exact in int16) times the 15-bit tokens by
-  VPDPWSSD, block scales in fp32: logits within 0.04 of the fp32 panels', every top-1 token equal. On
-  the 2-core Zen 4 its GEMM ran at 0.7-0.9x bf16's speed (the per-block scaling), 1.5-2x fp32's.
+- ``int16``, the default of every AVX-512 VNNI build (``avx512vnni``, and ``avx512bf16`` for CPUs that
+  also declare ``avx512_bf16``): the integer kernels' arithmetic as a GEMM, the format's integer weights
+  (exact in int16) times the 15-bit tokens by VPDPWSSD, block scales in fp32: logits within 0.04 of
+  the fp32 panels', every top-1 token equal, so a prompt's prefill computes what the decode kernels
+  compute. On the 2-core Zen 4 its GEMM ran at 0.7-0.9x bf16's speed (the per-block scaling), 1.5-2x
+  fp32's.
+- ``bf16``, on request (``CORELM_GEMM=bf16``) in the ``avx512bf16`` build (``-mavx512bf16``, built where
+  the CPU declares ``avx512_bf16``: AMD Zen 4+, Intel Cooper Lake+, AMX Xeons): weights and tokens
+  rounded to bf16 and multiplied by VDPBF16PS into fp32 sums, twice the multiply-adds of an fp32 FMA.
+  Each product is within 2^-7 + 2^-16 (relative) of the fp32 one, so
+  ``|y - x @ W^T| <= (2^-7 + 2^-16 + K 2^-24) |x| @ |W|^T``; on SmolLM2 (512 positions of held-out
+  text) the logits moved by up to 0.51 from the fp32 panels', 99.2% of top-1 tokens equal
+  (tests/test_gemm.py); it ran ~1.1x int16's prefill on the Zen 4, too little for that cost.
 - ``fp32`` everywhere else (AVX2-only CPUs such as Zen 3 run bf16 at ~0.3 GFLOP/s): fp32 panels and FMA
   tiles, equal to ``x @ W^T`` to fp32 rounding.
 - ``aten``, only on request: each matrix dequantized whole to bf16 and handed to ``at::mm`` (oneDNN,
@@ -101,12 +104,12 @@ def isa() -> str:
 
 def gemm(level: str | None = None) -> str:
     """The panel GEMM's arithmetic for a build (default: this process's; see the module docstring):
-    ``bf16`` for the ``avx512bf16`` build, ``int16`` for ``avx512vnni``, ``fp32`` otherwise.
+    ``int16`` for the AVX-512 VNNI builds (``avx512vnni``, ``avx512bf16``), ``fp32`` otherwise.
     ``CORELM_GEMM`` overrides it."""
     forced = os.environ.get("CORELM_GEMM")
     if forced:
         return forced
-    return {"avx512bf16": "bf16", "avx512vnni": "int16"}.get(level or isa(), "fp32")
+    return {"avx512bf16": "int16", "avx512vnni": "int16"}.get(level or isa(), "fp32")
 
 
 def cache_dir(level: str | None = None) -> Path:
