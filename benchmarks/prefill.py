@@ -6,8 +6,9 @@ of the rounds:
 
 - prefill of a T-token prompt (``--prompt 128 512``) on :class:`~corelm.generate.step.KernelStep`:
   ``default`` (what ``corelm generate`` does), ``int`` (every token on the integer kernels),
-  ``panels`` (every matmul on dequantized fp32 panels and the panel GEMM, see
-  ``corelm/kernels/qlinear.h``), against ``llama-bench -p T``;
+  ``panels`` (every matmul on dequantized panels and the panel GEMM, see ``corelm/kernels/gemm.h``),
+  and on request ``fp32``, ``int16``, ``bf16``, ``aten`` (the panel GEMM's arithmetic, ``CORELM_GEMM``), against
+  ``llama-bench -p T``;
 - decode of ``--rows`` rows at once (the server's batched step): tokens/s of all rows together, and
   the cost of a step relative to one row's, against ``llama-bench -n N`` (one row).
 
@@ -27,12 +28,16 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"}, "panels": {"CORELM_GEMM_ROWS": "1"}}
+VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"}, "panels": {"CORELM_GEMM_ROWS": "1"},
+            "fp32": {"CORELM_GEMM": "fp32"}, "int16": {"CORELM_GEMM": "int16"}, "bf16": {"CORELM_GEMM": "bf16"},
+            "aten": {"CORELM_GEMM": "aten"}}
+DEFAULT_VARIANTS = ["default", "int", "panels"]
 
 
 def _env(settings: dict[str, str]) -> None:
     """The C++ step reads these at every matmul: a variant switches without reloading the model."""
     os.environ.pop("CORELM_GEMM_ROWS", None)
+    os.environ.pop("CORELM_GEMM", None)
     os.environ.update(settings)
 
 
@@ -84,7 +89,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, nargs="+", default=[128, 512], help="prompt lengths to prefill")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="batched decode rows")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                    help="fp32 / int16 / bf16 / aten: the panel GEMM's arithmetic (CORELM_GEMM, gemm.h); int16 "
+                         "needs an AVX-512 VNNI build, bf16 the avx512bf16 build")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()

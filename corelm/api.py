@@ -78,7 +78,8 @@ class LLM:
         source: Where the weights came from (path, or ``"random init"``).
         compile: Decode through a ``torch.compile``d step of the model's forward (minutes to compile
             on a 2-core CPU the first time, seconds once inductor's cache holds it; for float models,
-            mainly on GPU). Off: a quantized llama decodes on corelm's C++ step, others eagerly.
+            mainly on GPU). Off: a quantized decoder (llama family, Gemma, OLMo 2, MoE) decodes on corelm's C++ step,
+            others eagerly.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None, config: ModelConfig, source: str = ""):

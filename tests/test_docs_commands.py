@@ -96,6 +96,10 @@ SKIP: dict[str, str] = {
     "torchrun": "several processes (torch.distributed); tests/test_train_distributed.py covers them",
     "corelm serve": "a long-running server: test_serve_runs starts and stops one documented serve command",
     "corelm pull": "downloads a Hugging Face repo (network); tests/test_hub.py covers it offline on a fake HF cache",
+    "corelm quantize smollm2-135m-instruct smollm2-Q4_K_M.gguf": "the K-quant scale search over all of SmolLM2 "
+    "(~10 s on one core); tests/test_gguf_quantize.py runs --method Q4_K_M on a tiny model, and the Q8_0 lines run",
+    "corelm generate --model smollm2-Q4_K_M.gguf": "reads the Q4_K_M file of the skipped line above",
+    "corelm evaluate --model smollm2-Q4_K_M.gguf": "reads the skipped Q4_K_M file; a 9,226-token perplexity run",
     "corelm generate --model Qwen/": "a Hugging Face repo id, downloaded on first use (network)",
 }
 SERVED = "corelm serve --model runs/sft-merged --port 9000 --api-key-file docs/examples/key.txt --max-batch 16"

@@ -156,8 +156,8 @@ def test_llama3_rope_is_written_as_llama_cpp_rope_freqs(tmp_path):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_default_load_runs_the_files_blocks_in_hf_row_order(family, qtype):
     """Loaded without a dtype, a block-quantized file runs on its own blocks (int4 / GGUF block layers);
-    Q/K rows are un-permuted for llama.cpp's ``llama`` architecture only, biases and fused Phi-3 matrices
-    kept: the logits stay those of the dequantized file, up to the activation dtype."""
+    Q/K rows are un-permuted for llama.cpp's ``llama`` architecture only, Qwen2's biases kept, Phi-3's fused
+    matrices split by rows: the logits stay those of the dequantized file, up to the activation dtype."""
     name, _, model, path = family
     out = export_gguf(model, path / f"native-{qtype}.gguf", qtype)
     native, dequantized = corelm.load(out), corelm.load(out, dtype="fp32")

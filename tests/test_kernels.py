@@ -38,7 +38,7 @@ CASES = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", None)
 
 @pytest.mark.parametrize("kind,group", CASES)
 @pytest.mark.parametrize("t", [1, 5])
-def test_qlinear_equals_reference_and_fp32(kind, group, t):
+def test_qlinear_equals_reference_and_fp32(kind, group, t, monkeypatch):
     n, k = 40, 384  # 12 blocks per row; 40 rows split across threads
     q, s = _int4(n, k, group) if kind == "int4" else _int8(n, k, group)
     x = torch.randn(t, k) * 3
@@ -49,6 +49,7 @@ def test_qlinear_equals_reference_and_fp32(kind, group, t):
     exact = x @ kernels.dequantize(q, s, k).t()
     assert ((y - exact).abs().max() / exact.abs().max()) < 1e-3  # 15-bit activations
     many = torch.randn(77, k)  # 64 rows and more: the fp32 panel GEMM on the dequantized weights (77: a partial tile)
+    monkeypatch.setenv("CORELM_GEMM", "fp32")  # the other arithmetics: tests/test_gemm.py
     torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, k).t(),
                                rtol=1e-5, atol=1e-5)
 
@@ -84,11 +85,13 @@ def _supported():
         levels.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         levels.append("avx512vnni")
+        if "avx512_bf16" in flags:
+            levels.append("avx512bf16")
     return levels
 
 
 CHECK = r"""
-import torch
+import os, torch
 from corelm import kernels
 from corelm.cpu import cpu_flags
 from corelm.quant import layers
@@ -97,6 +100,7 @@ print(torch.ops.corelm.isa())
 torch.manual_seed(0)
 x = torch.randn(8, 320)
 many = torch.randn(70, 320)  # from 64 rows: the fp32 panel GEMM on dequantized weights
+os.environ["CORELM_GEMM"] = "fp32"  # the other arithmetics: tests/test_gemm.py
 for w, g in [(layers.quantize_int4_groupwise(torch.randn(40, 320), 32), 32),
              (layers.quantize_int8_groupwise(torch.randn(40, 320)), 32)]:
     if len(w) == 3:

@@ -14,6 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from corelm import kernels
 from corelm.cpu import cpu_flags
+from corelm.errors import CorelmError
 from corelm.quant import kquant
 
 TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -77,7 +78,8 @@ def test_kernel_equals_reference_and_fp32(kind, t):
 
 
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_gemm_path_dequantizes_exactly(kind):
+def test_gemm_path_dequantizes_exactly(kind, monkeypatch):
+    monkeypatch.setenv("CORELM_GEMM", "fp32")  # the other arithmetics: tests/test_gemm.py
     blocks = random_blocks(kind, 40, 256, seed=3)  # 40 rows: a full and a partial panel of 32
     x = torch.randn(131, 256)  # >= 64 rows: dequantized panels and the fp32 panel GEMM (131: a partial tile)
     w = gguf_matrix(blocks, kind, 256)
@@ -97,6 +99,21 @@ def test_layer_forward_and_fallback():
     torch.testing.assert_close(layer(x), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
 
 
+def test_layer_bias_is_added_in_fp32():
+    """A biased layer (Qwen2's q/k/v) adds its fp32 bias on the kernel and on the fallback; a bias of the
+    wrong length is refused."""
+    blocks = random_blocks("Q8_0", 24, 64)
+    bias = torch.randn(24, dtype=torch.bfloat16)
+    plain, biased = (kquant.GGUFBlockLinear(blocks, TYPES["Q8_0"], 64, b) for b in (None, bias))
+    assert biased.bias.dtype == torch.float32
+    x = torch.randn(3, 64)
+    for kernel in (True, False):
+        plain.kernel = biased.kernel = kernel
+        torch.testing.assert_close(biased(x), plain(x) + bias.float(), rtol=0, atol=1e-5)
+    with pytest.raises(CorelmError, match="24 output rows"):
+        kquant.GGUFBlockLinear(blocks, TYPES["Q8_0"], 64, torch.zeros(23))
+
+
 def test_bad_shapes_are_refused():
     blocks = random_blocks("Q6_K", 4, 256)
     with pytest.raises(RuntimeError, match="210"):
@@ -114,11 +131,13 @@ def _supported():
         levels.append("avx2")
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         levels.append("avx512vnni")
+        if "avx512_bf16" in flags:
+            levels.append("avx512bf16")
     return levels
 
 
 CHECK = r"""
-import torch
+import os, torch
 from corelm import kernels
 from corelm.quant import kquant
 from tests.test_kquants import random_blocks, TYPES
@@ -127,6 +146,7 @@ print(torch.ops.corelm.isa())
 torch.manual_seed(0)
 x = torch.randn(8, 512)
 many = torch.randn(70, 512)  # from 64 rows: the fp32 panel GEMM on dequantized weights
+os.environ["CORELM_GEMM"] = "fp32"  # the other arithmetics: tests/test_gemm.py
 for kind, t in TYPES.items():
     b = random_blocks(kind, 40, 512, seed=t)
     for rows in (5, 8):  # the batched-row kernels (4 + 1, 6 with a repeated row; 8)

@@ -72,6 +72,7 @@ def test_gemm_prefill_agrees_with_the_integer_kernels(smollm2, monkeypatch):
     agree with an all-integer prefill (the cache it leaves included)."""
     fp32, _, _, ids = smollm2
     lengths = (64, 130, 199)
+    monkeypatch.setenv("CORELM_GEMM", "fp32")  # the other arithmetics: tests/test_gemm.py
 
     def next_logits(gemm_rows):
         monkeypatch.setenv("CORELM_GEMM_ROWS", gemm_rows)

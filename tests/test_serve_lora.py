@@ -273,14 +273,14 @@ def test_wrapping_without_adapters_keeps_the_model_exact():
         assert len(multi.layers) == 2 * 7 and torch.equal(llm.model(x), want)
 
 
-def test_quantized_model_keeps_plain_rows_on_the_cpp_step(tmp_path):
-    """A model on corelm's C++ step: rows without an adapter stay there (the plain server's exact tokens),
-    adapter rows run through the model's forward over their own cache; a mixed batch equals each alone."""
+def test_quantized_model_serves_every_row_on_the_cpp_step(tmp_path):
+    """A model on corelm's C++ step: every row runs there, in one cache; rows without an adapter give the plain
+    server's exact tokens, adapter rows their adapter's; a mixed batch equals each alone."""
     import asyncio
 
     from corelm.generate.engine import SamplingParams
     from corelm.generate.step import KernelStep, kernel_step_supported
-    from corelm.serve.adapters import SplitStep, start_adapters
+    from corelm.serve.adapters import start_adapters
     from corelm.serve.batcher import Batcher
     from tests.test_generate_step import _tiny
 
@@ -300,7 +300,7 @@ def test_quantized_model_keeps_plain_rows_on_the_cpp_step(tmp_path):
             {"task": "sft", "method": "lora", "method_config": {"rank": 4, "alpha": 4.0}}))
         lora.append(f"{name}={tmp_path / name}")
     started = start_adapters(model, lora)
-    assert isinstance(started.step, SplitStep)
+    assert isinstance(started.step, KernelStep)
     plain = Batcher(plain_model, max_batch=8, max_seq_len=64)
     assert isinstance(plain.step, KernelStep)
     split = Batcher(model, max_batch=8, max_seq_len=64, step=started.step)

@@ -35,8 +35,8 @@ class GenerateOptions(SamplingOptions, ModelOptions):
     prompt: str = option(help="the text to continue ('-' reads it from stdin)", positional=True)
     beams: int = option(1, "beam search width (1 = off); beams are deterministic and ignore sampling options")
     quantize: Literal["int8", "int4"] | None = option(
-        None, "quantize the weights after loading (int4 from a GGUF reuses its Q4 blocks); a quantized llama "
-              "decodes on the fused fast path")
+        None, "quantize the weights after loading (int4 from a GGUF reuses its Q4 blocks); a quantized "
+              "decoder (llama family, Gemma, OLMo 2, MoE) decodes on the fused fast path")
     draft: str | None = option(None, "a smaller decoder with the same tokenizer proposes tokens the model verifies",
                                metavar="MODEL", section=SPECULATIVE)
     lookup: int | None = option(None, "prompt-lookup decoding: propose the tokens that followed the last N-gram "

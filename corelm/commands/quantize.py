@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser_from(
         QuantizeOptions, prog="corelm quantize",
         description="Quantize a model's linear layers to int8 (per output channel) or int4 (group-wise, "
-                    "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read.")
+                    "asymmetric) and write a checkpoint directory that corelm.load() and corelm generate read; "
+                    "or, with --method Q4_K_M (another llama.cpp mix), write a GGUF file as llama-quantize does.")
 
 
 def gguf_source(source: str) -> Path | None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ADAPTER_PATH = {"pytorch": "decoding through the model's forward",
-                "kernels+pytorch": "rows with an adapter through the model's forward, the others on the C++ step"}
+                "kernels": "every row on the C++ step, each adding its own adapter's update"}
 
 
 @dataclass
@@ -171,7 +171,7 @@ def serve(options: ServeCommandOptions | None = None, **kwargs: Any) -> None:
         parts = [cache.k, cache.v] if isinstance(cache.k, torch.Tensor) else [*cache.k, *cache.v]
         gib = sum(t.numel() * t.element_size() for t in parts) / 2**30
         decoder = describe_decoder(m.batcher.model)
-        if m.batcher.step.kind == "kernels+pytorch":  # adapter slots: rows without an adapter stay on the C++ step
+        if m.batcher.step.kind == "kernels":  # with adapter slots the wrapped layers no longer look like the C++ step's
             decoder = decoder.replace("PyTorch", "C++ step")
         print(f"serving {m.name!r} ({decoder}; /v1/completions, /v1/chat/completions; "
               f"context {m.context_window} tokens; KV cache {m.batcher.max_batch} rows = {gib:.2f} GiB; "

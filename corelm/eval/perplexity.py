@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from corelm.models import head_logits
+
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """The ``(begin, first_scored, end)`` of each window; targets ``first_scored..end-1`` are scored."""
@@ -41,7 +43,7 @@ def _logits_at(model: torch.nn.Module, ids: torch.Tensor, positions: slice) -> t
     """Logits ``(len(positions), V)`` of one row, from hidden states when the model exposes them."""
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
         hidden = model.hidden_states(ids)[0, positions]  # (n, d)
-        return model.lm_head(hidden)
+        return head_logits(model, hidden)
     return model(ids)[0, positions]
 
 

@@ -90,6 +90,8 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(slots + 1, self.out_features, rank, dtype=dtype, device=device))
         self.rows = rows
         self.used: set[int] = set()  # slots whose adapter targets this layer
+        # the same as a (slots + 1,) uint8 mask, for corelm's C++ step (which reads these stacks in place)
+        self.used_mask = torch.zeros(slots + 1, dtype=torch.uint8, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -239,6 +241,7 @@ class MultiLoRA:
             layer.lora_A[slot, :r].copy_(a)
             layer.lora_B[slot, :, :r].copy_(b.float() * weights.scaling)  # alpha / r folded in (fp32, then cast)
             layer.used.add(slot)
+            layer.used_mask[slot] = 1
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
@@ -246,6 +249,7 @@ class MultiLoRA:
         for layer in self.layers.values():
             if slot in layer.used:
                 layer.used.discard(slot)
+                layer.used_mask[slot] = 0
                 layer.lora_A[slot].zero_()
                 layer.lora_B[slot].zero_()
 

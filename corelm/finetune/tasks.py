@@ -26,6 +26,7 @@ from torch import nn
 
 from corelm.data import tasks as data
 from corelm.errors import CorelmError
+from corelm.models import head_logits
 
 
 @dataclass
@@ -425,7 +426,7 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     hidden = lm.hidden_states(batch["input_ids"])  # (B, T, d)
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = targets != data.IGNORE
-    logits = lm.lm_head(hidden[:, :-1][keep])  # (n, V)
+    logits = head_logits(lm, hidden[:, :-1][keep])  # (n, V), soft-capped where the forward caps
     loss = F.cross_entropy(logits.float(), targets[keep])
     return loss, {"n_tokens": int(keep.sum())}
 

@@ -23,9 +23,10 @@ Two steps implement them:
   :class:`~corelm.ops.kv_cache.KVCache` (the model file is the only statement of the math); with
   ``compile=True`` the decode step is one ``torch.compile`` graph (gpt-fast's recipe: static shapes
   over the whole cache, inductor ``freezing`` and ``cpp_wrapper`` on CPU, CUDA graphs on GPU).
-- :class:`KernelStep`: a quantized llama-family model on CPU through corelm's C++
-  ``DecoderStep`` (:mod:`corelm.kernels`): every layer and the head in one call, with no Python or
-  dispatcher work per layer. The model is described to it once, by name (``q_proj.values``, ...);
+- :class:`KernelStep`: a quantized decoder of the llama, Gemma, OLMo 2 or MoE family on CPU through
+  corelm's C++ ``DecoderStep`` (:mod:`corelm.kernels`): every layer and the head in one call, with no
+  Python or dispatcher work per layer. The model is described to it once, by name (``q_proj.values``,
+  which norms sit where, the activation, soft-caps, windows, RoPE tables: see :func:`describe_layer`);
   a batched decode step of B requests is one call of B tokens, and a token's logits do not depend
   on the other tokens of the call (the server's rows equal the same request served alone).
 
@@ -36,7 +37,7 @@ else the model step.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,23 @@ from torch import nn
 
 from corelm import cache as private_cache
 from corelm.errors import CorelmError
+from corelm.models import head_logits
 from corelm.ops.kv_cache import KVCache
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Where each family's block keeps the norms the C++ step applies: ``attn_norm``/``mlp_norm`` before a
+# sub-layer, ``attn_out_norm``/``mlp_out_norm`` on its output before the residual add (an absent or
+# ``nn.Identity`` module: no such norm). The names are the HF checkpoints'; note Llama's
+# ``post_attention_layernorm`` is its pre-MLP norm, Gemma 2's and OLMo 2's an output norm.
+NORM_ROLES = {
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "gemma": {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+              "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+    "olmo2": {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
+    "moe": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the C++ step's gated-MLP nonlinearities (Layer::act)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -133,7 +148,7 @@ class ModelStep:
         pos = torch.arange(T, device=self.device)[None].expand(len(prompts), T)  # (B, T)
         hidden = self.model.hidden_states(ids, input_pos=pos, kv_cache=view)  # (B, T, d)
         last = hidden[torch.arange(len(prompts), device=self.device), lens - 1]  # (B, d)
-        return self.model.lm_head(last).float()
+        return _head_logits(self.model, last)
 
     def extend(self, cache: KVCache, row: int, tokens: Sequence[int], pos0: int,
                all_logits: bool = True) -> torch.Tensor:
@@ -143,7 +158,7 @@ class ModelStep:
         pos = torch.arange(pos0, pos0 + len(tokens), device=self.device)[None]
         view = cache if cache.batch == 1 else cache.rows(slice(row, row + 1))
         hidden = self.model.hidden_states(ids, input_pos=pos, kv_cache=view)[0]  # (T, d)
-        return self.model.lm_head(hidden if all_logits else hidden[-1:]).float()
+        return _head_logits(self.model, hidden if all_logits else hidden[-1:])
 
     def decode(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor,
                rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -190,6 +205,12 @@ class ModelStep:
         for layer in range(cache.n_layer):
             cache.k[layer][row, :, start:start + n] = kv[0][layer]
             cache.v[layer][row, :, start:start + n] = kv[1][layer]
+
+
+def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 next-token logits of final-norm hidden states, soft-capped where the model's forward caps
+    them (Gemma 2's ``final_softcap``: the prefill's logits are then the forward's too)."""
+    return head_logits(model, hidden).float()  # capped in the forward's dtype, as the forward caps
 
 
 def _decode_one(model: nn.Module, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -265,18 +286,19 @@ def kernel_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Non
 
 
 class KernelStep:
-    """A quantized llama-family decoder on corelm's C++ ``DecoderStep`` (CPU).
+    """A quantized decoder (llama family, Gemma 1/2/3, OLMo 2, MoE) on corelm's C++ ``DecoderStep`` (CPU).
 
     Build it with :func:`step_for`, which checks :func:`kernel_step_supported` first.
 
     Args:
-        model: a quantized llama-family decoder (every projection and the head on the kernel layout).
+        model: a quantized decoder of those families (every projection and the head on the kernel layout).
         kv_dtype: the cache's dtype, ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``; default: the
             environment's ``CORELM_KV_DTYPE`` (``fp16``, ``bf16`` or ``fp32``), else fp16 (llama.cpp's default
             too: half of fp32's memory, and 7x closer to fp32's logits than bf16 on SmolLM2).
     """
 
     kind = "kernels"
+    slot_of: Callable[[int], int] | None = None  # LoRA: cache row -> its adapter slot (see attach_lora)
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype | None = None) -> None:
         if kv_dtype is None:
@@ -290,25 +312,50 @@ class KernelStep:
         self.model = model
         self.kv_dtype = kv_dtype
         self.config = config
+        self._lora = False  # attach_lora registered adapter stacks
         self.embed = model.model.embed_tokens
+        self.embed_scale = getattr(model, "embed_scale", None)  # Gemma: embeddings times sqrt(d_model)
         S = config.max_seq_len
-        cos, sin = model.rope(torch.arange(S)[None], S - 1)  # (1, 1, S, rot) each
-        tensors = {"cos": cos.reshape(S, -1).float().contiguous(), "sin": sin.reshape(S, -1).float().contiguous(),
-                   "norm": model.model.norm.weight.detach().float()}
+        cos, sin = _rope_rows(model.rope, S)
+        tensors = {"cos": cos, "sin": sin, "norm": _norm_weight(model.model.norm)}
+        options = {"eps": float(model.model.norm.eps)}
+        if getattr(model, "final_softcap", None):
+            options["final_softcap"] = float(model.final_softcap)
+        original = int((model.rope.scaling or {}).get("original_max_position_embeddings") or S)
+        if model.rope.rope_type == "longrope" and S > original:  # short factors up to `original`, long beyond
+            tensors["cos"], tensors["sin"] = _rope_rows(model.rope, original)
+            tensors["cos_long"], tensors["sin_long"] = cos, sin
+            options["rope_long_from"] = float(original)
         tensors.update(_named("lm_head", model.lm_head))
-        self.op = torch.classes.corelm.DecoderStep(tensors, config.n_head, config.n_kv_head,
-                                                   float(model.model.norm.eps))
-        for i, block in enumerate(model.model.layers):
-            attn, mlp = block.self_attn, block.mlp
-            layer = {"input_layernorm": block.input_layernorm.weight.detach().float(),
-                     "post_attention_layernorm": block.post_attention_layernorm.weight.detach().float()}
+        self.op = torch.classes.corelm.DecoderStep(tensors, config.n_head, config.n_kv_head, options)
+        local = _rope_rows(model.rope_local, S) if getattr(model, "rope_local", None) is not None else None
+        for block in model.model.layers:
+            self.op.add_layer(*describe_layer(config, block, local))
+
+    def attach_lora(self, slot_of: Callable[[int], int] | None = None) -> int:
+        """Run per-row LoRA adapters in the C++ step: every projection of the model that
+        :func:`corelm.finetune.multi_lora.apply_multi_lora` has wrapped (after this step was built) hands
+        its stacks ``lora_A (slots+1, r, in)``, ``lora_B (slots+1, out, r)`` and ``used_mask`` to the step by
+        reference, so adapters loaded into or cleared from them later apply from the next call. From then
+        on every call reads each token's slot from ``slot_of(cache row)`` (0: the base model; default: the
+        :attr:`slot_of` set later, e.g. by the server's batcher). Returns the projections registered: 0,
+        and no adapter path, when some wrapped layer is not one of the step's projections (a MoE's experts),
+        since the step could not apply its update."""
+        if slot_of is not None:
+            self.slot_of = slot_of
+        found = []
+        for i, block in enumerate(self.model.model.layers):
             for name in PROJECTIONS:
-                layer.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
-            for name in ("q_norm", "k_norm"):  # Qwen3: per-head RMSNorm (absent: no parameters)
-                weight = getattr(getattr(attn, name, None), "weight", None)
-                if weight is not None:
-                    layer[name] = weight.detach().float()
-            self.op.add_layer(layer, layer_window(config, i))
+                layer = getattr(block.self_attn if name in PROJECTIONS[:4] else block.mlp, name, None)
+                if getattr(layer, "lora_A", None) is not None:
+                    found.append((i, name, layer))
+        wrapped = sum(getattr(m, "lora_A", None) is not None for m in self.model.modules())
+        if wrapped != len(found):
+            return 0
+        for i, name, layer in found:
+            self.op.set_lora(i, name, layer.lora_A, layer.lora_B, layer.used_mask)
+        self._lora = bool(found)
+        return len(found)
 
     def new_cache(self, batch: int, max_len: int) -> KernelCache:
         shape = (self.config.n_layer, batch, self.config.n_kv_head, max_len, self.config.head_dim)
@@ -316,7 +363,15 @@ class KernelStep:
 
     def _run(self, cache: KernelCache, tokens: Sequence[int] | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
-        x = self.embed(torch.as_tensor(tokens, dtype=torch.long)).float()  # (N, d)
+        x = self.embed(torch.as_tensor(tokens, dtype=torch.long))  # (N, d)
+        if self.embed_scale is not None:  # rounded to the activation dtype first, as the model does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        x = x.float()
+        if self._lora and self.slot_of is not None:
+            of = {r: self.slot_of(r) for r in set(rows.tolist())}
+            if any(of.values()):  # else the plain call: rows without an adapter pay nothing
+                slots = torch.tensor([of[r] for r in rows.tolist()], dtype=torch.long)  # (N,)
+                return self.op.forward_lora(x, rows, pos, cache.k, cache.v, out, slots)
         return self.op.forward(x, rows, pos, cache.k, cache.v, out)
 
     def prefill(self, cache: KernelCache, prompts: Sequence[Sequence[int]],
@@ -375,6 +430,76 @@ def layer_window(config: object, i: int) -> int:
     return int(window) if window and (types is None or types[i] == "sliding_attention") else 0
 
 
+def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One block as the C++ step's ``add_layer`` reads it: ``(tensors, options)``.
+
+    Tensors: the seven projections (:func:`_named`; a MoE's gate/up/down are its shared expert's, or
+    absent), the norms the family has in each role of :data:`NORM_ROLES` (as the step multiplies by
+    them), the QK norms (per head: ``head_dim`` weights; OLMo 2's over the whole projection: one per row),
+    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router,
+    stacked experts and shared-expert gate, in floats as the quantized model keeps them. Options: the
+    window, the attention scale and soft-cap, the activation, a MoE's ``top_k`` and ``norm_topk``.
+    """
+    family = getattr(config, "family", None)
+    attn = block.self_attn
+    tensors: dict[str, torch.Tensor] = {}
+    options: dict[str, float] = {}
+    mlp = _dense_mlp(block)
+    for name in PROJECTIONS:
+        if name in PROJECTIONS[:4] or mlp is not None:  # a MoE without a shared expert has no dense MLP
+            tensors.update(_named(name, getattr(attn if name in PROJECTIONS[:4] else mlp, name)))
+    if hasattr(block.mlp, "experts"):
+        tensors.update(_routed(block.mlp))
+        options.update(top_k=float(block.mlp.top_k), norm_topk=float(bool(block.mlp.norm_topk_prob)))
+    for role, name in NORM_ROLES[family].items():
+        if getattr(getattr(block, name, None), "weight", None) is not None:  # nn.Identity: no such norm
+            tensors[role] = _norm_weight(getattr(block, name))
+    for name in ("q_norm", "k_norm"):  # Qwen3, Gemma 3, OLMo 2 (absent or nn.Identity: no parameters)
+        if getattr(getattr(attn, name, None), "weight", None) is not None:
+            tensors[name] = _norm_weight(getattr(attn, name))
+    if local_rope is not None and getattr(attn, "local_rope", False):
+        tensors["cos"], tensors["sin"] = local_rope
+    options.update(window=float(layer_window(config, attn.layer_idx)), act=float(ACTIVATIONS[config.activation]))
+    if getattr(attn, "scale", None) is not None:  # Gemma: query_pre_attn_scalar ** -0.5
+        options["attn_scale"] = float(attn.scale)
+    if getattr(attn, "softcap", None):
+        options["attn_softcap"] = float(attn.softcap)
+    return tensors, options
+
+
+def _dense_mlp(block: nn.Module) -> nn.Module | None:
+    """The block's gated MLP on the quantized kernels: its ``mlp``, a MoE's shared expert, or None."""
+    if hasattr(block.mlp, "experts"):
+        return getattr(block.mlp, "shared_expert", None)
+    return block.mlp
+
+
+def _routed(moe: nn.Module) -> dict[str, torch.Tensor]:
+    """A sparse MoE's router, stacked experts and (Qwen2-MoE) shared-expert gate, as the model holds them:
+    in floats, quantized or not (routing is decided on these weights; see corelm.quant.transform)."""
+    out = {"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
+           "experts.down": moe.experts.down_proj.detach()}
+    if hasattr(moe, "shared_expert_gate"):
+        out["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
+    return out
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor:
+    """What an RMSNorm multiplies the normalised row by, fp32: Gemma's ``1 + weight`` folded in once."""
+    from corelm.models.gemma import GemmaRMSNorm
+
+    weight = norm.weight.detach().float()
+    return 1.0 + weight if isinstance(norm, GemmaRMSNorm) else weight
+
+
+def _rope_rows(rope: object, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope``'s cos and sin rows for positions ``0..n-1``, ``(n, rotary_dim)`` fp32 each: the table a
+    forward whose largest position is ``n - 1`` reads."""
+    cos, sin = rope(torch.arange(n)[None], n - 1)  # (1, 1, n, rot) each
+    return cos.reshape(n, -1).float().contiguous(), sin.reshape(n, -1).float().contiguous()
+
+
 def _named(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
     values, scales = kernel_weights(module)
     out = {f"{name}.values": values, f"{name}.scales": scales}
@@ -387,30 +512,34 @@ def _named(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def kernel_step_supported(model: nn.Module) -> str | None:
     """Why ``model`` cannot run on :class:`KernelStep` (None when it can).
 
-    It can when it is a llama-family decoder on the CPU whose every projection and head is a
-    quantized layer on corelm's kernel layout, with one RMSNorm epsilon, SwiGLU and plain scaled
-    dot-product attention, and the kernel library is built.
+    It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2, moe) on the CPU
+    whose every projection and head is a quantized layer on corelm's kernel layout, with one RMSNorm
+    epsilon, a gated MLP of :data:`ACTIVATIONS`, a RoPE table that does not change with the length
+    (LongRoPE's two tables are taken), and the kernel library is built.
     """
     from corelm import kernels
 
     config = model.config
-    if getattr(config, "family", None) != "llama":
-        return f"the C++ step runs llama-family models, not {getattr(config, 'family', '?')}"
+    family = getattr(config, "family", None)
+    if family not in NORM_ROLES:
+        return f"the C++ step runs the {', '.join(NORM_ROLES)} families, not {family or '?'}"
     if not getattr(model, "corelm_quantization", None):
         return "the model is not quantized"
     if model_device(model).type != "cpu":
         return "the model is not on the CPU"
-    if getattr(config, "activation", "silu") != "silu":
-        return f"the C++ step computes SwiGLU, not {config.activation}"
-    rope_type = (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):  # their tables change with the sequence's length
-        return f"the C++ step reads one RoPE table; {rope_type} RoPE changes it with the length"
-    layers = [getattr(b.self_attn if n in PROJECTIONS[:4] else b.mlp, n)
-              for b in model.model.layers for n in PROJECTIONS]
+    if getattr(config, "activation", "silu") not in ACTIVATIONS:
+        return f"the C++ step computes SwiGLU or tanh-GELU GeGLU, not {config.activation}"
+    if model.rope.rope_type == "dynamic":  # its table changes with every length past the context
+        return "the C++ step reads fixed RoPE tables; dynamic RoPE changes its table with the length"
+    from corelm.models.moe import Experts
+
+    layers = [getattr(b.self_attn, n) for b in model.model.layers for n in PROJECTIONS[:4]]
+    layers += [getattr(m, n) for m in map(_dense_mlp, model.model.layers) if m is not None for n in PROJECTIONS[4:]]
     if any(kernel_weights(m) is None for m in [*layers, model.lm_head]):
         return "some layers are not on corelm's kernel layout"
-    norms = {model.model.norm.eps, *(b.input_layernorm.eps for b in model.model.layers),
-             *(b.post_attention_layernorm.eps for b in model.model.layers)}
+    if any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts for b in model.model.layers):
+        return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
+    norms = {float(m.eps) for m in model.model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
     if len(norms) != 1:
         return "the model's RMSNorms use several epsilons"
     if not kernels.load(build_if_missing=False):

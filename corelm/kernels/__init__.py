@@ -1,4 +1,4 @@
-"""corelm's C++ CPU kernels: quantized matmuls with int8 activations, and a fused llama decode step.
+"""corelm's C++ CPU kernels: quantized matmuls with int8 activations, and a fused decoder step.
 
 PyTorch's packed-weight CPU kernels take bf16 activations and dequantize each weight group to floats;
 llama.cpp instead quantizes the activation row to int8 once and multiplies integers (VPDPBUSD on
@@ -9,20 +9,45 @@ products per block: 8-bit ones cost SmolLM2 1.5 points of top-1 agreement), and 
 operators with ``torch.library``:
 
 - ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 64 rows on: panels of 32
-  weight rows dequantized to fp32 once and multiplied by every row in register tiles on corelm's
-  pool, which reuses each weight T times; ``CORELM_GEMM_ROWS`` moves the threshold)
-- ``torch.classes.corelm.DecoderStep``: a llama-family decoder described once by named tensors; its
-  ``forward`` runs N tokens, each with its own cache row and position, through the whole model in one
-  call (a batched decode step, a prefill, a speculative verify), so a step costs no Python or
-  dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
+  weight rows dequantized once and multiplied by every row in register tiles on corelm's pool, which
+  reuses each weight T times; ``CORELM_GEMM_ROWS`` moves the threshold)
+- ``torch.classes.corelm.DecoderStep``: a decoder (llama family, Gemma, OLMo 2, MoE) described once
+  by named tensors; its ``forward`` runs N tokens, each with its own cache row and position, through
+  the whole model in one call (a batched decode step, a prefill, a speculative verify), so a step
+  costs no Python or dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
+
+The many-row panel GEMM (``gemm.h``) has four arithmetics; :func:`gemm` names the one this build uses,
+chosen from the flags the CPU declares (``CORELM_GEMM=fp32|int16|bf16|aten`` overrides it, read at
+every call):
+
+- ``int16``, the default of every AVX-512 VNNI build (``avx512vnni``, and ``avx512bf16`` for CPUs that
+  also declare ``avx512_bf16``): the integer kernels' arithmetic as a GEMM, the format's integer weights
+  (exact in int16) times the 15-bit tokens by VPDPWSSD, block scales in fp32: logits within 0.04 of
+  the fp32 panels', every top-1 token equal, so a prompt's prefill computes what the decode kernels
+  compute. On the 2-core Zen 4 its GEMM ran at 0.7-0.9x bf16's speed (the per-block scaling), 1.5-2x
+  fp32's.
+- ``bf16``, on request (``CORELM_GEMM=bf16``) in the ``avx512bf16`` build (``-mavx512bf16``, built where
+  the CPU declares ``avx512_bf16``: AMD Zen 4+, Intel Cooper Lake+, AMX Xeons): weights and tokens
+  rounded to bf16 and multiplied by VDPBF16PS into fp32 sums, twice the multiply-adds of an fp32 FMA.
+  Each product is within 2^-7 + 2^-16 (relative) of the fp32 one, so
+  ``|y - x @ W^T| <= (2^-7 + 2^-16 + K 2^-24) |x| @ |W|^T``; on SmolLM2 (512 positions of held-out
+  text) the logits moved by up to 0.51 from the fp32 panels', 99.2% of top-1 tokens equal
+  (tests/test_gemm.py); it ran ~1.1x int16's prefill on the Zen 4, too little for that cost.
+- ``fp32`` everywhere else (AVX2-only CPUs such as Zen 3 run bf16 at ~0.3 GFLOP/s): fp32 panels and FMA
+  tiles, equal to ``x @ W^T`` to fp32 rounding.
+- ``aten``, only on request: each matrix dequantized whole to bf16 and handed to ``at::mm`` (oneDNN,
+  which would use AMX tiles on CPUs that have them; not yet measured on one). Its output is rounded to
+  bf16 (SmolLM2: 97% of top-1 tokens equal), and on the 2-core Zen 4 its OpenMP GEMM ran 3-30x slower
+  than the panels at 2 threads under a neighbour's load.
 
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is
 private and checked before a library is loaded from it, see :mod:`corelm.cache`); ``make`` set-up
 builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. The
-instruction set follows what ATen dispatches to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2
-build on an AVX-512 machine) and what the CPU reports. Without a compiler, :func:`load` returns
-False and the quantized layers use PyTorch's kernels. ``CORELM_KERNELS=0`` disables it.
+instruction set (``avx512bf16``, ``avx512vnni``, ``avx2`` or ``generic``) follows what ATen dispatches
+to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2 build on an AVX-512 machine) and what the CPU
+reports. Without a compiler, :func:`load` returns False and the quantized layers use PyTorch's kernels.
+``CORELM_KERNELS=0`` disables it.
 """
 
 from __future__ import annotations
@@ -43,11 +68,13 @@ from corelm import cache
 from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
-HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "qlinear.h", "decoder_step.h")
+HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "gemm.h", "qlinear.h", "decoder_step.h")
 QK = 32  # values per block
 
+_AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 FLAGS = {
-    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx512bf16": [*_AVX512, "-mavx512bf16"],
+    "avx512vnni": _AVX512,
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }
@@ -56,10 +83,11 @@ _state: dict[str, object] = {"loaded": None, "error": None, "build_seconds": Non
 
 
 def isa() -> str:
-    """The kernel build for this process: ``avx512vnni``, ``avx2`` or ``generic``.
+    """The kernel build for this process: ``avx512bf16``, ``avx512vnni``, ``avx2`` or ``generic``.
 
     ATen's capability caps it (``ATEN_CPU_CAPABILITY=avx2`` gives the AVX2 build on an AVX-512 CPU);
-    the CPU's flags confirm the extensions the build uses.
+    the CPU's flags confirm the extensions the build uses (``avx512bf16``: the AVX-512 VNNI build plus
+    ``avx512_bf16``, for the bf16 panel GEMM).
     """
     forced = os.environ.get("CORELM_KERNELS_ISA")
     if forced in FLAGS:
@@ -68,10 +96,20 @@ def isa() -> str:
         return "generic"
     cap, flags = torch.backends.cpu.get_cpu_capability(), cpu_flags()
     if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"} <= flags:
-        return "avx512vnni"
+        return "avx512bf16" if "avx512_bf16" in flags else "avx512vnni"
     if cap in ("AVX512", "AVX2") and {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "generic"
+
+
+def gemm(level: str | None = None) -> str:
+    """The panel GEMM's arithmetic for a build (default: this process's; see the module docstring):
+    ``int16`` for the AVX-512 VNNI builds (``avx512vnni``, ``avx512bf16``), ``fp32`` otherwise.
+    ``CORELM_GEMM`` overrides it."""
+    forced = os.environ.get("CORELM_GEMM")
+    if forced:
+        return forced
+    return {"avx512bf16": "int16", "avx512vnni": "int16"}.get(level or isa(), "fp32")
 
 
 def cache_dir(level: str | None = None) -> Path:

@@ -10,8 +10,9 @@
 //   int4  q (N, K/2) uint8: per block of 32 columns, byte j holds q[j] (low nibble) and q[j+16]
 //         (high) -- GGUF Q4_1's order; sz (N, K/G, 2) bf16: scale and zero of w = (q - 8)*scale + zero
 //   int8  q (N, K) int8; s (N, K/G) bf16 (group-wise, G = 32 is GGUF Q8_0) or (N,) (per channel)
-// The library is built once per instruction set by corelm/kernels/__init__.py: -mavx512vnni
-// (VPDPBUSD), -mavx2 (VPMADDUBSW) or no flags (a scalar loop); #if blocks pick the path the flags allow.
+// The library is built once per instruction set by corelm/kernels/__init__.py: -mavx512bf16 on top of
+// -mavx512vnni (VDPBF16PS for the many-token panel GEMM, gemm.h), -mavx512vnni (VPDPBUSD), -mavx2
+// (VPMADDUBSW) or no flags (a scalar loop); #if blocks pick the path the flags allow.
 //
 // Registered with torch.library so torch.compile and the dispatcher see them:
 //   corelm::qlinear(x (T, K) f32, q, s) -> (T, N) f32
@@ -19,13 +20,14 @@
 //     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
 //   corelm::qlinear_repacked(x, q, s) -> (T, N) f32: the few-row path on rows interleaved eight at a
 //     time (repack.h), as DecoderStep runs it; s is bf16 scales or the one-element GGML type
-//   torch.classes.corelm.DecoderStep: a llama-family decoder described once by named tensors, whose
-//     forward runs N tokens (each with its own cache row and position) through every block and the
-//     head in one call: a batched decode step, a prefill, or a speculative verify pass.
+//   torch.classes.corelm.DecoderStep: a decoder (llama family, Gemma, OLMo 2, MoE) described once by
+//     named tensors, whose forward runs N tokens (each with its own cache row and position) through
+//     every block and the head in one call: a batched decode step, a prefill, or a speculative verify.
 //
 // The source is split by job: pool.h (the thread pool), dot.h (activation quantization and the
-// SIMD dot products), qlinear.h (quantized matrices and their matmul), decoder_step.h (the fused
-// model step). This file registers the operators; it is the one translation unit the build compiles.
+// SIMD dot products), qlinear.h (quantized matrices and their matmul), gemm.h (the many-token panel
+// GEMM), decoder_step.h (the fused model step). This file registers the operators; it is the one
+// translation unit the build compiles.
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -39,7 +41,9 @@ namespace corelm {
 namespace {
 
 const char* isa_name() {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512bf16";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512vnni";
 #elif defined(__AVX2__)
   return "avx2";
@@ -50,10 +54,21 @@ const char* isa_name() {
 
 std::string isa() { return isa_name(); }
 
+// The panel GEMM's arithmetic for this call (gemm.h): "fp32", "bf16" or "aten".
+std::string gemm() {
+  switch (gemm_mode()) {
+    case Gemm::BF16: return "bf16";
+    case Gemm::I16: return "int16";
+    case Gemm::ATen: return "aten";
+    default: return "fp32";
+  }
+}
+
 }  // namespace
 }  // namespace corelm
 
 using corelm::DecoderStep;
+using corelm::gemm;
 using corelm::isa;
 using corelm::qlinear;
 using corelm::qlinear_blocks;
@@ -64,11 +79,18 @@ TORCH_LIBRARY(corelm, m) {
   m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("gemm() -> str", &gemm);
   m.class_<DecoderStep>("DecoderStep")
-      .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, double>())
+      .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())
       .def("add_layer", &DecoderStep::add_layer)
       .def("n_layers", &DecoderStep::n_layers)
-      .def("forward", &DecoderStep::forward);
+      .def("set_lora", &DecoderStep::set_lora)
+      .def("forward",
+           [](const c10::intrusive_ptr<DecoderStep>& self, const at::Tensor& x, const at::Tensor& rows,
+              const at::Tensor& pos, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out) {
+             return self->forward(x, rows, pos, k_cache, v_cache, out);
+           })
+      .def("forward_lora", &DecoderStep::forward);
 }
 
 TORCH_LIBRARY_IMPL(corelm, CPU, m) {

@@ -1,5 +1,5 @@
 // Quantized matrices and the matmul every kernel uses: integer dot products for a few rows, a
-// dequantized-panel GEMM for many (included once, by corelm_kernels.cpp).
+// dequantized-panel GEMM for many (gemm.h; included once, by corelm_kernels.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "gemm.h"
 #include "kquants.h"
 #include "pool.h"
 #include "repack.h"
@@ -211,108 +212,6 @@ void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::v
   });
 }
 
-// Weight row r of m as fp32 (K,): q * scale (+ m for int4).
-void dequantize_row(const QMatrix& m, int64_t r, float* out) {
-  const Row w = m.row(r);
-  if (m.kind != Kind::Q4 && m.kind != Kind::Q8) return dequantize_blocks(m.kind, w.q, m.k, out);
-  for (int64_t b = 0; b < m.k / QK; ++b) {
-    float* o = out + b * QK;
-    if (m.kind == Kind::Q4) {
-      const uint16_t* sz = w.s + 2 * (b / w.bpg);
-      const float scale = bf16(sz[0]), shift = bf16(sz[1]) - 8.f * scale;
-      const uint8_t* qs = w.q + b * QK / 2;
-      for (int64_t j = 0; j < QK / 2; ++j) {
-        o[j] = static_cast<float>(qs[j] & 0x0F) * scale + shift;
-        o[j + QK / 2] = static_cast<float>(qs[j] >> 4) * scale + shift;
-      }
-    } else {
-      const float scale = bf16(w.s[b / w.bpg]);
-      const int8_t* qb = reinterpret_cast<const int8_t*>(w.q) + b * QK;
-      for (int64_t j = 0; j < QK; ++j) o[j] = static_cast<float>(qb[j]) * scale;
-    }
-  }
-}
-
-// Many tokens (a long prompt's prefill, perplexity windows): the weights are dequantized once, 32
-// output rows at a time, into a K x 32 fp32 panel (transposed: one k's 32 weights are one or two
-// vectors), and a register-tiled fp32 GEMM multiplies every token by it (tiles of 6 tokens x 32
-// outputs on AVX-512: 12 accumulators, 12 FMAs per two loads). The panels are split across corelm's
-// pool, like the integer kernels: ATen's OpenMP GEMM stalls at every call when a neighbour holds a
-// core (measured on the 2-core Zen 4 at load 12: 6-8 tok/s for a 64-token SmolLM2 prefill, against
-// 46 on the integer kernels). Sums are fp32, in k order: a panel's result equals x @ W^T to fp32
-// rounding (tests/test_kquants.py, tests/test_kernels.py). An AMX-BF16/INT8 tile kernel would slot in
-// beside panel_tiles, chosen from the CPU's flags (amx_bf16, amx_int8) the same way the build level is,
-// once a machine with AMX can test it.
-constexpr int64_t kPanel = 32;  // output rows per panel
-
-#if defined(__AVX512F__)
-constexpr int kTileRows = 6;
-template <int NT>
-void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
-  __m512 acc[NT][2];
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(p + k * kPanel), w1 = _mm512_loadu_ps(p + k * kPanel + 16);
-    for (int t = 0; t < NT; ++t) {
-      const __m512 xb = _mm512_set1_ps(x[t * K + k]);
-      acc[t][0] = _mm512_fmadd_ps(xb, w0, acc[t][0]);
-      acc[t][1] = _mm512_fmadd_ps(xb, w1, acc[t][1]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) {
-    _mm512_storeu_ps(y + t * ldy, acc[t][0]);
-    _mm512_storeu_ps(y + t * ldy + 16, acc[t][1]);
-  }
-}
-#elif defined(__AVX2__)
-constexpr int kTileRows = 3;
-template <int NT>
-void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
-  __m256 acc[NT][4];
-  for (int t = 0; t < NT; ++t)
-    for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 w[4];
-    for (int v = 0; v < 4; ++v) w[v] = _mm256_loadu_ps(p + k * kPanel + 8 * v);
-    for (int t = 0; t < NT; ++t) {
-      const __m256 xb = _mm256_set1_ps(x[t * K + k]);
-      for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_fmadd_ps(xb, w[v], acc[t][v]);
-    }
-  }
-  for (int t = 0; t < NT; ++t)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(y + t * ldy + 8 * v, acc[t][v]);
-}
-#else
-constexpr int kTileRows = 4;
-template <int NT>
-void panel_tile(const float* x, int64_t K, const float* p, float* y, int64_t ldy) {
-  float acc[NT][kPanel] = {};
-  for (int64_t k = 0; k < K; ++k)
-    for (int t = 0; t < NT; ++t)
-      for (int64_t j = 0; j < kPanel; ++j) acc[t][j] += x[t * K + k] * p[k * kPanel + j];
-  for (int t = 0; t < NT; ++t)
-    for (int64_t j = 0; j < kPanel; ++j) y[t * ldy + j] = acc[t][j];
-}
-#endif
-
-// y (T, kPanel) with row stride ldy = x (T, K) @ panel (K, kPanel), kTileRows tokens at a time.
-void panel_tiles(const float* x, int64_t T, int64_t K, const float* p, float* y, int64_t ldy) {
-  int64_t t0 = 0;
-  for (; t0 + kTileRows <= T; t0 += kTileRows) panel_tile<kTileRows>(x + t0 * K, K, p, y + t0 * ldy, ldy);
-  switch (T - t0) {  // the last few tokens
-#if defined(__AVX512F__)
-    case 5: panel_tile<5>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-    case 4: panel_tile<4>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-    case 3: panel_tile<3>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-#elif !defined(__AVX2__)
-    case 3: panel_tile<3>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-#endif
-    case 2: panel_tile<2>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-    case 1: panel_tile<1>(x + t0 * K, K, p, y + t0 * ldy, ldy); break;
-    default: break;
-  }
-}
-
 // From this many tokens on, a matmul runs on dequantized panels; fewer tokens (decode steps,
 // speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit for
 // bit. CORELM_GEMM_ROWS overrides it (read at every call: benchmarks/prefill.py compares the paths).
@@ -329,25 +228,7 @@ void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms
     qmatmul(acts, ms, outs);
     return;
   }
-  int64_t panels = 0;
-  for (const auto& m : ms) panels += (m.n + kPanel - 1) / kPanel;
-  Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K), panel(K * kPanel), y(T * kPanel);
-    for (int64_t pi = begin; pi < end; ++pi) {
-      size_t i = 0;
-      int64_t first = pi;
-      while (first >= (ms[i].n + kPanel - 1) / kPanel) first -= (ms[i++].n + kPanel - 1) / kPanel;
-      const QMatrix& m = ms[i];
-      const int64_t n0 = first * kPanel, cols = std::min(kPanel, m.n - n0);
-      std::fill(panel.begin(), panel.end(), 0.f);
-      for (int64_t c = 0; c < cols; ++c) {  // dequantize, transposed: panel[k][c] = W[n0 + c][k]
-        dequantize_row(m, n0 + c, row.data());
-        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = row[k];
-      }
-      panel_tiles(x, T, K, panel.data(), y.data(), kPanel);
-      for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
-    }
-  });
+  panel_matmul(x, T, K, ms, outs);
 }
 
 at::Tensor qlinear_matrix(const at::Tensor& xc, const QMatrix& m) {

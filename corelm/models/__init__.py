@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from corelm.config import ModelConfig
@@ -50,3 +51,12 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 __all__ = ["build_model"]
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of final-norm hidden states, as the model's ``forward`` makes them: the LM head,
+    then Gemma 2's final soft-cap where the model has one (``cap * tanh(x / cap)``). For code that runs
+    the head on selected rows only (losses, perplexity, the decode step), so none of it skips the cap."""
+    logits = model.lm_head(hidden)
+    cap = getattr(model, "final_softcap", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

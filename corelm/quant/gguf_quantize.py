@@ -44,7 +44,7 @@ MIXES = {"Q4_0": (2, "Q4_0"), "Q4_1": (3, "Q4_1"), "Q8_0": (7, "Q8_0"), "Q5_0": 
 MIX_NAMES = {ftype: name for name, (ftype, _) in MIXES.items()}
 # tensor_type_fallback: a 256-value type on rows that are not whole super-blocks
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_ROW_CHUNK = 1 << 21  # values per chunk of the K-quant scale search (its candidates multiply this by ~20)
+_ROW_CHUNK = 1 << 18  # values quantized per pass: the scale searches stream over them ~20 times, keep them in cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,13 +147,12 @@ def _q5_1(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim one element after another in fp32, as the C loops accumulate: the scale
+    """Sum over the first dim one element after another in fp32, as the C loops accumulate: the scale
     searches compare errors that tie exactly in real arithmetic (weights already on a coarser grid),
-    and the rounding of a pairwise sum would pick a different winner from llama.cpp's."""
-    t = t.movedim(-1, 0).contiguous()  # each step then adds one contiguous slice
-    acc = t[0].clone()
+    and the rounding of a pairwise sum would pick a different winner from llama.cpp's. (n, ...) -> (1, ...)."""
+    acc = t[0:1].clone()
     for j in range(1, t.shape[0]):
-        acc += t[j]
+        acc += t[j:j + 1]
     return acc
 
 
@@ -162,7 +161,7 @@ def _qkx2(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Te
 
     The scales are tried in order, and each try rounds against the offset of the best fit so far
     (the C loop updates ``min`` as it goes), so the steps run one after another, each over all
-    sub-blocks.
+    sub-blocks. The values are held transposed, (32, B), so that each sum adds contiguous rows.
 
     Args:
         x: (B, 32) fp32 sub-blocks.
@@ -172,24 +171,26 @@ def _qkx2(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Te
     Returns:
         ``scale`` (B,), ``min`` (B,) >= 0, ``L`` (B, 32) int32 codes of the best fit.
     """
-    w = (_seqsum(x * x) / QK).sqrt()[:, None] + x.abs()  # weights: rms of the sub-block + |x|
-    lo = x.amin(-1, keepdim=True).clamp(max=0)
-    hi = x.amax(-1, keepdim=True)
+    x = x.t().contiguous()  # (32, B)
+    w = (_seqsum(x * x) / QK).sqrt() + x.abs()  # weights: rms of the sub-block + |x|
+    lo = x.amin(0, keepdim=True).clamp(max=0)  # (1, B)
+    hi = x.amax(0, keepdim=True)
     flat = hi == lo  # one value throughout: codes 0, scale 0, the value as the min
     lo0 = lo.clone()
-    sum_w, sum_x = _seqsum(torch.stack([w, w * x], 1)).unsqueeze(-1).unbind(1)  # (B, 1) each
+    wx = w * x
+    sum_w, sum_x = _seqsum(w), _seqsum(wx)
     span = torch.where(flat, torch.ones_like(hi), hi - lo)
     # the first guess: plain min/max scaling
     iscale = _rdiv(nmax, span)
     scale = 1 / iscale
     L = torch.round(iscale * (x - lo)).clamp(0, nmax)
-    best = _seqsum(w * (scale * L + lo - x).square())[:, None]
+    best = _seqsum(w * (scale * L + lo - x).square())
     steps = np.float32(rmin) + np.float32(0.1) * np.arange(nstep + 1, dtype=np.float32) + np.float32(nmax)
     for step in steps.tolist():
         span = torch.where(flat, torch.ones_like(hi), hi - lo)
         laux = torch.round(_rdiv(step, span) * (x - lo)).clamp(0, nmax)
         wl = w * laux
-        sum_l, sum_l2, sum_xl = _seqsum(torch.stack([wl, wl * laux, wl * x], 1)).unsqueeze(-1).unbind(1)
+        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * laux), _seqsum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Dsafe = torch.where(ok, D, torch.ones_like(D))
@@ -198,7 +199,7 @@ def _qkx2(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Te
         pos = m > 0  # a positive offset is not representable: refit the scale through zero
         s = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), s)
         m = torch.where(pos, torch.zeros_like(m), m)
-        err = _seqsum(w * (s * laux + m - x).square())[:, None]
+        err = _seqsum(w * (s * laux + m - x).square())
         better = ok & (err < best) & ~flat  # strictly smaller: the first of equal errors stays
         best = torch.where(better, err, best)
         scale, lo = torch.where(better, s, scale), torch.where(better, m, lo)
@@ -206,7 +207,7 @@ def _qkx2(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[torch.Te
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     lo = torch.where(flat, lo0, lo)
     L = torch.where(flat, torch.zeros_like(L), L)
-    return scale[:, 0], -lo[:, 0], L.to(torch.int32)
+    return scale[0], -lo[0], L.t().to(torch.int32)
 
 
 def _k_scales(scale: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -255,7 +256,7 @@ def _qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     def fit(step: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ls = torch.round(torch.full_like(mx, -step) / mx * x).clamp(-nmax, nmax - 1)
-        return ls, _seqsum(w * x * ls)[:, None], _seqsum(w * ls * ls)[:, None]
+        return ls, _seqsum((w * x * ls).t()).t(), _seqsum((w * ls * ls).t()).t()
 
     L, sumlx, suml2 = fit(float(nmax))
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(mx))

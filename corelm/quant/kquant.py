@@ -139,13 +139,15 @@ def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: i
 
 
 class GGUFBlockLinear(nn.Module):
-    """``y = x W^T`` with ``W`` kept as a GGUF file's blocks (Q8_0, Q4_K, Q5_K or Q6_K), no bias.
+    """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (Q8_0, Q4_K, Q5_K or Q6_K).
 
     ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
-    Q/K rows moved back to HF order, whole rows at a time); ``ggml_type`` names the format.
+    Q/K rows moved back to HF order, whole rows at a time; a fused matrix's row range); ``ggml_type``
+    names the format; ``bias`` (out_features,) is optional (Qwen2's q/k/v), kept in fp32.
     """
 
-    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if ggml_type not in FORMATS:
             raise CorelmError(f"GGML type {ggml_type} has no block kernel; expected one of "
@@ -156,7 +158,9 @@ class GGUFBlockLinear(nn.Module):
         self.in_features, self.out_features, self.ggml_type = in_features, blocks.shape[0], ggml_type
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("format", torch.tensor([ggml_type], dtype=torch.int64), persistent=False)
-        self.bias = None
+        if bias is not None and tuple(bias.shape) != (blocks.shape[0],):
+            raise CorelmError(f"a bias of shape {tuple(bias.shape)} for {blocks.shape[0]} output rows")
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         from corelm.quant.layers import use_kernels
 
         self.kernel = use_kernels(blocks.device)
@@ -175,6 +179,8 @@ class GGUFBlockLinear(nn.Module):
             y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.blocks, self.ggml_type)
         else:
             y = x2 @ self.dequantize().t()
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -191,7 +197,8 @@ INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they 
 def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
     """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
     from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
-    :class:`GGUFBlockLinear`. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
+    :class:`GGUFBlockLinear`; biases kept, a fused matrix split by rows (Phi-3), so every matrix runs on
+    its blocks. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
     ``targets`` is the transform's ``(linears, tied embedding)`` of the model
     (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
@@ -209,40 +216,36 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         raise CorelmError("the model is already quantized")
     found = GGUFBlocks(source, model)
     targets, tied = targets
-    plan, kept = [], []
+    plan = []
     for parent, name, linear in targets:
         path = found.by_module.get(id(linear), name)
-        gguf_name = found.gguf_names.get(path)
+        # a matrix of its own, or a row range of one stored fused (Phi-3's attn_qkv and gate/up ffn_up)
+        gguf_name, start, stop = found.fused.get(path) or (found.gguf_names.get(path), None, None)
         if parent is model and name == "lm_head":
             gguf_name = "output.weight" if "output.weight" in found.file.tensors else "token_embd.weight"
-        elif gguf_name is None and found.file.tensors:
-            kept.append(path)  # stored fused with others (Phi-3's qkv, gate/up): stays as loaded
-            continue
         info = found.file.tensors.get(gguf_name) if gguf_name else None
-        if info is None or tuple(info.shape) != tuple(linear.weight.shape):
+        shape = (stop - start, info.shape[1]) if info is not None and start is not None else getattr(info, "shape", ())
+        if info is None or tuple(shape) != tuple(linear.weight.shape):
             raise CorelmError(f"no GGUF matrix of shape {tuple(linear.weight.shape)} for {path}")
         kind = info.qtype.name
         if kind not in INT4_TYPES and kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
-        if linear.bias is not None and kind not in INT4_TYPES:
-            kept.append(path)  # GGUF block layers carry no bias (Qwen2's q/k/v): stays as loaded
-            continue
-        plan.append((parent, name, linear, gguf_name, kind))
-    for parent, name, linear, gguf_name, kind in plan:
+        plan.append((parent, name, linear, gguf_name, kind, (start, stop)))
+    for parent, name, linear, gguf_name, kind, span in plan:
         if kind in INT4_TYPES:
             new = int4_class("cpu")(linear.in_features, linear.out_features, 32, linear.bias is not None, "cpu")
-            new.set_quantized(*_int4_blocks(found, gguf_name, name))
+            new.set_quantized(*(found.int4(linear) if span[0] is not None else _int4_blocks(found, gguf_name, name)))
             if linear.bias is not None:
                 new.bias = linear.bias
         else:
-            new = GGUFBlockLinear(_rows(found, gguf_name, name), TYPE_IDS[kind], linear.in_features)
+            new = GGUFBlockLinear(_rows(found, gguf_name, name, span), TYPE_IDS[kind], linear.in_features, linear.bias)
         setattr(parent, name, new)
     from corelm.quant.gguf_quantize import MIX_NAMES
 
     model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "skip": kept}
+                                 "skip": []}
     return model
 
 
@@ -250,13 +253,16 @@ def _heads(found: object, name: str) -> int | None:
     return found.heads.get(name) if name in ("q_proj", "k_proj") else None
 
 
-def _rows(found: object, gguf_name: str, name: str) -> torch.Tensor:
-    """(rows, row bytes) uint8 of one matrix, Q/K rows in HF order; a copy the layer owns."""
+def _rows(found: object, gguf_name: str, name: str, span: tuple[int | None, int | None] = (None, None),
+          ) -> torch.Tensor:
+    """(rows, row bytes) uint8 of one matrix, or of rows ``span`` of a fused one (a block never straddles
+    two rows, and each output's row is whole), Q/K rows in HF order; a copy the layer owns."""
     from corelm.io.gguf import unpermute_rows
 
     info = found.file.tensors[gguf_name]
     rows, cols = info.shape
-    raw = torch.from_numpy(found.file.raw(gguf_name).copy()).reshape(rows, row_bytes(TYPE_IDS[info.qtype.name], cols))
+    raw = torch.from_numpy(found.file.raw(gguf_name)).reshape(rows, row_bytes(TYPE_IDS[info.qtype.name], cols))
+    raw = raw[span[0]:span[1]].clone()
     heads = _heads(found, name)
     return unpermute_rows(raw, heads).contiguous() if heads else raw
 

@@ -10,12 +10,12 @@ uses. One batch therefore mixes rows of different adapters and rows with none.
 Unloading takes the name away at once (new requests get 404); the slot is reused only when no queued
 or running request holds it any more, so running requests finish with the adapter they started with.
 
-Decode path: the adapters run in PyTorch beside the base layers, so rows with an adapter decode through
-the model's own forward (:class:`~corelm.generate.step.ModelStep`). corelm's C++ step
-(:class:`~corelm.generate.step.KernelStep`) runs all layers in one call and has no place for a per-row
-update: for a model on it, :class:`SplitStep` keeps the rows *without* an adapter there (their own KV
-cache, the plain server's numbers and speed) and runs the adapter rows through the model's forward
-over a second cache. ``docs/serving.md`` gives the measured cost.
+Decode path: for a model on corelm's C++ step (:class:`~corelm.generate.step.KernelStep`, a quantized
+llama on CPU) the step reads the adapter stacks in place (:meth:`KernelStep.attach_lora`) and adds each
+row's update after each projection it targets, so rows with and without an adapter share one call, one
+KV cache and one pass over every quantized weight; rows without an adapter compute exactly what the plain
+step does. Any other model decodes through its own forward with the wrapped layers (:class:`AdapterStep`).
+``docs/serving.md`` gives the measured cost.
 """
 
 from __future__ import annotations
@@ -93,101 +93,6 @@ class AdapterStep:
 
     def write_slots(self, cache: Any, row: int, start: int, kv: Any) -> None:
         self.inner.write_slots(cache, row, start, kv)
-
-
-@dataclass
-class SplitCache:
-    """The two caches of a :class:`SplitStep`: rows without an adapter live in ``kernel``, rows with one
-    in ``model`` (a row stays in one of them for its whole request)."""
-
-    kernel: Any
-    model: Any
-
-    @property
-    def k(self) -> list[torch.Tensor]:  # every key buffer (for memory reports)
-        return [self.kernel.k, *self.model.k]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        return [self.kernel.v, *self.model.v]
-
-
-class SplitStep:
-    """Rows without an adapter on corelm's C++ step, rows with one through the model's forward.
-
-    Each row's numbers are those of its own path alone: a plain row is exactly the plain server's (the
-    C++ step's logits do not depend on the other tokens of a call), an adapter row is exactly the
-    :class:`AdapterStep`'s. A decode step with both kinds is two calls. ``mixed`` (decode rows and prefill
-    chunks in one C++ call) keeps plain traffic's fused step; adapter runs are batched beside it.
-    """
-
-    def __init__(self, kernel: KernelStep, adapter: AdapterStep) -> None:
-        self.kernel, self.adapter = kernel, adapter
-        self.model, self.device, self.kind = adapter.model, adapter.device, "kernels+pytorch"
-
-    @property
-    def slot_of(self) -> Callable[[int], int]:
-        return self.adapter.slot_of
-
-    @slot_of.setter
-    def slot_of(self, fn: Callable[[int], int]) -> None:
-        self.adapter.slot_of = fn
-
-    def new_cache(self, batch: int, max_len: int) -> SplitCache:
-        return SplitCache(self.kernel.new_cache(batch, max_len), self.adapter.new_cache(batch, max_len))
-
-    def prefill(self, cache: SplitCache, prompts: Sequence[Sequence[int]],
-                rows: Sequence[int] | None = None) -> torch.Tensor:
-        rows = list(range(len(prompts))) if rows is None else list(rows)
-        return torch.cat([self.adapter.prefill(cache.model, [p], [r]) if self.slot_of(r)
-                          else self.kernel.prefill(cache.kernel, [p], [r]) for p, r in zip(prompts, rows)])
-
-    def extend(self, cache: SplitCache, row: int, tokens: Sequence[int], pos0: int,
-               all_logits: bool = True) -> torch.Tensor:
-        if self.slot_of(row):
-            return self.adapter.extend(cache.model, row, tokens, pos0, all_logits)
-        return self.kernel.extend(cache.kernel, row, tokens, pos0, all_logits)
-
-    def decode(self, cache: SplitCache, tokens: torch.Tensor, pos: torch.Tensor,
-               rows: Sequence[int] | None = None) -> torch.Tensor:
-        rows = list(range(tokens.shape[0])) if rows is None else list(rows)
-        mine = [i for i, r in enumerate(rows) if self.slot_of(r)]
-        plain = [i for i, r in enumerate(rows) if not self.slot_of(r)]
-        out = [None] * len(rows)
-        for part, step, sub in ((plain, self.kernel, cache.kernel), (mine, self.adapter, cache.model)):
-            if part:
-                index = torch.as_tensor(part)
-                logits = step.decode(sub, tokens[index], pos[index], rows=[rows[i] for i in part])
-                for j, i in enumerate(part):
-                    out[i] = logits[j]
-        return torch.stack(out)
-
-    def mixed(self, cache: SplitCache, runs: Sequence[tuple[int, Sequence[int], int]]) -> torch.Tensor:
-        """:meth:`KernelStep.mixed` for the plain rows' runs; the adapter rows' one-token runs as one
-        batched decode and their prefill chunks each as its own pass."""
-        out: list[torch.Tensor | None] = [None] * len(runs)
-        plain = [i for i, (row, _, _) in enumerate(runs) if not self.slot_of(row)]
-        if plain:
-            logits = self.kernel.mixed(cache.kernel, [runs[i] for i in plain])
-            for j, i in enumerate(plain):
-                out[i] = logits[j]
-        single = [i for i, (row, t, _) in enumerate(runs) if self.slot_of(row) and len(t) == 1]
-        if single:
-            tokens = torch.tensor([runs[i][1][0] for i in single])
-            pos = torch.tensor([runs[i][2] for i in single])
-            logits = self.adapter.decode(cache.model, tokens, pos, rows=[runs[i][0] for i in single])
-            for j, i in enumerate(single):
-                out[i] = logits[j]
-        for i, (row, t, pos0) in enumerate(runs):
-            if out[i] is None:
-                out[i] = self.adapter.extend(cache.model, row, t, pos0, all_logits=False)[0]
-        return torch.stack(out)
-
-    def read_slots(self, cache: SplitCache, row: int, start: int, stop: int) -> Any:
-        return self.kernel.read_slots(cache.kernel, row, start, stop)  # the prefix cache: plain rows only
-
-    def write_slots(self, cache: SplitCache, row: int, start: int, kv: Any) -> None:
-        self.kernel.write_slots(cache.kernel, row, start, kv)
 
 
 @dataclass
@@ -270,14 +175,15 @@ def parse_lora_option(value: str) -> tuple[str, str]:
     return name, path
 
 
-def enable_adapters(model: torch.nn.Module, slots: int, rank: int) -> tuple[AdapterStep | SplitStep, MultiLoRA]:
-    """Wrap ``model``'s block linears with adapter stacks and return the step the batcher runs: a
-    :class:`SplitStep` when the model runs on corelm's C++ step (built first, from the unwrapped
-    layers), else an :class:`AdapterStep`."""
+def enable_adapters(model: torch.nn.Module, slots: int, rank: int) -> tuple[AdapterStep | KernelStep, MultiLoRA]:
+    """Wrap ``model``'s block linears with adapter stacks and return the step the batcher runs: corelm's
+    C++ step with the stacks attached when the model runs on it (built first, from the unwrapped layers),
+    else an :class:`AdapterStep` over the model's forward."""
     kernel = KernelStep(model) if kernel_step_supported(model) is None else None
     multi = apply_multi_lora(model, slots, rank)
-    step = AdapterStep(ModelStep(model), multi)
-    return (step if kernel is None else SplitStep(kernel, step)), multi
+    if kernel is not None and kernel.attach_lora():
+        return kernel, multi
+    return AdapterStep(ModelStep(model), multi), multi
 
 
 # ---- the HTTP side (corelm.serve.app registers the routes; everything here answers OpenAI-shaped errors) ----
@@ -391,7 +297,7 @@ def unload_route(name: str, models: Sequence[Any]) -> dict[str, Any]:
 class StartAdapters:
     """Adapter slots made for a decoder before its batcher exists (:func:`start_adapters`)."""
 
-    step: AdapterStep | SplitStep
+    step: AdapterStep | KernelStep
     multi: MultiLoRA
     initial: list[tuple[str, str, LoRAWeights]]
 
