@@ -63,6 +63,24 @@ def test_odd_block_count_and_zero_rows():
     assert torch.equal(y[0], torch.zeros(3))
 
 
+@pytest.mark.parametrize("t", [1, 3, 8, 70])  # row kernels, repacked rows, the many-token GEMM
+def test_a_nan_activation_makes_only_its_row_nan(t, monkeypatch):
+    """A NaN in a token's activations comes out as NaN outputs for that token (a failed row is seen as
+    failed, not as finite garbage), and the other tokens keep their values."""
+    q, s = _int4(16, 96, 32)
+    x = torch.randn(t, 96)
+    x[t // 2, 40] = float("nan")
+    others = [i for i in range(t) if i != t // 2]
+    for mode in ("fp32", "int16"):
+        monkeypatch.setenv("CORELM_GEMM", mode)
+        y = torch.ops.corelm.qlinear(x, q, s)
+        assert torch.isnan(y[t // 2]).all() and torch.isfinite(y[others]).all(), mode
+        if t <= 8:
+            r = torch.ops.corelm.qlinear_repacked(x, q, s)
+            assert torch.isnan(r[t // 2]).all() and torch.isfinite(r[others]).all()
+            torch.testing.assert_close(r[others], y[others])
+
+
 def test_pack_blocks_round_trip_and_layout():
     q = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
     packed = kernels.pack_blocks(q)

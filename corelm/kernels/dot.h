@@ -40,15 +40,18 @@ void quantize_row(const float* x, int64_t k, int8_t* qh, int8_t* ql, float* d, f
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
-    __m256 xv[4], m = _mm256_setzero_ps();
+    __m256 xv[4], m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
       xv[i] = _mm256_loadu_ps(xb + 8 * i);
       m = _mm256_max_ps(m, _mm256_and_ps(xv[i], absmask));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv[i], xv[i], _CMP_UNORD_Q));
     }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float db = _mm_cvtss_f32(m4) / AMAX;
+    // MAXPS drops a NaN, so a NaN activation is carried by the scale instead: d = NaN makes every
+    // output of the row NaN (a failed row is then seen as one, not as finite garbage)
+    const float db = _mm256_movemask_ps(nan) ? NAN : _mm_cvtss_f32(m4) / AMAX;
     const __m256 inv = _mm256_set1_ps(db > 0.f ? 1.f / db : 0.f);
     __m256i v[4], hv[4], lv[4], sum = _mm256_setzero_si256();
     for (int i = 0; i < 4; ++i) {
@@ -75,12 +78,16 @@ void quantize_row(const float* x, int64_t k, int8_t* qh, int8_t* ql, float* d, f
   for (int64_t b = 0; b < k / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
-    for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float db = amax / AMAX;
+    bool nan = false;
+    for (int64_t j = 0; j < QK; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      nan = nan || std::isnan(xb[j]);
+    }
+    const float db = nan ? NAN : amax / AMAX;  // a NaN activation makes the row's outputs NaN
     const float inv = db > 0.f ? 1.f / db : 0.f;
     int sum = 0;
     for (int64_t j = 0; j < QK; ++j) {
-      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+      const int v = nan ? 0 : static_cast<int>(std::nearbyint(xb[j] * inv));
       const int h = v >= 0 ? v / 128 : -((-v + 127) / 128);  // floor(v / 128)
       qh[b * QK + j] = static_cast<int8_t>(h);
       ql[b * QK + j] = static_cast<int8_t>(v - 128 * h);

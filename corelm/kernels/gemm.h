@@ -482,7 +482,8 @@ inline void quantize_rows_i16(const float* x, int64_t T, int64_t K, int16_t* a, 
     for (int64_t b = begin * K / QK; b < end * K / QK; ++b) {
       const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-      const float db = amax / AMAX;
+      const bool nan = _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q);
+      const float db = nan ? NAN : amax / AMAX;  // as quantize_row: a NaN token's outputs are NaN
       const __m512 inv = _mm512_set1_ps(db > 0.f ? 1.f / db : 0.f);
       const __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + b * QK), _mm512_cvtepi32_epi16(v0));
