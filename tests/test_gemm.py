@@ -12,18 +12,10 @@ import pytest
 import torch
 
 from corelm import kernels
-from corelm.cpu import cpu_flags
 
 
 def _levels():
-    flags, levels = cpu_flags(), ["generic"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        levels.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
-        levels.append("avx512vnni")
-        if "avx512_bf16" in flags:
-            levels.append("avx512bf16")
-    return levels
+    return kernels.runnable_builds()
 
 
 # Every build: fp32 and aten; AVX-512 VNNI builds add int16, the avx512bf16 build bf16.

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from corelm import kernels
-from corelm.cpu import cpu_flags
 
 CHECK = r"""
 import numpy as np
@@ -71,12 +70,7 @@ print("ok")
 
 
 def _levels():
-    flags, levels = cpu_flags(), ["generic"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        levels.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
-        levels.append("avx512vnni")
-    return levels
+    return kernels.runnable_builds()
 
 
 @pytest.mark.slow

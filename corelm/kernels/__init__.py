@@ -102,6 +102,20 @@ def isa() -> str:
     return "generic"
 
 
+def runnable_builds(flags: frozenset[str] | None = None) -> list[str]:
+    """Every kernel build this CPU can run (its declared flags), from ``generic`` up: what the tests
+    check each kernel on, one build per process (``CORELM_KERNELS_ISA``)."""
+    flags = cpu_flags() if flags is None else flags
+    levels = ["generic"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        levels.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+            levels.append("avx512vnni")
+            if "avx512_bf16" in flags:
+                levels.append("avx512bf16")
+    return levels
+
+
 def gemm(level: str | None = None) -> str:
     """The panel GEMM's arithmetic for a build (default: this process's; see the module docstring):
     ``int16`` for the AVX-512 VNNI builds (``avx512vnni``, ``avx512bf16``), ``fp32`` otherwise.
