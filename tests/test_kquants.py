@@ -13,7 +13,6 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from corelm import kernels
-from corelm.cpu import cpu_flags
 from corelm.errors import CorelmError
 from corelm.quant import kquant
 
@@ -125,15 +124,7 @@ def test_bad_shapes_are_refused():
 
 
 def _supported():
-    flags = cpu_flags()
-    levels = ["generic"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        levels.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
-        levels.append("avx512vnni")
-        if "avx512_bf16" in flags:
-            levels.append("avx512bf16")
-    return levels
+    return kernels.runnable_builds()
 
 
 CHECK = r"""

@@ -7,6 +7,7 @@ this CPU runs; a row's result does not depend on the rows that came with it."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,33 +15,14 @@ import torch
 from corelm import kernels
 
 CHECK = r"""
-import numpy as np
 import torch
 from corelm import kernels
 from corelm.quant import kquant, layers
+from tests.test_kquants import TYPES, random_blocks
 
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
-TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-
-
-def blocks(kind, n, k, g):  # valid blocks: random integer fields, realistic fp16 scales
-    _, per, nbytes = kquant.FORMATS[TYPES[kind]]
-    b = g.integers(0, 256, size=(n, k // per, nbytes), dtype=np.uint8)
-    half = lambda lo, hi: g.uniform(lo, hi, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
-    if kind in ("Q8_0", "Q5_0"):
-        b[..., 0:2] = half(1e-4, 2e-3)
-    elif kind == "Q5_1":
-        b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
-    elif kind == "Q6_K":
-        b[..., 208:210] = half(1e-4, 5e-4)
-    else:
-        b[..., 0:2], b[..., 2:4] = half(1e-4, 5e-4), half(1e-4, 5e-4)
-    return torch.from_numpy(b.reshape(n, -1))
-
-
 torch.manual_seed(0)
-g = np.random.default_rng(0)
 k = 512
 x = torch.randn(8, k)
 for n in (37, 16):  # 37: the last group of eight holds five rows
@@ -51,7 +33,7 @@ for n in (37, 16):  # 37: the last group of eight holds five rows
     cases.append(("int8/32", *layers.quantize_int8_groupwise(torch.randn(n, k) * 0.05, 32), None))
     cases.append(("int8/channel", *layers.quantize_int8_per_channel(torch.randn(n, k) * 0.05), None))
     for kind, t in TYPES.items():
-        cases.append((kind, blocks(kind, n, k, g), torch.tensor([t]), t))
+        cases.append((kind, random_blocks(kind, n, k, seed=n + t), torch.tensor([t]), t))
     for name, q, s, ggml in cases:
         for t in range(1, 9):
             y = torch.ops.corelm.qlinear_repacked(x[:t], q, s)
@@ -78,6 +60,7 @@ def _levels():
 def test_repacked_matmul_equals_reference_on_every_instruction_set(level):
     env = dict(os.environ, CORELM_KERNELS_ISA=level)
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1],
                          check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [level, "ok"]
