@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attention.h"
 #include "pool.h"
 #include "qlinear.h"
 
@@ -45,87 +46,6 @@ void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const fl
       x[i] = x1 * c[i] - x2 * s[i];
       x[i + half] = x2 * c[i + half] + x1 * s[i + half];
     }
-  }
-}
-
-// Causal grouped-query attention for N query tokens, token t in cache row rows[t] at position
-// pos[t]: out (N, H*hd) = softmax(q K^T * scale) V over that row's slots lo..pos[t], where lo is 0
-// or, for a sliding-window layer, pos[t] - window + 1. softcap > 0 bounds each score s to
-// softcap * tanh(s / softcap) before the softmax (Gemma 2). Query head h reads kv head h / (H / KV).
-// Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32, every sum in
-// fp32). Every (token, head) is computed by the same code whatever the threading and whatever else is
-// in the call, so a token's result does not depend on its company.
-// Row i of a cache as fp32: an fp16 row through F16C's 8-wide conversion where the build has it (c10's
-// scalar conversion is ~2x slower than the whole attention at long contexts), others element by element.
-template <typename C>
-inline const float* cache_row(const C* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<C, float>) {
-    return src;
-  } else {
-    int64_t i = 0;
-#if defined(__F16C__)
-    if constexpr (std::is_same_v<C, at::Half>) {
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    }
-#endif
-    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
-template <typename C>
-void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
-            int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap, float* out) {
-  const int64_t group = H / KV;
-  // query heads h0..h1-1 of token t, all reading kv head g: each cache row is converted once for all of
-  // them, and every head goes through the same operations however many come with it
-  auto heads = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
-    const int64_t p = pos[t], n = h1 - h0;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, len = p - lo + 1;
-    std::vector<float> w(n * len), mx(n, -INFINITY), sum(n, 0.f);
-    const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
-    const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
-    std::vector<float> row(std::is_same_v<C, float> ? 0 : hd);
-    for (int64_t j = 0; j < len; ++j) {
-      const float* k = cache_row(K + j * hd, hd, row.data());
-      for (int64_t h = 0; h < n; ++h) {
-        const float* qh = q + (t * H + g * group + h0 + h) * hd;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
-        float wj = acc * scale;
-        if (softcap > 0.f) wj = softcap * std::tanh(wj / softcap);
-        w[h * len + j] = wj;
-        mx[h] = std::max(mx[h], wj);
-      }
-    }
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t j = 0; j < len; ++j) {
-        w[h * len + j] = std::exp(w[h * len + j] - mx[h]);  // max subtracted: exp never overflows
-        sum[h] += w[h * len + j];
-      }
-      float* o = out + (t * H + g * group + h0 + h) * hd;
-      std::fill(o, o + hd, 0.f);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const float* v = cache_row(V + j * hd, hd, row.data());
-      for (int64_t h = 0; h < n; ++h) {
-        const float wj = w[h * len + j] / sum[h];
-        float* o = out + (t * H + g * group + h0 + h) * hd;
-#pragma omp simd
-        for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
-      }
-    }
-  };
-  int64_t work = 0;
-  for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
-  if (work < (1 << 16) || at::get_num_threads() == 1) {  // little work: a parallel region costs more than it saves
-    for (int64_t tg = 0; tg < N * KV; ++tg) heads(tg / KV, tg % KV, 0, group);
-  } else {  // one unit per query head: a token's few kv heads would leave a core idle
-    Pool::parallel_for(N * H, 1, [&](int64_t b, int64_t e) {
-      for (int64_t th = b; th < e; ++th) heads(th / H, th % H / group, th % group, th % group + 1);
-    });
   }
 }
 
