@@ -23,12 +23,15 @@ Two steps implement them:
   :class:`~corelm.ops.kv_cache.KVCache` (the model file is the only statement of the math); with
   ``compile=True`` the decode step is one ``torch.compile`` graph (gpt-fast's recipe: static shapes
   over the whole cache, inductor ``freezing`` and ``cpp_wrapper`` on CPU, CUDA graphs on GPU).
-- :class:`KernelStep`: a quantized decoder of the llama, Gemma, OLMo 2 or MoE family on CPU through
-  corelm's C++ ``DecoderStep`` (:mod:`corelm.kernels`): every layer and the head in one call, with no
-  Python or dispatcher work per layer. The model is described to it once, by name (``q_proj.values``,
-  which norms sit where, the activation, soft-caps, windows, RoPE tables: see :func:`describe_layer`);
-  a batched decode step of B requests is one call of B tokens, and a token's logits do not depend
-  on the other tokens of the call (the server's rows equal the same request served alone).
+- :class:`KernelStep`: a decoder of the llama, Gemma, OLMo 2 or MoE family on CPU, quantized or with
+  fp32/bf16 weights, through corelm's C++ ``DecoderStep`` (:mod:`corelm.kernels`): every layer and the
+  head in one call, with no Python or dispatcher work per layer, every matmul on corelm's own thread pool
+  (PyTorch's OpenMP regions each end in a barrier that a descheduled thread stalls: on a loaded 2-core
+  machine the float forward decodes faster on one thread than on two). The model is described to it
+  once, by name (``q_proj.values``, which norms sit where, the activation, soft-caps, windows, RoPE
+  tables: see :func:`describe_layer`); a batched decode step of B requests is one call of B tokens, and a
+  token's logits do not depend on the other tokens of the call (the server's rows equal the same request
+  served alone).
 
 :func:`step_for` picks the kernel step when the model can run on it and the kernels are built,
 else the model step.
@@ -278,23 +281,39 @@ class KernelCache:
         return self.k.shape[3]
 
 
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)  # the float weights the C++ step reads as they are (fgemv.h)
+
+
 def kernel_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (values, scales) tensors corelm's C++ kernels read for a quantized layer (its own
-    tensors, no copy), or None when the layer is not on those kernels."""
+    """The (values, scales) tensors corelm's C++ kernels read for a layer (its own tensors, no copy), or
+    None when the layer is not on those kernels: a quantized layer's packed values and scales, or a plain
+    ``nn.Linear``'s (or a tied head's embedding) fp32 or bf16 weight with no scales (an empty tensor)."""
+    from corelm.ops.tied import TiedLMHead
+
     get = getattr(module, "kernel_weights", None)
-    return get() if callable(get) else None
+    if callable(get):
+        return get()
+    weight = getattr(module, "weight", None)  # exact types: a subclass (an adapter wrapper) may compute more
+    if type(module) in (nn.Linear, TiedLMHead) and weight.dtype in FLOAT_WEIGHTS and weight.is_contiguous():
+        return weight.detach(), torch.empty(0)
+    return None
 
 
 class KernelStep:
-    """A quantized decoder (llama family, Gemma 1/2/3, OLMo 2, MoE) on corelm's C++ ``DecoderStep`` (CPU).
+    """A decoder (llama family, Gemma 1/2/3, OLMo 2, MoE) on corelm's C++ ``DecoderStep`` (CPU), quantized or
+    float.
 
-    Build it with :func:`step_for`, which checks :func:`kernel_step_supported` first.
+    A float model's projections and head are read in place, in the model's dtype: fp32 stays fp32 and bf16
+    stays bf16 (decode reads every weight once per step, so bf16 reads half of fp32's bytes); every product
+    and sum is fp32 (fgemv.h). Build it with :func:`step_for`, which checks :func:`kernel_step_supported`.
 
     Args:
-        model: a quantized decoder of those families (every projection and the head on the kernel layout).
+        model: a decoder of those families (every projection and the head quantized on the kernel layout, or a
+            plain fp32/bf16 ``nn.Linear``).
         kv_dtype: the cache's dtype, ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``; default: the
-            environment's ``CORELM_KV_DTYPE`` (``fp16``, ``bf16`` or ``fp32``), else fp16 (llama.cpp's default
-            too: half of fp32's memory, and 7x closer to fp32's logits than bf16 on SmolLM2).
+            environment's ``CORELM_KV_DTYPE`` (``fp16``, ``bf16`` or ``fp32``), else for a float model its own
+            dtype (the cache its PyTorch forward keeps), for a quantized one fp16 (llama.cpp's default too:
+            half of fp32's memory, and 7x closer to fp32's logits than bf16 on SmolLM2).
     """
 
     kind = "kernels"
@@ -302,7 +321,10 @@ class KernelStep:
 
     def __init__(self, model: nn.Module, kv_dtype: torch.dtype | None = None) -> None:
         if kv_dtype is None:
-            name = os.environ.get("CORELM_KV_DTYPE", "fp16")
+            default = "fp16"
+            if not getattr(model, "corelm_quantization", None):  # a float model: the cache its forward keeps
+                default = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(model_dtype(model), "fp16")
+            name = os.environ.get("CORELM_KV_DTYPE", default)
             kv_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
             if kv_dtype is None:
                 raise CorelmError(f"CORELM_KV_DTYPE must be fp16, bf16 or fp32, not {name!r}")
@@ -513,9 +535,11 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     """Why ``model`` cannot run on :class:`KernelStep` (None when it can).
 
     It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2, moe) on the CPU
-    whose every projection and head is a quantized layer on corelm's kernel layout, with one RMSNorm
-    epsilon, a gated MLP of :data:`ACTIVATIONS`, a RoPE table that does not change with the length
-    (LongRoPE's two tables are taken), and the kernel library is built.
+    whose every projection and head is a quantized layer on corelm's kernel layout or a plain fp32/bf16
+    ``nn.Linear`` (:func:`kernel_weights`), with one RMSNorm epsilon, a gated MLP of :data:`ACTIVATIONS`, a
+    RoPE table that does not change with the length (LongRoPE's two tables are taken), and the kernel
+    library is built. ``CORELM_STEP=pytorch`` in the environment keeps every model on its PyTorch forward
+    (:class:`ModelStep`; e.g. to compare the paths).
     """
     from corelm import kernels
 
@@ -523,8 +547,8 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     family = getattr(config, "family", None)
     if family not in NORM_ROLES:
         return f"the C++ step runs the {', '.join(NORM_ROLES)} families, not {family or '?'}"
-    if not getattr(model, "corelm_quantization", None):
-        return "the model is not quantized"
+    if os.environ.get("CORELM_STEP", "").lower() == "pytorch":
+        return "CORELM_STEP=pytorch asks for the PyTorch forward"
     if model_device(model).type != "cpu":
         return "the model is not on the CPU"
     if getattr(config, "activation", "silu") not in ACTIVATIONS:
@@ -536,7 +560,9 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     layers = [getattr(b.self_attn, n) for b in model.model.layers for n in PROJECTIONS[:4]]
     layers += [getattr(m, n) for m in map(_dense_mlp, model.model.layers) if m is not None for n in PROJECTIONS[4:]]
     if any(kernel_weights(m) is None for m in [*layers, model.lm_head]):
-        return "some layers are not on corelm's kernel layout"
+        if model_dtype(model) not in FLOAT_WEIGHTS:
+            return f"the C++ step reads quantized, float32 or bfloat16 weights, not {model_dtype(model)}"
+        return "some layers are neither on corelm's kernel layout nor plain float32/bfloat16 nn.Linear"
     if any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts for b in model.model.layers):
         return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
     norms = {float(m.eps) for m in model.model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}

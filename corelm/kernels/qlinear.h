@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dot.h"
+#include "fgemv.h"
 #include "gemm.h"
 #include "kquants.h"
 #include "pool.h"
@@ -26,6 +27,7 @@ struct QMatrix {
   // the rows interleaved eight at a time (repack.h), for the few-row matmul; null: not repacked
   std::shared_ptr<const uint8_t> packed;
   int64_t group_bytes = 0;
+  FRows f;  // set: a float matrix (fgemv.h), fp32 or bf16 rows and no quantized values
   Row row(int64_t i) const { return {q + i * row_q, s + i * row_s, bpg}; }
 };
 
@@ -34,7 +36,7 @@ struct QMatrix {
 // many-row GEMM and for the layers themselves.
 QMatrix repacked(QMatrix m) {
   const char* env = std::getenv("CORELM_REPACK");
-  if ((env != nullptr && std::string(env) == "0") || packed_record(m.kind) == 0 || m.n == 0) return m;
+  if ((env != nullptr && std::string(env) == "0") || m.f || packed_record(m.kind) == 0 || m.n == 0) return m;
   const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup;
   if ((m.kind == Kind::Q4_K || m.kind == Kind::Q6_K) && nb % 8 != 0) return m;
   m.group_bytes = packed_group_bytes(m.kind, nb);
@@ -72,8 +74,16 @@ QMatrix as_matrix_blocks(const at::Tensor& blocks, int64_t ggml_type, int64_t k)
 }
 
 // The matrix a layer's (values, scales) describe. For GGUF block formats the scales live in the
-// blocks, and ``s`` is a one-element int64 tensor naming the GGML type (see as_matrix_blocks).
+// blocks, and ``s`` is a one-element int64 tensor naming the GGML type (see as_matrix_blocks). fp32 or
+// bf16 values are a float matrix (fgemv.h; ``s`` is not read: an nn.Linear's weight and no scales).
 QMatrix as_matrix(const at::Tensor& q, const at::Tensor& s, int64_t k) {
+  if (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) {
+    QMatrix m;
+    m.f = as_frows(q, k);
+    m.n = m.f.n;
+    m.k = k;
+    return m;
+  }
   TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu() && q.is_contiguous() && s.is_contiguous(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(k % QK == 0, "input width ", k, " is not a multiple of 32");
@@ -223,6 +233,15 @@ int64_t gemm_rows() {
 // y_i (T, N_i) = x (T, K) @ W_i^T for every matrix in ms.
 void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms, const std::vector<float*>& outs,
             QActs& acts) {
+  if (std::any_of(ms.begin(), ms.end(), [](const QMatrix& m) { return bool(m.f); })) {  // float weights: fgemv.h
+    if (!std::all_of(ms.begin(), ms.end(), [](const QMatrix& m) { return bool(m.f); })) {
+      for (size_t i = 0; i < ms.size(); ++i) matmul(x, T, K, {ms[i]}, {outs[i]}, acts);  // a mix: one at a time
+      return;
+    }
+    std::vector<FRows> fs;
+    for (const auto& m : ms) fs.push_back(m.f);
+    return fmatmul(x, T, K, fs, outs, T >= gemm_rows());
+  }
   if (T < gemm_rows()) {
     acts.set(x, T, K);
     qmatmul(acts, ms, outs);
@@ -243,6 +262,7 @@ at::Tensor qlinear_repacked(const at::Tensor& x, const at::Tensor& q, const at::
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
   const at::Tensor xc = x.contiguous();
   const QMatrix m = repacked(as_matrix(q, s, xc.size(1)));
+  TORCH_CHECK(!m.f, "float weights have no repacked form");
   QActs acts;
   at::Tensor y = at::empty({xc.size(0), m.n}, xc.options());
   acts.set(xc.data_ptr<float>(), xc.size(0), xc.size(1));
