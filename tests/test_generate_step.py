@@ -82,10 +82,13 @@ def test_kernel_step_batch_rows_equal_each_row_alone(_built):
             assert torch.equal(step.decode(alone, tokens[b:b + 1], pos[b:b + 1])[0], batched[b])
 
 
-@pytest.mark.parametrize("method", [None, "int8", "int4"])
-def test_engine_greedy_equals_full_forward_on_the_step_it_picks(method):
-    model = _tiny(method, max_seq_len=96)
-    assert isinstance(step_for(model), KernelStep if method and kernels.load() else ModelStep)
+@pytest.mark.parametrize("method", [None, "int8", "int4", "pytorch"])
+def test_engine_greedy_equals_full_forward_on_the_step_it_picks(method, monkeypatch):
+    """Float (fp32 weights) and quantized models on the C++ step; CORELM_STEP=pytorch: the model's forward."""
+    if method == "pytorch":
+        monkeypatch.setenv("CORELM_STEP", "pytorch")
+    model = _tiny(method if method != "pytorch" else None, max_seq_len=96)
+    assert isinstance(step_for(model), KernelStep if method != "pytorch" and kernels.load() else ModelStep)
     prompt = [5, 17, 3, 88, 41, 9]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     assert list(engine.stream(model, prompt, params)) == greedy_by_full_forward(model, prompt, 20)
@@ -117,10 +120,17 @@ def test_kernel_step_with_biases(_built):
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
 
 
-def test_step_choice_and_errors(_built):
+def test_step_choice_and_errors(_built, monkeypatch):
+    assert isinstance(step_for(_tiny()), KernelStep)  # fp32 weights, read in place
+    assert isinstance(step_for(_tiny().to(torch.bfloat16)), KernelStep)
+    assert isinstance(step_for(_tiny().half()), ModelStep)
+    with pytest.raises(CorelmError, match="not torch.float16"):
+        require_kernel_step(_tiny().half())
+    monkeypatch.setenv("CORELM_STEP", "pytorch")
     assert isinstance(step_for(_tiny()), ModelStep)
-    with pytest.raises(CorelmError, match="not quantized"):
+    with pytest.raises(CorelmError, match="CORELM_STEP=pytorch"):
         require_kernel_step(_tiny())
+    monkeypatch.delenv("CORELM_STEP")
     model = _tiny("int8")
     step = step_for(model)
     assert step is step_for(model)  # built once per model

@@ -577,11 +577,21 @@ def step_for(model: nn.Module, compile: bool = False) -> ModelStep | KernelStep:
     """The step ``model`` decodes through: its :class:`KernelStep` (built once and kept on the model)
     when :func:`kernel_step_supported` says it can, else a :class:`ModelStep`."""
     if not compile and kernel_step_supported(model) is None:
-        step = model.__dict__.get("_corelm_kernel_step")  # kept outside the module tree: not a submodule
-        if step is None:
-            step = model.__dict__["_corelm_kernel_step"] = KernelStep(model)
-        return step
+        slot = model.__dict__.setdefault("_corelm_kernel_step", _StepSlot())  # outside the module tree
+        if slot.step is None:
+            slot.step = KernelStep(model)
+        return slot.step
     return ModelStep(model, compile=compile)
+
+
+class _StepSlot:
+    """Where :func:`step_for` keeps a model's :class:`KernelStep`. A copy of the model (``copy.deepcopy``,
+    e.g. to make an fp32 reference of a bf16 model) gets an empty slot: its step reads its own weights."""
+
+    step: KernelStep | None = None
+
+    def __deepcopy__(self, memo: dict) -> _StepSlot:
+        return _StepSlot()
 
 
 def require_kernel_step(model: nn.Module) -> KernelStep:
