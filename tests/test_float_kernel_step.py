@@ -142,3 +142,11 @@ def test_the_step_reads_the_models_weights_in_place(tmp_path, monkeypatch):
             full = copy.deepcopy(model).float()(torch.tensor([SHORT]))[0]
         assert (after - before).abs().max() > 0.1
         torch.testing.assert_close(after, full, atol=1e-4, rtol=0)
+        assert step_for(model) is not step  # rebuilt: the step copies some norms (bf16: all) to fp32
+        with torch.inference_mode():
+            model.model.norm.weight.mul_(2)
+            rebuilt = step_for(model)
+            assert step_for(model) is rebuilt
+            got = rebuilt.extend(rebuilt.new_cache(1, 32), 0, SHORT, 0)
+            full = copy.deepcopy(model).float()(torch.tensor([SHORT]))[0]
+        torch.testing.assert_close(got, full, atol=1e-4, rtol=0)

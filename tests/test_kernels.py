@@ -124,6 +124,7 @@ for w, g in [(layers.quantize_int4_groupwise(torch.randn(40, 320), 32), 32),
     torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, 320).t(),
                                rtol=1e-5, atol=1e-4)
 {ATTENTION}
+{FLOAT}
 print("ok")
 """
 
@@ -164,7 +165,24 @@ q[3, 5] = float("nan")  # a NaN in one query head makes that head's output NaN, 
 y = torch.ops.corelm.attention(q, kc, vc, rows, pos, 0, hd ** -0.5, 0.0)
 assert y[3, :hd].isnan().all() and not y[3, hd:].isnan().any() and not y[torch.arange(23) != 3].isnan().any()
 """
-CHECK = CHECK.replace("{ATTENTION}", ATTENTION)
+# Float weights (fgemv.h: an nn.Linear's fp32 or bf16 weight, no scales) against x @ W^T in float64: widths
+# that are and are not multiples of the vector lanes, every tile of 1-4 weight rows and 1-4 tokens, the
+# panels from 64 rows; below 64 rows each token equals its lone call bit for bit.
+FLOAT = r"""
+torch.manual_seed(2)
+none = torch.empty(0)
+for K in (64, 333, 5):
+    x = torch.randn(70, K)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(43, K).to(dtype)
+        ref = (x.double() @ w.double().t()).float()
+        for t in (1, 2, 3, 4, 6, 9, 63, 64, 70):
+            y = torch.ops.corelm.qlinear(x[:t], w, none)
+            torch.testing.assert_close(y, ref[:t], rtol=1e-5, atol=1e-4)
+            if t < 64:
+                assert all(torch.equal(y[i], torch.ops.corelm.qlinear(x[i:i + 1], w, none)[0]) for i in range(t))
+"""
+CHECK = CHECK.replace("{ATTENTION}", ATTENTION).replace("{FLOAT}", FLOAT)
 
 
 @pytest.mark.slow

@@ -574,14 +574,25 @@ def kernel_step_supported(model: nn.Module) -> str | None:
 
 
 def step_for(model: nn.Module, compile: bool = False) -> ModelStep | KernelStep:
-    """The step ``model`` decodes through: its :class:`KernelStep` (built once and kept on the model)
-    when :func:`kernel_step_supported` says it can, else a :class:`ModelStep`."""
+    """The step ``model`` decodes through: its :class:`KernelStep` (built once and kept on the model,
+    rebuilt when a parameter was replaced or changed in place since: the step reads the projections in
+    place but keeps its own fp32 copies of some norms and biases) when :func:`kernel_step_supported` says
+    it can, else a :class:`ModelStep`."""
     if not compile and kernel_step_supported(model) is None:
         slot = model.__dict__.setdefault("_corelm_kernel_step", _StepSlot())  # outside the module tree
-        if slot.step is None:
-            slot.step = KernelStep(model)
+        seen = _parameters_seen(model)
+        if slot.step is None or slot.seen != seen:
+            slot.step, slot.seen = KernelStep(model), seen
         return slot.step
     return ModelStep(model, compile=compile)
+
+
+def _parameters_seen(model: nn.Module) -> tuple:
+    """Each parameter's storage and version counter (bumped by every in-place write)."""
+    try:
+        return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    except RuntimeError:  # inference tensors (made under torch.inference_mode) keep no version counter
+        return tuple(p.data_ptr() for p in model.parameters())
 
 
 class _StepSlot:
@@ -589,6 +600,7 @@ class _StepSlot:
     e.g. to make an fp32 reference of a bf16 model) gets an empty slot: its step reads its own weights."""
 
     step: KernelStep | None = None
+    seen: tuple = ()  # the parameters' storage and version when the step was built
 
     def __deepcopy__(self, memo: dict) -> _StepSlot:
         return _StepSlot()
