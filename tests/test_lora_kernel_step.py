@@ -53,7 +53,7 @@ def built():
     assert kernels.load(), kernels.load_error()  # `make test` builds them; a failure is a failure
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+@pytest.fixture(scope="module", params=["int4", "int8", None], ids=["int4", "int8", "fp32"])
 def setup(request, built):
     model, step, multi = lora_model(request.param)
     plain = KernelStep(_tiny(request.param, sharpen=False), kv_dtype=torch.float32)  # the same weights, no adapters

@@ -77,7 +77,9 @@ def server(runs):
     llm = tiny_llm()
     options = ServeOptions(max_batch=12, max_seq_len=WINDOW, default_max_tokens=16,
                            lora=[f"sql={runs['sql']}", f"chat={runs['chat']}"], max_loras=4)
-    model = wrap("tiny", llm, options, with_adapters=True)
+    with pytest.MonkeyPatch.context() as env:  # the PyTorch adapter path (a float model's C++ step with
+        env.setenv("CORELM_STEP", "pytorch")  # adapters: tests/test_lora_kernel_step.py)
+        model = wrap("tiny", llm, options, with_adapters=True)
     # a sampler that takes a little time: a long stream is surely still running when it is unloaded
     model.batcher._sample = lambda *a: (threading.Event().wait(0.002), engine.sample_next(*a))[1]
     app = create_app([model], ServerConfig(max_body_bytes=64 * 1024, loopback_only=True))
