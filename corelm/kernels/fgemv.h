@@ -4,11 +4,12 @@
 // Few rows (a decode step, a speculative verify: T < gemm_rows()): a small GEMM in fp32 -- each weight
 // row is converted to fp32 in registers (bf16 is the top half of an fp32: a 16-bit shift) and multiplied
 // by up to four tokens with fp32 FMAs. Decode is bound by the bytes of weights read, so a bf16 matrix
-// stays bf16 (half of fp32's bytes) and is never expanded in memory. Output (t, n) is always
-//   acc[l] = fma(w[n, i], x[t, i], acc[l]) for i = l, l + L, l + 2L, ... in order (L lanes: 16 on AVX-512,
-//   8 on AVX2 and the generic build), the columns past K as zeros, then the lanes summed in one fixed tree,
-// whatever T is and whatever else is in the call: a batched decode row equals the same row alone, bit for
-// bit. (Each build has its own lane count, so builds agree only to fp32 rounding.)
+// stays bf16 (half of fp32's bytes) and is never expanded in memory. Output (t, n) is always the same
+// sequence of operations: the columns in chunks of L lanes (16 on AVX-512, 8 on AVX2 and the generic
+// build), chunk c FMA'd into chain c % 2 in order (the columns past K as zeros), the two chains added and
+// their lanes summed in one fixed tree -- whatever T is and whatever else is in the call, so a batched
+// decode row equals the same row alone, bit for bit. (Builds differ in L, so they agree only to fp32
+// rounding.)
 //
 // Many rows (a prefill): gemm.h's fp32 panels and register tiles, the panels filled by converting rows
 // (the float kind's "dequantization"); gemm.h's int16 and bf16 arithmetics apply to quantized weights only.
@@ -67,7 +68,8 @@ inline void frow_to_f32(const FRows& m, int64_t r, float* out) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The few-row tile: y[t * ldy + r] = W[r] . x[t] for R weight rows (stride K) and NT tokens (stride ldx).
+// The few-row tile: y[t * ldy + r] = W[r] . x[t] for R weight rows (stride K) and NT tokens (stride ldx)
+// (the driver runs R = 1; R > 1 shares each token load between rows).
 // ---------------------------------------------------------------------------------------------------
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 constexpr int64_t kFLanes = 16;
@@ -92,24 +94,37 @@ inline __m512 fload_tail(const void* w, int64_t i, __mmask16 mask) {  // lanes p
   }
 }
 
+// Chunk c of 16 columns goes to chain c % 2 (two chains: one FMA's latency does not bound a lone row).
+template <FKind KIND, int R, int NT>
+inline void fchunk(const char* wb, int64_t K, int64_t wsize, const float* x, int64_t ldx, int64_t i,
+                   __m512 (&acc)[R][NT]) {
+  __m512 xv[NT];
+  for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * ldx + i);
+  for (int r = 0; r < R; ++r) {
+    const __m512 wv = fload<KIND>(wb + r * K * wsize, i);
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+  }
+}
+
 template <FKind KIND, int R, int NT>
 void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
   const int64_t wsize = KIND == FKind::F32 ? 4 : 2;
   const char* wb = static_cast<const char*>(w);
-  __m512 acc[R][NT];
+  __m512 even[R][NT], odd[R][NT];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int t = 0; t < NT; ++t) even[r][t] = odd[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + kFLanes <= K; i += kFLanes) {
-    __m512 xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * ldx + i);
-    for (int r = 0; r < R; ++r) {
-      const __m512 wv = fload<KIND>(wb + r * K * wsize, i);
-      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
-    }
+  for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, even);
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }
-  if (i < K) {
+  if (i + kFLanes <= K) {
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, even);
+    i += kFLanes;
+  }
+  if (i < K) {  // the last K % 16 columns, the lanes past them zero, into the other chain
     const __mmask16 mask = static_cast<__mmask16>((1u << (K - i)) - 1);
+    auto& acc = (K / kFLanes) % 2 == 0 ? even : odd;
     __m512 xv[NT];
     for (int t = 0; t < NT; ++t) xv[t] = _mm512_maskz_loadu_ps(mask, x + t * ldx + i);
     for (int r = 0; r < R; ++r) {
@@ -118,7 +133,7 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < NT; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r][t], odd[r][t]));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kFLanes = 8;
@@ -140,21 +155,34 @@ inline float fsum8(__m256 v) {  // the lanes in one fixed tree: (0+4, 1+5, 2+6, 
 }
 
 template <FKind KIND, int R, int NT>
+inline void fchunk(const char* wb, int64_t K, int64_t wsize, const float* x, int64_t ldx, int64_t i,
+                   __m256 (&acc)[R][NT]) {
+  __m256 xv[NT];
+  for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + i);
+  for (int r = 0; r < R; ++r) {
+    const __m256 wv = fload<KIND>(wb + r * K * wsize, i);
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+  }
+}
+
+template <FKind KIND, int R, int NT>
 void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
   const int64_t wsize = KIND == FKind::F32 ? 4 : 2;
   const char* wb = static_cast<const char*>(w);
-  __m256 acc[R][NT];
+  __m256 acc[R][NT], odd[R][NT];  // chunk c of 8 columns goes to chain c % 2, as on AVX-512
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int t = 0; t < NT; ++t) acc[r][t] = odd[r][t] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + kFLanes <= K; i += kFLanes) {
-    __m256 xv[NT];
-    for (int t = 0; t < NT; ++t) xv[t] = _mm256_loadu_ps(x + t * ldx + i);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = fload<KIND>(wb + r * K * wsize, i);
-      for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
-    }
+  for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, acc);
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }
+  if (i + kFLanes <= K) {
+    fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, acc);
+    i += kFLanes;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_add_ps(acc[r][t], odd[r][t]);
   if (i < K) {  // the tail through zero-padded copies
     alignas(32) float xt[NT][kFLanes] = {};
     alignas(32) uint8_t wt[R][kFLanes * 4] = {};
@@ -201,54 +229,41 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
 }
 #endif
 
-template <FKind KIND, int R>
-void ftile_rows(const void* w, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy) {
-  switch (nt) {
-    case 1: ftile<KIND, R, 1>(w, K, x, K, y, ldy); break;
-    case 2: ftile<KIND, R, 2>(w, K, x, K, y, ldy); break;
-    case 3: ftile<KIND, R, 3>(w, K, x, K, y, ldy); break;
-    default: ftile<KIND, R, 4>(w, K, x, K, y, ldy); break;
-  }
-}
-
-// Rows r0 .. r0 + rows (rows <= 4) of m against the T tokens of x, four tokens per pass over the rows.
+// Weight row r of m against the T tokens of x, four tokens per pass over the row. One row at a time:
+// consecutive rows are one contiguous stream, which the hardware prefetchers follow (tiles of four rows
+// side by side, four short streams, read about half the bandwidth on the 2-core Zen 4).
 template <FKind KIND>
-void frows_dot(const FRows& m, int64_t r0, int64_t rows, const float* x, int64_t T, float* y) {
+void frow_dot(const FRows& m, int64_t r, const float* x, int64_t T, float* y) {
   const int64_t K = m.k, wsize = KIND == FKind::F32 ? 4 : 2;
-  const void* w = static_cast<const char*>(m.w) + r0 * K * wsize;
+  const void* w = static_cast<const char*>(m.w) + r * K * wsize;
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
-    const int64_t nt = std::min<int64_t>(4, T - t0);
     const float* xt = x + t0 * K;
-    float* yt = y + t0 * m.n + r0;
-    switch (rows) {
-      case 1: ftile_rows<KIND, 1>(w, K, xt, nt, yt, m.n); break;
-      case 2: ftile_rows<KIND, 2>(w, K, xt, nt, yt, m.n); break;
-      case 3: ftile_rows<KIND, 3>(w, K, xt, nt, yt, m.n); break;
-      default: ftile_rows<KIND, 4>(w, K, xt, nt, yt, m.n); break;
+    float* yt = y + t0 * m.n + r;
+    switch (std::min<int64_t>(4, T - t0)) {
+      case 1: ftile<KIND, 1, 1>(w, K, xt, K, yt, m.n); break;
+      case 2: ftile<KIND, 1, 2>(w, K, xt, K, yt, m.n); break;
+      case 3: ftile<KIND, 1, 3>(w, K, xt, K, yt, m.n); break;
+      default: ftile<KIND, 1, 4>(w, K, xt, K, yt, m.n); break;
     }
   }
 }
 
-constexpr int64_t kFRows = 4;  // weight rows per tile
-
-// Several float matrices reading the same x (T, K) (q|k|v, gate|up) as one: outs[i] gets (T, N_i). Groups
-// of four output rows of all of them are split across the pool, each weight row read once per call.
+// Several float matrices reading the same x (T, K) (q|k|v, gate|up) as one: outs[i] gets (T, N_i). The
+// output rows of all of them are split across the pool, each weight row read once per call.
 inline void fgemv(const float* x, int64_t T, int64_t K, const std::vector<FRows>& ms, const std::vector<float*>& outs) {
   int64_t total = 0;
-  for (const auto& m : ms) total += (m.n + kFRows - 1) / kFRows;
+  for (const auto& m : ms) total += m.n;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(4, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
+  const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
   Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
     size_t i = 0;
     int64_t base = 0;
-    for (int64_t g = begin; g < end; ++g) {
-      while (g >= base + (ms[i].n + kFRows - 1) / kFRows) base += (ms[i++].n + kFRows - 1) / kFRows;
-      const FRows& m = ms[i];
-      const int64_t r0 = (g - base) * kFRows, rows = std::min(kFRows, m.n - r0);
-      if (m.kind == FKind::F32) {
-        frows_dot<FKind::F32>(m, r0, rows, x, T, outs[i]);
+    for (int64_t r = begin; r < end; ++r) {
+      while (r >= base + ms[i].n) base += ms[i++].n;
+      if (ms[i].kind == FKind::F32) {
+        frow_dot<FKind::F32>(ms[i], r - base, x, T, outs[i]);
       } else {
-        frows_dot<FKind::BF16>(m, r0, rows, x, T, outs[i]);
+        frow_dot<FKind::BF16>(ms[i], r - base, x, T, outs[i]);
       }
     }
   });
