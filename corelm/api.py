@@ -78,7 +78,8 @@ class LLM:
         source: Where the weights came from (path, or ``"random init"``).
         compile: Decode through a ``torch.compile``d step of the model's forward (minutes to compile
             on a 2-core CPU the first time, seconds once inductor's cache holds it; for float models,
-            mainly on GPU). Off: a quantized decoder (llama family, Gemma, OLMo 2, MoE) decodes on corelm's C++ step,
+            mainly on GPU). Off: a decoder of the llama family, Gemma, OLMo 2 or MoE on CPU, quantized or with
+            fp32/bf16 weights, decodes on corelm's C++ step (``CORELM_STEP=pytorch``: on its forward),
             others eagerly.
     """
 

@@ -63,7 +63,7 @@ class ServeCommandOptions(Options):
     device: str = option("cpu", "where the models run: cpu, cuda, cuda:1, ...")
     quantize: Literal["int8", "int4"] | None = option(None, "weight-only quantization of the decoder(s) at load time")
     threads: int | None = threads_option("CPU threads for the model (default: OMP_NUM_THREADS if set, else the "
-                                         "physical cores; the quantized C++ step's pool does not stall when the "
+                                         "physical cores; the C++ step's pool does not stall when the "
                                          "HTTP side takes a core for a moment)")
     drain_timeout: float = option(30.0, "on SIGTERM or Ctrl-C: stop accepting connections and give the running "
                                         "requests this many seconds to finish; then those left end with a 503 "

@@ -4,7 +4,8 @@ The structure follows gpt-fast's ``generate.py`` (Hugging Face / PyTorch Labs, 2
 preallocated once, ``prefill`` (the whole prompt in one forward) and ``decode_one`` (one token per
 row) as separate functions, and a decode step that allocates nothing it can precompute, so it can be
 ``torch.compile``d. The forward passes are a *step*'s (:mod:`corelm.generate.step`): the model's own
-forward, or corelm's C++ step for a quantized decoder on CPU; this module never calls a model directly.
+forward, or corelm's C++ step for a llama-family, Gemma, OLMo 2 or MoE decoder on CPU (quantized, fp32 or
+bf16); this module never calls a model directly.
 Tokenizers and chat templates live above it (``corelm/api.py``); it speaks token ids only.
 
 Batching follows docs/DESIGN.md: prompts of different lengths are prefilled right-padded, each row
@@ -171,7 +172,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]],
         params: one :class:`SamplingParams` for all rows or one per row.
         eos_token_id: end-of-sequence id(s); default ``model.config.extra["eos_token_id"]`` if present.
         compile: ``torch.compile`` the model's decode step (static shapes: attends all cache slots);
-            without it a quantized decoder on CPU decodes on corelm's C++ step (see :func:`step_for`).
+            without it a decoder the C++ step runs (quantized or fp32/bf16, on CPU) decodes there (see
+            :func:`step_for`).
         constraints: per row, a fresh :class:`Constraint` (its grammar at the start) or None; a
             constrained row ends when its grammar is complete.
     Yields:

@@ -11,6 +11,9 @@ operators with ``torch.library``:
 - ``torch.ops.corelm.qlinear(x (T, K) f32, q, s) -> (T, N) f32`` (from 64 rows on: panels of 32
   weight rows dequantized once and multiplied by every row in register tiles on corelm's pool, which
   reuses each weight T times; ``CORELM_GEMM_ROWS`` moves the threshold)
+- float weights (fgemv.h): ``qlinear`` with an fp32 or bf16 ``(N, K)`` weight and empty scales (an
+  ``nn.Linear``'s own tensor) computes ``x @ W^T`` in fp32, bf16 rows converted in registers; fewer than
+  64 rows in a fixed per-output order (each row equals its lone call), from 64 on the fp32 panels
 - ``torch.classes.corelm.DecoderStep``: a decoder (llama family, Gemma, OLMo 2, MoE) described once
   by named tensors; its ``forward`` runs N tokens, each with its own cache row and position, through
   the whole model in one call (a batched decode step, a prefill, a speculative verify), so a step

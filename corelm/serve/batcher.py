@@ -20,7 +20,7 @@ from the prefix cache or in chunks: a greedy request gives the same tokens alone
 
 The batcher speaks token ids only (tokenizer, chat template and stop strings live in
 :mod:`corelm.serve.service`). The forward passes are the model's decode step
-(:func:`corelm.generate.step.step_for`: corelm's C++ step for a quantized decoder on CPU, where a
+(:func:`corelm.generate.step.step_for`: corelm's C++ step for a decoder it runs on CPU, quantized or float, where a
 decode step of B rows is one call, else the model's forward) and sampling is the engine's
 (:func:`~corelm.generate.engine.sample_next`); this module only schedules. Each request samples with
 its own ``torch.Generator``, so its tokens do not depend on what else is in the batch. The HTTP
