@@ -1,4 +1,5 @@
-"""Float decoders (fp32 and bf16 ``nn.Linear`` weights) on corelm's C++ step (``KernelStep``, fgemv.h).
+"""Float decoders (fp32 and bf16 ``nn.Linear`` weights) on corelm's C++ step (``KernelStep``, fgemv.h),
+every family the step runs (llama, Mistral, Qwen2, Gemma 1/2/3, OLMo 2, Phi-3, the MoEs, GPT-2).
 
 Each family is a tiny random checkpoint written by transformers and loaded unquantized. The step reads
 the model's own weight tensors in place, in the model's dtype, and computes in fp32: with fp32 weights
@@ -19,7 +20,8 @@ import corelm
 from tests import test_family_capabilities as capabilities
 from tests import test_kernel_step_families as families
 
-CASES = ["llama", "mistral", "qwen2", *families.CASES]  # qwen2: q/k/v biases; mistral: a window in every layer
+# qwen2: q/k/v biases; mistral: a window in every layer; gpt2 (in families.CASES): a fused c_attn, LayerNorms
+CASES = ["llama", "mistral", "qwen2", *families.CASES]
 LONG, SHORT = families.LONG, families.SHORT
 
 
@@ -98,6 +100,8 @@ def test_bf16_step_computes_the_fp32_forward_of_its_weights(models):
         wide.embed_scale = 1.0
         wide.model.embed_tokens.register_forward_hook(
             lambda module, args, out: (out.bfloat16() * torch.tensor(scale, dtype=torch.bfloat16)).float())
+    if hasattr(wide, "transformer"):  # GPT-2 adds token and position embeddings in the model's dtype, as the step
+        wide.transformer.h[0].register_forward_pre_hook(lambda module, args: (args[0].bfloat16().float(), *args[1:]))
     with torch.inference_mode():
         ref = wide(torch.tensor([LONG]))[0].float()
         torch.testing.assert_close(step.extend(step.new_cache(1, 32), 0, LONG, 0), ref, atol=1e-4, rtol=0)
