@@ -1,4 +1,4 @@
-"""GGUF block formats (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
+"""GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
 PyTorch statement of its integer arithmetic, and stays within 1e-3 of fp32 against gguf-py's own
 dequantizer (an independent reading of the layouts), on every instruction set this CPU runs."""
 
@@ -16,7 +16,7 @@ from corelm import kernels
 from corelm.errors import CorelmError
 from corelm.quant import kquant
 
-TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -29,9 +29,9 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) 
     def half(lo: float, hi: float) -> np.ndarray:
         return g.uniform(lo * scale, hi * scale, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
 
-    if kind in ("Q8_0", "Q5_0"):
+    if kind in ("Q8_0", "Q5_0", "Q4_0"):
         b[..., 0:2] = half(1e-4, 2e-3)
-    elif kind == "Q5_1":
+    elif kind in ("Q5_1", "Q4_1"):
         b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
     elif kind == "Q6_K":
         b[..., 208:210] = half(1e-4, 5e-4)
@@ -118,7 +118,7 @@ def test_bad_shapes_are_refused():
     with pytest.raises(RuntimeError, match="210"):
         torch.ops.corelm.qlinear_blocks(torch.randn(1, 512), blocks, 14)
     with pytest.raises(RuntimeError, match="no kernel"):
-        torch.ops.corelm.qlinear_blocks(torch.randn(1, 256), blocks, 2)
+        torch.ops.corelm.qlinear_blocks(torch.randn(1, 256), blocks, 10)  # Q2_K
     with pytest.raises(RuntimeError, match="no kernel"):
         torch.ops.corelm.qlinear_blocks(torch.randn(1, 96), random_blocks("Q8_0", 4, 96)[:, :0], 14)
 

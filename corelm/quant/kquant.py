@@ -1,18 +1,20 @@
-"""GGUF's own block formats as layers: Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
+"""GGUF's own block formats as layers: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
 
-A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``)
-keeps each matrix in the bytes it was written in (the quantizer falls back to Q5_0/Q5_1/Q8_0 for
-rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear`
-holds a matrix's rows of blocks and its GGML type, and multiplies through
-``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``: integer dot products of the
-blocks with 15-bit activation blocks of 32, the fp16 scales used as stored). Without the kernels it
-dequantizes (:func:`dequantize_blocks`).
+A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``,
+``Q4_0``/``Q4_1`` with a Q8_0 or Q6_K head) keeps each matrix in the bytes it was written in (the
+quantizer falls back to Q5_0/Q5_1/Q8_0 for rows that are not whole 256-value super-blocks, e.g.
+SmolLM2's 576 columns): :class:`GGUFBlockLinear` holds a matrix's rows of blocks and its GGML type,
+and multiplies through ``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``:
+integer dot products of the blocks with 15-bit activation blocks of 32, the fp16 scales used as
+stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
 
 Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
 
 ==========  ======  ================================================  ===============================
 type        bytes   fields                                            value of sub-block ``i``
 ==========  ======  ================================================  ===============================
+Q4_0 (2)    18/32   ``d`` fp16, ``qs[16]``                            ``d * (q - 8)``
+Q4_1 (3)    20/32   ``d, m`` fp16, ``qs[16]``                         ``d * q + m``
 Q5_0 (6)    22/32   ``d`` fp16, ``qh[4]``, ``qs[16]``                 ``d * (q - 16)``
 Q5_1 (7)    24/32   ``d, m`` fp16, ``qh[4]``, ``qs[16]``              ``d * q + m``
 Q8_0 (8)    34/32   ``d`` fp16, ``qs[32]`` int8                       ``d * q``
@@ -34,7 +36,7 @@ from corelm.errors import CorelmError
 QK = 32  # activation block, and a K sub-block
 QK_K = 256  # K super-block
 # GGML type id -> (name, values per block, bytes per block)
-FORMATS = {6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+FORMATS = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
            12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
 
@@ -65,7 +67,7 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
 
     Args:
         blocks: (N, row bytes) uint8, the rows of blocks as the file stores them.
-        ggml_type: 8, 12, 13 or 14 (:data:`FORMATS`).
+        ggml_type: a key of :data:`FORMATS`.
         k: values per row.
 
     Returns:
@@ -80,6 +82,11 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
         d = _half(b[..., 0:2])  # (N, nb)
         q = b[..., 2:].contiguous().view(torch.int8).int()
         return q, d[..., None].expand(n, nb, 2).contiguous(), None
+    if name in ("Q4_0", "Q4_1"):  # the 4-bit integers 0..15 as stored: w = d*q - m, m = 8d (Q4_0) or -m
+        d = _half(b[..., 0:2])
+        m = -_half(b[..., 2:4]) if name == "Q4_1" else 8.0 * d
+        qs = b[..., 4 if name == "Q4_1" else 2:].int()
+        return torch.cat([qs & 0xF, qs >> 4], -1), d[..., None].expand(n, nb, 2).contiguous(), m
     if name in ("Q5_0", "Q5_1"):
         d = _half(b[..., 0:2])
         m = -_half(b[..., 2:4]) if name == "Q5_1" else 16.0 * d  # w = d*q - m
@@ -139,7 +146,7 @@ def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: i
 
 
 class GGUFBlockLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (Q8_0, Q4_K, Q5_K or Q6_K).
+    """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (a type of :data:`FORMATS`).
 
     ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
     Q/K rows moved back to HF order, whole rows at a time; a fused matrix's row range); ``ggml_type``
