@@ -124,9 +124,9 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         name_or_path: ``smollm2-135m-instruct``, ``minilm-l6``, a preset (random weights), a ``.gguf``
             file, or an HF-layout directory (``config.json`` + ``model.safetensors``).
         dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` (or ``"auto"``) follows what the CPU
-            declares (:func:`default_dtype`). A GGUF file whose matrices are Q4_0/Q4_1 blocks then
-            runs on those blocks (int4 layers on corelm's kernels, :func:`stored_quantization`); an
-            explicit dtype dequantizes them to it, as it does every other GGUF type.
+            declares (:func:`default_dtype`). A GGUF file whose matrices are blocks of a type with a
+            kernel then runs on those blocks as stored (:func:`stored_quantization`); an explicit
+            dtype dequantizes them to it, as it does every other GGUF type.
         device: Where the model runs.
         quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``).
 
@@ -150,16 +150,16 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     return loaded
 
 
-NATIVE_BLOCKS = {"Q4_0": "int4", "Q4_1": "int4",  # GGUF block types corelm's layers take as they are
-                 **dict.fromkeys(("Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"), "gguf")}
+NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # GGUF types with block kernels
 
 
 def stored_quantization(path: Path) -> str | None:
-    """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``int4``
-    when every matrix of every block is Q4_0/Q4_1; ``gguf`` when every one, and the output head, is of
-    a type with a block kernel (llama.cpp's Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type,
-    :func:`corelm.quant.kquant.quantize_gguf`); None for float files and for block types corelm has no
-    kernel for yet (those load dequantized, in the default dtype)."""
+    """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``gguf`` when
+    every matrix of every block, and the output head, is of a type with a block kernel (llama.cpp's
+    Q4_0/Q4_1/Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type and its fp16 scales,
+    :func:`corelm.quant.kquant.quantize_gguf`); ``int4`` for a Q4_0/Q4_1 file whose head is stored in
+    floats (its matrices become corelm's int4 layers, bf16 scales, the head corelm's q8); None for float
+    files and for block types corelm has no kernel for yet (those load dequantized, in the default dtype)."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
@@ -169,12 +169,11 @@ def stored_quantization(path: Path) -> str | None:
         head_kind = head.qtype.name if head is not None else None
     finally:
         gguf.close()
-    methods = {NATIVE_BLOCKS.get(k) for k in kinds}
-    if not methods or None in methods:
+    if not kinds or not kinds <= set(NATIVE_BLOCKS):
         return None
-    if methods == {"int4"}:
-        return "int4"
-    return "gguf" if head_kind in NATIVE_BLOCKS else None
+    if head_kind in NATIVE_BLOCKS:
+        return "gguf"
+    return "int4" if kinds <= {"Q4_0", "Q4_1"} else None
 
 
 def _gguf_file(loaded: Loaded) -> Path | None:

@@ -363,7 +363,9 @@ class KernelStep:
 
     def _run(self, cache: KernelCache, tokens: Sequence[int] | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
-        x = self.embed(torch.as_tensor(tokens, dtype=torch.long))  # (N, d)
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        exact = getattr(self.embed, "rows", None)  # a GGUF block embedding: the file's values in fp32
+        x = exact(ids) if exact is not None and self.embed_scale is None else self.embed(ids)  # (N, d)
         if self.embed_scale is not None:  # rounded to the activation dtype first, as the model does
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         x = x.float()

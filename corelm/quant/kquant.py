@@ -194,27 +194,57 @@ class GGUFBlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {FORMATS[self.ggml_type][0]}"
 
 
+class GGUFBlockEmbedding(nn.Module):
+    """A token embedding kept as a GGUF file's blocks (``token_embd.weight``, one row of blocks per token;
+    with a tied head the same tensor as the head's :class:`GGUFBlockLinear`). A lookup dequantizes its
+    rows as ggml does (:func:`dequantize_blocks`, fp32); ``forward`` returns them in ``out_dtype`` (the
+    model's), :meth:`rows` in fp32 (the C++ step reads those: no rounding of the file's values).
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        if ggml_type not in FORMATS or blocks.dtype != torch.uint8 or blocks.dim() != 2 \
+                or blocks.shape[1] != row_bytes(ggml_type, embedding_dim):
+            raise CorelmError(f"GGML type {ggml_type} blocks of shape {tuple(blocks.shape)} are not an embedding "
+                              f"of width {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.ggml_type = blocks.shape[0], embedding_dim, ggml_type
+        self.out_dtype = out_dtype
+        self.register_buffer("blocks", blocks)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) token ids -> (..., d) fp32 rows, exactly the file's values."""
+        flat = self.blocks.index_select(0, ids.reshape(-1))  # (n, row bytes)
+        return dequantize_blocks(flat, self.ggml_type, self.embedding_dim).reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.out_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (V, d) fp32 embedding matrix."""
+        return dequantize_blocks(self.blocks, self.ggml_type, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {FORMATS[self.ggml_type][0]}"
+
+
 # --------------------------------------------------------------------------------------------------
 # From a GGUF file: every matrix keeps its stored type
 # --------------------------------------------------------------------------------------------------
 
-INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they are
-
-
 def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
-    """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
-    from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
-    :class:`GGUFBlockLinear`; biases kept, a fused matrix split by rows (Phi-3), so every matrix runs on
-    its blocks. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
-    ``targets`` is the transform's ``(linears, tied embedding)`` of the model
+    """Swap a llama model's linears (and head) for :class:`GGUFBlockLinear` layers on the blocks of the
+    GGUF file it was loaded from, each in its stored type (:data:`FORMATS`: the fp16 scales as stored, no
+    bf16 copy), and its token embedding for a :class:`GGUFBlockEmbedding` where the file stores it in one
+    of those types (with a tied head: the head's blocks, shared). Biases kept, a fused matrix split by rows
+    (Phi-3), so every matrix runs on its blocks. In place; sets ``model.corelm_quantization = {"method":
+    "gguf", ...}``. ``targets`` is the transform's ``(linears, tied embedding)`` of the model
     (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
     Raises:
-        CorelmError: no file, an already quantized model, or a matrix whose type has neither layer
+        CorelmError: no file, an already quantized model, or a matrix whose type has no kernel
             (:func:`corelm.loading.stored_quantization` picks ``gguf`` only for files without one).
     """
     from corelm.quant.gguf_blocks import GGUFBlocks
-    from corelm.quant.layers import int4_class
 
     if source is None:
         raise CorelmError('quantize="gguf" runs the blocks of the GGUF file the model was loaded from; '
@@ -235,25 +265,43 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         if info is None or tuple(shape) != tuple(linear.weight.shape):
             raise CorelmError(f"no GGUF matrix of shape {tuple(linear.weight.shape)} for {path}")
         kind = info.qtype.name
-        if kind not in INT4_TYPES and kind not in TYPE_IDS:
+        if kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
         plan.append((parent, name, linear, gguf_name, kind, (start, stop)))
+    whole: dict[str, torch.Tensor] = {}  # GGUF name -> blocks of a whole matrix (the tied head's, for the embedding)
     for parent, name, linear, gguf_name, kind, span in plan:
-        if kind in INT4_TYPES:
-            new = int4_class("cpu")(linear.in_features, linear.out_features, 32, linear.bias is not None, "cpu")
-            new.set_quantized(*(found.int4(linear) if span[0] is not None else _int4_blocks(found, gguf_name, name)))
-            if linear.bias is not None:
-                new.bias = linear.bias
-        else:
-            new = GGUFBlockLinear(_rows(found, gguf_name, name, span), TYPE_IDS[kind], linear.in_features, linear.bias)
-        setattr(parent, name, new)
+        rows = _rows(found, gguf_name, name, span)
+        if span[0] is None and _heads(found, name) is None:
+            whole[gguf_name] = rows
+        setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias))
+    embedding = _embed_blocks(model, found, whole)
     from corelm.quant.gguf_quantize import MIX_NAMES
 
     model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "skip": []}
+                                 "embedding": embedding, "skip": []}
     return model
+
+
+def _embed_blocks(model: nn.Module, found: object, whole: dict[str, torch.Tensor]) -> str | None:
+    """Swap the token embedding for a :class:`GGUFBlockEmbedding` when the file stores it in a type of
+    :data:`FORMATS` (sharing a tied head's blocks); returns that type's name, or None (left as loaded)."""
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
+            info = found.file.tensors.get(found.gguf_names.get(path, ""))
+            if not isinstance(child, nn.Embedding) or info is None or info.qtype.name not in TYPE_IDS \
+                    or tuple(info.shape) != tuple(child.weight.shape):
+                continue
+            gguf_name = found.gguf_names[path]
+            blocks = whole.get(gguf_name)
+            if blocks is None:
+                blocks = _rows(found, gguf_name, child_name)
+            setattr(parent, child_name, GGUFBlockEmbedding(blocks, TYPE_IDS[info.qtype.name], child.embedding_dim,
+                                                           child.weight.dtype))
+            return info.qtype.name
+    return None
 
 
 def _heads(found: object, name: str) -> int | None:
@@ -272,12 +320,6 @@ def _rows(found: object, gguf_name: str, name: str, span: tuple[int | None, int 
     raw = raw[span[0]:span[1]].clone()
     heads = _heads(found, name)
     return unpermute_rows(raw, heads).contiguous() if heads else raw
-
-
-def _int4_blocks(found: object, gguf_name: str, name: str) -> tuple[torch.Tensor, ...]:
-    from corelm.quant.gguf_blocks import int4_from_blocks
-
-    return int4_from_blocks(found.io.quant_blocks(found.file, gguf_name, unpermute_heads=_heads(found, name)))
 
 
 def stored_types(path: str | Path) -> set[str]:
