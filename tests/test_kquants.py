@@ -98,6 +98,20 @@ def test_layer_forward_and_fallback():
     torch.testing.assert_close(layer(x), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
 
 
+def test_block_embedding_rows_are_the_files_values():
+    """A GGUF block embedding looks rows up as ggml dequantizes them: fp32 from :meth:`rows` (what the C++
+    step reads), the model's dtype from ``forward``; blocks of the wrong width are refused."""
+    blocks = random_blocks("Q8_0", 10, 64)
+    emb = kquant.GGUFBlockEmbedding(blocks, TYPES["Q8_0"], 64, torch.bfloat16)
+    ids = torch.tensor([[3, 0, 9], [3, 3, 1]])
+    want = gguf_matrix(blocks, "Q8_0", 64)[ids]  # (2, 3, 64)
+    torch.testing.assert_close(emb.rows(ids), want, rtol=0, atol=0)
+    assert emb(ids).dtype == torch.bfloat16 and torch.equal(emb(ids), want.to(torch.bfloat16))
+    torch.testing.assert_close(emb.dequantize(), gguf_matrix(blocks, "Q8_0", 64), rtol=0, atol=0)
+    with pytest.raises(CorelmError, match="width 96"):
+        kquant.GGUFBlockEmbedding(blocks, TYPES["Q8_0"], 96, torch.float32)
+
+
 def test_layer_bias_is_added_in_fp32():
     """A biased layer (Qwen2's q/k/v) adds its fp32 bias on the kernel and on the fallback; a bias of the
     wrong length is refused."""
@@ -210,7 +224,9 @@ Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "
 
 
 @pytest.mark.parametrize("kinds", [Q4_K_M, {**Q4_K_M, "attn_q": "Q5_K", "ffn_up": "Q5_0", "attn_k": "Q5_1",
-                                            "output": "Q8_0"}])
+                                            "output": "Q8_0"},
+                                   {**Q4_K_M, "attn_q": "Q4_0", "attn_k": "Q4_1", "ffn_gate": "Q4_1", "ffn_up": "Q4_0",
+                                    "output": "Q8_0"}])
 def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     from corelm.generate.step import KernelStep, step_for
     from corelm.loading import load_parts, stored_quantization
