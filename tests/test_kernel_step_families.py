@@ -191,7 +191,8 @@ def test_gguf_export_loads_onto_the_kernel_step(case, qtype, tmp_path):
     assert [n for n, m in native.model.named_modules() if type(m) is nn.Linear] == []  # none left in floats
     line = describe_decoder(native.model)
     assert line == f"{qtype}, GGUF blocks as stored, C++ step", line
-    assert set(native.model.corelm_quantization["types"]) == stored_types(out) - {"F32"}
+    # every layer matrix's type (the head's may add one: Q4_0 files keep a Q8_0 head)
+    assert stored_types(out) - {"F32"} <= set(native.model.corelm_quantization["types"]) <= stored_types(out) | {"Q8_0"}
     if qtype == "Q4_K_M":  # the K-quant kernels, not only fallback types
         assert {"Q4_K", "Q6_K"} <= stored_types(out)
     if case == "qwen2":
