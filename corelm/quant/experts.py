@@ -106,15 +106,18 @@ def expert_shapes(experts: Experts) -> tuple[int, int, int]:
 
 
 def check_experts(model: nn.Module, method: str, group_size: int, skip: Iterable[str] = ()) -> None:
-    """Raise a CorelmError when an int4 group does not divide an expert matrix's width (before any change)."""
-    from corelm.quant.layers import check_group_size
+    """Raise a CorelmError, before anything changes, when an expert matrix's width does not fit ``method``:
+    an int4 group that does not divide it, or int8 on corelm's kernels (whole blocks of 32 columns)."""
+    from corelm.quant.layers import check_group_size, use_kernels
 
-    if method != "int4":
-        return
-    for _, _, experts in _stacks(model, skip):
+    for name, _, experts in _stacks(model, skip):
         _, d, f = expert_shapes(experts)
-        check_group_size(d, group_size)
-        check_group_size(f, group_size)
+        if method == "int4":
+            check_group_size(d, group_size)
+            check_group_size(f, group_size)
+        elif method == "int8" and (d % 32 or f % 32) and use_kernels(experts.down_proj.device):
+            raise CorelmError(f"int8 experts on corelm's kernels need widths that are multiples of 32; {name} has "
+                              f"d_model {d} and expert width {f} (leave them in floats: skip=[{name!r}])")
 
 
 def quantize_experts(model: nn.Module, method: str, group_size: int = 32, skip: Iterable[str] = (),
