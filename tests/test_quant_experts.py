@@ -254,3 +254,16 @@ def test_gguf_moe_generates_on_the_kernel_step(gguf_file):
         print(f"{path.parent.name}: ||logit diff|| / ||logits|| {err:.4f}")
         assert err < 0.05  # measured 0.008 (Q4_K_M), 0.022 (Q4_0); two experts of a layer swapped: 0.37, 0.15
         assert generate(model, [PROMPT], SamplingParams(max_new_tokens=8, temperature=0.0))[0] == tokens
+
+
+def test_quantized_experts_export_to_gguf(tmp_path):
+    """GGUF export writes the matrices a quantized MoE's experts multiply with (none left out): the F32 file
+    reloads with the int8 model's logits, up to the kernels' 15-bit activations."""
+    from corelm.io.gguf_export import export_gguf
+
+    _write(tmp_path / "hf", mlp_only_layers=[], num_hidden_layers=2)
+    model = corelm.load(tmp_path / "hf", dtype="fp32", quantize="int8").model
+    back = corelm.load(export_gguf(model, tmp_path / "moe.gguf", "F32"), dtype="fp32").model
+    with torch.inference_mode():
+        got, want = back(torch.tensor([PROMPT]))[0], model(torch.tensor([PROMPT]))[0]
+    assert _rel(got, want) < 2e-3, _rel(got, want)
