@@ -1,5 +1,6 @@
-"""The C++ decoder step on the families beyond Llama: Gemma 1/2/3, OLMo 2, Phi-3 with LongRoPE and the
-sparse MoEs (Mixtral, Qwen2-MoE, Qwen3-MoE).
+"""The C++ decoder step on the families beyond Llama: Gemma 1/2/3, OLMo 2, Phi-3 with LongRoPE, the
+sparse MoEs (Mixtral, Qwen2-MoE, Qwen3-MoE) and GPT-2 (LayerNorms with biases, a plain GELU MLP, a fused
+c_attn split by rows, learned positions instead of RoPE).
 
 Each case is a tiny random checkpoint written by transformers, loaded with ``quantize="int8"`` or
 ``"int4"``: the C++ ``KernelStep`` must compute what the same quantized model's PyTorch forward
@@ -48,6 +49,7 @@ CASES = {
                                 "num_hidden_layers": 3, "mlp_only_layers": [0]}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                 "head_dim": 16, "norm_topk_prob": True}),
+    "gpt2": ("gpt2", {"n_inner": 64, "activation_function": "gelu_new"}),
 }
 LONG = [5, 17, 3, 99, 42, 7, 1, 100, 64, 33, 12, 8, 90, 61, 23, 44, 2, 71, 19, 30]  # > window, > 8
 SHORT = [9, 4, 77, 31, 50, 6]  # decoding from it crosses LongRoPE's switch at position 8

@@ -123,8 +123,48 @@ for w, g in [(layers.quantize_int4_groupwise(torch.randn(40, 320), 32), 32),
         assert all(torch.equal(y[i], torch.ops.corelm.qlinear(x[i:i + 1], q, s)[0]) for i in range(t))
     torch.testing.assert_close(torch.ops.corelm.qlinear(many, q, s), many @ kernels.dequantize(q, s, 320).t(),
                                rtol=1e-5, atol=1e-4)
+{ATTENTION}
 print("ok")
 """
+
+# corelm::attention (attention.h) against softmax(q K^T * scale) V in float64, on every cache dtype, head
+# width (a multiple of 16 and not), window and soft-cap; each token equals its lone call bit for bit.
+ATTENTION = r"""
+def attention_reference(q, kc, vc, rows, pos, window, scale, softcap):
+    H, hd = q.shape[1] // kc.shape[3], kc.shape[3]
+    group = H // kc.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for t, (r, p) in enumerate(zip(rows.tolist(), pos.tolist())):
+        lo = max(0, p - window + 1) if window > 0 else 0
+        for h in range(H):
+            k, v = kc[r, h // group, lo:p + 1].double(), vc[r, h // group, lo:p + 1].double()
+            s = (k @ q[t, h * hd:(h + 1) * hd].double()) * scale
+            if softcap > 0:
+                s = softcap * torch.tanh(s / softcap)
+            out[t, h * hd:(h + 1) * hd] = torch.softmax(s, 0) @ v
+    return out.float()
+
+torch.manual_seed(1)
+torch.set_num_threads(2)  # the pool's split: (token, kv head) units for the batch, one per query head alone
+rows = torch.tensor([0] * 20 + [1, 2, 2])
+pos = torch.tensor(list(range(20)) + [150, 198, 199])  # >= 171 positions of 6 heads of 64: a parallel call
+for hd in (64, 40):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        kc, vc = torch.randn(2, 3, 2, 200, hd).to(dtype)
+        q = torch.randn(len(rows), 6 * hd) * 2
+        for window, softcap in ((0, 0.0), (7, 0.0), (0, 5.0)):
+            y = torch.ops.corelm.attention(q, kc, vc, rows, pos, window, hd ** -0.5, softcap)
+            ref = attention_reference(q, kc, vc, rows, pos, window, hd ** -0.5, softcap)
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+            for t in (0, 7, 19, 20, 22):
+                lone = torch.ops.corelm.attention(q[t:t + 1], kc, vc, rows[t:t + 1], pos[t:t + 1], window,
+                                                  hd ** -0.5, softcap)
+                assert torch.equal(lone[0], y[t]), (hd, dtype, window, softcap, t)
+q[3, 5] = float("nan")  # a NaN in one query head makes that head's output NaN, nothing else
+y = torch.ops.corelm.attention(q, kc, vc, rows, pos, 0, hd ** -0.5, 0.0)
+assert y[3, :hd].isnan().all() and not y[3, hd:].isnan().any() and not y[torch.arange(23) != 3].isnan().any()
+"""
+CHECK = CHECK.replace("{ATTENTION}", ATTENTION)
 
 
 @pytest.mark.slow

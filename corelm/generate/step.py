@@ -62,7 +62,7 @@ NORM_ROLES = {
     "olmo2": {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"},
     "moe": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
 }
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the C++ step's gated-MLP nonlinearities (Layer::act)
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}  # the C++ step's MLP nonlinearities (Layer::act)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -313,9 +313,20 @@ class KernelStep:
         self.kv_dtype = kv_dtype
         self.config = config
         self._lora = False  # attach_lora registered adapter stacks
+        S = config.max_seq_len
+        self.positions = None  # GPT-2: the learned (or sinusoidal) position table added to the embeddings
+        if config.family == "gpt2":
+            self.embed, self.positions, self.embed_scale = model.transformer.wte, model.transformer.wpe, None
+            cos = sin = torch.zeros(S, 0)  # no RoPE
+            tensors = {"cos": cos, "sin": sin, **_norm_tensors("norm", model.transformer.ln_f)}
+            options = {"eps": float(model.transformer.ln_f.eps)}
+            tensors.update(_named("lm_head", model.lm_head))
+            self.op = torch.classes.corelm.DecoderStep(tensors, config.n_head, config.n_kv_head, options)
+            for block in model.transformer.h:
+                self.op.add_layer(*describe_gpt2_layer(config, block))
+            return
         self.embed = model.model.embed_tokens
         self.embed_scale = getattr(model, "embed_scale", None)  # Gemma: embeddings times sqrt(d_model)
-        S = config.max_seq_len
         cos, sin = _rope_rows(model.rope, S)
         tensors = {"cos": cos, "sin": sin, "norm": _norm_weight(model.model.norm)}
         options = {"eps": float(model.model.norm.eps)}
@@ -343,6 +354,8 @@ class KernelStep:
         since the step could not apply its update."""
         if slot_of is not None:
             self.slot_of = slot_of
+        if self.positions is not None:  # GPT-2's fused c_attn: its LoRA cannot be split into q, k and v here
+            return 0
         found = []
         for i, block in enumerate(self.model.model.layers):
             for name in PROJECTIONS:
@@ -364,6 +377,8 @@ class KernelStep:
     def _run(self, cache: KernelCache, tokens: Sequence[int] | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
         x = self.embed(torch.as_tensor(tokens, dtype=torch.long))  # (N, d)
+        if self.positions is not None:  # GPT-2, as its forward: tokens + positions in the embedding dtype
+            x = x + self.positions(pos[None])[0].to(x.dtype)
         if self.embed_scale is not None:  # rounded to the activation dtype first, as the model does
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         x = x.float()
@@ -469,6 +484,35 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
     return tensors, options
 
 
+def describe_gpt2_layer(config: object, block: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A GPT-2 block as ``add_layer`` reads it: the fused ``c_attn`` split into q/k/v by rows (views of the
+    quantized rows, no copies), ``c_proj``, the plain MLP's ``c_fc`` (up) and ``c_proj`` (down), and the
+    LayerNorms ``ln_1``/``ln_2`` with their biases; no RoPE (positions are added to the embeddings)."""
+    attn, mlp = block.attn, block.mlp
+    inner = attn.n_head * attn.head_dim
+    tensors = {}
+    fused = _named("qkv", attn.c_attn)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        for part, t in fused.items():
+            # a GGUF matrix's "scales" is its one-element type: shared by the three
+            rows = t if t.dim() == 1 and t.numel() == 1 and part.endswith(".scales") else t[i * inner:(i + 1) * inner]
+            tensors[name + part[len("qkv"):]] = rows
+    tensors.update(_named("o_proj", attn.c_proj))
+    tensors.update(_named("up_proj", mlp.c_fc))
+    tensors.update(_named("down_proj", mlp.c_proj))
+    tensors.update(_norm_tensors("attn_norm", block.ln_1))
+    tensors.update(_norm_tensors("mlp_norm", block.ln_2))
+    return tensors, {"act": float(ACTIVATIONS[config.activation])}
+
+
+def _norm_tensors(role: str, norm: nn.Module) -> dict[str, torch.Tensor]:
+    """A LayerNorm as the step reads it: ``role`` (its weight, fp32) and ``role.bias`` when it has one."""
+    out = {role: norm.weight.detach().float()}
+    if getattr(norm, "bias", None) is not None:
+        out[role + ".bias"] = norm.bias.detach().float()
+    return out
+
+
 def _dense_mlp(block: nn.Module) -> nn.Module | None:
     """The block's gated MLP on the quantized kernels: its ``mlp``, a MoE's shared expert, or None."""
     if hasattr(block.mlp, "experts"):
@@ -521,41 +565,48 @@ def _named(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
 def kernel_step_supported(model: nn.Module) -> str | None:
     """Why ``model`` cannot run on :class:`KernelStep` (None when it can).
 
-    It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2, moe) on the CPU
-    whose every projection and head is a quantized layer on corelm's kernel layout, with one RMSNorm
-    epsilon, a gated MLP of :data:`ACTIVATIONS`, a RoPE table that does not change with the length
+    It can when it is a decoder of a family in :data:`NORM_ROLES` (llama, gemma, olmo2, moe) or GPT-2 on
+    the CPU whose every projection and head is a quantized layer on corelm's kernel layout, with one norm
+    epsilon, an MLP nonlinearity of :data:`ACTIVATIONS`, a RoPE table that does not change with the length
     (LongRoPE's two tables are taken), and the kernel library is built.
     """
     from corelm import kernels
 
     config = model.config
     family = getattr(config, "family", None)
-    if family not in NORM_ROLES:
-        return f"the C++ step runs the {', '.join(NORM_ROLES)} families, not {family or '?'}"
+    if family not in (*NORM_ROLES, "gpt2"):
+        return f"the C++ step runs the {', '.join(NORM_ROLES)} and gpt2 families, not {family or '?'}"
     if not getattr(model, "corelm_quantization", None):
         return "the model is not quantized"
     if model_device(model).type != "cpu":
         return "the model is not on the CPU"
     if getattr(config, "activation", "silu") not in ACTIVATIONS:
-        return f"the C++ step computes SwiGLU or tanh-GELU GeGLU, not {config.activation}"
-    if model.rope.rope_type == "dynamic":  # its table changes with every length past the context
+        return f"the C++ step computes {', '.join(ACTIVATIONS)} MLPs, not {config.activation}"
+    if family != "gpt2" and model.rope.rope_type == "dynamic":  # its table changes with every length past the context
         return "the C++ step reads fixed RoPE tables; dynamic RoPE changes its table with the length"
     from corelm.models.moe import Experts
     from corelm.quant.experts import QuantizedExperts, expert_layers
 
-    if any(hasattr(b.mlp, "experts") and type(b.mlp.experts) not in (Experts, QuantizedExperts)
-           for b in model.model.layers):
+    if family != "gpt2" and any(hasattr(b.mlp, "experts") and type(b.mlp.experts) not in (Experts, QuantizedExperts)
+                                for b in model.model.layers):
         return "the routed experts are wrapped (LoRA): the C++ step reads plain or quantized experts"
-    layers = [getattr(b.self_attn, n) for b in model.model.layers for n in PROJECTIONS[:4]]
-    layers += [getattr(m, n) for m in map(_dense_mlp, model.model.layers) if m is not None for n in PROJECTIONS[4:]]
-    if any(kernel_weights(m) is None for m in [*layers, *expert_layers(model), model.lm_head]):
+    if any(kernel_weights(m) is None for m in [*_step_matrices(model), *expert_layers(model), model.lm_head]):
         return "some layers are not on corelm's kernel layout"
-    norms = {float(m.eps) for m in model.model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
+    norms = {float(m.eps) for m in model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
     if len(norms) != 1:
-        return "the model's RMSNorms use several epsilons"
+        return "the model's norms use several epsilons"
     if not kernels.load(build_if_missing=False):
         return f"corelm's C++ kernels are not available ({kernels.load_error()})"
     return None
+
+
+def _step_matrices(model: nn.Module) -> list[nn.Module]:
+    """The projections the C++ step reads (the head aside)."""
+    if model.config.family == "gpt2":
+        return [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    layers = [getattr(b.self_attn, n) for b in model.model.layers for n in PROJECTIONS[:4]]
+    return layers + [getattr(m, n) for m in map(_dense_mlp, model.model.layers) if m is not None
+                     for n in PROJECTIONS[4:]]
 
 
 def step_for(model: nn.Module, compile: bool = False) -> ModelStep | KernelStep:

@@ -68,7 +68,7 @@ from corelm import cache
 from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
-HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "gemm.h", "qlinear.h", "decoder_step.h")
+HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "gemm.h", "qlinear.h", "attention.h", "decoder_step.h")
 QK = 32  # values per block
 
 _AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]

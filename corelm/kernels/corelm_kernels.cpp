@@ -20,13 +20,15 @@
 //     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
 //   corelm::qlinear_repacked(x, q, s) -> (T, N) f32: the few-row path on rows interleaved eight at a
 //     time (repack.h), as DecoderStep runs it; s is bf16 scales or the one-element GGML type
+//   corelm::attention(q (N, H*hd) f32, k_cache, v_cache (B, KV, S, hd), rows, pos (N,) i64, window, scale,
+//     softcap) -> (N, H*hd) f32: one layer's causal attention over the step's caches (attention.h)
 //   torch.classes.corelm.DecoderStep: a decoder (llama family, Gemma, OLMo 2, MoE) described once by
 //     named tensors, whose forward runs N tokens (each with its own cache row and position) through
 //     every block and the head in one call: a batched decode step, a prefill, or a speculative verify.
 //
 // The source is split by job: pool.h (the thread pool), dot.h (activation quantization and the
 // SIMD dot products), qlinear.h (quantized matrices and their matmul), gemm.h (the many-token panel
-// GEMM), decoder_step.h (the fused model step). This file registers the operators; it is the one
+// GEMM), attention.h (attention over the KV caches), decoder_step.h (the fused model step). This file registers the operators; it is the one
 // translation unit the build compiles.
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -67,6 +69,7 @@ std::string gemm() {
 }  // namespace
 }  // namespace corelm
 
+using corelm::attention;
 using corelm::DecoderStep;
 using corelm::gemm;
 using corelm::isa;
@@ -78,6 +81,8 @@ TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, int window, float scale, "
+        "float softcap) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("gemm() -> str", &gemm);
   m.class_<DecoderStep>("DecoderStep")
@@ -97,4 +102,5 @@ TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("qlinear_blocks", &qlinear_blocks);
   m.impl("qlinear_repacked", &qlinear_repacked);
+  m.impl("attention", &attention);
 }

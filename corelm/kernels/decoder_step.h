@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "attention.h"
 #include "pool.h"
 #include "qlinear.h"
 
@@ -34,6 +35,20 @@ void rms_norm(const float* x, const float* weight, int64_t d, float eps, float* 
   for (int64_t i = 0; i < d; ++i) out[i] = x[i] * r * weight[i];
 }
 
+// LayerNorm (Ba et al. 2016; GPT-2): (x - mean) / sqrt(var + eps) * weight + bias, mean and variance in fp32
+// over the row (two passes: the variance of the centred values, not E[x^2] - mean^2, which cancels).
+void layer_norm(const float* x, const float* weight, const float* bias, int64_t d, float eps, float* out) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(d);
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) ss += (x[i] - mean) * (x[i] - mean);
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = (x[i] - mean) * r * weight[i] + bias[i];
+}
+
 // Rotate-half RoPE (HF layout) on n heads of width hd: the first `rot` dims of each head rotate
 // (rot < hd is partial rotary, as Phi and GPT-NeoX use), with the position's cos/sin rows (rot,).
 void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const float* s) {
@@ -45,87 +60,6 @@ void rope(float* v, int64_t n, int64_t hd, int64_t rot, const float* c, const fl
       x[i] = x1 * c[i] - x2 * s[i];
       x[i + half] = x2 * c[i + half] + x1 * s[i + half];
     }
-  }
-}
-
-// Causal grouped-query attention for N query tokens, token t in cache row rows[t] at position
-// pos[t]: out (N, H*hd) = softmax(q K^T * scale) V over that row's slots lo..pos[t], where lo is 0
-// or, for a sliding-window layer, pos[t] - window + 1. softcap > 0 bounds each score s to
-// softcap * tanh(s / softcap) before the softmax (Gemma 2). Query head h reads kv head h / (H / KV).
-// Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32, every sum in
-// fp32). Every (token, head) is computed by the same code whatever the threading and whatever else is
-// in the call, so a token's result does not depend on its company.
-// Row i of a cache as fp32: an fp16 row through F16C's 8-wide conversion where the build has it (c10's
-// scalar conversion is ~2x slower than the whole attention at long contexts), others element by element.
-template <typename C>
-inline const float* cache_row(const C* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<C, float>) {
-    return src;
-  } else {
-    int64_t i = 0;
-#if defined(__F16C__)
-    if constexpr (std::is_same_v<C, at::Half>) {
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    }
-#endif
-    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
-template <typename C>
-void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos,
-            int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap, float* out) {
-  const int64_t group = H / KV;
-  // query heads h0..h1-1 of token t, all reading kv head g: each cache row is converted once for all of
-  // them, and every head goes through the same operations however many come with it
-  auto heads = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
-    const int64_t p = pos[t], n = h1 - h0;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0, len = p - lo + 1;
-    std::vector<float> w(n * len), mx(n, -INFINITY), sum(n, 0.f);
-    const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
-    const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
-    std::vector<float> row(std::is_same_v<C, float> ? 0 : hd);
-    for (int64_t j = 0; j < len; ++j) {
-      const float* k = cache_row(K + j * hd, hd, row.data());
-      for (int64_t h = 0; h < n; ++h) {
-        const float* qh = q + (t * H + g * group + h0 + h) * hd;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
-        float wj = acc * scale;
-        if (softcap > 0.f) wj = softcap * std::tanh(wj / softcap);
-        w[h * len + j] = wj;
-        mx[h] = std::max(mx[h], wj);
-      }
-    }
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t j = 0; j < len; ++j) {
-        w[h * len + j] = std::exp(w[h * len + j] - mx[h]);  // max subtracted: exp never overflows
-        sum[h] += w[h * len + j];
-      }
-      float* o = out + (t * H + g * group + h0 + h) * hd;
-      std::fill(o, o + hd, 0.f);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const float* v = cache_row(V + j * hd, hd, row.data());
-      for (int64_t h = 0; h < n; ++h) {
-        const float wj = w[h * len + j] / sum[h];
-        float* o = out + (t * H + g * group + h0 + h) * hd;
-#pragma omp simd
-        for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
-      }
-    }
-  };
-  int64_t work = 0;
-  for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
-  if (work < (1 << 16) || at::get_num_threads() == 1) {  // little work: a parallel region costs more than it saves
-    for (int64_t tg = 0; tg < N * KV; ++tg) heads(tg / KV, tg % KV, 0, group);
-  } else {  // one unit per query head: a token's few kv heads would leave a core idle
-    Pool::parallel_for(N * H, 1, [&](int64_t b, int64_t e) {
-      for (int64_t th = b; th < e; ++th) heads(th / H, th % H / group, th % group, th % group + 1);
-    });
   }
 }
 
@@ -254,18 +188,40 @@ struct Expert {
   Linear gate, up, down;
 };
 
-// The gated MLP's nonlinearity: down(act(gate) * up).
-enum class Activation { SiLU = 0, GeluTanh = 1 };  // SwiGLU (Llama, OLMo 2); GeGLU with tanh GELU (Gemma)
+// The MLP's nonlinearity: down(act(gate) * up) in a gated MLP (SwiGLU: Llama, OLMo 2; GeGLU with tanh
+// GELU: Gemma), down(act(up)) in a plain one (GPT-2: tanh GELU).
+enum class Activation { SiLU = 0, GeluTanh = 1, Gelu = 2, ReLU = 3 };
 
-// What one block holds. Every part but the seven projections is optional, and the block computes
+inline float activate(Activation act, float g) {
+  switch (act) {
+    case Activation::SiLU: return g / (1.f + std::exp(-g));
+    case Activation::GeluTanh: {  // GELU's tanh form (Hendrycks & Gimpel 2016)
+      constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+      return 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g)));
+    }
+    case Activation::Gelu: return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
+    default: return g > 0.f ? g : 0.f;
+  }
+}
+
+// A norm of the block: RMSNorm (weight only) or LayerNorm (weight and bias); absent: the identity.
+struct Norm {
+  at::Tensor weight, bias;
+  bool defined() const { return weight.defined(); }
+};
+
+// What one block holds. Every part but the attention's four projections and the MLP's up and down is
+// optional, and the block computes
 //   x = x + attn_out_norm(attn(attn_norm(x)))      x = x + mlp_out_norm(mlp(mlp_norm(x)))
-// with an absent norm the identity: pre-norms only (Llama), norms after each sub-layer only (OLMo 2),
-// both (Gemma 2/3's sandwich). Also optional: biases (q/k/v in Qwen2; any projection may have one),
+// with an absent norm the identity: pre-norms only (Llama; LayerNorms with biases in GPT-2), norms after
+// each sub-layer only (OLMo 2), both (Gemma 2/3's sandwich). The MLP is gated when it has a gate_proj,
+// plain (GPT-2) when not. Also optional: biases (q/k/v in Qwen2; any projection may have one),
 // RMSNorm of queries and keys before RoPE, per head (Qwen3, Gemma 3: head_dim weights) or over the
 // whole projection (OLMo 2: n_head * head_dim weights), a sliding window (Mistral, Gemma's local
 // layers), a RoPE table of the layer's own (Gemma 3's local layers rotate with another base).
 struct Layer {
-  at::Tensor attn_norm, attn_out_norm, mlp_norm, mlp_out_norm, q_norm, k_norm, cos, sin;
+  Norm attn_norm, attn_out_norm, mlp_norm, mlp_out_norm;
+  at::Tensor q_norm, k_norm, cos, sin;
   Linear q, k, v, o, gate, up, down;
   int64_t window = 0;  // 0: attend to every earlier position
   float attn_scale = 0.f;  // scores = q.k * attn_scale; 0: 1 / sqrt(head_dim)
@@ -284,15 +240,17 @@ struct Layer {
 
 // A decoder described to the C++ step by name, once, at load (norm weights as the step multiplies
 // by them: Gemma's 1 + w is folded in by the caller):
-//   DecoderStep({"cos", "sin", "norm", "lm_head.values", "lm_head.scales", optional "cos_long",
+//   DecoderStep({"cos", "sin", "norm", "lm_head.values", "lm_head.scales", optional "norm.bias", "cos_long",
 //                "sin_long"}, n_head, n_kv_head, {"eps", optional "final_softcap", "rope_long_from"})
 //   .add_layer({"<proj>.values", "<proj>.scales", optional "<proj>.bias"   for proj in q/k/v/o/gate/up/down,
-//               optional "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm",
+//               optional "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm" (each with an optional
+//               "<norm>.bias": a LayerNorm), "q_norm", "k_norm",
 //               "cos", "sin", and for a sparse MoE MLP "router", either "experts.gate_up" and "experts.down"
 //               (float stacks) or "experts.<e>.<proj>.values"/".scales" for proj in gate/up/down_proj and
 //               every expert e (quantized), and "shared_expert_gate" (the gate/up/down projections are
 //               then the shared expert's, if any)},
 //              {optional "window", "attn_scale", "attn_softcap", "act", "top_k", "norm_topk"})
+// cos and sin of width 0: no RoPE (GPT-2's positions are added to the embeddings by the caller).
 // The output logits become final_softcap * tanh(logits / final_softcap) when it is set (Gemma 2).
 // With "rope_long_from" (LongRoPE, Phi-3), a row whose largest position in the call is at least
 // rope_long_from rotates with the "cos_long"/"sin_long" table, as a forward of that row alone does.
@@ -311,7 +269,8 @@ class DecoderStep : public torch::CustomClassHolder {
     long_from_ = static_cast<int64_t>(option(options, "rope_long_from", 0.));
     cos_ = get(tensors, "cos", "");
     sin_ = get(tensors, "sin", "");
-    norm_ = get(tensors, "norm", "");
+    norm_ = optional(tensors, "norm", "", -1);
+    TORCH_CHECK(norm_.defined(), "the step needs the final 'norm'");
     TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, "n_head must be a multiple of n_kv_head");
     TORCH_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes(), "cos and sin must be (S, rotary_dim) tables");
     if (long_from_ > 0) {
@@ -321,7 +280,8 @@ class DecoderStep : public torch::CustomClassHolder {
                       cos_long_.size(1) == cos_.size(1),
                   "cos_long and sin_long must be (S, rotary_dim) tables like cos and sin");
     }
-    d_ = norm_.size(0);
+    d_ = norm_.weight.size(0);
+    TORCH_CHECK(!norm_.bias.defined() || norm_.bias.numel() == d_, "'norm.bias' must have d_model entries");
     head_ = linear(tensors, "lm_head", "", d_);
   }
 
@@ -346,11 +306,12 @@ class DecoderStep : public torch::CustomClassHolder {
     l.v = linear(t, "v_proj", where, d_);
     l.o = linear(t, "o_proj", where, n_head_ * hd_);
     if (t.contains("router")) add_moe(l, t, options, where);
-    if (!l.router.defined() || t.contains("gate_proj.values")) {  // the MLP, or a MoE's shared expert
-      l.gate = linear(t, "gate_proj", where, d_);
+    if (!l.router.defined() || t.contains("up_proj.values")) {  // the MLP, or a MoE's shared expert
+      if (t.contains("gate_proj.values")) l.gate = linear(t, "gate_proj", where, d_);
       l.up = linear(t, "up_proj", where, d_);
-      l.down = linear(t, "down_proj", where, l.gate.m.n);
-      TORCH_CHECK(l.up.m.n == l.gate.m.n && l.down.m.n == d_, where, "unexpected MLP shapes");
+      l.down = linear(t, "down_proj", where, l.up.m.n);
+      TORCH_CHECK((!l.gate.values.defined() || l.up.m.n == l.gate.m.n) && l.down.m.n == d_, where,
+                  "unexpected MLP shapes");
     }
     TORCH_CHECK(l.k.m.n == n_kv_head_ * hd_ && l.v.m.n == l.k.m.n && l.o.m.n == d_, where,
                 "unexpected attention shapes");
@@ -366,7 +327,7 @@ class DecoderStep : public torch::CustomClassHolder {
     l.attn_scale = static_cast<float>(option(options, "attn_scale", 0.));
     l.attn_softcap = static_cast<float>(option(options, "attn_softcap", 0.));
     const int64_t act = static_cast<int64_t>(option(options, "act", 0.));
-    TORCH_CHECK(act == 0 || act == 1, where, "act must be 0 (SiLU) or 1 (tanh GELU)");
+    TORCH_CHECK(act >= 0 && act <= 3, where, "act must be 0 (SiLU), 1 (tanh GELU), 2 (GELU) or 3 (ReLU)");
     l.act = static_cast<Activation>(act);
     layers_.push_back(std::move(l));
   }
@@ -452,7 +413,7 @@ class DecoderStep : public torch::CustomClassHolder {
     QActs acts;
     for (int64_t li = 0; li < L; ++li) {
       const Layer& l = layers_[li];
-      const int64_t dff = l.gate.m.n;
+      const int64_t dff = l.up.m.n;  // 0: a MoE without a shared expert
       gate.resize(N * dff);
       up.resize(N * dff);
       const float scale = l.attn_scale > 0.f ? l.attn_scale : 1.f / std::sqrt(static_cast<float>(hd));
@@ -509,22 +470,18 @@ class DecoderStep : public torch::CustomClassHolder {
       if (dff == 0) {  // a MoE without a shared expert
         std::fill(tmp.begin(), tmp.end(), 0.f);
       } else {
-        matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
-        add_bias(l.gate, gate.data(), N);
-        add_bias(l.up, up.data(), N);
-        add_lora(l.gate, groups, in, gate.data());
-        add_lora(l.up, groups, in, up.data());
-        if (l.act == Activation::SiLU) {
-          for (int64_t i = 0; i < N * dff; ++i) {
-            const float g = gate[i];
-            gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU: silu(gate) * up
-          }
-        } else {
-          constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-          for (int64_t i = 0; i < N * dff; ++i) {
-            const float g = gate[i];  // GeGLU: gelu(gate) * up, GELU's tanh form (Hendrycks & Gimpel 2016)
-            gate[i] = 0.5f * g * (1.f + std::tanh(kC * (g + 0.044715f * g * g * g))) * up[i];
-          }
+        if (l.gate.values.defined()) {  // gated: act(gate) * up
+          matmul(in, N, d, {l.gate.m, l.up.m}, {gate.data(), up.data()}, acts);
+          add_bias(l.gate, gate.data(), N);
+          add_bias(l.up, up.data(), N);
+          add_lora(l.gate, groups, in, gate.data());
+          add_lora(l.up, groups, in, up.data());
+          for (int64_t i = 0; i < N * dff; ++i) gate[i] = activate(l.act, gate[i]) * up[i];
+        } else {  // plain: act(up)
+          matmul(in, N, d, {l.up.m}, {gate.data()}, acts);
+          add_bias(l.up, gate.data(), N);
+          add_lora(l.up, groups, in, gate.data());
+          for (int64_t i = 0; i < N * dff; ++i) gate[i] = activate(l.act, gate[i]);
         }
         matmul(gate.data(), N, dff, {l.down.m}, {tmp.data()}, acts);
         add_bias(l.down, tmp.data(), N);
@@ -534,7 +491,7 @@ class DecoderStep : public torch::CustomClassHolder {
       norm_rows(tmp.data(), l.mlp_out_norm, N, tmp.data());
       for (int64_t i = 0; i < N * d; ++i) x[i] += tmp[i];
     }
-    for (int64_t i = 0; i < M; ++i) rms_norm(&x[out[i] * d], norm_.data_ptr<float>(), d, eps_, &h[i * d]);
+    for (int64_t i = 0; i < M; ++i) norm_row(&x[out[i] * d], norm_, &h[i * d]);
     at::Tensor logits = at::empty({M, head_.m.n}, x0.options());
     if (M > 0) matmul(h.data(), M, d, {head_.m}, {logits.data_ptr<float>()}, acts);
     if (final_softcap_ > 0.f) {
@@ -687,19 +644,34 @@ class DecoderStep : public torch::CustomClassHolder {
     return o.contains(name) ? o.at(name) : fallback;
   }
 
-  static at::Tensor optional(const c10::Dict<std::string, at::Tensor>& t, const std::string& name,
-                             const std::string& where, int64_t d) {
-    if (!t.contains(name)) return at::Tensor();
-    at::Tensor v = get(t, name, where);
-    TORCH_CHECK(v.numel() == d, where, "'", name, "' must have d_model entries");
-    return v;
+  // Norm `name` (and "<name>.bias", which makes it a LayerNorm) if the block has it; d < 0: any width.
+  static Norm optional(const c10::Dict<std::string, at::Tensor>& t, const std::string& name, const std::string& where,
+                       int64_t d) {
+    Norm n;
+    if (!t.contains(name)) return n;
+    n.weight = get(t, name, where);
+    if (d < 0) d = n.weight.numel();
+    TORCH_CHECK(n.weight.numel() == d, where, "'", name, "' must have d_model entries");
+    if (t.contains(name + ".bias")) {
+      n.bias = get(t, name + ".bias", where);
+      TORCH_CHECK(n.bias.numel() == d, where, "'", name, ".bias' must have d_model entries");
+    }
+    return n;
   }
 
-  // The N rows of x (N, d) through RMSNorm with `weight` into out, or x itself when the block has no
-  // such norm; returns the rows a matmul reads. out may be x.
-  const float* norm_rows(const float* x, const at::Tensor& weight, int64_t N, float* out) const {
-    if (!weight.defined()) return x;
-    for (int64_t t = 0; t < N; ++t) rms_norm(x + t * d_, weight.data_ptr<float>(), d_, eps_, out + t * d_);
+  void norm_row(const float* x, const Norm& n, float* out) const {
+    if (n.bias.defined()) {
+      layer_norm(x, n.weight.data_ptr<float>(), n.bias.data_ptr<float>(), d_, eps_, out);
+    } else {
+      rms_norm(x, n.weight.data_ptr<float>(), d_, eps_, out);
+    }
+  }
+
+  // The N rows of x (N, d) through the norm into out, or x itself when the block has no such norm;
+  // returns the rows a matmul reads. out may be x.
+  const float* norm_rows(const float* x, const Norm& n, int64_t N, float* out) const {
+    if (!n.defined()) return x;
+    for (int64_t t = 0; t < N; ++t) norm_row(x + t * d_, n, out + t * d_);
     return out;
   }
 
@@ -756,7 +728,8 @@ class DecoderStep : public torch::CustomClassHolder {
 
   int64_t n_head_, n_kv_head_, d_ = 0, hd_ = 0, long_from_ = 0, lora_slots_ = 0;
   float eps_ = 0.f, final_softcap_ = 0.f;
-  at::Tensor cos_, sin_, cos_long_, sin_long_, norm_;
+  at::Tensor cos_, sin_, cos_long_, sin_long_;
+  Norm norm_;
   Linear head_;
   std::vector<Layer> layers_;
 };

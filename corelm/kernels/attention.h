@@ -1,0 +1,424 @@
+// Causal grouped-query attention over the fused step's KV caches (included once, by decoder_step.h).
+//
+// For N query tokens, token t in cache row rows[t] at position pos[t]:
+//   out (N, H*hd) = softmax(q K^T * scale) V  over that row's slots lo..pos[t],
+// where lo is 0 or, for a sliding-window layer, pos[t] - window + 1. softcap > 0 bounds each score s to
+// softcap * tanh(s / softcap) before the softmax (Gemma 2). Query head h reads kv head h / (H / KV).
+// Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32,
+// every sum in fp32).
+//
+// Every (token, head) is computed by the same operations in the same order whatever the threading,
+// whatever else is in the call and however many heads share a pass, so a token's result does not
+// depend on its company (batched decode rows equal lone requests bit for bit; a prefill chunk's
+// tokens equal those of a longer or shorter chunk).
+//
+// The AVX-512 form scores 16 keys at a time, each key's
+// 16 partial sums of q.k held in one vector and the 16 vectors reduced together by one transposing
+// tree (15 adds for 16 keys instead of 4 shuffle-add levels per key); the softmax's exponentials 16 at a
+// time (Cephes' degree-5 polynomial and VSCALEFPS); and o = sum_j p_j v_j with the output
+// held in registers, 64 columns of up to 4 query heads that share each V load. Before it, one query head
+// at a time with a horizontal sum and a libm expf per score spent 56% of a 512-token Q4_K_M prefill of
+// SmolLM2-135M in attention (2-core Zen 4). The AVX2 build runs the same kernels 8 lanes wide; the generic
+// build keeps the scalar-vector form at the end.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+
+namespace corelm {
+
+// Row i of a cache as fp32: an fp16 row through F16C's 8-wide conversion where the build has it (c10's
+// scalar conversion otherwise); an fp32 cache is read in place.
+template <typename C>
+inline const float* cache_row(const C* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<C, float>) {
+    return src;
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<C, at::Half>) {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+// The slots token t attends to: [lo, lo + len).
+inline void attended(int64_t p, int64_t window, int64_t* lo, int64_t* len) {
+  *lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+  *len = p - *lo + 1;
+}
+
+// The vector forms: Simd holds W fp32 lanes and the few operations the kernels below need.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CORELM_ATTENTION_SIMD 1
+
+struct Simd {  // AVX-512: 16 lanes
+  using R = __m512;
+  static constexpr int64_t W = 16, kHeads = 4;  // heads per output pass: 4 x 4 accumulators of the 32 registers
+  static __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load(const float* p, int64_t n, float fill) { return _mm512_mask_loadu_ps(set1(fill), first(n), p); }
+  // the first n (<= 16, or all) values of a cache row as fp32, the rest zero
+  template <typename C>
+  static R row(const C* p, int64_t n) {
+    if constexpr (std::is_same_v<C, float>) {
+      return _mm512_maskz_loadu_ps(first(n), p);
+    } else if constexpr (std::is_same_v<C, at::Half>) {
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p));
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p)), 16));
+    }
+  }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+  static float hmax(R v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(R v) {  // a fixed tree
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+  }
+  // e^x as Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-5 polynomial, times 2^n by VSCALEFPS
+  // (which flushes to 0 below the fp32 range). NaN stays NaN: MAXPS returns its second operand on a NaN.
+  static R exp(R x) {
+    x = max(set1(-104.f), x);
+    const R n = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(expm(x, n), n);
+  }
+  // a[k] (16 vectors of 16 partial sums, one per key k) -> one vector whose lane k is key k's total. Every
+  // key's lanes are summed by the same tree: lane l + lane l+8, then + l+4, + l+2, + l+1.
+  static R sum_keys(R* a) {
+    R b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // (a lo 256 | b lo 256) + (a hi | b hi): keys 2i, 2i+1, 8 lanes each
+      b[i] = add(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // 128-bit lanes 0, 2 + 1, 3: keys 4i..4i+3, 4 lanes each
+      c[i] = add(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // within 128-bit lanes, elements 0, 1 + 2, 3: 2 lanes per key
+      d[i] = add(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
+    // elements 0 + 1 and 2 + 3: 128-bit lane j holds keys j, 4 + j, 8 + j, 12 + j; put key k at lane k
+    const R e = add(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
+  }
+  static R expm(R x, R n);
+};
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CORELM_ATTENTION_SIMD 1
+
+struct Simd {  // AVX2: 8 lanes
+  using R = __m256;
+  static constexpr int64_t W = 8, kHeads = 3;  // heads per output pass: 3 x 4 accumulators of the 16 registers
+  static __m256i first(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float v) { return _mm256_set1_ps(v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load(const float* p, int64_t n, float fill) {
+    const __m256i m = first(n);
+    return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  template <typename C>
+  static R row(const C* p, int64_t n) {
+    if constexpr (std::is_same_v<C, float>) {
+      return _mm256_maskload_ps(p, first(n));
+    } else {
+      __m128i h;
+      if (n >= 8) {
+        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      } else {  // a row's last few values: no 16-bit masked load before AVX-512
+        alignas(16) uint16_t buf[8] = {};
+        std::memcpy(buf, p, n * sizeof(uint16_t));
+        h = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+      }
+      if constexpr (std::is_same_v<C, at::Half>) return _mm256_cvtph_ps(h);
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static void store(float* p, R v, int64_t n) { _mm256_maskstore_ps(p, first(n), v); }
+  static float hmax(R v) {
+    __m128 b = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_max_ss(b, _mm_movehdup_ps(b)));
+  }
+  static float hsum(R v) {  // a fixed tree
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+  }
+  // e^x as the AVX-512 form, 2^n built in the exponent field: x is clamped at -87 so that n >= -126 (an
+  // e^-87 weight is 1e-38 of the row's largest, where the AVX-512 form gives 0)
+  static R exp(R x) {
+    x = max(set1(-87.f), x);
+    const R n = _mm256_round_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return mul(expm(x, n), _mm256_castsi256_ps(e));
+  }
+  // a[k] (8 vectors of 8 partial sums, one per key k) -> key k's total at lane k; every key's lanes are summed
+  // by the same tree: lane l + lane l+4, then + l+2, + l+1.
+  static R sum_keys(R* a) {
+    R b[4], c[2];
+    for (int i = 0; i < 4; ++i)  // (a lo 128 | b lo 128) + (a hi | b hi): keys 2i, 2i+1, 4 lanes each
+      b[i] = add(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20), _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; ++i)  // elements 0, 1 + 2, 3 of each 128-bit lane: 2 lanes per key
+      c[i] = add(_mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    // elements 0 + 1 and 2 + 3: lanes hold keys 0, 2, 4, 6 | 1, 3, 5, 7; put key k at lane k
+    const R e = add(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));
+    return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  static R expm(R x, R n);
+};
+
+#endif
+
+#if defined(CORELM_ATTENTION_SIMD)
+
+// e^r for r = x - n ln2 (Cody-Waite: ln2 in two parts), by Cephes' degree-5 polynomial
+inline Simd::R Simd::expm(R x, R n) {
+  R r = fma(n, set1(-0.693359375f), x);
+  r = fma(n, set1(2.12194440e-4f), r);
+  R p = set1(1.9875691500e-4f);
+  p = fma(p, r, set1(1.3981999507e-3f));
+  p = fma(p, r, set1(8.3334519073e-3f));
+  p = fma(p, r, set1(4.1665795894e-2f));
+  p = fma(p, r, set1(1.6666665459e-1f));
+  p = fma(p, r, set1(5.0000001201e-1f));
+  return add(fma(mul(p, r), r, r), set1(1.f));
+}
+
+// Scores of n query heads (q: n rows of hd, consecutive) against len keys K (len rows of hd): w (n, ldw),
+// W keys at a time; each block's keys are converted to fp32 once (kbuf) for all n heads.
+template <typename C>
+void scores(const float* q, int64_t n, const C* K, int64_t len, int64_t hd, float scale, float* kbuf, float* w,
+            int64_t ldw) {
+  constexpr int64_t W = Simd::W;
+  const int64_t chunks = (hd + W - 1) / W;
+  for (int64_t j0 = 0; j0 < len; j0 += W) {
+    const int64_t nk = std::min<int64_t>(W, len - j0);
+    for (int64_t k = 0; k < W; ++k)  // zeros past the last key
+      for (int64_t c = 0; c < chunks; ++c)
+        Simd::store(kbuf + (k * chunks + c) * W, k < nk ? Simd::row(K + (j0 + k) * hd + c * W, hd - c * W) : Simd::zero());
+    for (int64_t h = 0; h < n; ++h) {
+      const float* qh = q + h * hd;
+      typename Simd::R acc[W];
+      for (int64_t k = 0; k < W; ++k) acc[k] = Simd::zero();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const typename Simd::R qc = Simd::row(qh + c * W, hd - c * W);
+        for (int64_t k = 0; k < W; ++k) acc[k] = Simd::fma(qc, Simd::load(kbuf + (k * chunks + c) * W), acc[k]);
+      }
+      Simd::store(w + h * ldw + j0, Simd::mul(Simd::sum_keys(acc), Simd::set1(scale)), nk);
+    }
+  }
+}
+
+// Softmax of one head's len scores in place; returns 1 / (sum of exponentials).
+inline float softmax(float* w, int64_t len) {
+  constexpr int64_t W = Simd::W;
+  typename Simd::R mx = Simd::set1(-INFINITY), sum = Simd::zero();
+  int64_t j = 0;
+  for (; j + W <= len; j += W) mx = Simd::max(mx, Simd::load(w + j));
+  if (j < len) mx = Simd::max(mx, Simd::load(w + j, len - j, -INFINITY));
+  const typename Simd::R m = Simd::set1(Simd::hmax(mx));
+  for (j = 0; j + W <= len; j += W) {
+    const typename Simd::R e = Simd::exp(Simd::sub(Simd::load(w + j), m));
+    Simd::store(w + j, e);
+    sum = Simd::add(sum, e);
+  }
+  if (j < len) {  // the absent lanes' exp(-inf) is 0
+    const typename Simd::R e = Simd::exp(Simd::sub(Simd::load(w + j, len - j, -INFINITY), m));
+    Simd::store(w + j, e, len - j);
+    sum = Simd::add(sum, e);
+  }
+  return 1.f / Simd::hsum(sum);
+}
+
+// out rows of n <= kHeads heads (o: n rows of hd at stride ldo) = sum_j w_h[j] * inv_h * V[j], 4W columns at
+// a time in registers; each head's sum runs over j in order, whatever n is.
+template <typename C>
+void weighted_values(const float* w, int64_t ldw, const float* inv, int64_t n, const C* V, int64_t len, int64_t hd,
+                     float* o, int64_t ldo) {
+  constexpr int64_t W = Simd::W, kHeads = Simd::kHeads;
+  for (int64_t c0 = 0; c0 < hd; c0 += 4 * W) {
+    const int64_t chunks = std::min<int64_t>(4, (hd - c0 + W - 1) / W);
+    typename Simd::R acc[kHeads][4];
+    for (int64_t h = 0; h < kHeads; ++h)
+      for (int64_t c = 0; c < 4; ++c) acc[h][c] = Simd::zero();
+    for (int64_t j = 0; j < len; ++j) {
+      typename Simd::R v[4];
+      for (int64_t c = 0; c < chunks; ++c) v[c] = Simd::row(V + j * hd + c0 + c * W, hd - c0 - c * W);
+      for (int64_t h = 0; h < n; ++h) {
+        const typename Simd::R p = Simd::set1(w[h * ldw + j]);
+        for (int64_t c = 0; c < chunks; ++c) acc[h][c] = Simd::fma(p, v[c], acc[h][c]);
+      }
+    }
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t c = 0; c < chunks; ++c)
+        Simd::store(o + h * ldo + c0 + c * W, Simd::mul(acc[h][c], Simd::set1(inv[h])), hd - c0 - c * W);
+  }
+}
+
+// Query heads h0..h1-1 of token t, which read kv head g.
+template <typename C>
+void attend_heads(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
+                  int64_t g, int64_t h0, int64_t h1, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window,
+                  float scale, float softcap, float* out) {
+  constexpr int64_t W = Simd::W, kHeads = Simd::kHeads;
+  int64_t lo, len;
+  attended(pos[t], window, &lo, &len);
+  const int64_t n = h1 - h0, group = H / KV, ldw = (len + W - 1) / W * W;
+  thread_local std::vector<float> w, kbuf;
+  w.resize(n * ldw);
+  kbuf.resize(W * ((hd + W - 1) / W) * W);
+  const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
+  const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
+  const int64_t first = t * H + g * group + h0;  // the first of the n heads' rows in q and out
+  scores(q + first * hd, n, K, len, hd, scale, kbuf.data(), w.data(), ldw);
+  float inv[kHeads];
+  for (int64_t hb = 0; hb < n; hb += kHeads) {
+    const int64_t m = std::min<int64_t>(kHeads, n - hb);
+    for (int64_t h = 0; h < m; ++h) {
+      float* wh = w.data() + (hb + h) * ldw;
+      if (softcap > 0.f)
+        for (int64_t j = 0; j < len; ++j) wh[j] = softcap * std::tanh(wh[j] / softcap);
+      inv[h] = softmax(wh, len);
+    }
+    weighted_values(w.data() + hb * ldw, ldw, inv, m, V, len, hd, out + (first + hb) * hd, hd);
+  }
+}
+
+#else  // the scalar-vector form
+
+template <typename C>
+void attend_heads(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
+                  int64_t g, int64_t h0, int64_t h1, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window,
+                  float scale, float softcap, float* out) {
+  // each cache row is converted once for all n heads, and every head goes through the same operations
+  // however many come with it
+  int64_t lo, len;
+  attended(pos[t], window, &lo, &len);
+  const int64_t n = h1 - h0, group = H / KV;
+  std::vector<float> w(n * len), mx(n, -INFINITY), sum(n, 0.f);
+  const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
+  const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
+  std::vector<float> row(std::is_same_v<C, float> ? 0 : hd);
+  for (int64_t j = 0; j < len; ++j) {
+    const float* k = cache_row(K + j * hd, hd, row.data());
+    for (int64_t h = 0; h < n; ++h) {
+      const float* qh = q + (t * H + g * group + h0 + h) * hd;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < hd; ++i) acc += qh[i] * k[i];
+      float wj = acc * scale;
+      if (softcap > 0.f) wj = softcap * std::tanh(wj / softcap);
+      w[h * len + j] = wj;
+      mx[h] = std::max(mx[h], wj);
+    }
+  }
+  for (int64_t h = 0; h < n; ++h) {
+    for (int64_t j = 0; j < len; ++j) {
+      w[h * len + j] = std::exp(w[h * len + j] - mx[h]);  // max subtracted: exp never overflows
+      sum[h] += w[h * len + j];
+    }
+    float* o = out + (t * H + g * group + h0 + h) * hd;
+    std::fill(o, o + hd, 0.f);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const float* v = cache_row(V + j * hd, hd, row.data());
+    for (int64_t h = 0; h < n; ++h) {
+      const float wj = w[h * len + j] / sum[h];
+      float* o = out + (t * H + g * group + h0 + h) * hd;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) o[i] += wj * v[i];
+    }
+  }
+}
+
+#endif
+
+template <typename C>
+void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos, int64_t H,
+            int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap, float* out) {
+  const int64_t group = H / KV;
+  auto unit = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
+    attend_heads(q, kc, vc, rows, pos, t, g, h0, h1, H, KV, S, hd, window, scale, softcap, out);
+  };
+  int64_t work = 0;
+  for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
+  const int64_t threads = at::get_num_threads();
+  if (work < (1 << 16) || threads == 1) {  // little work: a parallel region costs more than it saves
+    for (int64_t tg = 0; tg < N * KV; ++tg) unit(tg / KV, tg % KV, 0, group);
+  } else if (N * KV >= 4 * threads) {  // a unit per (token, kv head): its query heads share the K and V loads
+    Pool::parallel_for(N * KV, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tg = b; tg < e; ++tg) unit(tg / KV, tg % KV, 0, group);
+    });
+  } else {  // one unit per query head: a few tokens' kv heads would leave a core idle
+    Pool::parallel_for(N * H, 1, [&](int64_t b, int64_t e) {
+      for (int64_t th = b; th < e; ++th) unit(th / H, th % H / group, th % group, th % group + 1);
+    });
+  }
+}
+
+// The attention of one layer on its own (tests compare it with torch's): q (N, H*hd) fp32, caches
+// (B, KV, S, hd) fp32/fp16/bf16, rows and pos (N,) int64.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rows,
+                     const at::Tensor& pos, int64_t window, double scale, double softcap) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 2 && q.is_contiguous(), "q must be contiguous (N, H*hd) float32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous(),
+              "caches must be contiguous (B, KV, S, hd) of one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && rows.numel() == q.size(0) &&
+                  pos.numel() == q.size(0),
+              "rows and pos must be (N,) int64");
+  const int64_t N = q.size(0), B = k_cache.size(0), KV = k_cache.size(1), S = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(q.size(1) % (KV * hd) == 0, "q's width must be a multiple of n_kv_head * head_dim");
+  const at::Tensor r = rows.contiguous(), p = pos.contiguous();
+  for (int64_t t = 0; t < N; ++t)
+    TORCH_CHECK(r.data_ptr<int64_t>()[t] >= 0 && r.data_ptr<int64_t>()[t] < B && p.data_ptr<int64_t>()[t] >= 0 &&
+                    p.data_ptr<int64_t>()[t] < S,
+                "rows and pos must index the cache");
+  const int64_t H = q.size(1) / hd;
+  at::Tensor out = at::empty_like(q);
+  const auto run = [&](auto* kc, auto* vc) {
+    attend(q.data_ptr<float>(), kc, vc, N, r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), H, KV, S, hd, window,
+           static_cast<float>(scale), static_cast<float>(softcap), out.data_ptr<float>());
+  };
+  if (k_cache.scalar_type() == at::kHalf) {
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+  } else if (k_cache.scalar_type() == at::kBFloat16) {
+    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "caches must be float32, float16 or bfloat16");
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace corelm
