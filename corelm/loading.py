@@ -345,7 +345,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, nativ
     """A GGUF file's model with float weights in ``dtype``. With ``native``, a MoE whose matrices all have
     block kernels (:func:`stored_quantization`) gets its routed experts straight from the file's blocks
     (:func:`corelm.quant.experts.gguf_experts`): they are most of its weights, and a float copy of them
-    is what would not fit (Qwen1.5-MoE-A2.7B: 29 GB in bf16, 8.8 GB as Q4_K_M blocks)."""
+    is what would not fit (Qwen1.5-MoE-A2.7B, 14.3 B parameters: 28.6 GB in bf16, about 9 GB as Q4_K_M blocks)."""
     from corelm.io.gguf import config_from_gguf, load_gguf_state_dict, read_gguf
 
     gguf = read_gguf(path)

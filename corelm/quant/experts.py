@@ -2,7 +2,7 @@
 
 :mod:`corelm.models.moe` keeps the routed experts stacked in floats (:class:`~corelm.models.moe.Experts`:
 ``gate_up_proj (E, 2F, d)``, ``down_proj (E, d, F)``), which is what training and the grouped matmuls want.
-They are also most of a MoE's weights (Qwen1.5-MoE-A2.7B: 12.9 of 14.3 B parameters), so a quantized MoE
+They are also most of a MoE's weights (Qwen1.5-MoE-A2.7B: 12.5 of its 14.3 B parameters), so a quantized MoE
 that kept them in floats would not be much smaller. :func:`quantize_experts` swaps each stack for a
 :class:`QuantizedExperts`: ``E`` :class:`~corelm.models.moe.MLP` modules whose ``gate_proj``, ``up_proj`` and
 ``down_proj`` are quantized layers (quantized per expert: a scale never spans two experts), named
