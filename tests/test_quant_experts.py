@@ -267,3 +267,26 @@ def test_quantized_experts_export_to_gguf(tmp_path):
     with torch.inference_mode():
         got, want = back(torch.tensor([PROMPT]))[0], model(torch.tensor([PROMPT]))[0]
     assert _rel(got, want) < 2e-3, _rel(got, want)
+
+
+def test_q4_0_mixtral_file_loads_as_int4_and_saves(tmp_path):
+    """A Mixtral file whose every block matrix is Q4_0 (4 experts: llama-quantize keeps attn_k/attn_v at Q4_0)
+    loads as an int4 model, its experts int4 layers on the file's nibbles, and a `corelm quantize` directory
+    written from it reloads with the same experts and logits."""
+    from corelm.commands.decoding import describe_decoder
+    from corelm.io.gguf_export import export_gguf
+    from corelm.quant.io import save_quantized_dir
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "mixtral", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+    hf.save_pretrained(tmp_path / "hf")
+    llm = corelm.load(export_gguf(corelm.load(tmp_path / "hf", dtype="fp32").model, tmp_path / "m.gguf", "Q4_0"))
+    assert describe_decoder(llm.model) == "int4, C++ step"
+    assert type(llm.model.model.layers[1].mlp.experts[3].up_proj) is Int4Linear
+    save_quantized_dir(llm.model, llm.config, tmp_path / "q")
+    back = corelm.load(tmp_path / "q").model
+    assert type(back.model.layers[1].mlp.experts[3].up_proj) is Int4Linear
+    with torch.inference_mode():
+        assert torch.equal(back(torch.tensor([PROMPT])), llm.model(torch.tensor([PROMPT])))

@@ -205,7 +205,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         if kind == "q8" and name == "lm_head":
             new.refine = HEAD_REFINE
         setattr(parent, name, new)
-    experts = quantize_experts(model, method, group_size, skip, blocks.file if blocks is not None else None)
+    quantize_experts(model, method, group_size, skip, blocks.file if blocks is not None else None)
+    experts = any(isinstance(m, QuantizedExperts) for m in model.modules())  # or the loader took them from a file
     _tie_quantized(model, tied, out_dtype)
     model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
                                  "skip": list(skip), "tied_embedding": tied is not None, "experts": bool(experts),
