@@ -82,7 +82,8 @@ def test_experts_are_quantized_per_expert_and_routers_are_not(quantized):
 
 def test_grouped_forward_equals_per_token_reference(quantized):
     """The quantized experts' grouped forward is sum_j w_j * down_e(silu(gate_e x) * up_e x) per token,
-    with the matrices the layers hold (dequantized), up to the kernels' 15-bit activations."""
+    with the matrices the layers hold (dequantized), up to the kernels' 15-bit activations; the dense form
+    (every expert on every token, weight 0 where not picked) is the same sums."""
     _, model = quantized
     experts = model.model.layers[1].mlp.experts
     gate_up, down = experts.stacked()  # (E, 2F, d), (E, d, F)
@@ -98,7 +99,9 @@ def test_grouped_forward_equals_per_token_reference(quantized):
             want[t] += weights[t, j] * (down[e] @ (F.silu(gate) * up))
     with torch.inference_mode():
         got = experts(x, weights, chosen)
+        dense = experts._dense(x, weights, chosen)  # the static-shape form a compiled step traces
     torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=0)
+    torch.testing.assert_close(dense, got, atol=1e-5 * want.abs().max().item(), rtol=0)
 
 
 def _greedy(step, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:

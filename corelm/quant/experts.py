@@ -37,6 +37,8 @@ class QuantizedExperts(nn.ModuleList):
     """
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._dense(x, weights, experts)
         N, d = x.shape
         k = experts.shape[1]
         flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) assignment
@@ -53,6 +55,17 @@ class QuantizedExperts(nn.ModuleList):
         y = torch.empty_like(ys)
         y[order] = ys  # back to (token, slot) order
         return y.view(N, k, d).sum(dim=1)  # (N, d)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert over every token, weighted 0 where the token did not pick it: the static-shape form a
+        compiled decode step traces (the grouped form's per-expert row counts would recompile it at every
+        new count). It reads every expert's weights, n_experts / k times what the grouped form reads."""
+        w = torch.zeros(x.shape[0], len(self), dtype=weights.dtype, device=x.device)
+        w = w.scatter_add(1, experts, weights)  # (N, E) each token's weight per expert
+        y = torch.zeros_like(x)
+        for e, mlp in enumerate(self):
+            y = y + w[:, e:e + 1] * mlp(x)
+        return y
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The float stacks these layers multiply with: ``gate_up_proj (E, 2F, d)``, ``down_proj (E, d, F)``."""
