@@ -12,7 +12,9 @@ expert's rows kept in the file's block type: Q4_0/Q4_1 as int4 layers, Q5_0/Q5_1
 :class:`~corelm.quant.kquant.GGUFBlockLinear`. Routers stay in floats (:func:`corelm.quant.transform._routers`).
 
 The forward groups the ``N * k`` (token, expert) assignments by expert as the float model does and runs each
-expert's quantized layers on its rows only; an expert no token picked is not read.
+expert's quantized layers on its rows only; an expert no token picked is not read. (Under ``torch.compile``
+every expert runs on every token instead, weighted 0 where not picked: static shapes, one graph.) corelm's
+C++ decode step runs the same per-expert matrices (:func:`corelm.generate.step.describe_layer`).
 """
 
 from __future__ import annotations
