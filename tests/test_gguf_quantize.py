@@ -15,7 +15,9 @@ near-tied predictions (35 of the first 512 positions have their top two fp32 log
 dequantized weights in an fp32 forward flip the same tokens as the kernels). No type reaches the issue's
 bar, top-1 >= 99%, here (Q4_1, which keeps the reference's own grid, comes closest: 98.8%; 99.2% on 512
 tokens), so each type is held to a floor a little under its measured value instead (docs/compression.md
-lists the figures); the bar needs a reference with unquantized weights.
+lists the figures); the bar needs a reference with unquantized weights. What the kernels add to the file's
+own rounding is held to the bar: against an fp32 forward of each type's own dequantized weights they agree
+on >= 99% of top-1 tokens (measured: 100% for every type but Q4_1, 99.6%; max logit difference 0.03-0.07).
 """
 
 import copy
@@ -217,8 +219,27 @@ def _agreement(smollm2, qtype: str) -> tuple[float, float]:
     logq = torch.log_softmax(logits, -1)
     agree = (logits.argmax(-1) == logp.argmax(-1)).float().mean().item()
     kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    print(f"{qtype}: top-1 {agree:.2%}, mean KL {kl:.5f}")
-    return agree, kl
+    own = _dequantized_forward(reference, model, ids)  # the same blocks' weights in an fp32 forward
+    kernel_agree = (logits.argmax(-1) == own.argmax(-1)).float().mean().item()
+    print(f"{qtype}: top-1 {agree:.2%}, mean KL {kl:.5f}; kernels against the fp32 forward of the blocks' own "
+          f"weights: top-1 {kernel_agree:.2%}, max |logit diff| {(logits - own).abs().max():.3f}")
+    return agree, kl, kernel_agree
+
+
+def _dequantized_forward(reference, quantized, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) of ``reference`` with every matrix ``quantized`` holds in blocks replaced by the
+    blocks' dequantized fp32 weights, head included: the kernels' model in floats."""
+    model = copy.deepcopy(reference)
+    for ours, theirs in zip(model.model.layers, quantized.model.layers):
+        for parent, qparent in ((ours.self_attn, theirs.self_attn), (ours.mlp, theirs.mlp)):
+            for name in NAMES:
+                if (linear := getattr(parent, name, None)) is not None:
+                    linear.weight.data = getattr(qparent, name).dequantize().float()
+    head = quantized.lm_head.dequantize().float()
+    model.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+    model.lm_head.weight.data = head
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0].float()
 
 
 # measured on this text (256 tokens; AMD EPYC Zen 4, AVX-512 VNNI kernels): top-1 agreement / mean KL were
@@ -235,9 +256,18 @@ def agreement(request, smollm2):
 
 @pytest.mark.slow
 def test_top1_agreement_floor(agreement):
-    qtype, agree, kl = agreement
+    qtype, agree, kl, _ = agreement
     floor, max_kl = FLOORS[qtype]
     assert agree >= floor and kl <= max_kl, (qtype, agree, kl)
+
+
+@pytest.mark.slow
+def test_kernels_agree_with_the_fp32_forward_of_their_own_weights(agreement):
+    """Each block type's kernels (15/16-bit integer activations, fp16 KV cache, the model's fp32 norms) against
+    an fp32 forward of the same blocks dequantized: what running a file on corelm's kernels costs, apart from
+    the file's own rounding. Top-1 >= 99% on the held-out text, per block type."""
+    qtype, _, _, kernel_agree = agreement
+    assert kernel_agree >= 0.99, (qtype, kernel_agree)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -400,9 +400,11 @@ class KernelStep:
         return self._run(cache, [t for p in prompts for t in p], row_of, pos, last)
 
     def extend(self, cache: KernelCache, row: int, tokens: Sequence[int], pos0: int,
-               all_logits: bool = True) -> torch.Tensor:
+               all_logits: bool = True, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` at positions ``pos0..`` of cache row ``row`` -> fp32 logits after each token, after the
+        last (``all_logits=False``), or after the tokens indexed by ``at`` (only those go through the head)."""
         n = len(tokens)
-        out = torch.arange(n) if all_logits else torch.tensor([n - 1])
+        out = at if at is not None else torch.arange(n) if all_logits else torch.tensor([n - 1])
         return self._run(cache, list(tokens), torch.full((n,), row), torch.arange(pos0, pos0 + n), out)
 
     def decode(self, cache: KernelCache, tokens: torch.Tensor, pos: torch.Tensor,
