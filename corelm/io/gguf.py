@@ -712,8 +712,10 @@ def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, target: str, config: 
         w = w.float() - ARCHS[arch].norm_offset
     if target.endswith("shared_expert_gate.weight"):
         w = w.reshape(1, -1)  # llama.cpp: a vector {n_embd}; the converter writes it as (1, n_embd)
-    # F32 tensors are still views of the read-only map: copy them so the model owns its memory.
-    w = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
+    # F32 tensors are still views of the read-only map: copy them so the model owns its memory. A MoE's
+    # routers stay fp32 when the file keeps them so (llama.cpp's converters do): they pick the experts.
+    router = target.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) and info.qtype == Q.F32
+    w = w.to(torch.float32 if router else dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
     split = _split_sizes(target, config)
     if split is None:
         pieces = [(target, w)]
