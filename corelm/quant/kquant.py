@@ -197,8 +197,10 @@ INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they 
 def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
     """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
     from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
-    :class:`GGUFBlockLinear`; biases kept, a fused matrix split by rows (Phi-3), so every matrix runs on
-    its blocks. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
+    :class:`GGUFBlockLinear`; biases kept, a fused matrix split by rows (Phi-3), a MoE's expert stacks split
+    by expert (:func:`corelm.quant.experts.gguf_experts`), so every matrix runs on its blocks; a MoE's routers
+    (F32 in llama.cpp's files) are not among ``targets`` and stay in floats. In place; sets
+    ``model.corelm_quantization = {"method": "gguf", ...}``.
     ``targets`` is the transform's ``(linears, tied embedding)`` of the model
     (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
@@ -240,12 +242,17 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         else:
             new = GGUFBlockLinear(_rows(found, gguf_name, name, span), TYPE_IDS[kind], linear.in_features, linear.bias)
         setattr(parent, name, new)
+    from corelm.quant.experts import QuantizedExperts, gguf_experts
     from corelm.quant.gguf_quantize import MIX_NAMES
 
-    model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
+    gguf_experts(model, found.file)  # a MoE's expert stacks, unless the loader built them from the file already
+    types = {p[4] for p in plan}
+    if any(isinstance(m, QuantizedExperts) for m in model.modules()):
+        types |= {t.qtype.name for n, t in found.file.tensors.items() if n.startswith("blk.") and "_exps." in n}
+    model.corelm_quantization = {"method": "gguf", "types": sorted(types),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "skip": []}
+                                 "skip": [n for n, m in model.named_modules() if type(m) is nn.Linear]}  # routers
     return model
 
 
@@ -274,11 +281,11 @@ def _int4_blocks(found: object, gguf_name: str, name: str) -> tuple[torch.Tensor
 
 
 def stored_types(path: str | Path) -> set[str]:
-    """GGML type names of the 2-D matrices of a GGUF file's blocks (``blk.*``)."""
+    """GGML type names of the matrices of a GGUF file's blocks (``blk.*``; a MoE's 3-D expert stacks too)."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
     try:
-        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) >= 2}
     finally:
         gguf.close()
