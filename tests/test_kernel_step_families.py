@@ -41,7 +41,7 @@ CASES = {
                                "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.75,
                                                    "long_factor": [1.0, 1.5, 2.0], "short_factor": [1.0, 1.05, 1.1]}}),
-    # routers and experts stay in floats; top-2 of 4 experts renormalised, with a window
+    # routers stay in floats, experts are quantized per expert; top-2 of 4 experts renormalised, with a window
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW}),
     # a shared expert under a sigmoid gate, probabilities not renormalised, layer 0 dense
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -174,8 +174,7 @@ def test_gguf_export_loads_onto_the_kernel_step(case, qtype, tmp_path):
     load line names both) and computes the dequantized file's fp32 logits, up to bf16 norms and
     embeddings, at every position of a prompt and at every step of greedy decoding. (Its greedy tokens
     are not asserted equal to the fp32 file's: these random logits have top-2 gaps of 4e-4 where the
-    8-bit rounding moves them by 1e-2.)
-    (A MoE file loads as a bf16 model, not on its blocks: no quantized layers for the step to read.)"""
+    8-bit rounding moves them by 1e-2.) (A MoE file: tests/test_quant_experts.py.)"""
     from torch import nn
 
     from corelm.commands.decoding import describe_decoder

@@ -457,8 +457,9 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
     Tensors: the seven projections (:func:`_named`; a MoE's gate/up/down are its shared expert's, or
     absent), the norms the family has in each role of :data:`NORM_ROLES` (as the step multiplies by
     them), the QK norms (per head: ``head_dim`` weights; OLMo 2's over the whole projection: one per row),
-    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router,
-    stacked experts and shared-expert gate, in floats as the quantized model keeps them. Options: the
+    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router and
+    shared-expert gate (floats) and its routed experts (each expert's quantized gate, up and down, or the
+    float stacks of a model that keeps them so). Options: the
     window, the attention scale and soft-cap, the activation, a MoE's ``top_k`` and ``norm_topk``.
     """
     family = getattr(config, "family", None)
@@ -525,10 +526,18 @@ def _dense_mlp(block: nn.Module) -> nn.Module | None:
 
 
 def _routed(moe: nn.Module) -> dict[str, torch.Tensor]:
-    """A sparse MoE's router, stacked experts and (Qwen2-MoE) shared-expert gate, as the model holds them:
-    in floats, quantized or not (routing is decided on these weights; see corelm.quant.transform)."""
-    out = {"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
-           "experts.down": moe.experts.down_proj.detach()}
+    """A sparse MoE's router and (Qwen2-MoE) shared-expert gate, in floats as the quantized model keeps them
+    (routing is decided on these weights; see corelm.quant.transform), and its routed experts: each expert's
+    quantized ``experts.{e}.gate_proj`` ... (:class:`corelm.quant.experts.QuantizedExperts`), or the float
+    stacks ``experts.gate_up`` / ``experts.down`` (:class:`corelm.models.moe.Experts`)."""
+    out = {"router": moe.gate.weight.detach()}
+    if hasattr(moe.experts, "gate_up_proj"):
+        out.update({"experts.gate_up": moe.experts.gate_up_proj.detach(),
+                    "experts.down": moe.experts.down_proj.detach()})
+    else:
+        for e, mlp in enumerate(moe.experts):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out.update(_named(f"experts.{e}.{name}", getattr(mlp, name)))
     if hasattr(moe, "shared_expert_gate"):
         out["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
     return out
@@ -581,12 +590,13 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     if family != "gpt2" and model.rope.rope_type == "dynamic":  # its table changes with every length past the context
         return "the C++ step reads fixed RoPE tables; dynamic RoPE changes its table with the length"
     from corelm.models.moe import Experts
+    from corelm.quant.experts import QuantizedExperts, expert_layers
 
-    if any(kernel_weights(m) is None for m in [*_step_matrices(model), model.lm_head]):
-        return "some layers are not on corelm's kernel layout"
-    if family != "gpt2" and any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts
+    if family != "gpt2" and any(hasattr(b.mlp, "experts") and type(b.mlp.experts) not in (Experts, QuantizedExperts)
                                 for b in model.model.layers):
-        return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
+        return "the routed experts are wrapped (LoRA): the C++ step reads plain or quantized experts"
+    if any(kernel_weights(m) is None for m in [*_step_matrices(model), *expert_layers(model), model.lm_head]):
+        return "some layers are not on corelm's kernel layout"
     norms = {float(m.eps) for m in model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
     if len(norms) != 1:
         return "the model's norms use several epsilons"

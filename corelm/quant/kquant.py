@@ -236,13 +236,18 @@ class GGUFBlockEmbedding(nn.Module):
 # From a GGUF file: every matrix keeps its stored type
 # --------------------------------------------------------------------------------------------------
 
+INT4_TYPES = ("Q4_0", "Q4_1")  # blocks corelm's int4 layers (``--quantize int4``) take as they are, d in bf16
+
+
 def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
     """Swap a llama model's linears (and head) for :class:`GGUFBlockLinear` layers on the blocks of the
     GGUF file it was loaded from, each in its stored type (:data:`FORMATS`: the fp16 scales as stored, no
     bf16 copy), and its token embedding for a :class:`GGUFBlockEmbedding` where the file stores it in one
     of those types (with a tied head: the head's blocks, shared). Biases kept, a fused matrix split by rows
-    (Phi-3), so every matrix runs on its blocks. In place; sets ``model.corelm_quantization = {"method":
-    "gguf", ...}``. ``targets`` is the transform's ``(linears, tied embedding)`` of the model
+    (Phi-3), a MoE's expert stacks split by expert (:func:`corelm.quant.experts.gguf_experts`), so every
+    matrix runs on its blocks; a MoE's routers (F32 in llama.cpp's files) are not among ``targets`` and stay
+    in floats. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``. ``targets`` is the
+    transform's ``(linears, tied embedding)`` of the model
     (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
     Raises:
@@ -280,12 +285,18 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
             whole[gguf_name] = rows
         setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias))
     embedding = _embed_blocks(model, found, whole)
+    from corelm.quant.experts import QuantizedExperts, gguf_experts
     from corelm.quant.gguf_quantize import MIX_NAMES
 
-    model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
+    gguf_experts(model, found.file)  # a MoE's expert stacks, unless the loader built them from the file already
+    types = {p[4] for p in plan}
+    if any(isinstance(m, QuantizedExperts) for m in model.modules()):
+        types |= {t.qtype.name for n, t in found.file.tensors.items() if n.startswith("blk.") and "_exps." in n}
+    model.corelm_quantization = {"method": "gguf", "types": sorted(types),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "embedding": embedding, "skip": []}
+                                 "embedding": embedding,
+                                 "skip": [n for n, m in model.named_modules() if type(m) is nn.Linear]}  # routers
     return model
 
 
@@ -328,11 +339,11 @@ def _rows(found: object, gguf_name: str, name: str, span: tuple[int | None, int 
 
 
 def stored_types(path: str | Path) -> set[str]:
-    """GGML type names of the 2-D matrices of a GGUF file's blocks (``blk.*``)."""
+    """GGML type names of the matrices of a GGUF file's blocks (``blk.*``; a MoE's 3-D expert stacks too)."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
     try:
-        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) >= 2}
     finally:
         gguf.close()
