@@ -3,7 +3,7 @@
 A random model of SmolLM2-135M's shapes (d_model 576, 30 layers, 9 query and 3 key/value heads, d_ff
 1536, vocabulary 49152) in the chosen family's block (Gemma 2: sandwich norms, GeGLU, soft-caps
 50/30, alternating 4096-token windows; OLMo 2: norms after each sub-layer, QK norm over the whole
-projection; MoE: 8 SwiGLU experts of width 512, top 2, which stay in fp32), quantized int4 or int8,
+projection; MoE: 8 SwiGLU experts of width 512, top 2, quantized per expert), quantized int4 or int8,
 decodes ``--tokens`` greedy tokens after a 16-token prompt on :class:`~corelm.generate.step.KernelStep`
 (what ``step_for`` now picks) and on :class:`~corelm.generate.step.ModelStep` (the eager PyTorch
 forward these families fell back to), the two alternating round by round; the median of ``--rounds``
@@ -29,7 +29,7 @@ FAMILIES = {
                "query_pre_attn_scalar": 64, "sliding_window": 4096,
                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(30)]},
     "olmo2": {"family": "olmo2"},
-    # Qwen3-MoE's block at SmolLM2's width: 8 experts of width 512, top 2 (routed experts stay in floats)
+    # Qwen3-MoE's block at SmolLM2's width: 8 experts of width 512, top 2 (routed experts quantized per expert)
     "moe": {"family": "moe", "n_experts": 8, "n_experts_per_tok": 2, "moe_d_ff": 512, "norm_topk_prob": True},
     "llama": {"family": "llama"},
 }

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -124,9 +125,9 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         name_or_path: ``smollm2-135m-instruct``, ``minilm-l6``, a preset (random weights), a ``.gguf``
             file, or an HF-layout directory (``config.json`` + ``model.safetensors``).
         dtype: ``fp32``/``bf16``/``fp16`` or a torch dtype; ``None`` (or ``"auto"``) follows what the CPU
-            declares (:func:`default_dtype`). A GGUF file whose matrices are Q4_0/Q4_1 blocks then
-            runs on those blocks (int4 layers on corelm's kernels, :func:`stored_quantization`); an
-            explicit dtype dequantizes them to it, as it does every other GGUF type.
+            declares (:func:`default_dtype`). A GGUF file whose matrices are blocks of a type with a
+            kernel then runs on those blocks as stored (:func:`stored_quantization`); an explicit
+            dtype dequantizes them to it, as it does every other GGUF type.
         device: Where the model runs.
         quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``).
 
@@ -138,43 +139,46 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     """
     name = os.fspath(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
+    native = quantize is None and dtype in (None, "auto") and torch.device(device).type == "cpu"
     if name in PRESETS and name not in EMBEDDED:
         loaded = _load_preset(name, torch_dtype, device)
     else:
-        loaded = _load_path(locate(name), torch_dtype, device, display=name)
+        loaded = _load_path(locate(name), torch_dtype, device, display=name, native=native)
     gguf = _gguf_file(loaded)
-    if quantize is None and dtype in (None, "auto") and gguf is not None and torch.device(device).type == "cpu":
+    if native and gguf is not None:
         quantize = stored_quantization(gguf)  # run the file's own blocks: no float copy, no option
     if quantize is not None:
         loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf)
     return loaded
 
 
-NATIVE_BLOCKS = {"Q4_0": "int4", "Q4_1": "int4",  # GGUF block types corelm's layers take as they are
-                 **dict.fromkeys(("Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"), "gguf")}
+NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # GGUF types with block kernels
 
 
 def stored_quantization(path: Path) -> str | None:
-    """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``int4``
-    when every matrix of every block is Q4_0/Q4_1; ``gguf`` when every one, and the output head, is of
-    a type with a block kernel (llama.cpp's Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type,
-    :func:`corelm.quant.kquant.quantize_gguf`); None for float files and for block types corelm has no
-    kernel for yet (those load dequantized, in the default dtype)."""
+    """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``gguf`` when
+    every matrix of every block, and the output head, is of a type with a block kernel (llama.cpp's
+    Q4_0/Q4_1/Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type and its fp16 scales,
+    :func:`corelm.quant.kquant.quantize_gguf`); ``int4`` for a Q4_0/Q4_1 file whose head is stored in
+    floats (its matrices become corelm's int4 layers, bf16 scales, the head corelm's q8); None for float
+    files and for block types corelm has no kernel for yet (those load dequantized, in the default dtype).
+    A MoE's 3-D expert stacks count as matrices; its routers (``ffn_gate_inp``, F32 in llama.cpp's files)
+    do not: they stay in floats."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
     try:
-        kinds = {t.qtype.name for name, t in gguf.tensors.items() if name.startswith("blk.") and len(t.shape) == 2}
+        kinds = {t.qtype.name for name, t in gguf.tensors.items()
+                 if name.startswith("blk.") and len(t.shape) >= 2 and ".ffn_gate_inp" not in name}
         head = gguf.tensors.get("output.weight") or gguf.tensors.get("token_embd.weight")
         head_kind = head.qtype.name if head is not None else None
     finally:
         gguf.close()
-    methods = {NATIVE_BLOCKS.get(k) for k in kinds}
-    if not methods or None in methods:
+    if not kinds or not kinds <= set(NATIVE_BLOCKS):
         return None
-    if methods == {"int4"}:
-        return "int4"
-    return "gguf" if head_kind in NATIVE_BLOCKS else None
+    if head_kind in NATIVE_BLOCKS:
+        return "gguf"
+    return "int4" if kinds <= {"Q4_0", "Q4_1"} else None
 
 
 def _gguf_file(loaded: Loaded) -> Path | None:
@@ -246,18 +250,24 @@ def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None)
     return model if result is None else result
 
 
-def materialize(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device) -> nn.Module:
-    """Build the model on the meta device (no memory, no init) and adopt the loaded tensors."""
+def materialize(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device,
+                prepare: Callable[[nn.Module], list[str]] | None = None) -> nn.Module:
+    """Build the model on the meta device (no memory, no init) and adopt the loaded tensors.
+
+    ``prepare(model)``, when given, runs on the meta model first and returns the qualified names of the
+    submodules it filled with tensors of their own (which ``state`` then does not hold)."""
     from corelm.models import build_model
 
     with torch.device("meta"), skip_init():
         model = build_model(config)
+    filled = tuple(f"{name}." for name in prepare(model)) if prepare is not None else ()
     result = model.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        detail = (result.missing_keys or result.unexpected_keys)[0]
-        kind = "missing" if result.missing_keys else "unexpected"
+    missing = [k for k in result.missing_keys if not (filled and k.startswith(filled))]
+    if missing or result.unexpected_keys:
+        detail = (missing or result.unexpected_keys)[0]
+        kind = "missing" if missing else "unexpected"
         raise CorelmError(f"checkpoint does not match the {config.family} model: {kind} tensor {detail!r} "
-                          f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected)")
+                          f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
     return model.to(device).eval()
 
 
@@ -291,12 +301,14 @@ def gguf_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_gguf(read_gguf(path))
 
 
-def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, display: str) -> Loaded:
+def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, display: str,
+               native: bool = False) -> Loaded:
+    """``native``: a GGUF file will run on its stored blocks where it can (:func:`stored_quantization`)."""
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
-            return _load_gguf(path, dtype, device)
+            return _load_gguf(path, dtype, device, native)
         if path.suffix == ".safetensors" or path.name == "config.json":
-            return _load_path(path.parent, dtype, device, display)
+            return _load_path(path.parent, dtype, device, display, native)
         raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
                           "checkpoint directory")
     if (path / "config.json").is_file():
@@ -309,7 +321,7 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
         return _load_finetune_run(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype, device)
+        return _load_gguf(ggufs[0], dtype, device, native)
     raise CorelmError(f"{path} has no config.json (an HF checkpoint directory) and no single .gguf file")
 
 
@@ -329,15 +341,26 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device) -> Loaded:
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, native: bool = False) -> Loaded:
+    """A GGUF file's model with float weights in ``dtype``. With ``native``, a MoE whose matrices all have
+    block kernels (:func:`stored_quantization`) gets its routed experts straight from the file's blocks
+    (:func:`corelm.quant.experts.gguf_experts`): they are most of its weights, and a float copy of them
+    is what would not fit (Qwen1.5-MoE-A2.7B, 14.3 B parameters: 28.6 GB in bf16, about 9 GB as Q4_K_M blocks)."""
     from corelm.io.gguf import config_from_gguf, load_gguf_state_dict, read_gguf
 
     gguf = read_gguf(path)
     config = config_from_gguf(gguf)
-    state = load_gguf_state_dict(gguf, config, dtype)
+    prepare = None
+    if native and config.family == "moe" and stored_quantization(path) is not None:
+        from corelm.quant.experts import gguf_experts
+
+        def prepare(model: nn.Module) -> list[str]:
+            return gguf_experts(model, gguf)
+
+    state = load_gguf_state_dict(gguf, config, dtype, experts=prepare is None)
     # A GGUF may carry no vocabulary (e.g. weights-only exports): the model still loads.
     tokenizer = Tokenizer.from_gguf(gguf) if "tokenizer.ggml.tokens" in gguf.metadata else None
-    model = materialize(config, state, device)
+    model = materialize(config, state, device, prepare)
     del state
     try:  # every tensor was copied out of the map; release it now rather than at garbage collection
         gguf.close()

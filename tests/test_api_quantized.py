@@ -42,13 +42,20 @@ def test_int4_from_embedded_gguf_reuses_its_blocks_and_fast_path_matches_engine(
 
 
 def test_a_quantized_gguf_runs_its_own_blocks_by_default():
-    """No option: the embedded Q4_1 file decodes on its blocks (int4, C++ step); a dtype opts out."""
+    """No option: the embedded Q4_1 file decodes on its blocks as stored (Q4_1 matrices, the Q8_0 tied
+    embedding and head, C++ step); a dtype opts out."""
     from corelm.loading import stored_quantization
+    from corelm.quant.kquant import GGUFBlockEmbedding, GGUFBlockLinear
 
-    assert stored_quantization(embedded_path("smollm2-135m-instruct")) == "int4"
+    assert stored_quantization(embedded_path("smollm2-135m-instruct")) == "gguf"
     default = corelm.load("smollm2-135m-instruct")
-    assert default.model.corelm_quantization["method"] == "int4"
-    explicit = corelm.load("smollm2-135m-instruct", dtype="fp32", quantize="int4")
+    spec = default.model.corelm_quantization
+    assert spec["method"] == "gguf" and spec["types"] == ["Q4_1", "Q8_0"] and spec["embedding"] == "Q8_0"
+    q_proj, head, embed = default.model.model.layers[0].self_attn.q_proj, default.model.lm_head, \
+        default.model.model.embed_tokens
+    assert isinstance(q_proj, GGUFBlockLinear) and q_proj.ggml_type == 3
+    assert isinstance(embed, GGUFBlockEmbedding) and embed.blocks is head.blocks  # tied: one copy of the blocks
+    explicit = corelm.load("smollm2-135m-instruct", dtype="fp32", quantize="gguf")
     ids = default.encode_prompt("The capital of France is")
     assert default.generate_ids(ids, 12, ignore_eos=True) == explicit.generate_ids(ids, 12, ignore_eos=True)
     floats = corelm.load("smollm2-135m-instruct", dtype="fp32")

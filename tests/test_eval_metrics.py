@@ -153,3 +153,28 @@ def test_perplexity_sliding_window_matches_explicit_contexts() -> None:
     assert slid["tokens"] == 29
     assert slid["perplexity"] == pytest.approx(math.exp(total / 29), rel=1e-4)
     assert slid["perplexity"] != pytest.approx(one["perplexity"], rel=1e-6)  # context length matters
+
+
+def test_a_quantized_decoder_is_scored_on_the_cpp_step(monkeypatch) -> None:
+    """An int8 decoder's perplexity comes from its C++ step (window by window, only the scored positions
+    through the head) and equals the PyTorch forward of the same quantized layers up to the kernels' fp32
+    summation order; with the step unavailable, the PyTorch forward gives it."""
+    import importlib
+
+    from corelm import kernels
+    from corelm.generate.step import KernelStep
+    from corelm.quant.transform import quantize_model
+
+    assert kernels.load(), kernels.load_error()
+    ppl = importlib.import_module("corelm.eval.perplexity")  # the module (corelm.eval exports the function)
+    model = quantize_model(_tiny_lm(), "int8")
+    ids = torch.randint(0, 50, (60,), generator=torch.Generator().manual_seed(2))
+    calls = []
+    extend = KernelStep.extend
+    monkeypatch.setattr(KernelStep, "extend", lambda self, *a, **k: calls.append(k["at"]) or extend(self, *a, **k))
+    on_step = ppl.perplexity(model, ids, window=16, stride=8)
+    assert [len(at) for at in calls] == [15, 8, 8, 8, 8, 8, 4]  # the scored positions of each window
+    monkeypatch.setattr(ppl, "_kernel_step", lambda model: None)
+    on_torch = ppl.perplexity(model, ids, window=16, stride=8)
+    assert on_step["tokens"] == on_torch["tokens"] == 59
+    assert on_step["perplexity"] == pytest.approx(on_torch["perplexity"], rel=1e-4)

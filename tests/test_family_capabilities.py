@@ -293,6 +293,19 @@ def test_adalora_and_adapters_train_a_step(checkpoint, method):
 QUANT_COSINE = {"int8": 0.999, "int4": 0.9}
 
 
+def _twin_weight(modules: dict[str, torch.nn.Module], name: str) -> torch.Tensor:
+    """The float twin's weight behind quantized layer ``name``: its own, or for a MoE's quantized expert
+    ``...experts.{e}.gate_proj`` the rows of expert e in the float stacks (gate rows, then up rows)."""
+    parts = name.rsplit(".", 3)
+    if len(parts) == 4 and parts[1] == "experts" and parts[2].isdigit():
+        stacks, e, matrix = modules[f"{parts[0]}.experts"], int(parts[2]), parts[3]
+        f = stacks.down_proj.shape[2]
+        if matrix == "down_proj":
+            return stacks.down_proj.data[e]
+        return stacks.gate_up_proj.data[e, :f] if matrix == "gate_proj" else stacks.gate_up_proj.data[e, f:]
+    return modules[name].weight
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_logits_stay_close(checkpoint, llm, method, tmp_path):
     """``quantize=`` at load: the rounded weights' exact computation, close to fp32; the quantized model
@@ -310,13 +323,13 @@ def test_quantized_logits_stay_close(checkpoint, llm, method, tmp_path):
         rounded = 0
         for name, module in quant.model.named_modules():
             if hasattr(module, "dequantize"):
-                weight = float_modules[name].weight
+                weight = _twin_weight(float_modules, name)
                 weight.copy_(module.dequantize().reshape(weight.shape))
                 rounded += 1
         ref, got = llm.model(ids), quant.model(ids)
         torch.testing.assert_close(got, twin(ids), atol=1e-3, rtol=1e-3)
-    # every block linear is quantized (a MoE's stacked routed experts stay in floating point)
-    assert rounded >= 4 * llm.config.n_layer + 1
+    # every block linear is quantized (a MoE's routed experts too, each expert's matrices on their own)
+    assert rounded >= 4 * llm.config.n_layer + 1 + 3 * (llm.config.n_experts or 0) * llm.config.n_layer
     cosine = F.cosine_similarity(got.flatten(1), ref.flatten(1), dim=-1).min().item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"{checkpoint[0]} {method}: cosine {cosine:.5f}, top-1 agreement {agree:.2f}")

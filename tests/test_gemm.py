@@ -139,8 +139,9 @@ def smollm2_logits():
 
 
 # (max |logit diff| to the fp32 panels, top-1 agreement floor). Measured on the Zen 4 (512 positions):
-# int16 0.034 and 100% (the integer kernels' 15-bit tokens); bf16 0.51-0.57 and 98.8-99.2% (8-bit significands:
-# 99.2% before attention.h's vector exponentials and summation order moved the near-tied positions, 98.8% since).
+# int16 0.030-0.034 and 100% (the integer kernels' 15-bit tokens); bf16 0.44-0.57 and 98.8-99.2% (8-bit
+# significands; on the int4 layers the default load used before and on the file's Q4_1 blocks as stored,
+# before and after attention.h's vector exponentials and summation order moved the near-tied positions).
 MODEL = {"int16": (0.1, 0.99), "bf16": (1.0, 0.98)}
 
 

@@ -155,7 +155,7 @@ def test_llama3_rope_is_written_as_llama_cpp_rope_freqs(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_default_load_runs_the_files_blocks_in_hf_row_order(family, qtype):
-    """Loaded without a dtype, a block-quantized file runs on its own blocks (int4 / GGUF block layers);
+    """Loaded without a dtype, a block-quantized file runs on its own blocks (GGUF block layers);
     Q/K rows are un-permuted for llama.cpp's ``llama`` architecture only, Qwen2's biases kept, Phi-3's fused
     matrices split by rows: the logits stay those of the dequantized file, up to the activation dtype."""
     name, _, model, path = family
@@ -199,7 +199,7 @@ def _rewrite(source, path, arch: str, skip: str | None = None, fuse_qkv: bool = 
 @pytest.mark.parametrize("qtype", ["F32", "Q4_0"])
 def test_fused_qkv_of_a_llama_file_is_split_and_unpermuted(tmp_path, qtype):
     """``--fuse-qkv`` files: llama.cpp permutes q and k rows, then concatenates; corelm splits, then un-permutes
-    (fp32 load, and the int4 layers on the file's own Q4_0 blocks)."""
+    (fp32 load, and the block layers on the file's own Q4_0 blocks)."""
     torch.manual_seed(0)
     model = build_model(_config("llama", tie_embeddings=False)).eval()
     source = read_gguf(export_gguf(model, tmp_path / "plain.gguf", qtype))
@@ -210,9 +210,9 @@ def test_fused_qkv_of_a_llama_file_is_split_and_unpermuted(tmp_path, qtype):
         ref = corelm.load(tmp_path / "plain.gguf", dtype="fp32").model(ids)
         torch.testing.assert_close(corelm.load(tmp_path / "fused.gguf", dtype="fp32").model(ids), ref,
                                    atol=1e-6, rtol=0)
-        if qtype == "Q4_0":  # the default load runs the int4 blocks: q/k rows of the fused matrix un-permuted too
+        if qtype == "Q4_0":  # the default load runs the Q4_0 blocks: q/k rows of the fused matrix un-permuted too
             native = corelm.load(tmp_path / "fused.gguf").model
-            assert native.corelm_quantization["method"] == "int4"
+            assert native.corelm_quantization["method"] == "gguf"
             assert (native(ids).float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 

@@ -1,4 +1,4 @@
-"""GGUF block formats (Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
+"""GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
 PyTorch statement of its integer arithmetic, and stays within 1e-3 of fp32 against gguf-py's own
 dequantizer (an independent reading of the layouts), on every instruction set this CPU runs."""
 
@@ -16,7 +16,7 @@ from corelm import kernels
 from corelm.errors import CorelmError
 from corelm.quant import kquant
 
-TYPES = {"Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -29,9 +29,9 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) 
     def half(lo: float, hi: float) -> np.ndarray:
         return g.uniform(lo * scale, hi * scale, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
 
-    if kind in ("Q8_0", "Q5_0"):
+    if kind in ("Q8_0", "Q5_0", "Q4_0"):
         b[..., 0:2] = half(1e-4, 2e-3)
-    elif kind == "Q5_1":
+    elif kind in ("Q5_1", "Q4_1"):
         b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
     elif kind == "Q6_K":
         b[..., 208:210] = half(1e-4, 5e-4)
@@ -98,6 +98,20 @@ def test_layer_forward_and_fallback():
     torch.testing.assert_close(layer(x), y, rtol=1e-3, atol=1e-3 * y.abs().max().item())
 
 
+def test_block_embedding_rows_are_the_files_values():
+    """A GGUF block embedding looks rows up as ggml dequantizes them: fp32 from :meth:`rows` (what the C++
+    step reads), the model's dtype from ``forward``; blocks of the wrong width are refused."""
+    blocks = random_blocks("Q8_0", 10, 64)
+    emb = kquant.GGUFBlockEmbedding(blocks, TYPES["Q8_0"], 64, torch.bfloat16)
+    ids = torch.tensor([[3, 0, 9], [3, 3, 1]])
+    want = gguf_matrix(blocks, "Q8_0", 64)[ids]  # (2, 3, 64)
+    torch.testing.assert_close(emb.rows(ids), want, rtol=0, atol=0)
+    assert emb(ids).dtype == torch.bfloat16 and torch.equal(emb(ids), want.to(torch.bfloat16))
+    torch.testing.assert_close(emb.dequantize(), gguf_matrix(blocks, "Q8_0", 64), rtol=0, atol=0)
+    with pytest.raises(CorelmError, match="width 96"):
+        kquant.GGUFBlockEmbedding(blocks, TYPES["Q8_0"], 96, torch.float32)
+
+
 def test_layer_bias_is_added_in_fp32():
     """A biased layer (Qwen2's q/k/v) adds its fp32 bias on the kernel and on the fallback; a bias of the
     wrong length is refused."""
@@ -118,7 +132,7 @@ def test_bad_shapes_are_refused():
     with pytest.raises(RuntimeError, match="210"):
         torch.ops.corelm.qlinear_blocks(torch.randn(1, 512), blocks, 14)
     with pytest.raises(RuntimeError, match="no kernel"):
-        torch.ops.corelm.qlinear_blocks(torch.randn(1, 256), blocks, 2)
+        torch.ops.corelm.qlinear_blocks(torch.randn(1, 256), blocks, 10)  # Q2_K
     with pytest.raises(RuntimeError, match="no kernel"):
         torch.ops.corelm.qlinear_blocks(torch.randn(1, 96), random_blocks("Q8_0", 4, 96)[:, :0], 14)
 
@@ -210,7 +224,9 @@ Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "
 
 
 @pytest.mark.parametrize("kinds", [Q4_K_M, {**Q4_K_M, "attn_q": "Q5_K", "ffn_up": "Q5_0", "attn_k": "Q5_1",
-                                            "output": "Q8_0"}])
+                                            "output": "Q8_0"},
+                                   {**Q4_K_M, "attn_q": "Q4_0", "attn_k": "Q4_1", "ffn_gate": "Q4_1", "ffn_up": "Q4_0",
+                                    "output": "Q8_0"}])
 def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     from corelm.generate.step import KernelStep, step_for
     from corelm.loading import load_parts, stored_quantization

@@ -73,22 +73,27 @@ def test_sliding_window_mixtral(tmp_path):
 
 
 def test_quantize_leaves_routers_in_floats_and_reloads(tmp_path):
-    """int8 quantizes attention, experts' neighbours and the head, never a router (llama.cpp's rule too);
-    the saved model reloads with the same structure and logits."""
+    """int8 quantizes attention, the routed experts (one layer per expert matrix), the shared expert and the
+    head, never a router (llama.cpp's rule too); the saved model reloads with the same structure and logits."""
+    from corelm.quant.experts import QuantizedExperts
     from corelm.quant.io import save_quantized_dir
+    from corelm.quant.layers import Int8Linear
     from corelm.quant.transform import quantize_model
 
-    _, llm = _hf_pair("qwen2_moe", tmp_path / "in", shared_expert_intermediate_size=64)  # widths of 32s
+    _, llm = _hf_pair("qwen2_moe", tmp_path / "in", shared_expert_intermediate_size=64,
+                      moe_intermediate_size=32)  # widths of 32s
     model = llm.model
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
     quantize_model(model, "int8")
     moe = model.model.layers[0].mlp
     assert type(moe.gate) is torch.nn.Linear and type(moe.shared_expert_gate) is torch.nn.Linear
     assert type(model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear  # the rest is quantized
+    assert isinstance(moe.experts, QuantizedExperts) and type(moe.experts[7].down_proj) is Int8Linear
     assert "model.layers.0.mlp.gate" in model.corelm_quantization["skip"]
     save_quantized_dir(model, llm.config, tmp_path / "q")
     back = corelm.load(str(tmp_path / "q"), dtype="fp32")
     assert type(back.model.model.layers[0].mlp.gate) is torch.nn.Linear
+    assert type(back.model.model.layers[1].mlp.experts[3].gate_proj) is Int8Linear
     with torch.no_grad():
         torch.testing.assert_close(back.model(ids), model(ids), rtol=0, atol=1e-5)
 

@@ -183,12 +183,16 @@ def read_lora(path: str | Path) -> LoRAWeights:
     return LoRAWeights(rank, float(alpha) / rank, layers, str(task.get("base", "")))
 
 
+_ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")  # inside corelm.quant.experts.QuantizedExperts
+
+
 def block_linears(model: nn.Module) -> list[str]:
-    """Names of the linear-like layers inside the Transformer blocks (plain or quantized)."""
+    """Names of the linear-like layers inside the Transformer blocks (plain or quantized), not counting a
+    MoE's quantized routed experts (``mlp.experts.{e}.gate_proj``: adapters train the experts as stacks)."""
     return [name for name, m in model.named_modules()
             if _IN_BLOCK.search(name) and isinstance(getattr(m, "in_features", None), int)
             and isinstance(getattr(m, "out_features", None), int) and not isinstance(m, MultiLoRALinear)
-            and not name.endswith(".base")]
+            and not name.endswith(".base") and not _ROUTED_EXPERT.search(name)]
 
 
 class MultiLoRA:

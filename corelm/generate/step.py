@@ -398,7 +398,10 @@ class KernelStep:
 
     def _run(self, cache: KernelCache, tokens: Sequence[int] | torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
              out: torch.Tensor) -> torch.Tensor:
-        x = self.embed(torch.as_tensor(tokens, dtype=torch.long))  # (N, d)
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        exact = getattr(self.embed, "rows", None)  # a GGUF block embedding: the file's values in fp32
+        plain = self.embed_scale is None and self.positions is None
+        x = exact(ids) if exact is not None and plain else self.embed(ids)  # (N, d)
         if self.positions is not None:  # GPT-2, as its forward: tokens + positions in the embedding dtype
             x = x + self.positions(pos[None])[0].to(x.dtype)
         if self.embed_scale is not None:  # rounded to the activation dtype first, as the model does
@@ -422,9 +425,11 @@ class KernelStep:
         return self._run(cache, [t for p in prompts for t in p], row_of, pos, last)
 
     def extend(self, cache: KernelCache, row: int, tokens: Sequence[int], pos0: int,
-               all_logits: bool = True) -> torch.Tensor:
+               all_logits: bool = True, at: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` at positions ``pos0..`` of cache row ``row`` -> fp32 logits after each token, after the
+        last (``all_logits=False``), or after the tokens indexed by ``at`` (only those go through the head)."""
         n = len(tokens)
-        out = torch.arange(n) if all_logits else torch.tensor([n - 1])
+        out = at if at is not None else torch.arange(n) if all_logits else torch.tensor([n - 1])
         return self._run(cache, list(tokens), torch.full((n,), row), torch.arange(pos0, pos0 + n), out)
 
     def decode(self, cache: KernelCache, tokens: torch.Tensor, pos: torch.Tensor,
@@ -474,8 +479,9 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
     Tensors: the seven projections (:func:`_named`; a MoE's gate/up/down are its shared expert's, or
     absent), the norms the family has in each role of :data:`NORM_ROLES` (as the step multiplies by
     them), the QK norms (per head: ``head_dim`` weights; OLMo 2's over the whole projection: one per row),
-    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router,
-    stacked experts and shared-expert gate, in floats as the quantized model keeps them. Options: the
+    for a sliding Gemma 3 layer its own RoPE table ``local_rope``, and for a sparse MoE layer its router and
+    shared-expert gate (floats) and its routed experts (each expert's quantized gate, up and down, or the
+    float stacks of a model that keeps them so). Options: the
     window, the attention scale and soft-cap, the activation, a MoE's ``top_k`` and ``norm_topk``.
     """
     family = getattr(config, "family", None)
@@ -542,10 +548,18 @@ def _dense_mlp(block: nn.Module) -> nn.Module | None:
 
 
 def _routed(moe: nn.Module) -> dict[str, torch.Tensor]:
-    """A sparse MoE's router, stacked experts and (Qwen2-MoE) shared-expert gate, as the model holds them:
-    in floats, quantized or not (routing is decided on these weights; see corelm.quant.transform)."""
-    out = {"router": moe.gate.weight.detach(), "experts.gate_up": moe.experts.gate_up_proj.detach(),
-           "experts.down": moe.experts.down_proj.detach()}
+    """A sparse MoE's router and (Qwen2-MoE) shared-expert gate, in floats as the quantized model keeps them
+    (routing is decided on these weights; see corelm.quant.transform), and its routed experts: each expert's
+    quantized ``experts.{e}.gate_proj`` ... (:class:`corelm.quant.experts.QuantizedExperts`), or the float
+    stacks ``experts.gate_up`` / ``experts.down`` (:class:`corelm.models.moe.Experts`)."""
+    out = {"router": moe.gate.weight.detach()}
+    if hasattr(moe.experts, "gate_up_proj"):
+        out.update({"experts.gate_up": moe.experts.gate_up_proj.detach(),
+                    "experts.down": moe.experts.down_proj.detach()})
+    else:
+        for e, mlp in enumerate(moe.experts):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out.update(_named(f"experts.{e}.{name}", getattr(mlp, name)))
     if hasattr(moe, "shared_expert_gate"):
         out["shared_expert_gate"] = moe.shared_expert_gate.weight.detach()
     return out
@@ -600,14 +614,15 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     if family != "gpt2" and model.rope.rope_type == "dynamic":  # its table changes with every length past the context
         return "the C++ step reads fixed RoPE tables; dynamic RoPE changes its table with the length"
     from corelm.models.moe import Experts
+    from corelm.quant.experts import QuantizedExperts, expert_layers
 
-    if any(kernel_weights(m) is None for m in [*_step_matrices(model), model.lm_head]):
+    if family != "gpt2" and any(hasattr(b.mlp, "experts") and type(b.mlp.experts) not in (Experts, QuantizedExperts)
+                                for b in model.model.layers):
+        return "the routed experts are wrapped (LoRA): the C++ step reads plain or quantized experts"
+    if any(kernel_weights(m) is None for m in [*_step_matrices(model), *expert_layers(model), model.lm_head]):
         if model_dtype(model) not in FLOAT_WEIGHTS:
             return f"the C++ step reads quantized, float32 or bfloat16 weights, not {model_dtype(model)}"
         return "some layers are neither on corelm's kernel layout nor plain float32/bfloat16 nn.Linear"
-    if family != "gpt2" and any(hasattr(b.mlp, "experts") and type(b.mlp.experts) is not Experts
-                                for b in model.model.layers):
-        return "the routed experts are wrapped (LoRA): the C++ step reads plain stacked experts"
     norms = {float(m.eps) for m in model.modules() if "Norm" in type(m).__name__ and hasattr(m, "eps")}
     if len(norms) != 1:
         return "the model's norms use several epsilons"

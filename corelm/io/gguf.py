@@ -654,21 +654,23 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     raise CorelmError(f"unexpected tensor {gguf_name!r} in a {arch} GGUF file")
 
 
-def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
-                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                         experts: bool = True) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to ``dtype`` under corelm's (HF) names.
 
     Q/K rows are un-permuted (``llama`` only), Gemma's ``1 + w`` norms shifted back, fused tensors split
     (``attn_qkv``, Phi-3's gate/up) and llama.cpp's separate expert stacks joined. Every tensor's shape
     is checked against the model ``config`` describes, so a mismatched file fails with the tensor's
-    name; a tensor the model needs and the file lacks is named too.
+    name; a tensor the model needs and the file lacks is named too. ``experts=False`` leaves a MoE's
+    routed expert stacks out (the caller takes them from the file's blocks).
     """
     from corelm.models import build_model
     from corelm.ops.init import skip_init
 
     arch = _arch(gguf)
     with torch.device("meta"), skip_init():
-        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()
+                    if experts or ".mlp.experts." not in k}
     state: dict[str, torch.Tensor] = {}
     # One thread: these element-wise passes are memory-bound, and on a shared 2-core machine a second
     # intra-op thread mostly adds synchronisation stalls (measured: 2x the wall time under load).
@@ -677,7 +679,7 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig,
     try:
         for name, info in gguf.tensors.items():
             target = hf_name(name, arch)
-            if target is not None:
+            if target is not None and (experts or ".mlp.experts." not in target):
                 _load_one(gguf, name, info, target, config, arch, dtype, state)
     finally:
         torch.set_num_threads(threads)
@@ -710,8 +712,10 @@ def _load_one(gguf: GGUFFile, name: str, info: GGUFTensor, target: str, config: 
         w = w.float() - ARCHS[arch].norm_offset
     if target.endswith("shared_expert_gate.weight"):
         w = w.reshape(1, -1)  # llama.cpp: a vector {n_embd}; the converter writes it as (1, n_embd)
-    # F32 tensors are still views of the read-only map: copy them so the model owns its memory.
-    w = w.to(dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
+    # F32 tensors are still views of the read-only map: copy them so the model owns its memory. A MoE's
+    # routers stay fp32 when the file keeps them so (llama.cpp's converters do): they pick the experts.
+    router = target.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) and info.qtype == Q.F32
+    w = w.to(torch.float32 if router else dtype, copy=info.qtype in (Q.F32, Q.F16, Q.BF16))
     split = _split_sizes(target, config)
     if split is None:
         pieces = [(target, w)]

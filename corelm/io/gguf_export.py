@@ -286,6 +286,16 @@ def _rope_metadata(writer: Any, config: Any) -> list[tuple[str, torch.Tensor]]:
     return []
 
 
+def _expert_stacks(block: nn.Module, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A sparse block's routed experts as float stacks ``gate_up (E, 2F, d)``, ``down (E, d, F)``: the
+    parameters, or what quantized experts (:mod:`corelm.quant.experts`) multiply with; None for a dense block."""
+    if hasattr(getattr(block.mlp, "experts", None), "stacked"):
+        return block.mlp.experts.stacked()
+    if "mlp.experts.gate_up_proj" in params:
+        return params["mlp.experts.gate_up_proj"].detach(), params["mlp.experts.down_proj"].detach()
+    return None
+
+
 def _tensors(model: nn.Module, config: Any, arch: str, qtype: str) -> list[tuple[str, Any, torch.Tensor, str, Any]]:
     """``(gguf name, module or None, float weight, type, heads to permute)`` for every tensor, in file order."""
     from corelm.io.gguf import ARCHS, permute_rows
@@ -327,12 +337,13 @@ def _tensors(model: nn.Module, config: Any, arch: str, qtype: str) -> list[tuple
                 out.append((f"blk.{i}.{gg}.bias", None, permute_rows(b, heads) if heads else b, "F32", None))
         for gg, parts in fused.items():  # Phi-3: rows q, k, v / gate, up (dict order is the module order)
             out.append((f"blk.{i}.{gg}.weight", None, torch.cat(parts), qtype, None))
-        if "mlp.experts.gate_up_proj" in params:  # (E, 2F, d) -> llama.cpp's gate and up stacks (E, F, d)
-            gate, up = params["mlp.experts.gate_up_proj"].detach().float().chunk(2, dim=1)
+        stacks = _expert_stacks(block, params)
+        if stacks is not None:  # (E, 2F, d) -> llama.cpp's gate and up stacks (E, F, d)
+            gate_up, down = stacks
+            gate, up = gate_up.float().chunk(2, dim=1)
             out += [(f"blk.{i}.ffn_gate_exps.weight", None, gate, qtype, None),
                     (f"blk.{i}.ffn_up_exps.weight", None, up, qtype, None),
-                    (f"blk.{i}.ffn_down_exps.weight", None, params["mlp.experts.down_proj"].detach().float(), qtype,
-                     None)]
+                    (f"blk.{i}.ffn_down_exps.weight", None, down.float(), qtype, None)]
     out.append(("output_norm.weight", None, body.norm.weight.detach().float() + offset, "F32", None))
     if not config.tie_embeddings:
         out.append(("output.weight", model.lm_head, _float_weight(model.lm_head), emb_type, None))

@@ -152,7 +152,8 @@ void lora_update(const LoRA& lora, const SlotGroups& groups, const float* x, int
 }
 
 // A floating-point matrix (N, K), fp32 or bf16: what a quantized MoE keeps unquantized (routers,
-// Qwen2-MoE's shared-expert gate, the stacked routed experts, viewed as (E * rows, K)).
+// Qwen2-MoE's shared-expert gate; the stacked routed experts of a model that keeps them in floats, viewed
+// as (E * rows, K)).
 struct FMatrix {
   at::Tensor w;
   int64_t n = 0, k = 0;
@@ -181,6 +182,11 @@ void fmatvec(const FMatrix& m, int64_t row0, int64_t rows, const float* x, float
     Pool::parallel_for(rows, 16, run);
   }
 }
+
+// One quantized routed expert (corelm.quant.experts): its SwiGLU's three matrices.
+struct Expert {
+  Linear gate, up, down;
+};
 
 // The MLP's nonlinearity: down(act(gate) * up) in a gated MLP (SwiGLU: Llama, OLMo 2; GeGLU with tanh
 // GELU: Gemma), down(act(up)) in a plain one (GPT-2: tanh GELU).
@@ -222,10 +228,12 @@ struct Layer {
   float attn_softcap = 0.f;  // 0: scores not capped
   Activation act = Activation::SiLU;
   // A sparse MoE MLP (Mixtral, Qwen2/3-MoE) when `router` is set: softmax(router x) picks top_k of the
-  // experts (gate|up rows of expert e: experts_gate_up rows e*2F..; down: experts_down rows e*d..),
-  // weighted by their probabilities (renormalised to sum 1 with norm_topk). gate/up/down are then
-  // Qwen2-MoE's shared expert (absent otherwise), scaled by sigmoid(shared_gate x).
+  // experts, weighted by their probabilities (renormalised to sum 1 with norm_topk); the experts are
+  // quantized (`experts`: expert e's gate, up and down) or float stacks (gate|up rows of expert e:
+  // experts_gate_up rows e*2F..; down: experts_down rows e*d..). gate/up/down are then Qwen2-MoE's
+  // shared expert (absent otherwise), scaled by sigmoid(shared_gate x).
   FMatrix router, experts_gate_up, experts_down, shared_gate;
+  std::vector<Expert> experts;
   int64_t top_k = 0, moe_ff = 0;
   bool norm_topk = false;
 };
@@ -237,8 +245,10 @@ struct Layer {
 //   .add_layer({"<proj>.values", "<proj>.scales", optional "<proj>.bias"   for proj in q/k/v/o/gate/up/down,
 //               optional "attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm" (each with an optional
 //               "<norm>.bias": a LayerNorm), "q_norm", "k_norm",
-//               "cos", "sin", and for a sparse MoE MLP "router", "experts.gate_up", "experts.down",
-//               "shared_expert_gate" (the gate/up/down projections are then the shared expert's, if any)},
+//               "cos", "sin", and for a sparse MoE MLP "router", either "experts.gate_up" and "experts.down"
+//               (float stacks) or "experts.<e>.<proj>.values"/".scales" for proj in gate/up/down_proj and
+//               every expert e (quantized), and "shared_expert_gate" (the gate/up/down projections are
+//               then the shared expert's, if any)},
 //              {optional "window", "attn_scale", "attn_softcap", "act", "top_k", "norm_topk"})
 // cos and sin of width 0: no RoPE (GPT-2's positions are added to the embeddings by the caller).
 // The output logits become final_softcap * tanh(logits / final_softcap) when it is set (Gemma 2).
@@ -516,11 +526,26 @@ class DecoderStep : public torch::CustomClassHolder {
     TORCH_CHECK(router.dim() == 2 && router.size(1) == d_, where, "router must be (n_experts, d_model)");
     const int64_t E = router.size(0);
     l.router = fmatrix(t, "router", where, E, d_);
-    TORCH_CHECK(t.contains("experts.down") && t.at("experts.down").dim() == 3, where,
-                "'experts.down' must be (n_experts, d_model, F)");
-    l.moe_ff = t.at("experts.down").size(2);
-    l.experts_gate_up = fmatrix(t, "experts.gate_up", where, E * 2 * l.moe_ff, d_);
-    l.experts_down = fmatrix(t, "experts.down", where, E * d_, l.moe_ff);
+    if (t.contains("experts.0.gate_proj.values")) {  // quantized, one matrix per expert and projection
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string name = "experts." + std::to_string(e) + ".";
+        Expert x;
+        x.gate = linear(t, name + "gate_proj", where, d_);
+        x.up = linear(t, name + "up_proj", where, d_);
+        x.down = linear(t, name + "down_proj", where, x.gate.m.n);
+        if (e == 0) l.moe_ff = x.gate.m.n;
+        TORCH_CHECK(x.gate.m.n == l.moe_ff && x.up.m.n == l.moe_ff && x.down.m.n == d_ && !x.gate.bias.defined() &&
+                        !x.up.bias.defined() && !x.down.bias.defined(),
+                    where, "expert ", e, " is not a SwiGLU of width ", l.moe_ff, " without biases");
+        l.experts.push_back(std::move(x));
+      }
+    } else {
+      TORCH_CHECK(t.contains("experts.down") && t.at("experts.down").dim() == 3, where,
+                  "'experts.down' must be (n_experts, d_model, F)");
+      l.moe_ff = t.at("experts.down").size(2);
+      l.experts_gate_up = fmatrix(t, "experts.gate_up", where, E * 2 * l.moe_ff, d_);
+      l.experts_down = fmatrix(t, "experts.down", where, E * d_, l.moe_ff);
+    }
     if (t.contains("shared_expert_gate")) l.shared_gate = fmatrix(t, "shared_expert_gate", where, 1, d_);
     l.top_k = static_cast<int64_t>(option(options, "top_k", 0.));
     l.norm_topk = option(options, "norm_topk", 0.) != 0.;
@@ -528,11 +553,62 @@ class DecoderStep : public torch::CustomClassHolder {
   }
 
   // y (N, d) += each token's routed experts, sum_j w_j * down_e(silu(gate_e x) * up_e x); a shared
-  // expert already in y is first scaled by sigmoid(shared_gate x). Token by token: a token's experts and
-  // sums do not depend on the other tokens of the call.
+  // expert already in y is first scaled by sigmoid(shared_gate x). A token's experts and sums do not
+  // depend on the other tokens of the call: routing is per token, a quantized expert runs its tokens
+  // through the matmul whose rows equal one-token calls below gemm_rows() (as every projection does), and
+  // each token adds its experts' outputs in its own top-k order.
   void moe(const Layer& l, const float* x, int64_t N, float* y) const {
-    const int64_t E = l.router.n, F = l.moe_ff, d = d_;
-    std::vector<float> probs(E), gu(2 * F), out(d);
+    const int64_t E = l.router.n, F = l.moe_ff, d = d_, K = l.top_k;
+    std::vector<int64_t> chosen(N * K);  // token t's experts, chosen[t*K + j], and their weights
+    std::vector<float> weight(N * K);
+    route(l, x, N, y, chosen.data(), weight.data());
+    std::vector<float> out(N * K * d);  // expert outputs per (token, slot)
+    if (l.experts.empty()) {  // float stacks: token by token
+      std::vector<float> gu(2 * F);
+      for (int64_t a = 0; a < N * K; ++a) {
+        const int64_t e = chosen[a];
+        fmatvec(l.experts_gate_up, e * 2 * F, 2 * F, x + a / K * d, gu.data());
+        for (int64_t i = 0; i < F; ++i) {
+          const float g = gu[i];
+          gu[i] = g / (1.f + std::exp(-g)) * gu[F + i];  // SwiGLU
+        }
+        fmatvec(l.experts_down, e * d, d, gu.data(), &out[a * d]);
+      }
+    } else {  // quantized: each expert once, on the rows of the tokens that chose it
+      std::vector<std::vector<int64_t>> of(E);  // (token, slot) assignments a = t*K + j per expert, in token order
+      for (int64_t a = 0; a < N * K; ++a) of[chosen[a]].push_back(a);
+      std::vector<float> xs, gate, up, down;
+      QActs acts;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t T = static_cast<int64_t>(of[e].size());
+        if (T == 0) continue;  // no token picked it: its weights are not read
+        const Expert& ex = l.experts[e];
+        xs.resize(T * d);
+        gate.resize(T * F);
+        up.resize(T * F);
+        down.resize(T * d);
+        for (int64_t i = 0; i < T; ++i) std::copy_n(x + of[e][i] / K * d, d, &xs[i * d]);
+        matmul(xs.data(), T, d, {ex.gate.m, ex.up.m}, {gate.data(), up.data()}, acts);
+        for (int64_t i = 0; i < T * F; ++i) {
+          const float g = gate[i];
+          gate[i] = g / (1.f + std::exp(-g)) * up[i];  // SwiGLU
+        }
+        matmul(gate.data(), T, F, {ex.down.m}, {down.data()}, acts);
+        for (int64_t i = 0; i < T; ++i) std::copy_n(&down[i * d], d, &out[of[e][i] * d]);
+      }
+    }
+    for (int64_t a = 0; a < N * K; ++a) {  // each token's slots in its top-k order
+      float* yt = y + a / K * d;
+      const float w = weight[a];
+      for (int64_t i = 0; i < d; ++i) yt[i] += w * out[a * d + i];
+    }
+  }
+
+  // Each token's top_k experts (chosen, N * top_k) and weights from its router probabilities; a shared
+  // expert's output in y (N, d) is scaled by sigmoid(shared_gate x) on the way.
+  void route(const Layer& l, const float* x, int64_t N, float* y, int64_t* chosen, float* weight) const {
+    const int64_t E = l.router.n, d = d_;
+    std::vector<float> probs(E);
     std::vector<int64_t> order(E);
     for (int64_t t = 0; t < N; ++t) {
       const float* xt = x + t * d;
@@ -558,15 +634,8 @@ class DecoderStep : public torch::CustomClassHolder {
         for (int64_t j = 0; j < l.top_k; ++j) norm += probs[order[j]];
       }
       for (int64_t j = 0; j < l.top_k; ++j) {
-        const int64_t e = order[j];
-        const float w = probs[e] / norm;
-        fmatvec(l.experts_gate_up, e * 2 * F, 2 * F, xt, gu.data());
-        for (int64_t i = 0; i < F; ++i) {
-          const float g = gu[i];
-          gu[i] = g / (1.f + std::exp(-g)) * gu[F + i];  // SwiGLU
-        }
-        fmatvec(l.experts_down, e * d, d, gu.data(), out.data());
-        for (int64_t i = 0; i < d; ++i) yt[i] += w * out[i];
+        chosen[t * l.top_k + j] = order[j];
+        weight[t * l.top_k + j] = probs[order[j]] / norm;
       }
     }
   }

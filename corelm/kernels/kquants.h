@@ -1,13 +1,16 @@
-// Dot products of GGUF's own blocks -- Q8_0 and the K-quants Q4_K, Q5_K, Q6_K -- with corelm's
+// Dot products of GGUF's own blocks -- Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K -- with corelm's
 // 15-bit activation blocks (included once, by qlinear.h). The weights stay in the bytes llama.cpp's
 // quantizer wrote: no float copy, no re-rounding of their fp16 scales.
 //
 // Layouts (ggml-common.h; a K "super-block" is 256 values of one row, QK_K):
 //   Q8_0  34 bytes / 32 values:  d fp16 | qs[32] int8                       w = d * q
+//   Q4_0  18 bytes / 32 values:  d fp16 | qs[16]                           w = d * (q - 8)
+//   Q4_1  20 bytes / 32 values:  d, m fp16 | qs[16]                        w = d * q + m
 //   Q5_0  22 bytes / 32 values:  d fp16 | qh[4] | qs[16]                    w = d * (q - 16)
 //   Q5_1  24 bytes / 32 values:  d, m fp16 | qh[4] | qs[16]                 w = d * q + m
-// (Q5_x: value j is nibble j of qs -- low nibbles first, as Q4_1 -- with bit 4 = bit j of qh. llama.cpp's
-// quantizer writes them for K-quant matrices whose rows are not whole 256-value super-blocks.)
+// (Q4_x: value j is the low nibble of qs[j] for j < 16, the high nibble of qs[j - 16] after. Q5_x: the same
+// nibbles with bit 4 = bit j of qh; llama.cpp's quantizer writes them for K-quant matrices whose rows are
+// not whole 256-value super-blocks.)
 //   Q4_K 144 bytes / 256 values: d, dmin fp16 | scales[12] | qs[128]        w = d*sc_i * q - dmin*m_i
 //   Q5_K 176 bytes / 256 values: d, dmin fp16 | scales[12] | qh[32] | qs[128]   (q gains bit 4 from qh)
 //   Q6_K 210 bytes / 256 values: ql[128] | qh[64] | scales[16] int8 | d fp16    w = d*sc_j * (q - 32)
@@ -30,7 +33,7 @@ namespace corelm {
 constexpr int64_t QK_K = 256;
 
 // GGML type ids (ggml.h enum ggml_type) of the block formats with a kernel here.
-enum GGMLType : int64_t { GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+enum GGMLType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
 
 inline float fp16(uint16_t h) {  // IEEE half -> float, exact (subnormals included)
 #if defined(__F16C__)
@@ -332,10 +335,69 @@ void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
 #endif
 }
 
+// Value j (0..31) of a Q4_0/Q4_1 block's unsigned 4-bit integers.
+inline int q4b(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
+
+// Q4_0 (MIN = false: w = d*q - 8d) and Q4_1 (w = d*q + m): dot_q5 without the fifth bit. The offset goes
+// through d_a * sum(a): y = d * d_a * (q . a) + m * s_a, llama.cpp's ggml_vec_dot_q4_1_q8_1 arithmetic
+// (its Q4_0 subtracts 8 from q before the integer dot, the same value).
+template <int NT, bool MIN>
+void dot_q4b(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = MIN ? 20 : 18;
+  float tail[NT] = {};
+#if defined(__AVX2__)
+  __m256 acc[NT], accm[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {  // eight blocks' scales and offsets at a time, in vectors
+    const uint8_t* blk = w.q + b * bytes;
+    const __m256 d = fp16x8(blk, bytes);
+    const __m256 m = MIN ? fp16x8(blk + 2, bytes) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+    alignas(32) float sd[NT][8];
+    for (int t = 0; t < NT; ++t) {
+      _mm256_store_ps(sd[t], _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d + b)));
+      accm[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[t].s + b), accm[t]);
+    }
+    for (int i = 0; i < 8; ++i) {
+      const __m256i wq = nibbles(blk + i * bytes + (MIN ? 4 : 2));
+      const int64_t j = (b + i) * QK;
+      for (int t = 0; t < NT; ++t)
+        acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + j, a[t].ql + j), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
+    }
+  }
+  for (; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * bytes;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -8.f * d;
+    const __m256i wq = nibbles(blk + (MIN ? 4 : 2));
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]), acc[t]);
+      tail[t] += m * a[t].s[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + (hsum(accm[t]) + tail[t]);
+#else
+  float acc[NT] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w.q + b * bytes;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -8.f * d;
+    const uint8_t* qs = blk + (MIN ? 4 : 2);
+    for (int t = 0; t < NT; ++t) {
+      int sumi = 0;
+      for (int j = 0; j < QK; ++j) sumi += q4b(qs, j) * act(a[t], b * QK + j);
+      acc[t] += d * a[t].d[b] * static_cast<float>(sumi);
+      tail[t] += m * a[t].s[b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t] + tail[t];
+#endif
+}
+
 template <int NT>
 void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
   switch (kind) {
     case Kind::Q8_0: dot_q8_0<NT>(w, a, nb, out); break;
+    case Kind::Q4_0: dot_q4b<NT, false>(w, a, nb, out); break;
+    case Kind::Q4_1: dot_q4b<NT, true>(w, a, nb, out); break;
     case Kind::Q5_0: dot_q5<NT, false>(w, a, nb, out); break;
     case Kind::Q5_1: dot_q5<NT, true>(w, a, nb, out); break;
     case Kind::Q4_K: dot_q45k<NT, false>(w, a, nb, out); break;
@@ -351,6 +413,18 @@ inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) 
       const uint8_t* blk = q + b * 34;
       const float d = fp16(u16(blk));
       for (int j = 0; j < QK; ++j) o[b * QK + j] = d * static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
+    }
+    return;
+  }
+  if (kind == Kind::Q4_0 || kind == Kind::Q4_1) {
+    const bool min = kind == Kind::Q4_1;
+    for (int64_t b = 0; b < k / QK; ++b) {
+      const uint8_t* blk = q + b * (min ? 20 : 18);
+      const float d = fp16(u16(blk));
+      for (int j = 0; j < QK; ++j) {
+        const int v = q4b(blk + (min ? 4 : 2), j);
+        o[b * QK + j] = min ? d * static_cast<float>(v) + fp16(u16(blk + 2)) : d * static_cast<float>(v - 8);
+      }
     }
     return;
   }
@@ -391,6 +465,8 @@ inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) 
 // Bytes of one row of k values, and the Kind, of a GGML block type (0 bytes: not a type with a kernel).
 inline int64_t block_row_bytes(int64_t ggml_type, int64_t k, Kind* kind) {
   switch (ggml_type) {
+    case GGML_Q4_0: *kind = Kind::Q4_0; return k % QK == 0 ? k / QK * 18 : 0;
+    case GGML_Q4_1: *kind = Kind::Q4_1; return k % QK == 0 ? k / QK * 20 : 0;
     case GGML_Q5_0: *kind = Kind::Q5_0; return k % QK == 0 ? k / QK * 22 : 0;
     case GGML_Q5_1: *kind = Kind::Q5_1; return k % QK == 0 ? k / QK * 24 : 0;
     case GGML_Q8_0: *kind = Kind::Q8_0; return k % QK == 0 ? k / QK * 34 : 0;

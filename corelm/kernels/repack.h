@@ -10,6 +10,8 @@
 //
 // Records (per group of 8 rows, per 32-value block b; row r, lane bytes i = 0..3):
 //   Q4    qs[128] | scale bf16[8] | zero bf16[8]                       160 bytes = 8 x (16 + 4)
+//   Q4_0  qs[128] | d fp16[8]                                          144 bytes = 8 x 18
+//   Q4_1  qs[128] | d fp16[8] | m fp16[8]                              160 bytes = 8 x 20
 //   Q5_0  qs[128] | hb[32] | d fp16[8]                                 176 bytes = 8 x 22
 //   Q5_1  qs[128] | hb[32] | d fp16[8] | m fp16[8]                     192 bytes = 8 x 24
 //   Q8    q[256]  | scale bf16[8]                                      272 bytes
@@ -51,7 +53,9 @@ constexpr int64_t kGroup = 8;  // weight rows per repacked group
 // Bytes of one group's record for block (or, for Q4_K, super-block) b; 0: the kind is not repacked.
 inline int64_t packed_record(Kind kind) {
   switch (kind) {
-    case Kind::Q4: return 160;
+    case Kind::Q4:
+    case Kind::Q4_1: return 160;
+    case Kind::Q4_0: return 144;
     case Kind::Q5_0: return 176;
     case Kind::Q5_1: return 192;
     case Kind::Q8:
@@ -109,6 +113,15 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
           for (int v = 0; v < 4; ++v) std::memcpy(o + 32 * v + 4 * r, w.q + b * 16 + 4 * v, 4);
           put16(o + 128 + 2 * r, w.s[2 * (b / bpg)]);
           put16(o + 144 + 2 * r, w.s[2 * (b / bpg) + 1]);
+          break;
+        }
+        case Kind::Q4_0:
+        case Kind::Q4_1: {
+          const bool min = kind == Kind::Q4_1;
+          const uint8_t* blk = w.q + b * (min ? 20 : 18);
+          for (int v = 0; v < 4; ++v) std::memcpy(o + 32 * v + 4 * r, blk + (min ? 4 : 2) + 4 * v, 4);
+          put16(o + 128 + 2 * r, u16(blk));
+          if (min) put16(o + 144 + 2 * r, u16(blk + 2));
           break;
         }
         case Kind::Q5_0:
@@ -246,10 +259,10 @@ CORELM_INLINE __m256i half_dots_s(const __m256i* w, const __m256i* aw, const Act
   return _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(h0, h1), 7), _mm256_add_epi32(l0, l1));
 }
 
-// Q4, Q5_0, Q5_1: y_r = sum_b scale_rb * d_a[b] * dot + m_rb * s_a[b]
+// Q4, Q4_0, Q4_1, Q5_0, Q5_1: y_r = sum_b scale_rb * d_a[b] * dot + m_rb * s_a[b]
 template <Kind K, int NT>
 void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
-  constexpr bool high = K != Kind::Q4;
+  constexpr bool high = K == Kind::Q5_0 || K == Kind::Q5_1;
   const int64_t rec = packed_record(K);
   __m256 acc[NT], accm[NT];
   for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
@@ -260,6 +273,9 @@ void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) 
     if (K == Kind::Q4) {  // w = q * scale + (zero - 8 * scale)
       scale = bf16x8(p + 128);
       m = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, bf16x8(p + 144));
+    } else if (K == Kind::Q4_0 || K == Kind::Q4_1) {  // the file's fp16 d (and m) as they are
+      scale = fp16x8c(p + 128);
+      m = K == Kind::Q4_1 ? fp16x8c(p + 144) : _mm256_mul_ps(scale, _mm256_set1_ps(-8.f));
     } else {
       scale = fp16x8c(p + 160);
       m = K == Kind::Q5_1 ? fp16x8c(p + 176) : _mm256_mul_ps(scale, _mm256_set1_ps(-16.f));
@@ -367,7 +383,7 @@ inline int packed_value(Kind kind, const uint8_t* p, int r, int j) {
   const int u = j / 4, i = j % 4;
   if (kind == Kind::Q8 || kind == Kind::Q8_0) return static_cast<int8_t>(p[32 * u + 4 * r + i]);
   int v = (p[32 * (u % 4) + 4 * r + i] >> (u < 4 ? 0 : 4)) & 0xF;
-  if (kind != Kind::Q4) v |= ((p[128 + 4 * r + i] >> u) & 1) << 4;
+  if (kind == Kind::Q5_0 || kind == Kind::Q5_1) v |= ((p[128 + 4 * r + i] >> u) & 1) << 4;
   return v;
 }
 
@@ -413,6 +429,9 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
       if (K == Kind::Q4) {
         scale = bf16(u16(blk + 128 + 2 * r));
         m = bf16(u16(blk + 144 + 2 * r)) - 8.f * scale;
+      } else if (K == Kind::Q4_0 || K == Kind::Q4_1) {
+        scale = fp16(u16(blk + 128 + 2 * r));
+        m = K == Kind::Q4_1 ? fp16(u16(blk + 144 + 2 * r)) : -8.f * scale;
       } else if (K == Kind::Q8 || K == Kind::Q8_0) {
         scale = K == Kind::Q8 ? bf16(u16(blk + 256 + 2 * r)) : fp16(u16(blk + 256 + 2 * r));
       } else {
@@ -438,6 +457,8 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
 #if defined(__AVX2__)
   switch (kind) {
     case Kind::Q4: packed_unsigned<Kind::Q4, NT>(p, a, nb, out); break;
+    case Kind::Q4_0: packed_unsigned<Kind::Q4_0, NT>(p, a, nb, out); break;
+    case Kind::Q4_1: packed_unsigned<Kind::Q4_1, NT>(p, a, nb, out); break;
     case Kind::Q5_0: packed_unsigned<Kind::Q5_0, NT>(p, a, nb, out); break;
     case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out); break;
@@ -448,6 +469,8 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
 #else
   switch (kind) {
     case Kind::Q4: packed_scalar<Kind::Q4, NT>(p, a, nb, out); break;
+    case Kind::Q4_0: packed_scalar<Kind::Q4_0, NT>(p, a, nb, out); break;
+    case Kind::Q4_1: packed_scalar<Kind::Q4_1, NT>(p, a, nb, out); break;
     case Kind::Q5_0: packed_scalar<Kind::Q5_0, NT>(p, a, nb, out); break;
     case Kind::Q5_1: packed_scalar<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_scalar<Kind::Q8, NT>(p, a, nb, out); break;

@@ -191,10 +191,13 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         x = x.reshape(B * T, d)  # (N, d): routing is per token
-        weights, experts = route(self.gate(x), self.top_k, self.norm_topk_prob)  # (N, k) each
-        y = self.experts(x, weights, experts)  # (N, d)
+        # routers may be kept in fp32 in a bf16 model (GGUF files store them F32): they pick the experts
+        logits = self.gate(x.to(self.gate.weight.dtype))  # (N, E)
+        weights, experts = route(logits, self.top_k, self.norm_topk_prob)  # (N, k) each
+        y = self.experts(x, weights.to(x.dtype), experts)  # (N, d)
         if hasattr(self, "shared_expert"):
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            gate = self.shared_expert_gate(x.to(self.shared_expert_gate.weight.dtype))
+            y = y + torch.sigmoid(gate).to(x.dtype) * self.shared_expert(x)
         return y.view(B, T, d)
 
 

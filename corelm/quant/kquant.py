@@ -1,18 +1,20 @@
-"""GGUF's own block formats as layers: Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
+"""GGUF's own block formats as layers: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
 
-A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``)
-keeps each matrix in the bytes it was written in (the quantizer falls back to Q5_0/Q5_1/Q8_0 for
-rows that are not whole 256-value super-blocks, e.g. SmolLM2's 576 columns): :class:`GGUFBlockLinear`
-holds a matrix's rows of blocks and its GGML type, and multiplies through
-``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``: integer dot products of the
-blocks with 15-bit activation blocks of 32, the fp16 scales used as stored). Without the kernels it
-dequantizes (:func:`dequantize_blocks`).
+A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``,
+``Q4_0``/``Q4_1`` with a Q8_0 or Q6_K head) keeps each matrix in the bytes it was written in (the
+quantizer falls back to Q5_0/Q5_1/Q8_0 for rows that are not whole 256-value super-blocks, e.g.
+SmolLM2's 576 columns): :class:`GGUFBlockLinear` holds a matrix's rows of blocks and its GGML type,
+and multiplies through ``torch.ops.corelm.qlinear_blocks`` (corelm's C++ kernels, ``kquants.h``:
+integer dot products of the blocks with 15-bit activation blocks of 32, the fp16 scales used as
+stored). Without the kernels it dequantizes (:func:`dequantize_blocks`).
 
 Layouts (llama.cpp ``ggml-common.h``; a K super-block is 256 values of one row):
 
 ==========  ======  ================================================  ===============================
 type        bytes   fields                                            value of sub-block ``i``
 ==========  ======  ================================================  ===============================
+Q4_0 (2)    18/32   ``d`` fp16, ``qs[16]``                            ``d * (q - 8)``
+Q4_1 (3)    20/32   ``d, m`` fp16, ``qs[16]``                         ``d * q + m``
 Q5_0 (6)    22/32   ``d`` fp16, ``qh[4]``, ``qs[16]``                 ``d * (q - 16)``
 Q5_1 (7)    24/32   ``d, m`` fp16, ``qh[4]``, ``qs[16]``              ``d * q + m``
 Q8_0 (8)    34/32   ``d`` fp16, ``qs[32]`` int8                       ``d * q``
@@ -34,7 +36,7 @@ from corelm.errors import CorelmError
 QK = 32  # activation block, and a K sub-block
 QK_K = 256  # K super-block
 # GGML type id -> (name, values per block, bytes per block)
-FORMATS = {6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+FORMATS = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
            12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
 
@@ -65,7 +67,7 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
 
     Args:
         blocks: (N, row bytes) uint8, the rows of blocks as the file stores them.
-        ggml_type: 8, 12, 13 or 14 (:data:`FORMATS`).
+        ggml_type: a key of :data:`FORMATS`.
         k: values per row.
 
     Returns:
@@ -80,6 +82,11 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
         d = _half(b[..., 0:2])  # (N, nb)
         q = b[..., 2:].contiguous().view(torch.int8).int()
         return q, d[..., None].expand(n, nb, 2).contiguous(), None
+    if name in ("Q4_0", "Q4_1"):  # the 4-bit integers 0..15 as stored: w = d*q - m, m = 8d (Q4_0) or -m
+        d = _half(b[..., 0:2])
+        m = -_half(b[..., 2:4]) if name == "Q4_1" else 8.0 * d
+        qs = b[..., 4 if name == "Q4_1" else 2:].int()
+        return torch.cat([qs & 0xF, qs >> 4], -1), d[..., None].expand(n, nb, 2).contiguous(), m
     if name in ("Q5_0", "Q5_1"):
         d = _half(b[..., 0:2])
         m = -_half(b[..., 2:4]) if name == "Q5_1" else 16.0 * d  # w = d*q - m
@@ -139,7 +146,7 @@ def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: i
 
 
 class GGUFBlockLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (Q8_0, Q4_K, Q5_K or Q6_K).
+    """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (a type of :data:`FORMATS`).
 
     ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
     Q/K rows moved back to HF order, whole rows at a time; a fused matrix's row range); ``ggml_type``
@@ -187,27 +194,67 @@ class GGUFBlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {FORMATS[self.ggml_type][0]}"
 
 
+class GGUFBlockEmbedding(nn.Module):
+    """A token embedding kept as a GGUF file's blocks (``token_embd.weight``, one row of blocks per token;
+    with a tied head the same tensor as the head's :class:`GGUFBlockLinear`). A lookup dequantizes its
+    rows as ggml does (:func:`dequantize_blocks`, fp32); ``forward`` returns them in ``out_dtype`` (the
+    model's), :meth:`rows` in fp32 (the C++ step reads those: no rounding of the file's values).
+    """
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        if ggml_type not in FORMATS or blocks.dtype != torch.uint8 or blocks.dim() != 2 \
+                or blocks.shape[1] != row_bytes(ggml_type, embedding_dim):
+            raise CorelmError(f"GGML type {ggml_type} blocks of shape {tuple(blocks.shape)} are not an embedding "
+                              f"of width {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.ggml_type = blocks.shape[0], embedding_dim, ggml_type
+        self.out_dtype = out_dtype
+        self.register_buffer("blocks", blocks)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) token ids -> (..., d) fp32 rows, exactly the file's values."""
+        flat = self.blocks.index_select(0, ids.reshape(-1))  # (n, row bytes)
+        if self.ggml_type == TYPE_IDS["Q8_0"]:  # a decode step's lookup: d * q in five ops (unpack's in ~15)
+            b = flat.view(-1, self.embedding_dim // QK, 34)
+            w = b[..., 2:].view(torch.int8).float() * b[..., :2].view(torch.float16).float()  # (n, d/32, 32)
+        else:
+            w = dequantize_blocks(flat, self.ggml_type, self.embedding_dim)
+        return w.reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.out_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (V, d) fp32 embedding matrix."""
+        return dequantize_blocks(self.blocks, self.ggml_type, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {FORMATS[self.ggml_type][0]}"
+
+
 # --------------------------------------------------------------------------------------------------
 # From a GGUF file: every matrix keeps its stored type
 # --------------------------------------------------------------------------------------------------
 
-INT4_TYPES = ("Q4_0", "Q4_1")  # corelm's int4 layers take these blocks as they are
+INT4_TYPES = ("Q4_0", "Q4_1")  # blocks corelm's int4 layers (``--quantize int4``) take as they are, d in bf16
 
 
 def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple | None]) -> nn.Module:
-    """Swap a llama model's linears (and head) for layers on the blocks of the GGUF file it was loaded
-    from, each in its stored type: Q4_0/Q4_1 -> int4 layers, Q8_0/Q4_K/Q5_K/Q6_K ->
-    :class:`GGUFBlockLinear`; biases kept, a fused matrix split by rows (Phi-3), so every matrix runs on
-    its blocks. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``.
-    ``targets`` is the transform's ``(linears, tied embedding)`` of the model
+    """Swap a llama model's linears (and head) for :class:`GGUFBlockLinear` layers on the blocks of the
+    GGUF file it was loaded from, each in its stored type (:data:`FORMATS`: the fp16 scales as stored, no
+    bf16 copy), and its token embedding for a :class:`GGUFBlockEmbedding` where the file stores it in one
+    of those types (with a tied head: the head's blocks, shared). Biases kept, a fused matrix split by rows
+    (Phi-3), a MoE's expert stacks split by expert (:func:`corelm.quant.experts.gguf_experts`), so every
+    matrix runs on its blocks; a MoE's routers (F32 in llama.cpp's files) are not among ``targets`` and stay
+    in floats. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``. ``targets`` is the
+    transform's ``(linears, tied embedding)`` of the model
     (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
 
     Raises:
-        CorelmError: no file, an already quantized model, or a matrix whose type has neither layer
+        CorelmError: no file, an already quantized model, or a matrix whose type has no kernel
             (:func:`corelm.loading.stored_quantization` picks ``gguf`` only for files without one).
     """
     from corelm.quant.gguf_blocks import GGUFBlocks
-    from corelm.quant.layers import int4_class
 
     if source is None:
         raise CorelmError('quantize="gguf" runs the blocks of the GGUF file the model was loaded from; '
@@ -228,25 +275,49 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         if info is None or tuple(shape) != tuple(linear.weight.shape):
             raise CorelmError(f"no GGUF matrix of shape {tuple(linear.weight.shape)} for {path}")
         kind = info.qtype.name
-        if kind not in INT4_TYPES and kind not in TYPE_IDS:
+        if kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
         plan.append((parent, name, linear, gguf_name, kind, (start, stop)))
+    whole: dict[str, torch.Tensor] = {}  # GGUF name -> blocks of a whole matrix (the tied head's, for the embedding)
     for parent, name, linear, gguf_name, kind, span in plan:
-        if kind in INT4_TYPES:
-            new = int4_class("cpu")(linear.in_features, linear.out_features, 32, linear.bias is not None, "cpu")
-            new.set_quantized(*(found.int4(linear) if span[0] is not None else _int4_blocks(found, gguf_name, name)))
-            if linear.bias is not None:
-                new.bias = linear.bias
-        else:
-            new = GGUFBlockLinear(_rows(found, gguf_name, name, span), TYPE_IDS[kind], linear.in_features, linear.bias)
-        setattr(parent, name, new)
+        rows = _rows(found, gguf_name, name, span)
+        if span[0] is None and _heads(found, name) is None:
+            whole[gguf_name] = rows
+        setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias))
+    embedding = _embed_blocks(model, found, whole)
+    from corelm.quant.experts import QuantizedExperts, gguf_experts
     from corelm.quant.gguf_quantize import MIX_NAMES
 
-    model.corelm_quantization = {"method": "gguf", "types": sorted({p[4] for p in plan}),
+    gguf_experts(model, found.file)  # a MoE's expert stacks, unless the loader built them from the file already
+    types = {p[4] for p in plan}
+    if any(isinstance(m, QuantizedExperts) for m in model.modules()):
+        types |= {t.qtype.name for n, t in found.file.tensors.items() if n.startswith("blk.") and "_exps." in n}
+    model.corelm_quantization = {"method": "gguf", "types": sorted(types),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,
-                                 "skip": []}
+                                 "embedding": embedding,
+                                 "skip": [n for n, m in model.named_modules() if type(m) is nn.Linear]}  # routers
     return model
+
+
+def _embed_blocks(model: nn.Module, found: object, whole: dict[str, torch.Tensor]) -> str | None:
+    """Swap the token embedding for a :class:`GGUFBlockEmbedding` when the file stores it in a type of
+    :data:`FORMATS` (sharing a tied head's blocks); returns that type's name, or None (left as loaded)."""
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
+            info = found.file.tensors.get(found.gguf_names.get(path, ""))
+            if not isinstance(child, nn.Embedding) or info is None or info.qtype.name not in TYPE_IDS \
+                    or tuple(info.shape) != tuple(child.weight.shape):
+                continue
+            gguf_name = found.gguf_names[path]
+            blocks = whole.get(gguf_name)
+            if blocks is None:
+                blocks = _rows(found, gguf_name, child_name)
+            setattr(parent, child_name, GGUFBlockEmbedding(blocks, TYPE_IDS[info.qtype.name], child.embedding_dim,
+                                                           child.weight.dtype))
+            return info.qtype.name
+    return None
 
 
 def _heads(found: object, name: str) -> int | None:
@@ -267,18 +338,12 @@ def _rows(found: object, gguf_name: str, name: str, span: tuple[int | None, int 
     return unpermute_rows(raw, heads).contiguous() if heads else raw
 
 
-def _int4_blocks(found: object, gguf_name: str, name: str) -> tuple[torch.Tensor, ...]:
-    from corelm.quant.gguf_blocks import int4_from_blocks
-
-    return int4_from_blocks(found.io.quant_blocks(found.file, gguf_name, unpermute_heads=_heads(found, name)))
-
-
 def stored_types(path: str | Path) -> set[str]:
-    """GGML type names of the 2-D matrices of a GGUF file's blocks (``blk.*``)."""
+    """GGML type names of the matrices of a GGUF file's blocks (``blk.*``; a MoE's 3-D expert stacks too)."""
     from corelm.io.gguf import read_gguf
 
     gguf = read_gguf(path)
     try:
-        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}
+        return {t.qtype.name for n, t in gguf.tensors.items() if n.startswith("blk.") and len(t.shape) >= 2}
     finally:
         gguf.close()

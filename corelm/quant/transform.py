@@ -3,7 +3,8 @@
 ``quantize_model(model, "int8" | "int4")`` swaps every ``nn.Linear`` child for a layer of
 :mod:`corelm.quant.layers` that keeps its weight packed in memory; the model file never knows. The
 layer for each device is picked here (:func:`~corelm.quant.layers.int4_class`: corelm's kernel
-layout on a CPU with corelm's C++ kernels, PyTorch's int4pack layout otherwise and on CUDA).
+layout on a CPU with corelm's C++ kernels, PyTorch's int4pack layout otherwise and on CUDA). A MoE's
+stacked routed experts are quantized per expert (:mod:`corelm.quant.experts`); its routers stay in floats.
 
 The output head is quantized on its own terms (``head``, :class:`~corelm.quant.layers.Q8Linear` by
 default): it is the largest matrix of a small model and its error lands directly in the logits.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
+from corelm.quant.experts import QuantizedExperts, check_experts, experts_structure, quantize_experts
 from corelm.quant.gguf_blocks import GGUFBlocks
 from corelm.quant.layers import (
     Int4Linear,
@@ -145,7 +147,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             :class:`Q8Linear`), ``int8`` (per channel) or ``int4``. The output head is the largest
             matrix of a small model and its error lands directly in the logits, which is why
             llama.cpp's Q4 files keep it at 8 bits too.
-        skip: qualified module names to leave in floating point (a MoE's routers are always left so).
+        skip: qualified module names to leave in floating point (a MoE's routers are always left so; a
+            stack of routed experts, ``model.layers.{i}.mlp.experts``, may be named too).
         from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
             from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
             :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
@@ -153,7 +156,9 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
 
     Returns:
         The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
-        that shares the head's int8 matrix. ``model.corelm_quantization`` records the spec.
+        that shares the head's int8 matrix. A MoE's routed experts become
+        :class:`~corelm.quant.experts.QuantizedExperts` (one ``method`` layer per expert matrix).
+        ``model.corelm_quantization`` records the spec.
 
     Raises:
         CorelmError: unknown method, or a group size that does not divide a layer width (checked for
@@ -162,7 +167,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
     if method == "gguf":
         from corelm.quant.kquant import quantize_gguf
 
-        return quantize_gguf(model, from_gguf, _targets(model, ()))
+        return quantize_gguf(model, from_gguf, _targets(model, _routers(model)))
     if method not in METHODS:
         raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
     skip = tuple(skip)
@@ -179,6 +184,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             check_group_size(linear.in_features, group_size)
         elif kind == "q8":
             check_group_size(linear.in_features, 32)
+    check_experts(model, method, group_size, skip)
     out_dtype = tied[2].weight.dtype if tied is not None else None
     blocks = GGUFBlocks(from_gguf, model) if from_gguf is not None else None
     for parent, name, linear in (progress(targets) if progress else targets):
@@ -199,9 +205,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         if kind == "q8" and name == "lm_head":
             new.refine = HEAD_REFINE
         setattr(parent, name, new)
+    quantize_experts(model, method, group_size, skip, blocks.file if blocks is not None else None)
+    experts = any(isinstance(m, QuantizedExperts) for m in model.modules())  # or the loader took them from a file
     _tie_quantized(model, tied, out_dtype)
     model.corelm_quantization = {"method": method, "group_size": group_size, "head": head,
-                                 "skip": list(skip), "tied_embedding": tied is not None,
+                                 "skip": list(skip), "tied_embedding": tied is not None, "experts": bool(experts),
                                  "embedding_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None}
     return model
 
@@ -221,6 +229,8 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
         if kind == "q8" and name == "lm_head":
             new.refine = HEAD_REFINE
         setattr(parent, name, new)
+    if spec.get("experts"):  # saved before routed experts were quantized: no such key, float stacks
+        experts_structure(model, method, group_size, tuple(spec.get("skip", ())))
     dtype = getattr(torch, spec["embedding_dtype"]) if spec.get("embedding_dtype") else None
     _tie_quantized(model, tied, dtype)
     model.corelm_quantization = dict(spec)
@@ -229,7 +239,7 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
 
 def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "corelm_quantization", None)) or any(
-        isinstance(m, (Int8Linear, Int4Linear, Int4PackedLinear, Q8Linear)) for m in model.modules())
+        isinstance(m, (Int8Linear, Int4Linear, Int4PackedLinear, Q8Linear, QuantizedExperts)) for m in model.modules())
 
 
 def quantized_bytes(model: nn.Module) -> int:
