@@ -153,3 +153,23 @@ def test_embedded_q4_1_file_runs_as_stored_on_the_kernel_step():
     gap = (got - want).abs().max().item()
     print(f"embedded Q4_1 as stored, C++ step vs fp32: top-1 {agree:.4f}, mean KL {kl:.2e}, max |dlogit| {gap:.3f}")
     assert agree >= 0.99 and kl < 1e-5 and gap < 0.1
+
+
+def test_a_native_load_never_dequantizes_the_matrices_its_blocks_run(monkeypatch):
+    """The default load of a GGUF file whose matrices all have block kernels reads each projection and the
+    head straight into its block layer: the only tensors dequantized are the norms and the token embedding
+    (no float copy of the weights, which was the load's peak memory). A load in floats still dequantizes all."""
+    import corelm
+    from corelm.io import gguf as gguf_io
+
+    seen = []
+    dequantize = gguf_io.dequantize
+    monkeypatch.setattr(gguf_io, "dequantize", lambda raw, qtype, shape: seen.append(tuple(shape)) or
+                        dequantize(raw, qtype, shape))
+    native = corelm.load("smollm2-135m-instruct")
+    config = native.config
+    assert seen and all(len(s) == 1 or s == (config.vocab_size, config.d_model) for s in seen), set(seen)
+    assert not any(p.numel() > 1 and 0 in p.stride() for p in native.model.parameters())
+    seen.clear()
+    corelm.load("smollm2-135m-instruct", dtype="fp32")
+    assert (config.d_ff, config.d_model) in seen and (config.d_model, config.d_ff) in seen

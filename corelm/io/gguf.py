@@ -655,14 +655,17 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
 
 
 def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                         experts: bool = True) -> dict[str, torch.Tensor]:
+                         experts: bool = True, blocks: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to ``dtype`` under corelm's (HF) names.
 
     Q/K rows are un-permuted (``llama`` only), Gemma's ``1 + w`` norms shifted back, fused tensors split
     (``attn_qkv``, Phi-3's gate/up) and llama.cpp's separate expert stacks joined. Every tensor's shape
     is checked against the model ``config`` describes, so a mismatched file fails with the tensor's
     name; a tensor the model needs and the file lacks is named too. ``experts=False`` leaves a MoE's
-    routed expert stacks out (the caller takes them from the file's blocks).
+    routed expert stacks out (the caller takes them from the file's blocks). A projection or output head
+    stored whole (not fused) in one of the GGML types ``blocks`` is not dequantized: its entry is a
+    placeholder of the right shape that costs no memory (a zero-stride view of one element), for a caller
+    that swaps the layer for the file's blocks (:func:`corelm.quant.kquant.quantize_gguf`) before use.
     """
     from corelm.models import build_model
     from corelm.ops.init import skip_init
@@ -679,7 +682,12 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype
     try:
         for name, info in gguf.tensors.items():
             target = hf_name(name, arch)
-            if target is not None and (experts or ".mlp.experts." not in target):
+            if target is None or not (experts or ".mlp.experts." not in target):
+                continue
+            if (info.qtype.name in blocks and (target.endswith("_proj.weight") or target == "lm_head.weight")
+                    and _split_sizes(target, config) is None and expected.get(target) == tuple(info.shape)):
+                state[target] = torch.zeros((), dtype=dtype).expand(info.shape)  # the blocks replace it
+            else:
                 _load_one(gguf, name, info, target, config, arch, dtype, state)
     finally:
         torch.set_num_threads(threads)
