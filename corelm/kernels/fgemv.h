@@ -251,20 +251,11 @@ void frow_dot(const FRows& m, int64_t r, const float* x, int64_t T, float* y) {
 // Several float matrices reading the same x (T, K) (q|k|v, gate|up) as one: outs[i] gets (T, N_i). The
 // output rows of all of them are split across the pool, each weight row read once per call.
 inline void fgemv(const float* x, int64_t T, int64_t K, const std::vector<FRows>& ms, const std::vector<float*>& outs) {
-  int64_t total = 0;
-  for (const auto& m : ms) total += m.n;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
-  Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
-    size_t i = 0;
-    int64_t base = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      while (r >= base + ms[i].n) base += ms[i++].n;
-      if (ms[i].kind == FKind::F32) {
-        frow_dot<FKind::F32>(ms[i], r - base, x, T, outs[i]);
-      } else {
-        frow_dot<FKind::BF16>(ms[i], r - base, x, T, outs[i]);
-      }
+  for_each_row(ms, [&](size_t i, int64_t r) {
+    if (ms[i].kind == FKind::F32) {
+      frow_dot<FKind::F32>(ms[i], r, x, T, outs[i]);
+    } else {
+      frow_dot<FKind::BF16>(ms[i], r, x, T, outs[i]);
     }
   });
 }

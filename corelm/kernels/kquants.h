@@ -274,28 +274,36 @@ inline int q5(const uint8_t* qh, const uint8_t* qs, int j) {
   return v | (((qh[j / 8] >> (j % 8)) & 1) << 4);
 }
 
-// Q5_0 (MIN = false: w = d*q - 16d) and Q5_1 (w = d*q + m): 5-bit unsigned integers, a scale and an
-// offset per block of 32, the offset applied through d_a * sum(a) as in dot_q4.
-template <int NT, bool MIN>
-void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
-  constexpr int64_t bytes = MIN ? 24 : 22;
+// Value j (0..31) of a Q4_0/Q4_1 block's unsigned 4-bit integers.
+inline int q4b(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
+
+// Q4_0/Q5_0 (MIN = false: w = d*q - 8d, d*q - 16d) and Q4_1/Q5_1 (w = d*q + m): BITS-bit unsigned integers,
+// a scale and an offset per block of 32, the offset applied through d_a * sum(a): y = d * d_a * (q . a) +
+// m * s_a, llama.cpp's ggml_vec_dot_q4_1_q8_1 arithmetic (its Q4_0/Q5_0 subtract the half-range from q
+// before the integer dot, the same value).
+template <int NT, int BITS, bool MIN>
+void dot_q45(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = (BITS == 5 ? 22 : 18) + (MIN ? 2 : 0), first = MIN ? 4 : 2;  // first: after d (, m)
+  constexpr float half = BITS == 5 ? -16.f : -8.f;  // Q4_0/Q5_0's offset, in units of d
   float tail[NT] = {};
 #if defined(__AVX2__)
   __m256 acc[NT], accm[NT];
   for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull)), sixteen = _mm256_set1_epi8(16);
-  auto weights = [&](const uint8_t* blk) {  // byte j takes bit j of qh: qh's byte j/8, one bit tested per byte
+  auto weights = [&](const uint8_t* blk) {
+    if constexpr (BITS == 4) return nibbles(blk + first);
+    // Q5: byte j takes bit j of qh: qh's byte j/8, one bit tested per byte
     int32_t h32;
-    std::memcpy(&h32, blk + (MIN ? 4 : 2), 4);
+    std::memcpy(&h32, blk + first, 4);
     const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(h32), spread), bit);
-    return _mm256_or_si256(nibbles(blk + (MIN ? 8 : 6)), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), sixteen));
+    return _mm256_or_si256(nibbles(blk + first + 4), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), sixteen));
   };
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) {  // eight blocks' scales and offsets at a time, in vectors
     const uint8_t* blk = w.q + b * bytes;
     const __m256 d = fp16x8(blk, bytes);
-    const __m256 m = MIN ? fp16x8(blk + 2, bytes) : _mm256_mul_ps(d, _mm256_set1_ps(-16.f));
+    const __m256 m = MIN ? fp16x8(blk + 2, bytes) : _mm256_mul_ps(d, _mm256_set1_ps(half));
     alignas(32) float sd[NT][8];
     for (int t = 0; t < NT; ++t) {
       _mm256_store_ps(sd[t], _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d + b)));
@@ -310,7 +318,7 @@ void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
   }
   for (; b < nb; ++b) {
     const uint8_t* blk = w.q + b * bytes;
-    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : half * d;
     const __m256i wq = weights(blk);
     for (int t = 0; t < NT; ++t) {
       acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]), acc[t]);
@@ -322,68 +330,11 @@ void dot_q5(const Row& w, const ActRow* a, int64_t nb, float* out) {
   float acc[NT] = {};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w.q + b * bytes;
-    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -16.f * d;
-    const uint8_t* qh = blk + (MIN ? 4 : 2);
+    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : half * d;
+    const uint8_t* q = blk + first;
     for (int t = 0; t < NT; ++t) {
       int sumi = 0;
-      for (int j = 0; j < QK; ++j) sumi += q5(qh, qh + 4, j) * act(a[t], b * QK + j);
-      acc[t] += d * a[t].d[b] * static_cast<float>(sumi);
-      tail[t] += m * a[t].s[b];
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = acc[t] + tail[t];
-#endif
-}
-
-// Value j (0..31) of a Q4_0/Q4_1 block's unsigned 4-bit integers.
-inline int q4b(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
-
-// Q4_0 (MIN = false: w = d*q - 8d) and Q4_1 (w = d*q + m): dot_q5 without the fifth bit. The offset goes
-// through d_a * sum(a): y = d * d_a * (q . a) + m * s_a, llama.cpp's ggml_vec_dot_q4_1_q8_1 arithmetic
-// (its Q4_0 subtracts 8 from q before the integer dot, the same value).
-template <int NT, bool MIN>
-void dot_q4b(const Row& w, const ActRow* a, int64_t nb, float* out) {
-  constexpr int64_t bytes = MIN ? 20 : 18;
-  float tail[NT] = {};
-#if defined(__AVX2__)
-  __m256 acc[NT], accm[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {  // eight blocks' scales and offsets at a time, in vectors
-    const uint8_t* blk = w.q + b * bytes;
-    const __m256 d = fp16x8(blk, bytes);
-    const __m256 m = MIN ? fp16x8(blk + 2, bytes) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
-    alignas(32) float sd[NT][8];
-    for (int t = 0; t < NT; ++t) {
-      _mm256_store_ps(sd[t], _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d + b)));
-      accm[t] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[t].s + b), accm[t]);
-    }
-    for (int i = 0; i < 8; ++i) {
-      const __m256i wq = nibbles(blk + i * bytes + (MIN ? 4 : 2));
-      const int64_t j = (b + i) * QK;
-      for (int t = 0; t < NT; ++t)
-        acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + j, a[t].ql + j), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
-    }
-  }
-  for (; b < nb; ++b) {
-    const uint8_t* blk = w.q + b * bytes;
-    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -8.f * d;
-    const __m256i wq = nibbles(blk + (MIN ? 4 : 2));
-    for (int t = 0; t < NT; ++t) {
-      acc[t] = _mm256_fmadd_ps(block_u(wq, a[t].qh + b * QK, a[t].ql + b * QK), _mm256_set1_ps(d * a[t].d[b]), acc[t]);
-      tail[t] += m * a[t].s[b];
-    }
-  }
-  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + (hsum(accm[t]) + tail[t]);
-#else
-  float acc[NT] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w.q + b * bytes;
-    const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : -8.f * d;
-    const uint8_t* qs = blk + (MIN ? 4 : 2);
-    for (int t = 0; t < NT; ++t) {
-      int sumi = 0;
-      for (int j = 0; j < QK; ++j) sumi += q4b(qs, j) * act(a[t], b * QK + j);
+      for (int j = 0; j < QK; ++j) sumi += (BITS == 5 ? q5(q, q + 4, j) : q4b(q, j)) * act(a[t], b * QK + j);
       acc[t] += d * a[t].d[b] * static_cast<float>(sumi);
       tail[t] += m * a[t].s[b];
     }
@@ -396,10 +347,10 @@ template <int NT>
 void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out) {
   switch (kind) {
     case Kind::Q8_0: dot_q8_0<NT>(w, a, nb, out); break;
-    case Kind::Q4_0: dot_q4b<NT, false>(w, a, nb, out); break;
-    case Kind::Q4_1: dot_q4b<NT, true>(w, a, nb, out); break;
-    case Kind::Q5_0: dot_q5<NT, false>(w, a, nb, out); break;
-    case Kind::Q5_1: dot_q5<NT, true>(w, a, nb, out); break;
+    case Kind::Q4_0: dot_q45<NT, 4, false>(w, a, nb, out); break;
+    case Kind::Q4_1: dot_q45<NT, 4, true>(w, a, nb, out); break;
+    case Kind::Q5_0: dot_q45<NT, 5, false>(w, a, nb, out); break;
+    case Kind::Q5_1: dot_q45<NT, 5, true>(w, a, nb, out); break;
     case Kind::Q4_K: dot_q45k<NT, false>(w, a, nb, out); break;
     case Kind::Q5_K: dot_q45k<NT, true>(w, a, nb, out); break;
     default: dot_q6k<NT>(w, a, nb, out); break;

@@ -12,6 +12,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -141,5 +142,23 @@ class Pool {
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   uint64_t generation_ = 0;
 };
+
+// Every output row of several matrices read together (q|k|v, gate|up; each M has .n rows), split across
+// the pool in chunks of at least 16 rows, about 4 per thread: fn(i, r) for row r of matrix ms[i].
+template <class M, class Fn>
+void for_each_row(const std::vector<M>& ms, const Fn& fn) {
+  int64_t total = 0;
+  for (const auto& m : ms) total += m.n;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));
+  Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
+    size_t i = 0;
+    int64_t base = 0;
+    for (int64_t r = begin; r < end; ++r) {
+      while (r >= base + ms[i].n) base += ms[i++].n;
+      fn(i, r - base);
+    }
+  });
+}
 
 }  // namespace corelm

@@ -172,18 +172,7 @@ void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::v
 void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs) {
   for (const auto& m : ms)
     if (m.packed) return qmatmul_packed(a, ms, outs);
-  int64_t total = 0;
-  for (const auto& m : ms) total += m.n;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = std::max<int64_t>(16, (total + 4 * threads - 1) / (4 * threads));  // 4 per thread
-  Pool::parallel_for(total, chunk, [&](int64_t begin, int64_t end) {
-    size_t i = 0;
-    int64_t base = 0;
-    for (int64_t r = begin; r < end; ++r) {
-      while (r >= base + ms[i].n) base += ms[i++].n;
-      row_dots(ms[i], a, r - base, outs[i]);
-    }
-  });
+  for_each_row(ms, [&](size_t i, int64_t r) { row_dots(ms[i], a, r, outs[i]); });
 }
 
 // qmatmul over groups of eight output rows: a repacked matrix's group goes through packed_dot (up to

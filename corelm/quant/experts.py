@@ -143,7 +143,7 @@ def quantize_experts(model: nn.Module, method: str, group_size: int = 32, skip: 
     Args:
         model: a corelm MoE (any model: one without experts is left as it is).
         method: ``"int8"`` (per output channel) or ``"int4"`` (group-wise), as
-            :func:`corelm.quant.transform.quantize_linear` quantizes each expert's gate, up and down.
+            :func:`corelm.quant.layers.quantize_linear` quantizes each expert's gate, up and down.
         group_size: int4 group width.
         skip: qualified names (``model.layers.3.mlp.experts``) of stacks to leave in floats.
         from_gguf: the GGUF file the model was loaded from: with ``int4`` and group 32, experts stored as
@@ -152,7 +152,7 @@ def quantize_experts(model: nn.Module, method: str, group_size: int = 32, skip: 
     Returns:
         The qualified names of the stacks replaced.
     """
-    from corelm.quant.transform import quantize_linear
+    from corelm.quant.layers import quantize_linear
 
     check_experts(model, method, group_size, skip)
     if from_gguf is not None and method == "int4" and group_size == 32:
@@ -173,13 +173,13 @@ def quantize_experts(model: nn.Module, method: str, group_size: int = 32, skip: 
 def experts_structure(model: nn.Module, method: str, group_size: int, skip: Iterable[str] = ()) -> None:
     """Give ``model`` (real or on ``meta``) empty :class:`QuantizedExperts` of ``method`` where
     :func:`quantize_experts` would put them, so that a saved quantized state dict loads into it."""
-    from corelm.quant.transform import _new_layer
+    from corelm.quant.layers import new_layer
 
     for _, parent, experts in _stacks(model, skip):
         E, d, f = expert_shapes(experts)
         device = "cpu" if experts.down_proj.is_meta else experts.down_proj.device
         parent.experts = QuantizedExperts([
-            _expert(d, f, {m: _new_layer(method, nn.Linear(k, n, bias=False, device="meta"), group_size, device)
+            _expert(d, f, {m: new_layer(method, nn.Linear(k, n, bias=False, device="meta"), group_size, device)
                            for m, (k, n) in _shapes(d, f).items()})
             for _ in range(E)])
 

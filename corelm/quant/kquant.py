@@ -244,11 +244,12 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
     GGUF file it was loaded from, each in its stored type (:data:`FORMATS`: the fp16 scales as stored, no
     bf16 copy), and its token embedding for a :class:`GGUFBlockEmbedding` where the file stores it in one
     of those types (with a tied head: the head's blocks, shared). Biases kept, a fused matrix split by rows
-    (Phi-3), a MoE's expert stacks split by expert (:func:`corelm.quant.experts.gguf_experts`), so every
-    matrix runs on its blocks; a MoE's routers (F32 in llama.cpp's files) are not among ``targets`` and stay
-    in floats. In place; sets ``model.corelm_quantization = {"method": "gguf", ...}``. ``targets`` is the
-    transform's ``(linears, tied embedding)`` of the model
-    (:func:`corelm.quant.transform.quantize_model` passes it: this module does not import the transform).
+    (Phi-3), so every matrix runs on its blocks; a MoE's expert stacks are split by expert beforehand
+    (:func:`corelm.quant.experts.gguf_experts`, called by the loader or the transform), and its routers (F32
+    in llama.cpp's files) are not among ``targets`` and stay in floats. In place; sets
+    ``model.corelm_quantization = {"method": "gguf", ...}``. ``targets`` is the transform's ``(linears, tied
+    embedding)`` of the model (:func:`corelm.quant.transform.quantize_model` passes it: this module imports
+    neither the transform nor the experts).
 
     Raises:
         CorelmError: no file, an already quantized model, or a matrix whose type has no kernel
@@ -285,13 +286,11 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
             whole[gguf_name] = rows
         setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias))
     embedding = _embed_blocks(model, found, whole)
-    from corelm.quant.experts import QuantizedExperts, gguf_experts
     from corelm.quant.gguf_quantize import MIX_NAMES
 
-    gguf_experts(model, found.file)  # a MoE's expert stacks, unless the loader built them from the file already
-    types = {p[4] for p in plan}
-    if any(isinstance(m, QuantizedExperts) for m in model.modules()):
-        types |= {t.qtype.name for n, t in found.file.tensors.items() if n.startswith("blk.") and "_exps." in n}
+    # a MoE's expert stacks are on their blocks already (the loader, or quantize_model, put them there)
+    types = {p[4] for p in plan} | {t.qtype.name for n, t in found.file.tensors.items()
+                                    if n.startswith("blk.") and "_exps." in n}
     model.corelm_quantization = {"method": "gguf", "types": sorted(types),
                                  "file_type": MIX_NAMES.get(found.file.metadata.get("general.file_type")),
                                  "source": str(getattr(found.file, "path", "")), "tied_embedding": tied is not None,

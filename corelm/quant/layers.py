@@ -562,3 +562,29 @@ class Q8Linear(nn.Module):
         how = "corelm kernels" if self.kernel else "as two int4 halves"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int8 group_size={self.group_size} ({how})")
+
+
+def new_layer(kind: str, linear: nn.Linear, group_size: int, device: torch.device | str) -> nn.Module:
+    """An empty quantized layer of ``kind`` shaped like ``linear``, in the layout for ``device``."""
+    bias = linear.bias is not None
+    if kind == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, bias, device)
+    if kind == "q8":
+        return Q8Linear(linear.in_features, linear.out_features, 32, device)
+    return int4_class(device)(linear.in_features, linear.out_features, group_size, bias, device)
+
+
+def quantize_linear(linear: nn.Linear, method: str, group_size: int = 32) -> nn.Module:
+    """The quantized layer :func:`quantize_model` makes of one ``nn.Linear``.
+
+    Args:
+        linear: a float (N, K) layer, on CPU or CUDA.
+        method: ``"int8"`` (:class:`Int8Linear`), ``"int4"`` (:class:`Int4Linear` where corelm's
+            C++ kernels run, else :class:`Int4PackedLinear`) or ``"q8"`` (:class:`Q8Linear`).
+        group_size: int4 group width (32, 64 or 128).
+    """
+    if method == "int8":
+        return Int8Linear.from_float(linear)
+    if method == "q8":
+        return Q8Linear.from_float(linear)
+    return int4_class(linear.weight.device).from_float(linear, group_size)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.quant.experts import QuantizedExperts, check_experts, experts_structure, quantize_experts
+from corelm.quant.experts import QuantizedExperts, check_experts, experts_structure, gguf_experts, quantize_experts
 from corelm.quant.gguf_blocks import GGUFBlocks
 from corelm.quant.layers import (
     Int4Linear,
@@ -31,7 +31,8 @@ from corelm.quant.layers import (
     Int8Linear,
     Q8Linear,
     check_group_size,
-    int4_class,
+    new_layer,
+    quantize_linear,
 )
 
 METHODS = ("int8", "int4")
@@ -93,32 +94,6 @@ def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] |
         setattr(parent, name, Int8Embedding(*shared, out_dtype or emb.weight.dtype))
 
 
-def _new_layer(kind: str, linear: nn.Linear, group_size: int, device: torch.device | str) -> nn.Module:
-    """An empty quantized layer of ``kind`` shaped like ``linear``, in the layout for ``device``."""
-    bias = linear.bias is not None
-    if kind == "int8":
-        return Int8Linear(linear.in_features, linear.out_features, bias, device)
-    if kind == "q8":
-        return Q8Linear(linear.in_features, linear.out_features, 32, device)
-    return int4_class(device)(linear.in_features, linear.out_features, group_size, bias, device)
-
-
-def quantize_linear(linear: nn.Linear, method: str, group_size: int = 32) -> nn.Module:
-    """The quantized layer :func:`quantize_model` makes of one ``nn.Linear``.
-
-    Args:
-        linear: a float (N, K) layer, on CPU or CUDA.
-        method: ``"int8"`` (:class:`Int8Linear`), ``"int4"`` (:class:`Int4Linear` where corelm's
-            C++ kernels run, else :class:`Int4PackedLinear`) or ``"q8"`` (:class:`Q8Linear`).
-        group_size: int4 group width (32, 64 or 128).
-    """
-    if method == "int8":
-        return Int8Linear.from_float(linear)
-    if method == "q8":
-        return Q8Linear.from_float(linear)
-    return int4_class(linear.weight.device).from_float(linear, group_size)
-
-
 def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | None]:
     tied = _tied_embedding(model)
     targets = _linears(model, skip)
@@ -129,6 +104,16 @@ def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | Non
         linear.weight = weight
         targets.append((model, "lm_head", linear))
     return targets, tied
+
+
+def _quantize_gguf(model: nn.Module, from_gguf: object | None) -> nn.Module:
+    """``method="gguf"``: a MoE's expert stacks onto their blocks (unless the loader built them already), then
+    every other matrix (:func:`corelm.quant.kquant.quantize_gguf`)."""
+    from corelm.quant.kquant import quantize_gguf
+
+    if from_gguf is not None:
+        gguf_experts(model, from_gguf)
+    return quantize_gguf(model, from_gguf, _targets(model, _routers(model)))
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
@@ -165,9 +150,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         every layer before anything is changed).
     """
     if method == "gguf":
-        from corelm.quant.kquant import quantize_gguf
-
-        return quantize_gguf(model, from_gguf, _targets(model, _routers(model)))
+        return _quantize_gguf(model, from_gguf)
     if method not in METHODS:
         raise CorelmError(f"unknown quantization method {method!r}; expected one of {', '.join(METHODS)}")
     skip = tuple(skip)
@@ -193,12 +176,12 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         new = None
         if blocks is not None and kind == "int4" and group_size == 32:
             if (qb := blocks.int4(linear)) is not None:
-                new = _new_layer(kind, linear, 32, device)
+                new = new_layer(kind, linear, 32, device)
                 new.set_quantized(*qb)
                 if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
                     new.bias = linear.bias
         elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
-            new = _new_layer(kind, linear, 32, device)
+            new = new_layer(kind, linear, 32, device)
             new.set_quantized(*qb)
         if new is None:
             new = quantize_linear(linear, kind, group_size)
@@ -225,7 +208,7 @@ def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
     for parent, name, linear in targets:
         kind = head if parent is model and name == "lm_head" else method
         device = "cpu" if linear.weight.is_meta else linear.weight.device
-        new = _new_layer(kind, linear, group_size, device)
+        new = new_layer(kind, linear, group_size, device)
         if kind == "q8" and name == "lm_head":
             new.refine = HEAD_REFINE
         setattr(parent, name, new)
