@@ -117,3 +117,14 @@ def test_logprobs_are_the_models_log_softmax(client, llm):
     content = c.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+
+def test_a_grammar_the_matcher_gives_up_on_is_a_400_for_that_request(client):
+    """A regex of one character outside the model's tokens (U+40000): llguidance's mask lets a byte token
+    through and then refuses it ("ParserTooComplex"). That request alone gets a 400; the server goes on."""
+    with pytest.raises(BadRequestError, match="grammar could not be followed"):
+        client.completions.create(model="smollm2", prompt="x", max_tokens=4, temperature=0,
+                                  extra_body={"regex": "\U00040000"})
+    r = client.completions.create(model="smollm2", prompt="Is the sky blue? Answer:", max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4

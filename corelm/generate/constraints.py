@@ -75,6 +75,11 @@ def grammar_for(*, json_schema: dict | bool | None = None, json_object: bool = F
     return matcher.grammar_from_lark(grammar)
 
 
+
+class GrammarError(CorelmError):
+    """The grammar's matcher could not go on with a token its own mask allowed: the request's grammar is at
+    fault (too complex for the matcher), not the model or the server."""
+
 class GrammarTokenizer:
     """A tokenizer as the grammar engine sees it: every token's bytes, for a model's vocabulary.
 
@@ -122,9 +127,10 @@ class Constraint:
         return apply_bitmask(logits, self._bitmask)
 
     def advance(self, token: int) -> None:
-        """Feed the sampled token (one the mask allowed)."""
+        """Feed the sampled token (one the mask allowed). Raises :class:`GrammarError` when the matcher still
+        refuses it (llguidance gives up on some grammars mid-way, e.g. "ParserTooComplex")."""
         if not self.matcher.consume_token(int(token)):
-            raise CorelmError(f"token {token} is not allowed by the grammar: {self.matcher.get_error()}")
+            raise GrammarError(f"the grammar could not be followed past token {token}: {self.matcher.get_error()}")
 
     def allows(self, token: int) -> bool:
         """Whether ``token`` may come next (the matcher does not move)."""

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from corelm.generate import engine
+from corelm.generate.constraints import GrammarError
 from corelm.generate.engine import SamplingParams
 from corelm.generate.step import model_device, step_for
 from corelm.serve import errors
@@ -425,6 +426,10 @@ class Batcher:
         """
         try:
             work(*args)
+        except GrammarError as exc:  # the request's own grammar: a 400 for it alone
+            log.warning("request %s: %s", getattr(self._rows[row], "id", "?"), exc)
+            if self._rows[row] is not None:
+                self._finish(row, error=errors.bad_request(str(exc), param="response_format"))
         except errors.NonFiniteLogits:
             log.error("request %s: the model produced non-finite logits in row %d", getattr(self._rows[row], "id", "?"),
                       row)
