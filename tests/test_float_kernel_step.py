@@ -48,15 +48,7 @@ def models(checkpoint):
     return checkpoint[0], corelm.load(checkpoint[1], dtype="fp32").model, corelm.load(checkpoint[1], dtype="bf16").model
 
 
-def _greedy(step, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """n greedy tokens after ``prompt`` (prefill, then one decode call per token) and their logits ``(n, V)``."""
-    cache = step.new_cache(1, len(prompt) + n)
-    logits = [step.prefill(cache, [prompt])[0]]
-    for i in range(n - 1):
-        tok = torch.tensor([int(logits[-1].argmax())])
-        logits.append(step.decode(cache, tok, torch.tensor([len(prompt) + i]))[0])
-    logits = torch.stack(logits)
-    return logits.argmax(-1).tolist(), logits
+_greedy = families._greedy  # n greedy tokens after a prompt (prefill, then one decode call each) and their logits
 
 
 def test_fp32_step_computes_the_models_logits(models, monkeypatch):
