@@ -38,7 +38,7 @@ QMatrix repacked(QMatrix m) {
   const char* env = std::getenv("CORELM_REPACK");
   if ((env != nullptr && std::string(env) == "0") || m.f || packed_record(m.kind) == 0 || m.n == 0) return m;
   const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup;
-  if ((m.kind == Kind::Q4_K || m.kind == Kind::Q6_K) && nb % 8 != 0) return m;
+  if (super_block_record(m.kind) && nb % 8 != 0) return m;
   m.group_bytes = packed_group_bytes(m.kind, nb);
   const int64_t bytes = groups * m.group_bytes;
   uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
