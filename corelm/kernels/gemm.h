@@ -103,34 +103,73 @@ inline void dequantize_row_scalar(Kind kind, const Row& w, int64_t k, float* out
   }
 }
 
+#if defined(__AVX2__)
+// The decoders hand each 16 values to a sink as integers q with w = q * isc * d + m (isc: Q6_K's int8
+// sub-block scale, 1 elsewhere), at offset off of the row. d and m are the same for a block of 32. The
+// 16 integers travel as a V16: one AVX-512 register, or two AVX2 halves (the Zen 3 class), so each
+// format's decoder is written once for both.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// The AVX-512 decoders hand each 16 values to a sink as integers q with w = q * isc * d + m (isc: Q6_K's
-// int8 sub-block scale, 1 elsewhere), at offset off of the row. d and m are the same for a block of 32.
+struct V16 {
+  __m512i v;
+  static V16 u8(const uint8_t* p) { return {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static V16 i8(const uint8_t* p) { return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static V16 set1(int x) { return {_mm512_set1_epi32(x)}; }
+  V16 operator&(V16 o) const { return {_mm512_and_si512(v, o.v)}; }
+  V16 operator|(V16 o) const { return {_mm512_or_si512(v, o.v)}; }
+  V16 operator-(V16 o) const { return {_mm512_sub_epi32(v, o.v)}; }
+  V16 shr(int n) const { return {_mm512_srl_epi32(v, _mm_cvtsi32_si128(n))}; }
+  V16 shl(int n) const { return {_mm512_sll_epi32(v, _mm_cvtsi32_si128(n))}; }
+  V16 or16(uint32_t bits) const {  // + 16 in lane j where bit j of bits is set (v < 16 there)
+    return {_mm512_mask_or_epi32(v, static_cast<__mmask16>(bits), v, _mm512_set1_epi32(16))};
+  }
+  V16 or16_bit(V16 h, int i) const {  // + 16 in the lanes where h has bit i
+    return {_mm512_mask_or_epi32(v, _mm512_test_epi32_mask(h.v, _mm512_set1_epi32(1 << i)), v, _mm512_set1_epi32(16))};
+  }
+  void store(float* o, float scale, float m) const {
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scale), _mm512_set1_ps(m)));
+  }
+};
+#else
+struct V16 {
+  __m256i lo, hi;  // lanes 0-7, 8-15
+  static V16 u8(const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))};
+  }
+  static V16 i8(const uint8_t* p) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_cvtepi8_epi32(b), _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))};
+  }
+  static V16 set1(int x) { return {_mm256_set1_epi32(x), _mm256_set1_epi32(x)}; }
+  V16 operator&(V16 o) const { return {_mm256_and_si256(lo, o.lo), _mm256_and_si256(hi, o.hi)}; }
+  V16 operator|(V16 o) const { return {_mm256_or_si256(lo, o.lo), _mm256_or_si256(hi, o.hi)}; }
+  V16 operator-(V16 o) const { return {_mm256_sub_epi32(lo, o.lo), _mm256_sub_epi32(hi, o.hi)}; }
+  V16 shr(int n) const { return {_mm256_srl_epi32(lo, _mm_cvtsi32_si128(n)), _mm256_srl_epi32(hi, _mm_cvtsi32_si128(n))}; }
+  V16 shl(int n) const { return {_mm256_sll_epi32(lo, _mm_cvtsi32_si128(n)), _mm256_sll_epi32(hi, _mm_cvtsi32_si128(n))}; }
+  V16 or16(uint32_t bits) const {  // bit j of bits, moved to bit 4 of lane j
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), b = _mm256_set1_epi32(static_cast<int>(bits));
+    const __m256i l = _mm256_srlv_epi32(b, lanes), h = _mm256_srlv_epi32(b, _mm256_add_epi32(lanes, _mm256_set1_epi32(8)));
+    return *this | V16{_mm256_slli_epi32(_mm256_and_si256(l, _mm256_set1_epi32(1)), 4),
+                       _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(1)), 4)};
+  }
+  V16 or16_bit(V16 h, int i) const { return *this | (h.shr(i) & set1(1)).shl(4); }
+  void store(float* o, float scale, float m) const {
+    const __m256 s = _mm256_set1_ps(scale), a = _mm256_set1_ps(m);
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), s, a));
+    _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), s, a));
+  }
+};
+#endif
+
 struct FloatSink {  // fp32 weights, as dequantize_blocks computes them: q * (isc * d) + m
   float* o;
-  void operator()(int64_t off, __m512i q, int isc, float d, float m) const {
-    _mm512_storeu_ps(o + off, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d * static_cast<float>(isc)),
-                                              _mm512_set1_ps(m)));
-  }
+  void operator()(int64_t off, V16 q, int isc, float d, float m) const { q.store(o + off, d * static_cast<float>(isc), m); }
 };
-
-struct IntSink {  // int16 weights q * isc (|q * isc| <= 4096) and the fp32 scale and offset of each block
-  int16_t* q;
-  float *d, *m;
-  void operator()(int64_t off, __m512i v, int isc, float dd, float mm) const {
-    if (isc != 1) v = _mm512_mullo_epi32(v, _mm512_set1_epi32(isc));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + off), _mm512_cvtepi32_epi16(v));
-    d[off / QK] = dd;
-    m[off / QK] = mm;
-  }
-};
-
-inline __m512i u8x16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // Q4_K (HIGH false) and Q5_K super-blocks: sub-block i is nibble i % 2 of qs[32 (i / 2) + j] (+ 16 * bit i of qh[j]).
 template <bool HIGH, class Sink>
 inline void decode_q45k(const uint8_t* q, int64_t k, const Sink& put) {
-  const __m512i low = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
+  const V16 low = V16::set1(0xF);
   for (int64_t sb = 0; sb < k / QK_K; ++sb) {
     const uint8_t* blk = q + sb * (HIGH ? 176 : 144);
     const float d = fp16(u16(blk)), dmin = fp16(u16(blk + 2));
@@ -140,11 +179,8 @@ inline void decode_q45k(const uint8_t* q, int64_t k, const Sink& put) {
     for (int i = 0; i < 8; ++i) {
       const float dsc = d * static_cast<float>(sc[i]), dm = dmin * static_cast<float>(m[i]);
       for (int h = 0; h < 2; ++h) {
-        __m512i v = _mm512_and_si512(_mm512_srli_epi32(u8x16(qs + 32 * (i / 2) + 16 * h), 4 * (i % 2)), low);
-        if (HIGH) {
-          const __mmask16 bit = _mm512_test_epi32_mask(u8x16(blk + 16 + 16 * h), _mm512_set1_epi32(1 << i));
-          v = _mm512_mask_or_epi32(v, bit, v, sixteen);
-        }
+        V16 v = V16::u8(qs + 32 * (i / 2) + 16 * h).shr(4 * (i % 2)) & low;
+        if (HIGH) v = v.or16_bit(V16::u8(blk + 16 + 16 * h), i);
         put(sb * QK_K + i * QK + 16 * h, v, 1, dsc, -dm);
       }
     }
@@ -153,7 +189,7 @@ inline void decode_q45k(const uint8_t* q, int64_t k, const Sink& put) {
 
 template <class Sink>
 inline void decode_q6k(const uint8_t* q, int64_t k, const Sink& put) {
-  const __m512i low = _mm512_set1_epi32(0xF), three = _mm512_set1_epi32(3), off = _mm512_set1_epi32(32);
+  const V16 low = V16::set1(0xF), three = V16::set1(3), off = V16::set1(32);
   for (int64_t sb = 0; sb < k / QK_K; ++sb) {
     const uint8_t* ql = q + sb * 210;
     const uint8_t* qh = ql + 128;
@@ -162,10 +198,9 @@ inline void decode_q6k(const uint8_t* q, int64_t k, const Sink& put) {
     for (int i = 0; i < 8; ++i) {
       const int c = i / 4, s = i % 4;
       for (int h = 0; h < 2; ++h) {  // values 16h..16h+15 of sub-block i, scale sc[2i + h]
-        const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(u8x16(ql + 64 * c + 32 * (s % 2) + 16 * h), 4 * (s / 2)), low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(u8x16(qh + 32 * c + 16 * h), 2 * s), three);
-        const __m512i v = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), off);
-        put(sb * QK_K + i * QK + 16 * h, v, sc[2 * i + h], d, 0.f);
+        const V16 lo = V16::u8(ql + 64 * c + 32 * (s % 2) + 16 * h).shr(4 * (s / 2)) & low;
+        const V16 hi = V16::u8(qh + 32 * c + 16 * h).shr(2 * s) & three;
+        put(sb * QK_K + i * QK + 16 * h, (lo | hi.shl(4)) - off, sc[2 * i + h], d, 0.f);
       }
     }
   }
@@ -174,24 +209,22 @@ inline void decode_q6k(const uint8_t* q, int64_t k, const Sink& put) {
 // Q5_0 (MIN false: w = d * (q - 16)) and Q5_1 (w = d*q + m): bit j of the 32-bit qh is bit 4 of value j.
 template <bool MIN, class Sink>
 inline void decode_q5(const uint8_t* q, int64_t k, const Sink& put) {
-  const __m512i low = _mm512_set1_epi32(0xF), sixteen = _mm512_set1_epi32(16);
+  const V16 low = V16::set1(0xF), off = V16::set1(MIN ? 0 : 16);  // Q5_0: q - 16
   for (int64_t b = 0; b < k / QK; ++b) {
     const uint8_t* blk = q + b * (MIN ? 24 : 22);
     const float d = fp16(u16(blk)), m = MIN ? fp16(u16(blk + 2)) : 0.f;
     uint32_t qh;
     std::memcpy(&qh, blk + (MIN ? 4 : 2), 4);
-    const __m512i raw = u8x16(blk + (MIN ? 8 : 6)), off = _mm512_set1_epi32(MIN ? 0 : 16);  // Q5_0: q - 16
-    const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_srli_epi32(raw, 4);
-    put(b * QK, _mm512_sub_epi32(_mm512_mask_or_epi32(lo, static_cast<__mmask16>(qh & 0xFFFF), lo, sixteen), off), 1, d, m);
-    put(b * QK + 16, _mm512_sub_epi32(_mm512_mask_or_epi32(hi, static_cast<__mmask16>(qh >> 16), hi, sixteen), off), 1,
-        d, m);
+    const V16 raw = V16::u8(blk + (MIN ? 8 : 6));
+    put(b * QK, (raw & low).or16(qh & 0xFFFF) - off, 1, d, m);
+    put(b * QK + 16, raw.shr(4).or16(qh >> 16) - off, 1, d, m);
   }
 }
 
 // A weight row through its format's decoder; false for the formats without one (Q8, corelm's int8 per channel).
 template <class Sink>
 inline bool decode_row(Kind kind, const Row& w, int64_t k, const Sink& put) {
-  const __m512i low = _mm512_set1_epi32(0xF);
+  const V16 low = V16::set1(0xF);
   switch (kind) {
     case Kind::Q4_K: decode_q45k<false>(w.q, k, put); return true;
     case Kind::Q5_K: decode_q45k<true>(w.q, k, put); return true;
@@ -202,9 +235,9 @@ inline bool decode_row(Kind kind, const Row& w, int64_t k, const Sink& put) {
         const bool min = kind == Kind::Q4_1;
         const uint8_t* blk = w.q + b * (min ? 20 : 18);
         const float d = fp16(u16(blk)), m = min ? fp16(u16(blk + 2)) : 0.f;
-        const __m512i raw = u8x16(blk + (min ? 4 : 2)), off = _mm512_set1_epi32(min ? 0 : 8);
-        put(b * QK, _mm512_sub_epi32(_mm512_and_si512(raw, low), off), 1, d, m);
-        put(b * QK + 16, _mm512_sub_epi32(_mm512_srli_epi32(raw, 4), off), 1, d, m);
+        const V16 raw = V16::u8(blk + (min ? 4 : 2)), off = V16::set1(min ? 0 : 8);
+        put(b * QK, (raw & low) - off, 1, d, m);
+        put(b * QK + 16, raw.shr(4) - off, 1, d, m);
       }
       return true;
     case Kind::Q5_0: decode_q5<false>(w.q, k, put); return true;
@@ -213,26 +246,22 @@ inline bool decode_row(Kind kind, const Row& w, int64_t k, const Sink& put) {
       for (int64_t b = 0; b < k / QK; ++b) {
         const uint8_t* blk = w.q + b * 34;
         const float d = fp16(u16(blk));
-        for (int h = 0; h < 2; ++h)
-          put(b * QK + 16 * h, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * h))),
-              1, d, 0.f);
+        for (int h = 0; h < 2; ++h) put(b * QK + 16 * h, V16::i8(blk + 2 + 16 * h), 1, d, 0.f);
       }
       return true;
     case Kind::Q4:
       for (int64_t b = 0; b < k / QK; ++b) {
         const uint16_t* sz = w.s + 2 * (b / w.bpg);
         const float scale = bf16(sz[0]), shift = bf16(sz[1]) - 8.f * scale;
-        const __m512i raw = u8x16(w.q + b * QK / 2);
-        put(b * QK, _mm512_and_si512(raw, low), 1, scale, shift);
-        put(b * QK + 16, _mm512_srli_epi32(raw, 4), 1, scale, shift);
+        const V16 raw = V16::u8(w.q + b * QK / 2);
+        put(b * QK, raw & low, 1, scale, shift);
+        put(b * QK + 16, raw.shr(4), 1, scale, shift);
       }
       return true;
     case Kind::Q8:
       for (int64_t b = 0; b < k / QK; ++b) {
         const float scale = bf16(w.s[b / w.bpg]);
-        for (int h = 0; h < 2; ++h)
-          put(b * QK + 16 * h, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.q + b * QK + 16 * h))),
-              1, scale, 0.f);
+        for (int h = 0; h < 2; ++h) put(b * QK + 16 * h, V16::i8(w.q + b * QK + 16 * h), 1, scale, 0.f);
       }
       return true;
     default:
@@ -318,17 +347,53 @@ inline void panel_tiles(const float* x, int64_t T, int64_t K, const float* p, fl
   }
 }
 
-// Rows n0 .. n0 + cols of m as a transposed fp32 panel (K, kPanel), zero past cols.
+#if defined(__AVX2__)
+// r[0..7]: 8 rows of 8 floats -> r[j] = column j.
+inline void transpose8(__m256* r) {
+  __m256 a[8], b[8];
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // per 128-bit lane: r[i][0] r[i+1][0] r[i][1] r[i+1][1]
+    a[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {  // b[4g + j], 128-bit lane l: column 4l + j of rows 4g .. 4g + 3
+    b[4 * g + 0] = _mm256_shuffle_ps(a[4 * g], a[4 * g + 2], 0x44);
+    b[4 * g + 1] = _mm256_shuffle_ps(a[4 * g], a[4 * g + 2], 0xEE);
+    b[4 * g + 2] = _mm256_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
+    b[4 * g + 3] = _mm256_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x31);
+  }
+}
+#endif
+
+// Rows n0 .. n0 + cols of m as a transposed fp32 panel (K, kPanel), zero past cols; stage holds 8 rows
+// (8, K): eight dequantized rows at a time are moved in 8 x 8 transposes (one row's values scattered
+// 32 floats apart cost a third of a 128-token prefill on the AVX2 build, Zen 4 profile).
 template <class Matrix>
-void fill_panel_f32(const Matrix& m, int64_t n0, int64_t cols, float* row, float* panel) {
+void fill_panel_f32(const Matrix& m, int64_t n0, int64_t cols, float* stage, float* panel) {
   const int64_t K = m.k;
-  for (int64_t c = 0; c < kPanel; ++c) {
-    if (c < cols) {
-      dequantize_row_fast(m.kind, m.row(n0 + c), K, row);
-    } else {
-      std::fill(row, row + K, 0.f);
+  for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
+    for (int64_t c = 0; c < 8; ++c) {
+      float* s = stage + c * K;
+      if (c0 + c < cols) {
+        dequantize_row_fast(m.kind, m.row(n0 + c0 + c), K, s);
+      } else {
+        std::fill(s, s + K, 0.f);
+      }
     }
-    for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = row[k];
+#if defined(__AVX2__)
+    for (int64_t k = 0; k < K; k += 8) {  // K is a multiple of 32
+      __m256 r[8];
+      for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(stage + c * K + k);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k + j) * kPanel + c0, r[j]);
+    }
+#else
+    for (int64_t c = 0; c < 8; ++c)
+      for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c0 + c] = stage[c * K + k];
+#endif
   }
 }
 
@@ -375,8 +440,8 @@ inline __m512i bf16x32(const float* v) {
 // FloatSink's fp32 weights rounded to bf16 (nearest even), as bf16x32 rounds a dequantized row.
 struct BF16Sink {
   uint16_t* o;
-  void operator()(int64_t off, __m512i q, int isc, float d, float m) const {
-    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d * static_cast<float>(isc)), _mm512_set1_ps(m));
+  void operator()(int64_t off, V16 q, int isc, float d, float m) const {
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q.v), _mm512_set1_ps(d * static_cast<float>(isc)), _mm512_set1_ps(m));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + off), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
   }
 };
@@ -486,6 +551,19 @@ const Matrix& panel_of(const std::vector<Matrix>& ms, int64_t pi, size_t* i, int
 // ---------------------------------------------------------------------------------------------------
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int kTileRowsI16 = 6;  // 12 float + 12 int32 accumulators
+
+// The decoders' integers as int16 weights q * isc (|q * isc| <= 4096) and the fp32 scale and offset of each block.
+struct IntSink {
+  int16_t* q;
+  float *d, *m;
+  void operator()(int64_t off, V16 w, int isc, float dd, float mm) const {
+    __m512i v = w.v;
+    if (isc != 1) v = _mm512_mullo_epi32(v, _mm512_set1_epi32(isc));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + off), _mm512_cvtepi32_epi16(v));
+    d[off / QK] = dd;
+    m[off / QK] = mm;
+  }
+};
 
 // x (T, K) -> a (T, K) int16, d, s (T, K/32): quantize_row's arithmetic (the same integers), vectorized.
 inline void quantize_rows_i16(const float* x, int64_t T, int64_t K, int16_t* a, float* d, float* s) {
@@ -690,14 +768,14 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
   }
 #endif
   Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-    float* row = scratch<float, 3>(K + K * kPanel + T * kPanel);
-    float *panel = row + K, *y = panel + K * kPanel;
+    float* stage = scratch<float, 3>(8 * K + K * kPanel + T * kPanel);
+    float *panel = stage + 8 * K, *y = panel + K * kPanel;
     for (int64_t pi = begin; pi < end; ++pi) {
       size_t i;
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_f32(m, n0, cols, row, panel);
+      fill_panel_f32(m, n0, cols, stage, panel);
       if (cols == kPanel) {
         panel_tiles(x, T, K, panel, outs[i] + n0, m.n);
       } else {
