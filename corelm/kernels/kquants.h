@@ -1,4 +1,4 @@
-// Dot products of GGUF's own blocks -- Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K -- with corelm's
+// Dot products of GGUF's own blocks -- Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q4_K, Q5_K, Q6_K and IQ4_XS -- with corelm's
 // 15-bit activation blocks (included once, by qlinear.h). The weights stay in the bytes llama.cpp's
 // quantizer wrote: no float copy, no re-rounding of their fp16 scales.
 //
@@ -14,14 +14,19 @@
 //   Q4_K 144 bytes / 256 values: d, dmin fp16 | scales[12] | qs[128]        w = d*sc_i * q - dmin*m_i
 //   Q5_K 176 bytes / 256 values: d, dmin fp16 | scales[12] | qh[32] | qs[128]   (q gains bit 4 from qh)
 //   Q6_K 210 bytes / 256 values: ql[128] | qh[64] | scales[16] int8 | d fp16    w = d*sc_j * (q - 32)
+//   IQ4_XS 136 bytes / 256 values: d fp16 | scales_h u16 | scales_l[4] | qs[128]   w = d*(ls_i - 32) * kv[q]
 // Q4_K/Q5_K: eight sub-blocks of 32, each with a 6-bit scale sc_i and min m_i packed into scales[12]
 // (get_scale_min_k4); sub-block i is the low (i even) or high (i odd) nibbles of qs[32*(i/2) ...].
 // Q6_K: sixteen 16-value scales; sub-block i = 4c + s of 128-value chunk c is nibble s/2 of
 // ql[64c + 32*(s%2) + l] with bits 4-5 from (qh[32c + l] >> 2s) & 3.
+// IQ4_XS (llama.cpp's non-linear 4-bit type): sub-block i has the 6-bit scale ls_i = nibble i % 2 of
+// scales_l[i/2] | bits 2i..2i+1 of scales_h << 4, and its 32 values are 4-bit codes into the int8 table kv
+// (kvalues_iq4nl), laid out as Q4_0's: low nibbles of qs[16i ...] are values 0..15, high ones 16..31.
 //
 // A sub-block is 32 values, exactly one activation block (d_a, a, s_a = d_a * sum(a)), so
 //   y = sum_i (d*sc_i) * d_a * (q_i . a) - (dmin*m_i) * s_a          (Q4_K, Q5_K)
 //   y = sum_i d_a * d * (sc_lo * (q-32)_lo . a_lo + sc_hi * (q-32)_hi . a_hi)   (Q6_K: two halves)
+//   y = sum_i (d*(ls_i - 32)) * d_a * (kv[q_i] . a)                               (IQ4_XS)
 // with the integer dots exact, as in llama.cpp's ggml_vec_dot_q4_K_q8_K (whose activations are 8-bit).
 // corelm.quant.kquant.reference_qlinear_blocks states the same arithmetic in PyTorch.
 #pragma once
@@ -33,7 +38,13 @@ namespace corelm {
 constexpr int64_t QK_K = 256;
 
 // GGML type ids (ggml.h enum ggml_type) of the block formats with a kernel here.
-enum GGMLType : int64_t { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14 };
+enum GGMLType : int64_t {
+  GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14,
+  GGML_IQ4_XS = 23
+};
+
+// IQ4_XS's 16 levels (ggml-common.h kvalues_iq4nl), indexed by a 4-bit code.
+alignas(16) constexpr int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 inline float fp16(uint16_t h) {  // IEEE half -> float, exact (subnormals included)
 #if defined(__F16C__)
@@ -97,6 +108,15 @@ inline int q6(const uint8_t* ql, const uint8_t* qh, int i, int j) {
   const int lo = (ql[64 * c + 32 * (s % 2) + j] >> (4 * (s / 2))) & 0xF;
   return (lo | (((qh[32 * c + j] >> (2 * s)) & 3) << 4)) - 32;
 }
+
+// Scale ls_i - 32 (-32..31) of sub-block i (0..7) of an IQ4_XS super-block.
+inline int iq4xs_scale(const uint8_t* blk, int i) {
+  const int lo = (blk[4 + i / 2] >> (4 * (i % 2))) & 0xF, hi = (u16(blk + 2) >> (2 * i)) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
+// Level j (0..31) of sub-block i of an IQ4_XS super-block.
+inline int iq4xs(const uint8_t* blk, int i, int j) { return kIQ4NL[(blk[8 + 16 * i + j % 16] >> (4 * (j / 16))) & 0xF]; }
 
 inline int act(const ActRow& a, int64_t i) { return 128 * a.qh[i] + a.ql[i]; }
 
@@ -217,6 +237,50 @@ void dot_q6k(const Row& w, const ActRow* a, int64_t nb, float* out) {
         for (int j = 0; j < QK / 2; ++j) lo += q6(ql, qh, i, j) * act(a[t], b * QK + j);
         for (int j = QK / 2; j < QK; ++j) hi += q6(ql, qh, i, j) * act(a[t], b * QK + j);
         acc[t] += a[t].d[b] * (s0 * static_cast<float>(lo) + s1 * static_cast<float>(hi));
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = acc[t];
+#endif
+}
+
+// IQ4_XS: each sub-block's codes looked up into int8 levels (one byte shuffle per 32 values), then Q8_0's
+// signed dot; the sub-block scale d * (ls_i - 32) is exact in fp32, as ggml's dequantize_row_iq4_xs forms it.
+template <int NT>
+void dot_iq4xs(const Row& w, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t bytes = 136;
+#if defined(__AVX2__)
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* blk = w.q + sb * bytes;
+    alignas(32) int32_t ls[8];
+    for (int i = 0; i < 8; ++i) ls[i] = iq4xs_scale(blk, i);
+    const __m256 dl = _mm256_mul_ps(_mm256_set1_ps(fp16(u16(blk))),
+                                    _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls))));
+    alignas(32) float sd[NT][8];
+    for (int t = 0; t < NT; ++t) _mm256_store_ps(sd[t], _mm256_mul_ps(dl, _mm256_loadu_ps(a[t].d + sb * 8)));
+    for (int i = 0; i < 8; ++i) {
+      const __m256i wq = _mm256_shuffle_epi8(table, nibbles(blk + 8 + 16 * i));  // codes -> int8 levels
+      const int64_t j = (sb * 8 + i) * QK;
+      for (int t = 0; t < NT; ++t)
+        acc[t] = _mm256_fmadd_ps(block_s(wq, a[t].qh + j, a[t].ql + j), _mm256_broadcast_ss(&sd[t][i]), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+#else
+  float acc[NT] = {};
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    const uint8_t* blk = w.q + sb * bytes;
+    const float d = fp16(u16(blk));
+    for (int i = 0; i < 8; ++i) {
+      const int64_t b = sb * 8 + i;
+      const float dl = d * static_cast<float>(iq4xs_scale(blk, i));
+      for (int t = 0; t < NT; ++t) {
+        int sumi = 0;
+        for (int j = 0; j < QK; ++j) sumi += iq4xs(blk, i, j) * act(a[t], b * QK + j);
+        acc[t] += dl * a[t].d[b] * static_cast<float>(sumi);
       }
     }
   }
@@ -353,6 +417,7 @@ void dot_blocks(Kind kind, const Row& w, const ActRow* a, int64_t nb, float* out
     case Kind::Q5_1: dot_q45<NT, 5, true>(w, a, nb, out); break;
     case Kind::Q4_K: dot_q45k<NT, false>(w, a, nb, out); break;
     case Kind::Q5_K: dot_q45k<NT, true>(w, a, nb, out); break;
+    case Kind::IQ4_XS: dot_iq4xs<NT>(w, a, nb, out); break;
     default: dot_q6k<NT>(w, a, nb, out); break;
   }
 }
@@ -390,6 +455,15 @@ inline void dequantize_blocks(Kind kind, const uint8_t* q, int64_t k, float* o) 
     return;
   }
   for (int64_t sb = 0; sb < k / QK_K; ++sb, o += QK_K) {
+    if (kind == Kind::IQ4_XS) {
+      const uint8_t* blk = q + sb * 136;
+      const float d = fp16(u16(blk));
+      for (int i = 0; i < 8; ++i) {
+        const float dl = d * static_cast<float>(iq4xs_scale(blk, i));
+        for (int j = 0; j < QK; ++j) o[i * QK + j] = dl * static_cast<float>(iq4xs(blk, i, j));
+      }
+      continue;
+    }
     if (kind == Kind::Q6_K) {
       const uint8_t* ql = q + sb * 210;
       const int8_t* sc = reinterpret_cast<const int8_t*>(ql + 192);
@@ -424,6 +498,7 @@ inline int64_t block_row_bytes(int64_t ggml_type, int64_t k, Kind* kind) {
     case GGML_Q4_K: *kind = Kind::Q4_K; return k % QK_K == 0 ? k / QK_K * 144 : 0;
     case GGML_Q5_K: *kind = Kind::Q5_K; return k % QK_K == 0 ? k / QK_K * 176 : 0;
     case GGML_Q6_K: *kind = Kind::Q6_K; return k % QK_K == 0 ? k / QK_K * 210 : 0;
+    case GGML_IQ4_XS: *kind = Kind::IQ4_XS; return k % QK_K == 0 ? k / QK_K * 136 : 0;
     default: return 0;
   }
 }
