@@ -154,7 +154,7 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     return loaded
 
 
-NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # types with block kernels
+NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # with kernels
 
 
 def stored_quantization(path: Path) -> str | None:
