@@ -1,5 +1,5 @@
 """The repacked 8-row kernels (corelm/kernels/repack.h) against the one-row kernels (what
-``CORELM_REPACK=0`` leaves a decode step on) for GGUF K-quant matrices, per kernel build, 1 thread.
+``CORELM_REPACK=0`` leaves a decode step on) for GGUF block matrices, per kernel build, 1 thread.
 
 A small C++ driver includes repack.h (no ATen), fills a matrix with random valid blocks, quantizes 1 or 4
 activation rows as the step does, and times the whole matrix's few-row matmul both ways, alternating
@@ -7,10 +7,11 @@ round by round; it prints the medians, the median of the per-round ratios (rows 
 and the largest difference of the two results relative to the largest output.
 
     python benchmarks/repack_kquant.py                       # Q5_K, every build this CPU runs
-    python benchmarks/repack_kquant.py --types 12 13 14 --builds avx512vnni avx2
+    python benchmarks/repack_kquant.py --types 12 13 14 20 23 --builds avx512vnni avx2
 
-K must be a multiple of 256 (a K-quant super-block): SmolLM2's 576-wide inputs are not, so its shapes
-here are ffn_down's 576x1536 and the 576- and 1536-row matrices with K = 512 and 768 nearby.
+Types of 256-value super-blocks (12 Q4_K, 13 Q5_K, 14 Q6_K, 23 IQ4_XS) need K % 256 == 0: SmolLM2's
+576-wide inputs are not, so their shapes here are ffn_down's 576x1536 and the 576- and 1536-row matrices
+with K = 512 and 768 nearby; 32-value types (20 IQ4_NL, ...) run SmolLM2's own 576x576, 1536x576, 576x1536.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ int main(int argc, char** argv) {
   std::mt19937 g(0);
   std::vector<uint8_t> q(n * row);
   for (auto& b : q) b = g() & 0xFF;
-  const int64_t sbytes = row / (k / QK_K);
-  for (int64_t i = 0; i < n * (k / QK_K); ++i) {
+  const int64_t per = super_block_record(kind) ? QK_K : QK;
+  const int64_t sbytes = row / (k / per);
+  for (int64_t i = 0; i < n * (k / per); ++i) {
     uint16_t d = 0x0C00 + (g() & 0x1FF);  // fp16 scales of 2.4e-4..3.6e-4
     std::memcpy(&q[i * sbytes], &d, 2);
-    if (kind != Kind::Q6_K) std::memcpy(&q[i * sbytes + 2], &d, 2);
+    const bool second = kind == Kind::Q4_K || kind == Kind::Q5_K || kind == Kind::Q4_1 || kind == Kind::Q5_1;
+    if (second) std::memcpy(&q[i * sbytes + 2], &d, 2);  // dmin, m
     else std::memcpy(&q[i * sbytes + 208], &d, 2);
   }
   std::vector<float> x(nt * k);
@@ -108,12 +111,15 @@ int main(int argc, char** argv) {
 }
 """
 
-SHAPES = [(576, 1536), (576, 512), (1536, 512), (576, 768), (1536, 768)]
+SHAPES = [(576, 1536), (576, 512), (1536, 512), (576, 768), (1536, 768)]  # super-block types
+SHAPES_32 = [(576, 576), (1536, 576), (576, 1536)]  # SmolLM2's own, for 32-value blocks
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--types", type=int, nargs="+", default=[13], help="GGML types: 12 Q4_K, 13 Q5_K, 14 Q6_K")
+    p.add_argument("--types", type=int, nargs="+", default=[13],
+                   help="GGML types: 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K, "
+                        "20 IQ4_NL, 23 IQ4_XS")
     p.add_argument("--builds", nargs="+", default=[b for b in kernels.runnable_builds() if b != "avx512bf16"],
                    help="kernel builds (the flags of corelm.kernels.FLAGS)")
     p.add_argument("--rounds", type=int, default=7)
@@ -128,7 +134,7 @@ def main() -> None:
             subprocess.run([cxx, "-O3", "-std=c++17", *kernels.FLAGS[build], f"-I{kernels.SOURCE.parent}", str(src),
                             "-o", str(exe)], check=True)
             for ggml in args.types:
-                for n, k in SHAPES:
+                for n, k in SHAPES if ggml in (12, 13, 14, 23) else SHAPES_32:
                     for t in (1, 4):
                         out = subprocess.run([str(exe), str(ggml), str(n), str(k), str(t), str(args.rounds),
                                               str(args.reps)], capture_output=True, text=True, check=True)

@@ -261,10 +261,16 @@ void dot_iq4xs(const Row& w, const ActRow* a, int64_t nb, float* out) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
   for (int64_t sb = 0; sb < nb / 8; ++sb) {
     const uint8_t* blk = w.q + sb * bytes;
-    alignas(32) int32_t ls[8];
-    for (int i = 0; i < 8; ++i) ls[i] = iq4xs_scale(blk, i);
-    const __m256 dl = _mm256_mul_ps(_mm256_set1_ps(fp16(u16(blk))),
-                                    _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls))));
+    // the eight ls_i - 32 in lanes: nibble i of the 32-bit scales_l, bits 2i..2i+1 of scales_h on top
+    uint32_t lo;
+    std::memcpy(&lo, blk + 4, 4);
+    const __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i l = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_slli_epi32(at, 2)),
+                                       _mm256_set1_epi32(0xF));
+    const __m256i h = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(u16(blk + 2)), _mm256_slli_epi32(at, 1)),
+                                       _mm256_set1_epi32(3));
+    const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(l, _mm256_slli_epi32(h, 4)), _mm256_set1_epi32(32));
+    const __m256 dl = _mm256_mul_ps(_mm256_set1_ps(fp16(u16(blk))), _mm256_cvtepi32_ps(ls));
     alignas(32) float sd[NT][8];
     for (int t = 0; t < NT; ++t) _mm256_store_ps(sd[t], _mm256_mul_ps(dl, _mm256_loadu_ps(a[t].d + sb * 8)));
     for (int i = 0; i < 8; ++i) {
