@@ -130,6 +130,11 @@ def test_step_choice_and_errors(_built, monkeypatch):
     assert isinstance(step_for(_tiny()), ModelStep)
     with pytest.raises(CorelmError, match="CORELM_STEP=pytorch"):
         require_kernel_step(_tiny())
+    monkeypatch.setenv("CORELM_STEP", "Auto")
+    assert isinstance(step_for(_tiny()), KernelStep)
+    monkeypatch.setenv("CORELM_STEP", "pytroch")  # a typo is an error, not a silent default
+    with pytest.raises(CorelmError, match="CORELM_STEP='pytroch': set it to pytorch"):
+        step_for(_tiny())
     monkeypatch.delenv("CORELM_STEP")
     model = _tiny("int8")
     step = step_for(model)

@@ -236,3 +236,19 @@ def test_disabled_kernels_fall_back_to_pytorch():
                          check=False)
     kernel, err = out.stdout.split()
     assert kernel == "False" and float(err) < 0.2, out.stderr[-2000:]
+
+
+def test_a_worker_descheduled_mid_chunk_is_left_out_for_a_while():
+    """pool.h's stall rule: a worker that holds the caller up longer than the caller's own share (here a
+    chunk that sleeps 20 ms) is left out of the next jobs, which run on the caller alone, and is back
+    when the window (50 ms, doubling up to 1 s) ends; a worker's short chunk is no stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        after, during, back = torch.ops.corelm.pool_probe(20_000)
+        assert after == 0 and during == 0, (after, during)
+        assert 0 <= back <= 1_100, back
+        short = [torch.ops.corelm.pool_probe(20) for _ in range(3)]  # a descheduled worker could stall one
+        assert any(s[0] == 1 and s[2] == 0 for s in short), short
+    finally:
+        torch.set_num_threads(threads)

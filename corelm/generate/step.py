@@ -597,7 +597,8 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     fp32/bf16 ``nn.Linear`` (:func:`kernel_weights`), with one norm epsilon, an MLP nonlinearity of
     :data:`ACTIVATIONS`, a RoPE table that does not change with the length (LongRoPE's two tables are
     taken), and the kernel library is built. ``CORELM_STEP=pytorch`` in the environment keeps every model
-    on its PyTorch forward (:class:`ModelStep`; e.g. to compare the paths).
+    on its PyTorch forward (:class:`ModelStep`; e.g. to compare the paths); ``auto`` or unset is the
+    default, and any other value is refused (:class:`CorelmError`).
     """
     from corelm import kernels
 
@@ -605,7 +606,11 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     family = getattr(config, "family", None)
     if family not in (*NORM_ROLES, "gpt2"):
         return f"the C++ step runs the {', '.join(NORM_ROLES)} and gpt2 families, not {family or '?'}"
-    if os.environ.get("CORELM_STEP", "").lower() == "pytorch":
+    choice = os.environ.get("CORELM_STEP", "").strip().lower()
+    if choice not in ("", "auto", "pytorch"):
+        raise CorelmError(f"CORELM_STEP={os.environ['CORELM_STEP']!r}: set it to pytorch (the PyTorch forward) or "
+                          "auto (the C++ step where the model can run on it), or leave it unset")
+    if choice == "pytorch":
         return "CORELM_STEP=pytorch asks for the PyTorch forward"
     if model_device(model).type != "cpu":
         return "the model is not on the CPU"

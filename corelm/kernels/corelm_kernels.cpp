@@ -85,6 +85,7 @@ TORCH_LIBRARY(corelm, m) {
         "float softcap) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("gemm() -> str", &gemm);
+  m.def("pool_probe(int sleep_us) -> int[]", &corelm::pool_probe);
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())
       .def("add_layer", &DecoderStep::add_layer)
