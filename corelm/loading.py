@@ -154,13 +154,13 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     return loaded
 
 
-NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # GGUF types with block kernels
+NATIVE_BLOCKS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # with kernels
 
 
 def stored_quantization(path: Path) -> str | None:
     """The corelm quantization that runs a GGUF file's layer matrices on their own blocks: ``gguf`` when
     every matrix of every block, and the output head, is of a type with a block kernel (llama.cpp's
-    Q4_0/Q4_1/Q4_K_M/Q5_K_M/Q6_K/Q8_0 files: each matrix keeps its type and its fp16 scales,
+    Q4_0/Q4_1/Q4_K_M/Q5_K_M/Q6_K/Q8_0/IQ4_XS files: each matrix keeps its type and its fp16 scales,
     :func:`corelm.quant.kquant.quantize_gguf`); ``int4`` for a Q4_0/Q4_1 file whose head is stored in
     floats (its matrices become corelm's int4 layers, bf16 scales, the head corelm's q8); None for float
     files and for block types corelm has no kernel for yet (those load dequantized, in the default dtype).

@@ -40,7 +40,7 @@ u, b = 2.0 ** -24, 2.0 ** -8
 
 def matrices(n):
     for kind, t in TYPES.items():
-        k = 512 if kind.endswith("_K") else 576
+        k = 512 if kquant.FORMATS[t][1] == 256 else 576  # the K-quants and IQ4_XS: 256-value super-blocks
         blocks = random_blocks(kind, n, k, seed=t + n)
         op = lambda x, blocks=blocks, t=t: torch.ops.corelm.qlinear_blocks(x, blocks, t)
         reference = lambda x, blocks=blocks, t=t: kquant.reference_qlinear_blocks(x, blocks, t)

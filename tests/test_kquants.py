@@ -1,5 +1,5 @@
-"""GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) on corelm's C++ kernels: the kernel equals the
-PyTorch statement of its integer arithmetic, and stays within 1e-3 of fp32 against gguf-py's own
+"""GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) on corelm's C++ kernels: the
+kernel equals the PyTorch statement of its integer arithmetic, and stays within 1e-3 of fp32 against gguf-py's own
 dequantizer (an independent reading of the layouts), on every instruction set this CPU runs."""
 
 import os
@@ -16,7 +16,8 @@ from corelm import kernels
 from corelm.errors import CorelmError
 from corelm.quant import kquant
 
-TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
+         "IQ4_XS": 23}
 
 
 def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -29,8 +30,10 @@ def random_blocks(kind: str, n: int, k: int, seed: int = 0, scale: float = 1.0) 
     def half(lo: float, hi: float) -> np.ndarray:
         return g.uniform(lo * scale, hi * scale, size=(n, k // per, 1)).astype(np.float16).view(np.uint8)
 
-    if kind in ("Q8_0", "Q5_0", "Q4_0"):
+    if kind in ("Q8_0", "Q5_0", "Q4_0", "IQ4_NL"):
         b[..., 0:2] = half(1e-4, 2e-3)
+    elif kind == "IQ4_XS":  # d (times sub-block scales -32..31 and levels up to 127), random scales and codes
+        b[..., 0:2] = half(2e-5, 2e-4)
     elif kind in ("Q5_1", "Q4_1"):
         b[..., 0:2], b[..., 2:4] = half(1e-4, 2e-3), half(-2e-2, 0)
     elif kind == "Q6_K":
@@ -226,7 +229,10 @@ Q4_K_M = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "
 @pytest.mark.parametrize("kinds", [Q4_K_M, {**Q4_K_M, "attn_q": "Q5_K", "ffn_up": "Q5_0", "attn_k": "Q5_1",
                                             "output": "Q8_0"},
                                    {**Q4_K_M, "attn_q": "Q4_0", "attn_k": "Q4_1", "ffn_gate": "Q4_1", "ffn_up": "Q4_0",
-                                    "output": "Q8_0"}])
+                                    "output": "Q8_0"},
+                                   {**Q4_K_M, "attn_q": "IQ4_XS", "attn_k": "IQ4_NL", "attn_output": "IQ4_XS",
+                                    "ffn_gate": "IQ4_XS", "ffn_up": "IQ4_NL", "ffn_down": "IQ4_XS",
+                                    "output": "IQ4_XS"}])
 def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     from corelm.generate.step import KernelStep, step_for
     from corelm.loading import load_parts, stored_quantization
@@ -238,6 +244,8 @@ def test_tiny_gguf_decodes_on_the_kernel_step_like_its_floats(tmp_path, kinds):
     default = load_parts(path).model  # the default: each matrix on its own blocks
     assert isinstance(default.model.layers[0].self_attn.q_proj, kquant.GGUFBlockLinear)
     assert isinstance(default.lm_head, kquant.GGUFBlockLinear)
+    assert default.model.layers[0].self_attn.q_proj.ggml_type == kquant.TYPE_IDS[kinds["attn_q"]]  # its stored type
+    assert default.lm_head.ggml_type == kquant.TYPE_IDS[kinds["output"]]
     model = load_parts(path, dtype="fp32", quantize="gguf").model  # fp32 embeddings and norms, as `floats`
     assert isinstance(step_for(model), KernelStep)
     step = KernelStep(model, kv_dtype=torch.float32)  # the blocks alone (fp16 cache: test_quant_kernel_step)

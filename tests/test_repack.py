@@ -1,8 +1,8 @@
 """The few-row matmul on weight rows interleaved eight at a time (corelm/kernels/repack.h, what the C++
 decoder step runs from 1 to 63 tokens) equals the PyTorch statement of its integer arithmetic for every
-repacked layout (corelm int4 and int8, GGUF Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) and falls back to the row
-kernels for the others (Q5_K), for 1..8 activation rows, N not a multiple of 8, on every instruction set
-this CPU runs; a row's result does not depend on the rows that came with it."""
+repacked layout (corelm int4 and int8, GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
+and the row kernels, for 1..8 activation rows, N not a multiple of 8, on every instruction set this CPU runs;
+a row's result does not depend on the rows that came with it."""
 
 import os
 import subprocess

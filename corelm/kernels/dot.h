@@ -16,7 +16,7 @@ namespace corelm {
 constexpr int64_t QK = 32;  // values per block, weights and activations alike
 
 // Q4, Q8: corelm's int4/int8 layouts (bf16 scales); the others: GGUF's own blocks (kquants.h)
-enum class Kind { Q4, Q8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K };
+enum class Kind { Q4, Q8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS };
 
 inline float bf16(uint16_t h) {  // bf16 is the top half of an fp32
   uint32_t bits = static_cast<uint32_t>(h) << 16;

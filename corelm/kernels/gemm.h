@@ -221,6 +221,18 @@ inline void decode_q5(const uint8_t* q, int64_t k, const Sink& put) {
   }
 }
 
+// 32 IQ4 codes (Q4_0's nibble layout in qs[16]) looked up in kIQ4NL, a byte shuffle per 16: w = d * level.
+template <class Sink>
+inline void put_iq4(const uint8_t* qs, int64_t off, float d, const Sink& put) {
+  const __m128i table = _mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4NL)), low = _mm_set1_epi8(0xF);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  alignas(16) uint8_t v[32];  // the int8 levels of values 0..15, 16..31
+  _mm_store_si128(reinterpret_cast<__m128i*>(v), _mm_shuffle_epi8(table, _mm_and_si128(raw, low)));
+  _mm_store_si128(reinterpret_cast<__m128i*>(v + 16), _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(raw, 4), low)));
+  put(off, V16::i8(v), 1, d, 0.f);
+  put(off + 16, V16::i8(v + 16), 1, d, 0.f);
+}
+
 // A weight row through its format's decoder; false for the formats without one (Q8, corelm's int8 per channel).
 template <class Sink>
 inline bool decode_row(Kind kind, const Row& w, int64_t k, const Sink& put) {
@@ -229,6 +241,16 @@ inline bool decode_row(Kind kind, const Row& w, int64_t k, const Sink& put) {
     case Kind::Q4_K: decode_q45k<false>(w.q, k, put); return true;
     case Kind::Q5_K: decode_q45k<true>(w.q, k, put); return true;
     case Kind::Q6_K: decode_q6k(w.q, k, put); return true;
+    case Kind::IQ4_NL:
+      for (int64_t b = 0; b < k / QK; ++b) put_iq4(w.q + b * 18 + 2, b * QK, fp16(u16(w.q + b * 18)), put);
+      return true;
+    case Kind::IQ4_XS:  // sub-block i: scale d * (ls_i - 32)
+      for (int64_t sb = 0; sb < k / QK_K; ++sb) {
+        const uint8_t* blk = w.q + sb * 136;
+        for (int i = 0; i < 8; ++i)
+          put_iq4(blk + 8 + 16 * i, sb * QK_K + i * QK, fp16(u16(blk)) * static_cast<float>(iq4xs_scale(blk, i)), put);
+      }
+      return true;
     case Kind::Q4_0:
     case Kind::Q4_1:
       for (int64_t b = 0; b < k / QK; ++b) {  // Q4_0: w = d * (q - 8); Q4_1: w = d*q + m

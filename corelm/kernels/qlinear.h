@@ -38,7 +38,7 @@ QMatrix repacked(QMatrix m) {
   const char* env = std::getenv("CORELM_REPACK");
   if ((env != nullptr && std::string(env) == "0") || m.f || packed_record(m.kind) == 0 || m.n == 0) return m;
   const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup;
-  if ((m.kind == Kind::Q4_K || m.kind == Kind::Q6_K) && nb % 8 != 0) return m;
+  if (super_block_record(m.kind) && nb % 8 != 0) return m;
   m.group_bytes = packed_group_bytes(m.kind, nb);
   const int64_t bytes = groups * m.group_bytes;
   uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
@@ -56,15 +56,15 @@ QMatrix repacked(QMatrix m) {
 
 // A matrix in one of GGUF's block formats (kquants.h): ``blocks`` (N, row bytes) uint8 holds each
 // row's blocks as the file stores them, ``ggml_type`` names the format (2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0,
-// 12 Q4_K, 13 Q5_K, 14 Q6_K).
+// 12 Q4_K, 13 Q5_K, 14 Q6_K, 20 IQ4_NL, 23 IQ4_XS).
 QMatrix as_matrix_blocks(const at::Tensor& blocks, int64_t ggml_type, int64_t k) {
   TORCH_CHECK(blocks.device().is_cpu() && blocks.is_contiguous() && blocks.scalar_type() == at::kByte &&
                   blocks.dim() == 2,
               "GGUF blocks must be a contiguous (N, row bytes) uint8 CPU tensor");
   QMatrix m;
   const int64_t row = block_row_bytes(ggml_type, k, &m.kind);
-  TORCH_CHECK(row > 0, "GGML type ", ggml_type, " with ", k, " columns has no kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: k % 32 == 0; Q4_K, ",
-              "Q5_K, Q6_K: k % 256 == 0)");
+  TORCH_CHECK(row > 0, "GGML type ", ggml_type, " with ", k, " columns has no kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL: k % 32 == 0; Q4_K, ",
+              "Q5_K, Q6_K, IQ4_XS: k % 256 == 0)");
   TORCH_CHECK(blocks.size(1) == row, "a row of ", k, " values of GGML type ", ggml_type, " is ", row,
               " bytes, not ", blocks.size(1));
   m.n = blocks.size(0);

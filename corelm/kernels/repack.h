@@ -11,6 +11,7 @@
 // Records (per group of 8 rows, per 32-value block b; row r, lane bytes i = 0..3):
 //   Q4    qs[128] | scale bf16[8] | zero bf16[8]                       160 bytes = 8 x (16 + 4)
 //   Q4_0  qs[128] | d fp16[8]                                          144 bytes = 8 x 18
+//   IQ4_NL  as Q4_0 (its blocks are Q4_0's bytes, the nibbles codes into kIQ4NL)
 //   Q4_1  qs[128] | d fp16[8] | m fp16[8]                              160 bytes = 8 x 20
 //   Q5_0  qs[128] | hb[32] | d fp16[8]                                 176 bytes = 8 x 22
 //   Q5_1  qs[128] | hb[32] | d fp16[8] | m fp16[8]                     192 bytes = 8 x 24
@@ -23,9 +24,13 @@
 //   Q4_K  per super-block of 256 values: d fp16[8] | dmin fp16[8] | sc[8 sub][8 rows] | m[8][8] |
 //         qs[4 pairs][256], qs[256c + 32v + 4r + i] = byte 32c + 4v + i of row r's qs (low nibble:
 //         sub-block 2c, high: 2c + 1, value 4v + i)                   1184 bytes = 8 x 148
+//   Q5_K  Q4_K's record | qh[256], qh[32v + 4r + i] = byte 4v + i of row r's qh (bit s: bit 4 of value
+//         4v + i of sub-block s)                                      1440 bytes = 8 x 180
 //   Q6_K  per super-block: ql[4 ranges][256] | qh[2 ranges][256] | sc int8[16][8 rows] | d fp16[8], each
 //         range of 32 bytes of a row (ql[32j ...], qh[32j ...]) interleaved as qs above
 //                                                                    1680 bytes = 8 x 210
+//   IQ4_XS per super-block: d fp16[8] | ls - 32 int8[8 sub][8 rows] | qs[8 sub][128], sub-block i's 16
+//         bytes of each row interleaved as Q4_0's qs                 1104 bytes = 8 x 138
 // Rows past N (the last group of a matrix whose N is not a multiple of 8) are zeros and are not stored.
 // The integer arithmetic is the row kernels' and the Python references': exact block dot products
 // (here whole-block sums in one int32 lane, converted to fp32 once, as the references' sumi.float()),
@@ -50,24 +55,32 @@ constexpr int64_t kGroup = 8;  // weight rows per repacked group
 #define CORELM_Q5_MASKS 1
 #endif
 
-// Bytes of one group's record for block (or, for Q4_K, super-block) b; 0: the kind is not repacked.
+// Whether a kind's records hold a 256-value super-block (the K-quants) rather than one 32-value block.
+inline bool super_block_record(Kind kind) {
+  return kind == Kind::Q4_K || kind == Kind::Q5_K || kind == Kind::Q6_K || kind == Kind::IQ4_XS;
+}
+
+// Bytes of one group's record for block (or, for the K-quants, super-block) b; 0: the kind is not repacked.
 inline int64_t packed_record(Kind kind) {
   switch (kind) {
     case Kind::Q4:
     case Kind::Q4_1: return 160;
-    case Kind::Q4_0: return 144;
+    case Kind::Q4_0:
+    case Kind::IQ4_NL: return 144;
+    case Kind::IQ4_XS: return 1104;
     case Kind::Q5_0: return 176;
     case Kind::Q5_1: return 192;
     case Kind::Q8:
     case Kind::Q8_0: return 272;
     case Kind::Q4_K: return 1184;
+    case Kind::Q5_K: return 1440;
     case Kind::Q6_K: return 1680;
     default: return 0;
   }
 }
 
 inline int64_t packed_group_bytes(Kind kind, int64_t nb) {
-  return kind == Kind::Q4_K || kind == Kind::Q6_K ? nb / 8 * packed_record(kind) : nb * packed_record(kind);
+  return super_block_record(kind) ? nb / 8 * packed_record(kind) : nb * packed_record(kind);
 }
 
 // Writes group g's record (rows 8g..8g+7 of a matrix with n rows) for every block; ``row(r)`` gives row
@@ -89,9 +102,23 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
       }
       continue;
     }
-    if (kind == Kind::Q4_K) {
+    if (kind == Kind::IQ4_XS) {
       for (int64_t sb = 0; sb < nb / 8; ++sb) {
-        const uint8_t* blk = w.q + sb * 144;
+        const uint8_t* blk = w.q + sb * 136;
+        uint8_t* o = out + sb * rec;
+        put16(o + 2 * r, u16(blk));
+        for (int i = 0; i < 8; ++i) {
+          o[16 + 8 * i + r] = static_cast<uint8_t>(static_cast<int8_t>(iq4xs_scale(blk, i)));
+          for (int v = 0; v < 4; ++v) std::memcpy(o + 80 + 128 * i + 32 * v + 4 * r, blk + 8 + 16 * i + 4 * v, 4);
+        }
+      }
+      continue;
+    }
+    if (kind == Kind::Q4_K || kind == Kind::Q5_K) {
+      const bool high = kind == Kind::Q5_K;
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        const uint8_t* blk = w.q + sb * (high ? 176 : 144);
+        const uint8_t* qs = blk + (high ? 48 : 16);
         uint8_t* o = out + sb * rec;
         put16(o + 2 * r, u16(blk));
         put16(o + 16 + 2 * r, u16(blk + 2));
@@ -102,7 +129,9 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
           o[96 + 8 * i + r] = m[i];
         }
         for (int c = 0; c < 4; ++c)
-          for (int v = 0; v < 8; ++v) std::memcpy(o + 160 + 256 * c + 32 * v + 4 * r, blk + 16 + 32 * c + 4 * v, 4);
+          for (int v = 0; v < 8; ++v) std::memcpy(o + 160 + 256 * c + 32 * v + 4 * r, qs + 32 * c + 4 * v, 4);
+        if (high)
+          for (int v = 0; v < 8; ++v) std::memcpy(o + 1184 + 32 * v + 4 * r, blk + 16 + 4 * v, 4);
       }
       continue;
     }
@@ -116,6 +145,7 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
           break;
         }
         case Kind::Q4_0:
+        case Kind::IQ4_NL:
         case Kind::Q4_1: {
           const bool min = kind == Kind::Q4_1;
           const uint8_t* blk = w.q + b * (min ? 20 : 18);
@@ -309,13 +339,59 @@ void packed_signed(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
   for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
 }
 
-// Q4_K: y_r = sum_i (d_r * sc_ri) * d_a * dot_i - (dmin_r * m_ri) * s_a
-template <int NT>
-void packed_q4k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+// Q5_K's fifth bits: 16 added to each byte of w whose byte of h has bit s set (sub-block s).
+CORELM_INLINE __m256i add_bit4(__m256i w, __m256i h, int s) {
+#if defined(CORELM_Q5_MASKS)
+  return _mm256_mask_add_epi8(w, _mm256_test_epi8_mask(h, _mm256_set1_epi8(static_cast<char>(1 << s))), w,
+                              _mm256_set1_epi8(16));
+#else  // bit s moved to bit 4 (a 16-bit shift by at most 4 keeps each byte's bit 4 within the byte)
+  const __m256i b = s < 4 ? _mm256_slli_epi16(h, 4 - s) : _mm256_srli_epi16(h, s - 4);
+  return _mm256_or_si256(w, _mm256_and_si256(b, _mm256_set1_epi8(16)));
+#endif
+}
+
+// The eight vectors of a Q4_0-like record's codes as IQ4 int8 levels w (and |w|, for block_dots_s).
+CORELM_INLINE void iq4_vectors(const uint8_t* rec, __m256i* w, __m256i* aw) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
+  unsigned_vectors<false>(rec, w);
+  for (int u = 0; u < 8; ++u) {
+    w[u] = _mm256_shuffle_epi8(table, w[u]);
+    aw[u] = _mm256_sign_epi8(w[u], w[u]);
+  }
+}
+
+// IQ4_NL (per block, d_rb: its record's fp16[8] at 128) and IQ4_XS (per sub-block, d_r * (ls_ri - 32)):
+// y_r = sum_b scale_rb * d_a[b] * (level . a)
+template <Kind K, int NT>
+void packed_iq4(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* rec = K == Kind::IQ4_NL ? p + b * 144 : p + (b / 8) * 1104;
+    const int i = static_cast<int>(b % 8);
+    __m256i w[8], aw[8];
+    iq4_vectors(K == Kind::IQ4_NL ? rec : rec + 80 + 128 * i, w, aw);
+    const __m256 scale =
+        K == Kind::IQ4_NL
+            ? fp16x8c(rec + 128)
+            : _mm256_mul_ps(fp16x8c(rec), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rec + 16 + 8 * i)))));
+    for (int t = 0; t < NT; ++t) {
+      const __m256 dot = _mm256_cvtepi32_ps(block_dots_s(w, aw, a[t], b * QK));
+      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a[t].d[b])), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
+}
+
+// Q4_K (HIGH false) and Q5_K: y_r = sum_i (d_r * sc_ri) * d_a * dot_i - (dmin_r * m_ri) * s_a
+template <int NT, bool HIGH>
+void packed_q45k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+  constexpr int64_t rec = HIGH ? 1440 : 1184;
   __m256 acc[NT], accm[NT];
   for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t sb = 0; sb < nb / 8; ++sb, p += 1184) {
+  for (int64_t sb = 0; sb < nb / 8; ++sb, p += rec) {
     const __m256 d = fp16x8c(p), dmin = fp16x8c(p + 16);
     for (int c = 0; c < 4; ++c) {
       __m256i w0[8], w1[8];
@@ -323,6 +399,11 @@ void packed_q4k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 160 + 256 * c + 32 * v));
         w0[v] = _mm256_and_si256(raw, low);
         w1[v] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+        if (HIGH) {
+          const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 1184 + 32 * v));
+          w0[v] = add_bit4(w0[v], h, 2 * c);
+          w1[v] = add_bit4(w1[v], h, 2 * c + 1);
+        }
       }
       for (int s = 0; s < 2; ++s) {
         const int i = 2 * c + s;
@@ -384,7 +465,7 @@ inline int packed_value(Kind kind, const uint8_t* p, int r, int j) {
   if (kind == Kind::Q8 || kind == Kind::Q8_0) return static_cast<int8_t>(p[32 * u + 4 * r + i]);
   int v = (p[32 * (u % 4) + 4 * r + i] >> (u < 4 ? 0 : 4)) & 0xF;
   if (kind == Kind::Q5_0 || kind == Kind::Q5_1) v |= ((p[128 + 4 * r + i] >> u) & 1) << 4;
-  return v;
+  return kind == Kind::IQ4_NL ? kIQ4NL[v] : v;
 }
 
 template <Kind K, int NT>
@@ -392,7 +473,7 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
   float acc[NT][8] = {}, accm[NT][8] = {};
   const int64_t rec = packed_record(K);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = p + (K == Kind::Q4_K || K == Kind::Q6_K ? (b / 8) * rec : b * rec);
+    const uint8_t* blk = p + (super_block_record(K) ? (b / 8) * rec : b * rec);
     for (int r = 0; r < 8; ++r) {
       if (K == Kind::Q6_K) {  // sub-block i = 4c + s, value j: ql range 2c + s % 2, qh range c
         const int i = static_cast<int>(b % 8), c = i / 4, s = i % 4;
@@ -412,15 +493,30 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
         continue;
       }
       float scale, m = 0.f;
-      if (K == Kind::Q4_K) {  // sub-block b % 8 as a Q4 record's low (even) or high (odd) nibbles
+      if (K == Kind::IQ4_XS) {  // sub-block b % 8: a Q4_0-like record of codes at 80 + 128 i
+        const int i = static_cast<int>(b % 8);
+        scale = fp16(u16(blk + 2 * r)) * static_cast<float>(static_cast<int8_t>(blk[16 + 8 * i + r]));
+        for (int t = 0; t < NT; ++t) {
+          int sumi = 0;
+          for (int j = 0; j < QK; ++j)
+            sumi += kIQ4NL[packed_value(Kind::Q4_0, blk + 80 + 128 * i, r, j)] * act(a[t], b * QK + j);
+          acc[t][r] += static_cast<float>(sumi) * (scale * a[t].d[b]);
+        }
+        continue;
+      }
+      if (K == Kind::Q4_K || K == Kind::Q5_K) {  // sub-block b % 8: low (even) or high (odd) nibbles (+ qh bit)
         const int i = static_cast<int>(b % 8);
         scale = fp16(u16(blk + 2 * r)) * static_cast<float>(blk[32 + 8 * i + r]);
         m = -(fp16(u16(blk + 16 + 2 * r)) * static_cast<float>(blk[96 + 8 * i + r]));
         const uint8_t* q = blk + 160 + 256 * (i / 2);
         for (int t = 0; t < NT; ++t) {
           int sumi = 0;
-          for (int j = 0; j < QK; ++j)
-            sumi += ((q[32 * (j / 4) + 4 * r + j % 4] >> (4 * (i % 2))) & 0xF) * act(a[t], b * QK + j);
+          for (int j = 0; j < QK; ++j) {
+            const int at = 32 * (j / 4) + 4 * r + j % 4;
+            int v = (q[at] >> (4 * (i % 2))) & 0xF;
+            if (K == Kind::Q5_K) v |= ((blk[1184 + at] >> i) & 1) << 4;
+            sumi += v * act(a[t], b * QK + j);
+          }
           acc[t][r] += static_cast<float>(sumi) * (scale * a[t].d[b]);
           accm[t][r] += m * a[t].s[b];
         }
@@ -429,9 +525,9 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
       if (K == Kind::Q4) {
         scale = bf16(u16(blk + 128 + 2 * r));
         m = bf16(u16(blk + 144 + 2 * r)) - 8.f * scale;
-      } else if (K == Kind::Q4_0 || K == Kind::Q4_1) {
+      } else if (K == Kind::Q4_0 || K == Kind::Q4_1 || K == Kind::IQ4_NL) {  // IQ4_NL: w = d * level, no offset
         scale = fp16(u16(blk + 128 + 2 * r));
-        m = K == Kind::Q4_1 ? fp16(u16(blk + 144 + 2 * r)) : -8.f * scale;
+        m = K == Kind::Q4_1 ? fp16(u16(blk + 144 + 2 * r)) : K == Kind::Q4_0 ? -8.f * scale : 0.f;
       } else if (K == Kind::Q8 || K == Kind::Q8_0) {
         scale = K == Kind::Q8 ? bf16(u16(blk + 256 + 2 * r)) : fp16(u16(blk + 256 + 2 * r));
       } else {
@@ -463,8 +559,11 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
     case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out); break;
     case Kind::Q8_0: packed_signed<Kind::Q8_0, NT>(p, a, nb, out); break;
+    case Kind::Q5_K: packed_q45k<NT, true>(p, a, nb, out); break;
     case Kind::Q6_K: packed_q6k<NT>(p, a, nb, out); break;
-    default: packed_q4k<NT>(p, a, nb, out); break;
+    case Kind::IQ4_NL: packed_iq4<Kind::IQ4_NL, NT>(p, a, nb, out); break;
+    case Kind::IQ4_XS: packed_iq4<Kind::IQ4_XS, NT>(p, a, nb, out); break;
+    default: packed_q45k<NT, false>(p, a, nb, out); break;
   }
 #else
   switch (kind) {
@@ -475,7 +574,10 @@ void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float*
     case Kind::Q5_1: packed_scalar<Kind::Q5_1, NT>(p, a, nb, out); break;
     case Kind::Q8: packed_scalar<Kind::Q8, NT>(p, a, nb, out); break;
     case Kind::Q8_0: packed_scalar<Kind::Q8_0, NT>(p, a, nb, out); break;
+    case Kind::Q5_K: packed_scalar<Kind::Q5_K, NT>(p, a, nb, out); break;
     case Kind::Q6_K: packed_scalar<Kind::Q6_K, NT>(p, a, nb, out); break;
+    case Kind::IQ4_NL: packed_scalar<Kind::IQ4_NL, NT>(p, a, nb, out); break;
+    case Kind::IQ4_XS: packed_scalar<Kind::IQ4_XS, NT>(p, a, nb, out); break;
     default: packed_scalar<Kind::Q4_K, NT>(p, a, nb, out); break;
   }
 #endif

@@ -1,4 +1,4 @@
-"""GGUF's own block formats as layers: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K.
+"""GGUF's own block formats as layers: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
 
 A file from llama.cpp's quantizer (``Q4_K_M`` = Q4_K + Q6_K matrices, ``Q5_K_M``, ``Q6_K``, ``Q8_0``,
 ``Q4_0``/``Q4_1`` with a Q8_0 or Q6_K head) keeps each matrix in the bytes it was written in (the
@@ -18,10 +18,17 @@ Q4_1 (3)    20/32   ``d, m`` fp16, ``qs[16]``                         ``d * q + 
 Q5_0 (6)    22/32   ``d`` fp16, ``qh[4]``, ``qs[16]``                 ``d * (q - 16)``
 Q5_1 (7)    24/32   ``d, m`` fp16, ``qh[4]``, ``qs[16]``              ``d * q + m``
 Q8_0 (8)    34/32   ``d`` fp16, ``qs[32]`` int8                       ``d * q``
+IQ4_NL(20)  18/32   ``d`` fp16, ``qs[16]``                            ``d * kv[q]``
 Q4_K (12)   144     ``d, dmin`` fp16, ``scales[12]``, ``qs[128]``     ``d*sc_i * q - dmin*m_i``
 Q5_K (13)   176     ``d, dmin``, ``scales[12]``, ``qh[32]``, ``qs``   same, ``q`` 5 bits
 Q6_K (14)   210     ``ql[128], qh[64]``, ``scales[16]`` int8, ``d``   ``d*sc_j * (q - 32)``, 16 per sc
+IQ4_XS(23)  136     ``d``, ``scales_h`` u16, ``scales_l[4]``, ``qs``  ``d*(ls_i - 32) * kv[q]``
 ==========  ======  ================================================  ===============================
+
+IQ4_NL's and IQ4_XS's 4-bit codes ``q`` index the non-uniform int8 levels ``kv`` (:data:`IQ4_LEVELS`,
+llama.cpp's ``kvalues_iq4nl``), laid out as Q4_0's nibbles; IQ4_XS's sub-block ``i`` has the 6-bit scale
+``ls_i``: nibble ``i % 2`` of ``scales_l[i // 2]`` with bits ``2i, 2i+1`` of ``scales_h`` on top. (An IQ4_XS
+file's matrices whose rows are not whole super-blocks are IQ4_NL: SmolLM2's 576 columns.)
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ QK = 32  # activation block, and a K sub-block
 QK_K = 256  # K super-block
 # GGML type id -> (name, values per block, bytes per block)
 FORMATS = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
-           12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+           20: ("IQ4_NL", 32, 18), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+           23: ("IQ4_XS", 256, 136)}
 TYPE_IDS = {name: t for t, (name, _, _) in FORMATS.items()}
+IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int32)
 
 
 def row_bytes(ggml_type: int, k: int) -> int:
@@ -95,6 +104,19 @@ def unpack(blocks: torch.Tensor, ggml_type: int, k: int) -> tuple[torch.Tensor, 
         qs = b[..., at + 4:].int()
         q = torch.cat([qs & 0xF, qs >> 4], -1) | (((qh >> torch.arange(32)) & 1) << 4)
         return q, d[..., None].expand(n, nb, 2).contiguous(), m
+    if name == "IQ4_NL":  # w = d * kv[q]
+        d = _half(b[..., 0:2])
+        qs = b[..., 2:].int()
+        return IQ4_LEVELS[torch.cat([qs & 0xF, qs >> 4], -1)], d[..., None].expand(n, nb, 2).contiguous(), None
+    if name == "IQ4_XS":  # w = d * (ls_i - 32) * kv[q]
+        d = _half(b[..., 0:2])  # (N, S)
+        high = b[..., 2:4].contiguous().view(torch.int16).int() & 0xFFFF  # (N, S, 1) scales_h
+        low = b[..., 4:8].int()  # (N, S, 4) scales_l
+        ls = torch.stack([low & 0xF, low >> 4], -1).reshape(n, -1, 8) | (((high >> (2 * torch.arange(8))) & 3) << 4)
+        scale = d[..., None] * (ls - 32).float()  # (N, S, 8), exact
+        qs = b[..., 8:].int().reshape(n, -1, 8, 1, 16)
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=3)  # (N, S, sub-block, nibble, 16)
+        return IQ4_LEVELS[codes].reshape(n, nb, QK), scale.reshape(n, nb, 1).expand(n, nb, 2).contiguous(), None
     if name == "Q6_K":
         ql, qh = b[..., :128].int(), b[..., 128:192].int()
         sc = b[..., 192:208].contiguous().view(torch.int8).float()  # (N, S, 16)

@@ -125,7 +125,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         model: any corelm model (decoder or encoder), on CPU or CUDA.
         method: ``"int8"`` (per output channel), ``"int4"`` (group-wise asymmetric), or ``"gguf"``:
             every matrix keeps the block type ``from_gguf`` stores it in (Q4_0/Q4_1 int4 layers;
-            Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K :class:`corelm.quant.kquant.GGUFBlockLinear`), the other
+            Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS :class:`corelm.quant.kquant.GGUFBlockLinear`), the other
             arguments unused.
         group_size: int4 group width (32, 64 or 128); must divide every quantized layer's width.
         head: method for ``lm_head``: ``q8`` (default: int8 with a scale per 32 columns, see
