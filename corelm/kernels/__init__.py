@@ -263,6 +263,10 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], blocks.shape[0])
 
+    @torch.library.register_fake("corelm::qlinear_packed")
+    def _(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
 
 # --------------------------------------------------------------------------------------------------
 # The int4 nibble order the kernels read, and a pure-PyTorch reference of their arithmetic

@@ -20,6 +20,9 @@
 //     Q8_0/Q4_K/Q5_K/Q6_K blocks as the file stores them (kquants.h)
 //   corelm::qlinear_repacked(x, q, s) -> (T, N) f32: the few-row path on rows interleaved eight at a
 //     time (repack.h), as DecoderStep runs it; s is bf16 scales or the one-element GGML type
+//   corelm::repack_blocks(blocks (N, row bytes) u8, ggml_type) -> 1-D u8: those rows as repack.h's records
+//     (empty: the type has none); corelm::unpack_blocks(packed, ggml_type, n, k) -> (n, row bytes) u8 back;
+//     corelm::qlinear_packed(x, packed, ggml_type, n) -> (T, N) f32 on the records alone (qlinear.h)
 //   corelm::attention(q (N, H*hd) f32, k_cache, v_cache (B, KV, S, hd), rows, pos (N,) i64, window, scale,
 //     softcap) -> (N, H*hd) f32: one layer's causal attention over the step's caches (attention.h)
 //   torch.classes.corelm.DecoderStep: a decoder (llama family, Gemma, OLMo 2, MoE) described once by
@@ -75,12 +78,18 @@ using corelm::gemm;
 using corelm::isa;
 using corelm::qlinear;
 using corelm::qlinear_blocks;
+using corelm::qlinear_packed;
 using corelm::qlinear_repacked;
+using corelm::repack_blocks;
+using corelm::unpack_blocks;
 
 TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("repack_blocks(Tensor blocks, int ggml_type) -> Tensor");
+  m.def("unpack_blocks(Tensor packed, int ggml_type, int n, int k) -> Tensor");
+  m.def("qlinear_packed(Tensor x, Tensor packed, int ggml_type, int n) -> Tensor");
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, int window, float scale, "
         "float softcap) -> Tensor");
   m.def("isa() -> str", &isa);
@@ -103,5 +112,8 @@ TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("qlinear_blocks", &qlinear_blocks);
   m.impl("qlinear_repacked", &qlinear_repacked);
+  m.impl("repack_blocks", &repack_blocks);
+  m.impl("unpack_blocks", &unpack_blocks);
+  m.impl("qlinear_packed", &qlinear_packed);
   m.impl("attention", &attention);
 }

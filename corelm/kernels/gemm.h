@@ -390,17 +390,17 @@ inline void transpose8(__m256* r) {
 }
 #endif
 
-// Rows n0 .. n0 + cols of m as a transposed fp32 panel (K, kPanel), zero past cols; stage holds 8 rows
+// Rows 0 .. cols of m (panel_rows) as a transposed fp32 panel (K, kPanel), zero past cols; stage holds 8 rows
 // (8, K): eight dequantized rows at a time are moved in 8 x 8 transposes (one row's values scattered
 // 32 floats apart cost a third of a 128-token prefill on the AVX2 build, Zen 4 profile).
 template <class Matrix>
-void fill_panel_f32(const Matrix& m, int64_t n0, int64_t cols, float* stage, float* panel) {
+void fill_panel_f32(const Matrix& m, int64_t cols, float* stage, float* panel) {
   const int64_t K = m.k;
   for (int64_t c0 = 0; c0 < kPanel; c0 += 8) {
     for (int64_t c = 0; c < 8; ++c) {
       float* s = stage + c * K;
       if (c0 + c < cols) {
-        dequantize_row_fast(m.kind, m.row(n0 + c0 + c), K, s);
+        dequantize_row_fast(m.kind, m.row(c0 + c), K, s);
       } else {
         std::fill(s, s + K, 0.f);
       }
@@ -476,17 +476,17 @@ inline void to_bf16_pairs(const float* x, int64_t T, int64_t K, uint32_t* out) {
   });
 }
 
-// Rows n0 .. n0 + cols of m as a bf16 pair panel (K/2, kPanel), zero past cols: 16 rows at a time are
+// Rows 0 .. cols of m (panel_rows) as a bf16 pair panel (K/2, kPanel), zero past cols: 16 rows at a time are
 // dequantized and rounded into ``stage`` (16, K/2), then moved in 16 x 16 word transposes.
 template <class Matrix>
-void fill_panel_bf16(const Matrix& m, int64_t n0, int64_t cols, float* row, uint32_t* stage, uint32_t* panel) {
+void fill_panel_bf16(const Matrix& m, int64_t cols, float* row, uint32_t* stage, uint32_t* panel) {
   const int64_t K = m.k, KP = K / 2;
   for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
     for (int64_t c = 0; c < 16; ++c) {
       uint32_t* s = stage + c * KP;
       if (c0 + c < cols) {  // straight to bf16 where the format has an AVX-512 decoder
-        if (!decode_row(m.kind, m.row(n0 + c0 + c), K, BF16Sink{reinterpret_cast<uint16_t*>(s)})) {
-          dequantize_row_scalar(m.kind, m.row(n0 + c0 + c), K, row);
+        if (!decode_row(m.kind, m.row(c0 + c), K, BF16Sink{reinterpret_cast<uint16_t*>(s)})) {
+          dequantize_row_scalar(m.kind, m.row(c0 + c), K, row);
           for (int64_t k = 0; k < K; k += 32) _mm512_storeu_si512(s + k / 2, bf16x32(row + k));
         }
       } else {
@@ -605,16 +605,16 @@ inline void quantize_rows_i16(const float* x, int64_t T, int64_t K, int16_t* a, 
   });
 }
 
-// Rows n0 .. n0 + cols of m as an int16 pair panel with its block scales, zero past cols.
+// Rows 0 .. cols of m (panel_rows) as an int16 pair panel with its block scales, zero past cols.
 template <class Matrix>
-void fill_panel_i16(const Matrix& m, int64_t n0, int64_t cols, int16_t* row, float* rd, float* rm, uint32_t* stage,
+void fill_panel_i16(const Matrix& m, int64_t cols, int16_t* row, float* rd, float* rm, uint32_t* stage,
                     uint32_t* panel, float* dw, float* mw) {
   const int64_t K = m.k, KP = K / 2, nb = K / QK;
   for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
     for (int64_t c = 0; c < 16; ++c) {
       uint32_t* st = stage + c * KP;
       if (c0 + c < cols) {
-        decode_row(m.kind, m.row(n0 + c0 + c), K, IntSink{row, rd, rm});
+        decode_row(m.kind, m.row(c0 + c), K, IntSink{row, rd, rm});
         std::memcpy(st, row, K * sizeof(int16_t));
       } else {
         std::fill(st, st + KP, 0u);
@@ -720,7 +720,7 @@ void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_i16(m, n0, cols, row, rd, rm, stage, panel, dw, mw);
+      fill_panel_i16(panel_rows(m, n0, cols), cols, row, rd, rm, stage, panel, dw, mw);
       if (cols == kPanel) {  // straight into the output
         panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, outs[i] + n0, m.n);
       } else {
@@ -741,11 +741,15 @@ void aten_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>
     const Matrix& m = ms[i];
     at::Tensor w = at::empty({m.n, K}, at::kBFloat16);
     auto* wp = reinterpret_cast<uint16_t*>(w.data_ptr());
-    Pool::parallel_for(m.n, 16, [&](int64_t begin, int64_t end) {
+    Pool::parallel_for((m.n + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
-      for (int64_t r = begin; r < end; ++r) {
-        dequantize_row_fast(m.kind, m.row(r), K, row.data());
-        for (int64_t k = 0; k < K; ++k) wp[r * K + k] = c10::BFloat16(row[k]).x;  // round to nearest even
+      for (int64_t pi = begin; pi < end; ++pi) {
+        const int64_t n0 = pi * kPanel, cols = std::min(kPanel, m.n - n0);
+        const Matrix rows = panel_rows(m, n0, cols);
+        for (int64_t r = 0; r < cols; ++r) {
+          dequantize_row_fast(m.kind, rows.row(r), K, row.data());
+          for (int64_t k = 0; k < K; ++k) wp[(n0 + r) * K + k] = c10::BFloat16(row[k]).x;  // round to nearest even
+        }
       }
     });
     at::Tensor y = at::from_blob(outs[i], {T, m.n}, at::kFloat);
@@ -777,7 +781,7 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
         int64_t n0;
         const Matrix& m = panel_of(ms, pi, &i, &n0);
         const int64_t cols = std::min(kPanel, m.n - n0);
-        fill_panel_bf16(m, n0, cols, row, stage, panel);
+        fill_panel_bf16(panel_rows(m, n0, cols), cols, row, stage, panel);
         if (cols == kPanel) {  // straight into the output
           panel_tiles_bf16(xb, T, K / 2, panel, outs[i] + n0, m.n);
         } else {
@@ -797,7 +801,7 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_f32(m, n0, cols, stage, panel);
+      fill_panel_f32(panel_rows(m, n0, cols), cols, stage, panel);
       if (cols == kPanel) {
         panel_tiles(x, T, K, panel, outs[i] + n0, m.n);
       } else {

@@ -18,7 +18,9 @@
 
 namespace corelm {
 
-// A quantized weight matrix (see the file comment for the layouts).
+// A quantized weight matrix (see the file comment for the layouts). A GGUF block matrix may be kept
+// repacked only (as_matrix_packed): ``packed`` set and ``q`` null; its rows are then read through
+// panel_rows, never row().
 struct QMatrix {
   const uint8_t* q = nullptr;
   const uint16_t* s = nullptr;
@@ -31,26 +33,43 @@ struct QMatrix {
   Row row(int64_t i) const { return {q + i * row_q, s + i * row_s, bpg}; }
 };
 
-// m with its rows also interleaved eight at a time (repack.h), when its kind has a repacked kernel;
-// CORELM_REPACK=0 turns it off. The copy is as large as the matrix: the original rows stay for the
-// many-row GEMM and for the layers themselves.
-QMatrix repacked(QMatrix m) {
+// Whether m's rows have a repacked form (repack.h) to run on: a kind with a record, whole super-blocks
+// of eight for the K-quants; CORELM_REPACK=0 says no.
+inline bool repackable(const QMatrix& m) {
   const char* env = std::getenv("CORELM_REPACK");
-  if ((env != nullptr && std::string(env) == "0") || m.f || packed_record(m.kind) == 0 || m.n == 0) return m;
-  const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup;
-  if (super_block_record(m.kind) && nb % 8 != 0) return m;
-  m.group_bytes = packed_group_bytes(m.kind, nb);
-  const int64_t bytes = groups * m.group_bytes;
-  uint8_t* buf = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-  TORCH_CHECK(buf != nullptr, "out of memory repacking a ", m.n, " x ", m.k, " matrix");
-  std::memset(buf, 0, bytes);
-  const QMatrix& src = m;
+  if ((env != nullptr && std::string(env) == "0") || m.f || packed_record(m.kind) == 0 || m.n == 0) return false;
+  return !super_block_record(m.kind) || (m.k / QK) % 8 == 0;
+}
+
+// m's rows interleaved eight at a time (repack.h) as one uint8 tensor, a group's record after another
+// (packed_group_bytes each); undefined when !repackable(m).
+at::Tensor repack_matrix(const QMatrix& m) {
+  if (!repackable(m)) return at::Tensor();
+  const int64_t nb = m.k / QK, groups = (m.n + kGroup - 1) / kGroup, group_bytes = packed_group_bytes(m.kind, nb);
+  at::Tensor out = at::zeros({groups * group_bytes}, at::kByte);  // rows past n stay zero
+  uint8_t* buf = out.data_ptr<uint8_t>();
   Pool::parallel_for(groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g)
-      repack_group(src.kind, nb, src.bpg, std::min(kGroup, src.n - g * kGroup),
-                   [&](int64_t r) { return src.row(g * kGroup + r); }, buf + g * src.group_bytes);
+      repack_group(m.kind, nb, m.bpg, std::min(kGroup, m.n - g * kGroup),
+                   [&](int64_t r) { return m.row(g * kGroup + r); }, buf + g * group_bytes);
   });
-  m.packed = std::shared_ptr<const uint8_t>(buf, [](const uint8_t* p) { std::free(const_cast<uint8_t*>(p)); });
+  return out;
+}
+
+// A pointer into t's bytes that keeps t (its storage) alive: the matrix points into a tensor it does not copy.
+inline std::shared_ptr<const uint8_t> hold(const at::Tensor& t) {
+  return std::shared_ptr<const uint8_t>(std::make_shared<at::Tensor>(t), t.data_ptr<uint8_t>());
+}
+
+// m with its rows also interleaved eight at a time (repack.h), when repackable(m): a copy as large as the
+// matrix, next to the original rows (a layer that keeps only its repacked bytes hands them over instead:
+// as_matrix_packed; such a matrix is returned as it is).
+QMatrix repacked(QMatrix m) {
+  if (m.packed) return m;
+  const at::Tensor p = repack_matrix(m);
+  if (!p.defined()) return m;
+  m.group_bytes = packed_group_bytes(m.kind, m.k / QK);
+  m.packed = hold(p);
   return m;
 }
 
@@ -74,6 +93,64 @@ QMatrix as_matrix_blocks(const at::Tensor& blocks, int64_t ggml_type, int64_t k)
   return m;
 }
 
+// Columns of a GGUF block matrix whose rows are ``row`` bytes (its type has kind *kind).
+inline int64_t block_columns(int64_t ggml_type, int64_t row, Kind* kind) {
+  const int64_t per = block_row_bytes(ggml_type, QK_K, kind);  // bytes per 256 values (every type divides it)
+  TORCH_CHECK(per > 0, "GGML type ", ggml_type, " has no block kernel");
+  const int64_t k = row * QK_K / per;
+  TORCH_CHECK(k > 0 && block_row_bytes(ggml_type, k, kind) == row, "rows of ", row, " bytes are not whole blocks of GGML type ",
+              ggml_type);
+  return k;
+}
+
+// An n x k GGUF block matrix kept only repacked: ``packed`` is repack_blocks' uint8 tensor (the matrix
+// points into it, no copy), ``q`` stays null.
+QMatrix as_matrix_packed(const at::Tensor& packed, int64_t ggml_type, int64_t n, int64_t k) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.dim() == 1,
+              "repacked GGUF blocks must be a contiguous 1-D uint8 CPU tensor");
+  QMatrix m;
+  m.row_q = block_row_bytes(ggml_type, k, &m.kind);
+  TORCH_CHECK(m.row_q > 0, "GGML type ", ggml_type, " with ", k, " columns has no kernel");
+  m.n = n;
+  m.k = k;
+  TORCH_CHECK(n > 0 && packed_record(m.kind) != 0 && (!super_block_record(m.kind) || (k / QK) % 8 == 0),
+              "GGML type ", ggml_type, " with ", k, " columns has no repacked form");
+  m.group_bytes = packed_group_bytes(m.kind, k / QK);
+  TORCH_CHECK(packed.numel() == (n + kGroup - 1) / kGroup * m.group_bytes, "repacked bytes of a ", n, " x ", k,
+              " matrix of GGML type ", ggml_type, " are ", (n + kGroup - 1) / kGroup * m.group_bytes, ", not ",
+              packed.numel());
+  m.packed = hold(packed);
+  return m;
+}
+
+// Rows n0 .. n0 + cols - 1 (a panel of gemm.h: n0 a multiple of kGroup, cols <= kPanel) of m as a
+// matrix whose row(c) is m's row n0 + c: m's own rows, or, for a matrix kept only repacked, its groups
+// unpacked into a buffer of the calling thread's (valid until that thread's next call). panel_matmul
+// reads every row through here.
+inline QMatrix panel_rows(const QMatrix& m, int64_t n0, int64_t cols) {
+  QMatrix v;
+  v.kind = m.kind;
+  v.n = cols;
+  v.k = m.k;
+  v.bpg = m.bpg;
+  v.row_q = m.row_q;
+  v.row_s = m.row_s;
+  if (m.q != nullptr) {
+    v.q = m.q + n0 * m.row_q;
+    v.s = m.s == nullptr ? nullptr : m.s + n0 * m.row_s;
+    return v;
+  }
+  TORCH_CHECK(m.packed && n0 % kGroup == 0 && cols <= kPanel, "a matrix without rows");
+  uint8_t* buf = scratch<uint8_t, 4>(kPanel * m.row_q);
+  const uint8_t* p = m.packed.get() + n0 / kGroup * m.group_bytes;
+  for (int64_t g = 0; g * kGroup < cols; ++g)
+    unpack_group(m.kind, m.k / QK, std::min(kGroup, cols - g * kGroup), p + g * m.group_bytes,
+                 [&](int64_t r) { return buf + (g * kGroup + r) * m.row_q; });
+  v.q = buf;
+  return v;
+}
+
 // The matrix a layer's (values, scales) describe. For GGUF block formats the scales live in the
 // blocks, and ``s`` is a one-element int64 tensor naming the GGML type (see as_matrix_blocks). fp32 or
 // bf16 values are a float matrix (fgemv.h; ``s`` is not read: an nn.Linear's weight and no scales).
@@ -88,9 +165,10 @@ QMatrix as_matrix(const at::Tensor& q, const at::Tensor& s, int64_t k) {
   TORCH_CHECK(q.device().is_cpu() && s.device().is_cpu() && q.is_contiguous() && s.is_contiguous(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(k % QK == 0, "input width ", k, " is not a multiple of 32");
-  if (s.scalar_type() == at::kLong) {
-    TORCH_CHECK(s.numel() == 1, "a GGUF block format is named by one int64 GGML type");
-    return as_matrix_blocks(q, s.item<int64_t>(), k);
+  if (s.scalar_type() == at::kLong) {  // (type): the rows of blocks; (type, n): repacked only
+    TORCH_CHECK(s.numel() == 1 || s.numel() == 2, "a GGUF block format is named by its int64 GGML type (and rows)");
+    const int64_t* ts = s.data_ptr<int64_t>();
+    return s.numel() == 1 ? as_matrix_blocks(q, ts[0], k) : as_matrix_packed(q, ts[0], ts[1], k);
   }
   TORCH_CHECK(s.scalar_type() == at::kBFloat16, "weight scales must be bf16");
   QMatrix m;
@@ -172,6 +250,7 @@ void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::v
 void qmatmul(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs) {
   for (const auto& m : ms)
     if (m.packed) return qmatmul_packed(a, ms, outs);
+  for (const auto& m : ms) TORCH_CHECK(m.q != nullptr || m.n == 0, "a quantized matrix without rows");
   for_each_row(ms, [&](size_t i, int64_t r) { row_dots(ms[i], a, r, outs[i]); });
 }
 
@@ -265,6 +344,36 @@ at::Tensor qlinear_blocks(const at::Tensor& x, const at::Tensor& blocks, int64_t
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
   const at::Tensor xc = x.contiguous();
   return qlinear_matrix(xc, as_matrix_blocks(blocks, ggml_type, xc.size(1)));
+}
+
+// The repacked bytes of a GGUF block matrix (repack.h) as one uint8 tensor, or an empty tensor when its
+// type (or width: K-quants need whole super-blocks of eight) has no repacked form, or CORELM_REPACK=0.
+at::Tensor repack_blocks(const at::Tensor& blocks, int64_t ggml_type) {
+  TORCH_CHECK(blocks.dim() == 2, "GGUF blocks must be (N, row bytes)");
+  Kind kind;
+  const at::Tensor p = repack_matrix(as_matrix_blocks(blocks, ggml_type, block_columns(ggml_type, blocks.size(1), &kind)));
+  return p.defined() ? p : at::empty({0}, at::kByte);
+}
+
+// The inverse of repack_blocks: the (n, row bytes) uint8 rows of an n x k matrix, bit for bit the file's.
+at::Tensor unpack_blocks(const at::Tensor& packed, int64_t ggml_type, int64_t n, int64_t k) {
+  const QMatrix m = as_matrix_packed(packed, ggml_type, n, k);
+  at::Tensor out = at::empty({n, m.row_q}, at::kByte);
+  uint8_t* rows = out.data_ptr<uint8_t>();
+  Pool::parallel_for((n + kGroup - 1) / kGroup, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      unpack_group(m.kind, k / QK, std::min(kGroup, n - g * kGroup), m.packed.get() + g * m.group_bytes,
+                   [&](int64_t r) { return rows + (g * kGroup + r) * m.row_q; });
+  });
+  return out;
+}
+
+// y (T, N) = x (T, K) @ W^T for W kept only repacked (repack_blocks of its n rows): the few-row kernels on
+// the records, the many-row GEMM on panels unpacked on the fly.
+at::Tensor qlinear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t ggml_type, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be (T, K) float32 on CPU");
+  const at::Tensor xc = x.contiguous();
+  return qlinear_matrix(xc, as_matrix_packed(packed, ggml_type, n, xc.size(1)));
 }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {

@@ -190,6 +190,108 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
   }
 }
 
+// The inverse of repack_group for GGUF's block kinds (not corelm's Q4/Q8, whose scales are per group of
+// bpg blocks): rows 0..rows-1 of a group's record ``in`` back into their file bytes, ``row(r)`` row r's
+// writable bytes. Every field is moved, not recomputed, except Q4_K/Q5_K's 12 bytes of 6-bit scales and
+// mins and IQ4_XS's scales_h/scales_l, whose packings are bijections (96 and 48 bits) re-encoded here.
+template <typename RowFn>
+void unpack_group(Kind kind, int64_t nb, int64_t rows, const uint8_t* in, RowFn row) {
+  const int64_t rec = packed_record(kind);
+  auto put16 = [](uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); };
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* w = row(r);
+    if (kind == Kind::Q6_K) {
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        uint8_t* blk = w + sb * 210;
+        const uint8_t* o = in + sb * rec;
+        for (int j = 0; j < 6; ++j)
+          for (int v = 0; v < 8; ++v) std::memcpy(blk + 32 * j + 4 * v, o + 256 * j + 32 * v + 4 * r, 4);
+        for (int i = 0; i < 16; ++i) blk[192 + i] = o[1536 + 8 * i + r];
+        put16(blk + 208, u16(o + 1664 + 2 * r));
+      }
+      continue;
+    }
+    if (kind == Kind::IQ4_XS) {
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        uint8_t* blk = w + sb * 136;
+        const uint8_t* o = in + sb * rec;
+        put16(blk, u16(o + 2 * r));
+        uint16_t high = 0;
+        std::memset(blk + 4, 0, 4);
+        for (int i = 0; i < 8; ++i) {
+          const int ls = static_cast<int8_t>(o[16 + 8 * i + r]) + 32;  // 6 bits
+          blk[4 + i / 2] |= static_cast<uint8_t>((ls & 0xF) << (4 * (i % 2)));
+          high |= static_cast<uint16_t>((ls >> 4) << (2 * i));
+          for (int v = 0; v < 4; ++v) std::memcpy(blk + 8 + 16 * i + 4 * v, o + 80 + 128 * i + 32 * v + 4 * r, 4);
+        }
+        put16(blk + 2, high);
+      }
+      continue;
+    }
+    if (kind == Kind::Q4_K || kind == Kind::Q5_K) {
+      const bool high = kind == Kind::Q5_K;
+      for (int64_t sb = 0; sb < nb / 8; ++sb) {
+        uint8_t* blk = w + sb * (high ? 176 : 144);
+        uint8_t* qs = blk + (high ? 48 : 16);
+        const uint8_t* o = in + sb * rec;
+        put16(blk, u16(o + 2 * r));
+        put16(blk + 2, u16(o + 16 + 2 * r));
+        for (int j = 0; j < 4; ++j) {  // scale_min_k4's packing, inverted
+          const uint8_t s0 = o[32 + 8 * j + r], s4 = o[32 + 8 * (j + 4) + r];
+          const uint8_t m0 = o[96 + 8 * j + r], m4 = o[96 + 8 * (j + 4) + r];
+          blk[4 + j] = static_cast<uint8_t>(s0 | ((s4 >> 4) << 6));
+          blk[8 + j] = static_cast<uint8_t>(m0 | ((m4 >> 4) << 6));
+          blk[12 + j] = static_cast<uint8_t>((s4 & 0xF) | ((m4 & 0xF) << 4));
+        }
+        for (int c = 0; c < 4; ++c)
+          for (int v = 0; v < 8; ++v) std::memcpy(qs + 32 * c + 4 * v, o + 160 + 256 * c + 32 * v + 4 * r, 4);
+        if (high)
+          for (int v = 0; v < 8; ++v) std::memcpy(blk + 16 + 4 * v, o + 1184 + 32 * v + 4 * r, 4);
+      }
+      continue;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* o = in + b * rec;
+      switch (kind) {
+        case Kind::Q4_0:
+        case Kind::IQ4_NL:
+        case Kind::Q4_1: {
+          const bool min = kind == Kind::Q4_1;
+          uint8_t* blk = w + b * (min ? 20 : 18);
+          for (int v = 0; v < 4; ++v) std::memcpy(blk + (min ? 4 : 2) + 4 * v, o + 32 * v + 4 * r, 4);
+          put16(blk, u16(o + 128 + 2 * r));
+          if (min) put16(blk + 2, u16(o + 144 + 2 * r));
+          break;
+        }
+        case Kind::Q5_0:
+        case Kind::Q5_1: {
+          const bool min = kind == Kind::Q5_1;
+          uint8_t* blk = w + b * (min ? 24 : 22);
+          uint32_t qh = 0;
+#if defined(CORELM_Q5_MASKS)
+          for (int u = 0; u < 8; ++u) qh |= static_cast<uint32_t>((o[128 + 4 * u + r / 2] >> (4 * (r % 2))) & 0xF) << (4 * u);
+#else
+          for (int i = 0; i < 4; ++i)
+            for (int u = 0; u < 8; ++u) qh |= static_cast<uint32_t>((o[128 + 4 * r + i] >> u) & 1) << (4 * u + i);
+#endif
+          std::memcpy(blk + (min ? 4 : 2), &qh, 4);
+          for (int v = 0; v < 4; ++v) std::memcpy(blk + (min ? 8 : 6) + 4 * v, o + 32 * v + 4 * r, 4);
+          put16(blk, u16(o + 160 + 2 * r));
+          if (min) put16(blk + 2, u16(o + 176 + 2 * r));
+          break;
+        }
+        case Kind::Q8_0: {
+          uint8_t* blk = w + b * 34;
+          for (int u = 0; u < 8; ++u) std::memcpy(blk + 2 + 4 * u, o + 32 * u + 4 * r, 4);
+          put16(blk, u16(o + 256 + 2 * r));
+          break;
+        }
+        default: TORCH_CHECK(false, "corelm's Q4/Q8 records have no unpacked form here");
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Kernels: one group (8 weight rows) against NT activation rows; out[t * 8 + r] = row r . activation t.
 // Every activation row goes through the same operations whatever NT is (see dot_q4).

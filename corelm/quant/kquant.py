@@ -173,10 +173,16 @@ class GGUFBlockLinear(nn.Module):
     ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
     Q/K rows moved back to HF order, whole rows at a time; a fused matrix's row range); ``ggml_type``
     names the format; ``bias`` (out_features,) is optional (Qwen2's q/k/v), kept in fp32.
+
+    With ``repack`` (and the C++ kernels loaded, and a repacked record for the type: ``repack.h``, which
+    ``CORELM_REPACK=0`` turns off) the layer keeps only the rows interleaved eight at a time (the buffer
+    ``packed``, what the decode kernels read; llama.cpp's CPU "repack" buffers), not the file's rows as
+    well: one copy of the weights instead of two. ``blocks`` then unpacks them (a new tensor, bit for bit
+    the file's), and the state dict still holds ``blocks``.
     """
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, in_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, repack: bool = False) -> None:
         super().__init__()
         if ggml_type not in FORMATS:
             raise CorelmError(f"GGML type {ggml_type} has no block kernel; expected one of "
@@ -185,27 +191,75 @@ class GGUFBlockLinear(nn.Module):
             raise CorelmError(f"{FORMATS[ggml_type][0]} blocks for {in_features} columns must be (N, "
                               f"{row_bytes(ggml_type, in_features)}) uint8, not {tuple(blocks.shape)} {blocks.dtype}")
         self.in_features, self.out_features, self.ggml_type = in_features, blocks.shape[0], ggml_type
-        self.register_buffer("blocks", blocks.contiguous())
+        # the step's "scales": the GGML type for rows of blocks, (type, rows) for repacked bytes (qlinear.h)
         self.register_buffer("format", torch.tensor([ggml_type], dtype=torch.int64), persistent=False)
+        self.register_buffer("packed_format", torch.tensor([ggml_type, blocks.shape[0]]), persistent=False)
         if bias is not None and tuple(bias.shape) != (blocks.shape[0],):
             raise CorelmError(f"a bias of shape {tuple(bias.shape)} for {blocks.shape[0]} output rows")
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         from corelm.quant.layers import use_kernels
 
         self.kernel = use_kernels(blocks.device)
+        self._keep(blocks.contiguous(), repack)
+
+    def _keep(self, blocks: torch.Tensor, repack: bool) -> None:
+        """Hold ``blocks`` as the buffer ``rows``, or, with ``repack`` where the kernels can, only their
+        repacked bytes as ``packed`` (an empty result from ``repack_blocks``: no record for the type)."""
+        packed = torch.ops.corelm.repack_blocks(blocks, self.ggml_type) if repack and self.kernel else None
+        if packed is not None and packed.numel() == 0:
+            packed = None
+        self.register_buffer("rows", None if packed is not None else blocks, persistent=False)
+        self.register_buffer("packed", packed, persistent=False)
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """(out_features, row bytes) uint8, the file's rows (unpacked anew from ``packed`` if it is kept)."""
+        if self.packed is None:
+            return self.rows
+        return torch.ops.corelm.unpack_blocks(self.packed, self.ggml_type, self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "blocks"] = self.blocks if keep_vars or self.packed is not None else self.rows.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "blocks"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        blocks = state_dict[key]
+        shape = (self.out_features, row_bytes(self.ggml_type, self.in_features))
+        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape:
+            error_msgs.append(f"{key}: expected {shape} uint8, got {tuple(blocks.shape)} {blocks.dtype}")
+        elif self.packed is not None:
+            self._keep(blocks.detach().cpu().contiguous(), repack=True)
+        elif local_metadata.get("assign_to_params_buffers", False):
+            self.rows = blocks.detach()
+        else:
+            with torch.no_grad():
+                self.rows.copy_(blocks)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(blocks, format): the C++ step reads the blocks, and the one-element GGML type as "scales"
-        (``as_matrix`` in qlinear.h)."""
-        return (self.blocks, self.format) if self.kernel else None
+        """(values, scales) for the C++ step (``as_matrix`` in qlinear.h): the rows of blocks and the
+        one-element GGML type, or the repacked bytes and (type, rows), which the step reads as they are."""
+        if not self.kernel:
+            return None
+        return (self.rows, self.format) if self.packed is None else (self.packed, self.packed_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        if self.kernel:
-            y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.blocks, self.ggml_type)
+        if self.kernel and self.packed is not None:
+            y = torch.ops.corelm.qlinear_packed(x2.contiguous(), self.packed, self.ggml_type, self.out_features)
+        elif self.kernel:
+            y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.rows, self.ggml_type)
         else:
             y = x2 @ self.dequantize().t()
         if self.bias is not None:
@@ -301,12 +355,14 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         if kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
         plan.append((parent, name, linear, gguf_name, kind, (start, stop)))
-    whole: dict[str, torch.Tensor] = {}  # GGUF name -> blocks of a whole matrix (the tied head's, for the embedding)
+    whole: dict[str, torch.Tensor] = {}  # the tied head's blocks, for the embedding
     for parent, name, linear, gguf_name, kind, span in plan:
         rows = _rows(found, gguf_name, name, span)
-        if span[0] is None and _heads(found, name) is None:
+        tied_head = gguf_name == "token_embd.weight"  # its blocks are the embedding's too: kept as they are
+        if tied_head and span[0] is None and _heads(found, name) is None:
             whole[gguf_name] = rows
-        setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias))
+        setattr(parent, name, GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias,
+                                              repack=not tied_head))
     embedding = _embed_blocks(model, found, whole)
     from corelm.quant.gguf_quantize import MIX_NAMES
 
