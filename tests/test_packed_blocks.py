@@ -1,0 +1,157 @@
+"""GGUF block matrices kept only repacked (corelm/kernels/repack.h ``unpack_group``, qlinear.h
+``as_matrix_packed``/``panel_rows``; :class:`corelm.quant.kquant.GGUFBlockLinear` with ``repack``): the
+records give back the file's bytes bit for bit, the matmul on them equals the one on the file's rows (the
+few-row kernels and the panel GEMM, on every instruction set this CPU runs), and a natively loaded GGUF
+model holds one copy of its weights, decodes on the C++ step exactly as with the rows, and saves and loads
+``blocks`` as before."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from corelm import kernels
+from corelm.quant import kquant
+from tests.test_kquants import Q4_K_M, TYPES, random_blocks, write_tiny_llama
+
+CHECK = r"""
+import torch
+from corelm import kernels
+from tests.test_kquants import TYPES, random_blocks
+
+assert kernels.load(), kernels.load_error()
+print(torch.ops.corelm.isa())
+x = torch.randn(70, 256, generator=torch.Generator().manual_seed(0))
+for kind, t in TYPES.items():
+    b = random_blocks(kind, 37, 256, seed=t)  # 37 rows: a last group of five, a last panel of five
+    p = torch.ops.corelm.repack_blocks(b, t)
+    assert p.numel() == 5 * p.numel() // 5 > 0, kind
+    assert torch.equal(torch.ops.corelm.unpack_blocks(p, t, 37, 256), b), kind
+    for rows in (1, 5, 70):  # 70: the panel GEMM on unpacked panels; fewer: the records themselves
+        y = torch.ops.corelm.qlinear_packed(x[:rows], p, t, 37)
+        want = (torch.ops.corelm.qlinear_blocks(x[:rows], b, t) if rows >= 64
+                else torch.ops.corelm.qlinear_repacked(x[:rows], b, torch.tensor([t])))
+        assert torch.equal(y, want), (kind, rows, (y - want).abs().max().item())
+print("ok")
+"""
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    assert kernels.load(), kernels.load_error()
+
+
+@pytest.mark.parametrize("level", kernels.runnable_builds())
+def test_unpack_inverts_repack_and_packed_matmul_equals_rows_on_every_build(level):
+    env = dict(os.environ, CORELM_KERNELS_ISA=level)
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1], check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [level, "ok"]
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "int16", "bf16", "aten"])
+def test_every_panel_arithmetic_reads_unpacked_panels(gemm, monkeypatch):  # (a build without one: fp32)
+    monkeypatch.setenv("CORELM_GEMM", gemm)
+    x = torch.randn(67, 512)
+    for kind in ("Q4_K", "Q5_0", "Q6_K", "IQ4_XS"):
+        b = random_blocks(kind, 45, 512, seed=1)
+        p = torch.ops.corelm.repack_blocks(b, TYPES[kind])
+        y = torch.ops.corelm.qlinear_packed(x, p, TYPES[kind], 45)
+        assert torch.equal(y, torch.ops.corelm.qlinear_blocks(x, b, TYPES[kind])), (gemm, kind)
+
+
+def test_repacking_turned_off_keeps_the_rows_and_bad_bytes_are_refused(monkeypatch):
+    b = random_blocks("Q4_K", 8, 768, seed=2)
+    monkeypatch.setenv("CORELM_REPACK", "0")
+    assert torch.ops.corelm.repack_blocks(b, TYPES["Q4_K"]).numel() == 0
+    layer = kquant.GGUFBlockLinear(b, TYPES["Q4_K"], 768, repack=True)
+    assert layer.packed is None and layer.blocks is layer.rows  # kept as it is
+    monkeypatch.delenv("CORELM_REPACK")
+    p = torch.ops.corelm.repack_blocks(random_blocks("Q8_0", 8, 64), TYPES["Q8_0"])
+    with pytest.raises(RuntimeError, match="repacked bytes"):
+        torch.ops.corelm.qlinear_packed(torch.randn(1, 64), p[:-1], TYPES["Q8_0"], 8)
+
+
+def test_layer_keeps_only_the_records_and_round_trips_its_state_dict():
+    b, bias = random_blocks("Q5_K", 21, 256, seed=4), torch.randn(21)
+    layer = kquant.GGUFBlockLinear(b, TYPES["Q5_K"], 256, bias, repack=True)
+    assert layer.rows is None and layer.packed is not None
+    assert torch.equal(layer.blocks, b)
+    values, fmt = layer.kernel_weights()
+    assert values is layer.packed and fmt.tolist() == [TYPES["Q5_K"], 21]
+    x = torch.randn(3, 256)
+    plain = kquant.GGUFBlockLinear(b, TYPES["Q5_K"], 256, bias)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+    state = layer.state_dict()
+    assert sorted(state) == ["bias", "blocks"] and torch.equal(state["blocks"], b)
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    other = kquant.GGUFBlockLinear(random_blocks("Q5_K", 21, 256, seed=5), TYPES["Q5_K"], 256, torch.zeros(21),
+                                   repack=True)
+    other.load_state_dict(state)
+    assert other.rows is None and torch.equal(other.blocks, b) and torch.equal(other(x), layer(x))
+    with pytest.raises(RuntimeError, match="blocks"):
+        other.load_state_dict({"blocks": b[:20], "bias": bias})
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "tiny.gguf"
+    write_tiny_llama(path, {**Q4_K_M, "attn_k": "Q5_1", "ffn_up": "Q4_0", "output": "Q8_0"})
+    return path
+
+
+def test_native_gguf_load_holds_one_copy_and_decodes_as_before(tiny_gguf, monkeypatch):
+    from corelm.generate.step import KernelStep
+    from corelm.loading import load_parts
+
+    model = load_parts(tiny_gguf, dtype="fp32", quantize="gguf").model
+    before = load_parts(tiny_gguf, dtype="fp32", quantize="gguf").model
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, kquant.GGUFBlockLinear)]
+    assert len(layers) == 2 * 7 + 1
+    for name, m in before.named_modules():  # the rows as the layers held them before: the step repacks them
+        if isinstance(m, kquant.GGUFBlockLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(before.get_submodule(parent) if parent else before, child,
+                    kquant.GGUFBlockLinear(m.blocks, m.ggml_type, m.in_features, m.bias))
+    quantized = 0
+    for name, m in layers:
+        assert m.rows is None and m.packed is not None, name  # no unpacked copy
+        assert torch.equal(m.blocks, before.get_submodule(name).rows), name
+        quantized += m.packed.numel()
+    held = sum(t.numel() * t.element_size() for t in model.buffers() if t.dtype == torch.uint8)
+    assert held == quantized  # (an fp32 token embedding here: no GGUF blocks besides the matrices)
+    monkeypatch.setenv("CORELM_GEMM_ROWS", "32")  # the file's context is 64: a 40-token prefill on panels
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = []
+    with torch.inference_mode():
+        for m in (model, before):
+            step = KernelStep(m, kv_dtype=torch.float32)
+            cache = step.new_cache(1, 64)
+            prefill = step.extend(cache, 0, ids, 0)
+            decode = torch.cat([step.extend(cache, 0, [t], 40 + i) for i, t in enumerate(ids[:5])])
+            out.append((prefill, decode, m(torch.tensor([ids[:5]]))[0]))
+    (prefill, decode, forward), (prefill0, decode0, forward0) = out
+    assert torch.equal(prefill, prefill0) and torch.equal(decode, decode0)  # bit for bit
+    # the layers' own forward now runs the records' kernels (the step's), before the row kernels: rounding
+    torch.testing.assert_close(forward, forward0, rtol=1e-4, atol=1e-4)
+
+
+def test_model_state_dict_holds_blocks_and_loads_back(tiny_gguf):
+    from corelm.loading import load_parts
+
+    model = load_parts(tiny_gguf, dtype="fp32", quantize="gguf").model
+    state = model.state_dict()
+    q = "model.layers.0.self_attn.q_proj.blocks"
+    assert torch.equal(state[q], model.model.layers[0].self_attn.q_proj.blocks)
+    assert not any(k.endswith((".packed", ".rows")) for k in state)
+    fresh = load_parts(tiny_gguf, dtype="fp32", quantize="gguf").model
+    for m in fresh.modules():
+        if isinstance(m, kquant.GGUFBlockLinear):
+            m._keep(torch.zeros_like(m.blocks), repack=True)
+    fresh.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+    assert fresh.model.layers[1].mlp.down_proj.rows is None
