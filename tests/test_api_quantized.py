@@ -54,7 +54,8 @@ def test_a_quantized_gguf_runs_its_own_blocks_by_default():
     q_proj, head, embed = default.model.model.layers[0].self_attn.q_proj, default.model.lm_head, \
         default.model.model.embed_tokens
     assert isinstance(q_proj, GGUFBlockLinear) and q_proj.ggml_type == 3
-    assert isinstance(embed, GGUFBlockEmbedding) and embed.blocks is head.blocks  # tied: one copy of the blocks
+    assert isinstance(embed, GGUFBlockEmbedding) and embed.packed is head.packed  # tied: one copy, repacked
+    assert head.raw is None and embed.raw is None and head.packed is not None
     explicit = corelm.load("smollm2-135m-instruct", dtype="fp32", quantize="gguf")
     ids = default.encode_prompt("The capital of France is")
     assert default.generate_ids(ids, 12, ignore_eos=True) == explicit.generate_ids(ids, 12, ignore_eos=True)

@@ -182,8 +182,9 @@ def test_every_instruction_set_build_equals_reference(level):
 
 
 def write_tiny_llama(path, kinds: dict[str, str], d: int = 256, d_ff: int = 512, vocab: int = 96,
-                     n_layer: int = 2, seed: int = 0) -> None:
-    """A llama GGUF whose matrices are random valid blocks of ``kinds[gguf suffix]`` (``output``: the head)."""
+                     n_layer: int = 2, seed: int = 0, tied: str | None = None) -> None:
+    """A llama GGUF whose matrices are random valid blocks of ``kinds[gguf suffix]`` (``output``: the head);
+    ``tied``: no head, the token embedding in that type instead of fp32 (a tied head)."""
     from gguf import GGUFWriter
 
     g = np.random.default_rng(seed)
@@ -206,7 +207,10 @@ def write_tiny_llama(path, kinds: dict[str, str], d: int = 256, d_ff: int = 512,
         b = random_blocks(kind, n, k, seed=int(g.integers(1 << 30)), scale=0.2).numpy()
         w.add_tensor(name, b, raw_shape=b.shape, raw_dtype=GGMLQuantizationType[kind])
 
-    w.add_tensor("token_embd.weight", g.normal(0, 1, (vocab, d)).astype(np.float32))
+    if tied:
+        matrix("token_embd.weight", vocab, d, tied)
+    else:
+        w.add_tensor("token_embd.weight", g.normal(0, 1, (vocab, d)).astype(np.float32))
     shapes = {"attn_q": (d, d), "attn_k": (n_kv * hd, d), "attn_v": (n_kv * hd, d), "attn_output": (d, d),
               "ffn_gate": (d_ff, d), "ffn_up": (d_ff, d), "ffn_down": (d, d_ff)}
     for i in range(n_layer):
@@ -215,7 +219,8 @@ def write_tiny_llama(path, kinds: dict[str, str], d: int = 256, d_ff: int = 512,
         for name, (n, k) in shapes.items():
             matrix(f"blk.{i}.{name}.weight", n, k, kinds[name])
     w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    matrix("output.weight", vocab, d, kinds["output"])
+    if not tied:
+        matrix("output.weight", vocab, d, kinds["output"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -69,7 +69,7 @@ def test_repacking_turned_off_keeps_the_rows_and_bad_bytes_are_refused(monkeypat
     monkeypatch.setenv("CORELM_REPACK", "0")
     assert torch.ops.corelm.repack_blocks(b, TYPES["Q4_K"]).numel() == 0
     layer = kquant.GGUFBlockLinear(b, TYPES["Q4_K"], 768, repack=True)
-    assert layer.packed is None and layer.blocks is layer.rows  # kept as it is
+    assert layer.packed is None and layer.blocks is layer.raw  # kept as it is
     monkeypatch.delenv("CORELM_REPACK")
     p = torch.ops.corelm.repack_blocks(random_blocks("Q8_0", 8, 64), TYPES["Q8_0"])
     with pytest.raises(RuntimeError, match="repacked bytes"):
@@ -79,7 +79,7 @@ def test_repacking_turned_off_keeps_the_rows_and_bad_bytes_are_refused(monkeypat
 def test_layer_keeps_only_the_records_and_round_trips_its_state_dict():
     b, bias = random_blocks("Q5_K", 21, 256, seed=4), torch.randn(21)
     layer = kquant.GGUFBlockLinear(b, TYPES["Q5_K"], 256, bias, repack=True)
-    assert layer.rows is None and layer.packed is not None
+    assert layer.raw is None and layer.packed is not None
     assert torch.equal(layer.blocks, b)
     values, fmt = layer.kernel_weights()
     assert values is layer.packed and fmt.tolist() == [TYPES["Q5_K"], 21]
@@ -92,7 +92,7 @@ def test_layer_keeps_only_the_records_and_round_trips_its_state_dict():
     other = kquant.GGUFBlockLinear(random_blocks("Q5_K", 21, 256, seed=5), TYPES["Q5_K"], 256, torch.zeros(21),
                                    repack=True)
     other.load_state_dict(state)
-    assert other.rows is None and torch.equal(other.blocks, b) and torch.equal(other(x), layer(x))
+    assert other.raw is None and torch.equal(other.blocks, b) and torch.equal(other(x), layer(x))
     with pytest.raises(RuntimeError, match="blocks"):
         other.load_state_dict({"blocks": b[:20], "bias": bias})
 
@@ -119,8 +119,8 @@ def test_native_gguf_load_holds_one_copy_and_decodes_as_before(tiny_gguf, monkey
                     kquant.GGUFBlockLinear(m.blocks, m.ggml_type, m.in_features, m.bias))
     quantized = 0
     for name, m in layers:
-        assert m.rows is None and m.packed is not None, name  # no unpacked copy
-        assert torch.equal(m.blocks, before.get_submodule(name).rows), name
+        assert m.raw is None and m.packed is not None, name  # no unpacked copy
+        assert torch.equal(m.blocks, before.get_submodule(name).raw), name
         quantized += m.packed.numel()
     held = sum(t.numel() * t.element_size() for t in model.buffers() if t.dtype == torch.uint8)
     assert held == quantized  # (an fp32 token embedding here: no GGUF blocks besides the matrices)
@@ -147,11 +147,39 @@ def test_model_state_dict_holds_blocks_and_loads_back(tiny_gguf):
     state = model.state_dict()
     q = "model.layers.0.self_attn.q_proj.blocks"
     assert torch.equal(state[q], model.model.layers[0].self_attn.q_proj.blocks)
-    assert not any(k.endswith((".packed", ".rows")) for k in state)
+    assert not any(k.endswith((".packed", ".raw")) for k in state)
     fresh = load_parts(tiny_gguf, dtype="fp32", quantize="gguf").model
     for m in fresh.modules():
         if isinstance(m, kquant.GGUFBlockLinear):
-            m._keep(torch.zeros_like(m.blocks), repack=True)
+            m._keep(None, torch.ops.corelm.repack_blocks(torch.zeros_like(m.blocks), m.ggml_type))
     fresh.load_state_dict(state, strict=True)
     assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
-    assert fresh.model.layers[1].mlp.down_proj.rows is None
+    assert fresh.model.layers[1].mlp.down_proj.raw is None
+
+
+def test_a_tied_head_and_its_embedding_share_one_repacked_copy(tmp_path):
+    from corelm.generate.step import KernelStep
+    from corelm.loading import load_parts
+
+    path = tmp_path / "tied.gguf"
+    write_tiny_llama(path, Q4_K_M, tied="Q8_0")
+    model = load_parts(path, dtype="fp32", quantize="gguf").model
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(embed, kquant.GGUFBlockEmbedding) and head.packed is embed.packed is not None
+    assert head.raw is None and embed.raw is None
+    rows = head.blocks  # the file's rows, unpacked
+    plain = kquant.GGUFBlockEmbedding(rows, TYPES["Q8_0"], 256, torch.float32)
+    ids = torch.tensor([[0, 7, 95, 8, 8], [3, 1, 2, 64, 63]])
+    assert torch.equal(embed.rows(ids), plain.rows(ids)) and torch.equal(embed.blocks, rows)
+    assert torch.equal(model.state_dict()["model.embed_tokens.blocks"], rows)
+    with torch.inference_mode():
+        step = KernelStep(model, kv_dtype=torch.float32)
+        cache = step.new_cache(1, 64)
+        got = torch.cat([step.extend(cache, 0, [t], i) for i, t in enumerate(ids[0].tolist())])
+    model.lm_head = kquant.GGUFBlockLinear(rows, TYPES["Q8_0"], 256)  # as before: rows, repacked by the step
+    model.model.embed_tokens = plain
+    with torch.inference_mode():
+        step = KernelStep(model, kv_dtype=torch.float32)
+        cache = step.new_cache(1, 64)
+        want = torch.cat([step.extend(cache, 0, [t], i) for i, t in enumerate(ids[0].tolist())])
+    assert torch.equal(got, want)

@@ -22,6 +22,7 @@
 //     time (repack.h), as DecoderStep runs it; s is bf16 scales or the one-element GGML type
 //   corelm::repack_blocks(blocks (N, row bytes) u8, ggml_type) -> 1-D u8: those rows as repack.h's records
 //     (empty: the type has none); corelm::unpack_blocks(packed, ggml_type, n, k) -> (n, row bytes) u8 back;
+//     corelm::unpack_rows(packed, ggml_type, n, k, ids) -> (len(ids), row bytes) u8: some of them;
 //     corelm::qlinear_packed(x, packed, ggml_type, n) -> (T, N) f32 on the records alone (qlinear.h)
 //   corelm::attention(q (N, H*hd) f32, k_cache, v_cache (B, KV, S, hd), rows, pos (N,) i64, window, scale,
 //     softcap) -> (N, H*hd) f32: one layer's causal attention over the step's caches (attention.h)
@@ -82,6 +83,7 @@ using corelm::qlinear_packed;
 using corelm::qlinear_repacked;
 using corelm::repack_blocks;
 using corelm::unpack_blocks;
+using corelm::unpack_rows;
 
 TORCH_LIBRARY(corelm, m) {
   m.def("qlinear(Tensor x, Tensor q, Tensor s) -> Tensor");
@@ -89,6 +91,7 @@ TORCH_LIBRARY(corelm, m) {
   m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("repack_blocks(Tensor blocks, int ggml_type) -> Tensor");
   m.def("unpack_blocks(Tensor packed, int ggml_type, int n, int k) -> Tensor");
+  m.def("unpack_rows(Tensor packed, int ggml_type, int n, int k, Tensor ids) -> Tensor");
   m.def("qlinear_packed(Tensor x, Tensor packed, int ggml_type, int n) -> Tensor");
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor pos, int window, float scale, "
         "float softcap) -> Tensor");
@@ -114,6 +117,7 @@ TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear_repacked", &qlinear_repacked);
   m.impl("repack_blocks", &repack_blocks);
   m.impl("unpack_blocks", &unpack_blocks);
+  m.impl("unpack_rows", &unpack_rows);
   m.impl("qlinear_packed", &qlinear_packed);
   m.impl("attention", &attention);
 }

@@ -368,6 +368,25 @@ at::Tensor unpack_blocks(const at::Tensor& packed, int64_t ggml_type, int64_t n,
   return out;
 }
 
+// Rows ``ids`` (1-D int64) of an n x k matrix kept only repacked, as (len(ids), row bytes) uint8, the file's
+// bytes: a token embedding that shares a tied head's records looks its rows up here (a group unpacked a row).
+at::Tensor unpack_rows(const at::Tensor& packed, int64_t ggml_type, int64_t n, int64_t k, const at::Tensor& ids) {
+  const QMatrix m = as_matrix_packed(packed, ggml_type, n, k);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.device().is_cpu(), "ids must be 1-D int64 on CPU");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  at::Tensor out = at::empty({idc.numel(), m.row_q}, at::kByte);
+  uint8_t* rows = out.data_ptr<uint8_t>();
+  std::vector<uint8_t> spare(m.row_q);  // the group's other rows
+  for (int64_t i = 0; i < idc.numel(); ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < n, "row ", id[i], " of a matrix of ", n);
+    const int64_t g = id[i] / kGroup, want = id[i] % kGroup;
+    unpack_group(m.kind, k / QK, std::min(kGroup, n - g * kGroup), m.packed.get() + g * m.group_bytes,
+                 [&](int64_t r) { return r == want ? rows + i * m.row_q : spare.data(); });
+  }
+  return out;
+}
+
 // y (T, N) = x (T, K) @ W^T for W kept only repacked (repack_blocks of its n rows): the few-row kernels on
 // the records, the many-row GEMM on panels unpacked on the fly.
 at::Tensor qlinear_packed(const at::Tensor& x, const at::Tensor& packed, int64_t ggml_type, int64_t n) {

@@ -167,7 +167,57 @@ def reference_qlinear_blocks(x: torch.Tensor, blocks: torch.Tensor, ggml_type: i
     return y
 
 
-class GGUFBlockLinear(nn.Module):
+class _BlockStore(nn.Module):
+    """A GGUF block matrix's bytes, held as the file's rows (buffer ``raw``) or only repacked eight rows at a
+    time (buffer ``packed``: ``repack_blocks`` in corelm/kernels/qlinear.h, what the decode kernels read);
+    :attr:`blocks` is the file's rows either way, and the state dict holds ``blocks``. Subclasses set
+    ``ggml_type`` and :meth:`_shape`."""
+
+    ggml_type: int
+
+    def _shape(self) -> tuple[int, int]:  # (rows, values per row)
+        raise NotImplementedError
+
+    def _keep(self, blocks: torch.Tensor | None, packed: torch.Tensor | None) -> None:
+        """Hold ``packed`` (where not None) or else ``blocks``."""
+        self.register_buffer("raw", blocks if packed is None else None, persistent=False)
+        self.register_buffer("packed", packed, persistent=False)
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """(rows, row bytes) uint8, the file's rows (unpacked anew from ``packed`` when only that is kept)."""
+        if self.packed is None:
+            return self.raw
+        return torch.ops.corelm.unpack_blocks(self.packed, self.ggml_type, *self._shape())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "blocks"] = self.blocks if keep_vars or self.packed is not None else self.raw.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "blocks"
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        blocks, (n, k) = state_dict[key], self._shape()
+        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (n, row_bytes(self.ggml_type, k)):
+            error_msgs.append(f"{key}: expected {(n, row_bytes(self.ggml_type, k))} uint8, got "
+                              f"{tuple(blocks.shape)} {blocks.dtype}")
+        elif self.packed is not None:  # repacked anew (a tied head and embedding: a copy each from here on)
+            self._keep(None, torch.ops.corelm.repack_blocks(blocks.detach().cpu().contiguous(), self.ggml_type))
+        elif local_metadata.get("assign_to_params_buffers", False):
+            self.raw = blocks.detach()
+        else:
+            with torch.no_grad():
+                self.raw.copy_(blocks)
+
+
+class GGUFBlockLinear(_BlockStore):
     """``y = x W^T + b`` with ``W`` kept as a GGUF file's blocks (a type of :data:`FORMATS`).
 
     ``blocks`` (out_features, row bytes) uint8 is the matrix's rows as the file stores them (llama's
@@ -200,49 +250,12 @@ class GGUFBlockLinear(nn.Module):
         from corelm.quant.layers import use_kernels
 
         self.kernel = use_kernels(blocks.device)
-        self._keep(blocks.contiguous(), repack)
+        blocks = blocks.contiguous()
+        packed = torch.ops.corelm.repack_blocks(blocks, ggml_type) if repack and self.kernel else None
+        self._keep(blocks, packed if packed is not None and packed.numel() else None)  # empty: CORELM_REPACK=0
 
-    def _keep(self, blocks: torch.Tensor, repack: bool) -> None:
-        """Hold ``blocks`` as the buffer ``rows``, or, with ``repack`` where the kernels can, only their
-        repacked bytes as ``packed`` (an empty result from ``repack_blocks``: no record for the type)."""
-        packed = torch.ops.corelm.repack_blocks(blocks, self.ggml_type) if repack and self.kernel else None
-        if packed is not None and packed.numel() == 0:
-            packed = None
-        self.register_buffer("rows", None if packed is not None else blocks, persistent=False)
-        self.register_buffer("packed", packed, persistent=False)
-
-    @property
-    def blocks(self) -> torch.Tensor:
-        """(out_features, row bytes) uint8, the file's rows (unpacked anew from ``packed`` if it is kept)."""
-        if self.packed is None:
-            return self.rows
-        return torch.ops.corelm.unpack_blocks(self.packed, self.ggml_type, self.out_features, self.in_features)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "blocks"] = self.blocks if keep_vars or self.packed is not None else self.rows.detach()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        key = prefix + "blocks"
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        blocks = state_dict[key]
-        shape = (self.out_features, row_bytes(self.ggml_type, self.in_features))
-        if blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape:
-            error_msgs.append(f"{key}: expected {shape} uint8, got {tuple(blocks.shape)} {blocks.dtype}")
-        elif self.packed is not None:
-            self._keep(blocks.detach().cpu().contiguous(), repack=True)
-        elif local_metadata.get("assign_to_params_buffers", False):
-            self.rows = blocks.detach()
-        else:
-            with torch.no_grad():
-                self.rows.copy_(blocks)
+    def _shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_blocks(self.blocks, self.ggml_type, self.in_features)
@@ -252,14 +265,14 @@ class GGUFBlockLinear(nn.Module):
         one-element GGML type, or the repacked bytes and (type, rows), which the step reads as they are."""
         if not self.kernel:
             return None
-        return (self.rows, self.format) if self.packed is None else (self.packed, self.packed_format)
+        return (self.raw, self.format) if self.packed is None else (self.packed, self.packed_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         if self.kernel and self.packed is not None:
             y = torch.ops.corelm.qlinear_packed(x2.contiguous(), self.packed, self.ggml_type, self.out_features)
         elif self.kernel:
-            y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.rows, self.ggml_type)
+            y = torch.ops.corelm.qlinear_blocks(x2.contiguous(), self.raw, self.ggml_type)
         else:
             y = x2 @ self.dequantize().t()
         if self.bias is not None:
@@ -270,14 +283,16 @@ class GGUFBlockLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {FORMATS[self.ggml_type][0]}"
 
 
-class GGUFBlockEmbedding(nn.Module):
+class GGUFBlockEmbedding(_BlockStore):
     """A token embedding kept as a GGUF file's blocks (``token_embd.weight``, one row of blocks per token;
-    with a tied head the same tensor as the head's :class:`GGUFBlockLinear`). A lookup dequantizes its
-    rows as ggml does (:func:`dequantize_blocks`, fp32); ``forward`` returns them in ``out_dtype`` (the
-    model's), :meth:`rows` in fp32 (the C++ step reads those: no rounding of the file's values).
+    with a tied head the same tensor as the head's :class:`GGUFBlockLinear`, or, where the head keeps only
+    its repacked bytes, those: ``packed``). A lookup dequantizes its rows as ggml does
+    (:func:`dequantize_blocks`, fp32); ``forward`` returns them in ``out_dtype`` (the model's), :meth:`rows`
+    in fp32 (the C++ step reads those: no rounding of the file's values).
     """
 
-    def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int, out_dtype: torch.dtype) -> None:
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, embedding_dim: int, out_dtype: torch.dtype,
+                 packed: torch.Tensor | None = None) -> None:
         super().__init__()
         if ggml_type not in FORMATS or blocks.dtype != torch.uint8 or blocks.dim() != 2 \
                 or blocks.shape[1] != row_bytes(ggml_type, embedding_dim):
@@ -285,11 +300,17 @@ class GGUFBlockEmbedding(nn.Module):
                               f"of width {embedding_dim}")
         self.num_embeddings, self.embedding_dim, self.ggml_type = blocks.shape[0], embedding_dim, ggml_type
         self.out_dtype = out_dtype
-        self.register_buffer("blocks", blocks)
+        self._keep(blocks, packed)
+
+    def _shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """(...) token ids -> (..., d) fp32 rows, exactly the file's values."""
-        flat = self.blocks.index_select(0, ids.reshape(-1))  # (n, row bytes)
+        if self.packed is None:
+            flat = self.raw.index_select(0, ids.reshape(-1))  # (n, row bytes)
+        else:
+            flat = torch.ops.corelm.unpack_rows(self.packed, self.ggml_type, *self._shape(), ids.reshape(-1))
         if self.ggml_type == TYPE_IDS["Q8_0"]:  # a decode step's lookup: d * q in five ops (unpack's in ~15)
             b = flat.view(-1, self.embedding_dim // QK, 34)
             w = b[..., 2:].view(torch.int8).float() * b[..., :2].view(torch.float16).float()  # (n, d/32, 32)
@@ -355,17 +376,16 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         if kind not in TYPE_IDS:
             raise CorelmError(f"{gguf_name} is {kind}: no corelm kernel runs it natively")
         plan.append((parent, name, linear, gguf_name, kind, (start, stop)))
-    whole: dict[str, torch.Tensor] = {}  # the tied head's blocks, for the embedding
+    whole: dict[str, GGUFBlockLinear] = {}  # GGUF name -> layer of a whole matrix (a tied head, for the embedding)
     for parent, name, linear, gguf_name, kind, span in plan:
-        tied_head = gguf_name == "token_embd.weight"  # its blocks are the embedding's too: kept as they are
         # a layer that repacks reads the file's map directly: a copy of the rows freed right after would
         # leave the allocator's heap full of holes (measured: +30 MB resident on SmolLM2)
-        rows = _rows(found, gguf_name, name, span, copy=tied_head)
-        if tied_head and span[0] is None and _heads(found, name) is None:
-            whole[gguf_name] = rows
-        layer = GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias, repack=not tied_head)
-        if layer.packed is None and not tied_head:  # not repacked after all (no kernels, CORELM_REPACK=0)
-            layer.rows = rows.clone()
+        rows = _rows(found, gguf_name, name, span, copy=False)
+        layer = GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias, repack=True)
+        if layer.packed is None:  # not repacked after all (no kernels, CORELM_REPACK=0): a copy it owns
+            layer.raw = rows.clone()
+        if span[0] is None and _heads(found, name) is None:
+            whole[gguf_name] = layer  # a tied head: the embedding shares its bytes
         setattr(parent, name, layer)
     embedding = _embed_blocks(model, found, whole)
     from corelm.quant.gguf_quantize import MIX_NAMES
@@ -381,9 +401,10 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
     return model
 
 
-def _embed_blocks(model: nn.Module, found: object, whole: dict[str, torch.Tensor]) -> str | None:
+def _embed_blocks(model: nn.Module, found: object, whole: dict[str, GGUFBlockLinear]) -> str | None:
     """Swap the token embedding for a :class:`GGUFBlockEmbedding` when the file stores it in a type of
-    :data:`FORMATS` (sharing a tied head's blocks); returns that type's name, or None (left as loaded)."""
+    :data:`FORMATS` (sharing a tied head's blocks or repacked bytes); returns that type's name, or None (left
+    as loaded)."""
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             path = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -392,11 +413,13 @@ def _embed_blocks(model: nn.Module, found: object, whole: dict[str, torch.Tensor
                     or tuple(info.shape) != tuple(child.weight.shape):
                 continue
             gguf_name = found.gguf_names[path]
-            blocks = whole.get(gguf_name)
-            if blocks is None:
-                blocks = _rows(found, gguf_name, child_name)
+            head = whole.get(gguf_name)
+            packed = None if head is None else head.packed
+            # with a packed head, the file's rows only check the shape (a view of the map, not kept)
+            blocks = head.raw if head is not None and packed is None else _rows(found, gguf_name, child_name,
+                                                                                copy=packed is None)
             setattr(parent, child_name, GGUFBlockEmbedding(blocks, TYPE_IDS[info.qtype.name], child.embedding_dim,
-                                                           child.weight.dtype))
+                                                           child.weight.dtype, packed))
             return info.qtype.name
     return None
 
