@@ -205,6 +205,16 @@ class GGUFFile:
         t = self._info(name)
         return np.frombuffer(self._maps[t.part], dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
+    def release(self, name: str) -> None:
+        """Drop the pages of one tensor's bytes from this process's resident memory (``MADV_DONTNEED``; the
+        map stays valid, a later read faults them in again from the page cache): a loader that has copied a
+        tensor calls it, so that the file's pages and the copy are not resident together."""
+        t = self._info(name)
+        m = self._maps[t.part]
+        if t.nbytes and hasattr(mmap, "MADV_DONTNEED"):
+            start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+            m.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize one tensor to ``dtype``, in PyTorch shape order (no Q/K un-permutation)."""
         t = self._info(name)

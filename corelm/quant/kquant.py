@@ -384,6 +384,7 @@ def quantize_gguf(model: nn.Module, source: object, targets: tuple[list, tuple |
         layer = GGUFBlockLinear(rows, TYPE_IDS[kind], linear.in_features, linear.bias, repack=True)
         if layer.packed is None:  # not repacked after all (no kernels, CORELM_REPACK=0): a copy it owns
             layer.raw = rows.clone()
+        found.file.release(gguf_name)  # the file's pages of it (a peak of both copies otherwise)
         if span[0] is None and _heads(found, name) is None:
             whole[gguf_name] = layer  # a tied head: the embedding shares its bytes
         setattr(parent, name, layer)
@@ -420,6 +421,7 @@ def _embed_blocks(model: nn.Module, found: object, whole: dict[str, GGUFBlockLin
                                                                                 copy=packed is None)
             setattr(parent, child_name, GGUFBlockEmbedding(blocks, TYPE_IDS[info.qtype.name], child.embedding_dim,
                                                            child.weight.dtype, packed))
+            found.file.release(gguf_name)
             return info.qtype.name
     return None
 
