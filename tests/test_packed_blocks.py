@@ -183,3 +183,17 @@ def test_a_tied_head_and_its_embedding_share_one_repacked_copy(tmp_path):
         cache = step.new_cache(1, 64)
         want = torch.cat([step.extend(cache, 0, [t], i) for i, t in enumerate(ids[0].tolist())])
     assert torch.equal(got, want)
+
+
+def test_released_file_pages_read_back_the_same(tiny_gguf):
+    import numpy as np
+
+    from corelm.io.gguf import read_gguf
+
+    f = read_gguf(tiny_gguf)
+    try:
+        before = f.raw("blk.0.attn_q.weight").copy()
+        f.release("blk.0.attn_q.weight")  # dropped from this process's memory, not from the map
+        assert np.array_equal(f.raw("blk.0.attn_q.weight"), before)
+    finally:
+        f.close()
