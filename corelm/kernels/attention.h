@@ -77,6 +77,8 @@ struct Simd {  // AVX-512: 16 lanes
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }  // b when either is NaN
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load(const float* p, int64_t n, float fill) { return _mm512_mask_loadu_ps(set1(fill), first(n), p); }
   // the first n (<= 16, or all) values of a cache row as fp32, the rest zero
@@ -140,6 +142,8 @@ struct Simd {  // AVX2: 8 lanes
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }  // b when either is NaN
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }
   static R load(const float* p, int64_t n, float fill) {
     const __m256i m = first(n);

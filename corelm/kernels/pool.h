@@ -33,7 +33,7 @@ namespace corelm {
 // That leaves one stall: a worker descheduled in the middle of a chunk it took. With a neighbour on one
 // of 2 cores, three runnable threads share two cores and it happens every few regions (measured on the
 // Zen 4, embedded model, int4 step: 1 thread decoded 110 tok/s beside a busy loop, 2 threads 67). So the
-// caller watches its waits: one longer than its own share of the job (and than 200 us) is a stall, and
+// caller watches its waits: one longer than two of its own chunks (and than 200 us) is a stall, and
 // the pool then leaves one worker more out of its jobs for a while (an idle worker falls asleep and
 // leaves its core to the neighbour; on 2 cores the caller works alone). The window starts at 50 ms and
 // doubles, up to 1 s, while stalls come back as soon as every worker is back; a second of jobs without
@@ -104,16 +104,16 @@ class Pool {
     wake_.notify_all();
   }
 
-  // Take chunks of the current job until none is left; returns false when there was none to take.
-  bool take() {
-    bool took = false;
+  // Take chunks of the current job until none is left; returns how many it took.
+  int64_t take() {
+    int64_t took = 0;
     uint64_t t = ticket_.load(std::memory_order_acquire);
     while (next_of(t) < n_of(t)) {
       if (ticket_.compare_exchange_weak(t, t + static_cast<uint64_t>(chunk_of(t)), std::memory_order_acq_rel)) {
         const int64_t begin = next_of(t), end = std::min(begin + chunk_of(t), n_of(t));
         (*fn_)(begin, end);  // the job cannot end (and fn_ change) before this chunk is counted
         done_.fetch_add(end - begin, std::memory_order_acq_rel);
-        took = true;
+        ++took;
         t = ticket_.load(std::memory_order_acquire);
       }
     }
@@ -131,18 +131,20 @@ class Pool {
       wake_.notify_all();
     }
     const auto start = Clock::now();
-    take();
-    if (done_.load(std::memory_order_acquire) < n) wait(n, start);
+    const int64_t mine = take();
+    if (done_.load(std::memory_order_acquire) < n) wait(n, mine, Clock::now() - start);
   }
 
-  // Wait for the chunks the workers took; a wait longer than the caller's own share is a stall.
-  void wait(int64_t n, Clock::time_point start) {
-    const auto mine = Clock::now() - start, limit = std::max<Clock::duration>(mine, std::chrono::microseconds(200));
+  // Wait for the chunks the workers took. A worker's last chunk started before the caller's last one
+  // ended, so a wait longer than two of the caller's chunks (and than 200 us) is a stall; with no chunk
+  // of its own the caller has nothing to compare with.
+  void wait(int64_t n, int64_t chunks, Clock::duration spent) {
+    const auto limit = std::max<Clock::duration>(2 * spent / std::max<int64_t>(1, chunks), std::chrono::microseconds(200));
     const auto from = Clock::now();
     bool stalled = false;
     for (int64_t spins = 1; done_.load(std::memory_order_acquire) < n; ++spins) {
       CORELM_PAUSE();
-      if (!stalled && (spins & 1023) == 0 && Clock::now() - from > limit) stalled = true;
+      if (!stalled && chunks > 0 && (spins & 1023) == 0 && Clock::now() - from > limit) stalled = true;
       if (stalled) std::this_thread::yield();  // the late worker may be queued on this core
     }
     if (stalled) {
@@ -158,7 +160,7 @@ class Pool {
     auto idle_since = Clock::now();
     int64_t spins = 0;
     while (!stop_.load(std::memory_order_relaxed)) {
-      if (index < active_.load(std::memory_order_relaxed) && take()) {
+      if (index < active_.load(std::memory_order_relaxed) && take() > 0) {
         idle_since = Clock::now();
         continue;
       }
