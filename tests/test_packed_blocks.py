@@ -39,6 +39,30 @@ print("ok")
 """
 
 
+DEFAULT = r"""
+import torch
+from corelm import kernels
+from tests.test_kquants import random_blocks, TYPES
+assert kernels.load(), kernels.load_error()
+print(torch.ops.corelm.isa(), torch.ops.corelm.repack_blocks(random_blocks("Q4_1", 16, 256), TYPES["Q4_1"]).numel())
+"""
+
+
+@pytest.mark.parametrize("level", kernels.runnable_builds())
+def test_builds_with_vectors_repack_by_default_and_the_generic_build_does_not(level):
+    """Unset CORELM_REPACK: AVX2 and AVX-512 builds keep the records, the generic build its rows (its scalar
+    record loops are slower than its row kernels); CORELM_REPACK=0 turns repacking off everywhere."""
+    for setting, repacks in ((None, level != "generic"), ("0", False)):
+        env = {k: v for k, v in os.environ.items() if k != "CORELM_REPACK"} | {"CORELM_KERNELS_ISA": level}
+        if setting is not None:
+            env["CORELM_REPACK"] = setting
+        out = subprocess.run([sys.executable, "-c", DEFAULT], env=env, capture_output=True, text=True, timeout=600,
+                             cwd=Path(__file__).resolve().parents[1], check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        isa, size = out.stdout.split()
+        assert isa == level and (int(size) > 0) == repacks, (setting, out.stdout)
+
+
 @pytest.fixture(autouse=True)
 def _built():
     assert kernels.load(), kernels.load_error()
@@ -46,7 +70,7 @@ def _built():
 
 @pytest.mark.parametrize("level", kernels.runnable_builds())
 def test_unpack_inverts_repack_and_packed_matmul_equals_rows_on_every_build(level):
-    env = dict(os.environ, CORELM_KERNELS_ISA=level)
+    env = dict(os.environ, CORELM_KERNELS_ISA=level, CORELM_REPACK="1")  # the generic build too
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[1], check=False)
     assert out.returncode == 0, out.stderr[-3000:]

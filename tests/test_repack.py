@@ -58,7 +58,7 @@ def _levels():
 @pytest.mark.slow
 @pytest.mark.parametrize("level", _levels())
 def test_repacked_matmul_equals_reference_on_every_instruction_set(level):
-    env = dict(os.environ, CORELM_KERNELS_ISA=level)
+    env = dict(os.environ, CORELM_KERNELS_ISA=level, CORELM_REPACK="1")  # the generic build too
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[1],
                          check=False)
