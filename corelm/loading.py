@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from corelm.config import ModelConfig
-from corelm.cpu import native_bf16
+from corelm.cpu import native_bf16, release_freed_memory
 from corelm.errors import CorelmError, close_names
 from corelm.finetune.adapters import apply_adapters
 from corelm.finetune.methods import (
@@ -149,6 +149,7 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         quantize = stored_quantization(gguf)  # run the file's own blocks: no float copy, no option
     if quantize is not None:
         loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf)
+        release_freed_memory()  # the float weights just freed (cpu.py)
     if any(p.numel() > 1 and 0 in p.stride() for p in loaded.model.parameters()):  # a placeholder not swapped
         raise CorelmError(f"{name}: some matrices were left unloaded (not swapped for the file's blocks)")
     return loaded

@@ -35,6 +35,25 @@ for kind, t in TYPES.items():
         want = (torch.ops.corelm.qlinear_blocks(x[:rows], b, t) if rows >= 64
                 else torch.ops.corelm.qlinear_repacked(x[:rows], b, torch.tensor([t])))
         assert torch.equal(y, want), (kind, rows, (y - want).abs().max().item())
+# corelm's own int4 (groups of 32 and 128) and int8 (per channel, per 32) matrices, kept as records
+from corelm.quant.layers import quantize_int4_groupwise, quantize_int8_per_channel
+w = torch.randn(37, 256, generator=torch.Generator().manual_seed(1))
+q4 = [(kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous(), g)
+      for g in (32, 128) for q, s, z in [quantize_int4_groupwise(w, g)]]
+q8, s8 = quantize_int8_per_channel(w)
+q8 = [(q8, s8, 256), (q8, s8[:, None].expand(37, 8).contiguous(), 32)]
+for t, mats in ((1004, q4), (1008, q8)):
+    for q, s, g in mats:
+        p = torch.ops.corelm.repack_rows(q, s)
+        rows = torch.ops.corelm.unpack_blocks(p, t, 37, 256)  # values, then each block's scales
+        n = q.shape[1]
+        assert torch.equal(rows[:, :n], q.view(torch.uint8)), (t, g)
+        per_block = rows[:, n:].contiguous().view(torch.bfloat16).reshape(37, 8, -1)
+        assert torch.equal(per_block[:, ::g // 32].reshape(s.shape), s), (t, g)
+        for r in (1, 5, 70):
+            y = torch.ops.corelm.qlinear_packed(x[:r], p, t, 37)
+            want = torch.ops.corelm.qlinear(x[:r], q, s) if r >= 64 else torch.ops.corelm.qlinear_repacked(x[:r], q, s)
+            assert torch.equal(y, want), (t, g, r, (y - want).abs().max().item())
 print("ok")
 """
 

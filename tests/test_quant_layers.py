@@ -74,8 +74,9 @@ def test_int4_layouts_hold_their_own_shapes():
     ours, theirs = Int4Linear(64, 24, 32), Int4PackedLinear(64, 24, 32)
     ours.set_quantized(qv, scales, zeros)
     theirs.set_quantized(qv, scales, zeros)
-    assert ours.packed.shape == (24, 32) and ours.scale_zeros.shape == (24, 2, 2)
-    assert int(ours.packed[0, 0]) == int(qv[0, 0]) | (int(qv[0, 16]) << 4)
+    packed, scale_zeros = ours._rows()  # unpacked from the records where the build interleaves rows
+    assert packed.shape == (24, 32) and scale_zeros.shape == (24, 2, 2)
+    assert int(packed[0, 0]) == int(qv[0, 0]) | (int(qv[0, 16]) << 4)
     assert theirs.scale_zeros.shape == (2, 32, 2)  # rows padded to a multiple of 16
     torch.testing.assert_close(ours.dequantize(), theirs.dequantize(), rtol=0, atol=0)
 
@@ -118,7 +119,11 @@ def test_kernel_weights_are_the_layers_own_tensors():
     torch.manual_seed(7)
     lin = nn.Linear(64, 32, bias=True)
     int4 = Int4Linear.from_float(lin, 32)
-    assert all(a is b for a, b in zip(int4.kernel_weights(), (int4.packed, int4.scale_zeros), strict=True))
+    values, scales = int4.kernel_weights()
+    if int4.records.numel():  # rows interleaved (repack.h): the records and their (type, rows)
+        assert values is int4.records and scales.tolist() == [Int4Linear.TYPE, 32]
+    else:
+        assert values is int4.packed and scales is int4.scale_zeros
     assert Int4PackedLinear.from_float(lin, 32).kernel_weights() is None
     int8 = Int8Linear.from_float(lin)
     assert all(a is b for a, b in zip(int8.kernel_weights(), (int8.weight, int8.scales), strict=True))
@@ -167,3 +172,28 @@ def test_q8_linear_on_corelm_kernels_matches_fp32():
     fresh = Q8Linear(96, 40)
     fresh.load_state_dict(q8.state_dict())
     assert torch.equal(fresh(x), q8(x))
+
+
+@pytest.mark.parametrize("repack", ["1", "0"])
+def test_int4_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
+    """With rows interleaved (CORELM_REPACK=1, every build with vectors by default) the layer holds only the
+    records: no rows beside them; they multiply as the rows do, and save and load the same portable state."""
+    monkeypatch.setenv("CORELM_REPACK", repack)
+    torch.manual_seed(8)
+    lin = nn.Linear(256, 40, bias=True)
+    layer = Int4Linear.from_float(lin, 64)
+    kept = [b for b in (layer.records, layer.packed, layer.scale_zeros) if b.numel()]
+    if repack == "1":
+        assert kept == [layer.records] and layer.records.numel() == 40 * (256 // 2 + 256 // 32 * 4)
+    else:
+        assert kept == [layer.packed, layer.scale_zeros] and layer.records.numel() == 0
+    q, s, z = layer.quantized()
+    rows, pairs = kernels.pack_blocks(q), torch.stack([s, z], -1).contiguous()
+    for t in (1, 3, 70):
+        x = torch.randn(t, 256)
+        want = torch.ops.corelm.qlinear(x, rows, pairs) + lin.bias.detach()
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    fresh = Int4Linear(256, 40, 64, bias=True)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 256)
+    assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.records, layer.records)

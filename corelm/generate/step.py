@@ -513,17 +513,29 @@ def describe_layer(config: object, block: nn.Module, local_rope: tuple[torch.Ten
 
 def describe_gpt2_layer(config: object, block: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A GPT-2 block as ``add_layer`` reads it: the fused ``c_attn`` split into q/k/v by rows (views of the
-    quantized rows, no copies), ``c_proj``, the plain MLP's ``c_fc`` (up) and ``c_proj`` (down), and the
-    LayerNorms ``ln_1``/``ln_2`` with their biases; no RoPE (positions are added to the embeddings)."""
+    quantized rows or of the records' groups of eight rows, no copies), ``c_proj``, the plain MLP's ``c_fc``
+    (up) and ``c_proj`` (down), and the LayerNorms ``ln_1``/``ln_2`` with their biases; no RoPE (positions
+    are added to the embeddings)."""
     attn, mlp = block.attn, block.mlp
     inner = attn.n_head * attn.head_dim
     tensors = {}
     fused = _named("qkv", attn.c_attn)
+    values, scales = fused.pop("qkv.values"), fused.pop("qkv.scales")
+    records = scales.dtype == torch.int64 and scales.numel() == 2  # (type, rows): rows eight to a group
+    if records and inner % 8:  # a split inside a group: the layer's rows instead (a copy)
+        values, scales = attn.c_attn._rows()
+        records = False
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        for part, t in fused.items():
+        if records:
+            group = values.numel() // -(-int(scales[1]) // 8)  # bytes per group of eight rows
+            tensors[f"{name}.values"] = values[i * inner // 8 * group:(i + 1) * inner // 8 * group]
+            tensors[f"{name}.scales"] = torch.tensor([int(scales[0]), inner])
+        else:
+            tensors[f"{name}.values"] = values[i * inner:(i + 1) * inner]
             # a GGUF matrix's "scales" is its one-element type: shared by the three
-            rows = t if t.dim() == 1 and t.numel() == 1 and part.endswith(".scales") else t[i * inner:(i + 1) * inner]
-            tensors[name + part[len("qkv"):]] = rows
+            tensors[f"{name}.scales"] = scales if scales.dtype == torch.int64 else scales[i * inner:(i + 1) * inner]
+        for part, t in fused.items():  # the bias
+            tensors[name + part[len("qkv"):]] = t[i * inner:(i + 1) * inner]
     tensors.update(_named("o_proj", attn.c_proj))
     tensors.update(_named("up_proj", mlp.c_fc))
     tensors.update(_named("down_proj", mlp.c_proj))

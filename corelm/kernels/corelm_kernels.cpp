@@ -82,6 +82,7 @@ using corelm::qlinear_blocks;
 using corelm::qlinear_packed;
 using corelm::qlinear_repacked;
 using corelm::repack_blocks;
+using corelm::repack_rows;
 using corelm::unpack_blocks;
 using corelm::unpack_rows;
 
@@ -90,6 +91,7 @@ TORCH_LIBRARY(corelm, m) {
   m.def("qlinear_blocks(Tensor x, Tensor blocks, int ggml_type) -> Tensor");
   m.def("qlinear_repacked(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("repack_blocks(Tensor blocks, int ggml_type) -> Tensor");
+  m.def("repack_rows(Tensor q, Tensor s) -> Tensor");
   m.def("unpack_blocks(Tensor packed, int ggml_type, int n, int k) -> Tensor");
   m.def("unpack_rows(Tensor packed, int ggml_type, int n, int k, Tensor ids) -> Tensor");
   m.def("qlinear_packed(Tensor x, Tensor packed, int ggml_type, int n) -> Tensor");
@@ -116,6 +118,7 @@ TORCH_LIBRARY_IMPL(corelm, CPU, m) {
   m.impl("qlinear_blocks", &qlinear_blocks);
   m.impl("qlinear_repacked", &qlinear_repacked);
   m.impl("repack_blocks", &repack_blocks);
+  m.impl("repack_rows", &repack_rows);
   m.impl("unpack_blocks", &unpack_blocks);
   m.impl("unpack_rows", &unpack_rows);
   m.impl("qlinear_packed", &qlinear_packed);

@@ -43,7 +43,12 @@ constexpr int64_t QK_K = 256;
 // GGML type ids (ggml.h enum ggml_type) of the block formats with a kernel here.
 enum GGMLType : int64_t {
   GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14,
-  GGML_IQ4_NL = 20, GGML_IQ4_XS = 23
+  GGML_IQ4_NL = 20, GGML_IQ4_XS = 23,
+  // Not GGML types: corelm's own int4 and int8 matrices kept only repacked (qlinear.h as_matrix_packed),
+  // numbered past ggml's range. A row of theirs, as unpack_blocks returns it, is the row's values followed
+  // by its scales per block of 32: int4 nibbles (k/2 bytes, Q4_1's nibble order) then a bf16 (scale, zero)
+  // pair per block; int8 values (k bytes) then a bf16 scale per block.
+  CORELM_INT4 = 1004, CORELM_INT8 = 1008
 };
 
 // IQ4_NL's and IQ4_XS's 16 levels (ggml-common.h kvalues_iq4nl), indexed by a 4-bit code.
@@ -525,6 +530,8 @@ inline int64_t block_row_bytes(int64_t ggml_type, int64_t k, Kind* kind) {
     case GGML_Q6_K: *kind = Kind::Q6_K; return k % QK_K == 0 ? k / QK_K * 210 : 0;
     case GGML_IQ4_NL: *kind = Kind::IQ4_NL; return k % QK == 0 ? k / QK * 18 : 0;
     case GGML_IQ4_XS: *kind = Kind::IQ4_XS; return k % QK_K == 0 ? k / QK_K * 136 : 0;
+    case CORELM_INT4: *kind = Kind::Q4; return k % QK == 0 ? k / 2 + k / QK * 4 : 0;
+    case CORELM_INT8: *kind = Kind::Q8; return k % QK == 0 ? k + k / QK * 2 : 0;
     default: return 0;
   }
 }

@@ -88,7 +88,7 @@ QMatrix as_matrix_blocks(const at::Tensor& blocks, int64_t ggml_type, int64_t k)
                   blocks.dim() == 2,
               "GGUF blocks must be a contiguous (N, row bytes) uint8 CPU tensor");
   QMatrix m;
-  const int64_t row = block_row_bytes(ggml_type, k, &m.kind);
+  const int64_t row = ggml_type < CORELM_INT4 ? block_row_bytes(ggml_type, k, &m.kind) : 0;
   TORCH_CHECK(row > 0, "GGML type ", ggml_type, " with ", k, " columns has no kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL: k % 32 == 0; Q4_K, ",
               "Q5_K, Q6_K, IQ4_XS: k % 256 == 0)");
   TORCH_CHECK(blocks.size(1) == row, "a row of ", k, " values of GGML type ", ggml_type, " is ", row,
@@ -155,6 +155,11 @@ inline QMatrix panel_rows(const QMatrix& m, int64_t n0, int64_t cols) {
     unpack_group(m.kind, m.k / QK, std::min(kGroup, cols - g * kGroup), p + g * m.group_bytes,
                  [&](int64_t r) { return buf + (g * kGroup + r) * m.row_q; });
   v.q = buf;
+  if (m.kind == Kind::Q4 || m.kind == Kind::Q8) {  // CORELM_INT4/INT8 rows: each row's scales after its values
+    v.s = reinterpret_cast<const uint16_t*>(buf + (m.kind == Kind::Q4 ? m.k / 2 : m.k));
+    v.row_s = m.row_q / 2;
+    v.bpg = 1;
+  }
   return v;
 }
 
@@ -359,6 +364,18 @@ at::Tensor repack_blocks(const at::Tensor& blocks, int64_t ggml_type) {
   TORCH_CHECK(blocks.dim() == 2, "GGUF blocks must be (N, row bytes)");
   Kind kind;
   const at::Tensor p = repack_matrix(as_matrix_blocks(blocks, ggml_type, block_columns(ggml_type, blocks.size(1), &kind)));
+  return p.defined() ? p : at::empty({0}, at::kByte);
+}
+
+// The repacked bytes (repack.h) of corelm's own int4 or int8 matrix (as_matrix's (q, s): int4 (N, K/2)
+// nibbles and (N, K/G, 2) bf16 scale and zero; int8 (N, K) and (N,) or (N, K/G) bf16 scales), which
+// qlinear_packed and the decode step read with the type CORELM_INT4 or CORELM_INT8 (kquants.h); an empty
+// tensor where repack_blocks would give one.
+at::Tensor repack_rows(const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(q.dim() == 2 && (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar),
+              "int4 (N, K/2) uint8 or int8 (N, K) int8 values");
+  const QMatrix m = as_matrix(q, s, q.scalar_type() == at::kByte ? 2 * q.size(1) : q.size(1));
+  const at::Tensor p = repack_matrix(m);
   return p.defined() ? p : at::empty({0}, at::kByte);
 }
 

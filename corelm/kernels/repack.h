@@ -190,8 +190,8 @@ void repack_group(Kind kind, int64_t nb, int64_t bpg, int64_t rows, RowFn row, u
   }
 }
 
-// The inverse of repack_group for GGUF's block kinds (not corelm's Q4/Q8, whose scales are per group of
-// bpg blocks): rows 0..rows-1 of a group's record ``in`` back into their file bytes, ``row(r)`` row r's
+// The inverse of repack_group: rows 0..rows-1 of a group's record ``in`` back into their file bytes
+// (corelm's Q4/Q8: the rows of CORELM_INT4/CORELM_INT8, kquants.h, a scale per block), ``row(r)`` row r's
 // writable bytes. Every field is moved, not recomputed, except Q4_K/Q5_K's 12 bytes of 6-bit scales and
 // mins and IQ4_XS's scales_h/scales_l, whose packings are bijections (96 and 48 bits) re-encoded here.
 template <typename RowFn>
@@ -286,7 +286,18 @@ void unpack_group(Kind kind, int64_t nb, int64_t rows, const uint8_t* in, RowFn 
           put16(blk, u16(o + 256 + 2 * r));
           break;
         }
-        default: break;  // corelm's Q4/Q8: never asked (as_matrix_packed takes GGUF types only)
+        case Kind::Q4: {  // CORELM_INT4's row: nibbles, then (scale, zero) per block
+          for (int v = 0; v < 4; ++v) std::memcpy(w + b * 16 + 4 * v, o + 32 * v + 4 * r, 4);
+          put16(w + nb * 16 + 4 * b, u16(o + 128 + 2 * r));
+          put16(w + nb * 16 + 4 * b + 2, u16(o + 144 + 2 * r));
+          break;
+        }
+        case Kind::Q8: {  // CORELM_INT8's row: values, then a scale per block
+          for (int u = 0; u < 8; ++u) std::memcpy(w + b * 32 + 4 * u, o + 32 * u + 4 * r, 4);
+          put16(w + nb * 32 + 2 * b, u16(o + 256 + 2 * r));
+          break;
+        }
+        default: break;
       }
     }
   }

@@ -20,8 +20,11 @@ layer                       tensors in memory                               mult
 ==========================  ==============================================  ======================
 :class:`Int8Linear`         ``weight`` (N, K) int8, ``scales`` (N,) bf16    corelm or PyTorch
 :class:`Int8Embedding`      ``weight`` (V, d) int8, ``scales`` (V,)/(V, d/32) a row lookup
-:class:`Int4Linear`         ``packed`` (N, K/2) u8 in GGUF Q4_1 nibble      corelm's C++ kernels
-                            order, ``scale_zeros`` (N, K/G, 2) bf16
+:class:`Int4Linear`         ``records``: rows interleaved eight at a time   corelm's C++ kernels
+                            with bf16 scale/zero per block (or ``packed``
+                            (N, K/2) u8 in GGUF Q4_1 nibble order and
+                            ``scale_zeros`` (N, K/G, 2) bf16 where the
+                            build does not interleave)
 :class:`Int4PackedLinear`   ``packed`` in PyTorch's int4pack layout,        PyTorch (CPU or CUDA)
                             ``scale_zeros`` (K/G, N, 2) bf16
 :class:`Q8Linear`           ``qweight`` (N, K) int8, ``scales`` (N, K/32)   corelm, or PyTorch's
@@ -351,33 +354,65 @@ class _Int4(nn.Module):
 class Int4Linear(_Int4):
     """``y = x @ W^T + b`` with W in 4-bit groups in corelm's kernel layout (CPU, C++ kernels built).
 
-    ``packed`` (N, K/2) uint8 in GGUF Q4_1's nibble order (:func:`corelm.kernels.pack_blocks`: in
-    every block of 32 columns, byte ``j`` holds column ``j`` low and ``j + 16`` high) and
-    ``scale_zeros`` (N, K/G, 2) bf16, scale and zero interleaved. The multiply is
-    ``torch.ops.corelm.qlinear`` on these tensors; fp32 in and out.
+    The layer keeps one copy of its weight, in the form the kernels read fastest. Where corelm's kernels
+    interleave rows (``torch.ops.corelm.repack_rows``: every build with vectors, unless
+    ``CORELM_REPACK=0``) that is ``records``, the rows eight at a time with each block's bf16 scale and
+    zero (``corelm/kernels/repack.h``; the decode step, the few-token kernels and the prompt's panels all
+    read them), and ``packed``/``scale_zeros`` are empty. Otherwise ``packed`` (N, K/2) uint8 in GGUF
+    Q4_1's nibble order (:func:`corelm.kernels.pack_blocks`: in every block of 32 columns, byte ``j`` holds
+    column ``j`` low and ``j + 16`` high) and ``scale_zeros`` (N, K/G, 2) bf16, scale and zero
+    interleaved. Either way the multiply is corelm's kernels, fp32 in and out, and the state dict is the
+    portable form (:class:`_Int4`), unpacked from the records bit for bit.
     """
 
     kernel = True
+    TYPE = 1004  # CORELM_INT4 (corelm/kernels/kquants.h): the records' type for the kernels
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 32, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, group_size, bias, device)
+        self.register_buffer("records", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         from corelm import kernels
 
         self._check(q, scales)
         device = self.scale_zeros.device
-        self.packed = kernels.pack_blocks(q.to(device))
-        self.scale_zeros = torch.stack([scales, zeros], dim=-1).to(device, torch.bfloat16).contiguous()
+        packed = kernels.pack_blocks(q.to(device))
+        scale_zeros = torch.stack([scales, zeros], dim=-1).to(device, torch.bfloat16).contiguous()
+        records = torch.ops.corelm.repack_rows(packed, scale_zeros)  # empty: rows stay as they are
+        if records.numel():
+            # new empty tensors: a view such as packed[:0] would keep the rows' storage alive
+            self.records = records
+            self.packed, self.scale_zeros = packed.new_empty(0), scale_zeros.new_empty(0)
+        else:
+            self.records, self.packed, self.scale_zeros = records, packed, scale_zeros
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed (N, K/2), scale_zeros (N, K/G, 2))``, unpacked from the records when kept as records."""
+        if not self.records.numel():
+            return self.packed, self.scale_zeros
+        n, k = self.out_features, self.in_features
+        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # nibbles, then a pair per block
+        pairs = rows[:, k // 2:].contiguous().view(torch.bfloat16).reshape(n, k // 32, 2)
+        return rows[:, :k // 2].contiguous(), pairs[:, ::self.group_size // 32].contiguous()
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from corelm import kernels
 
-        sz = self.scale_zeros
-        return kernels.unpack_blocks(self.packed), sz[..., 0].contiguous(), sz[..., 1].contiguous()
+        packed, sz = self._rows()
+        return kernels.unpack_blocks(packed), sz[..., 0].contiguous(), sz[..., 1].contiguous()
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed, scale_zeros)``: corelm's C++ kernels read them as they are (a bias is ``bias``)."""
+        """What corelm's C++ kernels read as it is (a bias is ``bias``): ``(records, (type, N))``, or
+        ``(packed, scale_zeros)`` for a layer kept in rows."""
+        if self.records.numel():
+            return self.records, torch.tensor([self.TYPE, self.out_features])
         return self.packed, self.scale_zeros
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.records.numel():
+            return torch.ops.corelm.qlinear_packed(x2.float().contiguous(), self.records, self.TYPE, self.out_features)
         return _kernel_matmul(x2, self.packed, self.scale_zeros)
 
 
