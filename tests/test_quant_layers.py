@@ -39,7 +39,8 @@ def test_int8_linear_matches_dequantized_reference(bias, path):
     lin = nn.Linear(96, 40, bias=bias)
     q = Int8Linear.from_float(lin)
     assert q.kernel == (path == "kernels")
-    assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
+    weight, scales = q.quantized()
+    assert weight.dtype == torch.int8 and weight.abs().max() <= 127 and scales.shape == (40,)
     x = torch.randn(3, 5, 96)
     y = q(x)
     assert y.shape == (3, 5, 40) and y.dtype == torch.float32
@@ -126,7 +127,13 @@ def test_kernel_weights_are_the_layers_own_tensors():
         assert values is int4.packed and scales is int4.scale_zeros
     assert Int4PackedLinear.from_float(lin, 32).kernel_weights() is None
     int8 = Int8Linear.from_float(lin)
-    assert all(a is b for a, b in zip(int8.kernel_weights(), (int8.weight, int8.scales), strict=True))
+    values, scales = int8.kernel_weights()
+    if int8.records.numel():
+        assert values is int8.records and scales.tolist() == [Int8Linear.TYPE, 32]
+        rows = int8.rows()  # a reader of its rows turns the layer back into rows: no records beside them
+        assert int8.records.numel() == 0 and all(a is b for a, b in zip(int8.kernel_weights(), rows, strict=True))
+    else:
+        assert values is int8.weight and scales is int8.scales
     with layers.pytorch_kernels():  # the same tensors whichever kernel multiplies
         q8 = Q8Linear.from_float(nn.Linear(64, 32, bias=False))
     assert all(a is b for a, b in zip(q8.kernel_weights(), (q8.qweight, q8.scales), strict=True))
@@ -197,3 +204,31 @@ def test_int4_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(2, 256)
     assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.records, layer.records)
+
+
+@pytest.mark.parametrize("repack", ["1", "0"])
+def test_int8_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
+    """As int4: with rows interleaved the int8 layer holds only its records, which multiply as the rows do
+    and save the same state; ``rows()`` gives the rows back bit for bit and drops the records."""
+    monkeypatch.setenv("CORELM_REPACK", repack)
+    torch.manual_seed(9)
+    lin = nn.Linear(96, 44, bias=True)
+    layer = Int8Linear.from_float(lin)
+    want_q, want_s = layers.quantize_int8_per_channel(lin.weight)
+    kept = [b for b in (layer.records, layer.weight, layer.scales) if b.numel()]
+    assert kept == ([layer.records] if repack == "1" else [layer.weight, layer.scales])
+    q, s = layer.quantized()
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+    for t in (1, 3, 70):
+        x = torch.randn(t, 96)
+        want = torch.ops.corelm.qlinear(x, want_q, want_s) + lin.bias.detach()
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    state = layer.state_dict()
+    assert set(state) == {"weight", "scales", "bias"} and torch.equal(state["weight"], want_q)
+    fresh = Int8Linear(96, 44, bias=True)
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 96)
+    assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.records, layer.records)
+    rows = layer.rows()
+    assert torch.equal(rows[0], want_q) and torch.equal(rows[1], want_s) and layer.records.numel() == 0
+    torch.testing.assert_close(layer(x), fresh(x), rtol=1e-4, atol=1e-4)

@@ -19,6 +19,7 @@ load. Both kernels dequantize int4 as ``w = (q - 8) * scale + zero`` with ``q`` 
 layer                       tensors in memory                               multiplied by
 ==========================  ==============================================  ======================
 :class:`Int8Linear`         ``weight`` (N, K) int8, ``scales`` (N,) bf16    corelm or PyTorch
+                            (or ``records``, as Int4Linear)
 :class:`Int8Embedding`      ``weight`` (V, d) int8, ``scales`` (V,)/(V, d/32) a row lookup
 :class:`Int4Linear`         ``records``: rows interleaved eight at a time   corelm's C++ kernels
                             with bf16 scale/zero per block (or ``packed``
@@ -139,9 +140,15 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale)^T + b`` with the weight kept as int8.
 
-    Buffers: ``weight`` (N, K) int8, ``scales`` (N,) bf16, optional ``bias`` (N,) float. Both kernels
-    read the same tensors; ``kernel`` says which one multiplies (decided when the layer is made).
+    Buffers: ``weight`` (N, K) int8, ``scales`` (N,) bf16, optional ``bias`` (N,) float; ``kernel`` says
+    which kernels multiply (decided when the layer is made). On corelm's kernels, where they interleave
+    rows (``torch.ops.corelm.repack_rows``: every build with vectors unless ``CORELM_REPACK=0``), the layer
+    keeps only ``records`` (eight rows to a group, ``corelm/kernels/repack.h``) and ``weight``/``scales``
+    are empty until :meth:`rows` is asked for them (a tied embedding reading the head's rows: the layer
+    then keeps the rows instead). The state dict holds ``weight`` and ``scales`` either way.
     """
+
+    TYPE = 1008  # CORELM_INT8 (corelm/kernels/kquants.h): the records' type for the kernels
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  device: torch.device | str | None = None) -> None:
@@ -150,38 +157,92 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self.register_buffer("records", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
         self.kernel = use_kernels(device)  # corelm's C++ kernels read weight and scales as they are
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
-        mod.weight, mod.scales = quantize_int8_per_channel(linear.weight)
+        mod.set_quantized(*quantize_int8_per_channel(linear.weight))
         if linear.bias is not None:
             mod.bias = linear.bias.detach().float().clone()
         return mod
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if not self.kernel and self.weight.device.type == "cpu":
-            # _weight_int8pack_mm crashed (SIGSEGV, torch 2.13) on tensors assigned from a safetensors
-            # file, which are views into one buffer at unaligned offsets: give the layer its own copy.
-            self.weight, self.scales = self.weight.clone(), self.scales.clone()
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        """Hold ``q`` (N, K) int8 and ``scales`` (N,) bf16: as records where corelm's kernels interleave
+        rows, else as they are."""
+        q, scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
+        records = (torch.ops.corelm.repack_rows(q, scales) if self.kernel and q.device.type == "cpu"
+                   else q.new_empty(0, dtype=torch.uint8))
+        if records.numel():  # new empty tensors: views would keep the rows' storage alive
+            self.records, self.weight, self.scales = records, q.new_empty(0), scales.new_empty(0)
+        else:
+            self.records, self.weight, self.scales = records, q, scales
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight (N, K) int8, scales (N,) bf16)``. A layer kept as records turns back into rows (one
+        copy still: the records go), for a reader of its rows such as a tied embedding."""
+        if self.records.numel():
+            self.weight, self.scales = self.quantized()
+            self.records = self.records.new_empty(0)
+        return self.weight, self.scales
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight, scales = self.quantized()
+        destination[prefix + "weight"], destination[prefix + "scales"] = weight, scales
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight (N, K) int8, scales (N,) bf16)``, unpacked from the records (bit for bit) where the
+        layer keeps records, without changing what it keeps."""
+        if not self.records.numel():
+            return self.weight, self.scales
+        n, k = self.out_features, self.in_features
+        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # values, then a scale per block
+        return rows[:, :k].contiguous().view(torch.int8), rows[:, k:k + 2].contiguous().view(torch.bfloat16).reshape(n)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        keys = [prefix + "weight", prefix + "scales"] + ([prefix + "bias"] if self.bias is not None else [])
+        absent = [key for key in keys if key not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        q, scales = state_dict[keys[0]], state_dict[keys[1]]
+        if tuple(q.shape) != (self.out_features, self.in_features) or tuple(scales.shape) != (self.out_features,):
+            error_msgs.append(f"{prefix}weight/scales: shapes {tuple(q.shape)}, {tuple(scales.shape)} do not fit a "
+                              f"{self.in_features}->{self.out_features} int8 layer")
+            return
+        device = self.records.device if self.records.device.type != "meta" else q.device
+        # a copy of its own: _weight_int8pack_mm crashed (SIGSEGV, torch 2.13) on tensors assigned from a
+        # safetensors file, which are views into one buffer at unaligned offsets
+        self.set_quantized(q.to(device).clone(), scales.to(device).clone())
+        if self.bias is not None:
+            self.bias = state_dict[keys[2]].to(device, torch.float32).clone()
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight, scales)``: corelm's C++ kernels read them as they are (a bias is ``bias``)."""
+        """What corelm's C++ kernels read as it is (a bias is ``bias``): ``(records, (type, N))``, or
+        ``(weight, scales)`` for a layer kept in rows."""
+        if self.records.numel():
+            return self.records, torch.tensor([self.TYPE, self.out_features])
         return self.weight, self.scales
 
     def dequantize(self) -> torch.Tensor:
         """The float (N, K) weight this layer multiplies with."""
-        return self.weight.float() * self.scales.float()[:, None]
+        weight, scales = self.quantized()
+        return weight.float() * scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        if self.kernel:
-            y = _kernel_matmul(x.reshape(-1, self.in_features), self.weight, self.scales).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if self.records.numel():
+            y = torch.ops.corelm.qlinear_packed(x2.float().contiguous(), self.records, self.TYPE,
+                                                self.out_features).to(x.dtype)
+        elif self.kernel:
+            y = _kernel_matmul(x2, self.weight, self.scales).to(x.dtype)
         else:
-            x2 = x.reshape(-1, self.in_features).to(ACT_DTYPE)  # (M, K) bf16: the kernel's fast path
-            y = int8_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, N)
+            y = int8_mm(x2.to(ACT_DTYPE), self.weight, self.scales).to(x.dtype)  # bf16: the kernel's fast path
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)

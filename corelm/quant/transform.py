@@ -80,7 +80,7 @@ def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | N
 def shared_int8(head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The int8 matrix and scales of a quantized head that a tied embedding shares, or None."""
     if isinstance(head, Int8Linear):
-        return head.weight, head.scales
+        return head.rows()  # the head keeps rows (not records) from here on: one copy for both readers
     if isinstance(head, Q8Linear):
         return head.qweight, head.scales
     return None
