@@ -130,8 +130,6 @@ def test_kernel_weights_are_the_layers_own_tensors():
     values, scales = int8.kernel_weights()
     if int8.records.numel():
         assert values is int8.records and scales.tolist() == [Int8Linear.TYPE, 32]
-        rows = int8.rows()  # a reader of its rows turns the layer back into rows: no records beside them
-        assert int8.records.numel() == 0 and all(a is b for a, b in zip(int8.kernel_weights(), rows, strict=True))
     else:
         assert values is int8.weight and scales is int8.scales
     with layers.pytorch_kernels():  # the same tensors whichever kernel multiplies
@@ -139,6 +137,7 @@ def test_kernel_weights_are_the_layers_own_tensors():
     assert all(a is b for a, b in zip(q8.kernel_weights(), (q8.qweight, q8.scales), strict=True))
     emb = Int8Embedding(q8.qweight, q8.scales, torch.float32)
     assert emb.kernel_weights()[0] is q8.qweight
+    assert Int8Embedding.tied(q8, torch.float32).kernel_weights()[0] is q8.qweight
 
 
 def test_q8_linear_splits_int8_into_two_exact_int4_halves():
@@ -209,7 +208,7 @@ def test_int4_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
 @pytest.mark.parametrize("repack", ["1", "0"])
 def test_int8_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
     """As int4: with rows interleaved the int8 layer holds only its records, which multiply as the rows do
-    and save the same state; ``rows()`` gives the rows back bit for bit and drops the records."""
+    and save the same state."""
     monkeypatch.setenv("CORELM_REPACK", repack)
     torch.manual_seed(9)
     lin = nn.Linear(96, 44, bias=True)
@@ -229,6 +228,23 @@ def test_int8_layer_keeps_one_copy_of_its_weight(repack, monkeypatch):
     fresh.load_state_dict(state)
     x = torch.randn(2, 96)
     assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.records, layer.records)
-    rows = layer.rows()
-    assert torch.equal(rows[0], want_q) and torch.equal(rows[1], want_s) and layer.records.numel() == 0
-    torch.testing.assert_close(layer(x), fresh(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_class", [Q8Linear, Int8Linear])
+@pytest.mark.parametrize("repack", ["1", "0"])
+def test_tied_embedding_reads_the_heads_records_or_rows(head_class, repack, monkeypatch):
+    """A tied embedding holds nothing of its own: its lookups are the head's int8 rows times their scales,
+    whether the head keeps records (unpack_rows on the looked-up rows' groups) or rows."""
+    monkeypatch.setenv("CORELM_REPACK", repack)
+    torch.manual_seed(10)
+    lin = nn.Linear(64, 45, bias=False)
+    head = head_class.from_float(lin)
+    assert bool(head.records.numel()) == (repack == "1")
+    q, s = head.quantized()
+    emb = Int8Embedding.tied(head, torch.float32)
+    assert not list(emb.buffers()) and emb.state_dict() == {}
+    ids = torch.tensor([[0, 44, 7], [8, 8, 39]])
+    groups = s if s.dim() == 2 else s[:, None].expand(45, 2)
+    want = (q.float().reshape(45, 2, 32) * groups.float()[..., None]).reshape(45, 64)[ids]
+    assert torch.equal(emb(ids), want)
+    assert torch.equal(emb.dequantize(), (q.float().reshape(45, 2, 32) * groups.float()[..., None]).reshape(45, 64))

@@ -46,7 +46,8 @@ def test_quantize_model_swaps_linears_and_ties_embedding(method, path):
     quantize_model(model, method, group_size=32)
     assert is_quantized(model)
     assert isinstance(model.lm_head, Q8Linear) and model.lm_head.refine > 0
-    assert isinstance(model.embed, Int8Embedding) and model.embed.weight is model.lm_head.qweight
+    assert isinstance(model.embed, Int8Embedding) and model.embed.head is model.lm_head  # one matrix, the head's
+    assert not list(model.embed.buffers()) and not any(k.startswith("embed.") for k in model.state_dict())
     int4 = Int4Linear if path == "kernels" else Int4PackedLinear
     cls = Int8Linear if method == "int8" else int4
     assert all(type(m) is cls for m in (model.body[0], model.body[2]))
@@ -62,7 +63,7 @@ def test_quantize_model_swaps_linears_and_ties_embedding(method, path):
 def test_head_methods():
     torch.manual_seed(8)
     model = quantize_model(_Tiny(), "int4", head="int8")
-    assert isinstance(model.lm_head, Int8Linear) and model.embed.weight is model.lm_head.weight
+    assert isinstance(model.lm_head, Int8Linear) and model.embed.head is model.lm_head
     model = quantize_model(_Tiny(), "int8", head="int4")
     assert isinstance(model.lm_head, (Int4Linear, Int4PackedLinear))
     assert isinstance(model.embed, nn.Embedding), "an int4 head has no int8 matrix to share"

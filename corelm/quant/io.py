@@ -6,7 +6,7 @@ recorded, which marks the directory as quantized), ``model.safetensors`` and the
 safetensors file holds what the layers' state dicts hold: int8 weights and scales, int4 layers as
 portable nibbles, scales and zeros (never the packed bytes, whose layout depends on the running
 CPU's instruction set or on the kernels), and float norms. A tied
-:class:`~corelm.quant.layers.Int8Embedding` is left out: it is the head's matrix, re-tied at load.
+:class:`~corelm.quant.layers.Int8Embedding` has no entries: it reads the head's matrix.
 Loading builds the model on ``meta``, gives it the quantized structure and assigns the tensors; int4
 layers pack for this machine as they load.
 """
@@ -21,43 +21,25 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.quant.layers import Int8Embedding
-from corelm.quant.transform import quantized_structure, shared_int8
+from corelm.quant.transform import quantized_structure
 
 QUANT_KEY = "corelm_quantization"  # config.json key that marks a quantized checkpoint
 
 
-def _tied_names(model: nn.Module) -> list[str]:
-    shared = shared_int8(getattr(model, "lm_head", None))
-    return [name for name, m in model.named_modules()
-            if isinstance(m, Int8Embedding) and shared is not None and m.weight is shared[0]]
-
-
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict to save: int4 layers as portable nibbles, scales and zeros; a tied
-    :class:`~corelm.quant.layers.Int8Embedding` is left out (it is the head's matrix, re-tied at load)."""
-    state = model.state_dict()
-    for name in _tied_names(model):
-        state.pop(f"{name}.weight", None)
-        state.pop(f"{name}.scales", None)
-    return {k: v.contiguous() for k, v in state.items()}
+    :class:`~corelm.quant.layers.Int8Embedding` has no entries (it reads the head's matrix)."""
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 def load_quantized_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Load :func:`quantized_state_dict` output into a model prepared by
     :func:`~corelm.quant.transform.quantized_structure` (works on ``meta`` models: tensors are
-    assigned, int4 layers pack for this machine)."""
+    assigned, int4 layers pack for this machine; a tied embedding reads the head it was tied to there)."""
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {name for name, m in model.named_modules() if isinstance(m, Int8Embedding)}
-    allowed = {f"{name}.{b}" for name in tied for b in ("weight", "scales")}
-    bad = [k for k in missing if k not in allowed]
-    if bad or unexpected:
-        raise CorelmError(f"quantized checkpoint does not match the model: missing {bad[:3]}, "
+    if missing or unexpected:
+        raise CorelmError(f"quantized checkpoint does not match the model: missing {list(missing)[:3]}, "
                           f"unexpected {list(unexpected)[:3]}")
-    shared = shared_int8(getattr(model, "lm_head", None))
-    for name, m in model.named_modules():
-        if isinstance(m, Int8Embedding) and f"{name}.weight" in missing and shared is not None:
-            m.weight, m.scales = shared
     return model
 
 

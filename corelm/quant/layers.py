@@ -143,9 +143,9 @@ class Int8Linear(nn.Module):
     Buffers: ``weight`` (N, K) int8, ``scales`` (N,) bf16, optional ``bias`` (N,) float; ``kernel`` says
     which kernels multiply (decided when the layer is made). On corelm's kernels, where they interleave
     rows (``torch.ops.corelm.repack_rows``: every build with vectors unless ``CORELM_REPACK=0``), the layer
-    keeps only ``records`` (eight rows to a group, ``corelm/kernels/repack.h``) and ``weight``/``scales``
-    are empty until :meth:`rows` is asked for them (a tied embedding reading the head's rows: the layer
-    then keeps the rows instead). The state dict holds ``weight`` and ``scales`` either way.
+    keeps only ``records`` (eight rows to a group, ``corelm/kernels/repack.h``; a tied
+    :class:`Int8Embedding` looks its rows up in them) and ``weight``/``scales`` are empty.
+    :meth:`quantized` unpacks them bit for bit; the state dict holds ``weight`` and ``scales`` either way.
     """
 
     TYPE = 1008  # CORELM_INT8 (corelm/kernels/kquants.h): the records' type for the kernels
@@ -178,14 +178,6 @@ class Int8Linear(nn.Module):
             self.records, self.weight, self.scales = records, q.new_empty(0), scales.new_empty(0)
         else:
             self.records, self.weight, self.scales = records, q, scales
-
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight (N, K) int8, scales (N,) bf16)``. A layer kept as records turns back into rows (one
-        copy still: the records go), for a reader of its rows such as a tied embedding."""
-        if self.records.numel():
-            self.weight, self.scales = self.quantized()
-            self.records = self.records.new_empty(0)
-        return self.weight, self.scales
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight, scales = self.quantized()
@@ -255,7 +247,11 @@ class Int8Embedding(nn.Module):
     """Token embedding stored as int8 with one scale per token (``scales`` (V,)) or per group of 32
     columns (``scales`` (V, d/32), GGUF Q8_0's layout).
 
-    With tied embeddings the LM head and this module share one int8 matrix and its scales.
+    With tied embeddings (:meth:`tied`) the module holds no tensors of its own: it reads the rows of the
+    int8 LM head (:class:`Int8Linear` or :class:`Q8Linear`) it was tied to, from the head's records
+    (``torch.ops.corelm.unpack_rows``: only the looked-up rows' groups) or its rows, whichever the head
+    keeps, so the matrix is in memory once. Such an embedding has no state-dict entries (the head's are
+    the matrix).
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -264,22 +260,52 @@ class Int8Embedding(nn.Module):
         self.out_dtype = out_dtype
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        self._head: tuple[nn.Module, ...] = ()  # the tied head, not a submodule (its tensors are its own)
+
+    @classmethod
+    def tied(cls, head: Int8Linear | Q8Linear, out_dtype: torch.dtype) -> Int8Embedding:
+        """An embedding that reads ``head``'s int8 matrix (V = its outputs, d = its inputs)."""
+        emb = cls(torch.empty(0, 0, dtype=torch.int8), torch.empty(0), out_dtype)
+        emb.num_embeddings, emb.embedding_dim = head.out_features, head.in_features
+        emb.weight = emb.scales = None  # no buffers of its own
+        emb._head = (head,)
+        return emb
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The LM head this embedding is tied to, or None."""
+        return self._head[0] if self._head else None
+
+    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(int8 rows (n, d), scales (n,) or (n, d/G))`` of the flat ``ids``."""
+        head = self.head
+        if head is None:
+            return F.embedding(ids, self.weight), self.scales[ids]
+        if head.records.numel():
+            d = self.embedding_dim
+            flat = torch.ops.corelm.unpack_rows(head.records, head.TYPE, self.num_embeddings, d, ids)
+            return flat[:, :d].contiguous().view(torch.int8), flat[:, d:].contiguous().view(torch.bfloat16)
+        weight, scales = head.quantized()
+        return F.embedding(ids, weight), scales[ids]
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight, scales)``: int8 rows and their scales, the layout corelm's kernels read."""
-        return self.weight, self.scales
+        """What corelm's kernels read: this module's ``(weight, scales)``, or the tied head's."""
+        return self.head.kernel_weights() if self.head is not None else (self.weight, self.scales)
 
     def dequantize(self) -> torch.Tensor:
         """The float (V, d) embedding matrix."""
-        return self(torch.arange(self.num_embeddings, device=self.weight.device)).float()
+        device = self.weight.device if self.head is None else self.head.records.device
+        return self(torch.arange(self.num_embeddings, device=device)).float()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight).to(self.out_dtype)  # (..., d)
-        scales = self.scales[ids].to(self.out_dtype)  # (...,) or (..., d/G)
+        q, scales = self._rows(ids.reshape(-1))
+        rows, scales = q.to(self.out_dtype), scales.to(self.out_dtype)  # (n, d), (n,) or (n, d/G)
         if scales.dim() == rows.dim():  # group-wise
             group = self.embedding_dim // scales.shape[-1]
-            return (rows.unflatten(-1, (-1, group)) * scales.unsqueeze(-1)).flatten(-2)
-        return rows * scales.unsqueeze(-1)
+            out = (rows.unflatten(-1, (-1, group)) * scales.unsqueeze(-1)).flatten(-2)
+        else:
+            out = rows * scales.unsqueeze(-1)
+        return out.reshape(*ids.shape, self.embedding_dim)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -566,7 +592,8 @@ class Q8Linear(nn.Module):
     """Group-wise int8 (one scale per 32 columns, like GGUF Q8_0).
 
     ``qweight`` (N, K) int8 and ``scales`` (N, K/32) bf16 are what corelm's C++ kernels read, what
-    is saved, and what a tied embedding reads. Without those kernels (``kernel`` False) the layer
+    is saved, and what a tied embedding reads; where those kernels interleave rows the layer keeps
+    ``records`` instead (as :class:`Int8Linear`; :meth:`quantized` gives the rows back bit for bit). Without those kernels (``kernel`` False) the layer
     also holds ``pair``, an :class:`Int4PackedLinear` derived from them, and multiplies with it:
 
     ``_weight_int8pack_mm`` takes one scale per output channel only, and re-quantizing a Q8_0 head
@@ -581,6 +608,8 @@ class Q8Linear(nn.Module):
     exact for Q8_0 blocks (``d`` rounded to bf16).
     """
 
+    TYPE = 1008  # CORELM_INT8 (corelm/kernels/kquants.h): the records' type for the kernels
+
     def __init__(self, in_features: int, out_features: int, group_size: int = 32,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -589,6 +618,7 @@ class Q8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=torch.bfloat16,
                                                    device=device))
+        self.register_buffer("records", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
         self.kernel = use_kernels(device)  # corelm's C++ kernels read qweight and scales: no pair
         self.pair = None if self.kernel else Int4PackedLinear(2 * in_features, out_features, group_size,
                                                               device=device)
@@ -606,7 +636,13 @@ class Q8Linear(nn.Module):
         return mod
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
-        self.qweight, self.scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
+        q, scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
+        records = (torch.ops.corelm.repack_rows(q, scales) if self.pair is None and q.device.type == "cpu"
+                   else q.new_empty(0, dtype=torch.uint8))
+        if records.numel():  # as Int8Linear: the records only (new empty tensors, not views of the rows)
+            self.records, self.qweight, self.scales = records, q.new_empty(0), scales.new_empty(0)
+            return
+        self.records, self.qweight, self.scales = records, q, scales
         if self.pair is None:
             return
         q16 = self.qweight.to(torch.int16)
@@ -615,17 +651,34 @@ class Q8Linear(nn.Module):
         self.pair.set_quantized(torch.cat([hi + 8, lo], dim=1).to(torch.uint8),
                                 torch.cat([16.0 * d, d], dim=1), torch.cat([torch.zeros_like(d), 8.0 * d], dim=1))
 
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(qweight (N, K) int8, scales (N, K/G) bf16)``, unpacked from the records (bit for bit) where the
+        layer keeps records."""
+        if not self.records.numel():
+            return self.qweight, self.scales
+        n, k = self.out_features, self.in_features
+        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # values, then a scale per block
+        scales = rows[:, k:].contiguous().view(torch.bfloat16)[:, ::self.group_size // 32]
+        return rows[:, :k].contiguous().view(torch.int8), scales.contiguous()
+
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(qweight, scales)``: corelm's C++ kernels read them as they are."""
+        """What corelm's C++ kernels read as it is: ``(records, (type, N))``, or ``(qweight, scales)``."""
+        if self.records.numel():
+            return self.records, torch.tensor([self.TYPE, self.out_features])
         return self.qweight, self.scales
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size
-        w = self.qweight.float().reshape(self.out_features, -1, g) * self.scales.float()[..., None]
+        qweight, scales = self.quantized()
+        w = qweight.float().reshape(self.out_features, -1, g) * scales.float()[..., None]
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel:  # fp32 output from 15-bit activations: no bf16 rounding to refine
+        if self.records.numel():  # fp32 output from 15-bit activations: no bf16 rounding to refine
+            y = torch.ops.corelm.qlinear_packed(x.reshape(-1, self.in_features).float().contiguous(), self.records,
+                                                self.TYPE, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.kernel:
             y = _kernel_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         y = self.pair(torch.cat([x, x], dim=-1))  # (..., N), computed from bf16 inputs and outputs
@@ -643,8 +696,7 @@ class Q8Linear(nn.Module):
         return y2.scatter(1, top, exact).reshape(*lead, self.out_features).to(x.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "qweight"] = self.qweight
-        destination[prefix + "scales"] = self.scales
+        destination[prefix + "qweight"], destination[prefix + "scales"] = self.quantized()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

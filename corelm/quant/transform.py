@@ -77,21 +77,17 @@ def _tied_embedding(model: nn.Module) -> tuple[nn.Module, str, nn.Embedding] | N
     return None
 
 
-def shared_int8(head: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The int8 matrix and scales of a quantized head that a tied embedding shares, or None."""
-    if isinstance(head, Int8Linear):
-        return head.rows()  # the head keeps rows (not records) from here on: one copy for both readers
-    if isinstance(head, Q8Linear):
-        return head.qweight, head.scales
-    return None
+def tied_head(head: nn.Module | None) -> nn.Module | None:
+    """``head`` when it is an int8 LM head a tied embedding can read (:meth:`Int8Embedding.tied`), else None."""
+    return head if isinstance(head, (Int8Linear, Q8Linear)) else None
 
 
 def _tie_quantized(model: nn.Module, tied: tuple[nn.Module, str, nn.Embedding] | None,
                    out_dtype: torch.dtype | None = None) -> None:
-    shared = shared_int8(getattr(model, "lm_head", None))
-    if tied is not None and shared is not None:
+    head = tied_head(getattr(model, "lm_head", None))
+    if tied is not None and head is not None:
         parent, name, emb = tied
-        setattr(parent, name, Int8Embedding(*shared, out_dtype or emb.weight.dtype))
+        setattr(parent, name, Int8Embedding.tied(head, out_dtype or emb.weight.dtype))
 
 
 def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | None]:
