@@ -26,8 +26,10 @@ demo: setup
 
 # One intra-op thread per test process: tests spawn servers and torchrun ranks beside pytest, and a
 # 2-thread OpenMP kernel whose partner core is taken stalls (measured: up to 500x slower per op).
+# The kernels' every-build tests load each instruction set this CPU runs: compiled first, two at a time.
 test: setup
 	bash scripts/setup_browser.sh
+	$(PY) -m corelm.kernels --all
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # Benchmarks: corelm next to its peer in one run, ratios printed (never part of `make test`).
