@@ -8,7 +8,7 @@ PIP     := .venv/bin/pip -q --disable-pip-version-check
 STAMP   := .venv/.corelm-setup
 PROMPT  ?= The three laws of thermodynamics are
 
-.PHONY: setup demo test clean bench bench-llamacpp
+.PHONY: setup demo test clean bench bench-llamacpp bench-peers
 
 $(STAMP): pyproject.toml corelm/kernels/*.cpp corelm/kernels/*.h
 	test -x $(PY) || python3 -m venv .venv
@@ -45,6 +45,17 @@ bench-llamacpp: setup
 	test -x .bench-venv/bin/python || python3 -m venv .bench-venv
 	CMAKE_ARGS="-DGGML_NATIVE=ON" .bench-venv/bin/pip install -q llama-cpp-python
 	$(PY) benchmarks/decode_quant.py --variants int4,int8,int4-aten,hf-bf16 --llama-python .bench-venv/bin/python
+
+# Side by side with llama.cpp on this machine (builds it from the sources vendored in llama-cpp-python, ~10 min
+# per build; AMX CPUs get a native decode-only build too): prefill and decode at 1 and 2 threads on the
+# embedded Q4_1 and a Q4_K_M made by llama-quantize, then corelm serve against llama-server -np 8.
+bench-peers: setup
+	bash scripts/build_llamacpp.sh .bench/llama.cpp
+	$(PY) benchmarks/prefill.py --gguf .bench/llama.cpp/smollm2-Q4_K_M.gguf \
+		--llama-bench .bench/llama.cpp/build/llama-bench \
+		$$(test -x .bench/llama.cpp/build-native/llama-bench && echo --llama-bench-decode .bench/llama.cpp/build-native/llama-bench) \
+		--threads 1 2 --prompt 128 512 --rows 1 8 --tokens 128 --variants default --rounds 3
+	$(PY) benchmarks/serve.py --llama-server .bench/llama.cpp/build/llama-server --levels 1 8 32 --rounds 2
 
 clean:
 	rm -rf .venv build *.egg-info
