@@ -32,7 +32,7 @@ class ExportOptions(Options):
                          positional=True)
     out: str | Path = field(metadata={"help": "output .gguf file (written atomically)", "positional": True})
     qtype: Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q5_0", "Q5_1",
-                   "Q4_0", "Q4_1"] | None = option(
+                   "Q4_0", "Q4_1", "IQ4_XS", "IQ4_NL"] | None = option(
         None, "F32/F16/BF16, or a llama.cpp mix that picks each matrix's block type as llama-quantize does (default: "
               "Q4_1 for int4 checkpoints, Q8_0 for int8, else F16)", flag="--type")
     tokenizer_pre: str = option("smollm", "llama.cpp pre-tokenizer name written to the file (smollm for SmolLM2's "

@@ -35,8 +35,8 @@ class QuantizeOptions(Options):
         "help": "directory to write (must not exist or be empty, unless --overwrite); a .gguf file for a GGUF method",
         "positional": True})
     method: Literal["int8", "int4", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q5_0", "Q5_1", "Q4_0",
-                    "Q4_1"] = option(
-        "int8", "int8: one scale per output channel; int4: one scale and zero per group of columns; Q4_K_M ... Q4_1: "
+                    "Q4_1", "IQ4_XS", "IQ4_NL"] = option(
+        "int8", "int8: one scale per output channel; int4: one scale and zero per group of columns; Q4_K_M ... IQ4_NL: "
                 "a GGUF file with llama.cpp's mix of that name (the type llama-quantize gives each tensor)")
     group_size: Literal[32, 64, 128] = option(
         32, "int4 only: input columns sharing a scale and zero (smaller = more accurate, larger file)")

@@ -349,8 +349,9 @@ def _tensors(model: nn.Module, config: Any, arch: str, qtype: str) -> list[tuple
         out.append(("output.weight", model.lm_head, _float_weight(model.lm_head), emb_type, None))
     if qtype in MIXES:  # llama-quantize's type for each matrix of the mix (kept F32: norms, routers)
         n_expert = config.n_experts if config.family == "moe" else 0
+        n_gqa = config.n_head // (getattr(config, "n_kv_head", None) or config.n_head)
         out = [(name, module, weight, kind if kind == "F32" or weight.dim() < 2 else
-                tensor_type(name, qtype, weight.shape[-1], config.n_layer, n_expert, config.tie_embeddings),
+                tensor_type(name, qtype, weight.shape[-1], config.n_layer, n_expert, config.tie_embeddings, n_gqa),
                 heads) for name, module, weight, kind, heads in out]
     return out
 

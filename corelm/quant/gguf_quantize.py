@@ -35,15 +35,16 @@ from corelm.errors import CorelmError
 
 QK = 32
 QK_K = 256
-BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256,
+              "IQ4_NL": 32, "IQ4_XS": 256}
 # llama.cpp's llama_ftype of each mix, and the type of its ordinary matrices (llama_ftype_get_default_type)
 MIXES = {"Q4_0": (2, "Q4_0"), "Q4_1": (3, "Q4_1"), "Q8_0": (7, "Q8_0"), "Q5_0": (8, "Q5_0"), "Q5_1": (9, "Q5_1"),
          "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"), "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
-         "Q6_K": (18, "Q6_K")}
+         "Q6_K": (18, "Q6_K"), "IQ4_NL": (25, "IQ4_NL"), "IQ4_XS": (30, "IQ4_XS")}
 MIX_NAMES = {ftype: name for name, (ftype, _) in MIXES.items()}
 # tensor_type_fallback: a 256-value type on rows that are not whole super-blocks
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 _ROW_CHUNK = 1 << 18  # values quantized per pass: the scale searches stream over them ~20 times, keep them in cache
 
 
@@ -292,8 +293,76 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:  # x (B, 256)
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# IQ4_NL / IQ4_XS (quantize_row_iq4_nl_impl with no importance matrix, ntry 7: what llama-quantize runs)
+# --------------------------------------------------------------------------------------------------
+
+IQ4_LEVELS = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.float32)  # kvalues_iq4nl
+
+
+_IQ4_BRACKET = (torch.arange(-128, 128, dtype=torch.float32)[:, None] >= IQ4_LEVELS).sum(-1).clamp(1, 15)
+_IQ4_LO, _IQ4_HI = IQ4_LEVELS[_IQ4_BRACKET - 1], IQ4_LEVELS[_IQ4_BRACKET]
+
+
+def _iq4_index(t: torch.Tensor, codes: bool = True) -> torch.Tensor:
+    """``best_index_int8(16, kvalues_iq4nl, t)`` elementwise: the nearest level's code (the lower one unless
+    the upper is strictly nearer); with ``codes=False`` the level itself."""
+    # v[mu - 1] <= t < v[mu]: the levels are integers, so the bracket is floor(t)'s (a table lookup, ~2x faster
+    # than a binary search per value); beyond the end levels the comparison picks the end level
+    k = (torch.floor(t).clamp(-128, 127) + 128).long()
+    lower = t - _IQ4_LO[k] < _IQ4_HI[k] - t
+    if not codes:
+        return torch.where(lower, _IQ4_LO[k], _IQ4_HI[k])
+    return _IQ4_BRACKET[k] - lower.to(torch.int64)
+
+
+def _iq4_scales(x: torch.Tensor) -> torch.Tensor:
+    """Each 32-value row's scale ``d`` with ``x ~ d * level`` (B, 32) -> (B, 1): the scale from the extreme
+    value, refit by least squares (weights ``x^2``), then 15 more scales ``(i - 127) / max`` tried, keeping the
+    one of largest ``(sum w q x)^2 / sum w q^2``; 0 for an all-zero row."""
+    w = x * x
+    mx = _signed_absmax(x)  # (B, 1)
+    zero = mx.abs() < 1e-15  # GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+
+    def fit(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = _iq4_index(inv * x, codes=False)
+        return _seqsum((w * q * x).t()).t(), _seqsum((w * q * q).t()).t()
+
+    sumqx, sumq2 = fit(1 / (-mx / -127.0))
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2)), torch.zeros_like(mx))
+    best = d * sumqx
+    for i in range(-7, 8):
+        sumqx, sumq2 = fit(_rdiv(i - 127, mx))  # (i + values[0]) / max, one division as in C
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / torch.where(better, sumq2, torch.ones_like(sumq2)), d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _iq4_nl(x: torch.Tensor) -> torch.Tensor:  # x (B, 32)
+    d = _iq4_scales(x)
+    codes = _iq4_index(_inv(d) * x)
+    return _u8(_f16_bytes(d[:, 0]), _nibbles(codes[:, :16], codes[:, 16:]))
+
+
+def _iq4_xs(x: torch.Tensor) -> torch.Tensor:  # x (B, 256)
+    n = x.shape[0]
+    scales = _iq4_scales(x.reshape(n * 8, QK)).reshape(n, 8)
+    d = -_signed_absmax(scales) / 32  # (B, 1); the sub-block scales as 6-bit multiples of it
+    ls = torch.round(_inv(d) * scales).clamp(-32, 31)  # nearest_int: to the nearest, ties to even
+    codes = _iq4_index(_inv(d * ls)[..., None] * x.reshape(n, 8, QK))  # (B, 8, 32), against d * ls (fp32 d, as llama.cpp)
+    lq = (ls + 32).to(torch.int32)
+    scales_l = (lq[:, 0::2] & 0xF) | ((lq[:, 1::2] & 0xF) << 4)  # (B, 4)
+    scales_h = ((lq >> 4) << (2 * torch.arange(8))).sum(1, keepdim=True)  # (B, 1) 16 bits
+    qs = _nibbles(codes[..., :16], codes[..., 16:]).reshape(n, 128)
+    return _u8(_f16_bytes(d[:, 0]), scales_h & 0xFF, scales_h >> 8, scales_l, qs)
+
+
 _QUANTIZERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
-               "Q4_K": lambda x: _q45_k(x, 4), "Q5_K": lambda x: _q45_k(x, 5), "Q6_K": _q6_k}
+               "Q4_K": lambda x: _q45_k(x, 4), "Q5_K": lambda x: _q45_k(x, 5), "Q6_K": _q6_k,
+               "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
 
 
 def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -330,11 +399,14 @@ def _more_bits(layer: int, n_layer: int) -> bool:
     return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
 
 
-def _layer_type(name: str, mix: str, qtype: str, layer: int, n_layer: int, n_expert: int) -> str:
-    """The ``blk.*`` rules of ``llama_tensor_get_type_impl`` for the mixes of :data:`MIXES`."""
-    k_m = mix in ("Q4_K_M", "Q5_K_M")
+def _layer_type(name: str, mix: str, qtype: str, layer: int, n_layer: int, n_expert: int, n_gqa: int) -> str:
+    """The ``blk.*`` rules of ``llama_tensor_get_type_impl`` for the mixes of :data:`MIXES` (no importance
+    matrix)."""
+    k_m, iq4 = mix in ("Q4_K_M", "Q5_K_M"), mix in ("IQ4_NL", "IQ4_XS")
     if ".attn_v." in name or ".attn_qkv." in name:  # llama.cpp's attn_v-like tensors
-        if k_m and _more_bits(layer, n_layer):
+        if iq4 and n_gqa >= 4:
+            qtype = "Q5_K"
+        elif k_m and _more_bits(layer, n_layer):
             qtype = "Q6_K"
         elif mix == "Q4_K_S" and layer < 4:
             qtype = "Q5_K"
@@ -344,13 +416,14 @@ def _layer_type(name: str, mix: str, qtype: str, layer: int, n_layer: int, n_exp
     if ".ffn_down" in name:
         if k_m and _more_bits(layer, n_layer):
             return "Q6_K"
-        return "Q5_K" if mix == "Q4_K_S" and layer < n_layer // 8 else qtype
-    if ".attn_output." in name and n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M"):
+        return "Q5_K" if (mix == "Q4_K_S" or iq4) and layer < n_layer // 8 else qtype
+    if ".attn_output." in name and n_expert == 8 and mix in ("Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"):
         return "Q5_K"
     return qtype
 
 
-def tensor_type(name: str, mix: str, cols: int, n_layer: int, n_expert: int = 0, tied: bool = False) -> str:
+def tensor_type(name: str, mix: str, cols: int, n_layer: int, n_expert: int = 0, tied: bool = False,
+                n_gqa: int = 1) -> str:
     """The GGML type llama.cpp's ``llama-quantize`` gives tensor ``name`` in ``mix`` (no importance matrix).
 
     Args:
@@ -359,6 +432,7 @@ def tensor_type(name: str, mix: str, cols: int, n_layer: int, n_expert: int = 0,
         cols: the tensor's row length (its first GGUF dimension).
         n_layer: the model's block count; ``n_expert``: its experts (0 or 1 for dense models).
         tied: the token embedding is also the output head (no ``output.weight``).
+        n_gqa: query heads per key/value head (the IQ4 mixes keep ``attn_v`` at Q5_K from 4 on).
 
     Returns:
         A name of :data:`BLOCK_TYPES`, or ``F16`` for rows that are not whole 32-value blocks.
@@ -370,7 +444,7 @@ def tensor_type(name: str, mix: str, cols: int, n_layer: int, n_expert: int = 0,
         # the head: Q8_0 if the mix's blocks do not fit its rows, else Q6_K (Q8_0 stays Q8_0)
         qtype = "Q8_0" if cols % BLOCK_SIZE[qtype] else qtype if qtype == "Q8_0" else "Q6_K"
     elif name.startswith("blk."):
-        qtype = _layer_type(name, mix, qtype, int(name.split(".")[1]), n_layer, n_expert)
+        qtype = _layer_type(name, mix, qtype, int(name.split(".")[1]), n_layer, n_expert, n_gqa)
     if cols % BLOCK_SIZE[qtype]:  # tensor_type_fallback
         qtype = FALLBACK.get(qtype, qtype)
         if cols % BLOCK_SIZE[qtype]:
