@@ -75,7 +75,7 @@ def test_int4_layouts_hold_their_own_shapes():
     ours, theirs = Int4Linear(64, 24, 32), Int4PackedLinear(64, 24, 32)
     ours.set_quantized(qv, scales, zeros)
     theirs.set_quantized(qv, scales, zeros)
-    packed, scale_zeros = ours._rows()  # unpacked from the records where the build interleaves rows
+    packed, scale_zeros = ours.kernel_rows()  # unpacked from the records where the build interleaves rows
     assert packed.shape == (24, 32) and scale_zeros.shape == (24, 2, 2)
     assert int(packed[0, 0]) == int(qv[0, 0]) | (int(qv[0, 16]) << 4)
     assert theirs.scale_zeros.shape == (2, 32, 2)  # rows padded to a multiple of 16

@@ -523,7 +523,7 @@ def describe_gpt2_layer(config: object, block: nn.Module) -> tuple[dict[str, tor
     values, scales = fused.pop("qkv.values"), fused.pop("qkv.scales")
     records = scales.dtype == torch.int64 and scales.numel() == 2  # (type, rows): rows eight to a group
     if records and inner % 8:  # a split inside a group: the layer's rows instead (a copy)
-        values, scales = attn.c_attn._rows()
+        values, scales = attn.c_attn.kernel_rows()
         records = False
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
         if records:

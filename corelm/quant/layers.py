@@ -137,15 +137,63 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class _Records:
+    """What a layer kept as records shares (:class:`Int8Linear`, :class:`Q8Linear`, :class:`Int4Linear`).
+
+    Where corelm's kernels interleave rows (``torch.ops.corelm.repack_rows``: every build with vectors unless
+    ``CORELM_REPACK=0``) such a layer keeps one copy of its weight, ``records`` (eight rows to a group with each
+    block's scales, ``corelm/kernels/repack.h``), and its row tensors are empty; elsewhere ``records`` is empty
+    and the rows are kept. The kernels read the records as type ``TYPE`` (``CORELM_INT4``/``CORELM_INT8`` in
+    ``corelm/kernels/kquants.h``), whose unpacked row is the row's values followed by a scale (int4: a scale
+    and zero) per block of 32, bit for bit what was packed. A subclass defines :meth:`kernel_rows`.
+    """
+
+    TYPE: int
+    records: torch.Tensor
+    in_features: int
+    out_features: int
+
+    def _keep(self, records: torch.Tensor, **rows: torch.Tensor) -> None:
+        """Keep ``records`` and empty row tensors (new ones: views would keep the rows' storage alive), or,
+        when ``records`` is empty, the rows."""
+        self.records = records
+        for name, t in rows.items():
+            setattr(self, name, t.new_empty(0) if records.numel() else t)
+
+    def _unpacked(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The records' rows split into their values (N, ``width`` bytes) and their per-block scale bytes."""
+        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, self.out_features, self.in_features)
+        return rows[:, :width].contiguous(), rows[:, width:].contiguous()
+
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(values, scales)`` rows corelm's kernels read when the layer keeps no records (unpacked from
+        the records when it does)."""
+        raise NotImplementedError
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What corelm's C++ kernels read as it is (a bias is ``bias``): ``(records, (type, N))``, or the
+        rows (:meth:`kernel_rows`)."""
+        if self.records.numel():
+            return self.records, torch.tensor([self.TYPE, self.out_features])
+        return self.kernel_rows()
+
+    def _records_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) fp32 on the records."""
+        return torch.ops.corelm.qlinear_packed(x2.float().contiguous(), self.records, self.TYPE, self.out_features)
+
+
+def _records_of(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``repack_rows`` of a CPU matrix (empty where the build keeps rows, and off the CPU)."""
+    return torch.ops.corelm.repack_rows(q, scales) if q.device.type == "cpu" else q.new_empty(0, dtype=torch.uint8)
+
+
+class Int8Linear(_Records, nn.Module):
     """``y = x @ (q * scale)^T + b`` with the weight kept as int8.
 
     Buffers: ``weight`` (N, K) int8, ``scales`` (N,) bf16, optional ``bias`` (N,) float; ``kernel`` says
-    which kernels multiply (decided when the layer is made). On corelm's kernels, where they interleave
-    rows (``torch.ops.corelm.repack_rows``: every build with vectors unless ``CORELM_REPACK=0``), the layer
-    keeps only ``records`` (eight rows to a group, ``corelm/kernels/repack.h``; a tied
-    :class:`Int8Embedding` looks its rows up in them) and ``weight``/``scales`` are empty.
-    :meth:`quantized` unpacks them bit for bit; the state dict holds ``weight`` and ``scales`` either way.
+    which kernels multiply (decided when the layer is made). On corelm's kernels the layer may keep
+    ``records`` instead of ``weight``/``scales`` (:class:`_Records`; a tied :class:`Int8Embedding` looks its
+    rows up in them); the state dict holds ``weight`` and ``scales`` either way.
     """
 
     TYPE = 1008  # CORELM_INT8 (corelm/kernels/kquants.h): the records' type for the kernels
@@ -172,12 +220,8 @@ class Int8Linear(nn.Module):
         """Hold ``q`` (N, K) int8 and ``scales`` (N,) bf16: as records where corelm's kernels interleave
         rows, else as they are."""
         q, scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
-        records = (torch.ops.corelm.repack_rows(q, scales) if self.kernel and q.device.type == "cpu"
-                   else q.new_empty(0, dtype=torch.uint8))
-        if records.numel():  # new empty tensors: views would keep the rows' storage alive
-            self.records, self.weight, self.scales = records, q.new_empty(0), scales.new_empty(0)
-        else:
-            self.records, self.weight, self.scales = records, q, scales
+        records = _records_of(q, scales) if self.kernel else q.new_empty(0, dtype=torch.uint8)
+        self._keep(records, weight=q, scales=scales)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight, scales = self.quantized()
@@ -190,9 +234,10 @@ class Int8Linear(nn.Module):
         layer keeps records, without changing what it keeps."""
         if not self.records.numel():
             return self.weight, self.scales
-        n, k = self.out_features, self.in_features
-        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # values, then a scale per block
-        return rows[:, :k].contiguous().view(torch.int8), rows[:, k:k + 2].contiguous().view(torch.bfloat16).reshape(n)
+        values, scales = self._unpacked(self.in_features)
+        return values.view(torch.int8), scales[:, :2].contiguous().view(torch.bfloat16).reshape(-1)
+
+    kernel_rows = quantized
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -213,13 +258,6 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             self.bias = state_dict[keys[2]].to(device, torch.float32).clone()
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What corelm's C++ kernels read as it is (a bias is ``bias``): ``(records, (type, N))``, or
-        ``(weight, scales)`` for a layer kept in rows."""
-        if self.records.numel():
-            return self.records, torch.tensor([self.TYPE, self.out_features])
-        return self.weight, self.scales
-
     def dequantize(self) -> torch.Tensor:
         """The float (N, K) weight this layer multiplies with."""
         weight, scales = self.quantized()
@@ -229,8 +267,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.records.numel():
-            y = torch.ops.corelm.qlinear_packed(x2.float().contiguous(), self.records, self.TYPE,
-                                                self.out_features).to(x.dtype)
+            y = self._records_matmul(x2).to(x.dtype)
         elif self.kernel:
             y = _kernel_matmul(x2, self.weight, self.scales).to(x.dtype)
         else:
@@ -438,7 +475,7 @@ class _Int4(nn.Module):
                 f"int4 group_size={self.group_size}")
 
 
-class Int4Linear(_Int4):
+class Int4Linear(_Records, _Int4):
     """``y = x @ W^T + b`` with W in 4-bit groups in corelm's kernel layout (CPU, C++ kernels built).
 
     The layer keeps one copy of its weight, in the form the kernels read fastest. Where corelm's kernels
@@ -467,39 +504,25 @@ class Int4Linear(_Int4):
         device = self.scale_zeros.device
         packed = kernels.pack_blocks(q.to(device))
         scale_zeros = torch.stack([scales, zeros], dim=-1).to(device, torch.bfloat16).contiguous()
-        records = torch.ops.corelm.repack_rows(packed, scale_zeros)  # empty: rows stay as they are
-        if records.numel():
-            # new empty tensors: a view such as packed[:0] would keep the rows' storage alive
-            self.records = records
-            self.packed, self.scale_zeros = packed.new_empty(0), scale_zeros.new_empty(0)
-        else:
-            self.records, self.packed, self.scale_zeros = records, packed, scale_zeros
+        self._keep(_records_of(packed, scale_zeros), packed=packed, scale_zeros=scale_zeros)
 
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernel_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed (N, K/2), scale_zeros (N, K/G, 2))``, unpacked from the records when kept as records."""
         if not self.records.numel():
             return self.packed, self.scale_zeros
-        n, k = self.out_features, self.in_features
-        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # nibbles, then a pair per block
-        pairs = rows[:, k // 2:].contiguous().view(torch.bfloat16).reshape(n, k // 32, 2)
-        return rows[:, :k // 2].contiguous(), pairs[:, ::self.group_size // 32].contiguous()
+        packed, pairs = self._unpacked(self.in_features // 2)  # nibbles, then a (scale, zero) pair per block
+        pairs = pairs.view(torch.bfloat16).reshape(self.out_features, self.in_features // 32, 2)
+        return packed, pairs[:, ::self.group_size // 32].contiguous()
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from corelm import kernels
 
-        packed, sz = self._rows()
+        packed, sz = self.kernel_rows()
         return kernels.unpack_blocks(packed), sz[..., 0].contiguous(), sz[..., 1].contiguous()
-
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What corelm's C++ kernels read as it is (a bias is ``bias``): ``(records, (type, N))``, or
-        ``(packed, scale_zeros)`` for a layer kept in rows."""
-        if self.records.numel():
-            return self.records, torch.tensor([self.TYPE, self.out_features])
-        return self.packed, self.scale_zeros
 
     def _linear(self, x2: torch.Tensor) -> torch.Tensor:
         if self.records.numel():
-            return torch.ops.corelm.qlinear_packed(x2.float().contiguous(), self.records, self.TYPE, self.out_features)
+            return self._records_matmul(x2)
         return _kernel_matmul(x2, self.packed, self.scale_zeros)
 
 
@@ -588,13 +611,14 @@ def quantize_int8_groupwise(weight: torch.Tensor, group_size: int = 32) -> tuple
     return q, scales
 
 
-class Q8Linear(nn.Module):
+class Q8Linear(_Records, nn.Module):
     """Group-wise int8 (one scale per 32 columns, like GGUF Q8_0).
 
     ``qweight`` (N, K) int8 and ``scales`` (N, K/32) bf16 are what corelm's C++ kernels read, what
     is saved, and what a tied embedding reads; where those kernels interleave rows the layer keeps
-    ``records`` instead (as :class:`Int8Linear`; :meth:`quantized` gives the rows back bit for bit). Without those kernels (``kernel`` False) the layer
-    also holds ``pair``, an :class:`Int4PackedLinear` derived from them, and multiplies with it:
+    ``records`` instead (:class:`_Records`; :meth:`quantized` gives the rows back bit for bit). Without
+    those kernels (``kernel`` False) the layer also holds ``pair``, an :class:`Int4PackedLinear` derived
+    from them, and multiplies with it:
 
     ``_weight_int8pack_mm`` takes one scale per output channel only, and re-quantizing a Q8_0 head
     per channel cost 3-4 points of top-1 agreement on SmolLM2. Instead each int8 value is split into
@@ -637,12 +661,8 @@ class Q8Linear(nn.Module):
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         q, scales = q.to(torch.int8).contiguous(), scales.to(torch.bfloat16).contiguous()
-        records = (torch.ops.corelm.repack_rows(q, scales) if self.pair is None and q.device.type == "cpu"
-                   else q.new_empty(0, dtype=torch.uint8))
-        if records.numel():  # as Int8Linear: the records only (new empty tensors, not views of the rows)
-            self.records, self.qweight, self.scales = records, q.new_empty(0), scales.new_empty(0)
-            return
-        self.records, self.qweight, self.scales = records, q, scales
+        self._keep(_records_of(q, scales) if self.pair is None else q.new_empty(0, dtype=torch.uint8),
+                   qweight=q, scales=scales)
         if self.pair is None:
             return
         q16 = self.qweight.to(torch.int16)
@@ -656,16 +676,10 @@ class Q8Linear(nn.Module):
         layer keeps records."""
         if not self.records.numel():
             return self.qweight, self.scales
-        n, k = self.out_features, self.in_features
-        rows = torch.ops.corelm.unpack_blocks(self.records, self.TYPE, n, k)  # values, then a scale per block
-        scales = rows[:, k:].contiguous().view(torch.bfloat16)[:, ::self.group_size // 32]
-        return rows[:, :k].contiguous().view(torch.int8), scales.contiguous()
+        values, scales = self._unpacked(self.in_features)
+        return values.view(torch.int8), scales.view(torch.bfloat16)[:, ::self.group_size // 32].contiguous()
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What corelm's C++ kernels read as it is: ``(records, (type, N))``, or ``(qweight, scales)``."""
-        if self.records.numel():
-            return self.records, torch.tensor([self.TYPE, self.out_features])
-        return self.qweight, self.scales
+    kernel_rows = quantized
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size
@@ -675,8 +689,7 @@ class Q8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.records.numel():  # fp32 output from 15-bit activations: no bf16 rounding to refine
-            y = torch.ops.corelm.qlinear_packed(x.reshape(-1, self.in_features).float().contiguous(), self.records,
-                                                self.TYPE, self.out_features)
+            y = self._records_matmul(x.reshape(-1, self.in_features))
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.kernel:
             y = _kernel_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales)
