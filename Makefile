@@ -26,13 +26,15 @@ demo: setup
 
 # One intra-op thread per test process: tests spawn servers and torchrun ranks beside pytest, and a
 # 2-thread OpenMP kernel whose partner core is taken stalls (measured: up to 500x slower per op).
+# Two pytest workers (pytest-xdist), one per core of the 2-core machines: on the 2-core Intel Xeon the
+# suite took 12:52 in one process and 7:36 in two.
 # The kernels' every-build tests load each instruction set this CPU runs: compiled first, two at a time (in the
 # set-up itself on a fresh machine: its native build is one of them).
 test: KERNEL_BUILDS := --all
 test: setup
 	bash scripts/setup_browser.sh
 	$(PY) -m corelm.kernels --all
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 # Benchmarks: corelm next to its peer in one run, ratios printed (never part of `make test`).
 bench: setup
