@@ -14,6 +14,9 @@ of the rounds:
 
     python benchmarks/prefill.py --llama-bench /path/llama-bench --gguf /tmp/smollm2-Q4_K_M.gguf
 
+``--prefetch default 0`` times the decode with the kernels' prefetch as the CPU has it and turned off,
+alternating (``CORELM_PREFETCH``, see :func:`corelm.kernels.prefetch`).
+
 ``--llama-bench-decode`` adds a second llama.cpp build for decode only: on an AMX Xeon, llama.cpp's native
 build (AMX on) crashed on multi-token batches, so its prompts cannot be timed, while its one-token decode
 can; the decode ratio is then taken against the faster of the two builds. ``scripts/build_llamacpp.sh``
@@ -99,13 +102,19 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                     help="fp32 / int16 / bf16 / aten: the panel GEMM's arithmetic (CORELM_GEMM, gemm.h); int16 "
                          "needs an AVX-512 VNNI build, bf16 the avx512bf16 build")
+    ap.add_argument("--prefetch", nargs="+", default=["default"],
+                    help="decode with each of these CORELM_PREFETCH byte counts, alternating ('default': "
+                         "the CPU's own, kernels.prefetch()), e.g. --prefetch default 0")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # each table as soon as it is measured
     cpu = torch.backends.cpu.get_cpu_capability()
-    print(f"ATen capability {cpu}; load average before {load_average()}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    from corelm import kernels
+
+    os.environ.pop("CORELM_PREFETCH", None)
+    print(f"ATen capability {cpu}; kernels {kernels.isa()} (prefetch {kernels.prefetch()} bytes ahead); "
+          f"load average before {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for path in [embedded_path("smollm2-135m-instruct"), *args.gguf]:
         model = Corelm(path)
         model.prefill(16), model.decode(2, 4)  # warm-up
@@ -124,9 +133,14 @@ def main() -> None:
                         pre.setdefault(("llama.cpp", n), []).append(llama_bench(args.llama_bench, path, threads, n))
                         _progress("llama.cpp", n, pre)
                 if not args.no_decode:
-                    for rows in args.rows:
-                        dec.setdefault(("corelm", rows), []).append(model.decode(rows, args.tokens))
-                        _progress("corelm rows", rows, dec)
+                    for pf in args.prefetch:
+                        who = "corelm" if pf == "default" else f"corelm prefetch {pf}"
+                        if pf != "default":
+                            os.environ["CORELM_PREFETCH"] = pf
+                        for rows in args.rows:
+                            dec.setdefault((who, rows), []).append(model.decode(rows, args.tokens))
+                            _progress(f"{who} rows", rows, dec)
+                        os.environ.pop("CORELM_PREFETCH", None)
                     if args.llama_bench:
                         dec.setdefault(("llama.cpp", 1), []).append(
                             llama_bench(args.llama_bench, path, threads, gen=args.tokens))
@@ -151,13 +165,13 @@ def _report(name: str, kind: str, threads: int, pre: dict, dec: dict, rounds: in
         print(f"| {who} | {n} | {med[(who, n)]:.0f} | {min(s):.0f}-{max(s):.0f} | {ratio} |")
     if not dec:
         return
-    one = med.get(("corelm", 1))
     peers = [med[k] for k in (("llama.cpp", 1), ("llama.cpp decode-only build", 1)) if k in med]
     ref = max(peers) if peers else None  # the faster llama.cpp build
     print("| decode | rows | tok/s, all rows (median) | min-max | step cost vs 1 row | vs llama.cpp 1 row (faster build) |")
     print("|---|---|---|---|---|---|")
     for (who, rows), s in dec.items():
-        cost = f"{rows * one / med[(who, rows)]:.2f}x" if who == "corelm" and one else "-"
+        one = med.get((who, 1)) if who.startswith("corelm") else None
+        cost = f"{rows * one / med[(who, rows)]:.2f}x" if one else "-"
         ratio = f"{med[(who, rows)] / ref:.2f}x" if ref else "-"
         print(f"| {who} | {rows} | {med[(who, rows)]:.0f} | {min(s):.0f}-{max(s):.0f} | {cost} | {ratio} |")
 

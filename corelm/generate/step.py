@@ -645,6 +645,7 @@ def kernel_step_supported(model: nn.Module) -> str | None:
         return "the model's norms use several epsilons"
     if not kernels.load(build_if_missing=False):
         return f"corelm's C++ kernels are not available ({kernels.load_error()})"
+    kernels.check_settings()
     return None
 
 

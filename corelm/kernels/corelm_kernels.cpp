@@ -70,6 +70,9 @@ std::string gemm() {
   }
 }
 
+// The decode kernels' prefetch distance for this call, in bytes (qlinear.h's prefetch_ahead): 0 is off.
+int64_t prefetch() { return prefetch_ahead(); }
+
 }  // namespace
 }  // namespace corelm
 
@@ -77,6 +80,7 @@ using corelm::attention;
 using corelm::DecoderStep;
 using corelm::gemm;
 using corelm::isa;
+using corelm::prefetch;
 using corelm::qlinear;
 using corelm::qlinear_blocks;
 using corelm::qlinear_packed;
@@ -99,6 +103,7 @@ TORCH_LIBRARY(corelm, m) {
         "float softcap) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("gemm() -> str", &gemm);
+  m.def("prefetch() -> int", &prefetch);
   m.def("pool_probe(int sleep_us) -> int[]", &corelm::pool_probe);
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())

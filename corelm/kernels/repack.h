@@ -332,6 +332,13 @@ CORELM_INLINE __m256 fp16x8c(const uint8_t* p) {  // eight contiguous fp16 -> fp
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Ask for the bytes `ahead` of the record being read while it is computed: a decode step streams each
+// weight byte once, and without it the loads wait on memory between records (qlinear.h's prefetch_ahead()).
+CORELM_INLINE void prefetch_record(const uint8_t* p, int64_t bytes, int64_t ahead) {
+  if (ahead == 0) return;
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + o), _MM_HINT_T0);
+}
+
 // Eight unsigned weight vectors (values 4u..4u+3 of eight rows) of a Q4/Q5 record.
 template <bool HIGH>
 CORELM_INLINE void unsigned_vectors(const uint8_t* rec, __m256i* w) {
@@ -404,12 +411,13 @@ CORELM_INLINE __m256i half_dots_s(const __m256i* w, const __m256i* aw, const Act
 
 // Q4, Q4_0, Q4_1, Q5_0, Q5_1: y_r = sum_b scale_rb * d_a[b] * dot + m_rb * s_a[b]
 template <Kind K, int NT>
-void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
   constexpr bool high = K == Kind::Q5_0 || K == Kind::Q5_1;
   const int64_t rec = packed_record(K);
   __m256 acc[NT], accm[NT];
   for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, p += rec) {
+    prefetch_record(p, rec, ahead);
     __m256i w[8];
     unsigned_vectors<high>(p, w);
     __m256 scale, m;
@@ -434,10 +442,11 @@ void packed_unsigned(const uint8_t* p, const ActRow* a, int64_t nb, float* out) 
 
 // Q8 (bf16 scales), Q8_0 (fp16)
 template <Kind K, int NT>
-void packed_signed(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_signed(const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b, p += 272) {
+    prefetch_record(p, 272, ahead);
     __m256i w[8], aw[8];
     for (int u = 0; u < 8; ++u) {
       w[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * u));
@@ -476,12 +485,14 @@ CORELM_INLINE void iq4_vectors(const uint8_t* rec, __m256i* w, __m256i* aw) {
 // IQ4_NL (per block, d_rb: its record's fp16[8] at 128) and IQ4_XS (per sub-block, d_r * (ls_ri - 32)):
 // y_r = sum_b scale_rb * d_a[b] * (level . a)
 template <Kind K, int NT>
-void packed_iq4(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_iq4(const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* rec = K == Kind::IQ4_NL ? p + b * 144 : p + (b / 8) * 1104;
     const int i = static_cast<int>(b % 8);
+    if (K == Kind::IQ4_NL) prefetch_record(rec, 144, ahead);
+    else if (i == 0) prefetch_record(rec, 1104, ahead);
     __m256i w[8], aw[8];
     iq4_vectors(K == Kind::IQ4_NL ? rec : rec + 80 + 128 * i, w, aw);
     const __m256 scale =
@@ -499,12 +510,13 @@ void packed_iq4(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
 
 // Q4_K (HIGH false) and Q5_K: y_r = sum_i (d_r * sc_ri) * d_a * dot_i - (dmin_r * m_ri) * s_a
 template <int NT, bool HIGH>
-void packed_q45k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_q45k(const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
   constexpr int64_t rec = HIGH ? 1440 : 1184;
   __m256 acc[NT], accm[NT];
   for (int t = 0; t < NT; ++t) acc[t] = accm[t] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t sb = 0; sb < nb / 8; ++sb, p += rec) {
+    prefetch_record(p, rec, ahead);
     const __m256 d = fp16x8c(p), dmin = fp16x8c(p + 16);
     for (int c = 0; c < 4; ++c) {
       __m256i w0[8], w1[8];
@@ -537,11 +549,12 @@ void packed_q45k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
 }
 // Q6_K: y_r = sum_i d_a * d_r * (sc_r,2i * dot(lo half) + sc_r,2i+1 * dot(hi half)), q - 32 signed
 template <int NT>
-void packed_q6k(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_q6k(const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
   for (int64_t sb = 0; sb < nb / 8; ++sb, p += 1680) {
+    prefetch_record(p, 1680, ahead);
     const __m256 d = fp16x8c(p + 1664);
     for (int i = 0; i < 8; ++i) {  // sub-block i = 4c + s: ql range 2c + s % 2 (nibble s / 2), qh range c (bits 2s)
       const int c = i / 4, s = i % 4;
@@ -660,25 +673,26 @@ void packed_scalar(const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
 }
 #endif
 
-// One group against NT activation rows: out (NT, 8).
+// One group against NT activation rows: out (NT, 8). ahead: how far on to prefetch, in bytes (0: not at all).
 template <int NT>
-void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float* out) {
+void packed_dot(Kind kind, const uint8_t* p, const ActRow* a, int64_t nb, float* out, int64_t ahead) {
 #if defined(__AVX2__)
   switch (kind) {
-    case Kind::Q4: packed_unsigned<Kind::Q4, NT>(p, a, nb, out); break;
-    case Kind::Q4_0: packed_unsigned<Kind::Q4_0, NT>(p, a, nb, out); break;
-    case Kind::Q4_1: packed_unsigned<Kind::Q4_1, NT>(p, a, nb, out); break;
-    case Kind::Q5_0: packed_unsigned<Kind::Q5_0, NT>(p, a, nb, out); break;
-    case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out); break;
-    case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out); break;
-    case Kind::Q8_0: packed_signed<Kind::Q8_0, NT>(p, a, nb, out); break;
-    case Kind::Q5_K: packed_q45k<NT, true>(p, a, nb, out); break;
-    case Kind::Q6_K: packed_q6k<NT>(p, a, nb, out); break;
-    case Kind::IQ4_NL: packed_iq4<Kind::IQ4_NL, NT>(p, a, nb, out); break;
-    case Kind::IQ4_XS: packed_iq4<Kind::IQ4_XS, NT>(p, a, nb, out); break;
-    default: packed_q45k<NT, false>(p, a, nb, out); break;
+    case Kind::Q4: packed_unsigned<Kind::Q4, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q4_0: packed_unsigned<Kind::Q4_0, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q4_1: packed_unsigned<Kind::Q4_1, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q5_0: packed_unsigned<Kind::Q5_0, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q5_1: packed_unsigned<Kind::Q5_1, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q8: packed_signed<Kind::Q8, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q8_0: packed_signed<Kind::Q8_0, NT>(p, a, nb, out, ahead); break;
+    case Kind::Q5_K: packed_q45k<NT, true>(p, a, nb, out, ahead); break;
+    case Kind::Q6_K: packed_q6k<NT>(p, a, nb, out, ahead); break;
+    case Kind::IQ4_NL: packed_iq4<Kind::IQ4_NL, NT>(p, a, nb, out, ahead); break;
+    case Kind::IQ4_XS: packed_iq4<Kind::IQ4_XS, NT>(p, a, nb, out, ahead); break;
+    default: packed_q45k<NT, false>(p, a, nb, out, ahead); break;
   }
 #else
+  (void)ahead;
   switch (kind) {
     case Kind::Q4: packed_scalar<Kind::Q4, NT>(p, a, nb, out); break;
     case Kind::Q4_0: packed_scalar<Kind::Q4_0, NT>(p, a, nb, out); break;
