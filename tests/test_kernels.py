@@ -181,6 +181,10 @@ for K in (64, 333, 5):
             torch.testing.assert_close(y, ref[:t], rtol=1e-5, atol=1e-4)
             if t < 64:
                 assert all(torch.equal(y[i], torch.ops.corelm.qlinear(x[i:i + 1], w, none)[0]) for i in range(t))
+                for pf in ("0", "64", "4096"):  # prefetching ahead or not (CORELM_PREFETCH) reads the same
+                    os.environ["CORELM_PREFETCH"] = pf
+                    assert torch.equal(torch.ops.corelm.qlinear(x[:t], w, none), y), (K, dtype, t, pf)
+                os.environ.pop("CORELM_PREFETCH")
 """
 CHECK = CHECK.replace("{ATTENTION}", ATTENTION).replace("{FLOAT}", FLOAT)
 

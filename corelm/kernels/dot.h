@@ -18,6 +18,12 @@ constexpr int64_t QK = 32;  // values per block, weights and activations alike
 // Q4, Q8: corelm's int4/int8 layouts (bf16 scales); the others: GGUF's own blocks (kquants.h)
 enum class Kind { Q4, Q8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS };
 
+// Ask the memory system for bytes [p, p + bytes), a 64-byte line at a time, ahead of their use (decode
+// steps stream each weight byte once). A hint: an address past the end of a buffer does not fault.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
+}
+
 inline float bf16(uint16_t h) {  // bf16 is the top half of an fp32
   uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;

@@ -107,7 +107,7 @@ inline void fchunk(const char* wb, int64_t K, int64_t wsize, const float* x, int
 }
 
 template <FKind KIND, int R, int NT>
-void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t ahead) {
   const int64_t wsize = KIND == FKind::F32 ? 4 : 2;
   const char* wb = static_cast<const char*>(w);
   __m512 even[R][NT], odd[R][NT];
@@ -115,6 +115,7 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
     for (int t = 0; t < NT; ++t) even[r][t] = odd[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
+    if (ahead != 0) prefetch_bytes(wb + i * wsize + ahead, 2 * kFLanes * wsize * R);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, even);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }
@@ -166,7 +167,7 @@ inline void fchunk(const char* wb, int64_t K, int64_t wsize, const float* x, int
 }
 
 template <FKind KIND, int R, int NT>
-void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t ahead) {
   const int64_t wsize = KIND == FKind::F32 ? 4 : 2;
   const char* wb = static_cast<const char*>(w);
   __m256 acc[R][NT], odd[R][NT];  // chunk c of 8 columns goes to chain c % 2, as on AVX-512
@@ -174,6 +175,7 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
     for (int t = 0; t < NT; ++t) acc[r][t] = odd[r][t] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
+    if (ahead != 0) prefetch_bytes(wb + i * wsize + ahead, 2 * kFLanes * wsize * R);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, acc);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }
@@ -212,9 +214,10 @@ inline float fvalue(const void* w, int64_t i) {
 }
 
 template <FKind KIND, int R, int NT>
-void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t ahead) {
   const int64_t wsize = KIND == FKind::F32 ? 4 : 2;
   const char* wb = static_cast<const char*>(w);
+  (void)ahead;
   for (int r = 0; r < R; ++r) {
     const void* wr = wb + r * K * wsize;
     for (int t = 0; t < NT; ++t) {
@@ -231,31 +234,33 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
 
 // Weight row r of m against the T tokens of x, four tokens per pass over the row. One row at a time:
 // consecutive rows are one contiguous stream, which the hardware prefetchers follow (tiles of four rows
-// side by side, four short streams, read about half the bandwidth on the 2-core Zen 4).
+// side by side, four short streams, read about half the bandwidth on the 2-core Zen 4). The first pass
+// also prefetches `ahead` bytes on (qlinear.h's prefetch_ahead; 0: not at all).
 template <FKind KIND>
-void frow_dot(const FRows& m, int64_t r, const float* x, int64_t T, float* y) {
+void frow_dot(const FRows& m, int64_t r, const float* x, int64_t T, float* y, int64_t ahead) {
   const int64_t K = m.k, wsize = KIND == FKind::F32 ? 4 : 2;
   const void* w = static_cast<const char*>(m.w) + r * K * wsize;
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
     const float* xt = x + t0 * K;
     float* yt = y + t0 * m.n + r;
     switch (std::min<int64_t>(4, T - t0)) {
-      case 1: ftile<KIND, 1, 1>(w, K, xt, K, yt, m.n); break;
-      case 2: ftile<KIND, 1, 2>(w, K, xt, K, yt, m.n); break;
-      case 3: ftile<KIND, 1, 3>(w, K, xt, K, yt, m.n); break;
-      default: ftile<KIND, 1, 4>(w, K, xt, K, yt, m.n); break;
+      case 1: ftile<KIND, 1, 1>(w, K, xt, K, yt, m.n, t0 == 0 ? ahead : 0); break;
+      case 2: ftile<KIND, 1, 2>(w, K, xt, K, yt, m.n, t0 == 0 ? ahead : 0); break;
+      case 3: ftile<KIND, 1, 3>(w, K, xt, K, yt, m.n, t0 == 0 ? ahead : 0); break;
+      default: ftile<KIND, 1, 4>(w, K, xt, K, yt, m.n, t0 == 0 ? ahead : 0); break;
     }
   }
 }
 
 // Several float matrices reading the same x (T, K) (q|k|v, gate|up) as one: outs[i] gets (T, N_i). The
 // output rows of all of them are split across the pool, each weight row read once per call.
-inline void fgemv(const float* x, int64_t T, int64_t K, const std::vector<FRows>& ms, const std::vector<float*>& outs) {
+inline void fgemv(const float* x, int64_t T, int64_t K, const std::vector<FRows>& ms, const std::vector<float*>& outs,
+                  int64_t ahead) {
   for_each_row(ms, [&](size_t i, int64_t r) {
     if (ms[i].kind == FKind::F32) {
-      frow_dot<FKind::F32>(ms[i], r, x, T, outs[i]);
+      frow_dot<FKind::F32>(ms[i], r, x, T, outs[i], ahead);
     } else {
-      frow_dot<FKind::BF16>(ms[i], r, x, T, outs[i]);
+      frow_dot<FKind::BF16>(ms[i], r, x, T, outs[i], ahead);
     }
   });
 }
@@ -295,11 +300,11 @@ inline void fpanel_matmul(const float* x, int64_t T, int64_t K, const std::vecto
 
 // y_i (T, N_i) = x (T, K) @ W_i^T for float matrices: the few-row kernel, or the panels when `many`.
 inline void fmatmul(const float* x, int64_t T, int64_t K, const std::vector<FRows>& ms,
-                    const std::vector<float*>& outs, bool many) {
+                    const std::vector<float*>& outs, bool many, int64_t ahead) {
   if (many) {
     fpanel_matmul(x, T, K, ms, outs);
   } else {
-    fgemv(x, T, K, ms, outs);
+    fgemv(x, T, K, ms, outs, ahead);
   }
 }
 

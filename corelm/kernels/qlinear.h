@@ -259,9 +259,11 @@ inline void row_dots(const QMatrix& m, const QActs& a, int64_t r, float* out) {
   }
 }
 
-// How far ahead of the record being read the decode kernels prefetch, in bytes (repack.h). Measured on
+// How far ahead of the record (or float row) being read the decode kernels prefetch, in bytes (repack.h,
+// fgemv.h). Measured on
 // the 2-core Intel Xeon (family 6 model 207, AVX-512 VNNI), SmolLM2 decode at 1 thread: Q4_1 71 -> 108
-// tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each other); not yet measured on
+// tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each other), float weights fp32
+// 18 -> 21 and bf16 30 -> 40 (the model dequantized to them); not yet measured on
 // AMD, where it stays off. CORELM_PREFETCH overrides it (read at every call, as CORELM_GEMM_ROWS).
 inline int64_t cpu_default_prefetch() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -357,7 +359,7 @@ void matmul(const float* x, int64_t T, int64_t K, const std::vector<QMatrix>& ms
     }
     std::vector<FRows> fs;
     for (const auto& m : ms) fs.push_back(m.f);
-    return fmatmul(x, T, K, fs, outs, T >= gemm_rows());
+    return fmatmul(x, T, K, fs, outs, T >= gemm_rows(), prefetch_ahead());
   }
   if (T < gemm_rows()) {
     acts.set(x, T, K);

@@ -335,8 +335,7 @@ CORELM_INLINE __m256 fp16x8c(const uint8_t* p) {  // eight contiguous fp16 -> fp
 // Ask for the bytes `ahead` of the record being read while it is computed: a decode step streams each
 // weight byte once, and without it the loads wait on memory between records (qlinear.h's prefetch_ahead()).
 CORELM_INLINE void prefetch_record(const uint8_t* p, int64_t bytes, int64_t ahead) {
-  if (ahead == 0) return;
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + o), _MM_HINT_T0);
+  if (ahead != 0) prefetch_bytes(p + ahead, bytes);
 }
 
 // Eight unsigned weight vectors (values 4u..4u+3 of eight rows) of a Q4/Q5 record.
