@@ -45,8 +45,8 @@ every call):
 
 Decode steps stream every weight byte once, and their kernels prefetch the bytes ahead of the record
 being read (:func:`prefetch`): on the 2-core Intel Xeon this took SmolLM2's 1-thread decode from 71 to
-108 tok/s (Q4_1) and from 62 to 95 (Q4_K_M); float weights (fgemv.h) too, fp32 18 -> 21 and bf16 30 ->
-40 tok/s. It is on by default where it was measured (Intel CPUs,
+108 tok/s (Q4_1) and from 62 to 95 (Q4_K_M); float weights (fgemv.h) too, fp32 +5-16% and bf16 +23-34%
+(two runs). It is on by default where it was measured (Intel CPUs,
 4096 bytes ahead) and off elsewhere until measured there; ``CORELM_PREFETCH=<bytes>`` sets it (0: off).
 
 The library is compiled with the system C++ compiler once per instruction set and source version,

@@ -263,7 +263,7 @@ inline void row_dots(const QMatrix& m, const QActs& a, int64_t r, float* out) {
 // fgemv.h). Measured on
 // the 2-core Intel Xeon (family 6 model 207, AVX-512 VNNI), SmolLM2 decode at 1 thread: Q4_1 71 -> 108
 // tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each other), float weights fp32
-// 18 -> 21 and bf16 30 -> 40 (the model dequantized to them); not yet measured on
+// +5-16% and bf16 +23-34% over two runs (the model dequantized to them); not yet measured on
 // AMD, where it stays off. CORELM_PREFETCH overrides it (read at every call, as CORELM_GEMM_ROWS).
 inline int64_t cpu_default_prefetch() {
 #if defined(__x86_64__) && defined(__GNUC__)
