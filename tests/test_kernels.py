@@ -244,8 +244,8 @@ def test_disabled_kernels_fall_back_to_pytorch():
 
 def test_a_worker_descheduled_mid_chunk_is_left_out_for_a_while():
     """pool.h's stall rule: a worker that holds the caller up longer than the caller's own share (here a
-    chunk that sleeps 20 ms) is left out of the next jobs, which run on the caller alone, and is back
-    when the window (50 ms, doubling up to 1 s) ends; a worker's short chunk is no stall."""
+    chunk that sleeps 20 ms) twice within 64 jobs is left out of the next jobs, which run on the caller
+    alone, and is back when the window (50 ms, doubling up to 1 s) ends; a worker's short chunk is no stall."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
