@@ -610,7 +610,8 @@ def kernel_step_supported(model: nn.Module) -> str | None:
     :data:`ACTIVATIONS`, a RoPE table that does not change with the length (LongRoPE's two tables are
     taken), and the kernel library is built. ``CORELM_STEP=pytorch`` in the environment keeps every model
     on its PyTorch forward (:class:`ModelStep`; e.g. to compare the paths); ``auto`` or unset is the
-    default, and any other value is refused (:class:`CorelmError`).
+    default, and any other value is refused (:class:`CorelmError`), as are kernel settings the C++ kernels
+    would not understand (:func:`corelm.kernels.check_settings`).
     """
     from corelm import kernels
 

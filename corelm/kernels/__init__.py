@@ -252,9 +252,9 @@ def _build_in_background() -> None:
 
 def prefetch() -> int:
     """How many bytes ahead of the weight record being read the decode kernels prefetch (0: not at all):
-    4096 on Intel CPUs, 0 elsewhere, ``CORELM_PREFETCH`` overriding it (read at every call)."""
-    assert load(), load_error()
-    return int(torch.ops.corelm.prefetch())
+    4096 on Intel CPUs, 0 elsewhere, ``CORELM_PREFETCH`` overriding it (read at every call); 0 when the
+    kernels are not built (PyTorch's kernels prefetch nothing of corelm's)."""
+    return int(torch.ops.corelm.prefetch()) if load(build_if_missing=False) else 0
 
 
 def check_settings() -> None:

@@ -115,7 +115,8 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
     for (int t = 0; t < NT; ++t) even[r][t] = odd[r][t] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
-    if (ahead != 0) prefetch_bytes(wb + i * wsize + ahead, 2 * kFLanes * wsize * R);
+    if (ahead != 0)
+      for (int r = 0; r < R; ++r) prefetch_bytes(wb + (r * K + i) * wsize + ahead, 2 * kFLanes * wsize);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, even);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }
@@ -175,7 +176,8 @@ void ftile(const void* w, int64_t K, const float* x, int64_t ldx, float* y, int6
     for (int t = 0; t < NT; ++t) acc[r][t] = odd[r][t] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 2 * kFLanes <= K; i += 2 * kFLanes) {
-    if (ahead != 0) prefetch_bytes(wb + i * wsize + ahead, 2 * kFLanes * wsize * R);
+    if (ahead != 0)
+      for (int r = 0; r < R; ++r) prefetch_bytes(wb + (r * K + i) * wsize + ahead, 2 * kFLanes * wsize);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i, acc);
     fchunk<KIND, R, NT>(wb, K, wsize, x, ldx, i + kFLanes, odd);
   }

@@ -260,11 +260,11 @@ inline void row_dots(const QMatrix& m, const QActs& a, int64_t r, float* out) {
 }
 
 // How far ahead of the record (or float row) being read the decode kernels prefetch, in bytes (repack.h,
-// fgemv.h). Measured on
-// the 2-core Intel Xeon (family 6 model 207, AVX-512 VNNI), SmolLM2 decode at 1 thread: Q4_1 71 -> 108
-// tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each other), float weights fp32
-// +5-16% and bf16 +23-34% over two runs (the model dequantized to them); not yet measured on
-// AMD, where it stays off. CORELM_PREFETCH overrides it (read at every call, as CORELM_GEMM_ROWS).
+// fgemv.h). Measured on the 2-core Intel Xeon (family 6 model 207, AVX-512 VNNI), SmolLM2 decode at 1
+// thread: Q4_1 71 -> 108 tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each
+// other), float weights fp32 +5-16% and bf16 +23-34% over two runs (the model dequantized to them); not
+// yet measured on AMD, where it stays off. CORELM_PREFETCH overrides it (read at every call, as
+// CORELM_GEMM_ROWS).
 inline int64_t cpu_default_prefetch() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const int64_t d = [] {
@@ -291,6 +291,14 @@ inline int64_t prefetch_ahead() {
   TORCH_CHECK(*end == 0 && d >= 0 && d <= (1 << 20),
               "CORELM_PREFETCH is a byte count from 0 (off) to 1048576, not '", v, "'");
   return d;
+}
+
+// From this many tokens on, a matmul runs on dequantized panels; fewer tokens (decode steps,
+// speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit for
+// bit. CORELM_GEMM_ROWS overrides it (read at every call: benchmarks/prefill.py compares the paths).
+inline int64_t gemm_rows() {
+  const char* v = std::getenv("CORELM_GEMM_ROWS");
+  return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : int64_t(64);
 }
 
 void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::vector<float*>& outs);
@@ -339,14 +347,6 @@ void qmatmul_packed(const QActs& a, const std::vector<QMatrix>& ms, const std::v
       }
     }
   });
-}
-
-// From this many tokens on, a matmul runs on dequantized panels; fewer tokens (decode steps,
-// speculative verify passes) stay on the integer kernels, whose rows equal one-token calls bit for
-// bit. CORELM_GEMM_ROWS overrides it (read at every call: benchmarks/prefill.py compares the paths).
-int64_t gemm_rows() {
-  const char* v = std::getenv("CORELM_GEMM_ROWS");
-  return v != nullptr ? std::max<int64_t>(1, std::atoll(v)) : int64_t(64);
 }
 
 // y_i (T, N_i) = x (T, K) @ W_i^T for every matrix in ms.
