@@ -12,15 +12,22 @@ import pytest
 import torch
 
 from corelm import kernels
+from corelm.cpu import cpu_flags
 
 
 def _levels():
     return kernels.runnable_builds()
 
 
-# Every build: fp32 and aten; AVX-512 VNNI builds add int16, the avx512bf16 build bf16.
-MODES = {"generic": ["fp32", "aten"], "avx2": ["fp32", "aten"], "avx512vnni": ["fp32", "int16", "aten"],
-         "avx512bf16": ["fp32", "int16", "bf16", "aten"]}
+# Every build: fp32 and aten; AVX-512 VNNI builds add int16, int8 and the AMX kernel on emulated tiles (on
+# real ones too where the CPU declares AMX-INT8), the avx512bf16 build bf16.
+MODES = {"generic": ["fp32", "aten"], "avx2": ["fp32", "aten"],
+         "avx512vnni": ["fp32", "int16", "int8", "amx-emulated", "aten"],
+         "avx512bf16": ["fp32", "int16", "int8", "amx-emulated", "bf16", "aten"]}
+AMX = {"amx_tile", "amx_int8"} <= cpu_flags()  # the tiles themselves, where the CPU declares them
+if AMX:
+    for modes in (MODES["avx512vnni"], MODES["avx512bf16"]):
+        modes.insert(modes.index("amx-emulated"), "amx")
 
 # Bounds, with bound = |x| @ |W|^T (u = 2^-24, fp32's unit roundoff; b = 2^-8, bf16's):
 #   fp32   sums of K exact-ish products: |y - x @ W^T| <= K u bound (the classic gamma_K bound)
@@ -28,6 +35,9 @@ MODES = {"generic": ["fp32", "aten"], "avx2": ["fp32", "aten"], "avx512vnni": ["
 #          and y equals the product of the rounded operands to K u bound (VDPBF16PS's products are exact)
 #   int16  the integer kernels' arithmetic (15-bit tokens per block of 32): equal to their PyTorch
 #          reference to fp32 rounding of the per-block sums, 1e-5 of the output scale
+#   int8   tokens rounded to 8-bit integers per block of 32, exact integer sums: dequantize-then-matmul of
+#          those tokens to 2 K u bound (Q6_K, whose integers do not fit a byte, takes the int16 panels)
+#   amx    (and amx-emulated) the int16 arithmetic on tiles: equal to the int16 panels bit for bit
 #   aten   as bf16, plus at::mm's bf16 output: b |y| more
 CHECK = r"""
 import os, sys, torch
@@ -37,6 +47,13 @@ from tests.test_kquants import random_blocks, TYPES
 assert kernels.load(), kernels.load_error()
 print(torch.ops.corelm.isa())
 u, b = 2.0 ** -24, 2.0 ** -8
+
+def tokens8(x):  # gemm.h's quantize_rows_i8 in PyTorch: d = amax / 127, a = round(x * (1 / d)), then a * d
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    a = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+    assert a.abs().max() <= 127
+    return (a.double() * d.double()).reshape(x.shape)
 
 def matrices(n):
     for kind, t in TYPES.items():
@@ -72,7 +89,13 @@ for n in (40, 70):  # one partial panel of 8 columns; two whole panels and one o
                 elif mode == "bf16":
                     exact = x.bfloat16().double() @ w.bfloat16().double().t()
                     ok = (err <= (2 * b + b * b + k * u) * bound) & ((y - exact).abs() <= k * u * bound + 1e-30)
-                elif mode == "int16":
+                elif mode in ("amx", "amx-emulated"):
+                    os.environ["CORELM_GEMM"] = "int16"
+                    ok = torch.tensor(torch.equal(y, op(x).double()))
+                elif mode == "int8" and kind != "Q6_K":
+                    x8 = tokens8(x)
+                    ok = (y - x8 @ w.double().t()).abs() <= 2 * k * u * (x8.abs() @ w.abs().double().t()) + 1e-30
+                elif mode in ("int16", "int8"):
                     r = reference(x).double()
                     ok = (y - r).abs() <= 1e-5 * r.abs().amax(1, keepdim=True) + 1e-30
                 else:
@@ -96,8 +119,17 @@ def test_every_build_and_arithmetic_equals_dequantize_then_matmul(level):
 def test_bad_arithmetic_is_refused(monkeypatch):
     assert kernels.load(), kernels.load_error()
     monkeypatch.setenv("CORELM_GEMM", "int3")
-    with pytest.raises(RuntimeError, match="fp32, bf16, int16 or aten"):
+    with pytest.raises(RuntimeError, match="fp32, bf16, int16, int8, amx, amx-emulated or aten"):
         torch.ops.corelm.qlinear_blocks(torch.randn(64, 32), torch.zeros(4, 34, dtype=torch.uint8), 8)
+
+
+def test_amx_is_refused_where_the_cpu_has_none(monkeypatch):
+    assert kernels.load(), kernels.load_error()
+    if AMX:
+        pytest.skip("this CPU declares AMX-INT8")
+    monkeypatch.setenv("CORELM_GEMM", "amx")
+    with pytest.raises(RuntimeError, match="the amx panel GEMM needs a CPU that declares AMX-INT8"):
+        torch.ops.corelm.gemm()
 
 
 def test_default_follows_the_build(monkeypatch):
@@ -125,7 +157,7 @@ def smollm2_logits():
     ids = loaded.tokenizer.encode(text)
     assert len(ids) >= 512
     step = KernelStep(loaded.model)
-    modes = [m for m in ("fp32", "int16", "bf16") if m in MODES[torch.ops.corelm.isa()]]
+    modes = [m for m in ("fp32", "int16", "int8", "bf16") if m in MODES[torch.ops.corelm.isa()]]
     out = {}
     old = os.environ.get("CORELM_GEMM")
     try:
@@ -142,7 +174,7 @@ def smollm2_logits():
 # int16 0.030-0.034 and 100% (the integer kernels' 15-bit tokens); bf16 0.44-0.57 and 98.8-99.2% (8-bit
 # significands; on the int4 layers the default load used before and on the file's Q4_1 blocks as stored,
 # before and after attention.h's vector exponentials and summation order moved the near-tied positions).
-MODEL = {"int16": (0.1, 0.99), "bf16": (1.0, 0.98)}
+MODEL = {"int16": (0.1, 0.99), "int8": (9.0, 0.9), "bf16": (1.0, 0.98)}
 
 
 @pytest.mark.slow

@@ -99,8 +99,9 @@ def test_unpack_inverts_repack_and_packed_matmul_equals_rows_on_every_build(leve
     assert out.stdout.split() == [level, "ok"]
 
 
-# The arithmetics each build has: int16 needs AVX-512 VNNI, bf16 the avx512bf16 build.
-_GEMMS = {"fp32": None, "int16": ("avx512vnni", "avx512bf16"), "bf16": ("avx512bf16",), "aten": None}
+# The arithmetics each build has: int16, int8 and amx-emulated need AVX-512 VNNI, bf16 the avx512bf16 build.
+_VNNI = ("avx512vnni", "avx512bf16")
+_GEMMS = {"fp32": None, "int16": _VNNI, "int8": _VNNI, "amx-emulated": _VNNI, "bf16": ("avx512bf16",), "aten": None}
 
 
 @pytest.mark.parametrize("gemm", list(_GEMMS))

@@ -19,9 +19,9 @@ operators with ``torch.library``:
   the whole model in one call (a batched decode step, a prefill, a speculative verify), so a step
   costs no Python or dispatcher work per layer (see :mod:`corelm.generate.kernel_step`).
 
-The many-row panel GEMM (``gemm.h``) has four arithmetics; :func:`gemm` names the one this build uses,
-chosen from the flags the CPU declares (``CORELM_GEMM=fp32|int16|bf16|aten`` overrides it, read at
-every call):
+The many-row panel GEMM (``gemm.h``) has these arithmetics; :func:`gemm` names the one this build uses,
+chosen from the flags the CPU declares (``CORELM_GEMM=fp32|int16|int8|amx|bf16|aten`` overrides it, read
+at every call):
 
 - ``int16``, the default of every AVX-512 VNNI build (``avx512vnni``, and ``avx512bf16`` for CPUs that
   also declare ``avx512_bf16``): the integer kernels' arithmetic as a GEMM, the format's integer weights
@@ -29,6 +29,17 @@ every call):
   the fp32 panels', every top-1 token equal, so a prompt's prefill computes what the decode kernels
   compute. On the 2-core Zen 4 its GEMM ran at 0.7-0.9x bf16's speed (the per-block scaling), 1.5-2x
   fp32's.
+- ``amx``, the default where the CPU declares AMX-INT8 (Intel Sapphire Rapids and later) and Linux grants
+  the process its tiles: the int16 arithmetic on tiles (``amx.h``), the 15-bit tokens as two byte digits
+  and the weights as bytes, TDPBSUD per block of 32; its outputs equal the int16 panels' bit for bit
+  (Q6_K, whose integers do not fit a byte, stays on the int16 panels). At first use a small problem runs
+  on the tiles and on their C emulation, and AMX is kept only if the two agree to the bit.
+  ``amx-emulated`` runs the same kernel with the tile instructions computed in C (any AVX-512 VNNI
+  build; slow, for tests). Not yet measured on an AMX CPU.
+- ``int8``, on request in the AVX-512 VNNI builds: llama.cpp's arithmetic, tokens rounded to 8-bit
+  integers per block of 32 and one VPDPBUSD per four products (Q6_K stays on int16). Its GEMM ran
+  1.4-1.6x int16's on the 2-core Intel Xeon, but on SmolLM2 (512 positions of held-out text) 8-bit
+  tokens moved the logits by up to 1.7 from the fp32 panels' and kept only 96.7% of top-1 tokens.
 - ``bf16``, on request (``CORELM_GEMM=bf16``) in the ``avx512bf16`` build (``-mavx512bf16``, built where
   the CPU declares ``avx512_bf16``: AMD Zen 4+, Intel Cooper Lake+, AMX Xeons): weights and tokens
   rounded to bf16 and multiplied by VDPBF16PS into fp32 sums, twice the multiply-adds of an fp32 FMA.
@@ -77,7 +88,7 @@ from corelm import cache
 from corelm.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("corelm_kernels.cpp")  # the one translation unit; it includes the headers
-HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "gemm.h", "fgemv.h", "qlinear.h", "attention.h",
+HEADERS = ("pool.h", "dot.h", "kquants.h", "repack.h", "gemm.h", "amx.h", "fgemv.h", "qlinear.h", "attention.h",
            "decoder_step.h")
 QK = 32  # values per block
 
@@ -128,12 +139,13 @@ def runnable_builds(flags: frozenset[str] | None = None) -> list[str]:
 
 def gemm(level: str | None = None) -> str:
     """The panel GEMM's arithmetic for a build (default: this process's; see the module docstring):
-    ``int16`` for the AVX-512 VNNI builds (``avx512vnni``, ``avx512bf16``), ``fp32`` otherwise.
-    ``CORELM_GEMM`` overrides it."""
+    ``int16`` for the AVX-512 VNNI builds (``avx512vnni``, ``avx512bf16``), ``amx`` on those where the
+    CPU declares AMX-INT8, ``fp32`` otherwise. ``CORELM_GEMM`` overrides it."""
     forced = os.environ.get("CORELM_GEMM")
     if forced:
         return forced
-    return {"avx512bf16": "int16", "avx512vnni": "int16"}.get(level or isa(), "fp32")
+    vnni = (level or isa()) in ("avx512bf16", "avx512vnni")
+    return ("amx" if {"amx_tile", "amx_int8"} <= cpu_flags() else "int16") if vnni else "fp32"
 
 
 def cache_dir(level: str | None = None) -> Path:

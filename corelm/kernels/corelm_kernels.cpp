@@ -65,6 +65,9 @@ std::string gemm() {
   switch (gemm_mode()) {
     case Gemm::BF16: return "bf16";
     case Gemm::I16: return "int16";
+    case Gemm::I8: return "int8";
+    case Gemm::AMX: return "amx";
+    case Gemm::AMXEmulated: return "amx-emulated";
     case Gemm::ATen: return "aten";
     default: return "fp32";
   }

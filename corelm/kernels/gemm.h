@@ -39,7 +39,9 @@ namespace corelm {
 
 constexpr int64_t kPanel = 32;  // output rows per panel
 
-enum class Gemm { F32, BF16, I16, ATen };
+enum class Gemm { F32, BF16, I16, I8, AMX, AMXEmulated, ATen };
+
+inline bool amx_available();  // amx.h's amx_ready() in the AVX-512 VNNI builds, false in the others
 
 #if defined(__AVX512BF16__)
 constexpr bool kHasBF16 = true;
@@ -63,7 +65,21 @@ inline Gemm parse_gemm(const std::string& name) {
     TORCH_CHECK(kHasI16, "the int16 panel GEMM needs an AVX-512 VNNI build of the kernels");
     return Gemm::I16;
   }
-  TORCH_CHECK(name == "aten", "the panel GEMM is fp32, bf16, int16 or aten, not '", name, "'");
+  if (name == "amx") {
+    TORCH_CHECK(kHasI16 && amx_available(),
+                "the amx panel GEMM needs a CPU that declares AMX-INT8, an OS that grants its tiles, and an AVX-512 "
+                "VNNI build of the kernels");
+    return Gemm::AMX;
+  }
+  if (name == "amx-emulated") {
+    TORCH_CHECK(kHasI16, "the amx-emulated panel GEMM needs an AVX-512 VNNI build of the kernels");
+    return Gemm::AMXEmulated;
+  }
+  if (name == "int8") {
+    TORCH_CHECK(kHasI16, "the int8 panel GEMM needs an AVX-512 VNNI build of the kernels");
+    return Gemm::I8;
+  }
+  TORCH_CHECK(name == "aten", "the panel GEMM is fp32, bf16, int16, int8, amx, amx-emulated or aten, not '", name, "'");
   return Gemm::ATen;
 }
 
@@ -73,7 +89,7 @@ inline Gemm gemm_mode() {
   // int16 by default wherever VNNI exists (the avx512bf16 build included): a prompt's prefill then
   // computes what the integer decode kernels compute, so a token's logits do not depend on whether it
   // came in a prompt or one at a time; bf16 (~1.1x faster, top-1 98.8-99.2%) is opt-in.
-  if (v == nullptr || *v == 0) return kHasI16 ? Gemm::I16 : Gemm::F32;
+  if (v == nullptr || *v == 0) return kHasI16 ? (amx_available() ? Gemm::AMX : Gemm::I16) : Gemm::F32;
   return parse_gemm(v);
 }
 
@@ -730,6 +746,196 @@ void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------------------
+// int8 panels (builds with AVX-512 VNNI): llama.cpp's arithmetic for a many-token matmul. Tokens are
+// rounded to 8-bit integers per block of 32 (d_a = amax / 127, |a| <= 127, A = sum(a), s_a = d_a * A);
+// weights are their format's integers stored as bytes u = q + o (o = 128 for the signed formats, 0 for
+// Q4_K, Q5_K, Q4_1, Q5_1 and corelm's int4, whose integers are unsigned), and VPDPBUSD sums four u8 x s8
+// products a lane: twice VPDPWSSD's multiply-adds an instruction. The offset comes off exactly, in int32
+// (|u . a| <= 32 * 255 * 127): q . a = u . a - o * A, so
+//   y[t, c] = sum_b d_w[c, b] * d_a[t, b] * (u_w[c, b] . a[t, b] - o A[t, b]) + m_w[c, b] * s_a[t, b]
+// which is dequantize-then-matmul of the 8-bit tokens to fp32 rounding. Q6_K's integers (its int8
+// sub-block scale times q - 32, up to 4096) do not fit a byte: its matrices keep the int16 panels.
+// p (K/4, kPanel) 32-bit words, each the bytes u[c][4i .. 4i+3]: an AMX-INT8 B tile's layout.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kTileRowsI8 = 6;  // 12 float + 12 int32 accumulators
+
+inline bool int8_fits(Kind kind) { return kind != Kind::Q6_K; }
+
+inline int int8_offset(Kind kind) {
+  switch (kind) {
+    case Kind::Q4_K: case Kind::Q5_K: case Kind::Q4_1: case Kind::Q5_1: case Kind::Q4: return 0;
+    default: return 128;
+  }
+}
+
+// The decoders' integers as bytes q + off (isc is 1 for every format int8_fits admits).
+struct ByteSink {
+  uint8_t* q;
+  float *d, *m;
+  int off;
+  void operator()(int64_t o, V16 w, int /*isc*/, float dd, float mm) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + o), _mm512_cvtepi32_epi8(_mm512_add_epi32(w.v, _mm512_set1_epi32(off))));
+    d[o / QK] = dd;
+    m[o / QK] = mm;
+  }
+};
+
+// x (T, K) -> a (T, K) int8, d, s, A (T, K/32): d = amax / 127, a = round(x * (1 / d)) (to nearest even).
+inline void quantize_rows_i8(const float* x, int64_t T, int64_t K, int8_t* a, float* d, float* s, int32_t* asum) {
+  Pool::parallel_for(T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin * K / QK; b < end * K / QK; ++b) {
+      const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+      const bool nan = _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q);
+      const float db = nan ? NAN : amax / 127.f;  // a NaN token's outputs are NaN
+      const __m512 inv = _mm512_set1_ps(db > 0.f ? 1.f / db : 0.f);
+      const __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * QK), _mm512_cvtepi32_epi8(v0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * QK + 16), _mm512_cvtepi32_epi8(v1));
+      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));
+      d[b] = db;
+      s[b] = db * static_cast<float>(sum);
+      asum[b] = sum;
+    }
+  });
+}
+
+// Rows 0 .. cols of m (panel_rows) as a byte-quad panel with its block scales, zero past cols (and past K/4
+// words, up to the next 16, in the stage: the 16 x 16 transposes take whole vectors).
+template <class Matrix>
+void fill_panel_i8(const Matrix& m, int64_t cols, int off, uint8_t* row, float* rd, float* rm, uint32_t* stage,
+                   uint32_t* panel, float* dw, float* mw) {
+  const int64_t K = m.k, KQ = K / 4, KQ16 = (KQ + 15) / 16 * 16, nb = K / QK;
+  for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
+    for (int64_t c = 0; c < 16; ++c) {
+      uint32_t* st = stage + c * KQ16;
+      if (c0 + c < cols) {
+        decode_row(m.kind, m.row(c0 + c), K, ByteSink{row, rd, rm, off});
+        std::memcpy(st, row, K);
+        std::fill(st + KQ, st + KQ16, 0u);
+      } else {
+        std::fill(st, st + KQ16, 0u);
+        std::fill(rd, rd + nb, 0.f);
+        std::fill(rm, rm + nb, 0.f);
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        dw[b * kPanel + c0 + c] = rd[b];
+        mw[b * kPanel + c0 + c] = rm[b];
+      }
+    }
+    for (int64_t kq = 0; kq < KQ; kq += 16) {
+      __m512i r[16];
+      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(stage + c * KQ16 + kq);
+      transpose16(r);
+      for (int j = 0; j < 16 && kq + j < KQ; ++j) _mm512_storeu_si512(panel + (kq + j) * kPanel + c0, r[j]);
+    }
+  }
+}
+
+// y (NT, kPanel) = NT tokens (a: K/4 words a row; da, sa, asum: K/32 a row) times the panel; MIN: some m_w != 0.
+template <int NT, bool MIN>
+void panel_tile_i8(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t nb,
+                   const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
+  const int64_t KQ = nb * QK / 4;
+  __m512 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i sum[NT][2];
+    for (int t = 0; t < NT; ++t) sum[t][0] = sum[t][1] = _mm512_set1_epi32(-off * asum[t * nb + b]);
+    for (int64_t k = b * QK / 4; k < (b + 1) * QK / 4; ++k) {
+      const __m512i w0 = _mm512_loadu_si512(p + k * kPanel), w1 = _mm512_loadu_si512(p + k * kPanel + 16);
+      for (int t = 0; t < NT; ++t) {
+        const __m512i xb = _mm512_set1_epi32(static_cast<int>(a[t * KQ + k]));
+        sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+        sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+      }
+    }
+    const __m512 d0 = _mm512_loadu_ps(dw + b * kPanel), d1 = _mm512_loadu_ps(dw + b * kPanel + 16);
+    const __m512 m0 = MIN ? _mm512_loadu_ps(mw + b * kPanel) : d0, m1 = MIN ? _mm512_loadu_ps(mw + b * kPanel + 16) : d1;
+    for (int t = 0; t < NT; ++t) {
+      const __m512 dt = _mm512_set1_ps(da[t * nb + b]), st = _mm512_set1_ps(MIN ? sa[t * nb + b] : 0.f);
+      if (MIN) {
+        acc[t][0] = _mm512_fmadd_ps(m0, st, acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(m1, st, acc[t][1]);
+      }
+      acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(d0, dt), acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(d1, dt), acc[t][1]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_ps(y + t * ldy, acc[t][0]);
+    _mm512_storeu_ps(y + t * ldy + 16, acc[t][1]);
+  }
+}
+
+template <bool MIN>
+void panel_tiles_i8(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t T,
+                    int64_t nb, const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
+  const int64_t KQ = nb * QK / 4;
+  int64_t t0 = 0;
+  for (; t0 + kTileRowsI8 <= T; t0 += kTileRowsI8)
+    panel_tile_i8<kTileRowsI8, MIN>(a + t0 * KQ, da + t0 * nb, sa + t0 * nb, asum + t0 * nb, off, nb, p, dw, mw,
+                                    y + t0 * ldy, ldy);
+  const uint32_t* at = a + t0 * KQ;
+  const float *dt = da + t0 * nb, *st = sa + t0 * nb;
+  const int32_t* At = asum + t0 * nb;
+  float* yt = y + t0 * ldy;
+  switch (T - t0) {  // the last few tokens
+    case 5: panel_tile_i8<5, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    case 4: panel_tile_i8<4, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    case 3: panel_tile_i8<3, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    case 2: panel_tile_i8<2, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    case 1: panel_tile_i8<1, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    default: break;
+  }
+}
+
+template <class Matrix>
+void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
+                 int64_t panels) {
+  const int64_t nb = K / QK;
+  uint32_t* a = scratch<uint32_t, 0>(T * K / 4);  // the caller's: the workers use Tag 1-3 only
+  float* da = scratch<float, 0>(2 * T * nb);
+  float* sa = da + T * nb;
+  int32_t* asum = scratch<int32_t, 0>(T * nb);
+  quantize_rows_i8(x, T, K, reinterpret_cast<int8_t*>(a), da, sa, asum);
+  Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
+    uint8_t* row = scratch<uint8_t, 1>(K);
+    float* rd = scratch<float, 1>(2 * nb + 2 * nb * kPanel + T * kPanel);
+    float *rm = rd + nb, *dw = rm + nb, *mw = dw + nb * kPanel, *y = mw + nb * kPanel;
+    const int64_t KQ16 = (K / 4 + 15) / 16 * 16;
+    uint32_t* stage = scratch<uint32_t, 1>(16 * KQ16 + K / 4 * kPanel);
+    uint32_t* panel = stage + 16 * KQ16;
+    for (int64_t pi = begin; pi < end; ++pi) {
+      size_t i;
+      int64_t n0;
+      const Matrix& m = panel_of(ms, pi, &i, &n0);
+      const int64_t cols = std::min(kPanel, m.n - n0);
+      const int off = int8_offset(m.kind);
+      fill_panel_i8(panel_rows(m, n0, cols), cols, off, row, rd, rm, stage, panel, dw, mw);
+      const bool min = std::any_of(mw, mw + nb * kPanel, [](float v) { return v != 0.f; });
+      float* out = cols == kPanel ? outs[i] + n0 : y;  // straight into the output when the panel is whole
+      const int64_t ld = cols == kPanel ? m.n : kPanel;
+      if (min) {
+        panel_tiles_i8<true>(a, da, sa, asum, off, T, nb, panel, dw, mw, out, ld);
+      } else {
+        panel_tiles_i8<false>(a, da, sa, asum, off, T, nb, panel, dw, mw, out, ld);
+      }
+      if (cols != kPanel)
+        for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
+    }
+  });
+}
+}  // namespace corelm
+
+#include "amx.h"
+
+namespace corelm {
+inline bool amx_available() { return amx_ready(); }
+#else
+inline bool amx_available() { return false; }
 #endif
 
 // Every matrix dequantized whole to bf16 and multiplied by at::mm (oneDNN). The dequantization is
@@ -765,7 +971,11 @@ void panel_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
   int64_t panels = 0;
   for (const auto& m : ms) panels += (m.n + kPanel - 1) / kPanel;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (mode == Gemm::I16) return int16_matmul(x, T, K, ms, outs, panels);
+  const bool bytes = std::all_of(ms.begin(), ms.end(), [](const Matrix& m) { return int8_fits(m.kind); });
+  if (mode == Gemm::I8 && bytes) return int8_matmul(x, T, K, ms, outs, panels);
+  if (mode == Gemm::AMX && bytes) return amx_matmul<HardwareTiles>(x, T, K, ms, outs, panels);
+  if (mode == Gemm::AMXEmulated && bytes) return amx_matmul<EmulatedTiles>(x, T, K, ms, outs, panels);
+  if (mode != Gemm::F32) return int16_matmul(x, T, K, ms, outs, panels);  // int16, and Q6_K under int8 or amx
 #endif
 #if defined(__AVX512BF16__)
   if (mode == Gemm::BF16) {
