@@ -3,7 +3,7 @@
 ``torch.ops.corelm.qlinear_blocks`` / ``qlinear`` on random valid blocks of the formats a Q4_K_M and
 a Q4_1 file hold (q/o 576x576 Q5_0, gate/up 1536x576 Q5_0, down 576x1536 Q4_K and Q6_K, the head
 49152x576 Q8_0, corelm's int4 1536x576), ``T`` tokens, with ``CORELM_GEMM`` switched between
-``fp32``, ``int16``, ``int8``, ``bf16`` and ``aten`` round by round (A B C A B C ...); median ms and GFLOP/s.
+``fp32``, ``int16``, ``int8``, ``amx`` (where the CPU has it), ``bf16`` and ``aten`` round by round (A B C A B C ...); median ms and GFLOP/s.
 
     python benchmarks/gemm.py --threads 1 2 --tokens 128 512
 """
@@ -68,8 +68,11 @@ def main() -> None:
     level = torch.ops.corelm.isa()
     modes = args.modes or {"avx512bf16": ["fp32", "int16", "int8", "bf16", "aten"],
                            "avx512vnni": ["fp32", "int16", "int8", "aten"]}.get(level, ["fp32", "aten"])
+    os.environ.pop("CORELM_GEMM", None)
+    if args.modes is None and torch.ops.corelm.gemm() == "amx":  # the CPU's tiles passed their first-use check
+        modes.insert(modes.index("int8"), "amx")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    print(f"kernels {level}, default GEMM {kernels.gemm()}; load average {load}")
+    print(f"kernels {level}, default GEMM {torch.ops.corelm.gemm()}; load average {load}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n{threads} threads: median ms (GFLOP/s) of {args.rounds} alternating rounds")

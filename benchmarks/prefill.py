@@ -38,7 +38,7 @@ import torch
 
 VARIANTS = {"default": {}, "int": {"CORELM_GEMM_ROWS": "1000000"}, "panels": {"CORELM_GEMM_ROWS": "1"},
             "fp32": {"CORELM_GEMM": "fp32"}, "int16": {"CORELM_GEMM": "int16"},
-            "int8": {"CORELM_GEMM": "int8"}, "bf16": {"CORELM_GEMM": "bf16"},
+            "int8": {"CORELM_GEMM": "int8"}, "amx": {"CORELM_GEMM": "amx"}, "bf16": {"CORELM_GEMM": "bf16"},
             "aten": {"CORELM_GEMM": "aten"}}
 DEFAULT_VARIANTS = ["default", "int", "panels"]
 
@@ -101,8 +101,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="batched decode rows")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
-                    help="fp32 / int16 / int8 / bf16 / aten: the panel GEMM's arithmetic (CORELM_GEMM, gemm.h); "
-                         "int16 and int8 need an AVX-512 VNNI build, bf16 the avx512bf16 build")
+                    help="fp32 / int16 / int8 / amx / bf16 / aten: the panel GEMM's arithmetic (CORELM_GEMM, gemm.h); "
+                         "int16 and int8 need an AVX-512 VNNI build, amx also a CPU that declares AMX-INT8, bf16 the avx512bf16 build")
     ap.add_argument("--prefetch", nargs="+", default=["default"],
                     help="decode with each of these CORELM_PREFETCH byte counts, alternating ('default': "
                          "the CPU's own, kernels.prefetch()), e.g. --prefetch default 0")
@@ -114,7 +114,9 @@ def main() -> None:
     from corelm import kernels
 
     os.environ.pop("CORELM_PREFETCH", None)
-    print(f"ATen capability {cpu}; kernels {kernels.isa()} (prefetch {kernels.prefetch()} bytes ahead); "
+    os.environ.pop("CORELM_GEMM", None)
+    print(f"ATen capability {cpu}; kernels {kernels.isa()} (prefetch {kernels.prefetch()} bytes ahead, panel GEMM "
+          f"{torch.ops.corelm.gemm()}); "
           f"load average before {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for path in [embedded_path("smollm2-135m-instruct"), *args.gguf]:
         model = Corelm(path)
