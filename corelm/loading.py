@@ -118,7 +118,8 @@ class Loaded:
 
 
 def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", quantize: str | None = None) -> Loaded:
+               device: str | torch.device = "cpu", quantize: str | None = None,
+               checkpoint_dtype: bool = False) -> Loaded:
     """Load a model by embedded/preset name or path, as parts (:class:`Loaded`).
 
     Args:
@@ -129,7 +130,12 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
             kernel then runs on those blocks as stored (:func:`stored_quantization`); an explicit
             dtype dequantizes them to it, as it does every other GGUF type.
         device: Where the model runs.
-        quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``).
+        quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``). An
+            HF checkpoint is then read in its own dtype and each matrix quantized from it and freed in
+            turn; only the float tensors left (embeddings, norms) are cast to ``dtype``, so the load's
+            peak is the checkpoint plus the quantized model, not a copy of the model in ``dtype``.
+        checkpoint_dtype: keep an HF checkpoint's tensors in the dtype it stores them in (for a caller
+            that quantizes them itself, as ``corelm quantize`` does).
 
     Returns:
         The model, its tokenizer and config; :func:`corelm.api.load` wraps them as an ``LLM`` or ``Encoder``.
@@ -143,12 +149,13 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     if name in PRESETS and name not in EMBEDDED:
         loaded = _load_preset(name, torch_dtype, device)
     else:
-        loaded = _load_path(locate(name), torch_dtype, device, display=name, native=native)
+        stream = checkpoint_dtype or quantize in ("int4", "int8")
+        loaded = _load_path(locate(name), torch_dtype, device, display=name, native=native, checkpoint_dtype=stream)
     gguf = _gguf_file(loaded)
     if native and gguf is not None:
         quantize = stored_quantization(gguf)  # run the file's own blocks: no float copy, no option
     if quantize is not None:
-        loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf)
+        loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf, dtype=torch_dtype)
         release_freed_memory()  # the float weights just freed (cpu.py)
     if any(p.numel() > 1 and 0 in p.stride() for p in loaded.model.parameters()):  # a placeholder not swapped
         raise CorelmError(f"{name}: some matrices were left unloaded (not swapped for the file's blocks)")
@@ -243,13 +250,15 @@ def locate(name: str | os.PathLike) -> Path:
                       "name (corelm models), a path or a Hugging Face repo id (org/name)")
 
 
-def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None) -> nn.Module:
-    """Quantize in place; from a GGUF file, int4 reuses its Q4 blocks instead of re-quantizing."""
+def quantize_model(model: nn.Module, method: str, from_gguf: Path | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Quantize in place; from a GGUF file, int4 reuses its Q4 blocks instead of re-quantizing. ``dtype``:
+    the float tensors left are cast to it (the model was loaded in its checkpoint's dtype)."""
     try:
         from corelm.quant.transform import quantize_model as transform
     except ImportError:
         raise CorelmError(f"quantize={method!r} needs corelm.quant, which is not available") from None
-    result = transform(model, method, from_gguf=from_gguf)
+    result = transform(model, method, from_gguf=from_gguf, dtype=dtype if method != "gguf" else None)
     return model if result is None else result
 
 
@@ -305,13 +314,14 @@ def gguf_tokenizer(path: str) -> Tokenizer:
 
 
 def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, display: str,
-               native: bool = False) -> Loaded:
-    """``native``: a GGUF file will run on its stored blocks where it can (:func:`stored_quantization`)."""
+               native: bool = False, checkpoint_dtype: bool = False) -> Loaded:
+    """``native``: a GGUF file will run on its stored blocks where it can (:func:`stored_quantization`);
+    ``checkpoint_dtype``: an HF checkpoint keeps the dtype it stores (the caller quantizes and casts)."""
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
             return _load_gguf(path, dtype, device, native)
         if path.suffix == ".safetensors" or path.name == "config.json":
-            return _load_path(path.parent, dtype, device, display, native)
+            return _load_path(path.parent, dtype, device, display, native, checkpoint_dtype)
         raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
                           "checkpoint directory")
     if (path / "config.json").is_file():
@@ -319,7 +329,7 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
 
         if is_quantized_dir(path):  # written by `corelm quantize`: packed weights, stored dtypes
             return _load_quantized_dir(path, device)
-        return _load_hf_dir(path, dtype, device)
+        return _load_hf_dir(path, None if checkpoint_dtype else dtype, device)
     if is_run(path):  # a LoRA/AdaLoRA/adapter fine-tuning run: base + its weights
         return _load_finetune_run(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
@@ -383,7 +393,7 @@ def _load_quantized_dir(path: Path, device: str | torch.device) -> Loaded:
     return Loaded(model, tokenizer, config, source=str(path))
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, device: str | torch.device) -> Loaded:
+def _load_hf_dir(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> Loaded:
     from corelm.io.hf import load_hf_dir, model_from_state_dict
 
     config, state = load_hf_dir(path, dtype=dtype, device=device)

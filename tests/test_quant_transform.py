@@ -85,3 +85,46 @@ def test_bad_input_is_a_clear_error():
     model = quantize_model(_Tiny(), "int8")
     with pytest.raises(CorelmError, match="already quantized"):
         quantize_model(model, "int4")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_at_load_reads_the_checkpoint_dtype_and_equals_quantizing_the_float_model(tied, method, tmp_path,
+                                                                                           monkeypatch):
+    """``load_parts(hf_dir, quantize=...)`` keeps a bf16 checkpoint in bf16, quantizes each matrix from it
+    (bf16 -> fp32 is exact, so the integers are those of the fp32 model) and casts only what stays float."""
+    transformers = pytest.importorskip("transformers")
+    from corelm.loading import load_parts
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                                   tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    import corelm.quant.transform as transform
+
+    seen, quantize_linear = [], transform.quantize_linear
+    monkeypatch.setattr(transform, "quantize_linear",
+                        lambda linear, *a: seen.append(linear.weight.dtype) or quantize_linear(linear, *a))
+    streamed = load_parts(tmp_path, dtype="fp32", quantize=method).model
+    assert seen and set(seen) == {torch.bfloat16}  # no fp32 copy of the matrices was made
+    monkeypatch.undo()
+    reference = load_parts(tmp_path, dtype="fp32").model
+    assert all(p.dtype == torch.float32 for p in reference.parameters() if p.is_floating_point())
+    quantize_model(reference, method)
+    floats = [(n, p.dtype) for n, p in streamed.named_parameters() if p.is_floating_point()]
+    assert floats and all(dtype == torch.float32 for _, dtype in floats), floats
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.inference_mode():
+        y, ref = streamed(ids), reference(ids)
+    assert y.dtype == torch.float32 and torch.equal(y, ref)
+
+
+def test_quantize_model_casts_what_stays_float_and_keeps_ties():
+    torch.manual_seed(0)
+    model = _Tiny().to(torch.bfloat16)
+    model.norm = nn.LayerNorm(64).to(torch.bfloat16)
+    quantize_model(model, "int8", dtype=torch.float32)
+    assert model.norm.weight.dtype == torch.float32 and model.norm.bias.dtype == torch.float32
+    assert isinstance(model.embed, Int8Embedding) and model.embed(torch.tensor([3])).dtype == torch.float32
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())

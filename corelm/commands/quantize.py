@@ -71,7 +71,9 @@ def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
     """Load ``options.source``, quantize it, write ``options.out_dir`` atomically (temporary sibling, then rename);
     returns the directory (or the .gguf file). ``quantize(source, out_dir, method="int8", ...)`` is
     ``quantize(QuantizeOptions(...))``."""
-    import corelm
+    import torch
+
+    from corelm.loading import load_parts
     from corelm.quant.io import save_quantized_dir
     from corelm.quant.layers import check_group_size
     from corelm.quant.transform import quantize_model
@@ -86,7 +88,8 @@ def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
         raise CorelmError(f"{out} exists and is not empty; choose another directory or pass --overwrite")
     if method == "int4" or head == "int4":
         check_group_size(group_size * 2, group_size)  # validates the value before loading anything
-    loaded = corelm.load(source, dtype="fp32")
+    # the checkpoint's own dtype: each matrix is quantized from it and freed (an fp32 copy would double bf16)
+    loaded = load_parts(source, dtype="fp32", checkpoint_dtype=True)
     if loaded.config.is_encoder:
         raise CorelmError("corelm quantize writes decoders; encoders quantize in memory with "
                           "corelm.load(..., quantize=...)")
@@ -96,7 +99,8 @@ def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
     def bar(layers):
         return tqdm(layers, desc=f"quantizing to {method}", unit="layer", file=sys.stderr, leave=False)
 
-    quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar)
+    quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar,
+                   dtype=torch.float32)
     with atomic_dir(out) as tmp:
         save_quantized_dir(loaded.model, loaded.config, tmp, loaded.tokenizer)
     return out

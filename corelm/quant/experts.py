@@ -82,7 +82,7 @@ def expert_layers(model: nn.Module) -> list[nn.Module]:
             for name in MATRICES]
 
 
-def _stacks(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module, Experts]]:
+def float_stacks(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module, Experts]]:
     """``(qualified name, parent, Experts)`` of every float expert stack not in ``skip``."""
     skip = tuple(skip)
     found = []
@@ -126,7 +126,7 @@ def check_experts(model: nn.Module, method: str, group_size: int, skip: Iterable
     an int4 group that does not divide it, or int8 on corelm's kernels (whole blocks of 32 columns)."""
     from corelm.quant.layers import check_group_size, use_kernels
 
-    for name, _, experts in _stacks(model, skip):
+    for name, _, experts in float_stacks(model, skip):
         _, d, f = expert_shapes(experts)
         if method == "int4":
             check_group_size(d, group_size)
@@ -159,7 +159,7 @@ def quantize_experts(model: nn.Module, method: str, group_size: int = 32, skip: 
         done = gguf_experts(model, from_gguf, kinds=("Q4_0", "Q4_1"), skip=skip, int4=True)
     else:
         done = []
-    for name, parent, experts in _stacks(model, skip):
+    for name, parent, experts in float_stacks(model, skip):
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         E, d, f = expert_shapes(experts)
         stacks = {"gate_proj": gate_up[:, :f], "up_proj": gate_up[:, f:], "down_proj": down}
@@ -175,7 +175,7 @@ def experts_structure(model: nn.Module, method: str, group_size: int, skip: Iter
     :func:`quantize_experts` would put them, so that a saved quantized state dict loads into it."""
     from corelm.quant.layers import new_layer
 
-    for _, parent, experts in _stacks(model, skip):
+    for _, parent, experts in float_stacks(model, skip):
         E, d, f = expert_shapes(experts)
         device = "cpu" if experts.down_proj.is_meta else experts.down_proj.device
         parent.experts = QuantizedExperts([
@@ -226,7 +226,7 @@ def gguf_experts(model: nn.Module, source: object, kinds: Iterable[str] | None =
 
     file = source if isinstance(source, gguf_io.GGUFFile) else gguf_io.read_gguf(source)
     done = []
-    for name, parent, experts in _stacks(model, skip):
+    for name, parent, experts in float_stacks(model, skip):
         E, d, f = expert_shapes(experts)
         stacks = gguf_expert_stacks(file, _layer_index(name))
         types = set()

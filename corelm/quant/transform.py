@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.quant.experts import QuantizedExperts, check_experts, experts_structure, gguf_experts, quantize_experts
+from corelm.quant.experts import (QuantizedExperts, check_experts, experts_structure, float_stacks, gguf_experts,
+                                  quantize_experts)
 from corelm.quant.gguf_blocks import GGUFBlocks
 from corelm.quant.layers import (
     Int4Linear,
@@ -102,6 +103,19 @@ def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list, tuple | Non
     return targets, tied
 
 
+def _cast_kept(model: nn.Module, dtype: torch.dtype, replaced: set[int]) -> None:
+    """Cast every float parameter of ``model`` except those in ``replaced`` (ids) to ``dtype``; a parameter
+    shared by several modules (a tied embedding and head) stays shared."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or id(p) in replaced or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in cast:
+                cast[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            module._parameters[pname] = cast[id(p)]
+
+
 def _quantize_gguf(model: nn.Module, from_gguf: object | None) -> nn.Module:
     """``method="gguf"``: a MoE's expert stacks onto their blocks (unless the loader built them already), then
     every other matrix (:func:`corelm.quant.kquant.quantize_gguf`)."""
@@ -114,7 +128,7 @@ def _quantize_gguf(model: nn.Module, from_gguf: object | None) -> nn.Module:
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
                    skip: Iterable[str] = (), from_gguf: object | None = None,
-                   progress: object | None = None) -> nn.Module:
+                   progress: object | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Swap the ``nn.Linear`` children of ``model`` for packed int8/int4 layers, in place.
 
     Args:
@@ -134,6 +148,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
             :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
         progress: optional wrapper for the list of layers (e.g. ``tqdm``), to show progress.
+        dtype: the float dtype the quantized model runs in, for a model loaded in its checkpoint's dtype
+            (what :func:`corelm.loading.load_parts` does when it quantizes at load): every float parameter
+            that is not quantized (embeddings, norms, routers) is cast to it, and each matrix is quantized
+            from the checkpoint's own values and freed before the next, so the load never holds a copy
+            of the whole model in ``dtype`` (fp32 would double a bf16 checkpoint).
 
     Returns:
         The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
@@ -165,8 +184,14 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             check_group_size(linear.in_features, 32)
     check_experts(model, method, group_size, skip)
     out_dtype = tied[2].weight.dtype if tied is not None else None
+    if dtype is not None:
+        stacks = {id(p) for _, _, experts in float_stacks(model, skip) for p in experts.parameters()}  # quantized too
+        _cast_kept(model, dtype, {id(linear.weight) for _, _, linear in targets} | stacks)
+        out_dtype = dtype if tied is not None else None
     blocks = GGUFBlocks(from_gguf, model) if from_gguf is not None else None
-    for parent, name, linear in (progress(targets) if progress else targets):
+    for i in (progress(range(len(targets))) if progress else range(len(targets))):
+        parent, name, linear = targets[i]
+        targets[i] = None  # the float layer is freed once replaced, not at the end
         kind = head if parent is model and name == "lm_head" else method
         device = linear.weight.device
         new = None
