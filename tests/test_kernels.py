@@ -129,7 +129,9 @@ print("ok")
 """
 
 # corelm::attention (attention.h) against softmax(q K^T * scale) V in float64, on every cache dtype, head
-# width (a multiple of 16 and not), window and soft-cap; each token equals its lone call bit for bit.
+# width (a multiple of 16 and not), window and soft-cap, over one span of 256 slots and over several
+# (windows that start mid-span too); each token equals its lone call bit for bit (a lone token's spans
+# are spread over the threads, a batch's are not), prefetching or not.
 ATTENTION = r"""
 def attention_reference(q, kc, vc, rows, pos, window, scale, softcap):
     H, hd = q.shape[1] // kc.shape[3], kc.shape[3]
@@ -146,24 +148,29 @@ def attention_reference(q, kc, vc, rows, pos, window, scale, softcap):
     return out.float()
 
 torch.manual_seed(1)
-torch.set_num_threads(2)  # the pool's split: (token, kv head) units for the batch, one per query head alone
-rows = torch.tensor([0] * 20 + [1, 2, 2])
-pos = torch.tensor(list(range(20)) + [150, 198, 199])  # >= 171 positions of 6 heads of 64: a parallel call
+torch.set_num_threads(2)  # the pool's split: (token, kv head) units for the batch, one per span alone
+rows = torch.tensor([0] * 20 + [1, 2, 2, 1])
+pos = torch.tensor(list(range(20)) + [150, 198, 199, 700])  # 700: three spans
 for hd in (64, 40):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        kc, vc = torch.randn(2, 3, 2, 200, hd).to(dtype)
+        kc, vc = torch.randn(2, 3, 2, 701, hd).to(dtype)
         q = torch.randn(len(rows), 6 * hd) * 2
-        for window, softcap in ((0, 0.0), (7, 0.0), (0, 5.0)):
+        for window, softcap in ((0, 0.0), (7, 0.0), (300, 0.0), (0, 5.0)):
             y = torch.ops.corelm.attention(q, kc, vc, rows, pos, window, hd ** -0.5, softcap)
             ref = attention_reference(q, kc, vc, rows, pos, window, hd ** -0.5, softcap)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-            for t in (0, 7, 19, 20, 22):
+            for t in (0, 7, 19, 20, 22, 23):
                 lone = torch.ops.corelm.attention(q[t:t + 1], kc, vc, rows[t:t + 1], pos[t:t + 1], window,
                                                   hd ** -0.5, softcap)
                 assert torch.equal(lone[0], y[t]), (hd, dtype, window, softcap, t)
+            for pf in ("0", "64", "4096"):
+                os.environ["CORELM_PREFETCH"] = pf
+                same = torch.ops.corelm.attention(q, kc, vc, rows, pos, window, hd ** -0.5, softcap)
+                assert torch.equal(same, y), (hd, dtype, window, softcap, pf)
+            os.environ.pop("CORELM_PREFETCH")
 q[3, 5] = float("nan")  # a NaN in one query head makes that head's output NaN, nothing else
 y = torch.ops.corelm.attention(q, kc, vc, rows, pos, 0, hd ** -0.5, 0.0)
-assert y[3, :hd].isnan().all() and not y[3, hd:].isnan().any() and not y[torch.arange(23) != 3].isnan().any()
+assert y[3, :hd].isnan().all() and not y[3, hd:].isnan().any() and not y[torch.arange(24) != 3].isnan().any()
 """
 # Float weights (fgemv.h: an nn.Linear's fp32 or bf16 weight, no scales) against x @ W^T in float64: widths
 # that are and are not multiples of the vector lanes, every tile of 1-4 weight rows and 1-4 tokens, the

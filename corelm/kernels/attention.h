@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include "dot.h"
 #include "pool.h"
 
 namespace corelm {
@@ -220,13 +221,15 @@ inline Simd::R Simd::expm(R x, R n) {
 
 // Scores of n query heads (q: n rows of hd, consecutive) against len keys K (len rows of hd): w (n, ldw),
 // W keys at a time; each block's keys are converted to fp32 once (kbuf) for all n heads.
+// ahead: bytes of K past the block being read to prefetch (prefetch_ahead(); 0: none).
 template <typename C>
 void scores(const float* q, int64_t n, const C* K, int64_t len, int64_t hd, float scale, float* kbuf, float* w,
-            int64_t ldw) {
+            int64_t ldw, int64_t ahead) {
   constexpr int64_t W = Simd::W;
   const int64_t chunks = (hd + W - 1) / W;
   for (int64_t j0 = 0; j0 < len; j0 += W) {
     const int64_t nk = std::min<int64_t>(W, len - j0);
+    if (ahead) prefetch_bytes(reinterpret_cast<const char*>(K + j0 * hd) + ahead, W * hd * sizeof(C));
     for (int64_t k = 0; k < W; ++k)  // zeros past the last key
       for (int64_t c = 0; c < chunks; ++c)
         Simd::store(kbuf + (k * chunks + c) * W, k < nk ? Simd::row(K + (j0 + k) * hd + c * W, hd - c * W) : Simd::zero());
@@ -243,14 +246,16 @@ void scores(const float* q, int64_t n, const C* K, int64_t len, int64_t hd, floa
   }
 }
 
-// Softmax of one head's len scores in place; returns 1 / (sum of exponentials).
-inline float softmax(float* w, int64_t len) {
+// Softmax numerators of one head's len scores in place, e_j = exp(w_j - m) with m their max (stored in
+// *max); returns the sum of the e_j.
+inline float softmax_part(float* w, int64_t len, float* max) {
   constexpr int64_t W = Simd::W;
   typename Simd::R mx = Simd::set1(-INFINITY), sum = Simd::zero();
   int64_t j = 0;
   for (; j + W <= len; j += W) mx = Simd::max(mx, Simd::load(w + j));
   if (j < len) mx = Simd::max(mx, Simd::load(w + j, len - j, -INFINITY));
-  const typename Simd::R m = Simd::set1(Simd::hmax(mx));
+  *max = Simd::hmax(mx);
+  const typename Simd::R m = Simd::set1(*max);
   for (j = 0; j + W <= len; j += W) {
     const typename Simd::R e = Simd::exp(Simd::sub(Simd::load(w + j), m));
     Simd::store(w + j, e);
@@ -261,21 +266,24 @@ inline float softmax(float* w, int64_t len) {
     Simd::store(w + j, e, len - j);
     sum = Simd::add(sum, e);
   }
-  return 1.f / Simd::hsum(sum);
+  return Simd::hsum(sum);
 }
 
 // out rows of n <= kHeads heads (o: n rows of hd at stride ldo) = sum_j w_h[j] * inv_h * V[j], 4W columns at
-// a time in registers; each head's sum runs over j in order, whatever n is.
+// a time in registers; each head's sum runs over j in order, whatever n is. ahead: as for scores (the
+// first 4W columns' pass prefetches whole rows).
 template <typename C>
 void weighted_values(const float* w, int64_t ldw, const float* inv, int64_t n, const C* V, int64_t len, int64_t hd,
-                     float* o, int64_t ldo) {
+                     float* o, int64_t ldo, int64_t ahead) {
   constexpr int64_t W = Simd::W, kHeads = Simd::kHeads;
   for (int64_t c0 = 0; c0 < hd; c0 += 4 * W) {
     const int64_t chunks = std::min<int64_t>(4, (hd - c0 + W - 1) / W);
     typename Simd::R acc[kHeads][4];
     for (int64_t h = 0; h < kHeads; ++h)
       for (int64_t c = 0; c < 4; ++c) acc[h][c] = Simd::zero();
+    const int64_t pf = c0 == 0 ? ahead : 0;
     for (int64_t j = 0; j < len; ++j) {
+      if (pf) prefetch_bytes(reinterpret_cast<const char*>(V + j * hd) + pf, hd * sizeof(C));
       typename Simd::R v[4];
       for (int64_t c = 0; c < chunks; ++c) v[c] = Simd::row(V + j * hd + c0 + c * W, hd - c0 - c * W);
       for (int64_t h = 0; h < n; ++h) {
@@ -289,33 +297,89 @@ void weighted_values(const float* w, int64_t ldw, const float* inv, int64_t n, c
   }
 }
 
-// Query heads h0..h1-1 of token t, which read kv head g.
+// A token's attended slots are read in spans of kSpan (from its first slot): one span of one kv head is a
+// unit of work, so a decode step's few tokens still give both cores work (at 2000 positions SmolLM2 has 3
+// kv heads x 8 spans), and each K and V row is read once for all the query heads that share it. A span
+// leaves partial sums that combine() merges in span order; a token computes the same spans and merges
+// them the same way however the units were spread over threads.
+constexpr int64_t kSpan = 256;
+
+inline int64_t spans_of(int64_t len) { return (len + kSpan - 1) / kSpan; }
+
+// The n = H / KV query heads of token t that read kv head g, over span s of its slots: per head h,
+// m[h] = the span's largest score, l[h] = sum_j e_j with e_j = exp(score_j - m[h]), and the unnormalized
+// o (n, hd) = sum_j e_j V_j.
 template <typename C>
-void attend_heads(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
-                  int64_t g, int64_t h0, int64_t h1, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window,
-                  float scale, float softcap, float* out) {
+void attend_span(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
+                 int64_t g, int64_t s, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale,
+                 float softcap, int64_t ahead, float* o, float* m, float* l) {
   constexpr int64_t W = Simd::W, kHeads = Simd::kHeads;
   int64_t lo, len;
   attended(pos[t], window, &lo, &len);
-  const int64_t n = h1 - h0, group = H / KV, ldw = (len + W - 1) / W * W;
+  const int64_t j0 = lo + s * kSpan, nk = std::min(kSpan, len - s * kSpan), n = H / KV, ldw = (nk + W - 1) / W * W;
   thread_local std::vector<float> w, kbuf;
   w.resize(n * ldw);
   kbuf.resize(W * ((hd + W - 1) / W) * W);
-  const C* K = kc + ((rows[t] * KV + g) * S + lo) * hd;
-  const C* V = vc + ((rows[t] * KV + g) * S + lo) * hd;
-  const int64_t first = t * H + g * group + h0;  // the first of the n heads' rows in q and out
-  scores(q + first * hd, n, K, len, hd, scale, kbuf.data(), w.data(), ldw);
-  float inv[kHeads];
+  const C* K = kc + ((rows[t] * KV + g) * S + j0) * hd;
+  const C* V = vc + ((rows[t] * KV + g) * S + j0) * hd;
+  scores(q + (t * H + g * n) * hd, n, K, nk, hd, scale, kbuf.data(), w.data(), ldw, ahead);
+  float ones[kHeads];
   for (int64_t hb = 0; hb < n; hb += kHeads) {
-    const int64_t m = std::min<int64_t>(kHeads, n - hb);
-    for (int64_t h = 0; h < m; ++h) {
+    const int64_t nh = std::min<int64_t>(kHeads, n - hb);
+    for (int64_t h = 0; h < nh; ++h) {
       float* wh = w.data() + (hb + h) * ldw;
       if (softcap > 0.f)
-        for (int64_t j = 0; j < len; ++j) wh[j] = softcap * std::tanh(wh[j] / softcap);
-      inv[h] = softmax(wh, len);
+        for (int64_t j = 0; j < nk; ++j) wh[j] = softcap * std::tanh(wh[j] / softcap);
+      l[hb + h] = softmax_part(wh, nk, &m[hb + h]);
+      ones[h] = 1.f;
     }
-    weighted_values(w.data() + hb * ldw, ldw, inv, m, V, len, hd, out + (first + hb) * hd, hd);
+    weighted_values(w.data() + hb * ldw, ldw, ones, nh, V, nk, hd, o + hb * hd, hd, ahead);
   }
+}
+
+// out (n, hd) = the n heads' attention from their spans' partials (span i: o + i * n * hd, m + i * n,
+// l + i * n): exp(m_i - M) weighs span i (M: the largest m_i), in span order; one span is o * (1 / l).
+inline void combine(const float* o, const float* m, const float* l, int64_t spans, int64_t n, int64_t hd, float* out) {
+  constexpr int64_t W = Simd::W;
+  for (int64_t h = 0; h < n; ++h) {
+    float mx = m[h];
+    for (int64_t i = 1; i < spans; ++i) mx = std::max(mx, m[i * n + h]);
+    thread_local std::vector<float> f;
+    f.resize(spans);
+    float total = 0.f;
+    for (int64_t i = 0; i < spans; ++i) {
+      f[i] = spans == 1 ? 1.f : std::exp(m[i * n + h] - mx);
+      total += f[i] * l[i * n + h];
+    }
+    const typename Simd::R inv = Simd::set1(1.f / total);
+    for (int64_t c = 0; c < hd; c += W) {
+      const int64_t cols = std::min<int64_t>(W, hd - c);
+      typename Simd::R acc = Simd::load(o + h * hd + c, cols, 0.f);
+      if (spans > 1) {
+        acc = Simd::mul(acc, Simd::set1(f[0]));
+        for (int64_t i = 1; i < spans; ++i)
+          acc = Simd::fma(Simd::set1(f[i]), Simd::load(o + (i * n + h) * hd + c, cols, 0.f), acc);
+      }
+      Simd::store(out + h * hd + c, Simd::mul(acc, inv), cols);
+    }
+  }
+}
+
+// Token t's heads that read kv head g, every span in turn, merged into out.
+template <typename C>
+void attend_group(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
+                  int64_t g, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap,
+                  int64_t ahead, float* out) {
+  int64_t lo, len;
+  attended(pos[t], window, &lo, &len);
+  const int64_t n = H / KV, spans = spans_of(len);
+  thread_local std::vector<float> part;
+  part.resize(spans * n * (hd + 2));
+  float *o = part.data(), *m = o + spans * n * hd, *l = m + spans * n;
+  for (int64_t i = 0; i < spans; ++i)
+    attend_span(q, kc, vc, rows, pos, t, g, i, H, KV, S, hd, window, scale, softcap, ahead, o + i * n * hd, m + i * n,
+                l + i * n);
+  combine(o, m, l, spans, n, hd, out + (t * H + g * n) * hd);
 }
 
 #else  // the scalar-vector form
@@ -370,13 +434,47 @@ void attend_heads(const float* q, const C* kc, const C* vc, const int64_t* rows,
 template <typename C>
 void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* rows, const int64_t* pos, int64_t H,
             int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap, float* out) {
-  const int64_t group = H / KV;
-  auto unit = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
-    attend_heads(q, kc, vc, rows, pos, t, g, h0, h1, H, KV, S, hd, window, scale, softcap, out);
-  };
+  const int64_t group = H / KV, ahead = prefetch_ahead();
   int64_t work = 0;
   for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
   const int64_t threads = at::get_num_threads();
+#if defined(CORELM_ATTENTION_SIMD)
+  auto unit = [&](int64_t tg) {
+    attend_group(q, kc, vc, rows, pos, tg / KV, tg % KV, H, KV, S, hd, window, scale, softcap, ahead, out);
+  };
+  if (work < (1 << 16) || threads == 1) {  // little work: a parallel region costs more than it saves
+    for (int64_t tg = 0; tg < N * KV; ++tg) unit(tg);
+    return;
+  }
+  if (N * KV >= 4 * threads) {  // a unit per (token, kv head), its spans in turn
+    Pool::parallel_for(N * KV, 1, [&](int64_t b, int64_t e) {
+      for (int64_t tg = b; tg < e; ++tg) unit(tg);
+    });
+    return;
+  }
+  // a few tokens (decode steps, short verify passes): a unit per span, the partials merged afterwards
+  std::vector<int64_t> first(N * KV + 1, 0);  // (token, kv head) tg's spans are units first[tg] .. first[tg + 1]
+  for (int64_t tg = 0; tg < N * KV; ++tg) {
+    int64_t lo, len;
+    attended(pos[tg / KV], window, &lo, &len);
+    first[tg + 1] = first[tg] + spans_of(len);
+  }
+  std::vector<float> part(first.back() * group * (hd + 2));
+  float *o = part.data(), *m = o + first.back() * group * hd, *l = m + first.back() * group;
+  Pool::parallel_for(first.back(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t tg = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
+      attend_span(q, kc, vc, rows, pos, tg / KV, tg % KV, u - first[tg], H, KV, S, hd, window, scale, softcap, ahead,
+                  o + u * group * hd, m + u * group, l + u * group);
+    }
+  });
+  for (int64_t tg = 0; tg < N * KV; ++tg)
+    combine(o + first[tg] * group * hd, m + first[tg] * group, l + first[tg] * group, first[tg + 1] - first[tg], group,
+            hd, out + ((tg / KV) * H + (tg % KV) * group) * hd);
+#else
+  auto unit = [&](int64_t t, int64_t g, int64_t h0, int64_t h1) {
+    attend_heads(q, kc, vc, rows, pos, t, g, h0, h1, H, KV, S, hd, window, scale, softcap, out);
+  };
   if (work < (1 << 16) || threads == 1) {  // little work: a parallel region costs more than it saves
     for (int64_t tg = 0; tg < N * KV; ++tg) unit(tg / KV, tg % KV, 0, group);
   } else if (N * KV >= 4 * threads) {  // a unit per (token, kv head): its query heads share the K and V loads
@@ -388,6 +486,8 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
       for (int64_t th = b; th < e; ++th) unit(th / H, th % H / group, th % group, th % group + 1);
     });
   }
+  (void)ahead;
+#endif
 }
 
 // The attention of one layer on its own (tests compare it with torch's): q (N, H*hd) fp32, caches

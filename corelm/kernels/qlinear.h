@@ -3,9 +3,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
-#endif
 
 #include <cstdlib>
 #include <cstring>
@@ -257,40 +254,6 @@ inline void row_dots(const QMatrix& m, const QActs& a, int64_t r, float* out) {
     }
     for (int64_t t = 0; t < nt; ++t) out[(t0 + t) * m.n + r] = y[t];
   }
-}
-
-// How far ahead of the record (or float row) being read the decode kernels prefetch, in bytes (repack.h,
-// fgemv.h). Measured on the 2-core Intel Xeon (family 6 model 207, AVX-512 VNNI), SmolLM2 decode at 1
-// thread: Q4_1 71 -> 108 tok/s and Q4_K_M 62 -> 95 at 4096 bytes (2048-8192 within the noise of each
-// other), float weights fp32 +5-16% and bf16 +23-34% over two runs (the model dequantized to them); not
-// yet measured on AMD, where it stays off. CORELM_PREFETCH overrides it (read at every call, as
-// CORELM_GEMM_ROWS).
-inline int64_t cpu_default_prefetch() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const int64_t d = [] {
-    unsigned a = 0, b = 0, c = 0, e = 0;
-    __cpuid(0, a, b, c, e);
-    char vendor[13];
-    std::memcpy(vendor, &b, 4);
-    std::memcpy(vendor + 4, &e, 4);
-    std::memcpy(vendor + 8, &c, 4);
-    vendor[12] = 0;
-    return std::strcmp(vendor, "GenuineIntel") == 0 ? int64_t(4096) : int64_t(0);
-  }();
-  return d;
-#else
-  return 0;
-#endif
-}
-
-inline int64_t prefetch_ahead() {
-  const char* v = std::getenv("CORELM_PREFETCH");
-  if (v == nullptr || *v == 0) return cpu_default_prefetch();
-  char* end = nullptr;
-  const long long d = std::strtoll(v, &end, 10);
-  TORCH_CHECK(*end == 0 && d >= 0 && d <= (1 << 20),
-              "CORELM_PREFETCH is a byte count from 0 (off) to 1048576, not '", v, "'");
-  return d;
 }
 
 // From this many tokens on, a matmul runs on dequantized panels; fewer tokens (decode steps,
