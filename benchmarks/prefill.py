@@ -68,18 +68,21 @@ class Corelm:
         self.step.prefill(cache, [ids])
         return n / (time.perf_counter() - t0)
 
-    def decode(self, rows: int, n: int) -> float:
-        cache = self.step.new_cache(rows, n + 16)
-        self.step.prefill(cache, [[1, 2, 3, 4]] * rows)
+    def decode(self, rows: int, n: int, depth: int = 4) -> float:
+        """n decode steps of ``rows`` rows, each after ``depth`` prompt tokens (attention reads them all)."""
+        cache = self.step.new_cache(rows, depth + n + 16)
+        self.step.prefill(cache, [[(i * 7919) % 40000 + 10 for i in range(depth)]] * rows)
         tokens = torch.ones(rows, dtype=torch.long)
         t0 = time.perf_counter()
         for i in range(n):
-            self.step.decode(cache, tokens, torch.full((rows,), 4 + i))
+            self.step.decode(cache, tokens, torch.full((rows,), depth + i))
         return rows * n / (time.perf_counter() - t0)
 
 
-def llama_bench(binary: str, path: Path, threads: int, prompt: int = 0, gen: int = 0) -> float:
+def llama_bench(binary: str, path: Path, threads: int, prompt: int = 0, gen: int = 0, depth: int = 0) -> float:
     cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(gen), "-t", str(threads), "-r", "1", "-o", "json"]
+    if depth:
+        cmd += ["-d", str(depth)]  # decode after a context of that many tokens
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
@@ -106,8 +109,10 @@ def main() -> None:
     ap.add_argument("--prefetch", nargs="+", default=["default"],
                     help="decode with each of these CORELM_PREFETCH byte counts, alternating ('default': "
                          "the CPU's own, kernels.prefetch()), e.g. --prefetch default 0")
+    ap.add_argument("--depth", type=int, nargs="*", default=[],
+                    help="also decode one row after this many context tokens (llama-bench -d), e.g. --depth 2000")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode tables (--depth still runs)")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # each table as soon as it is measured
     cpu = torch.backends.cpu.get_cpu_capability()
@@ -125,6 +130,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             pre: dict[tuple[str, int], list[float]] = {}
             dec: dict[tuple[str, int], list[float]] = {}
+            deep: dict[tuple[str, int], list[float]] = {}  # decode after a context: (who, depth)
             for r in range(args.rounds):  # alternating: the machine's noise lands on every variant alike
                 for n in args.prompt:
                     for v in args.variants:
@@ -150,8 +156,29 @@ def main() -> None:
                     if args.llama_bench_decode:
                         dec.setdefault(("llama.cpp decode-only build", 1), []).append(
                             llama_bench(args.llama_bench_decode, path, threads, gen=args.tokens))
+                for d in args.depth:
+                    deep.setdefault(("corelm", d), []).append(model.decode(1, args.tokens, depth=d))
+                    _progress("corelm", d, deep)
+                    if args.llama_bench:
+                        deep.setdefault(("llama.cpp", d), []).append(
+                            llama_bench(args.llama_bench, path, threads, gen=args.tokens, depth=d))
+                        _progress("llama.cpp", d, deep)
                 print(f"{path.name} t={threads} round {r + 1} (load {load_average()})", file=sys.stderr, flush=True)
             _report(path.name, model.kind, threads, pre, dec, args.rounds)
+            _report_depth(deep)
+
+
+def _report_depth(deep: dict) -> None:
+    if not deep:
+        return
+    print("| decode after | corelm tok/s (median) | min-max | llama.cpp | vs llama.cpp |\n|---|---|---|---|---|")
+    for (who, d), s in deep.items():
+        if who != "corelm":
+            continue
+        ref = statistics.median(deep[("llama.cpp", d)]) if ("llama.cpp", d) in deep else None
+        ours = statistics.median(s)
+        ratio = f"{ours / ref:.2f}x" if ref else "-"
+        print(f"| {d} tokens | {ours:.0f} | {min(s):.0f}-{max(s):.0f} | {f'{ref:.0f}' if ref else '-'} | {ratio} |")
 
 
 def _progress(who: str, n: int, table: dict) -> None:

@@ -266,41 +266,24 @@ template <class Tiles, class Matrix>
 void amx_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
                 int64_t panels) {
   const int64_t nb = K / QK, Tp = (T + 15) / 16 * 16;
-  int8_t* h = scratch<int8_t, 0>(2 * Tp * K);  // the caller's: the workers use Tag 1-3 only
+  int8_t* h = scratch<int8_t, 0>(2 * Tp * K);  // the caller's: the workers use Tag 1-4 only
   int8_t* l = h + Tp * K;
   float* da = scratch<float, 0>(2 * T * nb);
   float* sa = da + T * nb;
   int32_t* asum = scratch<int32_t, 0>(T * nb);
   quantize_rows_digits(x, T, Tp, K, h, l, da, sa, asum);
-  Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
-    uint8_t* row = scratch<uint8_t, 1>(K);
-    float* rd = scratch<float, 1>(2 * nb + 2 * nb * kPanel + T * kPanel + 16 * kPanel);
-    float *rm = rd + nb, *dw = rm + nb, *mw = dw + nb * kPanel, *y = mw + nb * kPanel, *acc = y + T * kPanel;
-    const int64_t KQ16 = (K / 4 + 15) / 16 * 16;
-    uint32_t* stage = scratch<uint32_t, 1>(16 * KQ16 + K / 4 * kPanel);
-    uint32_t* panel = stage + 16 * KQ16;
-    int32_t* c = scratch<int32_t, 1>(2 * 16 * kPanel);
-    Tiles::configure(block_config());  // a thread's own tile state
-    for (int64_t pi = begin; pi < end; ++pi) {
-      size_t i;
-      int64_t n0;
-      const Matrix& m = panel_of(ms, pi, &i, &n0);
-      const int64_t cols = std::min(kPanel, m.n - n0);
-      const int off = int8_offset(m.kind);
-      fill_panel_i8(panel_rows(m, n0, cols), cols, off, row, rd, rm, stage, panel, dw, mw);
-      const bool min = std::any_of(mw, mw + nb * kPanel, [](float v) { return v != 0.f; });
-      float* out = cols == kPanel ? outs[i] + n0 : y;  // straight into the output when the panel is whole
-      const int64_t ld = cols == kPanel ? m.n : kPanel;
-      if (min) {
-        panel_tiles_amx<Tiles, true>(h, l, da, sa, asum, off, T, K, panel, dw, mw, out, ld, c, acc);
-      } else {
-        panel_tiles_amx<Tiles, false>(h, l, da, sa, asum, off, T, K, panel, dw, mw, out, ld, c, acc);
-      }
-      if (cols != kPanel)
-        for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
-    }
-    Tiles::release();
-  });
+  byte_panels(T, K, ms, outs, panels,
+              [&](const uint32_t* p, const float* dw, const float* mw, int off, bool min, float* out, int64_t ld) {
+                int32_t* c = scratch<int32_t, 4>(2 * 16 * kPanel);
+                float* acc = scratch<float, 4>(16 * kPanel);
+                Tiles::configure(block_config());  // a thread's own tile state
+                if (min) {
+                  panel_tiles_amx<Tiles, true>(h, l, da, sa, asum, off, T, K, p, dw, mw, out, ld, c, acc);
+                } else {
+                  panel_tiles_amx<Tiles, false>(h, l, da, sa, asum, off, T, K, p, dw, mw, out, ld, c, acc);
+                }
+                Tiles::release();
+              });
 }
 
 }  // namespace corelm

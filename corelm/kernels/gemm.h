@@ -621,19 +621,23 @@ inline void quantize_rows_i16(const float* x, int64_t T, int64_t K, int16_t* a, 
   });
 }
 
-// Rows 0 .. cols of m (panel_rows) as an int16 pair panel with its block scales, zero past cols.
-template <class Matrix>
-void fill_panel_i16(const Matrix& m, int64_t cols, int16_t* row, float* rd, float* rm, uint32_t* stage,
-                    uint32_t* panel, float* dw, float* mw) {
-  const int64_t K = m.k, KP = K / 2, nb = K / QK;
+// Rows 0 .. cols of m (panel_rows) as a panel of 32-bit words with its block scales, zero past cols: each row's
+// integers, as sink(row) stores them (int16 pairs or byte quads), are staged 16 rows at a time in stage
+// (16, KW16 words; past K's KW words zero up to the next 16, as the 16 x 16 word transposes take whole
+// vectors) and moved to panel (KW, kPanel).
+template <class Matrix, class Sink>
+void fill_panel_words(const Matrix& m, int64_t cols, int64_t KW, const Sink& sink, void* row, float* rd, float* rm,
+                      uint32_t* stage, uint32_t* panel, float* dw, float* mw) {
+  const int64_t K = m.k, KW16 = (KW + 15) / 16 * 16, nb = K / QK;
   for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
     for (int64_t c = 0; c < 16; ++c) {
-      uint32_t* st = stage + c * KP;
+      uint32_t* st = stage + c * KW16;
       if (c0 + c < cols) {
-        decode_row(m.kind, m.row(c0 + c), K, IntSink{row, rd, rm});
-        std::memcpy(st, row, K * sizeof(int16_t));
+        decode_row(m.kind, m.row(c0 + c), K, sink(row, rd, rm));
+        std::memcpy(st, row, KW * sizeof(uint32_t));
+        std::fill(st + KW, st + KW16, 0u);
       } else {
-        std::fill(st, st + KP, 0u);
+        std::fill(st, st + KW16, 0u);
         std::fill(rd, rd + nb, 0.f);
         std::fill(rm, rm + nb, 0.f);
       }
@@ -642,11 +646,11 @@ void fill_panel_i16(const Matrix& m, int64_t cols, int16_t* row, float* rd, floa
         mw[b * kPanel + c0 + c] = rm[b];
       }
     }
-    for (int64_t kp = 0; kp < KP; kp += 16) {
+    for (int64_t kw = 0; kw < KW; kw += 16) {
       __m512i r[16];
-      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(stage + c * KP + kp);
+      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(stage + c * KW16 + kw);
       transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (kp + j) * kPanel + c0, r[j]);
+      for (int j = 0; j < 16 && kw + j < KW; ++j) _mm512_storeu_si512(panel + (kw + j) * kPanel + c0, r[j]);
     }
   }
 }
@@ -721,7 +725,7 @@ template <class Matrix>
 void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
                   int64_t panels) {
   const int64_t nb = K / QK;
-  uint32_t* a = scratch<uint32_t, 0>(T * K / 2);  // the caller's: the workers use Tag 1-3 only
+  uint32_t* a = scratch<uint32_t, 0>(T * K / 2);  // the caller's: the workers use Tag 1-4 only
   float* da = scratch<float, 0>(2 * T * nb);
   float* sa = da + T * nb;
   quantize_rows_i16(x, T, K, reinterpret_cast<int16_t*>(a), da, sa);
@@ -736,7 +740,9 @@ void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
       int64_t n0;
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
-      fill_panel_i16(panel_rows(m, n0, cols), cols, row, rd, rm, stage, panel, dw, mw);
+      fill_panel_words(panel_rows(m, n0, cols), cols, K / 2,
+                       [](void* r, float* d, float* mm) { return IntSink{static_cast<int16_t*>(r), d, mm}; }, row, rd, rm,
+                       stage, panel, dw, mw);
       if (cols == kPanel) {  // straight into the output
         panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, outs[i] + n0, m.n);
       } else {
@@ -802,38 +808,6 @@ inline void quantize_rows_i8(const float* x, int64_t T, int64_t K, int8_t* a, fl
   });
 }
 
-// Rows 0 .. cols of m (panel_rows) as a byte-quad panel with its block scales, zero past cols (and past K/4
-// words, up to the next 16, in the stage: the 16 x 16 transposes take whole vectors).
-template <class Matrix>
-void fill_panel_i8(const Matrix& m, int64_t cols, int off, uint8_t* row, float* rd, float* rm, uint32_t* stage,
-                   uint32_t* panel, float* dw, float* mw) {
-  const int64_t K = m.k, KQ = K / 4, KQ16 = (KQ + 15) / 16 * 16, nb = K / QK;
-  for (int64_t c0 = 0; c0 < kPanel; c0 += 16) {
-    for (int64_t c = 0; c < 16; ++c) {
-      uint32_t* st = stage + c * KQ16;
-      if (c0 + c < cols) {
-        decode_row(m.kind, m.row(c0 + c), K, ByteSink{row, rd, rm, off});
-        std::memcpy(st, row, K);
-        std::fill(st + KQ, st + KQ16, 0u);
-      } else {
-        std::fill(st, st + KQ16, 0u);
-        std::fill(rd, rd + nb, 0.f);
-        std::fill(rm, rm + nb, 0.f);
-      }
-      for (int64_t b = 0; b < nb; ++b) {
-        dw[b * kPanel + c0 + c] = rd[b];
-        mw[b * kPanel + c0 + c] = rm[b];
-      }
-    }
-    for (int64_t kq = 0; kq < KQ; kq += 16) {
-      __m512i r[16];
-      for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_si512(stage + c * KQ16 + kq);
-      transpose16(r);
-      for (int j = 0; j < 16 && kq + j < KQ; ++j) _mm512_storeu_si512(panel + (kq + j) * kPanel + c0, r[j]);
-    }
-  }
-}
-
 // y (NT, kPanel) = NT tokens (a: K/4 words a row; da, sa, asum: K/32 a row) times the panel; MIN: some m_w != 0.
 template <int NT, bool MIN>
 void panel_tile_i8(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t nb,
@@ -892,15 +866,13 @@ void panel_tiles_i8(const uint32_t* a, const float* da, const float* sa, const i
   }
 }
 
-template <class Matrix>
-void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
-                 int64_t panels) {
+// The byte panels' driver (int8 and amx): every panel of ms on the pool, filled with the format's
+// integers as bytes and handed to tiles(panel, dw, mw, off, min, out, ld), min: some m_w != 0; a partial
+// panel's outputs go through a buffer.
+template <class Matrix, class Tiles>
+void byte_panels(int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs, int64_t panels,
+                 const Tiles& tiles) {
   const int64_t nb = K / QK;
-  uint32_t* a = scratch<uint32_t, 0>(T * K / 4);  // the caller's: the workers use Tag 1-3 only
-  float* da = scratch<float, 0>(2 * T * nb);
-  float* sa = da + T * nb;
-  int32_t* asum = scratch<int32_t, 0>(T * nb);
-  quantize_rows_i8(x, T, K, reinterpret_cast<int8_t*>(a), da, sa, asum);
   Pool::parallel_for(panels, 1, [&](int64_t begin, int64_t end) {
     uint8_t* row = scratch<uint8_t, 1>(K);
     float* rd = scratch<float, 1>(2 * nb + 2 * nb * kPanel + T * kPanel);
@@ -914,20 +886,37 @@ void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>
       const Matrix& m = panel_of(ms, pi, &i, &n0);
       const int64_t cols = std::min(kPanel, m.n - n0);
       const int off = int8_offset(m.kind);
-      fill_panel_i8(panel_rows(m, n0, cols), cols, off, row, rd, rm, stage, panel, dw, mw);
+      fill_panel_words(panel_rows(m, n0, cols), cols, K / 4,
+                       [off](void* r, float* d, float* mm) { return ByteSink{static_cast<uint8_t*>(r), d, mm, off}; },
+                       row, rd, rm, stage, panel, dw, mw);
       const bool min = std::any_of(mw, mw + nb * kPanel, [](float v) { return v != 0.f; });
       float* out = cols == kPanel ? outs[i] + n0 : y;  // straight into the output when the panel is whole
-      const int64_t ld = cols == kPanel ? m.n : kPanel;
-      if (min) {
-        panel_tiles_i8<true>(a, da, sa, asum, off, T, nb, panel, dw, mw, out, ld);
-      } else {
-        panel_tiles_i8<false>(a, da, sa, asum, off, T, nb, panel, dw, mw, out, ld);
-      }
+      tiles(panel, dw, mw, off, min, out, cols == kPanel ? m.n : kPanel);
       if (cols != kPanel)
         for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
     }
   });
 }
+
+template <class Matrix>
+void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>& ms, const std::vector<float*>& outs,
+                 int64_t panels) {
+  const int64_t nb = K / QK;
+  uint32_t* a = scratch<uint32_t, 0>(T * K / 4);  // the caller's: the workers use Tag 1-4 only
+  float* da = scratch<float, 0>(2 * T * nb);
+  float* sa = da + T * nb;
+  int32_t* asum = scratch<int32_t, 0>(T * nb);
+  quantize_rows_i8(x, T, K, reinterpret_cast<int8_t*>(a), da, sa, asum);
+  byte_panels(T, K, ms, outs, panels,
+              [&](const uint32_t* p, const float* dw, const float* mw, int off, bool min, float* out, int64_t ld) {
+                if (min) {
+                  panel_tiles_i8<true>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
+                } else {
+                  panel_tiles_i8<false>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
+                }
+              });
+}
+
 }  // namespace corelm
 
 #include "amx.h"
