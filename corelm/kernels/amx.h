@@ -171,7 +171,7 @@ inline void quantize_rows_digits(const float* x, int64_t T, int64_t Tp, int64_t 
 }
 
 // y (T, kPanel) row stride ldy = the tokens' digits times a byte panel p (K/4, kPanel) words: per 16 tokens,
-// per block the tile sums, then panel_tile_i16's epilogue (acc: 16 x kPanel floats, c: 2 x 16 x kPanel int32).
+// per block the tile sums, then panel_tile_int's epilogue (acc: 16 x kPanel floats, c: 2 x 16 x kPanel int32).
 template <class Tiles, bool MIN>
 void panel_tiles_amx(const int8_t* h, const int8_t* l, const float* da, const float* sa, const int32_t* asum, int off,
                      int64_t T, int64_t K, const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy,

@@ -588,7 +588,7 @@ const Matrix& panel_of(const std::vector<Matrix>& ms, int64_t pi, size_t* i, int
 // p (K/2, kPanel) 32-bit words, each the int16 pair (q[c][2i], q[c][2i+1]); dw, mw (K/32, kPanel).
 // ---------------------------------------------------------------------------------------------------
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int kTileRowsI16 = 6;  // 12 float + 12 int32 accumulators
+constexpr int64_t kTileRowsInt = 6;  // tokens a register tile: 12 float + 12 int32 accumulators (panel_tiles_int)
 
 // The decoders' integers as int16 weights q * isc (|q * isc| <= 4096) and the fp32 scale and offset of each block.
 struct IntSink {
@@ -655,22 +655,30 @@ void fill_panel_words(const Matrix& m, int64_t cols, int64_t KW, const Sink& sin
   }
 }
 
-// y (NT, kPanel) = NT tokens (a: K/2 words a row, da, sa: K/32 a row) times the panel; MIN: some m_w != 0.
-template <int NT, bool MIN>
-void panel_tile_i16(const uint32_t* a, const float* da, const float* sa, int64_t nb, const uint32_t* p,
-                    const float* dw, const float* mw, float* y, int64_t ldy) {
-  const int64_t KP = nb * QK / 2;
+// y (NT, kPanel) = NT tokens times an integer panel p: int16 pairs by VPDPWSSD (BYTES false: a holds K/2
+// words a row) or byte quads by VPDPBUSD (BYTES: K/4 words a row, the weights' offset off taken off as
+// off * A per block); da, sa (and asum) hold K/32 values a row. MIN: some m_w != 0.
+template <int NT, bool MIN, bool BYTES>
+void panel_tile_int(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t nb,
+                    const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
+  constexpr int64_t kWords = BYTES ? QK / 4 : QK / 2;  // words of a block
+  const int64_t KW = nb * kWords;
   __m512 acc[NT][2];
   for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i sum[NT][2];
-    for (int t = 0; t < NT; ++t) sum[t][0] = sum[t][1] = _mm512_setzero_si512();
-    for (int64_t k = b * QK / 2; k < (b + 1) * QK / 2; ++k) {
+    for (int t = 0; t < NT; ++t) sum[t][0] = sum[t][1] = _mm512_set1_epi32(BYTES ? -off * asum[t * nb + b] : 0);
+    for (int64_t k = b * kWords; k < (b + 1) * kWords; ++k) {
       const __m512i w0 = _mm512_loadu_si512(p + k * kPanel), w1 = _mm512_loadu_si512(p + k * kPanel + 16);
       for (int t = 0; t < NT; ++t) {
-        const __m512i xb = _mm512_set1_epi32(static_cast<int>(a[t * KP + k]));
-        sum[t][0] = _mm512_dpwssd_epi32(sum[t][0], xb, w0);
-        sum[t][1] = _mm512_dpwssd_epi32(sum[t][1], xb, w1);
+        const __m512i xb = _mm512_set1_epi32(static_cast<int>(a[t * KW + k]));
+        if constexpr (BYTES) {
+          sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+          sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+        } else {
+          sum[t][0] = _mm512_dpwssd_epi32(sum[t][0], xb, w0);
+          sum[t][1] = _mm512_dpwssd_epi32(sum[t][1], xb, w1);
+        }
       }
     }
     const __m512 d0 = _mm512_loadu_ps(dw + b * kPanel), d1 = _mm512_loadu_ps(dw + b * kPanel + 16);
@@ -691,33 +699,35 @@ void panel_tile_i16(const uint32_t* a, const float* da, const float* sa, int64_t
   }
 }
 
-template <bool MIN>
-void panel_tiles_i16(const uint32_t* a, const float* da, const float* sa, int64_t T, int64_t nb, const uint32_t* p,
-                     const float* dw, const float* mw, float* y, int64_t ldy) {
-  const int64_t KP = nb * QK / 2;
-  int64_t t0 = 0;
-  for (; t0 + kTileRowsI16 <= T; t0 += kTileRowsI16)
-    panel_tile_i16<kTileRowsI16, MIN>(a + t0 * KP, da + t0 * nb, sa + t0 * nb, nb, p, dw, mw, y + t0 * ldy, ldy);
-  const uint32_t* at = a + t0 * KP;
-  const float *dt = da + t0 * nb, *st = sa + t0 * nb;
-  float* yt = y + t0 * ldy;
-  switch (T - t0) {  // the last few tokens
-    case 5: panel_tile_i16<5, MIN>(at, dt, st, nb, p, dw, mw, yt, ldy); break;
-    case 4: panel_tile_i16<4, MIN>(at, dt, st, nb, p, dw, mw, yt, ldy); break;
-    case 3: panel_tile_i16<3, MIN>(at, dt, st, nb, p, dw, mw, yt, ldy); break;
-    case 2: panel_tile_i16<2, MIN>(at, dt, st, nb, p, dw, mw, yt, ldy); break;
-    case 1: panel_tile_i16<1, MIN>(at, dt, st, nb, p, dw, mw, yt, ldy); break;
-    default: break;
+// All T tokens, kTileRowsInt at a time.
+template <bool MIN, bool BYTES>
+void panel_tiles_int(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t T,
+                     int64_t nb, const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
+  const int64_t KW = nb * (BYTES ? QK / 4 : QK / 2);
+  for (int64_t t0 = 0; t0 < T; t0 += kTileRowsInt) {
+    const uint32_t* at = a + t0 * KW;
+    const float *dt = da + t0 * nb, *st = sa + t0 * nb;
+    const int32_t* At = BYTES ? asum + t0 * nb : nullptr;
+    float* yt = y + t0 * ldy;
+    switch (std::min<int64_t>(kTileRowsInt, T - t0)) {
+      case 6: panel_tile_int<6, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+      case 5: panel_tile_int<5, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+      case 4: panel_tile_int<4, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+      case 3: panel_tile_int<3, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+      case 2: panel_tile_int<2, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+      default: panel_tile_int<1, MIN, BYTES>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
+    }
   }
 }
 
 // The tiles without the offset term when every m_w of the panel is 0 (Q8_0, Q6_K, Q5_0, int8 weights).
-inline void panel_tiles_i16(const uint32_t* a, const float* da, const float* sa, int64_t T, int64_t nb,
-                            const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
+template <bool BYTES>
+void panel_tiles_int(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t T,
+                     int64_t nb, const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
   if (std::any_of(mw, mw + nb * kPanel, [](float v) { return v != 0.f; })) {
-    panel_tiles_i16<true>(a, da, sa, T, nb, p, dw, mw, y, ldy);
+    panel_tiles_int<true, BYTES>(a, da, sa, asum, off, T, nb, p, dw, mw, y, ldy);
   } else {
-    panel_tiles_i16<false>(a, da, sa, T, nb, p, dw, mw, y, ldy);
+    panel_tiles_int<false, BYTES>(a, da, sa, asum, off, T, nb, p, dw, mw, y, ldy);
   }
 }
 
@@ -744,9 +754,9 @@ void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
                        [](void* r, float* d, float* mm) { return IntSink{static_cast<int16_t*>(r), d, mm}; }, row, rd, rm,
                        stage, panel, dw, mw);
       if (cols == kPanel) {  // straight into the output
-        panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, outs[i] + n0, m.n);
+        panel_tiles_int<false>(a, da, sa, nullptr, 0, T, nb, panel, dw, mw, outs[i] + n0, m.n);
       } else {
-        panel_tiles_i16(a, da, sa, T, nb, panel, dw, mw, y, kPanel);
+        panel_tiles_int<false>(a, da, sa, nullptr, 0, T, nb, panel, dw, mw, y, kPanel);
         for (int64_t t = 0; t < T; ++t) std::memcpy(outs[i] + t * m.n + n0, &y[t * kPanel], cols * sizeof(float));
       }
     }
@@ -765,8 +775,6 @@ void int16_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix
 // sub-block scale times q - 32, up to 4096) do not fit a byte: its matrices keep the int16 panels.
 // p (K/4, kPanel) 32-bit words, each the bytes u[c][4i .. 4i+3]: an AMX-INT8 B tile's layout.
 // ---------------------------------------------------------------------------------------------------
-constexpr int kTileRowsI8 = 6;  // 12 float + 12 int32 accumulators
-
 inline bool int8_fits(Kind kind) { return kind != Kind::Q6_K; }
 
 inline int int8_offset(Kind kind) {
@@ -806,64 +814,6 @@ inline void quantize_rows_i8(const float* x, int64_t T, int64_t K, int8_t* a, fl
       asum[b] = sum;
     }
   });
-}
-
-// y (NT, kPanel) = NT tokens (a: K/4 words a row; da, sa, asum: K/32 a row) times the panel; MIN: some m_w != 0.
-template <int NT, bool MIN>
-void panel_tile_i8(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t nb,
-                   const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
-  const int64_t KQ = nb * QK / 4;
-  __m512 acc[NT][2];
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i sum[NT][2];
-    for (int t = 0; t < NT; ++t) sum[t][0] = sum[t][1] = _mm512_set1_epi32(-off * asum[t * nb + b]);
-    for (int64_t k = b * QK / 4; k < (b + 1) * QK / 4; ++k) {
-      const __m512i w0 = _mm512_loadu_si512(p + k * kPanel), w1 = _mm512_loadu_si512(p + k * kPanel + 16);
-      for (int t = 0; t < NT; ++t) {
-        const __m512i xb = _mm512_set1_epi32(static_cast<int>(a[t * KQ + k]));
-        sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
-        sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
-      }
-    }
-    const __m512 d0 = _mm512_loadu_ps(dw + b * kPanel), d1 = _mm512_loadu_ps(dw + b * kPanel + 16);
-    const __m512 m0 = MIN ? _mm512_loadu_ps(mw + b * kPanel) : d0, m1 = MIN ? _mm512_loadu_ps(mw + b * kPanel + 16) : d1;
-    for (int t = 0; t < NT; ++t) {
-      const __m512 dt = _mm512_set1_ps(da[t * nb + b]), st = _mm512_set1_ps(MIN ? sa[t * nb + b] : 0.f);
-      if (MIN) {
-        acc[t][0] = _mm512_fmadd_ps(m0, st, acc[t][0]);
-        acc[t][1] = _mm512_fmadd_ps(m1, st, acc[t][1]);
-      }
-      acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(d0, dt), acc[t][0]);
-      acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(d1, dt), acc[t][1]);
-    }
-  }
-  for (int t = 0; t < NT; ++t) {
-    _mm512_storeu_ps(y + t * ldy, acc[t][0]);
-    _mm512_storeu_ps(y + t * ldy + 16, acc[t][1]);
-  }
-}
-
-template <bool MIN>
-void panel_tiles_i8(const uint32_t* a, const float* da, const float* sa, const int32_t* asum, int off, int64_t T,
-                    int64_t nb, const uint32_t* p, const float* dw, const float* mw, float* y, int64_t ldy) {
-  const int64_t KQ = nb * QK / 4;
-  int64_t t0 = 0;
-  for (; t0 + kTileRowsI8 <= T; t0 += kTileRowsI8)
-    panel_tile_i8<kTileRowsI8, MIN>(a + t0 * KQ, da + t0 * nb, sa + t0 * nb, asum + t0 * nb, off, nb, p, dw, mw,
-                                    y + t0 * ldy, ldy);
-  const uint32_t* at = a + t0 * KQ;
-  const float *dt = da + t0 * nb, *st = sa + t0 * nb;
-  const int32_t* At = asum + t0 * nb;
-  float* yt = y + t0 * ldy;
-  switch (T - t0) {  // the last few tokens
-    case 5: panel_tile_i8<5, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
-    case 4: panel_tile_i8<4, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
-    case 3: panel_tile_i8<3, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
-    case 2: panel_tile_i8<2, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
-    case 1: panel_tile_i8<1, MIN>(at, dt, st, At, off, nb, p, dw, mw, yt, ldy); break;
-    default: break;
-  }
 }
 
 // The byte panels' driver (int8 and amx): every panel of ms on the pool, filled with the format's
@@ -910,9 +860,9 @@ void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>
   byte_panels(T, K, ms, outs, panels,
               [&](const uint32_t* p, const float* dw, const float* mw, int off, bool min, float* out, int64_t ld) {
                 if (min) {
-                  panel_tiles_i8<true>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
+                  panel_tiles_int<true, true>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
                 } else {
-                  panel_tiles_i8<false>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
+                  panel_tiles_int<false, true>(a, da, sa, asum, off, T, nb, p, dw, mw, out, ld);
                 }
               });
 }
