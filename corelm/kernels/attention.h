@@ -7,6 +7,8 @@
 // Caches are (B, KV, S, hd), float32, fp16 or bf16 (C: float, at::Half or at::BFloat16; read as fp32,
 // every sum in fp32).
 //
+// A token's slots are read in spans of kSpan (attend_span), each leaving partial sums that combine()
+// merges in span order; a span of one kv head is the unit of work when a call has few tokens (decode).
 // Every (token, head) is computed by the same operations in the same order whatever the threading,
 // whatever else is in the call and however many heads share a pass, so a token's result does not
 // depend on its company (batched decode rows equal lone requests bit for bit; a prefill chunk's
