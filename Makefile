@@ -53,13 +53,16 @@ bench-llamacpp: setup
 # Side by side with llama.cpp on this machine (builds it from the sources vendored in llama-cpp-python, ~10 min
 # per build; AMX CPUs get a native decode-only build too): prefill and decode at 1 and 2 threads on the
 # embedded Q4_1 and a Q4_K_M made by llama-quantize (decode with the CPU's default prefetch, none, and 4096 bytes:
-# it is on by default only where measured, Intel), then corelm serve against llama-server -np 8.
+# it is on by default only where measured, Intel; prefill with the default panel GEMM, int16 on AVX-512, and
+# int8: on an AMX CPU the default is the tiles, so default vs int16 measures them; decode after 2000 tokens),
+# then corelm serve against llama-server -np 8.
 bench-peers: setup
 	bash scripts/build_llamacpp.sh .bench/llama.cpp
 	$(PY) benchmarks/prefill.py --gguf .bench/llama.cpp/smollm2-Q4_K_M.gguf \
 		--llama-bench .bench/llama.cpp/build/llama-bench \
 		$$(test -x .bench/llama.cpp/build-native/llama-bench && echo --llama-bench-decode .bench/llama.cpp/build-native/llama-bench) \
-		--threads 1 2 --prompt 128 512 --rows 1 8 --tokens 128 --variants default --prefetch default 0 4096 --rounds 3
+		--threads 1 2 --prompt 128 512 --rows 1 8 --tokens 128 --variants default int16 int8 --depth 2000 \
+		--prefetch default 0 4096 --rounds 3
 	$(PY) benchmarks/serve.py --llama-server .bench/llama.cpp/build/llama-server --levels 1 8 32 --rounds 2
 
 clean:
