@@ -189,3 +189,13 @@ def test_smollm2_prefill_keeps_the_fp32_logits(smollm2_logits, mode):
     print(f"{mode} panels vs fp32: max |logit diff| {diff:.4f}, top-1 agreement {agree:.4f}")
     assert not torch.equal(got, ref)  # the switch took effect
     assert diff <= atol and agree >= floor, (diff, agree)
+
+
+def test_an_assembler_without_amx_gives_a_build_without_tiles(monkeypatch):
+    """amx.h writes the tile instructions as inline assembly: a toolchain older than AMX (binutils < 2.36)
+    compiles the VNNI builds with -DCORELM_NO_AMX instead of failing the whole build."""
+    monkeypatch.setattr(kernels, "assembler_has_amx", lambda: False)
+    assert "-DCORELM_NO_AMX" in kernels._flags("avx512vnni") and "-DCORELM_NO_AMX" in kernels._flags("avx512bf16")
+    assert "-DCORELM_NO_AMX" not in kernels._flags("avx2")
+    monkeypatch.setattr(kernels, "assembler_has_amx", lambda: True)
+    assert kernels._flags("avx512vnni") == kernels.FLAGS["avx512vnni"]

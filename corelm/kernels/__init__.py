@@ -80,6 +80,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -158,12 +159,32 @@ def cache_dir(level: str | None = None) -> Path:
     key = hashlib.sha1()
     for part in (SOURCE.name, *HEADERS):
         key.update(SOURCE.with_name(part).read_bytes())
-    key.update(" ".join([torch.__version__, _compiler() or "", *FLAGS[level]]).encode())
+    key.update(" ".join([torch.__version__, _compiler() or "", *_flags(level)]).encode())
     return cache.cache_subdir("kernels", f"{level}-{key.hexdigest()[:12]}")
 
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@lru_cache(maxsize=1)
+def assembler_has_amx() -> bool:
+    """Whether this toolchain assembles AMX instructions (binutils 2.36+, 2021): amx.h writes them as inline
+    assembly, and a build for an older assembler leaves the tiles out (``-DCORELM_NO_AMX``) rather than
+    failing."""
+    cxx = _compiler()
+    if cxx is None:
+        return False
+    probe = 'int main() { asm volatile("tilerelease"); return 0; }'
+    proc = subprocess.run([cxx, "-x", "c++", "-c", "-", "-o", os.devnull], input=probe, capture_output=True,
+                          text=True, check=False)
+    return proc.returncode == 0
+
+
+def _flags(level: str) -> list[str]:
+    """The compiler flags of a build: its instruction set's, and no tiles where the assembler has none."""
+    vnni = level in ("avx512vnni", "avx512bf16")
+    return [*FLAGS[level], *(["-DCORELM_NO_AMX"] if vnni and not assembler_has_amx() else [])]
 
 
 def build(level: str | None = None, force: bool = False) -> Path:
@@ -191,7 +212,7 @@ def build(level: str | None = None, force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *FLAGS[level], *includes, str(SOURCE), "-o", tmp, f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+           *_flags(level), *includes, str(SOURCE), "-o", tmp, f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
            f"-Wl,-rpath,{torch_lib}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

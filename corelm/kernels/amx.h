@@ -46,6 +46,17 @@ inline TileConfig block_config() {
 }
 
 // The sums of one block: C[0][.] from the h digits, C[1][.] from the l digits; c (2, 16, kPanel) int32.
+// A build whose assembler predates AMX (binutils < 2.36; corelm/kernels/__init__.py probes it) leaves the
+// instructions out: amx_declared() is then false and these are never reached.
+#if defined(CORELM_NO_AMX)
+struct HardwareTiles {
+  static void configure(const TileConfig&) { TORCH_CHECK(false, "this build of the kernels has no AMX"); }
+  static void release() {}
+  static void block(const int8_t*, const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*) {
+    TORCH_CHECK(false, "this build of the kernels has no AMX");
+  }
+};
+#else
 struct HardwareTiles {
   static void configure(const TileConfig& c) { asm volatile("ldtilecfg %0" ::"m"(c)); }
   static void release() { asm volatile("tilerelease" ::); }
@@ -74,6 +85,7 @@ struct HardwareTiles {
         : "memory");
   }
 };
+#endif
 
 // The same operations in C, with the shape rules under which the instructions would fault.
 struct EmulatedTiles {
@@ -209,6 +221,9 @@ void panel_tiles_amx(const int8_t* h, const int8_t* l, const float* da, const fl
 // TILEDATA), and Linux's per-process grant of TILEDATA (arch_prctl ARCH_REQ_XCOMP_PERM; process-wide, so
 // the pool's threads may use tiles too).
 inline bool amx_declared() {
+#if defined(CORELM_NO_AMX)
+  return false;
+#endif
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
   if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;
