@@ -3,7 +3,8 @@
 ``torch.ops.corelm.qlinear_blocks`` / ``qlinear`` on random valid blocks of the formats a Q4_K_M and
 a Q4_1 file hold (q/o 576x576 Q5_0, gate/up 1536x576 Q5_0, down 576x1536 Q4_K and Q6_K, the head
 49152x576 Q8_0, corelm's int4 1536x576), ``T`` tokens, with ``CORELM_GEMM`` switched between
-``fp32``, ``int16``, ``int8``, ``amx`` (where the CPU has it), ``bf16`` and ``aten`` round by round (A B C A B C ...); median ms and GFLOP/s.
+``fp32``, ``int16``, ``int8``, ``amx`` (where the CPU has it), ``bf16`` and ``aten`` round by round
+(A B C A B C ...); median ms and GFLOP/s.
 
     python benchmarks/gemm.py --threads 1 2 --tokens 128 512
 """

@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                     help="fp32 / int16 / int8 / amx / bf16 / aten: the panel GEMM's arithmetic (CORELM_GEMM, gemm.h); "
-                         "int16 and int8 need an AVX-512 VNNI build, amx also a CPU that declares AMX-INT8, bf16 the avx512bf16 build")
+                         "int16 and int8 need an AVX-512 VNNI build, amx also a CPU that declares AMX-INT8, bf16 "
+                         "the avx512bf16 build")
     ap.add_argument("--prefetch", nargs="+", default=["default"],
                     help="decode with each of these CORELM_PREFETCH byte counts, alternating ('default': "
                          "the CPU's own, kernels.prefetch()), e.g. --prefetch default 0")
@@ -197,7 +198,8 @@ def _report(name: str, kind: str, threads: int, pre: dict, dec: dict, rounds: in
         return
     peers = [med[k] for k in (("llama.cpp", 1), ("llama.cpp decode-only build", 1)) if k in med]
     ref = max(peers) if peers else None  # the faster llama.cpp build
-    print("| decode | rows | tok/s, all rows (median) | min-max | step cost vs 1 row | vs llama.cpp 1 row (faster build) |")
+    print("| decode | rows | tok/s, all rows (median) | min-max | step cost vs 1 row "
+          "| vs llama.cpp 1 row (faster build) |")
     print("|---|---|---|---|---|---|")
     for (who, rows), s in dec.items():
         one = med.get((who, 1)) if who.startswith("corelm") else None

@@ -101,7 +101,7 @@ def test_quantize_at_load_reads_the_checkpoint_dtype_and_equals_quantizing_the_f
                                    tie_word_embeddings=tied)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
-    import corelm.quant.transform as transform
+    from corelm.quant import transform
 
     seen, quantize_linear = [], transform.quantize_linear
     monkeypatch.setattr(transform, "quantize_linear",

@@ -352,7 +352,8 @@ def _iq4_xs(x: torch.Tensor) -> torch.Tensor:  # x (B, 256)
     scales = _iq4_scales(x.reshape(n * 8, QK)).reshape(n, 8)
     d = -_signed_absmax(scales) / 32  # (B, 1); the sub-block scales as 6-bit multiples of it
     ls = torch.round(_inv(d) * scales).clamp(-32, 31)  # nearest_int: to the nearest, ties to even
-    codes = _iq4_index(_inv(d * ls)[..., None] * x.reshape(n, 8, QK))  # (B, 8, 32), against d * ls (fp32 d, as llama.cpp)
+    # (B, 8, 32), against d * ls (fp32 d, as llama.cpp)
+    codes = _iq4_index(_inv(d * ls)[..., None] * x.reshape(n, 8, QK))
     lq = (ls + 32).to(torch.int32)
     scales_l = (lq[:, 0::2] & 0xF) | ((lq[:, 1::2] & 0xF) << 4)  # (B, 4)
     scales_h = ((lq >> 4) << (2 * torch.arange(8))).sum(1, keepdim=True)  # (B, 1) 16 bits

@@ -22,8 +22,14 @@ import torch
 from torch import nn
 
 from corelm.errors import CorelmError
-from corelm.quant.experts import (QuantizedExperts, check_experts, experts_structure, float_stacks, gguf_experts,
-                                  quantize_experts)
+from corelm.quant.experts import (
+    QuantizedExperts,
+    check_experts,
+    experts_structure,
+    float_stacks,
+    gguf_experts,
+    quantize_experts,
+)
 from corelm.quant.gguf_blocks import GGUFBlocks
 from corelm.quant.layers import (
     Int4Linear,
@@ -193,22 +199,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         parent, name, linear = targets[i]
         targets[i] = None  # the float layer is freed once replaced, not at the end
         kind = head if parent is model and name == "lm_head" else method
-        device = linear.weight.device
-        new = None
-        if blocks is not None and kind == "int4" and group_size == 32:
-            if (qb := blocks.int4(linear)) is not None:
-                new = new_layer(kind, linear, 32, device)
-                new.set_quantized(*qb)
-                if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
-                    new.bias = linear.bias
-        elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
-            new = new_layer(kind, linear, 32, device)
-            new.set_quantized(*qb)
-        if new is None:
-            new = quantize_linear(linear, kind, group_size)
-        if kind == "q8" and name == "lm_head":
-            new.refine = HEAD_REFINE
-        setattr(parent, name, new)
+        setattr(parent, name, _quantized(model, name, linear, kind, group_size, blocks))
     quantize_experts(model, method, group_size, skip, blocks.file if blocks is not None else None)
     experts = any(isinstance(m, QuantizedExperts) for m in model.modules())  # or the loader took them from a file
     _tie_quantized(model, tied, out_dtype)
@@ -216,6 +207,27 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
                                  "skip": list(skip), "tied_embedding": tied is not None, "experts": bool(experts),
                                  "embedding_dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None}
     return model
+
+
+def _quantized(model: nn.Module, name: str, linear: nn.Linear, kind: str, group_size: int,
+               blocks: GGUFBlocks | None) -> nn.Module:
+    """The layer ``kind`` makes of ``linear`` (child ``name``): from the GGUF file's own blocks where they are
+    already that layer's integers (Q4_0/Q4_1 as int4 group 32, a Q8_0 head as q8), else quantized."""
+    new = None
+    if blocks is not None and kind == "int4" and group_size == 32:
+        if (qb := blocks.int4(linear)) is not None:
+            new = new_layer(kind, linear, 32, linear.weight.device)
+            new.set_quantized(*qb)
+            if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
+                new.bias = linear.bias
+    elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
+        new = new_layer(kind, linear, 32, linear.weight.device)
+        new.set_quantized(*qb)
+    if new is None:
+        new = quantize_linear(linear, kind, group_size)
+    if kind == "q8" and name == "lm_head":
+        new.refine = HEAD_REFINE
+    return new
 
 
 def quantized_structure(model: nn.Module, spec: dict) -> nn.Module:
