@@ -103,3 +103,13 @@ def test_bench_help(capsys):
     out = capsys.readouterr().out
     for opt in ("--train", "--decode", "--save", "--profile", "--steps", "--threads"):
         assert opt in out
+
+
+def test_the_machine_report_names_the_kernel_build_gemm_and_prefetch():
+    from corelm import kernels
+    from corelm.commands.bench import _kernels, render
+
+    assert kernels.load(), kernels.load_error()
+    k = _kernels()
+    assert k == {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch()}
+    assert f"corelm kernels: {k['build']} build, panel GEMM {k['panel_gemm']}" in render({"kernels": k})

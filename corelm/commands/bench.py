@@ -199,6 +199,8 @@ def bench(options: BenchOptions) -> dict:
     out: dict = {}
     if not (options.train or options.decode) or options.save:
         out["machine"] = B.measure_profile(device, quick=options.quick, progress=_say)
+        if device == "cpu":
+            out["kernels"] = _kernels()
     if options.train:
         out["train"] = run_train(options, device, given)
     if options.decode:
@@ -213,6 +215,17 @@ def bench(options: BenchOptions) -> dict:
             prof["bandwidth_efficiency"] = min(1.0, pr["gemv_bandwidth"] / prof["bandwidth_bytes_s"])
         B.save_profile(prof, options.save)
     return out
+
+
+def _kernels() -> dict:
+    """Which build of corelm's C++ kernels this CPU runs, its many-token GEMM and its decode prefetch."""
+    import torch
+
+    from corelm import kernels
+
+    if not kernels.load(build_if_missing=False):
+        return {"build": None, "why": kernels.load_error()}
+    return {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch()}
 
 
 def main(argv: list[str]) -> int:
@@ -238,6 +251,13 @@ def render(out: dict) -> str:
             note = "   (no fast kernel: measured small)" if n != m["matmul_size"] else ""
             lines.append(f"  matmul {dt:<5} {n:>4}×{n:<4}   {f / 1e9:10,.1f} GFLOP/s{note}")
         lines.append(f"  read bandwidth          {m['bandwidth_bytes_s'] / 1e9:10,.1f} GB/s")
+    if "kernels" in out:
+        k = out["kernels"]
+        if k["build"]:
+            lines.append(f"  corelm kernels: {k['build']} build, panel GEMM {k['panel_gemm']}, decode prefetch "
+                         f"{k['prefetch_bytes']} bytes ahead")
+        else:
+            lines.append(f"  corelm kernels: not loaded ({k['why']})")
     if "train" in out:
         t = out["train"]
         pb, st = t["peak_bytes"], t["step_s"]
