@@ -57,11 +57,12 @@ def tokens8(x):  # gemm.h's quantize_rows_i8 in PyTorch: d = amax / 127, a = rou
 
 def matrices(n):
     for kind, t in TYPES.items():
-        k = 512 if kquant.FORMATS[t][1] == 256 else 576  # the K-quants and IQ4_XS: 256-value super-blocks
-        blocks = random_blocks(kind, n, k, seed=t + n)
-        op = lambda x, blocks=blocks, t=t: torch.ops.corelm.qlinear_blocks(x, blocks, t)
-        reference = lambda x, blocks=blocks, t=t: kquant.reference_qlinear_blocks(x, blocks, t)
-        yield kind, k, op, kquant.dequantize_blocks(blocks, t, k), reference
+        # the K-quants and IQ4_XS: 256-value super-blocks; 96 values: byte panels of 24 words, not whole vectors
+        for k in (512,) if kquant.FORMATS[t][1] == 256 else (576, 96):
+            blocks = random_blocks(kind, n, k, seed=t + n)
+            op = lambda x, blocks=blocks, t=t: torch.ops.corelm.qlinear_blocks(x, blocks, t)
+            reference = lambda x, blocks=blocks, t=t: kquant.reference_qlinear_blocks(x, blocks, t)
+            yield kind, k, op, kquant.dequantize_blocks(blocks, t, k), reference
     torch.manual_seed(n)
     q, scale, zero = layers.quantize_int4_groupwise(torch.randn(n, 576), 64)
     q4, s4 = kernels.pack_blocks(q), torch.stack([scale, zero], -1).contiguous()
