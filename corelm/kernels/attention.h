@@ -14,14 +14,15 @@
 // depend on its company (batched decode rows equal lone requests bit for bit; a prefill chunk's
 // tokens equal those of a longer or shorter chunk).
 //
-// The AVX-512 form scores 16 keys at a time, each key's
-// 16 partial sums of q.k held in one vector and the 16 vectors reduced together by one transposing
-// tree (15 adds for 16 keys instead of 4 shuffle-add levels per key); the softmax's exponentials 16 at a
-// time (Cephes' degree-5 polynomial and VSCALEFPS); and o = sum_j p_j v_j with the output
-// held in registers, 64 columns of up to 4 query heads that share each V load. Before it, one query head
-// at a time with a horizontal sum and a libm expf per score spent 56% of a 512-token Q4_K_M prefill of
-// SmolLM2-135M in attention (2-core Zen 4). The AVX2 build runs the same kernels 8 lanes wide; the generic
-// build keeps the scalar-vector form at the end.
+// The AVX-512 form converts and transposes each block of 16 keys once (K^T: hd rows of 16 keys) for every
+// query row that reads it: a token's heads, and in a prefill a tile of up to 8 consecutive tokens, so each
+// score is one FMA chain over the head dimension in its key's lane (a register tile of 8 query rows per
+// K^T row loaded). Before, each query head summed 16 keys' partial dot products through a transposing
+// tree and every token converted the same keys again: a 3000-token prefill spent 57% of its time there
+// (2-core Intel Xeon). The softmax's exponentials go 16 at a time (Cephes' degree-5 polynomial and
+// VSCALEFPS), and o = sum_j p_j v_j keeps the output in registers, 64 columns of up to 4 query heads that
+// share each V load. The AVX2 build runs the same kernels 8 lanes wide; the generic build keeps the
+// scalar-vector form at the end.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -72,6 +73,13 @@ inline void attended(int64_t p, int64_t window, int64_t* lo, int64_t* len) {
 struct Simd {  // AVX-512: 16 lanes
   using R = __m512;
   static constexpr int64_t W = 16, kHeads = 4;  // heads per output pass: 4 x 4 accumulators of the 32 registers
+  static constexpr int64_t kRows = 8;           // query rows per scores tile
+  static void transpose(R* r) {                 // r[0..15]: 16 rows -> r[j] = column j
+    __m512i t[16];
+    for (int i = 0; i < 16; ++i) t[i] = _mm512_castps_si512(r[i]);
+    transpose16(t);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(t[i]);
+  }
   static __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float v) { return _mm512_set1_ps(v); }
@@ -111,20 +119,6 @@ struct Simd {  // AVX-512: 16 lanes
     const R n = _mm512_roundscale_ps(mul(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm512_scalef_ps(expm(x, n), n);
   }
-  // a[k] (16 vectors of 16 partial sums, one per key k) -> one vector whose lane k is key k's total. Every
-  // key's lanes are summed by the same tree: lane l + lane l+8, then + l+4, + l+2, + l+1.
-  static R sum_keys(R* a) {
-    R b[8], c[4], d[2];
-    for (int i = 0; i < 8; ++i)  // (a lo 256 | b lo 256) + (a hi | b hi): keys 2i, 2i+1, 8 lanes each
-      b[i] = add(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; ++i)  // 128-bit lanes 0, 2 + 1, 3: keys 4i..4i+3, 4 lanes each
-      c[i] = add(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; ++i)  // within 128-bit lanes, elements 0, 1 + 2, 3: 2 lanes per key
-      d[i] = add(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
-    // elements 0 + 1 and 2 + 3: 128-bit lane j holds keys j, 4 + j, 8 + j, 12 + j; put key k at lane k
-    const R e = add(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
-  }
   static R expm(R x, R n);
 };
 
@@ -134,6 +128,8 @@ struct Simd {  // AVX-512: 16 lanes
 struct Simd {  // AVX2: 8 lanes
   using R = __m256;
   static constexpr int64_t W = 8, kHeads = 3;  // heads per output pass: 3 x 4 accumulators of the 16 registers
+  static constexpr int64_t kRows = 8;  // query rows per scores tile: 8 accumulators of the 16 registers
+  static void transpose(R* r) { transpose8(r); }  // r[0..7]: 8 rows -> r[j] = column j
   static __m256i first(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -189,18 +185,6 @@ struct Simd {  // AVX2: 8 lanes
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return mul(expm(x, n), _mm256_castsi256_ps(e));
   }
-  // a[k] (8 vectors of 8 partial sums, one per key k) -> key k's total at lane k; every key's lanes are summed
-  // by the same tree: lane l + lane l+4, then + l+2, + l+1.
-  static R sum_keys(R* a) {
-    R b[4], c[2];
-    for (int i = 0; i < 4; ++i)  // (a lo 128 | b lo 128) + (a hi | b hi): keys 2i, 2i+1, 4 lanes each
-      b[i] = add(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20), _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
-    for (int i = 0; i < 2; ++i)  // elements 0, 1 + 2, 3 of each 128-bit lane: 2 lanes per key
-      c[i] = add(_mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm256_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-    // elements 0 + 1 and 2 + 3: lanes hold keys 0, 2, 4, 6 | 1, 3, 5, 7; put key k at lane k
-    const R e = add(_mm256_shuffle_ps(c[0], c[1], 0x88), _mm256_shuffle_ps(c[0], c[1], 0xDD));
-    return _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  }
   static R expm(R x, R n);
 };
 
@@ -221,29 +205,49 @@ inline Simd::R Simd::expm(R x, R n) {
   return add(fma(mul(p, r), r, r), set1(1.f));
 }
 
-// Scores of n query heads (q: n rows of hd, consecutive) against len keys K (len rows of hd): w (n, ldw),
-// W keys at a time; each block's keys are converted to fp32 once (kbuf) for all n heads.
-// ahead: bytes of K past the block being read to prefetch (prefetch_ahead(); 0: none).
+// Query rows q[0..nr) times kt (hd rows of W: block of W keys, transposed): w[i][0..W) (row stride ldw),
+// scaled. Each score is one FMA chain over d = 0 .. hd-1 in its key's lane, whatever rows come with it.
+template <int M>
+inline void score_rows(const float* const* q, const float* kt, int64_t hd, float scale, float* w, int64_t ldw,
+                       int64_t nk) {
+  typename Simd::R acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = Simd::zero();
+  for (int64_t d = 0; d < hd; ++d) {
+    const typename Simd::R kd = Simd::load(kt + d * Simd::W);
+    for (int i = 0; i < M; ++i) acc[i] = Simd::fma(Simd::set1(q[i][d]), kd, acc[i]);
+  }
+  for (int i = 0; i < M; ++i) Simd::store(w + i * ldw, Simd::mul(acc[i], Simd::set1(scale)), nk);
+}
+
+// Scores of nr query rows (q[i]: hd values) against len keys K (len rows of hd): w (nr, ldw). Each block of
+// W keys is converted to fp32 and transposed once (kt: hd rows of W) for all the rows, so a tile of
+// tokens shares it; ahead: bytes of K past the block being read to prefetch (prefetch_ahead(); 0: none).
 template <typename C>
-void scores(const float* q, int64_t n, const C* K, int64_t len, int64_t hd, float scale, float* kbuf, float* w,
+void scores(const float* const* q, int64_t nr, const C* K, int64_t len, int64_t hd, float scale, float* kt, float* w,
             int64_t ldw, int64_t ahead) {
-  constexpr int64_t W = Simd::W;
+  constexpr int64_t W = Simd::W, kRows = Simd::kRows;
   const int64_t chunks = (hd + W - 1) / W;
   for (int64_t j0 = 0; j0 < len; j0 += W) {
     const int64_t nk = std::min<int64_t>(W, len - j0);
     if (ahead) prefetch_bytes(reinterpret_cast<const char*>(K + j0 * hd) + ahead, W * hd * sizeof(C));
-    for (int64_t k = 0; k < W; ++k)  // zeros past the last key
-      for (int64_t c = 0; c < chunks; ++c)
-        Simd::store(kbuf + (k * chunks + c) * W, k < nk ? Simd::row(K + (j0 + k) * hd + c * W, hd - c * W) : Simd::zero());
-    for (int64_t h = 0; h < n; ++h) {
-      const float* qh = q + h * hd;
-      typename Simd::R acc[W];
-      for (int64_t k = 0; k < W; ++k) acc[k] = Simd::zero();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const typename Simd::R qc = Simd::row(qh + c * W, hd - c * W);
-        for (int64_t k = 0; k < W; ++k) acc[k] = Simd::fma(qc, Simd::load(kbuf + (k * chunks + c) * W), acc[k]);
+    for (int64_t c = 0; c < chunks; ++c) {  // zeros past the last key
+      typename Simd::R r[W];
+      for (int64_t k = 0; k < W; ++k) r[k] = k < nk ? Simd::row(K + (j0 + k) * hd + c * W, hd - c * W) : Simd::zero();
+      Simd::transpose(r);
+      for (int64_t i = 0; i < W && c * W + i < hd; ++i) Simd::store(kt + (c * W + i) * W, r[i]);
+    }
+    for (int64_t r0 = 0; r0 < nr; r0 += kRows) {
+      float* wr = w + r0 * ldw + j0;
+      switch (std::min(kRows, nr - r0)) {
+        case 8: score_rows<8>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 7: score_rows<7>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 6: score_rows<6>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 5: score_rows<5>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 4: score_rows<4>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 3: score_rows<3>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        case 2: score_rows<2>(q + r0, kt, hd, scale, wr, ldw, nk); break;
+        default: score_rows<1>(q + r0, kt, hd, scale, wr, ldw, nk); break;
       }
-      Simd::store(w + h * ldw + j0, Simd::mul(Simd::sum_keys(acc), Simd::set1(scale)), nk);
     }
   }
 }
@@ -308,34 +312,59 @@ constexpr int64_t kSpan = 256;
 
 inline int64_t spans_of(int64_t len) { return (len + kSpan - 1) / kSpan; }
 
-// The n = H / KV query heads of token t that read kv head g, over span s of its slots: per head h,
-// m[h] = the span's largest score, l[h] = sum_j e_j with e_j = exp(score_j - m[h]), and the unnormalized
-// o (n, hd) = sum_j e_j V_j.
+// Where one token's partials for one span go: o (n, hd), m and l (n each).
+struct SpanOut {
+  float *o, *m, *l;
+};
+
+// Tokens t0 .. t0+nt-1 (one cache row and one first slot lo: a tile) x the n = H / KV query heads that read kv
+// head g, over span s of their slots. Per token that reaches the span and per head h: m[h] = the span's
+// largest score, l[h] = sum_j e_j with e_j = exp(score_j - m[h]), and the unnormalized o (n, hd) = sum_j
+// e_j V_j, into outs[i]. The tile's tokens share each converted, transposed block of K; everything else
+// is per token, so a token's partials do not depend on the tile it came in.
 template <typename C>
-void attend_span(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
-                 int64_t g, int64_t s, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale,
-                 float softcap, int64_t ahead, float* o, float* m, float* l) {
+void attend_span(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t0,
+                 int64_t nt, int64_t g, int64_t s, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window,
+                 float scale, float softcap, int64_t ahead, const SpanOut* outs) {
   constexpr int64_t W = Simd::W, kHeads = Simd::kHeads;
-  int64_t lo, len;
-  attended(pos[t], window, &lo, &len);
-  const int64_t j0 = lo + s * kSpan, nk = std::min(kSpan, len - s * kSpan), n = H / KV, ldw = (nk + W - 1) / W * W;
-  thread_local std::vector<float> w, kbuf;
-  w.resize(n * ldw);
-  kbuf.resize(W * ((hd + W - 1) / W) * W);
-  const C* K = kc + ((rows[t] * KV + g) * S + j0) * hd;
-  const C* V = vc + ((rows[t] * KV + g) * S + j0) * hd;
-  scores(q + (t * H + g * n) * hd, n, K, nk, hd, scale, kbuf.data(), w.data(), ldw, ahead);
+  const int64_t n = H / KV;
+  int64_t lo, len, most = 0;
+  thread_local std::vector<int64_t> keys;  // the keys of the span each token reads (0: none)
+  keys.resize(nt);
+  for (int64_t i = 0; i < nt; ++i) {
+    attended(pos[t0 + i], window, &lo, &len);
+    keys[i] = std::max<int64_t>(0, std::min(kSpan, len - s * kSpan));
+    most = std::max(most, keys[i]);
+  }
+  const int64_t j0 = lo + s * kSpan, ldw = (most + W - 1) / W * W;
+  thread_local std::vector<float> w, kt;
+  thread_local std::vector<const float*> qr;
+  w.resize(nt * n * ldw);
+  kt.resize(((hd + W - 1) / W) * W * W);
+  qr.clear();
+  for (int64_t i = 0; i < nt; ++i)
+    if (keys[i] > 0)
+      for (int64_t h = 0; h < n; ++h) qr.push_back(q + ((t0 + i) * H + g * n + h) * hd);
+  const C* K = kc + ((rows[t0] * KV + g) * S + j0) * hd;
+  const C* V = vc + ((rows[t0] * KV + g) * S + j0) * hd;
+  scores(qr.data(), static_cast<int64_t>(qr.size()), K, most, hd, scale, kt.data(), w.data(), ldw, ahead);
   float ones[kHeads];
-  for (int64_t hb = 0; hb < n; hb += kHeads) {
-    const int64_t nh = std::min<int64_t>(kHeads, n - hb);
-    for (int64_t h = 0; h < nh; ++h) {
-      float* wh = w.data() + (hb + h) * ldw;
-      if (softcap > 0.f)
-        for (int64_t j = 0; j < nk; ++j) wh[j] = softcap * std::tanh(wh[j] / softcap);
-      l[hb + h] = softmax_part(wh, nk, &m[hb + h]);
-      ones[h] = 1.f;
+  for (int64_t i = 0, r = 0; i < nt; ++i) {
+    if (keys[i] == 0) continue;
+    const int64_t nk = keys[i];
+    const SpanOut& out = outs[i];
+    for (int64_t hb = 0; hb < n; hb += kHeads) {
+      const int64_t nh = std::min<int64_t>(kHeads, n - hb);
+      for (int64_t h = 0; h < nh; ++h) {
+        float* wh = w.data() + (r + hb + h) * ldw;
+        if (softcap > 0.f)
+          for (int64_t j = 0; j < nk; ++j) wh[j] = softcap * std::tanh(wh[j] / softcap);
+        out.l[hb + h] = softmax_part(wh, nk, &out.m[hb + h]);
+        ones[h] = 1.f;
+      }
+      weighted_values(w.data() + (r + hb) * ldw, ldw, ones, nh, V, nk, hd, out.o + hb * hd, hd, ahead);
     }
-    weighted_values(w.data() + hb * ldw, ldw, ones, nh, V, nk, hd, o + hb * hd, hd, ahead);
+    r += n;
   }
 }
 
@@ -367,21 +396,40 @@ inline void combine(const float* o, const float* m, const float* l, int64_t span
   }
 }
 
-// Token t's heads that read kv head g, every span in turn, merged into out.
+// Up to this many consecutive tokens of one cache row (a prefill's) share each block of K.
+constexpr int64_t kTile = 8;
+
+// A tile's tokens' heads that read kv head g, every span in turn, each token's merged into out.
 template <typename C>
-void attend_group(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t,
-                  int64_t g, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale, float softcap,
-                  int64_t ahead, float* out) {
-  int64_t lo, len;
-  attended(pos[t], window, &lo, &len);
-  const int64_t n = H / KV, spans = spans_of(len);
+void attend_tile(const float* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* pos, int64_t t0,
+                 int64_t nt, int64_t g, int64_t H, int64_t KV, int64_t S, int64_t hd, int64_t window, float scale,
+                 float softcap, int64_t ahead, float* out) {
+  const int64_t n = H / KV;
+  int64_t most = 0;
+  thread_local std::vector<int64_t> spans;
+  spans.resize(nt);
+  for (int64_t i = 0; i < nt; ++i) {
+    int64_t lo, len;
+    attended(pos[t0 + i], window, &lo, &len);
+    spans[i] = spans_of(len);
+    most = std::max(most, spans[i]);
+  }
+  const int64_t per = most * n * (hd + 2);  // a token's partials: o (most, n, hd), m (most, n), l (most, n)
   thread_local std::vector<float> part;
-  part.resize(spans * n * (hd + 2));
-  float *o = part.data(), *m = o + spans * n * hd, *l = m + spans * n;
-  for (int64_t i = 0; i < spans; ++i)
-    attend_span(q, kc, vc, rows, pos, t, g, i, H, KV, S, hd, window, scale, softcap, ahead, o + i * n * hd, m + i * n,
-                l + i * n);
-  combine(o, m, l, spans, n, hd, out + (t * H + g * n) * hd);
+  thread_local std::vector<SpanOut> outs;
+  part.resize(nt * per);
+  outs.resize(nt);
+  for (int64_t s = 0; s < most; ++s) {
+    for (int64_t i = 0; i < nt; ++i) {
+      float* base = part.data() + i * per;
+      outs[i] = {base + s * n * hd, base + most * n * hd + s * n, base + most * n * (hd + 1) + s * n};
+    }
+    attend_span(q, kc, vc, rows, pos, t0, nt, g, s, H, KV, S, hd, window, scale, softcap, ahead, outs.data());
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    const float* base = part.data() + i * per;
+    combine(base, base + most * n * hd, base + most * n * (hd + 1), spans[i], n, hd, out + ((t0 + i) * H + g * n) * hd);
+  }
 }
 
 #else  // the scalar-vector form
@@ -441,20 +489,33 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
   for (int64_t t = 0; t < N; ++t) work += (pos[t] + 1) * hd * H;
   const int64_t threads = at::get_num_threads();
 #if defined(CORELM_ATTENTION_SIMD)
-  auto unit = [&](int64_t tg) {
-    attend_group(q, kc, vc, rows, pos, tg / KV, tg % KV, H, KV, S, hd, window, scale, softcap, ahead, out);
+  // tiles: runs of up to kTile consecutive tokens with one cache row and one first slot
+  std::vector<int64_t> tiles{0};
+  for (int64_t t = 1; t <= N; ++t) {
+    int64_t lo0, lo1, len;
+    if (t < N) {
+      attended(pos[tiles.back()], window, &lo0, &len);
+      attended(pos[t], window, &lo1, &len);
+    }
+    if (t == N || t - tiles.back() == kTile || rows[t] != rows[tiles.back()] || lo0 != lo1) tiles.push_back(t);
+  }
+  const int64_t nt = static_cast<int64_t>(tiles.size()) - 1;
+  auto unit = [&](int64_t u) {  // tile u / KV, kv head u % KV
+    const int64_t i = u / KV;
+    attend_tile(q, kc, vc, rows, pos, tiles[i], tiles[i + 1] - tiles[i], u % KV, H, KV, S, hd, window, scale, softcap,
+                ahead, out);
   };
   if (work < (1 << 16) || threads == 1) {  // little work: a parallel region costs more than it saves
-    for (int64_t tg = 0; tg < N * KV; ++tg) unit(tg);
+    for (int64_t u = 0; u < nt * KV; ++u) unit(u);
     return;
   }
-  if (N * KV >= 4 * threads) {  // a unit per (token, kv head), its spans in turn
-    Pool::parallel_for(N * KV, 1, [&](int64_t b, int64_t e) {
-      for (int64_t tg = b; tg < e; ++tg) unit(tg);
+  if (nt * KV >= 4 * threads) {  // a unit per (tile, kv head), its spans in turn
+    Pool::parallel_for(nt * KV, 1, [&](int64_t b, int64_t e) {
+      for (int64_t u = b; u < e; ++u) unit(u);
     });
     return;
   }
-  // a few tokens (decode steps, short verify passes): a unit per span, the partials merged afterwards
+  // a few tokens (decode steps, short verify passes): a unit per span of one token, the partials merged after
   std::vector<int64_t> first(N * KV + 1, 0);  // (token, kv head) tg's spans are units first[tg] .. first[tg + 1]
   for (int64_t tg = 0; tg < N * KV; ++tg) {
     int64_t lo, len;
@@ -466,8 +527,9 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
   Pool::parallel_for(first.back(), 1, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
       const int64_t tg = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
-      attend_span(q, kc, vc, rows, pos, tg / KV, tg % KV, u - first[tg], H, KV, S, hd, window, scale, softcap, ahead,
-                  o + u * group * hd, m + u * group, l + u * group);
+      const SpanOut one{o + u * group * hd, m + u * group, l + u * group};
+      attend_span(q, kc, vc, rows, pos, tg / KV, 1, tg % KV, u - first[tg], H, KV, S, hd, window, scale, softcap,
+                  ahead, &one);
     }
   });
   for (int64_t tg = 0; tg < N * KV; ++tg)

@@ -385,27 +385,6 @@ inline void panel_tiles(const float* x, int64_t T, int64_t K, const float* p, fl
   }
 }
 
-#if defined(__AVX2__)
-// r[0..7]: 8 rows of 8 floats -> r[j] = column j.
-inline void transpose8(__m256* r) {
-  __m256 a[8], b[8];
-  for (int i = 0; i < 8; i += 2) {
-    a[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // per 128-bit lane: r[i][0] r[i+1][0] r[i][1] r[i+1][1]
-    a[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 2; ++g) {  // b[4g + j], 128-bit lane l: column 4l + j of rows 4g .. 4g + 3
-    b[4 * g + 0] = _mm256_shuffle_ps(a[4 * g], a[4 * g + 2], 0x44);
-    b[4 * g + 1] = _mm256_shuffle_ps(a[4 * g], a[4 * g + 2], 0xEE);
-    b[4 * g + 2] = _mm256_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0x44);
-    b[4 * g + 3] = _mm256_shuffle_ps(a[4 * g + 1], a[4 * g + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x20);
-    r[4 + j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x31);
-  }
-}
-#endif
-
 // Rows 0 .. cols of m (panel_rows) as a transposed fp32 panel (K, kPanel), zero past cols; stage holds 8 rows
 // (8, K): eight dequantized rows at a time are moved in 8 x 8 transposes (one row's values scattered
 // 32 floats apart cost a third of a 128-token prefill on the AVX2 build, Zen 4 profile).
@@ -434,34 +413,6 @@ void fill_panel_f32(const Matrix& m, int64_t cols, float* stage, float* panel) {
 #endif
   }
 }
-
-#if defined(__AVX512F__)
-// r[0..15]: 16 rows of 16 words -> r[j] = column j (the standard unpack / 128-bit shuffle transpose).
-inline void transpose16(__m512i* r) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  // b[4g + j], lane l: column 4l + j of rows 4g .. 4g + 3
-  for (int g = 0; g < 4; ++g) {
-    b[4 * g + 0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
-    b[4 * g + 2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
-    b[4 * g + 3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512i lo01 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), hi01 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE);
-    const __m512i lo23 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44);
-    const __m512i hi23 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
-    r[j] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);       // lane 0 of each: column j
-    r[4 + j] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);   // lane 1: column 4 + j
-    r[8 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);   // lane 2: column 8 + j
-    r[12 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);  // lane 3: column 12 + j
-  }
-}
-
-#endif
 
 // ---------------------------------------------------------------------------------------------------
 // bf16 panels: p (K/2, kPanel) 32-bit words, each the bf16 pair (w[c][2i], w[c][2i+1]) that VDPBF16PS
