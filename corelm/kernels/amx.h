@@ -153,31 +153,23 @@ struct EmulatedTiles {
   }
 };
 
-// x (T, K) -> digits h, l (Tp, K) (rows T .. Tp zero), d, s, A (T, K/32): quantize_rows_i16's integers a
-// (the same d, a and s), split a = 128 h + l with h = a >> 7, l = a & 127.
-inline void quantize_rows_digits(const float* x, int64_t T, int64_t Tp, int64_t K, int8_t* h, int8_t* l, float* d,
-                                 float* s, int32_t* asum) {
+// x (T, K) -> quantize_rows_i16's d, s and integers a (T, K; the int16 panels' tokens, so the same), split into
+// digits h, l (Tp, K; rows T .. Tp zero) with a = 128 h + l (h = a >> 7, l = a & 127), and A = sum(a) per block.
+inline void quantize_rows_digits(const float* x, int64_t T, int64_t Tp, int64_t K, int16_t* a, int8_t* h, int8_t* l,
+                                 float* d, float* s, int32_t* asum) {
+  quantize_rows_i16(x, T, K, a, d, s);
   std::memset(h + T * K, 0, (Tp - T) * K);
   std::memset(l + T * K, 0, (Tp - T) * K);
   Pool::parallel_for(T, 16, [&](int64_t begin, int64_t end) {
+    const __m512i low7 = _mm512_set1_epi32(127);
     for (int64_t b = begin * K / QK; b < end * K / QK; ++b) {
-      const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-      const bool nan = _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q);
-      const float db = nan ? NAN : amax / AMAX;
-      const __m512 inv = _mm512_set1_ps(db > 0.f ? 1.f / db : 0.f);
-      // NaN lanes convert to INT_MIN; as in the int16 panels their row's outputs are NaN through d
-      __m512i v0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv)), v1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
-      if (nan) v0 = v1 = _mm512_setzero_si512();
-      const __m512i low7 = _mm512_set1_epi32(127);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(h + b * QK), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v0, 7)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(h + b * QK + 16), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v1, 7)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(l + b * QK), _mm512_cvtepi32_epi8(_mm512_and_si512(v0, low7)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(l + b * QK + 16), _mm512_cvtepi32_epi8(_mm512_and_si512(v1, low7)));
-      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(v0, v1));
-      d[b] = db;
-      s[b] = nan ? NAN : db * static_cast<float>(sum);
-      asum[b] = sum;
+      __m512i v[2];
+      for (int i = 0; i < 2; ++i) {
+        v[i] = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + b * QK + 16 * i)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(h + b * QK + 16 * i), _mm512_cvtepi32_epi8(_mm512_srai_epi32(v[i], 7)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(l + b * QK + 16 * i), _mm512_cvtepi32_epi8(_mm512_and_si512(v[i], low7)));
+      }
+      asum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(v[0], v[1]));
     }
   });
 }
@@ -283,10 +275,11 @@ void amx_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>&
   const int64_t nb = K / QK, Tp = (T + 15) / 16 * 16;
   int8_t* h = scratch<int8_t, 0>(2 * Tp * K);  // the caller's: the workers use Tag 1-4 only
   int8_t* l = h + Tp * K;
+  int16_t* a = scratch<int16_t, 0>(T * K);
   float* da = scratch<float, 0>(2 * T * nb);
   float* sa = da + T * nb;
   int32_t* asum = scratch<int32_t, 0>(T * nb);
-  quantize_rows_digits(x, T, Tp, K, h, l, da, sa, asum);
+  quantize_rows_digits(x, T, Tp, K, a, h, l, da, sa, asum);
   byte_panels(T, K, ms, outs, panels,
               [&](const uint32_t* p, const float* dw, const float* mw, int off, bool min, float* out, int64_t ld) {
                 int32_t* c = scratch<int32_t, 4>(2 * 16 * kPanel);

@@ -490,14 +490,11 @@ void attend(const float* q, const C* kc, const C* vc, int64_t N, const int64_t* 
   const int64_t threads = at::get_num_threads();
 #if defined(CORELM_ATTENTION_SIMD)
   // tiles: runs of up to kTile consecutive tokens with one cache row and one first slot
-  std::vector<int64_t> tiles{0};
+  std::vector<int64_t> lo(N), tiles{0};
+  for (int64_t t = 0, len; t < N; ++t) attended(pos[t], window, &lo[t], &len);
   for (int64_t t = 1; t <= N; ++t) {
-    int64_t lo0, lo1, len;
-    if (t < N) {
-      attended(pos[tiles.back()], window, &lo0, &len);
-      attended(pos[t], window, &lo1, &len);
-    }
-    if (t == N || t - tiles.back() == kTile || rows[t] != rows[tiles.back()] || lo0 != lo1) tiles.push_back(t);
+    const int64_t t0 = tiles.back();
+    if (t == N || t - t0 == kTile || rows[t] != rows[t0] || lo[t] != lo[t0]) tiles.push_back(t);
   }
   const int64_t nt = static_cast<int64_t>(tiles.size()) - 1;
   auto unit = [&](int64_t u) {  // tile u / KV, kv head u % KV
