@@ -70,7 +70,7 @@ def main() -> None:
     modes = args.modes or {"avx512bf16": ["fp32", "int16", "int8", "bf16", "aten"],
                            "avx512vnni": ["fp32", "int16", "int8", "aten"]}.get(level, ["fp32", "aten"])
     os.environ.pop("CORELM_GEMM", None)
-    if args.modes is None and torch.ops.corelm.gemm() == "amx":  # the CPU's tiles passed their first-use check
+    if args.modes is None and torch.ops.corelm.gemm() == "amx":  # the tiles passed kernels.amx_verdict
         modes.insert(modes.index("int8"), "amx")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
     print(f"kernels {level}, default GEMM {torch.ops.corelm.gemm()}; load average {load}")

@@ -133,6 +133,71 @@ def test_amx_is_refused_where_the_cpu_has_none(monkeypatch):
         torch.ops.corelm.gemm()
 
 
+def test_the_tile_check_answers_what_the_cpu_declares():
+    """The child process corelm runs before using the tiles (kernels.amx_verdict): 0 where the CPU declares
+    AMX-INT8 and the tiles agree with their C emulation to the bit, 1 where there are none."""
+    level = kernels.isa()
+    if level not in ("avx512vnni", "avx512bf16"):
+        pytest.skip("no AVX-512 VNNI build on this CPU")
+    assert kernels.load(), kernels.load_error()
+    out = subprocess.run([sys.executable, "-m", "corelm.kernels", "--amx-check"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ("0" if AMX else "1")
+    assert kernels.amx_verdict()["ok"] is AMX
+    assert torch.ops.corelm.amx_enable() is AMX  # where there are no tiles, asking for them changes nothing
+    assert torch.ops.corelm.gemm() == ("amx" if AMX else "int16") or os.environ.get("CORELM_GEMM")
+
+
+@pytest.mark.parametrize("child,reason", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "the AMX tile check crashed (SIGSEGV)"),
+    ("import time; time.sleep(30)", "the AMX tile check did not finish in 2 s"),
+    ("print(2)", "the AMX tiles disagreed with their C emulation"),
+    ("print(1)", "the OS did not grant this process the AMX tiles"),
+    ("raise SystemExit('no library')", "the AMX tile check failed (exit 1: no library)"),
+])
+def test_a_tile_check_that_fails_leaves_the_panel_gemm_on_avx512(monkeypatch, capsys, child, reason):
+    """A fault, hang or disagreement on the tiles in the child process is a verdict of "no" with a reason,
+    printed once and remembered per build and CPU, so no later process runs the check or the tiles again."""
+    level = kernels.isa()
+    if level not in ("avx512vnni", "avx512bf16"):
+        pytest.skip("no AVX-512 VNNI build on this CPU")
+    assert kernels.load(), kernels.load_error()
+    key = f"test-{os.getpid()}-{abs(hash(child))}"
+    monkeypatch.setattr(kernels, "_amx_declared", lambda: True)
+    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
+    monkeypatch.setattr(kernels, "AMX_CHECK_SECONDS", 2)
+    monkeypatch.setattr(kernels, "_amx_check_command", lambda level: [sys.executable, "-c", child])
+    remembered = kernels.cache_dir(level) / f"amx-{key}.json"
+    try:
+        verdict = kernels.amx_verdict()
+        assert verdict == {"ok": False, "reason": reason}
+        assert reason in capsys.readouterr().err
+        assert kernels.gemm() == "int16" or os.environ.get("CORELM_GEMM")
+        monkeypatch.setattr(kernels, "_run_amx_check", lambda cmd: pytest.fail("the verdict was not remembered"))
+        assert kernels.amx_verdict() == verdict and capsys.readouterr().err == ""
+    finally:
+        remembered.unlink(missing_ok=True)
+
+
+def test_a_tile_check_that_passes_is_remembered_as_yes(monkeypatch):
+    level = kernels.isa()
+    if level not in ("avx512vnni", "avx512bf16"):
+        pytest.skip("no AVX-512 VNNI build on this CPU")
+    assert kernels.load(), kernels.load_error()
+    key = f"test-{os.getpid()}-ok"
+    monkeypatch.setattr(kernels, "_amx_declared", lambda: True)
+    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
+    monkeypatch.setattr(kernels, "_amx_check_command", lambda level: [sys.executable, "-c", "print(0)"])
+    monkeypatch.delenv("CORELM_GEMM", raising=False)
+    try:
+        assert kernels.amx_verdict()["ok"] is True and kernels.gemm() == "amx"
+        monkeypatch.setattr(kernels, "_run_amx_check", lambda cmd: pytest.fail("the verdict was not remembered"))
+        assert kernels.amx_verdict()["ok"] is True
+    finally:
+        (kernels.cache_dir(level) / f"amx-{key}.json").unlink(missing_ok=True)
+
+
 def test_default_follows_the_build(monkeypatch):
     assert kernels.load(), kernels.load_error()
     monkeypatch.delenv("CORELM_GEMM", raising=False)

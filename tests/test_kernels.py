@@ -258,8 +258,13 @@ def test_a_worker_descheduled_mid_chunk_is_left_out_for_a_while():
     try:
         after, during, back = torch.ops.corelm.pool_probe(20_000)
         assert after == 0 and during == 0, (after, during)
-        assert 0 <= back <= 1_100, back
-        short = [torch.ops.corelm.pool_probe(20) for _ in range(3)]  # a descheduled worker could stall one
-        assert any(s[0] == 1 and s[2] == 0 for s in short), short
+        # the window is at most 1 s; the margin is for this thread's own polling on a loaded machine
+        assert 0 <= back <= 1_500, back
+        short = []
+        for _ in range(10):  # on a loaded machine a worker's wake-up can outlast a short share: the caller's is 5 ms
+            short.append(torch.ops.corelm.pool_probe(20, 5_000))
+            if short[-1][0] == 1 and short[-1][2] == 0:
+                break
+        assert short[-1][0] == 1 and short[-1][2] == 0, short
     finally:
         torch.set_num_threads(threads)

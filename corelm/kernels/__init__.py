@@ -32,8 +32,10 @@ at every call):
 - ``amx``, the default where the CPU declares AMX-INT8 (Intel Sapphire Rapids and later) and Linux grants
   the process its tiles: the int16 arithmetic on tiles (``amx.h``), the 15-bit tokens as two byte digits
   and the weights as bytes, TDPBSUD per block of 32; its outputs equal the int16 panels' bit for bit
-  (Q6_K, whose integers do not fit a byte, stays on the int16 panels). At first use a small problem runs
-  on the tiles and on their C emulation, and AMX is kept only if the two agree to the bit.
+  (Q6_K, whose integers do not fit a byte, stays on the int16 panels). Before the tiles run by default, a
+  small problem runs on them and on their C emulation in a child process (:func:`amx_verdict`, once
+  per build and CPU, remembered in the build's cache directory): AMX is used only if the two agree to
+  the bit, and a fault on the tiles costs a one-line warning instead of the command that met it.
   ``amx-emulated`` runs the same kernel with the tile instructions computed in C (any AVX-512 VNNI
   build; slow, for tests). Not yet measured on an AMX CPU.
 - ``int8``, on request in the AVX-512 VNNI builds: llama.cpp's arithmetic, tokens rounded to 8-bit
@@ -73,6 +75,7 @@ reports. Without a compiler, :func:`load` returns False and the quantized layers
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -146,7 +149,86 @@ def gemm(level: str | None = None) -> str:
     if forced:
         return forced
     vnni = (level or isa()) in ("avx512bf16", "avx512vnni")
-    return ("amx" if {"amx_tile", "amx_int8"} <= cpu_flags() else "int16") if vnni else "fp32"
+    return ("amx" if _amx_declared() and amx_verdict(level)["ok"] else "int16") if vnni else "fp32"
+
+
+def _amx_declared() -> bool:
+    return {"amx_tile", "amx_int8"} <= cpu_flags()
+
+
+AMX_CHECK_SECONDS = 120
+
+
+def amx_verdict(level: str | None = None) -> dict[str, object]:
+    """Whether the AMX tiles run corelm's tile kernel right on this CPU, for one build (default: this
+    process's): ``{"ok": bool, "reason": str}``.
+
+    The tile kernel (``amx.h``) was written against the instruction set's rules and checked against its C
+    emulation, and only a CPU that declares AMX can run it. So before any process uses the tiles by
+    default, a child process runs ``torch.ops.corelm.amx_check()`` (a small problem on the tiles and on
+    their emulation, compared to the bit). A crash, a hang or a disagreement there leaves the panel GEMM
+    on AVX-512 with one warning, instead of killing the command that first met the tiles. The verdict is
+    kept in the build's private cache directory, keyed by the CPU's model and flags, so the child runs
+    once per build and machine.
+    """
+    level = level or isa()
+    if level not in ("avx512bf16", "avx512vnni") or not _amx_declared():
+        return {"ok": False, "reason": "this CPU or build has no AMX tiles"}
+    if not (cache_dir(level) / "corelm_kernels.so").exists():
+        return {"ok": False, "reason": f"the {level} kernels are not built"}
+    path = cache_dir(level) / f"amx-{_cpu_key()}.json"
+    try:
+        cache.check_file(path)
+        verdict = json.loads(path.read_text())
+        if isinstance(verdict, dict) and isinstance(verdict.get("ok"), bool):
+            return verdict
+    except (OSError, ValueError):
+        pass
+    verdict = _run_amx_check(_amx_check_command(level))
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(verdict, f)
+    os.replace(tmp, path)
+    if not verdict["ok"]:
+        print(f"corelm: {verdict['reason']}; the panel GEMM stays on AVX-512 (remembered in {path})",
+              file=sys.stderr, flush=True)
+    return verdict
+
+
+def _cpu_key() -> str:
+    """The CPU model and flags, hashed: a cache shared by machines of different CPUs keeps one verdict each."""
+    model = ""
+    try:
+        model = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return hashlib.sha1(" ".join([model, *sorted(cpu_flags())]).encode()).hexdigest()[:12]
+
+
+def _amx_check_command(level: str) -> list[str]:
+    return [sys.executable, "-m", "corelm.kernels", "--amx-check", "--isa", level]
+
+
+def _run_amx_check(cmd: list[str]) -> dict[str, object]:
+    """Run the tile check in a child process and read its one-line answer (see :func:`amx_verdict`)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=AMX_CHECK_SECONDS, check=False,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"the AMX tile check did not finish in {AMX_CHECK_SECONDS} s"}
+    if proc.returncode < 0:
+        import signal
+
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "?"
+        return {"ok": False, "reason": f"the AMX tile check crashed ({name})"}
+    answer = proc.stdout.strip()
+    if proc.returncode == 0 and answer == "0":
+        return {"ok": True, "reason": "the tiles agreed with their C emulation to the bit"}
+    reasons = {"1": "the OS did not grant this process the AMX tiles",
+               "2": "the AMX tiles disagreed with their C emulation"}
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    return {"ok": False, "reason": reasons.get(answer, f"the AMX tile check failed (exit {proc.returncode}: {last})")}
 
 
 def cache_dir(level: str | None = None) -> Path:
@@ -254,6 +336,8 @@ def load(build_if_missing: bool = True, background: bool = False) -> bool:
         torch.ops.load_library(str(path))
         _register_fakes()
         _state["loaded"], _state["path"] = True, path
+        if os.environ.get("CORELM_GEMM", "") in ("", "amx") and amx_verdict()["ok"]:
+            torch.ops.corelm.amx_enable()  # the default (or the requested) panel GEMM runs on the tiles
     except (RuntimeError, OSError) as exc:  # PermissionError: a cache file or directory failed its check
         _state["loaded"], _state["error"] = False, str(exc)
     return bool(_state["loaded"])

@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="build every instruction set this CPU runs (what the test suite checks each kernel on), "
                          "as many compiles at a time as there are cores")
     ap.add_argument("--lock", default=None, help=argparse.SUPPRESS)  # removed when done (background builds)
+    ap.add_argument("--amx-check", action="store_true",
+                    help="run the built library's AMX tile check and print its answer (0: the tiles agree with "
+                         "their C emulation, 1: no tiles, 2: they disagree); corelm runs it in a child process "
+                         "once per build and CPU before using the tiles")
     args = ap.parse_args(argv)
+    if args.amx_check:
+        return amx_check(args.isa or kernels.isa())
     if args.all:
         return build_all()
     level = args.isa or kernels.isa()
@@ -35,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.lock:
             Path(args.lock).unlink(missing_ok=True)
     print(f"corelm kernels ({level}): {path} [{time.perf_counter() - start:.1f} s]")
+    return 0
+
+
+def amx_check(level: str) -> int:
+    """Load ``level``'s built library (without :func:`kernels.load`, which would ask for this very check)
+    and print what ``amx_check`` finds."""
+    import torch
+
+    path = kernels.cache_dir(level) / "corelm_kernels.so"
+    kernels.cache.check_file(path)
+    torch.ops.load_library(str(path))
+    print(int(torch.ops.corelm.amx_check()), flush=True)
     return 0
 
 

@@ -14,8 +14,8 @@
 // declares AMX-TILE and AMX-INT8, the OS saves tile state and Linux granted it to the process) and
 // EmulatedTiles, the same operations computed in C with the instruction set's shape checks, so a CPU
 // without AMX tests the kernel's addressing, configuration and epilogue (CORELM_GEMM=amx-emulated; slow).
-// At first use amx_ready() also runs a small problem on both backends and keeps AMX only if they agree to
-// the bit.
+// Before the tiles are used by default, amx_check() runs a small problem on both backends in a child process
+// (corelm/kernels/__init__.py) and AMX is enabled only if they agree to the bit.
 #pragma once
 
 #include <cpuid.h>
@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -253,16 +254,29 @@ inline bool amx_self_check() {
   return std::memcmp(y0, y1, sizeof(y0)) == 0;
 }
 
-// Whether the default int16 arithmetic runs on tiles (asked once a process; see amx_declared, amx_self_check).
-inline bool amx_ready() {
-  static const bool ready = [] {
-    if (!amx_declared()) return false;
-    if (amx_self_check()) return true;
-    std::fprintf(stderr, "corelm: the AMX tiles disagreed with their C emulation; the panel GEMM stays on AVX-512\n");
-    return false;
-  }();
-  return ready;
+// What this process's first look at the tiles found: 0 the tiles ran the small problem and agreed with
+// their C emulation to the bit, 1 no tiles (the CPU, the OS or this build has none), 2 they disagreed.
+// corelm/kernels/__init__.py runs it in a child process once per build and CPU, so a fault on the tiles
+// costs a warning, not the command that met it; only then does it call amx_enable().
+inline int64_t amx_check() {
+  if (!amx_declared()) return 1;
+  return amx_self_check() ? 0 : 2;
 }
+
+inline std::atomic<bool>& amx_verified() {
+  static std::atomic<bool> verified{false};
+  return verified;
+}
+
+// The child's verdict for this build and CPU was 0: the default int16 arithmetic runs on tiles from now on
+// (amx_declared() asks Linux for this process's tile state first; false leaves everything as it was).
+inline bool amx_enable() {
+  amx_verified().store(amx_declared());
+  return amx_verified().load();
+}
+
+// Whether the default int16 arithmetic runs on tiles (CORELM_GEMM=amx needs it too).
+inline bool amx_ready() { return amx_verified().load(); }
 
 }  // namespace corelm
 

@@ -107,7 +107,11 @@ TORCH_LIBRARY(corelm, m) {
   m.def("isa() -> str", &isa);
   m.def("gemm() -> str", &gemm);
   m.def("prefetch() -> int", &prefetch);
-  m.def("pool_probe(int sleep_us) -> int[]", &corelm::pool_probe);
+  // amx.h's first look at the tiles (0 they agree with their C emulation, 1 none, 2 they disagree), and the
+  // switch Python throws once a child process's look found 0 (corelm/kernels/__init__.py)
+  m.def("amx_check() -> int", &corelm::amx_probe);
+  m.def("amx_enable() -> bool", &corelm::amx_turn_on);
+  m.def("pool_probe(int sleep_us, int caller_us=100) -> int[]", &corelm::pool_probe);
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<c10::Dict<std::string, at::Tensor>, int64_t, int64_t, c10::Dict<std::string, double>>())
       .def("add_layer", &DecoderStep::add_layer)

@@ -824,8 +824,12 @@ void int8_matmul(const float* x, int64_t T, int64_t K, const std::vector<Matrix>
 
 namespace corelm {
 inline bool amx_available() { return amx_ready(); }
+inline int64_t amx_probe() { return amx_check(); }
+inline bool amx_turn_on() { return amx_enable(); }
 #else
 inline bool amx_available() { return false; }
+inline int64_t amx_probe() { return 1; }  // builds without AVX-512 VNNI have no tile kernel
+inline bool amx_turn_on() { return false; }
 #endif
 
 // Every matrix dequantized whole to bf16 and multiplied by at::mm (oneDNN). The dequantization is

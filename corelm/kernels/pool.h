@@ -207,17 +207,18 @@ class Pool {
 };
 
 // The stall rule, as tests/test_kernels.py checks it (at 2 threads or more): jobs of two chunks, a chunk run
-// by a worker sleeping sleep_us (on the caller, 100 us), until workers have taken two (two stalls within 64
-// jobs, when sleep_us is long). Returns {workers active right after, chunks
-// the workers ran in the 20 jobs that follow, milliseconds until every worker is back (-1: not in 2 s)};
-// {-1, -1, -1} when workers took fewer than two chunks in 1000 jobs.
-inline std::vector<int64_t> pool_probe(int64_t sleep_us) {
+// by a worker sleeping sleep_us (on the caller, caller_us: its share, which a worker's wake-up must not
+// exceed on a loaded machine for a short chunk to be no stall), until workers have taken two (two stalls
+// within 64 jobs, when sleep_us is long). Returns {workers active right after, chunks the workers ran in
+// the 20 jobs that follow, milliseconds until every worker is back (-1: not in 2 s)}; {-1, -1, -1} when
+// workers took fewer than two chunks in 1000 jobs.
+inline std::vector<int64_t> pool_probe(int64_t sleep_us, int64_t caller_us) {
   const auto caller = std::this_thread::get_id();
   std::atomic<int64_t> by_workers{0};
   const auto job = [&](bool sleep) {
     Pool::parallel_for(2, 1, [&](int64_t, int64_t) {
       if (std::this_thread::get_id() == caller) {  // long enough for a worker to take the other chunk
-        std::this_thread::sleep_for(std::chrono::microseconds(100));
+        std::this_thread::sleep_for(std::chrono::microseconds(caller_us));
         return;
       }
       by_workers.fetch_add(1);
