@@ -133,9 +133,11 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
         quantize: ``None``, or a method of ``corelm.quant.transform.quantize_model`` (e.g. ``int8``). An
             HF checkpoint is then read in its own dtype and each matrix quantized from it and freed in
             turn; only the float tensors left (embeddings, norms) are cast to ``dtype``, so the load's
-            peak is the checkpoint plus the quantized model, not a copy of the model in ``dtype``.
-        checkpoint_dtype: keep an HF checkpoint's tensors in the dtype it stores them in (for a caller
-            that quantizes them itself, as ``corelm quantize`` does).
+            peak is the checkpoint plus the quantized model, not a copy of the model in ``dtype``. A GGUF
+            file's matrices likewise stay in the file until each is dequantized and quantized.
+        checkpoint_dtype: keep an HF checkpoint's tensors in the dtype it stores them in, and a GGUF
+            file's matrices in the file (placeholders, each dequantized when ``quantize_model`` reaches it
+            with ``from_gguf``), for a caller that quantizes them itself, as ``corelm quantize`` does.
 
     Returns:
         The model, its tokenizer and config; :func:`corelm.api.load` wraps them as an ``LLM`` or ``Encoder``.
@@ -157,7 +159,8 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     if quantize is not None:
         loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf, dtype=torch_dtype)
         release_freed_memory()  # the float weights just freed (cpu.py)
-    if any(p.numel() > 1 and 0 in p.stride() for p in loaded.model.parameters()):  # a placeholder not swapped
+    deferred = checkpoint_dtype and quantize is None  # the caller quantizes what the file still holds
+    if not deferred and any(p.numel() > 1 and 0 in p.stride() for p in loaded.model.parameters()):
         raise CorelmError(f"{name}: some matrices were left unloaded (not swapped for the file's blocks)")
     return loaded
 
@@ -316,10 +319,11 @@ def gguf_tokenizer(path: str) -> Tokenizer:
 def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, display: str,
                native: bool = False, checkpoint_dtype: bool = False) -> Loaded:
     """``native``: a GGUF file will run on its stored blocks where it can (:func:`stored_quantization`);
-    ``checkpoint_dtype``: an HF checkpoint keeps the dtype it stores (the caller quantizes and casts)."""
+    ``checkpoint_dtype``: the caller quantizes the matrices and casts the rest, so an HF checkpoint keeps
+    the dtype it stores and a GGUF file's matrices stay in the file until then (:func:`_load_gguf`)."""
     if path.is_file():
         if path.suffix == ".gguf" or _has_gguf_magic(path):
-            return _load_gguf(path, dtype, device, native)
+            return _load_gguf(path, dtype, device, native, deferred=checkpoint_dtype)
         if path.suffix == ".safetensors" or path.name == "config.json":
             return _load_path(path.parent, dtype, device, display, native, checkpoint_dtype)
         raise CorelmError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic) and not an HF "
@@ -334,7 +338,7 @@ def _load_path(path: Path, dtype: torch.dtype, device: str | torch.device, displ
         return _load_finetune_run(path, dtype)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return _load_gguf(ggufs[0], dtype, device, native)
+        return _load_gguf(ggufs[0], dtype, device, native, deferred=checkpoint_dtype)
     raise CorelmError(f"{path} has no config.json (an HF checkpoint directory) and no single .gguf file")
 
 
@@ -354,7 +358,8 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, native: bool = False) -> Loaded:
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, native: bool = False,
+               deferred: bool = False) -> Loaded:
     """A GGUF file's model with float weights in ``dtype``. With ``native``, a MoE whose matrices all have
     block kernels (:func:`stored_quantization`) gets its routed experts straight from the file's blocks
     (:func:`corelm.quant.experts.gguf_experts`): they are most of its weights, and a float copy of them
@@ -367,6 +372,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device, nativ
     # the matrices that will run on their own blocks are not dequantized first: a float copy of them is
     # the load's peak memory (a 13B Q4_K_M file: 26 GB of bf16 for 8 GB of blocks)
     blocks = frozenset(NATIVE_BLOCKS) if native and stored_quantization(path) == "gguf" else frozenset()
+    if deferred:  # the caller quantizes every matrix: each is dequantized just before (quantize_model)
+        from gguf import GGMLQuantizationType
+
+        blocks = frozenset(t.name for t in GGMLQuantizationType)
     if native and config.family == "moe" and stored_quantization(path) is not None:
         from corelm.quant.experts import gguf_experts
 

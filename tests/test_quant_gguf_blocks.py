@@ -1,5 +1,7 @@
 """GGUF blocks map onto corelm's int4/int8 layouts exactly, without dequantizing the weights."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,41 @@ def test_a_native_load_never_dequantizes_the_matrices_its_blocks_run(monkeypatch
     seen.clear()
     corelm.load("smollm2-135m-instruct", dtype="fp32")
     assert (config.d_ff, config.d_model) in seen and (config.d_model, config.d_ff) in seen
+
+
+@pytest.mark.parametrize("method,qtype", [("int8", "Q8_0"), ("int4", "Q8_0"), ("int4", "Q4_1"), ("int8", "F16")])
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_at_load_from_gguf_reads_one_matrix_at_a_time(method, qtype, tie, tmp_path, monkeypatch):
+    """``load_parts(file.gguf, quantize=...)`` leaves every matrix in the file until quantize_model reaches
+    it (dequantized, Q/K rows un-permuted, quantized, freed), so the load never holds a float copy of the
+    model; the result equals quantizing the model loaded whole in floats."""
+    from corelm.config import ModelConfig
+    from corelm.io import gguf as gguf_io
+    from corelm.io.gguf_export import export_gguf
+    from corelm.loading import load_parts
+    from corelm.models import build_model
+    from corelm.quant import transform
+
+    torch.manual_seed(0)
+    config = ModelConfig(family="llama", vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
+                         max_seq_len=64, tie_embeddings=tie, rope_theta=10000.0)
+    path = export_gguf(build_model(config).eval(), tmp_path / "m.gguf", qtype)
+    events = []
+    dequantize, quantize_linear = gguf_io.dequantize, transform.quantize_linear
+    monkeypatch.setattr(gguf_io, "dequantize", lambda raw, t, shape: events.append(("read", tuple(shape)))
+                        or dequantize(raw, t, shape))
+    monkeypatch.setattr(transform, "quantize_linear", lambda linear, *a: events.append(("quantize", None))
+                        or quantize_linear(linear, *a))
+    streamed = load_parts(path, dtype="fp32", quantize=method).model
+    monkeypatch.undo()
+    matrices = [e for e in events if e[0] == "quantize" or (len(e[1]) == 2 and e[1][0] != config.vocab_size)]
+    if qtype == "Q4_1" and method == "int4":  # the file's blocks are the int4 layers' integers as they are
+        assert not any(e[0] == "read" for e in matrices), events
+    else:  # each matrix read is quantized before the next is read
+        assert matrices and matrices[-1][0] == "quantize", events
+        assert all(a[0] != "read" or b[0] == "quantize" for a, b in itertools.pairwise(matrices)), matrices
+    reference = load_parts(path, dtype="fp32").model
+    transform.quantize_model(reference, method, from_gguf=path)
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    with torch.inference_mode():
+        torch.testing.assert_close(streamed(ids), reference(ids), rtol=0, atol=0)

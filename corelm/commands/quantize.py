@@ -93,14 +93,14 @@ def quantize(options: QuantizeOptions | str, *args: Any, **kwargs: Any) -> Path:
     if loaded.config.is_encoder:
         raise CorelmError("corelm quantize writes decoders; encoders quantize in memory with "
                           "corelm.load(..., quantize=...)")
-    gguf = None if options.requantize else gguf_source(source)
+    gguf = gguf_source(source)  # its matrices are read from it one at a time (load_parts left them there)
     from tqdm import tqdm
 
     def bar(layers):
         return tqdm(layers, desc=f"quantizing to {method}", unit="layer", file=sys.stderr, leave=False)
 
     quantize_model(loaded.model, method, group_size=group_size, head=head, from_gguf=gguf, progress=bar,
-                   dtype=torch.float32)
+                   dtype=torch.float32, reuse_blocks=not options.requantize)
     with atomic_dir(out) as tmp:
         save_quantized_dir(loaded.model, loaded.config, tmp, loaded.tokenizer)
     return out

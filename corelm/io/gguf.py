@@ -695,7 +695,8 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype
             if target is None or not (experts or ".mlp.experts." not in target):
                 continue
             if (info.qtype.name in blocks and (target.endswith("_proj.weight") or target == "lm_head.weight")
-                    and _split_sizes(target, config) is None and expected.get(target) == tuple(info.shape)):
+                    and ".mlp.experts." not in target and _split_sizes(target, config) is None
+                    and expected.get(target) == tuple(info.shape)):
                 state[target] = torch.zeros((), dtype=dtype).expand(info.shape)  # the blocks replace it
             else:
                 _load_one(gguf, name, info, target, config, arch, dtype, state)

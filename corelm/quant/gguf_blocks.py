@@ -143,6 +143,20 @@ class GGUFBlocks:
         qb = self.io.quant_blocks(self.file, name, unpermute_heads=heads if name_suffix in self.heads else None)
         return int4_from_blocks(qb)
 
+    def float_weight(self, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+        """``linear``'s matrix dequantized from the file to ``dtype`` (Q/K rows un-permuted as the loader
+        does), for a layer the loader left as a placeholder; None when the file has no one-to-one tensor
+        for it."""
+        path = self.by_module.get(id(linear), "")
+        name = self.gguf_names.get(path)
+        if name is None:
+            return None
+        info = self.file.tensors[name]
+        w = self.io.dequantize(self.file.raw(name), info.qtype, info.shape).to(dtype, copy=True)
+        heads = self.heads.get(path.rsplit(".", 1)[-1])
+        self.file.release(name)  # the copy is all that stays resident
+        return self.io.unpermute_rows(w, heads) if heads else w
+
     def q8(self, model: nn.Module, name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Q8_0 blocks of the output head (``output.weight``, or ``token_embd.weight`` when tied)."""
         if name != "lm_head":

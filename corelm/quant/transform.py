@@ -134,7 +134,8 @@ def _quantize_gguf(model: nn.Module, from_gguf: object | None) -> nn.Module:
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: str | None = None,
                    skip: Iterable[str] = (), from_gguf: object | None = None,
-                   progress: object | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                   progress: object | None = None, dtype: torch.dtype | None = None,
+                   reuse_blocks: bool = True) -> nn.Module:
     """Swap the ``nn.Linear`` children of ``model`` for packed int8/int4 layers, in place.
 
     Args:
@@ -152,13 +153,17 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
             stack of routed experts, ``model.layers.{i}.mlp.experts``, may be named too).
         from_gguf: the GGUF file (path or :class:`corelm.io.gguf.GGUFFile`) the model was loaded
             from: its Q4_0/Q4_1 tensors become int4 layers (group 32) and a Q8_0 head a
-            :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values.
+            :class:`Q8Linear` directly from their blocks, without re-quantizing dequantized values. A
+            matrix the loader left as a placeholder (``load_parts(..., quantize=...)`` of a GGUF file) is
+            dequantized from this file just before it is quantized, and freed with its float layer.
         progress: optional wrapper for the list of layers (e.g. ``tqdm``), to show progress.
         dtype: the float dtype the quantized model runs in, for a model loaded in its checkpoint's dtype
             (what :func:`corelm.loading.load_parts` does when it quantizes at load): every float parameter
             that is not quantized (embeddings, norms, routers) is cast to it, and each matrix is quantized
             from the checkpoint's own values and freed before the next, so the load never holds a copy
             of the whole model in ``dtype`` (fp32 would double a bf16 checkpoint).
+        reuse_blocks: False quantizes every matrix of a GGUF model from its dequantized values, Q4 blocks
+            included (``corelm quantize --requantize``).
 
     Returns:
         The same model. With tied embeddings the token embedding becomes an :class:`Int8Embedding`
@@ -199,7 +204,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
         parent, name, linear = targets[i]
         targets[i] = None  # the float layer is freed once replaced, not at the end
         kind = head if parent is model and name == "lm_head" else method
-        setattr(parent, name, _quantized(model, name, linear, kind, group_size, blocks))
+        setattr(parent, name, _quantized(model, name, linear, kind, group_size, blocks, reuse_blocks))
     quantize_experts(model, method, group_size, skip, blocks.file if blocks is not None else None)
     experts = any(isinstance(m, QuantizedExperts) for m in model.modules())  # or the loader took them from a file
     _tie_quantized(model, tied, out_dtype)
@@ -210,20 +215,29 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, head: st
 
 
 def _quantized(model: nn.Module, name: str, linear: nn.Linear, kind: str, group_size: int,
-               blocks: GGUFBlocks | None) -> nn.Module:
+               blocks: GGUFBlocks | None, reuse: bool = True) -> nn.Module:
     """The layer ``kind`` makes of ``linear`` (child ``name``): from the GGUF file's own blocks where they are
-    already that layer's integers (Q4_0/Q4_1 as int4 group 32, a Q8_0 head as q8), else quantized."""
+    already that layer's integers (Q4_0/Q4_1 as int4 group 32, a Q8_0 head as q8), else quantized (from
+    the file's dequantized tensor when the loader left a placeholder)."""
     new = None
-    if blocks is not None and kind == "int4" and group_size == 32:
+    if blocks is None or not reuse:
+        pass
+    elif kind == "int4" and group_size == 32:
         if (qb := blocks.int4(linear)) is not None:
             new = new_layer(kind, linear, 32, linear.weight.device)
             new.set_quantized(*qb)
             if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
                 new.bias = linear.bias
-    elif blocks is not None and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
+    elif kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
         new = new_layer(kind, linear, 32, linear.weight.device)
         new.set_quantized(*qb)
     if new is None:
+        weight = linear.weight
+        if weight.numel() > 1 and 0 in weight.stride():  # a placeholder: the file's tensor, now
+            w = blocks.float_weight(linear, weight.dtype) if blocks is not None else None
+            if w is None:
+                raise CorelmError(f"{name}: the loader left this matrix in its GGUF file, and no file was given")
+            linear.weight = nn.Parameter(w, requires_grad=False)
         new = quantize_linear(linear, kind, group_size)
     if kind == "q8" and name == "lm_head":
         new.refine = HEAD_REFINE
