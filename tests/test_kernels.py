@@ -268,3 +268,34 @@ def test_a_worker_descheduled_mid_chunk_is_left_out_for_a_while():
         assert short[-1][0] == 1 and short[-1][2] == 0, short
     finally:
         torch.set_num_threads(threads)
+
+
+def test_builds_unused_for_30_days_are_pruned(tmp_path, monkeypatch):
+    """Each corelm or torch upgrade makes a new build directory; those no process has loaded for 30 days go
+    when a new build is made, the ones in use (a recent ``.used`` mark, or a recent directory) stay."""
+    monkeypatch.setenv("CORELM_CACHE", str(tmp_path))
+    root = kernels.cache.cache_subdir("kernels")
+    old = time.time() - 40 * 86400
+    stale, marked, fresh, kept = (root / name for name in ("avx2-stale", "avx2-marked", "generic-fresh", "avx2-kept"))
+    for d in (stale, marked, fresh, kept):
+        d.mkdir(mode=0o700)
+        (d / "corelm_kernels.so").write_bytes(b"")
+    (marked / ".used").touch()
+    for d in (stale, marked, kept):
+        os.utime(d, (old, old))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    os.utime(outside, (old, old))
+    assert kernels.prune_builds(keep=kept) == [stale]
+    assert not stale.exists() and marked.exists() and fresh.exists() and kept.exists() and outside.exists()
+    kernels._mark_used(kept)
+    for path in (kept / ".used", kept):
+        os.utime(path, (old, old))
+    assert kernels.prune_builds() == [kept]
+
+
+def test_loading_a_build_marks_it_used():
+    assert kernels.load(), kernels.load_error()
+    marker = kernels._state["path"].parent / ".used"
+    assert marker.exists() and time.time() - marker.stat().st_mtime < 86400

@@ -65,7 +65,9 @@ being read (:func:`prefetch`): on the 2-core Intel Xeon this took SmolLM2's 1-th
 The library is compiled with the system C++ compiler once per instruction set and source version,
 into ``~/.cache/corelm/kernels/<isa>-<hash>/`` (``CORELM_CACHE`` moves the root; every directory is
 private and checked before a library is loaded from it, see :mod:`corelm.cache`); ``make`` set-up
-builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. The
+builds it (``python -m corelm.kernels``), and any later run loads it in milliseconds. Builds that no
+process has loaded for 30 days (those of earlier corelm or torch versions) are removed when a new one
+is made (:func:`prune_builds`). The
 instruction set (``avx512bf16``, ``avx512vnni``, ``avx2`` or ``generic``) follows what ATen dispatches
 to (so ``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2 build on an AVX-512 machine) and what the CPU
 reports. Without a compiler, :func:`load` returns False and the quantized layers use PyTorch's kernels.
@@ -303,7 +305,43 @@ def build(level: str | None = None, force: bool = False) -> Path:
         raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr.strip()[-2000:]}")
     os.replace(tmp, out)
     _state["build_seconds"] = time.perf_counter() - start
+    prune_builds(keep=out.parent)
     return out
+
+
+KEEP_UNUSED_DAYS = 30
+
+
+def prune_builds(keep: Path | None = None, days: float = KEEP_UNUSED_DAYS) -> list[Path]:
+    """Remove the kernel builds no process has loaded for ``days`` days; returns the directories removed.
+
+    A build is one instruction set and one version of the source, torch and compiler, so every upgrade
+    of corelm or torch leaves the previous builds behind (about 1 MB each). :func:`load` marks the build
+    it loads (its ``.used`` file's time); :func:`build` prunes after each new build. ``keep`` is never
+    removed, nor is anything that is not a plain directory of the kernels cache.
+    """
+    root = cache.cache_subdir("kernels")
+    cutoff = time.time() - days * 86400
+    removed = []
+    for entry in root.iterdir():
+        if entry == keep or entry.is_symlink() or not entry.is_dir():
+            continue
+        marker = entry / ".used"
+        try:
+            last = max(entry.stat().st_mtime, marker.stat().st_mtime if marker.exists() else 0.0)
+        except OSError:
+            continue
+        if last < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _mark_used(directory: Path) -> None:
+    try:
+        (directory / ".used").touch()
+    except OSError:  # a read-only cache still loads
+        pass
 
 
 def load(build_if_missing: bool = True, background: bool = False) -> bool:
@@ -336,6 +374,7 @@ def load(build_if_missing: bool = True, background: bool = False) -> bool:
         torch.ops.load_library(str(path))
         _register_fakes()
         _state["loaded"], _state["path"] = True, path
+        _mark_used(path.parent)  # prune_builds keeps what is in use
         if os.environ.get("CORELM_GEMM", "") in ("", "amx") and amx_verdict()["ok"]:
             torch.ops.corelm.amx_enable()  # the default (or the requested) panel GEMM runs on the tiles
     except (RuntimeError, OSError) as exc:  # PermissionError: a cache file or directory failed its check
