@@ -67,8 +67,8 @@ inline Gemm parse_gemm(const std::string& name) {
   }
   if (name == "amx") {
     TORCH_CHECK(kHasI16 && amx_available(),
-                "the amx panel GEMM needs a CPU that declares AMX-INT8, an OS that grants its tiles, and an AVX-512 "
-                "VNNI build of the kernels");
+                "the amx panel GEMM needs a CPU that declares AMX-INT8, an OS that grants its tiles, tiles that pass "
+                "corelm's check (python -m corelm.kernels --amx-check) and an AVX-512 VNNI build of the kernels");
     return Gemm::AMX;
   }
   if (name == "amx-emulated") {
