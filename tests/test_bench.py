@@ -111,5 +111,9 @@ def test_the_machine_report_names_the_kernel_build_gemm_and_prefetch():
 
     assert kernels.load(), kernels.load_error()
     k = _kernels()
-    assert k == {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch()}
+    amx = {"amx": kernels.amx_verdict()} if kernels.amx_declared() else {}
+    assert k == {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch(),
+                 **amx}
     assert f"corelm kernels: {k['build']} build, panel GEMM {k['panel_gemm']}" in render({"kernels": k})
+    no = {**k, "amx": {"ok": False, "reason": "the AMX tile check crashed (SIGSEGV)"}}
+    assert "AMX tiles: off (the AMX tile check crashed (SIGSEGV))" in render({"kernels": no})

@@ -166,7 +166,7 @@ def test_the_tile_check_verdict_is_remembered_and_only_yes_uses_the_tiles(monkey
         pytest.skip("no AVX-512 VNNI build on this CPU")
     assert kernels.load(), kernels.load_error()
     key = f"test-{os.getpid()}-{abs(hash(child))}"
-    monkeypatch.setattr(kernels, "_amx_declared", lambda: True)
+    monkeypatch.setattr(kernels, "amx_declared", lambda: True)
     monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
     monkeypatch.setattr(kernels, "AMX_CHECK_SECONDS", 2)
     monkeypatch.setattr(kernels, "_amx_check_command", lambda level: [sys.executable, "-c", child])

@@ -218,14 +218,18 @@ def bench(options: BenchOptions) -> dict:
 
 
 def _kernels() -> dict:
-    """Which build of corelm's C++ kernels this CPU runs, its many-token GEMM and its decode prefetch."""
+    """Which build of corelm's C++ kernels this CPU runs, its many-token GEMM and its decode prefetch; on a
+    CPU that declares AMX, also the verdict of the tile check (:func:`corelm.kernels.amx_verdict`)."""
     import torch
 
     from corelm import kernels
 
     if not kernels.load(build_if_missing=False):
         return {"build": None, "why": kernels.load_error()}
-    return {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch()}
+    out = {"build": kernels.isa(), "panel_gemm": torch.ops.corelm.gemm(), "prefetch_bytes": kernels.prefetch()}
+    if kernels.amx_declared():
+        out["amx"] = kernels.amx_verdict()
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -256,6 +260,8 @@ def render(out: dict) -> str:
         if k["build"]:
             lines.append(f"  corelm kernels: {k['build']} build, panel GEMM {k['panel_gemm']}, decode prefetch "
                          f"{k['prefetch_bytes']} bytes ahead")
+            if "amx" in k:
+                lines.append(f"  AMX tiles: {'on' if k['amx']['ok'] else 'off'} ({k['amx']['reason']})")
         else:
             lines.append(f"  corelm kernels: not loaded ({k['why']})")
     if "train" in out:

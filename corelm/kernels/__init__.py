@@ -151,10 +151,11 @@ def gemm(level: str | None = None) -> str:
     if forced:
         return forced
     vnni = (level or isa()) in ("avx512bf16", "avx512vnni")
-    return ("amx" if _amx_declared() and amx_verdict(level)["ok"] else "int16") if vnni else "fp32"
+    return ("amx" if amx_declared() and amx_verdict(level)["ok"] else "int16") if vnni else "fp32"
 
 
-def _amx_declared() -> bool:
+def amx_declared() -> bool:
+    """Whether the CPU declares AMX-TILE and AMX-INT8 (its flags; whether the tiles work is :func:`amx_verdict`)."""
     return {"amx_tile", "amx_int8"} <= cpu_flags()
 
 
@@ -174,7 +175,7 @@ def amx_verdict(level: str | None = None) -> dict[str, object]:
     once per build and machine.
     """
     level = level or isa()
-    if level not in ("avx512bf16", "avx512vnni") or not _amx_declared():
+    if level not in ("avx512bf16", "avx512vnni") or not amx_declared():
         return {"ok": False, "reason": "this CPU or build has no AMX tiles"}
     if not (cache_dir(level) / "corelm_kernels.so").exists():
         return {"ok": False, "reason": f"the {level} kernels are not built"}
