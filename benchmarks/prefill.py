@@ -91,6 +91,12 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
 
 
+def require_kernels(kernels) -> None:
+    """Build corelm's kernels when this source has none (~40 s), or stop with one line saying why not."""
+    if not kernels.load():
+        sys.exit(f"corelm's C++ kernels are not available: {kernels.load_error()}")
+
+
 def main() -> None:
     from corelm.presets import embedded_path
 
@@ -121,6 +127,7 @@ def main() -> None:
 
     os.environ.pop("CORELM_PREFETCH", None)
     os.environ.pop("CORELM_GEMM", None)
+    require_kernels(kernels)
     print(f"ATen capability {cpu}; kernels {kernels.isa()} (prefetch {kernels.prefetch()} bytes ahead, panel GEMM "
           f"{torch.ops.corelm.gemm()}); "
           f"load average before {load_average()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
