@@ -183,6 +183,28 @@ def test_the_tile_check_verdict_is_remembered_and_only_yes_uses_the_tiles(monkey
         (kernels.cache_dir(level) / f"amx-{key}.json").unlink(missing_ok=True)
 
 
+def test_a_tile_check_that_cannot_start_or_be_saved_still_gives_a_verdict(monkeypatch, capsys):
+    """The check never takes the kernels down with it: an interpreter that cannot start is a "no", and a
+    cache that cannot be written leaves the verdict unsaved (the next process asks again)."""
+    level = kernels.isa()
+    if level not in ("avx512vnni", "avx512bf16"):
+        pytest.skip("no AVX-512 VNNI build on this CPU")
+    assert kernels.load(), kernels.load_error()
+    key = f"test-{os.getpid()}-unsaved"
+    monkeypatch.setattr(kernels, "amx_declared", lambda: True)
+    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
+    monkeypatch.setattr(kernels, "_amx_check_command", lambda level: ["/nonexistent/python3"])
+
+    def unwritable(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(kernels.tempfile, "mkstemp", unwritable)
+    verdict = kernels.amx_verdict()
+    assert verdict == {"ok": False, "reason": "the AMX tile check could not start (No such file or directory)"}
+    assert verdict["reason"] in capsys.readouterr().err
+    assert not (kernels.cache_dir(level) / f"amx-{key}.json").exists()
+
+
 def test_default_follows_the_build(monkeypatch):
     assert kernels.load(), kernels.load_error()
     monkeypatch.delenv("CORELM_GEMM", raising=False)

@@ -188,10 +188,13 @@ def amx_verdict(level: str | None = None) -> dict[str, object]:
     except (OSError, ValueError):
         pass
     verdict = _run_amx_check(_amx_check_command(level))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(verdict, f)
-    os.replace(tmp, path)
+    try:  # remembered where the cache can be written; otherwise the next process asks again
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(verdict, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
     if not verdict["ok"]:
         print(f"corelm: {verdict['reason']}; the panel GEMM stays on AVX-512 (remembered in {path})",
               file=sys.stderr, flush=True)
@@ -220,6 +223,8 @@ def _run_amx_check(cmd: list[str]) -> dict[str, object]:
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return {"ok": False, "reason": f"the AMX tile check did not finish in {AMX_CHECK_SECONDS} s"}
+    except OSError as exc:  # the interpreter itself could not be started
+        return {"ok": False, "reason": f"the AMX tile check could not start ({exc.strerror or exc})"}
     if proc.returncode < 0:
         import signal
 
