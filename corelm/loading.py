@@ -159,8 +159,10 @@ def load_parts(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | No
     if quantize is not None:
         loaded.model = quantize_model(loaded.model, quantize, from_gguf=gguf, dtype=torch_dtype)
         release_freed_memory()  # the float weights just freed (cpu.py)
+    from corelm.io.gguf import is_placeholder
+
     deferred = checkpoint_dtype and quantize is None  # the caller quantizes what the file still holds
-    if not deferred and any(p.numel() > 1 and 0 in p.stride() for p in loaded.model.parameters()):
+    if not deferred and any(is_placeholder(p) for p in loaded.model.parameters()):
         raise CorelmError(f"{name}: some matrices were left unloaded (not swapped for the file's blocks)")
     return loaded
 

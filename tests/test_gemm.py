@@ -7,6 +7,7 @@ import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,29 @@ def test_the_tile_check_answers_what_the_cpu_declares():
     assert torch.ops.corelm.gemm() == ("amx" if AMX else "int16") or os.environ.get("CORELM_GEMM")
 
 
+@pytest.fixture
+def fake_tile_check(monkeypatch, request):
+    """A CPU that declares AMX, a verdict file of this test's own, and a tile check that runs ``command``
+    (set it: ``fake_tile_check(command)``); yields the verdict file's path, removed afterwards."""
+    level = kernels.isa()
+    if level not in ("avx512vnni", "avx512bf16"):
+        pytest.skip("no AVX-512 VNNI build on this CPU")
+    assert kernels.load(), kernels.load_error()
+    key = f"test-{os.getpid()}-{abs(hash(request.node.name))}"
+    monkeypatch.setattr(kernels, "amx_declared", lambda: True)
+    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
+    monkeypatch.setattr(kernels, "AMX_CHECK_SECONDS", 2)
+    monkeypatch.delenv("CORELM_GEMM", raising=False)
+    remembered = kernels.cache_dir(level) / f"amx-{key}.json"
+
+    def runs(command: list[str]) -> Path:
+        monkeypatch.setattr(kernels, "_amx_check_command", lambda level: command)
+        return remembered
+
+    yield runs
+    remembered.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("child,reason", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "the AMX tile check crashed (SIGSEGV)"),
     ("import time; time.sleep(30)", "the AMX tile check did not finish in 2 s"),
@@ -157,43 +181,25 @@ def test_the_tile_check_answers_what_the_cpu_declares():
     ("raise SystemExit('no library')", "the AMX tile check failed (exit 1: no library)"),
     ("print(0)", "the tiles agreed with their C emulation to the bit"),
 ])
-def test_the_tile_check_verdict_is_remembered_and_only_yes_uses_the_tiles(monkeypatch, capsys, child, reason):
+def test_the_tile_check_verdict_is_remembered_and_only_yes_uses_the_tiles(fake_tile_check, monkeypatch, capsys,
+                                                                          child, reason):
     """A fault, hang or disagreement on the tiles in the child process is a verdict of "no" with a reason,
     printed once, and the panel GEMM stays on AVX-512; only an answer of 0 gives amx. Either verdict is
     remembered per build and CPU, so no later process runs the check (or the tiles that failed it) again."""
-    level = kernels.isa()
-    if level not in ("avx512vnni", "avx512bf16"):
-        pytest.skip("no AVX-512 VNNI build on this CPU")
-    assert kernels.load(), kernels.load_error()
-    key = f"test-{os.getpid()}-{abs(hash(child))}"
-    monkeypatch.setattr(kernels, "amx_declared", lambda: True)
-    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
-    monkeypatch.setattr(kernels, "AMX_CHECK_SECONDS", 2)
-    monkeypatch.setattr(kernels, "_amx_check_command", lambda level: [sys.executable, "-c", child])
-    monkeypatch.delenv("CORELM_GEMM", raising=False)
+    fake_tile_check([sys.executable, "-c", child])
     ok = child == "print(0)"
-    try:
-        verdict = kernels.amx_verdict()
-        assert verdict == {"ok": ok, "reason": reason}
-        assert (reason in capsys.readouterr().err) is not ok
-        assert kernels.gemm() == ("amx" if ok else "int16")
-        monkeypatch.setattr(kernels, "_run_amx_check", lambda cmd: pytest.fail("the verdict was not remembered"))
-        assert kernels.amx_verdict() == verdict and capsys.readouterr().err == ""
-    finally:
-        (kernels.cache_dir(level) / f"amx-{key}.json").unlink(missing_ok=True)
+    verdict = kernels.amx_verdict()
+    assert verdict == {"ok": ok, "reason": reason}
+    assert (reason in capsys.readouterr().err) is not ok
+    assert kernels.gemm() == ("amx" if ok else "int16")
+    monkeypatch.setattr(kernels, "_run_amx_check", lambda cmd: pytest.fail("the verdict was not remembered"))
+    assert kernels.amx_verdict() == verdict and capsys.readouterr().err == ""
 
 
-def test_a_tile_check_that_cannot_start_or_be_saved_still_gives_a_verdict(monkeypatch, capsys):
+def test_a_tile_check_that_cannot_start_or_be_saved_still_gives_a_verdict(fake_tile_check, monkeypatch, capsys):
     """The check never takes the kernels down with it: an interpreter that cannot start is a "no", and a
     cache that cannot be written leaves the verdict unsaved (the next process asks again)."""
-    level = kernels.isa()
-    if level not in ("avx512vnni", "avx512bf16"):
-        pytest.skip("no AVX-512 VNNI build on this CPU")
-    assert kernels.load(), kernels.load_error()
-    key = f"test-{os.getpid()}-unsaved"
-    monkeypatch.setattr(kernels, "amx_declared", lambda: True)
-    monkeypatch.setattr(kernels, "_cpu_key", lambda: key)
-    monkeypatch.setattr(kernels, "_amx_check_command", lambda level: ["/nonexistent/python3"])
+    remembered = fake_tile_check(["/nonexistent/python3"])
 
     def unwritable(*args, **kwargs):
         raise OSError(30, "Read-only file system")
@@ -202,7 +208,7 @@ def test_a_tile_check_that_cannot_start_or_be_saved_still_gives_a_verdict(monkey
     verdict = kernels.amx_verdict()
     assert verdict == {"ok": False, "reason": "the AMX tile check could not start (No such file or directory)"}
     assert verdict["reason"] in capsys.readouterr().err
-    assert not (kernels.cache_dir(level) / f"amx-{key}.json").exists()
+    assert not remembered.exists()
 
 
 def test_default_follows_the_build(monkeypatch):

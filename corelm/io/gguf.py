@@ -697,7 +697,7 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype
             if (info.qtype.name in blocks and (target.endswith("_proj.weight") or target == "lm_head.weight")
                     and ".mlp.experts." not in target and _split_sizes(target, config) is None
                     and expected.get(target) == tuple(info.shape)):
-                state[target] = torch.zeros((), dtype=dtype).expand(info.shape)  # the blocks replace it
+                state[target] = placeholder(info.shape, dtype)  # the blocks (or the caller's quantizer) replace it
             else:
                 _load_one(gguf, name, info, target, config, arch, dtype, state)
     finally:
@@ -711,6 +711,16 @@ def load_gguf_state_dict(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype
     if missing:
         raise CorelmError(f"{gguf.path.name} lacks {len(missing)} tensor(s) a {arch} model needs, e.g. {missing[0]}")
     return state
+
+
+def placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A matrix left in its file: the right shape and dtype, no memory (a zero-stride view of one element)."""
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a :func:`placeholder`, not yet swapped for the file's blocks or values."""
+    return t.numel() > 1 and 0 in t.stride()
 
 
 def _split_sizes(target: str, config: ModelConfig) -> tuple[tuple[str, ...], list[int]] | None:

@@ -177,9 +177,10 @@ def amx_verdict(level: str | None = None) -> dict[str, object]:
     level = level or isa()
     if level not in ("avx512bf16", "avx512vnni") or not amx_declared():
         return {"ok": False, "reason": "this CPU or build has no AMX tiles"}
-    if not (cache_dir(level) / "corelm_kernels.so").exists():
+    build_dir = cache_dir(level)  # hashes the sources: once
+    if not (build_dir / "corelm_kernels.so").exists():
         return {"ok": False, "reason": f"the {level} kernels are not built"}
-    path = cache_dir(level) / f"amx-{_cpu_key()}.json"
+    path = build_dir / f"amx-{_cpu_key()}.json"
     try:
         cache.check_file(path)
         verdict = json.loads(path.read_text())

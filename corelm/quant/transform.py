@@ -219,22 +219,22 @@ def _quantized(model: nn.Module, name: str, linear: nn.Linear, kind: str, group_
     """The layer ``kind`` makes of ``linear`` (child ``name``): from the GGUF file's own blocks where they are
     already that layer's integers (Q4_0/Q4_1 as int4 group 32, a Q8_0 head as q8), else quantized (from
     the file's dequantized tensor when the loader left a placeholder)."""
+    from corelm.io.gguf import is_placeholder
+
     new = None
-    if blocks is None or not reuse:
-        pass
-    elif kind == "int4" and group_size == 32:
+    reuse = reuse and blocks is not None
+    if reuse and kind == "int4" and group_size == 32:
         if (qb := blocks.int4(linear)) is not None:
             new = new_layer(kind, linear, 32, linear.weight.device)
             new.set_quantized(*qb)
             if linear.bias is not None:  # Qwen2's q/k/v biases are float tensors next to the blocks
                 new.bias = linear.bias
-    elif kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
+    elif reuse and kind == "q8" and (qb := blocks.q8(model, name, linear)) is not None:
         new = new_layer(kind, linear, 32, linear.weight.device)
         new.set_quantized(*qb)
     if new is None:
-        weight = linear.weight
-        if weight.numel() > 1 and 0 in weight.stride():  # a placeholder: the file's tensor, now
-            w = blocks.float_weight(linear, weight.dtype) if blocks is not None else None
+        if is_placeholder(linear.weight):  # the loader left it in the file: its values, now
+            w = blocks.float_weight(linear, linear.weight.dtype) if blocks is not None else None
             if w is None:
                 raise CorelmError(f"{name}: the loader left this matrix in its GGUF file, and no file was given")
             linear.weight = nn.Parameter(w, requires_grad=False)
