@@ -299,3 +299,12 @@ def test_loading_a_build_marks_it_used():
     assert kernels.load(), kernels.load_error()
     marker = kernels._state["path"].parent / ".used"
     assert marker.exists() and time.time() - marker.stat().st_mtime < 86400
+
+
+def test_the_tile_check_without_a_build_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, CORELM_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "corelm.kernels", "--amx-check"], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert f"python -m corelm.kernels --isa {kernels.isa()}" in out.stderr

@@ -50,7 +50,12 @@ def amx_check(level: str) -> int:
     import torch
 
     path = kernels.cache_dir(level) / "corelm_kernels.so"
-    kernels.cache.check_file(path)
+    try:
+        kernels.cache.check_file(path)
+    except OSError as exc:  # not built yet, or a file that fails the cache's ownership check
+        print(f"corelm: no usable {level} kernel build to check ({exc.strerror or exc}); run "
+              f"`python -m corelm.kernels --isa {level}` first", file=sys.stderr)
+        return 2
     torch.ops.load_library(str(path))
     print(int(torch.ops.corelm.amx_check()), flush=True)
     return 0
